@@ -1,0 +1,155 @@
+"""Op dispatch: pick the fastest available implementation of each controller computation.
+
+* CUDA tensors: the Triton kernels (``autolr_fast.kernels``) and the CUDA ops of the C++
+  extension, when they are built/importable;
+* CPU tensors: the C++ ops of the extension, when built;
+* otherwise, or when ``AUTOLR_FAST_FORCE_REFERENCE=1``: the plain PyTorch references of
+  :mod:`autolr_fast.reference`.
+
+Fast-path backends register themselves in ``_BACKENDS`` (see ``register_backend``); the
+scheduler only ever calls the functions of this module.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Callable, Sequence
+
+import torch
+from torch import Tensor
+
+from . import reference
+
+FORCE_REFERENCE_ENV = "AUTOLR_FAST_FORCE_REFERENCE"
+
+# name -> {"available": bool, "detail": str, "devices": set[str], "ops": {op_name: callable}}
+_BACKENDS: dict[str, dict] = {}
+
+
+def register_backend(name: str, *, available: bool, detail: str, devices: Sequence[str], ops: dict[str, Callable]) -> None:
+    """Make a fast path known to the dispatcher (called by the optional backend modules)."""
+    _BACKENDS[name] = {"available": available, "detail": detail, "devices": set(devices), "ops": dict(ops)}
+
+
+def force_reference() -> bool:
+    return os.environ.get(FORCE_REFERENCE_ENV, "0") not in ("", "0", "false", "False")
+
+
+def _load_optional_backends() -> None:
+    # Imported lazily so that a missing/broken optional backend never breaks the package.
+    for module in ("autolr_fast._cpp_backend", "autolr_fast._triton_backend"):
+        try:
+            __import__(module)
+        except ImportError:
+            pass
+
+
+_loaded = False
+
+
+def _ensure_loaded() -> None:
+    global _loaded
+    if not _loaded:
+        _loaded = True
+        _load_optional_backends()
+
+
+def select(op: str, device: torch.device) -> tuple[str, Callable | None]:
+    """``(backend_name, fn)`` for ``op`` on ``device``; ``("reference", None)`` if none fits."""
+    _ensure_loaded()
+    if force_reference():
+        return "reference", None
+    for name, backend in _BACKENDS.items():
+        if backend["available"] and device.type in backend["devices"] and op in backend["ops"]:
+            return name, backend["ops"][op]
+    return "reference", None
+
+
+def backend_info() -> dict:
+    """What was built, what is importable, and which backend each op uses per device."""
+    _ensure_loaded()
+    ops = ("mlrsnet_step_", "lookahead", "hyper_dot", "mlrsnet_param_grads")
+    devices = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+    return {
+        "force_reference": force_reference(),
+        "backends": {k: {"available": v["available"], "detail": v["detail"], "devices": sorted(v["devices"])} for k, v in _BACKENDS.items()},
+        "in_use": {dev: {op: select(op, torch.device(dev))[0] for op in ops} for dev in devices},
+    }
+
+
+# --------------------------------------------------------------------------------------------
+# Controller step
+# --------------------------------------------------------------------------------------------
+def write_rates(rate: Tensor, lr_list: Sequence[Tensor], scales: Sequence[float]) -> None:
+    """``lr_k <- rate * scale_k`` for every param group, on the device."""
+    if all(s == 1.0 for s in scales):
+        torch._foreach_copy_(list(lr_list), [rate] * len(lr_list))
+    else:
+        for lr, s in zip(lr_list, scales):
+            lr.copy_(rate * s)
+
+
+def mlrsnet_step_(
+    loss: Tensor,
+    h: Tensor,
+    c: Tensor,
+    weights: Sequence[Tensor],
+    gamma: Tensor,
+    rate: Tensor,
+    lr_list: Sequence[Tensor],
+    scales: Sequence[float],
+) -> Tensor:
+    """The scheduler's MLR-SNet step, in place: updates ``h``, ``c``, ``rate`` and the ``lr``
+    tensors; returns ``ok`` (0-dim bool: False when the loss or the output was not finite and
+    everything was left as it was). See :func:`reference.mlrsnet_guarded_step`."""
+    _, fn = select("mlrsnet_step_", loss.device)
+    if fn is not None:
+        return fn(loss, h, c, weights, gamma, rate, lr_list, scales)
+    with torch.no_grad():
+        new_rate, h_new, c_new, ok = reference.mlrsnet_guarded_step(
+            loss, h, c, [w.detach() for w in weights], gamma, rate
+        )
+        h.copy_(h_new)
+        c.copy_(c_new)
+        rate.copy_(new_rate)
+        write_rates(rate, lr_list, scales)
+    return ok
+
+
+def mlrsnet_param_grads(loss: Tensor, h: Tensor, c: Tensor, weights: Sequence[Tensor], grad_p: Tensor) -> list[Tensor]:
+    """``grad_p * dp/dtheta`` (one-step truncation); see :func:`reference.mlrsnet_param_grads`."""
+    _, fn = select("mlrsnet_param_grads", loss.device)
+    if fn is not None:
+        return fn(loss, h, c, weights, grad_p)
+    return reference.mlrsnet_param_grads(loss, h, c, weights, grad_p)
+
+
+# --------------------------------------------------------------------------------------------
+# Meta-step helpers
+# --------------------------------------------------------------------------------------------
+def lookahead(params: Sequence[Tensor], directions: Sequence[Tensor], alpha: Tensor) -> list[Tensor]:
+    """``w_hat_i = w_i - alpha * d_i`` for all tensors (one launch on the fast paths)."""
+    if not params:
+        return []
+    _, fn = select("lookahead", params[0].device)
+    if fn is not None:
+        return fn(list(params), list(directions), alpha)
+    return reference.lookahead(params, directions, alpha)
+
+
+def hyper_dot(a: Sequence[Tensor], b: Sequence[Tensor]) -> Tensor:
+    """``sum_i <a_i, b_i>`` (deterministic; one launch on the fast paths)."""
+    if not a:
+        raise ValueError("hyper_dot needs at least one tensor pair")
+    _, fn = select("hyper_dot", a[0].device)
+    if fn is not None:
+        return fn(list(a), list(b))
+    return reference.hyper_dot(a, b)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``python -m autolr_fast info``: print :func:`backend_info` as JSON."""
+    import json
+
+    print(json.dumps(backend_info(), indent=2))
+    return 0

@@ -1,0 +1,42 @@
+"""Multi-process helpers: every rank must feed the controller the same value and hold the
+same controller weights, so that every rank gets the same learning rate."""
+
+from __future__ import annotations
+
+from typing import Iterable
+
+import torch
+import torch.distributed as dist
+from torch import Tensor
+
+
+def is_distributed(mode: bool | str = "auto") -> bool:
+    """``mode="auto"``: True when a process group with more than one rank is initialised."""
+    if mode == "auto":
+        return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+    if mode and not (dist.is_available() and dist.is_initialized()):
+        raise RuntimeError(
+            "distributed=True but torch.distributed is not initialised; call "
+            "torch.distributed.init_process_group() first (torchrun does this for you)"
+        )
+    return bool(mode)
+
+
+def mean_across_ranks(value: Tensor) -> Tensor:
+    """The mean of ``value`` over all ranks (a new tensor; the all-reduce is enqueued on the
+    device's stream, so NCCL costs no host sync)."""
+    out = value.detach().to(torch.float32).clone()
+    dist.all_reduce(out, op=dist.ReduceOp.SUM)
+    return out.div_(dist.get_world_size())
+
+
+def sum_across_ranks_(value: Tensor) -> Tensor:
+    dist.all_reduce(value, op=dist.ReduceOp.SUM)
+    return value
+
+
+def broadcast_from_rank0_(tensors: Iterable[Tensor]) -> None:
+    """Overwrite ``tensors`` with rank 0's values (same weights everywhere)."""
+    with torch.no_grad():
+        for t in tensors:
+            dist.broadcast(t.data if t.requires_grad else t, src=0)

@@ -1,0 +1,53 @@
+"""Counters that live on the device and are read on the host without a sync.
+
+``AutoLR`` counts skipped (non-finite) and clamped (negative) losses on the device. To warn
+about them it needs the numbers on the host, which must never stall the training loop: on a
+GPU a non-blocking copy into pinned memory is issued every ``every`` steps and read only once
+its CUDA event has completed (``Event.query()`` does not block); on the CPU the counters are
+host memory already and are read through a NumPy view made once.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+from torch import Tensor
+
+
+class DeviceCounters:
+    def __init__(self, names: tuple[str, ...], device: torch.device, every: int = 32) -> None:
+        self.names = names
+        self.values = torch.zeros(len(names), dtype=torch.int64, device=device)
+        self.every = max(int(every), 1)
+        self._calls = 0
+        if device.type == "cuda":
+            self._host = torch.zeros(len(names), dtype=torch.int64).pin_memory()
+            self._event: torch.cuda.Event | None = None
+            self._view = None
+        else:
+            self._host = None
+            self._event = None
+            self._view = self.values.numpy()  # shares memory: no copy, no sync
+        self._seen = np.zeros(len(names), dtype=np.int64)
+
+    def add_(self, increments: Tensor) -> None:
+        self.values.add_(increments.to(torch.int64))
+
+    def poll(self) -> dict[str, int]:
+        """Counter values known on the host now (possibly a few steps old on a GPU)."""
+        self._calls += 1
+        if self._view is not None:
+            self._seen = self._view.copy()
+        else:
+            if self._event is not None and self._event.query():
+                self._seen = self._host.numpy().copy()
+                self._event = None
+            if self._event is None and self._calls % self.every == 0:
+                self._host.copy_(self.values, non_blocking=True)
+                self._event = torch.cuda.Event()
+                self._event.record()
+        return dict(zip(self.names, (int(v) for v in self._seen)))
+
+    def exact(self) -> dict[str, int]:
+        """Exact values (synchronises with the device: for ``state_dict`` and reports)."""
+        return dict(zip(self.names, (int(v) for v in self.values.tolist())))

@@ -1,0 +1,88 @@
+"""How ``AutoLR`` writes a rate into an optimizer's param groups without a host sync.
+
+PyTorch's optimizers accept a 0-dim tensor ``lr``, but only their *fused* paths (and Adam's
+``capturable`` path) read it on the device; the for-loop and ``foreach`` paths call
+``lr.item()`` every step, which waits for the GPU. This module installs tensor rates, tells
+which setups are sync-free, and falls back to float rates for optimizers that cannot take a
+tensor.
+"""
+
+from __future__ import annotations
+
+import warnings
+
+import torch
+from torch import Tensor
+
+# torch.optim classes whose param groups accept a 0-dim tensor ``lr``.
+TENSOR_LR_OPTIMIZERS: tuple[type, ...] = tuple(
+    getattr(torch.optim, name)
+    for name in ("SGD", "Adam", "AdamW", "Adamax", "NAdam", "RAdam", "RMSprop", "Adagrad", "Adadelta", "ASGD", "Rprop")
+    if hasattr(torch.optim, name)
+)
+
+
+def params_device(optimizer: torch.optim.Optimizer) -> torch.device:
+    """The device of the optimizer's parameters (all must share one)."""
+    devices = {p.device for g in optimizer.param_groups for p in g["params"]}
+    if not devices:
+        raise ValueError("the optimizer has no parameters")
+    if len(devices) > 1:
+        raise ValueError(
+            f"AutoLR needs all parameters on one device, found {sorted(map(str, devices))}; "
+            "use one optimizer (and one AutoLR) per device"
+        )
+    return devices.pop()
+
+
+def takes_tensor_lr(optimizer: torch.optim.Optimizer) -> bool:
+    return isinstance(optimizer, TENSOR_LR_OPTIMIZERS)
+
+
+def sync_free_problem(optimizer: torch.optim.Optimizer, device: torch.device) -> str | None:
+    """Why this optimizer would read a tensor ``lr`` on the host, or None if it does not."""
+    if device.type == "cpu":
+        return None  # host memory: reading it is not a device sync
+    if not takes_tensor_lr(optimizer):
+        return f"{type(optimizer).__name__} cannot take a tensor lr"
+    name = type(optimizer).__name__
+    for group in optimizer.param_groups:
+        fused = bool(group.get("fused"))
+        capturable = bool(group.get("capturable"))
+        if isinstance(optimizer, torch.optim.SGD):
+            if not fused:
+                return f"{name} without fused=True reads the tensor lr with .item() every step"
+        elif isinstance(optimizer, (torch.optim.Adam, torch.optim.AdamW)):
+            if not (fused or capturable):
+                return f"{name} without fused=True (or capturable=True) reads the tensor lr on the host"
+        elif not capturable:
+            return f"{name} without capturable=True may read the tensor lr on the host"
+    return None
+
+
+SYNC_FREE_HINT = (
+    "construct the optimizer with fused=True, e.g. torch.optim.SGD(params, lr=0.1, momentum=0.9, "
+    "fused=True) or torch.optim.AdamW(params, lr=1e-3, fused=True)"
+)
+
+
+def warn_once(flags: set, key: str, message: str) -> None:
+    if key not in flags:
+        flags.add(key)
+        warnings.warn(message, RuntimeWarning, stacklevel=3)
+
+
+def lr_tensors(optimizer: torch.optim.Optimizer, device: torch.device) -> list[Tensor]:
+    """The param groups' ``lr`` as 0-dim float32 tensors on ``device``, installed if needed.
+
+    Read anew on every step, so that ``optimizer.load_state_dict`` (which replaces the group
+    dictionaries' values) cannot leave ``AutoLR`` writing into stale tensors.
+    """
+    out = []
+    for group in optimizer.param_groups:
+        lr = group["lr"]
+        if not (isinstance(lr, Tensor) and lr.dim() == 0 and lr.device == device and lr.dtype == torch.float32):
+            lr = torch.tensor(float(lr), dtype=torch.float32, device=device)
+            group["lr"] = lr
+        out.append(lr)
+    return out

@@ -1,0 +1,229 @@
+"""Plain PyTorch reference implementations of every computation that has a fast path.
+
+Everything fused (the Triton kernels in ``autolr_fast.kernels``, the C++/CUDA ops in
+``csrc/``) is tested against the functions in this module, and the benchmarks import their
+baselines from here too, so the two cannot drift apart.
+
+Weight layout used by every implementation (``flat_weights``): for each stacked cell ``l``
+eight tensors ``[i2h.0.w, i2h.0.b, i2h.2.w, i2h.2.b, h2h.0.w, h2h.0.b, h2h.2.w, h2h.2.b]``
+followed by the output head ``[head.w, head.b]``: ``8 * num_layers + 2`` tensors.
+Shapes, with hidden size ``H`` and ``M = H // 2``, for cell 0 (input size 1) and cell
+``l > 0`` (input size ``H``): ``i2h.0.w (M, in)``, ``i2h.0.b (M,)``, ``i2h.2.w (4H, M)``,
+``i2h.2.b (4H,)``, ``h2h.0.w (M, H)``, ``h2h.0.b (M,)``, ``h2h.2.w (4H, M)``,
+``h2h.2.b (4H,)``; head ``(1, H)`` and ``(1,)``.
+"""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+import torch
+from torch import Tensor
+
+WEIGHTS_PER_CELL = 8
+
+__all__ = [
+    "mlrsnet_forward",
+    "mlrsnet_guarded_step",
+    "mlrsnet_param_grads",
+    "auto_gamma",
+    "lookahead",
+    "hyper_dot",
+    "sgd_direction",
+    "adam_direction",
+]
+
+
+def _mlp(x: Tensor, w0: Tensor, b0: Tensor, w2: Tensor, b2: Tensor) -> Tensor:
+    return torch.nn.functional.linear(torch.relu(torch.nn.functional.linear(x, w0, b0)), w2, b2)
+
+
+def mlrsnet_forward(
+    loss: Tensor, h: Tensor, c: Tensor, weights: Sequence[Tensor]
+) -> tuple[Tensor, Tensor, Tensor]:
+    """One MLR-SNet step: returns ``(p, h_new, c_new)``.
+
+    ``loss`` is a 1-element tensor (the controller input), ``h`` and ``c`` are the recurrent
+    state of shape ``(num_layers, H)``; ``p`` is a 0-dim tensor in ``[0, 1]`` (the rate before
+    the ``gamma`` scale). Gate order (input, forget, output, cell), forget gate
+    ``sigmoid(z1 - 1)``: the cell of the code that trained the published checkpoints.
+    """
+    num_layers, hidden = h.shape
+    if len(weights) != WEIGHTS_PER_CELL * num_layers + 2:
+        raise ValueError(
+            f"expected {WEIGHTS_PER_CELL * num_layers + 2} weight tensors for "
+            f"{num_layers} cell(s), got {len(weights)}"
+        )
+    x = loss.reshape(1, 1).to(h.dtype)
+    hs, cs = [], []
+    for layer in range(num_layers):
+        w = weights[WEIGHTS_PER_CELL * layer : WEIGHTS_PER_CELL * (layer + 1)]
+        h_prev = h[layer : layer + 1]
+        z = _mlp(x, *w[0:4]) + _mlp(h_prev, *w[4:8])
+        zi, zf, zo, zg = z.chunk(4, dim=1)
+        i = torch.sigmoid(zi)
+        f = torch.sigmoid(zf - 1.0)
+        o = torch.sigmoid(zo)
+        g = torch.tanh(zg)
+        c_new = f * c[layer : layer + 1] + i * g
+        h_new = o * torch.tanh(c_new)
+        hs.append(h_new)
+        cs.append(c_new)
+        x = h_new
+    p = torch.sigmoid(torch.nn.functional.linear(x, weights[-2], weights[-1])).reshape(())
+    return p, torch.cat(hs, 0), torch.cat(cs, 0)
+
+
+def mlrsnet_forward_metatest_order(
+    loss: Tensor, h: Tensor, c: Tensor, weights: Sequence[Tensor]
+) -> tuple[Tensor, Tensor, Tensor]:
+    """The cell as the published *meta-test* script reads the checkpoints.
+
+    Gate order (input, forget, cell, output) and no ``-1`` on the forget gate. Only for
+    reproducing the published transfer runs: it is a different function of the same weights.
+    """
+    num_layers, hidden = h.shape
+    x = loss.reshape(1, 1).to(h.dtype)
+    hs, cs = [], []
+    for layer in range(num_layers):
+        w = weights[WEIGHTS_PER_CELL * layer : WEIGHTS_PER_CELL * (layer + 1)]
+        z = _mlp(x, *w[0:4]) + _mlp(h[layer : layer + 1], *w[4:8])
+        zi, zf, zg, zo = z.chunk(4, dim=1)
+        c_new = torch.sigmoid(zf) * c[layer : layer + 1] + torch.sigmoid(zi) * torch.tanh(zg)
+        h_new = torch.sigmoid(zo) * torch.tanh(c_new)
+        hs.append(h_new)
+        cs.append(c_new)
+        x = h_new
+    p = torch.sigmoid(torch.nn.functional.linear(x, weights[-2], weights[-1])).reshape(())
+    return p, torch.cat(hs, 0), torch.cat(cs, 0)
+
+
+def mlrsnet_guarded_step(
+    loss: Tensor,
+    h: Tensor,
+    c: Tensor,
+    weights: Sequence[Tensor],
+    gamma: Tensor,
+    rate_prev: Tensor,
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """The scheduler's step: ``(rate, h_new, c_new, finite)`` with the NaN/Inf guard.
+
+    A non-finite ``loss`` keeps the state and the previous rate (decided on the device, no
+    host sync); a negative loss is clamped to 0 (the controller was trained on non-negative
+    losses). The rate is ``gamma * p`` clamped to ``[0, gamma]``; ``finite`` is a bool 0-dim
+    tensor telling whether the step was taken.
+    """
+    x = loss.detach().reshape(()).to(h.dtype)
+    finite = torch.isfinite(x)
+    safe = torch.where(finite, x.clamp_min(0.0), torch.zeros_like(x))
+    p, h_new, c_new = mlrsnet_forward(safe, h, c, weights)
+    rate = torch.minimum(torch.clamp_min(gamma * p, 0.0), gamma)
+    # The state and rate also stay put if the controller itself produced a non-finite value.
+    ok = finite & torch.isfinite(rate)
+    rate = torch.where(ok, rate, rate_prev)
+    h_new = torch.where(ok, h_new, h)
+    c_new = torch.where(ok, c_new, c)
+    return rate, h_new, c_new, ok
+
+
+def mlrsnet_param_grads(
+    loss: Tensor, h: Tensor, c: Tensor, weights: Sequence[Tensor], grad_p: Tensor
+) -> list[Tensor]:
+    """``grad_p * dp/dtheta`` for every weight tensor, the state held constant.
+
+    This is the backward of :func:`mlrsnet_forward` with respect to the weights (one-step
+    truncation: ``h`` and ``c`` are inputs, not functions of theta).
+    """
+    with torch.enable_grad():
+        ws = [w.detach().requires_grad_(True) for w in weights]
+        p, _, _ = mlrsnet_forward(loss.detach(), h.detach(), c.detach(), ws)
+        return list(torch.autograd.grad(p, ws, grad_outputs=grad_p.reshape(())))
+
+
+def auto_gamma(initial_loss: Tensor | float, num_classes: int) -> Tensor:
+    """The published rule ``gamma = |sqrt(L0) * ln(L0 * C) / C**0.25| / 4``.
+
+    ``L0`` is the first training loss and ``C`` the number of classes. Computed on the
+    loss's device, so it costs no host sync.
+    """
+    l0 = torch.as_tensor(initial_loss, dtype=torch.float32).detach().reshape(())
+    c = float(num_classes)
+    return (torch.sqrt(l0) * torch.log(l0 * c) / c**0.25).abs() / 4.0
+
+
+def lookahead(params: Sequence[Tensor], directions: Sequence[Tensor], alpha: Tensor) -> list[Tensor]:
+    """``w_hat_i = w_i - alpha * d_i`` for every tensor (``alpha`` a 0-dim tensor)."""
+    return [w - alpha.to(w.dtype) * d for w, d in zip(params, directions)]
+
+
+def hyper_dot(a: Sequence[Tensor], b: Sequence[Tensor]) -> Tensor:
+    """``sum_i <a_i, b_i>`` accumulated in float64, returned as a 0-dim float32 tensor."""
+    total = None
+    for x, y in zip(a, b):
+        term = torch.dot(x.reshape(-1).double(), y.reshape(-1).double())
+        total = term if total is None else total + term
+    if total is None:
+        raise ValueError("hyper_dot needs at least one tensor pair")
+    return total.float()
+
+
+def sgd_direction(
+    param: Tensor,
+    grad: Tensor,
+    momentum_buffer: Tensor | None,
+    *,
+    momentum: float,
+    dampening: float,
+    weight_decay: float,
+    nesterov: bool,
+    maximize: bool = False,
+) -> Tensor:
+    """The direction ``d`` that ``torch.optim.SGD`` will apply next: ``w <- w - lr * d``.
+
+    Reads the momentum buffer without changing it. On the optimizer's first step (no buffer
+    yet) torch initialises the buffer with the gradient itself, without dampening.
+    """
+    d = -grad if maximize else grad
+    if weight_decay != 0:
+        d = d + weight_decay * param
+    if momentum != 0:
+        buf = d if momentum_buffer is None else momentum_buffer * momentum + (1 - dampening) * d
+        d = d + momentum * buf if nesterov else buf
+    return d
+
+
+def adam_direction(
+    param: Tensor,
+    grad: Tensor,
+    exp_avg: Tensor | None,
+    exp_avg_sq: Tensor | None,
+    step: float,
+    *,
+    betas: tuple[float, float],
+    eps: float,
+    weight_decay: float,
+    decoupled: bool,
+    amsgrad_max: Tensor | None = None,
+    maximize: bool = False,
+) -> Tensor:
+    """The direction ``d`` with ``w <- w - lr * d`` for Adam/AdamW's next step.
+
+    ``d = m_hat / (sqrt(v_hat) + eps)`` from the moments *after* this step's update, plus
+    ``weight_decay * w`` for AdamW (decoupled decay, which scales with ``lr`` in torch). For
+    Adam, L2 weight decay enters through the gradient. ``step`` is the step count *after*
+    the update (1 on the first step).
+    """
+    beta1, beta2 = betas
+    g = -grad if maximize else grad
+    if weight_decay != 0 and not decoupled:
+        g = g + weight_decay * param
+    m = g * (1 - beta1) if exp_avg is None else exp_avg * beta1 + (1 - beta1) * g
+    v = g * g * (1 - beta2) if exp_avg_sq is None else exp_avg_sq * beta2 + (1 - beta2) * g * g
+    if amsgrad_max is not None:
+        v = torch.maximum(amsgrad_max, v)
+    bc1 = 1 - beta1**step
+    bc2 = 1 - beta2**step
+    d = (m / bc1) / (v.sqrt() / bc2**0.5 + eps)
+    if weight_decay != 0 and decoupled:
+        d = d + weight_decay * param
+    return d

@@ -1,0 +1,1 @@
+"""Triton kernels of autolr_fast (installed as ``autolr_fast.kernels``)."""

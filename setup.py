@@ -1,0 +1,52 @@
+"""Build of autolr_fast.
+
+The pure-Python package always installs. The C++ ops (``autolr_fast._C``) are built when a
+C++ compiler and torch are present; their CUDA part is switched by ``AUTOLR_FAST_CUDA``:
+
+* ``auto`` (default): build CUDA sources when torch is a CUDA build (``torch.version.cuda``)
+  and a CUDA toolkit (nvcc) is found; never decided by ``torch.cuda.is_available()``, so a
+  machine without a GPU still compiles them;
+* ``1``: require the CUDA build (fail if no toolkit); ``0``: CPU only.
+
+``AUTOLR_FAST_BUILD_EXT=0`` skips the compiled extension altogether.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+from setuptools import setup
+
+from build_support import extension_modules, cmdclass  # noqa: E402
+
+setup(
+    name="autolr_fast",
+    version="0.1.0",
+    description="Learned, transferable learning-rate control for PyTorch training loops (MLR-SNet)",
+    long_description=open(os.path.join(os.path.dirname(__file__), "README.md"), encoding="utf-8").read()
+    if os.path.exists(os.path.join(os.path.dirname(__file__), "README.md"))
+    else "",
+    long_description_content_type="text/markdown",
+    python_requires=">=3.10",
+    packages=["autolr_fast", "autolr_fast.kernels"],
+    package_dir={"autolr_fast": "autolr_fast", "autolr_fast.kernels": "kernels"},
+    package_data={"autolr_fast": ["pretrained/*.pt", "pretrained/*.json"]},
+    install_requires=[
+        "torch>=2.10",
+        "numpy",
+        "tqdm",
+        "matplotlib",
+        "mnist1d",
+        "scikit-learn",
+    ],
+    extras_require={
+        "test": ["pytest", "pytest-benchmark", "pytest-timeout", "ninja"],
+        "compare": ["schedulefree", "prodigyopt", "torch-lr-finder"],
+    },
+    ext_modules=extension_modules(),
+    cmdclass=cmdclass(),
+    entry_points={"console_scripts": ["autolr-fast=autolr_fast.__main__:main"]},
+)

@@ -227,3 +227,91 @@ def adam_direction(
     if weight_decay != 0 and decoupled:
         d = d + weight_decay * param
     return d
+
+
+# ------------------------------------------------------------------------------------------------
+# Look-ahead and hypergradient dot product with the optimizer's exact direction, fused.
+# These are what the C++/CUDA multi-tensor ops compute; ``d`` is recomputed on the fly in both
+# (never stored), so a meta-step holds only one extra copy of the parameters (``w_hat``).
+# ------------------------------------------------------------------------------------------------
+def sgd_directions(
+    params: Sequence[Tensor],
+    grads: Sequence[Tensor],
+    momentum_buffers: Sequence[Tensor | None],
+    momentum: float,
+    dampening: float,
+    weight_decay: float,
+    nesterov: bool,
+    maximize: bool = False,
+) -> list[Tensor]:
+    return [
+        sgd_direction(w, g, b, momentum=momentum, dampening=dampening, weight_decay=weight_decay,
+                      nesterov=nesterov, maximize=maximize)
+        for w, g, b in zip(params, grads, momentum_buffers)
+    ]
+
+
+def adam_directions(
+    params: Sequence[Tensor],
+    grads: Sequence[Tensor],
+    exp_avgs: Sequence[Tensor | None],
+    exp_avg_sqs: Sequence[Tensor | None],
+    max_exp_avg_sqs: Sequence[Tensor | None],
+    step: Tensor,
+    beta1: float,
+    beta2: float,
+    eps: float,
+    weight_decay: float,
+    decoupled: bool,
+    maximize: bool = False,
+) -> list[Tensor]:
+    """``step`` is the optimizer's stored step count (before this update; 0 if none yet)."""
+    t = float(step) + 1.0 if not isinstance(step, Tensor) else None
+    out = []
+    for w, g, m, v, vmax in zip(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs):
+        tt = t if t is not None else (step.to(torch.float64) + 1.0)
+        beta1_t = beta1**tt if t is not None else torch.pow(torch.tensor(beta1, dtype=torch.float64, device=tt.device), tt)
+        beta2_t = beta2**tt if t is not None else torch.pow(torch.tensor(beta2, dtype=torch.float64, device=tt.device), tt)
+        gg = -g if maximize else g
+        if weight_decay != 0 and not decoupled:
+            gg = gg + weight_decay * w
+        m_new = gg * (1 - beta1) if m is None else m * beta1 + (1 - beta1) * gg
+        v_new = gg * gg * (1 - beta2) if v is None else v * beta2 + (1 - beta2) * gg * gg
+        if vmax is not None:
+            v_new = torch.maximum(vmax, v_new)
+        bc1 = (1 - beta1_t)
+        bc2_sqrt = (1 - beta2_t) ** 0.5
+        if isinstance(bc1, Tensor):
+            bc1 = bc1.to(w.dtype)
+            bc2_sqrt = bc2_sqrt.to(w.dtype)
+        d = (m_new / bc1) / (v_new.sqrt() / bc2_sqrt + eps)
+        if weight_decay != 0 and decoupled:
+            d = d + weight_decay * w
+        out.append(d)
+    return out
+
+
+def lookahead_sgd(params, grads, momentum_buffers, alpha, momentum, dampening, weight_decay, nesterov, maximize=False):
+    """``w_hat = w - alpha * d_SGD`` for every tensor."""
+    return lookahead(params, sgd_directions(params, grads, momentum_buffers, momentum, dampening,
+                                            weight_decay, nesterov, maximize), alpha)
+
+
+def hyper_dot_sgd(val_grads, params, grads, momentum_buffers, momentum, dampening, weight_decay, nesterov, maximize=False):
+    """``sum_i <g_val_i, d_SGD_i>``."""
+    return hyper_dot(val_grads, sgd_directions(params, grads, momentum_buffers, momentum, dampening,
+                                               weight_decay, nesterov, maximize))
+
+
+def lookahead_adam(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, step, alpha, beta1, beta2, eps,
+                   weight_decay, decoupled, maximize=False):
+    """``w_hat = w - alpha * d_Adam`` for every tensor."""
+    return lookahead(params, adam_directions(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, step, beta1,
+                                             beta2, eps, weight_decay, decoupled, maximize), alpha)
+
+
+def hyper_dot_adam(val_grads, params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, step, beta1, beta2, eps,
+                   weight_decay, decoupled, maximize=False):
+    """``sum_i <g_val_i, d_Adam_i>``."""
+    return hyper_dot(val_grads, adam_directions(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, step, beta1,
+                                                beta2, eps, weight_decay, decoupled, maximize))

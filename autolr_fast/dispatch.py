@@ -68,7 +68,8 @@ def select(op: str, device: torch.device) -> tuple[str, Callable | None]:
 def backend_info() -> dict:
     """What was built, what is importable, and which backend each op uses per device."""
     _ensure_loaded()
-    ops = ("mlrsnet_step_", "lookahead", "hyper_dot", "mlrsnet_param_grads")
+    ops = ("mlrsnet_step_", "mlrsnet_param_grads", "lookahead", "hyper_dot", "lookahead_sgd", "hyper_dot_sgd",
+           "lookahead_adam", "hyper_dot_adam")
     devices = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
     return {
         "force_reference": force_reference(),
@@ -153,3 +154,38 @@ def main(argv: list[str] | None = None) -> int:
 
     print(json.dumps(backend_info(), indent=2))
     return 0
+
+
+def _dispatch_list_op(op: str, device: torch.device, *args, **kwargs):
+    _, fn = select(op, device)
+    if fn is not None:
+        return fn(*args, **kwargs)
+    return getattr(reference, op)(*args, **kwargs)
+
+
+def lookahead_sgd(params, grads, momentum_buffers, alpha, momentum, dampening, weight_decay, nesterov, maximize=False):
+    """``w_hat = w - alpha * d`` with SGD's exact next direction; see :mod:`reference`."""
+    return _dispatch_list_op("lookahead_sgd", params[0].device, list(params), list(grads), list(momentum_buffers),
+                             alpha, momentum, dampening, weight_decay, nesterov, maximize)
+
+
+def hyper_dot_sgd(val_grads, params, grads, momentum_buffers, momentum, dampening, weight_decay, nesterov, maximize=False):
+    """``sum_i <g_val_i, d_i>`` with SGD's exact next direction; see :mod:`reference`."""
+    return _dispatch_list_op("hyper_dot_sgd", params[0].device, list(val_grads), list(params), list(grads),
+                             list(momentum_buffers), momentum, dampening, weight_decay, nesterov, maximize)
+
+
+def lookahead_adam(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, step, alpha, beta1, beta2, eps,
+                   weight_decay, decoupled, maximize=False):
+    """``w_hat = w - alpha * d`` with Adam/AdamW's exact next direction; see :mod:`reference`."""
+    return _dispatch_list_op("lookahead_adam", params[0].device, list(params), list(grads), list(exp_avgs),
+                             list(exp_avg_sqs), list(max_exp_avg_sqs), step, alpha, beta1, beta2, eps,
+                             weight_decay, decoupled, maximize)
+
+
+def hyper_dot_adam(val_grads, params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, step, beta1, beta2, eps,
+                   weight_decay, decoupled, maximize=False):
+    """``sum_i <g_val_i, d_i>`` with Adam/AdamW's exact next direction; see :mod:`reference`."""
+    return _dispatch_list_op("hyper_dot_adam", params[0].device, list(val_grads), list(params), list(grads),
+                             list(exp_avgs), list(exp_avg_sqs), list(max_exp_avg_sqs), step, beta1, beta2, eps,
+                             weight_decay, decoupled, maximize)

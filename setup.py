@@ -33,7 +33,7 @@ setup(
     python_requires=">=3.10",
     packages=["autolr_fast", "autolr_fast.kernels"],
     package_dir={"autolr_fast": "autolr_fast", "autolr_fast.kernels": "kernels"},
-    package_data={"autolr_fast": ["pretrained/*.pt", "pretrained/*.json"]},
+    package_data={"autolr_fast": ["weights/*.pt", "weights/*.json"]},
     install_requires=[
         "torch>=2.10",
         "numpy",

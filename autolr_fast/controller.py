@@ -113,7 +113,10 @@ class MLRSNet(nn.Module):
                 f"MLRSNet takes one loss value (a scalar or a (1, 1) tensor), got shape "
                 f"{tuple(x.shape)}; reduce the loss first, e.g. loss.mean()"
             )
-        p, h_new, c_new = self.step_functional(x.detach(), self.h, self.c)
+        grad = torch.is_grad_enabled()
+        # the graph saves the state it read: give it copies so the in-place update below is safe
+        h, c = (self.h.clone(), self.c.clone()) if grad else (self.h, self.c)
+        p, h_new, c_new = self.step_functional(x.detach(), h, c)
         with torch.no_grad():
             self.h.copy_(h_new)
             self.c.copy_(c_new)

@@ -68,7 +68,7 @@ def select(op: str, device: torch.device) -> tuple[str, Callable | None]:
 def backend_info() -> dict:
     """What was built, what is importable, and which backend each op uses per device."""
     _ensure_loaded()
-    ops = ("mlrsnet_step_", "mlrsnet_param_grads", "lookahead", "hyper_dot", "lookahead_sgd", "hyper_dot_sgd",
+    ops = ("mlrsnet_step_", "mlrsnet_forward", "mlrsnet_param_grads", "lookahead", "hyper_dot", "lookahead_sgd", "hyper_dot_sgd",
            "lookahead_adam", "hyper_dot_adam")
     devices = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
     return {
@@ -83,6 +83,8 @@ def backend_info() -> dict:
 # --------------------------------------------------------------------------------------------
 def write_rates(rate: Tensor, lr_list: Sequence[Tensor], scales: Sequence[float]) -> None:
     """``lr_k <- rate * scale_k`` for every param group, on the device."""
+    if not lr_list:
+        return
     if all(s == 1.0 for s in scales):
         torch._foreach_copy_(list(lr_list), [rate] * len(lr_list))
     else:
@@ -115,6 +117,14 @@ def mlrsnet_step_(
         rate.copy_(new_rate)
         write_rates(rate, lr_list, scales)
     return ok
+
+
+def mlrsnet_forward(loss: Tensor, h: Tensor, c: Tensor, weights: Sequence[Tensor]) -> tuple[Tensor, Tensor, Tensor]:
+    """``(p, h_new, c_new)`` without touching the state; see :func:`reference.mlrsnet_forward`."""
+    _, fn = select("mlrsnet_forward", loss.device)
+    if fn is not None:
+        return fn(loss, h, c, weights)
+    return reference.mlrsnet_forward(loss, h, c, weights)
 
 
 def mlrsnet_param_grads(loss: Tensor, h: Tensor, c: Tensor, weights: Sequence[Tensor], grad_p: Tensor) -> list[Tensor]:

@@ -1,12 +1,35 @@
-"""Online meta-training of the controller (MLR-SNet Algorithm 1) with the exact one-step
-look-ahead hypergradient. (Work in progress: the trainer lands with the meta-training issue.)"""
+"""Online meta-training of the controller (MLR-SNet, Algorithm 1), with the exact one-step
+look-ahead hypergradient and no second-order graph.
+
+Every ``interval`` scheduler steps, with the gradient the user already computed:
+
+1. ``p = controller(L)`` from the current state (not advanced), ``alpha = gamma * p``;
+2. ``w_hat = w - alpha * d`` with ``d`` the direction the optimizer is about to take
+   (SGD: weight decay, momentum, dampening, Nesterov; Adam/AdamW: the bias-corrected Adam
+   update plus AdamW's decoupled decay), one fused pass, ``d`` never stored;
+3. ``L_val(w_hat)`` on the next validation batch (``torch.func.functional_call``; BatchNorm
+   buffers are cloned, so the model's running statistics do not move);
+4. since ``d`` does not depend on theta,
+   ``dL_val/dtheta = -gamma * <grad L_val(w_hat), d> * dp/dtheta`` exactly;
+5. theta takes one step of its own optimizer (Adam, lr 1e-3, weight decay 1e-4).
+
+The model's parameters, gradients, optimizer state and buffers are bit-identical before and
+after a meta-step. Under DDP the scalar ``<grad L_val, d>`` is averaged over ranks, so theta
+stays identical everywhere. A non-finite training or validation loss skips the update (theta
+and its optimizer state are restored on the device, no host sync).
+"""
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 from typing import Any, Callable, Iterable
 
-from torch import nn
+import torch
+from torch import Tensor, nn
+
+from . import dispatch
+from .distributed import mean_across_ranks
 
 
 @dataclass
@@ -14,13 +37,18 @@ class MetaConfig:
     """How ``AutoLR`` meta-trains its controller online.
 
     Args:
-        model: the model being trained (its parameters are the optimizer's).
+        model: the model being trained (the optimizer's parameters must be its parameters; a
+            ``DistributedDataParallel`` wrapper is unwrapped).
         val_data: an iterable of validation batches, cycled (re-iterated when exhausted).
         loss_fn: ``loss_fn(model_output, target) -> scalar tensor``.
-        interval: a meta-step every ``interval`` scheduler steps (published: 300).
+        interval: a meta-step every ``interval`` scheduler steps (published: 300; 1 works).
         lr, weight_decay: of the controller's Adam (published: 1e-3, 1e-4).
-        unpack: ``unpack(batch) -> (inputs, targets)``; default takes ``(x, y)`` tuples/lists or
-            dicts with keys ``"input"``/``"target"``.
+        unpack: ``unpack(batch) -> (inputs, targets)``; default takes ``(x, y)`` tuples/lists
+            or dicts with keys ``"input"``/``"target"``. Batches are moved to the model's device.
+        snapshot_dir, snapshot_every: save the controller (theta and gamma) every
+            ``snapshot_every`` steps (e.g. once per epoch) as ``controller_XXXX.pt``, loadable
+            with :func:`autolr_fast.load_controller` for plug-and-play use.
+        optimizer: a factory ``params -> torch.optim.Optimizer`` replacing the default Adam.
     """
 
     model: nn.Module
@@ -30,3 +58,240 @@ class MetaConfig:
     lr: float = 1e-3
     weight_decay: float = 1e-4
     unpack: Callable[[Any], tuple[Any, Any]] | None = None
+    snapshot_dir: str | None = None
+    snapshot_every: int | None = None
+    optimizer: Callable[[Iterable[Tensor]], torch.optim.Optimizer] | None = None
+
+
+def _default_unpack(batch: Any) -> tuple[Any, Any]:
+    if isinstance(batch, dict):
+        try:
+            return batch["input"], batch["target"]
+        except KeyError as exc:
+            raise KeyError(
+                f"validation batch dict has keys {sorted(batch)}; expected 'input' and 'target', or pass "
+                "MetaConfig(unpack=lambda b: (inputs, targets))"
+            ) from exc
+    if isinstance(batch, (tuple, list)) and len(batch) >= 2:
+        return batch[0], batch[1]
+    raise TypeError(
+        f"cannot unpack a validation batch of type {type(batch).__name__}; pass MetaConfig(unpack=...)"
+    )
+
+
+def _to(x: Any, device: torch.device) -> Any:
+    if isinstance(x, Tensor):
+        return x.to(device, non_blocking=True)
+    if isinstance(x, (tuple, list)):
+        return type(x)(_to(v, device) for v in x)
+    if isinstance(x, dict):
+        return {k: _to(v, device) for k, v in x.items()}
+    return x
+
+
+class MetaTrainer:
+    """The meta-step machinery of one ``AutoLR`` (created by it from a :class:`MetaConfig`)."""
+
+    def __init__(self, sched, config: MetaConfig) -> None:
+        from .controller import MLRSNet
+
+        if not isinstance(sched.controller, MLRSNet) or sched.controller.gate_order != "train":
+            raise TypeError("online meta-training needs an MLRSNet controller (gate_order='train')")
+        if int(config.interval) < 1:
+            raise ValueError(f"MetaConfig.interval must be >= 1, got {config.interval}")
+        opt = sched.optimizer
+        if not isinstance(opt, (torch.optim.SGD, torch.optim.Adam, torch.optim.AdamW)):
+            raise TypeError(
+                f"meta-training supports torch.optim.SGD, Adam and AdamW (it must know the optimizer's exact "
+                f"direction), got {type(opt).__name__}"
+            )
+        model = config.model
+        if isinstance(model, nn.parallel.DistributedDataParallel):
+            model = model.module
+        self.sched = sched
+        self.config = config
+        self.model = model
+        self.interval = int(config.interval)
+        self.unpack = config.unpack or _default_unpack
+        self._names = {p: n for n, p in model.named_parameters()}
+        missing = [p for g in opt.param_groups for p in g["params"] if p not in self._names]
+        if missing:
+            raise ValueError(
+                f"{len(missing)} optimizer parameter(s) are not parameters of MetaConfig.model; pass the model "
+                "whose parameters the optimizer updates"
+            )
+        params = list(sched.controller.parameters())
+        self.optimizer = (
+            config.optimizer(params) if config.optimizer is not None
+            else torch.optim.Adam(params, lr=config.lr, weight_decay=config.weight_decay)
+        )
+        self._val_iter = None
+        self.meta_steps = 0
+        self.last_val_loss = torch.full((), float("nan"), device=sched.device)
+        self.last_hypergrad = torch.zeros((), device=sched.device)
+
+    # ------------------------------------------------------------------------------------------
+    def _next_val_batch(self) -> tuple[Any, Any]:
+        if self._val_iter is None:
+            self._val_iter = iter(self.config.val_data)
+        try:
+            batch = next(self._val_iter)
+        except StopIteration:
+            self._val_iter = iter(self.config.val_data)
+            try:
+                batch = next(self._val_iter)
+            except StopIteration:
+                raise ValueError("MetaConfig.val_data is empty") from None
+        x, y = self.unpack(batch)
+        return _to(x, self.sched.device), _to(y, self.sched.device)
+
+    def _group_lookahead(self, group: dict, params: list[Tensor], alpha: Tensor) -> list[Tensor]:
+        opt = self.sched.optimizer
+        grads = [p.grad for p in params]
+        state = [opt.state.get(p, {}) for p in params]
+        if isinstance(opt, torch.optim.SGD):
+            return dispatch.lookahead_sgd(
+                [p.detach() for p in params], grads, [s.get("momentum_buffer") for s in state], alpha,
+                group["momentum"], group["dampening"], group["weight_decay"], group["nesterov"], group.get("maximize", False),
+            )
+        beta1, beta2 = group["betas"]
+        return dispatch.lookahead_adam(
+            [p.detach() for p in params], grads, [s.get("exp_avg") for s in state], [s.get("exp_avg_sq") for s in state],
+            [s.get("max_exp_avg_sq") for s in state], self._adam_step(state, alpha.device), alpha, float(beta1), float(beta2),
+            group["eps"], group["weight_decay"], isinstance(opt, torch.optim.AdamW) or group.get("decoupled_weight_decay", False),
+            group.get("maximize", False),
+        )
+
+    def _group_hyper_dot(self, group: dict, params: list[Tensor], val_grads: list[Tensor]) -> Tensor:
+        opt = self.sched.optimizer
+        grads = [p.grad for p in params]
+        state = [opt.state.get(p, {}) for p in params]
+        if isinstance(opt, torch.optim.SGD):
+            return dispatch.hyper_dot_sgd(
+                val_grads, [p.detach() for p in params], grads, [s.get("momentum_buffer") for s in state],
+                group["momentum"], group["dampening"], group["weight_decay"], group["nesterov"], group.get("maximize", False),
+            )
+        beta1, beta2 = group["betas"]
+        return dispatch.hyper_dot_adam(
+            val_grads, [p.detach() for p in params], grads, [s.get("exp_avg") for s in state],
+            [s.get("exp_avg_sq") for s in state], [s.get("max_exp_avg_sq") for s in state],
+            self._adam_step(state, val_grads[0].device), float(beta1), float(beta2), group["eps"], group["weight_decay"],
+            isinstance(opt, torch.optim.AdamW) or group.get("decoupled_weight_decay", False), group.get("maximize", False),
+        )
+
+    @staticmethod
+    def _adam_step(state: list[dict], device: torch.device) -> Tensor:
+        for s in state:
+            if "step" in s:
+                step = s["step"]
+                return step if isinstance(step, Tensor) else torch.tensor(float(step))
+        return torch.zeros(())
+
+    # ------------------------------------------------------------------------------------------
+    def hypergradient(self, x: Tensor) -> tuple[list[Tensor], Tensor, Tensor]:
+        """``(theta_grads, val_loss, ok)`` for the training loss ``x`` at the current state.
+
+        Reads the model and optimizer, changes nothing. ``theta_grads`` follow
+        ``controller.flat_weights()``.
+        """
+        sched = self.sched
+        ctrl = sched.controller
+        weights = [w.detach() for w in ctrl.flat_weights()]
+        finite = torch.isfinite(x)
+        safe_x = torch.where(finite, x.clamp_min(0.0), torch.zeros_like(x))
+        with torch.no_grad():
+            p, _, _ = dispatch.mlrsnet_forward(safe_x, ctrl.h, ctrl.c, weights)
+            alpha = sched.gamma * p
+
+        # look-ahead weights, per param group (each with its own hyper-parameters and scale)
+        w_hat: dict[str, Tensor] = {}
+        groups = []
+        for group, scale in zip(sched.optimizer.param_groups, sched.lr_scales):
+            params = [q for q in group["params"] if q.grad is not None]
+            if not params:
+                continue
+            with torch.no_grad():
+                hats = self._group_lookahead(group, params, alpha * scale)
+            hats = [h.requires_grad_(True) for h in hats]
+            for q, h in zip(params, hats):
+                w_hat[self._names[q]] = h
+            groups.append((group, scale, params, hats))
+        if not groups:
+            raise RuntimeError("meta-step: no parameter has a gradient; call loss.backward() before sched.step(loss)")
+        tensors: dict[str, Tensor] = {n: q.detach() for n, q in self.model.named_parameters() if n not in w_hat}
+        tensors.update(w_hat)
+        tensors.update({n: b.clone() for n, b in self.model.named_buffers()})  # keep BN statistics safe
+
+        xv, yv = self._next_val_batch()
+        with torch.enable_grad():
+            out = torch.func.functional_call(self.model, tensors, (xv,))
+            val_loss = self.config.loss_fn(out, yv)
+            all_hats = [h for _, _, _, hats in groups for h in hats]
+            val_grads = torch.autograd.grad(val_loss, all_hats, allow_unused=True)
+        val_grads = [torch.zeros_like(h) if g is None else g for h, g in zip(all_hats, val_grads)]
+
+        # dL_val/dp = -gamma * sum_k scale_k * <g_val_k, d_k>
+        dot = torch.zeros((), dtype=torch.float32, device=sched.device)
+        i = 0
+        for group, scale, params, hats in groups:
+            n = len(hats)
+            dot = dot + scale * self._group_hyper_dot(group, params, val_grads[i : i + n])
+            i += n
+        if sched.distributed:
+            dot = mean_across_ranks(dot)
+        grad_p = -sched.gamma * dot
+        ok = finite & torch.isfinite(grad_p) & torch.isfinite(val_loss.detach())
+        grad_p = torch.where(ok, grad_p, torch.zeros_like(grad_p))
+        theta_grads = dispatch.mlrsnet_param_grads(safe_x, ctrl.h, ctrl.c, weights, grad_p)
+        self.last_hypergrad = dot.detach()
+        return theta_grads, val_loss.detach(), ok
+
+    def maybe_step(self, x: Tensor) -> None:
+        """Called by ``AutoLR.step`` before the controller step (Algorithm 1: theta first)."""
+        step = self.sched.step_count
+        if (step + 1) % self.interval == 0:
+            self.step(x)
+        every = self.config.snapshot_every
+        if self.config.snapshot_dir and every and (step + 1) % int(every) == 0:
+            self.save_snapshot((step + 1) // int(every))
+
+    def step(self, x: Tensor) -> None:
+        """One meta-step: update theta from the hypergradient at the training loss ``x``."""
+        ctrl = self.sched.controller
+        params = ctrl.flat_weights()
+        theta_grads, val_loss, ok = self.hypergradient(x)
+        # keep theta and the meta-optimizer's state if anything was not finite (decided on device)
+        before = [q.detach().clone() for q in params]
+        state_before = {
+            id(q): {k: v.clone() for k, v in self.optimizer.state.get(q, {}).items() if isinstance(v, Tensor)}
+            for q in params
+        }
+        for q, g in zip(params, theta_grads):
+            q.grad = g.to(q.dtype)
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        with torch.no_grad():
+            for q, old in zip(params, before):
+                q.copy_(torch.where(ok, q, old))
+            for q in params:
+                st = self.optimizer.state.get(q, {})
+                for k, old in state_before[id(q)].items():
+                    st[k].copy_(torch.where(ok, st[k], old))
+        self.last_val_loss = val_loss
+        self.meta_steps += 1
+
+    # ------------------------------------------------------------------------------------------
+    def save_snapshot(self, index: int) -> str:
+        from .pretrained import save_controller
+
+        os.makedirs(self.config.snapshot_dir, exist_ok=True)
+        path = os.path.join(self.config.snapshot_dir, f"controller_{index:04d}.pt")
+        save_controller(self.sched.controller, path, gamma=float(self.sched.gamma))
+        return path
+
+    def state_dict(self) -> dict:
+        return {"optimizer": self.optimizer.state_dict(), "meta_steps": self.meta_steps}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.meta_steps = int(state["meta_steps"])

@@ -164,7 +164,10 @@ class AutoLR:
             self.meta = MetaTrainer(self, meta)
 
     # ------------------------------------------------------------------------------------------
+    @torch._dynamo.disable
     def _before_optimizer_step(self, optimizer, args, kwargs) -> None:
+        # Excluded from torch.compile: it reads host counters that change every step, which
+        # would otherwise become guards and recompile a compiled optimizer.step every step.
         if self.step_count == 0:
             raise RuntimeError(
                 "optimizer.step() was called before AutoLR.step(loss). AutoLR sets the rate of "

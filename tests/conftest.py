@@ -1,0 +1,40 @@
+"""Shared test helpers: the published fixtures beside the project, and small models."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+PROJECT_ROOT = Path(__file__).resolve().parents[1]
+OFFICIAL_DIR = Path(os.environ.get("AUTOLR_FAST_FIXTURES", PROJECT_ROOT.parent / "shared" / "fixtures" / "mlrsnet_official"))
+CHECKPOINTS = ("mlr_snet_1.pth", "mlr_snet_100.pth", "mlr_snet_200.pth")
+
+
+@pytest.fixture
+def official_dir() -> Path:
+    if not (OFFICIAL_DIR / "trajectory.json").is_file():
+        pytest.skip(f"published MLR-SNet fixtures not found at {OFFICIAL_DIR} (the ../shared folder beside the project)")
+    return OFFICIAL_DIR
+
+
+class SmallCNN(torch.nn.Module):
+    """A tiny conv net with BatchNorm, to check that buffers are handled."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = torch.nn.Conv1d(1, 4, 3, padding=1)
+        self.bn = torch.nn.BatchNorm1d(4)
+        self.fc = torch.nn.Linear(4 * 8, 3)
+
+    def forward(self, x):
+        return self.fc(torch.relu(self.bn(self.conv(x.unsqueeze(1)))).flatten(1))
+
+
+def make_problem(seed: int = 0, n: int = 64):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(n, 8, generator=g)
+    y = torch.randint(0, 3, (n,), generator=g)
+    return x, y

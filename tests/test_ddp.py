@@ -1,0 +1,79 @@
+"""Two CPU processes on the gloo backend: every rank gets the same rate and the same theta."""
+
+from __future__ import annotations
+
+import copy
+import os
+import tempfile
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+from torch import nn
+
+from autolr_fast import AutoLR, MLRSNet
+from autolr_fast.meta import MetaConfig
+
+WORLD = 2
+
+
+def _worker(rank: int, init_file: str, out_dir: str, meta: bool) -> None:
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=WORLD)
+    try:
+        torch.manual_seed(0)
+        model = nn.Sequential(nn.Linear(8, 16), nn.Tanh(), nn.Linear(16, 3))
+        ddp = nn.parallel.DistributedDataParallel(model)
+        opt = torch.optim.SGD(ddp.parameters(), lr=0.1, momentum=0.9)
+        torch.manual_seed(100 + rank)  # a different controller init per rank: AutoLR must broadcast rank 0's
+        ctrl = MLRSNet(hidden_size=16)
+        g = torch.Generator().manual_seed(rank)  # different data per rank
+        x, y = torch.randn(64, 8, generator=g), torch.randint(0, 3, (64,), generator=g)
+        xv, yv = torch.randn(32, 8, generator=g), torch.randint(0, 3, (32,), generator=g)
+        cfg = MetaConfig(ddp, [(xv, yv)], nn.functional.cross_entropy, interval=2) if meta else None
+        sched = AutoLR(opt, ctrl, gamma="auto", num_classes=3, meta=cfg)
+        twin = copy.deepcopy(sched.controller)  # rank 0's weights after the broadcast
+        rates, local, means = [], [], []
+        for i in range(6):
+            opt.zero_grad()
+            loss = nn.functional.cross_entropy(ddp(x[i * 8 : i * 8 + 8]), y[i * 8 : i * 8 + 8])
+            loss.backward()
+            sched.step(loss)
+            opt.step()
+            rates.append(sched.last_rate.clone())
+            local.append(loss.detach().clone())
+        torch.save({"rates": torch.stack(rates), "local": torch.stack(local), "twin": twin.state_dict(),
+                    "theta": sched.controller.state_dict(), "gamma": sched.gamma.clone()},
+                   os.path.join(out_dir, f"rank{rank}.pt"))
+    finally:
+        dist.destroy_process_group()
+
+
+def _run(meta: bool):
+    with tempfile.TemporaryDirectory() as d:
+        init_file = os.path.join(d, "init")
+        mp.start_processes(_worker, args=(init_file, d, meta), nprocs=WORLD, join=True, start_method="spawn")
+        return [torch.load(os.path.join(d, f"rank{r}.pt"), weights_only=True) for r in range(WORLD)]
+
+
+@pytest.mark.skipif(not dist.is_available(), reason="torch.distributed is not available in this build")
+def test_every_rank_gets_the_same_rate_from_the_mean_loss():
+    r0, r1 = _run(meta=False)
+    assert not torch.equal(r0["local"], r1["local"]), "ranks must see different losses for the test to mean anything"
+    assert torch.equal(r0["rates"], r1["rates"])
+    assert torch.equal(r0["gamma"], r1["gamma"])
+    # the controller read the mean loss: replay it on rank 0's weights
+    twin = MLRSNet(hidden_size=16)
+    twin.load_state_dict(r0["twin"])
+    mean = (r0["local"] + r1["local"]) / 2
+    expected = torch.stack([r0["gamma"] * twin(m).detach() for m in mean])
+    assert torch.allclose(r0["rates"], expected, rtol=1e-5, atol=1e-7)
+
+
+@pytest.mark.skipif(not dist.is_available(), reason="torch.distributed is not available in this build")
+def test_meta_training_keeps_theta_identical_across_ranks():
+    r0, r1 = _run(meta=True)
+    for k in r0["theta"]:
+        assert torch.equal(r0["theta"][k], r1["theta"][k]), k
+    assert any(not torch.equal(r0["theta"][k], r0["twin"][k]) for k in r0["theta"] if k not in ("h", "c")), "theta must have moved"
+    assert torch.equal(r0["rates"], r1["rates"])

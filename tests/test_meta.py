@@ -1,0 +1,218 @@
+"""Online meta-training: the exact hypergradient, an untouched model, snapshots."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from torch import nn
+
+from autolr_fast import AutoLR, MLRSNet
+from autolr_fast.meta import MetaConfig
+from autolr_fast.pretrained import load_controller
+from conftest import SmallCNN
+
+OFFICIAL_KEYS = [
+    "layer1.fc_i2h.0.weight", "layer1.fc_i2h.0.bias", "layer1.fc_i2h.2.weight", "layer1.fc_i2h.2.bias",
+    "layer1.fc_h2h.0.weight", "layer1.fc_h2h.0.bias", "layer1.fc_h2h.2.weight", "layer1.fc_h2h.2.bias",
+    "layer3.weight", "layer3.bias",
+]
+
+
+class _CaseNet(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.fc1 = nn.Linear(20, 32)
+        self.fc2 = nn.Linear(32, 5)
+
+    def forward(self, x):
+        return self.fc2(torch.tanh(self.fc1(x)))
+
+
+def test_theta_gradient_matches_the_published_meta_step(official_dir):
+    case = torch.load(official_dir / "metagrad_case.pt", weights_only=False)
+    net = _CaseNet()
+    net.load_state_dict(case["weights"])
+    opt = torch.optim.SGD(net.parameters(), lr=0.1, weight_decay=case["weight_decay"])
+    ctrl = MLRSNet.from_official(official_dir / case["controller"])
+    sched = AutoLR(opt, ctrl, gamma=case["gamma"],
+                   meta=MetaConfig(net, [(case["x_val"], case["y_val"])], nn.functional.cross_entropy, interval=1))
+    loss = nn.functional.cross_entropy(net(case["x_train"]), case["y_train"])
+    loss.backward()
+    assert float(loss.detach()) == pytest.approx(case["train_loss"], rel=1e-6)
+    grads, val_loss, ok = sched.meta.hypergradient(loss.detach().float())
+    assert bool(ok)
+    assert float(val_loss) == pytest.approx(case["val_loss_after_lookahead"], rel=1e-5)
+    for key, g in zip(OFFICIAL_KEYS, grads):
+        ref = case["theta_grad"][key]
+        scale = ref.abs().max().clamp_min(1e-12)
+        rel = ((g - ref).abs().max() / scale).item()
+        assert rel <= 1e-4 or (ref.abs().max() == 0 and g.abs().max() <= 1e-12), f"{key}: relative error {rel:.3g}"
+
+
+def _setup(kind, seed=0):
+    torch.manual_seed(seed)
+    model = SmallCNN().double()
+    opts = {
+        "sgd_momentum": lambda p: torch.optim.SGD(p, lr=0.1, momentum=0.9, dampening=0.1, weight_decay=1e-3),
+        "sgd_nesterov": lambda p: torch.optim.SGD(p, lr=0.1, momentum=0.9, nesterov=True, weight_decay=1e-3),
+        "adam": lambda p: torch.optim.Adam(p, lr=1e-2, weight_decay=1e-3),
+        "adamw": lambda p: torch.optim.AdamW(p, lr=1e-2, weight_decay=1e-2, amsgrad=True),
+    }
+    opt = opts[kind](model.parameters())
+    x, y = torch.randn(32, 8, dtype=torch.float64), torch.randint(0, 3, (32,))
+    xv, yv = torch.randn(16, 8, dtype=torch.float64), torch.randint(0, 3, (16,))
+    # two plain steps first, so momentum buffers / Adam moments are non-trivial
+    for _ in range(2):
+        opt.zero_grad()
+        nn.functional.cross_entropy(model(x), y).backward()
+        opt.step()
+    opt.zero_grad()
+    loss = nn.functional.cross_entropy(model(x), y)
+    loss.backward()
+    return model, opt, loss.detach(), (xv, yv)
+
+
+@pytest.mark.parametrize("kind", ["sgd_momentum", "sgd_nesterov", "adam", "adamw"])
+def test_hypergradient_matches_finite_differences_in_alpha(kind):
+    """dL_val/dalpha from the fused path vs a float64 central difference of L_val(w - alpha*d)."""
+    model, opt, loss, (xv, yv) = _setup(kind)
+    ctrl = MLRSNet(hidden_size=16).double()
+    sched = AutoLR(opt, ctrl, gamma=0.5, meta=MetaConfig(model, [(xv, yv)], nn.functional.cross_entropy, interval=1))
+    sched.gamma = sched.gamma.double()
+    sched.meta.hypergradient(loss)
+    dot = sched.meta.last_hypergrad.double()  # <grad L_val(w_hat), d>
+
+    # the direction d the optimizer takes, read off a real optimizer step on a copy, in float64
+    from autolr_fast import reference
+    p = reference.mlrsnet_forward(loss, ctrl.h, ctrl.c, [w.detach() for w in ctrl.flat_weights()])[0]
+    alpha = float(0.5 * p)
+    m2, o2 = copy.deepcopy((model, opt))  # one deepcopy keeps the parameter <-> state mapping
+    w0 = [q.detach().clone() for q in m2.parameters()]
+    for g in o2.param_groups:
+        g["lr"] = 1.0
+    o2.step()
+    d = [w - q.detach() for w, q in zip(w0, m2.parameters())]
+
+    def val_loss(a):
+        params = {n: w - a * dd for (n, _), w, dd in zip(model.named_parameters(), w0, d)}
+        params.update({n: b.clone() for n, b in model.named_buffers()})
+        return float(nn.functional.cross_entropy(torch.func.functional_call(model, params, (xv,)), yv))
+
+    eps = 1e-6
+    fd = (val_loss(alpha + eps) - val_loss(alpha - eps)) / (2 * eps)
+    assert -float(dot) == pytest.approx(fd, rel=1e-5, abs=1e-9), f"{kind}: analytic {-float(dot)} vs FD {fd}"
+
+
+@pytest.mark.parametrize("kind", ["sgd_momentum", "adamw"])
+def test_meta_step_leaves_the_model_untouched(kind):
+    model, opt, loss, (xv, yv) = _setup(kind)
+    model.train()
+    sched = AutoLR(opt, MLRSNet(hidden_size=16).double(), gamma=0.5,
+                   meta=MetaConfig(model, [(xv, yv)], nn.functional.cross_entropy, interval=1))
+    params = {n: p.detach().clone() for n, p in model.named_parameters()}
+    grads = {n: p.grad.clone() for n, p in model.named_parameters()}
+    buffers = {n: b.clone() for n, b in model.named_buffers()}
+    state = copy.deepcopy(opt.state_dict())
+    theta = copy.deepcopy(sched.controller.state_dict())
+    sched.meta.step(loss.float())
+    assert all(torch.equal(params[n], p) for n, p in model.named_parameters())
+    assert all(torch.equal(grads[n], p.grad) for n, p in model.named_parameters())
+    assert all(torch.equal(buffers[n], b) for n, b in model.named_buffers())
+    after = opt.state_dict()
+    for k, st in state["state"].items():
+        for name, v in st.items():
+            assert torch.equal(torch.as_tensor(v), torch.as_tensor(after["state"][k][name])), name
+    assert any(not torch.equal(theta[k], v) for k, v in sched.controller.state_dict().items()), "theta must move"
+
+
+def test_meta_interval_and_snapshots(tmp_path):
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 3))
+    opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    x, y = torch.randn(64, 8), torch.randint(0, 3, (64,))
+    val = [(x[i : i + 8], y[i : i + 8]) for i in range(0, 24, 8)]  # 3 batches, cycled
+    cfg = MetaConfig(model, val, nn.functional.cross_entropy, interval=3, snapshot_dir=str(tmp_path), snapshot_every=5)
+    sched = AutoLR(opt, MLRSNet(hidden_size=16), gamma="auto", num_classes=3, meta=cfg)
+    for i in range(10):
+        opt.zero_grad()
+        loss = nn.functional.cross_entropy(model(x), y)
+        loss.backward()
+        sched.step(loss)
+        opt.step()
+    assert sched.meta.meta_steps == 3  # steps 3, 6, 9
+    snaps = sorted(p.name for p in tmp_path.iterdir())
+    assert snaps == ["controller_0001.pt", "controller_0002.pt"]
+    loaded = load_controller(tmp_path / "controller_0002.pt")
+    assert loaded.default_gamma == pytest.approx(float(sched.gamma))
+    own = {k: v for k, v in sched.controller.state_dict().items() if k not in ("h", "c")}
+    assert all(torch.equal(v, loaded.state_dict()[k]) for k, v in own.items())
+    # plug-and-play: a frozen controller on a new task, gamma from the file
+    model2 = nn.Linear(8, 3)
+    opt2 = torch.optim.SGD(model2.parameters(), lr=0.1)
+    sched2 = AutoLR(opt2, loaded)
+    opt2.zero_grad()
+    loss = nn.functional.cross_entropy(model2(x), y)
+    loss.backward()
+    sched2.step(loss)
+    opt2.step()
+    assert 0 < float(sched2.last_rate) <= loaded.default_gamma
+
+
+def test_meta_state_round_trips_through_state_dict():
+    torch.manual_seed(0)
+    model = nn.Linear(8, 3)
+    x, y = torch.randn(32, 8), torch.randint(0, 3, (32,))
+
+    def make():
+        m = copy.deepcopy(model)
+        o = torch.optim.SGD(m.parameters(), lr=0.1)
+        s = AutoLR(o, MLRSNet(hidden_size=8), gamma=0.5, meta=MetaConfig(m, [(x[:8], y[:8])], nn.functional.cross_entropy, interval=2))
+        return m, o, s
+
+    def steps(m, o, s, n):
+        out = []
+        for _ in range(n):
+            o.zero_grad()
+            loss = nn.functional.cross_entropy(m(x), y)
+            loss.backward()
+            s.step(loss)
+            o.step()
+            out.append(s.last_rate.clone())
+        return out
+
+    m, o, s = make()
+    steps(m, o, s, 5)
+    blob = copy.deepcopy({"m": m.state_dict(), "o": o.state_dict(), "s": s.state_dict()})
+    straight = steps(m, o, s, 6)
+    m2, o2, s2 = make()
+    m2.load_state_dict(blob["m"])
+    o2.load_state_dict(blob["o"])
+    s2.load_state_dict(blob["s"])
+    assert torch.equal(torch.stack(straight), torch.stack(steps(m2, o2, s2, 6)))
+
+
+def test_nonfinite_validation_loss_leaves_theta():
+    torch.manual_seed(0)
+    model = nn.Linear(8, 3)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    xv = torch.full((4, 8), float("nan"))
+    sched = AutoLR(opt, MLRSNet(hidden_size=8), gamma=0.5,
+                   meta=MetaConfig(model, [(xv, torch.zeros(4, dtype=torch.long))], nn.functional.cross_entropy, interval=1))
+    theta = copy.deepcopy(sched.controller.state_dict())
+    x, y = torch.randn(16, 8), torch.randint(0, 3, (16,))
+    loss = nn.functional.cross_entropy(model(x), y)
+    loss.backward()
+    sched.meta.step(loss.detach())
+    assert all(torch.equal(theta[k], v) for k, v in sched.controller.state_dict().items())
+
+
+def test_meta_rejects_unsupported_setups():
+    model = nn.Linear(2, 2)
+    with pytest.raises(TypeError, match="SGD, Adam and AdamW"):
+        AutoLR(torch.optim.RMSprop(model.parameters(), lr=0.1), MLRSNet(), gamma=0.1,
+               meta=MetaConfig(model, [], nn.functional.mse_loss))
+    with pytest.raises(ValueError, match="not parameters of MetaConfig.model"):
+        AutoLR(torch.optim.SGD(model.parameters(), lr=0.1), MLRSNet(), gamma=0.1,
+               meta=MetaConfig(nn.Linear(2, 2), [], nn.functional.mse_loss))

@@ -1,0 +1,382 @@
+"""AutoLR: the canonical loop, no host sync, exact resume, bad input, wrong use, compile."""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import warnings
+
+import pytest
+import torch
+from torch import nn
+
+from autolr_fast import AutoLR, MLRSNet
+from autolr_fast import optim_support
+from conftest import SmallCNN, make_problem
+
+OPTIMIZERS = {
+    "sgd": lambda p: torch.optim.SGD(p, lr=0.1),
+    "sgd_momentum": lambda p: torch.optim.SGD(p, lr=0.1, momentum=0.9, nesterov=True, weight_decay=1e-4),
+    "sgd_fused": lambda p: torch.optim.SGD(p, lr=0.1, momentum=0.9, fused=True),
+    "adam": lambda p: torch.optim.Adam(p, lr=1e-3),
+    "adamw": lambda p: torch.optim.AdamW(p, lr=1e-3, weight_decay=1e-2),
+}
+
+
+def run(model, opt, sched, steps, seed=0, losses_out=None):
+    x, y = make_problem(seed)
+    for i in range(steps):
+        xb, yb = x[(i * 16) % 64 : (i * 16) % 64 + 16], y[(i * 16) % 64 : (i * 16) % 64 + 16]
+        opt.zero_grad()
+        loss = nn.functional.cross_entropy(model(xb), yb)
+        loss.backward()
+        sched.step(loss)
+        if losses_out is not None:
+            losses_out.append(sched.last_rate.clone())
+        opt.step()
+
+
+@pytest.mark.parametrize("kind", sorted(OPTIMIZERS))
+def test_canonical_loop_sets_tensor_rate(kind):
+    model = SmallCNN()
+    opt = OPTIMIZERS[kind](model.parameters())
+    sched = AutoLR(opt, MLRSNet(hidden_size=16), gamma=0.5)
+    before = copy.deepcopy(model.state_dict())
+    rates = []
+    run(model, opt, sched, 5, losses_out=rates)
+    lr = opt.param_groups[0]["lr"]
+    assert isinstance(lr, torch.Tensor) and lr.dim() == 0
+    assert torch.equal(lr, sched.last_rate)
+    assert all(0.0 <= float(r) <= 0.5 for r in rates)
+    assert any(not torch.equal(before[k], v) for k, v in model.state_dict().items()), "the model must train"
+    assert sched.get_last_lr() == [pytest.approx(float(sched.last_rate))]
+
+
+def test_rate_is_the_controller_output_times_gamma():
+    model = nn.Linear(8, 3)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    ctrl = MLRSNet(hidden_size=16)
+    twin = copy.deepcopy(ctrl)
+    sched = AutoLR(opt, ctrl, gamma=0.7)
+    x, y = make_problem()
+    for _ in range(4):
+        opt.zero_grad()
+        loss = nn.functional.cross_entropy(model(x), y)
+        loss.backward()
+        sched.step(loss)
+        expected = 0.7 * twin(loss.detach())
+        assert float(sched.last_rate) == pytest.approx(float(expected), rel=1e-6)
+        opt.step()
+
+
+class _NoSync:
+    """Make every host read of a tensor value raise inside the block."""
+
+    NAMES = ("item", "__float__", "__int__", "__bool__", "tolist", "__index__")
+
+    def __enter__(self):
+        self.saved = {n: getattr(torch.Tensor, n) for n in self.NAMES}
+
+        def boom(name):
+            def f(*a, **k):
+                raise AssertionError(f"host sync: Tensor.{name} called inside AutoLR.step")
+            return f
+
+        for n in self.NAMES:
+            setattr(torch.Tensor, n, boom(n))
+        return self
+
+    def __exit__(self, *exc):
+        for n, f in self.saved.items():
+            setattr(torch.Tensor, n, f)
+
+
+@pytest.mark.parametrize("gamma", [0.5, "auto"])
+def test_step_reads_no_tensor_value_on_the_host(gamma):
+    model = SmallCNN()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9, fused=True)
+    sched = AutoLR(opt, MLRSNet(hidden_size=16), gamma=gamma, num_classes=3)
+    x, y = make_problem()
+    for i in range(6):
+        opt.zero_grad()
+        loss = nn.functional.cross_entropy(model(x[:16]), y[:16])
+        if i == 3:
+            loss = loss * float("nan")
+        loss.backward()
+        with _NoSync():
+            sched.step(loss)
+        opt.step()
+    assert isinstance(opt.param_groups[0]["lr"], torch.Tensor)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU for torch.cuda.set_sync_debug_mode")
+def test_no_host_sync_on_gpu():
+    model = SmallCNN().cuda()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9, fused=True)
+    sched = AutoLR(opt, MLRSNet(), gamma="auto", num_classes=3)
+    x, y = (t.cuda() for t in make_problem())
+    for i in range(40):
+        opt.zero_grad()
+        loss = nn.functional.cross_entropy(model(x), y)
+        loss.backward()
+        torch.cuda.set_sync_debug_mode("error")
+        try:
+            sched.step(loss)
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+        opt.step()
+    assert 0 < float(sched.last_rate) <= float(sched.gamma)
+
+
+@pytest.mark.parametrize("kind", ["sgd_momentum", "adamw"])
+@pytest.mark.parametrize("gamma", [0.3, "auto"])
+def test_resume_gives_bit_identical_rates(tmp_path, kind, gamma):
+    torch.manual_seed(0)
+    model = SmallCNN()
+    opt = OPTIMIZERS[kind](model.parameters())
+    sched = AutoLR(opt, MLRSNet(hidden_size=16), gamma=gamma, num_classes=3)
+    run(model, opt, sched, 7)
+    path = tmp_path / "ckpt.pt"
+    torch.save({"model": model.state_dict(), "opt": opt.state_dict(), "sched": sched.state_dict()}, path)
+    straight = []
+    run(model, opt, sched, 9, seed=1, losses_out=straight)
+
+    torch.manual_seed(123)  # a different init everywhere: everything must come from the file
+    model2 = SmallCNN()
+    opt2 = OPTIMIZERS[kind](model2.parameters())
+    sched2 = AutoLR(opt2, MLRSNet(hidden_size=16), gamma=gamma, num_classes=3)
+    blob = torch.load(path, weights_only=True)
+    model2.load_state_dict(blob["model"])
+    opt2.load_state_dict(blob["opt"])
+    sched2.load_state_dict(blob["sched"])
+    resumed = []
+    run(model2, opt2, sched2, 9, seed=1, losses_out=resumed)
+    assert all(torch.equal(a, b) for a, b in zip(straight, resumed)), "resumed rates differ from the uninterrupted run"
+    assert sched2.step_count == sched.step_count
+
+
+def test_nonfinite_loss_keeps_rate_and_state_and_warns_once():
+    model = nn.Linear(8, 3)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    sched = AutoLR(opt, MLRSNet(hidden_size=16), gamma=0.5)
+    x, y = make_problem()
+    loss = nn.functional.cross_entropy(model(x), y)
+    loss.backward()
+    sched.step(loss)
+    rate, h, c = sched.last_rate.clone(), sched.controller.h.clone(), sched.controller.c.clone()
+    opt.step()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        for bad in (float("nan"), float("inf"), float("-inf")):
+            sched.step(torch.tensor(bad))
+            assert torch.equal(sched.last_rate, rate)
+            assert torch.equal(sched.controller.h, h) and torch.equal(sched.controller.c, c)
+            assert torch.equal(opt.param_groups[0]["lr"], rate)
+            opt.step()
+    msgs = [str(w.message) for w in caught if "non-finite" in str(w.message)]
+    assert len(msgs) == 1, msgs
+    assert sched.skipped_steps == 3
+    sched.step(torch.tensor(1.0))
+    assert not torch.equal(sched.controller.h, h)
+
+
+def test_nan_first_loss_with_auto_gamma_waits_for_a_finite_one():
+    model = nn.Linear(8, 3)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    sched = AutoLR(opt, MLRSNet(hidden_size=16), gamma="auto", num_classes=3)
+    x, y = make_problem()
+    nn.functional.cross_entropy(model(x), y).backward()
+    with pytest.warns(RuntimeWarning, match="non-finite"):
+        sched.step(torch.tensor(float("nan")))
+    assert float(sched.last_rate) == 0.0 and torch.isnan(sched.gamma)
+    sched.step(torch.tensor(1.2))
+    expected = float(abs(1.2**0.5 * torch.log(torch.tensor(3.6)) / 3**0.25) / 4)
+    assert float(sched.gamma) == pytest.approx(expected, rel=1e-6)
+    assert 0 < float(sched.last_rate) <= float(sched.gamma)
+
+
+def test_negative_loss_is_clamped_and_warned():
+    model = nn.Linear(8, 3)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    a = AutoLR(opt, MLRSNet(hidden_size=16), gamma=0.5)
+    b = AutoLR(torch.optim.SGD(nn.Linear(8, 3).parameters(), lr=0.1), copy.deepcopy(a.controller), gamma=0.5)
+    for p in b.optimizer.param_groups[0]["params"]:
+        p.grad = torch.zeros_like(p)
+    x, y = make_problem()
+    nn.functional.cross_entropy(model(x), y).backward()
+    with pytest.warns(RuntimeWarning, match="negative loss"):
+        a.step(torch.tensor(-3.0))
+    b.step(torch.tensor(0.0))
+    assert torch.equal(a.last_rate, b.last_rate)
+
+
+@pytest.mark.parametrize(
+    "loss, error, match",
+    [
+        (1.0, TypeError, "as a tensor"),
+        (torch.ones(3), ValueError, "scalar loss"),
+        (torch.ones(2, 2), ValueError, "scalar loss"),
+        (torch.ones((), device="meta"), ValueError, "is on meta"),
+    ],
+)
+def test_wrong_loss_input_errors_and_leaves_state(loss, error, match):
+    model = nn.Linear(8, 3)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    sched = AutoLR(opt, MLRSNet(hidden_size=16), gamma=0.5)
+    x, y = make_problem()
+    nn.functional.cross_entropy(model(x), y).backward()
+    before = copy.deepcopy(sched.state_dict())
+    with pytest.raises(error, match=match):
+        sched.step(loss)
+    after = sched.state_dict()
+    assert all(torch.equal(before["controller"][k], after["controller"][k]) for k in before["controller"])
+    assert after["step_count"] == before["step_count"]
+
+
+def test_optimizer_step_before_sched_step_is_an_error():
+    model = nn.Linear(8, 3)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    AutoLR(opt, MLRSNet(hidden_size=16), gamma=0.5)
+    x, y = make_problem()
+    nn.functional.cross_entropy(model(x), y).backward()
+    with pytest.raises(RuntimeError, match="before AutoLR.step"):
+        opt.step()
+
+
+def test_sched_step_before_backward_is_an_error():
+    model = nn.Linear(8, 3)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    sched = AutoLR(opt, MLRSNet(hidden_size=16), gamma=0.5)
+    x, y = make_problem()
+    loss = nn.functional.cross_entropy(model(x), y)
+    with pytest.raises(RuntimeError, match="before loss.backward"):
+        sched.step(loss)
+
+
+def test_double_step_warns():
+    model = nn.Linear(8, 3)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    sched = AutoLR(opt, MLRSNet(hidden_size=16), gamma=0.5)
+    x, y = make_problem()
+    loss = nn.functional.cross_entropy(model(x), y)
+    loss.backward()
+    sched.step(loss)
+    with pytest.warns(RuntimeWarning, match="twice"):
+        sched.step(loss)
+
+
+def test_param_groups_keep_their_ratio():
+    model = nn.Sequential(nn.Linear(8, 8), nn.Linear(8, 3))
+    opt = torch.optim.SGD([{"params": model[0].parameters(), "lr": 0.1}, {"params": model[1].parameters(), "lr": 0.01}], lr=0.1)
+    sched = AutoLR(opt, MLRSNet(hidden_size=16), gamma=0.5)
+    x, y = make_problem()
+    nn.functional.cross_entropy(model(x), y).backward()
+    sched.step(nn.functional.cross_entropy(model(x), y))
+    lr0, lr1 = (g["lr"] for g in opt.param_groups)
+    assert float(lr1) == pytest.approx(float(lr0) * 0.1, rel=1e-6)
+    assert sched.get_last_lr()[1] == pytest.approx(sched.get_last_lr()[0] * 0.1)
+
+
+def test_bad_constructor_arguments():
+    opt = torch.optim.SGD(nn.Linear(2, 2).parameters(), lr=0.1)
+    with pytest.raises(ValueError, match="num_classes"):
+        AutoLR(opt, MLRSNet(), gamma="auto")
+    with pytest.raises(ValueError, match="positive finite"):
+        AutoLR(opt, MLRSNet(), gamma=-1.0)
+    with pytest.raises(ValueError, match="needs gamma"):
+        AutoLR(opt, MLRSNet())
+    with pytest.raises(TypeError, match="Optimizer"):
+        AutoLR(object(), MLRSNet(), gamma=0.1)
+
+
+def test_load_state_dict_rejects_bad_state_without_changes():
+    opt = torch.optim.SGD(nn.Linear(2, 2).parameters(), lr=0.1)
+    sched = AutoLR(opt, MLRSNet(hidden_size=16), gamma=0.5)
+    good = sched.state_dict()
+    for bad in ({}, {"version": 99}, {**good, "controller": MLRSNet(hidden_size=8).state_dict()}, {**good, "lr_scales": [1.0, 2.0]}):
+        with pytest.raises(ValueError):
+            sched.load_state_dict(bad)
+    assert all(torch.equal(v, sched.controller.state_dict()[k]) for k, v in good["controller"].items())
+
+
+class _PlainOptimizer(torch.optim.Optimizer):
+    def __init__(self, params, lr):
+        super().__init__(params, {"lr": lr})
+
+    def step(self, closure=None):
+        for g in self.param_groups:
+            assert isinstance(g["lr"], float)
+            for p in g["params"]:
+                p.data.add_(p.grad, alpha=-g["lr"])
+
+
+def test_unknown_optimizer_gets_float_rate_and_one_warning():
+    model = nn.Linear(8, 3)
+    opt = _PlainOptimizer(model.parameters(), lr=0.1)
+    with pytest.warns(RuntimeWarning, match="float"):
+        sched = AutoLR(opt, MLRSNet(hidden_size=16), gamma=0.5)
+    x, y = make_problem()
+    for _ in range(3):
+        opt.zero_grad()
+        loss = nn.functional.cross_entropy(model(x), y)
+        loss.backward()
+        sched.step(loss)
+        opt.step()
+    assert opt.param_groups[0]["lr"] == pytest.approx(float(sched.last_rate))
+
+
+def test_sync_free_detection():
+    p = [nn.Parameter(torch.zeros(2))]
+    cuda = torch.device("cuda")
+    assert optim_support.sync_free_problem(torch.optim.SGD(p, lr=0.1), cuda)
+    assert optim_support.sync_free_problem(torch.optim.SGD(p, lr=0.1, fused=True), cuda) is None
+    assert optim_support.sync_free_problem(torch.optim.Adam(p, lr=0.1), cuda)
+    assert optim_support.sync_free_problem(torch.optim.AdamW(p, lr=0.1, fused=True), cuda) is None
+    assert optim_support.sync_free_problem(torch.optim.SGD(p, lr=0.1), torch.device("cpu")) is None
+
+
+def test_compiled_optimizer_step_does_not_recompile_when_rate_changes():
+    import torch._dynamo
+
+    torch._dynamo.reset()
+    model = nn.Linear(8, 3)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    sched = AutoLR(opt, MLRSNet(hidden_size=16), gamma=0.5)
+    compiled = torch.compile(opt.step, backend="eager")
+    x, y = make_problem()
+
+    def one_step(i):
+        opt.zero_grad()
+        loss = nn.functional.cross_entropy(model(x), y) * (1 + 0.1 * i)
+        loss.backward()
+        sched.step(loss)
+        compiled()
+        return float(sched.last_rate)
+
+    for i in range(2):  # warm-up: the first step creates the momentum buffers (one expected recompile)
+        one_step(i)
+    rates = set()
+    with torch._dynamo.config.patch(error_on_recompile=True):
+        for i in range(20):
+            rates.add(one_step(i))
+    assert len(rates) > 10, "the rate must change between steps for this test to mean anything"
+
+
+def test_float_rates_would_recompile():
+    """The control for the test above: a float lr that changes does recompile."""
+    import torch._dynamo
+
+    torch._dynamo.reset()
+    model = nn.Linear(8, 3)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    compiled = torch.compile(opt.step, backend="eager")
+    x, y = make_problem()
+    for p in model.parameters():
+        p.grad = torch.ones_like(p)
+    compiled()
+    compiled()
+    with pytest.raises(Exception, match="[Rr]ecompil"):
+        with torch._dynamo.config.patch(error_on_recompile=True):
+            for i in range(5):
+                opt.param_groups[0]["lr"] = 0.1 + 0.01 * i
+                compiled()

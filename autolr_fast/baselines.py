@@ -337,11 +337,11 @@ def prodigy(spec: RunSpec) -> MethodSetup:
 
 # -- learned controllers -------------------------------------------------------------------------
 def official_checkpoint_dir() -> Path | None:
-    """The published MLR-SNet checkpoints: ``$AUTOLR_FAST_OFFICIAL_DIR`` if set, else the first
+    """The published MLR-SNet checkpoints: ``$AUTOLR_FAST_OFFICIAL_DIR`` (or
+    ``$AUTOLR_FAST_FIXTURES``, as the tests use) if set, else the first
     ``shared/fixtures/mlrsnet_official`` found beside the project root or any of its parents
     (``../shared`` of a checkout), then beside the current directory or its parents."""
-    env = os.environ.get("AUTOLR_FAST_OFFICIAL_DIR")
-    candidates = [Path(env)] if env else []
+    candidates = [Path(os.environ[k]) for k in ("AUTOLR_FAST_OFFICIAL_DIR", "AUTOLR_FAST_FIXTURES") if os.environ.get(k)]
     project_root = Path(__file__).resolve().parent.parent
     for base in (project_root, Path.cwd().resolve()):
         for folder in (base, *base.parents):

@@ -1,0 +1,219 @@
+"""The comparison harness: SGD-HD against a plain reference, the rate grid, and the
+``compare`` command end to end in CI size (records well formed, not specific numbers)."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+import torch
+
+from autolr_fast import baselines, compare
+from autolr_fast.baselines import SGDHD, lr_grid
+
+
+# ------------------------------------------------------------------------------------------------
+# SGD-HD
+# ------------------------------------------------------------------------------------------------
+def _reference_sgd_hd(w0, grad_fn, steps, lr, beta, momentum=0.0, weight_decay=0.0, nesterov=False):
+    """Baydin et al. (2018), written out on one flat float64 vector: ``lr_t = lr_{t-1} +
+    beta * <g_t, d_{t-1}>``, ``w <- w - lr_t * d_t`` (d: the SGD direction)."""
+    w = w0.clone().double()
+    buf, d_prev, lrs = None, None, []
+    for _ in range(steps):
+        g = grad_fn(w) + weight_decay * w
+        if d_prev is not None:
+            lr = lr + beta * float(g @ d_prev)
+        if momentum:
+            buf = g.clone() if buf is None else momentum * buf + g
+            d = g + momentum * buf if nesterov else buf
+        else:
+            d = g
+        w = w - lr * d
+        d_prev = d.clone()
+        lrs.append(lr)
+    return w, lrs
+
+
+@pytest.mark.parametrize("shapes", [[(7,)], [(3, 5), (5,)], [(2, 3, 4), (1,), (13,)]])
+@pytest.mark.parametrize("momentum,nesterov,weight_decay", [(0.0, False, 0.0), (0.9, False, 5e-4), (0.5, True, 1e-2)])
+def test_sgd_hd_matches_the_reference(shapes, momentum, nesterov, weight_decay):
+    g = torch.Generator().manual_seed(len(shapes) * 7 + int(momentum * 10))
+    sizes = [math.prod(s) for s in shapes]
+    n = sum(sizes)
+    a = torch.randn(n, n, generator=g, dtype=torch.float64)
+    hess = a @ a.T / n + 0.1 * torch.eye(n, dtype=torch.float64)
+    target = torch.randn(n, generator=g, dtype=torch.float64)
+    grad_fn = lambda w: hess @ (w - target)  # noqa: E731  (loss 0.5 (w-t)' H (w-t))
+    w0 = torch.randn(n, generator=g, dtype=torch.float64)
+    params = [p.clone().reshape(s).requires_grad_() for p, s in zip(w0.split(sizes), shapes)]
+    opt = SGDHD(params, lr=0.01, hypergrad_lr=3e-4, momentum=momentum, weight_decay=weight_decay, nesterov=nesterov)
+    lrs = []
+    for _ in range(25):
+        opt.zero_grad()
+        w = torch.cat([p.reshape(-1) for p in params])
+        (0.5 * (w - target) @ hess @ (w - target)).backward()
+        opt.step()
+        lrs.append(float(opt.rates[0]))
+    w_ref, lrs_ref = _reference_sgd_hd(w0, grad_fn, 25, 0.01, 3e-4, momentum, weight_decay, nesterov)
+    torch.testing.assert_close(torch.cat([p.detach().reshape(-1) for p in params]), w_ref, rtol=1e-5, atol=1e-5)
+    # float32 rate tensor vs float64 reference
+    assert abs(lrs_ref[-1] - 0.01) > 1e-4  # the rate did move
+    torch.testing.assert_close(torch.tensor(lrs, dtype=torch.float64), torch.tensor(lrs_ref, dtype=torch.float64),
+                               rtol=1e-4, atol=1e-6)
+
+
+def test_sgd_hd_without_hypergradient_is_sgd():
+    torch.manual_seed(0)
+    a = [torch.randn(4, 3, requires_grad=True), torch.randn(5, requires_grad=True)]
+    b = [p.detach().clone().requires_grad_() for p in a]
+    x = torch.randn(3)
+    hd = SGDHD(a, lr=0.05, hypergrad_lr=0.0, momentum=0.9, weight_decay=1e-3)
+    sgd = torch.optim.SGD(b, lr=0.05, momentum=0.9, weight_decay=1e-3)
+    for _ in range(10):
+        for ps, opt in ((a, hd), (b, sgd)):
+            opt.zero_grad()
+            ((ps[0] @ x).pow(2).sum() + ps[1].sin().sum()).backward()
+            opt.step()
+    for p, q in zip(a, b):
+        torch.testing.assert_close(p, q)
+
+
+def test_sgd_hd_raises_a_too_small_rate_on_a_quadratic():
+    w = torch.full((10,), 5.0, requires_grad=True)
+    opt = SGDHD([w], lr=1e-4, hypergrad_lr=1e-3)
+    for _ in range(50):
+        opt.zero_grad()
+        (w.pow(2).sum()).backward()
+        opt.step()
+    assert float(opt.rates[0]) > 1e-3  # consecutive gradients agree: the rate grows
+
+
+@pytest.mark.parametrize("kwargs", [dict(lr=-1.0), dict(lr=float("nan")), dict(hypergrad_lr=-1.0),
+                                    dict(momentum=1.0), dict(weight_decay=-1.0), dict(nesterov=True)])
+def test_sgd_hd_rejects_bad_arguments(kwargs):
+    with pytest.raises(ValueError, match="SGDHD"):
+        SGDHD([torch.zeros(2, requires_grad=True)], **kwargs)
+
+
+# ------------------------------------------------------------------------------------------------
+# Registry pieces
+# ------------------------------------------------------------------------------------------------
+def test_lr_grid_is_log_spaced_around_the_default():
+    assert lr_grid(0.1, 1) == [0.1]
+    g = lr_grid(0.1, 5)
+    assert len(g) == 5 and math.isclose(g[0], 0.01) and math.isclose(g[2], 0.1) and math.isclose(g[-1], 1.0)
+    ratios = [b / a for a, b in zip(g[:-1], g[1:])]
+    assert all(math.isclose(r, ratios[0]) for r in ratios)
+    with pytest.raises(ValueError):
+        lr_grid(0.1, 0)
+
+
+def test_registry_covers_every_method_family():
+    names = baselines.available_methods()
+    for required in ("constant", "step", "multistep", "exponential", "cosine", "sgdr", "adam", "sgd-hd",
+                     "sf-sgd", "sf-adamw", "prodigy", "mlrsnet-official-200", "shipped", "meta-online", "action"):
+        assert required in names
+    fams = {baselines.get_method(n).family for n in names}
+    assert fams == {"hand", "untuned", "learned"}
+    with pytest.raises(KeyError, match="unknown method"):
+        baselines.get_method("nope")
+
+
+def test_rate_stats():
+    flat = compare._rate_stats([0.1] * 20, 5)
+    assert flat["epoch_cv"] == 0 and flat["jitter"] == 0 and flat["mean"] == pytest.approx(0.1)
+    decaying = compare._rate_stats([0.1 * 0.5 ** (i // 5) for i in range(20)], 5)
+    assert decaying["epoch_cv"] > 0.3 and decaying["jitter"] == 0  # steps only at epoch boundaries
+    assert compare._rate_stats([], 5)["mean"] is None
+
+
+def test_autolr_rates_are_recorded_without_a_host_read_per_step(monkeypatch):
+    if baselines.get_method("mlrsnet-official-200").available():
+        pytest.skip("published MLR-SNet checkpoints not found (../shared/fixtures/mlrsnet_official)")
+    reads = {"n": 0}
+    for name in ("item", "__float__", "__int__", "__bool__", "tolist"):
+        orig = getattr(torch.Tensor, name)
+
+        def counted(self, *a, _orig=orig, **k):
+            reads["n"] += 1
+            return _orig(self, *a, **k)
+
+        monkeypatch.setattr(torch.Tensor, name, counted)
+    job = compare.Job("digits-mlp", "mlrsnet-official-200", None, None, False, 0, epochs=2, batch_size=32)
+    rec = compare.run_one(job)
+    monkeypatch.undo()
+    assert rec["status"] == "ok" and rec["steps"] == 2 * 46
+    assert len(rec["curves"]["rate"]) == rec["steps"]
+    assert reads["n"] < rec["steps"] // 4, f"{reads['n']} host reads for {rec['steps']} steps"
+
+
+# ------------------------------------------------------------------------------------------------
+# The command, CI-sized
+# ------------------------------------------------------------------------------------------------
+def test_compare_command_writes_well_formed_records(tmp_path, capsys):
+    out = tmp_path / "cmp"
+    rc = compare.main(["--epochs", "1", "--seeds", "1", "--grid", "1", "--tasks", "digits-mlp", "regress-sin",
+                       "--out", str(out), "--no-progress"])
+    assert rc == 0
+    doc = json.loads((out / "compare.json").read_text())
+    assert doc["schema"] == compare.SCHEMA
+    runs, rows = doc["runs"], doc["summary"]
+    ran = {r["method"] for r in runs if r["status"] != "skipped"}
+    # every method either ran on both tasks or is listed as skipped with a reason
+    for name in baselines.available_methods():
+        assert name in ran or doc["skipped_methods"].get(name), name
+    for name in ("constant", "cosine", "sgdr", "adam", "sgd-hd", "sf-sgd", "sf-adamw", "prodigy"):
+        assert name in ran
+    for r in runs:
+        if r["status"] == "skipped":
+            assert r["message"]
+            continue
+        assert r["status"] in ("ok", "diverged")
+        c = r["curves"]
+        assert len(c["rate"]) == r["steps"] == c["steps"][-1]
+        assert len(c["train_loss"]) == len(c["test_loss"]) == len(c["test_acc"]) == len(c["train_time_s"])
+        assert all(v is None or v >= 0 for v in c["rate"])
+        assert r["wall_time_s"] >= r["train_time_s"] > 0
+        if r["classification"]:
+            assert 0.0 <= r["final_test_acc"] <= 1.0 and r["final_metric"] == r["final_test_acc"]
+        else:
+            assert r["final_metric"] is None or r["final_metric"] == r["final_test_loss"]
+        assert set(r["rate_stats"]) == {"mean", "min", "max", "epoch_cv", "jitter"}
+    tasks = {r["task"] for r in rows}
+    assert tasks == {"digits-mlp", "regress-sin"}
+    for row in rows:
+        assert row["setting"] in ("best", "default", "best = default", "as shipped")
+        assert row["seeds"] == 1 and row["target_reached"].endswith("/1")
+    assert set(doc["targets"]) == tasks
+    md = (out / "compare.md").read_text()
+    assert "## digits-mlp" in md and "## regress-sin" in md and "| method | setting |" in md
+    for task in tasks:
+        png = out / f"{task}.png"
+        assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_compare_best_and_default_rows(tmp_path):
+    out = tmp_path / "cmp"
+    assert compare.main(["--epochs", "2", "--seeds", "2", "--grid", "3", "--tasks", "regress-sin", "--methods",
+                         "constant", "prodigy", "--out", str(out), "--no-progress", "--no-plots"]) == 0
+    doc = json.loads((out / "compare.json").read_text())
+    assert len([r for r in doc["runs"] if r["method"] == "constant"]) == 3 * 2
+    rows = {(r["method"], r["setting"]): r for r in doc["summary"]}
+    best = rows.get(("constant", "best")) or rows[("constant", "best = default")]
+    assert best["seeds"] == 2 and best["final_metric_std"] is not None
+    # "best" is the grid rate with the lowest mean final test loss
+    by_lr: dict = {}
+    for r in doc["runs"]:
+        if r["method"] == "constant":
+            by_lr.setdefault(r["lr"], []).append(r["final_metric"] if r["final_metric"] is not None else math.inf)
+    assert best["lr"] == min(by_lr, key=lambda lr: sum(by_lr[lr]))
+    assert ("prodigy", "as shipped") in rows
+
+
+def test_compare_rejects_unknown_names(tmp_path):
+    with pytest.raises(SystemExit, match="unknown task"):
+        compare.main(["--tasks", "nope", "--out", str(tmp_path)])
+    with pytest.raises(SystemExit, match="unknown method"):
+        compare.main(["--methods", "nope", "--out", str(tmp_path)])

@@ -402,6 +402,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--jobs", type=int, default=1, help="parallel runs (processes; default 1)")
     p.add_argument("--threads", type=int, default=1, help="torch threads per run (default 1)")
     p.add_argument("--out", default="results/compare", help="output folder (default results/compare)")
+    p.add_argument("--resume", action="store_true", help="reuse the runs already recorded in OUT/runs.jsonl "
+                   "(written as runs complete) by an interrupted comparison with the same settings")
     p.add_argument("--no-plots", action="store_true", help="skip the PNG figures")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     return p
@@ -460,35 +462,67 @@ def _worker(job: Job) -> dict:
     return run_one(job, _WORKER_CACHE)
 
 
-def _run_all(jobs: list[Job], n_jobs: int, progress: bool) -> list[dict]:
+def _job_key(task: str, method: str, lr: Any, seed: int, epochs: int, batch_size: int) -> tuple:
+    return (task, method, None if lr is None else round(float(lr), 12), int(seed), int(epochs), int(batch_size))
+
+
+def _load_partial(path: Path) -> dict[tuple, dict]:
+    """Records of an earlier, interrupted run (``runs.jsonl``), by job key."""
+    done: dict[tuple, dict] = {}
+    if path.is_file():
+        for line in path.read_text().splitlines():
+            try:
+                r = json.loads(line)
+            except json.JSONDecodeError:
+                continue  # a line cut off by the interruption
+            if r.get("status") in ("ok", "diverged"):
+                done[_job_key(r["task"], r["method"], r["lr"], r["seed"], r["epochs"], r["batch_size"])] = r
+    return done
+
+
+def _run_all(jobs: list[Job], n_jobs: int, progress: bool, partial: Path | None = None, resume: bool = False) -> list[dict]:
+    """Run every job (``n_jobs`` processes), appending each record to ``partial`` (JSON lines) as
+    it completes; with ``resume``, jobs already recorded there are not run again."""
     from tqdm import tqdm
 
-    bar = tqdm(total=len(jobs), desc="compare", unit="run", disable=not progress, dynamic_ncols=True)
-    records: list[dict] = []
+    done = _load_partial(partial) if (partial is not None and resume) else {}
+    if partial is not None and not resume:
+        partial.unlink(missing_ok=True)
+    keys = [_job_key(j.task, j.method, j.lr, j.seed, j.epochs, j.batch_size) for j in jobs]
+    records: dict[tuple, dict] = {k: done[k] for k in keys if k in done}
+    todo = [i for i, k in enumerate(keys) if k not in records]
+    bar = tqdm(total=len(jobs), initial=len(jobs) - len(todo), desc="compare", unit="run", disable=not progress,
+               dynamic_ncols=True)
     # Longest tasks first, so that the parallel pool does not end on one long run.
-    order = sorted(range(len(jobs)), key=lambda i: -jobs[i].epochs * (3 if "cnn" in jobs[i].task else 1))
+    todo.sort(key=lambda i: -jobs[i].epochs * (3 if "cnn" in jobs[i].task else 1))
+    sink = open(partial, "a") if partial is not None else None
+
+    def collect(rec: dict) -> None:
+        key = _job_key(rec["task"], rec["method"], rec["lr"], rec["seed"], rec["epochs"], rec["batch_size"])
+        records[key] = rec
+        if sink is not None:
+            sink.write(json.dumps(_strict_json(rec), default=_json_default) + "\n")
+            sink.flush()
+        bar.set_postfix_str(f"{rec['task']} {rec['method']}", refresh=False)
+        bar.update()
+
     try:
         if n_jobs <= 1:
             cache: dict = {}
-            for i in order:
-                rec = run_one(jobs[i], cache)
-                records.append(rec)
-                bar.set_postfix_str(f"{jobs[i].task} {jobs[i].method}", refresh=False)
-                bar.update()
-        else:
+            for i in todo:
+                collect(run_one(jobs[i], cache))
+        elif todo:
             import multiprocessing as mp
 
             ctx = mp.get_context("spawn")
             with ctx.Pool(n_jobs) as pool:
-                for rec in pool.imap_unordered(_worker, [jobs[i] for i in order], chunksize=1):
-                    records.append(rec)
-                    bar.set_postfix_str(f"{rec['task']} {rec['method']}", refresh=False)
-                    bar.update()
+                for rec in pool.imap_unordered(_worker, [jobs[i] for i in todo], chunksize=1):
+                    collect(rec)
     finally:
         bar.close()
-    key = {(j.task, j.method, j.lr, j.seed): i for i, j in enumerate(jobs)}
-    records.sort(key=lambda r: key[(r["task"], r["method"], r["lr"], r["seed"])])
-    return records
+        if sink is not None:
+            sink.close()
+    return [records[k] for k in keys]
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -502,7 +536,7 @@ def main(argv: list[str] | None = None) -> int:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
-    runs = _run_all(jobs, args.jobs, not args.no_progress)
+    runs = _run_all(jobs, args.jobs, not args.no_progress, out / "runs.jsonl", args.resume)
     for r in runs:
         if r["status"] == "skipped":
             skipped.setdefault(r["method"], r["message"])

@@ -1,0 +1,141 @@
+"""What AutoLR costs per training step, measured side by side in one run.
+
+Groups (each row's time is reported as a ratio to its group's baseline):
+
+* ``mnist1d-cnn step (cpu)``: the MNIST-1D CNN, batch 100, SGD with momentum, with
+  CosineAnnealingLR (baseline) and with AutoLR driven by the published MLR-SNet controller.
+* ``resnet18 step (cuda, batch 128)``: the same pair for torchvision's ResNet-18 on
+  CIFAR-shaped random data, fused SGD (skipped without a GPU).
+* ``meta-step``: AutoLR with a meta-step every step (``MetaConfig(interval=1)``) against the
+  plain AutoLR step (baseline), on the MNIST-1D CNN (CPU) and ResNet-18 (GPU).
+
+``extra_info``: ``host_syncs_per_step`` (host reads of tensor values per step; on a GPU every
+synchronising call), and for the meta-step the peak memory of one step.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from conftest import host_syncs_per_step, meta_config_class, peak_memory
+
+
+def _cnn(mnist1d_task):
+    torch.manual_seed(0)
+    return mnist1d_task.make_model()
+
+
+def _record(benchmark, step, device="cpu", baseline=False, **extra):
+    benchmark.extra_info["host_syncs_per_step"] = host_syncs_per_step(step, device)
+    if baseline:
+        benchmark.extra_info["baseline"] = True
+    benchmark.extra_info.update(extra)
+
+
+# ------------------------------------------------------------------------------------------------
+# MNIST-1D CNN on the CPU
+# ------------------------------------------------------------------------------------------------
+CPU_GROUP = "mnist1d-cnn step (cpu)"
+
+
+@pytest.mark.benchmark(group=CPU_GROUP)
+def test_cnn_step_cosine(benchmark, mnist1d_task, mnist1d_batches, make_train_step):
+    step = make_train_step(_cnn(mnist1d_task), mnist1d_batches, mnist1d_task.loss_fn, "cosine")
+    _record(benchmark, step, baseline=True)
+    benchmark(step)
+
+
+@pytest.mark.benchmark(group=CPU_GROUP)
+def test_cnn_step_autolr(benchmark, mnist1d_task, mnist1d_batches, make_train_step, official_controller):
+    step = make_train_step(_cnn(mnist1d_task), mnist1d_batches, mnist1d_task.loss_fn, "autolr", official_controller)
+    _record(benchmark, step)
+    benchmark(step)
+
+
+# ------------------------------------------------------------------------------------------------
+# ResNet-18 on a GPU
+# ------------------------------------------------------------------------------------------------
+GPU_GROUP = "resnet18 step (cuda, batch 128)"
+
+
+def _resnet_problem(device):
+    torchvision = pytest.importorskip("torchvision")
+    torch.manual_seed(0)
+    model = torchvision.models.resnet18(num_classes=10).to(device)
+    g = torch.Generator(device="cpu").manual_seed(0)
+    batches = [(torch.randn(128, 3, 32, 32, generator=g).to(device), torch.randint(0, 10, (128,), generator=g).to(device))
+               for _ in range(4)]
+    return model, batches
+
+
+def _timed_on_gpu(benchmark, step):
+    def run():
+        step()
+        torch.cuda.synchronize()
+
+    benchmark(run)
+
+
+@pytest.mark.gpu
+@pytest.mark.benchmark(group=GPU_GROUP)
+def test_resnet18_step_cosine(benchmark, cuda_device, make_train_step):
+    model, batches = _resnet_problem(cuda_device)
+    step = make_train_step(model, batches, torch.nn.functional.cross_entropy, "cosine", fused=True)
+    _record(benchmark, step, cuda_device, baseline=True)
+    _timed_on_gpu(benchmark, step)
+
+
+@pytest.mark.gpu
+@pytest.mark.benchmark(group=GPU_GROUP)
+def test_resnet18_step_autolr(benchmark, cuda_device, make_train_step, official_controller):
+    model, batches = _resnet_problem(cuda_device)
+    step = make_train_step(model, batches, torch.nn.functional.cross_entropy, "autolr", official_controller, fused=True)
+    _record(benchmark, step, cuda_device)
+    _timed_on_gpu(benchmark, step)
+
+
+# ------------------------------------------------------------------------------------------------
+# Meta-step every step vs the plain step
+# ------------------------------------------------------------------------------------------------
+def _meta(val_batches, loss_fn):
+    MetaConfig = meta_config_class()
+    return lambda model: MetaConfig(model=model, val_data=val_batches, loss_fn=loss_fn, interval=1)
+
+
+@pytest.mark.benchmark(group="meta-step (cpu, mnist1d-cnn)")
+def test_cnn_plain_autolr_step(benchmark, mnist1d_task, mnist1d_batches, make_train_step, official_controller):
+    meta_config_class()  # same skip as the meta variant, so the pair stays together
+    step = make_train_step(_cnn(mnist1d_task), mnist1d_batches, mnist1d_task.loss_fn, "autolr", official_controller)
+    _record(benchmark, step, baseline=True, **peak_memory(step))
+    benchmark(step)
+
+
+@pytest.mark.benchmark(group="meta-step (cpu, mnist1d-cnn)")
+def test_cnn_meta_step_every_step(benchmark, mnist1d_task, mnist1d_batches, make_train_step, official_controller):
+    meta = _meta(mnist1d_batches[::-1], mnist1d_task.loss_fn)
+    step = make_train_step(_cnn(mnist1d_task), mnist1d_batches, mnist1d_task.loss_fn, "autolr", official_controller, meta=meta)
+    _record(benchmark, step, **peak_memory(step))
+    benchmark(step)
+    assert step.autolr.meta.meta_steps > 0
+
+
+@pytest.mark.gpu
+@pytest.mark.benchmark(group="meta-step (cuda, resnet18 batch 128)")
+def test_resnet18_plain_autolr_step(benchmark, cuda_device, make_train_step, official_controller):
+    meta_config_class()
+    model, batches = _resnet_problem(cuda_device)
+    step = make_train_step(model, batches, torch.nn.functional.cross_entropy, "autolr", official_controller, fused=True)
+    _record(benchmark, step, cuda_device, baseline=True, **peak_memory(step, cuda_device))
+    _timed_on_gpu(benchmark, step)
+
+
+@pytest.mark.gpu
+@pytest.mark.benchmark(group="meta-step (cuda, resnet18 batch 128)")
+def test_resnet18_meta_step_every_step(benchmark, cuda_device, make_train_step, official_controller):
+    model, batches = _resnet_problem(cuda_device)
+    meta = _meta(batches[::-1], torch.nn.functional.cross_entropy)
+    step = make_train_step(model, batches, torch.nn.functional.cross_entropy, "autolr", official_controller,
+                           meta=meta, fused=True)
+    _record(benchmark, step, cuda_device, **peak_memory(step, cuda_device))
+    _timed_on_gpu(benchmark, step)

@@ -290,6 +290,46 @@ def summarize(runs: list[dict]) -> tuple[list[dict], dict]:
     return rows, targets
 
 
+#: The references every learned controller is held against in the verdict table.
+REFERENCES = (("cosine", "best"), ("sf-sgd", "best"), ("sf-adamw", "best"), ("prodigy", "as shipped"))
+
+
+def _row_for(rows: list[dict], task: str, method: str, setting: str) -> dict | None:
+    for r in rows:
+        if r["task"] == task and r["method"] == method and (r["setting"] == setting or
+                                                             (setting == "best" and r["setting"] == "best = default")):
+            return r
+    return None
+
+
+def verdicts(rows: list[dict]) -> list[dict]:
+    """Each learned controller against each reference (tuned cosine, tuned schedule-free SGD and
+    AdamW, Prodigy), per task: ``delta`` = learned minus reference mean final metric (accuracy
+    points or MSE), ``verdict`` win / tie / lose; tie when ``|delta|`` is within
+    ``sqrt(std_a**2 + std_b**2)`` (one combined standard deviation over seeds)."""
+    out = []
+    for r in rows:
+        if r["family"] != "learned":
+            continue
+        for method, setting in REFERENCES:
+            ref = _row_for(rows, r["task"], method, setting)
+            if ref is None or r["final_metric"] is None or ref["final_metric"] is None:
+                continue
+            delta = r["final_metric"] - ref["final_metric"]
+            stds = [x for x in (r["final_metric_std"], ref["final_metric_std"]) if x is not None]
+            noise = math.hypot(*stds) if stds else None  # None: one seed, no spread known
+            better = delta > 0 if r["classification"] else delta < 0
+            if math.isinf(delta):
+                verdict = "win" if better else "lose"
+            else:
+                verdict = "tie" if (delta == 0 or (noise is not None and abs(delta) <= noise)) else ("win" if better else "lose")
+            ratio = r["final_metric"] / ref["final_metric"] if ref["final_metric"] else None
+            out.append({"task": r["task"], "learned": r["method"], "reference": f"{method} ({ref['setting']})",
+                        "delta": delta, "ratio": ratio, "noise": noise, "verdict": verdict,
+                        "classification": r["classification"]})
+    return out
+
+
 def render_markdown(rows: list[dict], targets: dict, skipped: dict[str, str], config: dict) -> str:
     out = ["# Schedule-quality comparison", ""]
     out.append(f"Command: `{config['command']}`  ")
@@ -324,6 +364,23 @@ def render_markdown(rows: list[dict], targets: dict, skipped: dict[str, str], co
                 fmt(r["seconds_to_target"], 3), fmt(r["rate_epoch_cv"], 3), fmt(r["rate_jitter"], 3),
             ])
         out += [markdown_table(headers, body, "lllrrrrrrrr"), "", f"![{task}]({task}.png)", ""]
+    vs = verdicts(rows)
+    if vs:
+        out += ["## Learned controllers vs tuned references", "",
+                "Δ = learned minus reference, mean final test accuracy (points) or test MSE (x: the MSE ratio); "
+                "tie when |Δ| is within one combined std over seeds.", ""]
+        def delta(v: dict) -> str:
+            if v["classification"]:
+                return f"{100 * v['delta']:+.2f} pts"
+            return f"{v['delta']:+.3g}" + (f" (x{v['ratio']:.2f})" if v["ratio"] is not None and math.isfinite(v["ratio"]) else "")
+
+        def noise(v: dict) -> str:
+            if v["noise"] is None:
+                return "- (1 seed)"
+            return f"{100 * v['noise']:.2f} pts" if v["classification"] else f"{v['noise']:.3g}"
+
+        body = [[v["task"], v["learned"], v["reference"], delta(v), noise(v), v["verdict"]] for v in vs]
+        out += [markdown_table(["task", "learned", "reference", "Δ", "combined std", "verdict"], body, "lllrrl"), ""]
     if skipped:
         out += ["## Skipped methods", ""]
         out += [f"- `{k}`: {v}" for k, v in skipped.items()]
@@ -404,6 +461,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default="results/compare", help="output folder (default results/compare)")
     p.add_argument("--resume", action="store_true", help="reuse the runs already recorded in OUT/runs.jsonl "
                    "(written as runs complete) by an interrupted comparison with the same settings")
+    p.add_argument("--render", metavar="JSON", default=None, help="only re-render the table and figures of an "
+                   "existing compare.json into --out")
     p.add_argument("--no-plots", action="store_true", help="skip the PNG figures")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     return p
@@ -527,6 +586,8 @@ def _run_all(jobs: list[Job], n_jobs: int, progress: bool, partial: Path | None 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    if args.render:
+        return _rerender(Path(args.render), Path(args.out), not args.no_plots)
     jobs, skipped, cfg = make_jobs(args)
     for name, reason in skipped.items():
         print(f"[compare] skipping {name}: {reason}", file=sys.stderr)
@@ -553,7 +614,7 @@ def main(argv: list[str] | None = None) -> int:
         "total_wall_time_s": time.perf_counter() - t0,
     }
     doc = {"schema": SCHEMA, "config": config, "skipped_methods": skipped, "targets": targets,
-           "summary": rows, "runs": runs}
+           "summary": rows, "verdicts": verdicts(rows), "runs": runs}
     (out / "compare.json").write_text(json.dumps(_strict_json(doc), indent=1, default=_json_default, allow_nan=False))
     md = render_markdown(rows, targets, skipped, config)
     (out / "compare.md").write_text(md)
@@ -563,6 +624,23 @@ def main(argv: list[str] | None = None) -> int:
     print(md)
     print(f"\n[compare] {len(runs)} runs in {config['total_wall_time_s']:.0f} s; results in {out}/ "
           "(compare.json, compare.md, <task>.png)", file=sys.stderr)
+    return 0
+
+
+def _rerender(src: Path, out: Path, plots: bool) -> int:
+    """Table, verdicts and figures again from a ``compare.json`` (e.g. after a renderer change)."""
+    doc = json.loads(src.read_text())
+    if doc.get("schema") != SCHEMA:
+        raise SystemExit(f"{src} is not a {SCHEMA} file (schema {doc.get('schema')!r})")
+    runs = doc["runs"]
+    rows, targets = summarize(runs)
+    out.mkdir(parents=True, exist_ok=True)
+    md = render_markdown(rows, targets, doc.get("skipped_methods", {}), doc["config"])
+    (out / "compare.md").write_text(md)
+    if plots:
+        for task in targets:
+            plot_task(task, rows, runs, out / f"{task}.png")
+    print(md)
     return 0
 
 

@@ -187,6 +187,10 @@ def test_compare_command_writes_well_formed_records(tmp_path, capsys):
         assert row["setting"] in ("best", "default", "best = default", "as shipped")
         assert row["seeds"] == 1 and row["target_reached"].endswith("/1")
     assert set(doc["targets"]) == tasks
+    learned_ran = {r["method"] for r in rows if r["family"] == "learned"}
+    assert {v["learned"] for v in doc["verdicts"]} == learned_ran
+    for v in doc["verdicts"]:
+        assert v["verdict"] in ("win", "tie", "lose") and v["reference"].split()[0] in ("cosine", "sf-sgd", "sf-adamw", "prodigy")
     md = (out / "compare.md").read_text()
     assert "## digits-mlp" in md and "## regress-sin" in md and "| method | setting |" in md
     for task in tasks:

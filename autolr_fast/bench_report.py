@@ -91,14 +91,22 @@ def render_markdown(data: dict, title: str = "Overhead benchmarks") -> str:
     out = [f"# {title}", "", f"Machine: {machine_summary(data)}  "]
     if data.get("datetime"):
         out.append(f"Run: {data['datetime']}  ")
-    out += ["Times per call (mean ± std, median); `vs baseline`: mean / the group's baseline mean.", ""]
+    out += ["Times per call (mean ± std, median); `vs baseline`: mean / the group's baseline mean (and the "
+            "same for medians, steadier on a busy machine).", ""]
     headers = ["group", "benchmark", "mean ± std", "median", "rounds", "vs baseline", "extra"]
     rows = []
     for group, benches in groups.items():
         base = find_baseline(benches)
         for b in benches:
             s = b["stats"]
-            ratio = "-" if base is None else ("1.00 (baseline)" if b is base else f"{s['mean'] / base['stats']['mean']:.2f}x")
+            if base is None:
+                ratio = "-"
+            elif b is base:
+                ratio = "1.00 (baseline)"
+            else:
+                ratio = f"{s['mean'] / base['stats']['mean']:.2f}x"
+                if s.get("median") and base["stats"].get("median"):
+                    ratio += f" (median {s['median'] / base['stats']['median']:.2f}x)"
             rows.append([group, b["name"], f"{_time(s['mean'])} ± {_time(s.get('stddev'))}", _time(s.get("median")),
                          s.get("rounds", "-"), ratio, _extra(b)])
     out.append(markdown_table(headers, rows, "llrrrrl"))
@@ -119,17 +127,20 @@ def render_chart(data: dict, path: str | Path) -> Path:
         scale, unit = (1e-3, "ms") if max(means) >= 1e-3 else (1e-6, "µs")
         colors = color_cycle(len(benches))
         y = list(range(len(benches)))
-        ax.barh(y, [m / scale for m in means], xerr=[(b["stats"].get("stddev") or 0) / scale for b in benches],
-                color=colors, alpha=0.85)
+        stds = [(b["stats"].get("stddev") or 0.0) for b in benches]
+        # error bar: one std, clipped at zero on the left
+        xerr = [[min(sd, m) / scale for sd, m in zip(stds, means)], [sd / scale for sd in stds]]
+        ax.barh(y, [m / scale for m in means], xerr=xerr, color=colors, alpha=0.85, ecolor="0.4", capsize=3)
         ax.set_yticks(y)
         ax.set_yticklabels([b["name"] for b in benches], fontsize=8)
         ax.invert_yaxis()
         ax.set_xlabel(f"time per call ({unit})")
         ax.set_title(group, fontsize=10)
         if base is not None:
-            for yi, m in zip(y, means):
-                ax.text(m / scale, yi, f"  {m / base['stats']['mean']:.2f}x", va="center", fontsize=8)
-        ax.margins(x=0.2)
+            for yi, m, sd in zip(y, means, stds):
+                ax.text((m + sd) / scale, yi, f"  {m / base['stats']['mean']:.2f}x", va="center", fontsize=8)
+        ax.set_xlim(left=0)
+        ax.margins(x=0.15)
     return save_figure(fig, path)
 
 

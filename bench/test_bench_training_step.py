@@ -18,7 +18,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from conftest import host_syncs_per_step, meta_config_class, peak_memory
+from bench_utils import host_syncs_per_step, meta_config_class, peak_memory
 
 
 def _cnn(mnist1d_task):

@@ -143,7 +143,7 @@ def run_one(job: Job, task_cache: dict | None = None) -> dict:
         setup.after_epoch()
         mean_loss = float(loss_sum) / steps_per_epoch  # one host read per epoch
         train_time += time.perf_counter() - t0
-        curves["rate"].extend(_floats(rates))
+        curves["rate"].extend(float(f"{v:.6g}") for v in _floats(rates))  # 6 significant digits
         setup.eval_mode()
         ev = task.evaluate(model)
         setup.train_mode()
@@ -615,7 +615,8 @@ def main(argv: list[str] | None = None) -> int:
     }
     doc = {"schema": SCHEMA, "config": config, "skipped_methods": skipped, "targets": targets,
            "summary": rows, "verdicts": verdicts(rows), "runs": runs}
-    (out / "compare.json").write_text(json.dumps(_strict_json(doc), indent=1, default=_json_default, allow_nan=False))
+    (out / "compare.json").write_text(json.dumps(_strict_json(doc), separators=(",", ":"), default=_json_default,
+                                                 allow_nan=False))
     md = render_markdown(rows, targets, skipped, config)
     (out / "compare.md").write_text(md)
     if not args.no_plots:

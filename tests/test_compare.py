@@ -154,8 +154,8 @@ def test_autolr_rates_are_recorded_without_a_host_read_per_step(monkeypatch):
 # ------------------------------------------------------------------------------------------------
 def test_compare_command_writes_well_formed_records(tmp_path, capsys):
     out = tmp_path / "cmp"
-    rc = compare.main(["--epochs", "1", "--seeds", "1", "--grid", "1", "--tasks", "digits-mlp", "regress-sin",
-                       "--out", str(out), "--no-progress"])
+    # --quick (digits-mlp and regress-sin, one seed), made CI-sized with one epoch and no grid
+    rc = compare.main(["--quick", "--epochs", "1", "--grid", "1", "--out", str(out), "--no-progress"])
     assert rc == 0
     doc = json.loads((out / "compare.json").read_text())
     assert doc["schema"] == compare.SCHEMA
@@ -221,3 +221,43 @@ def test_compare_rejects_unknown_names(tmp_path):
         compare.main(["--tasks", "nope", "--out", str(tmp_path)])
     with pytest.raises(SystemExit, match="unknown method"):
         compare.main(["--methods", "nope", "--out", str(tmp_path)])
+
+
+def test_resume_reuses_recorded_runs_and_render_rebuilds_the_table(tmp_path, monkeypatch):
+    out = tmp_path / "cmp"
+    args = ["--epochs", "1", "--seeds", "1", "--grid", "1", "--tasks", "regress-sin", "--methods", "constant",
+            "cosine", "--out", str(out), "--no-progress", "--no-plots"]
+    assert compare.main(args) == 0
+    assert len((out / "runs.jsonl").read_text().splitlines()) == 2
+
+    def must_not_run(*a, **k):
+        raise AssertionError("a recorded run was run again")
+
+    monkeypatch.setattr(compare, "run_one", must_not_run)
+    assert compare.main(args + ["--resume"]) == 0
+    (out / "compare.md").unlink()
+    assert compare.main(["--render", str(out / "compare.json"), "--out", str(out), "--no-plots"]) == 0
+    assert "## regress-sin" in (out / "compare.md").read_text()
+
+
+def test_a_new_method_is_one_registered_function(tmp_path, monkeypatch):
+    monkeypatch.setattr(baselines, "_METHODS", dict(baselines._METHODS))
+
+    @baselines.register_method("sgd-half", "hand", 0.05, "SGD at a halved rate, for this test")
+    def sgd_half(spec):
+        opt = torch.optim.SGD(spec.model.parameters(), lr=spec.lr / 2)
+        return baselines.MethodSetup(opt, lambda: opt.param_groups[0]["lr"])
+
+    @baselines.register_method("needs-nothing", "learned", None, "never available",
+                               available=lambda: "not built yet (test)")
+    def never(spec):  # pragma: no cover - skipped by its availability check
+        raise AssertionError
+
+    out = tmp_path / "cmp"
+    assert compare.main(["--epochs", "1", "--seeds", "1", "--grid", "1", "--tasks", "regress-sin", "--methods",
+                         "sgd-half", "needs-nothing", "--out", str(out), "--no-progress", "--no-plots"]) == 0
+    doc = json.loads((out / "compare.json").read_text())
+    assert [r["method"] for r in doc["runs"]] == ["sgd-half"]
+    assert all(v == 0.025 for v in doc["runs"][0]["curves"]["rate"])
+    assert doc["skipped_methods"] == {"needs-nothing": "not built yet (test)"}
+    assert "needs-nothing" in (out / "compare.md").read_text()

@@ -370,14 +370,14 @@ def _autolr_setup(spec: RunSpec, controller: nn.Module, meta: Any = None, gamma:
     return MethodSetup(opt, lambda: sched.rate, before_step=sched.step, info={"gamma": str(gamma)})
 
 
-def _official(filename: str) -> Callable[[RunSpec], MethodSetup]:
+def _official(filename: str, gamma: Any = "default") -> Callable[[RunSpec], MethodSetup]:
     def build(spec: RunSpec) -> MethodSetup:
         from .controller import MLRSNet
 
         folder = official_checkpoint_dir()
         if folder is None:
             raise MethodUnavailable(_official_missing())
-        return _autolr_setup(spec, MLRSNet.from_official(folder / filename))
+        return _autolr_setup(spec, MLRSNet.from_official(folder / filename), gamma=gamma)
 
     return build
 
@@ -394,6 +394,11 @@ for _file in OFFICIAL_CHECKPOINTS:
     register_method(f"mlrsnet-official-{_epoch}", "learned", None,
                     f"published MLR-SNet checkpoint {_file} plug-and-play (gamma='auto'; regression: fixed gamma)",
                     available=_official_missing)(_official(_file))
+
+register_method("mlrsnet-official-200-fixed", "learned", None,
+                f"published checkpoint mlr_snet_200.pth with the fixed gamma {SGD_DEFAULT_LR} on every task "
+                "(the common default SGD rate, not tuned): separates the controller from the gamma='auto' rule",
+                available=_official_missing)(_official("mlr_snet_200.pth", gamma=SGD_DEFAULT_LR))
 
 
 def _module_attr(module: str, attr: str) -> str | None:

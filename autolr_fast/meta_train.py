@@ -17,7 +17,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import statistics
 import time
 
 import torch
@@ -25,6 +24,7 @@ from tqdm import tqdm
 
 from .controller import MLRSNet
 from .meta import MetaConfig
+from .run_report import markdown_table, plot_runs, summarize
 from .pretrained import PRETRAINED_DIR, load_controller, save_controller
 from .scheduler import AutoLR
 from .tasks import get_task
@@ -60,68 +60,6 @@ def make_schedules(args, learned_path: str | None) -> list[Schedule]:
     if learned_path:
         out.append(Schedule("pretrained", pretrained))
     return out
-
-
-def _summary(records: list[dict]) -> dict:
-    by: dict[str, list[dict]] = {}
-    for r in records:
-        by.setdefault(r["name"], []).append(r)
-    out = {}
-    for name, runs in by.items():
-        final = [r["epochs"][-1]["test_acc"] for r in runs]
-        best = [max(e["test_acc"] for e in r["epochs"]) for r in runs]
-        loss = [r["epochs"][-1]["test_loss"] for r in runs]
-        out[name] = {
-            "runs": len(runs),
-            "final_acc_mean": statistics.fmean(final),
-            "final_acc_std": statistics.pstdev(final) if len(final) > 1 else 0.0,
-            "best_acc_mean": statistics.fmean(best),
-            "final_test_loss_mean": statistics.fmean(loss),
-        }
-    return out
-
-
-def _markdown(summary: dict, args) -> str:
-    lines = [
-        f"MNIST-1D CNN, {args.epochs} epochs, batch {args.batch_size}, SGD momentum 0.9, wd 5e-4, "
-        f"{args.seeds} seed(s); command: `python -m autolr_fast meta-train`",
-        "",
-        "| schedule | final test acc (mean +- std) | best test acc | final test loss |",
-        "| --- | --- | --- | --- |",
-    ]
-    for name, s in summary.items():
-        lines.append(
-            f"| {name} | {100 * s['final_acc_mean']:.2f} +- {100 * s['final_acc_std']:.2f} % | "
-            f"{100 * s['best_acc_mean']:.2f} % | {s['final_test_loss_mean']:.4f} |"
-        )
-    return "\n".join(lines) + "\n"
-
-
-def _plot(records: list[dict], path: str) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, axes = plt.subplots(1, 3, figsize=(16, 4.5))
-    colors: dict[str, str] = {}
-    for r in records:
-        label = None if r["name"] in colors else r["name"]  # one legend entry per schedule
-        c = colors.setdefault(r["name"], f"C{len(colors)}")
-        axes[0].plot(r["rates"], color=c, lw=0.8, alpha=0.8, label=label)
-        ep = [e["epoch"] for e in r["epochs"]]
-        axes[1].plot(ep, [e["test_acc"] for e in r["epochs"]], color=c, alpha=0.8, label=label)
-        axes[2].plot(ep, [e["train_loss"] for e in r["epochs"]], color=c, alpha=0.8, label=label)
-    axes[0].set(title="learning rate per step", xlabel="step", ylabel="rate", yscale="log")
-    axes[1].set(title="test accuracy", xlabel="epoch", ylabel="accuracy")
-    axes[2].set(title="training loss", xlabel="epoch", ylabel="loss", yscale="log")
-    for a in axes:
-        a.grid(alpha=0.3)
-        a.legend()
-    fig.suptitle("MNIST-1D CNN: online meta-trained MLR-SNet vs cosine vs constant")
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -166,13 +104,13 @@ def main(argv: list[str] | None = None) -> int:
             result, _, _ = train(task, pre, epochs=args.epochs, batch_size=args.batch_size, seed=seed,
                                  val_size=args.val_size, progress=bar.update)
             records.append(result.to_json())
-    summary = _summary(records)
+    summary = summarize(records)
     with open(os.path.join(args.out, "record.json"), "w") as f:
         json.dump({"settings": vars(args), "summary": summary, "runs": records}, f)
-    md = _markdown(summary, args)
+    md = markdown_table(summary, f"MNIST-1D CNN, {args.epochs} epochs, batch {args.batch_size}, SGD momentum 0.9, wd 5e-4, {args.seeds} seed(s); command: `python -m autolr_fast meta-train`")
     with open(os.path.join(args.out, "summary.md"), "w") as f:
         f.write(md)
-    _plot(records, os.path.join(args.out, "meta_train.png"))
+    plot_runs(records, os.path.join(args.out, "meta_train.png"), "MNIST-1D CNN: online meta-trained MLR-SNet vs cosine vs constant")
     print(md)
     if args.ship:
         os.makedirs(PRETRAINED_DIR, exist_ok=True)

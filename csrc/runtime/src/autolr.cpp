@@ -170,7 +170,74 @@ struct autolr_runtime {
 
 namespace {
 
-inline float sigmoidf(float x) { return 1.0f / (1.0f + std::exp(-x)); }
+// exp(x) for x <= 0 without a libm call, branch-free so that loops over it vectorise:
+// x = n ln2 + r, |r| <= ln2/2, exp(r) by a degree-6 polynomial (rel. error ~2e-7), 2^n via the
+// exponent bits. Inputs below -87 give 0 (a sigmoid/tanh then saturates exactly).
+inline float exp_nonpos(float x) {
+  x = x < -87.0f ? -87.0f : x;
+  const float n = (x * 1.44269504f + 12582912.0f) - 12582912.0f;  // round to nearest
+  const float r = (x - n * 0.693145752f) - n * 1.42860677e-6f;
+  float p = 1.0f / 720.0f;
+  p = p * r + 1.0f / 120.0f;
+  p = p * r + 1.0f / 24.0f;
+  p = p * r + 1.0f / 6.0f;
+  p = p * r + 0.5f;
+  p = p * r + 1.0f;
+  p = p * r + 1.0f;
+  const int32_t bits = (int32_t(n) + 127) << 23;
+  float scale;
+  std::memcpy(&scale, &bits, 4);
+  return p * scale;
+}
+// sigmoid(x) = 1 / (1 + e^-x) for x >= 0, e^x / (1 + e^x) for x < 0 (never overflows).
+inline float sigmoid_fast(float x) {
+  const float e = exp_nonpos(-std::fabs(x));
+  const float s = 1.0f / (1.0f + e);
+  return x >= 0.0f ? s : e * s;
+}
+// tanh(x) = sign(x) (1 - e) / (1 + e), e = exp(-2|x|)
+inline float tanh_fast(float x) {
+  const float e = exp_nonpos(-2.0f * std::fabs(x));
+  const float t = (1.0f - e) / (1.0f + e);
+  return x < 0.0f ? -t : t;
+}
+
+#if defined(__GNUC__) && defined(__x86_64__) && defined(__linux__) && !defined(__SANITIZE_ADDRESS__) && !defined(AUTOLR_NO_CLONES)
+#define AUTOLR_CLONES __attribute__((target_clones("avx2", "default")))
+#else
+#define AUTOLR_CLONES
+#endif
+
+// The gates of one cell, in place over z (4H): sigmoid(i), sigmoid(f - 1), sigmoid(o), tanh(g);
+// then c' = f c + i g and h' = o tanh(c'). NaN in z propagates (as in PyTorch).
+AUTOLR_CLONES void lstm_gates(float* z, const float* c, float* c_new, float* h_new, int H) {
+  for (int r = 0; r < H; ++r) z[H + r] -= 1.0f;
+  for (int r = 0; r < 3 * H; ++r) z[r] = sigmoid_fast(z[r]);
+  for (int r = 0; r < H; ++r) z[3 * H + r] = tanh_fast(z[3 * H + r]);
+  for (int r = 0; r < H; ++r) c_new[r] = z[H + r] * c[r] + z[r] * z[3 * H + r];
+  for (int r = 0; r < H; ++r) h_new[r] = z[2 * H + r] * tanh_fast(c_new[r]);
+}
+
+// y = b + W x with W given transposed (wt: (cols, rows), row-major), summed over j in order.
+constexpr int kTile = 16;
+AUTOLR_CLONES void matvec_t(const float* wt, const float* x, const float* b, float* y, int rows, int cols) {
+  int r0 = 0;
+  for (; r0 + kTile <= rows; r0 += kTile) {
+    float acc[kTile];
+    for (int t = 0; t < kTile; ++t) acc[t] = b[r0 + t];
+    for (int j = 0; j < cols; ++j) {
+      const float xj = x[j];
+      const float* col = wt + size_t(j) * size_t(rows) + r0;
+      for (int t = 0; t < kTile; ++t) acc[t] += col[t] * xj;
+    }
+    for (int t = 0; t < kTile; ++t) y[r0 + t] = acc[t];
+  }
+  for (int r = r0; r < rows; ++r) {
+    float acc = b[r];
+    for (int j = 0; j < cols; ++j) acc += wt[size_t(j) * size_t(rows) + r] * x[j];
+    y[r] = acc;
+  }
+}
 
 int parse_weights(const Bytes& b, autolr_runtime** out) {
   if (b.n < kHeaderSize + 4)
@@ -356,30 +423,16 @@ float autolr_step(autolr_runtime* rt, float loss) {
       for (int m = 0; m < M; ++m) act[M + m] += col[m] * hj;
     }
     for (int m = 0; m < 2 * M; ++m) act[m] = (act[m] > 0.f || act[m] != act[m]) ? act[m] : 0.f;  // relu, NaN kept (as torch)
-    // z = W2 act + b2 (4H)
-    std::memcpy(z, ly.b2.data(), sizeof(float) * size_t(H4));
-    for (int j = 0; j < 2 * M; ++j) {
-      const float aj = act[j];
-      if (aj == 0.f) continue;
-      const float* col = ly.w2_t.data() + size_t(j) * H4;
-      for (int r = 0; r < H4; ++r) z[r] += col[r] * aj;
-    }
+    // z = W2 act + b2 (4H), in register tiles of kTile rows (the accumulators stay in registers)
+    matvec_t(ly.w2_t.data(), act, ly.b2.data(), z, H4, 2 * M);
     float* hn = rt->h_new.data() + size_t(k) * H;
     float* cn = rt->c_new.data() + size_t(k) * H;
-    for (int r = 0; r < H; ++r) {
-      const float i = sigmoidf(z[r]);
-      const float f = sigmoidf(z[H + r] - 1.0f);
-      const float o = sigmoidf(z[2 * H + r]);
-      const float g = std::tanh(z[3 * H + r]);
-      const float cv = f * ck[r] + i * g;
-      cn[r] = cv;
-      hn[r] = o * std::tanh(cv);
-    }
+    lstm_gates(z, ck, cn, hn, H);
     xin = hn;
   }
   float s = rt->head_b;
   for (int r = 0; r < H; ++r) s += rt->head_w[r] * xin[r];
-  const float p = sigmoidf(s);
+  const float p = sigmoid_fast(s);
   float rate = rt->gamma * p;
   // Controller blew up: keep state and rate (the reference guard). Stricter than the reference
   // in one respect: a finite rate with a non-finite h or c (only with absurd weights) is refused

@@ -172,7 +172,7 @@ namespace {
 
 // exp(x) for x <= 0 without a libm call, branch-free so that loops over it vectorise:
 // x = n ln2 + r, |r| <= ln2/2, exp(r) by a degree-6 polynomial (rel. error ~2e-7), 2^n via the
-// exponent bits. Inputs below -87 give 0 (a sigmoid/tanh then saturates exactly).
+// exponent bits. Inputs below -87 are clamped (e^-87 ~ 1.6e-38); NaN propagates.
 inline float exp_nonpos(float x) {
   x = x < -87.0f ? -87.0f : x;
   const float n = (x * 1.44269504f + 12582912.0f) - 12582912.0f;  // round to nearest
@@ -184,7 +184,8 @@ inline float exp_nonpos(float x) {
   p = p * r + 0.5f;
   p = p * r + 1.0f;
   p = p * r + 1.0f;
-  const int32_t bits = (int32_t(n) + 127) << 23;
+  const float n_safe = n == n ? n : 0.0f;  // NaN input: p is NaN already, keep the cast defined
+  const uint32_t bits = uint32_t(int32_t(n_safe) + 127) << 23;
   float scale;
   std::memcpy(&scale, &bits, 4);
   return p * scale;

@@ -47,6 +47,9 @@ __all__ = [
     "unpack_weights",
     "cmake_dir",
     "include_dir",
+    "find_cmake",
+    "build_runtime",
+    "shared_library_path",
     "main",
 ]
 
@@ -343,6 +346,49 @@ def cmake_dir() -> str:
 def include_dir() -> str:
     """Folder with ``autolr.h``."""
     return os.path.join(_runtime_root(), "include")
+
+
+def find_cmake() -> str | None:
+    """``cmake`` on PATH, or next to the Python interpreter (the ``cmake`` PyPI package)."""
+    import shutil
+
+    found = shutil.which("cmake")
+    if found:
+        return found
+    for cand in (os.path.join(os.path.dirname(sys.executable), "cmake"),
+                 os.path.join(os.path.dirname(os.path.realpath(sys.executable)), "cmake")):
+        if os.path.isfile(cand) and os.access(cand, os.X_OK):
+            return cand
+    return None
+
+
+def build_runtime(build_dir: str | os.PathLike, *, tests: bool = False, sanitize: bool = False,
+                  fuzz_seconds: int = 10, jobs: int = 2, extra_args: list[str] | None = None) -> str:
+    """Configure and build the C runtime with CMake into ``build_dir``; returns ``build_dir``.
+
+    The shared library is ``<build_dir>/libautolr.so`` (``.dylib``/``.dll`` elsewhere). Raises
+    ``RuntimeError`` with CMake's output if a step fails, ``FileNotFoundError`` without cmake.
+    """
+    import subprocess
+
+    cmake = find_cmake()
+    if cmake is None:
+        raise FileNotFoundError("cmake was not found (pip install cmake, or install it with your package manager)")
+    build_dir = os.fspath(build_dir)
+    args = [cmake, "-S", _runtime_root(), "-B", build_dir, "-DCMAKE_BUILD_TYPE=Release",
+            f"-DAUTOLR_BUILD_TESTS={'ON' if tests else 'OFF'}", f"-DAUTOLR_SANITIZE={'ON' if sanitize else 'OFF'}",
+            f"-DAUTOLR_FUZZ_SECONDS={int(fuzz_seconds)}", *(extra_args or [])]
+    for cmd in (args, [cmake, "--build", build_dir, "-j", str(jobs)]):
+        proc = subprocess.run(cmd, capture_output=True, text=True)
+        if proc.returncode != 0:
+            raise RuntimeError(f"{' '.join(cmd)} failed:\n{proc.stdout[-4000:]}\n{proc.stderr[-4000:]}")
+    return build_dir
+
+
+def shared_library_path(build_dir: str | os.PathLike) -> str:
+    """The path of the runtime's shared library inside a ``build_runtime`` folder."""
+    names = {"darwin": "libautolr.dylib", "win32": "autolr.dll"}
+    return os.path.join(os.fspath(build_dir), names.get(sys.platform, "libautolr.so"))
 
 
 # ------------------------------------------------------------------------------------------------

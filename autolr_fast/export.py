@@ -363,7 +363,8 @@ def find_cmake() -> str | None:
 
 
 def build_runtime(build_dir: str | os.PathLike, *, tests: bool = False, sanitize: bool = False,
-                  fuzz_seconds: int = 10, jobs: int = 2, extra_args: list[str] | None = None) -> str:
+                  bench: bool = False, fuzz_seconds: int = 10, jobs: int = 2,
+                  extra_args: list[str] | None = None) -> str:
     """Configure and build the C runtime with CMake into ``build_dir``; returns ``build_dir``.
 
     The shared library is ``<build_dir>/libautolr.so`` (``.dylib``/``.dll`` elsewhere). Raises
@@ -377,7 +378,8 @@ def build_runtime(build_dir: str | os.PathLike, *, tests: bool = False, sanitize
     build_dir = os.fspath(build_dir)
     args = [cmake, "-S", _runtime_root(), "-B", build_dir, "-DCMAKE_BUILD_TYPE=Release",
             f"-DAUTOLR_BUILD_TESTS={'ON' if tests else 'OFF'}", f"-DAUTOLR_SANITIZE={'ON' if sanitize else 'OFF'}",
-            f"-DAUTOLR_FUZZ_SECONDS={int(fuzz_seconds)}", *(extra_args or [])]
+            f"-DAUTOLR_BUILD_BENCH={'ON' if bench else 'OFF'}", f"-DAUTOLR_FUZZ_SECONDS={int(fuzz_seconds)}",
+            *(extra_args or [])]
     for cmd in (args, [cmake, "--build", build_dir, "-j", str(jobs)]):
         proc = subprocess.run(cmd, capture_output=True, text=True)
         if proc.returncode != 0:

@@ -7,9 +7,6 @@ target_link_libraries(test_runtime PRIVATE autolr)
 target_compile_features(test_runtime PRIVATE cxx_std_17)
 add_test(NAME runtime_agreement_and_errors COMMAND test_runtime ${_data})
 
-add_executable(step_timing ${_dir}/bench/step_timing.cpp)
-target_link_libraries(step_timing PRIVATE autolr)
-target_compile_features(step_timing PRIVATE cxx_std_17)
 add_test(NAME runtime_step_timing_smoke COMMAND step_timing ${_data}/controller_h16_l1.pt 2000)
 
 add_test(NAME example_train_softmax COMMAND train_softmax ${_data}/controller_h16_l1.pt)

@@ -55,7 +55,8 @@ def runtime_build(tmp_path_factory):
 
 
 def _record(name, benchmark):
-    RESULTS[name] = benchmark.stats.stats.median
+    if benchmark.stats is not None:  # None under --benchmark-disable
+        RESULTS[name] = benchmark.stats.stats.median
 
 
 def test_reference_eager(benchmark, controller_file):
@@ -118,6 +119,7 @@ def test_runtime_cpp_loop(benchmark, controller_file, runtime_build):
         out.update(json.loads(proc.stdout))
 
     benchmark.pedantic(run, rounds=3, iterations=1)
+    assert out["ns_per_step"] > 0 and 0.0 <= out["final_rate"] <= 0.1
     for key in ("ns_per_step", "min_ns_per_step", "mean_ns_per_step"):
         benchmark.extra_info[key] = out[key]
     RESULTS["runtime_cpp_loop"] = out["ns_per_step"] * 1e-9

@@ -255,3 +255,23 @@ def test_cli_official_checkpoint_matches_reference(tmp_path):
     mod = ex.load_torchscript(out)
     got = [float(mod.step(torch.tensor(v))) for v in losses]
     assert max(abs(a - b) for a, b in zip(got, want)) <= 1e-6
+
+
+def test_exported_module_matches_autolr_rates(tmp_path):
+    """The exported module reproduces the rates AutoLR itself (dispatch path) wrote, step by step."""
+    net = _net(16, 1, seed=11)
+    path = ex.export(net, tmp_path / "c.pt", gamma=0.3)
+    mod = ex.load_torchscript(path)
+    p = torch.nn.Parameter(torch.zeros(3))
+    opt = torch.optim.SGD([p], lr=0.1)
+    sched = AutoLR(opt, net, gamma=0.3)
+    losses = _losses(300, seed=12)
+    err = 0.0
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # AutoLR warns once about the NaN / negative losses
+        for v in losses:
+            p.grad = torch.ones(3)
+            sched.step(torch.tensor(v))
+            opt.step()
+            err = max(err, abs(float(sched.rate) - float(mod.step(torch.tensor(v)))))
+    assert err <= 1e-6, err

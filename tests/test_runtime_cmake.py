@@ -170,3 +170,41 @@ def test_find_package_consumer(tmp_path):
     mod = ex.load_torchscript(fixture)
     want = [float(mod.step(torch.tensor(2.0 - 0.1 * i, dtype=torch.float32))) for i in range(10)][-1]
     assert abs(float(out.stdout) - want) <= 1e-5
+
+
+def test_zip_variants_from_other_writers(runtime_build, tmp_path):
+    """The reader handles zips not written by torch: Python's zipfile, a comment, zip64 records;
+    a deflated weights entry is refused with a message."""
+    lib = _Lib(ex.shared_library_path(runtime_build)).lib
+    blob = _weights_entry(os.path.join(DATA, "controller_h7_l2.pt"))
+    mod = ex.load_torchscript(os.path.join(DATA, "controller_h7_l2.pt"))
+    want = float(mod.step(torch.tensor(1.25)))
+
+    def open_bytes(data):
+        h = ctypes.c_void_p()
+        st = lib.autolr_open_memory(data, len(data), ctypes.byref(h))
+        return st, h
+
+    variants = {}
+    for label, kwargs in (("plain", {}), ("comment", {"comment": b"x" * 300}), ("zip64", {"zip64": True})):
+        p = tmp_path / f"{label}.zip"
+        with zipfile.ZipFile(p, "w", compression=zipfile.ZIP_STORED) as zf:
+            zf.writestr("other/data.pkl", b"\x80\x02" * 50)
+            if kwargs.get("zip64"):
+                with zf.open("anyname/extra/" + ex.WEIGHTS_ENTRY, "w", force_zip64=True) as f:
+                    f.write(blob)
+            else:
+                zf.writestr("anyname/extra/" + ex.WEIGHTS_ENTRY, blob)
+            if "comment" in kwargs:
+                zf.comment = kwargs["comment"]
+        variants[label] = p.read_bytes()
+    for label, data in variants.items():
+        st, h = open_bytes(data)
+        assert st == 0, (label, lib.autolr_last_error())
+        assert abs(lib.autolr_step(h, 1.25) - want) <= 1e-5
+        lib.autolr_free(h)
+    p = tmp_path / "deflated.zip"
+    with zipfile.ZipFile(p, "w", compression=zipfile.ZIP_DEFLATED) as zf:
+        zf.writestr("a/extra/" + ex.WEIGHTS_ENTRY, blob)
+    st, h = open_bytes(p.read_bytes())
+    assert st == -2 and not h.value and b"compressed" in lib.autolr_last_error()

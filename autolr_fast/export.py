@@ -226,6 +226,8 @@ def unpack_weights(data: bytes, source: str = "<bytes>") -> Exported:
         net.c.copy_(floats[off : off + layers * hidden].reshape(layers, hidden))
         off += layers * hidden
         rate = float(floats[off])
+    if not 0.0 <= rate <= gamma:
+        raise bad(f"the stored rate {rate} is outside [0, gamma={gamma}]")
     return Exported(net, float(gamma), rate, version)
 
 

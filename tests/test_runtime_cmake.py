@@ -172,7 +172,7 @@ def test_find_package_consumer(tmp_path):
     assert abs(float(out.stdout) - want) <= 1e-5
 
 
-def test_zip_variants_from_other_writers(runtime_build, tmp_path):
+def test_zip_variants_from_other_writers(runtime_build, tmp_path, monkeypatch):
     """The reader handles zips not written by torch: Python's zipfile, a comment, zip64 records;
     a deflated weights entry is refused with a message."""
     lib = _Lib(ex.shared_library_path(runtime_build)).lib
@@ -198,6 +198,17 @@ def test_zip_variants_from_other_writers(runtime_build, tmp_path):
             if "comment" in kwargs:
                 zf.comment = kwargs["comment"]
         variants[label] = p.read_bytes()
+    # full zip64: zip64 EOCD + locator, central-directory sizes and offsets in the zip64 extra field
+    monkeypatch.setattr(zipfile, "ZIP64_LIMIT", 0)
+    monkeypatch.setattr(zipfile, "ZIP_FILECOUNT_LIMIT", 0)
+    p = tmp_path / "full_zip64.zip"
+    with zipfile.ZipFile(p, "w", compression=zipfile.ZIP_STORED) as zf:
+        zf.writestr("other/data.pkl", b"\x80\x02" * 50)
+        zf.writestr("anyname/extra/" + ex.WEIGHTS_ENTRY, blob)
+    monkeypatch.undo()
+    data64 = p.read_bytes()
+    assert b"PK\x06\x06" in data64 and b"PK\x06\x07" in data64  # zip64 EOCD record and locator
+    variants["full_zip64"] = data64
     for label, data in variants.items():
         st, h = open_bytes(data)
         assert st == 0, (label, lib.autolr_last_error())

@@ -11,6 +11,14 @@ add_test(NAME runtime_step_timing_smoke COMMAND step_timing ${_data}/controller_
 
 add_test(NAME example_train_softmax COMMAND train_softmax ${_data}/controller_h16_l1.pt)
 
+# Can this toolchain build and link with ASan + UBSan?
+include(CheckCXXSourceCompiles)
+set(CMAKE_REQUIRED_FLAGS "-fsanitize=address,undefined")
+set(CMAKE_REQUIRED_LINK_OPTIONS "-fsanitize=address,undefined")
+check_cxx_source_compiles("int main() { return 0; }" AUTOLR_HAVE_SANITIZERS)
+unset(CMAKE_REQUIRED_FLAGS)
+unset(CMAKE_REQUIRED_LINK_OPTIONS)
+
 # The fuzz target: libFuzzer under clang, else a standalone mutation driver with a time budget.
 set(_fuzz_src ${_dir}/fuzz/fuzz_reader.cpp)
 if(CMAKE_CXX_COMPILER_ID MATCHES "Clang" AND NOT AUTOLR_FUZZ_STANDALONE)
@@ -23,8 +31,8 @@ else()
   add_executable(fuzz_reader ${_fuzz_src} ${_dir}/fuzz/fuzz_driver.cpp ${AUTOLR_SOURCES})
   target_include_directories(fuzz_reader PRIVATE ${AUTOLR_INCLUDE})
   target_compile_features(fuzz_reader PRIVATE cxx_std_17)
-  if(CMAKE_CXX_COMPILER_ID MATCHES "GNU|Clang")
-    # always sanitized: a fuzz run without sanitizers finds only hard crashes
+  if(AUTOLR_HAVE_SANITIZERS)
+    # sanitized whenever possible: a fuzz run without sanitizers finds only hard crashes
     target_compile_options(fuzz_reader PRIVATE -g -O1 -fsanitize=address,undefined -fno-sanitize-recover=all)
     target_link_options(fuzz_reader PRIVATE -fsanitize=address,undefined)
   endif()
@@ -34,8 +42,9 @@ endif()
 set_tests_properties(fuzz_reader PROPERTIES TIMEOUT 60)
 
 if(AUTOLR_SANITIZE)
-  if(NOT CMAKE_CXX_COMPILER_ID MATCHES "GNU|Clang")
-    message(FATAL_ERROR "AUTOLR_SANITIZE needs GCC or Clang")
+  if(NOT AUTOLR_HAVE_SANITIZERS)
+    message(FATAL_ERROR "AUTOLR_SANITIZE=ON but this compiler cannot build with -fsanitize=address,undefined "
+                        "(GCC/Clang with libasan/libubsan needed); configure with -DAUTOLR_SANITIZE=OFF")
   endif()
   add_executable(test_runtime_asan ${_dir}/tests/test_runtime.cpp ${AUTOLR_SOURCES})
   target_include_directories(test_runtime_asan PRIVATE ${AUTOLR_INCLUDE})

@@ -7,6 +7,7 @@ Public API (nothing else is exported)::
 
 from .controller import MLRSNet
 from .dispatch import backend_info
+from .exporting import export, load
 from .meta import MetaConfig
 from .pretrained import load_controller, load_pretrained, save_controller
 from .reference import auto_gamma
@@ -20,6 +21,8 @@ __all__ = [
     "MetaConfig",
     "auto_gamma",
     "backend_info",
+    "export",
+    "load",
     "load_controller",
     "load_pretrained",
     "save_controller",

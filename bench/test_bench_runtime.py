@@ -26,7 +26,7 @@ import pytest
 import torch
 
 from autolr_fast import MLRSNet, reference
-from autolr_fast import export as ex
+from autolr_fast import exporting as ex
 
 OFFICIAL = "/work/shared/fixtures/mlrsnet_official/mlr_snet_200.pth"
 _ALT = os.path.join(os.path.dirname(__file__), "..", "..", "shared", "fixtures", "mlrsnet_official", "mlr_snet_200.pth")

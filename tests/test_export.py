@@ -1,4 +1,4 @@
-"""autolr_fast.export: TorchScript + ALRW export, load, CLI, error handling."""
+"""autolr_fast.export (module autolr_fast.exporting): TorchScript + ALRW export, load, CLI, error handling."""
 
 from __future__ import annotations
 
@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from autolr_fast import AutoLR, MLRSNet, reference
-from autolr_fast import export as ex
+from autolr_fast import exporting as ex
 
 OFFICIAL = os.path.join(os.path.dirname(__file__), "..", "..", "shared", "fixtures", "mlrsnet_official")
 if not os.path.isdir(OFFICIAL):

@@ -14,7 +14,7 @@ import zipfile
 import pytest
 import torch
 
-from autolr_fast import export as ex
+from autolr_fast import exporting as ex
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 RUNTIME = os.path.join(ROOT, "csrc", "runtime")

@@ -2,7 +2,7 @@
 
     python csrc/runtime/tests/make_fixtures.py [OUT_DIR]   (default: csrc/runtime/tests/data)
 
-For each fixture: ``<name>.pt`` (written by ``autolr_fast.export.export``) and
+For each fixture: ``<name>.pt`` (written by ``autolr_fast.export``) and
 ``<name>_rates.csv`` with columns ``step,loss,rate``: the rate after each step computed by the
 Python reference (``reference.mlrsnet_guarded_step``), on a fixed loss sequence that includes
 NaN, +-Inf and negative losses. tests/test_runtime_cmake.py regenerates them and checks the
@@ -22,7 +22,7 @@ sys.path.insert(0, os.path.abspath(os.path.join(HERE, "..", "..", "..")))
 
 from autolr_fast import reference  # noqa: E402
 from autolr_fast.controller import MLRSNet  # noqa: E402
-from autolr_fast.export import export  # noqa: E402
+from autolr_fast import export  # noqa: E402
 
 # name: (hidden, layers, gamma, seed)
 FIXTURES = {

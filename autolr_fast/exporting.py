@@ -301,7 +301,7 @@ def _read_weights_entry(path: str) -> bytes:
             if not names:
                 raise ValueError(
                     f"{path!r} is a zip/TorchScript file without {WEIGHTS_ENTRY!r}: not written by "
-                    "autolr_fast.export.export"
+                    "autolr_fast.export"
                 )
             return zf.read(names[0])
     except zipfile.BadZipFile as exc:

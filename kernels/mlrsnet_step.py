@@ -45,6 +45,8 @@ __all__ = [
     "MAX_HIDDEN",
     "MAX_LAYERS",
     "unsupported_reason",
+    "step_unsupported_reason",
+    "param_grads_unsupported_reason",
     "launch_step",
     "launch_param_grads",
 ]
@@ -53,7 +55,6 @@ WEIGHTS_PER_CELL = 8
 LR_SLOTS = 8
 MAX_HIDDEN = 128
 MAX_LAYERS = 2
-_FLT_MAX = 3.4028234663852886e38
 
 
 # ------------------------------------------------------------------------------------------------
@@ -348,7 +349,7 @@ def _expected_shapes(num_layers: int, hidden: int, middle: int) -> list[tuple[in
 
 
 def unsupported_reason(h: torch.Tensor, c: torch.Tensor, weights: Sequence[torch.Tensor]) -> str | None:
-    """``None`` if the kernels take these inputs, else what is not supported (for errors/fallbacks)."""
+    """``None`` if the kernels take this state and these weights, else what is not supported."""
     if h.dim() != 2 or tuple(c.shape) != tuple(h.shape):
         return f"h and c must both be (num_layers, H), got {tuple(h.shape)} and {tuple(c.shape)}"
     num_layers, hidden = h.shape
@@ -358,11 +359,11 @@ def unsupported_reason(h: torch.Tensor, c: torch.Tensor, weights: Sequence[torch
         return f"the Triton kernels take hidden sizes 2..{MAX_HIDDEN}, got {hidden}"
     if len(weights) != WEIGHTS_PER_CELL * num_layers + 2:
         return f"expected {WEIGHTS_PER_CELL * num_layers + 2} weight tensors for {num_layers} cell(s), got {len(weights)}"
-    middle = weights[0].shape[0] if weights[0].dim() == 2 else -1
     device = h.device
     for name, t in (("h", h), ("c", c)):
-        if t.dtype != torch.float32 or not t.is_contiguous():
-            return f"{name} must be a contiguous float32 tensor (dtype {t.dtype})"
+        if t.dtype != torch.float32 or not t.is_contiguous() or t.device != device:
+            return f"{name} must be a contiguous float32 tensor on {device} (got {t.dtype} on {t.device})"
+    middle = weights[0].shape[0] if weights[0].dim() == 2 else -1
     for k, (w, shape) in enumerate(zip(weights, _expected_shapes(num_layers, hidden, middle))):
         if tuple(w.shape) != shape:
             return f"weight {k} has shape {tuple(w.shape)}, expected {shape} (layout of autolr_fast.reference)"
@@ -371,15 +372,47 @@ def unsupported_reason(h: torch.Tensor, c: torch.Tensor, weights: Sequence[torch
     return None
 
 
-def _check_scalar(name: str, t: torch.Tensor, device: torch.device, dtypes=None) -> None:
+def _scalar_reason(name: str, t: torch.Tensor, device: torch.device, kind: str) -> str | None:
     if t.numel() != 1 or t.device != device:
-        raise ValueError(f"{name} must be a 1-element tensor on {device}, got shape {tuple(t.shape)} on {t.device}")
-    if dtypes is not None and t.dtype not in dtypes:
-        raise ValueError(f"{name} must have dtype in {dtypes}, got {t.dtype}")
+        return f"{name} must be a 1-element tensor on {device}, got shape {tuple(t.shape)} on {t.device}"
+    if kind == "float32" and t.dtype != torch.float32:
+        return f"{name} must be float32, got {t.dtype}"
+    if kind == "float" and not t.dtype.is_floating_point:
+        return f"{name} must have a floating-point dtype, got {t.dtype}"
+    if kind == "bool" and t.dtype != torch.bool:
+        return f"{name} must be a bool tensor, got {t.dtype}"
+    return None
 
 
-def _blocks(hidden: int, middle: int) -> tuple[int, int]:
-    return triton.next_power_of_2(hidden), triton.next_power_of_2(middle)
+def step_unsupported_reason(loss, h, c, weights, gamma, rate, lr_list, scales, ok) -> str | None:
+    """``None`` if :func:`launch_step` takes these arguments, else why not."""
+    reason = unsupported_reason(h, c, weights)
+    if reason is not None:
+        return reason
+    device = h.device
+    if len(lr_list) != len(scales):
+        return f"{len(lr_list)} lr tensors but {len(scales)} scales"
+    checks = [("loss", loss, "float"), ("gamma", gamma, "float32"), ("rate", rate, "float32"), ("ok", ok, "bool")]
+    checks += [(f"lr_list[{k}]", lr, "float") for k, lr in enumerate(lr_list)]
+    for name, t, kind in checks:
+        reason = _scalar_reason(name, t, device, kind)
+        if reason is not None:
+            return reason
+    return None
+
+
+def param_grads_unsupported_reason(loss, h, c, weights, grad_p) -> str | None:
+    """``None`` if :func:`launch_param_grads` takes these arguments, else why not."""
+    reason = unsupported_reason(h, c, weights)
+    if reason is None:
+        reason = _scalar_reason("loss", loss, h.device, "float") or _scalar_reason("grad_p", grad_p, h.device, "float")
+    return reason
+
+
+def _blocks(hidden: int, middle: int) -> tuple[int, int, int]:
+    """(BLOCK_H, BLOCK_M, num_warps): about 16 tile elements per thread, 1..16 warps."""
+    block_h, block_m = triton.next_power_of_2(hidden), triton.next_power_of_2(middle)
+    return block_h, block_m, max(1, min(16, block_h * block_m // 512))
 
 
 def _weight_args(weights: Sequence[torch.Tensor], num_layers: int) -> list[torch.Tensor]:
@@ -405,36 +438,31 @@ def launch_step(
     scales: Sequence[float],
     ok: torch.Tensor,
     *,
-    num_warps: int = 4,
+    check: bool = True,
+    num_warps: int | None = None,
 ) -> None:
-    """Run the guarded step kernel (one launch for up to ``LR_SLOTS`` param groups).
+    """Run the guarded step kernel: one launch for up to ``LR_SLOTS`` param groups.
 
-    In place: ``h``, ``c`` (the state), ``rate`` (0-dim float32), every ``lr_list[k]`` (a
-    1-element tensor; any float dtype) gets ``rate * scales[k]`` and ``ok`` (1-element bool) the
-    flag. Raises ``ValueError`` for inputs the kernel does not take (:func:`unsupported_reason`).
+    In place: ``h``, ``c`` (the state), ``rate`` (1-element float32), every ``lr_list[k]``
+    (1-element, any float dtype) gets ``rate * scales[k]``, and ``ok`` (1-element bool) whether
+    the step was taken. ``loss`` may have any float dtype (read as float32, as the reference
+    does). Raises ``ValueError`` for inputs the kernel does not take (unless ``check=False``,
+    for callers that checked with :func:`step_unsupported_reason`).
     """
-    reason = unsupported_reason(h, c, weights)
-    if reason is not None:
-        raise ValueError(f"mlrsnet step kernel: {reason}")
-    device = h.device
-    _check_scalar("loss", loss, device)
-    _check_scalar("gamma", gamma, device, (torch.float32,))
-    _check_scalar("rate", rate, device, (torch.float32,))
-    _check_scalar("ok", ok, device, (torch.bool,))
-    if len(lr_list) != len(scales):
-        raise ValueError(f"{len(lr_list)} lr tensors but {len(scales)} scales")
-    for k, lr in enumerate(lr_list):
-        _check_scalar(f"lr_list[{k}]", lr, device)
+    if check:
+        reason = step_unsupported_reason(loss, h, c, weights, gamma, rate, lr_list, scales, ok)
+        if reason is not None:
+            raise ValueError(f"mlrsnet step kernel: {reason}")
     num_layers, hidden = h.shape
     middle = weights[0].shape[0]
-    block_h, block_m = _blocks(hidden, middle)
+    block_h, block_m, auto_warps = _blocks(hidden, middle)
     first = list(lr_list[:LR_SLOTS])
     _mlrsnet_step_kernel[(1,)](
         loss, h, c, gamma, rate, ok,
         *_weight_args(weights, num_layers),
         *_lr_args(first, scales[:LR_SLOTS], rate),
         H=hidden, M=middle, NUM_LAYERS=num_layers, NUM_LR=len(first),
-        BLOCK_H=block_h, BLOCK_M=block_m, num_warps=num_warps,
+        BLOCK_H=block_h, BLOCK_M=block_m, num_warps=num_warps or auto_warps,
     )
     for start in range(LR_SLOTS, len(lr_list), LR_SLOTS):
         chunk = list(lr_list[start:start + LR_SLOTS])
@@ -451,31 +479,30 @@ def launch_param_grads(
     grad_p: torch.Tensor,
     out: Sequence[torch.Tensor] | None = None,
     *,
-    num_warps: int = 4,
+    check: bool = True,
+    num_warps: int | None = None,
 ) -> list[torch.Tensor]:
-    """``grad_p * dp/dtheta`` for every weight tensor (state constant), one launch.
+    """``grad_p * dp/dtheta`` for every weight tensor (state held constant), one launch.
 
-    ``out``: tensors shaped like ``weights`` to write into (allocated when ``None``).
+    ``out``: contiguous float32 tensors shaped like ``weights`` to write into (allocated when
+    ``None``); every element is written. Returns the gradient tensors.
     """
-    reason = unsupported_reason(h, c, weights)
-    if reason is not None:
-        raise ValueError(f"mlrsnet param-grads kernel: {reason}")
-    device = h.device
-    _check_scalar("loss", loss, device)
-    _check_scalar("grad_p", grad_p, device)
-    if out is None:
-        out = [torch.empty_like(w) for w in weights]
-    elif unsupported_reason(h, c, out) is not None:
-        raise ValueError(f"out: {unsupported_reason(h, c, out)}")
-    out = list(out)
+    if check:
+        reason = param_grads_unsupported_reason(loss, h, c, weights, grad_p)
+        if reason is None and out is not None:
+            reason = unsupported_reason(h, c, out)
+            reason = None if reason is None else f"out: {reason}"
+        if reason is not None:
+            raise ValueError(f"mlrsnet param-grads kernel: {reason}")
+    out = [torch.empty_like(w) for w in weights] if out is None else list(out)
     num_layers, hidden = h.shape
     middle = weights[0].shape[0]
-    block_h, block_m = _blocks(hidden, middle)
+    block_h, block_m, auto_warps = _blocks(hidden, middle)
     _mlrsnet_param_grads_kernel[(1,)](
         loss, h, c, grad_p,
         *_weight_args(weights, num_layers),
         *_weight_args(out, num_layers),
         H=hidden, M=middle, NUM_LAYERS=num_layers,
-        BLOCK_H=block_h, BLOCK_M=block_m, num_warps=num_warps,
+        BLOCK_H=block_h, BLOCK_M=block_m, num_warps=num_warps or auto_warps,
     )
     return out

@@ -34,6 +34,7 @@ a subprocess.
 
 from __future__ import annotations
 
+import functools
 from typing import Sequence
 
 import torch
@@ -339,18 +340,19 @@ def _mlrsnet_param_grads_kernel(
 # ------------------------------------------------------------------------------------------------
 # Host side
 # ------------------------------------------------------------------------------------------------
-def _expected_shapes(num_layers: int, hidden: int, middle: int) -> list[tuple[int, ...]]:
+@functools.lru_cache(maxsize=64)
+def _expected_shapes(num_layers: int, hidden: int, middle: int) -> tuple[tuple[int, ...], ...]:
     shapes: list[tuple[int, ...]] = []
     for layer in range(num_layers):
         fan_in = 1 if layer == 0 else hidden
         shapes += [(middle, fan_in), (middle,), (4 * hidden, middle), (4 * hidden,),
                    (middle, hidden), (middle,), (4 * hidden, middle), (4 * hidden,)]
-    return shapes + [(1, hidden), (1,)]
+    return tuple(shapes + [(1, hidden), (1,)])
 
 
 def unsupported_reason(h: torch.Tensor, c: torch.Tensor, weights: Sequence[torch.Tensor]) -> str | None:
     """``None`` if the kernels take this state and these weights, else what is not supported."""
-    if h.dim() != 2 or tuple(c.shape) != tuple(h.shape):
+    if h.dim() != 2 or c.shape != h.shape:
         return f"h and c must both be (num_layers, H), got {tuple(h.shape)} and {tuple(c.shape)}"
     num_layers, hidden = h.shape
     if not 1 <= num_layers <= MAX_LAYERS:
@@ -360,14 +362,15 @@ def unsupported_reason(h: torch.Tensor, c: torch.Tensor, weights: Sequence[torch
     if len(weights) != WEIGHTS_PER_CELL * num_layers + 2:
         return f"expected {WEIGHTS_PER_CELL * num_layers + 2} weight tensors for {num_layers} cell(s), got {len(weights)}"
     device = h.device
+    f32 = torch.float32
     for name, t in (("h", h), ("c", c)):
-        if t.dtype != torch.float32 or not t.is_contiguous() or t.device != device:
+        if t.dtype != f32 or not t.is_contiguous() or t.device != device:
             return f"{name} must be a contiguous float32 tensor on {device} (got {t.dtype} on {t.device})"
     middle = weights[0].shape[0] if weights[0].dim() == 2 else -1
     for k, (w, shape) in enumerate(zip(weights, _expected_shapes(num_layers, hidden, middle))):
-        if tuple(w.shape) != shape:
-            return f"weight {k} has shape {tuple(w.shape)}, expected {shape} (layout of autolr_fast.reference)"
-        if w.dtype != torch.float32 or not w.is_contiguous() or w.device != device:
+        if w.shape != shape or w.dtype != f32 or not w.is_contiguous() or w.device != device:
+            if w.shape != shape:
+                return f"weight {k} has shape {tuple(w.shape)}, expected {shape} (layout of autolr_fast.reference)"
             return f"weight {k} must be a contiguous float32 tensor on {device} (got {w.dtype} on {w.device})"
     return None
 

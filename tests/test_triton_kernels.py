@@ -234,43 +234,44 @@ def test_param_grads_kernel_matches_reference_interpreted(interpreted, name):
 # ------------------------------------------------------------------------------------------------
 # The real compiler path without a GPU: the kernels compile for sm_90
 # ------------------------------------------------------------------------------------------------
-def _compile_for_sm90(fn, constexprs: dict, pointer_types: dict, scalar_types: dict):
+def _compile_for_sm90(fn, hidden: int, layers: int, extra_constexprs: dict, types: dict):
+    """Triton's full compile (to a cubin, via ptxas) for sm_90, as the launcher would for these sizes."""
     import triton
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
 
+    from autolr_fast.kernels import mlrsnet_step as k
+
+    middle = max(hidden // 2, 1)
+    block_h, block_m, num_warps = k._blocks(hidden, middle)
+    constexprs = dict(H=hidden, M=middle, NUM_LAYERS=layers, BLOCK_H=block_h, BLOCK_M=block_m, **extra_constexprs)
     names = fn.arg_names
-    signature = {}
-    for n in names:
-        if n in constexprs:
-            signature[n] = "constexpr"
-        else:
-            signature[n] = scalar_types.get(n) or pointer_types.get(n, "*fp32")
-    src = ASTSource(fn=fn, signature=signature, constexprs={(names.index(k),): v for k, v in constexprs.items()})
-    return triton.compile(src, target=GPUTarget("cuda", 90, 32), options={"num_warps": 4})
+    signature = {n: "constexpr" if n in constexprs else types.get(n, "*fp32") for n in names}
+    src = ASTSource(fn=fn, signature=signature, constexprs={(names.index(n),): v for n, v in constexprs.items()})
+    return triton.compile(src, target=GPUTarget("cuda", 90, 32), options={"num_warps": num_warps})
 
 
 @needs_triton
-def test_kernels_compile_for_sm90_without_gpu():
+@pytest.mark.parametrize("kernel,hidden,layers", [("step", 128, 2), ("step", 50, 1), ("grads", 17, 2)])
+def test_kernels_compile_for_sm90_without_gpu(kernel, hidden, layers):
+    import triton
     import triton.backends
 
     if "nvidia" not in getattr(triton.backends, "backends", {}):
         pytest.skip("triton has no NVIDIA backend here")
+    try:
+        triton.knobs.nvidia.ptxas.path
+    except Exception as exc:  # noqa: BLE001
+        pytest.skip(f"no ptxas for the sm_90 compile check: {exc}")
     from autolr_fast.kernels import mlrsnet_step as k
 
-    step = _compile_for_sm90(
-        k._mlrsnet_step_kernel,
-        {"H": 50, "M": 25, "NUM_LAYERS": 2, "NUM_LR": 3, "BLOCK_H": 64, "BLOCK_M": 32},
-        {"ok_ptr": "*i1", "lr1": "*fp64"},
-        {f"s{i}": "fp32" for i in range(8)},
-    )
-    grads = _compile_for_sm90(
-        k._mlrsnet_param_grads_kernel,
-        {"H": 17, "M": 8, "NUM_LAYERS": 2, "BLOCK_H": 32, "BLOCK_M": 8},
-        {}, {},
-    )
-    for kernel in (step, grads):
-        assert "cubin" in kernel.asm and ".local" not in kernel.asm["ptx"], "no local-memory spills expected"
+    if kernel == "step":
+        types = {"ok_ptr": "*i1", "lr1": "*fp64", **{f"s{i}": "fp32" for i in range(k.LR_SLOTS)}}
+        compiled = _compile_for_sm90(k._mlrsnet_step_kernel, hidden, layers, {"NUM_LR": 3}, types)
+    else:
+        compiled = _compile_for_sm90(k._mlrsnet_param_grads_kernel, hidden, layers, {}, {})
+    assert "cubin" in compiled.asm and len(compiled.asm["cubin"]) > 0
+    assert compiled.metadata.num_warps == k._blocks(hidden, max(hidden // 2, 1))[2]
 
 
 # ------------------------------------------------------------------------------------------------

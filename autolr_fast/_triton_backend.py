@@ -77,7 +77,8 @@ def _step_reference(loss, h, c, weights, gamma, rate, lr_list, scales, ok) -> No
         c.copy_(c_new)
         rate.copy_(new_rate)
         ok.copy_(ok_new)
-        dispatch.write_rates(rate, lr_list, scales)
+        if lr_list:
+            dispatch.write_rates(rate, lr_list, scales)
 
 
 def _step_cuda(loss, h, c, weights, gamma, rate, lr_list, scales, ok) -> None:

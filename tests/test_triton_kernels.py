@@ -55,6 +55,7 @@ def make_weights(hidden: int, layers: int, gen: torch.Generator) -> list[torch.T
 def make_step_case(hidden, layers, groups, gen, *, loss=None, lr_dtypes=None, **overrides) -> dict:
     loss = torch.empty(()).uniform_(0.0, 5.0, generator=gen) if loss is None else loss
     scales = [1.0] + [float(torch.empty(()).uniform_(0.1, 4.0, generator=gen)) for _ in range(groups - 1)]
+    scales = scales[:groups]
     lr_dtypes = lr_dtypes or [torch.float32] * groups
     case = {
         "op": "step",
@@ -97,6 +98,7 @@ def build_cases(seed: int) -> dict[str, dict]:
         cases[f"grads-H{hidden}-L{layers}"] = make_grads_case(hidden, layers, gen)
     # more param groups than the step kernel's pointer slots; mixed lr dtypes
     cases["step-H17-L1-g10"] = make_step_case(17, 1, 10, gen)
+    cases["step-H16-L2-g0"] = make_step_case(16, 2, 0, gen)  # an optimizer that takes no tensor lr
     cases["step-H50-L2-f64lr"] = make_step_case(50, 2, 3, gen, lr_dtypes=[torch.float32, torch.float64, torch.float32])
     cases["grads-H17-L2-negloss"] = make_grads_case(17, 2, gen, loss=torch.tensor(-2.5))
     # the guard: (case, expected ok)
@@ -167,7 +169,8 @@ def reference_step(case: dict) -> dict:
         h.copy_(h_new)
         c.copy_(c_new)
         rate.copy_(new_rate)
-        dispatch.write_rates(rate, lrs, case["scales"])
+        if lrs:
+            dispatch.write_rates(rate, lrs, case["scales"])
     return {"h": h, "c": c, "rate": rate, "lr_list": lrs, "ok": ok}
 
 
@@ -200,7 +203,7 @@ def assert_grads_match(got: list, case: dict, where: str) -> None:
 # ------------------------------------------------------------------------------------------------
 # Interpreter: kernels vs reference
 # ------------------------------------------------------------------------------------------------
-STEP_CASES = [f"step-H{h}-L{l}-g{g}" for h, l in SHAPES for g in (1, 3)] + ["step-H17-L1-g10", "step-H50-L2-f64lr"]
+STEP_CASES = [f"step-H{h}-L{l}-g{g}" for h, l in SHAPES for g in (1, 3)] + ["step-H17-L1-g10", "step-H16-L2-g0", "step-H50-L2-f64lr"]
 GRAD_CASES = [f"grads-H{h}-L{l}" for h, l in SHAPES] + ["grads-H17-L2-negloss"]
 GUARD_CASES = ["guard-" + n for n in ("nan-loss", "inf-loss", "neg-inf-loss", "f64-loss-overflows-f32",
                                       "negative-loss-clamped", "zero-loss", "bf16-loss", "nan-gamma", "inf-gamma",
@@ -325,7 +328,7 @@ def _op_args(case: dict) -> tuple:
             [lr.clone() for lr in case["lr_list"]], case["scales"], torch.zeros((), dtype=torch.bool))
 
 
-@pytest.mark.parametrize("hidden,layers,groups", [(17, 1, 1), (16, 2, 3)])
+@pytest.mark.parametrize("hidden,layers,groups", [(17, 1, 1), (16, 2, 3), (16, 1, 0)])
 def test_opcheck_cpu(hidden, layers, groups):
     import autolr_fast._triton_backend  # noqa: F401 - defines the ops
 
@@ -479,6 +482,8 @@ def test_autolr_on_gpu_uses_triton_and_matches_reference(monkeypatch):
 
     def run(force_reference: bool) -> list[float]:
         monkeypatch.setenv(dispatch.FORCE_REFERENCE_ENV, "1" if force_reference else "0")
+        expected = "reference" if force_reference else "triton"
+        assert dispatch.select("mlrsnet_step_", torch.device("cuda"))[0] == expected
         torch.manual_seed(0)
         model = torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.ReLU(), torch.nn.Linear(16, 3)).cuda()
         groups = [{"params": model[0].parameters(), "lr": 0.1}, {"params": model[2].parameters(), "lr": 0.05}]
@@ -496,7 +501,6 @@ def test_autolr_on_gpu_uses_triton_and_matches_reference(monkeypatch):
         return rates
 
     controller = MLRSNet(50, 1)
-    assert dispatch.select("mlrsnet_step_", torch.device("cuda"))[0] == "triton"
     fast, ref = run(False), run(True)
     for a, b in zip(fast, ref):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)

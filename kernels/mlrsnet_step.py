@@ -34,6 +34,7 @@ a subprocess.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 from typing import Sequence
 
@@ -418,6 +419,13 @@ def _blocks(hidden: int, middle: int) -> tuple[int, int, int]:
     return block_h, block_m, max(1, min(16, block_h * block_m // 512))
 
 
+def _device_guard(t: torch.Tensor):
+    """Triton launches on the current CUDA device: switch to the tensors' device if it differs."""
+    if t.is_cuda and t.device.index != torch.cuda.current_device():
+        return torch.cuda.device(t.device)
+    return contextlib.nullcontext()
+
+
 def _weight_args(weights: Sequence[torch.Tensor], num_layers: int) -> list[torch.Tensor]:
     cell0 = list(weights[:WEIGHTS_PER_CELL])
     cell1 = list(weights[WEIGHTS_PER_CELL:2 * WEIGHTS_PER_CELL]) if num_layers == 2 else cell0
@@ -460,18 +468,19 @@ def launch_step(
     middle = weights[0].shape[0]
     block_h, block_m, auto_warps = _blocks(hidden, middle)
     first = list(lr_list[:LR_SLOTS])
-    _mlrsnet_step_kernel[(1,)](
-        loss, h, c, gamma, rate, ok,
-        *_weight_args(weights, num_layers),
-        *_lr_args(first, scales[:LR_SLOTS], rate),
-        H=hidden, M=middle, NUM_LAYERS=num_layers, NUM_LR=len(first),
-        BLOCK_H=block_h, BLOCK_M=block_m, num_warps=num_warps or auto_warps,
-    )
-    for start in range(LR_SLOTS, len(lr_list), LR_SLOTS):
-        chunk = list(lr_list[start:start + LR_SLOTS])
-        _write_lr_kernel[(1,)](
-            rate, *_lr_args(chunk, scales[start:start + LR_SLOTS], rate), NUM_LR=len(chunk), num_warps=1,
+    with _device_guard(h):
+        _mlrsnet_step_kernel[(1,)](
+            loss, h, c, gamma, rate, ok,
+            *_weight_args(weights, num_layers),
+            *_lr_args(first, scales[:LR_SLOTS], rate),
+            H=hidden, M=middle, NUM_LAYERS=num_layers, NUM_LR=len(first),
+            BLOCK_H=block_h, BLOCK_M=block_m, num_warps=num_warps or auto_warps,
         )
+        for start in range(LR_SLOTS, len(lr_list), LR_SLOTS):
+            chunk = list(lr_list[start:start + LR_SLOTS])
+            _write_lr_kernel[(1,)](
+                rate, *_lr_args(chunk, scales[start:start + LR_SLOTS], rate), NUM_LR=len(chunk), num_warps=1,
+            )
 
 
 def launch_param_grads(
@@ -501,11 +510,12 @@ def launch_param_grads(
     num_layers, hidden = h.shape
     middle = weights[0].shape[0]
     block_h, block_m, auto_warps = _blocks(hidden, middle)
-    _mlrsnet_param_grads_kernel[(1,)](
-        loss, h, c, grad_p,
-        *_weight_args(weights, num_layers),
-        *_weight_args(out, num_layers),
-        H=hidden, M=middle, NUM_LAYERS=num_layers,
-        BLOCK_H=block_h, BLOCK_M=block_m, num_warps=num_warps or auto_warps,
-    )
+    with _device_guard(h):
+        _mlrsnet_param_grads_kernel[(1,)](
+            loss, h, c, grad_p,
+            *_weight_args(weights, num_layers),
+            *_weight_args(out, num_layers),
+            H=hidden, M=middle, NUM_LAYERS=num_layers,
+            BLOCK_H=block_h, BLOCK_M=block_m, num_warps=num_warps or auto_warps,
+        )
     return out

@@ -31,9 +31,15 @@ setup(
     else "",
     long_description_content_type="text/markdown",
     python_requires=">=3.10",
-    packages=["autolr_fast", "autolr_fast.kernels"],
-    package_dir={"autolr_fast": "autolr_fast", "autolr_fast.kernels": "kernels"},
-    package_data={"autolr_fast": ["weights/*.pt", "weights/*.json"]},
+    packages=["autolr_fast", "autolr_fast.kernels", "autolr_fast.runtime"],
+    package_dir={"autolr_fast": "autolr_fast", "autolr_fast.kernels": "kernels", "autolr_fast.runtime": "csrc/runtime"},
+    package_data={
+        "autolr_fast": ["weights/*.pt", "weights/*.json"],
+        # the C runtime's sources, headers and CMake config: C/C++ trainers build it from here
+        "autolr_fast.runtime": ["CMakeLists.txt", "include/*.h", "src/*.cpp", "cmake/*", "examples/*.c",
+                                "examples/*.cpp", "bench/*.cpp", "fuzz/*.cpp", "tests/*.cmake", "tests/*.cpp",
+                                "tests/*.py", "tests/data/*"],
+    },
     install_requires=[
         "torch>=2.10",
         "numpy",

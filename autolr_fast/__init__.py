@@ -2,14 +2,29 @@
 
 Public API (nothing else is exported)::
 
-    from autolr_fast import MLRSNet, AutoLR, backend_info
+    from autolr_fast import AutoLR, MLRSNet, MetaConfig, load_pretrained
 """
 
 from .controller import MLRSNet
 from .dispatch import backend_info
+from .exporting import export, load
+from .meta import MetaConfig
+from .pretrained import load_controller, load_pretrained, save_controller
 from .reference import auto_gamma
 from .scheduler import AutoLR
 
 __version__ = "0.1.0"
 
-__all__ = ["MLRSNet", "AutoLR", "auto_gamma", "backend_info", "__version__"]
+__all__ = [
+    "AutoLR",
+    "MLRSNet",
+    "MetaConfig",
+    "auto_gamma",
+    "backend_info",
+    "export",
+    "load",
+    "load_controller",
+    "load_pretrained",
+    "save_controller",
+    "__version__",
+]

@@ -16,7 +16,7 @@ COMMANDS = {
     "find-lr": ("autolr_fast.lr_finder", "learning-rate range test"),
     "collect": ("autolr_fast.collect", "branching data collection for the action controller"),
     "train-action": ("autolr_fast.action_training", "train action-controller models on collected data"),
-    "export": ("autolr_fast.export", "export a controller to TorchScript for the C++ runtime"),
+    "export": ("autolr_fast.exporting", "export a controller to TorchScript for the C++ runtime"),
     "info": ("autolr_fast.dispatch", "which backends are built and in use"),
 }
 

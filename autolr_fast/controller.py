@@ -75,12 +75,25 @@ class MLRSNet(nn.Module):
 
     # -- weights ---------------------------------------------------------------------------
     def flat_weights(self) -> list[Tensor]:
-        """The weights in the layout of :mod:`autolr_fast.reference` (``8 * layers + 2``)."""
+        """The weights in the layout of :mod:`autolr_fast.reference` (``8 * layers + 2``).
+
+        Cached (the scheduler asks every step); rebuilt after ``.to()``/``_apply``, or when the
+        first or last parameter object was replaced (replace parameters with ``.data`` copies
+        or ``load_state_dict``, as usual, to keep it valid).
+        """
+        cache = self.__dict__.get("_flat_cache")
+        if cache is not None and cache[0] is self.cells[0].fc_i2h[0].weight and cache[-1] is self.head.bias:
+            return cache
         out: list[Tensor] = []
         for cell in self.cells:
             out.extend(cell.flat_weights())
         out.extend([self.head.weight, self.head.bias])
+        self.__dict__["_flat_cache"] = out
         return out
+
+    def _apply(self, fn, recurse=True):
+        self.__dict__.pop("_flat_cache", None)
+        return super()._apply(fn, recurse)
 
     def config(self) -> dict:
         return {"hidden_size": self.hidden_size, "num_layers": self.num_layers, "gate_order": self.gate_order}

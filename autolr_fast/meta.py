@@ -123,7 +123,7 @@ class MetaTrainer:
         params = list(sched.controller.parameters())
         self.optimizer = (
             config.optimizer(params) if config.optimizer is not None
-            else torch.optim.Adam(params, lr=config.lr, weight_decay=config.weight_decay)
+            else torch.optim.Adam(params, lr=config.lr, weight_decay=config.weight_decay, fused=True)
         )
         self._val_iter = None
         self.meta_steps = 0
@@ -260,23 +260,29 @@ class MetaTrainer:
         ctrl = self.sched.controller
         params = ctrl.flat_weights()
         theta_grads, val_loss, ok = self.hypergradient(x)
-        # keep theta and the meta-optimizer's state if anything was not finite (decided on device)
-        before = [q.detach().clone() for q in params]
-        state_before = {
-            id(q): {k: v.clone() for k, v in self.optimizer.state.get(q, {}).items() if isinstance(v, Tensor)}
-            for q in params
-        }
+        # Keep theta and the meta-optimizer's state if anything was not finite (decided on the
+        # device): the gradient is already zeroed then, and every changed tensor is moved back
+        # by ``x += not_ok * (backup - x)`` (foreach ops, a handful of dispatches in all).
+        tracked = params + [v for q in params for v in self.optimizer.state.get(q, {}).values()
+                            if isinstance(v, Tensor) and v.is_floating_point()]
+        backup = torch._foreach_add(tracked, 0.0) if tracked else []
+        n_before = len(tracked)
         for q, g in zip(params, theta_grads):
             q.grad = g.to(q.dtype)
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
         with torch.no_grad():
-            for q, old in zip(params, before):
-                q.copy_(torch.where(ok, q, old))
-            for q in params:
-                st = self.optimizer.state.get(q, {})
-                for k, old in state_before[id(q)].items():
-                    st[k].copy_(torch.where(ok, st[k], old))
+            not_ok = (~ok).to(params[0].dtype)
+            restore = params + [v for q in params for v in self.optimizer.state.get(q, {}).values()
+                                if isinstance(v, Tensor) and v.is_floating_point()]
+            if len(restore) == n_before:  # same tensors as before the step (not the first step)
+                diff = torch._foreach_sub(backup, restore)
+                torch._foreach_mul_(diff, not_ok)
+                torch._foreach_add_(restore, diff)
+            else:  # first step: the optimizer created its state just now; theta alone moves back
+                diff = torch._foreach_sub(backup[: len(params)], params)
+                torch._foreach_mul_(diff, not_ok)
+                torch._foreach_add_(params, diff)
         self.last_val_loss = val_loss
         self.meta_steps += 1
 

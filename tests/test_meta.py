@@ -89,6 +89,8 @@ def test_hypergradient_matches_finite_differences_in_alpha(kind):
     p = reference.mlrsnet_forward(loss, ctrl.h, ctrl.c, [w.detach() for w in ctrl.flat_weights()])[0]
     alpha = float(0.5 * p)
     m2, o2 = copy.deepcopy((model, opt))  # one deepcopy keeps the parameter <-> state mapping
+    for a, b in zip(m2.parameters(), model.parameters()):
+        a.grad = b.grad.clone()  # deepcopy does not copy .grad
     w0 = [q.detach().clone() for q in m2.parameters()]
     for g in o2.param_groups:
         g["lr"] = 1.0

@@ -1,0 +1,528 @@
+"""One-launch Triton kernels for the MLR-SNet scheduler step and its weight gradient.
+
+Two kernels, each a single program (one CTA) that does all of its work in registers:
+
+* :func:`launch_step` - the guarded scheduler step of
+  :func:`autolr_fast.reference.mlrsnet_guarded_step`: both input MLPs of every stacked cell,
+  the four gates (input, forget, output, cell; forget ``sigmoid(z1 - 1)``), the state update
+  written in place into ``h`` and ``c``, the output head, ``rate = min(max(gamma * p, 0),
+  gamma)``, the NaN/Inf guard (a non-finite loss or rate keeps ``h``, ``c`` and ``rate``; a
+  negative loss is clamped to 0), the new rate written into ``rate`` and into every
+  optimizer ``lr`` tensor as ``lr_k = rate * scale_k``, and the ``ok`` flag.
+* :func:`launch_param_grads` - ``grad_p * dp/dtheta`` for every weight tensor with the state
+  held constant (the backward of :func:`autolr_fast.reference.mlrsnet_forward` with respect to
+  the weights, as :func:`autolr_fast.reference.mlrsnet_param_grads`): the forward is recomputed
+  in registers and back-propagated in the same launch.
+
+Supported: float32 state and weights (contiguous, in the layout of ``reference.py``),
+``1 <= num_layers <= 2`` stacked cells, any hidden size ``2 <= H <= 128`` (odd sizes are
+masked inside power-of-two blocks). :func:`unsupported_reason` says why an input is not
+supported; the backend (``autolr_fast._triton_backend``) then uses the reference instead.
+
+Param groups: the step kernel takes up to ``LR_SLOTS`` (8) ``lr`` tensors as pointer
+arguments, with their scales as float arguments (unused slots get a dummy pointer that is
+never touched). With more groups, the remaining ones are written by :data:`_write_lr_kernel`,
+one extra launch per further 8 groups, which reads the rate the step kernel just wrote (same
+stream, so ordered). No host sync, no allocation: safe inside CUDA graphs.
+
+Launch configuration: ``BLOCK_H``/``BLOCK_M`` are the next powers of two of ``H`` and
+``M = H // 2``; ``num_warps`` grows with the tile (about 16 tile elements per thread, 1..16
+warps). One compiled variant per (H, cells, number of lr tensors and their dtypes). ptxas
+(sm_90, checked without a GPU): the step kernel uses 96 registers at H=50/1 cell (4 warps) and
+128 at H=128/2 cells (16 warps), no spills; the gradient kernel spills ~0.6 KB at H=128/2 cells
+(16 warps, capped at 128 registers), none at H <= 50.
+
+The kernels run on CUDA tensors, or on CPU tensors in Triton's interpreter when
+``TRITON_INTERPRET=1`` was set before triton was first imported (Triton decides between
+compiling and interpreting when ``@triton.jit`` is applied, and its own library functions such
+as ``tl.sum`` are decorated at import): ``tests/test_triton_kernels.py`` runs them that way in
+a subprocess.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+from typing import Sequence
+
+import torch
+import triton
+import triton.language as tl
+
+__all__ = [
+    "LR_SLOTS",
+    "MAX_HIDDEN",
+    "MAX_LAYERS",
+    "unsupported_reason",
+    "step_unsupported_reason",
+    "param_grads_unsupported_reason",
+    "launch_step",
+    "launch_param_grads",
+]
+
+WEIGHTS_PER_CELL = 8
+LR_SLOTS = 8
+MAX_HIDDEN = 128
+MAX_LAYERS = 2
+
+
+# ------------------------------------------------------------------------------------------------
+# Device helpers. Vectors of length H live along axis 1 as [1, BLOCK_H] tensors, vectors of length
+# M = H // 2 (the input MLPs' hidden units) along axis 0 as [BLOCK_M, 1]; a matrix-vector product
+# is a broadcast multiply plus a sum over the other axis, so no layout conversion is needed.
+# ------------------------------------------------------------------------------------------------
+@triton.jit
+def _tanh(x):
+    # Portable tanh (libdevice is not available in the interpreter): an odd polynomial near 0,
+    # where (1 - e) / (1 + e) would cancel, and the exponential form elsewhere. NaN stays NaN.
+    ax = tl.abs(x)
+    e = tl.exp(-2.0 * ax)
+    big = (1.0 - e) / (1.0 + e)
+    x2 = x * x
+    small = x * (1.0 + x2 * (-0.3333333333333333 + x2 * (0.13333333333333333 + x2 * -0.05396825396825397)))
+    return tl.where(ax < 0.0625, small, tl.where(x < 0.0, -big, big))
+
+
+@triton.jit
+def _relu(a):
+    # where() rather than maximum(): a NaN stays NaN, as in torch.relu.
+    return tl.where(a < 0.0, 0.0, a)
+
+
+@triton.jit
+def _min_nan(a, b):
+    # torch.minimum: NaN if either operand is NaN.
+    return tl.where((a < b) | (a != a), a, b)
+
+
+@triton.jit
+def _is_finite(x):
+    return tl.abs(x) <= 3.4028234663852886e38
+
+
+@triton.jit
+def _hidden_from_row(w0, b0, x_row, offs_m, offs_h, mask_m, mask_mh, H: tl.constexpr):
+    # a = W0 @ x + b0 with W0 (M, H) row-major, x [1, BLOCK_H] -> [BLOCK_M, 1]
+    w = tl.load(w0 + offs_m * H + offs_h, mask=mask_mh, other=0.0)
+    return tl.sum(w * x_row, axis=1, keep_dims=True) + tl.load(b0 + offs_m, mask=mask_m, other=0.0)
+
+
+@triton.jit
+def _gate_preact(w2, b2, v2, d2, GATE: tl.constexpr, r1, r2, offs_m, offs_h, mask_h, mask_mh,
+                 H: tl.constexpr, M: tl.constexpr):
+    # z_gate = W2[gate] @ r1 + b2[gate] + V2[gate] @ r2 + d2[gate]; W2, V2 (4H, M) row-major,
+    # read transposed as [BLOCK_M, BLOCK_H] tiles -> [1, BLOCK_H]
+    rows = GATE * H + offs_h
+    wt = tl.load(w2 + rows * M + offs_m, mask=mask_mh, other=0.0)
+    vt = tl.load(v2 + rows * M + offs_m, mask=mask_mh, other=0.0)
+    z = tl.sum(wt * r1, axis=0, keep_dims=True) + tl.sum(vt * r2, axis=0, keep_dims=True)
+    return z + tl.load(b2 + rows, mask=mask_h, other=0.0) + tl.load(d2 + rows, mask=mask_h, other=0.0)
+
+
+@triton.jit
+def _cell_forward(x, h_prev, c_prev, w0, b0, w2, b2, v0, d0, v2, d2, offs_m, offs_h, mask_m, mask_h, mask_mh,
+                  H: tl.constexpr, M: tl.constexpr, X_SCALAR: tl.constexpr):
+    """One MLR-SNet cell; returns the activations the backward needs."""
+    if X_SCALAR:
+        # cell 0: input size 1, W0 is (M, 1)
+        a1 = tl.load(w0 + offs_m, mask=mask_m, other=0.0) * x + tl.load(b0 + offs_m, mask=mask_m, other=0.0)
+    else:
+        a1 = _hidden_from_row(w0, b0, x, offs_m, offs_h, mask_m, mask_mh, H)
+    a2 = _hidden_from_row(v0, d0, h_prev, offs_m, offs_h, mask_m, mask_mh, H)
+    r1 = _relu(a1)
+    r2 = _relu(a2)
+    gi = tl.sigmoid(_gate_preact(w2, b2, v2, d2, 0, r1, r2, offs_m, offs_h, mask_h, mask_mh, H, M))
+    gf = tl.sigmoid(_gate_preact(w2, b2, v2, d2, 1, r1, r2, offs_m, offs_h, mask_h, mask_mh, H, M) - 1.0)
+    go = tl.sigmoid(_gate_preact(w2, b2, v2, d2, 2, r1, r2, offs_m, offs_h, mask_h, mask_mh, H, M))
+    gg = _tanh(_gate_preact(w2, b2, v2, d2, 3, r1, r2, offs_m, offs_h, mask_h, mask_mh, H, M))
+    c_new = gf * c_prev + gi * gg
+    tc = _tanh(c_new)
+    h_new = go * tc
+    return a1, a2, gi, gf, go, gg, tc, c_new, h_new
+
+
+@triton.jit
+def _gate_backward(w2, v2, gw2, gb2, gv2, gd2, GATE: tl.constexpr, dz, r1, r2, offs_m, offs_h, mask_h, mask_mh,
+                   H: tl.constexpr, M: tl.constexpr):
+    # stores dW2[gate] = dz r1^T, dV2[gate] = dz r2^T, db2[gate] = dd2[gate] = dz;
+    # returns the gate's contributions to dr1 = W2^T dz and dr2 = V2^T dz ([BLOCK_M, 1] each)
+    rows = GATE * H + offs_h
+    tl.store(gw2 + rows * M + offs_m, r1 * dz, mask=mask_mh)
+    tl.store(gv2 + rows * M + offs_m, r2 * dz, mask=mask_mh)
+    tl.store(gb2 + rows, dz, mask=mask_h)
+    tl.store(gd2 + rows, dz, mask=mask_h)
+    wt = tl.load(w2 + rows * M + offs_m, mask=mask_mh, other=0.0)
+    vt = tl.load(v2 + rows * M + offs_m, mask=mask_mh, other=0.0)
+    return tl.sum(wt * dz, axis=1, keep_dims=True), tl.sum(vt * dz, axis=1, keep_dims=True)
+
+
+@triton.jit
+def _cell_backward(dh, x, h_prev, c_prev, a1, a2, gi, gf, go, gg, tc,
+                   w0, w2, v2, gw0, gb0, gw2, gb2, gv0, gd0, gv2, gd2,
+                   offs_m, offs_h, mask_m, mask_h, mask_mh,
+                   H: tl.constexpr, M: tl.constexpr, X_SCALAR: tl.constexpr):
+    """Stores the cell's weight gradients given dL/dh_new; returns dL/dx ([1, BLOCK_H])."""
+    do = dh * tc
+    dc = dh * go * (1.0 - tc * tc)
+    dzi = dc * gg * gi * (1.0 - gi)
+    dzf = dc * c_prev * gf * (1.0 - gf)
+    dzo = do * go * (1.0 - go)
+    dzg = dc * gi * (1.0 - gg * gg)
+    r1 = _relu(a1)
+    r2 = _relu(a2)
+    p1, q1 = _gate_backward(w2, v2, gw2, gb2, gv2, gd2, 0, dzi, r1, r2, offs_m, offs_h, mask_h, mask_mh, H, M)
+    p2, q2 = _gate_backward(w2, v2, gw2, gb2, gv2, gd2, 1, dzf, r1, r2, offs_m, offs_h, mask_h, mask_mh, H, M)
+    p3, q3 = _gate_backward(w2, v2, gw2, gb2, gv2, gd2, 2, dzo, r1, r2, offs_m, offs_h, mask_h, mask_mh, H, M)
+    p4, q4 = _gate_backward(w2, v2, gw2, gb2, gv2, gd2, 3, dzg, r1, r2, offs_m, offs_h, mask_h, mask_mh, H, M)
+    # relu backward as torch: the gradient passes where the output is > 0
+    da1 = tl.where(a1 > 0.0, (p1 + p2) + (p3 + p4), 0.0)
+    da2 = tl.where(a2 > 0.0, (q1 + q2) + (q3 + q4), 0.0)
+    tl.store(gb0 + offs_m, da1, mask=mask_m)
+    tl.store(gd0 + offs_m, da2, mask=mask_m)
+    tl.store(gv0 + offs_m * H + offs_h, da2 * h_prev, mask=mask_mh)
+    if X_SCALAR:
+        tl.store(gw0 + offs_m, da1 * x, mask=mask_m)
+        dx = tl.zeros_like(dh)
+    else:
+        tl.store(gw0 + offs_m * H + offs_h, da1 * x, mask=mask_mh)
+        w = tl.load(w0 + offs_m * H + offs_h, mask=mask_mh, other=0.0)
+        dx = tl.sum(w * da1, axis=0, keep_dims=True)
+    return dx
+
+
+@triton.jit
+def _head_logit(head_w, head_b, x_row, offs_h, mask_h):
+    hw = tl.load(head_w + offs_h, mask=mask_h, other=0.0)
+    return tl.sum(tl.sum(hw * x_row, axis=1), axis=0) + tl.load(head_b)
+
+
+# ------------------------------------------------------------------------------------------------
+# Kernels
+# ------------------------------------------------------------------------------------------------
+@triton.jit
+def _mlrsnet_step_kernel(
+    loss_ptr, h_ptr, c_ptr, gamma_ptr, rate_ptr, ok_ptr,
+    a_w0, a_b0, a_w2, a_b2, a_v0, a_d0, a_v2, a_d2,  # cell 0
+    b_w0, b_b0, b_w2, b_b2, b_v0, b_d0, b_v2, b_d2,  # cell 1 (dummies, never read, with one cell)
+    head_w, head_b,
+    lr0, lr1, lr2, lr3, lr4, lr5, lr6, lr7,
+    s0, s1, s2, s3, s4, s5, s6, s7,
+    H: tl.constexpr, M: tl.constexpr, NUM_LAYERS: tl.constexpr, NUM_LR: tl.constexpr,
+    BLOCK_H: tl.constexpr, BLOCK_M: tl.constexpr,
+):
+    offs_h = tl.arange(0, BLOCK_H)[None, :]
+    offs_m = tl.arange(0, BLOCK_M)[:, None]
+    mask_h = offs_h < H
+    mask_m = offs_m < M
+    mask_mh = mask_m & mask_h
+
+    x = tl.load(loss_ptr).to(tl.float32)
+    finite = _is_finite(x)
+    safe = tl.where(finite, tl.where(x < 0.0, 0.0, x), 0.0)
+
+    h0 = tl.load(h_ptr + offs_h, mask=mask_h, other=0.0)
+    c0 = tl.load(c_ptr + offs_h, mask=mask_h, other=0.0)
+    _, _, _, _, _, _, _, c_new0, h_new0 = _cell_forward(
+        safe, h0, c0, a_w0, a_b0, a_w2, a_b2, a_v0, a_d0, a_v2, a_d2,
+        offs_m, offs_h, mask_m, mask_h, mask_mh, H, M, True)
+    top = h_new0
+    if NUM_LAYERS == 2:
+        h1 = tl.load(h_ptr + H + offs_h, mask=mask_h, other=0.0)
+        c1 = tl.load(c_ptr + H + offs_h, mask=mask_h, other=0.0)
+        _, _, _, _, _, _, _, c_new1, h_new1 = _cell_forward(
+            h_new0, h1, c1, b_w0, b_b0, b_w2, b_b2, b_v0, b_d0, b_v2, b_d2,
+            offs_m, offs_h, mask_m, mask_h, mask_mh, H, M, False)
+        top = h_new1
+    p = tl.sigmoid(_head_logit(head_w, head_b, top, offs_h, mask_h))
+
+    gamma = tl.load(gamma_ptr)
+    r = gamma * p
+    r = _min_nan(tl.where(r < 0.0, 0.0, r), gamma)
+    ok = finite & _is_finite(r)
+    rate = tl.where(ok, r, tl.load(rate_ptr))
+
+    # Not ok: h and c are left untouched (masked stores), as torch.where(ok, new, old) would.
+    store_mask = tl.where(ok, mask_h, False)  # (not mask_h & ok: the interpreter cannot broadcast that)
+    tl.store(h_ptr + offs_h, h_new0, mask=store_mask)
+    tl.store(c_ptr + offs_h, c_new0, mask=store_mask)
+    if NUM_LAYERS == 2:
+        tl.store(h_ptr + H + offs_h, h_new1, mask=store_mask)
+        tl.store(c_ptr + H + offs_h, c_new1, mask=store_mask)
+    tl.store(rate_ptr, rate)
+    tl.store(ok_ptr, ok)
+    # lr_k = rate * scale_k (float32 product, stored in the lr tensor's dtype)
+    if NUM_LR > 0:
+        tl.store(lr0, rate * s0)
+    if NUM_LR > 1:
+        tl.store(lr1, rate * s1)
+    if NUM_LR > 2:
+        tl.store(lr2, rate * s2)
+    if NUM_LR > 3:
+        tl.store(lr3, rate * s3)
+    if NUM_LR > 4:
+        tl.store(lr4, rate * s4)
+    if NUM_LR > 5:
+        tl.store(lr5, rate * s5)
+    if NUM_LR > 6:
+        tl.store(lr6, rate * s6)
+    if NUM_LR > 7:
+        tl.store(lr7, rate * s7)
+
+
+@triton.jit
+def _write_lr_kernel(
+    rate_ptr,
+    lr0, lr1, lr2, lr3, lr4, lr5, lr6, lr7,
+    s0, s1, s2, s3, s4, s5, s6, s7,
+    NUM_LR: tl.constexpr,
+):
+    """``lr_k <- rate * s_k`` for param groups beyond the step kernel's ``LR_SLOTS``."""
+    rate = tl.load(rate_ptr)
+    if NUM_LR > 0:
+        tl.store(lr0, rate * s0)
+    if NUM_LR > 1:
+        tl.store(lr1, rate * s1)
+    if NUM_LR > 2:
+        tl.store(lr2, rate * s2)
+    if NUM_LR > 3:
+        tl.store(lr3, rate * s3)
+    if NUM_LR > 4:
+        tl.store(lr4, rate * s4)
+    if NUM_LR > 5:
+        tl.store(lr5, rate * s5)
+    if NUM_LR > 6:
+        tl.store(lr6, rate * s6)
+    if NUM_LR > 7:
+        tl.store(lr7, rate * s7)
+
+
+@triton.jit
+def _mlrsnet_param_grads_kernel(
+    loss_ptr, h_ptr, c_ptr, grad_p_ptr,
+    a_w0, a_b0, a_w2, a_b2, a_v0, a_d0, a_v2, a_d2,  # cell 0 weights
+    b_w0, b_b0, b_w2, b_b2, b_v0, b_d0, b_v2, b_d2,  # cell 1 weights (dummies with one cell)
+    head_w, head_b,
+    ga_w0, ga_b0, ga_w2, ga_b2, ga_v0, ga_d0, ga_v2, ga_d2,  # gradients, same layout
+    gb_w0, gb_b0, gb_w2, gb_b2, gb_v0, gb_d0, gb_v2, gb_d2,
+    g_head_w, g_head_b,
+    H: tl.constexpr, M: tl.constexpr, NUM_LAYERS: tl.constexpr,
+    BLOCK_H: tl.constexpr, BLOCK_M: tl.constexpr,
+):
+    offs_h = tl.arange(0, BLOCK_H)[None, :]
+    offs_m = tl.arange(0, BLOCK_M)[:, None]
+    mask_h = offs_h < H
+    mask_m = offs_m < M
+    mask_mh = mask_m & mask_h
+
+    # forward, keeping the activations (as reference.mlrsnet_forward: the loss unguarded)
+    x0 = tl.load(loss_ptr).to(tl.float32)
+    h0 = tl.load(h_ptr + offs_h, mask=mask_h, other=0.0)
+    c0 = tl.load(c_ptr + offs_h, mask=mask_h, other=0.0)
+    a1_0, a2_0, gi0, gf0, go0, gg0, tc0, c_new0, h_new0 = _cell_forward(
+        x0, h0, c0, a_w0, a_b0, a_w2, a_b2, a_v0, a_d0, a_v2, a_d2,
+        offs_m, offs_h, mask_m, mask_h, mask_mh, H, M, True)
+    top = h_new0
+    if NUM_LAYERS == 2:
+        h1 = tl.load(h_ptr + H + offs_h, mask=mask_h, other=0.0)
+        c1 = tl.load(c_ptr + H + offs_h, mask=mask_h, other=0.0)
+        a1_1, a2_1, gi1, gf1, go1, gg1, tc1, c_new1, h_new1 = _cell_forward(
+            h_new0, h1, c1, b_w0, b_b0, b_w2, b_b2, b_v0, b_d0, b_v2, b_d2,
+            offs_m, offs_h, mask_m, mask_h, mask_mh, H, M, False)
+        top = h_new1
+    p = tl.sigmoid(_head_logit(head_w, head_b, top, offs_h, mask_h))
+
+    # backward
+    dlogit = tl.load(grad_p_ptr).to(tl.float32) * (1.0 - p) * p
+    tl.store(g_head_w + offs_h, dlogit * top, mask=mask_h)
+    tl.store(g_head_b, dlogit)
+    dh = dlogit * tl.load(head_w + offs_h, mask=mask_h, other=0.0)
+    if NUM_LAYERS == 2:
+        dh = _cell_backward(dh, h_new0, h1, c1, a1_1, a2_1, gi1, gf1, go1, gg1, tc1,
+                            b_w0, b_w2, b_v2, gb_w0, gb_b0, gb_w2, gb_b2, gb_v0, gb_d0, gb_v2, gb_d2,
+                            offs_m, offs_h, mask_m, mask_h, mask_mh, H, M, False)
+    _cell_backward(dh, x0, h0, c0, a1_0, a2_0, gi0, gf0, go0, gg0, tc0,
+                   a_w0, a_w2, a_v2, ga_w0, ga_b0, ga_w2, ga_b2, ga_v0, ga_d0, ga_v2, ga_d2,
+                   offs_m, offs_h, mask_m, mask_h, mask_mh, H, M, True)
+
+
+# ------------------------------------------------------------------------------------------------
+# Host side
+# ------------------------------------------------------------------------------------------------
+@functools.lru_cache(maxsize=64)
+def _expected_shapes(num_layers: int, hidden: int, middle: int) -> tuple[tuple[int, ...], ...]:
+    shapes: list[tuple[int, ...]] = []
+    for layer in range(num_layers):
+        fan_in = 1 if layer == 0 else hidden
+        shapes += [(middle, fan_in), (middle,), (4 * hidden, middle), (4 * hidden,),
+                   (middle, hidden), (middle,), (4 * hidden, middle), (4 * hidden,)]
+    return tuple(shapes + [(1, hidden), (1,)])
+
+
+def unsupported_reason(h: torch.Tensor, c: torch.Tensor, weights: Sequence[torch.Tensor]) -> str | None:
+    """``None`` if the kernels take this state and these weights, else what is not supported."""
+    if h.dim() != 2 or c.shape != h.shape:
+        return f"h and c must both be (num_layers, H), got {tuple(h.shape)} and {tuple(c.shape)}"
+    num_layers, hidden = h.shape
+    if not 1 <= num_layers <= MAX_LAYERS:
+        return f"the Triton kernels take 1..{MAX_LAYERS} stacked cells, got {num_layers}"
+    if not 2 <= hidden <= MAX_HIDDEN:
+        return f"the Triton kernels take hidden sizes 2..{MAX_HIDDEN}, got {hidden}"
+    if len(weights) != WEIGHTS_PER_CELL * num_layers + 2:
+        return f"expected {WEIGHTS_PER_CELL * num_layers + 2} weight tensors for {num_layers} cell(s), got {len(weights)}"
+    device = h.device
+    f32 = torch.float32
+    for name, t in (("h", h), ("c", c)):
+        if t.dtype != f32 or not t.is_contiguous() or t.device != device:
+            return f"{name} must be a contiguous float32 tensor on {device} (got {t.dtype} on {t.device})"
+    middle = weights[0].shape[0] if weights[0].dim() == 2 else -1
+    for k, (w, shape) in enumerate(zip(weights, _expected_shapes(num_layers, hidden, middle))):
+        if w.shape != shape or w.dtype != f32 or not w.is_contiguous() or w.device != device:
+            if w.shape != shape:
+                return f"weight {k} has shape {tuple(w.shape)}, expected {shape} (layout of autolr_fast.reference)"
+            return f"weight {k} must be a contiguous float32 tensor on {device} (got {w.dtype} on {w.device})"
+    return None
+
+
+def _scalar_reason(name: str, t: torch.Tensor, device: torch.device, kind: str) -> str | None:
+    if t.numel() != 1 or t.device != device:
+        return f"{name} must be a 1-element tensor on {device}, got shape {tuple(t.shape)} on {t.device}"
+    if kind == "float32" and t.dtype != torch.float32:
+        return f"{name} must be float32, got {t.dtype}"
+    if kind == "float" and not t.dtype.is_floating_point:
+        return f"{name} must have a floating-point dtype, got {t.dtype}"
+    if kind == "bool" and t.dtype != torch.bool:
+        return f"{name} must be a bool tensor, got {t.dtype}"
+    return None
+
+
+def step_unsupported_reason(loss, h, c, weights, gamma, rate, lr_list, scales, ok) -> str | None:
+    """``None`` if :func:`launch_step` takes these arguments, else why not."""
+    reason = unsupported_reason(h, c, weights)
+    if reason is not None:
+        return reason
+    device = h.device
+    if len(lr_list) != len(scales):
+        return f"{len(lr_list)} lr tensors but {len(scales)} scales"
+    checks = [("loss", loss, "float"), ("gamma", gamma, "float32"), ("rate", rate, "float32"), ("ok", ok, "bool")]
+    checks += [(f"lr_list[{k}]", lr, "float") for k, lr in enumerate(lr_list)]
+    for name, t, kind in checks:
+        reason = _scalar_reason(name, t, device, kind)
+        if reason is not None:
+            return reason
+    return None
+
+
+def param_grads_unsupported_reason(loss, h, c, weights, grad_p) -> str | None:
+    """``None`` if :func:`launch_param_grads` takes these arguments, else why not."""
+    reason = unsupported_reason(h, c, weights)
+    if reason is None:
+        reason = _scalar_reason("loss", loss, h.device, "float") or _scalar_reason("grad_p", grad_p, h.device, "float")
+    return reason
+
+
+def _blocks(hidden: int, middle: int) -> tuple[int, int, int]:
+    """(BLOCK_H, BLOCK_M, num_warps): about 16 tile elements per thread, 1..16 warps."""
+    block_h, block_m = triton.next_power_of_2(hidden), triton.next_power_of_2(middle)
+    return block_h, block_m, max(1, min(16, block_h * block_m // 512))
+
+
+def _device_guard(t: torch.Tensor):
+    """Triton launches on the current CUDA device: switch to the tensors' device if it differs."""
+    if t.is_cuda and t.device.index != torch.cuda.current_device():
+        return torch.cuda.device(t.device)
+    return contextlib.nullcontext()
+
+
+def _weight_args(weights: Sequence[torch.Tensor], num_layers: int) -> list[torch.Tensor]:
+    cell0 = list(weights[:WEIGHTS_PER_CELL])
+    cell1 = list(weights[WEIGHTS_PER_CELL:2 * WEIGHTS_PER_CELL]) if num_layers == 2 else cell0
+    return cell0 + cell1 + list(weights[-2:])
+
+
+def _lr_args(lrs: Sequence[torch.Tensor], scales: Sequence[float], dummy: torch.Tensor) -> list:
+    ptrs = list(lrs) + [dummy] * (LR_SLOTS - len(lrs))
+    vals = [float(s) for s in scales] + [1.0] * (LR_SLOTS - len(scales))
+    return ptrs + vals
+
+
+def launch_step(
+    loss: torch.Tensor,
+    h: torch.Tensor,
+    c: torch.Tensor,
+    weights: Sequence[torch.Tensor],
+    gamma: torch.Tensor,
+    rate: torch.Tensor,
+    lr_list: Sequence[torch.Tensor],
+    scales: Sequence[float],
+    ok: torch.Tensor,
+    *,
+    check: bool = True,
+    num_warps: int | None = None,
+) -> None:
+    """Run the guarded step kernel: one launch for up to ``LR_SLOTS`` param groups.
+
+    In place: ``h``, ``c`` (the state), ``rate`` (1-element float32), every ``lr_list[k]``
+    (1-element, any float dtype) gets ``rate * scales[k]``, and ``ok`` (1-element bool) whether
+    the step was taken. ``loss`` may have any float dtype (read as float32, as the reference
+    does). Raises ``ValueError`` for inputs the kernel does not take (unless ``check=False``,
+    for callers that checked with :func:`step_unsupported_reason`).
+    """
+    if check:
+        reason = step_unsupported_reason(loss, h, c, weights, gamma, rate, lr_list, scales, ok)
+        if reason is not None:
+            raise ValueError(f"mlrsnet step kernel: {reason}")
+    num_layers, hidden = h.shape
+    middle = weights[0].shape[0]
+    block_h, block_m, auto_warps = _blocks(hidden, middle)
+    first = list(lr_list[:LR_SLOTS])
+    with _device_guard(h):
+        _mlrsnet_step_kernel[(1,)](
+            loss, h, c, gamma, rate, ok,
+            *_weight_args(weights, num_layers),
+            *_lr_args(first, scales[:LR_SLOTS], rate),
+            H=hidden, M=middle, NUM_LAYERS=num_layers, NUM_LR=len(first),
+            BLOCK_H=block_h, BLOCK_M=block_m, num_warps=num_warps or auto_warps,
+        )
+        for start in range(LR_SLOTS, len(lr_list), LR_SLOTS):
+            chunk = list(lr_list[start:start + LR_SLOTS])
+            _write_lr_kernel[(1,)](
+                rate, *_lr_args(chunk, scales[start:start + LR_SLOTS], rate), NUM_LR=len(chunk), num_warps=1,
+            )
+
+
+def launch_param_grads(
+    loss: torch.Tensor,
+    h: torch.Tensor,
+    c: torch.Tensor,
+    weights: Sequence[torch.Tensor],
+    grad_p: torch.Tensor,
+    out: Sequence[torch.Tensor] | None = None,
+    *,
+    check: bool = True,
+    num_warps: int | None = None,
+) -> list[torch.Tensor]:
+    """``grad_p * dp/dtheta`` for every weight tensor (state held constant), one launch.
+
+    ``out``: contiguous float32 tensors shaped like ``weights`` to write into (allocated when
+    ``None``); every element is written. Returns the gradient tensors.
+    """
+    if check:
+        reason = param_grads_unsupported_reason(loss, h, c, weights, grad_p)
+        if reason is None and out is not None:
+            reason = unsupported_reason(h, c, out)
+            reason = None if reason is None else f"out: {reason}"
+        if reason is not None:
+            raise ValueError(f"mlrsnet param-grads kernel: {reason}")
+    out = [torch.empty_like(w) for w in weights] if out is None else list(out)
+    num_layers, hidden = h.shape
+    middle = weights[0].shape[0]
+    block_h, block_m, auto_warps = _blocks(hidden, middle)
+    with _device_guard(h):
+        _mlrsnet_param_grads_kernel[(1,)](
+            loss, h, c, grad_p,
+            *_weight_args(weights, num_layers),
+            *_weight_args(out, num_layers),
+            H=hidden, M=middle, NUM_LAYERS=num_layers,
+            BLOCK_H=block_h, BLOCK_M=block_m, num_warps=num_warps or auto_warps,
+        )
+    return out

@@ -1,0 +1,79 @@
+"""The README's set-up commands and CI stay in step; the CLI commands run in their quick form."""
+
+from __future__ import annotations
+
+import json
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _readme_block(marker: str) -> str:
+    text = (ROOT / "README.md").read_text()
+    m = re.search(rf"<!-- {marker} -->\s*```bash\n(.*?)\n```", text, re.S)
+    assert m, f"README has no {marker} block"
+    return m.group(1).strip()
+
+
+def test_ci_installs_and_tests_exactly_as_the_readme_says():
+    ci = (ROOT / ".ci" / "run").read_text()
+    install = _readme_block("install-command")
+    main_job = " && .venv/bin/python -m autolr_fast demo"
+    assert install.endswith(main_job)
+    assert install[: -len(main_job)] in ci, "CI must install with the README's command"
+    assert _readme_block("test-command") in ci, "CI must run the README's test command"
+
+
+def test_public_api_is_exactly_what_init_declares():
+    import autolr_fast
+
+    public = {n for n in dir(autolr_fast) if not n.startswith("_")}
+    modules = {n for n in public if type(getattr(autolr_fast, n)).__name__ == "module"}
+    assert public - modules == set(autolr_fast.__all__) - {"__version__"}
+
+
+def test_cli_help_and_unknown_command():
+    out = subprocess.run([sys.executable, "-m", "autolr_fast", "--help"], capture_output=True, text=True, cwd=ROOT)
+    assert out.returncode == 0 and "demo" in out.stdout
+    bad = subprocess.run([sys.executable, "-m", "autolr_fast", "nope"], capture_output=True, text=True, cwd=ROOT)
+    assert bad.returncode == 2 and "unknown command" in bad.stderr
+
+
+def test_meta_train_quick_writes_record_and_plot(tmp_path):
+    from autolr_fast import meta_train
+
+    assert meta_train.main(["--quick", "--epochs", "2", "--out", str(tmp_path)]) == 0
+    record = json.loads((tmp_path / "record.json").read_text())
+    names = {r["name"] for r in record["runs"]}
+    assert names == {"meta", "cosine", "constant", "pretrained"}
+    for r in record["runs"]:
+        assert len(r["epochs"]) == 2 and len(r["rates"]) == 2 * 35
+        assert all(0 <= e["test_acc"] <= 1 for e in r["epochs"])
+    meta = [r for r in record["runs"] if r["name"] == "meta"][0]
+    assert meta["extra"]["meta_steps"] == 70 // 5
+    assert (tmp_path / "meta_train.png").stat().st_size > 10_000
+    assert "| meta |" in (tmp_path / "summary.md").read_text()
+
+
+def test_demo_quick(tmp_path):
+    from autolr_fast import demo
+
+    assert demo.main(["--quick", "--out", str(tmp_path)]) == 0
+    runs = json.loads((tmp_path / "demo.json").read_text())
+    assert [len(r["epochs"]) for r in runs] == [3, 3]
+    assert (tmp_path / "demo.png").is_file()
+
+
+def test_shipped_controller_loads():
+    from autolr_fast import AutoLR, load_pretrained
+    import torch
+
+    ctrl = load_pretrained("mnist1d-cnn")
+    assert ctrl.default_gamma > 0 and ctrl.info["task"] == "mnist1d-cnn"
+    with pytest.raises(KeyError, match="available"):
+        load_pretrained("no-such-controller")

@@ -1,0 +1,221 @@
+"""The dependency-free C runtime (csrc/runtime): fixtures, CMake build + ctest, ctypes, find_package."""
+
+from __future__ import annotations
+
+import ctypes
+import csv
+import importlib.util
+import math
+import os
+import shutil
+import subprocess
+import zipfile
+
+import pytest
+import torch
+
+from autolr_fast import exporting as ex
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+RUNTIME = os.path.join(ROOT, "csrc", "runtime")
+DATA = os.path.join(RUNTIME, "tests", "data")
+
+
+def _load_fixture_module():
+    spec = importlib.util.spec_from_file_location("make_fixtures", os.path.join(RUNTIME, "tests", "make_fixtures.py"))
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def _read_csv(path):
+    with open(path, newline="") as f:
+        return [(float(r["loss"]), float(r["rate"])) for r in csv.DictReader(f)]
+
+
+def _weights_entry(path):
+    with zipfile.ZipFile(path) as zf:
+        return zf.read(next(n for n in zf.namelist() if n.endswith("/extra/" + ex.WEIGHTS_ENTRY)))
+
+
+def test_committed_fixtures_match_current_python(tmp_path):
+    """Regenerate the ctest fixtures: the committed copies must be what the current code writes."""
+    gen = _load_fixture_module()
+    fresh = gen.generate(str(tmp_path))
+    assert set(fresh) == set(gen.FIXTURES)
+    for name, (pt, csv_path) in fresh.items():
+        committed_pt = os.path.join(DATA, f"{name}.pt")
+        committed_csv = os.path.join(DATA, f"{name}_rates.csv")
+        assert os.path.exists(committed_pt) and os.path.exists(committed_csv), (
+            f"fixture {name} missing: run python csrc/runtime/tests/make_fixtures.py"
+        )
+        assert _weights_entry(committed_pt) == _weights_entry(pt), f"{name}: weights differ, regenerate the fixtures"
+        old, new = _read_csv(committed_csv), _read_csv(csv_path)
+        assert len(old) == len(new) == gen.STEPS
+        for (l0, r0), (l1, r1) in zip(old, new):
+            assert (l0 == l1) or (math.isnan(l0) and math.isnan(l1))
+            assert abs(r0 - r1) <= 1e-7, f"{name}: expected rates changed ({r0} vs {r1}); regenerate the fixtures"
+        # and the committed TorchScript file steps like the reference
+        mod = ex.load_torchscript(committed_pt)
+        err = max(abs(float(mod.step(torch.tensor(x))) - r) for x, r in old)
+        assert err <= 1e-6
+
+
+def _toolchain():
+    cmake = ex.find_cmake()
+    if cmake is None:
+        pytest.skip("cmake not found on PATH or next to the Python interpreter (pip install cmake)")
+    if not (shutil.which("c++") or shutil.which("g++") or shutil.which("clang++")):
+        pytest.skip("no C++ compiler found")
+    return cmake
+
+
+@pytest.fixture(scope="module")
+def runtime_build(tmp_path_factory):
+    _toolchain()
+    build = tmp_path_factory.mktemp("autolr_runtime_build")
+    ex.build_runtime(build, tests=True, sanitize=True, fuzz_seconds=8, jobs=2)
+    return str(build)
+
+
+def test_ctest(runtime_build):
+    cmake = _toolchain()
+    ctest = os.path.join(os.path.dirname(cmake), "ctest")
+    ctest = ctest if os.path.exists(ctest) else shutil.which("ctest")
+    proc = subprocess.run([ctest, "--output-on-failure", "-j", "2"], cwd=runtime_build, capture_output=True,
+                          text=True, timeout=240)
+    assert proc.returncode == 0, proc.stdout[-6000:] + proc.stderr[-2000:]
+    for name in ("runtime_agreement_and_errors", "runtime_agreement_and_errors_asan", "fuzz_reader",
+                 "example_train_softmax"):
+        assert name in proc.stdout, f"ctest did not run {name}"
+    assert "100% tests passed" in proc.stdout
+
+
+class _Lib:
+    def __init__(self, path):
+        self.lib = lib = ctypes.CDLL(path)
+        lib.autolr_open_file.argtypes = [ctypes.c_char_p, ctypes.POINTER(ctypes.c_void_p)]
+        lib.autolr_open_memory.argtypes = [ctypes.c_char_p, ctypes.c_size_t, ctypes.POINTER(ctypes.c_void_p)]
+        lib.autolr_step.argtypes = [ctypes.c_void_p, ctypes.c_float]
+        lib.autolr_step.restype = ctypes.c_float
+        lib.autolr_free.argtypes = [ctypes.c_void_p]
+        lib.autolr_last_error.restype = ctypes.c_char_p
+        lib.autolr_state_size.argtypes = [ctypes.c_void_p]
+        lib.autolr_state_size.restype = ctypes.c_size_t
+        lib.autolr_get_state.argtypes = [ctypes.c_void_p, ctypes.POINTER(ctypes.c_float), ctypes.c_size_t]
+
+
+def test_ctypes_matches_torchscript_on_official_or_random(runtime_build, tmp_path):
+    official = "/work/shared/fixtures/mlrsnet_official/mlr_snet_200.pth"
+    alt = os.path.join(ROOT, "..", "shared", "fixtures", "mlrsnet_official", "mlr_snet_200.pth")
+    src = alt if os.path.exists(alt) else official
+    if os.path.exists(src):
+        from autolr_fast import MLRSNet
+
+        net = MLRSNet.from_official(src)
+    else:  # still a full-size controller
+        from autolr_fast import MLRSNet
+
+        torch.manual_seed(0)
+        net = MLRSNet(hidden_size=50)
+    path = ex.export(net, tmp_path / "c.pt", gamma=0.1)
+    lib = _Lib(ex.shared_library_path(runtime_build)).lib
+    h = ctypes.c_void_p()
+    assert lib.autolr_open_file(str(path).encode(), ctypes.byref(h)) == 0, lib.autolr_last_error()
+    mod = ex.load_torchscript(path)
+    g = torch.Generator().manual_seed(3)
+    losses = (3.0 * torch.rand(1000, generator=g)).tolist()
+    losses[100] = float("nan")
+    err = 0.0
+    for x in losses:
+        err = max(err, abs(lib.autolr_step(h, x) - float(mod.step(torch.tensor(x)))))
+    assert err <= 1e-5, err
+    n = lib.autolr_state_size(h)
+    buf = (ctypes.c_float * n)()
+    assert lib.autolr_get_state(h, buf, n) == 0
+    state = torch.tensor(list(buf))
+    torch.testing.assert_close(state[: n // 2], mod.h.reshape(-1), atol=1e-5, rtol=0)
+    lib.autolr_free(h)
+    # garbage through ctypes: an error code and a message
+    h2 = ctypes.c_void_p()
+    junk = os.urandom(5000)
+    assert lib.autolr_open_memory(junk, len(junk), ctypes.byref(h2)) < 0 and not h2.value
+    assert lib.autolr_last_error()
+
+
+def test_find_package_consumer(tmp_path):
+    """A C++ project finds the runtime with find_package(autolr) via export.cmake_dir()."""
+    cmake = _toolchain()
+    proj = tmp_path / "consumer"
+    proj.mkdir()
+    (proj / "CMakeLists.txt").write_text(
+        "cmake_minimum_required(VERSION 3.18)\nproject(consumer C CXX)\nfind_package(autolr 0.1 REQUIRED)\n"
+        "add_executable(use_it main.c)\ntarget_link_libraries(use_it PRIVATE autolr::autolr)\n"
+        "set_target_properties(use_it PROPERTIES LINKER_LANGUAGE CXX)\n"
+    )
+    (proj / "main.c").write_text(
+        '#include <stdio.h>\n#include "autolr.h"\nint main(int c, char** v) {\n  autolr_runtime* rt;\n'
+        '  if (autolr_open_file(v[1], &rt) != AUTOLR_OK) { puts(autolr_last_error()); return 1; }\n'
+        '  float r = 0; for (int i = 0; i < 10; ++i) r = autolr_step(rt, 2.0f - 0.1f * i);\n'
+        '  printf("%.9g\\n", r); autolr_free(rt); return 0;\n}\n'
+    )
+    build = tmp_path / "b"
+    for cmd in ([cmake, "-S", str(proj), "-B", str(build), f"-Dautolr_DIR={ex.cmake_dir()}"],
+                [cmake, "--build", str(build), "-j", "2"]):
+        proc = subprocess.run(cmd, capture_output=True, text=True)
+        assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    fixture = os.path.join(DATA, "controller_h16_l1.pt")
+    out = subprocess.run([str(build / "use_it"), fixture], capture_output=True, text=True)
+    assert out.returncode == 0, out.stdout + out.stderr
+    mod = ex.load_torchscript(fixture)
+    want = [float(mod.step(torch.tensor(2.0 - 0.1 * i, dtype=torch.float32))) for i in range(10)][-1]
+    assert abs(float(out.stdout) - want) <= 1e-5
+
+
+def test_zip_variants_from_other_writers(runtime_build, tmp_path, monkeypatch):
+    """The reader handles zips not written by torch: Python's zipfile, a comment, zip64 records;
+    a deflated weights entry is refused with a message."""
+    lib = _Lib(ex.shared_library_path(runtime_build)).lib
+    blob = _weights_entry(os.path.join(DATA, "controller_h7_l2.pt"))
+    mod = ex.load_torchscript(os.path.join(DATA, "controller_h7_l2.pt"))
+    want = float(mod.step(torch.tensor(1.25)))
+
+    def open_bytes(data):
+        h = ctypes.c_void_p()
+        st = lib.autolr_open_memory(data, len(data), ctypes.byref(h))
+        return st, h
+
+    variants = {}
+    for label, kwargs in (("plain", {}), ("comment", {"comment": b"x" * 300}), ("zip64", {"zip64": True})):
+        p = tmp_path / f"{label}.zip"
+        with zipfile.ZipFile(p, "w", compression=zipfile.ZIP_STORED) as zf:
+            zf.writestr("other/data.pkl", b"\x80\x02" * 50)
+            if kwargs.get("zip64"):
+                with zf.open("anyname/extra/" + ex.WEIGHTS_ENTRY, "w", force_zip64=True) as f:
+                    f.write(blob)
+            else:
+                zf.writestr("anyname/extra/" + ex.WEIGHTS_ENTRY, blob)
+            if "comment" in kwargs:
+                zf.comment = kwargs["comment"]
+        variants[label] = p.read_bytes()
+    # full zip64: zip64 EOCD + locator, central-directory sizes and offsets in the zip64 extra field
+    monkeypatch.setattr(zipfile, "ZIP64_LIMIT", 0)
+    monkeypatch.setattr(zipfile, "ZIP_FILECOUNT_LIMIT", 0)
+    p = tmp_path / "full_zip64.zip"
+    with zipfile.ZipFile(p, "w", compression=zipfile.ZIP_STORED) as zf:
+        zf.writestr("other/data.pkl", b"\x80\x02" * 50)
+        zf.writestr("anyname/extra/" + ex.WEIGHTS_ENTRY, blob)
+    monkeypatch.undo()
+    data64 = p.read_bytes()
+    assert b"PK\x06\x06" in data64 and b"PK\x06\x07" in data64  # zip64 EOCD record and locator
+    variants["full_zip64"] = data64
+    for label, data in variants.items():
+        st, h = open_bytes(data)
+        assert st == 0, (label, lib.autolr_last_error())
+        assert abs(lib.autolr_step(h, 1.25) - want) <= 1e-5
+        lib.autolr_free(h)
+    p = tmp_path / "deflated.zip"
+    with zipfile.ZipFile(p, "w", compression=zipfile.ZIP_DEFLATED) as zf:
+        zf.writestr("a/extra/" + ex.WEIGHTS_ENTRY, blob)
+    st, h = open_bytes(p.read_bytes())
+    assert st == -2 and not h.value and b"compressed" in lib.autolr_last_error()

@@ -1,0 +1,526 @@
+"""The Triton MLR-SNet kernels and their torch.library ops, against the plain PyTorch reference.
+
+* On every machine (CI has no GPU): the kernels run in Triton's CPU interpreter on fresh random
+  inputs (random seed, printed on failure; set ``AUTOLR_FAST_TEST_SEED`` to replay), several
+  shapes (H 16/17/50/128, 1 and 2 cells, 1/3/10 param groups) and the NaN/Inf guard; the
+  kernels are compiled for sm_90 (Triton's real compiler path, no GPU needed); the ops pass
+  ``torch.library.opcheck`` and ``torch.compile(fullgraph=True)``.
+* With a CUDA device: the same comparisons on the GPU, opcheck on CUDA, CUDA-graph replay and
+  AutoLR end to end.
+
+The interpreter cases run in one subprocess with ``TRITON_INTERPRET=1`` set before triton is
+imported: Triton picks compile-or-interpret when ``@triton.jit`` is applied (its own library
+functions such as ``tl.sum`` at import), so an in-process switch is not reliable once any other
+test module (or torch.compile) has imported triton.
+"""
+
+from __future__ import annotations
+
+import copy
+import functools
+import importlib.util
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from autolr_fast import dispatch, reference
+from autolr_fast.controller import MLRSNet
+
+HAS_TRITON = importlib.util.find_spec("triton") is not None
+HAS_CUDA = torch.cuda.is_available()
+needs_triton = pytest.mark.skipif(not HAS_TRITON, reason="triton is not installed")
+needs_gpu = pytest.mark.skipif(not (HAS_CUDA and HAS_TRITON), reason="needs a CUDA GPU and triton")
+
+PROJECT_ROOT = Path(__file__).resolve().parents[1]
+SEED = int(os.environ.get("AUTOLR_FAST_TEST_SEED", int.from_bytes(os.urandom(4), "little")))
+RTOL, ATOL = 1e-5, 1e-6
+SHAPES = [(16, 1), (16, 2), (17, 1), (17, 2), (50, 1), (50, 2), (128, 1), (128, 2)]
+
+
+# ------------------------------------------------------------------------------------------------
+# Random inputs
+# ------------------------------------------------------------------------------------------------
+def make_weights(hidden: int, layers: int, gen: torch.Generator) -> list[torch.Tensor]:
+    """The controller's own initialisation, scaled by a random factor so gates also saturate."""
+    torch.manual_seed(int(torch.randint(0, 2**31 - 1, (1,), generator=gen)))
+    net = MLRSNet(hidden, layers)
+    scale = float(torch.empty(()).uniform_(0.5, 3.0, generator=gen))
+    return [w.detach().clone() * scale for w in net.flat_weights()]
+
+
+def make_step_case(hidden, layers, groups, gen, *, loss=None, lr_dtypes=None, **overrides) -> dict:
+    loss = torch.empty(()).uniform_(0.0, 5.0, generator=gen) if loss is None else loss
+    scales = [1.0] + [float(torch.empty(()).uniform_(0.1, 4.0, generator=gen)) for _ in range(groups - 1)]
+    scales = scales[:groups]
+    lr_dtypes = lr_dtypes or [torch.float32] * groups
+    case = {
+        "op": "step",
+        "loss": loss,
+        "h": torch.randn(layers, hidden, generator=gen) * 0.7,
+        "c": torch.randn(layers, hidden, generator=gen) * 0.7,
+        "weights": make_weights(hidden, layers, gen),
+        "gamma": torch.empty(()).uniform_(0.05, 2.0, generator=gen),
+        "rate": torch.empty(()).uniform_(0.0, 0.05, generator=gen),
+        "lr_list": [torch.full((), -1.0, dtype=d) for d in lr_dtypes],
+        "scales": scales,
+    }
+    case.update(overrides)
+    return case
+
+
+def make_grads_case(hidden, layers, gen, *, loss=None) -> dict:
+    return {
+        "op": "grads",
+        "loss": torch.empty(()).uniform_(0.0, 5.0, generator=gen) if loss is None else loss,
+        "h": torch.randn(layers, hidden, generator=gen) * 0.7,
+        "c": torch.randn(layers, hidden, generator=gen) * 0.7,
+        "weights": make_weights(hidden, layers, gen),
+        "grad_p": torch.randn((), generator=gen),
+    }
+
+
+def _with_nan_head_bias(case: dict) -> dict:
+    case["weights"][-1] = torch.full((1,), float("nan"))
+    return case
+
+
+@functools.lru_cache(maxsize=2)
+def build_cases(seed: int) -> dict[str, dict]:
+    gen = torch.Generator().manual_seed(seed)
+    cases: dict[str, dict] = {}
+    for hidden, layers in SHAPES:
+        for groups in (1, 3):
+            cases[f"step-H{hidden}-L{layers}-g{groups}"] = make_step_case(hidden, layers, groups, gen)
+        cases[f"grads-H{hidden}-L{layers}"] = make_grads_case(hidden, layers, gen)
+    # more param groups than the step kernel's pointer slots; mixed lr dtypes
+    cases["step-H17-L1-g10"] = make_step_case(17, 1, 10, gen)
+    cases["step-H16-L2-g0"] = make_step_case(16, 2, 0, gen)  # an optimizer that takes no tensor lr
+    cases["step-H50-L2-f64lr"] = make_step_case(50, 2, 3, gen, lr_dtypes=[torch.float32, torch.float64, torch.float32])
+    cases["grads-H17-L2-negloss"] = make_grads_case(17, 2, gen, loss=torch.tensor(-2.5))
+    # the guard: (case, expected ok)
+    guard = {
+        "nan-loss": (make_step_case(17, 2, 3, gen, loss=torch.tensor(float("nan"))), False),
+        "inf-loss": (make_step_case(50, 1, 1, gen, loss=torch.tensor(float("inf"))), False),
+        "neg-inf-loss": (make_step_case(16, 2, 1, gen, loss=torch.tensor(float("-inf"))), False),
+        "f64-loss-overflows-f32": (make_step_case(17, 1, 1, gen, loss=torch.tensor(1e300, dtype=torch.float64)), False),
+        "negative-loss-clamped": (make_step_case(17, 2, 3, gen, loss=torch.tensor(-3.0)), True),
+        "zero-loss": (make_step_case(17, 2, 1, gen, loss=torch.tensor(0.0)), True),
+        "bf16-loss": (make_step_case(50, 2, 1, gen, loss=torch.tensor(1.7, dtype=torch.bfloat16)), True),
+        "nan-gamma": (make_step_case(17, 1, 3, gen, gamma=torch.tensor(float("nan"))), False),
+        "inf-gamma": (make_step_case(17, 1, 1, gen, gamma=torch.tensor(float("inf"))), False),
+        "nan-weight": (_with_nan_head_bias(make_step_case(50, 2, 3, gen)), False),
+    }
+    for name, (case, expected_ok) in guard.items():
+        case["expected_ok"] = expected_ok
+        cases[f"guard-{name}"] = case
+    return cases
+
+
+# ------------------------------------------------------------------------------------------------
+# The subprocess that runs the kernels in the interpreter
+# ------------------------------------------------------------------------------------------------
+WORKER = r"""
+import os, sys
+assert os.environ.get("TRITON_INTERPRET") == "1" and "triton" not in sys.modules
+import torch
+from autolr_fast.kernels import mlrsnet_step as k
+cases = torch.load(sys.argv[1], weights_only=False)
+out = {}
+for name, case in cases.items():
+    if case["op"] == "step":
+        h, c, rate = case["h"].clone(), case["c"].clone(), case["rate"].clone()
+        lrs = [lr.clone() for lr in case["lr_list"]]
+        ok = torch.zeros((), dtype=torch.bool)
+        k.launch_step(case["loss"], h, c, case["weights"], case["gamma"], rate, lrs, case["scales"], ok)
+        out[name] = {"h": h, "c": c, "rate": rate, "lr_list": lrs, "ok": ok}
+    else:
+        out[name] = {"grads": k.launch_param_grads(case["loss"], case["h"], case["c"], case["weights"], case["grad_p"])}
+torch.save(out, sys.argv[2])
+"""
+
+
+@pytest.fixture(scope="module")
+def interpreted(tmp_path_factory):
+    """``(cases, results)``: every case run once through the kernels in Triton's interpreter."""
+    if not HAS_TRITON:
+        pytest.skip("triton is not installed")
+    cases = build_cases(SEED)
+    folder = tmp_path_factory.mktemp("triton_interpreter")
+    inputs, outputs = folder / "cases.pt", folder / "results.pt"
+    torch.save(cases, inputs)
+    env = dict(os.environ, TRITON_INTERPRET="1")
+    proc = subprocess.run([sys.executable, "-c", WORKER, str(inputs), str(outputs)], cwd=PROJECT_ROOT, env=env,
+                          capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, f"interpreter run failed (seed {SEED}):\n{proc.stdout}\n{proc.stderr[-6000:]}"
+    return cases, torch.load(outputs, weights_only=False)
+
+
+def reference_step(case: dict) -> dict:
+    """What ``dispatch.mlrsnet_step_`` does on the reference path, on copies of the case."""
+    h, c, rate = case["h"].clone(), case["c"].clone(), case["rate"].clone()
+    lrs = [lr.clone() for lr in case["lr_list"]]
+    with torch.no_grad():
+        new_rate, h_new, c_new, ok = reference.mlrsnet_guarded_step(case["loss"], h, c, case["weights"],
+                                                                     case["gamma"], rate)
+        h.copy_(h_new)
+        c.copy_(c_new)
+        rate.copy_(new_rate)
+        if lrs:
+            dispatch.write_rates(rate, lrs, case["scales"])
+    return {"h": h, "c": c, "rate": rate, "lr_list": lrs, "ok": ok}
+
+
+def assert_step_matches(got: dict, case: dict, where: str) -> None:
+    want = reference_step(case)
+    msg = lambda m: f"{where} (seed {SEED}): {m}"  # noqa: E731
+    assert bool(got["ok"]) == bool(want["ok"]), msg(f"ok {bool(got['ok'])}, reference {bool(want['ok'])}")
+    if "expected_ok" in case:
+        assert bool(got["ok"]) == case["expected_ok"], msg("wrong ok flag")
+    for key in ("h", "c", "rate"):
+        torch.testing.assert_close(got[key].cpu(), want[key], rtol=RTOL, atol=ATOL, msg=lambda m: msg(f"{key}: {m}"))
+    if not bool(want["ok"]):  # the guard must leave everything exactly as it was
+        for key in ("h", "c", "rate"):
+            assert torch.equal(got[key].cpu(), case[key]), msg(f"{key} changed on a skipped step")
+    for k, (g, w) in enumerate(zip(got["lr_list"], want["lr_list"])):
+        assert g.dtype == w.dtype, msg(f"lr {k} dtype")
+        torch.testing.assert_close(g.cpu(), w, rtol=RTOL, atol=ATOL, msg=lambda m: msg(f"lr {k}: {m}"))
+
+
+def assert_grads_match(got: list, case: dict, where: str) -> None:
+    want = reference.mlrsnet_param_grads(case["loss"], case["h"], case["c"], case["weights"], case["grad_p"])
+    assert len(got) == len(want)
+    for k, (g, w) in enumerate(zip(got, want)):
+        assert g.shape == w.shape, f"{where}: weight {k} shape {tuple(g.shape)} != {tuple(w.shape)}"
+        scale = max(1.0, float(w.abs().max()))
+        torch.testing.assert_close(g.cpu(), w, rtol=RTOL, atol=ATOL * scale,
+                                   msg=lambda m: f"{where} (seed {SEED}): grad of weight {k}: {m}")
+
+
+# ------------------------------------------------------------------------------------------------
+# Interpreter: kernels vs reference
+# ------------------------------------------------------------------------------------------------
+STEP_CASES = [f"step-H{h}-L{l}-g{g}" for h, l in SHAPES for g in (1, 3)] + ["step-H17-L1-g10", "step-H16-L2-g0", "step-H50-L2-f64lr"]
+GRAD_CASES = [f"grads-H{h}-L{l}" for h, l in SHAPES] + ["grads-H17-L2-negloss"]
+GUARD_CASES = ["guard-" + n for n in ("nan-loss", "inf-loss", "neg-inf-loss", "f64-loss-overflows-f32",
+                                      "negative-loss-clamped", "zero-loss", "bf16-loss", "nan-gamma", "inf-gamma",
+                                      "nan-weight")]
+
+
+@needs_triton
+@pytest.mark.parametrize("name", STEP_CASES)
+def test_step_kernel_matches_reference_interpreted(interpreted, name):
+    cases, results = interpreted
+    assert_step_matches(results[name], cases[name], name)
+    assert bool(results[name]["ok"])
+
+
+@needs_triton
+@pytest.mark.parametrize("name", GUARD_CASES)
+def test_step_kernel_guard_interpreted(interpreted, name):
+    cases, results = interpreted
+    assert_step_matches(results[name], cases[name], name)
+    if name == "guard-negative-loss-clamped":  # the same step as a zero loss
+        assert_step_matches(results[name], dict(cases[name], loss=torch.tensor(0.0)), name + " vs loss 0")
+
+
+@needs_triton
+@pytest.mark.parametrize("name", GRAD_CASES)
+def test_param_grads_kernel_matches_reference_interpreted(interpreted, name):
+    cases, results = interpreted
+    assert_grads_match(results[name]["grads"], cases[name], name)
+
+
+# ------------------------------------------------------------------------------------------------
+# The real compiler path without a GPU: the kernels compile for sm_90
+# ------------------------------------------------------------------------------------------------
+def _compile_for_sm90(fn, hidden: int, layers: int, extra_constexprs: dict, types: dict):
+    """Triton's full compile (to a cubin, via ptxas) for sm_90, as the launcher would for these sizes."""
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    from autolr_fast.kernels import mlrsnet_step as k
+
+    middle = max(hidden // 2, 1)
+    block_h, block_m, num_warps = k._blocks(hidden, middle)
+    constexprs = dict(H=hidden, M=middle, NUM_LAYERS=layers, BLOCK_H=block_h, BLOCK_M=block_m, **extra_constexprs)
+    names = fn.arg_names
+    signature = {n: "constexpr" if n in constexprs else types.get(n, "*fp32") for n in names}
+    src = ASTSource(fn=fn, signature=signature, constexprs={(names.index(n),): v for n, v in constexprs.items()})
+    return triton.compile(src, target=GPUTarget("cuda", 90, 32), options={"num_warps": num_warps})
+
+
+@needs_triton
+@pytest.mark.parametrize("kernel,hidden,layers", [("step", 128, 2), ("step", 50, 1), ("grads", 17, 2)])
+def test_kernels_compile_for_sm90_without_gpu(kernel, hidden, layers):
+    import triton
+    import triton.backends
+
+    if "nvidia" not in getattr(triton.backends, "backends", {}):
+        pytest.skip("triton has no NVIDIA backend here")
+    try:
+        triton.knobs.nvidia.ptxas.path
+    except Exception as exc:  # noqa: BLE001
+        pytest.skip(f"no ptxas for the sm_90 compile check: {exc}")
+    from autolr_fast.kernels import mlrsnet_step as k
+
+    if kernel == "step":
+        types = {"ok_ptr": "*i1", "lr1": "*fp64", **{f"s{i}": "fp32" for i in range(k.LR_SLOTS)}}
+        compiled = _compile_for_sm90(k._mlrsnet_step_kernel, hidden, layers, {"NUM_LR": 3}, types)
+    else:
+        compiled = _compile_for_sm90(k._mlrsnet_param_grads_kernel, hidden, layers, {}, {})
+    assert "cubin" in compiled.asm and len(compiled.asm["cubin"]) > 0
+    assert compiled.metadata.num_warps == k._blocks(hidden, max(hidden // 2, 1))[2]
+
+
+# ------------------------------------------------------------------------------------------------
+# Host-side checks (no kernel launch)
+# ------------------------------------------------------------------------------------------------
+@needs_triton
+def test_unsupported_inputs_are_named():
+    from autolr_fast.kernels import mlrsnet_step as k
+
+    gen = torch.Generator().manual_seed(SEED)
+    w = make_weights(17, 2, gen)
+    h = torch.zeros(2, 17)
+    assert k.unsupported_reason(h, h.clone(), w) is None
+    assert "stacked cells" in k.unsupported_reason(torch.zeros(3, 17), torch.zeros(3, 17), make_weights(17, 3, gen))
+    assert "hidden sizes" in k.unsupported_reason(torch.zeros(1, 129), torch.zeros(1, 129), make_weights(129, 1, gen))
+    assert "float32" in k.unsupported_reason(h, h.clone(), [t.double() for t in w])
+    assert "contiguous" in k.unsupported_reason(h, h.clone(), w[:4] + [w[4].t().contiguous().t()] + w[5:])
+    assert "weight tensors" in k.unsupported_reason(h, h.clone(), w[:-1])
+    assert "shape" in k.unsupported_reason(h, h.clone(), w[:2] + [w[2][:-1]] + w[3:])
+    lr = [torch.zeros(())]
+    args = (torch.tensor(1.0), h, h.clone(), w, torch.tensor(0.5), torch.tensor(0.0), lr, [1.0], torch.zeros((), dtype=torch.bool))
+    assert k.step_unsupported_reason(*args) is None
+    bad_ok = args[:-1] + (torch.zeros(()),)
+    assert "bool" in k.step_unsupported_reason(*bad_ok)
+    assert "scales" in k.step_unsupported_reason(*args[:7], [1.0, 2.0], args[8])
+    with pytest.raises(ValueError, match="stacked cells"):
+        k.launch_step(torch.tensor(1.0), torch.zeros(3, 17), torch.zeros(3, 17), make_weights(17, 3, gen),
+                      *args[4:])
+
+
+def test_backend_registered_with_dispatch():
+    import autolr_fast._triton_backend as tb
+
+    info = dispatch.backend_info()
+    assert "triton" in info["backends"]
+    entry = info["backends"]["triton"]
+    assert entry["devices"] == ["cuda"]
+    assert entry["available"] == (HAS_TRITON and torch.version.cuda is not None) == tb.AVAILABLE
+    name, fn = dispatch.select("mlrsnet_step_", torch.device("cuda"))
+    if tb.AVAILABLE and not dispatch.force_reference():
+        assert name == "triton" and fn is tb.mlrsnet_step_
+        assert dispatch.select("mlrsnet_param_grads", torch.device("cuda"))[0] == "triton"
+    assert dispatch.select("mlrsnet_step_", torch.device("cpu"))[0] != "triton"
+
+
+# ------------------------------------------------------------------------------------------------
+# The ops on the CPU (their reference implementations): opcheck, torch.compile, explicit backward
+# ------------------------------------------------------------------------------------------------
+def _op_args(case: dict) -> tuple:
+    return (case["loss"], case["h"].clone(), case["c"].clone(), case["weights"], case["gamma"], case["rate"].clone(),
+            [lr.clone() for lr in case["lr_list"]], case["scales"], torch.zeros((), dtype=torch.bool))
+
+
+@pytest.mark.parametrize("hidden,layers,groups", [(17, 1, 1), (16, 2, 3), (16, 1, 0)])
+def test_opcheck_cpu(hidden, layers, groups):
+    import autolr_fast._triton_backend  # noqa: F401 - defines the ops
+
+    gen = torch.Generator().manual_seed(SEED)
+    case = make_step_case(hidden, layers, groups, gen)
+    torch.library.opcheck(torch.ops.autolr_fast.mlrsnet_step_, _op_args(case))
+    g = make_grads_case(hidden, layers, gen)
+    torch.library.opcheck(torch.ops.autolr_fast.mlrsnet_param_grads, (g["loss"], g["h"], g["c"], g["weights"], g["grad_p"]))
+
+
+@pytest.mark.parametrize("hidden,layers", [(16, 1), (17, 2), (50, 2), (128, 1)])
+def test_explicit_param_grads_match_autograd_reference(hidden, layers):
+    from autolr_fast._triton_backend import param_grads_explicit
+
+    gen = torch.Generator().manual_seed(SEED + hidden)
+    g = make_grads_case(hidden, layers, gen)
+    assert_grads_match(param_grads_explicit(g["loss"], g["h"], g["c"], g["weights"], g["grad_p"]), g, "explicit")
+
+
+def test_step_op_on_cpu_matches_reference_and_guard():
+    import autolr_fast._triton_backend as tb
+
+    gen = torch.Generator().manual_seed(SEED)
+    for loss, expected_ok in ((torch.tensor(1.2), True), (torch.tensor(float("nan")), False)):
+        case = make_step_case(17, 2, 3, gen, loss=loss)
+        args = _op_args(case)
+        torch.ops.autolr_fast.mlrsnet_step_(*args)
+        got = {"h": args[1], "c": args[2], "rate": args[5], "lr_list": args[6], "ok": args[8]}
+        assert bool(got["ok"]) == expected_ok
+        assert_step_matches(got, case, "cpu op")
+        # and through the dispatch-facing wrapper (allocates ok)
+        h, c, rate, lrs = case["h"].clone(), case["c"].clone(), case["rate"].clone(), [lr.clone() for lr in case["lr_list"]]
+        ok = tb.mlrsnet_step_(case["loss"], h, c, case["weights"], case["gamma"], rate, lrs, case["scales"])
+        assert ok.dtype == torch.bool and bool(ok) == expected_ok and torch.equal(h, got["h"]) and torch.equal(rate, got["rate"])
+
+
+def test_ops_under_torch_compile_fullgraph():
+    import autolr_fast._triton_backend  # noqa: F401
+
+    gen = torch.Generator().manual_seed(SEED)
+    case = make_step_case(17, 2, 3, gen)
+
+    def step_then_grads(loss, h, c, weights, gamma, rate, lr_list, ok):
+        torch.ops.autolr_fast.mlrsnet_step_(loss, h, c, weights, gamma, rate, lr_list, case["scales"], ok)
+        grads = torch.ops.autolr_fast.mlrsnet_param_grads(loss, h, c, weights, rate)
+        return grads[0] * 2.0, grads[-1] + 1.0
+
+    def run(fn):
+        args = _op_args(case)
+        out = fn(args[0], args[1], args[2], args[3], args[4], args[5], args[6], args[8])
+        return args, out
+
+    torch._dynamo.reset()
+    compiled = torch.compile(step_then_grads, fullgraph=True, backend="aot_eager")
+    (ca, cout), (ea, eout) = run(compiled), run(step_then_grads)
+    assert not torch.equal(ca[1], case["h"]), "the compiled step must update h in place"
+    for i in (1, 2, 5, 8):
+        assert torch.equal(ca[i], ea[i])
+    for a, b in zip(ca[6], ea[6]):
+        assert torch.equal(a, b)
+    for a, b in zip(cout, eout):
+        torch.testing.assert_close(a, b)
+
+
+# ------------------------------------------------------------------------------------------------
+# GPU
+# ------------------------------------------------------------------------------------------------
+def _to_cuda(case: dict) -> dict:
+    out = {}
+    for k, v in case.items():
+        if isinstance(v, torch.Tensor):
+            out[k] = v.cuda()
+        elif isinstance(v, list) and v and isinstance(v[0], torch.Tensor):
+            out[k] = [t.cuda() for t in v]
+        else:
+            out[k] = v
+    return out
+
+
+@pytest.mark.gpu
+@needs_gpu
+@pytest.mark.parametrize("name", STEP_CASES + GUARD_CASES + GRAD_CASES)
+def test_kernels_on_gpu(name):
+    from autolr_fast.kernels import mlrsnet_step as k
+
+    case = build_cases(SEED)[name]
+    cuda = _to_cuda(case)
+    if case["op"] == "step":
+        h, c, rate = cuda["h"].clone(), cuda["c"].clone(), cuda["rate"].clone()
+        lrs = [lr.clone() for lr in cuda["lr_list"]]
+        ok = torch.zeros((), dtype=torch.bool, device="cuda")
+        k.launch_step(cuda["loss"], h, c, cuda["weights"], cuda["gamma"], rate, lrs, case["scales"], ok)
+        assert_step_matches({"h": h, "c": c, "rate": rate, "lr_list": lrs, "ok": ok}, case, f"gpu {name}")
+    else:
+        grads = k.launch_param_grads(cuda["loss"], cuda["h"], cuda["c"], cuda["weights"], cuda["grad_p"])
+        assert_grads_match(grads, case, f"gpu {name}")
+
+
+@pytest.mark.gpu
+@needs_gpu
+def test_opcheck_cuda():
+    import autolr_fast._triton_backend  # noqa: F401
+
+    gen = torch.Generator().manual_seed(SEED)
+    case = _to_cuda(make_step_case(50, 2, 3, gen))
+    torch.library.opcheck(torch.ops.autolr_fast.mlrsnet_step_, _op_args(case))
+    g = _to_cuda(make_grads_case(50, 2, gen))
+    torch.library.opcheck(torch.ops.autolr_fast.mlrsnet_param_grads, (g["loss"], g["h"], g["c"], g["weights"], g["grad_p"]))
+
+
+@pytest.mark.gpu
+@needs_gpu
+def test_cuda_graph_replay_of_the_step():
+    import autolr_fast._triton_backend as tb
+
+    gen = torch.Generator().manual_seed(SEED)
+    case = make_step_case(50, 1, 3, gen)
+    cuda = _to_cuda(case)
+    loss = cuda["loss"].clone()
+    h, c, rate = cuda["h"].clone(), cuda["c"].clone(), cuda["rate"].clone()
+    lrs = [lr.clone() for lr in cuda["lr_list"]]
+    ok = torch.zeros((), dtype=torch.bool, device="cuda")
+    op = torch.ops.autolr_fast.mlrsnet_step_
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):  # warm-up (compiles the kernel) outside the capture
+        op(loss, h.clone(), c.clone(), cuda["weights"], cuda["gamma"], rate.clone(), [lr.clone() for lr in lrs],
+           case["scales"], ok.clone())
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        op(loss, h, c, cuda["weights"], cuda["gamma"], rate, lrs, case["scales"], ok)
+    # replay on a sequence of losses, against the reference stepping the same state
+    ref = {k: case[k].clone() for k in ("h", "c", "rate")}
+    ref_lrs = [lr.clone() for lr in case["lr_list"]]
+    for value in (2.0, 1.5, float("nan"), -1.0, 0.7):
+        loss.fill_(value)
+        graph.replay()
+        step = dict(case, loss=torch.tensor(value), h=ref["h"], c=ref["c"], rate=ref["rate"], lr_list=ref_lrs)
+        want = reference_step(step)
+        assert_step_matches({"h": h, "c": c, "rate": rate, "lr_list": lrs, "ok": ok}, step, f"graph replay loss={value}")
+        ref = {k: want[k] for k in ("h", "c", "rate")}
+        ref_lrs = want["lr_list"]
+    assert tb.AVAILABLE
+
+
+@pytest.mark.gpu
+@needs_gpu
+def test_autolr_on_gpu_uses_triton_and_matches_reference(monkeypatch):
+    from autolr_fast import AutoLR
+
+    def run(force_reference: bool) -> list[float]:
+        monkeypatch.setenv(dispatch.FORCE_REFERENCE_ENV, "1" if force_reference else "0")
+        expected = "reference" if force_reference else "triton"
+        assert dispatch.select("mlrsnet_step_", torch.device("cuda"))[0] == expected
+        torch.manual_seed(0)
+        model = torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.ReLU(), torch.nn.Linear(16, 3)).cuda()
+        groups = [{"params": model[0].parameters(), "lr": 0.1}, {"params": model[2].parameters(), "lr": 0.05}]
+        opt = torch.optim.SGD(groups, lr=0.1, momentum=0.9, fused=True)
+        sched = AutoLR(opt, copy.deepcopy(controller), gamma=0.5)
+        x, y = torch.randn(64, 8, device="cuda"), torch.randint(0, 3, (64,), device="cuda")
+        rates = []
+        for _ in range(20):
+            opt.zero_grad()
+            loss = torch.nn.functional.cross_entropy(model(x), y)
+            loss.backward()
+            sched.step(loss)
+            rates.append(torch.stack([g["lr"] for g in opt.param_groups]).cpu())
+            opt.step()
+        return rates
+
+    controller = MLRSNet(50, 1)
+    fast, ref = run(False), run(True)
+    for a, b in zip(fast, ref):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
+
+
+@pytest.mark.gpu
+@needs_gpu
+def test_compiled_step_on_gpu():
+    import autolr_fast._triton_backend as tb
+
+    gen = torch.Generator().manual_seed(SEED)
+    case = make_step_case(50, 2, 3, gen)
+    cuda = _to_cuda(case)
+
+    def step(loss, h, c, weights, gamma, rate, lrs):
+        return tb.mlrsnet_step_(loss, h, c, weights, gamma, rate, lrs, case["scales"])
+
+    torch._dynamo.reset()
+    compiled = torch.compile(step, fullgraph=True)
+    h, c, rate = cuda["h"].clone(), cuda["c"].clone(), cuda["rate"].clone()
+    lrs = [lr.clone() for lr in cuda["lr_list"]]
+    ok = compiled(cuda["loss"], h, c, cuda["weights"], cuda["gamma"], rate, lrs)
+    assert_step_matches({"h": h, "c": c, "rate": rate, "lr_list": lrs, "ok": ok}, case, "compiled gpu")

@@ -81,10 +81,19 @@ def _metric(task, ev: dict) -> float:
 
 
 def run_one(job: Job, task_cache: dict | None = None) -> dict:
-    """Train one (task, method, rate, seed) and return its record (schema: docs/compare.md)."""
+    """Train one (task, method, rate, seed) on the CPU with ``job.threads`` torch threads and
+    return its record (schema: docs/compare.md). The caller's thread count is restored."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(job.threads)
+    try:
+        return _run_one(job, task_cache)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _run_one(job: Job, task_cache: dict | None) -> dict:
     from .tasks import get_task
 
-    torch.set_num_threads(job.threads)
     cache = task_cache if task_cache is not None else {}
     if job.task not in cache:
         cache[job.task] = get_task(job.task)

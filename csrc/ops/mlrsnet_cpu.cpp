@@ -1,0 +1,321 @@
+// MLR-SNet controller step and its weight gradient on the CPU, as raw loops over the weights.
+//
+// The step is a few thousand multiply-adds: ATen op calls (each ~1-5 us of dispatch) would
+// dominate it, so the kernel reads data pointers directly, keeps its scratch in a
+// thread-local buffer (no allocation after the first call) and allocates only the returned
+// `ok` flag. Semantics: reference.mlrsnet_guarded_step (+ lr_k <- rate * scales[k]) and
+// reference.mlrsnet_param_grads; weight layout: the reference.py module docstring.
+#include <ATen/ops/empty.h>
+#include <c10/util/BFloat16.h>
+#include <c10/util/Half.h>
+#include <torch/library.h>
+
+#include <cmath>
+#include <vector>
+
+#include "ops_common.h"
+
+namespace autolr_fast {
+namespace {
+
+constexpr int64_t kWeightsPerCell = 8;
+
+// Pointers to one stacked cell's weights; `in` is its input size (1 for cell 0, H after).
+struct CellWeights {
+  const float *w0, *b0, *w2, *b2, *v0, *vb0, *v2, *vb2;
+  int64_t in;
+};
+
+struct Net {
+  int64_t layers = 0, hidden = 0, mid = 0;
+  std::vector<CellWeights> cells;
+  const float* head_w = nullptr;
+  const float* head_b = nullptr;
+};
+
+double read_scalar(const char* op, const char* name, const Tensor& t) {
+  TORCH_CHECK(t.numel() == 1, op, ": ", name, " must be a 1-element tensor, got shape ", t.sizes());
+  TORCH_CHECK(t.device().is_cpu(), op, ": ", name, " is on ", t.device(), "; this kernel needs CPU tensors");
+  const void* p = t.const_data_ptr();
+  switch (t.scalar_type()) {
+    case at::kFloat: return *static_cast<const float*>(p);
+    case at::kDouble: return *static_cast<const double*>(p);
+    case at::kHalf: return static_cast<float>(*static_cast<const c10::Half*>(p));
+    case at::kBFloat16: return static_cast<float>(*static_cast<const c10::BFloat16*>(p));
+    default: TORCH_CHECK(false, op, ": ", name, " must be a floating tensor, got ", t.scalar_type());
+  }
+  return 0.0;
+}
+
+void write_scalar(const char* op, const char* name, const Tensor& t, double value) {
+  TORCH_CHECK(t.numel() == 1, op, ": ", name, " must be a 1-element tensor, got shape ", t.sizes());
+  TORCH_CHECK(t.device().is_cpu(), op, ": ", name, " is on ", t.device(), "; this kernel needs CPU tensors");
+  void* p = t.mutable_data_ptr();
+  switch (t.scalar_type()) {
+    case at::kFloat: *static_cast<float*>(p) = static_cast<float>(value); break;
+    case at::kDouble: *static_cast<double*>(p) = value; break;
+    default: TORCH_CHECK(false, op, ": ", name, " must be a float32 or float64 tensor, got ", t.scalar_type());
+  }
+}
+
+void check_f32(const char* op, const char* name, const Tensor& t, at::IntArrayRef shape) {
+  TORCH_CHECK(t.scalar_type() == at::kFloat && t.device().is_cpu(), op, ": ", name,
+              " must be a float32 CPU tensor, got ", t.scalar_type(), " on ", t.device());
+  TORCH_CHECK(t.sizes() == shape, op, ": ", name, " has shape ", t.sizes(), ", expected ", shape,
+              " (see the weight layout in autolr_fast/reference.py)");
+  TORCH_CHECK(t.is_contiguous(), op, ": ", name, " must be contiguous; call .contiguous() on it");
+}
+
+Net check_net(const char* op, const Tensor& h, const Tensor& c, TensorList weights) {
+  TORCH_CHECK(h.dim() == 2 && h.size(0) >= 1 && h.size(1) >= 2, op,
+              ": h must have shape (num_layers, hidden) with hidden >= 2, got ", h.sizes());
+  Net net;
+  net.layers = h.size(0);
+  net.hidden = h.size(1);
+  net.mid = net.hidden / 2;
+  const int64_t H = net.hidden, M = net.mid;
+  check_f32(op, "h", h, {net.layers, H});
+  check_f32(op, "c", c, {net.layers, H});
+  TORCH_CHECK(static_cast<int64_t>(weights.size()) == kWeightsPerCell * net.layers + 2, op, ": expected ",
+              kWeightsPerCell * net.layers + 2, " weight tensors for ", net.layers, " cell(s), got ", weights.size());
+  for (int64_t l = 0; l < net.layers; ++l) {
+    const int64_t in = l == 0 ? 1 : H;
+    const Tensor* w = &weights[kWeightsPerCell * l];
+    check_f32(op, "i2h.0.weight", w[0], {M, in});
+    check_f32(op, "i2h.0.bias", w[1], {M});
+    check_f32(op, "i2h.2.weight", w[2], {4 * H, M});
+    check_f32(op, "i2h.2.bias", w[3], {4 * H});
+    check_f32(op, "h2h.0.weight", w[4], {M, H});
+    check_f32(op, "h2h.0.bias", w[5], {M});
+    check_f32(op, "h2h.2.weight", w[6], {4 * H, M});
+    check_f32(op, "h2h.2.bias", w[7], {4 * H});
+    net.cells.push_back(CellWeights{w[0].const_data_ptr<float>(), w[1].const_data_ptr<float>(),
+                                    w[2].const_data_ptr<float>(), w[3].const_data_ptr<float>(),
+                                    w[4].const_data_ptr<float>(), w[5].const_data_ptr<float>(),
+                                    w[6].const_data_ptr<float>(), w[7].const_data_ptr<float>(), in});
+  }
+  check_f32(op, "head.weight", weights[weights.size() - 2], {1, H});
+  check_f32(op, "head.bias", weights[weights.size() - 1], {1});
+  net.head_w = weights[weights.size() - 2].const_data_ptr<float>();
+  net.head_b = weights[weights.size() - 1].const_data_ptr<float>();
+  return net;
+}
+
+// <w, x> over n floats with 8 independent lanes (vectorisable without reassociation flags).
+inline float dot(const float* __restrict w, const float* __restrict x, int64_t n) {
+  float acc[8] = {0, 0, 0, 0, 0, 0, 0, 0};
+  int64_t k = 0;
+  for (; k + 8 <= n; k += 8)
+    for (int j = 0; j < 8; ++j) acc[j] += w[k + j] * x[k + j];
+  float tail = 0.f;
+  for (; k < n; ++k) tail += w[k] * x[k];
+  return ((acc[0] + acc[1]) + (acc[2] + acc[3])) + ((acc[4] + acc[5]) + (acc[6] + acc[7])) + tail;
+}
+
+inline float sigmoid(float x) { return 1.f / (1.f + std::exp(-x)); }
+
+// Intermediates of one cell kept for the backward pass (pointers into a scratch buffer).
+struct CellTrace {
+  float *pre1, *pre2, *a1, *a2, *gates;  // gates: i, f, o, g activations (4H)
+};
+
+// One cell: h_out/c_out from input x (size cell.in), previous h/c of this layer.
+void cell_forward(const CellWeights& w, int64_t H, int64_t M, const float* x, const float* h_prev,
+                  const float* c_prev, const CellTrace& tr, float* h_out, float* c_out) {
+  for (int64_t m = 0; m < M; ++m) {
+    const float p1 = w.b0[m] + (w.in == 1 ? w.w0[m] * x[0] : dot(w.w0 + m * w.in, x, w.in));
+    const float p2 = w.vb0[m] + dot(w.v0 + m * H, h_prev, H);
+    tr.pre1[m] = p1;
+    tr.pre2[m] = p2;
+    tr.a1[m] = p1 > 0.f ? p1 : 0.f;
+    tr.a2[m] = p2 > 0.f ? p2 : 0.f;
+  }
+  float* z = tr.gates;
+  for (int64_t r = 0; r < 4 * H; ++r)
+    z[r] = (w.b2[r] + dot(w.w2 + r * M, tr.a1, M)) + (w.vb2[r] + dot(w.v2 + r * M, tr.a2, M));
+  for (int64_t j = 0; j < H; ++j) {
+    const float i = sigmoid(z[j]);
+    const float f = sigmoid(z[H + j] - 1.f);
+    const float o = sigmoid(z[2 * H + j]);
+    const float g = std::tanh(z[3 * H + j]);
+    z[j] = i;
+    z[H + j] = f;
+    z[2 * H + j] = o;
+    z[3 * H + j] = g;
+    const float cn = f * c_prev[j] + i * g;
+    c_out[j] = cn;
+    h_out[j] = o * std::tanh(cn);
+  }
+}
+
+// Scratch for a whole forward: per layer trace (4M + 4H) plus new h and c (2H).
+size_t trace_floats(const Net& n) { return static_cast<size_t>(n.layers * (4 * n.mid + 6 * n.hidden)); }
+
+CellTrace trace_at(float* base, const Net& n, int64_t l) {
+  float* p = base + l * (4 * n.mid + 6 * n.hidden);
+  return CellTrace{p, p + n.mid, p + 2 * n.mid, p + 3 * n.mid, p + 4 * n.mid};
+}
+float* h_new_at(float* base, const Net& n, int64_t l) {
+  return base + l * (4 * n.mid + 6 * n.hidden) + 4 * n.mid + 4 * n.hidden;
+}
+float* c_new_at(float* base, const Net& n, int64_t l) { return h_new_at(base, n, l) + n.hidden; }
+
+// Full forward; returns p (before sigmoid: *logit).
+float net_forward(const Net& n, float x0, const float* h, const float* c, float* scratch, float* logit) {
+  const float* x = &x0;
+  for (int64_t l = 0; l < n.layers; ++l) {
+    float* hn = h_new_at(scratch, n, l);
+    cell_forward(n.cells[l], n.hidden, n.mid, x, h + l * n.hidden, c + l * n.hidden, trace_at(scratch, n, l), hn,
+                 c_new_at(scratch, n, l));
+    x = hn;
+  }
+  *logit = n.head_b[0] + dot(n.head_w, x, n.hidden);
+  return sigmoid(*logit);
+}
+
+float* thread_scratch(size_t n) {
+  thread_local std::vector<float> buf;
+  if (buf.size() < n) buf.resize(n);
+  return buf.data();
+}
+
+Tensor mlrsnet_step_cpu(const Tensor& loss, const Tensor& h, const Tensor& c, TensorList weights, const Tensor& gamma,
+                        const Tensor& rate, TensorList lrs, at::ArrayRef<double> scales) {
+  const char* op = "mlrsnet_step_";
+  const Net net = check_net(op, h, c, weights);
+  TORCH_CHECK(lrs.size() == scales.size(), op, ": got ", lrs.size(), " lr tensors but ", scales.size(),
+              " scales; pass one scale per param group");
+  const double x_loss = static_cast<double>(static_cast<float>(read_scalar(op, "loss", loss)));
+  const float g = static_cast<float>(read_scalar(op, "gamma", gamma));
+  double new_rate = read_scalar(op, "rate", rate);
+  Tensor ok_t = at::empty({}, h.options().dtype(at::kBool));
+  bool ok = std::isfinite(x_loss);
+  if (ok) {
+    const float x0 = x_loss > 0.0 ? static_cast<float>(x_loss) : 0.f;
+    float* scratch = thread_scratch(trace_floats(net));
+    float logit;
+    const float p = net_forward(net, x0, h.const_data_ptr<float>(), c.const_data_ptr<float>(), scratch, &logit);
+    float r = g * p;
+    r = r < 0.f ? 0.f : r;  // NaN stays NaN (and is caught below)
+    r = r > g ? g : r;
+    ok = std::isfinite(r);
+    if (ok) {
+      float* hp = h.mutable_data_ptr<float>();
+      float* cp = c.mutable_data_ptr<float>();
+      for (int64_t l = 0; l < net.layers; ++l) {
+        const float* hn = h_new_at(scratch, net, l);
+        const float* cn = c_new_at(scratch, net, l);
+        for (int64_t j = 0; j < net.hidden; ++j) {
+          hp[l * net.hidden + j] = hn[j];
+          cp[l * net.hidden + j] = cn[j];
+        }
+      }
+      write_scalar(op, "rate", rate, r);
+      new_rate = read_scalar(op, "rate", rate);  // as stored (rounded to rate's dtype)
+    }
+  }
+  for (size_t k = 0; k < lrs.size(); ++k) {
+    if (scales[k] == 1.0) {
+      write_scalar(op, "lrs[k]", lrs[k], new_rate);
+    } else if (rate.scalar_type() == at::kFloat) {
+      write_scalar(op, "lrs[k]", lrs[k], static_cast<float>(new_rate) * static_cast<float>(scales[k]));
+    } else {
+      write_scalar(op, "lrs[k]", lrs[k], new_rate * scales[k]);
+    }
+  }
+  *ok_t.mutable_data_ptr<bool>() = ok;
+  return ok_t;
+}
+
+// grad_p * dp/dtheta for every weight (state constant, raw loss as input, like the reference).
+std::vector<Tensor> mlrsnet_param_grads_cpu(const Tensor& loss, const Tensor& h, const Tensor& c, TensorList weights,
+                                            const Tensor& grad_p) {
+  const char* op = "mlrsnet_param_grads";
+  const Net net = check_net(op, h, c, weights);
+  const int64_t H = net.hidden, M = net.mid;
+  const float x0 = static_cast<float>(read_scalar(op, "loss", loss));
+  const float gp = static_cast<float>(read_scalar(op, "grad_p", grad_p));
+  std::vector<float> scratch(trace_floats(net));
+  const float* hp = h.const_data_ptr<float>();
+  const float* cp = c.const_data_ptr<float>();
+  float logit;
+  const float p = net_forward(net, x0, hp, cp, scratch.data(), &logit);
+
+  std::vector<Tensor> out;
+  out.reserve(weights.size());
+  for (const auto& w : weights) out.push_back(at::empty(w.sizes(), w.options()));
+  auto gptr = [&](size_t i) { return out[i].mutable_data_ptr<float>(); };
+
+  // Head: p = sigmoid(head_w . x_L + head_b).
+  const float dlogit = gp * p * (1.f - p);
+  const float* xL = h_new_at(scratch.data(), net, net.layers - 1);
+  float* ghw = gptr(weights.size() - 2);
+  for (int64_t j = 0; j < H; ++j) ghw[j] = dlogit * xL[j];
+  gptr(weights.size() - 1)[0] = dlogit;
+
+  std::vector<float> dh(H), dz(4 * H), dpre1(M), dpre2(M), dx(H);
+  for (int64_t j = 0; j < H; ++j) dh[j] = dlogit * net.head_w[j];
+  for (int64_t l = net.layers - 1; l >= 0; --l) {
+    const CellWeights& w = net.cells[l];
+    const CellTrace tr = trace_at(scratch.data(), net, l);
+    const float* cn = c_new_at(scratch.data(), net, l);
+    const float* c_prev = cp + l * H;
+    const float* gate = tr.gates;
+    for (int64_t j = 0; j < H; ++j) {
+      const float i = gate[j], f = gate[H + j], o = gate[2 * H + j], g = gate[3 * H + j];
+      const float tc = std::tanh(cn[j]);
+      const float dc = dh[j] * o * (1.f - tc * tc);
+      dz[j] = dc * g * i * (1.f - i);
+      dz[H + j] = dc * c_prev[j] * f * (1.f - f);
+      dz[2 * H + j] = dh[j] * tc * o * (1.f - o);
+      dz[3 * H + j] = dc * i * (1.f - g * g);
+    }
+    float* gw0 = gptr(kWeightsPerCell * l + 0);
+    float* gb0 = gptr(kWeightsPerCell * l + 1);
+    float* gw2 = gptr(kWeightsPerCell * l + 2);
+    float* gb2 = gptr(kWeightsPerCell * l + 3);
+    float* gv0 = gptr(kWeightsPerCell * l + 4);
+    float* gvb0 = gptr(kWeightsPerCell * l + 5);
+    float* gv2 = gptr(kWeightsPerCell * l + 6);
+    float* gvb2 = gptr(kWeightsPerCell * l + 7);
+    for (int64_t m = 0; m < M; ++m) dpre1[m] = dpre2[m] = 0.f;
+    for (int64_t r = 0; r < 4 * H; ++r) {
+      const float d = dz[r];
+      gb2[r] = d;
+      gvb2[r] = d;
+      const float* w2r = w.w2 + r * M;
+      const float* v2r = w.v2 + r * M;
+      for (int64_t m = 0; m < M; ++m) {
+        gw2[r * M + m] = d * tr.a1[m];
+        gv2[r * M + m] = d * tr.a2[m];
+        dpre1[m] += w2r[m] * d;
+        dpre2[m] += v2r[m] * d;
+      }
+    }
+    const float* x = l == 0 ? &x0 : h_new_at(scratch.data(), net, l - 1);
+    const float* h_prev = hp + l * H;
+    for (int64_t k = 0; k < w.in; ++k) dx[k] = 0.f;
+    for (int64_t m = 0; m < M; ++m) {
+      const float d1 = tr.pre1[m] > 0.f ? dpre1[m] : 0.f;
+      const float d2 = tr.pre2[m] > 0.f ? dpre2[m] : 0.f;
+      gb0[m] = d1;
+      gvb0[m] = d2;
+      for (int64_t k = 0; k < w.in; ++k) {
+        gw0[m * w.in + k] = d1 * x[k];
+        dx[k] += w.w0[m * w.in + k] * d1;
+      }
+      for (int64_t k = 0; k < H; ++k) gv0[m * H + k] = d2 * h_prev[k];
+    }
+    if (l > 0)
+      for (int64_t k = 0; k < H; ++k) dh[k] = dx[k];
+  }
+  return out;
+}
+
+}  // namespace
+}  // namespace autolr_fast
+
+TORCH_LIBRARY_IMPL(autolr_fast_C, CPU, m) {
+  m.impl("mlrsnet_step_", &autolr_fast::mlrsnet_step_cpu);
+  m.impl("mlrsnet_param_grads", &autolr_fast::mlrsnet_param_grads_cpu);
+}

@@ -29,6 +29,7 @@ try:
     from . import _C  # noqa: F401  (loading the library registers the ops)
 
     AVAILABLE = True
+    _step_op = torch.ops.autolr_fast_C.mlrsnet_step_.default
     DETAIL = f"autolr_fast._C loaded from {_C.__file__}"
 except ImportError as exc:  # not built, or built against another torch
     AVAILABLE = False
@@ -99,14 +100,13 @@ def _as_scalar_tensor(x, dtype=torch.float64) -> Tensor:
 
 
 def mlrsnet_step_(loss, h, c, weights, gamma, rate, lr_list, scales) -> Tensor:
-    with torch.no_grad():
-        return torch.ops.autolr_fast_C.mlrsnet_step_(loss, h, c, list(weights), gamma, rate, list(lr_list),
-                                                     [float(s) for s in scales])
+    # Called every training step: kept to the bare op call (the op skips autograd in C++,
+    # and lists/tuples of tensors and floats are accepted as they are).
+    return _step_op(loss, h, c, weights, gamma, rate, lr_list, scales)
 
 
 def mlrsnet_param_grads(loss, h, c, weights, grad_p) -> list[Tensor]:
-    with torch.no_grad():
-        return list(torch.ops.autolr_fast_C.mlrsnet_param_grads(loss, h, c, list(weights), grad_p))
+    return list(torch.ops.autolr_fast_C.mlrsnet_param_grads(loss, h, c, list(weights), grad_p))
 
 
 def lookahead(params, directions, alpha) -> list[Tensor]:

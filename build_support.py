@@ -140,6 +140,7 @@ def _make_extension(with_cuda: bool):
 
 # Set by extension_modules(): whether a failure may fall back (auto mode) and why CUDA is on/off.
 _STATE = {"strict": False, "cuda": False, "reason": ""}
+_FAILED: set[str] = set()  # extensions whose build failed in auto mode (left out of the install)
 
 
 def extension_modules() -> list:
@@ -192,6 +193,20 @@ def cmdclass() -> dict:
                         exc = exc2
                 _warn(f"building {ext.name} failed ({exc}); autolr_fast installs without it and uses the "
                       "pure-PyTorch reference implementations. Set AUTOLR_FAST_BUILD_EXT=0 to skip the build.")
+                _FAILED.add(ext.name)
                 return None
+
+        # A skipped extension has no file: keep it out of the later copy/install steps.
+        def copy_extensions_to_source(self):
+            kept = self.extensions
+            self.extensions = [e for e in kept if e.name not in _FAILED]
+            try:
+                super().copy_extensions_to_source()
+            finally:
+                self.extensions = kept
+
+        def get_outputs(self):
+            failed = {self.get_ext_fullpath(name) for name in _FAILED}
+            return [o for o in super().get_outputs() if o not in failed]
 
     return {"build_ext": BuildExtensionWithFallback.with_options(use_ninja=True)}

@@ -384,6 +384,36 @@ def test_opcheck(op_name):
                           test_utils=("test_schema", "test_faketensor", "test_aot_dispatch_static"))
 
 
+@needs_ext
+def test_ops_under_torch_compile():
+    """The fake kernels let torch.compile trace the ops (fullgraph, mutation of the step included)."""
+    import torch._dynamo
+
+    torch._dynamo.reset()
+    shapes = [(5, 3), (7,)]
+    w, g, v = tensors(shapes, torch.float32), tensors(shapes, torch.float32), tensors(shapes, torch.float32)
+    bufs = [torch.randn(5, 3), None]
+    h, c, weights = make_net(17, 1)
+    alpha = torch.tensor(0.1)
+
+    def fn(loss, h, c, rate, lr):
+        w_hat = ops.lookahead_sgd(w, g, bufs, alpha, 0.9, 0.0, 1e-4, False, False)
+        dot = ops.hyper_dot_sgd(v, w, g, bufs, 0.9, 0.0, 1e-4, False, False)
+        ok = ops.mlrsnet_step_(loss, h, c, weights, torch.tensor(0.5), rate, [lr], [1.0])
+        return w_hat, dot, ok
+
+    compiled = torch.compile(fn, backend="aot_eager", fullgraph=True)
+    h1, c1, r1, l1 = h.clone(), c.clone(), torch.tensor(0.1), torch.tensor(0.0)
+    h2, c2, r2, l2 = h.clone(), c.clone(), torch.tensor(0.1), torch.tensor(0.0)
+    got = compiled(torch.tensor(1.2), h1, c1, r1, l1)
+    exp = fn(torch.tensor(1.2), h2, c2, r2, l2)
+    for a, b in zip(got[0], exp[0]):
+        assert torch.equal(a, b)
+    assert torch.equal(got[1], exp[1]) and bool(got[2]) == bool(exp[2])
+    assert torch.equal(h1, h2) and torch.equal(c1, c2) and torch.equal(r1, r2) and torch.equal(l1, l2), \
+        "the in-place updates of mlrsnet_step_ must survive torch.compile"
+
+
 # ------------------------------------------------------------------------------------------------
 # CUDA section
 # ------------------------------------------------------------------------------------------------

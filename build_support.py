@@ -28,7 +28,7 @@ from typing import Callable, Mapping
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
 OPS_DIR = os.path.join("csrc", "ops")
-CPU_SOURCES = ["ops_cpu.cpp", "mlrsnet_cpu.cpp"]
+CPU_SOURCES = ["ops_cpu.cpp", "mlrsnet_cpu.cpp", "python_fastpath.cpp"]
 CUDA_SOURCES = ["ops_cuda.cu"]
 DEFAULT_CUDA_ARCH_LIST = "9.0"
 CUDA_MODES = ("auto", "0", "1")

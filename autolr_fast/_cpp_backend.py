@@ -30,6 +30,8 @@ try:
 
     AVAILABLE = True
     _step_op = torch.ops.autolr_fast_C.mlrsnet_step_.default
+    _step_fast = _C.mlrsnet_step_cpu
+    _is_compiling = torch.compiler.is_compiling
     DETAIL = f"autolr_fast._C loaded from {_C.__file__}"
 except ImportError as exc:  # not built, or built against another torch
     AVAILABLE = False
@@ -100,8 +102,13 @@ def _as_scalar_tensor(x, dtype=torch.float64) -> Tensor:
 
 
 def mlrsnet_step_(loss, h, c, weights, gamma, rate, lr_list, scales) -> Tensor:
-    # Called every training step: kept to the bare op call (the op skips autograd in C++,
-    # and lists/tuples of tensors and floats are accepted as they are).
+    # Called every training step. Eager: the kernel straight from Python (the dispatcher's
+    # argument conversion costs more than the step); it answers NotImplemented for anything
+    # but plain CPU-side tensors/Parameters. Under torch.compile, and for those cases: the op.
+    if not _is_compiling():
+        ok = _step_fast(loss, h, c, weights, gamma, rate, lr_list, scales)
+        if ok is not NotImplemented:
+            return ok
     return _step_op(loss, h, c, weights, gamma, rate, lr_list, scales)
 
 

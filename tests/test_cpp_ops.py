@@ -223,6 +223,35 @@ def test_mlrsnet_param_grads_matches_reference(hidden, layers):
 
 
 @needs_ext
+def test_mlrsnet_step_fast_entry_matches_op():
+    """_C.mlrsnet_step_cpu (no dispatcher) == the op; NotImplemented for tensor subclasses."""
+    from autolr_fast import _C
+
+    h, c, weights = make_net(50, 2)
+    params = [torch.nn.Parameter(w) for w in weights]  # what the controller hands over
+    outs = []
+    for call in (_C.mlrsnet_step_cpu, ops.mlrsnet_step_):
+        hh, cc, rate, lrs = h.clone(), c.clone(), torch.tensor(0.1), [torch.tensor(0.0), torch.tensor(0.0)]
+        ok = call(torch.tensor(0.8), hh, cc, params, torch.tensor(0.4), rate, lrs, (1.0, 0.5))
+        outs.append((hh, cc, rate, *lrs, ok))
+    for a, b in zip(*outs):
+        assert torch.equal(a, b), msg("fast entry differs from the op")
+
+    class Sub(torch.Tensor):
+        pass
+
+    sub_h = h.clone().as_subclass(Sub)
+    assert _C.mlrsnet_step_cpu(torch.tensor(1.0), sub_h, c, weights, torch.tensor(0.4), torch.tensor(0.1), [],
+                               []) is NotImplemented
+    with pytest.raises(RuntimeError, match="expected 18 weight tensors"):
+        _C.mlrsnet_step_cpu(torch.tensor(1.0), h, c, weights[:-1], torch.tensor(0.4), torch.tensor(0.1), [], [])
+    # the backend callable falls back to the op for the subclass
+    ok = _cpp_backend.mlrsnet_step_(torch.tensor(1.0), sub_h, c.clone(), weights, torch.tensor(0.4),
+                                    torch.tensor(0.1), [], [])
+    assert bool(ok)
+
+
+@needs_ext
 def test_dispatch_uses_cpp_on_cpu():
     assert dispatch.select("mlrsnet_step_", torch.device("cpu"))[0] == "cpp"
     assert dispatch.select("hyper_dot_adam", torch.device("cpu"))[0] == "cpp"

@@ -18,6 +18,7 @@
 #include <immintrin.h>
 #endif
 
+#include "mlrsnet_cpu.h"
 #include "ops_common.h"
 
 namespace autolr_fast {
@@ -339,6 +340,9 @@ float* thread_scratch(size_t n) {
   return buf.data();
 }
 
+}  // namespace
+
+// Declared in mlrsnet_cpu.h (the Python fast path calls it directly).
 Tensor mlrsnet_step_cpu(const Tensor& loss, const Tensor& h, const Tensor& c, TensorList weights, const Tensor& gamma,
                         const Tensor& rate, TensorList lrs, at::ArrayRef<double> scales) {
   const char* op = "mlrsnet_step_";
@@ -386,6 +390,8 @@ Tensor mlrsnet_step_cpu(const Tensor& loss, const Tensor& h, const Tensor& c, Te
   *ok_t.mutable_data_ptr<bool>() = ok;
   return ok_t;
 }
+
+namespace {
 
 // grad_p * dp/dtheta for every weight (state constant, raw loss as input, like the reference).
 std::vector<Tensor> mlrsnet_param_grads_cpu(const Tensor& loss, const Tensor& h, const Tensor& c, TensorList weights,

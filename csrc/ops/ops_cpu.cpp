@@ -1,8 +1,6 @@
 // Schemas of the autolr_fast_C ops and their CPU kernels for the look-ahead / hypergradient
 // multi-tensor ops. The MLR-SNet step lives in mlrsnet_cpu.cpp, the CUDA kernels in
 // ops_cuda.cu. Semantics: autolr_fast/reference.py (functions of the same names).
-#include <Python.h>
-
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
 #include <ATen/Parallel.h>
@@ -11,14 +9,6 @@
 
 #include "directions.h"
 #include "ops_common.h"
-
-// `import autolr_fast._C` only has to load the shared library: the ops register themselves
-// with the dispatcher (torch.ops.autolr_fast_C.*) when it is loaded.
-extern "C" PyObject* PyInit__C(void) {
-  static struct PyModuleDef module_def = {PyModuleDef_HEAD_INIT, "_C", "autolr_fast C++/CUDA ops (torch.ops.autolr_fast_C)",
-                                          -1, nullptr};
-  return PyModule_Create(&module_def);
-}
 
 namespace autolr_fast {
 namespace {

@@ -12,7 +12,7 @@ calls it (through ``autolr_fast._cpp_backend``, so the Python -> dispatcher cost
 * ``{lookahead,hyper_dot}[_sgd|_adam]_resnet18w32``: the meta-step helpers over the
   parameter list of a ResNet-18 at half width (62 tensors, 2.8M parameters).
 
-After the run a Markdown table of the ratios reference / cpp (medians) is printed (with
+All timings use one intra-op thread. After the run a Markdown table of the ratios reference / cpp (medians) is printed (with
 ``-s``) and written to ``results/bench_cpp_ops.md``.
 """
 
@@ -89,12 +89,7 @@ def test_mlrsnet_step(benchmark, impl, hidden, layers):
     h, c, weights = make_net(hidden, layers)
     args = (torch.tensor(1.7), h, c, weights, torch.tensor(0.3), torch.tensor(0.1), [torch.tensor(0.1)], [1.0])
     fn = reference_step if impl == "reference" else cpp.mlrsnet_step_
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # tiny op: intra-op threads only add noise
-    try:
-        ok = benchmark(fn, *args)
-    finally:
-        torch.set_num_threads(threads)
+    ok = benchmark(fn, *args)
     assert bool(ok)
     _record(benchmark, group, impl)
 
@@ -157,9 +152,14 @@ def ratio_table() -> str:
 
 
 @pytest.fixture(scope="module", autouse=True)
-def _print_ratios(request):
-    """After the module: print the table (visible with -s) and keep it in results/."""
+def _one_thread_and_print_ratios(request):
+    """One intra-op thread for every timing (on a small shared CPU, OpenMP spin-waits of the
+    many small parallel ops of the eager baselines make multi-threaded timings meaningless);
+    after the module, print the table (visible with -s) and keep it in results/."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
     yield
+    torch.set_num_threads(threads)
     if not RESULTS:
         return
     table = ratio_table()

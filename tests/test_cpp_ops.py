@@ -135,6 +135,23 @@ def test_find_cuda_toolkit_follows_nvcc_wrapper(tmp_path):
                                            is_toolkit=lambda p: p == str(real)) is None
 
 
+def test_extension_modules_follow_the_switches(monkeypatch):
+    monkeypatch.setenv("AUTOLR_FAST_BUILD_EXT", "0")
+    assert build_support.extension_modules() == []
+    monkeypatch.setenv("AUTOLR_FAST_BUILD_EXT", "1")
+    monkeypatch.setenv("AUTOLR_FAST_CUDA", "0")
+    (ext,) = build_support.extension_modules()
+    assert ext.name == "autolr_fast._C" and not any(src.endswith(".cu") for src in ext.sources)
+    # auto without a toolkit: CPU-only, whatever the GPU situation
+    monkeypatch.setenv("AUTOLR_FAST_CUDA", "auto")
+    monkeypatch.setattr(build_support, "find_cuda_toolkit", lambda *a, **k: None)
+    (ext,) = build_support.extension_modules()
+    assert not any(src.endswith(".cu") for src in ext.sources)
+    monkeypatch.setenv("AUTOLR_FAST_CUDA", "1")
+    with pytest.raises(RuntimeError, match="no CUDA toolkit"):
+        build_support.extension_modules()
+
+
 # ------------------------------------------------------------------------------------------------
 # MLR-SNet step (CPU)
 # ------------------------------------------------------------------------------------------------

@@ -120,7 +120,7 @@ def _prepare_cuda_env(toolkit: str) -> None:
         cpp_ext.CUDA_HOME = os.environ["CUDA_HOME"]
 
 
-_CXX_FLAGS = ["-O3"]
+_CXX_FLAGS = ["-O3", "-g0"]  # no debug info: faster compile and link, smaller .so
 _NVCC_FLAGS = ["-O3", "--expt-relaxed-constexpr", "-lineinfo"]
 
 

@@ -19,7 +19,7 @@ from typing import Sequence
 import torch
 from torch import Tensor
 
-from . import dispatch
+from . import dispatch, reference
 
 OPS_NAMESPACE = "autolr_fast_C"
 LIST_OPS = ("lookahead", "hyper_dot", "lookahead_sgd", "hyper_dot_sgd", "lookahead_adam", "hyper_dot_adam")
@@ -101,10 +101,26 @@ def _as_scalar_tensor(x, dtype=torch.float64) -> Tensor:
     return x if isinstance(x, Tensor) else torch.tensor(float(x), dtype=dtype)
 
 
+def _reference_step(loss, h, c, weights, gamma, rate, lr_list, scales) -> Tensor:
+    """dispatch's reference branch, for what the C++ kernel does not cover (non-float32 state)."""
+    with torch.no_grad():
+        new_rate, h_new, c_new, ok = reference.mlrsnet_guarded_step(loss, h, c, [w.detach() for w in weights],
+                                                                    gamma, rate)
+        h.copy_(h_new)
+        c.copy_(c_new)
+        rate.copy_(new_rate)
+        if len(lr_list):
+            dispatch.write_rates(rate, lr_list, scales)
+    return ok
+
+
 def mlrsnet_step_(loss, h, c, weights, gamma, rate, lr_list, scales) -> Tensor:
     # Called every training step. Eager: the kernel straight from Python (the dispatcher's
     # argument conversion costs more than the step); it answers NotImplemented for anything
     # but plain CPU-side tensors/Parameters. Under torch.compile, and for those cases: the op.
+    # The kernel is float32-only (the controller's dtype); float64 runs use the reference.
+    if h.dtype is not torch.float32:
+        return _reference_step(loss, h, c, weights, gamma, rate, lr_list, scales)
     if not _is_compiling():
         ok = _step_fast(loss, h, c, weights, gamma, rate, lr_list, scales)
         if ok is not NotImplemented:
@@ -113,6 +129,8 @@ def mlrsnet_step_(loss, h, c, weights, gamma, rate, lr_list, scales) -> Tensor:
 
 
 def mlrsnet_param_grads(loss, h, c, weights, grad_p) -> list[Tensor]:
+    if h.dtype is not torch.float32:  # float32-only kernel (e.g. float64 finite-difference checks)
+        return reference.mlrsnet_param_grads(loss, h, c, weights, grad_p)
     return list(torch.ops.autolr_fast_C.mlrsnet_param_grads(loss, h, c, list(weights), grad_p))
 
 

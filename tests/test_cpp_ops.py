@@ -224,6 +224,12 @@ def test_mlrsnet_step_rejects_bad_weights():
     with pytest.raises(RuntimeError, match="i2h.2.weight"):
         ops.mlrsnet_step_(torch.tensor(1.0), h, c, bad, torch.tensor(1.0), torch.tensor(0.1), [], [])
     assert torch.equal(h, h0), "bad input must not corrupt the state"
+    with pytest.raises(RuntimeError, match="scale per param group"):
+        ops.mlrsnet_step_(torch.tensor(1.0), h, c, weights, torch.tensor(1.0), torch.tensor(0.1),
+                          [torch.tensor(0.0)], [])
+    # float lrs in the optimizer: no lr tensors, one scale per group (dispatch's zip semantics)
+    assert bool(ops.mlrsnet_step_(torch.tensor(1.0), h, c, weights, torch.tensor(1.0), torch.tensor(0.1), [],
+                                  [1.0, 0.5]))
 
 
 @needs_ext
@@ -266,6 +272,21 @@ def test_mlrsnet_step_fast_entry_matches_op():
     ok = _cpp_backend.mlrsnet_step_(torch.tensor(1.0), sub_h, c.clone(), weights, torch.tensor(0.4),
                                     torch.tensor(0.1), [], [])
     assert bool(ok)
+
+
+@needs_ext
+def test_backend_float64_controller_uses_the_reference():
+    """The kernels are float32; a float64 controller (finite-difference checks) still works."""
+    h, c, weights = make_net(17, 2)
+    h, c, weights = h.double(), c.double(), [w.double() for w in weights]
+    loss, grad_p = torch.tensor(0.9, dtype=torch.float64), torch.tensor(1.0, dtype=torch.float64)
+    got = _cpp_backend.mlrsnet_param_grads(loss, h, c, weights, grad_p)
+    for g, e in zip(got, reference.mlrsnet_param_grads(loss, h, c, weights, grad_p)):
+        assert g.dtype == torch.float64 and torch.equal(g, e)
+    gamma, rate = torch.tensor(0.4, dtype=torch.float64), torch.tensor(0.1, dtype=torch.float64)
+    exp = reference.mlrsnet_guarded_step(loss, h, c, weights, gamma, rate)
+    ok = _cpp_backend.mlrsnet_step_(loss, h, c, weights, gamma, rate, [], [])
+    assert bool(ok) and torch.equal(h, exp[1]) and torch.equal(rate, exp[0])
 
 
 @needs_ext

@@ -347,7 +347,9 @@ Tensor mlrsnet_step_cpu(const Tensor& loss, const Tensor& h, const Tensor& c, Te
                         const Tensor& rate, TensorList lrs, at::ArrayRef<double> scales) {
   const char* op = "mlrsnet_step_";
   const Net net = check_net(op, h, c, weights);
-  TORCH_CHECK(lrs.size() == scales.size(), op, ": got ", lrs.size(), " lr tensors but ", scales.size(),
+  // zip(lrs, scales) like dispatch.write_rates: the scheduler passes no lr tensors (but its
+  // scales) when the optimizer keeps float lrs; an lr tensor without a scale is an error.
+  TORCH_CHECK(lrs.size() <= scales.size(), op, ": got ", lrs.size(), " lr tensors but only ", scales.size(),
               " scales; pass one scale per param group");
   const double x_loss = static_cast<double>(static_cast<float>(read_scalar(op, "loss", loss)));
   const float g = static_cast<float>(read_scalar(op, "gamma", gamma));

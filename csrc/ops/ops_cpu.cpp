@@ -7,6 +7,8 @@
 #include <ATen/ops/empty.h>
 #include <torch/library.h>
 
+#include <type_traits>
+
 #include "directions.h"
 #include "ops_common.h"
 
@@ -209,13 +211,28 @@ struct AdamElement {
   const scalar_t *w, *g, *m, *v, *vmax;
   opmath_t bc1, bc2_sqrt;
   AdamCoeffs<opmath_t> k;
-  opmath_t operator()(int64_t i) const {
-    return adam_direction<opmath_t>(static_cast<opmath_t>(w[i]), static_cast<opmath_t>(g[i]), m != nullptr,
-                                    m ? static_cast<opmath_t>(m[i]) : opmath_t(0), v != nullptr,
-                                    v ? static_cast<opmath_t>(v[i]) : opmath_t(0), vmax != nullptr,
-                                    vmax ? static_cast<opmath_t>(vmax[i]) : opmath_t(0), bc1, bc2_sqrt, k);
+  // Which optional states exist is a template argument, so the element loops carry no
+  // per-element branches and vectorise.
+  template <bool HasM, bool HasV, bool HasVmax>
+  opmath_t at(int64_t i) const {
+    return adam_direction<opmath_t>(static_cast<opmath_t>(w[i]), static_cast<opmath_t>(g[i]), HasM,
+                                    HasM ? static_cast<opmath_t>(m[i]) : opmath_t(0), HasV,
+                                    HasV ? static_cast<opmath_t>(v[i]) : opmath_t(0), HasVmax,
+                                    HasVmax ? static_cast<opmath_t>(vmax[i]) : opmath_t(0), bc1, bc2_sqrt, k);
   }
 };
+
+// f(std::bool_constant<HasM>, std::bool_constant<HasV>, std::bool_constant<HasVmax>)
+template <typename F>
+void with_state_flags(bool has_m, bool has_v, bool has_vmax, const F& f) {
+  auto vmax_level = [&](auto hm, auto hv) {
+    if (has_vmax) f(hm, hv, std::true_type{}); else f(hm, hv, std::false_type{});
+  };
+  auto v_level = [&](auto hm) {
+    if (has_v) vmax_level(hm, std::true_type{}); else vmax_level(hm, std::false_type{});
+  };
+  if (has_m) v_level(std::true_type{}); else v_level(std::false_type{});
+}
 
 template <typename scalar_t>
 AdamElement<scalar_t, at::opmath_type<scalar_t>> adam_element(const Tensor& w, const Tensor& g, const AdamState& s,
@@ -255,10 +272,12 @@ std::vector<Tensor> lookahead_adam_cpu(TensorList params_in, TensorList grads_in
       const opmath_t alpha_t = static_cast<opmath_t>(static_cast<scalar_t>(a));
       const scalar_t* w = e.w;
       scalar_t* y = o.mutable_data_ptr<scalar_t>();
-      parallel_elements(o.numel(), [&](int64_t i) {
-        const opmath_t d = static_cast<opmath_t>(static_cast<scalar_t>(e(i)));
-        y[i] = static_cast<scalar_t>(static_cast<opmath_t>(w[i]) -
-                                     static_cast<opmath_t>(static_cast<scalar_t>(alpha_t * d)));
+      with_state_flags(e.m != nullptr, e.v != nullptr, e.vmax != nullptr, [&](auto hm, auto hv, auto hx) {
+        parallel_elements(o.numel(), [&](int64_t i) {
+          const opmath_t d = static_cast<opmath_t>(static_cast<scalar_t>(e.template at<decltype(hm)::value, decltype(hv)::value, decltype(hx)::value>(i)));
+          y[i] = static_cast<scalar_t>(static_cast<opmath_t>(w[i]) -
+                                       static_cast<opmath_t>(static_cast<scalar_t>(alpha_t * d)));
+        });
       });
     });
     out.push_back(std::move(o));
@@ -285,8 +304,10 @@ Tensor hyper_dot_adam_cpu(TensorList vals_in, TensorList params_in, TensorList g
       const auto e = adam_element<scalar_t>(params[t], grads[t], state, t, stored_step, beta1, beta2, eps,
                                             weight_decay, decoupled, maximize);
       const scalar_t* v = vals[t].const_data_ptr<scalar_t>();
-      total += deterministic_sum(params[t].numel(), [&](int64_t i) {
-        return static_cast<double>(v[i]) * static_cast<double>(static_cast<scalar_t>(e(i)));
+      with_state_flags(e.m != nullptr, e.v != nullptr, e.vmax != nullptr, [&](auto hm, auto hv, auto hx) {
+        total += deterministic_sum(params[t].numel(), [&](int64_t i) {
+          return static_cast<double>(v[i]) * static_cast<double>(static_cast<scalar_t>(e.template at<decltype(hm)::value, decltype(hv)::value, decltype(hx)::value>(i)));
+        });
       });
     });
   }

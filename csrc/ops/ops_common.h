@@ -1,0 +1,76 @@
+// Argument checks and small helpers shared by the CPU and the CUDA multi-tensor ops.
+#pragma once
+
+#include <ATen/core/Tensor.h>
+#include <ATen/core/List.h>
+#include <c10/util/Exception.h>
+
+#include <optional>
+#include <string>
+#include <vector>
+
+namespace autolr_fast {
+
+using at::Tensor;
+using at::TensorList;
+using OptTensorList = c10::List<std::optional<Tensor>>;
+
+inline bool is_float_like(c10::ScalarType t) {
+  return t == at::kFloat || t == at::kDouble || t == at::kHalf || t == at::kBFloat16;
+}
+
+// x (= name[i]) must share device, dtype and shape with ref (= params[i]).
+inline void check_pair(const char* op, const char* name, size_t i, const Tensor& ref, const Tensor& x) {
+  TORCH_CHECK(x.device() == ref.device(), op, ": ", name, "[", i, "] is on ", x.device(), " but params[", i,
+              "] is on ", ref.device(), "; move them to one device");
+  TORCH_CHECK(x.scalar_type() == ref.scalar_type(), op, ": ", name, "[", i, "] has dtype ", x.scalar_type(),
+              " but params[", i, "] has ", ref.scalar_type(), "; use one dtype per parameter");
+  TORCH_CHECK(x.sizes() == ref.sizes(), op, ": ", name, "[", i, "] has shape ", x.sizes(), " but params[", i,
+              "] has ", ref.sizes());
+}
+
+inline void check_list_like(const char* op, const char* name, TensorList ref, TensorList xs) {
+  TORCH_CHECK(xs.size() == ref.size(), op, ": ", name, " has ", xs.size(), " tensors but params has ", ref.size(),
+              "; pass one tensor per parameter");
+  for (size_t i = 0; i < xs.size(); ++i) check_pair(op, name, i, ref[i], xs[i]);
+}
+
+inline void check_params(const char* op, TensorList params) {
+  TORCH_CHECK(!params.empty(), op, ": needs at least one tensor");
+  for (size_t i = 0; i < params.size(); ++i) {
+    TORCH_CHECK(is_float_like(params[i].scalar_type()), op, ": params[", i, "] has dtype ",
+                params[i].scalar_type(), "; only float32/float64/float16/bfloat16 are supported");
+  }
+}
+
+// Optional list (Tensor?[]): same length; present entries must match params[i].
+inline std::vector<std::optional<Tensor>> check_optional_list(const char* op, const char* name, TensorList ref,
+                                                              const OptTensorList& xs) {
+  TORCH_CHECK(xs.size() == ref.size(), op, ": ", name, " has ", xs.size(), " entries but params has ", ref.size(),
+              "; pass one tensor (or None) per parameter");
+  std::vector<std::optional<Tensor>> out;
+  out.reserve(xs.size());
+  for (size_t i = 0; i < xs.size(); ++i) {
+    std::optional<Tensor> x = xs.get(i);
+    if (x.has_value() && x->defined()) {
+      check_pair(op, name, i, ref[i], *x);
+      out.emplace_back(x->contiguous());
+    } else {
+      out.emplace_back(std::nullopt);
+    }
+  }
+  return out;
+}
+
+inline std::vector<Tensor> contiguous_all(TensorList xs) {
+  std::vector<Tensor> out;
+  out.reserve(xs.size());
+  for (const auto& x : xs) out.push_back(x.contiguous());
+  return out;
+}
+
+inline void check_scalar_tensor(const char* op, const char* name, const Tensor& t) {
+  TORCH_CHECK(t.numel() == 1, op, ": ", name, " must be a 1-element tensor, got shape ", t.sizes());
+}
+
+}  // namespace autolr_fast

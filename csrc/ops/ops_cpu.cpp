@@ -1,0 +1,350 @@
+// Schemas of the autolr_fast_C ops and their CPU kernels for the look-ahead / hypergradient
+// multi-tensor ops. The MLR-SNet step lives in mlrsnet_cpu.cpp, the CUDA kernels in
+// ops_cuda.cu. Semantics: autolr_fast/reference.py (functions of the same names).
+#include <ATen/Dispatch.h>
+#include <ATen/OpMathType.h>
+#include <ATen/Parallel.h>
+#include <ATen/ops/empty.h>
+#include <torch/library.h>
+
+#include <type_traits>
+
+#include "directions.h"
+#include "ops_common.h"
+
+namespace autolr_fast {
+namespace {
+
+constexpr int64_t kGrain = 32768;     // elements per parallel task (element-wise ops)
+constexpr int64_t kDotChunk = 32768;  // fixed reduction chunk: the summation order never depends on threads
+
+template <typename F>
+void parallel_elements(int64_t n, const F& f) {
+  at::parallel_for(0, n, kGrain, [&](int64_t begin, int64_t end) {
+    for (int64_t i = begin; i < end; ++i) f(i);
+  });
+}
+
+// Deterministic sum over [0, n) of term(i) (double): per-chunk partials in a fixed chunk grid
+// (computed in parallel), then added in chunk order. Same bits for any thread count.
+template <typename F>
+double deterministic_sum(int64_t n, const F& term) {
+  const int64_t chunks = (n + kDotChunk - 1) / kDotChunk;
+  std::vector<double> partial(static_cast<size_t>(chunks), 0.0);
+  at::parallel_for(0, chunks, 1, [&](int64_t cb, int64_t ce) {
+    for (int64_t c = cb; c < ce; ++c) {
+      const int64_t lo = c * kDotChunk, hi = std::min(n, lo + kDotChunk);
+      double acc[4] = {0.0, 0.0, 0.0, 0.0};
+      int64_t i = lo;
+      for (; i + 4 <= hi; i += 4) {
+        acc[0] += term(i);
+        acc[1] += term(i + 1);
+        acc[2] += term(i + 2);
+        acc[3] += term(i + 3);
+      }
+      for (; i < hi; ++i) acc[0] += term(i);
+      partial[static_cast<size_t>(c)] = (acc[0] + acc[1]) + (acc[2] + acc[3]);
+    }
+  });
+  double total = 0.0;
+  for (double p : partial) total += p;
+  return total;
+}
+
+void check_cpu(const char* op, TensorList xs) {
+  for (size_t i = 0; i < xs.size(); ++i)
+    TORCH_CHECK(xs[i].device().is_cpu(), op, ": tensor ", i, " is on ", xs[i].device(),
+                "; the CPU kernel needs CPU tensors");
+}
+
+double host_scalar(const char* op, const char* name, const Tensor& t) {
+  check_scalar_tensor(op, name, t);
+  TORCH_CHECK(t.device().is_cpu(), op, ": ", name, " is on ", t.device(), " but the tensors are on the CPU");
+  return t.item<double>();
+}
+
+Tensor scalar_result(const Tensor& like, double value) {
+  Tensor out = at::empty({}, like.options().dtype(at::kFloat));
+  *out.data_ptr<float>() = static_cast<float>(value);
+  return out;
+}
+
+// ---------------------------------------------------------------------------------------------
+// Generic look-ahead and dot product
+// ---------------------------------------------------------------------------------------------
+std::vector<Tensor> lookahead_cpu(TensorList params_in, TensorList dirs_in, const Tensor& alpha) {
+  const char* op = "lookahead";
+  check_params(op, params_in);
+  check_list_like(op, "dirs", params_in, dirs_in);
+  check_cpu(op, params_in);
+  const double a = host_scalar(op, "alpha", alpha);
+  auto params = contiguous_all(params_in);
+  auto dirs = contiguous_all(dirs_in);
+  std::vector<Tensor> out;
+  out.reserve(params.size());
+  for (size_t t = 0; t < params.size(); ++t) {
+    Tensor o = at::empty(params[t].sizes(), params[t].options());
+    AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, params[t].scalar_type(), "lookahead_cpu", [&] {
+      using opmath_t = at::opmath_type<scalar_t>;
+      const opmath_t alpha_t = static_cast<opmath_t>(static_cast<scalar_t>(a));
+      const scalar_t* w = params[t].const_data_ptr<scalar_t>();
+      const scalar_t* d = dirs[t].const_data_ptr<scalar_t>();
+      scalar_t* y = o.mutable_data_ptr<scalar_t>();
+      parallel_elements(o.numel(), [&](int64_t i) {
+        y[i] = static_cast<scalar_t>(static_cast<opmath_t>(w[i]) - alpha_t * static_cast<opmath_t>(d[i]));
+      });
+    });
+    out.push_back(std::move(o));
+  }
+  return out;
+}
+
+Tensor hyper_dot_cpu(TensorList a_in, TensorList b_in) {
+  const char* op = "hyper_dot";
+  check_params(op, a_in);
+  check_list_like(op, "b", a_in, b_in);
+  check_cpu(op, a_in);
+  auto a = contiguous_all(a_in);
+  auto b = contiguous_all(b_in);
+  double total = 0.0;
+  for (size_t t = 0; t < a.size(); ++t) {
+    AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, a[t].scalar_type(), "hyper_dot_cpu", [&] {
+      const scalar_t* x = a[t].const_data_ptr<scalar_t>();
+      const scalar_t* y = b[t].const_data_ptr<scalar_t>();
+      total += deterministic_sum(a[t].numel(), [&](int64_t i) {
+        return static_cast<double>(x[i]) * static_cast<double>(y[i]);
+      });
+    });
+  }
+  return scalar_result(a[0], total);
+}
+
+// ---------------------------------------------------------------------------------------------
+// SGD
+// ---------------------------------------------------------------------------------------------
+std::vector<Tensor> lookahead_sgd_cpu(TensorList params_in, TensorList grads_in, const OptTensorList& bufs_in,
+                                      const Tensor& alpha, double momentum, double dampening, double weight_decay,
+                                      bool nesterov, bool maximize) {
+  const char* op = "lookahead_sgd";
+  check_params(op, params_in);
+  check_list_like(op, "grads", params_in, grads_in);
+  check_cpu(op, params_in);
+  auto bufs = check_optional_list(op, "momentum_buffers", params_in, bufs_in);
+  const double a = host_scalar(op, "alpha", alpha);
+  auto params = contiguous_all(params_in);
+  auto grads = contiguous_all(grads_in);
+  std::vector<Tensor> out;
+  out.reserve(params.size());
+  for (size_t t = 0; t < params.size(); ++t) {
+    Tensor o = at::empty(params[t].sizes(), params[t].options());
+    AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, params[t].scalar_type(), "lookahead_sgd_cpu", [&] {
+      using opmath_t = at::opmath_type<scalar_t>;
+      const auto k = make_sgd_coeffs<opmath_t>(momentum, dampening, weight_decay, nesterov, maximize);
+      const opmath_t alpha_t = static_cast<opmath_t>(static_cast<scalar_t>(a));
+      const scalar_t* w = params[t].const_data_ptr<scalar_t>();
+      const scalar_t* g = grads[t].const_data_ptr<scalar_t>();
+      const scalar_t* buf = bufs[t] ? bufs[t]->const_data_ptr<scalar_t>() : nullptr;
+      scalar_t* y = o.mutable_data_ptr<scalar_t>();
+      parallel_elements(o.numel(), [&](int64_t i) {
+        const opmath_t wi = static_cast<opmath_t>(w[i]);
+        const opmath_t d = sgd_direction<opmath_t>(wi, static_cast<opmath_t>(g[i]), buf != nullptr,
+                                                   buf ? static_cast<opmath_t>(buf[i]) : opmath_t(0), k);
+        y[i] = static_cast<scalar_t>(wi - static_cast<opmath_t>(static_cast<scalar_t>(alpha_t * d)));
+      });
+    });
+    out.push_back(std::move(o));
+  }
+  return out;
+}
+
+Tensor hyper_dot_sgd_cpu(TensorList vals_in, TensorList params_in, TensorList grads_in, const OptTensorList& bufs_in,
+                         double momentum, double dampening, double weight_decay, bool nesterov, bool maximize) {
+  const char* op = "hyper_dot_sgd";
+  check_params(op, params_in);
+  check_list_like(op, "val_grads", params_in, vals_in);
+  check_list_like(op, "grads", params_in, grads_in);
+  check_cpu(op, params_in);
+  auto bufs = check_optional_list(op, "momentum_buffers", params_in, bufs_in);
+  auto vals = contiguous_all(vals_in);
+  auto params = contiguous_all(params_in);
+  auto grads = contiguous_all(grads_in);
+  double total = 0.0;
+  for (size_t t = 0; t < params.size(); ++t) {
+    AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, params[t].scalar_type(), "hyper_dot_sgd_cpu", [&] {
+      using opmath_t = at::opmath_type<scalar_t>;
+      const auto k = make_sgd_coeffs<opmath_t>(momentum, dampening, weight_decay, nesterov, maximize);
+      const scalar_t* v = vals[t].const_data_ptr<scalar_t>();
+      const scalar_t* w = params[t].const_data_ptr<scalar_t>();
+      const scalar_t* g = grads[t].const_data_ptr<scalar_t>();
+      const scalar_t* buf = bufs[t] ? bufs[t]->const_data_ptr<scalar_t>() : nullptr;
+      total += deterministic_sum(params[t].numel(), [&](int64_t i) {
+        const opmath_t d = sgd_direction<opmath_t>(static_cast<opmath_t>(w[i]), static_cast<opmath_t>(g[i]),
+                                                   buf != nullptr, buf ? static_cast<opmath_t>(buf[i]) : opmath_t(0), k);
+        return static_cast<double>(v[i]) * static_cast<double>(static_cast<scalar_t>(d));
+      });
+    });
+  }
+  return scalar_result(params[0], total);
+}
+
+// ---------------------------------------------------------------------------------------------
+// Adam / AdamW
+// ---------------------------------------------------------------------------------------------
+struct AdamState {
+  std::vector<std::optional<Tensor>> m, v, vmax;
+};
+
+AdamState check_adam_state(const char* op, TensorList params, const OptTensorList& m, const OptTensorList& v,
+                           const OptTensorList& vmax) {
+  return AdamState{check_optional_list(op, "exp_avgs", params, m), check_optional_list(op, "exp_avg_sqs", params, v),
+                   check_optional_list(op, "max_exp_avg_sqs", params, vmax)};
+}
+
+template <typename scalar_t>
+const scalar_t* opt_ptr(const std::optional<Tensor>& t) {
+  return t ? t->const_data_ptr<scalar_t>() : nullptr;
+}
+
+// d_i for element i of tensor t, in opmath; templated so both Adam ops share it.
+template <typename scalar_t, typename opmath_t>
+struct AdamElement {
+  const scalar_t *w, *g, *m, *v, *vmax;
+  opmath_t bc1, bc2_sqrt;
+  AdamCoeffs<opmath_t> k;
+  // Which optional states exist is a template argument, so the element loops carry no
+  // per-element branches and vectorise.
+  template <bool HasM, bool HasV, bool HasVmax>
+  opmath_t at(int64_t i) const {
+    return adam_direction<opmath_t>(static_cast<opmath_t>(w[i]), static_cast<opmath_t>(g[i]), HasM,
+                                    HasM ? static_cast<opmath_t>(m[i]) : opmath_t(0), HasV,
+                                    HasV ? static_cast<opmath_t>(v[i]) : opmath_t(0), HasVmax,
+                                    HasVmax ? static_cast<opmath_t>(vmax[i]) : opmath_t(0), bc1, bc2_sqrt, k);
+  }
+};
+
+// f(std::bool_constant<HasM>, std::bool_constant<HasV>, std::bool_constant<HasVmax>)
+template <typename F>
+void with_state_flags(bool has_m, bool has_v, bool has_vmax, const F& f) {
+  auto vmax_level = [&](auto hm, auto hv) {
+    if (has_vmax) f(hm, hv, std::true_type{}); else f(hm, hv, std::false_type{});
+  };
+  auto v_level = [&](auto hm) {
+    if (has_v) vmax_level(hm, std::true_type{}); else vmax_level(hm, std::false_type{});
+  };
+  if (has_m) v_level(std::true_type{}); else v_level(std::false_type{});
+}
+
+template <typename scalar_t>
+AdamElement<scalar_t, at::opmath_type<scalar_t>> adam_element(const Tensor& w, const Tensor& g, const AdamState& s,
+                                                              size_t t, double stored_step, double beta1, double beta2,
+                                                              double eps, double weight_decay, bool decoupled,
+                                                              bool maximize) {
+  using opmath_t = at::opmath_type<scalar_t>;
+  AdamElement<scalar_t, opmath_t> e{w.const_data_ptr<scalar_t>(), g.const_data_ptr<scalar_t>(),
+                                    opt_ptr<scalar_t>(s.m[t]), opt_ptr<scalar_t>(s.v[t]),
+                                    opt_ptr<scalar_t>(s.vmax[t]), opmath_t(0), opmath_t(0),
+                                    make_adam_coeffs<opmath_t>(beta1, beta2, eps, weight_decay, decoupled, maximize)};
+  adam_bias_corrections<scalar_t, opmath_t>(stored_step, beta1, beta2, &e.bc1, &e.bc2_sqrt);
+  return e;
+}
+
+std::vector<Tensor> lookahead_adam_cpu(TensorList params_in, TensorList grads_in, const OptTensorList& m_in,
+                                       const OptTensorList& v_in, const OptTensorList& vmax_in, const Tensor& step,
+                                       const Tensor& alpha, double beta1, double beta2, double eps,
+                                       double weight_decay, bool decoupled, bool maximize) {
+  const char* op = "lookahead_adam";
+  check_params(op, params_in);
+  check_list_like(op, "grads", params_in, grads_in);
+  check_cpu(op, params_in);
+  auto state = check_adam_state(op, params_in, m_in, v_in, vmax_in);
+  const double a = host_scalar(op, "alpha", alpha);
+  const double stored_step = host_scalar(op, "step", step);
+  auto params = contiguous_all(params_in);
+  auto grads = contiguous_all(grads_in);
+  std::vector<Tensor> out;
+  out.reserve(params.size());
+  for (size_t t = 0; t < params.size(); ++t) {
+    Tensor o = at::empty(params[t].sizes(), params[t].options());
+    AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, params[t].scalar_type(), "lookahead_adam_cpu", [&] {
+      using opmath_t = at::opmath_type<scalar_t>;
+      const auto e = adam_element<scalar_t>(params[t], grads[t], state, t, stored_step, beta1, beta2, eps,
+                                            weight_decay, decoupled, maximize);
+      const opmath_t alpha_t = static_cast<opmath_t>(static_cast<scalar_t>(a));
+      const scalar_t* w = e.w;
+      scalar_t* y = o.mutable_data_ptr<scalar_t>();
+      with_state_flags(e.m != nullptr, e.v != nullptr, e.vmax != nullptr, [&](auto hm, auto hv, auto hx) {
+        parallel_elements(o.numel(), [&](int64_t i) {
+          const opmath_t d = static_cast<opmath_t>(static_cast<scalar_t>(e.template at<decltype(hm)::value, decltype(hv)::value, decltype(hx)::value>(i)));
+          y[i] = static_cast<scalar_t>(static_cast<opmath_t>(w[i]) -
+                                       static_cast<opmath_t>(static_cast<scalar_t>(alpha_t * d)));
+        });
+      });
+    });
+    out.push_back(std::move(o));
+  }
+  return out;
+}
+
+Tensor hyper_dot_adam_cpu(TensorList vals_in, TensorList params_in, TensorList grads_in, const OptTensorList& m_in,
+                          const OptTensorList& v_in, const OptTensorList& vmax_in, const Tensor& step, double beta1,
+                          double beta2, double eps, double weight_decay, bool decoupled, bool maximize) {
+  const char* op = "hyper_dot_adam";
+  check_params(op, params_in);
+  check_list_like(op, "val_grads", params_in, vals_in);
+  check_list_like(op, "grads", params_in, grads_in);
+  check_cpu(op, params_in);
+  auto state = check_adam_state(op, params_in, m_in, v_in, vmax_in);
+  const double stored_step = host_scalar(op, "step", step);
+  auto vals = contiguous_all(vals_in);
+  auto params = contiguous_all(params_in);
+  auto grads = contiguous_all(grads_in);
+  double total = 0.0;
+  for (size_t t = 0; t < params.size(); ++t) {
+    AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, params[t].scalar_type(), "hyper_dot_adam_cpu", [&] {
+      const auto e = adam_element<scalar_t>(params[t], grads[t], state, t, stored_step, beta1, beta2, eps,
+                                            weight_decay, decoupled, maximize);
+      const scalar_t* v = vals[t].const_data_ptr<scalar_t>();
+      with_state_flags(e.m != nullptr, e.v != nullptr, e.vmax != nullptr, [&](auto hm, auto hv, auto hx) {
+        total += deterministic_sum(params[t].numel(), [&](int64_t i) {
+          return static_cast<double>(v[i]) * static_cast<double>(static_cast<scalar_t>(e.template at<decltype(hm)::value, decltype(hv)::value, decltype(hx)::value>(i)));
+        });
+      });
+    });
+  }
+  return scalar_result(params[0], total);
+}
+
+}  // namespace
+}  // namespace autolr_fast
+
+TORCH_LIBRARY(autolr_fast_C, m) {
+  m.def("lookahead(Tensor[] params, Tensor[] dirs, Tensor alpha) -> Tensor[]");
+  m.def("hyper_dot(Tensor[] a, Tensor[] b) -> Tensor");
+  m.def(
+      "lookahead_sgd(Tensor[] params, Tensor[] grads, Tensor?[] momentum_buffers, Tensor alpha, float momentum, "
+      "float dampening, float weight_decay, bool nesterov, bool maximize=False) -> Tensor[]");
+  m.def(
+      "hyper_dot_sgd(Tensor[] val_grads, Tensor[] params, Tensor[] grads, Tensor?[] momentum_buffers, "
+      "float momentum, float dampening, float weight_decay, bool nesterov, bool maximize=False) -> Tensor");
+  m.def(
+      "lookahead_adam(Tensor[] params, Tensor[] grads, Tensor?[] exp_avgs, Tensor?[] exp_avg_sqs, "
+      "Tensor?[] max_exp_avg_sqs, Tensor step, Tensor alpha, float beta1, float beta2, float eps, "
+      "float weight_decay, bool decoupled, bool maximize=False) -> Tensor[]");
+  m.def(
+      "hyper_dot_adam(Tensor[] val_grads, Tensor[] params, Tensor[] grads, Tensor?[] exp_avgs, "
+      "Tensor?[] exp_avg_sqs, Tensor?[] max_exp_avg_sqs, Tensor step, float beta1, float beta2, float eps, "
+      "float weight_decay, bool decoupled, bool maximize=False) -> Tensor");
+  m.def(
+      "mlrsnet_step_(Tensor loss, Tensor(a!) h, Tensor(b!) c, Tensor[] weights, Tensor gamma, Tensor(c!) rate, "
+      "Tensor(d!)[] lrs, float[] scales) -> Tensor");
+  m.def("mlrsnet_param_grads(Tensor loss, Tensor h, Tensor c, Tensor[] weights, Tensor grad_p) -> Tensor[]");
+}
+
+TORCH_LIBRARY_IMPL(autolr_fast_C, CPU, m) {
+  m.impl("lookahead", &autolr_fast::lookahead_cpu);
+  m.impl("hyper_dot", &autolr_fast::hyper_dot_cpu);
+  m.impl("lookahead_sgd", &autolr_fast::lookahead_sgd_cpu);
+  m.impl("hyper_dot_sgd", &autolr_fast::hyper_dot_sgd_cpu);
+  m.impl("lookahead_adam", &autolr_fast::lookahead_adam_cpu);
+  m.impl("hyper_dot_adam", &autolr_fast::hyper_dot_adam_cpu);
+}

@@ -1,0 +1,391 @@
+// CUDA kernels of the look-ahead / hypergradient multi-tensor ops: one launch for a
+// look-ahead over all tensors, two for a dot product (per-chunk partials, then one fixed-order
+// final sum: deterministic). alpha and the Adam step count are read on the device (no host
+// sync); a CPU 0-dim alpha/step (torch.optim keeps `step` on the CPU) is read on the host.
+#include <ATen/Dispatch.h>
+#include <ATen/OpMathType.h>
+#include <ATen/ops/empty.h>
+#include <c10/cuda/CUDAGuard.h>
+#include <c10/util/BFloat16.h>
+#include <c10/util/Half.h>
+#include <torch/library.h>
+
+#include "directions.h"
+#include "multi_tensor_apply.cuh"
+#include "ops_common.h"
+
+namespace autolr_fast {
+namespace {
+
+using mta::TensorChunk;
+
+// A 0-dim scalar read inside the kernel: device pointer + dtype, or a host value.
+struct DevScalar {
+  const void* ptr;
+  int kind;  // 0 host value, 1 float, 2 double, 3 half, 4 bfloat16, 5 int64, 6 int32
+  double host;
+  __device__ __forceinline__ double get() const {
+    switch (kind) {
+      case 1: return *static_cast<const float*>(ptr);
+      case 2: return *static_cast<const double*>(ptr);
+      case 3: return static_cast<float>(*static_cast<const c10::Half*>(ptr));
+      case 4: return static_cast<float>(*static_cast<const c10::BFloat16*>(ptr));
+      case 5: return static_cast<double>(*static_cast<const int64_t*>(ptr));
+      case 6: return static_cast<double>(*static_cast<const int32_t*>(ptr));
+      default: return host;
+    }
+  }
+};
+
+DevScalar dev_scalar(const char* op, const char* name, const Tensor& t, const at::Device& dev) {
+  check_scalar_tensor(op, name, t);
+  if (t.device().is_cpu()) return DevScalar{nullptr, 0, t.item<double>()};
+  TORCH_CHECK(t.device() == dev, op, ": ", name, " is on ", t.device(), " but the tensors are on ", dev);
+  int kind = 0;
+  switch (t.scalar_type()) {
+    case at::kFloat: kind = 1; break;
+    case at::kDouble: kind = 2; break;
+    case at::kHalf: kind = 3; break;
+    case at::kBFloat16: kind = 4; break;
+    case at::kLong: kind = 5; break;
+    case at::kInt: kind = 6; break;
+    default: TORCH_CHECK(false, op, ": ", name, " has unsupported dtype ", t.scalar_type());
+  }
+  return DevScalar{t.const_data_ptr(), kind, 0.0};
+}
+
+// All params on one CUDA device with one dtype (one launch handles one dtype).
+void check_cuda_lists(const char* op, TensorList params) {
+  check_params(op, params);
+  for (size_t i = 0; i < params.size(); ++i) {
+    TORCH_CHECK(params[i].is_cuda() && params[i].device() == params[0].device(), op, ": params[", i, "] is on ",
+                params[i].device(), "; the CUDA kernel needs all tensors on ", params[0].device());
+    TORCH_CHECK(params[i].scalar_type() == params[0].scalar_type(), op, ": params[", i, "] has dtype ",
+                params[i].scalar_type(), " but params[0] has ", params[0].scalar_type(),
+                "; the CUDA kernel needs one dtype per call (group the parameters by dtype)");
+  }
+}
+
+template <typename T>
+__device__ __forceinline__ T ld(const void* p, int64_t i) {
+  return static_cast<const T*>(p)[i];
+}
+
+template <typename scalar_t, typename opmath_t>
+__device__ __forceinline__ opmath_t ldo(const void* p, int64_t i) {
+  return p ? static_cast<opmath_t>(static_cast<const scalar_t*>(p)[i]) : opmath_t(0);
+}
+
+// ---------------------------------------------------------------------------------------------
+// Per-chunk operations
+// ---------------------------------------------------------------------------------------------
+template <typename scalar_t>
+struct LookaheadOp {  // ptr: w, d, out
+  DevScalar alpha;
+  __device__ void operator()(const TensorChunk<3>& tc) const {
+    using opmath_t = at::opmath_type<scalar_t>;
+    const opmath_t a = static_cast<opmath_t>(static_cast<scalar_t>(alpha.get()));
+    for (int64_t i = tc.begin + threadIdx.x; i < tc.end; i += blockDim.x) {
+      const opmath_t w = static_cast<opmath_t>(ld<scalar_t>(tc.ptr[0], i));
+      const opmath_t d = static_cast<opmath_t>(ld<scalar_t>(tc.ptr[1], i));
+      static_cast<scalar_t*>(tc.ptr[2])[i] = static_cast<scalar_t>(w - a * d);
+    }
+  }
+};
+
+template <typename scalar_t>
+struct HyperDotOp {  // ptr: a, b
+  double* partials;
+  __device__ void operator()(const TensorChunk<2>& tc) const {
+    double acc = 0.0;
+    for (int64_t i = tc.begin + threadIdx.x; i < tc.end; i += blockDim.x)
+      acc += static_cast<double>(ld<scalar_t>(tc.ptr[0], i)) * static_cast<double>(ld<scalar_t>(tc.ptr[1], i));
+    const double s = mta::block_sum(acc);
+    if (threadIdx.x == 0) partials[tc.chunk] = s;
+  }
+};
+
+template <typename scalar_t>
+struct LookaheadSgdOp {  // ptr: w, g, buf (nullable), out
+  DevScalar alpha;
+  SgdCoeffs<at::opmath_type<scalar_t>> k;
+  __device__ void operator()(const TensorChunk<4>& tc) const {
+    using opmath_t = at::opmath_type<scalar_t>;
+    const opmath_t a = static_cast<opmath_t>(static_cast<scalar_t>(alpha.get()));
+    const bool has_buf = tc.ptr[2] != nullptr;
+    for (int64_t i = tc.begin + threadIdx.x; i < tc.end; i += blockDim.x) {
+      const opmath_t w = static_cast<opmath_t>(ld<scalar_t>(tc.ptr[0], i));
+      const opmath_t d = sgd_direction<opmath_t>(w, static_cast<opmath_t>(ld<scalar_t>(tc.ptr[1], i)), has_buf,
+                                                 ldo<scalar_t, opmath_t>(tc.ptr[2], i), k);
+      static_cast<scalar_t*>(tc.ptr[3])[i] =
+          static_cast<scalar_t>(w - static_cast<opmath_t>(static_cast<scalar_t>(a * d)));
+    }
+  }
+};
+
+template <typename scalar_t>
+struct HyperDotSgdOp {  // ptr: val, w, g, buf (nullable)
+  double* partials;
+  SgdCoeffs<at::opmath_type<scalar_t>> k;
+  __device__ void operator()(const TensorChunk<4>& tc) const {
+    using opmath_t = at::opmath_type<scalar_t>;
+    const bool has_buf = tc.ptr[3] != nullptr;
+    double acc = 0.0;
+    for (int64_t i = tc.begin + threadIdx.x; i < tc.end; i += blockDim.x) {
+      const opmath_t d = sgd_direction<opmath_t>(static_cast<opmath_t>(ld<scalar_t>(tc.ptr[1], i)),
+                                                 static_cast<opmath_t>(ld<scalar_t>(tc.ptr[2], i)), has_buf,
+                                                 ldo<scalar_t, opmath_t>(tc.ptr[3], i), k);
+      acc += static_cast<double>(ld<scalar_t>(tc.ptr[0], i)) * static_cast<double>(static_cast<scalar_t>(d));
+    }
+    const double s = mta::block_sum(acc);
+    if (threadIdx.x == 0) partials[tc.chunk] = s;
+  }
+};
+
+template <typename scalar_t>
+struct AdamArgs {
+  DevScalar step;
+  double beta1, beta2;
+  AdamCoeffs<at::opmath_type<scalar_t>> k;
+  // d at element i; p = {w, g, m, v, vmax}
+  __device__ __forceinline__ at::opmath_type<scalar_t> direction(void* const* p, int64_t i,
+                                                                 at::opmath_type<scalar_t> bc1,
+                                                                 at::opmath_type<scalar_t> bc2_sqrt) const {
+    using opmath_t = at::opmath_type<scalar_t>;
+    return adam_direction<opmath_t>(static_cast<opmath_t>(ld<scalar_t>(p[0], i)),
+                                    static_cast<opmath_t>(ld<scalar_t>(p[1], i)), p[2] != nullptr,
+                                    ldo<scalar_t, opmath_t>(p[2], i), p[3] != nullptr, ldo<scalar_t, opmath_t>(p[3], i),
+                                    p[4] != nullptr, ldo<scalar_t, opmath_t>(p[4], i), bc1, bc2_sqrt, k);
+  }
+};
+
+template <typename scalar_t>
+struct LookaheadAdamOp {  // ptr: w, g, m, v, vmax (nullable), out
+  DevScalar alpha;
+  AdamArgs<scalar_t> adam;
+  __device__ void operator()(const TensorChunk<6>& tc) const {
+    using opmath_t = at::opmath_type<scalar_t>;
+    const opmath_t a = static_cast<opmath_t>(static_cast<scalar_t>(alpha.get()));
+    opmath_t bc1, bc2_sqrt;
+    adam_bias_corrections<scalar_t, opmath_t>(adam.step.get(), adam.beta1, adam.beta2, &bc1, &bc2_sqrt);
+    for (int64_t i = tc.begin + threadIdx.x; i < tc.end; i += blockDim.x) {
+      const opmath_t d = static_cast<opmath_t>(static_cast<scalar_t>(adam.direction(tc.ptr, i, bc1, bc2_sqrt)));
+      const opmath_t w = static_cast<opmath_t>(ld<scalar_t>(tc.ptr[0], i));
+      static_cast<scalar_t*>(tc.ptr[5])[i] =
+          static_cast<scalar_t>(w - static_cast<opmath_t>(static_cast<scalar_t>(a * d)));
+    }
+  }
+};
+
+template <typename scalar_t>
+struct HyperDotAdamOp {  // ptr: val, w, g, m, v, vmax (nullable)
+  double* partials;
+  AdamArgs<scalar_t> adam;
+  __device__ void operator()(const TensorChunk<6>& tc) const {
+    using opmath_t = at::opmath_type<scalar_t>;
+    opmath_t bc1, bc2_sqrt;
+    adam_bias_corrections<scalar_t, opmath_t>(adam.step.get(), adam.beta1, adam.beta2, &bc1, &bc2_sqrt);
+    double acc = 0.0;
+    for (int64_t i = tc.begin + threadIdx.x; i < tc.end; i += blockDim.x) {
+      const scalar_t d = static_cast<scalar_t>(adam.direction(tc.ptr + 1, i, bc1, bc2_sqrt));
+      acc += static_cast<double>(ld<scalar_t>(tc.ptr[0], i)) * static_cast<double>(d);
+    }
+    const double s = mta::block_sum(acc);
+    if (threadIdx.x == 0) partials[tc.chunk] = s;
+  }
+};
+
+// ---------------------------------------------------------------------------------------------
+// Host wrappers
+// ---------------------------------------------------------------------------------------------
+const void* ptr_or_null(const std::optional<Tensor>& t) { return t ? t->const_data_ptr() : nullptr; }
+
+std::vector<int64_t> numels_of(const std::vector<Tensor>& xs) {
+  std::vector<int64_t> n;
+  n.reserve(xs.size());
+  for (const auto& x : xs) n.push_back(x.numel());
+  return n;
+}
+
+std::vector<Tensor> empty_like_all(const std::vector<Tensor>& xs) {
+  std::vector<Tensor> out;
+  out.reserve(xs.size());
+  for (const auto& x : xs) out.push_back(at::empty(x.sizes(), x.options()));
+  return out;
+}
+
+// Two-pass deterministic dot: the chunk op writes partial sums, one block adds them in order.
+template <int Depth, typename MakeOp>
+Tensor launch_dot(const std::vector<std::array<const void*, Depth>>& ptrs, const std::vector<int64_t>& numels,
+                  const Tensor& like, const MakeOp& make_op) {
+  int64_t chunks = 0;
+  for (int64_t n : numels) chunks += mta::chunks_of(n);
+  Tensor partials = at::empty({std::max<int64_t>(chunks, 1)}, like.options().dtype(at::kDouble));
+  Tensor out = at::empty({}, like.options().dtype(at::kFloat));
+  const auto dev = like.device().index();
+  mta::launch<Depth>(ptrs, numels, dev, make_op(partials.mutable_data_ptr<double>()));
+  auto stream = c10::cuda::getCurrentCUDAStream(dev);
+  mta::finalize_sum_kernel<<<1, mta::kBlock, 0, stream.stream()>>>(partials.const_data_ptr<double>(), chunks,
+                                                                   out.mutable_data_ptr<float>());
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  return out;
+}
+
+std::vector<Tensor> lookahead_cuda(TensorList params_in, TensorList dirs_in, const Tensor& alpha) {
+  const char* op = "lookahead";
+  check_cuda_lists(op, params_in);
+  check_list_like(op, "dirs", params_in, dirs_in);
+  c10::cuda::CUDAGuard guard(params_in[0].device());
+  const DevScalar a = dev_scalar(op, "alpha", alpha, params_in[0].device());
+  auto params = contiguous_all(params_in);
+  auto dirs = contiguous_all(dirs_in);
+  auto out = empty_like_all(params);
+  std::vector<std::array<const void*, 3>> ptrs;
+  for (size_t t = 0; t < params.size(); ++t)
+    ptrs.push_back({params[t].const_data_ptr(), dirs[t].const_data_ptr(), out[t].const_data_ptr()});
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, params[0].scalar_type(), "lookahead_cuda", [&] {
+    mta::launch<3>(ptrs, numels_of(params), params[0].device().index(), LookaheadOp<scalar_t>{a});
+  });
+  return out;
+}
+
+Tensor hyper_dot_cuda(TensorList a_in, TensorList b_in) {
+  const char* op = "hyper_dot";
+  check_cuda_lists(op, a_in);
+  check_list_like(op, "b", a_in, b_in);
+  c10::cuda::CUDAGuard guard(a_in[0].device());
+  auto a = contiguous_all(a_in);
+  auto b = contiguous_all(b_in);
+  std::vector<std::array<const void*, 2>> ptrs;
+  for (size_t t = 0; t < a.size(); ++t) ptrs.push_back({a[t].const_data_ptr(), b[t].const_data_ptr()});
+  Tensor out;
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, a[0].scalar_type(), "hyper_dot_cuda", [&] {
+    out = launch_dot<2>(ptrs, numels_of(a), a[0], [](double* p) { return HyperDotOp<scalar_t>{p}; });
+  });
+  return out;
+}
+
+std::vector<Tensor> lookahead_sgd_cuda(TensorList params_in, TensorList grads_in, const OptTensorList& bufs_in,
+                                       const Tensor& alpha, double momentum, double dampening, double weight_decay,
+                                       bool nesterov, bool maximize) {
+  const char* op = "lookahead_sgd";
+  check_cuda_lists(op, params_in);
+  check_list_like(op, "grads", params_in, grads_in);
+  auto bufs = check_optional_list(op, "momentum_buffers", params_in, bufs_in);
+  c10::cuda::CUDAGuard guard(params_in[0].device());
+  const DevScalar a = dev_scalar(op, "alpha", alpha, params_in[0].device());
+  auto params = contiguous_all(params_in);
+  auto grads = contiguous_all(grads_in);
+  auto out = empty_like_all(params);
+  std::vector<std::array<const void*, 4>> ptrs;
+  for (size_t t = 0; t < params.size(); ++t)
+    ptrs.push_back({params[t].const_data_ptr(), grads[t].const_data_ptr(), ptr_or_null(bufs[t]),
+                    out[t].const_data_ptr()});
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, params[0].scalar_type(), "lookahead_sgd_cuda", [&] {
+    using opmath_t = at::opmath_type<scalar_t>;
+    const auto k = make_sgd_coeffs<opmath_t>(momentum, dampening, weight_decay, nesterov, maximize);
+    mta::launch<4>(ptrs, numels_of(params), params[0].device().index(), LookaheadSgdOp<scalar_t>{a, k});
+  });
+  return out;
+}
+
+Tensor hyper_dot_sgd_cuda(TensorList vals_in, TensorList params_in, TensorList grads_in, const OptTensorList& bufs_in,
+                          double momentum, double dampening, double weight_decay, bool nesterov, bool maximize) {
+  const char* op = "hyper_dot_sgd";
+  check_cuda_lists(op, params_in);
+  check_list_like(op, "val_grads", params_in, vals_in);
+  check_list_like(op, "grads", params_in, grads_in);
+  auto bufs = check_optional_list(op, "momentum_buffers", params_in, bufs_in);
+  c10::cuda::CUDAGuard guard(params_in[0].device());
+  auto vals = contiguous_all(vals_in);
+  auto params = contiguous_all(params_in);
+  auto grads = contiguous_all(grads_in);
+  std::vector<std::array<const void*, 4>> ptrs;
+  for (size_t t = 0; t < params.size(); ++t)
+    ptrs.push_back({vals[t].const_data_ptr(), params[t].const_data_ptr(), grads[t].const_data_ptr(),
+                    ptr_or_null(bufs[t])});
+  Tensor out;
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, params[0].scalar_type(), "hyper_dot_sgd_cuda", [&] {
+    using opmath_t = at::opmath_type<scalar_t>;
+    const auto k = make_sgd_coeffs<opmath_t>(momentum, dampening, weight_decay, nesterov, maximize);
+    out = launch_dot<4>(ptrs, numels_of(params), params[0], [&](double* p) { return HyperDotSgdOp<scalar_t>{p, k}; });
+  });
+  return out;
+}
+
+struct AdamLists {
+  std::vector<std::optional<Tensor>> m, v, vmax;
+};
+
+AdamLists check_adam_lists(const char* op, TensorList params, const OptTensorList& m, const OptTensorList& v,
+                           const OptTensorList& vmax) {
+  return AdamLists{check_optional_list(op, "exp_avgs", params, m), check_optional_list(op, "exp_avg_sqs", params, v),
+                   check_optional_list(op, "max_exp_avg_sqs", params, vmax)};
+}
+
+std::vector<Tensor> lookahead_adam_cuda(TensorList params_in, TensorList grads_in, const OptTensorList& m_in,
+                                        const OptTensorList& v_in, const OptTensorList& vmax_in, const Tensor& step,
+                                        const Tensor& alpha, double beta1, double beta2, double eps,
+                                        double weight_decay, bool decoupled, bool maximize) {
+  const char* op = "lookahead_adam";
+  check_cuda_lists(op, params_in);
+  check_list_like(op, "grads", params_in, grads_in);
+  auto s = check_adam_lists(op, params_in, m_in, v_in, vmax_in);
+  c10::cuda::CUDAGuard guard(params_in[0].device());
+  const DevScalar a = dev_scalar(op, "alpha", alpha, params_in[0].device());
+  const DevScalar st = dev_scalar(op, "step", step, params_in[0].device());
+  auto params = contiguous_all(params_in);
+  auto grads = contiguous_all(grads_in);
+  auto out = empty_like_all(params);
+  std::vector<std::array<const void*, 6>> ptrs;
+  for (size_t t = 0; t < params.size(); ++t)
+    ptrs.push_back({params[t].const_data_ptr(), grads[t].const_data_ptr(), ptr_or_null(s.m[t]), ptr_or_null(s.v[t]),
+                    ptr_or_null(s.vmax[t]), out[t].const_data_ptr()});
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, params[0].scalar_type(), "lookahead_adam_cuda", [&] {
+    using opmath_t = at::opmath_type<scalar_t>;
+    const AdamArgs<scalar_t> args{st, beta1, beta2,
+                                  make_adam_coeffs<opmath_t>(beta1, beta2, eps, weight_decay, decoupled, maximize)};
+    mta::launch<6>(ptrs, numels_of(params), params[0].device().index(), LookaheadAdamOp<scalar_t>{a, args});
+  });
+  return out;
+}
+
+Tensor hyper_dot_adam_cuda(TensorList vals_in, TensorList params_in, TensorList grads_in, const OptTensorList& m_in,
+                           const OptTensorList& v_in, const OptTensorList& vmax_in, const Tensor& step, double beta1,
+                           double beta2, double eps, double weight_decay, bool decoupled, bool maximize) {
+  const char* op = "hyper_dot_adam";
+  check_cuda_lists(op, params_in);
+  check_list_like(op, "val_grads", params_in, vals_in);
+  check_list_like(op, "grads", params_in, grads_in);
+  auto s = check_adam_lists(op, params_in, m_in, v_in, vmax_in);
+  c10::cuda::CUDAGuard guard(params_in[0].device());
+  const DevScalar st = dev_scalar(op, "step", step, params_in[0].device());
+  auto vals = contiguous_all(vals_in);
+  auto params = contiguous_all(params_in);
+  auto grads = contiguous_all(grads_in);
+  std::vector<std::array<const void*, 6>> ptrs;
+  for (size_t t = 0; t < params.size(); ++t)
+    ptrs.push_back({vals[t].const_data_ptr(), params[t].const_data_ptr(), grads[t].const_data_ptr(),
+                    ptr_or_null(s.m[t]), ptr_or_null(s.v[t]), ptr_or_null(s.vmax[t])});
+  Tensor out;
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, params[0].scalar_type(), "hyper_dot_adam_cuda", [&] {
+    using opmath_t = at::opmath_type<scalar_t>;
+    const AdamArgs<scalar_t> args{st, beta1, beta2,
+                                  make_adam_coeffs<opmath_t>(beta1, beta2, eps, weight_decay, decoupled, maximize)};
+    out = launch_dot<6>(ptrs, numels_of(params), params[0],
+                        [&](double* p) { return HyperDotAdamOp<scalar_t>{p, args}; });
+  });
+  return out;
+}
+
+}  // namespace
+}  // namespace autolr_fast
+
+TORCH_LIBRARY_IMPL(autolr_fast_C, CUDA, m) {
+  m.impl("lookahead", &autolr_fast::lookahead_cuda);
+  m.impl("hyper_dot", &autolr_fast::hyper_dot_cuda);
+  m.impl("lookahead_sgd", &autolr_fast::lookahead_sgd_cuda);
+  m.impl("hyper_dot_sgd", &autolr_fast::hyper_dot_sgd_cuda);
+  m.impl("lookahead_adam", &autolr_fast::lookahead_adam_cuda);
+  m.impl("hyper_dot_adam", &autolr_fast::hyper_dot_adam_cuda);
+}

@@ -1,0 +1,93 @@
+// The Python module `autolr_fast._C`.
+//
+// Loading it registers the autolr_fast_C ops with torch's dispatcher (the other translation
+// units). It also has one function, `mlrsnet_step_cpu(loss, h, c, weights, gamma, rate, lrs,
+// scales)`: the CPU controller step called straight from Python, without the generic
+// Python -> dispatcher argument conversion, which costs more than the step itself (a few us
+// against ~1 us). It takes plain tensors and nn.Parameters only and returns NotImplemented
+// for anything else (tensor subclasses, FakeTensors...), so the caller then uses
+// torch.ops.autolr_fast_C.mlrsnet_step_, which handles every case. Same kernel, same checks.
+#include <Python.h>
+
+#include <ATen/core/Tensor.h>
+#include <c10/util/Exception.h>
+#include <c10/util/SmallVector.h>
+#include <torch/csrc/autograd/python_variable.h>
+
+#include "mlrsnet_cpu.h"
+
+namespace {
+
+PyObject* g_parameter_type = nullptr;  // torch.nn.Parameter (a plain-tensor subclass)
+
+bool plain_tensor(PyObject* obj) {
+  if (THPVariable_CheckExact(obj)) return true;
+  return g_parameter_type != nullptr && reinterpret_cast<PyObject*>(Py_TYPE(obj)) == g_parameter_type;
+}
+
+// Appends the tensors of a list/tuple; false if an entry is not a plain tensor.
+template <typename Vec>
+bool unpack_tensors(PyObject* seq, Vec& out) {
+  if (!PyList_Check(seq) && !PyTuple_Check(seq)) return false;
+  const Py_ssize_t n = PySequence_Fast_GET_SIZE(seq);
+  PyObject** items = PySequence_Fast_ITEMS(seq);
+  for (Py_ssize_t i = 0; i < n; ++i) {
+    if (!plain_tensor(items[i])) return false;
+    out.push_back(THPVariable_Unpack(items[i]));
+  }
+  return true;
+}
+
+PyObject* mlrsnet_step_cpu_py(PyObject* /*self*/, PyObject* const* args, Py_ssize_t nargs) {
+  if (nargs != 8) {
+    PyErr_SetString(PyExc_TypeError, "mlrsnet_step_cpu(loss, h, c, weights, gamma, rate, lrs, scales): 8 arguments");
+    return nullptr;
+  }
+  for (int i : {0, 1, 2, 4, 5})
+    if (!plain_tensor(args[i])) Py_RETURN_NOTIMPLEMENTED;
+  c10::SmallVector<at::Tensor, 32> weights;
+  c10::SmallVector<at::Tensor, 8> lrs;
+  c10::SmallVector<double, 8> scales;
+  if (!unpack_tensors(args[3], weights) || !unpack_tensors(args[6], lrs)) Py_RETURN_NOTIMPLEMENTED;
+  if (!PyList_Check(args[7]) && !PyTuple_Check(args[7])) Py_RETURN_NOTIMPLEMENTED;
+  const Py_ssize_t ns = PySequence_Fast_GET_SIZE(args[7]);
+  PyObject** items = PySequence_Fast_ITEMS(args[7]);
+  for (Py_ssize_t i = 0; i < ns; ++i) {
+    const double v = PyFloat_AsDouble(items[i]);
+    if (v == -1.0 && PyErr_Occurred()) return nullptr;
+    scales.push_back(v);
+  }
+  try {
+    at::Tensor ok = autolr_fast::mlrsnet_step_cpu(
+        THPVariable_Unpack(args[0]), THPVariable_Unpack(args[1]), THPVariable_Unpack(args[2]),
+        at::TensorList(weights.data(), weights.size()), THPVariable_Unpack(args[4]), THPVariable_Unpack(args[5]),
+        at::TensorList(lrs.data(), lrs.size()), at::ArrayRef<double>(scales.data(), scales.size()));
+    return THPVariable_Wrap(std::move(ok));
+  } catch (const c10::Error& e) {
+    PyErr_SetString(PyExc_RuntimeError, e.what_without_backtrace());
+    return nullptr;
+  } catch (const std::exception& e) {
+    PyErr_SetString(PyExc_RuntimeError, e.what());
+    return nullptr;
+  }
+}
+
+PyMethodDef kMethods[] = {
+    {"mlrsnet_step_cpu", reinterpret_cast<PyCFunction>(reinterpret_cast<void*>(mlrsnet_step_cpu_py)), METH_FASTCALL,
+     "CPU MLR-SNet step without the dispatcher (plain tensors only; NotImplemented otherwise)."},
+    {nullptr, nullptr, 0, nullptr}};
+
+PyModuleDef kModule = {PyModuleDef_HEAD_INIT, "_C", "autolr_fast C++/CUDA ops (torch.ops.autolr_fast_C)", -1,
+                       kMethods};
+
+}  // namespace
+
+extern "C" PyObject* PyInit__C(void) {
+  PyObject* nn_param = PyImport_ImportModule("torch.nn.parameter");
+  if (nn_param != nullptr) {
+    g_parameter_type = PyObject_GetAttrString(nn_param, "Parameter");  // kept for the process lifetime
+    Py_DECREF(nn_param);
+  }
+  PyErr_Clear();  // without Parameter the fast path just accepts plain tensors only
+  return PyModule_Create(&kModule);
+}

@@ -1,0 +1,530 @@
+"""The C++/CUDA ops of ``autolr_fast._C`` against the plain PyTorch references.
+
+Fresh random inputs every run: the seed comes from ``os.urandom`` and is printed in every
+assertion message (rerun with ``AUTOLR_FAST_TEST_SEED=<seed>`` to reproduce). Tolerances are
+per dtype. The CUDA section is skipped without a GPU; every test skips with the reason when
+the extension is not built. The build-switch logic is tested without building anything.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from autolr_fast import dispatch, reference
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+import build_support  # noqa: E402
+
+try:
+    from autolr_fast import _cpp_backend
+except ImportError as exc:  # pragma: no cover - the backend module itself never raises
+    _cpp_backend = None
+    _IMPORT_ERROR = str(exc)
+else:
+    _IMPORT_ERROR = "" if _cpp_backend.AVAILABLE else _cpp_backend.DETAIL
+
+needs_ext = pytest.mark.skipif(
+    _cpp_backend is None or not _cpp_backend.AVAILABLE,
+    reason=f"C++ extension autolr_fast._C not built ({_IMPORT_ERROR}); run `python setup.py build_ext --inplace`",
+)
+needs_cuda = pytest.mark.skipif(
+    not torch.cuda.is_available() or _cpp_backend is None or not _cpp_backend.built_with_cuda(),
+    reason="CUDA section: needs a CUDA GPU and an extension built with its CUDA kernels",
+)
+
+SEED = int(os.environ.get("AUTOLR_FAST_TEST_SEED", int.from_bytes(os.urandom(4), "little")))
+TOL = {torch.float32: dict(rtol=1e-5, atol=1e-5), torch.float64: dict(rtol=1e-12, atol=1e-12),
+       torch.bfloat16: dict(rtol=2e-2, atol=2e-2), torch.float16: dict(rtol=2e-3, atol=2e-3)}
+SHAPES = [[(7,)], [(3, 5), (17,), (1,)], [(33, 9), (4, 3, 3, 3), (65537,), (2,)]]
+ops = torch.ops.autolr_fast_C if (_cpp_backend is not None and _cpp_backend.AVAILABLE) else None
+
+
+@pytest.fixture(autouse=True)
+def _seed(request):
+    # a different but reproducible stream per test
+    torch.manual_seed(SEED + sum(map(ord, request.node.name)))
+
+
+def msg(what: str) -> str:
+    return f"{what} (seed {SEED}: rerun with AUTOLR_FAST_TEST_SEED={SEED})"
+
+
+def close(actual, expected, dtype, what):
+    torch.testing.assert_close(actual, expected, **TOL[dtype], msg=lambda m: msg(f"{what}: {m}"))
+
+
+# ------------------------------------------------------------------------------------------------
+# Inputs
+# ------------------------------------------------------------------------------------------------
+def make_net(hidden: int, layers: int, device="cpu"):
+    mid = hidden // 2
+    weights = []
+    for layer in range(layers):
+        inp = 1 if layer == 0 else hidden
+        for shape in [(mid, inp), (mid,), (4 * hidden, mid), (4 * hidden,), (mid, hidden), (mid,),
+                      (4 * hidden, mid), (4 * hidden,)]:
+            fan_in = shape[-1] if len(shape) == 2 else mid
+            weights.append(torch.randn(shape, device=device) / math.sqrt(fan_in))
+    weights += [torch.randn(1, hidden, device=device) / math.sqrt(hidden), torch.randn(1, device=device)]
+    h = torch.randn(layers, hidden, device=device) * 0.5
+    c = torch.randn(layers, hidden, device=device)
+    return h, c, weights
+
+
+def tensors(shapes, dtype, device="cpu"):
+    return [torch.randn(s, dtype=dtype, device=device) for s in shapes]
+
+
+def maybe_none(shapes, dtype, device="cpu", positive=False):
+    """A state list with a None entry (first optimizer step for that parameter)."""
+    out = []
+    for i, s in enumerate(shapes):
+        if i % 3 == 1:
+            out.append(None)
+        else:
+            t = torch.randn(s, dtype=dtype, device=device)
+            out.append(t.abs() if positive else t)
+    return out
+
+
+# ------------------------------------------------------------------------------------------------
+# Build switch (pure functions, no compiler involved)
+# ------------------------------------------------------------------------------------------------
+def test_decide_cuda_modes():
+    assert build_support.decide_cuda("auto", "13.0", "/cuda")[0] is True
+    assert build_support.decide_cuda("auto", None, "/cuda")[0] is False
+    assert build_support.decide_cuda("auto", "13.0", None)[0] is False
+    assert build_support.decide_cuda("0", "13.0", "/cuda")[0] is False
+    assert build_support.decide_cuda("1", "13.0", "/cuda")[0] is True
+    assert "CPU-only" in build_support.decide_cuda("auto", None, "/cuda")[1]
+    with pytest.raises(RuntimeError, match="AUTOLR_FAST_CUDA=1"):
+        build_support.decide_cuda("1", "13.0", None)
+    with pytest.raises(RuntimeError, match="CPU-only"):
+        build_support.decide_cuda("1", None, "/cuda")
+    with pytest.raises(ValueError, match="not one of"):
+        build_support.decide_cuda("yes", "13.0", "/cuda")
+
+
+def test_find_cuda_toolkit_follows_nvcc_wrapper(tmp_path):
+    real = tmp_path / "cuda-13.0"
+    (real / "include").mkdir(parents=True)
+    (real / "include" / "cuda_runtime.h").write_text("")
+    (real / "lib").mkdir()
+    (real / "lib" / "libcudart.so.13").write_text("")
+    (real / "bin").mkdir()
+    (real / "bin" / "nvcc").write_text("")
+    wrapper = tmp_path / "wrapbin" / "nvcc"
+    wrapper.parent.mkdir()
+    wrapper.write_text(f"#!/bin/sh\nexec {real}/bin/nvcc \"$@\"\n")
+    assert build_support.is_cuda_toolkit(str(real))
+    assert not build_support.is_cuda_toolkit(str(tmp_path / "wrapbin"))
+    # nvcc only as a wrapper script on PATH, no CUDA_HOME: the real toolkit is found
+    found = build_support.find_cuda_toolkit(environ={}, which=lambda _: str(wrapper),
+                                            is_toolkit=lambda p: p == str(real))
+    assert found == str(real)
+    # an explicit, valid CUDA_HOME wins; an invalid one is skipped
+    assert build_support.find_cuda_toolkit(environ={"CUDA_HOME": str(real)}, which=lambda _: None) == str(real)
+    assert build_support.find_cuda_toolkit(environ={"CUDA_HOME": str(tmp_path)}, which=lambda _: None,
+                                           is_toolkit=lambda p: p == str(real)) is None
+
+
+def test_extension_modules_follow_the_switches(monkeypatch):
+    monkeypatch.setenv("AUTOLR_FAST_BUILD_EXT", "0")
+    assert build_support.extension_modules() == []
+    monkeypatch.setenv("AUTOLR_FAST_BUILD_EXT", "1")
+    monkeypatch.setenv("AUTOLR_FAST_CUDA", "0")
+    (ext,) = build_support.extension_modules()
+    assert ext.name == "autolr_fast._C" and not any(src.endswith(".cu") for src in ext.sources)
+    # auto without a toolkit: CPU-only, whatever the GPU situation
+    monkeypatch.setenv("AUTOLR_FAST_CUDA", "auto")
+    monkeypatch.setattr(build_support, "find_cuda_toolkit", lambda *a, **k: None)
+    (ext,) = build_support.extension_modules()
+    assert not any(src.endswith(".cu") for src in ext.sources)
+    monkeypatch.setenv("AUTOLR_FAST_CUDA", "1")
+    with pytest.raises(RuntimeError, match="no CUDA toolkit"):
+        build_support.extension_modules()
+
+
+# ------------------------------------------------------------------------------------------------
+# MLR-SNet step (CPU)
+# ------------------------------------------------------------------------------------------------
+def reference_step(loss, h, c, weights, gamma, rate, lrs, scales):
+    rate_new, h_new, c_new, ok = reference.mlrsnet_guarded_step(loss, h, c, weights, gamma, rate)
+    lrs_new = [(rate_new * s).to(lr.dtype) for lr, s in zip(lrs, scales)]
+    return rate_new, h_new, c_new, ok, lrs_new
+
+
+def run_step(loss, h, c, weights, gamma, rate, lrs, scales):
+    h2, c2, rate2, lrs2 = h.clone(), c.clone(), rate.clone(), [lr.clone() for lr in lrs]
+    ok = ops.mlrsnet_step_(loss, h2, c2, weights, gamma, rate2, lrs2, scales)
+    return rate2, h2, c2, ok, lrs2
+
+
+@needs_ext
+@pytest.mark.parametrize("layers", [1, 2])
+@pytest.mark.parametrize("hidden", [16, 17, 50, 64, 128])
+def test_mlrsnet_step_matches_reference(hidden, layers):
+    h, c, weights = make_net(hidden, layers)
+    for loss_value in [2.3, 0.01, -0.5, 37.0]:
+        loss = torch.tensor(loss_value)
+        gamma = torch.tensor(0.7)
+        rate = torch.tensor(0.123)
+        lrs = [torch.tensor(0.0), torch.tensor(0.0, dtype=torch.float64)]
+        scales = [1.0, 0.25]
+        exp = reference_step(loss, h, c, weights, gamma, rate, lrs, scales)
+        got = run_step(loss, h, c, weights, gamma, rate, lrs, scales)
+        for name, g, e in zip(["rate", "h", "c", "ok"], got[:4], exp[:4]):
+            if name == "ok":
+                assert bool(g) == bool(e), msg(f"ok flag, H={hidden} L={layers} loss={loss_value}")
+            else:
+                close(g, e, torch.float32, f"{name}, H={hidden} L={layers} loss={loss_value}")
+        for k, (g, e) in enumerate(zip(got[4], exp[4])):
+            close(g, e.to(g.dtype), torch.float32, f"lr[{k}], H={hidden} L={layers}")
+        h, c = got[1], got[2]  # carry the state, like a training run
+
+
+@needs_ext
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), float("-inf")])
+def test_mlrsnet_step_guard_keeps_state_on_non_finite_loss(bad):
+    h, c, weights = make_net(17, 2)
+    h0, c0 = h.clone(), c.clone()
+    rate, lrs = torch.tensor(0.05), [torch.tensor(9.0), torch.tensor(9.0)]
+    ok = ops.mlrsnet_step_(torch.tensor(bad), h, c, weights, torch.tensor(0.5), rate, lrs, [1.0, 2.0])
+    assert ok.dtype == torch.bool and not bool(ok), msg("ok must be False for a non-finite loss")
+    assert torch.equal(h, h0) and torch.equal(c, c0), msg("state changed on a non-finite loss")
+    assert rate.item() == pytest.approx(0.05), msg("rate changed on a non-finite loss")
+    # the lr tensors are (re)written with the kept rate, like dispatch's reference branch
+    assert lrs[0].item() == pytest.approx(0.05) and lrs[1].item() == pytest.approx(0.1), msg("lr values")
+
+
+@needs_ext
+def test_mlrsnet_step_guard_non_finite_output():
+    h, c, weights = make_net(16, 1)
+    h0 = h.clone()
+    rate = torch.tensor(0.05)
+    ok = ops.mlrsnet_step_(torch.tensor(1.0), h, c, weights, torch.tensor(float("nan")), rate, [], [])
+    assert not bool(ok) and torch.equal(h, h0) and rate.item() == pytest.approx(0.05), msg("NaN gamma")
+
+
+@needs_ext
+def test_mlrsnet_step_rejects_bad_weights():
+    h, c, weights = make_net(16, 1)
+    with pytest.raises(RuntimeError, match="weight tensors"):
+        ops.mlrsnet_step_(torch.tensor(1.0), h, c, weights[:-1], torch.tensor(1.0), torch.tensor(0.1), [], [])
+    bad = list(weights)
+    bad[2] = bad[2][:, :3].contiguous()
+    h0 = h.clone()
+    with pytest.raises(RuntimeError, match="i2h.2.weight"):
+        ops.mlrsnet_step_(torch.tensor(1.0), h, c, bad, torch.tensor(1.0), torch.tensor(0.1), [], [])
+    assert torch.equal(h, h0), "bad input must not corrupt the state"
+    with pytest.raises(RuntimeError, match="scale per param group"):
+        ops.mlrsnet_step_(torch.tensor(1.0), h, c, weights, torch.tensor(1.0), torch.tensor(0.1),
+                          [torch.tensor(0.0)], [])
+    # float lrs in the optimizer: no lr tensors, one scale per group (dispatch's zip semantics)
+    assert bool(ops.mlrsnet_step_(torch.tensor(1.0), h, c, weights, torch.tensor(1.0), torch.tensor(0.1), [],
+                                  [1.0, 0.5]))
+
+
+@needs_ext
+@pytest.mark.parametrize("layers", [1, 2])
+@pytest.mark.parametrize("hidden", [16, 17, 50])
+def test_mlrsnet_param_grads_matches_reference(hidden, layers):
+    h, c, weights = make_net(hidden, layers)
+    loss, grad_p = torch.tensor(1.7), torch.tensor(-0.8)
+    exp = reference.mlrsnet_param_grads(loss, h, c, weights, grad_p)
+    got = ops.mlrsnet_param_grads(loss, h, c, weights, grad_p)
+    assert len(got) == len(exp)
+    for i, (g, e) in enumerate(zip(got, exp)):
+        torch.testing.assert_close(g, e, rtol=1e-4, atol=1e-6, msg=lambda m: msg(f"grad of weight {i}: {m}"))
+
+
+@needs_ext
+def test_mlrsnet_step_fast_entry_matches_op():
+    """_C.mlrsnet_step_cpu (no dispatcher) == the op; NotImplemented for tensor subclasses."""
+    from autolr_fast import _C
+
+    h, c, weights = make_net(50, 2)
+    params = [torch.nn.Parameter(w) for w in weights]  # what the controller hands over
+    outs = []
+    for call in (_C.mlrsnet_step_cpu, ops.mlrsnet_step_):
+        hh, cc, rate, lrs = h.clone(), c.clone(), torch.tensor(0.1), [torch.tensor(0.0), torch.tensor(0.0)]
+        ok = call(torch.tensor(0.8), hh, cc, params, torch.tensor(0.4), rate, lrs, (1.0, 0.5))
+        outs.append((hh, cc, rate, *lrs, ok))
+    for a, b in zip(*outs):
+        assert torch.equal(a, b), msg("fast entry differs from the op")
+
+    class Sub(torch.Tensor):
+        pass
+
+    sub_h = h.clone().as_subclass(Sub)
+    assert _C.mlrsnet_step_cpu(torch.tensor(1.0), sub_h, c, weights, torch.tensor(0.4), torch.tensor(0.1), [],
+                               []) is NotImplemented
+    with pytest.raises(RuntimeError, match="expected 18 weight tensors"):
+        _C.mlrsnet_step_cpu(torch.tensor(1.0), h, c, weights[:-1], torch.tensor(0.4), torch.tensor(0.1), [], [])
+    # the backend callable falls back to the op for the subclass
+    ok = _cpp_backend.mlrsnet_step_(torch.tensor(1.0), sub_h, c.clone(), weights, torch.tensor(0.4),
+                                    torch.tensor(0.1), [], [])
+    assert bool(ok)
+
+
+@needs_ext
+def test_backend_float64_controller_uses_the_reference():
+    """The kernels are float32; a float64 controller (finite-difference checks) still works."""
+    h, c, weights = make_net(17, 2)
+    h, c, weights = h.double(), c.double(), [w.double() for w in weights]
+    loss, grad_p = torch.tensor(0.9, dtype=torch.float64), torch.tensor(1.0, dtype=torch.float64)
+    got = _cpp_backend.mlrsnet_param_grads(loss, h, c, weights, grad_p)
+    for g, e in zip(got, reference.mlrsnet_param_grads(loss, h, c, weights, grad_p)):
+        assert g.dtype == torch.float64 and torch.equal(g, e)
+    gamma, rate = torch.tensor(0.4, dtype=torch.float64), torch.tensor(0.1, dtype=torch.float64)
+    exp = reference.mlrsnet_guarded_step(loss, h, c, weights, gamma, rate)
+    ok = _cpp_backend.mlrsnet_step_(loss, h, c, weights, gamma, rate, [], [])
+    assert bool(ok) and torch.equal(h, exp[1]) and torch.equal(rate, exp[0])
+
+
+@needs_ext
+def test_dispatch_uses_cpp_on_cpu():
+    assert dispatch.select("mlrsnet_step_", torch.device("cpu"))[0] == "cpp"
+    assert dispatch.select("hyper_dot_adam", torch.device("cpu"))[0] == "cpp"
+    info = dispatch.backend_info()
+    assert info["backends"]["cpp"]["available"]
+
+
+@needs_ext
+def test_dispatch_step_matches_reference_branch(monkeypatch):
+    h, c, weights = make_net(50, 1)
+    args = (torch.tensor(0.9), torch.tensor(0.4), torch.tensor(0.2))
+    outs = []
+    for force in ("0", "1"):
+        monkeypatch.setenv(dispatch.FORCE_REFERENCE_ENV, force)
+        hh, cc, rate, lr = h.clone(), c.clone(), args[2].clone(), torch.tensor(0.0)
+        ok = dispatch.mlrsnet_step_(args[0], hh, cc, weights, args[1], rate, [lr], [0.5])
+        outs.append((hh, cc, rate, lr, ok))
+    for a, b in zip(*outs):
+        close(a, b, torch.float32, "dispatch cpp vs reference branch")
+
+
+# ------------------------------------------------------------------------------------------------
+# Multi-tensor ops (CPU)
+# ------------------------------------------------------------------------------------------------
+DTYPES = [torch.float32, torch.float64]
+
+
+@needs_ext
+@pytest.mark.parametrize("dtype", DTYPES + [torch.bfloat16])
+@pytest.mark.parametrize("shapes", SHAPES)
+def test_lookahead_and_hyper_dot(shapes, dtype):
+    w, d = tensors(shapes, dtype), tensors(shapes, dtype)
+    alpha = torch.tensor(0.37)
+    for g, e in zip(ops.lookahead(w, d, alpha), reference.lookahead(w, d, alpha)):
+        close(g, e, dtype, "lookahead")
+    got, exp = ops.hyper_dot(w, d), reference.hyper_dot(w, d)
+    assert got.dtype == torch.float32 and got.dim() == 0
+    close(got, exp, torch.float32, "hyper_dot")
+
+
+SGD_CASES = [  # momentum, dampening, weight_decay, nesterov, maximize
+    (0.0, 0.0, 0.0, False, False),
+    (0.9, 0.0, 0.0, False, False),
+    (0.9, 0.1, 1e-2, False, True),
+    (0.8, 0.0, 5e-3, True, False),
+]
+
+
+@needs_ext
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("case", SGD_CASES)
+@pytest.mark.parametrize("shapes", SHAPES)
+def test_sgd_ops(shapes, case, dtype):
+    w, g, v = tensors(shapes, dtype), tensors(shapes, dtype), tensors(shapes, dtype)
+    bufs = maybe_none(shapes, dtype)
+    alpha = torch.tensor(0.05)
+    for a, b in zip(ops.lookahead_sgd(w, g, bufs, alpha, *case), reference.lookahead_sgd(w, g, bufs, alpha, *case)):
+        close(a, b, dtype, f"lookahead_sgd {case}")
+    got = ops.hyper_dot_sgd(v, w, g, bufs, *case)
+    close(got, reference.hyper_dot_sgd(v, w, g, bufs, *case), torch.float32, f"hyper_dot_sgd {case}")
+
+
+ADAM_CASES = [  # beta1, beta2, eps, weight_decay, decoupled, maximize, amsgrad
+    (0.9, 0.999, 1e-8, 0.0, False, False, False),
+    (0.9, 0.999, 1e-8, 1e-2, True, False, False),
+    (0.8, 0.99, 1e-6, 1e-2, False, True, True),
+]
+
+
+@needs_ext
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("stored_step", [0.0, 7.0])
+@pytest.mark.parametrize("case", ADAM_CASES)
+@pytest.mark.parametrize("shapes", SHAPES)
+def test_adam_ops(shapes, case, stored_step, dtype):
+    b1, b2, eps, wd, decoupled, maximize, amsgrad = case
+    w, g, v = tensors(shapes, dtype), tensors(shapes, dtype), tensors(shapes, dtype)
+    if stored_step == 0.0:
+        m = sq = vmax = [None] * len(shapes)
+    else:
+        m, sq = maybe_none(shapes, dtype), maybe_none(shapes, dtype, positive=True)
+        vmax = maybe_none(shapes, dtype, positive=True) if amsgrad else [None] * len(shapes)
+    step, alpha = torch.tensor(stored_step), torch.tensor(1e-3)
+    args = (b1, b2, eps, wd, decoupled, maximize)
+    exp = reference.lookahead_adam(w, g, m, sq, vmax, step, alpha, *args)
+    for a, b in zip(ops.lookahead_adam(w, g, m, sq, vmax, step, alpha, *args), exp):
+        close(a, b, dtype, f"lookahead_adam {case} step={stored_step}")
+    got = ops.hyper_dot_adam(v, w, g, m, sq, vmax, step, *args)
+    exp_dot = reference.hyper_dot_adam(v, w, g, m, sq, vmax, step, *args)
+    torch.testing.assert_close(got, exp_dot, rtol=1e-4, atol=1e-4,
+                               msg=lambda s: msg(f"hyper_dot_adam {case} step={stored_step}: {s}"))
+
+
+@needs_ext
+def test_hyper_dot_is_bitwise_deterministic():
+    shapes = [(300_001,), (64, 3, 7, 7), (1000, 257)]
+    a, b, w = tensors(shapes, torch.float32), tensors(shapes, torch.float32), tensors(shapes, torch.float32)
+    bufs = maybe_none(shapes, torch.float32)
+    sq = maybe_none(shapes, torch.float32, positive=True)
+    calls = {
+        "hyper_dot": lambda: ops.hyper_dot(a, b),
+        "hyper_dot_sgd": lambda: ops.hyper_dot_sgd(a, w, b, bufs, 0.9, 0.0, 1e-4, True, False),
+        "hyper_dot_adam": lambda: ops.hyper_dot_adam(a, w, b, bufs, sq, [None] * 3, torch.tensor(3.0),
+                                                     0.9, 0.999, 1e-8, 0.0, False, False),
+    }
+    threads = torch.get_num_threads()
+    try:
+        for name, fn in calls.items():
+            first = fn()
+            for n_threads in (1, max(2, threads), threads):
+                torch.set_num_threads(n_threads)
+                for _ in range(3):
+                    assert torch.isfinite(first) and torch.equal(fn(), first), msg(f"{name} differs between calls ({n_threads} threads)")
+    finally:
+        torch.set_num_threads(threads)
+
+
+@needs_ext
+def test_list_ops_reject_mismatched_lists():
+    w = tensors([(3,), (4,)], torch.float32)
+    with pytest.raises(RuntimeError, match="dirs has 1 tensors but params has 2"):
+        ops.lookahead(w, w[:1], torch.tensor(0.1))
+    with pytest.raises(RuntimeError, match=r"grads\[1\] has shape"):
+        ops.lookahead_sgd(w, [w[0], torch.zeros(5)], [None, None], torch.tensor(0.1), 0.9, 0.0, 0.0, False)
+    with pytest.raises(RuntimeError, match="no tensor arguments"):
+        ops.hyper_dot([], [])
+
+
+# ------------------------------------------------------------------------------------------------
+# opcheck (schema, fake kernels, dispatcher registration) for every op
+# ------------------------------------------------------------------------------------------------
+def _opcheck_cases():
+    shapes = [(5, 3), (7,)]
+    w, g, v = tensors(shapes, torch.float32), tensors(shapes, torch.float32), tensors(shapes, torch.float32)
+    bufs = [torch.randn(5, 3), None]
+    sq = [torch.rand(5, 3), None]
+    h, c, weights = make_net(17, 2)
+    step, alpha = torch.tensor(3.0), torch.tensor(0.01)
+    adam = (0.9, 0.999, 1e-8, 1e-2, True, False)
+    return {
+        "lookahead": (w, g, alpha),
+        "hyper_dot": (w, g),
+        "lookahead_sgd": (w, g, bufs, alpha, 0.9, 0.0, 1e-4, True, False),
+        "hyper_dot_sgd": (v, w, g, bufs, 0.9, 0.1, 0.0, False, True),
+        "lookahead_adam": (w, g, bufs, sq, sq, step, alpha, *adam),
+        "hyper_dot_adam": (v, w, g, bufs, sq, [None, None], step, *adam),
+        "mlrsnet_step_": (torch.tensor(1.3), h, c, weights, torch.tensor(0.5), torch.tensor(0.1),
+                          [torch.tensor(0.0), torch.tensor(0.0)], [1.0, 0.5]),
+        "mlrsnet_param_grads": (torch.tensor(1.3), h, c, weights, torch.tensor(1.0)),
+    }
+
+
+@needs_ext
+@pytest.mark.parametrize("op_name", list(_cpp_backend.LIST_OPS + _cpp_backend.STEP_OPS) if _cpp_backend else [])
+def test_opcheck(op_name):
+    args = _opcheck_cases()[op_name]
+    # test_autograd_registration does not apply: the ops are not differentiable (no autograd kernel)
+    torch.library.opcheck(getattr(ops, op_name).default, args,
+                          test_utils=("test_schema", "test_faketensor", "test_aot_dispatch_static"))
+
+
+@needs_ext
+def test_ops_under_torch_compile():
+    """The fake kernels let torch.compile trace the ops (fullgraph, mutation of the step included)."""
+    import torch._dynamo
+
+    torch._dynamo.reset()
+    shapes = [(5, 3), (7,)]
+    w, g, v = tensors(shapes, torch.float32), tensors(shapes, torch.float32), tensors(shapes, torch.float32)
+    bufs = [torch.randn(5, 3), None]
+    h, c, weights = make_net(17, 1)
+    alpha = torch.tensor(0.1)
+
+    def fn(loss, h, c, rate, lr):
+        w_hat = ops.lookahead_sgd(w, g, bufs, alpha, 0.9, 0.0, 1e-4, False, False)
+        dot = ops.hyper_dot_sgd(v, w, g, bufs, 0.9, 0.0, 1e-4, False, False)
+        ok = ops.mlrsnet_step_(loss, h, c, weights, torch.tensor(0.5), rate, [lr], [1.0])
+        return w_hat, dot, ok
+
+    compiled = torch.compile(fn, backend="aot_eager", fullgraph=True)
+    h1, c1, r1, l1 = h.clone(), c.clone(), torch.tensor(0.1), torch.tensor(0.0)
+    h2, c2, r2, l2 = h.clone(), c.clone(), torch.tensor(0.1), torch.tensor(0.0)
+    got = compiled(torch.tensor(1.2), h1, c1, r1, l1)
+    exp = fn(torch.tensor(1.2), h2, c2, r2, l2)
+    for a, b in zip(got[0], exp[0]):
+        assert torch.equal(a, b)
+    assert torch.equal(got[1], exp[1]) and bool(got[2]) == bool(exp[2])
+    assert torch.equal(h1, h2) and torch.equal(c1, c2) and torch.equal(r1, r2) and torch.equal(l1, l2), \
+        "the in-place updates of mlrsnet_step_ must survive torch.compile"
+
+
+# ------------------------------------------------------------------------------------------------
+# CUDA section
+# ------------------------------------------------------------------------------------------------
+@needs_ext
+@needs_cuda
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16])
+@pytest.mark.parametrize("shapes", SHAPES + [[(300_001,), (5, 5), (0,), (40_000,)] * 20])
+def test_cuda_ops_match_reference(shapes, dtype):
+    dev = "cuda"
+    w, g, v = tensors(shapes, dtype, dev), tensors(shapes, dtype, dev), tensors(shapes, dtype, dev)
+    bufs = maybe_none(shapes, dtype, dev)
+    sq = maybe_none(shapes, dtype, dev, positive=True)
+    alpha = torch.tensor(0.05, device=dev)
+    for a, b in zip(ops.lookahead(w, g, alpha), reference.lookahead(w, g, alpha)):
+        close(a, b, dtype, "cuda lookahead")
+    close(ops.hyper_dot(w, g), reference.hyper_dot(w, g), torch.float32, "cuda hyper_dot")
+    sgd = (0.9, 0.1, 1e-2, True, False)
+    for a, b in zip(ops.lookahead_sgd(w, g, bufs, alpha, *sgd), reference.lookahead_sgd(w, g, bufs, alpha, *sgd)):
+        close(a, b, dtype, "cuda lookahead_sgd")
+    torch.testing.assert_close(ops.hyper_dot_sgd(v, w, g, bufs, *sgd), reference.hyper_dot_sgd(v, w, g, bufs, *sgd),
+                               rtol=1e-3 if dtype == torch.bfloat16 else 1e-5, atol=1e-3,
+                               msg=lambda s: msg(f"cuda hyper_dot_sgd: {s}"))
+    adam = (0.9, 0.999, 1e-8, 1e-2, True, False)
+    for step in (torch.tensor(4.0), torch.tensor(4.0, device=dev)):  # CPU step (torch.optim default) and device
+        exp = reference.lookahead_adam(w, g, bufs, sq, sq, step, alpha, *adam)
+        for a, b in zip(ops.lookahead_adam(w, g, bufs, sq, sq, step, alpha, *adam), exp):
+            close(a, b, dtype, "cuda lookahead_adam")
+        torch.testing.assert_close(ops.hyper_dot_adam(v, w, g, bufs, sq, sq, step, *adam),
+                                   reference.hyper_dot_adam(v, w, g, bufs, sq, sq, step, *adam),
+                                   rtol=1e-3 if dtype == torch.bfloat16 else 1e-4, atol=1e-3,
+                                   msg=lambda s: msg(f"cuda hyper_dot_adam: {s}"))
+
+
+@needs_ext
+@needs_cuda
+def test_cuda_hyper_dot_deterministic_and_opcheck():
+    shapes = [(1_000_003,), (64, 64, 3, 3), (10,)] * 8
+    a, b = tensors(shapes, torch.float32, "cuda"), tensors(shapes, torch.float32, "cuda")
+    first = ops.hyper_dot(a, b)
+    for _ in range(5):
+        assert torch.equal(ops.hyper_dot(a, b), first), msg("cuda hyper_dot not bitwise deterministic")
+    for name in _cpp_backend.LIST_OPS:
+        args = _opcheck_cases()[name]
+        cuda_args = tuple([x.cuda() if isinstance(x, torch.Tensor) else x for x in a] if isinstance(a, list)
+                          else a.cuda() if isinstance(a, torch.Tensor) else a for a in args)
+        torch.library.opcheck(getattr(ops, name).default, cuda_args,
+                              test_utils=("test_schema", "test_faketensor", "test_aot_dispatch_static"))

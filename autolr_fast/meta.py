@@ -200,8 +200,10 @@ class MetaTrainer:
         finite = torch.isfinite(x)
         safe_x = torch.where(finite, x.clamp_min(0.0), torch.zeros_like(x))
         with torch.no_grad():
-            p, _, _ = dispatch.mlrsnet_forward(safe_x, ctrl.h, ctrl.c, weights)
-            alpha = sched.gamma * p
+            # alpha = gamma * p(theta) at the current state: the guarded step on copies of the
+            # state (so the controller does not advance), fused on the fast paths.
+            alpha = sched.rate.clone()
+            dispatch.mlrsnet_step_(safe_x, ctrl.h.clone(), ctrl.c.clone(), weights, sched.gamma, alpha, [], [])
 
         # look-ahead weights, per param group (each with its own hyper-parameters and scale)
         w_hat: dict[str, Tensor] = {}

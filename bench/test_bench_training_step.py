@@ -139,3 +139,55 @@ def test_resnet18_meta_step_every_step(benchmark, cuda_device, make_train_step, 
                            meta=meta, fused=True)
     _record(benchmark, step, cuda_device, **peak_memory(step, cuda_device))
     _timed_on_gpu(benchmark, step)
+
+
+# ------------------------------------------------------------------------------------------------
+# A small ResNet on the CPU (BatchNorm: the meta-step must clone its buffers)
+# ------------------------------------------------------------------------------------------------
+class _Block(torch.nn.Module):
+    def __init__(self, cin, cout, stride):
+        super().__init__()
+        self.c1 = torch.nn.Conv2d(cin, cout, 3, stride, 1, bias=False)
+        self.b1 = torch.nn.BatchNorm2d(cout)
+        self.c2 = torch.nn.Conv2d(cout, cout, 3, 1, 1, bias=False)
+        self.b2 = torch.nn.BatchNorm2d(cout)
+        self.skip = (torch.nn.Sequential(torch.nn.Conv2d(cin, cout, 1, stride, bias=False), torch.nn.BatchNorm2d(cout))
+                     if stride != 1 or cin != cout else torch.nn.Identity())
+
+    def forward(self, x):
+        return torch.relu(self.b2(self.c2(torch.relu(self.b1(self.c1(x))))) + self.skip(x))
+
+
+def small_resnet(width: int = 16, num_classes: int = 10) -> torch.nn.Module:
+    """A ResNet-8 (three stages of one basic block), for CPU benchmarks."""
+    return torch.nn.Sequential(
+        torch.nn.Conv2d(3, width, 3, 1, 1, bias=False), torch.nn.BatchNorm2d(width), torch.nn.ReLU(),
+        _Block(width, width, 1), _Block(width, 2 * width, 2), _Block(2 * width, 4 * width, 2),
+        torch.nn.AdaptiveAvgPool2d(1), torch.nn.Flatten(), torch.nn.Linear(4 * width, num_classes),
+    )
+
+
+def _small_resnet_problem():
+    g = torch.Generator().manual_seed(0)
+    batches = [(torch.randn(64, 3, 16, 16, generator=g), torch.randint(0, 10, (64,), generator=g)) for _ in range(8)]
+    torch.manual_seed(0)
+    return small_resnet(), batches
+
+
+@pytest.mark.benchmark(group="meta-step (cpu, resnet-8 batch 64)")
+def test_small_resnet_plain_autolr_step(benchmark, make_train_step, official_controller):
+    meta_config_class()
+    model, batches = _small_resnet_problem()
+    step = make_train_step(model, batches, torch.nn.functional.cross_entropy, "autolr", official_controller)
+    _record(benchmark, step, baseline=True, **peak_memory(step))
+    benchmark(step)
+
+
+@pytest.mark.benchmark(group="meta-step (cpu, resnet-8 batch 64)")
+def test_small_resnet_meta_step_every_step(benchmark, make_train_step, official_controller):
+    model, batches = _small_resnet_problem()
+    meta = _meta(batches[::-1], torch.nn.functional.cross_entropy)
+    step = make_train_step(model, batches, torch.nn.functional.cross_entropy, "autolr", official_controller, meta=meta)
+    _record(benchmark, step, **peak_memory(step))
+    benchmark(step)
+    assert step.autolr.meta.meta_steps > 0

@@ -265,6 +265,18 @@ class ActionController(nn.Module):
                    default_gamma=cfg["default_gamma"])
 
 
+    @classmethod
+    def pretrained(cls, name: str = "action-mlp") -> "ActionController":
+        """A controller shipped with the package (``autolr_fast/weights/<name>.pt``; its settings,
+        training data and scores are in ``<name>.json`` next to it)."""
+        from pathlib import Path
+
+        path = Path(__file__).resolve().parent / "weights" / f"{name}.pt"
+        if not path.exists():
+            raise ValueError(f"no shipped action controller {name!r} (looked for {path})")
+        return cls.load(str(path))
+
+
 def _hidden_from_state(kind: str, state: dict) -> int:
     if kind == "mlp":
         return state["net.0.weight"].shape[0]

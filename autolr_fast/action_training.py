@@ -15,6 +15,8 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shlex
+import sys
 
 import torch
 from torch import Tensor, nn
@@ -44,19 +46,33 @@ def model_inputs(data: dict, use_val: bool) -> Tensor:
 
 
 def fit(model: nn.Module, x: Tensor, y: Tensor, *, epochs: int, lr: float = 3e-3, batch: int = 256,
-        seed: int = 0, class_weights: Tensor | None = None) -> None:
+        seed: int = 0, class_weights: Tensor | None = None, x_val: Tensor | None = None,
+        y_val: Tensor | None = None, check_every: int = 5) -> int:
+    """Adam on cross-entropy. With ``x_val``/``y_val``, keep the weights of the epoch with the best
+    validation loss (checked every ``check_every`` epochs); returns that epoch."""
     g = torch.Generator().manual_seed(seed)
     opt = torch.optim.Adam(model.parameters(), lr=lr, weight_decay=1e-4)
     loss_fn = nn.CrossEntropyLoss(weight=class_weights)
-    model.train()
-    for _ in range(epochs):
+    best_loss, best_epoch, best_state = float("inf"), epochs, None
+    for epoch in range(1, epochs + 1):
+        model.train()
         perm = torch.randperm(len(x), generator=g)
         for i in range(0, len(x), batch):
             idx = perm[i : i + batch]
             opt.zero_grad()
             loss_fn(model(x[idx]), y[idx]).backward()
             opt.step()
+        if x_val is not None and (epoch % check_every == 0 or epoch == epochs):
+            model.eval()
+            with torch.no_grad():
+                v = float(nn.functional.cross_entropy(model(x_val), y_val))
+            if v < best_loss:
+                best_loss, best_epoch = v, epoch
+                best_state = {k: t.detach().clone() for k, t in model.state_dict().items()}
+    if best_state is not None:
+        model.load_state_dict(best_state)
     model.eval()
+    return best_epoch
 
 
 def scores(choice: Tensor, data: dict, mask: Tensor) -> dict:
@@ -70,8 +86,15 @@ def scores(choice: Tensor, data: dict, mask: Tensor) -> dict:
 
 def train_and_compare(data: dict, kinds: list[str], *, window: int, multipliers: list[float], epochs: int,
                       test_frac: float, seed: int, use_val: bool = False, hidden: int | None = None,
-                      show: bool = True) -> tuple[dict, dict]:
+                      balanced: bool = False, show: bool = True) -> tuple[dict, dict]:
     train, test = split_by_run(data["run"], test_frac, seed)
+    # early stopping on a fifth of the training runs (never on the held-out runs)
+    train_rows = train.nonzero().squeeze(1)
+    if torch.unique(data["run"][train]).numel() >= 5:
+        inner_fit, inner_stop = split_by_run(data["run"][train], 0.2, seed + 1)
+        fit_rows, stop_rows = train_rows[inner_fit], train_rows[inner_stop]
+    else:  # too few runs to spare some for early stopping: train for all epochs
+        fit_rows, stop_rows = train_rows, None
     y = data["best"]
     n_actions = len(multipliers)
     majority = int(torch.bincount(y[train], minlength=n_actions).argmax())
@@ -96,11 +119,13 @@ def train_and_compare(data: dict, kinds: list[str], *, window: int, multipliers:
             model = ActionMLP(2, window, n_actions, extra=x.shape[1] - 2 * window, **({} if hidden is None else {"hidden": hidden}))
         else:
             model = make_action_model(kind, window, actions=n_actions, hidden=hidden)
-        fit(model, x[train], y[train], epochs=epochs, seed=seed, class_weights=weights)
+        best_epoch = fit(model, x[fit_rows], y[fit_rows], epochs=epochs, seed=seed,
+                         class_weights=weights if balanced else None, x_val=None if stop_rows is None else x[stop_rows],
+                         y_val=None if stop_rows is None else y[stop_rows])
         with torch.no_grad():
             choice = model(x[test]).argmax(1)
             train_acc = float((model(x[train]).argmax(1) == y[train]).float().mean())
-        results[kind] = dict(scores(choice, data, test), train_accuracy=train_acc)
+        results[kind] = dict(scores(choice, data, test), train_accuracy=train_acc, epochs=best_epoch)
         models[kind] = model
     meta = {"rows": len(y), "train_rows": int(train.sum()), "test_rows": int(test.sum()),
             "runs": int(torch.unique(data["run"]).numel()), "majority_action": majority,
@@ -127,10 +152,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--hidden", type=int, default=None)
     p.add_argument("--test-frac", type=float, default=0.25)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--balanced", action="store_true", help="weight the loss by inverse class frequency")
     p.add_argument("--use-val", action="store_true", help="also feed the validation history (MLP only; not for AutoLR)")
     p.add_argument("--out-dir", default="action_models")
     p.add_argument("--quick", action="store_true", help="few epochs: seconds")
     p.add_argument("--no-progress", action="store_true")
+    argv = list(sys.argv[1:] if argv is None else argv)
     a = p.parse_args(argv)
     if a.quick:
         a.epochs = min(a.epochs, 10)
@@ -144,13 +171,14 @@ def main(argv: list[str] | None = None) -> int:
     kinds = ["mlp", "cnn", "gru"] if a.model == "all" else [a.model]
     report, models = train_and_compare(data, kinds, window=window, multipliers=multipliers, epochs=a.epochs,
                                        test_frac=a.test_frac, seed=a.seed, use_val=a.use_val, hidden=a.hidden,
-                                       show=not a.no_progress)
+                                       balanced=a.balanced, show=not a.no_progress)
     os.makedirs(a.out_dir, exist_ok=True)
     table = results_table(report, multipliers)
-    info = {"data": [os.path.basename(f) for f in a.data], "tasks": sorted({s["task"] for s in settings}),
+    info = {"command": "python -m autolr_fast train-action " + shlex.join(argv),
+            "data": [os.path.basename(f) for f in a.data], "tasks": sorted({s["task"] for s in settings}),
             "collect_settings": settings, "window": window, "block": block, "interval": settings[0]["segment"],
             "multipliers": multipliers, "epochs": a.epochs, "seed": a.seed, "test_frac": a.test_frac,
-            "use_val": a.use_val, **report}
+            "use_val": a.use_val, "balanced": a.balanced, **report}
     for kind, model in models.items():
         base = os.path.join(a.out_dir, f"action-{kind}")
         if not a.use_val:

@@ -168,6 +168,18 @@ def smooth_curve(values: Sequence[float], window: int) -> list[float]:
     return out
 
 
+def steepest_rate(rates: Sequence[float], losses: Sequence[float]) -> float:
+    """The rate where ``losses`` falls fastest against ``log(rate)`` (central differences)."""
+    pts = [(math.log(r), v) for r, v in zip(rates, losses) if math.isfinite(v)]
+    if len(pts) < 2:
+        return float("nan")
+    slopes = []
+    for i in range(len(pts)):
+        a, b = pts[max(i - 1, 0)], pts[min(i + 1, len(pts) - 1)]
+        slopes.append((b[1] - a[1]) / (b[0] - a[0]))
+    return math.exp(pts[min(range(len(pts)), key=slopes.__getitem__)][0])
+
+
 @dataclass
 class LRFinderResult:
     """Per horizon: the rates tried (up to divergence), raw and smoothed losses, a suggestion.
@@ -175,6 +187,8 @@ class LRFinderResult:
     ``suggestion`` is the rate at the minimum of the smoothed curve of the longest horizon that
     has any point (the constant rate that reached the lowest loss after that many steps/epochs);
     ``suggestions`` holds that rule for every horizon. NaN when no rate was usable.
+    ``steepest`` is the other common rule (fastai, ``torch-lr-finder``): the rate where the
+    smoothed loss falls fastest per decade of rate; usually lower and more conservative.
     """
 
     horizons: list[int]
@@ -185,6 +199,7 @@ class LRFinderResult:
     smoothed: dict[int, list[float]]
     suggestions: dict[int, float]
     diverged_at: dict[int, float | None]
+    steepest: dict[int, float] = field(default_factory=dict)
     settings: dict = field(default_factory=dict)
 
     @property
@@ -198,7 +213,7 @@ class LRFinderResult:
         key = lambda d: {str(k): v for k, v in d.items()}  # noqa: E731  (JSON keys are strings)
         return {"horizons": self.horizons, "unit": self.unit, "start_loss": self.start_loss,
                 "suggestion": self.suggestion, "suggestions": key(self.suggestions),
-                "diverged_at": key(self.diverged_at), "rates": key(self.rates), "losses": key(self.losses),
+                "diverged_at": key(self.diverged_at), "steepest": key(self.steepest), "rates": key(self.rates), "losses": key(self.losses),
                 "smoothed": key(self.smoothed), "settings": self.settings}
 
     def table(self) -> str:
@@ -411,9 +426,10 @@ def find_lr(
     for h in horizons:
         finite = [(v, r) for v, r in zip(smoothed[h], rates[h]) if math.isfinite(v)]
         suggestions[h] = min(finite)[1] if finite else float("nan")
+    steepest = {h: steepest_rate(rates[h], smoothed[h]) for h in horizons}
     if all(not rates[h] for h in horizons):
         warnings.warn(f"find_lr: every rate from start_lr={start_lr:g} diverged; try a smaller start_lr")
-    result = LRFinderResult(horizons, unit, start_loss, rates, losses, smoothed, suggestions, diverged,
+    result = LRFinderResult(horizons, unit, start_loss, rates, losses, smoothed, suggestions, diverged, steepest,
                             {"start_lr": start_lr, "end_lr": end_lr, "num": num, "diverge_factor": diverge_factor,
                              "smoothing": smoothing, "num_eval_batches": len(eval_batches)})
     if plot:

@@ -245,7 +245,7 @@ def test_models_learn_a_learnable_rule():
     # every model must beat the majority class on held-out runs.
     g = torch.Generator().manual_seed(0)
     n = 600
-    feats = torch.randn(n, 2, 6, generator=g) * 0.1
+    feats = torch.randn(n, 2, 6, generator=g)
     best = torch.where(feats[:, 1, -1] > 0, 0, 2)
     data = {"features": feats, "best": best, "run": torch.arange(n) // 10,
             "margins": torch.where(torch.nn.functional.one_hot(best, 3).bool(), 0.0, 0.1),

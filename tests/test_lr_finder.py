@@ -102,6 +102,7 @@ def test_quadratic_suggestion_and_divergence_stop():
     res = find_lr(model, opt, loss_fn, data, start_lr=1e-2, end_lr=100, num=61, horizons=(1,),
                   smoothing=1, progress=False)
     assert res.suggestion == pytest.approx(1.0, rel=0.1)
+    assert res.steepest[1] == pytest.approx(0.5, rel=0.15)  # max of 2r(1-r): steepest per decade
     assert len(res.rates[1]) < 61 and 2.0 <= res.diverged_at[1] <= 2.5
     assert model.weight.eq(1.0).all()
 

@@ -234,7 +234,9 @@ class ActionController(nn.Module):
         upper = torch.where(torch.isfinite(gamma), gamma.to(rate.dtype), new_rate)
         new_rate = torch.minimum(torch.clamp_min(new_rate, self.min_rate), upper)
         rate.copy_(torch.where(finite, new_rate, rate))
-        self.actions_taken.add_(torch.nn.functional.one_hot(choice, self.multipliers.numel()) * act.to(torch.int64))
+        # (arange == choice) rather than one_hot: one_hot checks its input range on the host
+        picked = torch.arange(self.multipliers.numel(), device=choice.device) == choice
+        self.actions_taken.add_((picked & act).to(torch.int64))
         self.last_action.copy_(torch.where(act, choice, self.last_action))
 
     # -- saving ----------------------------------------------------------------------------------

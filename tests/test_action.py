@@ -137,6 +137,7 @@ def test_autolr_state_dict_round_trip():
     assert all(torch.equal(a, b) for a, b in zip(ctrl.state_dict().values(), ctrl_b.state_dict().values()))
 
 
+@pytest.mark.filterwarnings("ignore:`torch.jit.script` is deprecated:FutureWarning")
 @pytest.mark.parametrize("kind", ["mlp", "cnn", "gru"])
 def test_torchscript_matches_eager(kind):
     torch.manual_seed(1)
@@ -264,3 +265,23 @@ def test_split_keeps_runs_whole():
     assert (tr ^ te).all() and len(set(runs[te].tolist()) & set(runs[tr].tolist())) == 0
     with pytest.raises(ValueError, match="at least 2 runs"):
         split_by_run(torch.zeros(4, dtype=torch.long), 0.25, 0)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_no_host_sync_on_cuda():
+    dev = torch.device("cuda")
+    ctrl = ActionController(make_action_model("mlp", 4), window=4, block=2, interval=4)
+    model = nn.Linear(3, 1).to(dev)
+    opt = torch.optim.SGD(model.parameters(), lr=0.01, fused=True)
+    sched = AutoLR(opt, ctrl, gamma=1.0)
+    x = torch.randn(8, 3, device=dev)
+    rate = torch.tensor(0.01, device=dev)
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        for _ in range(12):
+            ctrl.scheduler_step_(model(x).pow(2).mean().detach(), torch.tensor(1.0, device=dev), rate)
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    assert ctrl.blocks.item() == 6 and sched is not None

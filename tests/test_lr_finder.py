@@ -167,3 +167,31 @@ def test_cli_quick(tmp_path):
     data = json.loads(out.read_text())
     assert data["horizons"] == [1, 4] and data["settings"]["task"] == "regress-sin"
     assert math.isfinite(data["suggestion"]) and png.stat().st_size > 1000
+
+
+def _ddp_worker(rank, world, init_file, out_dir):
+    import torch.distributed as dist
+
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
+    try:
+        torch.manual_seed(0)  # same weights everywhere, different data per rank
+        model = nn.Sequential(nn.Linear(6, 8), nn.Tanh(), nn.Linear(8, 3))
+        opt = torch.optim.SGD(model.parameters(), lr=0.1)
+        res = find_lr(model, opt, nn.functional.cross_entropy, _batches(12, seed=10 + rank), start_lr=1e-3,
+                      end_lr=100, num=30, horizons=(1, 3), progress=False)
+        torch.save(res.to_dict(), f"{out_dir}/r{rank}.pt")
+    finally:
+        dist.destroy_process_group()
+
+
+def test_distributed_ranks_agree(tmp_path):
+    import torch.multiprocessing as mp
+
+    mp.spawn(_ddp_worker, args=(2, str(tmp_path / "init"), str(tmp_path)), nprocs=2, join=True)
+    a, b = (torch.load(tmp_path / f"r{r}.pt", weights_only=False) for r in (0, 1))
+    assert a["losses"] == b["losses"] and a["suggestion"] == b["suggestion"] and a["rates"] == b["rates"]
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(6, 8), nn.Tanh(), nn.Linear(8, 3))
+    alone = find_lr(model, torch.optim.SGD(model.parameters(), lr=0.1), nn.functional.cross_entropy,
+                    _batches(12, seed=10), start_lr=1e-3, end_lr=100, num=30, horizons=(1, 3), progress=False)
+    assert alone.start_loss != a["start_loss"]  # rank 0 alone differs: the ranks really averaged

@@ -185,7 +185,8 @@ class LRFinderResult:
     """Per horizon: the rates tried (up to divergence), raw and smoothed losses, a suggestion.
 
     ``suggestion`` is the rate at the minimum of the smoothed curve of the longest horizon that
-    has any point (the constant rate that reached the lowest loss after that many steps/epochs);
+    has any point (the point where a horizon diverged enters the smoothing window at the
+    divergence limit, a lower bound of its loss, so the minimum is not taken at the cliff edge) (the constant rate that reached the lowest loss after that many steps/epochs);
     ``suggestions`` holds that rule for every horizon. NaN when no rate was usable.
     ``steepest`` is the other common rule (fastai, ``torch-lr-finder``): the rate where the
     smoothed loss falls fastest per decade of rate; usually lower and more conservative.
@@ -421,7 +422,12 @@ def find_lr(
                 bar.set_postfix(rate=f"{rate:.2e}", active=len([h for h in horizons if diverged[h] is None]))
     finally:
         snap.restore()
-    smoothed = {h: smooth_curve(losses[h], smoothing) for h in horizons}
+    # A horizon that diverged gets one more point at the limit (a lower bound of the loss at the
+    # rate that diverged) for the smoothing only, so a minimum right at the cliff is pulled up.
+    smoothed = {}
+    for h in horizons:
+        pad = [limit] if diverged[h] is not None and limit is not None else []
+        smoothed[h] = smooth_curve(losses[h] + pad, smoothing)[: len(losses[h])]
     suggestions = {}
     for h in horizons:
         finite = [(v, r) for v, r in zip(smoothed[h], rates[h]) if math.isfinite(v)]

@@ -14,40 +14,52 @@ Features
 The controller does not look at raw per-step losses (too noisy) but at *block means*: the mean of
 ``block`` consecutive finite training losses. The window holds the last ``window`` block means
 ``m_1 .. m_W`` (oldest first), so it covers ``window * block`` steps (default 20 x 5 = 100, one
-collection segment). ``m_0`` is the first block mean of the run. Two channels, each of length W::
+collection segment). ``m_0`` is the first block mean of the run and ``m_low`` the lowest block
+mean of the run so far. Three channels, each of length W::
 
     channel 0 (relative to the start):    log(m_i / m_0)
     channel 1 (relative to the previous): log(m_i / m_{i-1})   (0 for i = 1)
+    channel 2 (best so far, constant):    log(m_low / m_0)
 
-Both are ratios of losses, so multiplying every loss by a constant (another loss scale, another
+Channel 2 tells "stuck at the starting level because nothing happened yet" (rate too small)
+from "back at the starting level after progress" (the rate blew training up), which the window
+alone cannot. All are ratios of losses, so multiplying every loss by a constant (another loss scale, another
 task) leaves the features unchanged; the log makes "halved" and "doubled" symmetric. Values are
 clamped to ``[-CLAMP, CLAMP]`` and a loss of 0 is treated as ``1e-12 * m_0``.
 Optional validation history (offline models only: AutoLR sees training losses only): the last
-``K`` validation losses ``v_1 .. v_K`` taken at decision points give the same two channels
-relative to ``v_0`` (the first one) and to the previous value (:func:`history_features` again).
+``K`` validation losses ``v_1 .. v_K`` taken at decision points give the same three channels
+relative to ``v_0`` (the first one), to the previous value and the lowest of the window
+(:func:`history_features` again).
 """
 
 from __future__ import annotations
 
-from typing import Sequence
+from typing import Optional, Sequence
 
 import torch
 from torch import Tensor, nn
 
 CLAMP = 20.0
+FEATURE_CHANNELS = 3
 DEFAULT_MULTIPLIERS = (0.9, 1.0, 1.1)
 
 
-def history_features(window: Tensor, initial: Tensor, clamp: float = 20.0) -> Tensor:
-    """Scale-free features ``(..., 2, W)`` from loss block means ``window (..., W)`` (oldest
-    first) and the run's first block mean ``initial (...)`` (see the module docstring)."""
+def history_features(window: Tensor, initial: Tensor, lowest: Optional[Tensor] = None, clamp: float = 20.0) -> Tensor:
+    """Scale-free features ``(..., 3, W)`` from loss block means ``window (..., W)`` (oldest
+    first), the run's first block mean ``initial (...)`` and the lowest block mean of the run so
+    far ``lowest (...)`` (default: the window's own minimum); see the module docstring."""
     initial = initial.unsqueeze(-1)
     floor = initial.abs() * 1e-12
     w = torch.maximum(window, floor)
+    if lowest is None:
+        low = w.min(dim=-1, keepdim=True).values
+    else:
+        low = torch.maximum(torch.minimum(lowest.unsqueeze(-1), w.min(dim=-1, keepdim=True).values), floor)
     rel_start = torch.log(w / initial)
     rel_prev = torch.log(w[..., 1:] / w[..., :-1])
     rel_prev = torch.cat([torch.zeros_like(rel_prev[..., :1]), rel_prev], dim=-1)
-    out = torch.stack([rel_start, rel_prev], dim=-2)
+    rel_low = torch.log(low / initial).expand_as(rel_start)
+    out = torch.stack([rel_start, rel_prev, rel_low], dim=-2)
     return torch.nan_to_num(out, nan=0.0, posinf=clamp, neginf=-clamp).clamp(-clamp, clamp)
 
 
@@ -99,7 +111,7 @@ class ActionGRU(nn.Module):
 MODEL_TYPES = {"mlp": ActionMLP, "cnn": ActionCNN, "gru": ActionGRU}
 
 
-def make_action_model(kind: str, window: int, channels: int = 2, actions: int = 3, hidden: int | None = None) -> nn.Module:
+def make_action_model(kind: str, window: int, channels: int = FEATURE_CHANNELS, actions: int = 3, hidden: int | None = None) -> nn.Module:
     if kind not in MODEL_TYPES:
         raise ValueError(f"unknown action model {kind!r}; choose one of {sorted(MODEL_TYPES)}")
     kwargs = {} if hidden is None else {"hidden": hidden}
@@ -129,7 +141,7 @@ class ActionController(nn.Module):
     with ``torch.jit.script`` (the C++ runtime of this project only runs MLR-SNet).
 
     Args:
-        model: ``(B, 2, window) -> (B, len(multipliers))`` logits (see :func:`make_action_model`).
+        model: ``(B, 3, window) -> (B, len(multipliers))`` logits (see :func:`make_action_model`).
         window, block: the feature window (block means) and the steps per block.
         interval: steps between actions; a multiple of ``block``. Default ``window * block``.
         multipliers: the rate factor of each action.
@@ -172,6 +184,7 @@ class ActionController(nn.Module):
         self.register_buffer("multipliers", torch.tensor([float(m) for m in multipliers]))
         self.register_buffer("losses", torch.zeros(window))  # block means, oldest first
         self.register_buffer("initial", torch.zeros(()))  # first block mean (0 until known)
+        self.register_buffer("lowest", torch.full((), float("inf")))  # lowest block mean so far
         self.register_buffer("block_sum", torch.zeros(()))
         self.register_buffer("block_count", torch.zeros(()))
         self.register_buffer("blocks", torch.zeros((), dtype=torch.int64))  # block means pushed
@@ -193,6 +206,7 @@ class ActionController(nn.Module):
         """Forget the history (a new run)."""
         self.losses.zero_()
         self.initial.zero_()
+        self.lowest.fill_(float("inf"))
         self.block_sum.zero_()
         self.block_count.zero_()
         self.blocks.zero_()
@@ -201,11 +215,11 @@ class ActionController(nn.Module):
         self.last_action.fill_(-1)
 
     def features(self) -> Tensor:
-        """The current features ``(1, 2, window)``."""
-        return history_features(self.losses.unsqueeze(0), self.initial.reshape(1))
+        """The current features ``(1, 3, window)``."""
+        return history_features(self.losses.unsqueeze(0), self.initial.reshape(1), self.lowest.reshape(1))
 
     def forward(self, features: Tensor) -> Tensor:
-        """Action logits for features ``(B, 2, window)``."""
+        """Action logits for features ``(B, 3, window)``."""
         return self.model(features)
 
     @torch.jit.export
@@ -221,6 +235,7 @@ class ActionController(nn.Module):
         shifted = torch.cat([self.losses[1:], mean.reshape(1)])
         self.losses.copy_(torch.where(push, shifted, self.losses))
         self.initial.copy_(torch.where(push & (self.blocks == 0), mean, self.initial))
+        self.lowest.copy_(torch.where(push, torch.minimum(self.lowest, mean), self.lowest))
         self.block_sum.copy_(torch.where(push, torch.zeros_like(block_sum), block_sum))
         self.block_count.copy_(torch.where(push, torch.zeros_like(block_count), block_count))
         blocks = self.blocks + push.to(self.blocks.dtype)
@@ -261,7 +276,14 @@ class ActionController(nn.Module):
         state = payload["model_state"]
         model = make_action_model(payload["model_kind"], cfg["window"], actions=len(cfg["multipliers"]),
                                   hidden=_hidden_from_state(payload["model_kind"], state))
-        model.load_state_dict(state)
+        try:
+            model.load_state_dict(state)
+        except RuntimeError as exc:
+            raise ValueError(
+                f"{path!r} holds a {payload['model_kind']} model of another shape than this version builds "
+                f"({FEATURE_CHANNELS} feature channels x window {cfg['window']}); retrain it with "
+                f"`python -m autolr_fast train-action`: {exc}"
+            ) from exc
         return cls(model, window=cfg["window"], block=cfg["block"], interval=cfg["interval"],
                    multipliers=cfg["multipliers"], min_rate=cfg["min_rate"], start_rate=cfg["start_rate"],
                    default_gamma=cfg["default_gamma"])

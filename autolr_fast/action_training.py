@@ -21,7 +21,7 @@ import sys
 import torch
 from torch import Tensor, nn
 
-from .action import ActionController, history_features, make_action_model
+from .action import FEATURE_CHANNELS, ActionController, history_features, make_action_model
 from .collect import load_data, merge_data
 
 
@@ -116,7 +116,7 @@ def train_and_compare(data: dict, kinds: list[str], *, window: int, multipliers:
                 raise ValueError("--use-val works with --model mlp only (the CNN/GRU read the training window)")
             from .action import ActionMLP
 
-            model = ActionMLP(2, window, n_actions, extra=x.shape[1] - 2 * window, **({} if hidden is None else {"hidden": hidden}))
+            model = ActionMLP(FEATURE_CHANNELS, window, n_actions, extra=x.shape[1] - FEATURE_CHANNELS * window, **({} if hidden is None else {"hidden": hidden}))
         else:
             model = make_action_model(kind, window, actions=n_actions, hidden=hidden)
         best_epoch = fit(model, x[fit_rows], y[fit_rows], epochs=epochs, seed=seed,

@@ -41,7 +41,8 @@ COLUMNS = {
     "rate": "(n,) float: the rate before the action (the action multiplies it)",
     "history": "(n, segment) float: the raw training losses of the last segment before the checkpoint",
     "initial": "(n,) float: the run's first block mean of training losses (features divide by it)",
-    "features": "(n, 2, window) float: action.history_features of the block means of `history`",
+    "lowest": "(n,) float: the lowest block mean of training losses of the run up to the checkpoint",
+    "features": "(n, 3, window) float: action.history_features(block means of `history`, initial, lowest)",
     "val_history": "(n, val_window) float: validation losses at the last val_window checkpoints "
                    "(oldest first, the first value repeated while fewer exist); last = at this checkpoint",
     "val_initial": "(n,) float: validation loss at the run's first checkpoint",
@@ -121,7 +122,8 @@ class Collector:
         opt = _make_opt(s["optimizer"], model.parameters(), rate, s["momentum"])
         history = _train_segment(self.task, model, opt, self._batches(run_seed, -1))
         initial = sum(history[: self.block]) / self.block
-        return {"train": _state(model, opt), "rate": rate, "history": history, "initial": initial,
+        lowest = float(block_means(torch.tensor(history), self.block).min())
+        return {"train": _state(model, opt), "rate": rate, "history": history, "initial": initial, "lowest": lowest,
                 "val": [self._val(model)], "step": s["segment"], "alive": all(map(math.isfinite, history))}
 
     def _decide(self, run: int, k: int, st: dict) -> dict | None:
@@ -152,14 +154,16 @@ class Collector:
             if not math.isfinite(vals[follow]):
                 follow = best
         hist = torch.tensor(st["history"], dtype=torch.float32)
-        feats = history_features(block_means(hist, self.block), torch.tensor(st["initial"], dtype=torch.float32))
+        feats = history_features(block_means(hist, self.block), torch.tensor(st["initial"], dtype=torch.float32),
+                                 torch.tensor(st["lowest"], dtype=torch.float32))
         vw = s["val_window"]
         vh = ([st["val"][0]] * vw + st["val"])[-vw:]
         row = {"run": run, "decision": k, "step": st["step"], "rate": st["rate"], "history": st["history"],
-               "initial": st["initial"], "features": feats, "val_history": vh, "val_initial": st["val"][0],
+               "initial": st["initial"], "lowest": st["lowest"], "features": feats, "val_history": vh, "val_initial": st["val"][0],
                "val_after": vals, "train_after": trains, "best": best,
                "margins": [v - vals[best] if math.isfinite(v) else float("inf") for v in vals], "followed": follow}
-        st.update(train=ends[follow], rate=st["rate"] * s["multipliers"][follow], history=hists[follow],
+        lowest = min(st["lowest"], float(block_means(torch.tensor(hists[follow]), self.block).min()))
+        st.update(train=ends[follow], rate=st["rate"] * s["multipliers"][follow], history=hists[follow], lowest=lowest,
                   val=st["val"] + [vals[follow]], step=st["step"] + s["segment"])
         return row
 

@@ -22,15 +22,17 @@ def test_features_are_scale_invariant():
     g = torch.Generator().manual_seed(0)
     curve = torch.exp(-torch.linspace(0, 3, 100)) * (1 + 0.2 * torch.rand(100, generator=g)) + 0.05
     for scale in (1000.0, 1e-3, 7.3):
-        a = history_features(block_means(curve, 5), curve[:5].mean())
-        b = history_features(block_means(curve * scale, 5), (curve * scale)[:5].mean())
+        a = history_features(block_means(curve, 5), curve[:5].mean(), curve.min())
+        b = history_features(block_means(curve * scale, 5), (curve * scale)[:5].mean(), (curve * scale).min())
         torch.testing.assert_close(a, b, atol=1e-5, rtol=0)
 
 
 def test_feature_values():
     w = torch.tensor([2.0, 1.0, 1.0, 4.0])
-    f = history_features(w, torch.tensor(4.0))
-    assert f.shape == (2, 4)
+    f = history_features(w, torch.tensor(4.0), torch.tensor(0.5))
+    assert f.shape == (3, 4)
+    torch.testing.assert_close(f[2], torch.full((4,), math.log(0.5 / 4.0)))
+    torch.testing.assert_close(history_features(w, torch.tensor(4.0))[2], torch.full((4,), math.log(1.0 / 4.0)))
     torch.testing.assert_close(f[0], torch.log(w / 4.0))
     torch.testing.assert_close(f[1], torch.tensor([0.0, math.log(0.5), 0.0, math.log(4.0)]))
     z = history_features(torch.tensor([1.0, 0.0]), torch.tensor(1.0))  # a zero loss stays finite
@@ -40,7 +42,7 @@ def test_feature_values():
 @pytest.mark.parametrize("kind", ["mlp", "cnn", "gru"])
 def test_models_map_window_to_action_logits(kind):
     m = make_action_model(kind, window=20)
-    assert m(torch.randn(5, 2, 20)).shape == (5, 3)
+    assert m(torch.randn(5, 3, 20)).shape == (5, 3)
     assert sum(p.numel() for p in m.parameters()) < 5000
 
 
@@ -49,7 +51,7 @@ def test_models_map_window_to_action_logits(kind):
 # ------------------------------------------------------------------------------------------------
 def _fixed(action: int, window: int = 4) -> ActionMLP:
     """An MLP that always picks ``action`` (zero weights, one bias)."""
-    m = ActionMLP(2, window)
+    m = ActionMLP(3, window)
     with torch.no_grad():
         for p in m.parameters():
             p.zero_()
@@ -156,7 +158,7 @@ def test_save_load_round_trip(tmp_path):
     ctrl.save(str(tmp_path / "c.pt"), "cnn")
     back = ActionController.load(str(tmp_path / "c.pt"))
     assert back.config() == ctrl.config()
-    x = torch.randn(3, 2, 6)
+    x = torch.randn(3, 3, 6)
     assert torch.equal(back(x), ctrl(x))
     (tmp_path / "bad.pt").write_bytes(b"junk")
     with pytest.raises(ValueError, match="could not read"):
@@ -211,7 +213,7 @@ def test_collector_labels_the_known_best_action(tmp_path):
             m = data["settings"]["multipliers"][int(d["followed"][i])]
             assert float(d["rate"][i + 1]) == pytest.approx(float(d["rate"][i]) * m, rel=1e-6)
     assert 1e-4 <= float(d["rate"][0]) <= 0.1
-    assert d["features"].shape == (10, 2, 5) and d["history"].shape == (10, 10)
+    assert d["features"].shape == (10, 3, 5) and d["history"].shape == (10, 10)
 
 
 def test_collector_resume_gives_the_same_file(tmp_path):
@@ -246,7 +248,7 @@ def test_models_learn_a_learnable_rule():
     # every model must beat the majority class on held-out runs.
     g = torch.Generator().manual_seed(0)
     n = 600
-    feats = torch.randn(n, 2, 6, generator=g)
+    feats = torch.randn(n, 3, 6, generator=g)
     best = torch.where(feats[:, 1, -1] > 0, 0, 2)
     data = {"features": feats, "best": best, "run": torch.arange(n) // 10,
             "margins": torch.where(torch.nn.functional.one_hot(best, 3).bool(), 0.0, 0.1),
@@ -285,3 +287,33 @@ def test_no_host_sync_on_cuda():
     finally:
         torch.cuda.set_sync_debug_mode("default")
     assert ctrl.blocks.item() == 6 and sched is not None
+
+
+def test_controller_features_match_the_collector():
+    # The controller, fed a run's losses step by step, sees at a decision point exactly the
+    # features the collector stores for that checkpoint.
+    g = torch.Generator().manual_seed(3)
+    losses = (torch.exp(-torch.linspace(0, 2, 60)) + 0.1 * torch.rand(60, generator=g)).tolist()
+    ctrl = ActionController(_fixed(1), window=4, block=5, interval=20)
+    rate = torch.tensor(0.1)
+    for v in losses:
+        ctrl.scheduler_step_(torch.tensor(v), torch.tensor(1.0), rate)
+    t = torch.tensor(losses)
+    means = block_means(t, 5)
+    expected = history_features(means[-4:], means[0], means.min())
+    torch.testing.assert_close(ctrl.features()[0], expected)
+    assert int(ctrl.actions_taken.sum()) == 3
+
+
+def test_shipped_controller_runs_in_autolr():
+    ctrl = ActionController.pretrained("action-mlp")
+    info = json.loads(open(os.path.join(os.path.dirname(__import__("autolr_fast").__file__), "weights",
+                                        "action-mlp.json")).read())
+    assert info["window"] == ctrl.window and info["interval"] == ctrl.interval
+    assert os.path.getsize(os.path.join(os.path.dirname(__import__("autolr_fast").__file__), "weights",
+                                        "action-mlp.pt")) < 200_000
+    model, opt, sched = _setup(ctrl, gamma=0.5)
+    _steps(model, opt, sched, 205)
+    assert int(ctrl.actions_taken.sum()) == 2 and 0 < float(sched.rate) <= 0.5
+    with pytest.raises(ValueError, match="no shipped"):
+        ActionController.pretrained("nope")

@@ -18,7 +18,7 @@ import pytest
 import torch
 from torch import nn
 
-from autolr_fast.lr_finder import find_lr, steepest_rate
+from autolr_fast.lr_finder import find_lr
 from autolr_fast.tasks import get_task
 
 torch_lr_finder = pytest.importorskip("torch_lr_finder", reason="the torch-lr-finder package is not installed")

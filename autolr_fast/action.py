@@ -1,0 +1,309 @@
+"""The history-based action controller: every ``interval`` steps, look at the recent training-loss
+history and multiply the rate by one of a few factors (default x0.9, x1.0, x1.1).
+
+Three parts, one job each:
+
+* :func:`history_features` turns a window of loss values into scale-free features (below).
+* :func:`make_action_model` builds a small classifier over those features (MLP, 1-D CNN, GRU)
+  that predicts which action was best (trained by ``action_training.py`` on data from
+  ``collect.py``).
+* :class:`ActionController` runs such a model inside :class:`autolr_fast.AutoLR`.
+
+Features
+--------
+The controller does not look at raw per-step losses (too noisy) but at *block means*: the mean of
+``block`` consecutive finite training losses. The window holds the last ``window`` block means
+``m_1 .. m_W`` (oldest first), so it covers ``window * block`` steps (default 20 x 5 = 100, one
+collection segment). ``m_0`` is the first block mean of the run and ``m_low`` the lowest block
+mean of the run so far. Three channels, each of length W::
+
+    channel 0 (relative to the start):    log(m_i / m_0)
+    channel 1 (relative to the previous): log(m_i / m_{i-1})   (0 for i = 1)
+    channel 2 (best so far, constant):    log(m_low / m_0)
+
+Channel 2 tells "stuck at the starting level because nothing happened yet" (rate too small)
+from "back at the starting level after progress" (the rate blew training up), which the window
+alone cannot. All are ratios of losses, so multiplying every loss by a constant (another loss scale, another
+task) leaves the features unchanged; the log makes "halved" and "doubled" symmetric. Values are
+clamped to ``[-CLAMP, CLAMP]`` and a loss of 0 is treated as ``1e-12 * m_0``.
+Optional validation history (offline models only: AutoLR sees training losses only): the last
+``K`` validation losses ``v_1 .. v_K`` taken at decision points give the same three channels
+relative to ``v_0`` (the first one), to the previous value and the lowest of the window
+(:func:`history_features` again).
+"""
+
+from __future__ import annotations
+
+from typing import Optional, Sequence
+
+import torch
+from torch import Tensor, nn
+
+CLAMP = 20.0
+FEATURE_CHANNELS = 3
+DEFAULT_MULTIPLIERS = (0.9, 1.0, 1.1)
+
+
+def history_features(window: Tensor, initial: Tensor, lowest: Optional[Tensor] = None, clamp: float = 20.0) -> Tensor:
+    """Scale-free features ``(..., 3, W)`` from loss block means ``window (..., W)`` (oldest
+    first), the run's first block mean ``initial (...)`` and the lowest block mean of the run so
+    far ``lowest (...)`` (default: the window's own minimum); see the module docstring."""
+    initial = initial.unsqueeze(-1)
+    floor = initial.abs() * 1e-12
+    w = torch.maximum(window, floor)
+    if lowest is None:
+        low = w.min(dim=-1, keepdim=True).values
+    else:
+        low = torch.maximum(torch.minimum(lowest.unsqueeze(-1), w.min(dim=-1, keepdim=True).values), floor)
+    rel_start = torch.log(w / initial)
+    rel_prev = torch.log(w[..., 1:] / w[..., :-1])
+    rel_prev = torch.cat([torch.zeros_like(rel_prev[..., :1]), rel_prev], dim=-1)
+    rel_low = torch.log(low / initial).expand_as(rel_start)
+    out = torch.stack([rel_start, rel_prev, rel_low], dim=-2)
+    return torch.nan_to_num(out, nan=0.0, posinf=clamp, neginf=-clamp).clamp(-clamp, clamp)
+
+
+def block_means(losses: Tensor, block: int) -> Tensor:
+    """Means of consecutive ``block``-sized chunks of ``losses (..., N)`` (N a multiple of block)."""
+    n = losses.shape[-1]
+    if n % block:
+        raise ValueError(f"{n} losses do not split into blocks of {block}")
+    return losses.reshape(*losses.shape[:-1], n // block, block).mean(-1)
+
+
+# ------------------------------------------------------------------------------------------------
+# Models: (B, C, W) features -> (B, A) action logits
+# ------------------------------------------------------------------------------------------------
+class ActionMLP(nn.Module):
+    def __init__(self, channels: int, window: int, actions: int = 3, hidden: int = 32, extra: int = 0) -> None:
+        super().__init__()
+        self.net = nn.Sequential(nn.Linear(channels * window + extra, hidden), nn.ReLU(),
+                                 nn.Linear(hidden, hidden), nn.ReLU(), nn.Linear(hidden, actions))
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.net(x.flatten(1))
+
+
+class ActionCNN(nn.Module):
+    def __init__(self, channels: int, window: int, actions: int = 3, hidden: int = 16) -> None:
+        super().__init__()
+        self.conv = nn.Sequential(nn.Conv1d(channels, hidden, 3, padding=1), nn.ReLU(),
+                                  nn.Conv1d(hidden, hidden, 3, padding=1, stride=2), nn.ReLU())
+        self.head = nn.Linear(hidden * 2, actions)
+
+    def forward(self, x: Tensor) -> Tensor:
+        h = self.conv(x)
+        pooled = torch.cat([h.mean(-1), h[..., -1]], dim=1)  # average and most recent position
+        return self.head(pooled)
+
+
+class ActionGRU(nn.Module):
+    def __init__(self, channels: int, window: int, actions: int = 3, hidden: int = 16) -> None:
+        super().__init__()
+        self.gru = nn.GRU(channels, hidden, batch_first=True)
+        self.head = nn.Linear(hidden, actions)
+
+    def forward(self, x: Tensor) -> Tensor:
+        out, _ = self.gru(x.transpose(1, 2))
+        return self.head(out[:, -1])
+
+
+MODEL_TYPES = {"mlp": ActionMLP, "cnn": ActionCNN, "gru": ActionGRU}
+
+
+def make_action_model(kind: str, window: int, channels: int = FEATURE_CHANNELS, actions: int = 3, hidden: int | None = None) -> nn.Module:
+    if kind not in MODEL_TYPES:
+        raise ValueError(f"unknown action model {kind!r}; choose one of {sorted(MODEL_TYPES)}")
+    kwargs = {} if hidden is None else {"hidden": hidden}
+    return MODEL_TYPES[kind](channels, window, actions, **kwargs)
+
+
+# ------------------------------------------------------------------------------------------------
+# The controller
+# ------------------------------------------------------------------------------------------------
+class ActionController(nn.Module):
+    """A rate controller for :class:`autolr_fast.AutoLR` that multiplies the rate by the action a
+    classifier picks from the recent loss history, every ``interval`` steps.
+
+    AutoLR calls :meth:`scheduler_step_` once per step (under ``no_grad``) with the loss (0-dim
+    float32 device tensor), ``gamma`` (the largest rate) and ``rate`` (a 0-dim tensor updated in
+    place), and :meth:`initial_rate` once for the starting rate (the optimizer's ``lr`` unless
+    ``start_rate`` is given). Everything happens on the device, without host syncs:
+
+    * a finite loss is added to the running block; when ``block`` losses are in, their mean is
+      pushed into the window (a buffer). A NaN/Inf loss is skipped: window, counters and rate are
+      kept as they were.
+    * every ``interval`` finite steps (once the window is full), the model's action multiplies the
+      rate; the rate is always clamped to ``[min_rate, gamma]``.
+
+    The window, the running block, the first block mean and the counters are buffers, so
+    ``state_dict()`` (and ``AutoLR.state_dict()``) carries them. The module can be compiled
+    with ``torch.jit.script`` (the C++ runtime of this project only runs MLR-SNet).
+
+    Args:
+        model: ``(B, 3, window) -> (B, len(multipliers))`` logits (see :func:`make_action_model`).
+        window, block: the feature window (block means) and the steps per block.
+        interval: steps between actions; a multiple of ``block``. Default ``window * block``.
+        multipliers: the rate factor of each action.
+        min_rate: lower clamp of the rate.
+        start_rate: the starting rate; ``None`` keeps the optimizer's ``lr``.
+        default_gamma: the largest rate when AutoLR is given no ``gamma``.
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        *,
+        window: int = 20,
+        block: int = 5,
+        interval: int | None = None,
+        multipliers: Sequence[float] = DEFAULT_MULTIPLIERS,
+        min_rate: float = 0.0,
+        start_rate: float | None = None,
+        default_gamma: float | None = 1.0,
+    ) -> None:
+        super().__init__()
+        if window < 2 or block < 1:
+            raise ValueError(f"need window >= 2 and block >= 1, got window={window}, block={block}")
+        interval = window * block if interval is None else int(interval)
+        if interval < block or interval % block:
+            raise ValueError(f"interval ({interval}) must be a positive multiple of block ({block})")
+        if len(multipliers) < 2 or any(not m > 0 for m in multipliers):
+            raise ValueError(f"multipliers must be >= 2 positive factors, got {list(multipliers)}")
+        if min_rate < 0:
+            raise ValueError(f"min_rate must be >= 0, got {min_rate}")
+        self.model = model
+        self.window = int(window)
+        self.block = int(block)
+        self.interval = interval
+        self.blocks_per_action = interval // block
+        self.multiplier_values = [float(m) for m in multipliers]
+        self.min_rate = float(min_rate)
+        self.start_rate = start_rate
+        self.default_gamma = default_gamma
+        self.register_buffer("multipliers", torch.tensor([float(m) for m in multipliers]))
+        self.register_buffer("losses", torch.zeros(window))  # block means, oldest first
+        self.register_buffer("initial", torch.zeros(()))  # first block mean (0 until known)
+        self.register_buffer("lowest", torch.full((), float("inf")))  # lowest block mean so far
+        self.register_buffer("block_sum", torch.zeros(()))
+        self.register_buffer("block_count", torch.zeros(()))
+        self.register_buffer("blocks", torch.zeros((), dtype=torch.int64))  # block means pushed
+        self.register_buffer("steps", torch.zeros((), dtype=torch.int64))  # finite losses seen
+        self.register_buffer("actions_taken", torch.zeros(len(multipliers), dtype=torch.int64))
+        self.register_buffer("last_action", torch.full((), -1, dtype=torch.int64))
+
+    def config(self) -> dict:
+        return {"window": self.window, "block": self.block, "interval": self.interval,
+                "multipliers": list(self.multiplier_values), "min_rate": self.min_rate,
+                "start_rate": self.start_rate, "default_gamma": self.default_gamma}
+
+    @torch.jit.ignore
+    def initial_rate(self, base_lr: float) -> float:
+        return float(base_lr if self.start_rate is None else self.start_rate)
+
+    @torch.jit.export
+    def reset(self) -> None:
+        """Forget the history (a new run)."""
+        self.losses.zero_()
+        self.initial.zero_()
+        self.lowest.fill_(float("inf"))
+        self.block_sum.zero_()
+        self.block_count.zero_()
+        self.blocks.zero_()
+        self.steps.zero_()
+        self.actions_taken.zero_()
+        self.last_action.fill_(-1)
+
+    def features(self) -> Tensor:
+        """The current features ``(1, 3, window)``."""
+        return history_features(self.losses.unsqueeze(0), self.initial.reshape(1), self.lowest.reshape(1))
+
+    def forward(self, features: Tensor) -> Tensor:
+        """Action logits for features ``(B, 3, window)``."""
+        return self.model(features)
+
+    @torch.jit.export
+    def scheduler_step_(self, loss: Tensor, gamma: Tensor, rate: Tensor) -> None:
+        """One step: update the history with ``loss``; every ``interval`` steps act on ``rate``."""
+        x = loss.reshape(()).to(self.losses.dtype)
+        finite = torch.isfinite(x)
+        x0 = torch.where(finite, x, torch.zeros_like(x))
+        block_sum = self.block_sum + x0
+        block_count = self.block_count + finite.to(self.block_count.dtype)
+        push = finite & (block_count >= self.block)
+        mean = block_sum / block_count.clamp_min(1.0)
+        shifted = torch.cat([self.losses[1:], mean.reshape(1)])
+        self.losses.copy_(torch.where(push, shifted, self.losses))
+        self.initial.copy_(torch.where(push & (self.blocks == 0), mean, self.initial))
+        self.lowest.copy_(torch.where(push, torch.minimum(self.lowest, mean), self.lowest))
+        self.block_sum.copy_(torch.where(push, torch.zeros_like(block_sum), block_sum))
+        self.block_count.copy_(torch.where(push, torch.zeros_like(block_count), block_count))
+        blocks = self.blocks + push.to(self.blocks.dtype)
+        self.blocks.copy_(blocks)
+        self.steps.add_(finite.to(self.steps.dtype))
+        act = push & (blocks >= self.window) & (torch.remainder(blocks, self.blocks_per_action) == 0)
+        logits = self.model(self.features())
+        choice = torch.argmax(logits[0], dim=0)
+        factor = torch.where(act, self.multipliers[choice], torch.ones_like(self.multipliers[0]))
+        new_rate = rate * factor.to(rate.dtype)
+        upper = torch.where(torch.isfinite(gamma), gamma.to(rate.dtype), new_rate)
+        new_rate = torch.minimum(torch.clamp_min(new_rate, self.min_rate), upper)
+        rate.copy_(torch.where(finite, new_rate, rate))
+        # (arange == choice) rather than one_hot: one_hot checks its input range on the host
+        picked = torch.arange(self.multipliers.numel(), device=choice.device) == choice
+        self.actions_taken.add_((picked & act).to(torch.int64))
+        self.last_action.copy_(torch.where(act, choice, self.last_action))
+
+    # -- saving ----------------------------------------------------------------------------------
+    @torch.jit.ignore
+    def save(self, path: str, model_kind: str, extra: dict | None = None) -> None:
+        """Weights and everything needed to rebuild this controller, in one file."""
+        payload = {"format": "autolr_fast.action_controller", "version": 1, "model_kind": model_kind,
+                   "config": self.config(),
+                   "model_state": {k: v.detach().cpu().clone() for k, v in self.model.state_dict().items()},
+                   "extra": extra or {}}
+        torch.save(payload, path)
+
+    @classmethod
+    def load(cls, path: str, map_location: str = "cpu") -> "ActionController":
+        try:
+            payload = torch.load(path, map_location=map_location, weights_only=True)
+        except Exception as exc:
+            raise ValueError(f"could not read an action controller from {path!r}: {exc}") from exc
+        if not isinstance(payload, dict) or payload.get("format") != "autolr_fast.action_controller":
+            raise ValueError(f"{path!r} is not an action-controller file (saved by ActionController.save)")
+        cfg = payload["config"]
+        state = payload["model_state"]
+        model = make_action_model(payload["model_kind"], cfg["window"], actions=len(cfg["multipliers"]),
+                                  hidden=_hidden_from_state(payload["model_kind"], state))
+        try:
+            model.load_state_dict(state)
+        except RuntimeError as exc:
+            raise ValueError(
+                f"{path!r} holds a {payload['model_kind']} model of another shape than this version builds "
+                f"({FEATURE_CHANNELS} feature channels x window {cfg['window']}); retrain it with "
+                f"`python -m autolr_fast train-action`: {exc}"
+            ) from exc
+        return cls(model, window=cfg["window"], block=cfg["block"], interval=cfg["interval"],
+                   multipliers=cfg["multipliers"], min_rate=cfg["min_rate"], start_rate=cfg["start_rate"],
+                   default_gamma=cfg["default_gamma"])
+
+
+    @classmethod
+    def pretrained(cls, name: str = "action-mlp") -> "ActionController":
+        """A controller shipped with the package (``autolr_fast/weights/<name>.pt``; its settings,
+        training data and scores are in ``<name>.json`` next to it)."""
+        from pathlib import Path
+
+        path = Path(__file__).resolve().parent / "weights" / f"{name}.pt"
+        if not path.exists():
+            raise ValueError(f"no shipped action controller {name!r} (looked for {path})")
+        return cls.load(str(path))
+
+
+def _hidden_from_state(kind: str, state: dict) -> int:
+    if kind == "mlp":
+        return state["net.0.weight"].shape[0]
+    if kind == "cnn":
+        return state["conv.0.weight"].shape[0]
+    return state["head.weight"].shape[1]

@@ -1,0 +1,315 @@
+"""Branching data collection for the action controller.
+
+One run of a task (``python -m autolr_fast collect --task NAME --seed S --segment 100 --out F``):
+
+1. draw the starting rate log-uniformly in ``[--lr-min, --lr-max]`` (default ``[1e-4, 1e-1]``);
+2. train one segment of ``N`` steps at that rate, recording every step's training loss;
+3. checkpoint (model and optimizer state);
+4. from the checkpoint, run every action (rate x0.9, x1.0, x1.1) for ``N`` steps on the *same*
+   batches, and evaluate each branch on a validation split held out of the training data;
+5. record a row: the features of the history before the checkpoint, which action was best
+   (lowest validation loss) and by how much (the margins);
+6. continue from one branch (``--follow random`` or ``best``): its end state is the next
+   checkpoint and its losses the next history; repeat 4-6 until the run has trained ``--steps``.
+
+Everything is on the CPU and reproducible from the seed (the batches of decision ``k`` and the
+random branch choice are seeded by ``(seed, k)``), so ``--resume`` after an interruption (the
+progress file ``OUT.partial`` is written after every decision) gives the same file as an
+uninterrupted run. The output is one ``torch.save`` file; :data:`COLUMNS` documents its columns
+(also stored in the file), and ``settings`` holds the task, seeds and all options.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import math
+import os
+from itertools import islice
+
+import torch
+from torch import Tensor
+
+from .action import DEFAULT_MULTIPLIERS, block_means, history_features
+
+FORMAT = "autolr_fast.action_data"
+
+COLUMNS = {
+    "run": "(n,) int: run index within the file (run r uses seed + r)",
+    "decision": "(n,) int: decision index within the run (0 = first checkpoint)",
+    "step": "(n,) int: training steps done on the followed path at the checkpoint",
+    "rate": "(n,) float: the rate before the action (the action multiplies it)",
+    "history": "(n, segment) float: the raw training losses of the last segment before the checkpoint",
+    "initial": "(n,) float: the run's first block mean of training losses (features divide by it)",
+    "lowest": "(n,) float: the lowest block mean of training losses of the run up to the checkpoint",
+    "features": "(n, 3, window) float: action.history_features(block means of `history`, initial, lowest)",
+    "val_history": "(n, val_window) float: validation losses at the last val_window checkpoints "
+                   "(oldest first, the first value repeated while fewer exist); last = at this checkpoint",
+    "val_initial": "(n,) float: validation loss at the run's first checkpoint",
+    "val_after": "(n, A) float: validation loss after each action's segment (inf if it diverged)",
+    "train_after": "(n, A) float: mean training loss over each action's last block",
+    "best": "(n,) int: index of the action with the lowest val_after (label)",
+    "margins": "(n, A) float: val_after - val_after[best] (0 for the best action)",
+    "followed": "(n,) int: the action whose branch the run continued from",
+}
+
+
+def _train_segment(task, model, opt, batches) -> list[float]:
+    losses = []
+    for x, y in batches:
+        opt.zero_grad(set_to_none=True)
+        loss = task.loss_fn(model(x), y)
+        loss.backward()
+        opt.step()
+        losses.append(float(loss.detach()))
+    return losses
+
+
+def _set_lr(opt, rate: float) -> None:
+    for g in opt.param_groups:
+        g["lr"] = rate
+
+
+def _state(model, opt) -> dict:
+    return {"model": copy.deepcopy(model.state_dict()), "opt": copy.deepcopy(opt.state_dict())}
+
+
+def _load(model, opt, state) -> None:
+    model.load_state_dict(state["model"])
+    opt.load_state_dict(copy.deepcopy(state["opt"]))
+
+
+def _make_opt(name: str, params, rate: float, momentum: float):
+    if name == "sgd":
+        return torch.optim.SGD(params, lr=rate, momentum=momentum)
+    if name == "adam":
+        return torch.optim.Adam(params, lr=rate)
+    raise ValueError(f"unknown optimizer {name!r}: use sgd or adam")
+
+
+class Collector:
+    """The branching collection of one file (several runs), with a resumable progress state."""
+
+    def __init__(self, settings: dict) -> None:
+        from .tasks import get_task
+
+        self.s = settings
+        if settings["segment"] % settings["window"]:
+            raise ValueError(f"--segment ({settings['segment']}) must be a multiple of --window ({settings['window']})")
+        self.block = settings["segment"] // settings["window"]
+        base = get_task(settings["task"], seed=settings["seed"])
+        n_val = settings["val_size"] or max(1, min(500, len(base.x_train) // 5))
+        self.task, self.x_val, self.y_val = base.split_validation(n_val, seed=settings["seed"])
+        self.rows: list[dict] = []
+        self.progress = {"run": 0, "decision": 0, "state": None}
+
+    def _batches(self, run_seed: int, k: int) -> list:
+        it = self.task.batches(self.s["batch_size"], seed=run_seed * 100_003 + k)
+        return list(islice(it, self.s["segment"]))
+
+    def _val(self, model) -> float:
+        v = self.task.evaluate(model, self.x_val, self.y_val)["loss"]
+        return v if math.isfinite(v) else float("inf")
+
+    def _start_run(self, run: int) -> dict:
+        s = self.s
+        run_seed = s["seed"] + run
+        torch.manual_seed(run_seed)
+        model = self.task.make_model()
+        g = torch.Generator().manual_seed(run_seed)
+        u = float(torch.rand((), generator=g, dtype=torch.float64))
+        rate = math.exp(math.log(s["lr_min"]) + u * (math.log(s["lr_max"]) - math.log(s["lr_min"])))
+        opt = _make_opt(s["optimizer"], model.parameters(), rate, s["momentum"])
+        history = _train_segment(self.task, model, opt, self._batches(run_seed, -1))
+        initial = sum(history[: self.block]) / self.block
+        lowest = float(block_means(torch.tensor(history), self.block).min())
+        return {"train": _state(model, opt), "rate": rate, "history": history, "initial": initial, "lowest": lowest,
+                "val": [self._val(model)], "step": s["segment"], "alive": all(map(math.isfinite, history))}
+
+    def _decide(self, run: int, k: int, st: dict) -> dict | None:
+        """Branch from the checkpoint ``st``; return the row and advance ``st`` (None: run over)."""
+        s = self.s
+        run_seed = s["seed"] + run
+        model = self.task.make_model()
+        opt = _make_opt(s["optimizer"], model.parameters(), st["rate"], s["momentum"])
+        batches = self._batches(run_seed, k)
+        ends, vals, trains, hists = [], [], [], []
+        for m in s["multipliers"]:
+            _load(model, opt, st["train"])
+            _set_lr(opt, st["rate"] * m)
+            losses = _train_segment(self.task, model, opt, batches)
+            ok = all(map(math.isfinite, losses))
+            vals.append(self._val(model) if ok else float("inf"))
+            trains.append(sum(losses[-self.block:]) / self.block if ok else float("inf"))
+            ends.append(_state(model, opt))
+            hists.append(losses)
+        if not any(map(math.isfinite, vals)):
+            return None
+        best = min(range(len(vals)), key=lambda a: vals[a])
+        if s["follow"] == "best":
+            follow = best
+        else:
+            g = torch.Generator().manual_seed(run_seed * 7919 + k)
+            follow = int(torch.randint(len(vals), (1,), generator=g))
+            if not math.isfinite(vals[follow]):
+                follow = best
+        hist = torch.tensor(st["history"], dtype=torch.float32)
+        feats = history_features(block_means(hist, self.block), torch.tensor(st["initial"], dtype=torch.float32),
+                                 torch.tensor(st["lowest"], dtype=torch.float32))
+        vw = s["val_window"]
+        vh = ([st["val"][0]] * vw + st["val"])[-vw:]
+        row = {"run": run, "decision": k, "step": st["step"], "rate": st["rate"], "history": st["history"],
+               "initial": st["initial"], "lowest": st["lowest"], "features": feats, "val_history": vh, "val_initial": st["val"][0],
+               "val_after": vals, "train_after": trains, "best": best,
+               "margins": [v - vals[best] if math.isfinite(v) else float("inf") for v in vals], "followed": follow}
+        lowest = min(st["lowest"], float(block_means(torch.tensor(hists[follow]), self.block).min()))
+        st.update(train=ends[follow], rate=st["rate"] * s["multipliers"][follow], history=hists[follow], lowest=lowest,
+                  val=st["val"] + [vals[follow]], step=st["step"] + s["segment"])
+        return row
+
+    def decisions_per_run(self) -> int:
+        return max(0, self.s["steps"] // self.s["segment"] - 1)
+
+    def run(self, progress_path: str | None = None, stop_after: int | None = None, show: bool = True) -> bool:
+        """Collect (from ``self.progress``); True when finished, False when stopped early."""
+        from tqdm.auto import tqdm
+
+        per_run = self.decisions_per_run()
+        total = self.s["runs"] * per_run
+        done_before = self.progress["run"] * per_run + self.progress["decision"]
+        bar = tqdm(total=total, initial=done_before, desc=f"collect {self.s['task']}", disable=not show)
+        done_now = 0
+        while self.progress["run"] < self.s["runs"]:
+            run = self.progress["run"]
+            st = self.progress["state"]
+            if st is None:
+                st = self._start_run(run)
+            k = self.progress["decision"]
+            while k < per_run and st["alive"]:
+                if stop_after is not None and done_now >= stop_after:
+                    self.progress.update(state=st, decision=k)
+                    self._save_progress(progress_path)
+                    bar.close()
+                    return False
+                row = self._decide(run, k, st)
+                if row is None:
+                    st["alive"] = False
+                    break
+                self.rows.append(row)
+                k += 1
+                done_now += 1
+                bar.update(1)
+                self.progress.update(state=st, decision=k)
+                self._save_progress(progress_path)
+            bar.update(per_run - k)
+            self.progress = {"run": run + 1, "decision": 0, "state": None}
+            self._save_progress(progress_path)
+        bar.close()
+        return True
+
+    def _save_progress(self, path: str | None) -> None:
+        if path:
+            tmp = path + ".tmp"
+            torch.save({"settings": self.s, "rows": self.rows, "progress": self.progress}, tmp)
+            os.replace(tmp, path)
+
+    def load_progress(self, path: str) -> None:
+        saved = torch.load(path, weights_only=True)
+        if saved["settings"] != self.s:
+            diff = {k: (saved["settings"].get(k), v) for k, v in self.s.items() if saved["settings"].get(k) != v}
+            raise ValueError(f"--resume: {path} was written with other settings {diff}; use the same options")
+        self.rows, self.progress = saved["rows"], saved["progress"]
+
+    def table(self) -> dict[str, Tensor]:
+        if not self.rows:
+            raise RuntimeError("no decisions were collected (every run diverged at once?); try a smaller --lr-max")
+        out = {}
+        for col in COLUMNS:
+            vals = [r[col] for r in self.rows]
+            if col == "features":
+                out[col] = torch.stack(vals)
+            elif col in ("run", "decision", "step", "best", "followed"):
+                out[col] = torch.tensor(vals, dtype=torch.int64)
+            else:
+                out[col] = torch.tensor(vals, dtype=torch.float32)
+        return out
+
+
+def load_data(path: str) -> dict:
+    """Read a collection file: ``{"settings", "columns", "data": {column: tensor}}``."""
+    try:
+        payload = torch.load(path, weights_only=True)
+    except Exception as exc:
+        raise ValueError(f"could not read collected data from {path!r}: {exc}") from exc
+    if not isinstance(payload, dict) or payload.get("format") != FORMAT:
+        raise ValueError(f"{path!r} is not a file written by `python -m autolr_fast collect`")
+    return payload
+
+
+def merge_data(payloads: list[dict]) -> dict[str, Tensor]:
+    """Concatenate the data of several collection files (runs renumbered to stay distinct)."""
+    window = {p["settings"]["window"] for p in payloads}
+    if len(window) > 1:
+        raise ValueError(f"the files were collected with different --window values {sorted(window)}")
+    out: dict[str, list[Tensor]] = {}
+    offset = 0
+    for p in payloads:
+        d = dict(p["data"])
+        d["run"] = d["run"] + offset
+        offset = int(d["run"].max()) + 1
+        for k in ("run", "features", "best", "margins", "val_after", "val_history", "val_initial", "rate"):
+            out.setdefault(k, []).append(d[k])
+    return {k: torch.cat(v) for k, v in out.items()}
+
+
+def main(argv: list[str] | None = None) -> int:
+    from .tasks import available_tasks
+
+    p = argparse.ArgumentParser(prog="python -m autolr_fast collect", description=__doc__.split("\n")[0])
+    p.add_argument("--task", required=True, help=f"one of {', '.join(available_tasks())}")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--runs", type=int, default=1, help="runs in this file (seeds seed .. seed+runs-1)")
+    p.add_argument("--segment", type=int, default=100, help="steps per segment / branch (N)")
+    p.add_argument("--steps", type=int, default=3000, help="training steps per run on the followed path")
+    p.add_argument("--window", type=int, default=20, help="feature window (block means; segment/window steps each)")
+    p.add_argument("--val-window", type=int, default=4)
+    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--optimizer", default="sgd", choices=["sgd", "adam"])
+    p.add_argument("--momentum", type=float, default=0.9)
+    p.add_argument("--lr-min", type=float, default=1e-4)
+    p.add_argument("--lr-max", type=float, default=1e-1)
+    p.add_argument("--multipliers", type=float, nargs="+", default=list(DEFAULT_MULTIPLIERS))
+    p.add_argument("--follow", default="random", choices=["random", "best"])
+    p.add_argument("--val-size", type=int, default=0, help="validation samples (0: 20%% of train, at most 500)")
+    p.add_argument("--out", required=True)
+    p.add_argument("--resume", action="store_true", help="continue from OUT.partial")
+    p.add_argument("--stop-after", type=int, default=None, help=argparse.SUPPRESS)  # simulate an interruption
+    p.add_argument("--quick", action="store_true", help="segment 20, 100 steps, window 4: seconds")
+    p.add_argument("--no-progress", action="store_true")
+    a = p.parse_args(argv)
+    if a.quick:
+        a.segment, a.steps, a.window = min(a.segment, 20), min(a.steps, 100), 4
+    if not (0 < a.lr_min < a.lr_max):
+        p.error("need 0 < --lr-min < --lr-max")
+    settings = {"task": a.task, "seed": a.seed, "runs": a.runs, "segment": a.segment, "steps": a.steps,
+                "window": a.window, "val_window": a.val_window, "batch_size": a.batch_size,
+                "optimizer": a.optimizer, "momentum": a.momentum, "lr_min": a.lr_min, "lr_max": a.lr_max,
+                "multipliers": [float(m) for m in a.multipliers], "follow": a.follow, "val_size": a.val_size}
+    collector = Collector(settings)
+    partial = a.out + ".partial"
+    if a.resume:
+        if not os.path.exists(partial):
+            p.error(f"--resume: no progress file {partial}")
+        collector.load_progress(partial)
+    finished = collector.run(partial, stop_after=a.stop_after, show=not a.no_progress)
+    if not finished:
+        print(f"stopped after {len(collector.rows)} decisions; continue with --resume ({partial})")
+        return 0
+    data = collector.table()
+    torch.save({"format": FORMAT, "version": 1, "settings": settings, "columns": COLUMNS, "data": data}, a.out)
+    if os.path.exists(partial):
+        os.remove(partial)
+    counts = torch.bincount(data["best"], minlength=len(settings["multipliers"])).tolist()
+    print(f"{len(collector.rows)} decisions from {settings['runs']} run(s) -> {a.out}; best-action counts "
+          + ", ".join(f"x{m:g}: {c}" for m, c in zip(settings["multipliers"], counts)))
+    return 0

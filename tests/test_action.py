@@ -1,0 +1,319 @@
+import json
+import math
+import os
+
+import pytest
+import torch
+from torch import nn
+
+from autolr_fast import AutoLR
+from autolr_fast.__main__ import main as cli
+from autolr_fast.action import (ActionController, ActionMLP, block_means, history_features,
+                                make_action_model)
+from autolr_fast.action_training import split_by_run, train_and_compare
+from autolr_fast.collect import COLUMNS, load_data
+from autolr_fast.tasks import Task, register_task
+
+
+# ------------------------------------------------------------------------------------------------
+# features
+# ------------------------------------------------------------------------------------------------
+def test_features_are_scale_invariant():
+    g = torch.Generator().manual_seed(0)
+    curve = torch.exp(-torch.linspace(0, 3, 100)) * (1 + 0.2 * torch.rand(100, generator=g)) + 0.05
+    for scale in (1000.0, 1e-3, 7.3):
+        a = history_features(block_means(curve, 5), curve[:5].mean(), curve.min())
+        b = history_features(block_means(curve * scale, 5), (curve * scale)[:5].mean(), (curve * scale).min())
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=0)
+
+
+def test_feature_values():
+    w = torch.tensor([2.0, 1.0, 1.0, 4.0])
+    f = history_features(w, torch.tensor(4.0), torch.tensor(0.5))
+    assert f.shape == (3, 4)
+    torch.testing.assert_close(f[2], torch.full((4,), math.log(0.5 / 4.0)))
+    torch.testing.assert_close(history_features(w, torch.tensor(4.0))[2], torch.full((4,), math.log(1.0 / 4.0)))
+    torch.testing.assert_close(f[0], torch.log(w / 4.0))
+    torch.testing.assert_close(f[1], torch.tensor([0.0, math.log(0.5), 0.0, math.log(4.0)]))
+    z = history_features(torch.tensor([1.0, 0.0]), torch.tensor(1.0))  # a zero loss stays finite
+    assert torch.isfinite(z).all() and z.abs().max() <= 20.0
+
+
+@pytest.mark.parametrize("kind", ["mlp", "cnn", "gru"])
+def test_models_map_window_to_action_logits(kind):
+    m = make_action_model(kind, window=20)
+    assert m(torch.randn(5, 3, 20)).shape == (5, 3)
+    assert sum(p.numel() for p in m.parameters()) < 5000
+
+
+# ------------------------------------------------------------------------------------------------
+# controller
+# ------------------------------------------------------------------------------------------------
+def _fixed(action: int, window: int = 4) -> ActionMLP:
+    """An MLP that always picks ``action`` (zero weights, one bias)."""
+    m = ActionMLP(3, window)
+    with torch.no_grad():
+        for p in m.parameters():
+            p.zero_()
+        m.net[-1].bias[action] = 1.0
+    return m
+
+
+def _setup(ctrl, gamma=1.0, lr=0.01):
+    torch.manual_seed(0)
+    model = nn.Linear(3, 1)
+    opt = torch.optim.SGD(model.parameters(), lr=lr)
+    return model, opt, AutoLR(opt, ctrl, gamma=gamma)
+
+
+def _steps(model, opt, sched, n, losses=None):
+    for i in range(n):
+        opt.zero_grad()
+        loss = model(torch.randn(4, 3)).pow(2).mean()
+        loss.backward()
+        sched.step(loss if losses is None else losses[i])
+        opt.step()
+
+
+def test_controller_acts_every_interval_and_clamps():
+    ctrl = ActionController(_fixed(2), window=4, block=2, interval=8)
+    model, opt, sched = _setup(ctrl)
+    assert float(sched.rate) == pytest.approx(0.01)  # initial_rate keeps the optimizer's lr
+    _steps(model, opt, sched, 7)
+    assert float(sched.rate) == pytest.approx(0.01)  # window not full yet
+    _steps(model, opt, sched, 1)
+    assert float(sched.rate) == pytest.approx(0.011)
+    _steps(model, opt, sched, 16)
+    assert float(sched.rate) == pytest.approx(0.01 * 1.1 ** 3)
+    assert ctrl.actions_taken.tolist() == [0, 0, 3] and int(ctrl.last_action) == 2
+    assert opt.param_groups[0]["lr"] == pytest.approx(0.01 * 1.1 ** 3)
+    # the rate never exceeds gamma
+    ctrl2 = ActionController(_fixed(2), window=4, block=2, interval=2, multipliers=(0.5, 1.0, 4.0))
+    model, opt, sched = _setup(ctrl2, gamma=0.05)
+    _steps(model, opt, sched, 20)
+    assert float(sched.rate) == pytest.approx(0.05)
+    ctrl3 = ActionController(_fixed(0), window=4, block=2, interval=2, multipliers=(0.1, 1.0, 4.0), min_rate=1e-3)
+    model, opt, sched = _setup(ctrl3)
+    _steps(model, opt, sched, 20)
+    assert float(sched.rate) == pytest.approx(1e-3)
+
+
+def test_nan_loss_keeps_window_and_rate():
+    ctrl = ActionController(_fixed(0), window=4, block=2, interval=2)
+    before = None
+    rate = torch.tensor(0.1)
+    for i in range(9):
+        ctrl.scheduler_step_(torch.tensor(1.0 + i), torch.tensor(1.0), rate)
+    before = {k: v.clone() for k, v in ctrl.state_dict().items()}
+    r0 = rate.clone()
+    ctrl.scheduler_step_(torch.tensor(float("nan")), torch.tensor(1.0), rate)
+    ctrl.scheduler_step_(torch.tensor(float("inf")), torch.tensor(1.0), rate)
+    assert torch.equal(rate, r0)
+    after = ctrl.state_dict()
+    assert all(torch.equal(before[k], after[k]) for k in before)
+    ctrl.scheduler_step_(torch.tensor(2.0), torch.tensor(1.0), rate)  # the block completes: acts
+    assert float(rate) == pytest.approx(float(r0) * 0.9)
+
+
+def test_autolr_state_dict_round_trip():
+    ctrl = ActionController(make_action_model("gru", 4), window=4, block=2, interval=4)
+    model, opt, sched = _setup(ctrl)
+    losses = [torch.tensor(v) for v in torch.rand(40).add(0.1).tolist()]
+    _steps(model, opt, sched, 13, losses)
+    state = sched.state_dict()
+    assert "losses" in state["controller"] and "blocks" in state["controller"]
+    ctrl_b = ActionController(make_action_model("gru", 4), window=4, block=2, interval=4)
+    ctrl_b.model.load_state_dict(ctrl.model.state_dict())
+    model_b = nn.Linear(3, 1)
+    model_b.load_state_dict(model.state_dict())
+    opt_b = torch.optim.SGD(model_b.parameters(), lr=0.01)
+    sched_b = AutoLR(opt_b, ctrl_b, gamma=1.0)
+    sched_b.load_state_dict(state)
+    assert torch.equal(sched_b.rate, sched.rate)
+    rates = []
+    for m, o, s in ((model, opt, sched), (model_b, opt_b, sched_b)):
+        torch.manual_seed(5)
+        _steps(m, o, s, 27, losses[13:])
+        rates.append(float(s.rate))
+    assert rates[0] == rates[1]
+    assert all(torch.equal(a, b) for a, b in zip(ctrl.state_dict().values(), ctrl_b.state_dict().values()))
+
+
+@pytest.mark.filterwarnings("ignore:`torch.jit.script` is deprecated:FutureWarning")
+@pytest.mark.parametrize("kind", ["mlp", "cnn", "gru"])
+def test_torchscript_matches_eager(kind):
+    torch.manual_seed(1)
+    eager = ActionController(make_action_model(kind, 4), window=4, block=1, interval=1)
+    scripted = torch.jit.script(ActionController(make_action_model(kind, 4), window=4, block=1, interval=1))
+    scripted.model.load_state_dict(eager.model.state_dict())
+    r1, r2 = torch.tensor(0.05), torch.tensor(0.05)
+    for v in torch.rand(30).add(0.5).tolist():
+        eager.scheduler_step_(torch.tensor(v), torch.tensor(1.0), r1)
+        scripted.scheduler_step_(torch.tensor(v), torch.tensor(1.0), r2)
+    assert torch.equal(r1, r2) and float(r1) != 0.05
+
+
+def test_save_load_round_trip(tmp_path):
+    ctrl = ActionController(make_action_model("cnn", 6, hidden=8), window=6, block=3, multipliers=(0.8, 1.0, 1.25))
+    ctrl.save(str(tmp_path / "c.pt"), "cnn")
+    back = ActionController.load(str(tmp_path / "c.pt"))
+    assert back.config() == ctrl.config()
+    x = torch.randn(3, 3, 6)
+    assert torch.equal(back(x), ctrl(x))
+    (tmp_path / "bad.pt").write_bytes(b"junk")
+    with pytest.raises(ValueError, match="could not read"):
+        ActionController.load(str(tmp_path / "bad.pt"))
+
+
+def test_bad_settings_are_refused():
+    with pytest.raises(ValueError, match="multiple of block"):
+        ActionController(make_action_model("mlp", 4), window=4, block=3, interval=4)
+    with pytest.raises(ValueError, match="unknown action model"):
+        make_action_model("lstm", 4)
+
+
+# ------------------------------------------------------------------------------------------------
+# collection
+# ------------------------------------------------------------------------------------------------
+@register_task("test-quadratic")
+def _quadratic(seed: int = 0) -> Task:
+    """loss = mean((w . x)^2): plain SGD at rates <= 0.1 never overshoots, so the larger rate is
+    always better: the right label of every decision is x1.1."""
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(640, 4, generator=g)
+
+    def make():
+        m = nn.Linear(4, 1, bias=False)
+        with torch.no_grad():
+            m.weight.fill_(1.0)
+        return m
+
+    return Task("test-quadratic", x, torch.zeros(640, 1), x[:64], torch.zeros(64, 1), make,
+                nn.functional.mse_loss, None)
+
+
+def _collect(tmp_path, name, *extra):
+    out = str(tmp_path / name)
+    assert cli(["collect", "--task", "test-quadratic", "--momentum", "0", "--segment", "10", "--window", "5",
+                "--steps", "60", "--batch-size", "16", "--runs", "2", "--out", out, "--no-progress", *extra]) == 0
+    return out
+
+
+def test_collector_labels_the_known_best_action(tmp_path):
+    data = load_data(_collect(tmp_path, "q.pt"))
+    d = data["data"]
+    assert set(data["columns"]) == set(COLUMNS) and data["settings"]["task"] == "test-quadratic"
+    assert len(d["best"]) == 2 * 5
+    assert (d["best"] == 2).all()
+    assert (d["margins"][:, 2] == 0).all() and (d["margins"][:, :2] > 0).all()
+    assert (d["val_after"][:, 0] > d["val_after"][:, 1]).all()
+    # the followed branch sets the next rate
+    for i in range(len(d["rate"]) - 1):
+        if d["run"][i] == d["run"][i + 1]:
+            m = data["settings"]["multipliers"][int(d["followed"][i])]
+            assert float(d["rate"][i + 1]) == pytest.approx(float(d["rate"][i]) * m, rel=1e-6)
+    assert 1e-4 <= float(d["rate"][0]) <= 0.1
+    assert d["features"].shape == (10, 3, 5) and d["history"].shape == (10, 10)
+
+
+def test_collector_resume_gives_the_same_file(tmp_path):
+    full = load_data(_collect(tmp_path, "full.pt"))["data"]
+    out = str(tmp_path / "part.pt")
+    _collect(tmp_path, "part.pt", "--stop-after", "3")
+    assert os.path.exists(out + ".partial") and not os.path.exists(out)
+    _collect(tmp_path, "part.pt", "--resume")
+    part = load_data(out)["data"]
+    assert not os.path.exists(out + ".partial")
+    assert all(torch.equal(full[k], part[k]) for k in full)
+
+
+def test_quick_cli_collect_train_findlr(tmp_path):
+    data = str(tmp_path / "d.pt")
+    assert cli(["collect", "--task", "regress-sin", "--quick", "--runs", "2", "--out", data, "--no-progress"]) == 0
+    outdir = str(tmp_path / "models")
+    assert cli(["train-action", "--data", data, "--quick", "--out-dir", outdir, "--no-progress"]) == 0
+    for kind in ("mlp", "cnn", "gru"):
+        info = json.loads(open(os.path.join(outdir, f"action-{kind}.json")).read())
+        assert info["model"] == kind and 0 <= info["scores"]["accuracy"] <= 1
+        ctrl = ActionController.load(os.path.join(outdir, f"action-{kind}.pt"))
+        assert ctrl.window == 4 and ctrl.interval == 20
+    assert "| always x1.0 |" in open(os.path.join(outdir, "results.md")).read()
+    fl = str(tmp_path / "f.json")
+    assert cli(["find-lr", "--task", "regress-sin", "--quick", "--out", fl, "--plot", str(tmp_path / "f.png")]) == 0
+    assert math.isfinite(json.loads(open(fl).read())["suggestion"])
+
+
+def test_models_learn_a_learnable_rule():
+    # Labels from a rule on the features (loss went up in the last block -> x0.9, else x1.1):
+    # every model must beat the majority class on held-out runs.
+    g = torch.Generator().manual_seed(0)
+    n = 600
+    feats = torch.randn(n, 3, 6, generator=g)
+    best = torch.where(feats[:, 1, -1] > 0, 0, 2)
+    data = {"features": feats, "best": best, "run": torch.arange(n) // 10,
+            "margins": torch.where(torch.nn.functional.one_hot(best, 3).bool(), 0.0, 0.1),
+            "val_history": torch.ones(n, 4), "val_initial": torch.ones(n)}
+    report, _ = train_and_compare(data, ["mlp", "cnn", "gru"], window=6, multipliers=[0.9, 1.0, 1.1],
+                                  epochs=40, test_frac=0.25, seed=0, show=False)
+    res = report["results"]
+    for kind in ("mlp", "cnn", "gru"):
+        assert res[kind]["accuracy"] > res["majority class"]["accuracy"] + 0.2, (kind, res)
+        assert res[kind]["regret"] < res["always x1.0"]["regret"]
+
+
+def test_split_keeps_runs_whole():
+    runs = torch.tensor([0, 0, 1, 1, 2, 2, 3, 3])
+    tr, te = split_by_run(runs, 0.25, 0)
+    assert (tr ^ te).all() and len(set(runs[te].tolist()) & set(runs[tr].tolist())) == 0
+    with pytest.raises(ValueError, match="at least 2 runs"):
+        split_by_run(torch.zeros(4, dtype=torch.long), 0.25, 0)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_no_host_sync_on_cuda():
+    dev = torch.device("cuda")
+    ctrl = ActionController(make_action_model("mlp", 4), window=4, block=2, interval=4)
+    model = nn.Linear(3, 1).to(dev)
+    opt = torch.optim.SGD(model.parameters(), lr=0.01, fused=True)
+    sched = AutoLR(opt, ctrl, gamma=1.0)
+    x = torch.randn(8, 3, device=dev)
+    rate = torch.tensor(0.01, device=dev)
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        for _ in range(12):
+            ctrl.scheduler_step_(model(x).pow(2).mean().detach(), torch.tensor(1.0, device=dev), rate)
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    assert ctrl.blocks.item() == 6 and sched is not None
+
+
+def test_controller_features_match_the_collector():
+    # The controller, fed a run's losses step by step, sees at a decision point exactly the
+    # features the collector stores for that checkpoint.
+    g = torch.Generator().manual_seed(3)
+    losses = (torch.exp(-torch.linspace(0, 2, 60)) + 0.1 * torch.rand(60, generator=g)).tolist()
+    ctrl = ActionController(_fixed(1), window=4, block=5, interval=20)
+    rate = torch.tensor(0.1)
+    for v in losses:
+        ctrl.scheduler_step_(torch.tensor(v), torch.tensor(1.0), rate)
+    t = torch.tensor(losses)
+    means = block_means(t, 5)
+    expected = history_features(means[-4:], means[0], means.min())
+    torch.testing.assert_close(ctrl.features()[0], expected)
+    assert int(ctrl.actions_taken.sum()) == 3
+
+
+def test_shipped_controller_runs_in_autolr():
+    ctrl = ActionController.pretrained("action-mlp")
+    info = json.loads(open(os.path.join(os.path.dirname(__import__("autolr_fast").__file__), "weights",
+                                        "action-mlp.json")).read())
+    assert info["window"] == ctrl.window and info["interval"] == ctrl.interval
+    assert os.path.getsize(os.path.join(os.path.dirname(__import__("autolr_fast").__file__), "weights",
+                                        "action-mlp.pt")) < 200_000
+    model, opt, sched = _setup(ctrl, gamma=0.5)
+    _steps(model, opt, sched, 205)
+    assert int(ctrl.actions_taken.sum()) == 2 and 0 < float(sched.rate) <= 0.5
+    with pytest.raises(ValueError, match="no shipped"):
+        ActionController.pretrained("nope")

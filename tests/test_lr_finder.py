@@ -1,0 +1,197 @@
+import copy
+import json
+import math
+
+import pytest
+import torch
+from torch import nn
+
+from autolr_fast.lr_finder import TrainingSnapshot, find_lr, main, smooth_curve
+
+
+def _net():
+    return nn.Sequential(nn.Linear(6, 16), nn.BatchNorm1d(16), nn.ReLU(), nn.Dropout(0.2), nn.Linear(16, 3))
+
+
+def _batches(n=40, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return [(torch.randn(16, 6, generator=g), torch.randint(0, 3, (16,), generator=g)) for _ in range(n)]
+
+
+def _state(model, opt):
+    return ([t.detach().clone() for t in list(model.parameters()) + list(model.buffers())],
+            copy.deepcopy(opt.state_dict()), torch.get_rng_state())
+
+
+def _same(a, b):
+    if isinstance(a, torch.Tensor):
+        return a.dtype == b.dtype and a.shape == b.shape and torch.equal(a, b)
+    if isinstance(a, dict):
+        return a.keys() == b.keys() and all(_same(a[k], b[k]) for k in a)
+    if isinstance(a, (list, tuple)):
+        return len(a) == len(b) and all(_same(x, y) for x, y in zip(a, b))
+    return a == b
+
+
+@pytest.mark.parametrize("opt_name", ["sgd", "adam"])
+def test_restores_state_bit_for_bit_mid_training(opt_name):
+    torch.manual_seed(0)
+    model = _net()
+    opt = (torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9) if opt_name == "sgd"
+           else torch.optim.Adam(model.parameters(), lr=1e-3))
+    data = _batches()
+    for x, y in data[:5]:  # mid-training: momentum / Adam moments and BN statistics exist
+        opt.zero_grad()
+        nn.functional.cross_entropy(model(x), y).backward()
+        opt.step()
+    twin, twin_opt = copy.deepcopy(model), None
+    before = _state(model, opt)
+    res = find_lr(model, opt, nn.functional.cross_entropy, data, start_lr=1e-4, end_lr=10, num=8,
+                  horizons=(1, 3), progress=False)
+    assert len(res.rates[1]) >= 1
+    after = _state(model, opt)
+    assert _same(before, after)
+    assert opt.param_groups[0]["lr"] == (0.05 if opt_name == "sgd" else 1e-3)
+    assert all(p.grad is None for p in model.parameters())
+    # Training on afterwards is exactly what it would have been without the finder.
+    twin_opt = type(opt)(twin.parameters(), **{k: v for k, v in opt.defaults.items() if k in ("lr", "momentum")})
+    twin_opt.load_state_dict(copy.deepcopy(before[1]))
+    torch.set_rng_state(before[2])
+    outs = []
+    for m, o in ((model, opt), (twin, twin_opt)):
+        torch.set_rng_state(before[2])
+        for x, y in data[5:8]:
+            o.zero_grad()
+            nn.functional.cross_entropy(m(x), y).backward()
+            o.step()
+        outs.append([p.detach().clone() for p in m.parameters()])
+    assert _same(outs[0], outs[1])
+
+
+def test_every_trial_starts_from_the_same_weights():
+    torch.manual_seed(1)
+    model = nn.Sequential(nn.Linear(6, 8), nn.Tanh(), nn.Linear(8, 3))
+    opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    data = _batches()
+    res = find_lr(model, opt, nn.functional.cross_entropy, data, start_lr=1e-3, end_lr=1.0, num=5,
+                  horizons=(2,), diverge_factor=None, num_eval_batches=3, progress=False)
+    # Re-do the third trial by hand from a copy of the initial state.
+    rate = res.rates[2][2]
+    m = copy.deepcopy(model)
+    o = torch.optim.SGD(m.parameters(), lr=rate, momentum=0.9)
+    for x, y in data[3:5]:
+        o.zero_grad()
+        nn.functional.cross_entropy(m(x), y).backward()
+        o.step()
+    with torch.no_grad():
+        ev = sum(float(nn.functional.cross_entropy(m(x), y)) for x, y in data[:3]) / 3
+    assert res.losses[2][2] == pytest.approx(ev, rel=1e-5)
+    again = find_lr(model, opt, nn.functional.cross_entropy, data, start_lr=1e-3, end_lr=1.0, num=5,
+                    horizons=(2,), diverge_factor=None, num_eval_batches=3, progress=False)
+    assert again.losses == res.losses
+
+
+def test_quadratic_suggestion_and_divergence_stop():
+    # loss = |w|^2 / 2, one SGD step at rate r scales w by (1 - r): best r = 1, diverges past r ~ 2.
+    model = nn.Linear(4, 1, bias=False)
+    with torch.no_grad():
+        model.weight.fill_(1.0)
+    opt = torch.optim.SGD(model.parameters(), lr=0.0)
+    loss_fn = lambda out, _y: 0.5 * (model.weight ** 2).sum() + 0 * out.sum()  # noqa: E731
+    data = [(torch.zeros(1, 4), torch.zeros(1))] * 8
+    res = find_lr(model, opt, loss_fn, data, start_lr=1e-2, end_lr=100, num=61, horizons=(1,),
+                  smoothing=1, progress=False)
+    assert res.suggestion == pytest.approx(1.0, rel=0.1)
+    assert res.steepest[1] == pytest.approx(0.5, rel=0.15)  # max of 2r(1-r): steepest per decade
+    assert len(res.rates[1]) < 61 and 2.0 <= res.diverged_at[1] <= 2.5
+    assert model.weight.eq(1.0).all()
+
+
+def test_dict_batches_unpack_hook_epochs_and_plot(tmp_path):
+    torch.manual_seed(2)
+    model = nn.Linear(6, 3)
+    opt = torch.optim.Adam(model.parameters(), lr=1e-3)
+    data = [{"feat": x, "lab": y} for x, y in _batches(6)]
+    with pytest.raises(ValueError, match="unpack"):
+        find_lr(model, opt, nn.functional.cross_entropy, data, num=3, progress=False)
+    png = tmp_path / "f.png"
+    res = find_lr(model, opt, nn.functional.cross_entropy, data, start_lr=1e-4, end_lr=1.0, num=6,
+                  horizons=(1, 2), unit="epochs", unpack=lambda b: (b["feat"], b["lab"]), plot=str(png),
+                  progress=False)
+    assert png.read_bytes()[:4] == b"\x89PNG"
+    assert set(res.rates) == {1, 2} and math.isfinite(res.suggestion)
+    json.dumps(res.to_dict())
+    assert "| 2 |" in res.table()
+
+
+def test_tensor_lr_is_restored_in_place():
+    model = nn.Linear(6, 3)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    lr = torch.tensor(0.1)
+    opt.param_groups[0]["lr"] = lr
+    find_lr(model, opt, nn.functional.cross_entropy, _batches(8), num=4, start_lr=1e-3, end_lr=1.0,
+            progress=False)
+    assert opt.param_groups[0]["lr"] is lr and float(lr) == pytest.approx(0.1)
+
+
+def test_bad_input_is_refused():
+    model = nn.Linear(6, 3)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    with pytest.raises(ValueError, match="start_lr"):
+        find_lr(model, opt, nn.functional.cross_entropy, _batches(8), start_lr=1.0, end_lr=0.1)
+    with pytest.raises(ValueError, match="iterator ran out"):
+        find_lr(model, opt, nn.functional.cross_entropy, iter(_batches(3)), horizons=(8,), progress=False)
+    with pytest.raises(ValueError, match="re-iterable"):
+        find_lr(model, opt, nn.functional.cross_entropy, iter(_batches(3)), unit="epochs", progress=False)
+
+
+def test_smoothing_is_centred():
+    assert smooth_curve([3.0, 1.0, 3.0], 1) == [3.0, 1.0, 3.0]
+    assert smooth_curve([1.0, 2.0, 3.0, 4.0, 5.0], 3) == [1.5, 2.0, 3.0, 4.0, 4.5]
+
+
+def test_snapshot_keeps_fresh_optimizer_fresh():
+    model = nn.Linear(3, 1)
+    opt = torch.optim.Adam(model.parameters(), lr=0.1)
+    snap = TrainingSnapshot(model, opt)
+    model(torch.randn(2, 3)).sum().backward()
+    opt.step()
+    assert len(opt.state) == 2
+    snap.restore()
+    assert len(opt.state) == 0
+
+
+def test_cli_quick(tmp_path):
+    out, png = tmp_path / "f.json", tmp_path / "f.png"
+    assert main(["--task", "regress-sin", "--quick", "--horizons", "1", "4", "--out", str(out), "--plot", str(png)]) == 0
+    data = json.loads(out.read_text())
+    assert data["horizons"] == [1, 4] and data["settings"]["task"] == "regress-sin"
+    assert math.isfinite(data["suggestion"]) and png.stat().st_size > 1000
+
+
+def _ddp_worker(rank, world, init_file, out_dir):
+    import torch.distributed as dist
+
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
+    try:
+        torch.manual_seed(0)  # same weights everywhere, different data per rank
+        model = nn.Sequential(nn.Linear(6, 8), nn.Tanh(), nn.Linear(8, 3))
+        opt = torch.optim.SGD(model.parameters(), lr=0.1)
+        res = find_lr(model, opt, nn.functional.cross_entropy, _batches(12, seed=10 + rank), start_lr=1e-3,
+                      end_lr=100, num=30, horizons=(1, 3), progress=False)
+        torch.save(res.to_dict(), f"{out_dir}/r{rank}.pt")
+    finally:
+        dist.destroy_process_group()
+
+
+def test_distributed_ranks_agree(tmp_path):
+    import torch.multiprocessing as mp
+
+    mp.spawn(_ddp_worker, args=(2, str(tmp_path / "init"), str(tmp_path)), nprocs=2, join=True)
+    a, b = (torch.load(tmp_path / f"r{r}.pt", weights_only=False) for r in (0, 1))
+    assert a["losses"] == b["losses"] and a["suggestion"] == b["suggestion"] and a["rates"] == b["rates"]
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(6, 8), nn.Tanh(), nn.Linear(8, 3))
+    alone = find_lr(model, torch.optim.SGD(model.parameters(), lr=0.1), nn.functional.cross_entropy,
+                    _batches(12, seed=10), start_lr=1e-3, end_lr=100, num=30, horizons=(1, 3), progress=False)
+    assert alone.start_loss != a["start_loss"]  # rank 0 alone differs: the ranks really averaged

@@ -5,9 +5,11 @@ Public API (nothing else is exported)::
     from autolr_fast import AutoLR, MLRSNet, MetaConfig, load_pretrained
 """
 
+from .action import ActionController
 from .controller import MLRSNet
 from .dispatch import backend_info
 from .exporting import export, load
+from .lr_finder import find_lr
 from .meta import MetaConfig
 from .pretrained import load_controller, load_pretrained, save_controller
 from .reference import auto_gamma
@@ -16,12 +18,14 @@ from .scheduler import AutoLR
 __version__ = "0.1.0"
 
 __all__ = [
+    "ActionController",
     "AutoLR",
     "MLRSNet",
     "MetaConfig",
     "auto_gamma",
     "backend_info",
     "export",
+    "find_lr",
     "load",
     "load_controller",
     "load_pretrained",

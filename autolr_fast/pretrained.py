@@ -82,9 +82,15 @@ def available_pretrained() -> list[str]:
     return sorted(p.stem for p in PRETRAINED_DIR.glob("*.pt")) if PRETRAINED_DIR.is_dir() else []
 
 
-def load_pretrained(name: str) -> MLRSNet:
-    """A controller shipped with the package, e.g. ``load_pretrained("mnist1d-cnn")``."""
+def load_pretrained(name: str):
+    """A controller shipped with the package: ``"mnist1d-cnn"`` (an :class:`MLRSNet`) or
+    ``"action-mlp"`` (an :class:`~autolr_fast.ActionController`); frozen, with its own gamma."""
     path = PRETRAINED_DIR / f"{name}.pt"
     if not path.is_file():
         raise KeyError(f"no pretrained controller {name!r}; available: {', '.join(available_pretrained()) or 'none'}")
+    blob = torch.load(path, map_location="cpu", weights_only=True)
+    if isinstance(blob, dict) and blob.get("format") == "autolr_fast.action_controller":
+        from .action import ActionController
+
+        return ActionController.load(str(path))
     return load_controller(path)

@@ -77,3 +77,22 @@ def test_shipped_controller_loads():
     assert ctrl.default_gamma > 0 and ctrl.info["task"] == "mnist1d-cnn"
     with pytest.raises(KeyError, match="available"):
         load_pretrained("no-such-controller")
+
+
+def test_every_shipped_controller_loads_and_steps():
+    import torch
+    from torch import nn
+
+    from autolr_fast import AutoLR, load_pretrained
+    from autolr_fast.pretrained import available_pretrained
+
+    assert {"mnist1d-cnn", "action-mlp"} <= set(available_pretrained())
+    for name in available_pretrained():
+        model = nn.Linear(4, 2)
+        opt = torch.optim.SGD(model.parameters(), lr=0.05)
+        sched = AutoLR(opt, load_pretrained(name))
+        loss = model(torch.randn(8, 4)).pow(2).mean()
+        loss.backward()
+        sched.step(loss)
+        opt.step()
+        assert 0 <= float(sched.last_rate) <= float(sched.gamma), name

@@ -91,6 +91,8 @@ def test_mlrsnet_step(benchmark, impl, hidden, layers):
     fn = reference_step if impl == "reference" else cpp.mlrsnet_step_
     ok = benchmark(fn, *args)
     assert bool(ok)
+    if impl == "reference":
+        benchmark.extra_info["baseline"] = True
     _record(benchmark, group, impl)
 
 
@@ -102,6 +104,8 @@ def test_mlrsnet_param_grads(benchmark, impl):
     fn = reference.mlrsnet_param_grads if impl == "reference" else cpp.mlrsnet_param_grads
     grads = benchmark(fn, torch.tensor(1.7), h, c, weights, torch.tensor(1.0))
     assert len(grads) == len(weights)
+    if impl == "reference":
+        benchmark.extra_info["baseline"] = True
     _record(benchmark, group, impl)
 
 
@@ -138,6 +142,8 @@ def test_list_op(benchmark, resnet_lists, op, impl):
     ops = reference if impl == "reference" else cpp
     out = benchmark(LIST_CASES[op], ops, resnet_lists)
     assert out is not None
+    if impl == "reference":
+        benchmark.extra_info["baseline"] = True
     _record(benchmark, group, impl)
 
 

@@ -28,16 +28,14 @@ import torch
 from autolr_fast import MLRSNet, reference
 from autolr_fast import exporting as ex
 
-OFFICIAL = "/work/shared/fixtures/mlrsnet_official/mlr_snet_200.pth"
-_ALT = os.path.join(os.path.dirname(__file__), "..", "..", "shared", "fixtures", "mlrsnet_official", "mlr_snet_200.pth")
+_OFFICIAL = os.path.join(os.path.dirname(__file__), "..", "..", "shared", "fixtures", "mlrsnet_official", "mlr_snet_200.pth")
 RESULTS: dict[str, float] = {}  # name -> seconds per step (median)
 
 
 @pytest.fixture(scope="module")
 def controller_file(tmp_path_factory):
-    src = _ALT if os.path.exists(_ALT) else OFFICIAL
-    if os.path.exists(src):
-        net = MLRSNet.from_official(src)
+    if os.path.exists(_OFFICIAL):
+        net = MLRSNet.from_official(_OFFICIAL)
     else:
         torch.manual_seed(0)
         net = MLRSNet(hidden_size=50)
@@ -71,8 +69,78 @@ def test_reference_eager(benchmark, controller_file):
             p, state["h"], state["c"] = reference.mlrsnet_forward(loss, state["h"], state["c"], w)
         return p
 
+    benchmark.extra_info["baseline"] = True
     benchmark(step)
     _record("reference_eager", benchmark)
+
+
+def _scheduler_step_args(net):
+    """Arguments of ``dispatch.mlrsnet_step_`` as AutoLR passes them (one param group)."""
+    w = [t.detach() for t in net.flat_weights()]
+    return (torch.tensor(1.5), torch.zeros(1, 50), torch.zeros(1, 50), w, torch.tensor(0.1), torch.zeros(()),
+            [torch.zeros(())], [1.0])
+
+
+def test_fused_op_step(benchmark, controller_file):
+    """The guarded step + lr write as AutoLR dispatches it on the CPU (the C++ op when built)."""
+    from autolr_fast import dispatch
+
+    net, _ = controller_file
+    benchmark.group = "controller_step"
+    benchmark.extra_info["backend"] = dispatch.select("mlrsnet_step_", torch.device("cpu"))[0]
+    args = _scheduler_step_args(net)
+    benchmark(dispatch.mlrsnet_step_, *args)
+    _record("fused_op", benchmark)
+
+
+def test_torch_compile_reference(benchmark, controller_file):
+    """``torch.compile`` (inductor, CPU) of the guarded reference step (compiled before timing)."""
+    net, _ = controller_file
+    benchmark.group = "controller_step"
+    w = [t.detach() for t in net.flat_weights()]
+    try:
+        fn = torch.compile(reference.mlrsnet_guarded_step, dynamic=False)
+        args = (torch.tensor(1.5), torch.zeros(1, 50), torch.zeros(1, 50), w, torch.tensor(0.1), torch.zeros(()))
+        with torch.no_grad():
+            fn(*args)
+    except Exception as exc:  # no C++ toolchain for inductor, etc.
+        pytest.skip(f"torch.compile is not usable here: {type(exc).__name__}: {exc}")
+
+    def step():
+        with torch.no_grad():
+            return fn(*args)
+
+    benchmark(step)
+    _record("torch_compile", benchmark)
+
+
+def test_autolr_step(benchmark, controller_file):
+    """The whole ``AutoLR.step(loss)`` (checks, dispatch, counters) on the CPU."""
+    from autolr_fast import AutoLR
+
+    net, _ = controller_file
+    benchmark.group = "controller_step"
+    model = torch.nn.Linear(4, 2)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    sched = AutoLR(opt, net, gamma=0.1)
+    for p in model.parameters():
+        p.grad = torch.zeros_like(p)
+    loss = torch.tensor(1.5)
+
+    def step():
+        sched.step(loss)
+        sched._steps_since_optimizer = 0  # no optimizer step in this loop
+
+    benchmark(step)
+    _record("autolr_step", benchmark)
+
+
+def test_one_tiny_op_floor(benchmark):
+    """The floor: one tiny eager torch op (a 0-dim add) through the dispatcher."""
+    benchmark.group = "controller_step"
+    a, b = torch.tensor(1.0), torch.tensor(2.0)
+    benchmark(torch.add, a, b)
+    _record("tiny_op_floor", benchmark)
 
 
 def test_torchscript(benchmark, controller_file):

@@ -127,6 +127,9 @@ class MetaTrainer:
         )
         self._val_iter = None
         self.meta_steps = 0
+        # GPU: the skip of a non-finite meta-step is decided on the device (no sync); the CPU
+        # reads the flag directly. True forces the device-side path (tests use it on the CPU).
+        self.device_side_guard = False
         self.last_val_loss = torch.full((), float("nan"), device=sched.device)
         self.last_hypergrad = torch.zeros((), device=sched.device)
 
@@ -262,31 +265,44 @@ class MetaTrainer:
         ctrl = self.sched.controller
         params = ctrl.flat_weights()
         theta_grads, val_loss, ok = self.hypergradient(x)
-        # Keep theta and the meta-optimizer's state if anything was not finite (decided on the
-        # device): the gradient is already zeroed then, and every changed tensor is moved back
-        # by ``x += not_ok * (backup - x)`` (foreach ops, a handful of dispatches in all).
-        tracked = params + [v for q in params for v in self.optimizer.state.get(q, {}).values()
-                            if isinstance(v, Tensor) and v.is_floating_point()]
-        backup = torch._foreach_add(tracked, 0.0) if tracked else []
-        n_before = len(tracked)
+        if self.sched.device.type == "cpu" and not self.device_side_guard:
+            # CPU: ``ok`` is host memory, reading it is no sync; skip the update outright.
+            if bool(ok.numpy()):
+                for q, g in zip(params, theta_grads):
+                    q.grad = g.to(q.dtype)
+                self.optimizer.step()
+                self.optimizer.zero_grad(set_to_none=True)
+        else:
+            self._guarded_update_on_device(params, theta_grads, ok)
+        self.last_val_loss = val_loss
+        self.meta_steps += 1
+
+    def _guarded_update_on_device(self, params: list[Tensor], theta_grads: list[Tensor], ok: Tensor) -> None:
+        """Update theta, then undo it on the device if ``ok`` is False (no host sync).
+
+        The gradient is already zeroed when not ok; every tensor the step changed (theta and
+        the meta-optimizer's state) is set to ``x * ok + backup * (1 - ok)`` with foreach ops
+        (a handful of dispatches in all).
+        """
+        def tracked():
+            return params + [v for q in params for v in self.optimizer.state.get(q, {}).values()
+                             if isinstance(v, Tensor) and v.is_floating_point()]
+
+        before = tracked()
+        backup = torch._foreach_add(before, 0.0)
         for q, g in zip(params, theta_grads):
             q.grad = g.to(q.dtype)
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
         with torch.no_grad():
             not_ok = (~ok).to(params[0].dtype)
-            restore = params + [v for q in params for v in self.optimizer.state.get(q, {}).values()
-                                if isinstance(v, Tensor) and v.is_floating_point()]
-            if len(restore) == n_before:  # same tensors as before the step (not the first step)
-                diff = torch._foreach_sub(backup, restore)
-                torch._foreach_mul_(diff, not_ok)
-                torch._foreach_add_(restore, diff)
-            else:  # first step: the optimizer created its state just now; theta alone moves back
-                diff = torch._foreach_sub(backup[: len(params)], params)
-                torch._foreach_mul_(diff, not_ok)
-                torch._foreach_add_(params, diff)
-        self.last_val_loss = val_loss
-        self.meta_steps += 1
+            after = tracked()
+            if len(after) != len(before):  # first step: the state was created just now
+                after, backup = params, backup[: len(params)]
+            # x <- x * ok + backup * not_ok: exact both ways (x is finite: its gradient was zeroed)
+            torch._foreach_mul_(after, 1.0 - not_ok)
+            torch._foreach_mul_(backup, not_ok)
+            torch._foreach_add_(after, backup)
 
     # ------------------------------------------------------------------------------------------
     def save_snapshot(self, index: int) -> str:

@@ -195,19 +195,33 @@ def test_meta_state_round_trips_through_state_dict():
     assert torch.equal(torch.stack(straight), torch.stack(steps(m2, o2, s2, 6)))
 
 
-def test_nonfinite_validation_loss_leaves_theta():
+@pytest.mark.parametrize("device_side", [False, True])
+def test_nonfinite_validation_loss_leaves_theta(device_side):
     torch.manual_seed(0)
     model = nn.Linear(8, 3)
     opt = torch.optim.SGD(model.parameters(), lr=0.1)
     xv = torch.full((4, 8), float("nan"))
     sched = AutoLR(opt, MLRSNet(hidden_size=8), gamma=0.5,
                    meta=MetaConfig(model, [(xv, torch.zeros(4, dtype=torch.long))], nn.functional.cross_entropy, interval=1))
-    theta = copy.deepcopy(sched.controller.state_dict())
+    sched.meta.device_side_guard = device_side
     x, y = torch.randn(16, 8), torch.randint(0, 3, (16,))
     loss = nn.functional.cross_entropy(model(x), y)
     loss.backward()
+    # one good meta-step first (finite validation batch), so the meta-optimizer has state
+    good = sched.meta.config.val_data
+    sched.meta.config.val_data = [(x, y)]
+    sched.meta._val_iter = None
+    sched.meta.step(loss.detach())
+    sched.meta.config.val_data = good
+    sched.meta._val_iter = None
+    theta = copy.deepcopy(sched.controller.state_dict())
+    adam = copy.deepcopy(sched.meta.optimizer.state_dict())
     sched.meta.step(loss.detach())
     assert all(torch.equal(theta[k], v) for k, v in sched.controller.state_dict().items())
+    after = sched.meta.optimizer.state_dict()
+    for i, st in adam["state"].items():
+        for k, v in st.items():
+            assert torch.equal(v, after["state"][i][k]), (i, k)
 
 
 def test_meta_rejects_unsupported_setups():

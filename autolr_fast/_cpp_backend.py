@@ -103,15 +103,7 @@ def _as_scalar_tensor(x, dtype=torch.float64) -> Tensor:
 
 def _reference_step(loss, h, c, weights, gamma, rate, lr_list, scales) -> Tensor:
     """dispatch's reference branch, for what the C++ kernel does not cover (non-float32 state)."""
-    with torch.no_grad():
-        new_rate, h_new, c_new, ok = reference.mlrsnet_guarded_step(loss, h, c, [w.detach() for w in weights],
-                                                                    gamma, rate)
-        h.copy_(h_new)
-        c.copy_(c_new)
-        rate.copy_(new_rate)
-        if len(lr_list):
-            dispatch.write_rates(rate, lr_list, scales)
-    return ok
+    return reference.mlrsnet_scheduler_step_(loss, h, c, weights, gamma, rate, lr_list, scales)
 
 
 def mlrsnet_step_(loss, h, c, weights, gamma, rate, lr_list, scales) -> Tensor:

@@ -71,14 +71,7 @@ def _fallback_warning(op: str, reason: str) -> None:
 
 # -- implementations ----------------------------------------------------------------------------
 def _step_reference(loss, h, c, weights, gamma, rate, lr_list, scales, ok) -> None:
-    with torch.no_grad():
-        new_rate, h_new, c_new, ok_new = reference.mlrsnet_guarded_step(loss, h, c, weights, gamma, rate)
-        h.copy_(h_new)
-        c.copy_(c_new)
-        rate.copy_(new_rate)
-        ok.copy_(ok_new)
-        if lr_list:
-            dispatch.write_rates(rate, lr_list, scales)
+    ok.copy_(reference.mlrsnet_scheduler_step_(loss, h, c, weights, gamma, rate, lr_list, scales))
 
 
 def _step_cuda(loss, h, c, weights, gamma, rate, lr_list, scales, ok) -> None:

@@ -15,7 +15,6 @@ import json
 import subprocess
 import sys
 from pathlib import Path
-from typing import Any
 
 from .plotting import color_cycle, fmt, markdown_table, pyplot, save_figure
 

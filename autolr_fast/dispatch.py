@@ -81,15 +81,7 @@ def backend_info() -> dict:
 # --------------------------------------------------------------------------------------------
 # Controller step
 # --------------------------------------------------------------------------------------------
-def write_rates(rate: Tensor, lr_list: Sequence[Tensor], scales: Sequence[float]) -> None:
-    """``lr_k <- rate * scale_k`` for every param group, on the device."""
-    if not lr_list:
-        return
-    if all(s == 1.0 for s in scales):
-        torch._foreach_copy_(list(lr_list), [rate] * len(lr_list))
-    else:
-        for lr, s in zip(lr_list, scales):
-            lr.copy_(rate * s)
+write_rates = reference.write_rates  # the scheduler writes rates through the dispatcher module
 
 
 def mlrsnet_step_(
@@ -108,15 +100,7 @@ def mlrsnet_step_(
     _, fn = select("mlrsnet_step_", loss.device)
     if fn is not None:
         return fn(loss, h, c, weights, gamma, rate, lr_list, scales)
-    with torch.no_grad():
-        new_rate, h_new, c_new, ok = reference.mlrsnet_guarded_step(
-            loss, h, c, [w.detach() for w in weights], gamma, rate
-        )
-        h.copy_(h_new)
-        c.copy_(c_new)
-        rate.copy_(new_rate)
-        write_rates(rate, lr_list, scales)
-    return ok
+    return reference.mlrsnet_scheduler_step_(loss, h, c, weights, gamma, rate, lr_list, scales)
 
 
 def mlrsnet_forward(loss: Tensor, h: Tensor, c: Tensor, weights: Sequence[Tensor]) -> tuple[Tensor, Tensor, Tensor]:

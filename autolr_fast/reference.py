@@ -25,6 +25,8 @@ WEIGHTS_PER_CELL = 8
 __all__ = [
     "mlrsnet_forward",
     "mlrsnet_guarded_step",
+    "mlrsnet_scheduler_step_",
+    "write_rates",
     "mlrsnet_param_grads",
     "auto_gamma",
     "lookahead",
@@ -124,6 +126,38 @@ def mlrsnet_guarded_step(
     h_new = torch.where(ok, h_new, h)
     c_new = torch.where(ok, c_new, c)
     return rate, h_new, c_new, ok
+
+
+def write_rates(rate: Tensor, lr_list: Sequence[Tensor], scales: Sequence[float]) -> None:
+    """``lr_k <- rate * scale_k`` for every param group's 0-dim ``lr`` tensor, on the device."""
+    if not lr_list:
+        return
+    if all(s == 1.0 for s in scales):
+        torch._foreach_copy_(list(lr_list), [rate] * len(lr_list))
+    else:
+        for lr, s in zip(lr_list, scales):
+            lr.copy_(rate * s)
+
+
+def mlrsnet_scheduler_step_(
+    loss: Tensor,
+    h: Tensor,
+    c: Tensor,
+    weights: Sequence[Tensor],
+    gamma: Tensor,
+    rate: Tensor,
+    lr_list: Sequence[Tensor],
+    scales: Sequence[float],
+) -> Tensor:
+    """The scheduler's step in place: :func:`mlrsnet_guarded_step`, then ``h``, ``c``, ``rate``
+    and every ``lr_k = rate * scales[k]`` written; returns ``ok``. What every fused step computes."""
+    with torch.no_grad():
+        new_rate, h_new, c_new, ok = mlrsnet_guarded_step(loss, h, c, [w.detach() for w in weights], gamma, rate)
+        h.copy_(h_new)
+        c.copy_(c_new)
+        rate.copy_(new_rate)
+        write_rates(rate, lr_list, scales)
+    return ok
 
 
 def mlrsnet_param_grads(

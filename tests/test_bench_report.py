@@ -4,7 +4,6 @@ in CI size (one fast benchmark file, a few rounds)."""
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 import pytest
 

@@ -33,7 +33,7 @@ def _worker(rank: int, init_file: str, out_dir: str, meta: bool) -> None:
         cfg = MetaConfig(ddp, [(xv, yv)], nn.functional.cross_entropy, interval=2) if meta else None
         sched = AutoLR(opt, ctrl, gamma="auto", num_classes=3, meta=cfg)
         twin = copy.deepcopy(sched.controller)  # rank 0's weights after the broadcast
-        rates, local, means = [], [], []
+        rates, local = [], []
         for i in range(6):
             opt.zero_grad()
             loss = nn.functional.cross_entropy(ddp(x[i * 8 : i * 8 + 8]), y[i * 8 : i * 8 + 8])

@@ -70,8 +70,7 @@ def test_demo_quick(tmp_path):
 
 
 def test_shipped_controller_loads():
-    from autolr_fast import AutoLR, load_pretrained
-    import torch
+    from autolr_fast import load_pretrained
 
     ctrl = load_pretrained("mnist1d-cnn")
     assert ctrl.default_gamma > 0 and ctrl.info["task"] == "mnist1d-cnn"

@@ -101,23 +101,22 @@ def _as_scalar_tensor(x, dtype=torch.float64) -> Tensor:
     return x if isinstance(x, Tensor) else torch.tensor(float(x), dtype=dtype)
 
 
-def _reference_step(loss, h, c, weights, gamma, rate, lr_list, scales) -> Tensor:
-    """dispatch's reference branch, for what the C++ kernel does not cover (non-float32 state)."""
-    return reference.mlrsnet_scheduler_step_(loss, h, c, weights, gamma, rate, lr_list, scales)
-
-
-def mlrsnet_step_(loss, h, c, weights, gamma, rate, lr_list, scales) -> Tensor:
+def mlrsnet_step_(loss, h, c, weights, gamma, rate, lr_list, scales, counters=None) -> Tensor:
     # Called every training step. Eager: the kernel straight from Python (the dispatcher's
     # argument conversion costs more than the step); it answers NotImplemented for anything
     # but plain CPU-side tensors/Parameters. Under torch.compile, and for those cases: the op.
     # The kernel is float32-only (the controller's dtype); float64 runs use the reference.
+    # The counters (host memory here) are updated with two tiny ops after the kernel.
     if h.dtype is not torch.float32:
-        return _reference_step(loss, h, c, weights, gamma, rate, lr_list, scales)
+        return reference.mlrsnet_scheduler_step_(loss, h, c, weights, gamma, rate, lr_list, scales, counters)
+    ok = NotImplemented
     if not _is_compiling():
         ok = _step_fast(loss, h, c, weights, gamma, rate, lr_list, scales)
-        if ok is not NotImplemented:
-            return ok
-    return _step_op(loss, h, c, weights, gamma, rate, lr_list, scales)
+    if ok is NotImplemented:
+        ok = _step_op(loss, h, c, weights, gamma, rate, lr_list, scales)
+    if counters is not None:
+        reference.count_step_(counters, loss, ok)
+    return ok
 
 
 def mlrsnet_param_grads(loss, h, c, weights, grad_p) -> list[Tensor]:

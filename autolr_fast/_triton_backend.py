@@ -5,7 +5,7 @@ implementation per device (plus a fake for tracing), so that they work under
 ``torch.compile`` (``fullgraph=True``) and inside CUDA graphs, and pass
 ``torch.library.opcheck``:
 
-* ``torch.ops.autolr_fast.mlrsnet_step_(loss, h, c, weights, gamma, rate, lr_list, scales, ok)``
+* ``torch.ops.autolr_fast.mlrsnet_step_(loss, h, c, weights, gamma, rate, lr_list, scales, ok, counters=None)``
   (returns nothing; mutates ``h``, ``c``, ``rate``, every ``lr_list[k]`` and ``ok``): the
   guarded scheduler step of :func:`autolr_fast.reference.mlrsnet_guarded_step` with
   ``lr_k <- rate * scales[k]``; ``ok`` (0-dim bool) receives whether the step was taken.
@@ -41,7 +41,7 @@ STEP_OP = f"{NAMESPACE}::mlrsnet_step_"
 PARAM_GRADS_OP = f"{NAMESPACE}::mlrsnet_param_grads"
 STEP_SCHEMA = (
     "(Tensor loss, Tensor(a!) h, Tensor(b!) c, Tensor[] weights, Tensor gamma, Tensor(c!) rate, "
-    "Tensor(d!)[] lr_list, float[] scales, Tensor(e!) ok) -> ()"
+    "Tensor(d!)[] lr_list, float[] scales, Tensor(e!) ok, Tensor(f!)? counters=None) -> ()"
 )
 PARAM_GRADS_SCHEMA = "(Tensor loss, Tensor h, Tensor c, Tensor[] weights, Tensor grad_p) -> Tensor[]"
 
@@ -70,18 +70,18 @@ def _fallback_warning(op: str, reason: str) -> None:
 
 
 # -- implementations ----------------------------------------------------------------------------
-def _step_reference(loss, h, c, weights, gamma, rate, lr_list, scales, ok) -> None:
-    ok.copy_(reference.mlrsnet_scheduler_step_(loss, h, c, weights, gamma, rate, lr_list, scales))
+def _step_reference(loss, h, c, weights, gamma, rate, lr_list, scales, ok, counters=None) -> None:
+    ok.copy_(reference.mlrsnet_scheduler_step_(loss, h, c, weights, gamma, rate, lr_list, scales, counters))
 
 
-def _step_cuda(loss, h, c, weights, gamma, rate, lr_list, scales, ok) -> None:
+def _step_cuda(loss, h, c, weights, gamma, rate, lr_list, scales, ok, counters=None) -> None:
     reason = "triton kernels not importable" if _kernels is None else _kernels.step_unsupported_reason(
-        loss, h, c, weights, gamma, rate, lr_list, scales, ok)
+        loss, h, c, weights, gamma, rate, lr_list, scales, ok, counters)
     if reason is None:
-        _kernels.launch_step(loss, h, c, weights, gamma, rate, lr_list, scales, ok, check=False)
+        _kernels.launch_step(loss, h, c, weights, gamma, rate, lr_list, scales, ok, counters, check=False)
     else:
         _fallback_warning("mlrsnet_step_", reason)
-        _step_reference(loss, h, c, weights, gamma, rate, lr_list, scales, ok)
+        _step_reference(loss, h, c, weights, gamma, rate, lr_list, scales, ok, counters)
 
 
 def param_grads_explicit(loss: Tensor, h: Tensor, c: Tensor, weights: Sequence[Tensor], grad_p: Tensor) -> list[Tensor]:
@@ -150,7 +150,7 @@ def _param_grads_cuda(loss, h, c, weights, grad_p) -> list[Tensor]:
     return _param_grads_reference(loss, h, c, weights, grad_p)
 
 
-def _step_fake(loss, h, c, weights, gamma, rate, lr_list, scales, ok) -> None:
+def _step_fake(loss, h, c, weights, gamma, rate, lr_list, scales, ok, counters=None) -> None:
     return None
 
 
@@ -187,12 +187,14 @@ def mlrsnet_step_(
     rate: Tensor,
     lr_list: Sequence[Tensor],
     scales: Sequence[float],
+    counters: Tensor | None = None,
 ) -> Tensor:
-    """:func:`autolr_fast.dispatch.mlrsnet_step_` through the op; returns ``ok`` (0-dim bool)."""
+    """:func:`autolr_fast.dispatch.mlrsnet_step_` through the op (one launch, the counters
+    included); returns ``ok`` (0-dim bool)."""
     ok = torch.empty((), dtype=torch.bool, device=h.device)
     with torch.no_grad():
         torch.ops.autolr_fast.mlrsnet_step_(loss, h, c, list(weights), gamma, rate, list(lr_list),
-                                            [float(s) for s in scales], ok)
+                                            [float(s) for s in scales], ok, counters)
     return ok
 
 

@@ -93,14 +93,16 @@ def mlrsnet_step_(
     rate: Tensor,
     lr_list: Sequence[Tensor],
     scales: Sequence[float],
+    counters: Tensor | None = None,
 ) -> Tensor:
-    """The scheduler's MLR-SNet step, in place: updates ``h``, ``c``, ``rate`` and the ``lr``
-    tensors; returns ``ok`` (0-dim bool: False when the loss or the output was not finite and
-    everything was left as it was). See :func:`reference.mlrsnet_guarded_step`."""
+    """The scheduler's MLR-SNet step, in place: updates ``h``, ``c``, ``rate``, the ``lr``
+    tensors and (if given) the int64 ``counters`` ``[skipped, negative]``; returns ``ok`` (0-dim
+    bool: False when the loss or the output was not finite and everything was left as it was).
+    See :func:`reference.mlrsnet_scheduler_step_`. One launch on the Triton path."""
     _, fn = select("mlrsnet_step_", loss.device)
     if fn is not None:
-        return fn(loss, h, c, weights, gamma, rate, lr_list, scales)
-    return reference.mlrsnet_scheduler_step_(loss, h, c, weights, gamma, rate, lr_list, scales)
+        return fn(loss, h, c, weights, gamma, rate, lr_list, scales, counters)
+    return reference.mlrsnet_scheduler_step_(loss, h, c, weights, gamma, rate, lr_list, scales, counters)
 
 
 def mlrsnet_forward(loss: Tensor, h: Tensor, c: Tensor, weights: Sequence[Tensor]) -> tuple[Tensor, Tensor, Tensor]:

@@ -29,24 +29,30 @@ class DeviceCounters:
             self._event = None
             self._view = self.values.numpy()  # shares memory: no copy, no sync
         self._seen = np.zeros(len(names), dtype=np.int64)
+        self._seen_steps = 0
+        self._pending_steps = 0
 
     def add_(self, increments: Tensor) -> None:
         self.values.add_(increments.to(torch.int64))
 
-    def poll(self) -> dict[str, int]:
-        """Counter values known on the host now (possibly a few steps old on a GPU)."""
+    def poll(self, steps: int) -> dict[str, int]:
+        """Counter values known on the host now (possibly a few steps old on a GPU), and under
+        ``"steps"`` the host's step count ``steps`` at the moment they were captured."""
         self._calls += 1
         if self._view is not None:
             self._seen = self._view.copy()
+            self._seen_steps = steps
         else:
             if self._event is not None and self._event.query():
                 self._seen = self._host.numpy().copy()
+                self._seen_steps = self._pending_steps
                 self._event = None
             if self._event is None and self._calls % self.every == 0:
                 self._host.copy_(self.values, non_blocking=True)
                 self._event = torch.cuda.Event()
                 self._event.record()
-        return dict(zip(self.names, (int(v) for v in self._seen)))
+                self._pending_steps = steps
+        return {**dict(zip(self.names, (int(v) for v in self._seen))), "steps": self._seen_steps}
 
     def exact(self) -> dict[str, int]:
         """Exact values (synchronises with the device: for ``state_dict`` and reports)."""

@@ -26,6 +26,7 @@ __all__ = [
     "mlrsnet_forward",
     "mlrsnet_guarded_step",
     "mlrsnet_scheduler_step_",
+    "count_step_",
     "write_rates",
     "mlrsnet_param_grads",
     "auto_gamma",
@@ -148,16 +149,27 @@ def mlrsnet_scheduler_step_(
     rate: Tensor,
     lr_list: Sequence[Tensor],
     scales: Sequence[float],
+    counters: Tensor | None = None,
 ) -> Tensor:
     """The scheduler's step in place: :func:`mlrsnet_guarded_step`, then ``h``, ``c``, ``rate``
-    and every ``lr_k = rate * scales[k]`` written; returns ``ok``. What every fused step computes."""
+    and every ``lr_k = rate * scales[k]`` written, and ``counters`` updated (see
+    :func:`count_step_`); returns ``ok``. What every fused step computes."""
     with torch.no_grad():
         new_rate, h_new, c_new, ok = mlrsnet_guarded_step(loss, h, c, [w.detach() for w in weights], gamma, rate)
         h.copy_(h_new)
         c.copy_(c_new)
         rate.copy_(new_rate)
         write_rates(rate, lr_list, scales)
+        if counters is not None:
+            count_step_(counters, loss, ok)
     return ok
+
+
+def count_step_(counters: Tensor, loss: Tensor, ok: Tensor) -> None:
+    """The scheduler's int64 counters, in place: ``[0] += not ok`` (a skipped step),
+    ``[1] += loss is finite and negative`` (a loss clamped to 0)."""
+    x = loss.detach().reshape(()).to(torch.float32)
+    counters.add_(torch.stack((~ok, torch.isfinite(x) & (x < 0))).to(counters.dtype))
 
 
 def mlrsnet_param_grads(

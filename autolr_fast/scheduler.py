@@ -12,6 +12,7 @@ from . import dispatch, optim_support
 from .controller import MLRSNet
 from .distributed import broadcast_from_rank0_, is_distributed, mean_across_ranks
 from .host_flags import DeviceCounters
+from . import reference
 from .reference import auto_gamma
 
 STATE_VERSION = 1
@@ -144,7 +145,7 @@ class AutoLR:
         initial = getattr(controller, "initial_rate", None)
         start = float(initial(base[0])) if callable(initial) else 0.0
         self.rate = torch.full((), start, device=self.device)
-        self.counters = DeviceCounters(("steps", "skipped", "negative"), self.device)
+        self.counters = DeviceCounters(("skipped", "negative"), self.device)
         self.step_count = 0
         self._optimizer_steps_seen = 0
         self._steps_since_optimizer = 0
@@ -221,7 +222,6 @@ class AutoLR:
             )
         if self.distributed:
             x = mean_across_ranks(x)
-        finite = torch.isfinite(x)
         if self._gamma_pending:
             # gamma='auto' is set from the first finite loss; until the host has seen that
             # happen (polled counters, no sync) this where() keeps it, or sets it once.
@@ -235,29 +235,31 @@ class AutoLR:
         lr_list = optim_support.lr_tensors(self.optimizer, self.device) if self.tensor_lr else []
         controller = self.controller
         if isinstance(controller, MLRSNet) and controller.gate_order == "train":
-            dispatch.mlrsnet_step_(x, controller.h, controller.c, controller.flat_weights(), self.gamma, self.rate, lr_list, self.lr_scales)
+            # the whole step, the lr writes and the counters: one launch on the Triton path
+            dispatch.mlrsnet_step_(x, controller.h, controller.c, controller.flat_weights(), self.gamma, self.rate,
+                                   lr_list, self.lr_scales, self.counters.values)
         else:
             with torch.no_grad():
                 controller.scheduler_step_(x, self.gamma, self.rate)
+                reference.count_step_(self.counters.values, x, torch.isfinite(x))
             if self.tensor_lr:
                 dispatch.write_rates(self.rate, lr_list, self.lr_scales)
         if not self.tensor_lr:
             self._write_rate_to_groups()
-        self.counters.add_(torch.stack([torch.ones_like(finite), ~finite, finite & (x < 0)]))
         self.step_count += 1
         self._steps_since_optimizer += 1
         self._after_step_host_checks()
 
     def _after_step_host_checks(self) -> None:
-        seen = self.counters.poll()
+        seen = self.counters.poll(self.step_count)
         if self._gamma_pending and seen["steps"] > seen["skipped"]:
             self._gamma_pending = False  # a finite loss has set gamma
         if seen["skipped"]:
             optim_support.warn_once(
                 self._warned,
                 "nonfinite",
-                "AutoLR: a non-finite (NaN/Inf) loss was seen; the rate and the controller state were "
-                "kept for that step (see sched.skipped_steps). Check your loss or lower the rate scale.",
+                "AutoLR: a non-finite (NaN/Inf) loss (or controller output) was seen; the rate and the "
+                "controller state were kept for that step (see sched.skipped_steps). Check your loss or lower the rate scale.",
             )
         if seen["negative"]:
             optim_support.warn_once(

@@ -201,14 +201,14 @@ def _head_logit(head_w, head_b, x_row, offs_h, mask_h):
 # ------------------------------------------------------------------------------------------------
 @triton.jit
 def _mlrsnet_step_kernel(
-    loss_ptr, h_ptr, c_ptr, gamma_ptr, rate_ptr, ok_ptr,
+    loss_ptr, h_ptr, c_ptr, gamma_ptr, rate_ptr, ok_ptr, counters_ptr,
     a_w0, a_b0, a_w2, a_b2, a_v0, a_d0, a_v2, a_d2,  # cell 0
     b_w0, b_b0, b_w2, b_b2, b_v0, b_d0, b_v2, b_d2,  # cell 1 (dummies, never read, with one cell)
     head_w, head_b,
     lr0, lr1, lr2, lr3, lr4, lr5, lr6, lr7,
     s0, s1, s2, s3, s4, s5, s6, s7,
     H: tl.constexpr, M: tl.constexpr, NUM_LAYERS: tl.constexpr, NUM_LR: tl.constexpr,
-    BLOCK_H: tl.constexpr, BLOCK_M: tl.constexpr,
+    BLOCK_H: tl.constexpr, BLOCK_M: tl.constexpr, COUNT: tl.constexpr,
 ):
     offs_h = tl.arange(0, BLOCK_H)[None, :]
     offs_m = tl.arange(0, BLOCK_M)[:, None]
@@ -250,6 +250,9 @@ def _mlrsnet_step_kernel(
         tl.store(c_ptr + H + offs_h, c_new1, mask=store_mask)
     tl.store(rate_ptr, rate)
     tl.store(ok_ptr, ok)
+    if COUNT:  # the scheduler's counters (int64): [skipped steps, negative losses]
+        tl.store(counters_ptr, tl.load(counters_ptr) + tl.where(ok, 0, 1).to(tl.int64))
+        tl.store(counters_ptr + 1, tl.load(counters_ptr + 1) + tl.where(finite & (x < 0.0), 1, 0).to(tl.int64))
     # lr_k = rate * scale_k (float32 product, stored in the lr tensor's dtype)
     if NUM_LR > 0:
         tl.store(lr0, rate * s0)
@@ -395,12 +398,15 @@ def _scalar_reason(name: str, t: torch.Tensor, device: torch.device, kind: str) 
     return None
 
 
-def step_unsupported_reason(loss, h, c, weights, gamma, rate, lr_list, scales, ok) -> str | None:
+def step_unsupported_reason(loss, h, c, weights, gamma, rate, lr_list, scales, ok, counters=None) -> str | None:
     """``None`` if :func:`launch_step` takes these arguments, else why not."""
     reason = unsupported_reason(h, c, weights)
     if reason is not None:
         return reason
     device = h.device
+    if counters is not None and not (counters.device == device and counters.dtype == torch.int64
+                                     and counters.numel() == 2 and counters.is_contiguous()):
+        return "counters must be a contiguous int64 tensor of 2 elements on the state's device"
     if len(lr_list) != len(scales):
         return f"{len(lr_list)} lr tensors but {len(scales)} scales"
     checks = [("loss", loss, "float"), ("gamma", gamma, "float32"), ("rate", rate, "float32"), ("ok", ok, "bool")]
@@ -455,6 +461,7 @@ def launch_step(
     lr_list: Sequence[torch.Tensor],
     scales: Sequence[float],
     ok: torch.Tensor,
+    counters: torch.Tensor | None = None,
     *,
     check: bool = True,
     num_warps: int | None = None,
@@ -463,8 +470,9 @@ def launch_step(
 
     In place: ``h``, ``c`` (the state), ``rate`` (1-element float32), every ``lr_list[k]``
     (1-element, any float dtype) gets ``rate * scales[k]``, and ``ok`` (1-element bool) whether
-    the step was taken. ``loss`` may have any float dtype (read as float32, as the reference
-    does). Raises ``ValueError`` for inputs the kernel does not take (unless ``check=False``,
+    the step was taken; ``counters`` (optional, int64 ``[2]``) gets ``+1`` in slot 0 for a step
+    not taken and in slot 1 for a finite negative loss (what ``reference.count_step_`` does).
+    ``loss`` may have any float dtype (read as float32, as the reference does). Raises ``ValueError`` for inputs the kernel does not take (unless ``check=False``,
     for callers that checked with :func:`step_unsupported_reason`).
     """
     if check:
@@ -477,11 +485,11 @@ def launch_step(
     first = list(lr_list[:LR_SLOTS])
     with _device_guard(h):
         _mlrsnet_step_kernel[(1,)](
-            loss, h, c, gamma, rate, ok,
+            loss, h, c, gamma, rate, ok, counters if counters is not None else ok,
             *_weight_args(weights, num_layers),
             *_lr_args(first, scales[:LR_SLOTS], rate),
             H=hidden, M=middle, NUM_LAYERS=num_layers, NUM_LR=len(first),
-            BLOCK_H=block_h, BLOCK_M=block_m, num_warps=num_warps or auto_warps,
+            BLOCK_H=block_h, BLOCK_M=block_m, COUNT=counters is not None, num_warps=num_warps or auto_warps,
         )
         for start in range(LR_SLOTS, len(lr_list), LR_SLOTS):
             chunk = list(lr_list[start:start + LR_SLOTS])

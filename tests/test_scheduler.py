@@ -381,3 +381,21 @@ def test_float_rates_would_recompile():
             for i in range(5):
                 opt.param_groups[0]["lr"] = 0.1 + 0.01 * i
                 compiled()
+
+
+@pytest.mark.parametrize("force_reference", [False, True])
+def test_counters_agree_between_fast_path_and_reference(monkeypatch, force_reference):
+    """Skipped and negative losses are counted the same on the fused path and the reference."""
+    if force_reference:
+        monkeypatch.setenv("AUTOLR_FAST_FORCE_REFERENCE", "1")
+    model = nn.Linear(8, 3)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    sched = AutoLR(opt, MLRSNet(hidden_size=16), gamma=0.5)
+    x, y = make_problem()
+    nn.functional.cross_entropy(model(x), y).backward()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        for v in (1.0, float("nan"), -2.0, float("-inf"), 0.5, -0.1, float("inf")):
+            sched.step(torch.tensor(v))
+            opt.step()
+    assert sched.counters.exact() == {"skipped": 3, "negative": 2}

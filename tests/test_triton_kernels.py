@@ -135,8 +135,9 @@ for name, case in cases.items():
         h, c, rate = case["h"].clone(), case["c"].clone(), case["rate"].clone()
         lrs = [lr.clone() for lr in case["lr_list"]]
         ok = torch.zeros((), dtype=torch.bool)
-        k.launch_step(case["loss"], h, c, case["weights"], case["gamma"], rate, lrs, case["scales"], ok)
-        out[name] = {"h": h, "c": c, "rate": rate, "lr_list": lrs, "ok": ok}
+        counters = torch.tensor([5, 7], dtype=torch.int64)
+        k.launch_step(case["loss"], h, c, case["weights"], case["gamma"], rate, lrs, case["scales"], ok, counters)
+        out[name] = {"h": h, "c": c, "rate": rate, "lr_list": lrs, "ok": ok, "counters": counters}
     else:
         out[name] = {"grads": k.launch_param_grads(case["loss"], case["h"], case["c"], case["weights"], case["grad_p"])}
 torch.save(out, sys.argv[2])
@@ -163,15 +164,10 @@ def reference_step(case: dict) -> dict:
     """What ``dispatch.mlrsnet_step_`` does on the reference path, on copies of the case."""
     h, c, rate = case["h"].clone(), case["c"].clone(), case["rate"].clone()
     lrs = [lr.clone() for lr in case["lr_list"]]
-    with torch.no_grad():
-        new_rate, h_new, c_new, ok = reference.mlrsnet_guarded_step(case["loss"], h, c, case["weights"],
-                                                                     case["gamma"], rate)
-        h.copy_(h_new)
-        c.copy_(c_new)
-        rate.copy_(new_rate)
-        if lrs:
-            dispatch.write_rates(rate, lrs, case["scales"])
-    return {"h": h, "c": c, "rate": rate, "lr_list": lrs, "ok": ok}
+    counters = torch.tensor([5, 7], dtype=torch.int64)
+    ok = reference.mlrsnet_scheduler_step_(case["loss"], h, c, case["weights"], case["gamma"], rate, lrs,
+                                           case["scales"], counters)
+    return {"h": h, "c": c, "rate": rate, "lr_list": lrs, "ok": ok, "counters": counters}
 
 
 def assert_step_matches(got: dict, case: dict, where: str) -> None:
@@ -180,6 +176,8 @@ def assert_step_matches(got: dict, case: dict, where: str) -> None:
     assert bool(got["ok"]) == bool(want["ok"]), msg(f"ok {bool(got['ok'])}, reference {bool(want['ok'])}")
     if "expected_ok" in case:
         assert bool(got["ok"]) == case["expected_ok"], msg("wrong ok flag")
+    if "counters" in got:  # [skipped, negative] after starting from [5, 7]
+        assert got["counters"].tolist() == want["counters"].tolist(), msg(f"counters {got['counters'].tolist()}")
     for key in ("h", "c", "rate"):
         torch.testing.assert_close(got[key].cpu(), want[key], rtol=RTOL, atol=ATOL, msg=lambda m: msg(f"{key}: {m}"))
     if not bool(want["ok"]):  # the guard must leave everything exactly as it was
@@ -224,7 +222,9 @@ def test_step_kernel_guard_interpreted(interpreted, name):
     cases, results = interpreted
     assert_step_matches(results[name], cases[name], name)
     if name == "guard-negative-loss-clamped":  # the same step as a zero loss
-        assert_step_matches(results[name], dict(cases[name], loss=torch.tensor(0.0)), name + " vs loss 0")
+        same_state = {k: v for k, v in results[name].items() if k != "counters"}  # counted as negative, though
+        assert_step_matches(same_state, dict(cases[name], loss=torch.tensor(0.0)), name + " vs loss 0")
+        assert results[name]["counters"].tolist() == [5, 8], "a negative loss must be counted"
 
 
 @needs_triton
@@ -335,6 +335,8 @@ def test_opcheck_cpu(hidden, layers, groups):
     gen = torch.Generator().manual_seed(SEED)
     case = make_step_case(hidden, layers, groups, gen)
     torch.library.opcheck(torch.ops.autolr_fast.mlrsnet_step_, _op_args(case))
+    counters = torch.tensor([2, 3], dtype=torch.int64)
+    torch.library.opcheck(torch.ops.autolr_fast.mlrsnet_step_, _op_args(case) + (counters,))
     g = make_grads_case(hidden, layers, gen)
     torch.library.opcheck(torch.ops.autolr_fast.mlrsnet_param_grads, (g["loss"], g["h"], g["c"], g["weights"], g["grad_p"]))
 

@@ -15,9 +15,9 @@ import torch
 from autolr_fast import AutoLR, MLRSNet, reference
 from autolr_fast import exporting as ex
 
-OFFICIAL = os.path.join(os.path.dirname(__file__), "..", "..", "shared", "fixtures", "mlrsnet_official")
-if not os.path.isdir(OFFICIAL):
-    OFFICIAL = "/work/shared/fixtures/mlrsnet_official"
+from conftest import OFFICIAL_DIR
+
+OFFICIAL = str(OFFICIAL_DIR)
 
 
 def _net(hidden=12, layers=1, seed=0, scale=2.0) -> MLRSNet:

@@ -106,9 +106,9 @@ class _Lib:
 
 
 def test_ctypes_matches_torchscript_on_official_or_random(runtime_build, tmp_path):
-    official = "/work/shared/fixtures/mlrsnet_official/mlr_snet_200.pth"
-    alt = os.path.join(ROOT, "..", "shared", "fixtures", "mlrsnet_official", "mlr_snet_200.pth")
-    src = alt if os.path.exists(alt) else official
+    from conftest import OFFICIAL_DIR
+
+    src = os.path.join(OFFICIAL_DIR, "mlr_snet_200.pth")
     if os.path.exists(src):
         from autolr_fast import MLRSNet
 

@@ -115,8 +115,21 @@ def mlrsnet_step_(loss, h, c, weights, gamma, rate, lr_list, scales, counters=No
     if ok is NotImplemented:
         ok = _step_op(loss, h, c, weights, gamma, rate, lr_list, scales)
     if counters is not None:
-        reference.count_step_(counters, loss, ok)
+        _count_step_on_host(counters, loss, ok)
     return ok
+
+
+def _count_step_on_host(counters: Tensor, loss: Tensor, ok: Tensor) -> None:
+    """:func:`reference.count_step_` for CPU tensors, read and written through NumPy views
+    (host memory: no device involved; a dozen torch dispatches cost more than the step)."""
+    if counters.device.type != "cpu" or loss.device.type != "cpu" or not counters.is_contiguous():
+        reference.count_step_(counters, loss, ok)
+        return
+    x = loss.detach().reshape(())
+    v = float((x if x.dtype == torch.float32 else x.to(torch.float32)).numpy())
+    view = counters.numpy()
+    view[0] += 0 if ok.numpy() else 1
+    view[1] += 1 if (v < 0.0 and v == v and v != float("-inf")) else 0
 
 
 def mlrsnet_param_grads(loss, h, c, weights, grad_p) -> list[Tensor]:

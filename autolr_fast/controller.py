@@ -82,13 +82,16 @@ class MLRSNet(nn.Module):
         or ``load_state_dict``, as usual, to keep it valid).
         """
         cache = self.__dict__.get("_flat_cache")
-        if cache is not None and cache[0] is self.cells[0].fc_i2h[0].weight and cache[-1] is self.head.bias:
+        # (plain dict look-ups: Module.__getattr__ and Sequential.__getitem__ cost microseconds)
+        if (cache is not None and cache[-1] is self._modules["head"]._parameters["bias"]
+                and cache[0] is self.__dict__["_flat_first"]._parameters["weight"]):
             return cache
         out: list[Tensor] = []
         for cell in self.cells:
             out.extend(cell.flat_weights())
         out.extend([self.head.weight, self.head.bias])
         self.__dict__["_flat_cache"] = out
+        self.__dict__["_flat_first"] = self.cells[0].fc_i2h[0]
         return out
 
     def _apply(self, fn, recurse=True):

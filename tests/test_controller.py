@@ -121,3 +121,15 @@ def test_guarded_step_keeps_state_on_nonfinite():
         rate, h2, c2, ok = reference.mlrsnet_guarded_step(torch.tensor(bad), h, c, net.flat_weights(), torch.tensor(1.0), rate_prev)
         assert not bool(ok)
         assert torch.equal(h2, h) and torch.equal(c2, c) and float(rate) == pytest.approx(0.3)
+
+
+def test_flat_weights_cache_follows_replaced_parameters():
+    net = MLRSNet(hidden_size=8)
+    first = net.flat_weights()
+    assert net.flat_weights() is first  # cached
+    net.head.bias = torch.nn.Parameter(torch.ones(1))
+    assert net.flat_weights()[-1] is net.head.bias
+    net.cells[0].fc_i2h[0].weight = torch.nn.Parameter(torch.ones(4, 1))
+    assert net.flat_weights()[0] is net.cells[0].fc_i2h[0].weight
+    net.double()
+    assert all(w.dtype == torch.float64 for w in net.flat_weights())

@@ -49,6 +49,11 @@ class MetaConfig:
             ``snapshot_every`` steps (e.g. once per epoch) as ``controller_XXXX.pt``, loadable
             with :func:`autolr_fast.load_controller` for plug-and-play use.
         optimizer: a factory ``params -> torch.optim.Optimizer`` replacing the default Adam.
+        low_memory: True (default): every validation gradient is folded into the hypergradient
+            as backward produces it and freed at once, so a meta-step holds one extra copy of
+            the parameters (``w_hat``) plus the validation activations. False: all gradients
+            first, then one fused multi-tensor dot per param group (fewer kernel launches, one
+            more parameter-sized buffer).
     """
 
     model: nn.Module
@@ -61,6 +66,7 @@ class MetaConfig:
     snapshot_dir: str | None = None
     snapshot_every: int | None = None
     optimizer: Callable[[Iterable[Tensor]], torch.optim.Optimizer] | None = None
+    low_memory: bool = True
 
 
 def _default_unpack(batch: Any) -> tuple[Any, Any]:
@@ -231,17 +237,11 @@ class MetaTrainer:
         with torch.enable_grad():
             out = torch.func.functional_call(self.model, tensors, (xv,))
             val_loss = self.config.loss_fn(out, yv)
-            all_hats = [h for _, _, _, hats in groups for h in hats]
-            val_grads = torch.autograd.grad(val_loss, all_hats, allow_unused=True)
-        val_grads = [torch.zeros_like(h) if g is None else g for h, g in zip(all_hats, val_grads)]
-
-        # dL_val/dp = -gamma * sum_k scale_k * <g_val_k, d_k>
-        dot = torch.zeros((), dtype=torch.float32, device=sched.device)
-        i = 0
-        for group, scale, params, hats in groups:
-            n = len(hats)
-            dot = dot + scale * self._group_hyper_dot(group, params, val_grads[i : i + n])
-            i += n
+            # dL_val/dp = -gamma * sum_k scale_k * <g_val_k, d_k>
+            if self.config.low_memory:
+                dot = self._streamed_hyper_dot(val_loss, groups)
+            else:
+                dot = self._batched_hyper_dot(val_loss, groups)
         if sched.distributed:
             dot = mean_across_ranks(dot)
         grad_p = -sched.gamma * dot
@@ -250,6 +250,43 @@ class MetaTrainer:
         theta_grads = dispatch.mlrsnet_param_grads(safe_x, ctrl.h, ctrl.c, weights, grad_p)
         self.last_hypergrad = dot.detach()
         return theta_grads, val_loss.detach(), ok
+
+    def _batched_hyper_dot(self, val_loss: Tensor, groups: list) -> Tensor:
+        """All validation gradients at once, then one fused dot per param group (fewest
+        launches; holds a second parameter-sized buffer, the gradients, for a moment)."""
+        all_hats = [h for _, _, _, hats in groups for h in hats]
+        val_grads = torch.autograd.grad(val_loss, all_hats, allow_unused=True)
+        val_grads = [torch.zeros_like(h) if g is None else g for h, g in zip(all_hats, val_grads)]
+        dot = torch.zeros((), dtype=torch.float32, device=val_loss.device)
+        i = 0
+        for group, scale, params, hats in groups:
+            n = len(hats)
+            dot = dot + scale * self._group_hyper_dot(group, params, val_grads[i : i + n])
+            i += n
+        return dot
+
+    def _streamed_hyper_dot(self, val_loss: Tensor, groups: list) -> Tensor:
+        """Each validation gradient is folded into the dot product as soon as backward has
+        produced it, then freed: beyond ``w_hat`` only one gradient tensor exists at a time
+        (the memory bound of a meta-step: one extra copy of the parameters + activations)."""
+        partials: list[Tensor] = []
+        handles = []
+        for group, scale, params, hats in groups:
+            for q, h in zip(params, hats):
+                def fold(t: Tensor, group=group, scale=scale, q=q) -> None:
+                    partials.append(scale * self._group_hyper_dot(group, [q], [t.grad]))
+                    t.grad = None
+
+                handles.append(h.register_post_accumulate_grad_hook(fold))
+        try:
+            all_hats = [h for _, _, _, hats in groups for h in hats]
+            torch.autograd.backward(val_loss, inputs=all_hats)
+        finally:
+            for handle in handles:
+                handle.remove()
+        if not partials:
+            return torch.zeros((), dtype=torch.float32, device=val_loss.device)
+        return torch.stack(partials).sum()  # backward's order is fixed: deterministic
 
     def maybe_step(self, x: Tensor) -> None:
         """Called by ``AutoLR.step`` before the controller step (Algorithm 1: theta first)."""

@@ -98,9 +98,10 @@ def test_resnet18_step_autolr(benchmark, cuda_device, make_train_step, official_
 # ------------------------------------------------------------------------------------------------
 # Meta-step every step vs the plain step
 # ------------------------------------------------------------------------------------------------
-def _meta(val_batches, loss_fn):
+def _meta(val_batches, loss_fn, low_memory=True):
     MetaConfig = meta_config_class()
-    return lambda model: MetaConfig(model=model, val_data=val_batches, loss_fn=loss_fn, interval=1)
+    return lambda model: MetaConfig(model=model, val_data=val_batches, loss_fn=loss_fn, interval=1,
+                                    low_memory=low_memory)
 
 
 @pytest.mark.benchmark(group="meta-step (cpu, mnist1d-cnn)")
@@ -114,6 +115,16 @@ def test_cnn_plain_autolr_step(benchmark, mnist1d_task, mnist1d_batches, make_tr
 @pytest.mark.benchmark(group="meta-step (cpu, mnist1d-cnn)")
 def test_cnn_meta_step_every_step(benchmark, mnist1d_task, mnist1d_batches, make_train_step, official_controller):
     meta = _meta(mnist1d_batches[::-1], mnist1d_task.loss_fn)
+    step = make_train_step(_cnn(mnist1d_task), mnist1d_batches, mnist1d_task.loss_fn, "autolr", official_controller, meta=meta)
+    _record(benchmark, step, **peak_memory(step))
+    benchmark(step)
+    assert step.autolr.meta.meta_steps > 0
+
+
+@pytest.mark.benchmark(group="meta-step (cpu, mnist1d-cnn)")
+def test_cnn_meta_step_every_step_batched(benchmark, mnist1d_task, mnist1d_batches, make_train_step, official_controller):
+    """MetaConfig(low_memory=False): all validation gradients, then one fused dot."""
+    meta = _meta(mnist1d_batches[::-1], mnist1d_task.loss_fn, low_memory=False)
     step = make_train_step(_cnn(mnist1d_task), mnist1d_batches, mnist1d_task.loss_fn, "autolr", official_controller, meta=meta)
     _record(benchmark, step, **peak_memory(step))
     benchmark(step)

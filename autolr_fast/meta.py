@@ -49,11 +49,11 @@ class MetaConfig:
             ``snapshot_every`` steps (e.g. once per epoch) as ``controller_XXXX.pt``, loadable
             with :func:`autolr_fast.load_controller` for plug-and-play use.
         optimizer: a factory ``params -> torch.optim.Optimizer`` replacing the default Adam.
-        low_memory: True (default): every validation gradient is folded into the hypergradient
-            as backward produces it and freed at once, so a meta-step holds one extra copy of
-            the parameters (``w_hat``) plus the validation activations. False: all gradients
-            first, then one fused multi-tensor dot per param group (fewer kernel launches, one
-            more parameter-sized buffer).
+        low_memory: True (default): validation gradients are folded into the hypergradient
+            while backward runs, ``fold_bytes`` (default 4 MiB) at a time, and freed, so a
+            meta-step holds one extra copy of the parameters (``w_hat``) plus the validation
+            activations (plus at most ~``fold_bytes``). False: all gradients first, then one
+            fused multi-tensor dot per param group (one more parameter-sized buffer).
     """
 
     model: nn.Module
@@ -67,6 +67,7 @@ class MetaConfig:
     snapshot_every: int | None = None
     optimizer: Callable[[Iterable[Tensor]], torch.optim.Optimizer] | None = None
     low_memory: bool = True
+    fold_bytes: int = 4 << 20
 
 
 def _default_unpack(batch: Any) -> tuple[Any, Any]:
@@ -266,21 +267,41 @@ class MetaTrainer:
         return dot
 
     def _streamed_hyper_dot(self, val_loss: Tensor, groups: list) -> Tensor:
-        """Each validation gradient is folded into the dot product as soon as backward has
-        produced it, then freed: beyond ``w_hat`` only one gradient tensor exists at a time
-        (the memory bound of a meta-step: one extra copy of the parameters + activations)."""
+        """Validation gradients are folded into the dot product while backward runs: gathered
+        as backward produces them (and taken off ``w_hat``), and folded with one fused call per
+        param group whenever ``fold_bytes`` of them are pending, then freed. Beyond ``w_hat`` at
+        most about ``fold_bytes`` of gradients exist at a time; a model smaller than that gets a
+        single fold at the end (as few launches as the batched mode)."""
+        budget = int(self.config.fold_bytes)
         partials: list[Tensor] = []
+        pending: dict[int, tuple[dict, float, list, list]] = {}
+        pending_bytes = 0
+
+        def flush() -> None:
+            nonlocal pending_bytes
+            for group, scale, params, grads in pending.values():
+                partials.append(scale * self._group_hyper_dot(group, params, grads))
+            pending.clear()
+            pending_bytes = 0
+
         handles = []
         for group, scale, params, hats in groups:
             for q, h in zip(params, hats):
-                def fold(t: Tensor, group=group, scale=scale, q=q) -> None:
-                    partials.append(scale * self._group_hyper_dot(group, [q], [t.grad]))
+                def gather(t: Tensor, group=group, scale=scale, q=q) -> None:
+                    nonlocal pending_bytes
+                    entry = pending.setdefault(id(group), (group, scale, [], []))
+                    entry[2].append(q)
+                    entry[3].append(t.grad)
+                    pending_bytes += t.grad.numel() * t.grad.element_size()
                     t.grad = None
+                    if pending_bytes >= budget:
+                        flush()
 
-                handles.append(h.register_post_accumulate_grad_hook(fold))
+                handles.append(h.register_post_accumulate_grad_hook(gather))
         try:
             all_hats = [h for _, _, _, hats in groups for h in hats]
             torch.autograd.backward(val_loss, inputs=all_hats)
+            flush()
         finally:
             for handle in handles:
                 handle.remove()

@@ -238,18 +238,20 @@ def test_meta_rejects_unsupported_setups():
 def test_streamed_and_batched_hypergradients_agree(kind):
     model, opt, loss, (xv, yv) = _setup(kind)
     results = []
-    for low_memory in (True, False):
+    for low_memory, fold in ((True, 1), (True, 4 << 20), (False, 0)):
         sched = AutoLR(opt, MLRSNet(hidden_size=16).double(), gamma=0.5,
-                       meta=MetaConfig(model, [(xv, yv)], nn.functional.cross_entropy, interval=1, low_memory=low_memory))
+                       meta=MetaConfig(model, [(xv, yv)], nn.functional.cross_entropy, interval=1, low_memory=low_memory,
+                                       fold_bytes=fold))
         torch.manual_seed(0)
         sched.controller.load_state_dict(MLRSNet(hidden_size=16).double().state_dict())
         grads, val_loss, ok = sched.meta.hypergradient(loss)
         results.append((sched.meta.last_hypergrad, grads))
         opt._optimizer_step_pre_hooks.clear()  # the next AutoLR on the same optimizer
-    (dot_a, g_a), (dot_b, g_b) = results
-    assert torch.allclose(dot_a.double(), dot_b.double(), rtol=1e-6)
-    for a, b in zip(g_a, g_b):
-        assert torch.allclose(a, b, rtol=1e-5, atol=1e-12)
+    dot_b, g_b = results[-1]
+    for dot_a, g_a in results[:-1]:
+        assert torch.allclose(dot_a.double(), dot_b.double(), rtol=1e-6)
+        for a, b in zip(g_a, g_b):
+            assert torch.allclose(a, b, rtol=1e-5, atol=1e-12)
 
 
 def test_streamed_hypergradient_frees_each_gradient():
@@ -257,7 +259,7 @@ def test_streamed_hypergradient_frees_each_gradient():
     model, opt, loss, (xv, yv) = _setup("sgd_momentum")
     seen = []
     sched = AutoLR(opt, MLRSNet(hidden_size=16).double(), gamma=0.5,
-                   meta=MetaConfig(model, [(xv, yv)], nn.functional.cross_entropy, interval=1))
+                   meta=MetaConfig(model, [(xv, yv)], nn.functional.cross_entropy, interval=1, fold_bytes=1))
     original = sched.meta._group_hyper_dot
 
     def spy(group, params, val_grads):
@@ -267,4 +269,10 @@ def test_streamed_hypergradient_frees_each_gradient():
     sched.meta._group_hyper_dot = spy
     sched.meta.hypergradient(loss)
     n_params = len([p for p in model.parameters()])
-    assert seen == [1] * n_params, "one gradient folded at a time, each exactly once"
+    assert seen == [1] * n_params, "with a 1-byte budget: one gradient folded at a time, each exactly once"
+    assert all(p.grad is not None for p in model.parameters())
+    # the default budget (4 MiB) holds this whole model: a single fold at the end
+    seen.clear()
+    sched.meta.config.fold_bytes = 4 << 20
+    sched.meta.hypergradient(loss)
+    assert seen == [n_params]

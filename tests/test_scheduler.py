@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import os
 import warnings
 
 import pytest
@@ -399,3 +400,29 @@ def test_counters_agree_between_fast_path_and_reference(monkeypatch, force_refer
             sched.step(torch.tensor(v))
             opt.step()
     assert sched.counters.exact() == {"skipped": 3, "negative": 2}
+
+
+@pytest.mark.filterwarnings("ignore::RuntimeWarning")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16, torch.float16])
+def test_rate_stays_finite_and_in_range_for_any_loss(dtype):
+    """Random losses over many magnitudes, signs and non-finite values, in several dtypes."""
+    seed = int.from_bytes(os.urandom(4), "little")
+    g = torch.Generator().manual_seed(seed)
+    model = nn.Linear(8, 3)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    sched = AutoLR(opt, MLRSNet(hidden_size=16), gamma="auto", num_classes=3)
+    x, y = make_problem()
+    nn.functional.cross_entropy(model(x), y).backward()
+    specials = [float("nan"), float("inf"), -float("inf"), 0.0, -0.0, 1e30, -1e30, 1e-30, 65504.0]
+    for i in range(200):
+        if i % 7 == 3:
+            v = specials[int(torch.randint(len(specials), (1,), generator=g))]
+        else:
+            v = float(torch.randn((), generator=g) * 10 ** float(torch.randint(-6, 8, (), generator=g)))
+        sched.step(torch.tensor(v, dtype=dtype))
+        opt.step()
+        r, gamma = float(sched.last_rate), float(sched.gamma)
+        assert r == r and abs(r) != float("inf"), f"seed {seed}: rate {r} after loss {v}"
+        if gamma == gamma:
+            assert 0.0 <= r <= gamma, f"seed {seed}: rate {r} outside [0, {gamma}] after loss {v}"
+        assert torch.isfinite(sched.controller.h).all() and torch.isfinite(sched.controller.c).all(), f"seed {seed}"

@@ -68,7 +68,7 @@ def select(op: str, device: torch.device) -> tuple[str, Callable | None]:
 def backend_info() -> dict:
     """What was built, what is importable, and which backend each op uses per device."""
     _ensure_loaded()
-    ops = ("mlrsnet_step_", "mlrsnet_forward", "mlrsnet_param_grads", "lookahead", "hyper_dot", "lookahead_sgd", "hyper_dot_sgd",
+    ops = ("mlrsnet_step_", "mlrsnet_param_grads", "lookahead", "hyper_dot", "lookahead_sgd", "hyper_dot_sgd",
            "lookahead_adam", "hyper_dot_adam")
     devices = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
     return {
@@ -76,6 +76,14 @@ def backend_info() -> dict:
         "backends": {k: {"available": v["available"], "detail": v["detail"], "devices": sorted(v["devices"])} for k, v in _BACKENDS.items()},
         "in_use": {dev: {op: select(op, torch.device(dev))[0] for op in ops} for dev in devices},
     }
+
+
+def _call(op: str, device: torch.device, *args):
+    """``op`` on the fast path selected for ``device``, else its reference of the same name."""
+    _, fn = select(op, device)
+    if fn is not None:
+        return fn(*args)
+    return getattr(reference, op)(*args)
 
 
 # --------------------------------------------------------------------------------------------
@@ -105,20 +113,9 @@ def mlrsnet_step_(
     return reference.mlrsnet_scheduler_step_(loss, h, c, weights, gamma, rate, lr_list, scales, counters)
 
 
-def mlrsnet_forward(loss: Tensor, h: Tensor, c: Tensor, weights: Sequence[Tensor]) -> tuple[Tensor, Tensor, Tensor]:
-    """``(p, h_new, c_new)`` without touching the state; see :func:`reference.mlrsnet_forward`."""
-    _, fn = select("mlrsnet_forward", loss.device)
-    if fn is not None:
-        return fn(loss, h, c, weights)
-    return reference.mlrsnet_forward(loss, h, c, weights)
-
-
 def mlrsnet_param_grads(loss: Tensor, h: Tensor, c: Tensor, weights: Sequence[Tensor], grad_p: Tensor) -> list[Tensor]:
     """``grad_p * dp/dtheta`` (one-step truncation); see :func:`reference.mlrsnet_param_grads`."""
-    _, fn = select("mlrsnet_param_grads", loss.device)
-    if fn is not None:
-        return fn(loss, h, c, weights, grad_p)
-    return reference.mlrsnet_param_grads(loss, h, c, weights, grad_p)
+    return _call("mlrsnet_param_grads", loss.device, loss, h, c, weights, grad_p)
 
 
 # --------------------------------------------------------------------------------------------
@@ -128,20 +125,14 @@ def lookahead(params: Sequence[Tensor], directions: Sequence[Tensor], alpha: Ten
     """``w_hat_i = w_i - alpha * d_i`` for all tensors (one launch on the fast paths)."""
     if not params:
         return []
-    _, fn = select("lookahead", params[0].device)
-    if fn is not None:
-        return fn(list(params), list(directions), alpha)
-    return reference.lookahead(params, directions, alpha)
+    return _call("lookahead", params[0].device, list(params), list(directions), alpha)
 
 
 def hyper_dot(a: Sequence[Tensor], b: Sequence[Tensor]) -> Tensor:
     """``sum_i <a_i, b_i>`` (deterministic; one launch on the fast paths)."""
     if not a:
         raise ValueError("hyper_dot needs at least one tensor pair")
-    _, fn = select("hyper_dot", a[0].device)
-    if fn is not None:
-        return fn(list(a), list(b))
-    return reference.hyper_dot(a, b)
+    return _call("hyper_dot", a[0].device, list(a), list(b))
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -152,29 +143,22 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
-def _dispatch_list_op(op: str, device: torch.device, *args, **kwargs):
-    _, fn = select(op, device)
-    if fn is not None:
-        return fn(*args, **kwargs)
-    return getattr(reference, op)(*args, **kwargs)
-
-
 def lookahead_sgd(params, grads, momentum_buffers, alpha, momentum, dampening, weight_decay, nesterov, maximize=False):
     """``w_hat = w - alpha * d`` with SGD's exact next direction; see :mod:`reference`."""
-    return _dispatch_list_op("lookahead_sgd", params[0].device, list(params), list(grads), list(momentum_buffers),
+    return _call("lookahead_sgd", params[0].device, list(params), list(grads), list(momentum_buffers),
                              alpha, momentum, dampening, weight_decay, nesterov, maximize)
 
 
 def hyper_dot_sgd(val_grads, params, grads, momentum_buffers, momentum, dampening, weight_decay, nesterov, maximize=False):
     """``sum_i <g_val_i, d_i>`` with SGD's exact next direction; see :mod:`reference`."""
-    return _dispatch_list_op("hyper_dot_sgd", params[0].device, list(val_grads), list(params), list(grads),
+    return _call("hyper_dot_sgd", params[0].device, list(val_grads), list(params), list(grads),
                              list(momentum_buffers), momentum, dampening, weight_decay, nesterov, maximize)
 
 
 def lookahead_adam(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, step, alpha, beta1, beta2, eps,
                    weight_decay, decoupled, maximize=False):
     """``w_hat = w - alpha * d`` with Adam/AdamW's exact next direction; see :mod:`reference`."""
-    return _dispatch_list_op("lookahead_adam", params[0].device, list(params), list(grads), list(exp_avgs),
+    return _call("lookahead_adam", params[0].device, list(params), list(grads), list(exp_avgs),
                              list(exp_avg_sqs), list(max_exp_avg_sqs), step, alpha, beta1, beta2, eps,
                              weight_decay, decoupled, maximize)
 
@@ -182,6 +166,6 @@ def lookahead_adam(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, step, 
 def hyper_dot_adam(val_grads, params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, step, beta1, beta2, eps,
                    weight_decay, decoupled, maximize=False):
     """``sum_i <g_val_i, d_i>`` with Adam/AdamW's exact next direction; see :mod:`reference`."""
-    return _dispatch_list_op("hyper_dot_adam", params[0].device, list(val_grads), list(params), list(grads),
+    return _call("hyper_dot_adam", params[0].device, list(val_grads), list(params), list(grads),
                              list(exp_avgs), list(exp_avg_sqs), list(max_exp_avg_sqs), step, beta1, beta2, eps,
                              weight_decay, decoupled, maximize)

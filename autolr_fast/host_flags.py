@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import numpy as np
 import torch
-from torch import Tensor
 
 
 class DeviceCounters:
@@ -31,9 +30,6 @@ class DeviceCounters:
         self._seen = np.zeros(len(names), dtype=np.int64)
         self._seen_steps = 0
         self._pending_steps = 0
-
-    def add_(self, increments: Tensor) -> None:
-        self.values.add_(increments.to(torch.int64))
 
     def poll(self, steps: int) -> dict[str, int]:
         """Counter values known on the host now (possibly a few steps old on a GPU), and under

@@ -155,42 +155,38 @@ class MetaTrainer:
         x, y = self.unpack(batch)
         return _to(x, self.sched.device), _to(y, self.sched.device)
 
-    def _group_lookahead(self, group: dict, params: list[Tensor], alpha: Tensor) -> list[Tensor]:
+    def _direction_args(self, group: dict, params: list[Tensor]) -> tuple[bool, tuple, tuple]:
+        """``(is_sgd, tensors, hyper)``: what the optimizer's direction ``d`` is made of, as the
+        fused ops take it: ``lookahead_*(*tensors, alpha, *hyper)`` and
+        ``hyper_dot_*(val_grads, *tensors, *hyper)``."""
         opt = self.sched.optimizer
-        grads = [p.grad for p in params]
         state = [opt.state.get(p, {}) for p in params]
+        weights = [p.detach() for p in params]
+        grads = [p.grad for p in params]
+        maximize = group.get("maximize", False)
         if isinstance(opt, torch.optim.SGD):
-            return dispatch.lookahead_sgd(
-                [p.detach() for p in params], grads, [s.get("momentum_buffer") for s in state], alpha,
-                group["momentum"], group["dampening"], group["weight_decay"], group["nesterov"], group.get("maximize", False),
-            )
+            tensors = (weights, grads, [s.get("momentum_buffer") for s in state])
+            hyper = (group["momentum"], group["dampening"], group["weight_decay"], group["nesterov"], maximize)
+            return True, tensors, hyper
         beta1, beta2 = group["betas"]
-        return dispatch.lookahead_adam(
-            [p.detach() for p in params], grads, [s.get("exp_avg") for s in state], [s.get("exp_avg_sq") for s in state],
-            [s.get("max_exp_avg_sq") for s in state], self._adam_step(state, alpha.device), alpha, float(beta1), float(beta2),
-            group["eps"], group["weight_decay"], isinstance(opt, torch.optim.AdamW) or group.get("decoupled_weight_decay", False),
-            group.get("maximize", False),
-        )
+        tensors = (weights, grads, [s.get("exp_avg") for s in state], [s.get("exp_avg_sq") for s in state],
+                   [s.get("max_exp_avg_sq") for s in state], self._adam_step(state))
+        decoupled = isinstance(opt, torch.optim.AdamW) or group.get("decoupled_weight_decay", False)
+        hyper = (float(beta1), float(beta2), group["eps"], group["weight_decay"], decoupled, maximize)
+        return False, tensors, hyper
+
+    def _group_lookahead(self, group: dict, params: list[Tensor], alpha: Tensor) -> list[Tensor]:
+        is_sgd, tensors, hyper = self._direction_args(group, params)
+        op = dispatch.lookahead_sgd if is_sgd else dispatch.lookahead_adam
+        return op(*tensors, alpha, *hyper)
 
     def _group_hyper_dot(self, group: dict, params: list[Tensor], val_grads: list[Tensor]) -> Tensor:
-        opt = self.sched.optimizer
-        grads = [p.grad for p in params]
-        state = [opt.state.get(p, {}) for p in params]
-        if isinstance(opt, torch.optim.SGD):
-            return dispatch.hyper_dot_sgd(
-                val_grads, [p.detach() for p in params], grads, [s.get("momentum_buffer") for s in state],
-                group["momentum"], group["dampening"], group["weight_decay"], group["nesterov"], group.get("maximize", False),
-            )
-        beta1, beta2 = group["betas"]
-        return dispatch.hyper_dot_adam(
-            val_grads, [p.detach() for p in params], grads, [s.get("exp_avg") for s in state],
-            [s.get("exp_avg_sq") for s in state], [s.get("max_exp_avg_sq") for s in state],
-            self._adam_step(state, val_grads[0].device), float(beta1), float(beta2), group["eps"], group["weight_decay"],
-            isinstance(opt, torch.optim.AdamW) or group.get("decoupled_weight_decay", False), group.get("maximize", False),
-        )
+        is_sgd, tensors, hyper = self._direction_args(group, params)
+        op = dispatch.hyper_dot_sgd if is_sgd else dispatch.hyper_dot_adam
+        return op(val_grads, *tensors, *hyper)
 
     @staticmethod
-    def _adam_step(state: list[dict], device: torch.device) -> Tensor:
+    def _adam_step(state: list[dict]) -> Tensor:
         for s in state:
             if "step" in s:
                 step = s["step"]

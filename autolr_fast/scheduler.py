@@ -8,12 +8,10 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from . import dispatch, optim_support
+from . import dispatch, optim_support, reference
 from .controller import MLRSNet
 from .distributed import broadcast_from_rank0_, is_distributed, mean_across_ranks
 from .host_flags import DeviceCounters
-from . import reference
-from .reference import auto_gamma
 
 STATE_VERSION = 1
 
@@ -147,7 +145,6 @@ class AutoLR:
         self.rate = torch.full((), start, device=self.device)
         self.counters = DeviceCounters(("skipped", "negative"), self.device)
         self.step_count = 0
-        self._optimizer_steps_seen = 0
         self._steps_since_optimizer = 0
         self.distributed = is_distributed(distributed)
         if self.distributed:
@@ -174,7 +171,6 @@ class AutoLR:
                 "step t from the loss of step t: call loss.backward(); sched.step(loss); "
                 "optimizer.step() in that order"
             )
-        self._optimizer_steps_seen += 1
         self._steps_since_optimizer = 0
 
     def _check_loss(self, loss: Any) -> Tensor:
@@ -226,7 +222,7 @@ class AutoLR:
             # gamma='auto' is set from the first finite loss; until the host has seen that
             # happen (polled counters, no sync) this where() keeps it, or sets it once.
             with torch.no_grad():
-                candidate = auto_gamma(x, self.num_classes)
+                candidate = reference.auto_gamma(x, self.num_classes)
                 usable = torch.isfinite(candidate) & (candidate > 0)
                 candidate = torch.where(usable, candidate, torch.full_like(candidate, float("nan")))
                 self.gamma.copy_(torch.where(torch.isfinite(self.gamma), self.gamma, candidate))

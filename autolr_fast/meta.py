@@ -322,14 +322,18 @@ class MetaTrainer:
         if self.sched.device.type == "cpu" and not self.device_side_guard:
             # CPU: ``ok`` is host memory, reading it is no sync; skip the update outright.
             if bool(ok.numpy()):
-                for q, g in zip(params, theta_grads):
-                    q.grad = g.to(q.dtype)
-                self.optimizer.step()
-                self.optimizer.zero_grad(set_to_none=True)
+                self._apply_theta_grads(params, theta_grads)
         else:
             self._guarded_update_on_device(params, theta_grads, ok)
         self.last_val_loss = val_loss
         self.meta_steps += 1
+
+    def _apply_theta_grads(self, params: list[Tensor], theta_grads: list[Tensor]) -> None:
+        """One step of the meta-optimizer on theta with the given gradients."""
+        for q, g in zip(params, theta_grads):
+            q.grad = g.to(q.dtype)
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
 
     def _guarded_update_on_device(self, params: list[Tensor], theta_grads: list[Tensor], ok: Tensor) -> None:
         """Update theta, then undo it on the device if ``ok`` is False (no host sync).
@@ -344,10 +348,7 @@ class MetaTrainer:
 
         before = tracked()
         backup = torch._foreach_add(before, 0.0)
-        for q, g in zip(params, theta_grads):
-            q.grad = g.to(q.dtype)
-        self.optimizer.step()
-        self.optimizer.zero_grad(set_to_none=True)
+        self._apply_theta_grads(params, theta_grads)
         with torch.no_grad():
             not_ok = (~ok).to(params[0].dtype)
             after = tracked()

@@ -235,6 +235,124 @@ def test_param_grads_kernel_matches_reference_interpreted(interpreted, name):
 
 
 # ------------------------------------------------------------------------------------------------
+# Interpreter: one launch per AutoLR.step
+# ------------------------------------------------------------------------------------------------
+ONE_LAUNCH_WORKER = r"""
+import json, os, sys
+assert os.environ.get("TRITON_INTERPRET") == "1" and "triton" not in sys.modules
+import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+import autolr_fast._triton_backend as tb
+from autolr_fast import AutoLR, MLRSNet, dispatch
+from autolr_fast.kernels import mlrsnet_step as k
+
+gamma_arg, groups = sys.argv[1], int(sys.argv[2])
+launches, ops, inside = [], [], [False]
+
+
+class CountedKernel:  # counts launches; ops the interpreter itself runs are not the step's
+    def __init__(self, name, kernel):
+        self.name, self.kernel = name, kernel
+
+    def __getitem__(self, grid):
+        launch = self.kernel[grid]
+
+        def run(*args, **kwargs):
+            launches.append(self.name)
+            inside[0] = True
+            try:
+                return launch(*args, **kwargs)
+            finally:
+                inside[0] = False
+        return run
+
+
+class RecordOps(TorchDispatchMode):
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if not inside[0]:
+            ops.append(str(func))
+        return func(*args, **(kwargs or {}))
+
+
+def step_through_cuda_impl(loss, h, c, weights, gamma, rate, lr_list, scales, counters=None):
+    # tb.mlrsnet_step_ with the op's CUDA implementation called directly (CPU tensors here)
+    ok = torch.empty((), dtype=torch.bool, device=h.device)
+    tb._step_cuda(loss, h, c, list(weights), gamma, rate, list(lr_list), [float(s) for s in scales], ok, counters)
+    return ok
+
+
+def run(use_kernel):
+    dispatch._ensure_loaded()
+    dispatch._BACKENDS.clear()
+    if use_kernel:
+        k._mlrsnet_step_kernel = CountedKernel("step", kernel_step)
+        k._write_lr_kernel = CountedKernel("write_lr", kernel_write)
+        dispatch.register_backend("triton-interpreted", available=True, detail="test", devices=["cpu"],
+                                  ops={"mlrsnet_step_": step_through_cuda_impl})
+    torch.manual_seed(0)
+    layers = [torch.nn.Linear(6, 6) for _ in range(groups)]
+    model = torch.nn.Sequential(*layers, torch.nn.Linear(6, 3))
+    param_groups = [{"params": l.parameters(), "lr": 0.1 / (i + 1)} for i, l in enumerate(layers)]
+    param_groups.append({"params": model[-1].parameters()})
+    opt = torch.optim.SGD(param_groups, lr=0.1, momentum=0.9)
+    gamma = gamma_arg if gamma_arg == "auto" else float(gamma_arg)
+    sched = AutoLR(opt, MLRSNet(17, 2), gamma=gamma, num_classes=3)
+    x, y = torch.randn(32, 6), torch.randint(0, 3, (32,))
+    steps, rates = [], []
+    for i in range(6):
+        opt.zero_grad()
+        loss = torch.nn.functional.cross_entropy(model(x), y)
+        if i == 3:
+            loss = loss * float("nan")  # a skipped step costs no more than a taken one
+        loss.backward()
+        launches.clear(); ops.clear()
+        with RecordOps():
+            sched.step(loss)
+        steps.append({"launches": list(launches), "ops": list(ops)})
+        rates.append([float(g["lr"]) for g in opt.param_groups])
+        opt.step()
+    return steps, rates
+
+
+kernel_step, kernel_write = k._mlrsnet_step_kernel, k._write_lr_kernel
+steps, rates = run(True)
+_, ref_rates = run(False)
+print(json.dumps({"steps": steps, "rates": rates, "ref_rates": ref_rates}))
+"""
+
+# ops that launch no kernel on a GPU: views, aliases and allocations from the caching allocator
+LAUNCH_FREE_OPS = {"aten.detach.default", "aten.view.default", "aten.alias.default", "aten.empty.memory_format"}
+
+
+@needs_triton
+@pytest.mark.parametrize("gamma,groups", [("0.5", 1), ("auto", 2), ("0.5", 9)])
+def test_autolr_step_is_one_kernel_launch_interpreted(gamma, groups):
+    """AutoLR.step through the op's CUDA implementation (Triton, interpreted on the CPU): each
+    steady-state step launches the step kernel once (plus one lr-write launch per 8 groups past
+    the first 8) and runs no other tensor op that would launch a kernel; the rates equal the
+    reference path's."""
+    import json
+
+    env = dict(os.environ, TRITON_INTERPRET="1")
+    proc = subprocess.run([sys.executable, "-c", ONE_LAUNCH_WORKER, gamma, str(groups)], cwd=PROJECT_ROOT, env=env,
+                          capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, f"worker failed:\n{proc.stdout}\n{proc.stderr[-6000:]}"
+    result = json.loads(proc.stdout.strip().splitlines()[-1])
+    groups_total = groups + 1
+    want = ["step"] + ["write_lr"] * ((groups_total - 1) // 8)
+    # gamma='auto' computes gamma on the device until the host has seen a finite loss: step 0 only
+    first_steady = 1 if gamma == "auto" else 0
+    for i, step in enumerate(result["steps"]):
+        assert step["launches"] == want, f"step {i}: launches {step['launches']}, want {want}"
+        if i >= first_steady:
+            extra = [op for op in step["ops"] if op not in LAUNCH_FREE_OPS]
+            assert not extra, f"step {i}: ops outside the kernel that would launch on a GPU: {extra}"
+    assert len(result["rates"][0]) == groups_total
+    torch.testing.assert_close(torch.tensor(result["rates"]), torch.tensor(result["ref_rates"]), rtol=1e-5, atol=1e-7)
+    assert result["rates"][3] == result["rates"][2], "the NaN step must keep the rates"
+
+
+# ------------------------------------------------------------------------------------------------
 # The real compiler path without a GPU: the kernels compile for sm_90
 # ------------------------------------------------------------------------------------------------
 def _compile_for_sm90(fn, hidden: int, layers: int, extra_constexprs: dict, types: dict):
@@ -506,6 +624,43 @@ def test_autolr_on_gpu_uses_triton_and_matches_reference(monkeypatch):
     fast, ref = run(False), run(True)
     for a, b in zip(fast, ref):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
+
+
+@pytest.mark.gpu
+@needs_gpu
+def test_autolr_step_launches_one_kernel_on_gpu():
+    """Profiled on the GPU: each steady-state AutoLR.step runs exactly one kernel, and the
+    counters' poll copy (every 32nd step) is the only memcpy."""
+    from torch.profiler import DeviceType, ProfilerActivity, profile
+
+    from autolr_fast import AutoLR
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.ReLU(), torch.nn.Linear(16, 3)).cuda()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9, fused=True)
+    sched = AutoLR(opt, MLRSNet(50, 1), gamma=0.5)
+    x, y = torch.randn(64, 8, device="cuda"), torch.randint(0, 3, (64,), device="cuda")
+    losses = []
+    for _ in range(40):
+        opt.zero_grad()
+        loss = torch.nn.functional.cross_entropy(model(x), y)
+        loss.backward()
+        losses.append(loss.detach())
+        opt.step()
+    for loss in losses[:5]:  # warm-up: compiles the kernel
+        sched.step(loss)
+    torch.cuda.synchronize()
+    steps = 31
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        for loss in losses[5:5 + steps]:
+            sched.step(loss)
+        torch.cuda.synchronize()
+    device_events = [e for e in prof.events() if e.device_type == DeviceType.CUDA]
+    kernels = [e.name for e in device_events if not e.name.lower().startswith(("memcpy", "memset"))]
+    copies = [e.name for e in device_events if e.name.lower().startswith("memcpy")]
+    assert len(kernels) == steps, f"{len(kernels)} kernels for {steps} steps: {sorted(set(kernels))}"
+    assert all("mlrsnet_step" in name for name in kernels), sorted(set(kernels))
+    assert len(copies) <= 1 + steps // 32, copies
 
 
 @pytest.mark.gpu

@@ -152,6 +152,46 @@ def test_extension_modules_follow_the_switches(monkeypatch):
         build_support.extension_modules()
 
 
+@needs_ext
+def test_cuda_sources_were_compiled_where_a_toolkit_exists():
+    """Where torch is a CUDA build and a toolkit is found (CI: nvcc 13, no GPU), the extension
+    must carry its CUDA kernels: the build retries CPU-only on a failed CUDA compile (with a
+    warning), and this is what catches that."""
+    if os.environ.get("AUTOLR_FAST_CUDA", "auto") == "0":
+        pytest.skip("AUTOLR_FAST_CUDA=0: CUDA kernels switched off")
+    toolkit = build_support.find_cuda_toolkit()
+    wanted, reason = build_support.decide_cuda("auto", torch.version.cuda, toolkit)
+    if not wanted:
+        pytest.skip(f"no CUDA build expected here: {reason}")
+    assert _cpp_backend.built_with_cuda(), (
+        f"torch {torch.version.cuda} and a CUDA toolkit at {toolkit} are present, but autolr_fast._C was built "
+        "without its CUDA kernels: the CUDA compile failed. Reinstall with `pip install -v --no-build-isolation "
+        "-e .` and read the nvcc error")
+
+
+def test_chunk_tables_of_the_cuda_launcher(tmp_path):
+    """The CUDA launcher's chunk tables (csrc/ops/chunk_table.h), planned and walked on the host
+    with the kernel's own lookup: every element once, pointers right, global chunk indices
+    independent of how a long list is split into launches (see the C++ file)."""
+    import shutil
+    import subprocess
+
+    cxx = os.environ.get("CXX") or shutil.which("g++") or shutil.which("c++") or shutil.which("clang++")
+    if cxx is None:
+        pytest.skip("no C++ compiler (g++/c++/clang++) on PATH")
+    source = ROOT / "csrc" / "ops" / "tests" / "chunk_table_test.cpp"
+    exe = tmp_path / "chunk_table_test"
+    flags = ["-std=c++17", "-O1", "-Wall", "-Wextra", "-Werror"]
+    sanitized = subprocess.run([cxx, *flags, "-fsanitize=address,undefined", "-o", str(exe), str(source)],
+                               capture_output=True, text=True)
+    if sanitized.returncode != 0:  # a compiler without sanitizer runtimes: build plain
+        plain = subprocess.run([cxx, *flags, "-o", str(exe), str(source)], capture_output=True, text=True)
+        assert plain.returncode == 0, f"chunk_table_test does not compile:\n{plain.stderr[-4000:]}"
+    run = subprocess.run([str(exe), str(SEED)], capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, msg(f"chunk table check failed:\n{run.stderr[-4000:]}")
+    assert run.stdout.startswith("ok "), run.stdout
+
+
 # ------------------------------------------------------------------------------------------------
 # MLR-SNet step (CPU)
 # ------------------------------------------------------------------------------------------------
@@ -528,3 +568,54 @@ def test_cuda_hyper_dot_deterministic_and_opcheck():
                           else a.cuda() if isinstance(a, torch.Tensor) else a for a in args)
         torch.library.opcheck(getattr(ops, name).default, cuda_args,
                               test_utils=("test_schema", "test_faketensor", "test_aot_dispatch_static"))
+
+
+@needs_ext
+@needs_cuda
+def test_cuda_list_ops_longer_than_one_launch_table():
+    """More tensors than one kernel-argument table holds (several launches): same results as
+    the reference, and the dot product keeps its bits run to run."""
+    shapes = [(3,), (17,), (0,), (16385,)] * 300  # 1200 tensors, over the Depth-6 capacity
+    dtype = torch.float32
+    w, g, v = tensors(shapes, dtype, "cuda"), tensors(shapes, dtype, "cuda"), tensors(shapes, dtype, "cuda")
+    m, sq = tensors(shapes, dtype, "cuda"), [t.abs() for t in tensors(shapes, dtype, "cuda")]
+    alpha, step = torch.tensor(0.05, device="cuda"), torch.tensor(3.0, device="cuda")
+    adam = (0.9, 0.999, 1e-8, 1e-2, True, False)
+    for a, b in zip(ops.lookahead_adam(w, g, m, sq, sq, step, alpha, *adam),
+                    reference.lookahead_adam(w, g, m, sq, sq, step, alpha, *adam)):
+        close(a, b, dtype, "cuda lookahead_adam, several launches")
+    first = ops.hyper_dot_adam(v, w, g, m, sq, sq, step, *adam)
+    torch.testing.assert_close(first, reference.hyper_dot_adam(v, w, g, m, sq, sq, step, *adam), rtol=1e-4, atol=1e-3)
+    assert torch.equal(ops.hyper_dot_adam(v, w, g, m, sq, sq, step, *adam), first), msg("not deterministic")
+
+
+@needs_ext
+@needs_cuda
+def test_cuda_list_ops_replay_in_a_cuda_graph():
+    """Captured once, replayed on new values written into the same tensors: the chunk table
+    travels in the kernel arguments, so a replay reads the new data."""
+    shapes = [(33, 9), (65537,), (2,), (0,)]
+    dtype = torch.float32
+    w, g, v = tensors(shapes, dtype, "cuda"), tensors(shapes, dtype, "cuda"), tensors(shapes, dtype, "cuda")
+    bufs = maybe_none(shapes, dtype, "cuda")
+    alpha = torch.tensor(0.05, device="cuda")
+    sgd = (0.9, 0.1, 1e-2, True, False)
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):  # warm-up outside the capture
+        ops.lookahead_sgd(w, g, bufs, alpha, *sgd)
+        ops.hyper_dot_sgd(v, w, g, bufs, *sgd)
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        w_hat = ops.lookahead_sgd(w, g, bufs, alpha, *sgd)
+        dot = ops.hyper_dot_sgd(v, w, g, bufs, *sgd)
+    for trial in range(3):
+        for t in w + g + v + [b for b in bufs if b is not None]:
+            t.copy_(torch.randn_like(t))
+        alpha.fill_(0.01 * (trial + 1))
+        graph.replay()
+        for a, b in zip(w_hat, reference.lookahead_sgd(w, g, bufs, alpha, *sgd)):
+            close(a, b, dtype, f"graph replay {trial}: lookahead_sgd")
+        torch.testing.assert_close(dot, reference.hyper_dot_sgd(v, w, g, bufs, *sgd), rtol=1e-5, atol=1e-3,
+                                   msg=lambda s: msg(f"graph replay {trial}: hyper_dot_sgd: {s}"))

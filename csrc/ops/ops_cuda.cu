@@ -1,7 +1,9 @@
 // CUDA kernels of the look-ahead / hypergradient multi-tensor ops: one launch for a
-// look-ahead over all tensors, two for a dot product (per-chunk partials, then one fixed-order
-// final sum: deterministic). alpha and the Adam step count are read on the device (no host
-// sync); a CPU 0-dim alpha/step (torch.optim keeps `step` on the CPU) is read on the host.
+// look-ahead over all tensors (one per table of several hundred tensors), two for a dot product
+// (per-chunk partials, then one fixed-order final sum: deterministic). No host-to-device copy
+// per call: the ops can be captured in CUDA graphs. alpha and the Adam step count are read on
+// the device (no host sync); a CPU 0-dim alpha/step (torch.optim keeps `step` on the CPU) is
+// read on the host.
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
 #include <ATen/ops/empty.h>

@@ -595,27 +595,37 @@ def test_cuda_graph_replay_of_the_step():
     assert tb.AVAILABLE
 
 
+def _tiny_cuda_training(controller: MLRSNet):
+    """A 2-layer net on CUDA with fused SGD (two param groups) driven by AutoLR, and one batch."""
+    from autolr_fast import AutoLR
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.ReLU(), torch.nn.Linear(16, 3)).cuda()
+    groups = [{"params": model[0].parameters(), "lr": 0.1}, {"params": model[2].parameters(), "lr": 0.05}]
+    opt = torch.optim.SGD(groups, lr=0.1, momentum=0.9, fused=True)
+    sched = AutoLR(opt, controller, gamma=0.5)
+    batch = torch.randn(64, 8, device="cuda"), torch.randint(0, 3, (64,), device="cuda")
+    return model, opt, sched, batch
+
+
+def _train_step(model, opt, batch) -> torch.Tensor:
+    opt.zero_grad()
+    loss = torch.nn.functional.cross_entropy(model(batch[0]), batch[1])
+    loss.backward()
+    return loss
+
+
 @pytest.mark.gpu
 @needs_gpu
 def test_autolr_on_gpu_uses_triton_and_matches_reference(monkeypatch):
-    from autolr_fast import AutoLR
-
     def run(force_reference: bool) -> list[float]:
         monkeypatch.setenv(dispatch.FORCE_REFERENCE_ENV, "1" if force_reference else "0")
         expected = "reference" if force_reference else "triton"
         assert dispatch.select("mlrsnet_step_", torch.device("cuda"))[0] == expected
-        torch.manual_seed(0)
-        model = torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.ReLU(), torch.nn.Linear(16, 3)).cuda()
-        groups = [{"params": model[0].parameters(), "lr": 0.1}, {"params": model[2].parameters(), "lr": 0.05}]
-        opt = torch.optim.SGD(groups, lr=0.1, momentum=0.9, fused=True)
-        sched = AutoLR(opt, copy.deepcopy(controller), gamma=0.5)
-        x, y = torch.randn(64, 8, device="cuda"), torch.randint(0, 3, (64,), device="cuda")
+        model, opt, sched, batch = _tiny_cuda_training(copy.deepcopy(controller))
         rates = []
         for _ in range(20):
-            opt.zero_grad()
-            loss = torch.nn.functional.cross_entropy(model(x), y)
-            loss.backward()
-            sched.step(loss)
+            sched.step(_train_step(model, opt, batch))
             rates.append(torch.stack([g["lr"] for g in opt.param_groups]).cpu())
             opt.step()
         return rates
@@ -631,30 +641,25 @@ def test_autolr_on_gpu_uses_triton_and_matches_reference(monkeypatch):
 def test_autolr_step_launches_one_kernel_on_gpu():
     """Profiled on the GPU: each steady-state AutoLR.step runs exactly one kernel, and the
     counters' poll copy (every 32nd step) is the only memcpy."""
+    import warnings
+
     from torch.profiler import DeviceType, ProfilerActivity, profile
 
-    from autolr_fast import AutoLR
-
-    torch.manual_seed(0)
-    model = torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.ReLU(), torch.nn.Linear(16, 3)).cuda()
-    opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9, fused=True)
-    sched = AutoLR(opt, MLRSNet(50, 1), gamma=0.5)
-    x, y = torch.randn(64, 8, device="cuda"), torch.randint(0, 3, (64,), device="cuda")
+    model, opt, sched, batch = _tiny_cuda_training(MLRSNet(50, 1))
     losses = []
     for _ in range(40):
-        opt.zero_grad()
-        loss = torch.nn.functional.cross_entropy(model(x), y)
-        loss.backward()
-        losses.append(loss.detach())
+        losses.append(_train_step(model, opt, batch).detach())
         opt.step()
-    for loss in losses[:5]:  # warm-up: compiles the kernel
-        sched.step(loss)
-    torch.cuda.synchronize()
     steps = 31
-    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
-        for loss in losses[5:5 + steps]:
+    with warnings.catch_warnings():  # AutoLR warns about steps without optimizer.step() in between
+        warnings.simplefilter("ignore")
+        for loss in losses[:5]:  # warm-up: compiles the kernel
             sched.step(loss)
         torch.cuda.synchronize()
+        with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+            for loss in losses[5:5 + steps]:
+                sched.step(loss)
+            torch.cuda.synchronize()
     device_events = [e for e in prof.events() if e.device_type == DeviceType.CUDA]
     kernels = [e.name for e in device_events if not e.name.lower().startswith(("memcpy", "memset"))]
     copies = [e.name for e in device_events if e.name.lower().startswith("memcpy")]

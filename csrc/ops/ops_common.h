@@ -69,6 +69,40 @@ inline std::vector<Tensor> contiguous_all(TensorList xs) {
   return out;
 }
 
+// The inputs of the SGD ops, checked against params (and each other) and made contiguous.
+struct SgdLists {
+  std::vector<Tensor> params, grads;
+  std::vector<std::optional<Tensor>> bufs;  // momentum buffers; nullopt before the first step
+};
+
+inline SgdLists check_sgd_lists(const char* op, TensorList params, TensorList grads, const OptTensorList& bufs) {
+  check_params(op, params);
+  check_list_like(op, "grads", params, grads);
+  return SgdLists{contiguous_all(params), contiguous_all(grads),
+                  check_optional_list(op, "momentum_buffers", params, bufs)};
+}
+
+// The inputs of the Adam/AdamW ops, likewise.
+struct AdamLists {
+  std::vector<Tensor> params, grads;
+  std::vector<std::optional<Tensor>> m, v, vmax;  // exp_avgs, exp_avg_sqs, max_exp_avg_sqs (AMSGrad)
+};
+
+inline AdamLists check_adam_lists(const char* op, TensorList params, TensorList grads, const OptTensorList& m,
+                                  const OptTensorList& v, const OptTensorList& vmax) {
+  check_params(op, params);
+  check_list_like(op, "grads", params, grads);
+  return AdamLists{contiguous_all(params), contiguous_all(grads), check_optional_list(op, "exp_avgs", params, m),
+                   check_optional_list(op, "exp_avg_sqs", params, v),
+                   check_optional_list(op, "max_exp_avg_sqs", params, vmax)};
+}
+
+// The validation gradients of the hyper_dot ops: one per parameter, like it.
+inline std::vector<Tensor> check_val_grads(const char* op, TensorList params, TensorList vals) {
+  check_list_like(op, "val_grads", params, vals);
+  return contiguous_all(vals);
+}
+
 inline void check_scalar_tensor(const char* op, const char* name, const Tensor& t) {
   TORCH_CHECK(t.numel() == 1, op, ": ", name, " must be a 1-element tensor, got shape ", t.sizes());
 }

@@ -70,134 +70,55 @@ Tensor scalar_result(const Tensor& like, double value) {
 }
 
 // ---------------------------------------------------------------------------------------------
-// Generic look-ahead and dot product
+// The two drivers of every op: a look-ahead and a dot product over the tensors. The direction
+// comes from a binder, `bind(Tag<scalar_t>{}, t, use)`, which calls `use(d)` with `d(i)` the
+// direction of element i of tensor t in opmath (a binder may call `use` with a differently
+// specialised functor, e.g. one per set of present Adam states). As in the reference, d is
+// rounded to the tensor's dtype before it is used: w_hat = w - alpha * d, <g_val, d>.
 // ---------------------------------------------------------------------------------------------
-std::vector<Tensor> lookahead_cpu(TensorList params_in, TensorList dirs_in, const Tensor& alpha) {
-  const char* op = "lookahead";
-  check_params(op, params_in);
-  check_list_like(op, "dirs", params_in, dirs_in);
-  check_cpu(op, params_in);
-  const double a = host_scalar(op, "alpha", alpha);
-  auto params = contiguous_all(params_in);
-  auto dirs = contiguous_all(dirs_in);
-  std::vector<Tensor> out;
-  out.reserve(params.size());
-  for (size_t t = 0; t < params.size(); ++t) {
-    Tensor o = at::empty(params[t].sizes(), params[t].options());
-    AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, params[t].scalar_type(), "lookahead_cpu", [&] {
-      using opmath_t = at::opmath_type<scalar_t>;
-      const opmath_t alpha_t = static_cast<opmath_t>(static_cast<scalar_t>(a));
-      const scalar_t* w = params[t].const_data_ptr<scalar_t>();
-      const scalar_t* d = dirs[t].const_data_ptr<scalar_t>();
-      scalar_t* y = o.mutable_data_ptr<scalar_t>();
-      parallel_elements(o.numel(), [&](int64_t i) {
-        y[i] = static_cast<scalar_t>(static_cast<opmath_t>(w[i]) - alpha_t * static_cast<opmath_t>(d[i]));
-      });
-    });
-    out.push_back(std::move(o));
-  }
-  return out;
-}
-
-Tensor hyper_dot_cpu(TensorList a_in, TensorList b_in) {
-  const char* op = "hyper_dot";
-  check_params(op, a_in);
-  check_list_like(op, "b", a_in, b_in);
-  check_cpu(op, a_in);
-  auto a = contiguous_all(a_in);
-  auto b = contiguous_all(b_in);
-  double total = 0.0;
-  for (size_t t = 0; t < a.size(); ++t) {
-    AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, a[t].scalar_type(), "hyper_dot_cpu", [&] {
-      const scalar_t* x = a[t].const_data_ptr<scalar_t>();
-      const scalar_t* y = b[t].const_data_ptr<scalar_t>();
-      total += deterministic_sum(a[t].numel(), [&](int64_t i) {
-        return static_cast<double>(x[i]) * static_cast<double>(y[i]);
-      });
-    });
-  }
-  return scalar_result(a[0], total);
-}
-
-// ---------------------------------------------------------------------------------------------
-// SGD
-// ---------------------------------------------------------------------------------------------
-std::vector<Tensor> lookahead_sgd_cpu(TensorList params_in, TensorList grads_in, const OptTensorList& bufs_in,
-                                      const Tensor& alpha, double momentum, double dampening, double weight_decay,
-                                      bool nesterov, bool maximize) {
-  const char* op = "lookahead_sgd";
-  check_params(op, params_in);
-  check_list_like(op, "grads", params_in, grads_in);
-  check_cpu(op, params_in);
-  auto bufs = check_optional_list(op, "momentum_buffers", params_in, bufs_in);
-  const double a = host_scalar(op, "alpha", alpha);
-  auto params = contiguous_all(params_in);
-  auto grads = contiguous_all(grads_in);
-  std::vector<Tensor> out;
-  out.reserve(params.size());
-  for (size_t t = 0; t < params.size(); ++t) {
-    Tensor o = at::empty(params[t].sizes(), params[t].options());
-    AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, params[t].scalar_type(), "lookahead_sgd_cpu", [&] {
-      using opmath_t = at::opmath_type<scalar_t>;
-      const auto k = make_sgd_coeffs<opmath_t>(momentum, dampening, weight_decay, nesterov, maximize);
-      const opmath_t alpha_t = static_cast<opmath_t>(static_cast<scalar_t>(a));
-      const scalar_t* w = params[t].const_data_ptr<scalar_t>();
-      const scalar_t* g = grads[t].const_data_ptr<scalar_t>();
-      const scalar_t* buf = bufs[t] ? bufs[t]->const_data_ptr<scalar_t>() : nullptr;
-      scalar_t* y = o.mutable_data_ptr<scalar_t>();
-      parallel_elements(o.numel(), [&](int64_t i) {
-        const opmath_t wi = static_cast<opmath_t>(w[i]);
-        const opmath_t d = sgd_direction<opmath_t>(wi, static_cast<opmath_t>(g[i]), buf != nullptr,
-                                                   buf ? static_cast<opmath_t>(buf[i]) : opmath_t(0), k);
-        y[i] = static_cast<scalar_t>(wi - static_cast<opmath_t>(static_cast<scalar_t>(alpha_t * d)));
-      });
-    });
-    out.push_back(std::move(o));
-  }
-  return out;
-}
-
-Tensor hyper_dot_sgd_cpu(TensorList vals_in, TensorList params_in, TensorList grads_in, const OptTensorList& bufs_in,
-                         double momentum, double dampening, double weight_decay, bool nesterov, bool maximize) {
-  const char* op = "hyper_dot_sgd";
-  check_params(op, params_in);
-  check_list_like(op, "val_grads", params_in, vals_in);
-  check_list_like(op, "grads", params_in, grads_in);
-  check_cpu(op, params_in);
-  auto bufs = check_optional_list(op, "momentum_buffers", params_in, bufs_in);
-  auto vals = contiguous_all(vals_in);
-  auto params = contiguous_all(params_in);
-  auto grads = contiguous_all(grads_in);
-  double total = 0.0;
-  for (size_t t = 0; t < params.size(); ++t) {
-    AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, params[t].scalar_type(), "hyper_dot_sgd_cpu", [&] {
-      using opmath_t = at::opmath_type<scalar_t>;
-      const auto k = make_sgd_coeffs<opmath_t>(momentum, dampening, weight_decay, nesterov, maximize);
-      const scalar_t* v = vals[t].const_data_ptr<scalar_t>();
-      const scalar_t* w = params[t].const_data_ptr<scalar_t>();
-      const scalar_t* g = grads[t].const_data_ptr<scalar_t>();
-      const scalar_t* buf = bufs[t] ? bufs[t]->const_data_ptr<scalar_t>() : nullptr;
-      total += deterministic_sum(params[t].numel(), [&](int64_t i) {
-        const opmath_t d = sgd_direction<opmath_t>(static_cast<opmath_t>(w[i]), static_cast<opmath_t>(g[i]),
-                                                   buf != nullptr, buf ? static_cast<opmath_t>(buf[i]) : opmath_t(0), k);
-        return static_cast<double>(v[i]) * static_cast<double>(static_cast<scalar_t>(d));
-      });
-    });
-  }
-  return scalar_result(params[0], total);
-}
-
-// ---------------------------------------------------------------------------------------------
-// Adam / AdamW
-// ---------------------------------------------------------------------------------------------
-struct AdamState {
-  std::vector<std::optional<Tensor>> m, v, vmax;
+template <typename scalar_t>
+struct Tag {
+  using type = scalar_t;
 };
 
-AdamState check_adam_state(const char* op, TensorList params, const OptTensorList& m, const OptTensorList& v,
-                           const OptTensorList& vmax) {
-  return AdamState{check_optional_list(op, "exp_avgs", params, m), check_optional_list(op, "exp_avg_sqs", params, v),
-                   check_optional_list(op, "max_exp_avg_sqs", params, vmax)};
+template <typename Bind>
+std::vector<Tensor> lookahead_over(const std::vector<Tensor>& params, double alpha, const Bind& bind) {
+  std::vector<Tensor> out;
+  out.reserve(params.size());
+  for (size_t t = 0; t < params.size(); ++t) {
+    Tensor o = at::empty(params[t].sizes(), params[t].options());
+    AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, params[t].scalar_type(), "autolr_fast_lookahead_cpu", [&] {
+      using opmath_t = at::opmath_type<scalar_t>;
+      const opmath_t alpha_t = static_cast<opmath_t>(static_cast<scalar_t>(alpha));
+      const scalar_t* w = params[t].const_data_ptr<scalar_t>();
+      scalar_t* y = o.mutable_data_ptr<scalar_t>();
+      bind(Tag<scalar_t>{}, t, [&](const auto& d) {
+        parallel_elements(o.numel(), [&](int64_t i) {
+          const opmath_t di = static_cast<opmath_t>(static_cast<scalar_t>(d(i)));
+          y[i] = static_cast<scalar_t>(static_cast<opmath_t>(w[i]) -
+                                       static_cast<opmath_t>(static_cast<scalar_t>(alpha_t * di)));
+        });
+      });
+    });
+    out.push_back(std::move(o));
+  }
+  return out;
+}
+
+template <typename Bind>
+Tensor dot_over(const std::vector<Tensor>& vals, const Bind& bind) {
+  double total = 0.0;
+  for (size_t t = 0; t < vals.size(); ++t) {
+    AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, vals[t].scalar_type(), "autolr_fast_hyper_dot_cpu", [&] {
+      const scalar_t* v = vals[t].const_data_ptr<scalar_t>();
+      bind(Tag<scalar_t>{}, t, [&](const auto& d) {
+        total += deterministic_sum(vals[t].numel(), [&](int64_t i) {
+          return static_cast<double>(v[i]) * static_cast<double>(static_cast<scalar_t>(d(i)));
+        });
+      });
+    });
+  }
+  return scalar_result(vals[0], total);
 }
 
 template <typename scalar_t>
@@ -205,22 +126,31 @@ const scalar_t* opt_ptr(const std::optional<Tensor>& t) {
   return t ? t->const_data_ptr<scalar_t>() : nullptr;
 }
 
-// d_i for element i of tensor t, in opmath; templated so both Adam ops share it.
-template <typename scalar_t, typename opmath_t>
-struct AdamElement {
-  const scalar_t *w, *g, *m, *v, *vmax;
-  opmath_t bc1, bc2_sqrt;
-  AdamCoeffs<opmath_t> k;
-  // Which optional states exist is a template argument, so the element loops carry no
-  // per-element branches and vectorise.
-  template <bool HasM, bool HasV, bool HasVmax>
-  opmath_t at(int64_t i) const {
-    return adam_direction<opmath_t>(static_cast<opmath_t>(w[i]), static_cast<opmath_t>(g[i]), HasM,
-                                    HasM ? static_cast<opmath_t>(m[i]) : opmath_t(0), HasV,
-                                    HasV ? static_cast<opmath_t>(v[i]) : opmath_t(0), HasVmax,
-                                    HasVmax ? static_cast<opmath_t>(vmax[i]) : opmath_t(0), bc1, bc2_sqrt, k);
-  }
-};
+// d = the given tensors
+auto given_directions(const std::vector<Tensor>& dirs) {
+  return [&dirs](auto tag, size_t t, const auto& use) {
+    using scalar_t = typename decltype(tag)::type;
+    const scalar_t* d = dirs[t].const_data_ptr<scalar_t>();
+    use([d](int64_t i) { return static_cast<at::opmath_type<scalar_t>>(d[i]); });
+  };
+}
+
+// d = SGD's next direction
+auto sgd_directions(const SgdLists& s, double momentum, double dampening, double weight_decay, bool nesterov,
+                    bool maximize) {
+  return [&s, momentum, dampening, weight_decay, nesterov, maximize](auto tag, size_t t, const auto& use) {
+    using scalar_t = typename decltype(tag)::type;
+    using opmath_t = at::opmath_type<scalar_t>;
+    const auto k = make_sgd_coeffs<opmath_t>(momentum, dampening, weight_decay, nesterov, maximize);
+    const scalar_t* w = s.params[t].const_data_ptr<scalar_t>();
+    const scalar_t* g = s.grads[t].const_data_ptr<scalar_t>();
+    const scalar_t* buf = opt_ptr<scalar_t>(s.bufs[t]);
+    use([=](int64_t i) {
+      return sgd_direction<opmath_t>(static_cast<opmath_t>(w[i]), static_cast<opmath_t>(g[i]), buf != nullptr,
+                                     buf ? static_cast<opmath_t>(buf[i]) : opmath_t(0), k);
+    });
+  };
+}
 
 // f(std::bool_constant<HasM>, std::bool_constant<HasV>, std::bool_constant<HasVmax>)
 template <typename F>
@@ -234,18 +164,71 @@ void with_state_flags(bool has_m, bool has_v, bool has_vmax, const F& f) {
   if (has_m) v_level(std::true_type{}); else v_level(std::false_type{});
 }
 
-template <typename scalar_t>
-AdamElement<scalar_t, at::opmath_type<scalar_t>> adam_element(const Tensor& w, const Tensor& g, const AdamState& s,
-                                                              size_t t, double stored_step, double beta1, double beta2,
-                                                              double eps, double weight_decay, bool decoupled,
-                                                              bool maximize) {
-  using opmath_t = at::opmath_type<scalar_t>;
-  AdamElement<scalar_t, opmath_t> e{w.const_data_ptr<scalar_t>(), g.const_data_ptr<scalar_t>(),
-                                    opt_ptr<scalar_t>(s.m[t]), opt_ptr<scalar_t>(s.v[t]),
-                                    opt_ptr<scalar_t>(s.vmax[t]), opmath_t(0), opmath_t(0),
-                                    make_adam_coeffs<opmath_t>(beta1, beta2, eps, weight_decay, decoupled, maximize)};
-  adam_bias_corrections<scalar_t, opmath_t>(stored_step, beta1, beta2, &e.bc1, &e.bc2_sqrt);
-  return e;
+// d = Adam's (AdamW's) next direction. Which optional states exist is a template argument of
+// the element functor, so the element loops carry no per-element branches and vectorise.
+auto adam_directions(const AdamLists& s, double stored_step, double beta1, double beta2, double eps,
+                     double weight_decay, bool decoupled, bool maximize) {
+  return [=, &s](auto tag, size_t t, const auto& use) {
+    using scalar_t = typename decltype(tag)::type;
+    using opmath_t = at::opmath_type<scalar_t>;
+    const auto k = make_adam_coeffs<opmath_t>(beta1, beta2, eps, weight_decay, decoupled, maximize);
+    opmath_t bc1, bc2_sqrt;
+    adam_bias_corrections<scalar_t, opmath_t>(stored_step, beta1, beta2, &bc1, &bc2_sqrt);
+    const scalar_t* w = s.params[t].const_data_ptr<scalar_t>();
+    const scalar_t* g = s.grads[t].const_data_ptr<scalar_t>();
+    const scalar_t *m = opt_ptr<scalar_t>(s.m[t]), *v = opt_ptr<scalar_t>(s.v[t]), *vmax = opt_ptr<scalar_t>(s.vmax[t]);
+    with_state_flags(m != nullptr, v != nullptr, vmax != nullptr, [&](auto hm, auto hv, auto hx) {
+      constexpr bool HasM = decltype(hm)::value, HasV = decltype(hv)::value, HasVmax = decltype(hx)::value;
+      use([=](int64_t i) {
+        return adam_direction<opmath_t>(static_cast<opmath_t>(w[i]), static_cast<opmath_t>(g[i]), HasM,
+                                        HasM ? static_cast<opmath_t>(m[i]) : opmath_t(0), HasV,
+                                        HasV ? static_cast<opmath_t>(v[i]) : opmath_t(0), HasVmax,
+                                        HasVmax ? static_cast<opmath_t>(vmax[i]) : opmath_t(0), bc1, bc2_sqrt, k);
+      });
+    });
+  };
+}
+
+// ---------------------------------------------------------------------------------------------
+// The ops
+// ---------------------------------------------------------------------------------------------
+std::vector<Tensor> lookahead_cpu(TensorList params_in, TensorList dirs_in, const Tensor& alpha) {
+  const char* op = "lookahead";
+  check_params(op, params_in);
+  check_list_like(op, "dirs", params_in, dirs_in);
+  check_cpu(op, params_in);
+  const double a = host_scalar(op, "alpha", alpha);
+  const auto dirs = contiguous_all(dirs_in);
+  return lookahead_over(contiguous_all(params_in), a, given_directions(dirs));
+}
+
+Tensor hyper_dot_cpu(TensorList a_in, TensorList b_in) {
+  const char* op = "hyper_dot";
+  check_params(op, a_in);
+  check_list_like(op, "b", a_in, b_in);
+  check_cpu(op, a_in);
+  const auto b = contiguous_all(b_in);
+  return dot_over(contiguous_all(a_in), given_directions(b));
+}
+
+std::vector<Tensor> lookahead_sgd_cpu(TensorList params_in, TensorList grads_in, const OptTensorList& bufs_in,
+                                      const Tensor& alpha, double momentum, double dampening, double weight_decay,
+                                      bool nesterov, bool maximize) {
+  const char* op = "lookahead_sgd";
+  const SgdLists s = check_sgd_lists(op, params_in, grads_in, bufs_in);
+  check_cpu(op, params_in);
+  const double a = host_scalar(op, "alpha", alpha);
+  return lookahead_over(s.params, a,
+                        sgd_directions(s, momentum, dampening, weight_decay, nesterov, maximize));
+}
+
+Tensor hyper_dot_sgd_cpu(TensorList vals_in, TensorList params_in, TensorList grads_in, const OptTensorList& bufs_in,
+                         double momentum, double dampening, double weight_decay, bool nesterov, bool maximize) {
+  const char* op = "hyper_dot_sgd";
+  const SgdLists s = check_sgd_lists(op, params_in, grads_in, bufs_in);
+  const auto vals = check_val_grads(op, params_in, vals_in);
+  check_cpu(op, params_in);
+  return dot_over(vals, sgd_directions(s, momentum, dampening, weight_decay, nesterov, maximize));
 }
 
 std::vector<Tensor> lookahead_adam_cpu(TensorList params_in, TensorList grads_in, const OptTensorList& m_in,
@@ -253,65 +236,24 @@ std::vector<Tensor> lookahead_adam_cpu(TensorList params_in, TensorList grads_in
                                        const Tensor& alpha, double beta1, double beta2, double eps,
                                        double weight_decay, bool decoupled, bool maximize) {
   const char* op = "lookahead_adam";
-  check_params(op, params_in);
-  check_list_like(op, "grads", params_in, grads_in);
+  const AdamLists s = check_adam_lists(op, params_in, grads_in, m_in, v_in, vmax_in);
   check_cpu(op, params_in);
-  auto state = check_adam_state(op, params_in, m_in, v_in, vmax_in);
   const double a = host_scalar(op, "alpha", alpha);
   const double stored_step = host_scalar(op, "step", step);
-  auto params = contiguous_all(params_in);
-  auto grads = contiguous_all(grads_in);
-  std::vector<Tensor> out;
-  out.reserve(params.size());
-  for (size_t t = 0; t < params.size(); ++t) {
-    Tensor o = at::empty(params[t].sizes(), params[t].options());
-    AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, params[t].scalar_type(), "lookahead_adam_cpu", [&] {
-      using opmath_t = at::opmath_type<scalar_t>;
-      const auto e = adam_element<scalar_t>(params[t], grads[t], state, t, stored_step, beta1, beta2, eps,
-                                            weight_decay, decoupled, maximize);
-      const opmath_t alpha_t = static_cast<opmath_t>(static_cast<scalar_t>(a));
-      const scalar_t* w = e.w;
-      scalar_t* y = o.mutable_data_ptr<scalar_t>();
-      with_state_flags(e.m != nullptr, e.v != nullptr, e.vmax != nullptr, [&](auto hm, auto hv, auto hx) {
-        parallel_elements(o.numel(), [&](int64_t i) {
-          const opmath_t d = static_cast<opmath_t>(static_cast<scalar_t>(e.template at<decltype(hm)::value, decltype(hv)::value, decltype(hx)::value>(i)));
-          y[i] = static_cast<scalar_t>(static_cast<opmath_t>(w[i]) -
-                                       static_cast<opmath_t>(static_cast<scalar_t>(alpha_t * d)));
-        });
-      });
-    });
-    out.push_back(std::move(o));
-  }
-  return out;
+  return lookahead_over(s.params, a,
+                        adam_directions(s, stored_step, beta1, beta2, eps, weight_decay, decoupled, maximize));
 }
 
 Tensor hyper_dot_adam_cpu(TensorList vals_in, TensorList params_in, TensorList grads_in, const OptTensorList& m_in,
                           const OptTensorList& v_in, const OptTensorList& vmax_in, const Tensor& step, double beta1,
                           double beta2, double eps, double weight_decay, bool decoupled, bool maximize) {
   const char* op = "hyper_dot_adam";
-  check_params(op, params_in);
-  check_list_like(op, "val_grads", params_in, vals_in);
-  check_list_like(op, "grads", params_in, grads_in);
+  const AdamLists s = check_adam_lists(op, params_in, grads_in, m_in, v_in, vmax_in);
+  const auto vals = check_val_grads(op, params_in, vals_in);
   check_cpu(op, params_in);
-  auto state = check_adam_state(op, params_in, m_in, v_in, vmax_in);
   const double stored_step = host_scalar(op, "step", step);
-  auto vals = contiguous_all(vals_in);
-  auto params = contiguous_all(params_in);
-  auto grads = contiguous_all(grads_in);
-  double total = 0.0;
-  for (size_t t = 0; t < params.size(); ++t) {
-    AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, params[t].scalar_type(), "hyper_dot_adam_cpu", [&] {
-      const auto e = adam_element<scalar_t>(params[t], grads[t], state, t, stored_step, beta1, beta2, eps,
-                                            weight_decay, decoupled, maximize);
-      const scalar_t* v = vals[t].const_data_ptr<scalar_t>();
-      with_state_flags(e.m != nullptr, e.v != nullptr, e.vmax != nullptr, [&](auto hm, auto hv, auto hx) {
-        total += deterministic_sum(params[t].numel(), [&](int64_t i) {
-          return static_cast<double>(v[i]) * static_cast<double>(static_cast<scalar_t>(e.template at<decltype(hm)::value, decltype(hv)::value, decltype(hx)::value>(i)));
-        });
-      });
-    });
-  }
-  return scalar_result(params[0], total);
+  return dot_over(vals,
+                  adam_directions(s, stored_step, beta1, beta2, eps, weight_decay, decoupled, maximize));
 }
 
 }  // namespace

@@ -272,21 +272,18 @@ std::vector<Tensor> lookahead_sgd_cuda(TensorList params_in, TensorList grads_in
                                        bool nesterov, bool maximize) {
   const char* op = "lookahead_sgd";
   check_cuda_lists(op, params_in);
-  check_list_like(op, "grads", params_in, grads_in);
-  auto bufs = check_optional_list(op, "momentum_buffers", params_in, bufs_in);
+  const SgdLists s = check_sgd_lists(op, params_in, grads_in, bufs_in);
   c10::cuda::CUDAGuard guard(params_in[0].device());
   const DevScalar a = dev_scalar(op, "alpha", alpha, params_in[0].device());
-  auto params = contiguous_all(params_in);
-  auto grads = contiguous_all(grads_in);
-  auto out = empty_like_all(params);
+  auto out = empty_like_all(s.params);
   std::vector<std::array<const void*, 4>> ptrs;
-  for (size_t t = 0; t < params.size(); ++t)
-    ptrs.push_back({params[t].const_data_ptr(), grads[t].const_data_ptr(), ptr_or_null(bufs[t]),
+  for (size_t t = 0; t < s.params.size(); ++t)
+    ptrs.push_back({s.params[t].const_data_ptr(), s.grads[t].const_data_ptr(), ptr_or_null(s.bufs[t]),
                     out[t].const_data_ptr()});
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, params[0].scalar_type(), "lookahead_sgd_cuda", [&] {
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, s.params[0].scalar_type(), "lookahead_sgd_cuda", [&] {
     using opmath_t = at::opmath_type<scalar_t>;
     const auto k = make_sgd_coeffs<opmath_t>(momentum, dampening, weight_decay, nesterov, maximize);
-    mta::launch<4>(ptrs, numels_of(params), params[0].device().index(), LookaheadSgdOp<scalar_t>{a, k});
+    mta::launch<4>(ptrs, numels_of(s.params), s.params[0].device().index(), LookaheadSgdOp<scalar_t>{a, k});
   });
   return out;
 }
@@ -295,34 +292,35 @@ Tensor hyper_dot_sgd_cuda(TensorList vals_in, TensorList params_in, TensorList g
                           double momentum, double dampening, double weight_decay, bool nesterov, bool maximize) {
   const char* op = "hyper_dot_sgd";
   check_cuda_lists(op, params_in);
-  check_list_like(op, "val_grads", params_in, vals_in);
-  check_list_like(op, "grads", params_in, grads_in);
-  auto bufs = check_optional_list(op, "momentum_buffers", params_in, bufs_in);
+  const SgdLists s = check_sgd_lists(op, params_in, grads_in, bufs_in);
+  const auto vals = check_val_grads(op, params_in, vals_in);
   c10::cuda::CUDAGuard guard(params_in[0].device());
-  auto vals = contiguous_all(vals_in);
-  auto params = contiguous_all(params_in);
-  auto grads = contiguous_all(grads_in);
   std::vector<std::array<const void*, 4>> ptrs;
-  for (size_t t = 0; t < params.size(); ++t)
-    ptrs.push_back({vals[t].const_data_ptr(), params[t].const_data_ptr(), grads[t].const_data_ptr(),
-                    ptr_or_null(bufs[t])});
+  for (size_t t = 0; t < s.params.size(); ++t)
+    ptrs.push_back({vals[t].const_data_ptr(), s.params[t].const_data_ptr(), s.grads[t].const_data_ptr(),
+                    ptr_or_null(s.bufs[t])});
   Tensor out;
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, params[0].scalar_type(), "hyper_dot_sgd_cuda", [&] {
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, s.params[0].scalar_type(), "hyper_dot_sgd_cuda", [&] {
     using opmath_t = at::opmath_type<scalar_t>;
     const auto k = make_sgd_coeffs<opmath_t>(momentum, dampening, weight_decay, nesterov, maximize);
-    out = launch_dot<4>(ptrs, numels_of(params), params[0], [&](double* p) { return HyperDotSgdOp<scalar_t>{p, k}; });
+    out = launch_dot<4>(ptrs, numels_of(s.params), s.params[0],
+                        [&](double* p) { return HyperDotSgdOp<scalar_t>{p, k}; });
   });
   return out;
 }
 
-struct AdamLists {
-  std::vector<std::optional<Tensor>> m, v, vmax;
-};
+// The Adam state pointers of tensor t: {w, g, m, v, vmax} (absent states as nullptr).
+std::array<const void*, 5> adam_row(const AdamLists& s, size_t t) {
+  return {s.params[t].const_data_ptr(), s.grads[t].const_data_ptr(), ptr_or_null(s.m[t]), ptr_or_null(s.v[t]),
+          ptr_or_null(s.vmax[t])};
+}
 
-AdamLists check_adam_lists(const char* op, TensorList params, const OptTensorList& m, const OptTensorList& v,
-                           const OptTensorList& vmax) {
-  return AdamLists{check_optional_list(op, "exp_avgs", params, m), check_optional_list(op, "exp_avg_sqs", params, v),
-                   check_optional_list(op, "max_exp_avg_sqs", params, vmax)};
+template <typename scalar_t>
+AdamArgs<scalar_t> adam_args(const DevScalar& step, double beta1, double beta2, double eps, double weight_decay,
+                             bool decoupled, bool maximize) {
+  using opmath_t = at::opmath_type<scalar_t>;
+  return AdamArgs<scalar_t>{step, beta1, beta2,
+                            make_adam_coeffs<opmath_t>(beta1, beta2, eps, weight_decay, decoupled, maximize)};
 }
 
 std::vector<Tensor> lookahead_adam_cuda(TensorList params_in, TensorList grads_in, const OptTensorList& m_in,
@@ -331,23 +329,19 @@ std::vector<Tensor> lookahead_adam_cuda(TensorList params_in, TensorList grads_i
                                         double weight_decay, bool decoupled, bool maximize) {
   const char* op = "lookahead_adam";
   check_cuda_lists(op, params_in);
-  check_list_like(op, "grads", params_in, grads_in);
-  auto s = check_adam_lists(op, params_in, m_in, v_in, vmax_in);
+  const AdamLists s = check_adam_lists(op, params_in, grads_in, m_in, v_in, vmax_in);
   c10::cuda::CUDAGuard guard(params_in[0].device());
   const DevScalar a = dev_scalar(op, "alpha", alpha, params_in[0].device());
   const DevScalar st = dev_scalar(op, "step", step, params_in[0].device());
-  auto params = contiguous_all(params_in);
-  auto grads = contiguous_all(grads_in);
-  auto out = empty_like_all(params);
+  auto out = empty_like_all(s.params);
   std::vector<std::array<const void*, 6>> ptrs;
-  for (size_t t = 0; t < params.size(); ++t)
-    ptrs.push_back({params[t].const_data_ptr(), grads[t].const_data_ptr(), ptr_or_null(s.m[t]), ptr_or_null(s.v[t]),
-                    ptr_or_null(s.vmax[t]), out[t].const_data_ptr()});
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, params[0].scalar_type(), "lookahead_adam_cuda", [&] {
-    using opmath_t = at::opmath_type<scalar_t>;
-    const AdamArgs<scalar_t> args{st, beta1, beta2,
-                                  make_adam_coeffs<opmath_t>(beta1, beta2, eps, weight_decay, decoupled, maximize)};
-    mta::launch<6>(ptrs, numels_of(params), params[0].device().index(), LookaheadAdamOp<scalar_t>{a, args});
+  for (size_t t = 0; t < s.params.size(); ++t) {
+    const auto row = adam_row(s, t);
+    ptrs.push_back({row[0], row[1], row[2], row[3], row[4], out[t].const_data_ptr()});
+  }
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, s.params[0].scalar_type(), "lookahead_adam_cuda", [&] {
+    const auto args = adam_args<scalar_t>(st, beta1, beta2, eps, weight_decay, decoupled, maximize);
+    mta::launch<6>(ptrs, numels_of(s.params), s.params[0].device().index(), LookaheadAdamOp<scalar_t>{a, args});
   });
   return out;
 }
@@ -357,24 +351,19 @@ Tensor hyper_dot_adam_cuda(TensorList vals_in, TensorList params_in, TensorList 
                            double beta2, double eps, double weight_decay, bool decoupled, bool maximize) {
   const char* op = "hyper_dot_adam";
   check_cuda_lists(op, params_in);
-  check_list_like(op, "val_grads", params_in, vals_in);
-  check_list_like(op, "grads", params_in, grads_in);
-  auto s = check_adam_lists(op, params_in, m_in, v_in, vmax_in);
+  const AdamLists s = check_adam_lists(op, params_in, grads_in, m_in, v_in, vmax_in);
+  const auto vals = check_val_grads(op, params_in, vals_in);
   c10::cuda::CUDAGuard guard(params_in[0].device());
   const DevScalar st = dev_scalar(op, "step", step, params_in[0].device());
-  auto vals = contiguous_all(vals_in);
-  auto params = contiguous_all(params_in);
-  auto grads = contiguous_all(grads_in);
   std::vector<std::array<const void*, 6>> ptrs;
-  for (size_t t = 0; t < params.size(); ++t)
-    ptrs.push_back({vals[t].const_data_ptr(), params[t].const_data_ptr(), grads[t].const_data_ptr(),
-                    ptr_or_null(s.m[t]), ptr_or_null(s.v[t]), ptr_or_null(s.vmax[t])});
+  for (size_t t = 0; t < s.params.size(); ++t) {
+    const auto row = adam_row(s, t);
+    ptrs.push_back({vals[t].const_data_ptr(), row[0], row[1], row[2], row[3], row[4]});
+  }
   Tensor out;
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, params[0].scalar_type(), "hyper_dot_adam_cuda", [&] {
-    using opmath_t = at::opmath_type<scalar_t>;
-    const AdamArgs<scalar_t> args{st, beta1, beta2,
-                                  make_adam_coeffs<opmath_t>(beta1, beta2, eps, weight_decay, decoupled, maximize)};
-    out = launch_dot<6>(ptrs, numels_of(params), params[0],
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, s.params[0].scalar_type(), "hyper_dot_adam_cuda", [&] {
+    const auto args = adam_args<scalar_t>(st, beta1, beta2, eps, weight_decay, decoupled, maximize);
+    out = launch_dot<6>(ptrs, numels_of(s.params), s.params[0],
                         [&](double* p) { return HyperDotAdamOp<scalar_t>{p, args}; });
   });
   return out;

@@ -200,6 +200,28 @@ def _head_logit(head_w, head_b, x_row, offs_h, mask_h):
 # Kernels
 # ------------------------------------------------------------------------------------------------
 @triton.jit
+def _store_lrs(rate, lr0, lr1, lr2, lr3, lr4, lr5, lr6, lr7, s0, s1, s2, s3, s4, s5, s6, s7, NUM_LR: tl.constexpr):
+    """``lr_k <- rate * s_k`` for the first ``NUM_LR`` slots (float32 product, stored in the lr
+    tensor's dtype). Triton has no arrays of pointers: one argument per slot."""
+    if NUM_LR > 0:
+        tl.store(lr0, rate * s0)
+    if NUM_LR > 1:
+        tl.store(lr1, rate * s1)
+    if NUM_LR > 2:
+        tl.store(lr2, rate * s2)
+    if NUM_LR > 3:
+        tl.store(lr3, rate * s3)
+    if NUM_LR > 4:
+        tl.store(lr4, rate * s4)
+    if NUM_LR > 5:
+        tl.store(lr5, rate * s5)
+    if NUM_LR > 6:
+        tl.store(lr6, rate * s6)
+    if NUM_LR > 7:
+        tl.store(lr7, rate * s7)
+
+
+@triton.jit
 def _mlrsnet_step_kernel(
     loss_ptr, h_ptr, c_ptr, gamma_ptr, rate_ptr, ok_ptr, counters_ptr,
     a_w0, a_b0, a_w2, a_b2, a_v0, a_d0, a_v2, a_d2,  # cell 0
@@ -253,23 +275,7 @@ def _mlrsnet_step_kernel(
     if COUNT:  # the scheduler's counters (int64): [skipped steps, negative losses]
         tl.store(counters_ptr, tl.load(counters_ptr) + tl.where(ok, 0, 1).to(tl.int64))
         tl.store(counters_ptr + 1, tl.load(counters_ptr + 1) + tl.where(finite & (x < 0.0), 1, 0).to(tl.int64))
-    # lr_k = rate * scale_k (float32 product, stored in the lr tensor's dtype)
-    if NUM_LR > 0:
-        tl.store(lr0, rate * s0)
-    if NUM_LR > 1:
-        tl.store(lr1, rate * s1)
-    if NUM_LR > 2:
-        tl.store(lr2, rate * s2)
-    if NUM_LR > 3:
-        tl.store(lr3, rate * s3)
-    if NUM_LR > 4:
-        tl.store(lr4, rate * s4)
-    if NUM_LR > 5:
-        tl.store(lr5, rate * s5)
-    if NUM_LR > 6:
-        tl.store(lr6, rate * s6)
-    if NUM_LR > 7:
-        tl.store(lr7, rate * s7)
+    _store_lrs(rate, lr0, lr1, lr2, lr3, lr4, lr5, lr6, lr7, s0, s1, s2, s3, s4, s5, s6, s7, NUM_LR)
 
 
 @triton.jit
@@ -280,23 +286,7 @@ def _write_lr_kernel(
     NUM_LR: tl.constexpr,
 ):
     """``lr_k <- rate * s_k`` for param groups beyond the step kernel's ``LR_SLOTS``."""
-    rate = tl.load(rate_ptr)
-    if NUM_LR > 0:
-        tl.store(lr0, rate * s0)
-    if NUM_LR > 1:
-        tl.store(lr1, rate * s1)
-    if NUM_LR > 2:
-        tl.store(lr2, rate * s2)
-    if NUM_LR > 3:
-        tl.store(lr3, rate * s3)
-    if NUM_LR > 4:
-        tl.store(lr4, rate * s4)
-    if NUM_LR > 5:
-        tl.store(lr5, rate * s5)
-    if NUM_LR > 6:
-        tl.store(lr6, rate * s6)
-    if NUM_LR > 7:
-        tl.store(lr7, rate * s7)
+    _store_lrs(tl.load(rate_ptr), lr0, lr1, lr2, lr3, lr4, lr5, lr6, lr7, s0, s1, s2, s3, s4, s5, s6, s7, NUM_LR)
 
 
 @triton.jit

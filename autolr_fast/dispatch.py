@@ -135,37 +135,37 @@ def hyper_dot(a: Sequence[Tensor], b: Sequence[Tensor]) -> Tensor:
     return _call("hyper_dot", a[0].device, list(a), list(b))
 
 
-def main(argv: list[str] | None = None) -> int:
-    """``python -m autolr_fast info``: print :func:`backend_info` as JSON."""
-    import json
-
-    print(json.dumps(backend_info(), indent=2))
-    return 0
-
-
 def lookahead_sgd(params, grads, momentum_buffers, alpha, momentum, dampening, weight_decay, nesterov, maximize=False):
     """``w_hat = w - alpha * d`` with SGD's exact next direction; see :mod:`reference`."""
     return _call("lookahead_sgd", params[0].device, list(params), list(grads), list(momentum_buffers),
-                             alpha, momentum, dampening, weight_decay, nesterov, maximize)
+                alpha, momentum, dampening, weight_decay, nesterov, maximize)
 
 
 def hyper_dot_sgd(val_grads, params, grads, momentum_buffers, momentum, dampening, weight_decay, nesterov, maximize=False):
     """``sum_i <g_val_i, d_i>`` with SGD's exact next direction; see :mod:`reference`."""
     return _call("hyper_dot_sgd", params[0].device, list(val_grads), list(params), list(grads),
-                             list(momentum_buffers), momentum, dampening, weight_decay, nesterov, maximize)
+                list(momentum_buffers), momentum, dampening, weight_decay, nesterov, maximize)
 
 
 def lookahead_adam(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, step, alpha, beta1, beta2, eps,
                    weight_decay, decoupled, maximize=False):
     """``w_hat = w - alpha * d`` with Adam/AdamW's exact next direction; see :mod:`reference`."""
     return _call("lookahead_adam", params[0].device, list(params), list(grads), list(exp_avgs),
-                             list(exp_avg_sqs), list(max_exp_avg_sqs), step, alpha, beta1, beta2, eps,
-                             weight_decay, decoupled, maximize)
+                list(exp_avg_sqs), list(max_exp_avg_sqs), step, alpha, beta1, beta2, eps,
+                weight_decay, decoupled, maximize)
 
 
 def hyper_dot_adam(val_grads, params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, step, beta1, beta2, eps,
                    weight_decay, decoupled, maximize=False):
     """``sum_i <g_val_i, d_i>`` with Adam/AdamW's exact next direction; see :mod:`reference`."""
     return _call("hyper_dot_adam", params[0].device, list(val_grads), list(params), list(grads),
-                             list(exp_avgs), list(exp_avg_sqs), list(max_exp_avg_sqs), step, beta1, beta2, eps,
-                             weight_decay, decoupled, maximize)
+                list(exp_avgs), list(exp_avg_sqs), list(max_exp_avg_sqs), step, beta1, beta2, eps,
+                weight_decay, decoupled, maximize)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``python -m autolr_fast info``: print :func:`backend_info` as JSON."""
+    import json
+
+    print(json.dumps(backend_info(), indent=2))
+    return 0

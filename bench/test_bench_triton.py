@@ -11,6 +11,9 @@ Step (per shape ``H``/cells, 3 param groups with scales), each variant doing exa
   (what AutoLR runs on CUDA: one Triton launch + the ``ok`` allocation);
 * ``triton-launch``: the kernel launched directly (no dispatcher, no allocation);
 * ``triton-cudagraph``: the op captured in a CUDA graph, replayed;
+* ``autolr-step``: a whole eager ``AutoLR.step(loss)`` (argument checks, dispatch, the launch,
+  the host-side counter poll) on an optimizer with the same three groups: the issue's target is
+  within 1.3x of the floor below and within 2x of ``triton-cudagraph``;
 * ``floor-tiny-triton-kernel``: one trivial Triton kernel launch (a load and a store): the
   launch-overhead floor any one-launch step pays without a graph.
 
@@ -96,10 +99,30 @@ def _graph_of(fn):
     return graph.replay
 
 
+def _autolr_on_gpu(s: StepInputs):
+    """``AutoLR`` with the inputs' controller shape over a fused SGD of ``len(SCALES)`` groups
+    (their lrs in the ratios of SCALES); gradients exist, so ``step`` may be called at once."""
+    from autolr_fast import AutoLR
+
+    layers, hidden = s.h.shape
+    model = torch.nn.Sequential(*[torch.nn.Linear(4, 4) for _ in SCALES]).to(DEVICE)
+    groups = [{"params": m.parameters(), "lr": 0.1 * scale} for m, scale in zip(model, SCALES)]
+    opt = torch.optim.SGD(groups, lr=0.1, momentum=0.9, fused=True)
+    for param in model.parameters():
+        param.grad = torch.zeros_like(param)
+    return AutoLR(opt, MLRSNet(hidden, layers).to(DEVICE), gamma=0.5), opt
+
+
 def make_step_variant(name: str, s: StepInputs):
     import autolr_fast._triton_backend as tb
     from autolr_fast.kernels import mlrsnet_step as k
 
+    if name == "autolr-step":
+        sched, s.optimizer = _autolr_on_gpu(s)
+        s.rate = sched.rate  # what the checks after the run compare the lrs with
+        s.lrs = [group["lr"] for group in s.optimizer.param_groups]
+        s.h = sched.controller.h
+        return lambda: sched.step(s.loss)
     if name == "reference-eager":
         return lambda: reference_step_(*s.args())
     if name == "reference-compiled":
@@ -148,10 +171,11 @@ def _run_timed(benchmark, group: str, step) -> None:
 
 
 STEP_VARIANTS = ["reference-eager", "reference-compiled", "reference-eager-cudagraph", "triton-op", "triton-launch",
-                 "triton-cudagraph", "floor-tiny-triton-kernel"]
+                 "triton-cudagraph", "autolr-step", "floor-tiny-triton-kernel"]
 GRAD_VARIANTS = ["reference-autograd", "reference-explicit", "triton-op", "triton-launch"]
 
 
+@pytest.mark.filterwarnings("ignore:AutoLR.step was called twice")  # autolr-step: no optimizer.step()
 @pytest.mark.parametrize("shape", sorted(SHAPES))
 @pytest.mark.parametrize("variant", STEP_VARIANTS)
 def test_step(benchmark, variant, shape):

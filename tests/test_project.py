@@ -29,6 +29,16 @@ def test_ci_installs_and_tests_exactly_as_the_readme_says():
     assert _readme_block("test-command") in ci, "CI must run the README's test command"
 
 
+def test_gpu_check_script_parses_and_names_real_benchmarks():
+    """.ci/gpu-check only runs on a GPU machine; here: valid bash, and what it runs exists."""
+    script = ROOT / ".ci" / "gpu-check"
+    assert subprocess.run(["bash", "-n", str(script)], capture_output=True).returncode == 0
+    named = re.findall(r"bench/test_bench_\w+\.py", script.read_text())
+    assert named, "gpu-check names no benchmark file"
+    for rel in named:
+        assert (ROOT / rel).is_file(), f".ci/gpu-check runs {rel}, which does not exist"
+
+
 def test_public_api_is_exactly_what_init_declares():
     import autolr_fast
 

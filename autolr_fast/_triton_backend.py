@@ -75,13 +75,12 @@ def _step_reference(loss, h, c, weights, gamma, rate, lr_list, scales, ok, count
 
 
 def _step_cuda(loss, h, c, weights, gamma, rate, lr_list, scales, ok, counters=None) -> None:
-    reason = "triton kernels not importable" if _kernels is None else _kernels.step_unsupported_reason(
+    reason = "triton kernels not importable" if _kernels is None else _kernels.launch_step_if_supported(
         loss, h, c, weights, gamma, rate, lr_list, scales, ok, counters)
-    if reason is None:
-        _kernels.launch_step(loss, h, c, weights, gamma, rate, lr_list, scales, ok, counters, check=False)
-    else:
+    if reason is not None:
         _fallback_warning("mlrsnet_step_", reason)
-        _step_reference(loss, h, c, weights, gamma, rate, lr_list, scales, ok, counters)
+        with torch.no_grad():
+            _step_reference(loss, h, c, weights, gamma, rate, lr_list, scales, ok, counters)
 
 
 def param_grads_explicit(loss: Tensor, h: Tensor, c: Tensor, weights: Sequence[Tensor], grad_p: Tensor) -> list[Tensor]:
@@ -189,9 +188,19 @@ def mlrsnet_step_(
     scales: Sequence[float],
     counters: Tensor | None = None,
 ) -> Tensor:
-    """:func:`autolr_fast.dispatch.mlrsnet_step_` through the op (one launch, the counters
-    included); returns ``ok`` (0-dim bool)."""
+    """:func:`autolr_fast.dispatch.mlrsnet_step_`: one launch, the counters included; returns
+    ``ok`` (0-dim bool).
+
+    Eager calls on plain CUDA tensors run the op's CUDA implementation directly (the dispatcher
+    round trip of a Python op costs several microseconds, more than the rest of the host work);
+    under ``torch.compile``, an active dispatch mode or tensor subclasses the call goes through
+    ``torch.ops.autolr_fast.mlrsnet_step_``. Both launch the same kernel.
+    """
     ok = torch.empty((), dtype=torch.bool, device=h.device)
+    if (h.is_cuda and type(loss) is torch.Tensor and type(h) is torch.Tensor
+            and not torch.compiler.is_compiling() and not torch._C._len_torch_dispatch_stack()):
+        _step_cuda(loss, h, c, weights, gamma, rate, lr_list, scales, ok, counters)
+        return ok
     with torch.no_grad():
         torch.ops.autolr_fast.mlrsnet_step_(loss, h, c, list(weights), gamma, rate, list(lr_list),
                                             [float(s) for s in scales], ok, counters)

@@ -29,6 +29,7 @@ _BACKENDS: dict[str, dict] = {}
 def register_backend(name: str, *, available: bool, detail: str, devices: Sequence[str], ops: dict[str, Callable]) -> None:
     """Make a fast path known to the dispatcher (called by the optional backend modules)."""
     _BACKENDS[name] = {"available": available, "detail": detail, "devices": set(devices), "ops": dict(ops)}
+    _SELECTED.clear()
 
 
 def force_reference() -> bool:
@@ -54,15 +55,27 @@ def _ensure_loaded() -> None:
         _load_optional_backends()
 
 
+# (op, device type) -> (backend_name, fn); emptied whenever a backend registers
+_SELECTED: dict[tuple[str, str], tuple[str, Callable | None]] = {}
+
+
 def select(op: str, device: torch.device) -> tuple[str, Callable | None]:
-    """``(backend_name, fn)`` for ``op`` on ``device``; ``("reference", None)`` if none fits."""
-    _ensure_loaded()
+    """``(backend_name, fn)`` for ``op`` on ``device``; ``("reference", None)`` if none fits.
+    Asked every step: the choice per device type is remembered (``AUTOLR_FAST_FORCE_REFERENCE``
+    is still read on every call)."""
     if force_reference():
         return "reference", None
-    for name, backend in _BACKENDS.items():
-        if backend["available"] and device.type in backend["devices"] and op in backend["ops"]:
-            return name, backend["ops"][op]
-    return "reference", None
+    key = (op, device.type)
+    choice = _SELECTED.get(key)
+    if choice is None:
+        _ensure_loaded()
+        choice = "reference", None
+        for name, backend in _BACKENDS.items():
+            if backend["available"] and device.type in backend["devices"] and op in backend["ops"]:
+                choice = name, backend["ops"][op]
+                break
+        _SELECTED[key] = choice
+    return choice
 
 
 def backend_info() -> dict:

@@ -174,6 +174,9 @@ class AutoLR:
         self._steps_since_optimizer = 0
 
     def _check_loss(self, loss: Any) -> Tensor:
+        if (type(loss) is Tensor and loss.dtype is torch.float32 and loss.dim() == 0
+                and loss.device == self.device):
+            return loss.detach()  # the common case, without the conversions below
         if not isinstance(loss, Tensor):
             raise TypeError(
                 f"AutoLR.step takes the loss as a tensor (the one you called .backward() on), got "

@@ -9,7 +9,8 @@ Step (per shape ``H``/cells, 3 param groups with scales), each variant doing exa
 * ``reference-eager-cudagraph``: the eager reference captured once, replayed;
 * ``triton-op``: ``torch.ops.autolr_fast.mlrsnet_step_`` through the dispatch-facing wrapper
   (what AutoLR runs on CUDA: one Triton launch + the ``ok`` allocation);
-* ``triton-launch``: the kernel launched directly (no dispatcher, no allocation);
+* ``triton-launch``: ``kernels.launch_step`` called directly (no dispatcher, no allocation; the
+  cached argument check and the compiled kernel's own launcher, see ``_StepPlan``);
 * ``triton-cudagraph``: the op captured in a CUDA graph, replayed;
 * ``autolr-step``: a whole eager ``AutoLR.step(loss)`` (argument checks, dispatch, the launch,
   the host-side counter poll) on an optimizer with the same three groups: the issue's target is
@@ -133,7 +134,7 @@ def make_step_variant(name: str, s: StepInputs):
     if name == "triton-op":
         return lambda: tb.mlrsnet_step_(*s.args())
     if name == "triton-launch":
-        return lambda: k.launch_step(*s.args(), s.ok, check=False)
+        return lambda: k.launch_step(*s.args(), s.ok)
     if name == "triton-cudagraph":
         return _graph_of(lambda: torch.ops.autolr_fast.mlrsnet_step_(*s.args(), s.ok))
     if name == "floor-tiny-triton-kernel":

@@ -284,6 +284,7 @@ def step_through_cuda_impl(loss, h, c, weights, gamma, rate, lr_list, scales, co
 def run(use_kernel):
     dispatch._ensure_loaded()
     dispatch._BACKENDS.clear()
+    dispatch._SELECTED.clear()
     if use_kernel:
         k._mlrsnet_step_kernel = CountedKernel("step", kernel_step)
         k._write_lr_kernel = CountedKernel("write_lr", kernel_write)
@@ -298,6 +299,7 @@ def run(use_kernel):
     gamma = gamma_arg if gamma_arg == "auto" else float(gamma_arg)
     sched = AutoLR(opt, MLRSNet(17, 2), gamma=gamma, num_classes=3)
     x, y = torch.randn(32, 6), torch.randint(0, 3, (32,))
+    assert dispatch.select("mlrsnet_step_", torch.device("cpu"))[0] == ("triton-interpreted" if use_kernel else "reference")
     steps, rates = [], []
     for i in range(6):
         opt.zero_grad()
@@ -421,6 +423,99 @@ def test_unsupported_inputs_are_named():
     with pytest.raises(ValueError, match="stacked cells"):
         k.launch_step(torch.tensor(1.0), torch.zeros(3, 17), torch.zeros(3, 17), make_weights(17, 3, gen),
                       *args[4:])
+
+
+def test_step_check_is_cached_but_sees_replaced_tensors():
+    """The per-step argument check remembers accepted tensors, yet a replaced tensor, a new
+    ``.data`` or another shape is checked again."""
+    from autolr_fast.kernels import mlrsnet_step as k
+
+    gen = torch.Generator().manual_seed(SEED)
+    w = make_weights(17, 1, gen)
+    h, c = torch.zeros(1, 17), torch.zeros(1, 17)
+    rest = (torch.tensor(0.5), torch.tensor(0.0), [torch.zeros(())], [1.0])
+    ok = torch.zeros((), dtype=torch.bool)
+    assert k.step_unsupported_reason(torch.tensor(1.0), h, c, w, *rest, ok) is None
+    plan = k._PLANS[id(h)]
+    assert k.step_unsupported_reason(torch.tensor(2.0), h, c, w, *rest, ok) is None
+    assert k._PLANS[id(h)] is plan, "the same tensors must reuse the accepted plan"
+    w[2].data = torch.zeros(3, 3)  # same object, other memory and shape
+    assert "shape" in k.step_unsupported_reason(torch.tensor(1.0), h, c, w, *rest, ok)
+    w[2].data = torch.zeros(4 * 17, 8)
+    assert k.step_unsupported_reason(torch.tensor(1.0), h, c, w, *rest, ok) is None
+    assert k._PLANS[id(h)] is not plan, "new memory must make a new plan"
+    w2 = list(w)
+    w2[0] = w[0].double()
+    assert "float32" in k.step_unsupported_reason(torch.tensor(1.0), h, c, w2, *rest, ok)
+    assert "1-element" in k.step_unsupported_reason(torch.zeros(2), h, c, w, *rest, ok), "loss is checked every call"
+    assert "bool" in k.step_unsupported_reason(torch.tensor(1.0), h, c, w, *rest, torch.zeros(()))
+
+
+class _FakeCompiled:
+    """Stands in for triton's CompiledKernel: records the calls of its launcher."""
+
+    def __init__(self):
+        self.calls = []
+
+    def __getitem__(self, grid):
+        def runner(*args, stream=None):
+            self.calls.append((grid, args, stream))
+        return runner
+
+
+def test_step_plan_launches_through_the_compiled_launcher(monkeypatch):
+    """After the first (generic) launch compiled the kernel, a plan calls the compiled kernel's
+    launcher with every argument of the kernel's real signature in order: fixed tensors as
+    their data pointers, this call's loss and ok as tensors, the constexprs at the end."""
+    from autolr_fast.kernels import mlrsnet_step as k
+
+    arg_names = k._mlrsnet_step_kernel.arg_names
+    compiled = _FakeCompiled()
+    generic = []
+
+    class FakeJit:
+        def __getitem__(self, grid):
+            def launch(*args, **kwargs):
+                generic.append((args, kwargs))
+                return compiled
+            return launch
+
+    monkeypatch.setattr(k, "CompiledKernel", _FakeCompiled)
+    monkeypatch.setattr(k, "_mlrsnet_step_kernel", FakeJit())
+    monkeypatch.setattr(k, "_current_stream", lambda index: 1234)
+    FakeJit.arg_names = arg_names
+    gen = torch.Generator().manual_seed(SEED)
+    hidden, layers = 17, 2
+    w = make_weights(hidden, layers, gen)
+    h, c = torch.zeros(layers, hidden), torch.zeros(layers, hidden)
+    gamma, rate, lrs, counters = torch.tensor(0.5), torch.tensor(0.0), [torch.zeros(()), torch.zeros(())], torch.zeros(2, dtype=torch.int64)
+    plan, reason = k._plan_for(torch.tensor(1.0), h, c, w, gamma, rate, lrs, [1.0, 2.0], torch.zeros((), dtype=torch.bool), counters)
+    assert reason is None
+    plan.device_index = 0  # as on a GPU (the CPU tensors here are never read)
+    first_loss, first_ok = torch.tensor(1.0), torch.zeros((), dtype=torch.bool)
+    plan.launch(first_loss, first_ok)
+    assert len(generic) == 1 and not compiled.calls
+    args, kwargs = generic[0]
+    assert args[0] is first_loss and args[5] is first_ok
+    assert len(args) + len(k.STEP_CONSTEXPRS) == len(arg_names)
+    loss, ok = torch.tensor(2.0), torch.zeros((), dtype=torch.bool)
+    plan.launch(loss, ok)
+    assert len(generic) == 1, "the second launch must not go through the generic launcher"
+    (grid, fast, stream), = compiled.calls
+    assert grid == (1, 1, 1) and stream == 1234
+    assert len(fast) == len(arg_names)
+    named = dict(zip(arg_names, fast))
+    assert named["loss_ptr"] is loss and named["ok_ptr"] is ok
+    assert named["h_ptr"] == h.data_ptr() and named["c_ptr"] == c.data_ptr() and named["rate_ptr"] == rate.data_ptr()
+    assert named["counters_ptr"] == counters.data_ptr()
+    assert named["b_w2"] == w[10].data_ptr() and named["head_b"] == w[-1].data_ptr()
+    assert named["lr1"] == lrs[1].data_ptr() and named["s1"] == 2.0 and named["s2"] == 1.0
+    assert (named["H"], named["M"], named["NUM_LAYERS"], named["NUM_LR"], named["COUNT"]) == (hidden, hidden // 2, 2, 2, True)
+    for (generic_value, fast_value) in zip(args, fast):  # the same arguments, pointers for tensors
+        if isinstance(generic_value, torch.Tensor) and not isinstance(fast_value, torch.Tensor):
+            assert fast_value == generic_value.data_ptr()
+    plan.launch(torch.tensor(3.0, dtype=torch.float64), ok)  # another loss dtype: a generic launch again
+    assert len(generic) == 2
 
 
 def test_backend_registered_with_dispatch():

@@ -2,12 +2,12 @@
 
 On a GPU the eager ``AutoLR.step`` should cost about one tiny kernel launch. Most of a Triton
 launch's cost is Python on the host, and it grows with the kernel's argument count: Triton's
-generic launch binds and specializes every argument on every call (the step kernel has 40). This
+generic launch binds and specializes every argument on every call (the step kernel has 41). This
 file times, in one run:
 
 * ``triton_bind_tiny_kernel``: Triton's generic per-launch binding + cache key for a
   one-argument kernel (what the floor, one tiny kernel launch, pays before its C launcher);
-* ``triton_bind_step_kernel``: the same for the MLR-SNet step kernel's 40 arguments (what every
+* ``triton_bind_step_kernel``: the same for the MLR-SNet step kernel's 41 arguments (what every
   step paid before steps went through a cached plan);
 * ``autolr_step_triton_path``: a whole ``AutoLR.step`` on the Triton path (argument check,
   dispatch, the plan's call of the compiled launcher), with the compiled launcher itself

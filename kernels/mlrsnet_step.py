@@ -473,7 +473,7 @@ class _StepPlan:
     data pointers, and the kernel's argument list. After the first launch compiled the kernel,
     later launches call the compiled kernel's launcher directly with the fixed pointers as
     integers: Triton's generic launch binds and specializes every argument on every call, about
-    0.3 us per argument, and this kernel has 40 (the plan's launch costs about as much as a
+    0.3 us per argument, and this kernel has 41 (the plan's launch costs about as much as a
     one-argument kernel's). ``loss`` and ``ok`` are new tensors every step and are passed as
     tensors; the kernel does not specialize on their alignment, and a ``loss`` of another dtype
     goes through Triton's generic launch (which compiles that variant).

@@ -37,7 +37,7 @@ setup(
         "autolr_fast": ["weights/*.pt", "weights/*.json"],
         # the C runtime's sources, headers and CMake config: C/C++ trainers build it from here
         "autolr_fast.runtime": ["CMakeLists.txt", "include/*.h", "src/*.cpp", "cmake/*", "examples/*.c",
-                                "examples/*.cpp", "bench/*.cpp", "fuzz/*.cpp", "tests/*.cmake", "tests/*.cpp",
+                                "examples/*.cpp", "bench/*.cpp", "fuzz/*.cpp", "tests/*.cmake", "tests/*.cpp", "tests/*.h",
                                 "tests/*.py", "tests/data/*"],
     },
     install_requires=[

@@ -3,6 +3,8 @@
 // Deterministic for a given seed; stops at whichever budget comes first. Mutations: bit flips,
 // byte sets to interesting values, truncation, chunk duplication/removal, and (for the bare ALRW
 // blob) the same with the blob's CRC32 fixed afterwards so that the parser behind the CRC is hit.
+#include "../tests/bytes.h"
+
 #include <chrono>
 #include <cstdint>
 #include <cstdio>
@@ -14,15 +16,6 @@
 #include <vector>
 
 extern "C" int LLVMFuzzerTestOneInput(const uint8_t* data, size_t size);
-
-static uint32_t crc32(const uint8_t* p, size_t n) {
-  uint32_t c = 0xFFFFFFFFu;
-  for (size_t i = 0; i < n; ++i) {
-    c ^= p[i];
-    for (int k = 0; k < 8; ++k) c = (c & 1u) ? (0xEDB88320u ^ (c >> 1)) : (c >> 1);
-  }
-  return c ^ 0xFFFFFFFFu;
-}
 
 int main(int argc, char** argv) {
   std::vector<std::vector<uint8_t>> seeds;
@@ -72,8 +65,7 @@ int main(int argc, char** argv) {
       }
     }
     if (mode == 2 && in.size() >= 8) {
-      uint32_t c = crc32(in.data(), in.size() - 4);
-      for (int k = 0; k < 4; ++k) in[in.size() - 4 + size_t(k)] = uint8_t(c >> (8 * k));
+      wr32(&in[in.size() - 4], crc32(in.data(), in.size() - 4));
     }
     in.insert(in.begin(), uint8_t(mode == 0 ? 0 : 1));
     LLVMFuzzerTestOneInput(in.data(), in.size());

@@ -1,6 +1,7 @@
 // ctest: the C runtime against the Python reference rates, state save/restore, and bad files.
 //   test_runtime <data_dir>
 #include "autolr.h"
+#include "bytes.h"
 
 #include <cmath>
 #include <cstdio>
@@ -47,16 +48,6 @@ static std::vector<Row> read_csv(const std::string& path) {
   return rows;
 }
 
-static uint32_t crc32(const uint8_t* p, size_t n) {
-  uint32_t c = 0xFFFFFFFFu;
-  for (size_t i = 0; i < n; ++i) {
-    c ^= p[i];
-    for (int k = 0; k < 8; ++k) c = (c & 1u) ? (0xEDB88320u ^ (c >> 1)) : (c >> 1);
-  }
-  return c ^ 0xFFFFFFFFu;
-}
-static uint32_t rd32(const uint8_t* p) { return uint32_t(p[0]) | uint32_t(p[1]) << 8 | uint32_t(p[2]) << 16 | uint32_t(p[3]) << 24; }
-static void wr32(uint8_t* p, uint32_t v) { for (int i = 0; i < 4; ++i) p[i] = uint8_t(v >> (8 * i)); }
 
 // Where the ALRW entry lies in the archive: (offset, length), found by its magic and header.
 static bool find_alrw(const std::vector<uint8_t>& f, size_t* off, size_t* len) {

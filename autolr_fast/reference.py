@@ -33,7 +33,6 @@ __all__ = [
     "lookahead",
     "hyper_dot",
     "sgd_direction",
-    "adam_direction",
 ]
 
 
@@ -235,43 +234,6 @@ def sgd_direction(
     if momentum != 0:
         buf = d if momentum_buffer is None else momentum_buffer * momentum + (1 - dampening) * d
         d = d + momentum * buf if nesterov else buf
-    return d
-
-
-def adam_direction(
-    param: Tensor,
-    grad: Tensor,
-    exp_avg: Tensor | None,
-    exp_avg_sq: Tensor | None,
-    step: float,
-    *,
-    betas: tuple[float, float],
-    eps: float,
-    weight_decay: float,
-    decoupled: bool,
-    amsgrad_max: Tensor | None = None,
-    maximize: bool = False,
-) -> Tensor:
-    """The direction ``d`` with ``w <- w - lr * d`` for Adam/AdamW's next step.
-
-    ``d = m_hat / (sqrt(v_hat) + eps)`` from the moments *after* this step's update, plus
-    ``weight_decay * w`` for AdamW (decoupled decay, which scales with ``lr`` in torch). For
-    Adam, L2 weight decay enters through the gradient. ``step`` is the step count *after*
-    the update (1 on the first step).
-    """
-    beta1, beta2 = betas
-    g = -grad if maximize else grad
-    if weight_decay != 0 and not decoupled:
-        g = g + weight_decay * param
-    m = g * (1 - beta1) if exp_avg is None else exp_avg * beta1 + (1 - beta1) * g
-    v = g * g * (1 - beta2) if exp_avg_sq is None else exp_avg_sq * beta2 + (1 - beta2) * g * g
-    if amsgrad_max is not None:
-        v = torch.maximum(amsgrad_max, v)
-    bc1 = 1 - beta1**step
-    bc2 = 1 - beta2**step
-    d = (m / bc1) / (v.sqrt() / bc2**0.5 + eps)
-    if weight_decay != 0 and decoupled:
-        d = d + weight_decay * param
     return d
 
 

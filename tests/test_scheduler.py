@@ -156,12 +156,18 @@ def test_resume_gives_bit_identical_rates(tmp_path, kind, gamma):
     assert sched2.step_count == sched.step_count
 
 
-def test_nonfinite_loss_keeps_rate_and_state_and_warns_once():
+def linear_with_autolr():
+    """A linear classifier, plain SGD, AutoLR with a small controller, and this step's loss
+    (backward not called yet)."""
     model = nn.Linear(8, 3)
     opt = torch.optim.SGD(model.parameters(), lr=0.1)
     sched = AutoLR(opt, MLRSNet(hidden_size=16), gamma=0.5)
     x, y = make_problem()
-    loss = nn.functional.cross_entropy(model(x), y)
+    return model, opt, sched, nn.functional.cross_entropy(model(x), y)
+
+
+def test_nonfinite_loss_keeps_rate_and_state_and_warns_once():
+    _, opt, sched, loss = linear_with_autolr()
     loss.backward()
     sched.step(loss)
     rate, h, c = sched.last_rate.clone(), sched.controller.h.clone(), sched.controller.c.clone()
@@ -222,11 +228,8 @@ def test_negative_loss_is_clamped_and_warned():
     ],
 )
 def test_wrong_loss_input_errors_and_leaves_state(loss, error, match):
-    model = nn.Linear(8, 3)
-    opt = torch.optim.SGD(model.parameters(), lr=0.1)
-    sched = AutoLR(opt, MLRSNet(hidden_size=16), gamma=0.5)
-    x, y = make_problem()
-    nn.functional.cross_entropy(model(x), y).backward()
+    _, _, sched, good_loss = linear_with_autolr()
+    good_loss.backward()
     before = copy.deepcopy(sched.state_dict())
     with pytest.raises(error, match=match):
         sched.step(loss)
@@ -246,21 +249,13 @@ def test_optimizer_step_before_sched_step_is_an_error():
 
 
 def test_sched_step_before_backward_is_an_error():
-    model = nn.Linear(8, 3)
-    opt = torch.optim.SGD(model.parameters(), lr=0.1)
-    sched = AutoLR(opt, MLRSNet(hidden_size=16), gamma=0.5)
-    x, y = make_problem()
-    loss = nn.functional.cross_entropy(model(x), y)
+    _, _, sched, loss = linear_with_autolr()
     with pytest.raises(RuntimeError, match="before loss.backward"):
         sched.step(loss)
 
 
 def test_double_step_warns():
-    model = nn.Linear(8, 3)
-    opt = torch.optim.SGD(model.parameters(), lr=0.1)
-    sched = AutoLR(opt, MLRSNet(hidden_size=16), gamma=0.5)
-    x, y = make_problem()
-    loss = nn.functional.cross_entropy(model(x), y)
+    _, _, sched, loss = linear_with_autolr()
     loss.backward()
     sched.step(loss)
     with pytest.warns(RuntimeWarning, match="twice"):

@@ -22,6 +22,7 @@ import pytest
 import torch
 
 from autolr_fast import reference
+from autolr_fast.controller import MLRSNet
 
 try:
     from autolr_fast import _cpp_backend as cpp
@@ -40,16 +41,10 @@ def _record(benchmark, group: str, name: str) -> None:
 
 
 def make_net(hidden: int, layers: int):
-    gen = torch.Generator().manual_seed(hidden * 10 + layers)
-    mid = hidden // 2
-    weights = []
-    for layer in range(layers):
-        inp = 1 if layer == 0 else hidden
-        for shape in [(mid, inp), (mid,), (4 * hidden, mid), (4 * hidden,), (mid, hidden), (mid,),
-                      (4 * hidden, mid), (4 * hidden,)]:
-            weights.append(torch.randn(shape, generator=gen) * 0.3)
-    weights += [torch.randn(1, hidden, generator=gen) * 0.3, torch.zeros(1)]
-    return torch.zeros(layers, hidden), torch.zeros(layers, hidden), weights
+    """``(h, c, weights)`` of a controller with its own initialisation (plain tensors)."""
+    torch.manual_seed(hidden * 10 + layers)
+    net = MLRSNet(hidden, layers)
+    return net.h, net.c, [w.detach() for w in net.flat_weights()]
 
 
 def resnet18_shapes(width: int = 32, classes: int = 100) -> list[tuple[int, ...]]:

@@ -470,7 +470,7 @@ class _StepPlan:
     """One argument set the step kernel accepted, and how to launch it again cheaply.
 
     Holds the state tensors (so their ids cannot be reused while the plan is cached) with their
-    data pointers, and the kernel's argument list. After the first launch compiled the kernel,
+    memory layout (:func:`_layout`), and the kernel's argument list. After the first launch compiled the kernel,
     later launches call the compiled kernel's launcher directly with the fixed pointers as
     integers: Triton's generic launch binds and specializes every argument on every call, about
     0.3 us per argument, and this kernel has 41 (the plan's launch costs about as much as a
@@ -479,12 +479,12 @@ class _StepPlan:
     goes through Triton's generic launch (which compiles that variant).
     """
 
-    __slots__ = ("tensors", "ptrs", "nscales", "h", "args", "constexprs", "num_warps", "extra", "device_index",
+    __slots__ = ("tensors", "layout", "nscales", "h", "args", "constexprs", "num_warps", "extra", "device_index",
                  "runner", "runner_args", "loss_dtype")
 
     def __init__(self, h, c, weights, gamma, rate, lr_list, scales, counters, tensors) -> None:
         self.tensors = tensors
-        self.ptrs = tuple(t.data_ptr() for t in tensors)
+        self.layout = _layout(tensors)
         self.nscales = len(scales)
         self.h = h
         num_layers, hidden = h.shape
@@ -505,7 +505,7 @@ class _StepPlan:
     def matches(self, tensors, nscales: int) -> bool:
         return (self.nscales == nscales and len(self.tensors) == len(tensors)
                 and all(map(operator.is_, self.tensors, tensors))
-                and self.ptrs == tuple(t.data_ptr() for t in tensors))
+                and self.layout == _layout(tensors))
 
     def launch(self, loss: torch.Tensor, ok: torch.Tensor) -> None:
         with _device_guard(self.h):
@@ -531,6 +531,22 @@ class _StepPlan:
         self.runner_args = fixed + [self.constexprs[name] for name in STEP_CONSTEXPRS]
         self.runner = compiled[(1, 1, 1)]
         self.loss_dtype = loss_dtype
+
+
+_SHAPE_AND_DTYPE = operator.attrgetter("shape", "dtype")
+
+
+def _layout(tensors) -> tuple:
+    """Where each tensor's memory is and how it is laid out: pointer, strides, shape, dtype.
+
+    The plan's tensors are the same objects every step, but ``t.data = other`` (or ``set_``)
+    swaps memory and metadata under the same object, and the new memory may start at the old
+    address (the allocator reuses it, or ``other`` is a view of the old storage); all four are
+    compared so such a tensor is checked again. The device needs no entry: under CUDA's unified
+    addressing no two devices (or host memory) share an address.
+    """
+    return (tuple(map(torch.Tensor.data_ptr, tensors)), tuple(map(torch.Tensor.stride, tensors)),
+            tuple(map(_SHAPE_AND_DTYPE, tensors)))
 
 
 # Plans by id(h) (a plan holds its h, so the id stays valid while it is cached)

@@ -439,11 +439,24 @@ def test_step_check_is_cached_but_sees_replaced_tensors():
     plan = k._PLANS[id(h)]
     assert k.step_unsupported_reason(torch.tensor(2.0), h, c, w, *rest, ok) is None
     assert k._PLANS[id(h)] is plan, "the same tensors must reuse the accepted plan"
+    accepted = w[2].data  # keeps the accepted memory alive, so new memory gets a new address
     w[2].data = torch.zeros(3, 3)  # same object, other memory and shape
     assert "shape" in k.step_unsupported_reason(torch.tensor(1.0), h, c, w, *rest, ok)
     w[2].data = torch.zeros(4 * 17, 8)
     assert k.step_unsupported_reason(torch.tensor(1.0), h, c, w, *rest, ok) is None
     assert k._PLANS[id(h)] is not plan, "new memory must make a new plan"
+    # the same address under another shape, strides or dtype (a view of the accepted memory)
+    plan = k._PLANS[id(h)]
+    w[2].data = accepted
+    assert k.step_unsupported_reason(torch.tensor(1.0), h, c, w, *rest, ok) is None
+    for view, why in [(accepted.view(-1)[:9].view(3, 3), "shape"),
+                      (accepted.view(8, 4 * 17).t(), "contiguous"),
+                      (accepted.view(torch.int32), "float32")]:
+        assert view.data_ptr() == accepted.data_ptr()
+        w[2].data = view
+        reason = k.step_unsupported_reason(torch.tensor(1.0), h, c, w, *rest, ok)
+        assert reason is not None and why in reason, f"a {why} change at the same address was not checked again"
+    w[2].data = accepted
     w2 = list(w)
     w2[0] = w[0].double()
     assert "float32" in k.step_unsupported_reason(torch.tensor(1.0), h, c, w2, *rest, ok)

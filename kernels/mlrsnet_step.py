@@ -415,8 +415,9 @@ def step_unsupported_reason(loss, h, c, weights, gamma, rate, lr_list, scales, o
     """``None`` if :func:`launch_step` takes these arguments, else why not.
 
     Called every step, so what it accepted is remembered (see :class:`_StepPlan`): the same
-    tensor objects over the same memory are not checked again, only ``loss`` and ``ok``, which
-    are new every step. That takes the check from several microseconds to about one.
+    tensor objects over the same memory, with the same strides, shape and dtype, are not checked
+    again, only ``loss`` and ``ok``, which are new every step. That takes the check from about
+    12 us to 5 us (H50, this project's CPU machine); comparing the layout is most of the 5.
     """
     return _plan_for(loss, h, c, weights, gamma, rate, lr_list, scales, ok, counters)[1]
 

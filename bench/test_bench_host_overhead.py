@@ -132,5 +132,6 @@ def test_autolr_step_triton_path(benchmark, monkeypatch):
     plan.device_index = 0  # as on a GPU, where the plan keeps the compiled launcher
     sched.step(loss)
     assert plan.runner is not None, "the plan did not keep the compiled launcher"
+    benchmark.extra_info["layout_check"] = k._layout_key.__name__  # tensor_layout_key from _C, or _layout
     benchmark(sched.step, loss)
     k._PLANS.pop(id(sched.controller.h), None)  # the plan holds stubbed state: do not leave it cached

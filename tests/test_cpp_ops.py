@@ -314,6 +314,52 @@ def test_mlrsnet_step_fast_entry_matches_op():
     assert bool(ok)
 
 
+def _layout_variants(base: torch.Tensor) -> list[torch.Tensor]:
+    """Tensors over ``base``'s memory: itself, and same-address views under another layout."""
+    flat = base.view(-1)
+    square = flat[:16].view(4, 4)  # and square.t(): the same address and shape, other strides
+    return [base, base.view(base.shape), flat, flat[: flat.numel() // 2], base.t(), square, square.t(),
+            base.view(torch.int32), base.unsqueeze(0), base.detach(), torch.nn.Parameter(base)]
+
+
+@needs_ext
+def test_tensor_layout_key_matches_python_layout():
+    """_C.tensor_layout_key (what the Triton step's cached launch compares every step) is equal
+    exactly when kernels.mlrsnet_step._layout (pointer, strides, shape, dtype) is."""
+    pytest.importorskip("triton")
+    from autolr_fast import _C
+    from autolr_fast.kernels.mlrsnet_step import _layout
+
+    a, b = torch.randn(6, 4), torch.randn(6, 4)
+    pool = _layout_variants(a) + _layout_variants(b) + [torch.randn(()), torch.zeros(2, dtype=torch.int64),
+                                                        torch.randn(6, 4).to(torch.bfloat16)]
+    for i, p in enumerate(pool):  # every pair of single tensors: each attribute alone
+        for j, q in enumerate(pool):
+            same_py, same_c = _layout([p]) == _layout([q]), _C.tensor_layout_key([p]) == _C.tensor_layout_key([q])
+            assert same_py == same_c, f"layout keys disagree for pool[{i}] vs pool[{j}]: python {same_py}, C++ {same_c}"
+    gen = torch.Generator().manual_seed(SEED)
+    outcomes = set()
+    for _ in range(400):
+        first = torch.randint(len(pool), (int(torch.randint(1, 5, (1,), generator=gen)),), generator=gen).tolist()
+        # the second list: the first with a few entries swapped for random ones (often a twin
+        # of the same layout: base, base.view(shape), base.detach() and the Parameter)
+        second = [j if torch.rand((), generator=gen) < 0.7 else int(torch.randint(len(pool), (1,), generator=gen))
+                  for j in first]
+        x, y = [pool[i] for i in first], [pool[i] for i in second]
+        same_py, same_c = _layout(x) == _layout(y), _C.tensor_layout_key(x) == _C.tensor_layout_key(tuple(y))
+        assert same_py == same_c, msg(f"layout keys disagree for {first} vs {second}: python {same_py}, C++ {same_c}")
+        outcomes.add(same_py)
+    assert outcomes == {True, False}, msg("the random lists must give both equal and different layouts")
+    twins = _layout_variants(a)
+    assert _C.tensor_layout_key([twins[0], twins[1]]) == _C.tensor_layout_key([twins[-2], twins[-1]])
+    assert _C.tensor_layout_key([a, b]) != _C.tensor_layout_key([b, a])
+    assert _C.tensor_layout_key([]) == b""
+    with pytest.raises(TypeError, match="entry 1 is a float, not a tensor"):
+        _C.tensor_layout_key([a, 1.0])
+    with pytest.raises(TypeError, match="list or tuple"):
+        _C.tensor_layout_key(a)
+
+
 @needs_ext
 def test_backend_float64_controller_uses_the_reference():
     """The kernels are float32; a float64 controller (finite-difference checks) still works."""

@@ -425,7 +425,33 @@ def test_unsupported_inputs_are_named():
                       *args[4:])
 
 
-def test_step_check_is_cached_but_sees_replaced_tensors():
+def _layout_keys():
+    keys = ["python"]
+    try:
+        from autolr_fast import _C
+    except ImportError:
+        return keys
+    return keys + (["compiled"] if hasattr(_C, "tensor_layout_key") else [])
+
+
+@pytest.fixture(params=_layout_keys())
+def layout_key(request):
+    """Each layout check the step plans can use: the Python one and the extension's."""
+    from autolr_fast.kernels import mlrsnet_step as k
+
+    previous = k._layout_key
+    if request.param == "compiled":
+        from autolr_fast._C import tensor_layout_key
+
+        k.use_layout_key(tensor_layout_key)
+    else:
+        k.use_layout_key(None)
+    yield request.param
+    k.use_layout_key(previous)
+
+
+@needs_triton
+def test_step_check_is_cached_but_sees_replaced_tensors(layout_key):
     """The per-step argument check remembers accepted tensors, yet a replaced tensor, a new
     ``.data`` or another shape is checked again."""
     from autolr_fast.kernels import mlrsnet_step as k

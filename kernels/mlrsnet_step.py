@@ -417,7 +417,8 @@ def step_unsupported_reason(loss, h, c, weights, gamma, rate, lr_list, scales, o
     Called every step, so what it accepted is remembered (see :class:`_StepPlan`): the same
     tensor objects over the same memory, with the same strides, shape and dtype, are not checked
     again, only ``loss`` and ``ok``, which are new every step. That takes the check from about
-    12 us to 5 us (H50, this project's CPU machine); comparing the layout is most of the 5.
+    12 us to 1.3 us with the extension's layout key, 5.4 us with the Python one (H50, this
+    project's CPU machine).
     """
     return _plan_for(loss, h, c, weights, gamma, rate, lr_list, scales, ok, counters)[1]
 

@@ -38,3 +38,14 @@ def make_problem(seed: int = 0, n: int = 64):
     x = torch.randn(n, 8, generator=g)
     y = torch.randint(0, 3, (n,), generator=g)
     return x, y
+
+
+def train_steps(model, opt, sched, x, y, steps: int) -> None:
+    """The canonical loop on one batch: zero_grad, cross-entropy, backward, sched.step(loss),
+    optimizer.step()."""
+    for _ in range(steps):
+        opt.zero_grad()
+        loss = torch.nn.functional.cross_entropy(model(x), y)
+        loss.backward()
+        sched.step(loss)
+        opt.step()

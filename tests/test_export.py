@@ -15,7 +15,7 @@ import torch
 from autolr_fast import AutoLR, MLRSNet, reference
 from autolr_fast import exporting as ex
 
-from conftest import OFFICIAL_DIR
+from conftest import OFFICIAL_DIR, train_steps
 
 OFFICIAL = str(OFFICIAL_DIR)
 
@@ -132,12 +132,7 @@ def test_export_from_autolr(tmp_path):
     with pytest.raises(ValueError, match="gamma='auto'"):
         ex.export(sched, tmp_path / "early.pt")
     x, y = torch.randn(16, 4), torch.randint(0, 3, (16,))
-    for _ in range(5):
-        opt.zero_grad()
-        loss = torch.nn.functional.cross_entropy(model(x), y)
-        loss.backward()
-        sched.step(loss)
-        opt.step()
+    train_steps(model, opt, sched, x, y, steps=5)
     path = ex.export(sched, tmp_path / "c.pt")
     back = ex.load(path)
     assert back.gamma == pytest.approx(float(sched.gamma))

@@ -11,7 +11,7 @@ from torch import nn
 from autolr_fast import AutoLR, MLRSNet
 from autolr_fast.meta import MetaConfig
 from autolr_fast.pretrained import load_controller
-from conftest import SmallCNN
+from conftest import SmallCNN, train_steps
 
 OFFICIAL_KEYS = [
     "layer1.fc_i2h.0.weight", "layer1.fc_i2h.0.bias", "layer1.fc_i2h.2.weight", "layer1.fc_i2h.2.bias",
@@ -137,12 +137,7 @@ def test_meta_interval_and_snapshots(tmp_path):
     val = [(x[i : i + 8], y[i : i + 8]) for i in range(0, 24, 8)]  # 3 batches, cycled
     cfg = MetaConfig(model, val, nn.functional.cross_entropy, interval=3, snapshot_dir=str(tmp_path), snapshot_every=5)
     sched = AutoLR(opt, MLRSNet(hidden_size=16), gamma="auto", num_classes=3, meta=cfg)
-    for i in range(10):
-        opt.zero_grad()
-        loss = nn.functional.cross_entropy(model(x), y)
-        loss.backward()
-        sched.step(loss)
-        opt.step()
+    train_steps(model, opt, sched, x, y, steps=10)
     assert sched.meta.meta_steps == 3  # steps 3, 6, 9
     snaps = sorted(p.name for p in tmp_path.iterdir())
     assert snaps == ["controller_0001.pt", "controller_0002.pt"]

@@ -12,7 +12,7 @@ from torch import nn
 
 from autolr_fast import AutoLR, MLRSNet
 from autolr_fast import optim_support
-from conftest import SmallCNN, make_problem
+from conftest import SmallCNN, make_problem, train_steps
 
 OPTIMIZERS = {
     "sgd": lambda p: torch.optim.SGD(p, lr=0.1),
@@ -312,13 +312,7 @@ def test_unknown_optimizer_gets_float_rate_and_one_warning():
     opt = _PlainOptimizer(model.parameters(), lr=0.1)
     with pytest.warns(RuntimeWarning, match="float"):
         sched = AutoLR(opt, MLRSNet(hidden_size=16), gamma=0.5)
-    x, y = make_problem()
-    for _ in range(3):
-        opt.zero_grad()
-        loss = nn.functional.cross_entropy(model(x), y)
-        loss.backward()
-        sched.step(loss)
-        opt.step()
+    train_steps(model, opt, sched, *make_problem(), steps=3)
     assert opt.param_groups[0]["lr"] == pytest.approx(float(sched.last_rate))
 
 

@@ -39,12 +39,13 @@ from typing import Optional, Sequence
 import torch
 from torch import Tensor, nn
 
+FORMAT = "autolr_fast.action_controller"  # the "format" entry of a saved controller file
 CLAMP = 20.0
 FEATURE_CHANNELS = 3
 DEFAULT_MULTIPLIERS = (0.9, 1.0, 1.1)
 
 
-def history_features(window: Tensor, initial: Tensor, lowest: Optional[Tensor] = None, clamp: float = 20.0) -> Tensor:
+def history_features(window: Tensor, initial: Tensor, lowest: Optional[Tensor] = None, clamp: float = CLAMP) -> Tensor:
     """Scale-free features ``(..., 3, W)`` from loss block means ``window (..., W)`` (oldest
     first), the run's first block mean ``initial (...)`` and the lowest block mean of the run so
     far ``lowest (...)`` (default: the window's own minimum); see the module docstring."""
@@ -258,7 +259,7 @@ class ActionController(nn.Module):
     @torch.jit.ignore
     def save(self, path: str, model_kind: str, extra: dict | None = None) -> None:
         """Weights and everything needed to rebuild this controller, in one file."""
-        payload = {"format": "autolr_fast.action_controller", "version": 1, "model_kind": model_kind,
+        payload = {"format": FORMAT, "version": 1, "model_kind": model_kind,
                    "config": self.config(),
                    "model_state": {k: v.detach().cpu().clone() for k, v in self.model.state_dict().items()},
                    "extra": extra or {}}
@@ -270,7 +271,12 @@ class ActionController(nn.Module):
             payload = torch.load(path, map_location=map_location, weights_only=True)
         except Exception as exc:
             raise ValueError(f"could not read an action controller from {path!r}: {exc}") from exc
-        if not isinstance(payload, dict) or payload.get("format") != "autolr_fast.action_controller":
+        return cls.from_payload(payload, path)
+
+    @classmethod
+    def from_payload(cls, payload, path: str) -> "ActionController":
+        """The controller in ``payload``, a file's contents already read (``path`` is for errors)."""
+        if not isinstance(payload, dict) or payload.get("format") != FORMAT:
             raise ValueError(f"{path!r} is not an action-controller file (saved by ActionController.save)")
         cfg = payload["config"]
         state = payload["model_state"]
@@ -288,14 +294,13 @@ class ActionController(nn.Module):
                    multipliers=cfg["multipliers"], min_rate=cfg["min_rate"], start_rate=cfg["start_rate"],
                    default_gamma=cfg["default_gamma"])
 
-
     @classmethod
     def pretrained(cls, name: str = "action-mlp") -> "ActionController":
         """A controller shipped with the package (``autolr_fast/weights/<name>.pt``; its settings,
         training data and scores are in ``<name>.json`` next to it)."""
-        from pathlib import Path
+        from .pretrained import PRETRAINED_DIR
 
-        path = Path(__file__).resolve().parent / "weights" / f"{name}.pt"
+        path = PRETRAINED_DIR / f"{name}.pt"
         if not path.exists():
             raise ValueError(f"no shipped action controller {name!r} (looked for {path})")
         return cls.load(str(path))

@@ -470,27 +470,22 @@ class _Cycle:
 @register_method("action", "learned", None, "this project's action controller (autolr_fast.action)",
                  available=lambda: _module_attr("autolr_fast.action", "ActionController"))
 def action(spec: RunSpec) -> MethodSetup:
-    from . import action as action_module
+    from .action import ActionController
 
-    loader = getattr(action_module, "load_pretrained", None) or getattr(action_module.ActionController, "pretrained", None)
-    if loader is None:
-        raise MethodUnavailable(
-            "autolr_fast.action has no pretrained loader (load_pretrained() or ActionController.pretrained()); "
-            "wire it in autolr_fast/baselines.py:action"
-        )
     trained_on = _action_training_tasks()
     if spec.task.name in trained_on:
         raise MethodUnavailable(
             f"the shipped action controller was trained on data from {spec.task.name} "
             f"(its tasks: {', '.join(trained_on)}); it is evaluated only on other tasks"
         )
-    return _autolr_setup(spec, loader())
+    return _autolr_setup(spec, ActionController.pretrained())
 
 
 def _action_training_tasks() -> list[str]:
     """The tasks whose collected data trained the shipped action controller (its JSON card)."""
     import json
-    from pathlib import Path
 
-    card = Path(__file__).resolve().parent / "weights" / "action-mlp.json"
+    from .pretrained import PRETRAINED_DIR
+
+    card = PRETRAINED_DIR / "action-mlp.json"
     return list(json.loads(card.read_text()).get("tasks", [])) if card.is_file() else []

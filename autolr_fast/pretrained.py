@@ -50,13 +50,22 @@ def save_controller(controller: MLRSNet, path: str | os.PathLike, gamma: float, 
 
 def load_controller(path: str | os.PathLike, map_location: str = "cpu") -> MLRSNet:
     """Read a file written by :func:`save_controller`; clear errors for anything else."""
+    return _controller_from_blob(_read(path, map_location), os.fspath(path))
+
+
+def _read(path: str | os.PathLike, map_location: str = "cpu"):
+    """A controller file's contents (``torch.load`` with ``weights_only``); ValueError if unreadable."""
     path = os.fspath(path)
     try:
-        blob = torch.load(path, map_location=map_location, weights_only=True)
+        return torch.load(path, map_location=map_location, weights_only=True)
     except FileNotFoundError:
         raise
     except Exception as exc:
         raise ValueError(f"{path!r} is not a readable autolr_fast controller file ({exc})") from exc
+
+
+def _controller_from_blob(blob, path: str) -> MLRSNet:
+    """The :class:`MLRSNet` in ``blob``, a file's contents already read (``path`` is for errors)."""
     if not isinstance(blob, dict) or blob.get("format") != FORMAT:
         raise ValueError(
             f"{path!r} is not an autolr_fast controller file (for a published MLR-SNet checkpoint use "
@@ -88,9 +97,9 @@ def load_pretrained(name: str):
     path = PRETRAINED_DIR / f"{name}.pt"
     if not path.is_file():
         raise KeyError(f"no pretrained controller {name!r}; available: {', '.join(available_pretrained()) or 'none'}")
-    blob = torch.load(path, map_location="cpu", weights_only=True)
-    if isinstance(blob, dict) and blob.get("format") == "autolr_fast.action_controller":
-        from .action import ActionController
+    blob = _read(path)  # read once; its "format" entry says which kind of controller it holds
+    from .action import FORMAT as ACTION_FORMAT, ActionController
 
-        return ActionController.load(str(path))
-    return load_controller(path)
+    if isinstance(blob, dict) and blob.get("format") == ACTION_FORMAT:
+        return ActionController.from_payload(blob, str(path))
+    return _controller_from_blob(blob, str(path))

@@ -27,6 +27,7 @@ from typing import Any, Callable, Iterable, Sequence
 import torch
 from torch import Tensor, nn
 
+from .batches import to_device
 from .distributed import is_distributed, mean_across_ranks
 
 Unpack = Callable[[Any], tuple[Any, Any]]
@@ -56,16 +57,6 @@ def default_unpack(batch: Any) -> tuple[Any, Any]:
         + (f" of length {len(batch)}" if isinstance(batch, (tuple, list)) else "")
         + "; pass unpack=fn where fn(batch) returns (inputs, targets)"
     )
-
-
-def _to_device(x: Any, device: torch.device) -> Any:
-    if isinstance(x, Tensor):
-        return x.to(device)
-    if isinstance(x, dict):
-        return {k: _to_device(v, device) for k, v in x.items()}
-    if isinstance(x, (tuple, list)):
-        return type(x)(_to_device(v, device) for v in x)
-    return x
 
 
 def _take(batches: Iterable, n: int) -> list:
@@ -339,11 +330,11 @@ def find_lr(
         if eval_batches is None:
             eval_batches = _take(batches, num_eval_batches)
         train_batches = None
-    eval_batches = [_to_device(unpack(b), device) for b in eval_batches]
+    eval_batches = [to_device(unpack(b), device) for b in eval_batches]
     if not eval_batches:
         raise ValueError("find_lr needs at least one evaluation batch (num_eval_batches >= 1)")
     if train_batches is not None:
-        train_batches = [_to_device(unpack(b), device) for b in train_batches]
+        train_batches = [to_device(unpack(b), device) for b in train_batches]
 
     def forward_loss(xy) -> Tensor:
         x, y = xy
@@ -371,7 +362,7 @@ def find_lr(
     def epoch_iter():
         while True:
             for b in batches:
-                yield _to_device(unpack(b), device)
+                yield to_device(unpack(b), device)
             yield None  # end of an epoch
 
     def train_step(xy) -> None:
@@ -418,8 +409,7 @@ def find_lr(
                     rates[h].append(rate)
                     losses[h].append(value)
             snap.restore()
-            if hasattr(bar, "set_postfix"):
-                bar.set_postfix(rate=f"{rate:.2e}", active=len([h for h in horizons if diverged[h] is None]))
+            bar.set_postfix(rate=f"{rate:.2e}", active=len([h for h in horizons if diverged[h] is None]))
     finally:
         snap.restore()
     # A horizon that diverged gets one more point at the limit (a lower bound of the loss at the
@@ -444,13 +434,9 @@ def find_lr(
 
 
 def _progress(items, enabled: bool):
-    if not enabled:
-        return items
-    try:
-        from tqdm.auto import tqdm
-    except ImportError:  # pragma: no cover
-        return items
-    return tqdm(items, desc="find_lr", leave=False)
+    from tqdm.auto import tqdm
+
+    return tqdm(items, desc="find_lr", leave=False, disable=not enabled)
 
 
 # ------------------------------------------------------------------------------------------------

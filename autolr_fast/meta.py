@@ -29,6 +29,7 @@ import torch
 from torch import Tensor, nn
 
 from . import dispatch
+from .batches import to_device
 from .distributed import mean_across_ranks
 
 
@@ -84,16 +85,6 @@ def _default_unpack(batch: Any) -> tuple[Any, Any]:
     raise TypeError(
         f"cannot unpack a validation batch of type {type(batch).__name__}; pass MetaConfig(unpack=...)"
     )
-
-
-def _to(x: Any, device: torch.device) -> Any:
-    if isinstance(x, Tensor):
-        return x.to(device, non_blocking=True)
-    if isinstance(x, (tuple, list)):
-        return type(x)(_to(v, device) for v in x)
-    if isinstance(x, dict):
-        return {k: _to(v, device) for k, v in x.items()}
-    return x
 
 
 class MetaTrainer:
@@ -153,7 +144,7 @@ class MetaTrainer:
             except StopIteration:
                 raise ValueError("MetaConfig.val_data is empty") from None
         x, y = self.unpack(batch)
-        return _to(x, self.sched.device), _to(y, self.sched.device)
+        return to_device(x, self.sched.device, non_blocking=True), to_device(y, self.sched.device, non_blocking=True)
 
     def _direction_args(self, group: dict, params: list[Tensor]) -> tuple[bool, tuple, tuple]:
         """``(is_sgd, tensors, hyper)``: what the optimizer's direction ``d`` is made of, as the

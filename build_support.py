@@ -24,7 +24,7 @@ import os
 import re
 import shutil
 import sys
-from typing import Callable, Mapping
+from collections.abc import Callable, Mapping
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
 OPS_DIR = os.path.join("csrc", "ops")
@@ -97,7 +97,8 @@ def decide_cuda(mode: str, torch_cuda_version: str | None, toolkit: str | None) 
     if not torch_cuda_version:
         missing.append("torch is a CPU-only build (torch.version.cuda is None)")
     if not toolkit:
-        missing.append("no CUDA toolkit found (set CUDA_HOME to a dir with include/cuda_runtime.h and lib64/libcudart*)")
+        missing.append("no CUDA toolkit found (set CUDA_HOME to a dir with include/cuda_runtime.h and "
+                       "lib64/libcudart*)")
     if missing:
         reason = "; ".join(missing)
         if mode == "1":

@@ -18,9 +18,11 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-from setuptools import setup
+from setuptools import find_packages, setup
 
-from build_support import extension_modules, cmdclass  # noqa: E402
+from build_support import cmdclass, extension_modules  # noqa: E402
+
+EXPERIMENTS = ["numpy", "matplotlib", "mnist1d", "scikit-learn"]
 
 setup(
     name="autolr_fast",
@@ -31,26 +33,26 @@ setup(
     else "",
     long_description_content_type="text/markdown",
     python_requires=">=3.10",
-    packages=["autolr_fast", "autolr_fast.kernels", "autolr_fast.runtime"],
-    package_dir={"autolr_fast": "autolr_fast", "autolr_fast.kernels": "kernels", "autolr_fast.runtime": "csrc/runtime"},
+    packages=find_packages(include=["autolr_fast", "autolr_fast.*", "autolr_experiments", "autolr_experiments.*"])
+    + ["autolr_fast.runtime"],
+    package_dir={"autolr_fast.runtime": "csrc/runtime"},
     package_data={
-        "autolr_fast": ["weights/*.pt", "weights/*.json"],
+        "autolr_fast.controllers": ["weights/*.pt", "weights/*.json"],
         # the C runtime's sources, headers and CMake config: C/C++ trainers build it from here
         "autolr_fast.runtime": ["CMakeLists.txt", "include/*.h", "src/*.cpp", "cmake/*", "examples/*.c",
-                                "examples/*.cpp", "bench/*.cpp", "fuzz/*.cpp", "tests/*.cmake", "tests/*.cpp", "tests/*.h",
-                                "tests/*.py", "tests/data/*"],
+                                "examples/*.cpp", "bench/*.cpp", "fuzz/*.cpp", "tests/*.cmake", "tests/*.cpp",
+                                "tests/*.h", "tests/*.py", "tests/data/*"],
     },
-    install_requires=[
-        "torch>=2.10",
-        "numpy",
-        "tqdm",
-        "matplotlib",
-        "mnist1d",
-        "scikit-learn",
-    ],
+    # The library needs torch and tqdm only; the experiment harness (autolr_experiments: demo,
+    # compare, meta-train, ...) needs the "experiments" extra.
+    install_requires=["torch>=2.10", "tqdm"],
     extras_require={
-        "test": ["pytest", "pytest-benchmark", "pytest-timeout", "ninja"],
-        "compare": ["schedulefree", "prodigyopt", "torch-lr-finder"],
+        "experiments": EXPERIMENTS,
+        "compare": EXPERIMENTS + ["schedulefree", "prodigyopt", "torch-lr-finder", "dog-optimizer", "dadaptation",
+                                  "mechanic-pytorch"],
+        "test": ["pytest", "pytest-benchmark", "pytest-timeout", "ninja", "ruff"],
+        # the framework adapters of autolr_fast.integrations (tested with these versions)
+        "integrations": ["lightning>=2.6", "transformers>=5.24", "accelerate>=1.15"],
     },
     ext_modules=extension_modules(),
     cmdclass=cmdclass(),

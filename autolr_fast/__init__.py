@@ -1,18 +1,29 @@
 """autolr_fast: a learned learning-rate controller (MLR-SNet) for PyTorch training loops.
 
-Public API (nothing else is exported)::
+Public API (nothing else is exported):
 
-    from autolr_fast import AutoLR, MLRSNet, MetaConfig, load_pretrained
+* :class:`AutoLR`: the drop-in scheduler (one ``sched.step(loss)`` per step);
+* :class:`MetaConfig`: online meta-training of the controller;
+* controllers: :class:`MLRSNet`, :class:`ActionController`, :class:`Controller` (the interface
+  ``AutoLR`` needs), :func:`load_pretrained`, :func:`load_controller`, :func:`save_controller`;
+* :func:`find_lr`: the learning-rate range test;
+* :func:`export` / :func:`load`: TorchScript + the C runtime's weights file;
+* :func:`auto_gamma` (the published scale rule) and :func:`backend_info` (what is built).
 """
 
-from .action import ActionController
-from .controller import MLRSNet
-from .dispatch import backend_info
+from .controllers import (
+    ActionController,
+    Controller,
+    MLRSNet,
+    load_controller,
+    load_pretrained,
+    save_controller,
+)
 from .exporting import export, load
 from .lr_finder import find_lr
 from .meta import MetaConfig
-from .pretrained import load_controller, load_pretrained, save_controller
-from .reference import auto_gamma
+from .ops.dispatch import backend_info
+from .ops.reference import auto_gamma
 from .scheduler import AutoLR
 
 __version__ = "0.1.0"
@@ -20,6 +31,7 @@ __version__ = "0.1.0"
 __all__ = [
     "ActionController",
     "AutoLR",
+    "Controller",
     "MLRSNet",
     "MetaConfig",
     "auto_gamma",

@@ -1,6 +1,8 @@
 """Command line: ``python -m autolr_fast <command> [options]``.
 
-Each command lives in its own module and exposes ``main(argv)``; this file only routes.
+Each command lives in its own module and exposes ``main(argv)``; this file only routes. The
+library's own commands (``export``, ``info``) need nothing beyond torch; the others are the
+experiment harness (:mod:`autolr_experiments`), which needs the ``experiments`` extra.
 """
 
 from __future__ import annotations
@@ -9,15 +11,15 @@ import importlib
 import sys
 
 COMMANDS = {
-    "demo": ("autolr_fast.demo", "train a small CNN on MNIST-1D with AutoLR and with cosine annealing"),
-    "meta-train": ("autolr_fast.meta_train", "meta-train a controller online on MNIST-1D and compare it"),
-    "compare": ("autolr_fast.compare", "schedule-quality comparison against common schedules and optimizers"),
-    "bench": ("autolr_fast.bench_report", "run the overhead benchmarks and render tables and a chart"),
-    "find-lr": ("autolr_fast.lr_finder", "learning-rate range test"),
-    "collect": ("autolr_fast.collect", "branching data collection for the action controller"),
-    "train-action": ("autolr_fast.action_training", "train action-controller models on collected data"),
+    "demo": ("autolr_experiments.demo", "train a small CNN on MNIST-1D with AutoLR and with cosine annealing"),
+    "meta-train": ("autolr_experiments.meta_train", "meta-train a controller online on MNIST-1D and compare it"),
+    "compare": ("autolr_experiments.compare", "schedule-quality comparison against common schedules and optimizers"),
+    "bench": ("autolr_experiments.bench_report", "run the overhead benchmarks and render tables and a chart"),
+    "find-lr": ("autolr_experiments.find_lr", "learning-rate range test"),
+    "collect": ("autolr_experiments.collect", "branching data collection for the action controller"),
+    "train-action": ("autolr_experiments.action_training", "train action-controller models on collected data"),
     "export": ("autolr_fast.exporting", "export a controller to TorchScript for the C++ runtime"),
-    "info": ("autolr_fast.dispatch", "which backends are built and in use"),
+    "info": ("autolr_fast.ops.dispatch", "which backends are built and in use"),
 }
 
 
@@ -36,7 +38,15 @@ def main(argv: list[str] | None = None) -> int:
     if name not in COMMANDS:
         print(f"unknown command {name!r}\n\n{_usage()}", file=sys.stderr)
         return 2
-    module = importlib.import_module(COMMANDS[name][0])
+    try:
+        module = importlib.import_module(COMMANDS[name][0])
+    except ModuleNotFoundError as exc:
+        if not COMMANDS[name][0].startswith("autolr_experiments"):
+            raise
+        print(f"`{name}` is part of the experiment harness, which needs {exc.name!r}: install it with "
+              "`pip install \"autolr_fast[experiments]\"` (or `pip install -e \".[experiments]\"` in a checkout)",
+              file=sys.stderr)
+        return 2
     return int(module.main(rest) or 0)
 
 

@@ -3,7 +3,7 @@ same controller weights, so that every rank gets the same learning rate."""
 
 from __future__ import annotations
 
-from typing import Iterable
+from collections.abc import Iterable
 
 import torch
 import torch.distributed as dist
@@ -28,11 +28,6 @@ def mean_across_ranks(value: Tensor) -> Tensor:
     out = value.detach().to(torch.float32).clone()
     dist.all_reduce(out, op=dist.ReduceOp.SUM)
     return out.div_(dist.get_world_size())
-
-
-def sum_across_ranks_(value: Tensor) -> Tensor:
-    dist.all_reduce(value, op=dist.ReduceOp.SUM)
-    return value
 
 
 def broadcast_from_rank0_(tensors: Iterable[Tensor]) -> None:

@@ -23,7 +23,9 @@ import argparse
 import contextlib
 import math
 import os
+import shutil
 import struct
+import subprocess
 import sys
 import warnings
 import zipfile
@@ -33,7 +35,11 @@ from typing import NamedTuple
 import torch
 from torch import Tensor, nn
 
-from .controller import MLRSNet
+from .controllers.files import read_file
+from .controllers.mlrsnet import MLRSNet
+from .controllers.pretrained import load_pretrained
+from .ops import reference
+from .scheduler import AutoLR
 
 __all__ = [
     "FORMAT_VERSION",
@@ -81,18 +87,8 @@ class _ScriptCell(nn.Module):
             self.register_buffer(name, t.detach().to(torch.float32).clone().contiguous())
 
     def forward(self, x: Tensor, h: Tensor, c: Tensor) -> tuple[Tensor, Tensor]:
-        F = torch.nn.functional
-        zx = F.linear(torch.relu(F.linear(x, self.i2h0_w, self.i2h0_b)), self.i2h2_w, self.i2h2_b)
-        zh = F.linear(torch.relu(F.linear(h, self.h2h0_w, self.h2h0_b)), self.h2h2_w, self.h2h2_b)
-        z = zx + zh
-        zs = z.chunk(4, dim=1)
-        i = torch.sigmoid(zs[0])
-        f = torch.sigmoid(zs[1] - 1.0)
-        o = torch.sigmoid(zs[2])
-        g = torch.tanh(zs[3])
-        c_new = f * c + i * g
-        h_new = o * torch.tanh(c_new)
-        return h_new, c_new
+        w = [self.i2h0_w, self.i2h0_b, self.i2h2_w, self.i2h2_b, self.h2h0_w, self.h2h0_b, self.h2h2_w, self.h2h2_b]
+        return reference.mlrsnet_cell(x, h, c, w, False)
 
 
 class ExportedMLRSNet(nn.Module):
@@ -151,12 +147,7 @@ class ExportedMLRSNet(nn.Module):
 # ALRW: the self-describing weights blob (docs/runtime.md)
 # ------------------------------------------------------------------------------------------------
 def _expected_sizes(hidden: int, layers: int) -> list[int]:
-    m = max(hidden // 2, 1)
-    sizes = []
-    for k in range(layers):
-        inp = 1 if k == 0 else hidden
-        sizes += [m * inp, m, 4 * hidden * m, 4 * hidden, m * hidden, m, 4 * hidden * m, 4 * hidden]
-    return sizes + [hidden, 1]
+    return [math.prod(shape) for shape in reference.weight_shapes(layers, hidden)]
 
 
 def pack_weights(net: MLRSNet, gamma: float, h: Tensor, c: Tensor, rate: float) -> bytes:
@@ -234,8 +225,6 @@ def unpack_weights(data: bytes, source: str = "<bytes>") -> Exported:
 # export / load
 # ------------------------------------------------------------------------------------------------
 def _resolve(obj, gamma: float | None) -> tuple[MLRSNet, float, Tensor, Tensor, float]:
-    from .scheduler import AutoLR
-
     if isinstance(obj, AutoLR):
         if gamma is not None:
             raise ValueError("export(AutoLR, ...) takes gamma from the scheduler; do not pass gamma=")
@@ -351,8 +340,6 @@ def include_dir() -> str:
 
 def find_cmake() -> str | None:
     """``cmake`` on PATH, or next to the Python interpreter (the ``cmake`` PyPI package)."""
-    import shutil
-
     found = shutil.which("cmake")
     if found:
         return found
@@ -371,8 +358,6 @@ def build_runtime(build_dir: str | os.PathLike, *, tests: bool = False, sanitize
     The shared library is ``<build_dir>/libautolr.so`` (``.dylib``/``.dll`` elsewhere). Raises
     ``RuntimeError`` with CMake's output if a step fails, ``FileNotFoundError`` without cmake.
     """
-    import subprocess
-
     cmake = find_cmake()
     if cmake is None:
         raise FileNotFoundError("cmake was not found (pip install cmake, or install it with your package manager)")
@@ -415,10 +400,7 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def _load_checkpoint(path: str) -> MLRSNet:
-    try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:
-        raise ValueError(f"could not read a state_dict from {path!r}: {exc}") from exc
+    state = read_file(path, "an MLRSNet state_dict")
     if not isinstance(state, dict) or "head.weight" not in state or "h" not in state:
         raise ValueError(f"{path!r} is not an MLRSNet state_dict (expected keys 'cells.0...', 'head.weight', 'h', 'c')")
     layers, hidden = state["h"].shape
@@ -445,15 +427,11 @@ def main(argv: list[str] | None = None) -> int:
         elif args.checkpoint:
             net = _load_checkpoint(args.checkpoint)
         elif args.pretrained:
-            try:
-                from .pretrained import load_pretrained
-            except ImportError:
-                print("error: this autolr_fast has no pretrained controllers; use --official PATH or "
-                      "--checkpoint PATH", file=sys.stderr)
-                return 2
             net = load_pretrained(args.pretrained)
+            if not isinstance(net, MLRSNet):
+                parser.error(f"{args.pretrained!r} is not an MLR-SNet controller; the runtime runs MLR-SNet only")
             if gamma is None:
-                gamma = getattr(net, "default_gamma", None)
+                gamma = net.default_gamma
         else:
             parser.error("give one of --official PATH, --checkpoint PATH, --pretrained NAME")
         if gamma is None:

@@ -4,13 +4,17 @@
 about them it needs the numbers on the host, which must never stall the training loop: on a
 GPU a non-blocking copy into pinned memory is issued every ``every`` steps and read only once
 its CUDA event has completed (``Event.query()`` does not block); on the CPU the counters are
-host memory already and are read through a NumPy view made once.
+host memory already and are read in place (through a NumPy view when NumPy is installed).
 """
 
 from __future__ import annotations
 
-import numpy as np
 import torch
+
+try:
+    import numpy
+except ImportError:  # the library does not require NumPy
+    numpy = None
 
 
 class DeviceCounters:
@@ -26,24 +30,26 @@ class DeviceCounters:
         else:
             self._host = None
             self._event = None
-            self._view = self.values.numpy()  # shares memory: no copy, no sync
-        self._seen = np.zeros(len(names), dtype=np.int64)
+            # shares memory: no copy, no sync, no dispatch
+            self._view = self.values.numpy() if numpy is not None else self.values
+        self._seen = [0] * len(names)
         self._seen_steps = 0
         self._pending_steps = 0
 
-    def poll(self, steps: int) -> dict[str, int]:
+    def poll(self, steps: int, eager: bool = False) -> dict[str, int]:
         """Counter values known on the host now (possibly a few steps old on a GPU), and under
-        ``"steps"`` the host's step count ``steps`` at the moment they were captured."""
+        ``"steps"`` the host's step count ``steps`` at the moment they were captured. ``eager``
+        starts a copy on every call (not every ``every``-th) while the caller waits for news."""
         self._calls += 1
         if self._view is not None:
-            self._seen = self._view.copy()
+            self._seen = self._view.tolist()
             self._seen_steps = steps
         else:
             if self._event is not None and self._event.query():
-                self._seen = self._host.numpy().copy()
+                self._seen = self._host.tolist()
                 self._seen_steps = self._pending_steps
                 self._event = None
-            if self._event is None and self._calls % self.every == 0:
+            if self._event is None and (eager or self._calls % self.every == 0):
                 self._host.copy_(self.values, non_blocking=True)
                 self._event = torch.cuda.Event()
                 self._event.record()

@@ -17,15 +17,15 @@ separate trial) but every point answers the same question from the same weights.
 
 from __future__ import annotations
 
-import argparse
-import json
 import math
 import warnings
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Callable, Iterable, Sequence
+from typing import Any
 
 import torch
 from torch import Tensor, nn
+from tqdm.auto import tqdm
 
 from .batches import to_device
 from .distributed import is_distributed, mean_across_ranks
@@ -108,25 +108,26 @@ class TrainingSnapshot:
                        for g in optimizer.param_groups]
         self.training = [m.training for m in model.modules()]
         self.cpu_rng = torch.get_rng_state()
-        self.cuda_rng = torch.cuda.get_rng_state_all() if torch.cuda.is_available() and torch.cuda.is_initialized() else None
+        cuda_on = torch.cuda.is_available() and torch.cuda.is_initialized()
+        self.cuda_rng = torch.cuda.get_rng_state_all() if cuda_on else None
 
     def _model_tensors(self) -> list[Tensor]:
         return list(self.model.parameters()) + [b for b in self.model.buffers()]
 
     @torch.no_grad()
     def restore(self) -> None:
-        for t, saved in zip(self._model_tensors(), self.tensors):
+        for t, saved in zip(self._model_tensors(), self.tensors, strict=True):
             t.copy_(saved)
         self.optimizer.state.clear()
         for p, s in self.opt_state.items():
             self.optimizer.state[p] = _clone(s)
-        for g, saved in zip(self.optimizer.param_groups, self.groups):
+        for g, saved in zip(self.optimizer.param_groups, self.groups, strict=True):
             for k, v in saved.items():
                 if isinstance(v, Tensor) and isinstance(g.get(k), Tensor) and g[k].shape == v.shape:
                     g[k].copy_(v)
                 else:
                     g[k] = _clone(v)
-        for m, mode in zip(self.model.modules(), self.training):
+        for m, mode in zip(self.model.modules(), self.training, strict=True):
             m.training = mode
         for p in self.model.parameters():
             p.grad = None
@@ -136,7 +137,7 @@ class TrainingSnapshot:
 
 
 def _set_rate(optimizer: torch.optim.Optimizer, rate: float, scales: Sequence[float]) -> None:
-    for g, s in zip(optimizer.param_groups, scales):
+    for g, s in zip(optimizer.param_groups, scales, strict=True):
         if isinstance(g["lr"], Tensor):
             g["lr"].fill_(rate * s)
         else:
@@ -161,7 +162,7 @@ def smooth_curve(values: Sequence[float], window: int) -> list[float]:
 
 def steepest_rate(rates: Sequence[float], losses: Sequence[float]) -> float:
     """The rate where ``losses`` falls fastest against ``log(rate)`` (central differences)."""
-    pts = [(math.log(r), v) for r, v in zip(rates, losses) if math.isfinite(v)]
+    pts = [(math.log(r), v) for r, v in zip(rates, losses, strict=True) if math.isfinite(v)]
     if len(pts) < 2:
         return float("nan")
     slopes = []
@@ -176,9 +177,10 @@ class LRFinderResult:
     """Per horizon: the rates tried (up to divergence), raw and smoothed losses, a suggestion.
 
     ``suggestion`` is the rate at the minimum of the smoothed curve of the longest horizon that
-    has any point (the point where a horizon diverged enters the smoothing window at the
-    divergence limit, a lower bound of its loss, so the minimum is not taken at the cliff edge) (the constant rate that reached the lowest loss after that many steps/epochs);
-    ``suggestions`` holds that rule for every horizon. NaN when no rate was usable.
+    has any point: the constant rate that reached the lowest loss after that many steps/epochs
+    (the point where a horizon diverged enters the smoothing window at the divergence limit, a
+    lower bound of its loss, so the minimum is not taken at the cliff edge). ``suggestions`` holds
+    that rule for every horizon. NaN when no rate was usable.
     ``steepest`` is the other common rule (fastai, ``torch-lr-finder``): the rate where the
     smoothed loss falls fastest per decade of rate; usually lower and more conservative.
     """
@@ -205,7 +207,8 @@ class LRFinderResult:
         key = lambda d: {str(k): v for k, v in d.items()}  # noqa: E731  (JSON keys are strings)
         return {"horizons": self.horizons, "unit": self.unit, "start_loss": self.start_loss,
                 "suggestion": self.suggestion, "suggestions": key(self.suggestions),
-                "diverged_at": key(self.diverged_at), "steepest": key(self.steepest), "rates": key(self.rates), "losses": key(self.losses),
+                "diverged_at": key(self.diverged_at), "steepest": key(self.steepest), "rates": key(self.rates),
+                "losses": key(self.losses),
                 "smoothed": key(self.smoothed), "settings": self.settings}
 
     def table(self) -> str:
@@ -228,7 +231,7 @@ class LRFinderResult:
 
         n = len(self.horizons)
         fig, axes = plt.subplots(1, n, figsize=(4.2 * n, 3.4), squeeze=False)
-        for ax, h in zip(axes[0], self.horizons):
+        for ax, h in zip(axes[0], self.horizons, strict=True):
             ax.plot(self.rates[h], self.losses[h], ".", alpha=0.4, label="loss")
             ax.plot(self.rates[h], self.smoothed[h], "-", label="smoothed")
             if math.isfinite(self.suggestions[h]):
@@ -248,6 +251,151 @@ class LRFinderResult:
 # ------------------------------------------------------------------------------------------------
 # The range test
 # ------------------------------------------------------------------------------------------------
+def _check_arguments(horizons: Sequence[int], unit: str, start_lr: float, end_lr: float, num: int,
+                     diverge_factor: float | None, smoothing: int) -> list[int]:
+    """Validate ``find_lr``'s settings; returns the horizons, sorted and without repeats."""
+    horizons = sorted({int(h) for h in horizons})
+    if not horizons or horizons[0] < 1:
+        raise ValueError(f"horizons must be positive integers, got {horizons}")
+    if unit not in ("steps", "epochs"):
+        raise ValueError(f"unit must be 'steps' or 'epochs', got {unit!r}")
+    if not (0 < start_lr < end_lr) or not math.isfinite(end_lr):
+        raise ValueError(f"need 0 < start_lr < end_lr (finite), got start_lr={start_lr}, end_lr={end_lr}")
+    if num < 2:
+        raise ValueError(f"num must be >= 2 rates, got {num}")
+    if diverge_factor is not None and not diverge_factor > 0:
+        raise ValueError(f"diverge_factor must be > 0 or None, got {diverge_factor}")
+    if smoothing < 1:
+        raise ValueError(f"smoothing must be a window of >= 1 points, got {smoothing}")
+    return horizons
+
+
+def _model_device(model: nn.Module) -> torch.device:
+    try:
+        return next(model.parameters()).device
+    except StopIteration:
+        raise ValueError("find_lr needs a model with parameters") from None
+
+
+def _split_batches(batches: Iterable, unit: str, longest: int, eval_batches: Sequence | None,
+                   num_eval_batches: int) -> tuple[Sequence, list | None]:
+    """``(eval_batches, train_batches)``: with ``unit="steps"`` the first batches are taken once
+    (the evaluation ones first, unless given) and every trial trains on the same ``longest``;
+    with ``unit="epochs"`` every trial iterates ``batches`` itself (None)."""
+    if unit == "steps":
+        taken = _take(batches, longest + (0 if eval_batches is not None else num_eval_batches))
+        if eval_batches is None:
+            return taken[:num_eval_batches], taken[num_eval_batches:]
+        return eval_batches, taken
+    if iter(batches) is batches:
+        raise ValueError("unit='epochs' needs re-iterable batches (a list or a DataLoader), not an iterator")
+    return (_take(batches, num_eval_batches) if eval_batches is None else eval_batches), None
+
+
+class _Trial:
+    """Trains the model at one rate from the snapshot and measures it after each horizon."""
+
+    def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer, loss_fn: Callable, unit: str,
+                 batches: Iterable, train_batches: list | None, eval_batches: list, unpack: Unpack,
+                 device: torch.device, dist_on: bool) -> None:
+        self.model, self.optimizer, self.loss_fn, self.unit = model, optimizer, loss_fn, unit
+        self.batches, self.train_batches, self.eval_batches = batches, train_batches, eval_batches
+        self.unpack, self.device, self.dist_on = unpack, device, dist_on
+
+    def forward_loss(self, xy) -> Tensor:
+        x, y = xy
+        out = self.model(**x) if isinstance(x, dict) else self.model(x)
+        return self.loss_fn(out, y)
+
+    def eval_loss(self) -> float:
+        """Mean loss over the evaluation batches. Measuring must not change the trial: buffers
+        (BatchNorm running stats move in train mode) and the RNG (dropout) are put back."""
+        buffers = [b.detach().clone() for b in self.model.buffers()]
+        rng = torch.get_rng_state()
+        with torch.no_grad():
+            total = torch.zeros((), device=self.device, dtype=torch.float32)
+            for xy in self.eval_batches:
+                total = total + self.forward_loss(xy).detach().float()
+            total = total / len(self.eval_batches)
+            if self.dist_on:
+                total = mean_across_ranks(total)
+            value = float(total)
+            for b, saved in zip(self.model.buffers(), buffers, strict=True):
+                b.copy_(saved)
+        torch.set_rng_state(rng)
+        return value
+
+    def _train_step(self, xy) -> None:
+        self.optimizer.zero_grad(set_to_none=True)
+        loss = self.forward_loss(xy)
+        loss.backward()
+        self.optimizer.step()
+
+    def _epochs(self):
+        """Batches on the device, ``None`` after each pass over ``batches``."""
+        while True:
+            for b in self.batches:
+                yield to_device(self.unpack(b), self.device)
+            yield None
+
+    def losses_after(self, horizons: list[int]):
+        """Train to each horizon in turn (ascending) and yield ``(horizon, eval loss)`` there."""
+        done = 0
+        epochs = self._epochs() if self.unit == "epochs" else None
+        for h in horizons:
+            while done < h:
+                if epochs is None:
+                    self._train_step(self.train_batches[done])
+                else:
+                    for xy in epochs:
+                        if xy is None:
+                            break
+                        self._train_step(xy)
+                done += 1
+            yield h, self.eval_loss()
+
+
+def _sweep(trial: _Trial, snap: TrainingSnapshot, rates_grid: list[float], scales: list[float], horizons: list[int],
+           limit: float | None, progress: bool) -> tuple[dict, dict, dict]:
+    """One trial per rate until every horizon has diverged: ``(rates, losses, diverged_at)`` per
+    horizon (a diverged point is left out of its curve and ends that horizon)."""
+    rates: dict[int, list[float]] = {h: [] for h in horizons}
+    losses: dict[int, list[float]] = {h: [] for h in horizons}
+    diverged: dict[int, float | None] = {h: None for h in horizons}
+    bar = tqdm(rates_grid, desc="find_lr", leave=False, disable=not progress)
+    for rate in bar:
+        active = [h for h in horizons if diverged[h] is None]
+        if not active:
+            break
+        _set_rate(trial.optimizer, rate, scales)
+        for h, value in trial.losses_after(active):
+            if not math.isfinite(value) or (limit is not None and value > limit):
+                diverged[h] = rate
+            else:
+                rates[h].append(rate)
+                losses[h].append(value)
+        snap.restore()
+        bar.set_postfix(rate=f"{rate:.2e}", active=len([h for h in horizons if diverged[h] is None]))
+    return rates, losses, diverged
+
+
+def _suggestions(horizons: list[int], rates: dict, losses: dict, diverged: dict, limit: float | None,
+                 smoothing: int) -> tuple[dict, dict, dict]:
+    """``(smoothed, suggestions, steepest)`` per horizon. A horizon that diverged gets one more
+    point at the limit (a lower bound of the loss at the rate that diverged) for the smoothing
+    only, so a minimum right at the cliff is pulled up."""
+    smoothed = {}
+    for h in horizons:
+        pad = [limit] if diverged[h] is not None and limit is not None else []
+        smoothed[h] = smooth_curve(losses[h] + pad, smoothing)[: len(losses[h])]
+    suggestions = {}
+    for h in horizons:
+        finite = [(v, r) for v, r in zip(smoothed[h], rates[h], strict=True) if math.isfinite(v)]
+        suggestions[h] = min(finite)[1] if finite else float("nan")
+    steepest = {h: steepest_rate(rates[h], smoothed[h]) for h in horizons}
+    return smoothed, suggestions, steepest
+
+
 def find_lr(
     model: nn.Module,
     optimizer: torch.optim.Optimizer,
@@ -296,207 +444,36 @@ def find_lr(
 
     Returns an :class:`LRFinderResult`; model, buffers, optimizer state and RNG are restored.
     """
-    horizons = sorted({int(h) for h in horizons})
-    if not horizons or horizons[0] < 1:
-        raise ValueError(f"horizons must be positive integers, got {horizons}")
-    if unit not in ("steps", "epochs"):
-        raise ValueError(f"unit must be 'steps' or 'epochs', got {unit!r}")
-    if not (0 < start_lr < end_lr) or not math.isfinite(end_lr):
-        raise ValueError(f"need 0 < start_lr < end_lr (finite), got start_lr={start_lr}, end_lr={end_lr}")
-    if num < 2:
-        raise ValueError(f"num must be >= 2 rates, got {num}")
-    if diverge_factor is not None and not diverge_factor > 0:
-        raise ValueError(f"diverge_factor must be > 0 or None, got {diverge_factor}")
-    if smoothing < 1:
-        raise ValueError(f"smoothing must be a window of >= 1 points, got {smoothing}")
+    horizons = _check_arguments(horizons, unit, start_lr, end_lr, num, diverge_factor, smoothing)
     unpack = unpack or default_unpack
-    try:
-        device = next(model.parameters()).device
-    except StopIteration:
-        raise ValueError("find_lr needs a model with parameters") from None
+    device = _model_device(model)
     dist_on = is_distributed(distributed)
-
-    # -- data ----------------------------------------------------------------------------------
-    if unit == "steps":
-        need = max(horizons) + (0 if eval_batches is not None else num_eval_batches)
-        taken = _take(batches, need)
-        if eval_batches is None:
-            eval_batches, train_batches = taken[:num_eval_batches], taken[num_eval_batches:]
-        else:
-            train_batches = taken
-    else:
-        if iter(batches) is batches:
-            raise ValueError("unit='epochs' needs re-iterable batches (a list or a DataLoader), not an iterator")
-        if eval_batches is None:
-            eval_batches = _take(batches, num_eval_batches)
-        train_batches = None
+    eval_batches, train_batches = _split_batches(batches, unit, max(horizons), eval_batches, num_eval_batches)
     eval_batches = [to_device(unpack(b), device) for b in eval_batches]
     if not eval_batches:
         raise ValueError("find_lr needs at least one evaluation batch (num_eval_batches >= 1)")
     if train_batches is not None:
         train_batches = [to_device(unpack(b), device) for b in train_batches]
-
-    def forward_loss(xy) -> Tensor:
-        x, y = xy
-        out = model(**x) if isinstance(x, dict) else model(x)
-        return loss_fn(out, y)
-
-    def eval_loss() -> float:
-        # Measuring must not change the trial: buffers (BatchNorm running stats move in train
-        # mode) and the RNG (dropout) are put back afterwards.
-        buffers = [b.detach().clone() for b in model.buffers()]
-        rng = torch.get_rng_state()
-        with torch.no_grad():
-            total = torch.zeros((), device=device, dtype=torch.float32)
-            for xy in eval_batches:
-                total = total + forward_loss(xy).detach().float()
-            total = total / len(eval_batches)
-            if dist_on:
-                total = mean_across_ranks(total)
-            value = float(total)
-            for b, saved in zip(model.buffers(), buffers):
-                b.copy_(saved)
-        torch.set_rng_state(rng)
-        return value
-
-    def epoch_iter():
-        while True:
-            for b in batches:
-                yield to_device(unpack(b), device)
-            yield None  # end of an epoch
-
-    def train_step(xy) -> None:
-        optimizer.zero_grad(set_to_none=True)
-        loss = forward_loss(xy)
-        loss.backward()
-        optimizer.step()
+    trial = _Trial(model, optimizer, loss_fn, unit, batches, train_batches, eval_batches, unpack, device, dist_on)
 
     snap = TrainingSnapshot(model, optimizer)
-    lr0 = optimizer.param_groups[0]["lr"]
-    lr0 = float(lr0)
+    lr0 = float(optimizer.param_groups[0]["lr"])
     scales = [float(g["lr"]) / lr0 if lr0 > 0 else 1.0 for g in optimizer.param_groups]
     rates_grid = torch.logspace(math.log10(start_lr), math.log10(end_lr), num, dtype=torch.float64).tolist()
-    rates = {h: [] for h in horizons}
-    losses = {h: [] for h in horizons}
-    diverged: dict[int, float | None] = {h: None for h in horizons}
     try:
-        start_loss = eval_loss()
+        start_loss = trial.eval_loss()
         if not math.isfinite(start_loss):
             raise ValueError(f"the loss at call time is {start_loss}; find_lr needs a finite starting loss")
         limit = None if diverge_factor is None else diverge_factor * start_loss
-        bar = _progress(rates_grid, progress)
-        for rate in bar:
-            active = [h for h in horizons if diverged[h] is None]
-            if not active:
-                break
-            _set_rate(optimizer, rate, scales)
-            done = 0
-            it = epoch_iter() if unit == "epochs" else None
-            for h in active:
-                while done < h:
-                    if unit == "steps":
-                        train_step(train_batches[done])
-                    else:
-                        for xy in it:
-                            if xy is None:
-                                break
-                            train_step(xy)
-                    done += 1
-                value = eval_loss()
-                if not math.isfinite(value) or (limit is not None and value > limit):
-                    diverged[h] = rate
-                else:
-                    rates[h].append(rate)
-                    losses[h].append(value)
-            snap.restore()
-            bar.set_postfix(rate=f"{rate:.2e}", active=len([h for h in horizons if diverged[h] is None]))
+        rates, losses, diverged = _sweep(trial, snap, rates_grid, scales, horizons, limit, progress)
     finally:
         snap.restore()
-    # A horizon that diverged gets one more point at the limit (a lower bound of the loss at the
-    # rate that diverged) for the smoothing only, so a minimum right at the cliff is pulled up.
-    smoothed = {}
-    for h in horizons:
-        pad = [limit] if diverged[h] is not None and limit is not None else []
-        smoothed[h] = smooth_curve(losses[h] + pad, smoothing)[: len(losses[h])]
-    suggestions = {}
-    for h in horizons:
-        finite = [(v, r) for v, r in zip(smoothed[h], rates[h]) if math.isfinite(v)]
-        suggestions[h] = min(finite)[1] if finite else float("nan")
-    steepest = {h: steepest_rate(rates[h], smoothed[h]) for h in horizons}
+    smoothed, suggestions, steepest = _suggestions(horizons, rates, losses, diverged, limit, smoothing)
     if all(not rates[h] for h in horizons):
-        warnings.warn(f"find_lr: every rate from start_lr={start_lr:g} diverged; try a smaller start_lr")
+        warnings.warn(f"find_lr: every rate from start_lr={start_lr:g} diverged; try a smaller start_lr", stacklevel=2)
     result = LRFinderResult(horizons, unit, start_loss, rates, losses, smoothed, suggestions, diverged, steepest,
                             {"start_lr": start_lr, "end_lr": end_lr, "num": num, "diverge_factor": diverge_factor,
                              "smoothing": smoothing, "num_eval_batches": len(eval_batches)})
     if plot:
         result.plot(plot)
     return result
-
-
-def _progress(items, enabled: bool):
-    from tqdm.auto import tqdm
-
-    return tqdm(items, desc="find_lr", leave=False, disable=not enabled)
-
-
-# ------------------------------------------------------------------------------------------------
-# Command line
-# ------------------------------------------------------------------------------------------------
-def make_optimizer(name: str, params, lr: float = 1e-3) -> torch.optim.Optimizer:
-    if name == "sgd":
-        return torch.optim.SGD(params, lr=lr, momentum=0.9)
-    if name == "adam":
-        return torch.optim.Adam(params, lr=lr)
-    raise ValueError(f"unknown optimizer {name!r}: use sgd or adam")
-
-
-def main(argv: list[str] | None = None) -> int:
-    from .tasks import available_tasks, get_task
-
-    p = argparse.ArgumentParser(prog="python -m autolr_fast find-lr", description=__doc__.split("\n")[0])
-    p.add_argument("--task", default="mnist1d-cnn", help=f"one of {', '.join(available_tasks())}")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--optimizer", default="sgd", choices=["sgd", "adam"])
-    p.add_argument("--batch-size", type=int, default=64)
-    p.add_argument("--horizons", type=int, nargs="+", default=[1, 4, 16])
-    p.add_argument("--unit", default="steps", choices=["steps", "epochs"])
-    p.add_argument("--start-lr", type=float, default=1e-6)
-    p.add_argument("--end-lr", type=float, default=100.0)
-    p.add_argument("--num", type=int, default=100)
-    p.add_argument("--diverge-factor", type=float, default=1.1)
-    p.add_argument("--smoothing", type=int, default=5)
-    p.add_argument("--pretrain-steps", type=int, default=0, help="train this many steps at --pretrain-lr first (mid-training test)")
-    p.add_argument("--pretrain-lr", type=float, default=0.01)
-    p.add_argument("--plot", default="lr_finder.png")
-    p.add_argument("--out", default="lr_finder.json")
-    p.add_argument("--quick", action="store_true", help="few rates, short horizons: a smoke run in seconds")
-    args = p.parse_args(argv)
-    if args.quick:
-        args.num = min(args.num, 12)
-        args.horizons = [h for h in args.horizons if h <= 4] or [1]
-        args.start_lr, args.end_lr = max(args.start_lr, 1e-4), min(args.end_lr, 10.0)
-
-    torch.manual_seed(args.seed)
-    task = get_task(args.task, seed=args.seed)
-    model = task.make_model()
-    opt = make_optimizer(args.optimizer, model.parameters(), args.pretrain_lr)
-    if args.pretrain_steps:
-        for i, (x, y) in enumerate(task.batches(args.batch_size, seed=args.seed + 1000)):
-            if i >= args.pretrain_steps:
-                break
-            opt.zero_grad()
-            task.loss_fn(model(x), y).backward()
-            opt.step()
-    batches = task.batches(args.batch_size, seed=args.seed) if args.unit == "steps" else \
-        list(task.batches(args.batch_size, seed=args.seed, epochs=1))
-    res = find_lr(model, opt, task.loss_fn, batches, start_lr=args.start_lr, end_lr=args.end_lr, num=args.num,
-                  horizons=args.horizons, unit=args.unit, diverge_factor=args.diverge_factor,
-                  smoothing=args.smoothing, plot=args.plot)
-    out = res.to_dict()
-    out["settings"].update({"task": args.task, "seed": args.seed, "optimizer": args.optimizer,
-                            "batch_size": args.batch_size, "pretrain_steps": args.pretrain_steps})
-    with open(args.out, "w") as f:
-        json.dump(out, f, indent=1)
-    print(res.table())
-    print(f"\nsuggested rate: {res.suggestion:.4g}   (plot: {args.plot}, data: {args.out})")
-    return 0

@@ -6,7 +6,8 @@ Every ``interval`` scheduler steps, with the gradient the user already computed:
 1. ``p = controller(L)`` from the current state (not advanced), ``alpha = gamma * p``;
 2. ``w_hat = w - alpha * d`` with ``d`` the direction the optimizer is about to take
    (SGD: weight decay, momentum, dampening, Nesterov; Adam/AdamW: the bias-corrected Adam
-   update plus AdamW's decoupled decay), one fused pass, ``d`` never stored;
+   update, each parameter with its own step count, plus AdamW's decoupled decay), one fused
+   pass per (device, dtype) of a param group, ``d`` never stored;
 3. ``L_val(w_hat)`` on the next validation batch (``torch.func.functional_call``; BatchNorm
    buffers are cloned, so the model's running statistics do not move);
 4. since ``d`` does not depend on theta,
@@ -22,15 +23,25 @@ and its optimizer state are restored on the device, no host sync).
 from __future__ import annotations
 
 import os
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
-from typing import Any, Callable, Iterable
+from typing import Any
 
 import torch
 from torch import Tensor, nn
 
-from . import dispatch
+try:  # sharded parameters (FSDP2, tensor parallel); absent from builds without torch.distributed
+    from torch.distributed.tensor import DTensor
+except ImportError:
+    DTensor = None
+
 from .batches import to_device
+from .controllers.mlrsnet import MLRSNet
+from .controllers.pretrained import save_controller
 from .distributed import mean_across_ranks
+from .ops import dispatch
+
+_END = object()  # next(iterator, _END): the end of a pass over val_data
 
 
 @dataclass
@@ -40,7 +51,11 @@ class MetaConfig:
     Args:
         model: the model being trained (the optimizer's parameters must be its parameters; a
             ``DistributedDataParallel`` wrapper is unwrapped).
-        val_data: an iterable of validation batches, cycled (re-iterated when exhausted).
+        val_data: an iterable of validation batches, cycled (re-iterated when exhausted). The
+            number of batches used in the current pass is part of ``AutoLR.state_dict()``; a
+            resumed run skips that many (reads and drops them) in a fresh pass, so a resume is
+            exact when every pass yields the same batches in the same order (a list, a
+            ``DataLoader`` without shuffling, or a sampler that reseeds itself per pass).
         loss_fn: ``loss_fn(model_output, target) -> scalar tensor``.
         interval: a meta-step every ``interval`` scheduler steps (published: 300; 1 works).
         lr, weight_decay: of the controller's Adam (published: 1e-3, 1e-4).
@@ -48,7 +63,8 @@ class MetaConfig:
             or dicts with keys ``"input"``/``"target"``. Batches are moved to the model's device.
         snapshot_dir, snapshot_every: save the controller (theta and gamma) every
             ``snapshot_every`` steps (e.g. once per epoch) as ``controller_XXXX.pt``, loadable
-            with :func:`autolr_fast.load_controller` for plug-and-play use.
+            with :func:`autolr_fast.load_controller` for plug-and-play use. Writing a file reads
+            theta and gamma to the host: on a GPU that step has a host sync (the others none).
         optimizer: a factory ``params -> torch.optim.Optimizer`` replacing the default Adam.
         low_memory: True (default): validation gradients are folded into the hypergradient
             while backward runs, ``fold_bytes`` (default 4 MiB) at a time, and freed, so a
@@ -71,6 +87,10 @@ class MetaConfig:
     fold_bytes: int = 4 << 20
 
 
+def _is_dtensor(t: Tensor) -> bool:
+    return DTensor is not None and isinstance(t, DTensor)
+
+
 def _default_unpack(batch: Any) -> tuple[Any, Any]:
     if isinstance(batch, dict):
         try:
@@ -91,8 +111,6 @@ class MetaTrainer:
     """The meta-step machinery of one ``AutoLR`` (created by it from a :class:`MetaConfig`)."""
 
     def __init__(self, sched, config: MetaConfig) -> None:
-        from .controller import MLRSNet
-
         if not isinstance(sched.controller, MLRSNet) or sched.controller.gate_order != "train":
             raise TypeError("online meta-training needs an MLRSNet controller (gate_order='train')")
         if int(config.interval) < 1:
@@ -111,6 +129,17 @@ class MetaTrainer:
         self.model = model
         self.interval = int(config.interval)
         self.unpack = config.unpack or _default_unpack
+        sharded = [n for n, p in model.named_parameters() if _is_dtensor(p)]
+        if sharded:
+            raise NotImplementedError(
+                f"the meta-step does not support sharded parameters: {len(sharded)} parameter(s) of MetaConfig.model "
+                f"(e.g. {sharded[0]!r}) are DTensors, as FSDP2 (fully_shard) or tensor parallelism make them. It "
+                "builds the look-ahead w - alpha*d from each rank's full parameters, gradients and optimizer state "
+                "and runs the validation forward on it, which a sharded model does not have. Meta-train the "
+                "controller without sharding (one process or DDP, e.g. on a smaller model), save it "
+                "(MetaConfig(snapshot_dir=...)), and use it frozen under FSDP: AutoLR(opt, load_controller(path)) "
+                "with meta=None"
+            )
         self._names = {p: n for n, p in model.named_parameters()}
         missing = [p for g in opt.param_groups for p in g["params"] if p not in self._names]
         if missing:
@@ -124,7 +153,15 @@ class MetaTrainer:
             else torch.optim.Adam(params, lr=config.lr, weight_decay=config.weight_decay, fused=True)
         )
         self._val_iter = None
+        self._val_used = 0  # batches taken from the current pass over val_data
         self.meta_steps = 0
+        # Adam's betas may be tensors; on a GPU reading one is a host sync, so each is read here
+        # and again only after it changed (see _host_float)
+        self._floats: dict[tuple[int, int], tuple[Tensor, int, float]] = {}
+        for group in opt.param_groups:
+            for i, beta in enumerate(group.get("betas", ())):
+                self._host_float(group, i, beta)
+        self._scratch: tuple[Tensor, Tensor, Tensor] | None = None
         # GPU: the skip of a non-finite meta-step is decided on the device (no sync); the CPU
         # reads the flag directly. True forces the device-side path (tests use it on the CPU).
         self.device_side_guard = False
@@ -135,14 +172,19 @@ class MetaTrainer:
     def _next_val_batch(self) -> tuple[Any, Any]:
         if self._val_iter is None:
             self._val_iter = iter(self.config.val_data)
-        try:
-            batch = next(self._val_iter)
-        except StopIteration:
+            # resuming mid-pass (load_state_dict): drop the batches the saved run had used
+            used = 0
+            while used < self._val_used and next(self._val_iter, _END) is not _END:
+                used += 1
+            self._val_used = used
+        batch = next(self._val_iter, _END)
+        if batch is _END:
             self._val_iter = iter(self.config.val_data)
-            try:
-                batch = next(self._val_iter)
-            except StopIteration:
-                raise ValueError("MetaConfig.val_data is empty") from None
+            self._val_used = 0
+            batch = next(self._val_iter, _END)
+            if batch is _END:
+                raise ValueError("MetaConfig.val_data is empty")
+        self._val_used += 1
         x, y = self.unpack(batch)
         return to_device(x, self.sched.device, non_blocking=True), to_device(y, self.sched.device, non_blocking=True)
 
@@ -160,29 +202,77 @@ class MetaTrainer:
             hyper = (group["momentum"], group["dampening"], group["weight_decay"], group["nesterov"], maximize)
             return True, tensors, hyper
         beta1, beta2 = group["betas"]
+        # torch counts steps per parameter (one without a gradient on some steps has fewer); one
+        # without state yet gets a 0 where the others' steps are (device steps stay on the device)
+        steps = [s.get("step") for s in state]
+        like = next((t for t in steps if isinstance(t, Tensor)), None)
+        steps = [(0.0 if like is None else torch.zeros_like(like)) if t is None else t for t in steps]
         tensors = (weights, grads, [s.get("exp_avg") for s in state], [s.get("exp_avg_sq") for s in state],
-                   [s.get("max_exp_avg_sq") for s in state], self._adam_step(state))
+                   [s.get("max_exp_avg_sq") for s in state], steps)
         decoupled = isinstance(opt, torch.optim.AdamW) or group.get("decoupled_weight_decay", False)
-        hyper = (float(beta1), float(beta2), group["eps"], group["weight_decay"], decoupled, maximize)
+        hyper = (self._host_float(group, 0, beta1), self._host_float(group, 1, beta2), group["eps"],
+                 group["weight_decay"], decoupled, maximize)
         return False, tensors, hyper
+
+    def _host_float(self, group: dict, index: int, value: Any) -> float:
+        """``float(value)`` for hyper-parameter ``index`` of ``group``; a tensor is read once and
+        again only when it was changed in place (its version) or replaced."""
+        if not isinstance(value, Tensor):
+            return float(value)
+        key = (id(group), index)
+        seen = self._floats.get(key)
+        if seen is None or seen[0] is not value or seen[1] != value._version:
+            seen = self._floats[key] = (value, value._version, float(value))
+        return seen[2]
+
+    @staticmethod
+    def _by_device_and_dtype(params: list[Tensor]) -> list[list[int]]:
+        """Indices of ``params`` per (device, dtype), in order: a list op's CUDA kernel takes one
+        dtype on one device per call, and a param group may mix them."""
+        parts: dict[tuple[torch.device, torch.dtype], list[int]] = {}
+        for i, q in enumerate(params):
+            parts.setdefault((q.device, q.dtype), []).append(i)
+        return list(parts.values())
+
+    @staticmethod
+    def _pick(lists: Sequence[list], index: list[int]) -> list[list]:
+        return [[xs[i] for i in index] for xs in lists]
 
     def _group_lookahead(self, group: dict, params: list[Tensor], alpha: Tensor) -> list[Tensor]:
         is_sgd, tensors, hyper = self._direction_args(group, params)
         op = dispatch.lookahead_sgd if is_sgd else dispatch.lookahead_adam
-        return op(*tensors, alpha, *hyper)
+        parts = self._by_device_and_dtype(params)
+        if len(parts) == 1:
+            return op(*tensors, alpha, *hyper)
+        hats: list[Tensor] = list(params)
+        for index in parts:
+            a = alpha.to(params[index[0]].device, non_blocking=True)
+            for i, h in zip(index, op(*self._pick(tensors, index), a, *hyper)):
+                hats[i] = h
+        return hats
 
     def _group_hyper_dot(self, group: dict, params: list[Tensor], val_grads: list[Tensor]) -> Tensor:
         is_sgd, tensors, hyper = self._direction_args(group, params)
         op = dispatch.hyper_dot_sgd if is_sgd else dispatch.hyper_dot_adam
-        return op(val_grads, *tensors, *hyper)
+        parts = self._by_device_and_dtype(params)
+        if len(parts) == 1:
+            return op(val_grads, *tensors, *hyper)
+        dots = [op([val_grads[i] for i in index], *self._pick(tensors, index), *hyper).to(
+            self.sched.device, non_blocking=True) for index in parts]
+        return torch.stack(dots).sum()
 
-    @staticmethod
-    def _adam_step(state: list[dict]) -> Tensor:
-        for s in state:
-            if "step" in s:
-                step = s["step"]
-                return step if isinstance(step, Tensor) else torch.tensor(float(step))
-        return torch.zeros(())
+    def _scratch_state(self) -> tuple[Tensor, Tensor, Tensor]:
+        """Copies of the controller state and the rate, in buffers kept from one meta-step to the
+        next: the controller step on them finds its cached launch plan (a new tensor each time
+        would make a new plan and push the scheduler's own out of the cache)."""
+        ctrl, rate = self.sched.controller, self.sched.rate
+        scratch = self._scratch
+        if scratch is None or any(a.shape != b.shape or a.dtype != b.dtype or a.device != b.device
+                                  for a, b in zip(scratch, (ctrl.h, ctrl.c, rate))):
+            scratch = self._scratch = (torch.empty_like(ctrl.h), torch.empty_like(ctrl.c), torch.empty_like(rate))
+        for dst, src in zip(scratch, (ctrl.h, ctrl.c, rate)):
+            dst.copy_(src)
+        return scratch
 
     # ------------------------------------------------------------------------------------------
     def hypergradient(self, x: Tensor) -> tuple[list[Tensor], Tensor, Tensor]:
@@ -199,8 +289,8 @@ class MetaTrainer:
         with torch.no_grad():
             # alpha = gamma * p(theta) at the current state: the guarded step on copies of the
             # state (so the controller does not advance), fused on the fast paths.
-            alpha = sched.rate.clone()
-            dispatch.mlrsnet_step_(safe_x, ctrl.h.clone(), ctrl.c.clone(), weights, sched.gamma, alpha, [], [])
+            h, c, alpha = self._scratch_state()
+            dispatch.mlrsnet_step_(safe_x, h, c, ctrl.flat_weights(), sched.gamma, alpha, [], [])
 
         # look-ahead weights, per param group (each with its own hyper-parameters and scale)
         w_hat: dict[str, Tensor] = {}
@@ -352,16 +442,22 @@ class MetaTrainer:
 
     # ------------------------------------------------------------------------------------------
     def save_snapshot(self, index: int) -> str:
-        from .pretrained import save_controller
-
+        """Write ``controller_{index:04d}.pt`` (theta and gamma). It reads them to the host: a host
+        sync on a GPU, once per ``snapshot_every`` steps (``MetaConfig``)."""
         os.makedirs(self.config.snapshot_dir, exist_ok=True)
         path = os.path.join(self.config.snapshot_dir, f"controller_{index:04d}.pt")
         save_controller(self.sched.controller, path, gamma=float(self.sched.gamma))
         return path
 
     def state_dict(self) -> dict:
-        return {"optimizer": self.optimizer.state_dict(), "meta_steps": self.meta_steps}
+        """The meta-optimizer's state, the meta-step count and the position in ``val_data`` (the
+        batches used in the current pass), all a resumed run needs to continue exactly."""
+        return {"optimizer": self.optimizer.state_dict(), "meta_steps": self.meta_steps,
+                "val_batches": self._val_used}
 
     def load_state_dict(self, state: dict) -> None:
         self.optimizer.load_state_dict(state["optimizer"])
         self.meta_steps = int(state["meta_steps"])
+        # the next validation batch starts a fresh pass past the batches the saved run had used
+        self._val_iter = None
+        self._val_used = int(state.get("val_batches", 0))

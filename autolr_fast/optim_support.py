@@ -9,6 +9,9 @@ tensor.
 
 from __future__ import annotations
 
+import importlib.util
+import os
+import sys
 import warnings
 
 import torch
@@ -33,6 +36,10 @@ def params_device(optimizer: torch.optim.Optimizer) -> torch.device:
             "use one optimizer (and one AutoLR) per device"
         )
     return devices.pop()
+
+
+def numpy_available() -> bool:
+    return importlib.util.find_spec("numpy") is not None
 
 
 def takes_tensor_lr(optimizer: torch.optim.Optimizer) -> bool:
@@ -66,10 +73,21 @@ SYNC_FREE_HINT = (
 )
 
 
+_PACKAGE_DIR = os.path.dirname(os.path.abspath(__file__))
+
+
+def user_stacklevel() -> int:
+    """The ``stacklevel`` that makes a warning point at the first caller outside autolr_fast."""
+    frame, level = sys._getframe(1), 1
+    while frame is not None and os.path.abspath(frame.f_code.co_filename).startswith(_PACKAGE_DIR):
+        frame, level = frame.f_back, level + 1
+    return level
+
+
 def warn_once(flags: set, key: str, message: str) -> None:
     if key not in flags:
         flags.add(key)
-        warnings.warn(message, RuntimeWarning, stacklevel=3)
+        warnings.warn(message, RuntimeWarning, stacklevel=user_stacklevel())
 
 
 def lr_tensors(optimizer: torch.optim.Optimizer, device: torch.device) -> list[Tensor]:

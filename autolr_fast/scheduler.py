@@ -2,18 +2,22 @@
 
 from __future__ import annotations
 
-import math
 from typing import Any
 
 import torch
 from torch import Tensor, nn
 
-from . import dispatch, optim_support, reference
-from .controller import MLRSNet
+from . import optim_support
+from .controllers.mlrsnet import MLRSNet
+from .controllers.pretrained import load_pretrained
+from .controllers.protocol import Controller
 from .distributed import broadcast_from_rank0_, is_distributed, mean_across_ranks
 from .host_flags import DeviceCounters
+from .meta import MetaConfig, MetaTrainer
+from .ops import dispatch, reference
+from .rate_scale import RateScale
 
-STATE_VERSION = 1
+STATE_VERSION = 2
 
 
 class AutoLR:
@@ -28,24 +32,29 @@ class AutoLR:
             sched.step(loss)      # after backward, before optimizer.step()
             optimizer.step()
 
-    ``step(loss)`` takes the loss as a tensor and never waits for the device: the rate is a
-    0-dim tensor written into every param group's ``lr`` (PyTorch's optimizers accept a
+    ``step(loss)`` takes the loss as a tensor and never waits for the device: on a GPU the rate
+    is a 0-dim tensor written into every param group's ``lr`` (PyTorch's optimizers accept a
     tensor ``lr``). For a loop without host syncs on a GPU, the optimizer must read that tensor
     on the device: use ``SGD(..., fused=True)`` or ``Adam/AdamW(..., fused=True)`` (AutoLR
     warns once otherwise). Optimizers that cannot take a tensor get a float rate, which costs a
-    sync per step (AutoLR says so once).
+    sync per step on a GPU (AutoLR says so once). On the CPU the rate is written as a float
+    (see ``lr_as_tensor``).
 
     Args:
         optimizer: any ``torch.optim.Optimizer`` (SGD, SGD with momentum, Adam, AdamW, ...).
-        controller: an :class:`MLRSNet` (or another controller with a ``scheduler_step_``
-            method, e.g. the action controller). It is moved to the parameters' device.
-        gamma: the rate scale: ``lr = gamma * p`` with ``p`` in ``[0, 1]``. A float, or
-            ``"auto"``: the published rule ``|sqrt(L0) * ln(L0 * C) / C**0.25| / 4`` from the
-            first finite training loss ``L0`` and ``num_classes`` ``C``. The rule assumes a
-            cross-entropy loss (``L0 ~ ln C`` for an untrained classifier); for regression
-            there is no class count and no such scale, so ``"auto"`` refuses and asks for a
-            float (``find_lr`` gives one). ``None``: the controller's own ``default_gamma``
-            (pretrained controllers carry the gamma they were trained with).
+        controller: an :class:`MLRSNet`, or any module with the :class:`~autolr_fast.controllers.Controller`
+            interface (e.g. the action controller), or the name of a shipped one. It is moved to
+            the parameters' device.
+        gamma: the rate scale: ``rate = gamma * p`` with ``p`` in ``[0, 1]`` (see
+            :mod:`autolr_fast.rate_scale`). ``None`` (default): anchored on the optimizer's ``lr``
+            (an MLR-SNet controller is settled on the first finite loss and ``gamma = lr / p*``,
+            so training starts at your ``lr`` and the controller moves the rate relative to it;
+            any optimizer, any loss scale). ``"controller"``: the ``default_gamma`` a saved
+            controller carries. ``"auto"``: the published rule
+            ``|sqrt(L0) * ln(L0 * C) / C**0.25| / 4`` from the first finite loss ``L0`` and
+            ``num_classes`` ``C`` (cross-entropy with plain SGD only). A float: fixed.
+        total_steps: the number of optimizer steps of the run. When given, the scale follows a
+            cosine envelope from 1 to 0 over them (the controller cannot know the run length).
         num_classes: ``C`` for ``gamma="auto"``.
         lr_scales: per-param-group multipliers of the rate. Default: each group keeps its
             ratio to the first group's initial ``lr`` (as ``LambdaLR`` keeps ``base_lrs``).
@@ -53,12 +62,23 @@ class AutoLR:
             one rank, the controller reads the all-reduced mean loss and starts from rank 0's
             weights, so every rank gets the same rate. ``True``/``False`` force it.
         meta: a :class:`MetaConfig` to meta-train the controller online (see ``meta.py``).
+        lr_as_tensor: write the rate into the param groups as a 0-dim tensor (``True``) or a
+            float (``False``). Default: a tensor on a GPU (a float would be a host sync per
+            step), a float on the CPU (reading it there costs about a microsecond, while a tensor
+            ``lr`` slows torch.optim's CPU step). Pass ``True`` on the CPU for a compiled
+            ``optimizer.step`` (a tensor does not recompile when it changes).
 
     Bad input: a NaN/Inf loss leaves the rate and the controller state as they were (decided on
     the device), counts a skipped step (``skipped_steps``) and warns once. A negative loss is
     clamped to 0 (the controller was trained on non-negative losses) and counted. A loss that
     is not a 1-element tensor, or lives on another device, raises ``ValueError``. The rate is
     always finite and in ``[0, gamma]``; before the first finite loss it is 0.
+
+    Gradient accumulation, mixed precision, clipping: pass ``step`` the unscaled mean loss of the
+    optimizer step, once per optimizer step (the mean of the micro-batch losses; with a
+    ``GradScaler`` the loss before ``scaler.scale``). With meta-training, call
+    ``scaler.unscale_(optimizer)`` and clip the gradients before ``step``: the meta-step reads the
+    gradients as the optimizer will apply them.
     """
 
     def __init__(
@@ -67,82 +87,26 @@ class AutoLR:
         controller: nn.Module | str | None = None,
         gamma: float | str | None = None,
         *,
+        total_steps: int | None = None,
         num_classes: int | None = None,
         lr_scales: list[float] | None = None,
         distributed: bool | str = "auto",
-        meta: Any = None,
+        meta: MetaConfig | None = None,
+        lr_as_tensor: bool | None = None,
     ) -> None:
         if not isinstance(optimizer, torch.optim.Optimizer):
             raise TypeError(f"AutoLR needs a torch.optim.Optimizer, got {type(optimizer).__name__}")
-        if controller is None:
-            controller = MLRSNet()
-        elif isinstance(controller, str):
-            from .pretrained import load_pretrained
-
-            controller = load_pretrained(controller)
-        if not isinstance(controller, nn.Module):
-            raise TypeError(f"controller must be an nn.Module (e.g. MLRSNet), got {type(controller).__name__}")
+        controller = _resolve_controller(controller)
         self.optimizer = optimizer
         self.device = optim_support.params_device(optimizer)
         self.controller = controller.to(self.device)
         self._warned: set[str] = set()
-
-        # -- gamma --------------------------------------------------------------------------
-        if gamma is None:
-            gamma = getattr(controller, "default_gamma", None)
-            if gamma is None:
-                raise ValueError(
-                    "AutoLR needs gamma (the largest rate): a float, or gamma='auto' with "
-                    "num_classes=C for a classifier trained with cross-entropy"
-                )
-        self.gamma_mode = "auto" if gamma == "auto" else "fixed"
-        if self.gamma_mode == "auto":
-            if num_classes is None or int(num_classes) < 2:
-                raise ValueError(
-                    "gamma='auto' needs num_classes >= 2: the published rule scales the rate by the "
-                    "initial cross-entropy loss and the class count. For regression (no classes) "
-                    "pass a float gamma, e.g. the suggestion of autolr_fast.find_lr"
-                )
-            self.gamma = torch.full((), float("nan"), device=self.device)
-        else:
-            g = float(gamma)
-            if not math.isfinite(g) or g <= 0:
-                raise ValueError(f"gamma must be a positive finite float or 'auto', got {gamma!r}")
-            self.gamma = torch.full((), g, device=self.device)
-        self.num_classes = None if num_classes is None else int(num_classes)
-        self._gamma_pending = self.gamma_mode == "auto"
-
-        # -- param groups ---------------------------------------------------------------------
-        base = [float(g["lr"]) for g in optimizer.param_groups]
-        for g, b in zip(optimizer.param_groups, base):
-            g.setdefault("initial_lr", b)
-        if lr_scales is None:
-            if base[0] <= 0:
-                lr_scales = [1.0] * len(base)
-            else:
-                lr_scales = [b / base[0] for b in base]
-        if len(lr_scales) != len(optimizer.param_groups):
-            raise ValueError(f"lr_scales has {len(lr_scales)} entries for {len(optimizer.param_groups)} param groups")
-        self.lr_scales = [float(s) for s in lr_scales]
-        self.tensor_lr = optim_support.takes_tensor_lr(optimizer)
-        if not self.tensor_lr:
-            optim_support.warn_once(
-                self._warned,
-                "float_lr",
-                f"{type(optimizer).__name__} is not known to accept a tensor lr: AutoLR writes a float "
-                "rate, which reads the rate on the host (one sync per step)",
-            )
-        else:
-            problem = optim_support.sync_free_problem(optimizer, self.device)
-            if problem:
-                optim_support.warn_once(
-                    self._warned, "sync", f"AutoLR: {problem}, a host sync per step; to avoid it, {optim_support.SYNC_FREE_HINT}"
-                )
-
-        # -- state ----------------------------------------------------------------------------
-        initial = getattr(controller, "initial_rate", None)
-        start = float(initial(base[0])) if callable(initial) else 0.0
-        self.rate = torch.full((), start, device=self.device)
+        base_lrs = self._init_param_groups(lr_scales, lr_as_tensor)
+        self.scale = RateScale(gamma, controller, optimizer, self.device, base_lrs[0], num_classes=num_classes,
+                               total_steps=total_steps, warned=self._warned)
+        self.rate = torch.full((), float(controller.initial_rate(base_lrs[0])), device=self.device)
+        if self.device.type == "cpu" and optim_support.numpy_available():
+            self._rate_view = self.rate.numpy()
         self.counters = DeviceCounters(("skipped", "negative"), self.device)
         self.step_count = 0
         self._steps_since_optimizer = 0
@@ -153,12 +117,44 @@ class AutoLR:
             optim_support.lr_tensors(optimizer, self.device)
             self._write_rate_to_groups()
         self._hook = optimizer.register_step_pre_hook(self._before_optimizer_step)
+        self._closure_check = None  # a post-hook, only until the first optimizer.step(closure) is checked
+        self.meta = None if meta is None else MetaTrainer(self, meta)
 
-        self.meta = None
-        if meta is not None:
-            from .meta import MetaTrainer
-
-            self.meta = MetaTrainer(self, meta)
+    def _init_param_groups(self, lr_scales: list[float] | None, lr_as_tensor: bool | None) -> list[float]:
+        """Record each group's initial lr and scale; decide tensor or float rates. Returns the
+        groups' initial rates."""
+        groups = self.optimizer.param_groups
+        base = [float(g["lr"]) for g in groups]
+        for g, b in zip(groups, base):
+            g.setdefault("initial_lr", b)
+        if lr_scales is None:
+            lr_scales = [1.0] * len(base) if base[0] <= 0 else [b / base[0] for b in base]
+        if len(lr_scales) != len(groups):
+            raise ValueError(f"lr_scales has {len(lr_scales)} entries for {len(groups)} param groups")
+        self.lr_scales = [float(s) for s in lr_scales]
+        takes_tensor = optim_support.takes_tensor_lr(self.optimizer)
+        if lr_as_tensor is None:
+            # On the CPU reading the rate costs ~1 us and stalls nothing, while a tensor lr slows
+            # torch.optim's CPU step; on a GPU a float would be a sync per step.
+            lr_as_tensor = self.device.type != "cpu"
+        self.tensor_lr = bool(lr_as_tensor) and takes_tensor
+        # the CPU rate read in place, without a dispatch (NumPy view), when floats are written
+        self._rate_view = None
+        name = type(self.optimizer).__name__
+        if lr_as_tensor and not takes_tensor:
+            optim_support.warn_once(
+                self._warned, "float_lr",
+                f"{name} is not known to accept a tensor lr: AutoLR writes a float rate, which reads the rate "
+                "on the host (one sync per step on a GPU)",
+            )
+        elif self.tensor_lr:
+            problem = optim_support.sync_free_problem(self.optimizer, self.device)
+            if problem:
+                optim_support.warn_once(
+                    self._warned, "sync",
+                    f"AutoLR: {problem}, a host sync per step; to avoid it, {optim_support.SYNC_FREE_HINT}",
+                )
+        return base
 
     # ------------------------------------------------------------------------------------------
     @torch._dynamo.disable
@@ -166,12 +162,30 @@ class AutoLR:
         # Excluded from torch.compile: it reads host counters that change every step, which
         # would otherwise become guards and recompile a compiled optimizer.step every step.
         if self.step_count == 0:
-            raise RuntimeError(
-                "optimizer.step() was called before AutoLR.step(loss). AutoLR sets the rate of "
-                "step t from the loss of step t: call loss.backward(); sched.step(loss); "
-                "optimizer.step() in that order"
-            )
+            if _closure_of(args, kwargs) is None:
+                raise RuntimeError(
+                    "optimizer.step() was called before AutoLR.step(loss). AutoLR sets the rate of "
+                    "step t from the loss of step t: call loss.backward(); sched.step(loss); "
+                    "optimizer.step() in that order"
+                )
+            # optimizer.step(closure) (Lightning's automatic optimization, LBFGS-style loops): the
+            # closure runs backward and sched.step(loss) inside optimizer.step, after this hook
+            # and before the parameters move. Checked once the step is done.
+            if self._closure_check is None:
+                self._closure_check = optimizer.register_step_post_hook(self._after_first_closure_step)
+        elif self._closure_check is not None:
+            # removed here, not in the post-hook itself: torch is iterating the post-hooks then
+            self._closure_check.remove()
+            self._closure_check = None
         self._steps_since_optimizer = 0
+
+    @torch._dynamo.disable
+    def _after_first_closure_step(self, optimizer, args, kwargs) -> None:
+        if self.step_count == 0:
+            raise RuntimeError(
+                "optimizer.step(closure) ran a closure that did not call AutoLR.step(loss): inside the "
+                "closure, call loss.backward(); sched.step(loss) before it returns the loss"
+            )
 
     def _check_loss(self, loss: Any) -> Tensor:
         if (type(loss) is Tensor and loss.dtype is torch.float32 and loss.dim() == 0
@@ -200,7 +214,7 @@ class AutoLR:
         if self.tensor_lr:
             dispatch.write_rates(self.rate, optim_support.lr_tensors(self.optimizer, self.device), self.lr_scales)
         else:
-            r = float(self.rate)
+            r = float(self.rate if self._rate_view is None else self._rate_view)
             for g, s in zip(self.optimizer.param_groups, self.lr_scales):
                 g["lr"] = r * s
 
@@ -221,14 +235,7 @@ class AutoLR:
             )
         if self.distributed:
             x = mean_across_ranks(x)
-        if self._gamma_pending:
-            # gamma='auto' is set from the first finite loss; until the host has seen that
-            # happen (polled counters, no sync) this where() keeps it, or sets it once.
-            with torch.no_grad():
-                candidate = reference.auto_gamma(x, self.num_classes)
-                usable = torch.isfinite(candidate) & (candidate > 0)
-                candidate = torch.where(usable, candidate, torch.full_like(candidate, float("nan")))
-                self.gamma.copy_(torch.where(torch.isfinite(self.gamma), self.gamma, candidate))
+        self.scale.update_(x, self.step_count, self.controller)
         if self.meta is not None:
             self.meta.maybe_step(x)
         lr_list = optim_support.lr_tensors(self.optimizer, self.device) if self.tensor_lr else []
@@ -236,7 +243,7 @@ class AutoLR:
         if isinstance(controller, MLRSNet) and controller.gate_order == "train":
             # the whole step, the lr writes and the counters: one launch on the Triton path
             dispatch.mlrsnet_step_(x, controller.h, controller.c, controller.flat_weights(), self.gamma, self.rate,
-                                   lr_list, self.lr_scales, self.counters.values)
+                                   lr_list, self.lr_scales if lr_list else [], self.counters.values)
         else:
             with torch.no_grad():
                 controller.scheduler_step_(x, self.gamma, self.rate)
@@ -250,15 +257,16 @@ class AutoLR:
         self._after_step_host_checks()
 
     def _after_step_host_checks(self) -> None:
-        seen = self.counters.poll(self.step_count)
-        if self._gamma_pending and seen["steps"] > seen["skipped"]:
-            self._gamma_pending = False  # a finite loss has set gamma
+        seen = self.counters.poll(self.step_count, eager=self.scale.pending)
+        if self.scale.pending and seen["steps"] > seen["skipped"]:
+            self.scale.found()  # a finite loss has set the scale
         if seen["skipped"]:
             optim_support.warn_once(
                 self._warned,
                 "nonfinite",
                 "AutoLR: a non-finite (NaN/Inf) loss (or controller output) was seen; the rate and the "
-                "controller state were kept for that step (see sched.skipped_steps). Check your loss or lower the rate scale.",
+                "controller state were kept for that step (see sched.skipped_steps). Check your loss or "
+                "lower the rate scale.",
             )
         if seen["negative"]:
             optim_support.warn_once(
@@ -269,6 +277,15 @@ class AutoLR:
             )
 
     # ------------------------------------------------------------------------------------------
+    @property
+    def gamma(self) -> Tensor:
+        """This step's scale (0-dim device tensor; NaN until the first finite loss sets it)."""
+        return self.scale.gamma
+
+    @property
+    def gamma_mode(self) -> str:
+        return self.scale.mode
+
     @property
     def last_rate(self) -> Tensor:
         """The current rate of the first param group, as a 0-dim device tensor (no sync)."""
@@ -289,9 +306,7 @@ class AutoLR:
             "version": STATE_VERSION,
             "controller_type": type(self.controller).__name__,
             "controller": {k: v.detach().clone() for k, v in self.controller.state_dict().items()},
-            "gamma": self.gamma.detach().clone(),
-            "gamma_mode": self.gamma_mode,
-            "num_classes": self.num_classes,
+            "scale": self.scale.state_dict(),
             "rate": self.rate.detach().clone(),
             "counters": self.counters.values.detach().clone(),
             "step_count": self.step_count,
@@ -309,7 +324,7 @@ class AutoLR:
                 f"not an AutoLR state_dict of version {STATE_VERSION} (got "
                 f"{state.get('version') if isinstance(state, dict) else type(state).__name__})"
             )
-        required = ("controller", "gamma", "rate", "counters", "step_count", "lr_scales", "gamma_mode")
+        required = ("controller", "scale", "rate", "counters", "step_count", "lr_scales")
         missing = [k for k in required if k not in state]
         if missing:
             raise ValueError(f"AutoLR state_dict is missing {missing}")
@@ -324,16 +339,14 @@ class AutoLR:
             raise ValueError("the controller in this state_dict has other parameters or shapes than this AutoLR's")
         if len(state["lr_scales"]) != len(self.optimizer.param_groups):
             raise ValueError("the state_dict has another number of param groups than this optimizer")
+        self.scale.check_state(state["scale"])
         if (self.meta is None) != ("meta" not in state):
             raise ValueError("the state_dict and this AutoLR disagree on meta-training (meta=...)")
         self.controller.load_state_dict({k: v.to(self.device) for k, v in ctrl.items()})
+        self.scale.load_state_dict(state["scale"])
         with torch.no_grad():
-            self.gamma.copy_(state["gamma"])
             self.rate.copy_(state["rate"])
             self.counters.values.copy_(state["counters"])
-        self.gamma_mode = state["gamma_mode"]
-        self.num_classes = state.get("num_classes")
-        self._gamma_pending = self.gamma_mode == "auto"
         self.step_count = int(state["step_count"])
         self.lr_scales = [float(s) for s in state["lr_scales"]]
         self._warned = set(state.get("warned", []))
@@ -343,6 +356,27 @@ class AutoLR:
 
     def __repr__(self) -> str:
         return (
-            f"AutoLR(controller={type(self.controller).__name__}, gamma_mode={self.gamma_mode}, "
+            f"AutoLR(controller={type(self.controller).__name__}, scale={self.scale.mode}, "
             f"steps={self.step_count}, device={self.device})"
         )
+
+
+def _resolve_controller(controller: nn.Module | str | None) -> nn.Module:
+    """The controller AutoLR runs: a fresh MLRSNet, a shipped one by name, or the module given,
+    which must have the :class:`Controller` interface."""
+    if controller is None:
+        return MLRSNet()
+    if isinstance(controller, str):
+        controller = load_pretrained(controller)
+    if not isinstance(controller, nn.Module) or not isinstance(controller, Controller):
+        raise TypeError(
+            f"controller must be an nn.Module with the Controller interface (default_gamma, initial_rate, "
+            f"scheduler_step_, reset; e.g. MLRSNet or ActionController), got {type(controller).__name__}"
+        )
+    return controller
+
+
+def _closure_of(args: tuple, kwargs: dict) -> Any:
+    """The ``closure`` of an ``optimizer.step`` call as its step hooks see it (``args[0]`` is the
+    optimizer itself), or None."""
+    return kwargs.get("closure", args[1] if len(args) > 1 else None)

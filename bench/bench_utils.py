@@ -7,66 +7,46 @@ Kept out of ``conftest.py`` so that benchmark files import them by a unique modu
 from __future__ import annotations
 
 import contextlib
-import importlib
 import resource
 import tracemalloc
 import warnings
-from typing import Callable, Iterator
+from collections.abc import Callable, Iterator
 
-import pytest
 import torch
+from host_sync_probe import HostReadCounter
 
-
-def meta_config_class():
-    """``autolr_fast.meta.MetaConfig`` if online meta-training is built, else skip the benchmark."""
-    try:
-        meta = importlib.import_module("autolr_fast.meta")
-    except ImportError as exc:  # pragma: no cover - depends on the branch
-        pytest.skip(f"online meta-training is not importable yet: {exc}")
-    if not hasattr(meta, "MetaTrainer"):
-        pytest.skip("online meta-training (autolr_fast.meta.MetaTrainer) is not built yet")
-    return meta.MetaConfig
+from autolr_experiments.training import Schedule, train_step
 
 
 # ------------------------------------------------------------------------------------------------
 # One training step
 # ------------------------------------------------------------------------------------------------
 class TrainStep:
-    """A callable training step over a fixed cycle of batches: ``zero_grad; forward; backward;
-    (sched.step(loss) for AutoLR); optimizer.step(); (sched.step() for a torch scheduler)``."""
+    """A callable training step over a fixed cycle of batches: the harness's
+    :func:`~autolr_experiments.training.train_step` with ``schedule`` (``schedule.autolr`` is the
+    AutoLR, if any)."""
 
-    def __init__(self, model, optimizer, loss_fn, batches, autolr=None, torch_sched=None) -> None:
-        self.model, self.optimizer, self.loss_fn = model, optimizer, loss_fn
-        self.batches, self.autolr, self.torch_sched = batches, autolr, torch_sched
+    def __init__(self, model, schedule: Schedule, loss_fn, batches) -> None:
+        self.model, self.schedule, self.loss_fn, self.batches = model, schedule, loss_fn, batches
         self.i = 0
 
     def __call__(self) -> torch.Tensor:
-        x, y = self.batches[self.i % len(self.batches)]
+        batch = self.batches[self.i % len(self.batches)]
         self.i += 1
-        self.optimizer.zero_grad(set_to_none=True)
-        loss = self.loss_fn(self.model(x), y)
-        loss.backward()
-        if self.autolr is not None:
-            self.autolr.step(loss)
-        self.optimizer.step()
-        if self.torch_sched is not None:
-            self.torch_sched.step()
-        return loss
+        return train_step(self.model, self.schedule, self.loss_fn, batch)
 
 
 # ------------------------------------------------------------------------------------------------
 # Host syncs and peak memory
 # ------------------------------------------------------------------------------------------------
-_HOST_READS = ("item", "__float__", "__int__", "__bool__", "tolist", "__index__")
-
-
 @contextlib.contextmanager
 def count_host_syncs(device: torch.device | str = "cpu") -> Iterator[dict]:
     """Count host reads of tensor values inside the block: ``{"count": n}``.
 
-    CPU: patches ``torch.Tensor.item/__float__/__int__/__bool__/tolist/__index__`` (each would
-    be a device sync on a GPU). CUDA: ``torch.cuda.set_sync_debug_mode("warn")`` and counts its
-    warnings (every synchronising call, including ones inside PyTorch).
+    CPU: the tests' dispatch-mode probe (``tests/host_sync_probe.py``), which sees every ATen op
+    that reads a value on the host (``_local_scalar_dense``, ``is_nonzero``, ``nonzero``,
+    ``equal``, ``item``), also inside PyTorch's C++ code. CUDA: ``torch.cuda.set_sync_debug_mode
+    ("warn")`` and counts its warnings (every synchronising call).
     """
     result = {"count": 0}
     if torch.device(device).type == "cuda":
@@ -80,22 +60,9 @@ def count_host_syncs(device: torch.device | str = "cpu") -> Iterator[dict]:
                 torch.cuda.set_sync_debug_mode("default")
         result["count"] = sum("synchroniz" in str(w.message) for w in caught)
         return
-    originals = {name: getattr(torch.Tensor, name) for name in _HOST_READS}
-
-    def wrap(orig):
-        def counted(self, *args, **kwargs):
-            result["count"] += 1
-            return orig(self, *args, **kwargs)
-
-        return counted
-
-    try:
-        for name, orig in originals.items():
-            setattr(torch.Tensor, name, wrap(orig))
+    with HostReadCounter() as probe:
         yield result
-    finally:
-        for name, orig in originals.items():
-            setattr(torch.Tensor, name, orig)
+    result["count"] = probe.count
 
 
 def host_syncs_per_step(step: Callable[[], object], device="cpu", steps: int = 10) -> float:

@@ -16,16 +16,23 @@ from __future__ import annotations
 
 import os
 import platform
+import sys
 import warnings
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 import pytest
 import torch
 
-from bench_utils import TrainStep, count_host_syncs, host_syncs_per_step, meta_config_class, peak_memory  # noqa: F401
+# the benchmarks use the tests' references and probes (tests/host_sync_probe.py)
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
 
-PROJECT_ROOT = Path(__file__).resolve().parents[1]
+from bench_utils import TrainStep  # noqa: E402
+
+from autolr_experiments.baselines import official_checkpoint_dir
+from autolr_experiments.tasks import get_task
+from autolr_experiments.training import autolr_schedule, torch_schedule
+from autolr_fast import MLRSNet
 
 #: Torch CPU threads for the benchmarks (default 1: per-step overheads of small models are
 #: steadier on one thread, and a busy machine does not oversubscribe its cores).
@@ -53,21 +60,17 @@ def pytest_benchmark_update_machine_info(config, machine_info):
 # ------------------------------------------------------------------------------------------------
 @pytest.fixture(scope="session")
 def mnist1d_task():
-    from autolr_fast.tasks import get_task
-
     return get_task("mnist1d-cnn")
 
 
 @pytest.fixture(scope="session")
 def mnist1d_batches(mnist1d_task) -> list[tuple[torch.Tensor, torch.Tensor]]:
     """Eight batches of 100 MNIST-1D samples (the CPU benchmarks cycle through them)."""
-    return [b for _, b in zip(range(8), mnist1d_task.batches(100, seed=0))]
+    return [b for _, b in zip(range(8), mnist1d_task.batches(100, seed=0), strict=False)]
 
 
 @pytest.fixture(scope="session")
 def official_dir() -> Path:
-    from autolr_fast.baselines import official_checkpoint_dir
-
     folder = official_checkpoint_dir()
     if folder is None:
         pytest.skip("published MLR-SNet checkpoints not found (../shared/fixtures/mlrsnet_official)")
@@ -76,8 +79,6 @@ def official_dir() -> Path:
 
 @pytest.fixture
 def official_controller(official_dir):
-    from autolr_fast.controller import MLRSNet
-
     return MLRSNet.from_official(official_dir / "mlr_snet_200.pth")
 
 
@@ -93,17 +94,17 @@ def make_train_step() -> Callable[..., TrainStep]:
     """``make_train_step(model, batches, loss_fn, kind, controller=None, meta=None, fused=False)``
     with ``kind`` ``"cosine"`` (CosineAnnealingLR over 10,000 steps) or ``"autolr"``."""
 
-    def make(model, batches, loss_fn, kind: str, controller=None, meta=None, fused: bool = False, gamma=0.1) -> TrainStep:
-        from autolr_fast.scheduler import AutoLR
-
+    def make(model, batches, loss_fn, kind: str, controller=None, meta=None, fused: bool = False,
+             gamma=0.1) -> TrainStep:
         opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9, weight_decay=5e-4, fused=fused or None)
         if kind == "cosine":
-            return TrainStep(model, opt, loss_fn, batches, torch_sched=torch.optim.lr_scheduler.CosineAnnealingLR(opt, 10_000))
-        if kind == "autolr":
+            schedule = torch_schedule(opt, torch.optim.lr_scheduler.CosineAnnealingLR(opt, 10_000))
+        elif kind == "autolr":
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")
-                sched = AutoLR(opt, controller, gamma=gamma, meta=meta(model) if callable(meta) else meta)
-            return TrainStep(model, opt, loss_fn, batches, autolr=sched)
-        raise ValueError(f"kind must be 'cosine' or 'autolr', got {kind!r}")
+                schedule = autolr_schedule(opt, controller, gamma=gamma, meta=meta(model) if callable(meta) else meta)
+        else:
+            raise ValueError(f"kind must be 'cosine' or 'autolr', got {kind!r}")
+        return TrainStep(model, schedule, loss_fn, batches)
 
     return make

@@ -3,8 +3,9 @@
     python -m pytest bench/test_bench_cpp_ops.py --benchmark-only --benchmark-group-by=group
 
 One group per op (and size); in each, ``reference`` is the eager baseline imported from
-:mod:`autolr_fast.reference` and ``cpp`` the C++ op called the way ``autolr_fast.dispatch``
-calls it (through ``autolr_fast._cpp_backend``, so the Python -> dispatcher cost is included):
+:mod:`autolr_fast.ops.reference` and ``cpp`` the C++ op called the way
+``autolr_fast.ops.dispatch`` calls it (through ``autolr_fast.ops.cpp_backend``, so the Python ->
+dispatcher cost is included):
 
 * ``mlrsnet_step_H{H}_L{L}``: the scheduler's controller step in place (the reference branch
   of ``dispatch.mlrsnet_step_``: ``reference.mlrsnet_guarded_step`` + copies + ``write_rates``);
@@ -12,8 +13,8 @@ calls it (through ``autolr_fast._cpp_backend``, so the Python -> dispatcher cost
 * ``{lookahead,hyper_dot}[_sgd|_adam]_resnet18w32``: the meta-step helpers over the
   parameter list of a ResNet-18 at half width (62 tensors, 2.8M parameters).
 
-All timings use one intra-op thread. After the run a Markdown table of the ratios reference / cpp (medians) is printed (with
-``-s``) and written to ``results/bench_cpp_ops.md``.
+All timings use one intra-op thread. After the run a Markdown table of the ratios reference / cpp
+(medians) is printed (with ``-s``) and written to ``results/bench_cpp_ops.md``.
 """
 
 from __future__ import annotations
@@ -21,15 +22,12 @@ from __future__ import annotations
 import pytest
 import torch
 
-from autolr_fast import reference
-from autolr_fast.controller import MLRSNet
+from autolr_experiments.report import markdown_table
+from autolr_fast import MLRSNet
+from autolr_fast.ops import cpp_backend as cpp
+from autolr_fast.ops import reference
 
-try:
-    from autolr_fast import _cpp_backend as cpp
-except ImportError:  # pragma: no cover
-    cpp = None
-
-pytestmark = pytest.mark.skipif(cpp is None or not cpp.AVAILABLE,
+pytestmark = pytest.mark.skipif(not cpp.AVAILABLE,
                                 reason="C++ extension autolr_fast._C not built (python setup.py build_ext --inplace)")
 
 RESULTS: dict[str, dict[str, float]] = {}  # group -> {"reference"|"cpp": median seconds}
@@ -136,12 +134,9 @@ def test_list_op(benchmark, resnet_lists, op, impl):
 
 def ratio_table() -> str:
     """Markdown table of reference / cpp (medians of this run)."""
-    lines = ["| op | reference (us) | C++ (us) | speed-up |", "|---|---:|---:|---:|"]
-    for group, r in RESULTS.items():
-        if "reference" in r and "cpp" in r:
-            lines.append(f"| {group} | {r['reference'] * 1e6:.1f} | {r['cpp'] * 1e6:.1f} | "
-                         f"{r['reference'] / r['cpp']:.1f}x |")
-    return "\n".join(lines)
+    rows = [[group, f"{r['reference'] * 1e6:.1f}", f"{r['cpp'] * 1e6:.1f}", f"{r['reference'] / r['cpp']:.1f}x"]
+            for group, r in RESULTS.items() if "reference" in r and "cpp" in r]
+    return markdown_table(["op", "reference (us)", "C++ (us)", "speed-up"], rows)
 
 
 @pytest.fixture(scope="module", autouse=True)

@@ -7,8 +7,8 @@ file times, in one run:
 
 * ``triton_bind_tiny_kernel``: Triton's generic per-launch binding + cache key for a
   one-argument kernel (what the floor, one tiny kernel launch, pays before its C launcher);
-* ``triton_bind_step_kernel``: the same for the MLR-SNet step kernel's 41 arguments (what every
-  step paid before steps went through a cached plan);
+* ``triton_bind_step_kernel``: the same for the MLR-SNet step kernel's 41 arguments (what a
+  step would pay without the cached launch plan);
 * ``autolr_step_triton_path``: a whole ``AutoLR.step`` on the Triton path (argument check,
   dispatch, the plan's call of the compiled launcher), with the compiled launcher itself
   replaced by a no-op, since there is no GPU here.
@@ -25,6 +25,10 @@ import warnings
 
 import pytest
 import torch
+
+from autolr_fast import AutoLR, MLRSNet
+from autolr_fast.ops import dispatch
+from autolr_fast.ops import triton_backend as tb
 
 HAS_TRITON = importlib.util.find_spec("triton") is not None
 pytestmark = pytest.mark.skipif(not HAS_TRITON, reason="needs triton")
@@ -50,8 +54,7 @@ def _binder_of(fn):
 
 @pytest.fixture
 def step_args():
-    from autolr_fast import MLRSNet
-    from autolr_fast.kernels import mlrsnet_step as k
+    from autolr_fast.ops import triton_kernels as k  # needs triton (optional)
 
     hidden, layers = 50, 1
     net = MLRSNet(hidden, layers)
@@ -82,7 +85,7 @@ def test_triton_bind_tiny_kernel(benchmark):
 
 @pytest.mark.benchmark(group=GROUP)
 def test_triton_bind_step_kernel(benchmark, step_args):
-    from autolr_fast.kernels import mlrsnet_step as k
+    from autolr_fast.ops import triton_kernels as k  # needs triton (optional)
 
     args, constexprs = step_args
     bind = _binder_of(k._mlrsnet_step_kernel)
@@ -92,9 +95,7 @@ def test_triton_bind_step_kernel(benchmark, step_args):
 
 @pytest.mark.benchmark(group=GROUP)
 def test_autolr_step_triton_path(benchmark, monkeypatch):
-    import autolr_fast._triton_backend as tb
-    from autolr_fast import AutoLR, MLRSNet, dispatch
-    from autolr_fast.kernels import mlrsnet_step as k
+    from autolr_fast.ops import triton_kernels as k  # needs triton (optional)
 
     class NoOpCompiled:  # the compiled kernel: its launcher does nothing here
         def __getitem__(self, grid):
@@ -114,6 +115,7 @@ def test_autolr_step_triton_path(benchmark, monkeypatch):
     monkeypatch.setattr(k, "CompiledKernel", NoOpCompiled)
     monkeypatch.setattr(k, "_mlrsnet_step_kernel", CompilingJit())
     monkeypatch.setattr(k, "_current_stream", lambda index: 0)
+    monkeypatch.setattr(k, "_LAUNCHER", k._LauncherCheck("ok"))  # the fake launcher is not checkable
     dispatch._ensure_loaded()
     monkeypatch.setattr(dispatch, "_BACKENDS", {})
     monkeypatch.setattr(dispatch, "_SELECTED", {})
@@ -124,7 +126,7 @@ def test_autolr_step_triton_path(benchmark, monkeypatch):
                           momentum=0.9)
     for p in model.parameters():
         p.grad = torch.zeros_like(p)
-    sched = AutoLR(opt, MLRSNet(50, 1), gamma=0.5)
+    sched = AutoLR(opt, MLRSNet(50, 1), gamma=0.5, lr_as_tensor=True)  # as on a GPU
     loss = torch.tensor(1.0)
     warnings.simplefilter("ignore")  # repeated steps without optimizer.step() warn once
     sched.step(loss)

@@ -14,12 +14,14 @@ Run: ``python -m pytest bench/test_bench_lr_finder.py -q -s`` (prints a Markdown
 import math
 import os
 
+import numpy as np
 import pytest
 import torch
 from torch import nn
 
-from autolr_fast.lr_finder import find_lr
-from autolr_fast.tasks import get_task
+from autolr_experiments.report import markdown_table, plt, save_figure
+from autolr_experiments.tasks import get_task
+from autolr_fast import find_lr
 
 torch_lr_finder = pytest.importorskip("torch_lr_finder", reason="the torch-lr-finder package is not installed")
 
@@ -44,10 +46,8 @@ def _run_theirs(task, model, opt, batches):
     rates, losses = finder.history["lr"], finder.history["loss"]
     finder.reset()
     # torch-lr-finder's plot() rule: steepest gradient after skipping 10 points at the start and 5 at the end
-    import numpy as np
-
-    r, l = rates[10:-5], losses[10:-5]
-    return rates, losses, float(r[int(np.gradient(np.array(l)).argmin())])
+    r, loss = rates[10:-5], losses[10:-5]
+    return rates, losses, float(r[int(np.gradient(np.array(loss)).argmin())])
 
 
 def _run_ours(task, model, opt, batches, horizons=(1, 8)):
@@ -59,24 +59,18 @@ def test_side_by_side_same_ballpark():
     task, model, opt, batches = _setup()
     before = [p.detach().clone() for p in model.parameters()]
     theirs_rates, theirs_losses, theirs = _run_theirs(task, model, opt, batches)
-    assert all(torch.equal(a, b) for a, b in zip(before, model.parameters()))  # their reset() restored
+    assert all(torch.equal(a, b) for a, b in zip(before, model.parameters(), strict=True))  # their reset() restored
     ours = _run_ours(task, model, opt, batches)
-    assert all(torch.equal(a, b) for a, b in zip(before, model.parameters()))
+    assert all(torch.equal(a, b) for a, b in zip(before, model.parameters(), strict=True))
     rows = [("torch-lr-finder (one growing-rate run, steepest)", theirs),
             ("find_lr h=1: minimum", ours.suggestions[1]), ("find_lr h=1: steepest", ours.steepest[1]),
             ("find_lr h=8: minimum", ours.suggestions[8]), ("find_lr h=8: steepest", ours.steepest[8])]
-    print("\n| finder | suggested rate | decades from torch-lr-finder |\n|---|---:|---:|")
-    for name, r in rows:
-        print(f"| {name} | {r:.3g} | {math.log10(r / theirs):+.2f} |")
+    table = [[name, f"{r:.3g}", f"{math.log10(r / theirs):+.2f}"] for name, r in rows]
+    print("\n" + markdown_table(["finder", "suggested rate", "decades from torch-lr-finder"], table))
     for _, r in rows[1:]:
         assert math.isfinite(r) and abs(math.log10(r / theirs)) <= 1.5, rows
     path = os.environ.get("AUTOLR_BENCH_PLOT")
     if path:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-
         fig, axes = plt.subplots(1, 2, figsize=(10, 3.6))
         axes[0].plot(theirs_rates, theirs_losses)
         axes[0].axvline(theirs, color="r", ls="--")
@@ -89,8 +83,7 @@ def test_side_by_side_same_ballpark():
         for ax in axes:
             ax.set_xscale("log")
             ax.set_xlabel("learning rate")
-        fig.tight_layout()
-        fig.savefig(path, dpi=110)
+        save_figure(fig, path)
 
 
 def test_bench_find_lr_one_step(benchmark):

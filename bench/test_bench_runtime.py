@@ -7,7 +7,7 @@ Benchmarks (group ``controller_step``, MLR-SNet H=50, the published checkpoint w
 * ``reference_eager``: ``reference.mlrsnet_forward`` (the baseline: plain PyTorch eager);
 * ``torchscript``: the exported module's ``step`` through ``torch.jit.load`` in Python;
 * ``runtime_ctypes``: ``autolr_step`` of the C runtime's shared library through ctypes
-  (includes the ctypes call overhead, ~0.3-1 us);
+  (includes the ctypes call overhead);
 * ``runtime_cpp_loop``: a plain C++ loop over ``autolr_step`` (``step_timing`` binary), the
   cost an embedding C/C++ trainer sees; reported in ``extra_info["ns_per_step"]`` (median
   over batches of 1000 steps; ``min_``/``mean_ns_per_step`` beside it).
@@ -25,10 +25,13 @@ import subprocess
 import pytest
 import torch
 
-from autolr_fast import MLRSNet, reference
+from autolr_experiments.report import markdown_table
+from autolr_fast import AutoLR, MLRSNet
 from autolr_fast import exporting as ex
+from autolr_fast.ops import dispatch, reference
 
-_OFFICIAL = os.path.join(os.path.dirname(__file__), "..", "..", "shared", "fixtures", "mlrsnet_official", "mlr_snet_200.pth")
+_OFFICIAL = os.path.join(os.path.dirname(__file__), "..", "..", "shared", "fixtures", "mlrsnet_official",
+                         "mlr_snet_200.pth")
 RESULTS: dict[str, float] = {}  # name -> seconds per step (median)
 
 
@@ -83,8 +86,6 @@ def _scheduler_step_args(net):
 
 def test_fused_op_step(benchmark, controller_file):
     """The guarded step + lr write as AutoLR dispatches it on the CPU (the C++ op when built)."""
-    from autolr_fast import dispatch
-
     net, _ = controller_file
     benchmark.group = "controller_step"
     benchmark.extra_info["backend"] = dispatch.select("mlrsnet_step_", torch.device("cpu"))[0]
@@ -116,8 +117,6 @@ def test_torch_compile_reference(benchmark, controller_file):
 
 def test_autolr_step(benchmark, controller_file):
     """The whole ``AutoLR.step(loss)`` (checks, dispatch, counters) on the CPU."""
-    from autolr_fast import AutoLR
-
     net, _ = controller_file
     benchmark.group = "controller_step"
     model = torch.nn.Linear(4, 2)
@@ -197,9 +196,6 @@ def test_summary_table(controller_file):
     if "reference_eager" not in RESULTS:
         pytest.skip("run the whole file (benchmarks disabled or skipped)")
     base = RESULTS["reference_eager"]
-    lines = ["| step | time per step | speed-up vs eager reference |", "| --- | ---: | ---: |"]
-    for name in ("reference_eager", "torchscript", "runtime_ctypes", "runtime_cpp_loop"):
-        if name in RESULTS:
-            t = RESULTS[name]
-            lines.append(f"| {name} | {t * 1e6:.2f} us | {base / t:.1f}x |")
-    print("\n" + "\n".join(lines))
+    rows = [[name, f"{RESULTS[name] * 1e6:.2f} us", f"{base / RESULTS[name]:.1f}x"]
+            for name in ("reference_eager", "torchscript", "runtime_ctypes", "runtime_cpp_loop") if name in RESULTS]
+    print("\n" + markdown_table(["step", "time per step", "speed-up vs eager reference"], rows))

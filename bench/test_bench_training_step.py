@@ -17,8 +17,9 @@ from __future__ import annotations
 
 import pytest
 import torch
+from bench_utils import host_syncs_per_step, peak_memory
 
-from bench_utils import host_syncs_per_step, meta_config_class, peak_memory
+from autolr_fast import MetaConfig
 
 
 def _cnn(mnist1d_task):
@@ -64,7 +65,8 @@ def _resnet_problem(device):
     torch.manual_seed(0)
     model = torchvision.models.resnet18(num_classes=10).to(device)
     g = torch.Generator(device="cpu").manual_seed(0)
-    batches = [(torch.randn(128, 3, 32, 32, generator=g).to(device), torch.randint(0, 10, (128,), generator=g).to(device))
+    batches = [(torch.randn(128, 3, 32, 32, generator=g).to(device),
+                torch.randint(0, 10, (128,), generator=g).to(device))
                for _ in range(4)]
     return model, batches
 
@@ -99,14 +101,12 @@ def test_resnet18_step_autolr(benchmark, cuda_device, make_train_step, official_
 # Meta-step every step vs the plain step
 # ------------------------------------------------------------------------------------------------
 def _meta(val_batches, loss_fn, low_memory=True):
-    MetaConfig = meta_config_class()
     return lambda model: MetaConfig(model=model, val_data=val_batches, loss_fn=loss_fn, interval=1,
                                     low_memory=low_memory)
 
 
 @pytest.mark.benchmark(group="meta-step (cpu, mnist1d-cnn)")
 def test_cnn_plain_autolr_step(benchmark, mnist1d_task, mnist1d_batches, make_train_step, official_controller):
-    meta_config_class()  # same skip as the meta variant, so the pair stays together
     step = make_train_step(_cnn(mnist1d_task), mnist1d_batches, mnist1d_task.loss_fn, "autolr", official_controller)
     _record(benchmark, step, baseline=True, **peak_memory(step))
     benchmark(step)
@@ -115,26 +115,28 @@ def test_cnn_plain_autolr_step(benchmark, mnist1d_task, mnist1d_batches, make_tr
 @pytest.mark.benchmark(group="meta-step (cpu, mnist1d-cnn)")
 def test_cnn_meta_step_every_step(benchmark, mnist1d_task, mnist1d_batches, make_train_step, official_controller):
     meta = _meta(mnist1d_batches[::-1], mnist1d_task.loss_fn)
-    step = make_train_step(_cnn(mnist1d_task), mnist1d_batches, mnist1d_task.loss_fn, "autolr", official_controller, meta=meta)
+    step = make_train_step(_cnn(mnist1d_task), mnist1d_batches, mnist1d_task.loss_fn, "autolr", official_controller,
+                           meta=meta)
     _record(benchmark, step, **peak_memory(step))
     benchmark(step)
-    assert step.autolr.meta.meta_steps > 0
+    assert step.schedule.autolr.meta.meta_steps > 0
 
 
 @pytest.mark.benchmark(group="meta-step (cpu, mnist1d-cnn)")
-def test_cnn_meta_step_every_step_batched(benchmark, mnist1d_task, mnist1d_batches, make_train_step, official_controller):
+def test_cnn_meta_step_every_step_batched(benchmark, mnist1d_task, mnist1d_batches, make_train_step,
+                                          official_controller):
     """MetaConfig(low_memory=False): all validation gradients, then one fused dot."""
     meta = _meta(mnist1d_batches[::-1], mnist1d_task.loss_fn, low_memory=False)
-    step = make_train_step(_cnn(mnist1d_task), mnist1d_batches, mnist1d_task.loss_fn, "autolr", official_controller, meta=meta)
+    step = make_train_step(_cnn(mnist1d_task), mnist1d_batches, mnist1d_task.loss_fn, "autolr", official_controller,
+                           meta=meta)
     _record(benchmark, step, **peak_memory(step))
     benchmark(step)
-    assert step.autolr.meta.meta_steps > 0
+    assert step.schedule.autolr.meta.meta_steps > 0
 
 
 @pytest.mark.gpu
 @pytest.mark.benchmark(group="meta-step (cuda, resnet18 batch 128)")
 def test_resnet18_plain_autolr_step(benchmark, cuda_device, make_train_step, official_controller):
-    meta_config_class()
     model, batches = _resnet_problem(cuda_device)
     step = make_train_step(model, batches, torch.nn.functional.cross_entropy, "autolr", official_controller, fused=True)
     _record(benchmark, step, cuda_device, baseline=True, **peak_memory(step, cuda_device))
@@ -187,7 +189,6 @@ def _small_resnet_problem():
 
 @pytest.mark.benchmark(group="meta-step (cpu, resnet-8 batch 64)")
 def test_small_resnet_plain_autolr_step(benchmark, make_train_step, official_controller):
-    meta_config_class()
     model, batches = _small_resnet_problem()
     step = make_train_step(model, batches, torch.nn.functional.cross_entropy, "autolr", official_controller)
     _record(benchmark, step, baseline=True, **peak_memory(step))
@@ -201,4 +202,4 @@ def test_small_resnet_meta_step_every_step(benchmark, make_train_step, official_
     step = make_train_step(model, batches, torch.nn.functional.cross_entropy, "autolr", official_controller, meta=meta)
     _record(benchmark, step, **peak_memory(step))
     benchmark(step)
-    assert step.autolr.meta.meta_steps > 0
+    assert step.schedule.autolr.meta.meta_steps > 0

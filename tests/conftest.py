@@ -9,14 +9,16 @@ import pytest
 import torch
 
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
-OFFICIAL_DIR = Path(os.environ.get("AUTOLR_FAST_FIXTURES", PROJECT_ROOT.parent / "shared" / "fixtures" / "mlrsnet_official"))
+OFFICIAL_DIR = Path(os.environ.get("AUTOLR_FAST_FIXTURES",
+                                   PROJECT_ROOT.parent / "shared" / "fixtures" / "mlrsnet_official"))
 CHECKPOINTS = ("mlr_snet_1.pth", "mlr_snet_100.pth", "mlr_snet_200.pth")
 
 
 @pytest.fixture
 def official_dir() -> Path:
     if not (OFFICIAL_DIR / "trajectory.json").is_file():
-        pytest.skip(f"published MLR-SNet fixtures not found at {OFFICIAL_DIR} (the ../shared folder beside the project)")
+        pytest.skip(f"published MLR-SNet fixtures not found at {OFFICIAL_DIR} "
+                    "(the ../shared folder beside the project)")
     return OFFICIAL_DIR
 
 

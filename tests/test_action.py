@@ -1,18 +1,15 @@
+"""The action controller: features, models, the controller in AutoLR, saving, the shipped one."""
+
 import json
 import math
-import os
 
 import pytest
 import torch
 from torch import nn
 
-from autolr_fast import AutoLR
-from autolr_fast.__main__ import main as cli
-from autolr_fast.action import (ActionController, ActionMLP, block_means, history_features,
-                                make_action_model)
-from autolr_fast.action_training import split_by_run, train_and_compare
-from autolr_fast.collect import COLUMNS, load_data
-from autolr_fast.tasks import Task, register_task
+from autolr_fast import ActionController, AutoLR
+from autolr_fast.controllers.action import ActionMLP, block_means, history_features, make_action_model
+from autolr_fast.controllers.pretrained import PRETRAINED_DIR
 
 
 # ------------------------------------------------------------------------------------------------
@@ -136,7 +133,7 @@ def test_autolr_state_dict_round_trip():
         _steps(m, o, s, 27, losses[13:])
         rates.append(float(s.rate))
     assert rates[0] == rates[1]
-    assert all(torch.equal(a, b) for a, b in zip(ctrl.state_dict().values(), ctrl_b.state_dict().values()))
+    assert all(torch.equal(a, b) for a, b in zip(ctrl.state_dict().values(), ctrl_b.state_dict().values(), strict=True))
 
 
 @pytest.mark.filterwarnings("ignore:`torch.jit.script` is deprecated:FutureWarning")
@@ -170,103 +167,6 @@ def test_bad_settings_are_refused():
         ActionController(make_action_model("mlp", 4), window=4, block=3, interval=4)
     with pytest.raises(ValueError, match="unknown action model"):
         make_action_model("lstm", 4)
-
-
-# ------------------------------------------------------------------------------------------------
-# collection
-# ------------------------------------------------------------------------------------------------
-@register_task("test-quadratic")
-def _quadratic(seed: int = 0) -> Task:
-    """loss = mean((w . x)^2): plain SGD at rates <= 0.1 never overshoots, so the larger rate is
-    always better: the right label of every decision is x1.1."""
-    g = torch.Generator().manual_seed(seed)
-    x = torch.randn(640, 4, generator=g)
-
-    def make():
-        m = nn.Linear(4, 1, bias=False)
-        with torch.no_grad():
-            m.weight.fill_(1.0)
-        return m
-
-    return Task("test-quadratic", x, torch.zeros(640, 1), x[:64], torch.zeros(64, 1), make,
-                nn.functional.mse_loss, None)
-
-
-def _collect(tmp_path, name, *extra):
-    out = str(tmp_path / name)
-    assert cli(["collect", "--task", "test-quadratic", "--momentum", "0", "--segment", "10", "--window", "5",
-                "--steps", "60", "--batch-size", "16", "--runs", "2", "--out", out, "--no-progress", *extra]) == 0
-    return out
-
-
-def test_collector_labels_the_known_best_action(tmp_path):
-    data = load_data(_collect(tmp_path, "q.pt"))
-    d = data["data"]
-    assert set(data["columns"]) == set(COLUMNS) and data["settings"]["task"] == "test-quadratic"
-    assert len(d["best"]) == 2 * 5
-    assert (d["best"] == 2).all()
-    assert (d["margins"][:, 2] == 0).all() and (d["margins"][:, :2] > 0).all()
-    assert (d["val_after"][:, 0] > d["val_after"][:, 1]).all()
-    # the followed branch sets the next rate
-    for i in range(len(d["rate"]) - 1):
-        if d["run"][i] == d["run"][i + 1]:
-            m = data["settings"]["multipliers"][int(d["followed"][i])]
-            assert float(d["rate"][i + 1]) == pytest.approx(float(d["rate"][i]) * m, rel=1e-6)
-    assert 1e-4 <= float(d["rate"][0]) <= 0.1
-    assert d["features"].shape == (10, 3, 5) and d["history"].shape == (10, 10)
-
-
-def test_collector_resume_gives_the_same_file(tmp_path):
-    full = load_data(_collect(tmp_path, "full.pt"))["data"]
-    out = str(tmp_path / "part.pt")
-    _collect(tmp_path, "part.pt", "--stop-after", "3")
-    assert os.path.exists(out + ".partial") and not os.path.exists(out)
-    _collect(tmp_path, "part.pt", "--resume")
-    part = load_data(out)["data"]
-    assert not os.path.exists(out + ".partial")
-    assert all(torch.equal(full[k], part[k]) for k in full)
-
-
-def test_quick_cli_collect_train_findlr(tmp_path):
-    data = str(tmp_path / "d.pt")
-    assert cli(["collect", "--task", "regress-sin", "--quick", "--runs", "2", "--out", data, "--no-progress"]) == 0
-    outdir = str(tmp_path / "models")
-    assert cli(["train-action", "--data", data, "--quick", "--out-dir", outdir, "--no-progress"]) == 0
-    for kind in ("mlp", "cnn", "gru"):
-        info = json.loads(open(os.path.join(outdir, f"action-{kind}.json")).read())
-        assert info["model"] == kind and 0 <= info["scores"]["accuracy"] <= 1
-        ctrl = ActionController.load(os.path.join(outdir, f"action-{kind}.pt"))
-        assert ctrl.window == 4 and ctrl.interval == 20
-    assert "| always x1.0 |" in open(os.path.join(outdir, "results.md")).read()
-    fl = str(tmp_path / "f.json")
-    assert cli(["find-lr", "--task", "regress-sin", "--quick", "--out", fl, "--plot", str(tmp_path / "f.png")]) == 0
-    assert math.isfinite(json.loads(open(fl).read())["suggestion"])
-
-
-def test_models_learn_a_learnable_rule():
-    # Labels from a rule on the features (loss went up in the last block -> x0.9, else x1.1):
-    # every model must beat the majority class on held-out runs.
-    g = torch.Generator().manual_seed(0)
-    n = 600
-    feats = torch.randn(n, 3, 6, generator=g)
-    best = torch.where(feats[:, 1, -1] > 0, 0, 2)
-    data = {"features": feats, "best": best, "run": torch.arange(n) // 10,
-            "margins": torch.where(torch.nn.functional.one_hot(best, 3).bool(), 0.0, 0.1),
-            "val_history": torch.ones(n, 4), "val_initial": torch.ones(n)}
-    report, _ = train_and_compare(data, ["mlp", "cnn", "gru"], window=6, multipliers=[0.9, 1.0, 1.1],
-                                  epochs=40, test_frac=0.25, seed=0, show=False)
-    res = report["results"]
-    for kind in ("mlp", "cnn", "gru"):
-        assert res[kind]["accuracy"] > res["majority class"]["accuracy"] + 0.2, (kind, res)
-        assert res[kind]["regret"] < res["always x1.0"]["regret"]
-
-
-def test_split_keeps_runs_whole():
-    runs = torch.tensor([0, 0, 1, 1, 2, 2, 3, 3])
-    tr, te = split_by_run(runs, 0.25, 0)
-    assert (tr ^ te).all() and len(set(runs[te].tolist()) & set(runs[tr].tolist())) == 0
-    with pytest.raises(ValueError, match="at least 2 runs"):
-        split_by_run(torch.zeros(4, dtype=torch.long), 0.25, 0)
 
 
 @pytest.mark.gpu
@@ -307,11 +207,9 @@ def test_controller_features_match_the_collector():
 
 def test_shipped_controller_runs_in_autolr():
     ctrl = ActionController.pretrained("action-mlp")
-    info = json.loads(open(os.path.join(os.path.dirname(__import__("autolr_fast").__file__), "weights",
-                                        "action-mlp.json")).read())
+    info = json.loads((PRETRAINED_DIR / "action-mlp.json").read_text())
     assert info["window"] == ctrl.window and info["interval"] == ctrl.interval
-    assert os.path.getsize(os.path.join(os.path.dirname(__import__("autolr_fast").__file__), "weights",
-                                        "action-mlp.pt")) < 200_000
+    assert (PRETRAINED_DIR / "action-mlp.pt").stat().st_size < 200_000
     model, opt, sched = _setup(ctrl, gamma=0.5)
     _steps(model, opt, sched, 205)
     assert int(ctrl.actions_taken.sum()) == 2 and 0 < float(sched.rate) <= 0.5

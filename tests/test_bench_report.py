@@ -4,12 +4,14 @@ in CI size (one fast benchmark file, a few rounds)."""
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 
-from autolr_fast import bench_report
+from autolr_experiments import bench_report
 
 PNG = b"\x89PNG\r\n\x1a\n"
+BENCH_DIR = Path(__file__).resolve().parents[1] / "bench"
 
 
 def _bench(name, group, mean, extra=None):
@@ -61,12 +63,14 @@ def test_render_rejects_other_json(tmp_path):
         bench_report.render_markdown({"benchmarks": [{"group": "g"}]})
 
 
-def test_bench_command_quick(tmp_path):
-    """The real command on the CPU training-step pair (a few rounds)."""
-    files = [str(bench_report.BENCH_DIR / "test_bench_training_step.py")]
-    rc = bench_report.main(["--quick", "--files", *files, "-k", "cnn_step", "--out", str(tmp_path)])
+def test_bench_command_quick(tmp_path, monkeypatch):
+    """The real command on the CPU training-step pair (a few rounds), run from another folder."""
+    monkeypatch.chdir(tmp_path)
+    files = [str(BENCH_DIR / "test_bench_training_step.py")]
+    rc = bench_report.main(["--quick", "--files", *files, "-k", "cnn_step", "--out", "out"])
+    out = tmp_path / "out"
     assert rc == 0
-    data = json.loads((tmp_path / "bench.json").read_text())
+    data = json.loads((out / "bench.json").read_text())
     names = {b["name"]: b for b in data["benchmarks"]}
     assert "test_cnn_step_cosine" in names
     assert names["test_cnn_step_cosine"]["extra_info"]["baseline"] is True
@@ -76,11 +80,21 @@ def test_bench_command_quick(tmp_path):
     if "test_cnn_step_autolr" in names:  # needs the published checkpoints
         # AutoLR reads nothing on the host per step
         assert names["test_cnn_step_autolr"]["extra_info"]["host_syncs_per_step"] == 0
-    md = (tmp_path / "bench.md").read_text()
+    md = (out / "bench.md").read_text()
     assert "mnist1d-cnn step (cpu)" in md and "1.00 (baseline)" in md
-    assert (tmp_path / "bench.png").read_bytes()[:8] == PNG
+    assert (out / "bench.png").read_bytes()[:8] == PNG
 
 
-def test_bench_command_reports_missing_files(tmp_path, capsys):
-    assert bench_report.main(["--files", str(tmp_path / "nope.py"), "--out", str(tmp_path)]) == 2
-    assert "not found" in capsys.readouterr().err
+def test_bench_command_reports_missing_files(tmp_path):
+    with pytest.raises(SystemExit, match="not found"):
+        bench_report.main(["--files", str(tmp_path / "nope.py"), "--out", str(tmp_path)])
+
+
+def test_bench_dir_is_found_from_the_checkout_or_refused(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    assert bench_report.find_bench_dir() == BENCH_DIR  # no ./bench here: the checkout's
+    (tmp_path / "bench").mkdir()
+    (tmp_path / "bench" / "conftest.py").write_text("")
+    assert bench_report.find_bench_dir() == tmp_path / "bench"  # ./bench first
+    with pytest.raises(SystemExit, match="--bench-dir"):
+        bench_report.find_bench_dir(str(tmp_path / "elsewhere"))

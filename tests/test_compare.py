@@ -9,8 +9,10 @@ import math
 import pytest
 import torch
 
-from autolr_fast import baselines, compare
-from autolr_fast.baselines import SGDHD, lr_grid
+from autolr_experiments import baselines, compare
+from autolr_experiments.baselines import SGDHD, lr_grid
+from autolr_experiments.tasks import get_task
+from autolr_experiments.training import Schedule, rate_stats, train
 
 
 # ------------------------------------------------------------------------------------------------
@@ -47,7 +49,7 @@ def test_sgd_hd_matches_the_reference(shapes, momentum, nesterov, weight_decay):
     target = torch.randn(n, generator=g, dtype=torch.float64)
     grad_fn = lambda w: hess @ (w - target)  # noqa: E731  (loss 0.5 (w-t)' H (w-t))
     w0 = torch.randn(n, generator=g, dtype=torch.float64)
-    params = [p.clone().reshape(s).requires_grad_() for p, s in zip(w0.split(sizes), shapes)]
+    params = [p.clone().reshape(s).requires_grad_() for p, s in zip(w0.split(sizes), shapes, strict=True)]
     opt = SGDHD(params, lr=0.01, hypergrad_lr=3e-4, momentum=momentum, weight_decay=weight_decay, nesterov=nesterov)
     lrs = []
     for _ in range(25):
@@ -76,7 +78,7 @@ def test_sgd_hd_without_hypergradient_is_sgd():
             opt.zero_grad()
             ((ps[0] @ x).pow(2).sum() + ps[1].sin().sum()).backward()
             opt.step()
-    for p, q in zip(a, b):
+    for p, q in zip(a, b, strict=True):
         torch.testing.assert_close(p, q)
 
 
@@ -104,7 +106,7 @@ def test_lr_grid_is_log_spaced_around_the_default():
     assert lr_grid(0.1, 1) == [0.1]
     g = lr_grid(0.1, 5)
     assert len(g) == 5 and math.isclose(g[0], 0.01) and math.isclose(g[2], 0.1) and math.isclose(g[-1], 1.0)
-    ratios = [b / a for a, b in zip(g[:-1], g[1:])]
+    ratios = [b / a for a, b in zip(g[:-1], g[1:], strict=True)]
     assert all(math.isclose(r, ratios[0]) for r in ratios)
     with pytest.raises(ValueError):
         lr_grid(0.1, 0)
@@ -113,7 +115,8 @@ def test_lr_grid_is_log_spaced_around_the_default():
 def test_registry_covers_every_method_family():
     names = baselines.available_methods()
     for required in ("constant", "step", "multistep", "exponential", "cosine", "sgdr", "adam", "sgd-hd",
-                     "sf-sgd", "sf-adamw", "prodigy", "mlrsnet-official-200", "shipped", "meta-online", "action"):
+                     "sf-sgd", "sf-adamw", "prodigy", "dog", "dadapt", "mechanic", "autolr", "mlrsnet-official-200",
+                     "shipped", "meta-online", "action"):
         assert required in names
     fams = {baselines.get_method(n).family for n in names}
     assert fams == {"hand", "untuned", "learned"}
@@ -122,11 +125,11 @@ def test_registry_covers_every_method_family():
 
 
 def test_rate_stats():
-    flat = compare._rate_stats([0.1] * 20, 5)
+    flat = rate_stats([0.1] * 20, 5)
     assert flat["epoch_cv"] == 0 and flat["jitter"] == 0 and flat["mean"] == pytest.approx(0.1)
-    decaying = compare._rate_stats([0.1 * 0.5 ** (i // 5) for i in range(20)], 5)
+    decaying = rate_stats([0.1 * 0.5 ** (i // 5) for i in range(20)], 5)
     assert decaying["epoch_cv"] > 0.3 and decaying["jitter"] == 0  # steps only at epoch boundaries
-    assert compare._rate_stats([], 5)["mean"] is None
+    assert rate_stats([], 5)["mean"] is None
 
 
 def test_autolr_rates_are_recorded_without_a_host_read_per_step(monkeypatch):
@@ -164,7 +167,7 @@ def test_compare_command_writes_well_formed_records(tmp_path, capsys):
     # every method either ran on both tasks or is listed as skipped with a reason
     for name in baselines.available_methods():
         assert name in ran or doc["skipped_methods"].get(name), name
-    for name in ("constant", "cosine", "sgdr", "adam", "sgd-hd", "sf-sgd", "sf-adamw", "prodigy"):
+    for name in ("constant", "cosine", "sgdr", "adam", "sgd-hd", "sf-sgd", "sf-adamw", "prodigy", "autolr"):
         assert name in ran
     for r in runs:
         if r["status"] == "skipped":
@@ -182,7 +185,7 @@ def test_compare_command_writes_well_formed_records(tmp_path, capsys):
             assert r["final_metric"] is None or r["final_metric"] == r["final_test_loss"]
         assert set(r["rate_stats"]) == {"mean", "min", "max", "epoch_cv", "jitter"}
     tasks = {r["task"] for r in rows}
-    assert tasks == {"digits-mlp", "regress-sin"}
+    assert tasks == set(compare.QUICK_TASKS) and "diabetes-mlp" in tasks  # one task trained with Adam
     for row in rows:
         assert row["setting"] in ("best", "default", "best = default", "as shipped")
         assert row["seeds"] == 1 and row["target_reached"].endswith("/1")
@@ -190,12 +193,26 @@ def test_compare_command_writes_well_formed_records(tmp_path, capsys):
     learned_ran = {r["method"] for r in rows if r["family"] == "learned"}
     assert {v["learned"] for v in doc["verdicts"]} == learned_ran
     for v in doc["verdicts"]:
-        assert v["verdict"] in ("win", "tie", "lose") and v["reference"].split()[0] in ("cosine", "sf-sgd", "sf-adamw", "prodigy")
+        assert v["verdict"] in ("win", "tie", "lose")
+        assert v["reference"].split()[0] in ("cosine", "sf-sgd", "sf-adamw", "prodigy")
     md = (out / "compare.md").read_text()
     assert "## digits-mlp" in md and "## regress-sin" in md and "| method | setting |" in md
     for task in tasks:
-        png = out / f"{task}.png"
-        assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+        for png in (out / f"{task}.png", out / f"{task}-summary.png"):
+            assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    # the equal-budget view: AutoLR with defaults, cosine at the default rate and tuned, the competitors
+    assert doc["config"]["autolr_controller"] in ("default", "mnist1d-cnn")
+    assert "## Equal-budget summary" in md and "### Done when (issue 15)" in md
+    assert {b["task"] for b in doc["equal_budget"]} == tasks
+    for b in doc["equal_budget"]:
+        labels = [r["label"] for r in b["rows"]]
+        assert labels[:3] == ["AutoLR (defaults)", "cosine @ default lr", "cosine tuned (grid)"]
+        assert {"Prodigy (lr 1, cosine)", "schedule-free AdamW @ default"} <= set(labels)
+        for r in b["rows"]:
+            assert r["runs"] == 1 and r["steps_per_run"] > 0 and r["cpu_s"] > 0
+        assert set(b["verdicts"]) >= {"never_diverged", "ge_cosine_default", "close_to_tuned",
+                                      "beats_best_tuning_free"}
+    assert doc["done_when"]["tasks"] == len(tasks)
 
 
 def test_compare_best_and_default_rows(tmp_path):
@@ -245,8 +262,7 @@ def test_a_new_method_is_one_registered_function(tmp_path, monkeypatch):
 
     @baselines.register_method("sgd-half", "hand", 0.05, "SGD at a halved rate, for this test")
     def sgd_half(spec):
-        opt = torch.optim.SGD(spec.model.parameters(), lr=spec.lr / 2)
-        return baselines.MethodSetup(opt, lambda: opt.param_groups[0]["lr"])
+        return Schedule(torch.optim.SGD(spec.model.parameters(), lr=spec.lr / 2))
 
     @baselines.register_method("needs-nothing", "learned", None, "never available",
                                available=lambda: "not built yet (test)")
@@ -261,3 +277,96 @@ def test_a_new_method_is_one_registered_function(tmp_path, monkeypatch):
     assert all(v == 0.025 for v in doc["runs"][0]["curves"]["rate"])
     assert doc["skipped_methods"] == {"needs-nothing": "not built yet (test)"}
     assert "needs-nothing" in (out / "compare.md").read_text()
+
+
+# ------------------------------------------------------------------------------------------------
+# The equal-budget view and the tuning-free competitors
+# ------------------------------------------------------------------------------------------------
+def _row(task, method, setting, metric, lr=None, std=0.001, diverged=0, cls=True):
+    return {"task": task, "method": method, "setting": setting, "lr": lr, "family": "x", "classification": cls,
+            "final_metric": metric, "final_metric_std": std, "diverged": diverged, "seeds": 3}
+
+
+def _runs(rows, cpu=1.0, steps=100, info=None):
+    runs = []
+    for r in rows:
+        for seed in range(r["seeds"]):
+            runs.append({"task": r["task"], "method": r["method"], "lr": r["lr"], "status": "ok", "seed": seed,
+                         "cpu_time_s": cpu, "steps": steps, "info": info or {}})
+    return runs
+
+
+def test_equal_budget_verdicts_and_compute():
+    rows = [_row("t", "autolr", "as shipped", 0.90), _row("t", "cosine", "default", 0.89, lr=0.1),
+            _row("t", "cosine", "best", 0.904, lr=0.3), _row("t", "prodigy", "as shipped", 0.91),
+            _row("t", "sf-sgd", "best = default", 0.80, lr=0.1)]
+    grid = [_row("t", "cosine", "other", 0.5, lr=lr) for lr in (0.01, 0.03, 1.0)]
+    info = {"controller": "default", "controller_tasks": ["t"], "trained_on_task": True, "optimizer": "sgd"}
+    runs = _runs(rows + grid) + [{**r, "info": info} for r in _runs(rows[:1])][:1]
+    (b,) = compare.equal_budget(rows, runs)
+    by = {r["label"]: r for r in b["rows"]}
+    assert by["cosine tuned (grid)"]["runs"] == 5 and by["cosine tuned (grid)"]["cpu_s"] == pytest.approx(5.0)
+    assert by["AutoLR (defaults)"]["runs"] == 1 and by["cosine @ default lr"]["lr"] == 0.1
+    assert "schedule-free SGD @ default" in by  # the default row that is also the best
+    v = b["verdicts"]
+    assert v["ge_cosine_default"] and v["close_to_tuned"] and not v["beats_best_tuning_free"]
+    assert v["best_tuning_free"] == "Prodigy (lr 1, cosine)" and v["delta_vs_best_tuning_free"] == "-1.00 pts"
+    assert b["trained_on"] and b["controller"] == "default"
+    d = compare.done_when([b])
+    assert d["held_out_tasks"] == 0 and not d["met"]["close to tuned cosine on >= 3/4 of the held-out tasks"]
+
+
+def test_equal_budget_regression_uses_the_relative_loss():
+    rows = [_row("r", "autolr", "as shipped", 1.09, cls=False), _row("r", "cosine", "default", 1.2, lr=0.1, cls=False),
+            _row("r", "cosine", "best", 1.0, lr=0.3, cls=False), _row("r", "dog", "as shipped", 1.1, cls=False)]
+    (b,) = compare.equal_budget(rows, _runs(rows))
+    v = b["verdicts"]
+    assert v["ge_cosine_default"] and v["close_to_tuned"] and v["beats_best_tuning_free"]
+    assert v["delta_vs_tuned"] == "x1.090 loss" and not b["trained_on"]
+    rows[0]["final_metric"] = 1.11  # more than 10 % above tuned cosine
+    (b,) = compare.equal_budget(rows, _runs(rows))
+    assert not b["verdicts"]["close_to_tuned"]
+
+
+def test_a_missing_package_skips_its_method_with_the_reason(tmp_path, monkeypatch):
+    assert "pip install" in baselines._needs("no_such_package_for_autolr")()
+    monkeypatch.setattr(baselines.get_method("dog"), "available", lambda: "package 'dog' is not installed")
+    out = tmp_path / "cmp"
+    assert compare.main(["--epochs", "1", "--seeds", "1", "--grid", "1", "--tasks", "diabetes-mlp", "--methods",
+                         "dog", "cosine", "--out", str(out), "--no-progress", "--no-plots"]) == 0
+    doc = json.loads((out / "compare.json").read_text())
+    assert doc["skipped_methods"] == {"dog": "package 'dog' is not installed"}
+
+
+@pytest.mark.parametrize("name", ["dog", "dadapt", "mechanic"])
+@pytest.mark.parametrize("task", ["diabetes-mlp", "friedman-mlp"])  # an Adam task and an SGD task
+def test_tuning_free_competitors_train(name, task):
+    method = baselines.get_method(name)
+    if method.available():
+        pytest.skip(method.available())
+    run = train_task(task, name)
+    assert run.status == "ok" and len(run.rates) == run.steps and run.rates[-1] > 0
+    assert math.isfinite(run.curves["test_loss"][-1])
+
+
+def train_task(task, method):
+    return train(get_task(task), baselines.get_method(method), epochs=2, batch_size=64, seed=0)
+
+
+def test_autolr_uses_the_task_optimizer_and_records_its_controller(monkeypatch):
+    monkeypatch.setenv(baselines.AUTOLR_CONTROLLER_ENV, "mnist1d-cnn")
+    assert baselines.autolr_controller_name() == "mnist1d-cnn"
+    run = train_task("diabetes-mlp", "autolr")
+    assert isinstance(run.schedule.optimizer, torch.optim.Adam)
+    assert run.rates[0] == pytest.approx(1e-3, rel=1e-4)  # the first rate is the optimizer's lr
+    assert run.rates[-1] < 1e-4  # the cosine envelope over the run's steps
+    info = run.schedule.info
+    assert info["controller"] == "mnist1d-cnn" and info["controller_tasks"] == ["mnist1d-cnn"]
+    assert info["trained_on_task"] is False
+
+
+def test_controller_training_tasks_reads_the_usual_info_keys():
+    assert baselines.controller_training_tasks({"task": "a"}) == ["a"]
+    info = {"tasks": ["a", {"task": "b"}, {"name": "c"}], "training_tasks": ["a", "d"]}
+    assert baselines.controller_training_tasks(info) == ["a", "b", "c", "d"]
+    assert baselines.controller_training_tasks({}) == []

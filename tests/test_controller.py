@@ -7,10 +7,10 @@ import math
 
 import pytest
 import torch
+from conftest import CHECKPOINTS
 
 from autolr_fast import MLRSNet, auto_gamma
-from autolr_fast import reference
-from conftest import CHECKPOINTS
+from autolr_fast.ops import reference
 
 
 @pytest.mark.parametrize("name", CHECKPOINTS)
@@ -44,7 +44,8 @@ def test_from_official_rejects_bad_files(tmp_path):
     with pytest.raises(ValueError, match="not a published MLR-SNet checkpoint"):
         MLRSNet.from_official(other)
     shapes = tmp_path / "shapes.pth"
-    sd = {k.replace("cells.0.", "layer1.").replace("head.", "layer3."): v for k, v in MLRSNet(hidden_size=8).state_dict().items() if k not in ("h", "c")}
+    sd = {k.replace("cells.0.", "layer1.").replace("head.", "layer3."): v
+          for k, v in MLRSNet(hidden_size=8).state_dict().items() if k not in ("h", "c")}
     sd["layer1.fc_i2h.2.weight"] = torch.zeros(5, 4)
     torch.save(sd, shapes)
     with pytest.raises(ValueError, match="unexpected shapes"):
@@ -118,7 +119,8 @@ def test_guarded_step_keeps_state_on_nonfinite():
     c = torch.randn(1, 16)
     rate_prev = torch.tensor(0.3)
     for bad in (float("nan"), float("inf"), -float("inf")):
-        rate, h2, c2, ok = reference.mlrsnet_guarded_step(torch.tensor(bad), h, c, net.flat_weights(), torch.tensor(1.0), rate_prev)
+        rate, h2, c2, ok = reference.mlrsnet_guarded_step(torch.tensor(bad), h, c, net.flat_weights(),
+                                                          torch.tensor(1.0), rate_prev)
         assert not bool(ok)
         assert torch.equal(h2, h) and torch.equal(c2, c) and float(rate) == pytest.approx(0.3)
 

@@ -16,14 +16,14 @@ from pathlib import Path
 import pytest
 import torch
 
-from autolr_fast import dispatch, reference
+from autolr_fast.ops import dispatch, reference
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 import build_support  # noqa: E402
 
 try:
-    from autolr_fast import _cpp_backend
+    from autolr_fast.ops import cpp_backend as _cpp_backend
 except ImportError as exc:  # pragma: no cover - the backend module itself never raises
     _cpp_backend = None
     _IMPORT_ERROR = str(exc)
@@ -43,7 +43,14 @@ SEED = int(os.environ.get("AUTOLR_FAST_TEST_SEED", int.from_bytes(os.urandom(4),
 TOL = {torch.float32: dict(rtol=1e-5, atol=1e-5), torch.float64: dict(rtol=1e-12, atol=1e-12),
        torch.bfloat16: dict(rtol=2e-2, atol=2e-2), torch.float16: dict(rtol=2e-3, atol=2e-3)}
 SHAPES = [[(7,)], [(3, 5), (17,), (1,)], [(33, 9), (4, 3, 3, 3), (65537,), (2,)]]
-ops = torch.ops.autolr_fast_C if (_cpp_backend is not None and _cpp_backend.AVAILABLE) else None
+ops = torch.ops.autolr_fast if (_cpp_backend is not None and _cpp_backend.AVAILABLE) else None
+
+
+def step_op(*args):
+    """The step op with its ``ok`` output allocated (the schema takes it as an argument)."""
+    ok = torch.empty((), dtype=torch.bool, device=args[1].device)
+    ops.mlrsnet_step_(*args, ok)
+    return ok
 
 
 @pytest.fixture(autouse=True)
@@ -169,27 +176,40 @@ def test_cuda_sources_were_compiled_where_a_toolkit_exists():
         "-e .` and read the nvcc error")
 
 
-def test_chunk_tables_of_the_cuda_launcher(tmp_path):
-    """The CUDA launcher's chunk tables (csrc/ops/chunk_table.h), planned and walked on the host
-    with the kernel's own lookup: every element once, pointers right, global chunk indices
-    independent of how a long list is split into launches (see the C++ file)."""
+def _run_host_check(name: str, tmp_path, *args: str) -> str:
+    """Compile ``csrc/ops/tests/<name>.cpp`` (sanitized where the compiler can) and run it; its stdout."""
     import shutil
     import subprocess
 
     cxx = os.environ.get("CXX") or shutil.which("g++") or shutil.which("c++") or shutil.which("clang++")
     if cxx is None:
         pytest.skip("no C++ compiler (g++/c++/clang++) on PATH")
-    source = ROOT / "csrc" / "ops" / "tests" / "chunk_table_test.cpp"
-    exe = tmp_path / "chunk_table_test"
+    source = ROOT / "csrc" / "ops" / "tests" / f"{name}.cpp"
+    exe = tmp_path / name
     flags = ["-std=c++17", "-O1", "-Wall", "-Wextra", "-Werror"]
     sanitized = subprocess.run([cxx, *flags, "-fsanitize=address,undefined", "-o", str(exe), str(source)],
                                capture_output=True, text=True)
     if sanitized.returncode != 0:  # a compiler without sanitizer runtimes: build plain
         plain = subprocess.run([cxx, *flags, "-o", str(exe), str(source)], capture_output=True, text=True)
-        assert plain.returncode == 0, f"chunk_table_test does not compile:\n{plain.stderr[-4000:]}"
-    run = subprocess.run([str(exe), str(SEED)], capture_output=True, text=True, timeout=300)
-    assert run.returncode == 0, msg(f"chunk table check failed:\n{run.stderr[-4000:]}")
+        assert plain.returncode == 0, f"{name} does not compile:\n{plain.stderr[-4000:]}"
+    run = subprocess.run([str(exe), *args], capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, msg(f"{name} failed:\n{run.stderr[-4000:]}")
     assert run.stdout.startswith("ok "), run.stdout
+    return run.stdout
+
+
+def test_chunk_tables_of_the_cuda_launcher(tmp_path):
+    """The CUDA launcher's chunk tables (csrc/ops/chunk_table.h), planned and walked on the host
+    with the kernel's own lookup: every element once, pointers right, global chunk indices
+    independent of how a long list is split into launches (see the C++ file)."""
+    _run_host_check("chunk_table_test", tmp_path, str(SEED))
+
+
+def test_directions_amsgrad_maximum_propagates_nan(tmp_path):
+    """The per-element directions (csrc/ops/directions.h, compiled into the CUDA kernels too) as
+    plain scalar code: AMSGrad's running maximum is NaN when either operand is, as
+    torch.maximum (a plain ``a > b ? a : b`` keeps the other operand)."""
+    _run_host_check("directions_test", tmp_path)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -203,7 +223,7 @@ def reference_step(loss, h, c, weights, gamma, rate, lrs, scales):
 
 def run_step(loss, h, c, weights, gamma, rate, lrs, scales):
     h2, c2, rate2, lrs2 = h.clone(), c.clone(), rate.clone(), [lr.clone() for lr in lrs]
-    ok = ops.mlrsnet_step_(loss, h2, c2, weights, gamma, rate2, lrs2, scales)
+    ok = step_op(loss, h2, c2, weights, gamma, rate2, lrs2, scales)
     return rate2, h2, c2, ok, lrs2
 
 
@@ -236,7 +256,7 @@ def test_mlrsnet_step_guard_keeps_state_on_non_finite_loss(bad):
     h, c, weights = make_net(17, 2)
     h0, c0 = h.clone(), c.clone()
     rate, lrs = torch.tensor(0.05), [torch.tensor(9.0), torch.tensor(9.0)]
-    ok = ops.mlrsnet_step_(torch.tensor(bad), h, c, weights, torch.tensor(0.5), rate, lrs, [1.0, 2.0])
+    ok = step_op(torch.tensor(bad), h, c, weights, torch.tensor(0.5), rate, lrs, [1.0, 2.0])
     assert ok.dtype == torch.bool and not bool(ok), msg("ok must be False for a non-finite loss")
     assert torch.equal(h, h0) and torch.equal(c, c0), msg("state changed on a non-finite loss")
     assert rate.item() == pytest.approx(0.05), msg("rate changed on a non-finite loss")
@@ -249,7 +269,7 @@ def test_mlrsnet_step_guard_non_finite_output():
     h, c, weights = make_net(16, 1)
     h0 = h.clone()
     rate = torch.tensor(0.05)
-    ok = ops.mlrsnet_step_(torch.tensor(1.0), h, c, weights, torch.tensor(float("nan")), rate, [], [])
+    ok = step_op(torch.tensor(1.0), h, c, weights, torch.tensor(float("nan")), rate, [], [])
     assert not bool(ok) and torch.equal(h, h0) and rate.item() == pytest.approx(0.05), msg("NaN gamma")
 
 
@@ -257,18 +277,18 @@ def test_mlrsnet_step_guard_non_finite_output():
 def test_mlrsnet_step_rejects_bad_weights():
     h, c, weights = make_net(16, 1)
     with pytest.raises(RuntimeError, match="weight tensors"):
-        ops.mlrsnet_step_(torch.tensor(1.0), h, c, weights[:-1], torch.tensor(1.0), torch.tensor(0.1), [], [])
+        step_op(torch.tensor(1.0), h, c, weights[:-1], torch.tensor(1.0), torch.tensor(0.1), [], [])
     bad = list(weights)
     bad[2] = bad[2][:, :3].contiguous()
     h0 = h.clone()
     with pytest.raises(RuntimeError, match="i2h.2.weight"):
-        ops.mlrsnet_step_(torch.tensor(1.0), h, c, bad, torch.tensor(1.0), torch.tensor(0.1), [], [])
+        step_op(torch.tensor(1.0), h, c, bad, torch.tensor(1.0), torch.tensor(0.1), [], [])
     assert torch.equal(h, h0), "bad input must not corrupt the state"
     with pytest.raises(RuntimeError, match="scale per param group"):
-        ops.mlrsnet_step_(torch.tensor(1.0), h, c, weights, torch.tensor(1.0), torch.tensor(0.1),
+        step_op(torch.tensor(1.0), h, c, weights, torch.tensor(1.0), torch.tensor(0.1),
                           [torch.tensor(0.0)], [])
     # float lrs in the optimizer: no lr tensors, one scale per group (dispatch's zip semantics)
-    assert bool(ops.mlrsnet_step_(torch.tensor(1.0), h, c, weights, torch.tensor(1.0), torch.tensor(0.1), [],
+    assert bool(step_op(torch.tensor(1.0), h, c, weights, torch.tensor(1.0), torch.tensor(0.1), [],
                                   [1.0, 0.5]))
 
 
@@ -293,7 +313,7 @@ def test_mlrsnet_step_fast_entry_matches_op():
     h, c, weights = make_net(50, 2)
     params = [torch.nn.Parameter(w) for w in weights]  # what the controller hands over
     outs = []
-    for call in (_C.mlrsnet_step_cpu, ops.mlrsnet_step_):
+    for call in (_C.mlrsnet_step_cpu, step_op):
         hh, cc, rate, lrs = h.clone(), c.clone(), torch.tensor(0.1), [torch.tensor(0.0), torch.tensor(0.0)]
         ok = call(torch.tensor(0.8), hh, cc, params, torch.tensor(0.4), rate, lrs, (1.0, 0.5))
         outs.append((hh, cc, rate, *lrs, ok))
@@ -328,7 +348,7 @@ def test_tensor_layout_key_matches_python_layout():
     exactly when kernels.mlrsnet_step._layout (pointer, strides, shape, dtype) is."""
     pytest.importorskip("triton")
     from autolr_fast import _C
-    from autolr_fast.kernels.mlrsnet_step import _layout
+    from autolr_fast.ops.triton_kernels import _layout
 
     a, b = torch.randn(6, 4), torch.randn(6, 4)
     pool = _layout_variants(a) + _layout_variants(b) + [torch.randn(()), torch.zeros(2, dtype=torch.int64),
@@ -425,7 +445,7 @@ SGD_CASES = [  # momentum, dampening, weight_decay, nesterov, maximize
 
 
 @needs_ext
-@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("dtype", DTYPES + [torch.bfloat16])
 @pytest.mark.parametrize("case", SGD_CASES)
 @pytest.mark.parametrize("shapes", SHAPES)
 def test_sgd_ops(shapes, case, dtype):
@@ -445,8 +465,14 @@ ADAM_CASES = [  # beta1, beta2, eps, weight_decay, decoupled, maximize, amsgrad
 ]
 
 
+def own_steps(m: list, stored_step: float, device="cpu") -> list[torch.Tensor]:
+    """Each parameter's own step count, as torch.optim keeps them: 0 for one without state (no
+    moments yet), else a different count per parameter (some had no gradient on some steps)."""
+    return [torch.tensor(0.0 if mm is None else stored_step + 3.0 * i, device=device) for i, mm in enumerate(m)]
+
+
 @needs_ext
-@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("dtype", DTYPES + [torch.bfloat16])
 @pytest.mark.parametrize("stored_step", [0.0, 7.0])
 @pytest.mark.parametrize("case", ADAM_CASES)
 @pytest.mark.parametrize("shapes", SHAPES)
@@ -458,15 +484,169 @@ def test_adam_ops(shapes, case, stored_step, dtype):
     else:
         m, sq = maybe_none(shapes, dtype), maybe_none(shapes, dtype, positive=True)
         vmax = maybe_none(shapes, dtype, positive=True) if amsgrad else [None] * len(shapes)
-    step, alpha = torch.tensor(stored_step), torch.tensor(1e-3)
+    steps, alpha = own_steps(m, stored_step), torch.tensor(1e-3)
     args = (b1, b2, eps, wd, decoupled, maximize)
-    exp = reference.lookahead_adam(w, g, m, sq, vmax, step, alpha, *args)
-    for a, b in zip(ops.lookahead_adam(w, g, m, sq, vmax, step, alpha, *args), exp):
-        close(a, b, dtype, f"lookahead_adam {case} step={stored_step}")
-    got = ops.hyper_dot_adam(v, w, g, m, sq, vmax, step, *args)
-    exp_dot = reference.hyper_dot_adam(v, w, g, m, sq, vmax, step, *args)
-    torch.testing.assert_close(got, exp_dot, rtol=1e-4, atol=1e-4,
-                               msg=lambda s: msg(f"hyper_dot_adam {case} step={stored_step}: {s}"))
+    exp = reference.lookahead_adam(w, g, m, sq, vmax, steps, alpha, *args)
+    for a, b in zip(ops.lookahead_adam(w, g, m, sq, vmax, steps, alpha, *args), exp):
+        close(a, b, dtype, f"lookahead_adam {case} steps={[float(t) for t in steps]}")
+    got = ops.hyper_dot_adam(v, w, g, m, sq, vmax, steps, *args)
+    exp_dot = reference.hyper_dot_adam(v, w, g, m, sq, vmax, steps, *args)
+    torch.testing.assert_close(got, exp_dot, rtol=1e-4 if dtype != torch.bfloat16 else 1e-3, atol=1e-4,
+                               msg=lambda s: msg(f"hyper_dot_adam {case} steps={[float(t) for t in steps]}: {s}"))
+
+
+@needs_ext
+def test_adam_ops_take_one_step_count_per_parameter():
+    """The step list must have one 1-element tensor per parameter; the Python entry points also
+    take a single tensor or number, as the count of every parameter."""
+    shapes = [(5, 3), (7,)]
+    w, g = tensors(shapes, torch.float32), tensors(shapes, torch.float32)
+    none, adam = [None, None], (0.9, 0.999, 1e-8, 0.0, False, False)
+    with pytest.raises(RuntimeError, match="steps has 1 tensors but params has 2"):
+        ops.hyper_dot_adam(w, w, g, none, none, none, [torch.tensor(1.0)], *adam)
+    with pytest.raises(RuntimeError, match=r"steps\[1\] must be a 1-element tensor"):
+        ops.hyper_dot_adam(w, w, g, none, none, none, [torch.tensor(1.0), torch.zeros(2)], *adam)
+    same = [torch.tensor(4.0), torch.tensor(4.0)]
+    want = ops.hyper_dot_adam(w, w, g, none, none, none, same, *adam)
+    for single in (torch.tensor(4.0), 4.0, 4):
+        assert torch.equal(_cpp_backend.hyper_dot_adam(w, w, g, none, none, none, single, *adam), want)
+        assert torch.equal(reference.hyper_dot_adam(w, w, g, none, none, none, single, *adam),
+                           reference.hyper_dot_adam(w, w, g, none, none, none, same, *adam))
+    with pytest.raises(ValueError, match="steps has 3 entries for 2 parameters"):
+        reference.hyper_dot_adam(w, w, g, none, none, none, same + same[:1], *adam)
+
+
+@needs_ext
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16])
+def test_amsgrad_maximum_propagates_nan(dtype):
+    """AMSGrad's running maximum is torch.maximum: a NaN in max_exp_avg_sq gives a NaN direction
+    (as torch's own AMSGrad step gives a NaN parameter), not the other operand."""
+    shapes = [(4, 5), (9,)]
+    w, g, v = tensors(shapes, dtype), tensors(shapes, dtype), tensors(shapes, dtype)
+    m, sq = tensors(shapes, dtype), [t.abs() for t in tensors(shapes, dtype)]
+    vmax = [t.abs() for t in tensors(shapes, dtype)]
+    vmax[0].view(-1)[3] = float("nan")
+    sq[1][2] = float("nan")
+    step, alpha, adam = torch.tensor(5.0), torch.tensor(0.01), (0.9, 0.999, 1e-8, 1e-2, True, False)
+    got = _cpp_backend.lookahead_adam(w, g, m, sq, vmax, step, alpha, *adam)  # (every parameter at step 5)
+    want = reference.lookahead_adam(w, g, m, sq, vmax, step, alpha, *adam)
+    assert torch.isnan(got[0].view(-1)[3]) and torch.isnan(got[1][2]), msg("a NaN maximum must give a NaN w_hat")
+    for a, b in zip(got, want):
+        torch.testing.assert_close(a, b, **TOL[dtype], equal_nan=True, msg=lambda s: msg(f"lookahead_adam: {s}"))
+    assert torch.isnan(_cpp_backend.hyper_dot_adam(v, w, g, m, sq, vmax, step, *adam)), msg("hyper_dot_adam")
+    # torch's own AMSGrad step with that state
+    p = torch.nn.Parameter(w[0].clone())
+    opt = torch.optim.AdamW([p], lr=0.01, weight_decay=1e-2, amsgrad=True)
+    opt.state[p] = {"step": torch.tensor(5.0), "exp_avg": m[0].clone(), "exp_avg_sq": sq[0].clone(),
+                    "max_exp_avg_sq": vmax[0].clone()}
+    p.grad = g[0].clone()
+    opt.step()
+    assert torch.isnan(p.detach().view(-1)[3]), "torch's AMSGrad propagates the NaN (the premise of this test)"
+
+
+# ------------------------------------------------------------------------------------------------
+# Reduced precision: the ops against torch's own optimizer steps on bfloat16 parameters
+# ------------------------------------------------------------------------------------------------
+def _list_op_impls() -> list:
+    impls = [pytest.param("reference", id="reference")]
+    impls.append(pytest.param("cpu", id="cpp-cpu", marks=needs_ext))
+    impls.append(pytest.param("cuda", id="cpp-cuda", marks=[needs_ext, needs_cuda]))
+    return impls
+
+
+def _list_ops(impl: str):
+    """``(module, device)``: the reference, or the extension's ops through cpp_backend."""
+    return (reference, "cpu") if impl == "reference" else (_cpp_backend, impl)
+
+
+BF16_SHAPES = [(257, 129), (40_000,), (3, 3, 3, 64)]
+# 0.012298 rounds to 0.012268 in bfloat16: a rate rounded to the parameters' dtype is 0.24 % off
+BF16_ALPHA = 0.012298
+
+
+def _coherent_ratio(got: list[torch.Tensor], want: list[torch.Tensor]) -> float:
+    """``<got, want> / <want, want>`` in float64: 1 + the systematic relative error; the
+    per-element rounding differences (either sign) average out over the ~75k elements."""
+    num = sum(float((a.double() * b.double()).sum()) for a, b in zip(got, want))
+    return num / sum(float((b.double() ** 2).sum()) for b in want)
+
+
+def _bf16_params_at_zero(dev: str, make_opt, steps: int):
+    """bfloat16 parameters, ``steps`` real optimizer steps on random gradients (the optimizer
+    state), then the parameters set to 0 and new gradients: a step from 0 is read off exactly."""
+    params = [torch.nn.Parameter(torch.randn(s, device=dev).to(torch.bfloat16)) for s in BF16_SHAPES]
+    opt = make_opt(params)
+    for _ in range(steps):
+        for p in params:
+            p.grad = torch.randn_like(p)
+        opt.step()
+    with torch.no_grad():
+        for p in params:
+            p.zero_()
+            p.grad = torch.randn_like(p)
+    return params, opt
+
+
+def _real_step(params, opt, lr: float) -> list[torch.Tensor]:
+    """The parameters after one real step with ``lr``, taken on a copy (the state stays)."""
+    import copy
+
+    params2, opt2 = copy.deepcopy((params, opt))
+    for a, b in zip(params2, params):
+        a.grad = b.grad.clone()
+    for g in opt2.param_groups:
+        g["lr"] = lr
+    opt2.step()
+    return [p.detach() for p in params2]
+
+
+@pytest.mark.parametrize("impl", _list_op_impls())
+@pytest.mark.parametrize("nesterov", [False, True])
+def test_bf16_lookahead_sgd_matches_torch_sgd(impl, nesterov):
+    """bfloat16 parameters: ``w_hat`` from ``lookahead_sgd`` against a real fused
+    ``torch.optim.SGD`` step with ``lr = alpha`` (rate and arithmetic in float32, one rounding):
+    no systematic scale (alpha rounded to bfloat16 is 0.24 % off). Torch's non-fused CPU SGD
+    rounds ``lr`` to the parameters' dtype itself; the ops follow the float32 semantics."""
+    ops_, dev = _list_ops(impl)
+    torch.manual_seed(SEED)
+    params, opt = _bf16_params_at_zero(dev, lambda p: torch.optim.SGD(
+        p, lr=0.01, momentum=0.9, dampening=0.0 if nesterov else 0.1, weight_decay=1e-2, nesterov=nesterov,
+        fused=True), steps=2)
+    g = opt.param_groups[0]
+    w = [p.detach().clone() for p in params]
+    bufs = [opt.state[p]["momentum_buffer"] for p in params]
+    got = ops_.lookahead_sgd(w, [p.grad for p in params], bufs, torch.tensor(BF16_ALPHA, device=dev),
+                             g["momentum"], g["dampening"], g["weight_decay"], nesterov, False)
+    want = _real_step(params, opt, BF16_ALPHA)
+    ratio = _coherent_ratio(got, want)
+    assert abs(ratio - 1.0) < 5e-4, msg(f"{impl}: w_hat is {ratio:.5f} x torch's step (alpha rounded to bf16?)")
+
+
+@pytest.mark.parametrize("impl", _list_op_impls())
+@pytest.mark.parametrize("stored_step", [1, 3])
+@pytest.mark.parametrize("decoupled", [False, True])
+def test_bf16_adam_ops_match_torch_adam(impl, stored_step, decoupled):
+    """bfloat16 parameters: Adam's direction from the ops against a real ``torch.optim.Adam`` /
+    ``AdamW`` step with ``lr = alpha`` (``d = -w_after / lr`` from 0), whose bias corrections are
+    float64 and its rate float32: ``<v, d>`` (``v`` along ``d``) and ``w_hat`` without a
+    systematic error (bias corrections and alpha rounded to bfloat16: 0.3 to 0.6 % off)."""
+    ops_, dev = _list_ops(impl)
+    torch.manual_seed(SEED)
+    cls = torch.optim.AdamW if decoupled else torch.optim.Adam
+    params, opt = _bf16_params_at_zero(dev, lambda p: cls(p, lr=1e-3, weight_decay=1e-2), steps=stored_step)
+    state = [opt.state[p] for p in params]
+    tensors = ([p.detach().clone() for p in params], [p.grad for p in params], [s["exp_avg"] for s in state],
+               [s["exp_avg_sq"] for s in state], [None] * len(params), [s["step"] for s in state])
+    g = opt.param_groups[0]
+    adam = (*g["betas"], g["eps"], g["weight_decay"], decoupled, False)
+    w_after = _real_step(params, opt, BF16_ALPHA)
+    d_real = [-(a.double() / BF16_ALPHA) for a in w_after]
+    v = [d.to(torch.bfloat16) for d in d_real]  # a validation gradient along d: <v, d> adds up coherently
+    dot = float(ops_.hyper_dot_adam(v, *tensors, *adam))
+    want = sum(float((a.double() * b).sum()) for a, b in zip(v, d_real))
+    assert abs(dot / want - 1.0) < 1e-3, msg(f"{impl}: <v, d> {dot} vs torch's step {want}")
+    ratio = _coherent_ratio(ops_.lookahead_adam(*tensors, torch.tensor(BF16_ALPHA, device=dev), *adam), w_after)
+    assert abs(ratio - 1.0) < 1e-3, msg(f"{impl}: w_hat is {ratio:.5f} x torch's step")
 
 
 @needs_ext
@@ -478,7 +658,7 @@ def test_hyper_dot_is_bitwise_deterministic():
     calls = {
         "hyper_dot": lambda: ops.hyper_dot(a, b),
         "hyper_dot_sgd": lambda: ops.hyper_dot_sgd(a, w, b, bufs, 0.9, 0.0, 1e-4, True, False),
-        "hyper_dot_adam": lambda: ops.hyper_dot_adam(a, w, b, bufs, sq, [None] * 3, torch.tensor(3.0),
+        "hyper_dot_adam": lambda: ops.hyper_dot_adam(a, w, b, bufs, sq, [None] * 3, [torch.tensor(3.0)] * 3,
                                                      0.9, 0.999, 1e-8, 0.0, False, False),
     }
     threads = torch.get_num_threads()
@@ -488,7 +668,8 @@ def test_hyper_dot_is_bitwise_deterministic():
             for n_threads in (1, max(2, threads), threads):
                 torch.set_num_threads(n_threads)
                 for _ in range(3):
-                    assert torch.isfinite(first) and torch.equal(fn(), first), msg(f"{name} differs between calls ({n_threads} threads)")
+                    assert torch.isfinite(first) and torch.equal(fn(), first), \
+                        msg(f"{name} differs between calls ({n_threads} threads)")
     finally:
         torch.set_num_threads(threads)
 
@@ -513,17 +694,18 @@ def _opcheck_cases():
     bufs = [torch.randn(5, 3), None]
     sq = [torch.rand(5, 3), None]
     h, c, weights = make_net(17, 2)
-    step, alpha = torch.tensor(3.0), torch.tensor(0.01)
+    steps, alpha = [torch.tensor(3.0), torch.tensor(0.0)], torch.tensor(0.01)
     adam = (0.9, 0.999, 1e-8, 1e-2, True, False)
     return {
         "lookahead": (w, g, alpha),
         "hyper_dot": (w, g),
         "lookahead_sgd": (w, g, bufs, alpha, 0.9, 0.0, 1e-4, True, False),
         "hyper_dot_sgd": (v, w, g, bufs, 0.9, 0.1, 0.0, False, True),
-        "lookahead_adam": (w, g, bufs, sq, sq, step, alpha, *adam),
-        "hyper_dot_adam": (v, w, g, bufs, sq, [None, None], step, *adam),
+        "lookahead_adam": (w, g, bufs, sq, sq, steps, alpha, *adam),
+        "hyper_dot_adam": (v, w, g, bufs, sq, [None, None], steps, *adam),
         "mlrsnet_step_": (torch.tensor(1.3), h, c, weights, torch.tensor(0.5), torch.tensor(0.1),
-                          [torch.tensor(0.0), torch.tensor(0.0)], [1.0, 0.5]),
+                          [torch.tensor(0.0), torch.tensor(0.0)], [1.0, 0.5], torch.tensor(False),
+                          torch.zeros(2, dtype=torch.int64)),
         "mlrsnet_param_grads": (torch.tensor(1.3), h, c, weights, torch.tensor(1.0)),
     }
 
@@ -552,7 +734,7 @@ def test_ops_under_torch_compile():
     def fn(loss, h, c, rate, lr):
         w_hat = ops.lookahead_sgd(w, g, bufs, alpha, 0.9, 0.0, 1e-4, False, False)
         dot = ops.hyper_dot_sgd(v, w, g, bufs, 0.9, 0.0, 1e-4, False, False)
-        ok = ops.mlrsnet_step_(loss, h, c, weights, torch.tensor(0.5), rate, [lr], [1.0])
+        ok = step_op(loss, h, c, weights, torch.tensor(0.5), rate, [lr], [1.0])
         return w_hat, dot, ok
 
     compiled = torch.compile(fn, backend="aot_eager", fullgraph=True)
@@ -590,12 +772,16 @@ def test_cuda_ops_match_reference(shapes, dtype):
                                rtol=1e-3 if dtype == torch.bfloat16 else 1e-5, atol=1e-3,
                                msg=lambda s: msg(f"cuda hyper_dot_sgd: {s}"))
     adam = (0.9, 0.999, 1e-8, 1e-2, True, False)
-    for step in (torch.tensor(4.0), torch.tensor(4.0, device=dev)):  # CPU step (torch.optim default) and device
-        exp = reference.lookahead_adam(w, g, bufs, sq, sq, step, alpha, *adam)
-        for a, b in zip(ops.lookahead_adam(w, g, bufs, sq, sq, step, alpha, *adam), exp):
+    # each parameter's own step: on the CPU (torch.optim's default: read on the host), on the device
+    # (capturable/fused: read by the kernel), on the device as int64, and a mix (copied to the device)
+    cpu_steps = own_steps(bufs, 4.0)
+    mixed = [s.to(dev) if i % 2 else s for i, s in enumerate(cpu_steps)]
+    for steps in (cpu_steps, [s.to(dev) for s in cpu_steps], [s.to(dev, torch.int64) for s in cpu_steps], mixed):
+        exp = reference.lookahead_adam(w, g, bufs, sq, sq, steps, alpha, *adam)
+        for a, b in zip(ops.lookahead_adam(w, g, bufs, sq, sq, steps, alpha, *adam), exp):
             close(a, b, dtype, "cuda lookahead_adam")
-        torch.testing.assert_close(ops.hyper_dot_adam(v, w, g, bufs, sq, sq, step, *adam),
-                                   reference.hyper_dot_adam(v, w, g, bufs, sq, sq, step, *adam),
+        torch.testing.assert_close(ops.hyper_dot_adam(v, w, g, bufs, sq, sq, steps, *adam),
+                                   reference.hyper_dot_adam(v, w, g, bufs, sq, sq, steps, *adam),
                                    rtol=1e-3 if dtype == torch.bfloat16 else 1e-4, atol=1e-3,
                                    msg=lambda s: msg(f"cuda hyper_dot_adam: {s}"))
 
@@ -625,14 +811,14 @@ def test_cuda_list_ops_longer_than_one_launch_table():
     dtype = torch.float32
     w, g, v = tensors(shapes, dtype, "cuda"), tensors(shapes, dtype, "cuda"), tensors(shapes, dtype, "cuda")
     m, sq = tensors(shapes, dtype, "cuda"), [t.abs() for t in tensors(shapes, dtype, "cuda")]
-    alpha, step = torch.tensor(0.05, device="cuda"), torch.tensor(3.0, device="cuda")
+    alpha, steps = torch.tensor(0.05, device="cuda"), own_steps(m, 3.0, "cuda")
     adam = (0.9, 0.999, 1e-8, 1e-2, True, False)
-    for a, b in zip(ops.lookahead_adam(w, g, m, sq, sq, step, alpha, *adam),
-                    reference.lookahead_adam(w, g, m, sq, sq, step, alpha, *adam)):
+    for a, b in zip(ops.lookahead_adam(w, g, m, sq, sq, steps, alpha, *adam),
+                    reference.lookahead_adam(w, g, m, sq, sq, steps, alpha, *adam)):
         close(a, b, dtype, "cuda lookahead_adam, several launches")
-    first = ops.hyper_dot_adam(v, w, g, m, sq, sq, step, *adam)
-    torch.testing.assert_close(first, reference.hyper_dot_adam(v, w, g, m, sq, sq, step, *adam), rtol=1e-4, atol=1e-3)
-    assert torch.equal(ops.hyper_dot_adam(v, w, g, m, sq, sq, step, *adam), first), msg("not deterministic")
+    first = ops.hyper_dot_adam(v, w, g, m, sq, sq, steps, *adam)
+    torch.testing.assert_close(first, reference.hyper_dot_adam(v, w, g, m, sq, sq, steps, *adam), rtol=1e-4, atol=1e-3)
+    assert torch.equal(ops.hyper_dot_adam(v, w, g, m, sq, sq, steps, *adam), first), msg("not deterministic")
 
 
 @needs_ext
@@ -665,3 +851,19 @@ def test_cuda_list_ops_replay_in_a_cuda_graph():
             close(a, b, dtype, f"graph replay {trial}: lookahead_sgd")
         torch.testing.assert_close(dot, reference.hyper_dot_sgd(v, w, g, bufs, *sgd), rtol=1e-5, atol=1e-3,
                                    msg=lambda s: msg(f"graph replay {trial}: hyper_dot_sgd: {s}"))
+
+
+@needs_ext
+@pytest.mark.parametrize("loss", [1.3, -0.7, float("nan"), float("inf")])
+def test_mlrsnet_step_op_counters_match_reference(loss):
+    """The op's ``ok`` output and its int64 counters [skipped, negative] == reference.count_step_."""
+    h, c, weights = make_net(17, 1)
+    x = torch.tensor(loss)
+    expected = torch.tensor([3, 5], dtype=torch.int64)
+    ok_ref = reference.mlrsnet_scheduler_step_(x, h.clone(), c.clone(), weights, torch.tensor(0.5),
+                                               torch.tensor(0.1), [], [], expected)
+    counters = torch.tensor([3, 5], dtype=torch.int64)
+    ok = torch.tensor(not bool(ok_ref))
+    ops.mlrsnet_step_(x, h.clone(), c.clone(), weights, torch.tensor(0.5), torch.tensor(0.1), [], [], ok, counters)
+    assert bool(ok) == bool(ok_ref)
+    assert counters.tolist() == expected.tolist()

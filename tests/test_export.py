@@ -11,11 +11,11 @@ import zlib
 
 import pytest
 import torch
-
-from autolr_fast import AutoLR, MLRSNet, reference
-from autolr_fast import exporting as ex
-
 from conftest import OFFICIAL_DIR, train_steps
+
+from autolr_fast import AutoLR, MLRSNet
+from autolr_fast import exporting as ex
+from autolr_fast.ops import reference
 
 OFFICIAL = str(OFFICIAL_DIR)
 

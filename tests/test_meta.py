@@ -6,12 +6,11 @@ import copy
 
 import pytest
 import torch
+from conftest import SmallCNN, train_steps
 from torch import nn
 
-from autolr_fast import AutoLR, MLRSNet
+from autolr_fast import AutoLR, MLRSNet, load_controller
 from autolr_fast.meta import MetaConfig
-from autolr_fast.pretrained import load_controller
-from conftest import SmallCNN, train_steps
 
 OFFICIAL_KEYS = [
     "layer1.fc_i2h.0.weight", "layer1.fc_i2h.0.bias", "layer1.fc_i2h.2.weight", "layer1.fc_i2h.2.bias",
@@ -80,12 +79,11 @@ def test_hypergradient_matches_finite_differences_in_alpha(kind):
     model, opt, loss, (xv, yv) = _setup(kind)
     ctrl = MLRSNet(hidden_size=16).double()
     sched = AutoLR(opt, ctrl, gamma=0.5, meta=MetaConfig(model, [(xv, yv)], nn.functional.cross_entropy, interval=1))
-    sched.gamma = sched.gamma.double()
     sched.meta.hypergradient(loss)
     dot = sched.meta.last_hypergrad.double()  # <grad L_val(w_hat), d>
 
     # the direction d the optimizer takes, read off a real optimizer step on a copy, in float64
-    from autolr_fast import reference
+    from autolr_fast.ops import reference
     p = reference.mlrsnet_forward(loss, ctrl.h, ctrl.c, [w.detach() for w in ctrl.flat_weights()])[0]
     alpha = float(0.5 * p)
     m2, o2 = copy.deepcopy((model, opt))  # one deepcopy keeps the parameter <-> state mapping
@@ -165,7 +163,8 @@ def test_meta_state_round_trips_through_state_dict():
     def make():
         m = copy.deepcopy(model)
         o = torch.optim.SGD(m.parameters(), lr=0.1)
-        s = AutoLR(o, MLRSNet(hidden_size=8), gamma=0.5, meta=MetaConfig(m, [(x[:8], y[:8])], nn.functional.cross_entropy, interval=2))
+        s = AutoLR(o, MLRSNet(hidden_size=8), gamma=0.5,
+                   meta=MetaConfig(m, [(x[:8], y[:8])], nn.functional.cross_entropy, interval=2))
         return m, o, s
 
     def steps(m, o, s, n):
@@ -197,7 +196,8 @@ def test_nonfinite_validation_loss_leaves_theta(device_side):
     opt = torch.optim.SGD(model.parameters(), lr=0.1)
     xv = torch.full((4, 8), float("nan"))
     sched = AutoLR(opt, MLRSNet(hidden_size=8), gamma=0.5,
-                   meta=MetaConfig(model, [(xv, torch.zeros(4, dtype=torch.long))], nn.functional.cross_entropy, interval=1))
+                   meta=MetaConfig(model, [(xv, torch.zeros(4, dtype=torch.long))], nn.functional.cross_entropy,
+                                   interval=1))
     sched.meta.device_side_guard = device_side
     x, y = torch.randn(16, 8), torch.randint(0, 3, (16,))
     loss = nn.functional.cross_entropy(model(x), y)
@@ -235,8 +235,8 @@ def test_streamed_and_batched_hypergradients_agree(kind):
     results = []
     for low_memory, fold in ((True, 1), (True, 4 << 20), (False, 0)):
         sched = AutoLR(opt, MLRSNet(hidden_size=16).double(), gamma=0.5,
-                       meta=MetaConfig(model, [(xv, yv)], nn.functional.cross_entropy, interval=1, low_memory=low_memory,
-                                       fold_bytes=fold))
+                       meta=MetaConfig(model, [(xv, yv)], nn.functional.cross_entropy, interval=1,
+                                       low_memory=low_memory, fold_bytes=fold))
         torch.manual_seed(0)
         sched.controller.load_state_dict(MLRSNet(hidden_size=16).double().state_dict())
         grads, val_loss, ok = sched.meta.hypergradient(loss)
@@ -271,3 +271,257 @@ def test_streamed_hypergradient_frees_each_gradient():
     sched.meta.config.fold_bytes = 4 << 20
     sched.meta.hypergradient(loss)
     assert seen == [n_params]
+
+
+# ------------------------------------------------------------------------------------------------
+# Per-parameter Adam steps, mixed dtypes, scalar reads, the Triton plan cache, exact resume
+# ------------------------------------------------------------------------------------------------
+@pytest.fixture(params=["fast", "reference"])
+def backend(request, monkeypatch):
+    """The fastest available backend (the C++ ops when built), or the plain PyTorch references."""
+    from autolr_fast.ops import dispatch
+
+    monkeypatch.setenv(dispatch.FORCE_REFERENCE_ENV, "1" if request.param == "reference" else "0")
+    return request.param
+
+
+def _real_step_direction(model, opt) -> list[torch.Tensor]:
+    """``d = (w_before - w_after) / lr`` of one real step of ``opt`` on a copy (lr 1)."""
+    m2, o2 = copy.deepcopy((model, opt))  # one deepcopy keeps the parameter <-> state mapping
+    for a, b in zip(m2.parameters(), model.parameters()):
+        a.grad = None if b.grad is None else b.grad.clone()  # deepcopy does not copy .grad
+    w0 = [q.detach().clone() for q in m2.parameters()]
+    for g in o2.param_groups:
+        g["lr"] = 1.0
+    o2.step()
+    return [w - q.detach() for w, q in zip(w0, m2.parameters())]
+
+
+@pytest.mark.parametrize("kind", ["adam", "adamw", "adamw_amsgrad"])
+def test_adam_hypergradient_uses_each_parameters_step(kind, backend):
+    """torch keeps a step count per parameter: one without a gradient on some steps (a frozen
+    layer, an unused embedding) has a smaller count, so another bias correction. The fused
+    ``<grad L_val(w_hat), d>`` must equal the one with ``d`` read off a real optimizer step."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(8, 16), nn.Tanh(), nn.Linear(16, 3)).double()
+    make = {"adam": lambda p: torch.optim.Adam(p, lr=1e-2, weight_decay=1e-3),
+            "adamw": lambda p: torch.optim.AdamW(p, lr=1e-2, weight_decay=1e-2),
+            "adamw_amsgrad": lambda p: torch.optim.AdamW(p, lr=1e-2, weight_decay=1e-2, amsgrad=True)}
+    opt = make[kind](model.parameters())
+    x, y = torch.randn(32, 8, dtype=torch.float64), torch.randint(0, 3, (32,))
+    xv, yv = torch.randn(16, 8, dtype=torch.float64), torch.randint(0, 3, (16,))
+    skipped = [model[0].weight, model[2].bias]  # no gradient on steps 1 and 2 (the first parameter among them)
+    for i in range(5):
+        opt.zero_grad()
+        nn.functional.cross_entropy(model(x), y).backward()
+        if i in (1, 2):
+            for q in skipped:
+                q.grad = None
+        opt.step()
+    steps = [float(opt.state[q]["step"]) for q in model.parameters()]
+    assert steps == [3.0, 5.0, 5.0, 3.0], steps
+    opt.zero_grad()
+    loss = nn.functional.cross_entropy(model(x), y)
+    loss.backward()
+    ctrl = MLRSNet(hidden_size=16).double()
+    sched = AutoLR(opt, ctrl, gamma=0.5, meta=MetaConfig(model, [(xv, yv)], nn.functional.cross_entropy, interval=1))
+    sched.meta.hypergradient(loss.detach())
+    got = float(sched.meta.last_hypergrad)
+
+    from autolr_fast.ops import reference
+
+    p = reference.mlrsnet_forward(loss.detach(), ctrl.h, ctrl.c, [w.detach() for w in ctrl.flat_weights()])[0]
+    alpha = float((0.5 * p).float())  # the rate is a float32 tensor
+    d = _real_step_direction(model, opt)
+    names = [n for n, _ in model.named_parameters()]
+    w_hat = {n: (q.detach() - alpha * dd).requires_grad_(True) for n, q, dd in zip(names, model.parameters(), d)}
+    val = nn.functional.cross_entropy(torch.func.functional_call(model, w_hat, (xv,)), yv)
+    grads = torch.autograd.grad(val, list(w_hat.values()))
+    want = float(sum((g * dd).sum() for g, dd in zip(grads, d)))
+    assert got == pytest.approx(want, rel=1e-5), f"{kind} ({backend}): fused {got} vs real step {want}"
+
+
+class _MixedDtypeNet(nn.Module):
+    """A float32 layer and a bfloat16 layer in one module (one param group)."""
+
+    def __init__(self):
+        super().__init__()
+        self.fc1 = nn.Linear(8, 16)
+        self.fc2 = nn.Linear(16, 3).to(torch.bfloat16)
+
+    def forward(self, x):
+        return self.fc2(torch.tanh(self.fc1(x)).to(torch.bfloat16)).float()
+
+
+@pytest.mark.parametrize("kind", ["sgd", "adamw"])
+@pytest.mark.parametrize("low_memory", [True, False])
+def test_mixed_dtype_group_calls_the_ops_once_per_dtype(kind, low_memory, monkeypatch):
+    """A param group mixing float32 and bfloat16 parameters: the list ops (whose CUDA kernels
+    take one dtype per call) are called once per (device, dtype), and the hypergradient equals
+    the one with one param group per dtype."""
+    from autolr_fast.ops import dispatch
+
+    torch.manual_seed(0)
+    model = _MixedDtypeNet()
+    x, y = torch.randn(32, 8), torch.randint(0, 3, (32,))
+    xv, yv = torch.randn(16, 8), torch.randint(0, 3, (16,))
+
+    def make_opt(params):
+        if kind == "sgd":
+            return torch.optim.SGD(params, lr=0.1, momentum=0.9, weight_decay=1e-3)
+        return torch.optim.AdamW(params, lr=1e-2, weight_decay=1e-2)
+
+    def hypergradient(param_groups):
+        m = copy.deepcopy(model)
+        groups = [[p for n, p in m.named_parameters() if n in names] for names in param_groups]
+        opt = make_opt([{"params": g} for g in groups])
+        for _ in range(2):  # non-trivial optimizer state
+            opt.zero_grad()
+            nn.functional.cross_entropy(m(x), y).backward()
+            opt.step()
+        opt.zero_grad()
+        loss = nn.functional.cross_entropy(m(x), y)
+        loss.backward()
+        torch.manual_seed(1)
+        sched = AutoLR(opt, MLRSNet(hidden_size=16), gamma=0.5,
+                       meta=MetaConfig(m, [(xv, yv)], nn.functional.cross_entropy, interval=1,
+                                       low_memory=low_memory))
+        theta_grads, _, ok = sched.meta.hypergradient(loss.detach())
+        assert bool(ok)
+        return sched.meta.last_hypergrad, theta_grads
+
+    calls = []
+
+    def counted(name):
+        op = getattr(dispatch, name)
+
+        def call(*args):
+            params = args[1] if name.startswith("hyper_dot") else args[0]
+            calls.append((name, {(q.device, q.dtype) for q in params}))
+            return op(*args)
+        return call
+
+    ops = ("lookahead_sgd", "hyper_dot_sgd") if kind == "sgd" else ("lookahead_adam", "hyper_dot_adam")
+    for name in ops:
+        monkeypatch.setattr(dispatch, name, counted(name))
+    all_names = [n for n, _ in model.named_parameters()]
+    mixed_dot, mixed_grads = hypergradient([all_names])
+    assert all(len(keys) == 1 for _, keys in calls), f"an op got several dtypes in one call: {calls}"
+    for name in ops:
+        assert sorted(str(next(iter(k))[1]) for n, k in calls if n == name) == ["torch.bfloat16", "torch.float32"]
+    calls.clear()
+    per_dtype_dot, per_dtype_grads = hypergradient([[n for n in all_names if n.startswith("fc1")],
+                                                    [n for n in all_names if n.startswith("fc2")]])
+    torch.testing.assert_close(mixed_dot, per_dtype_dot, rtol=1e-6, atol=0)
+    for a, b in zip(mixed_grads, per_dtype_grads):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-9)
+
+
+def test_meta_step_reads_no_scalar_with_tensor_betas():
+    """Adam's betas may be tensors (on a GPU, a read would be a host sync): the meta-step reads
+    them when AutoLR is built, not on every meta-step."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class ScalarReads(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.reads = []
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            if func in (torch.ops.aten._local_scalar_dense.default, torch.ops.aten.item.default):
+                self.reads.append(str(func))
+            return func(*args, **(kwargs or {}))
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(8, 16), nn.Tanh(), nn.Linear(16, 3))
+    opt = torch.optim.Adam(model.parameters(), lr=1e-2, betas=(torch.tensor(0.9), torch.tensor(0.999)))
+    x, y = torch.randn(32, 8), torch.randint(0, 3, (32,))
+    sched = AutoLR(opt, MLRSNet(hidden_size=16), gamma=0.5,
+                   meta=MetaConfig(model, [(x[:8], y[:8])], nn.functional.cross_entropy, interval=1))
+    train_steps(model, opt, sched, x, y, steps=2)
+    opt.zero_grad()
+    loss = nn.functional.cross_entropy(model(x), y)
+    loss.backward()
+    with ScalarReads() as probe:
+        sched.meta.hypergradient(loss.detach())
+    assert probe.reads == [], f"scalar reads in a meta-step: {probe.reads}"
+
+
+def test_meta_steps_keep_the_schedulers_triton_plan(monkeypatch):
+    """The meta-step runs the controller step on scratch copies of the state; they are reused,
+    so the Triton step's plan cache holds one plan for them and the scheduler's own plan (the
+    cache keeps 16) is never evicted. Checked with a stand-in backend that asks the plan cache
+    (``_plan_for``, no launch) and computes with the reference."""
+    pytest.importorskip("triton")
+    from autolr_fast.ops import dispatch, reference
+    from autolr_fast.ops import triton_kernels as k
+
+    def planned_step(loss, h, c, weights, gamma, rate, lr_list, scales, counters=None):
+        ok = torch.empty((), dtype=torch.bool)
+        lrs = list(lr_list)  # a float-lr optimizer on the CPU hands over no lr tensors
+        plan, reason = k._plan_for(loss, h, c, list(weights), gamma, rate, lrs, list(scales)[:len(lrs)], ok, counters)
+        assert reason is None, reason
+        return reference.mlrsnet_scheduler_step_(loss, h, c, weights, gamma, rate, lr_list, scales, counters)
+
+    dispatch._ensure_loaded()
+    monkeypatch.delenv(dispatch.FORCE_REFERENCE_ENV, raising=False)
+    monkeypatch.setattr(dispatch, "_BACKENDS", {"plan-probe": {"available": True, "detail": "test", "devices": {"cpu"},
+                                                               "ops": {"mlrsnet_step_": planned_step}}})
+    monkeypatch.setattr(dispatch, "_SELECTED", {})
+    monkeypatch.setattr(k, "_PLANS", {})
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 3))
+    opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    x, y = torch.randn(32, 8), torch.randint(0, 3, (32,))
+    sched = AutoLR(opt, MLRSNet(hidden_size=16), gamma=0.5,
+                   meta=MetaConfig(model, [(x[:8], y[:8])], nn.functional.cross_entropy, interval=1))
+    train_steps(model, opt, sched, x, y, steps=1)
+    own = k._PLANS[id(sched.controller.h)]
+    train_steps(model, opt, sched, x, y, steps=20)
+    assert sched.meta.meta_steps == 21
+    assert k._PLANS.get(id(sched.controller.h)) is own, "the scheduler's plan was evicted or rebuilt"
+    assert len(k._PLANS) == 2, f"{len(k._PLANS)} plans: the meta-step's scratch state must be reused"
+
+
+def test_resume_with_several_validation_batches_is_bit_identical(tmp_path):
+    """10 steps, state_dicts through torch.save/torch.load into a fresh model, optimizer and
+    AutoLR, 10 more steps: the same rates, bit for bit, as 20 uninterrupted steps, with the
+    validation batches cycling (3 batches, a meta-step every 2 steps)."""
+    torch.manual_seed(0)
+    template = nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 3))
+    controller = MLRSNet(hidden_size=16)
+    x, y = torch.randn(64, 8), torch.randint(0, 3, (64,))
+    val = [(x[i:i + 8] + 0.5, y[i:i + 8]) for i in range(0, 24, 8)]
+
+    def make():
+        model = copy.deepcopy(template)
+        opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+        sched = AutoLR(opt, copy.deepcopy(controller), gamma=0.5,
+                       meta=MetaConfig(model, val, nn.functional.cross_entropy, interval=2))
+        return model, opt, sched
+
+    def run(model, opt, sched, steps, start=0):
+        rates = []
+        for i in range(start, start + steps):
+            batch = slice(8 * (i % 8), 8 * (i % 8) + 8)
+            opt.zero_grad()
+            loss = nn.functional.cross_entropy(model(x[batch]), y[batch])
+            loss.backward()
+            sched.step(loss)
+            opt.step()
+            rates.append(sched.last_rate.clone())
+        return rates
+
+    straight = run(*make(), 20)
+    model, opt, sched = make()
+    first = run(model, opt, sched, 10)
+    path = tmp_path / "checkpoint.pt"
+    torch.save({"model": model.state_dict(), "opt": opt.state_dict(), "sched": sched.state_dict()}, path)
+    blob = torch.load(path, weights_only=True)
+    model2, opt2, sched2 = make()
+    model2.load_state_dict(blob["model"])
+    opt2.load_state_dict(blob["opt"])
+    sched2.load_state_dict(blob["sched"])
+    resumed = first + run(model2, opt2, sched2, 10, start=10)
+    assert torch.equal(torch.stack(straight), torch.stack(resumed)), \
+        [i for i, (a, b) in enumerate(zip(straight, resumed)) if not torch.equal(a, b)]

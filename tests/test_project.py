@@ -1,14 +1,18 @@
-"""The README's set-up commands and CI stay in step; the CLI commands run in their quick form."""
+"""The README's set-up commands and CI stay in step, the CLI routes, the library stands alone."""
 
 from __future__ import annotations
 
-import json
 import re
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+import torch
+from torch import nn
+
+from autolr_fast import AutoLR, load_pretrained
+from autolr_fast.controllers.pretrained import available_pretrained
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -54,34 +58,7 @@ def test_cli_help_and_unknown_command():
     assert bad.returncode == 2 and "unknown command" in bad.stderr
 
 
-def test_meta_train_quick_writes_record_and_plot(tmp_path):
-    from autolr_fast import meta_train
-
-    assert meta_train.main(["--quick", "--epochs", "2", "--out", str(tmp_path)]) == 0
-    record = json.loads((tmp_path / "record.json").read_text())
-    names = {r["name"] for r in record["runs"]}
-    assert names == {"meta", "cosine", "constant", "pretrained"}
-    for r in record["runs"]:
-        assert len(r["epochs"]) == 2 and len(r["rates"]) == 2 * 35
-        assert all(0 <= e["test_acc"] <= 1 for e in r["epochs"])
-    meta = [r for r in record["runs"] if r["name"] == "meta"][0]
-    assert meta["extra"]["meta_steps"] == 70 // 5
-    assert (tmp_path / "meta_train.png").stat().st_size > 10_000
-    assert "| meta |" in (tmp_path / "summary.md").read_text()
-
-
-def test_demo_quick(tmp_path):
-    from autolr_fast import demo
-
-    assert demo.main(["--quick", "--out", str(tmp_path)]) == 0
-    runs = json.loads((tmp_path / "demo.json").read_text())
-    assert [len(r["epochs"]) for r in runs] == [3, 3]
-    assert (tmp_path / "demo.png").is_file()
-
-
 def test_shipped_controller_loads():
-    from autolr_fast import load_pretrained
-
     ctrl = load_pretrained("mnist1d-cnn")
     assert ctrl.default_gamma > 0 and ctrl.info["task"] == "mnist1d-cnn"
     with pytest.raises(KeyError, match="available"):
@@ -89,12 +66,6 @@ def test_shipped_controller_loads():
 
 
 def test_every_shipped_controller_loads_and_steps():
-    import torch
-    from torch import nn
-
-    from autolr_fast import AutoLR, load_pretrained
-    from autolr_fast.pretrained import available_pretrained
-
     assert {"mnist1d-cnn", "action-mlp"} <= set(available_pretrained())
     for name in available_pretrained():
         model = nn.Linear(4, 2)
@@ -105,3 +76,12 @@ def test_every_shipped_controller_loads_and_steps():
         sched.step(loss)
         opt.step()
         assert 0 <= float(sched.last_rate) <= float(sched.gamma), name
+
+
+def test_import_autolr_fast_loads_no_harness():
+    """The library needs torch and tqdm only: importing it loads no harness module and none of the
+    harness's dependencies (checked in a fresh interpreter)."""
+    harness = ("autolr_experiments", "matplotlib", "mnist1d", "sklearn")
+    code = f"import sys, autolr_fast; print(sorted(m for m in sys.modules if m.split('.')[0] in {harness!r}))"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, check=True)
+    assert out.stdout.strip() == "[]", f"import autolr_fast loaded {out.stdout.strip()}"

@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-import ctypes
 import csv
+import ctypes
 import importlib.util
 import math
 import os
@@ -143,15 +143,16 @@ def test_ctypes_matches_torchscript_on_official_or_random(runtime_build, tmp_pat
     assert lib.autolr_last_error()
 
 
-def test_find_package_consumer(tmp_path):
-    """A C++ project finds the runtime with find_package(autolr) via export.cmake_dir()."""
+@pytest.mark.parametrize("languages", ["C", "C CXX"])
+def test_find_package_consumer(tmp_path, languages):
+    """A C or C++ project finds the runtime with find_package(autolr) via export.cmake_dir() and
+    links the static target as it is (the target carries its C++ runtime dependency)."""
     cmake = _toolchain()
     proj = tmp_path / "consumer"
     proj.mkdir()
     (proj / "CMakeLists.txt").write_text(
-        "cmake_minimum_required(VERSION 3.18)\nproject(consumer C CXX)\nfind_package(autolr 0.1 REQUIRED)\n"
+        f"cmake_minimum_required(VERSION 3.18)\nproject(consumer {languages})\nfind_package(autolr 0.1 REQUIRED)\n"
         "add_executable(use_it main.c)\ntarget_link_libraries(use_it PRIVATE autolr::autolr)\n"
-        "set_target_properties(use_it PROPERTIES LINKER_LANGUAGE CXX)\n"
     )
     (proj / "main.c").write_text(
         '#include <stdio.h>\n#include "autolr.h"\nint main(int c, char** v) {\n  autolr_runtime* rt;\n'

@@ -27,8 +27,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from autolr_fast import dispatch, reference
-from autolr_fast.controller import MLRSNet
+from autolr_fast import MLRSNet
+from autolr_fast.ops import dispatch, reference
 
 HAS_TRITON = importlib.util.find_spec("triton") is not None
 HAS_CUDA = torch.cuda.is_available()
@@ -127,7 +127,7 @@ WORKER = r"""
 import os, sys
 assert os.environ.get("TRITON_INTERPRET") == "1" and "triton" not in sys.modules
 import torch
-from autolr_fast.kernels import mlrsnet_step as k
+from autolr_fast.ops import triton_kernels as k
 cases = torch.load(sys.argv[1], weights_only=False)
 out = {}
 for name, case in cases.items():
@@ -201,7 +201,8 @@ def assert_grads_match(got: list, case: dict, where: str) -> None:
 # ------------------------------------------------------------------------------------------------
 # Interpreter: kernels vs reference
 # ------------------------------------------------------------------------------------------------
-STEP_CASES = [f"step-H{h}-L{l}-g{g}" for h, l in SHAPES for g in (1, 3)] + ["step-H17-L1-g10", "step-H16-L2-g0", "step-H50-L2-f64lr"]
+STEP_CASES = [f"step-H{h}-L{l}-g{g}" for h, l in SHAPES for g in (1, 3)] + ["step-H17-L1-g10", "step-H16-L2-g0",
+                                                                           "step-H50-L2-f64lr"]
 GRAD_CASES = [f"grads-H{h}-L{l}" for h, l in SHAPES] + ["grads-H17-L2-negloss"]
 GUARD_CASES = ["guard-" + n for n in ("nan-loss", "inf-loss", "neg-inf-loss", "f64-loss-overflows-f32",
                                       "negative-loss-clamped", "zero-loss", "bf16-loss", "nan-gamma", "inf-gamma",
@@ -242,9 +243,10 @@ import json, os, sys
 assert os.environ.get("TRITON_INTERPRET") == "1" and "triton" not in sys.modules
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
-import autolr_fast._triton_backend as tb
-from autolr_fast import AutoLR, MLRSNet, dispatch
-from autolr_fast.kernels import mlrsnet_step as k
+import autolr_fast.ops.triton_backend as tb
+from autolr_fast import AutoLR, MLRSNet
+from autolr_fast.ops import dispatch
+from autolr_fast.ops import triton_kernels as k
 
 gamma_arg, groups = sys.argv[1], int(sys.argv[2])
 launches, ops, inside = [], [], [False]
@@ -297,9 +299,10 @@ def run(use_kernel):
     param_groups.append({"params": model[-1].parameters()})
     opt = torch.optim.SGD(param_groups, lr=0.1, momentum=0.9)
     gamma = gamma_arg if gamma_arg == "auto" else float(gamma_arg)
-    sched = AutoLR(opt, MLRSNet(17, 2), gamma=gamma, num_classes=3)
+    sched = AutoLR(opt, MLRSNet(17, 2), gamma=gamma, num_classes=3, lr_as_tensor=True)  # as on a GPU
     x, y = torch.randn(32, 6), torch.randint(0, 3, (32,))
-    assert dispatch.select("mlrsnet_step_", torch.device("cpu"))[0] == ("triton-interpreted" if use_kernel else "reference")
+    expected = "triton-interpreted" if use_kernel else "reference"
+    assert dispatch.select("mlrsnet_step_", torch.device("cpu"))[0] == expected
     steps, rates = [], []
     for i in range(6):
         opt.zero_grad()
@@ -363,7 +366,7 @@ def _compile_for_sm90(fn, hidden: int, layers: int, extra_constexprs: dict, type
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
 
-    from autolr_fast.kernels import mlrsnet_step as k
+    from autolr_fast.ops import triton_kernels as k
 
     middle = max(hidden // 2, 1)
     block_h, block_m, num_warps = k._blocks(hidden, middle)
@@ -383,10 +386,10 @@ def test_kernels_compile_for_sm90_without_gpu(kernel, hidden, layers):
     if "nvidia" not in getattr(triton.backends, "backends", {}):
         pytest.skip("triton has no NVIDIA backend here")
     try:
-        triton.knobs.nvidia.ptxas.path
+        _ = triton.knobs.nvidia.ptxas.path
     except Exception as exc:  # noqa: BLE001
         pytest.skip(f"no ptxas for the sm_90 compile check: {exc}")
-    from autolr_fast.kernels import mlrsnet_step as k
+    from autolr_fast.ops import triton_kernels as k
 
     if kernel == "step":
         types = {"ok_ptr": "*i1", "lr1": "*fp64", **{f"s{i}": "fp32" for i in range(k.LR_SLOTS)}}
@@ -402,7 +405,7 @@ def test_kernels_compile_for_sm90_without_gpu(kernel, hidden, layers):
 # ------------------------------------------------------------------------------------------------
 @needs_triton
 def test_unsupported_inputs_are_named():
-    from autolr_fast.kernels import mlrsnet_step as k
+    from autolr_fast.ops import triton_kernels as k
 
     gen = torch.Generator().manual_seed(SEED)
     w = make_weights(17, 2, gen)
@@ -415,7 +418,8 @@ def test_unsupported_inputs_are_named():
     assert "weight tensors" in k.unsupported_reason(h, h.clone(), w[:-1])
     assert "shape" in k.unsupported_reason(h, h.clone(), w[:2] + [w[2][:-1]] + w[3:])
     lr = [torch.zeros(())]
-    args = (torch.tensor(1.0), h, h.clone(), w, torch.tensor(0.5), torch.tensor(0.0), lr, [1.0], torch.zeros((), dtype=torch.bool))
+    args = (torch.tensor(1.0), h, h.clone(), w, torch.tensor(0.5), torch.tensor(0.0), lr, [1.0],
+            torch.zeros((), dtype=torch.bool))
     assert k.step_unsupported_reason(*args) is None
     bad_ok = args[:-1] + (torch.zeros(()),)
     assert "bool" in k.step_unsupported_reason(*bad_ok)
@@ -437,7 +441,7 @@ def _layout_keys():
 @pytest.fixture(params=_layout_keys())
 def layout_key(request):
     """Each layout check the step plans can use: the Python one and the extension's."""
-    from autolr_fast.kernels import mlrsnet_step as k
+    from autolr_fast.ops import triton_kernels as k
 
     previous = k._layout_key
     if request.param == "compiled":
@@ -454,7 +458,7 @@ def layout_key(request):
 def test_step_check_is_cached_but_sees_replaced_tensors(layout_key):
     """The per-step argument check remembers accepted tensors, yet a replaced tensor, a new
     ``.data`` or another shape is checked again."""
-    from autolr_fast.kernels import mlrsnet_step as k
+    from autolr_fast.ops import triton_kernels as k
 
     gen = torch.Generator().manual_seed(SEED)
     w = make_weights(17, 1, gen)
@@ -491,7 +495,8 @@ def test_step_check_is_cached_but_sees_replaced_tensors(layout_key):
 
 
 class _FakeCompiled:
-    """Stands in for triton's CompiledKernel: records the calls of its launcher."""
+    """Stands in for triton's CompiledKernel: records the calls of its launcher, which writes
+    ``ok`` (True) as the kernel would."""
 
     def __init__(self):
         self.calls = []
@@ -499,6 +504,7 @@ class _FakeCompiled:
     def __getitem__(self, grid):
         def runner(*args, stream=None):
             self.calls.append((grid, args, stream))
+            args[5].fill_(True)
         return runner
 
 
@@ -506,7 +512,7 @@ def test_step_plan_launches_through_the_compiled_launcher(monkeypatch):
     """After the first (generic) launch compiled the kernel, a plan calls the compiled kernel's
     launcher with every argument of the kernel's real signature in order: fixed tensors as
     their data pointers, this call's loss and ok as tensors, the constexprs at the end."""
-    from autolr_fast.kernels import mlrsnet_step as k
+    from autolr_fast.ops import triton_kernels as k
 
     arg_names = k._mlrsnet_step_kernel.arg_names
     compiled = _FakeCompiled()
@@ -516,30 +522,39 @@ def test_step_plan_launches_through_the_compiled_launcher(monkeypatch):
         def __getitem__(self, grid):
             def launch(*args, **kwargs):
                 generic.append((args, kwargs))
+                args[5].fill_(True)  # ok
                 return compiled
             return launch
 
     monkeypatch.setattr(k, "CompiledKernel", _FakeCompiled)
     monkeypatch.setattr(k, "_mlrsnet_step_kernel", FakeJit())
     monkeypatch.setattr(k, "_current_stream", lambda index: 1234)
+    monkeypatch.setattr(k, "_LAUNCHER", k._LauncherCheck())
     FakeJit.arg_names = arg_names
     gen = torch.Generator().manual_seed(SEED)
     hidden, layers = 17, 2
     w = make_weights(hidden, layers, gen)
     h, c = torch.zeros(layers, hidden), torch.zeros(layers, hidden)
-    gamma, rate, lrs, counters = torch.tensor(0.5), torch.tensor(0.0), [torch.zeros(()), torch.zeros(())], torch.zeros(2, dtype=torch.int64)
-    plan, reason = k._plan_for(torch.tensor(1.0), h, c, w, gamma, rate, lrs, [1.0, 2.0], torch.zeros((), dtype=torch.bool), counters)
+    gamma, rate, lrs = torch.tensor(0.5), torch.tensor(0.0), [torch.zeros(()), torch.zeros(())]
+    counters = torch.zeros(2, dtype=torch.int64)
+    plan, reason = k._plan_for(torch.tensor(1.0), h, c, w, gamma, rate, lrs, [1.0, 2.0],
+                               torch.zeros((), dtype=torch.bool), counters)
     assert reason is None
     plan.device_index = 0  # as on a GPU (the CPU tensors here are never read)
     first_loss, first_ok = torch.tensor(1.0), torch.zeros((), dtype=torch.bool)
     plan.launch(first_loss, first_ok)
-    assert len(generic) == 1 and not compiled.calls
+    # the step, then the launcher check: the generic launch and the launcher on copies of the state
+    assert len(generic) == 2 and len(compiled.calls) == 1 and k._LAUNCHER.state == "ok"
     args, kwargs = generic[0]
     assert args[0] is first_loss and args[5] is first_ok
     assert len(args) + len(k.STEP_CONSTEXPRS) == len(arg_names)
+    checked = dict(zip(arg_names, generic[1][0]))
+    assert checked["h_ptr"] is not h and torch.equal(checked["h_ptr"], h), "the check runs on a copy of the state"
+    assert checked["lr2"] is checked["rate_ptr"], "the copies keep the aliases of the unused lr slots"
+    compiled.calls.clear()
     loss, ok = torch.tensor(2.0), torch.zeros((), dtype=torch.bool)
     plan.launch(loss, ok)
-    assert len(generic) == 1, "the second launch must not go through the generic launcher"
+    assert len(generic) == 2, "the second launch must not go through the generic launcher"
     (grid, fast, stream), = compiled.calls
     assert grid == (1, 1, 1) and stream == 1234
     assert len(fast) == len(arg_names)
@@ -549,16 +564,172 @@ def test_step_plan_launches_through_the_compiled_launcher(monkeypatch):
     assert named["counters_ptr"] == counters.data_ptr()
     assert named["b_w2"] == w[10].data_ptr() and named["head_b"] == w[-1].data_ptr()
     assert named["lr1"] == lrs[1].data_ptr() and named["s1"] == 2.0 and named["s2"] == 1.0
-    assert (named["H"], named["M"], named["NUM_LAYERS"], named["NUM_LR"], named["COUNT"]) == (hidden, hidden // 2, 2, 2, True)
+    constexprs = (named["H"], named["M"], named["NUM_LAYERS"], named["NUM_LR"], named["COUNT"])
+    assert constexprs == (hidden, hidden // 2, 2, 2, True)
     for (generic_value, fast_value) in zip(args, fast):  # the same arguments, pointers for tensors
         if isinstance(generic_value, torch.Tensor) and not isinstance(fast_value, torch.Tensor):
             assert fast_value == generic_value.data_ptr()
     plan.launch(torch.tensor(3.0, dtype=torch.float64), ok)  # another loss dtype: a generic launch again
-    assert len(generic) == 2
+    assert len(generic) == 3, "the launcher was checked once: no second check"
+
+
+def _fake_launch_plans(monkeypatch, runner):
+    """Step plans over CPU tensors, as on a GPU, with a fake kernel: its generic launch adds 1 to
+    ``h[0, 0]`` and sets ``ok`` (and records the call), its compiled launcher is
+    ``runner(*args, stream)``, where ``args[1]`` is h's address and ``args[5]`` the ok tensor.
+    Returns ``(module, make_plan, generic_calls)``; ``make_plan()`` gives ``(plan, h)`` for a
+    fresh state."""
+    from autolr_fast.ops import triton_kernels as k
+
+    generic = []
+
+    class Compiled(_FakeCompiled):
+        def __getitem__(self, grid):
+            return runner
+
+    class FakeJit:
+        arg_names = k._mlrsnet_step_kernel.arg_names
+
+        def __getitem__(self, grid):
+            def launch(*args, **kwargs):
+                generic.append(args)
+                args[1].view(-1)[0] += 1.0
+                args[5].fill_(True)
+                return Compiled()
+            return launch
+
+    monkeypatch.setattr(k, "CompiledKernel", _FakeCompiled)
+    monkeypatch.setattr(k, "_mlrsnet_step_kernel", FakeJit())
+    monkeypatch.setattr(k, "_current_stream", lambda index: 1234)
+    monkeypatch.setattr(k, "_LAUNCHER", k._LauncherCheck())
+    monkeypatch.setattr(k, "_PLANS", {})
+    weights = make_weights(17, 1, torch.Generator().manual_seed(SEED))
+
+    def make_plan():
+        h = torch.zeros(1, 17)
+        plan, reason = k._plan_for(torch.tensor(1.0), h, torch.zeros(1, 17), weights, torch.tensor(0.5),
+                                   torch.tensor(0.0), [torch.zeros(())], [1.0], torch.zeros((), dtype=torch.bool), None)
+        assert reason is None
+        plan.device_index = 0  # as on a GPU
+        return plan, h
+
+    return k, make_plan, generic
+
+
+def _fake_kernel_through_pointers(args) -> None:
+    """What the fake kernel does, as a launcher gets it: ``h[0, 0] += 1`` at h's address, ok set."""
+    import ctypes
+
+    ctypes.c_float.from_address(args[1]).value += 1.0
+    args[5].fill_(True)
+
+
+def _launch(plan) -> None:
+    plan.launch(torch.tensor(1.0), torch.zeros((), dtype=torch.bool))
+
+
+@pytest.mark.parametrize("failure", ["raises", "differs"])
+def test_step_plan_falls_back_to_the_generic_launch(monkeypatch, failure):
+    """The compiled kernel's own launcher is a private Triton convention: if it raises (a
+    TypeError, as from another Triton version) or gives other results than Triton's generic
+    launch when it is checked, one warning, and every launch of every plan stays generic; each
+    step runs exactly once on the real state."""
+    runs = []
+
+    def runner(*args, stream=None):
+        runs.append(args)
+        if failure == "raises":
+            raise TypeError("launcher() takes 33 positional arguments but 48 were given")
+
+    k, make_plan, generic = _fake_launch_plans(monkeypatch, runner)
+    plan, h = make_plan()
+    with pytest.warns(RuntimeWarning, match="generic launch") as caught:
+        for step in range(1, 5):
+            _launch(plan)
+            assert float(h[0, 0]) == step, "each step must run once, on the real state"
+        other, other_h = make_plan()
+        _launch(other)
+    assert len(caught) == 1 and k._LAUNCHER.state == "failed"
+    assert len(runs) == 1, "the launcher must not be used after its check failed"
+    assert len(generic) == 4 + 1 + 1, "every step (and the check) through the generic launch"
+    assert other.runner is None and float(other_h[0, 0]) == 1.0
+
+
+def test_step_plan_uses_the_checked_launcher_and_falls_back_if_it_raises_later(monkeypatch):
+    """A launcher that agrees with the generic launch is used from the second step on (by every
+    plan); should it raise TypeError on a later step, that step is launched generically, once,
+    with the warning, and so are the steps after it."""
+    runs = []
+
+    def runner(*args, stream=None):
+        runs.append(args)
+        if len(runs) == 4:
+            raise TypeError("launcher() got an unexpected argument")
+        _fake_kernel_through_pointers(args)
+
+    k, make_plan, generic = _fake_launch_plans(monkeypatch, runner)
+    plan, h = make_plan()
+    _launch(plan)  # the step (generic), then the check: generic and launcher on copies
+    assert k._LAUNCHER.state == "ok" and len(generic) == 2 and len(runs) == 1 and float(h[0, 0]) == 1.0
+    _launch(plan)
+    assert len(generic) == 2 and len(runs) == 2 and float(h[0, 0]) == 2.0
+    other, other_h = make_plan()
+    _launch(other)  # a new plan: generic (compiles its variant), then the checked launcher
+    _launch(other)
+    assert len(generic) == 3 and len(runs) == 3 and float(other_h[0, 0]) == 2.0
+    with pytest.warns(RuntimeWarning, match="generic launch"):
+        _launch(plan)  # the launcher raises: this step goes through the generic launch
+    assert float(h[0, 0]) == 3.0 and k._LAUNCHER.state == "failed" and plan.runner is None
+    _launch(plan)
+    assert float(h[0, 0]) == 4.0 and len(runs) == 4 and len(generic) == 5
+
+
+# ------------------------------------------------------------------------------------------------
+# Interpreter: the lr scales of a cached plan
+# ------------------------------------------------------------------------------------------------
+SCALES_WORKER = r"""
+import os, sys
+assert os.environ.get("TRITON_INTERPRET") == "1" and "triton" not in sys.modules
+import torch
+from autolr_fast.ops import triton_kernels as k
+case = torch.load(sys.argv[1], weights_only=False)
+h, c, rate = case["h"].clone(), case["c"].clone(), case["rate"].clone()
+lrs = [torch.full((), -1.0) for _ in range(10)]  # past the kernel's 8 slots: the extra launch too
+scales = [1.0 + 0.5 * i for i in range(10)]
+out = []
+for change in ("first", "in place", "new list", "same values, new list"):
+    if change == "in place":
+        scales[1], scales[9] = 3.0, 7.5  # the list AutoLR keeps, edited (lr_scales)
+    elif change == "new list":
+        scales = [2.0] * 10  # a new list (load_state_dict)
+    elif change == "same values, new list":
+        scales = list(scales)
+    ok = torch.zeros((), dtype=torch.bool)
+    k.launch_step(case["loss"], h, c, case["weights"], case["gamma"], rate, lrs, scales, ok)
+    out.append({"rate": rate.clone(), "lrs": [lr.clone() for lr in lrs], "scales": list(scales)})
+torch.save(out, sys.argv[2])
+"""
+
+
+@needs_triton
+def test_step_plan_writes_changed_lr_scales_interpreted(tmp_path):
+    """The scales are baked into a cached plan's arguments: a change of their values (same
+    count, same list or a new one) must make a new plan, so every lr gets rate * its scale."""
+    gen = torch.Generator().manual_seed(SEED)
+    inputs, outputs = tmp_path / "case.pt", tmp_path / "out.pt"
+    torch.save(make_step_case(17, 1, 1, gen), inputs)
+    env = dict(os.environ, TRITON_INTERPRET="1")
+    proc = subprocess.run([sys.executable, "-c", SCALES_WORKER, str(inputs), str(outputs)], cwd=PROJECT_ROOT,
+                          env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, f"interpreter run failed (seed {SEED}):\n{proc.stdout}\n{proc.stderr[-6000:]}"
+    for i, launch in enumerate(torch.load(outputs, weights_only=False)):
+        want = torch.stack([launch["rate"] * s for s in launch["scales"]])
+        torch.testing.assert_close(torch.stack(launch["lrs"]), want, rtol=1e-6, atol=0,
+                                   msg=lambda m: f"launch {i}, scales {launch['scales']} (seed {SEED}): {m}")
 
 
 def test_backend_registered_with_dispatch():
-    import autolr_fast._triton_backend as tb
+    import autolr_fast.ops.triton_backend as tb
 
     info = dispatch.backend_info()
     assert "triton" in info["backends"]
@@ -582,7 +753,7 @@ def _op_args(case: dict) -> tuple:
 
 @pytest.mark.parametrize("hidden,layers,groups", [(17, 1, 1), (16, 2, 3), (16, 1, 0)])
 def test_opcheck_cpu(hidden, layers, groups):
-    import autolr_fast._triton_backend  # noqa: F401 - defines the ops
+    import autolr_fast.ops.triton_backend  # noqa: F401
 
     gen = torch.Generator().manual_seed(SEED)
     case = make_step_case(hidden, layers, groups, gen)
@@ -590,12 +761,13 @@ def test_opcheck_cpu(hidden, layers, groups):
     counters = torch.tensor([2, 3], dtype=torch.int64)
     torch.library.opcheck(torch.ops.autolr_fast.mlrsnet_step_, _op_args(case) + (counters,))
     g = make_grads_case(hidden, layers, gen)
-    torch.library.opcheck(torch.ops.autolr_fast.mlrsnet_param_grads, (g["loss"], g["h"], g["c"], g["weights"], g["grad_p"]))
+    torch.library.opcheck(torch.ops.autolr_fast.mlrsnet_param_grads,
+                          (g["loss"], g["h"], g["c"], g["weights"], g["grad_p"]))
 
 
 @pytest.mark.parametrize("hidden,layers", [(16, 1), (17, 2), (50, 2), (128, 1)])
 def test_explicit_param_grads_match_autograd_reference(hidden, layers):
-    from autolr_fast._triton_backend import param_grads_explicit
+    param_grads_explicit = reference.mlrsnet_param_grads_explicit
 
     gen = torch.Generator().manual_seed(SEED + hidden)
     g = make_grads_case(hidden, layers, gen)
@@ -603,7 +775,7 @@ def test_explicit_param_grads_match_autograd_reference(hidden, layers):
 
 
 def test_step_op_on_cpu_matches_reference_and_guard():
-    import autolr_fast._triton_backend as tb
+    import autolr_fast.ops.triton_backend as tb
 
     gen = torch.Generator().manual_seed(SEED)
     for loss, expected_ok in ((torch.tensor(1.2), True), (torch.tensor(float("nan")), False)):
@@ -614,13 +786,15 @@ def test_step_op_on_cpu_matches_reference_and_guard():
         assert bool(got["ok"]) == expected_ok
         assert_step_matches(got, case, "cpu op")
         # and through the dispatch-facing wrapper (allocates ok)
-        h, c, rate, lrs = case["h"].clone(), case["c"].clone(), case["rate"].clone(), [lr.clone() for lr in case["lr_list"]]
+        h, c, rate = case["h"].clone(), case["c"].clone(), case["rate"].clone()
+        lrs = [lr.clone() for lr in case["lr_list"]]
         ok = tb.mlrsnet_step_(case["loss"], h, c, case["weights"], case["gamma"], rate, lrs, case["scales"])
-        assert ok.dtype == torch.bool and bool(ok) == expected_ok and torch.equal(h, got["h"]) and torch.equal(rate, got["rate"])
+        assert ok.dtype == torch.bool and bool(ok) == expected_ok
+        assert torch.equal(h, got["h"]) and torch.equal(rate, got["rate"])
 
 
 def test_ops_under_torch_compile_fullgraph():
-    import autolr_fast._triton_backend  # noqa: F401
+    import autolr_fast.ops.triton_backend  # noqa: F401
 
     gen = torch.Generator().manual_seed(SEED)
     case = make_step_case(17, 2, 3, gen)
@@ -666,7 +840,7 @@ def _to_cuda(case: dict) -> dict:
 @needs_gpu
 @pytest.mark.parametrize("name", STEP_CASES + GUARD_CASES + GRAD_CASES)
 def test_kernels_on_gpu(name):
-    from autolr_fast.kernels import mlrsnet_step as k
+    from autolr_fast.ops import triton_kernels as k
 
     case = build_cases(SEED)[name]
     cuda = _to_cuda(case)
@@ -684,19 +858,20 @@ def test_kernels_on_gpu(name):
 @pytest.mark.gpu
 @needs_gpu
 def test_opcheck_cuda():
-    import autolr_fast._triton_backend  # noqa: F401
+    import autolr_fast.ops.triton_backend  # noqa: F401
 
     gen = torch.Generator().manual_seed(SEED)
     case = _to_cuda(make_step_case(50, 2, 3, gen))
     torch.library.opcheck(torch.ops.autolr_fast.mlrsnet_step_, _op_args(case))
     g = _to_cuda(make_grads_case(50, 2, gen))
-    torch.library.opcheck(torch.ops.autolr_fast.mlrsnet_param_grads, (g["loss"], g["h"], g["c"], g["weights"], g["grad_p"]))
+    torch.library.opcheck(torch.ops.autolr_fast.mlrsnet_param_grads,
+                          (g["loss"], g["h"], g["c"], g["weights"], g["grad_p"]))
 
 
 @pytest.mark.gpu
 @needs_gpu
 def test_cuda_graph_replay_of_the_step():
-    import autolr_fast._triton_backend as tb
+    import autolr_fast.ops.triton_backend as tb
 
     gen = torch.Generator().manual_seed(SEED)
     case = make_step_case(50, 1, 3, gen)
@@ -723,7 +898,8 @@ def test_cuda_graph_replay_of_the_step():
         graph.replay()
         step = dict(case, loss=torch.tensor(value), h=ref["h"], c=ref["c"], rate=ref["rate"], lr_list=ref_lrs)
         want = reference_step(step)
-        assert_step_matches({"h": h, "c": c, "rate": rate, "lr_list": lrs, "ok": ok}, step, f"graph replay loss={value}")
+        got = {"h": h, "c": c, "rate": rate, "lr_list": lrs, "ok": ok}
+        assert_step_matches(got, step, f"graph replay loss={value}")
         ref = {k: want[k] for k in ("h", "c", "rate")}
         ref_lrs = want["lr_list"]
     assert tb.AVAILABLE
@@ -805,7 +981,7 @@ def test_autolr_step_launches_one_kernel_on_gpu():
 @pytest.mark.gpu
 @needs_gpu
 def test_compiled_step_on_gpu():
-    import autolr_fast._triton_backend as tb
+    import autolr_fast.ops.triton_backend as tb
 
     gen = torch.Generator().manual_seed(SEED)
     case = make_step_case(50, 2, 3, gen)

@@ -1,9 +1,11 @@
 // Per-element optimizer directions shared by the CPU and the CUDA ops.
 //
-// Same formulas as autolr_fast/reference.py (sgd_direction / adam_directions): the direction
+// Same formulas as autolr_fast/ops/reference.py (sgd_direction / adam_directions): the direction
 // d with w <- w - lr * d that torch.optim.SGD / Adam(W) will apply next, recomputed from the
 // optimizer state without modifying it. Computed in the "opmath" type T (float for
-// float/half/bfloat16 tensors, double for double tensors).
+// float/half/bfloat16 tensors, double for double tensors), the scalars (coefficients, bias
+// corrections, alpha) included: torch's optimizers never round them to a half/bfloat16
+// parameter's dtype either.
 #pragma once
 
 #include <cmath>
@@ -47,8 +49,8 @@ AUTOLR_HD T sgd_direction(T w, T g, bool has_buf, T buf, const SgdCoeffs<T>& k) 
   return d;
 }
 
-// Coefficients of Adam's direction; the bias corrections depend on the step count, which the
-// CUDA kernels read from device memory (see adam_bias_corrections).
+// Coefficients of Adam's direction; the bias corrections depend on each parameter's step count
+// (see adam_bias_corrections), which the kernels read per tensor.
 template <typename T>
 struct AdamCoeffs {
   T beta1;
@@ -70,13 +72,19 @@ AdamCoeffs<T> make_adam_coeffs(double beta1, double beta2, double eps, double we
                        weight_decay != 0.0, decoupled, maximize};
 }
 
-// bc1 = 1 - beta1^t and sqrt(1 - beta2^t) with t = stored_step + 1, computed in double and
-// rounded to the parameter type like the reference does (scalar_t S, opmath T).
-template <typename S, typename T>
+// bc1 = 1 - beta1^t and sqrt(1 - beta2^t) with t = stored_step + 1 (the parameter's own step
+// count: torch keeps one per parameter), computed in double and rounded to the opmath type T.
+template <typename T>
 AUTOLR_HD void adam_bias_corrections(double stored_step, double beta1, double beta2, T* bc1, T* bc2_sqrt) {
   const double t = stored_step + 1.0;
-  *bc1 = static_cast<T>(static_cast<S>(1.0 - std::pow(beta1, t)));
-  *bc2_sqrt = static_cast<T>(static_cast<S>(std::sqrt(1.0 - std::pow(beta2, t))));
+  *bc1 = static_cast<T>(1.0 - std::pow(beta1, t));
+  *bc2_sqrt = static_cast<T>(std::sqrt(1.0 - std::pow(beta2, t)));
+}
+
+// max(a, b) that is NaN when either is, as torch.maximum (AMSGrad's running maximum).
+template <typename T>
+AUTOLR_HD T nan_max(T a, T b) {
+  return (a > b || a != a) ? a : b;
 }
 
 // has_m/has_v false: first step (no moments yet); has_vmax: AMSGrad.
@@ -87,7 +95,7 @@ AUTOLR_HD T adam_direction(T w, T g, bool has_m, T m, bool has_v, T v, bool has_
   if (k.use_weight_decay && !k.decoupled) gg = gg + k.weight_decay * w;
   T m_new = has_m ? m * k.beta1 + k.one_minus_beta1 * gg : gg * k.one_minus_beta1;
   T v_new = has_v ? v * k.beta2 + k.one_minus_beta2 * gg * gg : gg * gg * k.one_minus_beta2;
-  if (has_vmax) v_new = vmax > v_new ? vmax : v_new;
+  if (has_vmax) v_new = nan_max(vmax, v_new);
   T d = (m_new / bc1) / (std::sqrt(v_new) / bc2_sqrt + k.eps);
   if (k.use_weight_decay && k.decoupled) d = d + k.weight_decay * w;
   return d;

@@ -68,7 +68,7 @@ void check_f32(const char* op, const char* name, const Tensor& t, at::IntArrayRe
   TORCH_CHECK(t.scalar_type() == at::kFloat && t.device().is_cpu(), op, ": ", name,
               " must be a float32 CPU tensor, got ", t.scalar_type(), " on ", t.device());
   TORCH_CHECK(t.sizes() == shape, op, ": ", name, " has shape ", t.sizes(), ", expected ", shape,
-              " (see the weight layout in autolr_fast/reference.py)");
+              " (see the weight layout in autolr_fast/ops/reference.py)");
   TORCH_CHECK(t.is_contiguous(), op, ": ", name, " must be contiguous; call .contiguous() on it");
 }
 
@@ -483,15 +483,42 @@ std::vector<Tensor> mlrsnet_param_grads_cpu(const Tensor& loss, const Tensor& h,
 }  // namespace
 }  // namespace autolr_fast
 
-TORCH_LIBRARY_IMPL(autolr_fast_C, CPU, m) {
-  m.impl("mlrsnet_step_", &autolr_fast::mlrsnet_step_cpu);
+namespace autolr_fast {
+namespace {
+
+// The op's schema (autolr_fast/ops/library.py): writes `ok` and, if given, bumps the int64
+// counters [skipped, negative] like reference.count_step_.
+void mlrsnet_step_op_cpu(const Tensor& loss, const Tensor& h, const Tensor& c, TensorList weights,
+                         const Tensor& gamma, const Tensor& rate, TensorList lrs, at::ArrayRef<double> scales,
+                         const Tensor& ok, const std::optional<Tensor>& counters) {
+  const bool stepped = *mlrsnet_step_cpu(loss, h, c, weights, gamma, rate, lrs, scales).const_data_ptr<bool>();
+  TORCH_CHECK(ok.numel() == 1 && ok.scalar_type() == at::kBool && ok.device().is_cpu(),
+              "mlrsnet_step_: ok must be a 1-element bool CPU tensor");
+  *ok.mutable_data_ptr<bool>() = stepped;
+  if (counters.has_value()) {
+    const Tensor& n = *counters;
+    TORCH_CHECK(n.numel() == 2 && n.scalar_type() == at::kLong && n.device().is_cpu() && n.is_contiguous(),
+                "mlrsnet_step_: counters must be a contiguous int64 CPU tensor of 2 elements");
+    const double x = read_scalar("mlrsnet_step_", "loss", loss);
+    int64_t* v = n.mutable_data_ptr<int64_t>();
+    v[0] += stepped ? 0 : 1;
+    v[1] += (std::isfinite(x) && x < 0.0) ? 1 : 0;
+  }
+}
+
+}  // namespace
+}  // namespace autolr_fast
+
+// The schemas are defined once, in Python (autolr_fast/ops/library.py), beside their fake kernels.
+TORCH_LIBRARY_IMPL(autolr_fast, CPU, m) {
+  m.impl("mlrsnet_step_", &autolr_fast::mlrsnet_step_op_cpu);
   m.impl("mlrsnet_param_grads", &autolr_fast::mlrsnet_param_grads_cpu);
 }
 
 // The controller step is not differentiable (it runs under no_grad in the reference branch)
 // and mlrsnet_param_grads *is* a backward: skip the autograd layer entirely, which also
 // saves the generic autograd fallback's per-call bookkeeping (a few us on this small op).
-TORCH_LIBRARY_IMPL(autolr_fast_C, Autograd, m) {
+TORCH_LIBRARY_IMPL(autolr_fast, Autograd, m) {
   m.impl("mlrsnet_step_", torch::CppFunction::makeFallthrough());
   m.impl("mlrsnet_param_grads", torch::CppFunction::makeFallthrough());
 }

@@ -5,7 +5,8 @@
 
 namespace autolr_fast {
 
-// autolr_fast_C::mlrsnet_step_ on the CPU: updates h, c, rate and lrs in place, returns `ok`.
+// The CPU MLR-SNet step behind the op autolr_fast::mlrsnet_step_: updates h, c, rate and lrs in
+// place, returns `ok`.
 at::Tensor mlrsnet_step_cpu(const at::Tensor& loss, const at::Tensor& h, const at::Tensor& c,
                             at::TensorList weights, const at::Tensor& gamma, const at::Tensor& rate,
                             at::TensorList lrs, at::ArrayRef<double> scales);

@@ -82,29 +82,40 @@ inline SgdLists check_sgd_lists(const char* op, TensorList params, TensorList gr
                   check_optional_list(op, "momentum_buffers", params, bufs)};
 }
 
-// The inputs of the Adam/AdamW ops, likewise.
+inline void check_scalar_tensor(const char* op, const char* name, const Tensor& t) {
+  TORCH_CHECK(t.numel() == 1, op, ": ", name, " must be a 1-element tensor, got shape ", t.sizes());
+}
+
+// The inputs of the Adam/AdamW ops, likewise, with one step count per parameter (torch.optim
+// keeps a step per parameter: one without a gradient on some steps has a smaller count).
 struct AdamLists {
   std::vector<Tensor> params, grads;
   std::vector<std::optional<Tensor>> m, v, vmax;  // exp_avgs, exp_avg_sqs, max_exp_avg_sqs (AMSGrad)
+  std::vector<Tensor> steps;                      // 1-element each: the stored step (0 before the first)
 };
 
 inline AdamLists check_adam_lists(const char* op, TensorList params, TensorList grads, const OptTensorList& m,
-                                  const OptTensorList& v, const OptTensorList& vmax) {
+                                  const OptTensorList& v, const OptTensorList& vmax, TensorList steps) {
   check_params(op, params);
   check_list_like(op, "grads", params, grads);
+  TORCH_CHECK(steps.size() == params.size(), op, ": steps has ", steps.size(), " tensors but params has ",
+              params.size(), "; pass each parameter's own step count (its optimizer state's 'step', 0 if none)");
+  for (size_t i = 0; i < steps.size(); ++i) {
+    TORCH_CHECK(steps[i].numel() == 1, op, ": steps[", i, "] must be a 1-element tensor, got shape ",
+                steps[i].sizes());
+    TORCH_CHECK(steps[i].device().is_cpu() || steps[i].device() == params[i].device(), op, ": steps[", i,
+                "] is on ", steps[i].device(), " but params[", i, "] is on ", params[i].device(),
+                "; keep each step on the CPU or on its parameter's device");
+  }
   return AdamLists{contiguous_all(params), contiguous_all(grads), check_optional_list(op, "exp_avgs", params, m),
                    check_optional_list(op, "exp_avg_sqs", params, v),
-                   check_optional_list(op, "max_exp_avg_sqs", params, vmax)};
+                   check_optional_list(op, "max_exp_avg_sqs", params, vmax), steps.vec()};
 }
 
 // The validation gradients of the hyper_dot ops: one per parameter, like it.
 inline std::vector<Tensor> check_val_grads(const char* op, TensorList params, TensorList vals) {
   check_list_like(op, "val_grads", params, vals);
   return contiguous_all(vals);
-}
-
-inline void check_scalar_tensor(const char* op, const char* name, const Tensor& t) {
-  TORCH_CHECK(t.numel() == 1, op, ": ", name, " must be a 1-element tensor, got shape ", t.sizes());
 }
 
 }  // namespace autolr_fast

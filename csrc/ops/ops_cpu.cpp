@@ -1,6 +1,6 @@
-// Schemas of the autolr_fast_C ops and their CPU kernels for the look-ahead / hypergradient
+// CPU kernels of the autolr_fast ops for the look-ahead / hypergradient
 // multi-tensor ops. The MLR-SNet step lives in mlrsnet_cpu.cpp, the CUDA kernels in
-// ops_cuda.cu. Semantics: autolr_fast/reference.py (functions of the same names).
+// ops_cuda.cu. Semantics: autolr_fast/ops/reference.py (functions of the same names).
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
 #include <ATen/Parallel.h>
@@ -74,7 +74,9 @@ Tensor scalar_result(const Tensor& like, double value) {
 // comes from a binder, `bind(Tag<scalar_t>{}, t, use)`, which calls `use(d)` with `d(i)` the
 // direction of element i of tensor t in opmath (a binder may call `use` with a differently
 // specialised functor, e.g. one per set of present Adam states). As in the reference, d is
-// rounded to the tensor's dtype before it is used: w_hat = w - alpha * d, <g_val, d>.
+// rounded to the tensor's dtype before it is used (as the optimizer's stored state is), and
+// w_hat = w - alpha * d is computed in opmath with alpha unrounded and rounded once, as
+// torch's `param.add_(d, alpha=-lr)`; <g_val, d> is accumulated in double.
 // ---------------------------------------------------------------------------------------------
 template <typename scalar_t>
 struct Tag {
@@ -87,16 +89,16 @@ std::vector<Tensor> lookahead_over(const std::vector<Tensor>& params, double alp
   out.reserve(params.size());
   for (size_t t = 0; t < params.size(); ++t) {
     Tensor o = at::empty(params[t].sizes(), params[t].options());
-    AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, params[t].scalar_type(), "autolr_fast_lookahead_cpu", [&] {
+    const auto dtype = params[t].scalar_type();
+    AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, dtype, "autolr_fast_lookahead_cpu", [&] {
       using opmath_t = at::opmath_type<scalar_t>;
-      const opmath_t alpha_t = static_cast<opmath_t>(static_cast<scalar_t>(alpha));
+      const opmath_t alpha_t = static_cast<opmath_t>(alpha);
       const scalar_t* w = params[t].const_data_ptr<scalar_t>();
       scalar_t* y = o.mutable_data_ptr<scalar_t>();
       bind(Tag<scalar_t>{}, t, [&](const auto& d) {
         parallel_elements(o.numel(), [&](int64_t i) {
           const opmath_t di = static_cast<opmath_t>(static_cast<scalar_t>(d(i)));
-          y[i] = static_cast<scalar_t>(static_cast<opmath_t>(w[i]) -
-                                       static_cast<opmath_t>(static_cast<scalar_t>(alpha_t * di)));
+          y[i] = static_cast<scalar_t>(static_cast<opmath_t>(w[i]) - alpha_t * di);
         });
       });
     });
@@ -164,16 +166,17 @@ void with_state_flags(bool has_m, bool has_v, bool has_vmax, const F& f) {
   if (has_m) v_level(std::true_type{}); else v_level(std::false_type{});
 }
 
-// d = Adam's (AdamW's) next direction. Which optional states exist is a template argument of
-// the element functor, so the element loops carry no per-element branches and vectorise.
-auto adam_directions(const AdamLists& s, double stored_step, double beta1, double beta2, double eps,
-                     double weight_decay, bool decoupled, bool maximize) {
-  return [=, &s](auto tag, size_t t, const auto& use) {
+// d = Adam's (AdamW's) next direction, each tensor with its own step count. Which optional
+// states exist is a template argument of the element functor, so the element loops carry no
+// per-element branches and vectorise.
+auto adam_directions(const AdamLists& s, const std::vector<double>& stored_steps, double beta1, double beta2,
+                     double eps, double weight_decay, bool decoupled, bool maximize) {
+  return [=, &s, &stored_steps](auto tag, size_t t, const auto& use) {
     using scalar_t = typename decltype(tag)::type;
     using opmath_t = at::opmath_type<scalar_t>;
     const auto k = make_adam_coeffs<opmath_t>(beta1, beta2, eps, weight_decay, decoupled, maximize);
     opmath_t bc1, bc2_sqrt;
-    adam_bias_corrections<scalar_t, opmath_t>(stored_step, beta1, beta2, &bc1, &bc2_sqrt);
+    adam_bias_corrections<opmath_t>(stored_steps[t], beta1, beta2, &bc1, &bc2_sqrt);
     const scalar_t* w = s.params[t].const_data_ptr<scalar_t>();
     const scalar_t* g = s.grads[t].const_data_ptr<scalar_t>();
     const scalar_t *m = opt_ptr<scalar_t>(s.m[t]), *v = opt_ptr<scalar_t>(s.v[t]), *vmax = opt_ptr<scalar_t>(s.vmax[t]);
@@ -231,58 +234,44 @@ Tensor hyper_dot_sgd_cpu(TensorList vals_in, TensorList params_in, TensorList gr
   return dot_over(vals, sgd_directions(s, momentum, dampening, weight_decay, nesterov, maximize));
 }
 
+// Every parameter's stored step (CPU tensors, as check_adam_lists made sure for CPU params).
+std::vector<double> host_steps(const AdamLists& s) {
+  std::vector<double> out;
+  out.reserve(s.steps.size());
+  for (const auto& step : s.steps) out.push_back(step.item<double>());
+  return out;
+}
+
 std::vector<Tensor> lookahead_adam_cpu(TensorList params_in, TensorList grads_in, const OptTensorList& m_in,
-                                       const OptTensorList& v_in, const OptTensorList& vmax_in, const Tensor& step,
+                                       const OptTensorList& v_in, const OptTensorList& vmax_in, TensorList steps,
                                        const Tensor& alpha, double beta1, double beta2, double eps,
                                        double weight_decay, bool decoupled, bool maximize) {
   const char* op = "lookahead_adam";
-  const AdamLists s = check_adam_lists(op, params_in, grads_in, m_in, v_in, vmax_in);
+  const AdamLists s = check_adam_lists(op, params_in, grads_in, m_in, v_in, vmax_in, steps);
   check_cpu(op, params_in);
   const double a = host_scalar(op, "alpha", alpha);
-  const double stored_step = host_scalar(op, "step", step);
+  const std::vector<double> stored_steps = host_steps(s);
   return lookahead_over(s.params, a,
-                        adam_directions(s, stored_step, beta1, beta2, eps, weight_decay, decoupled, maximize));
+                        adam_directions(s, stored_steps, beta1, beta2, eps, weight_decay, decoupled, maximize));
 }
 
 Tensor hyper_dot_adam_cpu(TensorList vals_in, TensorList params_in, TensorList grads_in, const OptTensorList& m_in,
-                          const OptTensorList& v_in, const OptTensorList& vmax_in, const Tensor& step, double beta1,
+                          const OptTensorList& v_in, const OptTensorList& vmax_in, TensorList steps, double beta1,
                           double beta2, double eps, double weight_decay, bool decoupled, bool maximize) {
   const char* op = "hyper_dot_adam";
-  const AdamLists s = check_adam_lists(op, params_in, grads_in, m_in, v_in, vmax_in);
+  const AdamLists s = check_adam_lists(op, params_in, grads_in, m_in, v_in, vmax_in, steps);
   const auto vals = check_val_grads(op, params_in, vals_in);
   check_cpu(op, params_in);
-  const double stored_step = host_scalar(op, "step", step);
+  const std::vector<double> stored_steps = host_steps(s);
   return dot_over(vals,
-                  adam_directions(s, stored_step, beta1, beta2, eps, weight_decay, decoupled, maximize));
+                  adam_directions(s, stored_steps, beta1, beta2, eps, weight_decay, decoupled, maximize));
 }
 
 }  // namespace
 }  // namespace autolr_fast
 
-TORCH_LIBRARY(autolr_fast_C, m) {
-  m.def("lookahead(Tensor[] params, Tensor[] dirs, Tensor alpha) -> Tensor[]");
-  m.def("hyper_dot(Tensor[] a, Tensor[] b) -> Tensor");
-  m.def(
-      "lookahead_sgd(Tensor[] params, Tensor[] grads, Tensor?[] momentum_buffers, Tensor alpha, float momentum, "
-      "float dampening, float weight_decay, bool nesterov, bool maximize=False) -> Tensor[]");
-  m.def(
-      "hyper_dot_sgd(Tensor[] val_grads, Tensor[] params, Tensor[] grads, Tensor?[] momentum_buffers, "
-      "float momentum, float dampening, float weight_decay, bool nesterov, bool maximize=False) -> Tensor");
-  m.def(
-      "lookahead_adam(Tensor[] params, Tensor[] grads, Tensor?[] exp_avgs, Tensor?[] exp_avg_sqs, "
-      "Tensor?[] max_exp_avg_sqs, Tensor step, Tensor alpha, float beta1, float beta2, float eps, "
-      "float weight_decay, bool decoupled, bool maximize=False) -> Tensor[]");
-  m.def(
-      "hyper_dot_adam(Tensor[] val_grads, Tensor[] params, Tensor[] grads, Tensor?[] exp_avgs, "
-      "Tensor?[] exp_avg_sqs, Tensor?[] max_exp_avg_sqs, Tensor step, float beta1, float beta2, float eps, "
-      "float weight_decay, bool decoupled, bool maximize=False) -> Tensor");
-  m.def(
-      "mlrsnet_step_(Tensor loss, Tensor(a!) h, Tensor(b!) c, Tensor[] weights, Tensor gamma, Tensor(c!) rate, "
-      "Tensor(d!)[] lrs, float[] scales) -> Tensor");
-  m.def("mlrsnet_param_grads(Tensor loss, Tensor h, Tensor c, Tensor[] weights, Tensor grad_p) -> Tensor[]");
-}
-
-TORCH_LIBRARY_IMPL(autolr_fast_C, CPU, m) {
+// The schemas are defined once, in Python (autolr_fast/ops/library.py), beside their fake kernels.
+TORCH_LIBRARY_IMPL(autolr_fast, CPU, m) {
   m.impl("lookahead", &autolr_fast::lookahead_cpu);
   m.impl("hyper_dot", &autolr_fast::hyper_dot_cpu);
   m.impl("lookahead_sgd", &autolr_fast::lookahead_sgd_cpu);

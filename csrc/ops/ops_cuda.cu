@@ -1,9 +1,10 @@
 // CUDA kernels of the look-ahead / hypergradient multi-tensor ops: one launch for a
 // look-ahead over all tensors (one per table of several hundred tensors), two for a dot product
 // (per-chunk partials, then one fixed-order final sum: deterministic). No host-to-device copy
-// per call: the ops can be captured in CUDA graphs. alpha and the Adam step count are read on
-// the device (no host sync); a CPU 0-dim alpha/step (torch.optim keeps `step` on the CPU) is
-// read on the host.
+// per call: the ops can be captured in CUDA graphs. alpha and the Adam step counts (one per
+// parameter) are read on the device (no host sync); a CPU alpha/step (torch.optim keeps `step`
+// on the CPU) is read on the host. Scalars stay in opmath (float for half/bfloat16), as in
+// torch's optimizers; see directions.h.
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
 #include <ATen/ops/empty.h>
@@ -11,6 +12,9 @@
 #include <c10/util/BFloat16.h>
 #include <c10/util/Half.h>
 #include <torch/library.h>
+
+#include <cstdint>
+#include <cstring>
 
 #include "directions.h"
 #include "multi_tensor_apply.cuh"
@@ -21,39 +25,89 @@ namespace {
 
 using mta::TensorChunk;
 
-// A 0-dim scalar read inside the kernel: device pointer + dtype, or a host value.
-struct DevScalar {
-  const void* ptr;
-  int kind;  // 0 host value, 1 float, 2 double, 3 half, 4 bfloat16, 5 int64, 6 int32
-  double host;
-  __device__ __forceinline__ double get() const {
-    switch (kind) {
-      case 1: return *static_cast<const float*>(ptr);
-      case 2: return *static_cast<const double*>(ptr);
-      case 3: return static_cast<float>(*static_cast<const c10::Half*>(ptr));
-      case 4: return static_cast<float>(*static_cast<const c10::BFloat16*>(ptr));
-      case 5: return static_cast<double>(*static_cast<const int64_t*>(ptr));
-      case 6: return static_cast<double>(*static_cast<const int32_t*>(ptr));
-      default: return host;
-    }
+// A scalar the kernel reads: `p` points to it in device memory (kind 1 float, 2 double, 3 half,
+// 4 bfloat16, 5 int64, 6 int32), or, kind 0, `p` is not a pointer but carries the bits of a
+// double read on the host (the Adam step column of CPU steps, see StepColumn).
+__device__ __forceinline__ double read_scalar(const void* p, int kind) {
+  switch (kind) {
+    case 1: return *static_cast<const float*>(p);
+    case 2: return *static_cast<const double*>(p);
+    case 3: return static_cast<float>(*static_cast<const c10::Half*>(p));
+    case 4: return static_cast<float>(*static_cast<const c10::BFloat16*>(p));
+    case 5: return static_cast<double>(*static_cast<const int64_t*>(p));
+    case 6: return static_cast<double>(*static_cast<const int32_t*>(p));
+    default: return __longlong_as_double(static_cast<long long>(reinterpret_cast<uintptr_t>(p)));
   }
+}
+
+const void* host_value_bits(double v) {
+  uint64_t bits;
+  std::memcpy(&bits, &v, sizeof bits);
+  return reinterpret_cast<const void*>(static_cast<uintptr_t>(bits));
+}
+
+int scalar_kind(const char* op, const char* name, c10::ScalarType t) {
+  switch (t) {
+    case at::kFloat: return 1;
+    case at::kDouble: return 2;
+    case at::kHalf: return 3;
+    case at::kBFloat16: return 4;
+    case at::kLong: return 5;
+    case at::kInt: return 6;
+    default:
+      TORCH_CHECK(false, op, ": ", name, " has unsupported dtype ", t, "; use a floating-point or integer tensor");
+  }
+  return 0;
+}
+
+// A 0-dim scalar argument (alpha): read on the device, or a CPU tensor's value read on the host.
+struct DevScalar {
+  const void* ptr;  // as read_scalar's p (host_value_bits of the value for a CPU tensor)
+  int kind;
+  __device__ __forceinline__ double get() const { return read_scalar(ptr, kind); }
 };
 
 DevScalar dev_scalar(const char* op, const char* name, const Tensor& t, const at::Device& dev) {
   check_scalar_tensor(op, name, t);
-  if (t.device().is_cpu()) return DevScalar{nullptr, 0, t.item<double>()};
+  if (t.device().is_cpu()) return DevScalar{host_value_bits(t.item<double>()), 0};
   TORCH_CHECK(t.device() == dev, op, ": ", name, " is on ", t.device(), " but the tensors are on ", dev);
+  return DevScalar{t.const_data_ptr(), scalar_kind(op, name, t.scalar_type())};
+}
+
+// Adam's step counts, one per tensor, as a column of the chunk table (read per chunk). All on
+// the CPU (torch.optim's default): each value is read on the host and travels in its row as the
+// bits of a double (kind 0; in a CUDA graph, read once at capture). All on the device with one
+// dtype (capturable/fused optimizers): their pointers, read by the kernel. A mix: each step
+// copied to the device as float64 first (stream-ordered, no host sync).
+struct StepColumn {
   int kind = 0;
-  switch (t.scalar_type()) {
-    case at::kFloat: kind = 1; break;
-    case at::kDouble: kind = 2; break;
-    case at::kHalf: kind = 3; break;
-    case at::kBFloat16: kind = 4; break;
-    case at::kLong: kind = 5; break;
-    case at::kInt: kind = 6; break;
-    default: TORCH_CHECK(false, op, ": ", name, " has unsupported dtype ", t.scalar_type());
+  std::vector<const void*> ptrs;
+  std::vector<Tensor> copies;  // what `ptrs` points into in the mixed case
+};
+
+StepColumn step_column(const char* op, const std::vector<Tensor>& steps, const at::Device& dev) {
+  StepColumn col;
+  col.ptrs.reserve(steps.size());
+  bool all_host = true, all_device = true;
+  for (const auto& st : steps) {
+    all_host = all_host && st.device().is_cpu();
+    all_device = all_device && st.device() == dev && st.scalar_type() == steps[0].scalar_type();
   }
-  return DevScalar{t.const_data_ptr(), kind, 0.0};
+  if (all_host) {
+    for (const auto& st : steps) col.ptrs.push_back(host_value_bits(st.item<double>()));
+    return col;
+  }
+  if (all_device) {
+    col.kind = scalar_kind(op, "steps", steps[0].scalar_type());
+    for (const auto& st : steps) col.ptrs.push_back(st.const_data_ptr());
+    return col;
+  }
+  col.kind = 2;
+  for (const auto& st : steps) {
+    col.copies.push_back(st.to(dev, at::kDouble, /*non_blocking=*/true, /*copy=*/true));
+    col.ptrs.push_back(col.copies.back().const_data_ptr());
+  }
+  return col;
 }
 
 // All params on one CUDA device with one dtype (one launch handles one dtype).
@@ -86,7 +140,7 @@ struct LookaheadOp {  // ptr: w, d, out
   DevScalar alpha;
   __device__ void operator()(const TensorChunk<3>& tc) const {
     using opmath_t = at::opmath_type<scalar_t>;
-    const opmath_t a = static_cast<opmath_t>(static_cast<scalar_t>(alpha.get()));
+    const opmath_t a = static_cast<opmath_t>(alpha.get());
     for (int64_t i = tc.begin + threadIdx.x; i < tc.end; i += blockDim.x) {
       const opmath_t w = static_cast<opmath_t>(ld<scalar_t>(tc.ptr[0], i));
       const opmath_t d = static_cast<opmath_t>(ld<scalar_t>(tc.ptr[1], i));
@@ -107,20 +161,21 @@ struct HyperDotOp {  // ptr: a, b
   }
 };
 
+// The look-ahead ops round d to the tensor's dtype, then w_hat = w - alpha * d in opmath with
+// one rounding (see ops_cpu.cpp).
 template <typename scalar_t>
 struct LookaheadSgdOp {  // ptr: w, g, buf (nullable), out
   DevScalar alpha;
   SgdCoeffs<at::opmath_type<scalar_t>> k;
   __device__ void operator()(const TensorChunk<4>& tc) const {
     using opmath_t = at::opmath_type<scalar_t>;
-    const opmath_t a = static_cast<opmath_t>(static_cast<scalar_t>(alpha.get()));
+    const opmath_t a = static_cast<opmath_t>(alpha.get());
     const bool has_buf = tc.ptr[2] != nullptr;
     for (int64_t i = tc.begin + threadIdx.x; i < tc.end; i += blockDim.x) {
       const opmath_t w = static_cast<opmath_t>(ld<scalar_t>(tc.ptr[0], i));
-      const opmath_t d = sgd_direction<opmath_t>(w, static_cast<opmath_t>(ld<scalar_t>(tc.ptr[1], i)), has_buf,
-                                                 ldo<scalar_t, opmath_t>(tc.ptr[2], i), k);
-      static_cast<scalar_t*>(tc.ptr[3])[i] =
-          static_cast<scalar_t>(w - static_cast<opmath_t>(static_cast<scalar_t>(a * d)));
+      const opmath_t d = static_cast<opmath_t>(static_cast<scalar_t>(sgd_direction<opmath_t>(
+          w, static_cast<opmath_t>(ld<scalar_t>(tc.ptr[1], i)), has_buf, ldo<scalar_t, opmath_t>(tc.ptr[2], i), k)));
+      static_cast<scalar_t*>(tc.ptr[3])[i] = static_cast<scalar_t>(w - a * d);
     }
   }
 };
@@ -146,9 +201,14 @@ struct HyperDotSgdOp {  // ptr: val, w, g, buf (nullable)
 
 template <typename scalar_t>
 struct AdamArgs {
-  DevScalar step;
+  int step_kind;  // how the step column is read (read_scalar)
   double beta1, beta2;
   AdamCoeffs<at::opmath_type<scalar_t>> k;
+  // the bias corrections of the tensor whose step count `step` is (its step column entry)
+  __device__ __forceinline__ void bias_corrections(const void* step, at::opmath_type<scalar_t>* bc1,
+                                                   at::opmath_type<scalar_t>* bc2_sqrt) const {
+    adam_bias_corrections<at::opmath_type<scalar_t>>(read_scalar(step, step_kind), beta1, beta2, bc1, bc2_sqrt);
+  }
   // d at element i; p = {w, g, m, v, vmax}
   __device__ __forceinline__ at::opmath_type<scalar_t> direction(void* const* p, int64_t i,
                                                                  at::opmath_type<scalar_t> bc1,
@@ -162,31 +222,30 @@ struct AdamArgs {
 };
 
 template <typename scalar_t>
-struct LookaheadAdamOp {  // ptr: w, g, m, v, vmax (nullable), out
+struct LookaheadAdamOp {  // ptr: w, g, m, v, vmax (nullable), step, out
   DevScalar alpha;
   AdamArgs<scalar_t> adam;
-  __device__ void operator()(const TensorChunk<6>& tc) const {
+  __device__ void operator()(const TensorChunk<7>& tc) const {
     using opmath_t = at::opmath_type<scalar_t>;
-    const opmath_t a = static_cast<opmath_t>(static_cast<scalar_t>(alpha.get()));
+    const opmath_t a = static_cast<opmath_t>(alpha.get());
     opmath_t bc1, bc2_sqrt;
-    adam_bias_corrections<scalar_t, opmath_t>(adam.step.get(), adam.beta1, adam.beta2, &bc1, &bc2_sqrt);
+    adam.bias_corrections(tc.ptr[5], &bc1, &bc2_sqrt);
     for (int64_t i = tc.begin + threadIdx.x; i < tc.end; i += blockDim.x) {
       const opmath_t d = static_cast<opmath_t>(static_cast<scalar_t>(adam.direction(tc.ptr, i, bc1, bc2_sqrt)));
       const opmath_t w = static_cast<opmath_t>(ld<scalar_t>(tc.ptr[0], i));
-      static_cast<scalar_t*>(tc.ptr[5])[i] =
-          static_cast<scalar_t>(w - static_cast<opmath_t>(static_cast<scalar_t>(a * d)));
+      static_cast<scalar_t*>(tc.ptr[6])[i] = static_cast<scalar_t>(w - a * d);
     }
   }
 };
 
 template <typename scalar_t>
-struct HyperDotAdamOp {  // ptr: val, w, g, m, v, vmax (nullable)
+struct HyperDotAdamOp {  // ptr: val, w, g, m, v, vmax (nullable), step
   double* partials;
   AdamArgs<scalar_t> adam;
-  __device__ void operator()(const TensorChunk<6>& tc) const {
+  __device__ void operator()(const TensorChunk<7>& tc) const {
     using opmath_t = at::opmath_type<scalar_t>;
     opmath_t bc1, bc2_sqrt;
-    adam_bias_corrections<scalar_t, opmath_t>(adam.step.get(), adam.beta1, adam.beta2, &bc1, &bc2_sqrt);
+    adam.bias_corrections(tc.ptr[6], &bc1, &bc2_sqrt);
     double acc = 0.0;
     for (int64_t i = tc.begin + threadIdx.x; i < tc.end; i += blockDim.x) {
       const scalar_t d = static_cast<scalar_t>(adam.direction(tc.ptr + 1, i, bc1, bc2_sqrt));
@@ -309,61 +368,61 @@ Tensor hyper_dot_sgd_cuda(TensorList vals_in, TensorList params_in, TensorList g
   return out;
 }
 
-// The Adam state pointers of tensor t: {w, g, m, v, vmax} (absent states as nullptr).
-std::array<const void*, 5> adam_row(const AdamLists& s, size_t t) {
+// The Adam state pointers of tensor t: {w, g, m, v, vmax, step} (absent states as nullptr).
+std::array<const void*, 6> adam_row(const AdamLists& s, const StepColumn& steps, size_t t) {
   return {s.params[t].const_data_ptr(), s.grads[t].const_data_ptr(), ptr_or_null(s.m[t]), ptr_or_null(s.v[t]),
-          ptr_or_null(s.vmax[t])};
+          ptr_or_null(s.vmax[t]), steps.ptrs[t]};
 }
 
 template <typename scalar_t>
-AdamArgs<scalar_t> adam_args(const DevScalar& step, double beta1, double beta2, double eps, double weight_decay,
+AdamArgs<scalar_t> adam_args(int step_kind, double beta1, double beta2, double eps, double weight_decay,
                              bool decoupled, bool maximize) {
   using opmath_t = at::opmath_type<scalar_t>;
-  return AdamArgs<scalar_t>{step, beta1, beta2,
+  return AdamArgs<scalar_t>{step_kind, beta1, beta2,
                             make_adam_coeffs<opmath_t>(beta1, beta2, eps, weight_decay, decoupled, maximize)};
 }
 
 std::vector<Tensor> lookahead_adam_cuda(TensorList params_in, TensorList grads_in, const OptTensorList& m_in,
-                                        const OptTensorList& v_in, const OptTensorList& vmax_in, const Tensor& step,
+                                        const OptTensorList& v_in, const OptTensorList& vmax_in, TensorList steps,
                                         const Tensor& alpha, double beta1, double beta2, double eps,
                                         double weight_decay, bool decoupled, bool maximize) {
   const char* op = "lookahead_adam";
   check_cuda_lists(op, params_in);
-  const AdamLists s = check_adam_lists(op, params_in, grads_in, m_in, v_in, vmax_in);
+  const AdamLists s = check_adam_lists(op, params_in, grads_in, m_in, v_in, vmax_in, steps);
   c10::cuda::CUDAGuard guard(params_in[0].device());
   const DevScalar a = dev_scalar(op, "alpha", alpha, params_in[0].device());
-  const DevScalar st = dev_scalar(op, "step", step, params_in[0].device());
+  const StepColumn st = step_column(op, s.steps, params_in[0].device());
   auto out = empty_like_all(s.params);
-  std::vector<std::array<const void*, 6>> ptrs;
+  std::vector<std::array<const void*, 7>> ptrs;
   for (size_t t = 0; t < s.params.size(); ++t) {
-    const auto row = adam_row(s, t);
-    ptrs.push_back({row[0], row[1], row[2], row[3], row[4], out[t].const_data_ptr()});
+    const auto row = adam_row(s, st, t);
+    ptrs.push_back({row[0], row[1], row[2], row[3], row[4], row[5], out[t].const_data_ptr()});
   }
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, s.params[0].scalar_type(), "lookahead_adam_cuda", [&] {
-    const auto args = adam_args<scalar_t>(st, beta1, beta2, eps, weight_decay, decoupled, maximize);
-    mta::launch<6>(ptrs, numels_of(s.params), s.params[0].device().index(), LookaheadAdamOp<scalar_t>{a, args});
+    const auto args = adam_args<scalar_t>(st.kind, beta1, beta2, eps, weight_decay, decoupled, maximize);
+    mta::launch<7>(ptrs, numels_of(s.params), s.params[0].device().index(), LookaheadAdamOp<scalar_t>{a, args});
   });
   return out;
 }
 
 Tensor hyper_dot_adam_cuda(TensorList vals_in, TensorList params_in, TensorList grads_in, const OptTensorList& m_in,
-                           const OptTensorList& v_in, const OptTensorList& vmax_in, const Tensor& step, double beta1,
+                           const OptTensorList& v_in, const OptTensorList& vmax_in, TensorList steps, double beta1,
                            double beta2, double eps, double weight_decay, bool decoupled, bool maximize) {
   const char* op = "hyper_dot_adam";
   check_cuda_lists(op, params_in);
-  const AdamLists s = check_adam_lists(op, params_in, grads_in, m_in, v_in, vmax_in);
+  const AdamLists s = check_adam_lists(op, params_in, grads_in, m_in, v_in, vmax_in, steps);
   const auto vals = check_val_grads(op, params_in, vals_in);
   c10::cuda::CUDAGuard guard(params_in[0].device());
-  const DevScalar st = dev_scalar(op, "step", step, params_in[0].device());
-  std::vector<std::array<const void*, 6>> ptrs;
+  const StepColumn st = step_column(op, s.steps, params_in[0].device());
+  std::vector<std::array<const void*, 7>> ptrs;
   for (size_t t = 0; t < s.params.size(); ++t) {
-    const auto row = adam_row(s, t);
-    ptrs.push_back({vals[t].const_data_ptr(), row[0], row[1], row[2], row[3], row[4]});
+    const auto row = adam_row(s, st, t);
+    ptrs.push_back({vals[t].const_data_ptr(), row[0], row[1], row[2], row[3], row[4], row[5]});
   }
   Tensor out;
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, s.params[0].scalar_type(), "hyper_dot_adam_cuda", [&] {
-    const auto args = adam_args<scalar_t>(st, beta1, beta2, eps, weight_decay, decoupled, maximize);
-    out = launch_dot<6>(ptrs, numels_of(s.params), s.params[0],
+    const auto args = adam_args<scalar_t>(st.kind, beta1, beta2, eps, weight_decay, decoupled, maximize);
+    out = launch_dot<7>(ptrs, numels_of(s.params), s.params[0],
                         [&](double* p) { return HyperDotAdamOp<scalar_t>{p, args}; });
   });
   return out;
@@ -372,7 +431,7 @@ Tensor hyper_dot_adam_cuda(TensorList vals_in, TensorList params_in, TensorList 
 }  // namespace
 }  // namespace autolr_fast
 
-TORCH_LIBRARY_IMPL(autolr_fast_C, CUDA, m) {
+TORCH_LIBRARY_IMPL(autolr_fast, CUDA, m) {
   m.impl("lookahead", &autolr_fast::lookahead_cuda);
   m.impl("hyper_dot", &autolr_fast::hyper_dot_cuda);
   m.impl("lookahead_sgd", &autolr_fast::lookahead_sgd_cuda);

@@ -1,12 +1,12 @@
 // The Python module `autolr_fast._C`.
 //
-// Loading it registers the autolr_fast_C ops with torch's dispatcher (the other translation
+// Loading it registers the autolr_fast ops' kernels with torch's dispatcher (the other translation
 // units). It also has one function, `mlrsnet_step_cpu(loss, h, c, weights, gamma, rate, lrs,
 // scales)`: the CPU controller step called straight from Python, without the generic
 // Python -> dispatcher argument conversion, which costs more than the step itself (a few us
 // against ~1 us). It takes plain tensors and nn.Parameters only and returns NotImplemented
 // for anything else (tensor subclasses, FakeTensors...), so the caller then uses
-// torch.ops.autolr_fast_C.mlrsnet_step_, which handles every case. Same kernel, same checks.
+// torch.ops.autolr_fast.mlrsnet_step_, which handles every case. Same kernel, same checks.
 // And `tensor_layout_key(tensors)`, the memory layout of a list of tensors as one bytes
 // object, for the Triton step's per-step check that its cached launch is still valid.
 #include <Python.h>
@@ -77,7 +77,7 @@ PyObject* mlrsnet_step_cpu_py(PyObject* /*self*/, PyObject* const* args, Py_ssiz
 // tensor_layout_key(tensors): one bytes object naming where each tensor's memory is and how it
 // is laid out (data pointer, device, dtype, sizes, strides). Two calls give equal keys exactly
 // when every tensor kept all of these; the Triton step's cached launch compares them every step
-// (kernels/mlrsnet_step.py, _layout in Python does the same at ~0.25 us per tensor).
+// (autolr_fast/ops/triton_kernels.py; its Python _layout is the reference).
 PyObject* tensor_layout_key_py(PyObject* /*self*/, PyObject* seq) {
   if (!PyList_Check(seq) && !PyTuple_Check(seq)) {
     PyErr_SetString(PyExc_TypeError, "tensor_layout_key takes a list or tuple of tensors");
@@ -116,7 +116,7 @@ PyMethodDef kMethods[] = {
      "bytes naming each tensor's data pointer, device, dtype, sizes and strides (equal iff all are)."},
     {nullptr, nullptr, 0, nullptr}};
 
-PyModuleDef kModule = {PyModuleDef_HEAD_INIT, "_C", "autolr_fast C++/CUDA ops (torch.ops.autolr_fast_C)", -1,
+PyModuleDef kModule = {PyModuleDef_HEAD_INIT, "_C", "autolr_fast C++/CUDA ops (kernels of torch.ops.autolr_fast)", -1,
                        kMethods};
 
 }  // namespace

@@ -20,9 +20,11 @@ import torch
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, os.path.abspath(os.path.join(HERE, "..", "..", "..")))
 
-from autolr_fast import reference  # noqa: E402
-from autolr_fast.controller import MLRSNet  # noqa: E402
-from autolr_fast import export  # noqa: E402
+from autolr_fast import (
+    MLRSNet,  # noqa: E402
+    export,  # noqa: E402
+)
+from autolr_fast.ops import reference  # noqa: E402
 
 # name: (hidden, layers, gamma, seed)
 FIXTURES = {

@@ -15,15 +15,19 @@ from __future__ import annotations
 import json
 import math
 import os
-from pathlib import Path
+from collections.abc import Callable
+from typing import Any
 
 import torch
+from torch import nn
 
-from .controller import MLRSNet
+from .action import FORMAT as ACTION_FORMAT
+from .action import ActionController
+from .files import PRETRAINED_DIR, read_file, write_file
+from .mlrsnet import MLRSNet
 
 FORMAT = "autolr_fast.controller"
 VERSION = 1
-PRETRAINED_DIR = Path(__file__).resolve().parent / "weights"
 
 
 def save_controller(controller: MLRSNet, path: str | os.PathLike, gamma: float, info: dict | None = None) -> None:
@@ -33,7 +37,7 @@ def save_controller(controller: MLRSNet, path: str | os.PathLike, gamma: float, 
     if not math.isfinite(float(gamma)) or float(gamma) <= 0:
         raise ValueError(f"gamma must be a positive finite float, got {gamma!r}")
     theta = {k: v.detach().cpu().clone() for k, v in controller.state_dict().items() if k not in ("h", "c")}
-    blob = {
+    write_file({
         "format": FORMAT,
         "version": VERSION,
         "type": "MLRSNet",
@@ -41,38 +45,14 @@ def save_controller(controller: MLRSNet, path: str | os.PathLike, gamma: float, 
         "state_dict": theta,
         "gamma": float(gamma),
         "info": json.loads(json.dumps(info or {})),
-    }
-    path = os.fspath(path)
-    tmp = path + ".tmp"
-    torch.save(blob, tmp)
-    os.replace(tmp, path)
+    }, path)
 
 
-def load_controller(path: str | os.PathLike, map_location: str = "cpu") -> MLRSNet:
-    """Read a file written by :func:`save_controller`; clear errors for anything else."""
-    return _controller_from_blob(_read(path, map_location), os.fspath(path))
-
-
-def _read(path: str | os.PathLike, map_location: str = "cpu"):
-    """A controller file's contents (``torch.load`` with ``weights_only``); ValueError if unreadable."""
-    path = os.fspath(path)
-    try:
-        return torch.load(path, map_location=map_location, weights_only=True)
-    except FileNotFoundError:
-        raise
-    except Exception as exc:
-        raise ValueError(f"{path!r} is not a readable autolr_fast controller file ({exc})") from exc
-
-
-def _controller_from_blob(blob, path: str) -> MLRSNet:
-    """The :class:`MLRSNet` in ``blob``, a file's contents already read (``path`` is for errors)."""
-    if not isinstance(blob, dict) or blob.get("format") != FORMAT:
-        raise ValueError(
-            f"{path!r} is not an autolr_fast controller file (for a published MLR-SNet checkpoint use "
-            "MLRSNet.from_official)"
-        )
+def _mlrsnet_from_blob(blob: dict, path: str) -> MLRSNet:
+    """The :class:`MLRSNet` in a controller file's contents (``path`` is for errors)."""
     if blob.get("version") != VERSION:
-        raise ValueError(f"{path!r} has controller format version {blob.get('version')}, this autolr_fast reads {VERSION}")
+        raise ValueError(
+            f"{path!r} has controller format version {blob.get('version')}, this autolr_fast reads {VERSION}")
     cfg = blob["config"]
     net = MLRSNet(int(cfg["hidden_size"]), int(cfg["num_layers"]), cfg.get("gate_order", "train"))
     state = dict(blob["state_dict"])
@@ -87,19 +67,37 @@ def _controller_from_blob(blob, path: str) -> MLRSNet:
     return net
 
 
+# a controller file's "format" entry -> what builds the controller from the file's contents
+LOADERS: dict[str, Callable[[Any, str], nn.Module]] = {
+    FORMAT: _mlrsnet_from_blob,
+    ACTION_FORMAT: ActionController.from_payload,
+}
+
+
+def _from_blob(blob: Any, path: str) -> nn.Module:
+    loader = LOADERS.get(blob.get("format")) if isinstance(blob, dict) else None
+    if loader is None:
+        raise ValueError(
+            f"{path!r} is not an autolr_fast controller file (for a published MLR-SNet checkpoint use "
+            "MLRSNet.from_official)"
+        )
+    return loader(blob, path)
+
+
+def load_controller(path: str | os.PathLike, map_location: str = "cpu") -> nn.Module:
+    """Read a controller file (:func:`save_controller` or ``ActionController.save``); clear errors
+    for anything else. A loaded controller starts from a zero state (a new run)."""
+    return _from_blob(read_file(path, "an autolr_fast controller file", map_location), os.fspath(path))
+
+
 def available_pretrained() -> list[str]:
     return sorted(p.stem for p in PRETRAINED_DIR.glob("*.pt")) if PRETRAINED_DIR.is_dir() else []
 
 
-def load_pretrained(name: str):
+def load_pretrained(name: str) -> nn.Module:
     """A controller shipped with the package: ``"mnist1d-cnn"`` (an :class:`MLRSNet`) or
     ``"action-mlp"`` (an :class:`~autolr_fast.ActionController`); frozen, with its own gamma."""
     path = PRETRAINED_DIR / f"{name}.pt"
     if not path.is_file():
         raise KeyError(f"no pretrained controller {name!r}; available: {', '.join(available_pretrained()) or 'none'}")
-    blob = _read(path)  # read once; its "format" entry says which kind of controller it holds
-    from .action import FORMAT as ACTION_FORMAT, ActionController
-
-    if isinstance(blob, dict) and blob.get("format") == ACTION_FORMAT:
-        return ActionController.from_payload(blob, str(path))
-    return _controller_from_blob(blob, str(path))
+    return load_controller(path)

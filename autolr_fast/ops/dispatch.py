@@ -1,19 +1,21 @@
 """Op dispatch: pick the fastest available implementation of each controller computation.
 
-* CUDA tensors: the Triton kernels (``autolr_fast.kernels``) and the CUDA ops of the C++
-  extension, when they are built/importable;
+* CUDA tensors: the Triton kernels and the CUDA ops of the C++ extension, when built/importable;
 * CPU tensors: the C++ ops of the extension, when built;
 * otherwise, or when ``AUTOLR_FAST_FORCE_REFERENCE=1``: the plain PyTorch references of
-  :mod:`autolr_fast.reference`.
+  :mod:`autolr_fast.ops.reference` (``REFERENCES``).
 
-Fast-path backends register themselves in ``_BACKENDS`` (see ``register_backend``); the
-scheduler only ever calls the functions of this module.
+The backends (:mod:`.cpp_backend`, :mod:`.triton_backend`) are imported on first use, so a
+missing or broken optional dependency never breaks the package; each lists what it offers in
+its ``BACKENDS``. The scheduler and the meta-step only ever call the functions of this module.
 """
 
 from __future__ import annotations
 
+import importlib
+import json
 import os
-from typing import Callable, Sequence
+from collections.abc import Callable, Sequence
 
 import torch
 from torch import Tensor
@@ -21,13 +23,28 @@ from torch import Tensor
 from . import reference
 
 FORCE_REFERENCE_ENV = "AUTOLR_FAST_FORCE_REFERENCE"
+BACKEND_MODULES = ("autolr_fast.ops.cpp_backend", "autolr_fast.ops.triton_backend")
+
+# op name -> its plain PyTorch reference (same arguments as the dispatch function below)
+REFERENCES: dict[str, Callable] = {
+    "mlrsnet_step_": reference.mlrsnet_scheduler_step_,
+    "mlrsnet_param_grads": reference.mlrsnet_param_grads,
+    "lookahead_sgd": reference.lookahead_sgd,
+    "hyper_dot_sgd": reference.hyper_dot_sgd,
+    "lookahead_adam": reference.lookahead_adam,
+    "hyper_dot_adam": reference.hyper_dot_adam,
+}
 
 # name -> {"available": bool, "detail": str, "devices": set[str], "ops": {op_name: callable}}
 _BACKENDS: dict[str, dict] = {}
+# (op, device type) -> (backend_name, fn); emptied whenever a backend registers
+_SELECTED: dict[tuple[str, str], tuple[str, Callable | None]] = {}
+_loaded = False
 
 
-def register_backend(name: str, *, available: bool, detail: str, devices: Sequence[str], ops: dict[str, Callable]) -> None:
-    """Make a fast path known to the dispatcher (called by the optional backend modules)."""
+def register_backend(name: str, *, available: bool, detail: str, devices: Sequence[str],
+                     ops: dict[str, Callable]) -> None:
+    """Make a fast path known to the dispatcher."""
     _BACKENDS[name] = {"available": available, "detail": detail, "devices": set(devices), "ops": dict(ops)}
     _SELECTED.clear()
 
@@ -36,27 +53,18 @@ def force_reference() -> bool:
     return os.environ.get(FORCE_REFERENCE_ENV, "0") not in ("", "0", "false", "False")
 
 
-def _load_optional_backends() -> None:
-    # Imported lazily so that a missing/broken optional backend never breaks the package.
-    for module in ("autolr_fast._cpp_backend", "autolr_fast._triton_backend"):
-        try:
-            __import__(module)
-        except ImportError:
-            pass
-
-
-_loaded = False
-
-
 def _ensure_loaded() -> None:
     global _loaded
-    if not _loaded:
-        _loaded = True
-        _load_optional_backends()
-
-
-# (op, device type) -> (backend_name, fn); emptied whenever a backend registers
-_SELECTED: dict[tuple[str, str], tuple[str, Callable | None]] = {}
+    if _loaded:
+        return
+    _loaded = True
+    for module in BACKEND_MODULES:
+        try:
+            backends = importlib.import_module(module).BACKENDS
+        except ImportError as exc:
+            backends = [(module.rsplit(".", 1)[-1], False, f"{module} not importable: {exc}", [], {})]
+        for name, available, detail, devices, ops in backends:
+            register_backend(name, available=available, detail=detail, devices=devices, ops=ops)
 
 
 def select(op: str, device: torch.device) -> tuple[str, Callable | None]:
@@ -81,22 +89,19 @@ def select(op: str, device: torch.device) -> tuple[str, Callable | None]:
 def backend_info() -> dict:
     """What was built, what is importable, and which backend each op uses per device."""
     _ensure_loaded()
-    ops = ("mlrsnet_step_", "mlrsnet_param_grads", "lookahead", "hyper_dot", "lookahead_sgd", "hyper_dot_sgd",
-           "lookahead_adam", "hyper_dot_adam")
     devices = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
     return {
         "force_reference": force_reference(),
-        "backends": {k: {"available": v["available"], "detail": v["detail"], "devices": sorted(v["devices"])} for k, v in _BACKENDS.items()},
-        "in_use": {dev: {op: select(op, torch.device(dev))[0] for op in ops} for dev in devices},
+        "backends": {k: {"available": v["available"], "detail": v["detail"], "devices": sorted(v["devices"])}
+                     for k, v in _BACKENDS.items()},
+        "in_use": {dev: {op: select(op, torch.device(dev))[0] for op in REFERENCES} for dev in devices},
     }
 
 
 def _call(op: str, device: torch.device, *args):
-    """``op`` on the fast path selected for ``device``, else its reference of the same name."""
+    """``op`` on the fast path selected for ``device``, else its reference."""
     _, fn = select(op, device)
-    if fn is not None:
-        return fn(*args)
-    return getattr(reference, op)(*args)
+    return (fn or REFERENCES[op])(*args)
 
 
 # --------------------------------------------------------------------------------------------
@@ -121,9 +126,7 @@ def mlrsnet_step_(
     bool: False when the loss or the output was not finite and everything was left as it was).
     See :func:`reference.mlrsnet_scheduler_step_`. One launch on the Triton path."""
     _, fn = select("mlrsnet_step_", loss.device)
-    if fn is not None:
-        return fn(loss, h, c, weights, gamma, rate, lr_list, scales, counters)
-    return reference.mlrsnet_scheduler_step_(loss, h, c, weights, gamma, rate, lr_list, scales, counters)
+    return (fn or reference.mlrsnet_scheduler_step_)(loss, h, c, weights, gamma, rate, lr_list, scales, counters)
 
 
 def mlrsnet_param_grads(loss: Tensor, h: Tensor, c: Tensor, weights: Sequence[Tensor], grad_p: Tensor) -> list[Tensor]:
@@ -132,53 +135,40 @@ def mlrsnet_param_grads(loss: Tensor, h: Tensor, c: Tensor, weights: Sequence[Te
 
 
 # --------------------------------------------------------------------------------------------
-# Meta-step helpers
+# Meta-step: look-ahead and hypergradient dot product with the optimizer's exact direction
 # --------------------------------------------------------------------------------------------
-def lookahead(params: Sequence[Tensor], directions: Sequence[Tensor], alpha: Tensor) -> list[Tensor]:
-    """``w_hat_i = w_i - alpha * d_i`` for all tensors (one launch on the fast paths)."""
-    if not params:
-        return []
-    return _call("lookahead", params[0].device, list(params), list(directions), alpha)
-
-
-def hyper_dot(a: Sequence[Tensor], b: Sequence[Tensor]) -> Tensor:
-    """``sum_i <a_i, b_i>`` (deterministic; one launch on the fast paths)."""
-    if not a:
-        raise ValueError("hyper_dot needs at least one tensor pair")
-    return _call("hyper_dot", a[0].device, list(a), list(b))
-
-
 def lookahead_sgd(params, grads, momentum_buffers, alpha, momentum, dampening, weight_decay, nesterov, maximize=False):
-    """``w_hat = w - alpha * d`` with SGD's exact next direction; see :mod:`reference`."""
+    """``w_hat = w - alpha * d`` with SGD's exact next direction; see :mod:`.reference`."""
     return _call("lookahead_sgd", params[0].device, list(params), list(grads), list(momentum_buffers),
-                alpha, momentum, dampening, weight_decay, nesterov, maximize)
+                 alpha, momentum, dampening, weight_decay, nesterov, maximize)
 
 
-def hyper_dot_sgd(val_grads, params, grads, momentum_buffers, momentum, dampening, weight_decay, nesterov, maximize=False):
-    """``sum_i <g_val_i, d_i>`` with SGD's exact next direction; see :mod:`reference`."""
+def hyper_dot_sgd(val_grads, params, grads, momentum_buffers, momentum, dampening, weight_decay, nesterov,
+                  maximize=False):
+    """``sum_i <g_val_i, d_i>`` with SGD's exact next direction; see :mod:`.reference`."""
     return _call("hyper_dot_sgd", params[0].device, list(val_grads), list(params), list(grads),
-                list(momentum_buffers), momentum, dampening, weight_decay, nesterov, maximize)
+                 list(momentum_buffers), momentum, dampening, weight_decay, nesterov, maximize)
 
 
-def lookahead_adam(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, step, alpha, beta1, beta2, eps,
+def lookahead_adam(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, steps, alpha, beta1, beta2, eps,
                    weight_decay, decoupled, maximize=False):
-    """``w_hat = w - alpha * d`` with Adam/AdamW's exact next direction; see :mod:`reference`."""
+    """``w_hat = w - alpha * d`` with Adam/AdamW's exact next direction, ``steps`` each parameter's
+    stored step count; see :func:`.reference.adam_directions`."""
     return _call("lookahead_adam", params[0].device, list(params), list(grads), list(exp_avgs),
-                list(exp_avg_sqs), list(max_exp_avg_sqs), step, alpha, beta1, beta2, eps,
-                weight_decay, decoupled, maximize)
+                 list(exp_avg_sqs), list(max_exp_avg_sqs), steps, alpha, beta1, beta2, eps,
+                 weight_decay, decoupled, maximize)
 
 
-def hyper_dot_adam(val_grads, params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, step, beta1, beta2, eps,
+def hyper_dot_adam(val_grads, params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, steps, beta1, beta2, eps,
                    weight_decay, decoupled, maximize=False):
-    """``sum_i <g_val_i, d_i>`` with Adam/AdamW's exact next direction; see :mod:`reference`."""
+    """``sum_i <g_val_i, d_i>`` with Adam/AdamW's exact next direction, ``steps`` each parameter's
+    stored step count; see :func:`.reference.adam_directions`."""
     return _call("hyper_dot_adam", params[0].device, list(val_grads), list(params), list(grads),
-                list(exp_avgs), list(exp_avg_sqs), list(max_exp_avg_sqs), step, beta1, beta2, eps,
-                weight_decay, decoupled, maximize)
+                 list(exp_avgs), list(exp_avg_sqs), list(max_exp_avg_sqs), steps, beta1, beta2, eps,
+                 weight_decay, decoupled, maximize)
 
 
 def main(argv: list[str] | None = None) -> int:
     """``python -m autolr_fast info``: print :func:`backend_info` as JSON."""
-    import json
-
     print(json.dumps(backend_info(), indent=2))
     return 0

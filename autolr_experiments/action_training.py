@@ -7,7 +7,7 @@ accuracy is measured on training runs the model has not seen. Reported per model
 rows: accuracy, and the mean relative regret (validation loss of the chosen action above the best
 action's, divided by the validation loss at the checkpoint). Baselines: the majority class of the
 training rows, and always x1.0 (never change the rate). Writes a Markdown table and, per model, an
-:class:`~autolr_fast.action.ActionController` file plus a JSON of its settings and scores.
+:class:`~autolr_fast.ActionController` file plus a JSON of its settings and scores.
 """
 
 from __future__ import annotations
@@ -20,16 +20,22 @@ import sys
 
 import torch
 from torch import Tensor, nn
+from tqdm.auto import tqdm
 
-from .action import FEATURE_CHANNELS, ActionController, history_features, make_action_model
+from autolr_fast import ActionController
+from autolr_fast.controllers.action import FEATURE_CHANNELS, history_features, make_action_model
+
 from .collect import load_data, merge_data
+from .report import markdown_table
+from .training import Schedule, run_steps
 
 
 def split_by_run(runs: Tensor, test_frac: float, seed: int) -> tuple[Tensor, Tensor]:
     """Boolean masks (train, test) with every run entirely on one side."""
     ids = torch.unique(runs)
     if len(ids) < 2:
-        raise ValueError(f"need rows from at least 2 runs to hold some out, got {len(ids)}; collect with --runs 2 or more")
+        raise ValueError(f"need rows from at least 2 runs to hold some out, got {len(ids)}; "
+                         "collect with --runs 2 or more")
     g = torch.Generator().manual_seed(seed)
     perm = ids[torch.randperm(len(ids), generator=g)]
     n_test = min(len(ids) - 1, max(1, round(test_frac * len(ids))))
@@ -54,14 +60,11 @@ def fit(model: nn.Module, x: Tensor, y: Tensor, *, epochs: int, lr: float = 3e-3
     opt = torch.optim.Adam(model.parameters(), lr=lr, weight_decay=1e-4)
     loss_fn = nn.CrossEntropyLoss(weight=class_weights)
     best_loss, best_epoch, best_state = float("inf"), epochs, None
+    schedule = Schedule(opt)
     for epoch in range(1, epochs + 1):
         model.train()
         perm = torch.randperm(len(x), generator=g)
-        for i in range(0, len(x), batch):
-            idx = perm[i : i + batch]
-            opt.zero_grad()
-            loss_fn(model(x[idx]), y[idx]).backward()
-            opt.step()
+        run_steps(model, schedule, loss_fn, ((x[idx], y[idx]) for idx in perm.split(batch)))
         if x_val is not None and (epoch % check_every == 0 or epoch == epochs):
             model.eval()
             with torch.no_grad():
@@ -107,16 +110,13 @@ def train_and_compare(data: dict, kinds: list[str], *, window: int, multipliers:
     x = model_inputs(data, use_val)
     counts = torch.bincount(y[train], minlength=n_actions).float()
     weights = counts.sum() / (n_actions * counts.clamp_min(1.0))
-    from tqdm.auto import tqdm
-
     for kind in tqdm(kinds, desc="train-action", disable=not show):
         torch.manual_seed(seed)
         if use_val:
             if kind != "mlp":
                 raise ValueError("--use-val works with --model mlp only (the CNN/GRU read the training window)")
-            from .action import ActionMLP
-
-            model = ActionMLP(FEATURE_CHANNELS, window, n_actions, extra=x.shape[1] - FEATURE_CHANNELS * window, **({} if hidden is None else {"hidden": hidden}))
+            model = make_action_model(kind, window, actions=n_actions, hidden=hidden,
+                                      extra=x.shape[1] - FEATURE_CHANNELS * window)
         else:
             model = make_action_model(kind, window, actions=n_actions, hidden=hidden)
         best_epoch = fit(model, x[fit_rows], y[fit_rows], epochs=epochs, seed=seed,
@@ -135,13 +135,13 @@ def train_and_compare(data: dict, kinds: list[str], *, window: int, multipliers:
 
 def results_table(report: dict, multipliers: list[float]) -> str:
     s = report["split"]
-    lines = [f"Held-out rows: {s['test_rows']} (train {s['train_rows']}, {s['runs']} runs); label counts "
-             + ", ".join(f"x{m:g}: {c}" for m, c in zip(multipliers, s["label_counts"])), "",
-             "| predictor | held-out accuracy | mean relative regret | train accuracy |", "|---|---:|---:|---:|"]
-    for name, r in report["results"].items():
-        tr = r.get("train_accuracy")
-        lines.append(f"| {name} | {r['accuracy']:.3f} | {r['regret']:.4f} | {'-' if tr is None else f'{tr:.3f}'} |")
-    return "\n".join(lines)
+    counts = ", ".join(f"x{m:g}: {c}" for m, c in zip(multipliers, s["label_counts"], strict=True))
+    rows = [[name, f"{r['accuracy']:.3f}", f"{r['regret']:.4f}",
+             "-" if r.get("train_accuracy") is None else f"{r['train_accuracy']:.3f}"]
+            for name, r in report["results"].items()]
+    headers = ["predictor", "held-out accuracy", "mean relative regret", "train accuracy"]
+    return (f"Held-out rows: {s['test_rows']} (train {s['train_rows']}, {s['runs']} runs); label counts {counts}\n\n"
+            + markdown_table(headers, rows))
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -155,7 +155,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--balanced", action="store_true", help="weight the loss by inverse class frequency")
     p.add_argument("--use-val", action="store_true", help="also feed the validation history (MLP only; not for AutoLR)")
     p.add_argument("--out-dir", default="action_models")
-    p.add_argument("--quick", action="store_true", help="few epochs: seconds")
+    p.add_argument("--quick", action="store_true", help="at most 10 epochs (a smoke run)")
     p.add_argument("--no-progress", action="store_true")
     argv = list(sys.argv[1:] if argv is None else argv)
     a = p.parse_args(argv)

@@ -1,7 +1,10 @@
 """``python -m autolr_fast bench``: run the overhead benchmarks in ``bench/`` with pytest-benchmark
 and render the result as a Markdown table and a PNG bar chart.
 
-Every ``bench/test_bench_*.py`` runs (or the files given with ``--files``); their JSON
+The benchmarks are part of the source checkout, not of the installed package: ``--bench-dir``
+(default: ``bench/`` in the current directory, else the one of the checkout this package was
+installed from in editable mode). Every ``test_bench_*.py`` there runs (or the files given with
+``--files``); their JSON
 (``bench.json``) is rendered to ``bench.md`` and ``bench.png`` in the output folder. Rows are
 grouped by the benchmark's ``group``; each row's mean time is shown as a ratio to its group's
 baseline (the benchmark with ``extra_info["baseline"] = True``, else one whose name contains
@@ -16,10 +19,10 @@ import subprocess
 import sys
 from pathlib import Path
 
-from .plotting import color_cycle, fmt, markdown_table, pyplot, save_figure
+from .report import color_cycle, fmt, markdown_table, plt, save_figure
 
-PROJECT_ROOT = Path(__file__).resolve().parent.parent
-BENCH_DIR = PROJECT_ROOT / "bench"
+#: ``bench/`` of the source checkout next to this package (an editable install), if there is one.
+CHECKOUT_BENCH_DIR = Path(__file__).resolve().parent.parent / "bench"
 #: pytest-benchmark options of ``--quick`` (a few rounds, no warm-up: checks that everything runs).
 QUICK_OPTIONS = ["--benchmark-min-rounds=3", "--benchmark-max-time=0.02", "--benchmark-warmup=off"]
 
@@ -115,12 +118,11 @@ def render_markdown(data: dict, title: str = "Overhead benchmarks") -> str:
 
 def render_chart(data: dict, path: str | Path) -> Path:
     """One horizontal bar panel per group: mean time per call (error bar: std), ratio labels."""
-    plt = pyplot()
     groups = group_benchmarks(data)
     n = max(len(groups), 1)
     heights = [max(len(b), 1) * 0.45 + 0.9 for b in groups.values()] or [1.5]
     fig, axes = plt.subplots(n, 1, figsize=(9, sum(heights)), gridspec_kw={"height_ratios": heights}, squeeze=False)
-    for ax, (group, benches) in zip(axes[:, 0], groups.items()):
+    for ax, (group, benches) in zip(axes[:, 0], groups.items(), strict=False):  # no groups: one empty panel
         base = find_baseline(benches)
         means = [b["stats"]["mean"] for b in benches]
         scale, unit = (1e-3, "ms") if max(means) >= 1e-3 else (1e-6, "µs")
@@ -128,7 +130,7 @@ def render_chart(data: dict, path: str | Path) -> Path:
         y = list(range(len(benches)))
         stds = [(b["stats"].get("stddev") or 0.0) for b in benches]
         # error bar: one std, clipped at zero on the left
-        xerr = [[min(sd, m) / scale for sd, m in zip(stds, means)], [sd / scale for sd in stds]]
+        xerr = [[min(sd, m) / scale for sd, m in zip(stds, means, strict=True)], [sd / scale for sd in stds]]
         ax.barh(y, [m / scale for m in means], xerr=xerr, color=colors, alpha=0.85, ecolor="0.4", capsize=3)
         ax.set_yticks(y)
         ax.set_yticklabels([b["name"] for b in benches], fontsize=8)
@@ -136,7 +138,7 @@ def render_chart(data: dict, path: str | Path) -> Path:
         ax.set_xlabel(f"time per call ({unit})")
         ax.set_title(group, fontsize=10)
         if base is not None:
-            for yi, m, sd in zip(y, means, stds):
+            for yi, m, sd in zip(y, means, stds, strict=True):
                 ax.text((m + sd) / scale, yi, f"  {m / base['stats']['mean']:.2f}x", va="center", fontsize=8)
         ax.set_xlim(left=0)
         ax.margins(x=0.15)
@@ -157,8 +159,15 @@ def render(json_path: str | Path, out_dir: str | Path) -> tuple[Path, Path]:
 # ------------------------------------------------------------------------------------------------
 # Command line
 # ------------------------------------------------------------------------------------------------
-def bench_files() -> list[Path]:
-    return sorted(BENCH_DIR.glob("test_bench_*.py"))
+def find_bench_dir(given: str | None = None) -> Path:
+    """``given``, else ``./bench``, else the checkout's ``bench/``; SystemExit saying where it looked."""
+    candidates = [Path(given)] if given else [Path.cwd() / "bench", CHECKOUT_BENCH_DIR]
+    for folder in candidates:
+        if (folder / "conftest.py").is_file():
+            return folder.resolve()
+    raise SystemExit(f"[bench] no benchmark folder (bench/ with conftest.py) at {' or '.join(map(str, candidates))}; "
+                     "the benchmarks are part of the source checkout, not of the installed package: run from the "
+                     "checkout or pass --bench-dir")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -166,11 +175,28 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--quick", action="store_true", help="few rounds, no warm-up (checks that everything runs; "
                    "numbers are rough)")
     p.add_argument("--out", default="results/bench", help="output folder (default results/bench)")
-    p.add_argument("--files", nargs="+", default=None, help="benchmark files (default: bench/test_bench_*.py)")
+    p.add_argument("--bench-dir", default=None, help="the benchmark folder (default: ./bench, else the source "
+                   "checkout's bench/)")
+    p.add_argument("--files", nargs="+", default=None, help="benchmark files (default: BENCH_DIR/test_bench_*.py)")
     p.add_argument("-k", dest="keyword", default=None, help="pytest -k expression to select benchmarks")
     p.add_argument("--render", metavar="JSON", default=None, help="only render this pytest-benchmark JSON")
     p.add_argument("pytest_args", nargs="*", help="extra pytest arguments after --, e.g. -- --benchmark-min-rounds=5")
     return p
+
+
+def _benchmark_files(args: argparse.Namespace) -> tuple[Path, list[Path]]:
+    """The benchmark folder and the files to run (SystemExit with the reason if there are none)."""
+    if args.files:
+        files = [Path(f).resolve() for f in args.files]
+        missing = [str(f) for f in files if not f.is_file()]
+        if missing:
+            raise SystemExit(f"[bench] benchmark file(s) not found: {', '.join(missing)}")
+        return find_bench_dir(args.bench_dir or str(files[0].parent)), files
+    bench_dir = find_bench_dir(args.bench_dir)
+    files = sorted(bench_dir.glob("test_bench_*.py"))
+    if not files:
+        raise SystemExit(f"[bench] no benchmark files (test_bench_*.py) in {bench_dir}")
+    return bench_dir, files
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -182,15 +208,7 @@ def main(argv: list[str] | None = None) -> int:
         print(md.read_text())
         print(f"[bench] wrote {md} and {png}", file=sys.stderr)
         return 0
-    files = [Path(f).resolve() for f in args.files] if args.files else bench_files()
-    if not files:
-        print(f"[bench] no benchmark files found in {BENCH_DIR} (bench/ is part of the source checkout, "
-              "not of the installed package)", file=sys.stderr)
-        return 2
-    missing = [str(f) for f in files if not f.is_file()]
-    if missing:
-        print(f"[bench] benchmark file(s) not found: {', '.join(missing)}", file=sys.stderr)
-        return 2
+    bench_dir, files = _benchmark_files(args)
     json_path = out.resolve() / "bench.json"
     json_path.unlink(missing_ok=True)  # never render a stale result
     cmd = [sys.executable, "-m", "pytest", *map(str, files), "-q", "-p", "no:cacheprovider",
@@ -201,7 +219,7 @@ def main(argv: list[str] | None = None) -> int:
         cmd += ["-k", args.keyword]
     cmd += args.pytest_args
     print("[bench] " + " ".join(cmd), file=sys.stderr)
-    proc = subprocess.run(cmd, cwd=PROJECT_ROOT)
+    proc = subprocess.run(cmd, cwd=bench_dir.parent)
     if not json_path.is_file():
         print(f"[bench] pytest exited with {proc.returncode} and wrote no {json_path}", file=sys.stderr)
         return proc.returncode or 1

@@ -22,15 +22,18 @@ uninterrupted run. The output is one ``torch.save`` file; :data:`COLUMNS` docume
 from __future__ import annotations
 
 import argparse
-import copy
 import math
 import os
 from itertools import islice
 
 import torch
 from torch import Tensor
+from tqdm.auto import tqdm
 
-from .action import DEFAULT_MULTIPLIERS, block_means, history_features
+from autolr_fast.controllers.action import DEFAULT_MULTIPLIERS, block_means, history_features
+
+from .tasks import available_tasks, get_task
+from .training import Schedule, load_state, run_steps, save_state
 
 FORMAT = "autolr_fast.action_data"
 
@@ -54,29 +57,9 @@ COLUMNS = {
 }
 
 
-def _train_segment(task, model, opt, batches) -> list[float]:
-    losses = []
-    for x, y in batches:
-        opt.zero_grad(set_to_none=True)
-        loss = task.loss_fn(model(x), y)
-        loss.backward()
-        opt.step()
-        losses.append(float(loss.detach()))
-    return losses
-
-
 def _set_lr(opt, rate: float) -> None:
     for g in opt.param_groups:
         g["lr"] = rate
-
-
-def _state(model, opt) -> dict:
-    return {"model": copy.deepcopy(model.state_dict()), "opt": copy.deepcopy(opt.state_dict())}
-
-
-def _load(model, opt, state) -> None:
-    model.load_state_dict(state["model"])
-    opt.load_state_dict(copy.deepcopy(state["opt"]))
 
 
 def _make_opt(name: str, params, rate: float, momentum: float):
@@ -91,8 +74,6 @@ class Collector:
     """The branching collection of one file (several runs), with a resumable progress state."""
 
     def __init__(self, settings: dict) -> None:
-        from .tasks import get_task
-
         self.s = settings
         if settings["segment"] % settings["window"]:
             raise ValueError(f"--segment ({settings['segment']}) must be a multiple of --window ({settings['window']})")
@@ -107,6 +88,10 @@ class Collector:
         it = self.task.batches(self.s["batch_size"], seed=run_seed * 100_003 + k)
         return list(islice(it, self.s["segment"]))
 
+    def _segment(self, model, opt, batches: list) -> list[float]:
+        """Train on ``batches`` at the optimizer's constant rate; every step's loss."""
+        return run_steps(model, Schedule(opt), self.task.loss_fn, batches)[0].tolist()
+
     def _val(self, model) -> float:
         v = self.task.evaluate(model, self.x_val, self.y_val)["loss"]
         return v if math.isfinite(v) else float("inf")
@@ -120,51 +105,60 @@ class Collector:
         u = float(torch.rand((), generator=g, dtype=torch.float64))
         rate = math.exp(math.log(s["lr_min"]) + u * (math.log(s["lr_max"]) - math.log(s["lr_min"])))
         opt = _make_opt(s["optimizer"], model.parameters(), rate, s["momentum"])
-        history = _train_segment(self.task, model, opt, self._batches(run_seed, -1))
+        history = self._segment(model, opt, self._batches(run_seed, -1))
         initial = sum(history[: self.block]) / self.block
         lowest = float(block_means(torch.tensor(history), self.block).min())
-        return {"train": _state(model, opt), "rate": rate, "history": history, "initial": initial, "lowest": lowest,
+        return {"train": save_state(model, opt), "rate": rate, "history": history, "initial": initial, "lowest": lowest,
                 "val": [self._val(model)], "step": s["segment"], "alive": all(map(math.isfinite, history))}
+
+    def _branches(self, run_seed: int, k: int, st: dict) -> list[dict]:
+        """Every action from the checkpoint ``st`` on the same batches: end state, losses, and the
+        validation loss and mean training loss of the last block (inf if the branch diverged)."""
+        s = self.s
+        model = self.task.make_model()
+        opt = _make_opt(s["optimizer"], model.parameters(), st["rate"], s["momentum"])
+        batches = self._batches(run_seed, k)
+        out = []
+        for m in s["multipliers"]:
+            load_state(model, opt, st["train"])
+            _set_lr(opt, st["rate"] * m)
+            losses = self._segment(model, opt, batches)
+            ok = all(map(math.isfinite, losses))
+            out.append({"end": save_state(model, opt), "losses": losses,
+                        "val": self._val(model) if ok else math.inf,
+                        "train": sum(losses[-self.block:]) / self.block if ok else math.inf})
+        return out
+
+    def _follow(self, run_seed: int, k: int, vals: list[float], best: int) -> int:
+        if self.s["follow"] == "best":
+            return best
+        g = torch.Generator().manual_seed(run_seed * 7919 + k)
+        follow = int(torch.randint(len(vals), (1,), generator=g))
+        return follow if math.isfinite(vals[follow]) else best
 
     def _decide(self, run: int, k: int, st: dict) -> dict | None:
         """Branch from the checkpoint ``st``; return the row and advance ``st`` (None: run over)."""
         s = self.s
         run_seed = s["seed"] + run
-        model = self.task.make_model()
-        opt = _make_opt(s["optimizer"], model.parameters(), st["rate"], s["momentum"])
-        batches = self._batches(run_seed, k)
-        ends, vals, trains, hists = [], [], [], []
-        for m in s["multipliers"]:
-            _load(model, opt, st["train"])
-            _set_lr(opt, st["rate"] * m)
-            losses = _train_segment(self.task, model, opt, batches)
-            ok = all(map(math.isfinite, losses))
-            vals.append(self._val(model) if ok else float("inf"))
-            trains.append(sum(losses[-self.block:]) / self.block if ok else float("inf"))
-            ends.append(_state(model, opt))
-            hists.append(losses)
+        branches = self._branches(run_seed, k, st)
+        vals = [b["val"] for b in branches]
         if not any(map(math.isfinite, vals)):
             return None
         best = min(range(len(vals)), key=lambda a: vals[a])
-        if s["follow"] == "best":
-            follow = best
-        else:
-            g = torch.Generator().manual_seed(run_seed * 7919 + k)
-            follow = int(torch.randint(len(vals), (1,), generator=g))
-            if not math.isfinite(vals[follow]):
-                follow = best
+        follow = self._follow(run_seed, k, vals, best)
         hist = torch.tensor(st["history"], dtype=torch.float32)
         feats = history_features(block_means(hist, self.block), torch.tensor(st["initial"], dtype=torch.float32),
                                  torch.tensor(st["lowest"], dtype=torch.float32))
         vw = s["val_window"]
-        vh = ([st["val"][0]] * vw + st["val"])[-vw:]
         row = {"run": run, "decision": k, "step": st["step"], "rate": st["rate"], "history": st["history"],
-               "initial": st["initial"], "lowest": st["lowest"], "features": feats, "val_history": vh, "val_initial": st["val"][0],
-               "val_after": vals, "train_after": trains, "best": best,
-               "margins": [v - vals[best] if math.isfinite(v) else float("inf") for v in vals], "followed": follow}
-        lowest = min(st["lowest"], float(block_means(torch.tensor(hists[follow]), self.block).min()))
-        st.update(train=ends[follow], rate=st["rate"] * s["multipliers"][follow], history=hists[follow], lowest=lowest,
-                  val=st["val"] + [vals[follow]], step=st["step"] + s["segment"])
+               "initial": st["initial"], "lowest": st["lowest"], "features": feats,
+               "val_history": ([st["val"][0]] * vw + st["val"])[-vw:], "val_initial": st["val"][0],
+               "val_after": vals, "train_after": [b["train"] for b in branches], "best": best,
+               "margins": [v - vals[best] if math.isfinite(v) else math.inf for v in vals], "followed": follow}
+        chosen = branches[follow]
+        lowest = min(st["lowest"], float(block_means(torch.tensor(chosen["losses"]), self.block).min()))
+        st.update(train=chosen["end"], rate=st["rate"] * s["multipliers"][follow], history=chosen["losses"],
+                  lowest=lowest, val=st["val"] + [vals[follow]], step=st["step"] + s["segment"])
         return row
 
     def decisions_per_run(self) -> int:
@@ -172,8 +166,6 @@ class Collector:
 
     def run(self, progress_path: str | None = None, stop_after: int | None = None, show: bool = True) -> bool:
         """Collect (from ``self.progress``); True when finished, False when stopped early."""
-        from tqdm.auto import tqdm
-
         per_run = self.decisions_per_run()
         total = self.s["runs"] * per_run
         done_before = self.progress["run"] * per_run + self.progress["decision"]
@@ -263,10 +255,8 @@ def merge_data(payloads: list[dict]) -> dict[str, Tensor]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from .tasks import available_tasks
-
     p = argparse.ArgumentParser(prog="python -m autolr_fast collect", description=__doc__.split("\n")[0])
-    p.add_argument("--task", required=True, help=f"one of {', '.join(available_tasks())}")
+    p.add_argument("--task", required=True, choices=available_tasks())
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--runs", type=int, default=1, help="runs in this file (seeds seed .. seed+runs-1)")
     p.add_argument("--segment", type=int, default=100, help="steps per segment / branch (N)")
@@ -284,7 +274,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out", required=True)
     p.add_argument("--resume", action="store_true", help="continue from OUT.partial")
     p.add_argument("--stop-after", type=int, default=None, help=argparse.SUPPRESS)  # simulate an interruption
-    p.add_argument("--quick", action="store_true", help="segment 20, 100 steps, window 4: seconds")
+    p.add_argument("--quick", action="store_true", help="segment 20, 100 steps, window 4 (a smoke run)")
     p.add_argument("--no-progress", action="store_true")
     a = p.parse_args(argv)
     if a.quick:
@@ -311,5 +301,5 @@ def main(argv: list[str] | None = None) -> int:
         os.remove(partial)
     counts = torch.bincount(data["best"], minlength=len(settings["multipliers"])).tolist()
     print(f"{len(collector.rows)} decisions from {settings['runs']} run(s) -> {a.out}; best-action counts "
-          + ", ".join(f"x{m:g}: {c}" for m, c in zip(settings["multipliers"], counts)))
+          + ", ".join(f"x{m:g}: {c}" for m, c in zip(settings["multipliers"], counts, strict=True)))
     return 0

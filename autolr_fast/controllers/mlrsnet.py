@@ -8,7 +8,8 @@ from typing import Literal
 import torch
 from torch import Tensor, nn
 
-from . import reference
+from ..ops import dispatch, reference
+from .files import read_file
 
 GateOrder = Literal["train", "metatest"]
 
@@ -108,14 +109,41 @@ class MLRSNet(nn.Module):
             self.h.zero_()
             self.c.zero_()
 
-    def _forward_fn(self):
-        if self.gate_order == "train":
-            return reference.mlrsnet_forward
-        return reference.mlrsnet_forward_metatest_order
-
     def step_functional(self, loss: Tensor, h: Tensor, c: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         """``(p, h_new, c_new)`` without touching the stored state (gradients flow to theta)."""
-        return self._forward_fn()(loss, h, c, self.flat_weights())
+        return reference.mlrsnet_forward(loss, h, c, self.flat_weights(), self.gate_order == "metatest")
+
+    # -- the Controller interface of AutoLR -------------------------------------------------
+    default_gamma: float | None = None  # set by the loaders of saved controllers
+
+    def initial_rate(self, base_lr: float) -> float:
+        return 0.0  # no rate before the first loss has been read
+
+    def scheduler_step_(self, loss: Tensor, gamma: Tensor, rate: Tensor) -> None:
+        """The guarded step (:func:`reference.mlrsnet_guarded_step`) in place on ``h``, ``c`` and
+        ``rate``. ``AutoLR`` runs the fused op instead for ``gate_order="train"``; this plain
+        path serves ``"metatest"``."""
+        with torch.no_grad():
+            new_rate, h_new, c_new, _ = reference.mlrsnet_guarded_step(
+                loss, self.h, self.c, self.flat_weights(), gamma, rate, self.gate_order == "metatest")
+            self.h.copy_(h_new)
+            self.c.copy_(c_new)
+            rate.copy_(new_rate)
+
+    @torch.no_grad()
+    def settle_(self, loss: Tensor, steps: int) -> Tensor:
+        """Run ``steps`` guarded steps on the same ``loss``, the state updated in place; returns the
+        last ``p`` (0-dim; 0 when the loss is not finite, the state then unchanged). On the device,
+        no host sync: ``AutoLR`` anchors its scale on the output this settles at."""
+        one = torch.ones((), device=self.h.device)
+        p = torch.zeros((), device=self.h.device)
+        weights = self.flat_weights()
+        for _ in range(steps):
+            if self.gate_order == "train":
+                dispatch.mlrsnet_step_(loss, self.h, self.c, weights, one, p, [], [])
+            else:
+                self.scheduler_step_(loss, one, p)
+        return p
 
     def forward(self, loss: Tensor | float) -> Tensor:
         """Advance one step on ``loss`` (a scalar or ``(1, 1)`` tensor) and return ``p``.
@@ -142,7 +170,7 @@ class MLRSNet(nn.Module):
     @classmethod
     def from_official(
         cls, path: str | os.PathLike, gate_order: GateOrder = "train", map_location: str = "cpu"
-    ) -> "MLRSNet":
+    ) -> MLRSNet:
         """Load a checkpoint released with the MLR-SNet paper (``mlr_snet_*.pth``).
 
         The file is a plain ``state_dict`` with keys ``layer1.fc_i2h.0.weight`` ...
@@ -150,10 +178,7 @@ class MLRSNet(nn.Module):
         Sizes are read from the file. ``gate_order="train"`` (default) reproduces the code
         that trained the checkpoints; ``"metatest"`` is the other reading (see the class doc).
         """
-        try:
-            state = torch.load(os.fspath(path), map_location=map_location, weights_only=True)
-        except Exception as exc:  # corrupted, truncated, not a torch file
-            raise ValueError(f"could not read an MLR-SNet checkpoint from {os.fspath(path)!r}: {exc}") from exc
+        state = read_file(path, "an MLR-SNet checkpoint", map_location)
         if not isinstance(state, dict) or "layer1.fc_i2h.0.weight" not in state or "layer3.weight" not in state:
             raise ValueError(
                 f"{os.fspath(path)!r} is not a published MLR-SNet checkpoint: expected keys "

@@ -3,21 +3,21 @@
 Two kernels, each a single program (one CTA) that does all of its work in registers:
 
 * :func:`launch_step` - the guarded scheduler step of
-  :func:`autolr_fast.reference.mlrsnet_guarded_step`: both input MLPs of every stacked cell,
+  :func:`autolr_fast.ops.reference.mlrsnet_guarded_step`: both input MLPs of every stacked cell,
   the four gates (input, forget, output, cell; forget ``sigmoid(z1 - 1)``), the state update
   written in place into ``h`` and ``c``, the output head, ``rate = min(max(gamma * p, 0),
   gamma)``, the NaN/Inf guard (a non-finite loss or rate keeps ``h``, ``c`` and ``rate``; a
   negative loss is clamped to 0), the new rate written into ``rate`` and into every
   optimizer ``lr`` tensor as ``lr_k = rate * scale_k``, and the ``ok`` flag.
 * :func:`launch_param_grads` - ``grad_p * dp/dtheta`` for every weight tensor with the state
-  held constant (the backward of :func:`autolr_fast.reference.mlrsnet_forward` with respect to
-  the weights, as :func:`autolr_fast.reference.mlrsnet_param_grads`): the forward is recomputed
+  held constant (the backward of :func:`autolr_fast.ops.reference.mlrsnet_forward` with respect to
+  the weights, as :func:`autolr_fast.ops.reference.mlrsnet_param_grads`): the forward is recomputed
   in registers and back-propagated in the same launch.
 
-Supported: float32 state and weights (contiguous, in the layout of ``reference.py``),
+Supported: float32 state and weights (contiguous, in the layout of :mod:`autolr_fast.ops.reference`),
 ``1 <= num_layers <= 2`` stacked cells, any hidden size ``2 <= H <= 128`` (odd sizes are
 masked inside power-of-two blocks). :func:`unsupported_reason` says why an input is not
-supported; the backend (``autolr_fast._triton_backend``) then uses the reference instead.
+supported; the backend (``autolr_fast.ops.triton_backend``) then uses the reference instead.
 
 Param groups: the step kernel takes up to ``LR_SLOTS`` (8) ``lr`` tensors as pointer
 arguments, with their scales as float arguments (unused slots get a dummy pointer that is
@@ -27,10 +27,8 @@ stream, so ordered). No host sync, no allocation: safe inside CUDA graphs.
 
 Launch configuration: ``BLOCK_H``/``BLOCK_M`` are the next powers of two of ``H`` and
 ``M = H // 2``; ``num_warps`` grows with the tile (about 16 tile elements per thread, 1..16
-warps). One compiled variant per (H, cells, number of lr tensors and their dtypes). ptxas
-(sm_90, checked without a GPU): the step kernel uses 96 registers at H=50/1 cell (4 warps) and
-128 at H=128/2 cells (16 warps), no spills; the gradient kernel spills ~0.6 KB at H=128/2 cells
-(16 warps, capped at 128 registers), none at H <= 50.
+warps). One compiled variant per (H, cells, number of lr tensors and their dtypes); register use
+and spills per configuration are recorded in ``docs/kernels.md``.
 
 The kernels run on CUDA tensors, or on CPU tensors in Triton's interpreter when
 ``TRITON_INTERPRET=1`` was set before triton was first imported (Triton decides between
@@ -44,12 +42,16 @@ from __future__ import annotations
 import contextlib
 import functools
 import operator
-from typing import Sequence
+import warnings
+from collections.abc import Sequence
 
 import torch
 import triton
 import triton.language as tl
 from triton.compiler import CompiledKernel
+
+from ..optim_support import user_stacklevel
+from .reference import WEIGHTS_PER_CELL, weight_shapes
 
 __all__ = [
     "LR_SLOTS",
@@ -63,7 +65,6 @@ __all__ = [
     "launch_param_grads",
 ]
 
-WEIGHTS_PER_CELL = 8
 LR_SLOTS = 8
 MAX_HIDDEN = 128
 MAX_LAYERS = 2
@@ -346,12 +347,7 @@ def _mlrsnet_param_grads_kernel(
 # ------------------------------------------------------------------------------------------------
 @functools.lru_cache(maxsize=64)
 def _expected_shapes(num_layers: int, hidden: int, middle: int) -> tuple[tuple[int, ...], ...]:
-    shapes: list[tuple[int, ...]] = []
-    for layer in range(num_layers):
-        fan_in = 1 if layer == 0 else hidden
-        shapes += [(middle, fan_in), (middle,), (4 * hidden, middle), (4 * hidden,),
-                   (middle, hidden), (middle,), (4 * hidden, middle), (4 * hidden,)]
-    return tuple(shapes + [(1, hidden), (1,)])
+    return tuple(weight_shapes(num_layers, hidden, middle))
 
 
 def unsupported_reason(h: torch.Tensor, c: torch.Tensor, weights: Sequence[torch.Tensor]) -> str | None:
@@ -364,7 +360,8 @@ def unsupported_reason(h: torch.Tensor, c: torch.Tensor, weights: Sequence[torch
     if not 2 <= hidden <= MAX_HIDDEN:
         return f"the Triton kernels take hidden sizes 2..{MAX_HIDDEN}, got {hidden}"
     if len(weights) != WEIGHTS_PER_CELL * num_layers + 2:
-        return f"expected {WEIGHTS_PER_CELL * num_layers + 2} weight tensors for {num_layers} cell(s), got {len(weights)}"
+        expected = WEIGHTS_PER_CELL * num_layers + 2
+        return f"expected {expected} weight tensors for {num_layers} cell(s), got {len(weights)}"
     device = h.device
     f32 = torch.float32
     for name, t in (("h", h), ("c", c)):
@@ -374,7 +371,7 @@ def unsupported_reason(h: torch.Tensor, c: torch.Tensor, weights: Sequence[torch
     for k, (w, shape) in enumerate(zip(weights, _expected_shapes(num_layers, hidden, middle))):
         if w.shape != shape or w.dtype != f32 or not w.is_contiguous() or w.device != device:
             if w.shape != shape:
-                return f"weight {k} has shape {tuple(w.shape)}, expected {shape} (layout of autolr_fast.reference)"
+                return f"weight {k} has shape {tuple(w.shape)}, expected {shape} (layout of autolr_fast.ops.reference)"
             return f"weight {k} must be a contiguous float32 tensor on {device} (got {w.dtype} on {w.device})"
     return None
 
@@ -468,26 +465,95 @@ STEP_CONSTEXPRS = ("H", "M", "NUM_LAYERS", "NUM_LR", "BLOCK_H", "BLOCK_M", "COUN
 _LOSS, _OK = 0, 5  # positions of the two per-call arguments
 
 
+# Positions in the step kernel's argument list of the tensors it writes besides ``ok``: h, c,
+# rate, counters (the rate again without counters) and the lr slots (unused slots: the rate).
+_WRITTEN = (1, 2, 4, 6) + tuple(range(7 + 2 * WEIGHTS_PER_CELL + 2, 7 + 2 * WEIGHTS_PER_CELL + 2 + LR_SLOTS))
+_SAME_SIZE_INT = {1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
+
+
+def _bits(t: torch.Tensor) -> torch.Tensor:
+    """``t`` as integers of its size: compared bit for bit (a NaN equals the same NaN)."""
+    return t.view(_SAME_SIZE_INT[t.element_size()]) if t.is_floating_point() else t
+
+
+class _LauncherCheck:
+    """Whether the compiled kernel's own launcher takes the arguments as :class:`_StepPlan`
+    passes them (every argument positionally, pointers as integers, the constexprs last): a
+    private Triton convention, so it is checked once per process, at the first launch that
+    compiled the kernel, by running the step through Triton's generic launch and through the
+    launcher on two scratch copies of the state and comparing them bit for bit. The comparison
+    is read without a host sync (a copy to pinned memory and an event); until it arrives the
+    plans keep Triton's generic launch. If the launcher raises or differs: one warning, and the
+    generic launch from then on (a few microseconds more per step, nothing else changes).
+
+    ``state``: ``"unchecked"``, ``"pending"``, ``"ok"`` or ``"failed"`` (a test with a fake
+    kernel may start from ``"ok"``).
+    """
+
+    __slots__ = ("state", "flag", "event")
+
+    def __init__(self, state: str = "unchecked") -> None:
+        self.state = state
+        self.flag: torch.Tensor | None = None
+        self.event = None
+
+    def expect(self, same: torch.Tensor) -> None:
+        """Wait, without blocking, for ``same`` (a bool tensor: the two launches agreed)."""
+        if same.is_cuda:
+            self.flag = torch.empty(same.shape, dtype=torch.bool, pin_memory=True)
+            self.flag.copy_(same, non_blocking=True)
+            self.event = torch.cuda.Event()
+            self.event.record()
+        else:
+            self.flag, self.event = same, None
+        self.state = "pending"
+
+    def usable(self) -> bool:
+        """Whether the launcher may be used now (deciding the check if its result arrived)."""
+        if self.state == "pending" and (self.event is None or self.event.query()):
+            if all(self.flag.tolist()):
+                self.state = "ok"
+            else:
+                self.fail("its result differs from Triton's generic launch")
+            self.flag = self.event = None
+        return self.state == "ok"
+
+    def fail(self, why: str) -> None:
+        if self.state != "failed":
+            self.state = "failed"
+            warnings.warn(
+                f"autolr_fast: the launcher of the compiled Triton {triton.__version__} step kernel does not take "
+                f"the arguments as autolr_fast passes them ({why}); the controller step uses Triton's generic "
+                "launch instead (a few microseconds more per step, same results)",
+                RuntimeWarning, stacklevel=user_stacklevel())
+
+
+_LAUNCHER = _LauncherCheck()
+
+
 class _StepPlan:
     """One argument set the step kernel accepted, and how to launch it again cheaply.
 
     Holds the state tensors (so their ids cannot be reused while the plan is cached) with their
-    memory layout (:func:`_layout`), and the kernel's argument list. After the first launch compiled the kernel,
-    later launches call the compiled kernel's launcher directly with the fixed pointers as
-    integers: Triton's generic launch binds and specializes every argument on every call, about
-    0.3 us per argument, and this kernel has 41 (the plan's launch costs about as much as a
-    one-argument kernel's). ``loss`` and ``ok`` are new tensors every step and are passed as
-    tensors; the kernel does not specialize on their alignment, and a ``loss`` of another dtype
-    goes through Triton's generic launch (which compiles that variant).
+    memory layout (:func:`_layout`), the lr scales (their values are baked into the arguments),
+    and the kernel's argument list. After the first launch compiled the kernel, later launches
+    call the compiled kernel's launcher directly with the fixed pointers as integers: Triton's
+    generic launch binds and specializes every argument on every call, about 0.3 us per
+    argument, and this kernel has 41 (the plan's launch costs about as much as a one-argument
+    kernel's). That launcher convention is checked once against the generic launch
+    (:class:`_LauncherCheck`), which stays in use if it fails. ``loss`` and ``ok`` are new
+    tensors every step and are passed as tensors; the kernel does not specialize on their
+    alignment, and a ``loss`` of another dtype goes through Triton's generic launch (which
+    compiles that variant).
     """
 
-    __slots__ = ("tensors", "layout", "nscales", "h", "args", "constexprs", "num_warps", "extra", "device_index",
+    __slots__ = ("tensors", "layout", "scales", "h", "args", "constexprs", "num_warps", "extra", "device_index",
                  "runner", "runner_args", "loss_dtype")
 
     def __init__(self, h, c, weights, gamma, rate, lr_list, scales, counters, tensors) -> None:
         self.tensors = tensors
         self.layout = _layout_key(tensors)
-        self.nscales = len(scales)
+        self.scales = tuple(scales)
         self.h = h
         num_layers, hidden = h.shape
         middle = weights[0].shape[0]
@@ -497,15 +563,15 @@ class _StepPlan:
                      *_weight_args(weights, num_layers), *_lr_args(first, scales[:LR_SLOTS], rate)]
         self.constexprs = dict(H=hidden, M=middle, NUM_LAYERS=num_layers, NUM_LR=len(first), BLOCK_H=block_h,
                                BLOCK_M=block_m, COUNT=counters is not None)
-        self.extra = [_lr_args(list(lr_list[i:i + LR_SLOTS]), scales[i:i + LR_SLOTS], rate) + [len(lr_list[i:i + LR_SLOTS])]
-                      for i in range(LR_SLOTS, len(lr_list), LR_SLOTS)]
+        self.extra = [_lr_args(list(lr_list[i:i + LR_SLOTS]), scales[i:i + LR_SLOTS], rate)
+                      + [len(lr_list[i:i + LR_SLOTS])] for i in range(LR_SLOTS, len(lr_list), LR_SLOTS)]
         self.device_index = h.device.index if h.is_cuda else None
         self.runner = None
         self.runner_args: list = []
         self.loss_dtype = None
 
-    def matches(self, tensors, nscales: int) -> bool:
-        return (self.nscales == nscales and len(self.tensors) == len(tensors)
+    def matches(self, tensors, scales: Sequence[float]) -> bool:
+        return (self.scales == tuple(scales) and len(self.tensors) == len(tensors)
                 and all(map(operator.is_, self.tensors, tensors))
                 and self.layout == _layout_key(tensors))
 
@@ -514,25 +580,60 @@ class _StepPlan:
             if self.runner is not None and loss.dtype is self.loss_dtype:
                 args = self.runner_args.copy()
                 args[_LOSS], args[_OK] = loss, ok
-                self.runner(*args, stream=_current_stream(self.device_index))
+                try:
+                    self.runner(*args, stream=_current_stream(self.device_index))
+                except TypeError as exc:  # the launcher refused the arguments: nothing was launched
+                    _LAUNCHER.fail(f"{type(exc).__name__}: {exc}")
+                    self.runner = None
+                    self._generic_launch(loss, ok)
             else:
-                args = self.args.copy()
-                args[_LOSS], args[_OK] = loss, ok
-                compiled = _mlrsnet_step_kernel[(1,)](*args, **self.constexprs, num_warps=self.num_warps)
-                self._keep_launcher(compiled, loss.dtype)
+                compiled = self._generic_launch(loss, ok)
+                self._keep_launcher(compiled, loss, ok)
             for extra in self.extra:
                 _write_lr_kernel[(1,)](self.args[4], *extra[:-1], NUM_LR=extra[-1], num_warps=1)
 
-    def _keep_launcher(self, compiled, loss_dtype) -> None:
+    def _generic_launch(self, loss: torch.Tensor, ok: torch.Tensor, args: list | None = None):
+        args = (self.args if args is None else args).copy()
+        args[_LOSS], args[_OK] = loss, ok
+        return _mlrsnet_step_kernel[(1,)](*args, **self.constexprs, num_warps=self.num_warps)
+
+    def _keep_launcher(self, compiled, loss: torch.Tensor, ok: torch.Tensor) -> None:
         # a compiled kernel (not the interpreter's None, not a test's wrapper) of this signature
-        if self.device_index is None or not isinstance(compiled, CompiledKernel):
+        if self.device_index is None or not isinstance(compiled, CompiledKernel) or _LAUNCHER.state == "failed":
             return
         if tuple(getattr(_mlrsnet_step_kernel, "arg_names", ())[-len(STEP_CONSTEXPRS):]) != STEP_CONSTEXPRS:
             return
+        if torch.cuda.is_available() and torch.cuda.is_current_stream_capturing():
+            return  # no check inside a CUDA graph capture: the next launch outside one decides
         fixed = [a.data_ptr() if isinstance(a, torch.Tensor) else a for a in self.args]
-        self.runner_args = fixed + [self.constexprs[name] for name in STEP_CONSTEXPRS]
-        self.runner = compiled[(1, 1, 1)]
-        self.loss_dtype = loss_dtype
+        runner_args = fixed + [self.constexprs[name] for name in STEP_CONSTEXPRS]
+        runner = compiled[(1, 1, 1)]
+        if _LAUNCHER.state == "unchecked":
+            try:
+                _LAUNCHER.expect(self._compare_launches(runner, runner_args, loss, ok))
+            except Exception as exc:  # noqa: BLE001 - any failure of the launcher means: do not use it
+                _LAUNCHER.fail(f"{type(exc).__name__}: {exc}")
+        if _LAUNCHER.usable():
+            self.runner, self.runner_args, self.loss_dtype = runner, runner_args, loss.dtype
+
+    def _compare_launches(self, runner, runner_args: list, loss: torch.Tensor, ok: torch.Tensor) -> torch.Tensor:
+        """The step through Triton's generic launch and through ``runner`` on two copies of the
+        state it writes (the state itself is left alone): a bool tensor, whether all agree."""
+        copies: tuple[dict, dict] = ({}, {})
+        generic_args, launcher_args = list(self.args), list(runner_args)
+        for i in _WRITTEN:
+            t = self.args[i]
+            if id(t) not in copies[0]:  # aliases (the rate in unused slots) keep sharing one copy
+                copies[0][id(t)], copies[1][id(t)] = t.clone(), t.clone()
+            generic_args[i] = copies[0][id(t)]
+            launcher_args[i] = copies[1][id(t)].data_ptr()
+        # opposite starting values: an ok that one of them does not write is a difference
+        ok_generic, ok_launcher = torch.zeros_like(ok), torch.ones_like(ok)
+        self._generic_launch(loss, ok_generic, generic_args)
+        launcher_args[_LOSS], launcher_args[_OK] = loss, ok_launcher
+        runner(*launcher_args, stream=_current_stream(self.device_index))
+        pairs = [(copies[0][key], copies[1][key]) for key in copies[0]] + [(ok_generic, ok_launcher)]
+        return torch.stack([(_bits(a) == _bits(b)).all() for a, b in pairs])
 
 
 _SHAPE_AND_DTYPE = operator.attrgetter("shape", "dtype")
@@ -559,7 +660,7 @@ _layout_key = _layout
 def use_layout_key(fn=None) -> None:
     """Make the plans compare layouts with ``fn(tensors)`` (any value that is equal exactly when
     :func:`_layout`'s is, such as ``autolr_fast._C.tensor_layout_key``, which
-    ``autolr_fast._triton_backend`` installs when the extension is built); ``None`` restores
+    ``autolr_fast.ops.triton_backend`` installs when the extension is built); ``None`` restores
     :func:`_layout`. Cached plans are dropped, as their keys came from the other function."""
     global _layout_key
     _layout_key = _layout if fn is None else fn
@@ -576,7 +677,7 @@ def _plan_for(loss, h, c, weights, gamma, rate, lr_list, scales, ok, counters) -
     tensors = (h, c, gamma, rate, *weights, *lr_list) if counters is None else (h, c, gamma, rate, counters,
                                                                                *weights, *lr_list)
     plan = _PLANS.get(id(h))
-    if plan is None or not plan.matches(tensors, len(scales)):
+    if plan is None or not plan.matches(tensors, scales):
         reason = _state_reason(h, c, weights, gamma, rate, lr_list, scales, counters)
         if reason is not None:
             return None, reason

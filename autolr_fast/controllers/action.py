@@ -5,8 +5,8 @@ Three parts, one job each:
 
 * :func:`history_features` turns a window of loss values into scale-free features (below).
 * :func:`make_action_model` builds a small classifier over those features (MLP, 1-D CNN, GRU)
-  that predicts which action was best (trained by ``action_training.py`` on data from
-  ``collect.py``).
+  that predicts which action was best (trained by ``autolr_experiments.action_training`` on
+  data from ``autolr_experiments.collect``).
 * :class:`ActionController` runs such a model inside :class:`autolr_fast.AutoLR`.
 
 Features
@@ -34,10 +34,12 @@ relative to ``v_0`` (the first one), to the previous value and the lowest of the
 
 from __future__ import annotations
 
-from typing import Optional, Sequence
+from collections.abc import Sequence
 
 import torch
 from torch import Tensor, nn
+
+from .files import PRETRAINED_DIR, read_file, write_file
 
 FORMAT = "autolr_fast.action_controller"  # the "format" entry of a saved controller file
 CLAMP = 20.0
@@ -45,7 +47,7 @@ FEATURE_CHANNELS = 3
 DEFAULT_MULTIPLIERS = (0.9, 1.0, 1.1)
 
 
-def history_features(window: Tensor, initial: Tensor, lowest: Optional[Tensor] = None, clamp: float = CLAMP) -> Tensor:
+def history_features(window: Tensor, initial: Tensor, lowest: Tensor | None = None, clamp: float = CLAMP) -> Tensor:
     """Scale-free features ``(..., 3, W)`` from loss block means ``window (..., W)`` (oldest
     first), the run's first block mean ``initial (...)`` and the lowest block mean of the run so
     far ``lowest (...)`` (default: the window's own minimum); see the module docstring."""
@@ -112,10 +114,17 @@ class ActionGRU(nn.Module):
 MODEL_TYPES = {"mlp": ActionMLP, "cnn": ActionCNN, "gru": ActionGRU}
 
 
-def make_action_model(kind: str, window: int, channels: int = FEATURE_CHANNELS, actions: int = 3, hidden: int | None = None) -> nn.Module:
+def make_action_model(kind: str, window: int, channels: int = FEATURE_CHANNELS, actions: int = 3,
+                      hidden: int | None = None, extra: int = 0) -> nn.Module:
+    """``extra`` inputs beside the features (the MLP only: offline models that also read validation
+    history)."""
     if kind not in MODEL_TYPES:
         raise ValueError(f"unknown action model {kind!r}; choose one of {sorted(MODEL_TYPES)}")
+    if extra and kind != "mlp":
+        raise ValueError(f"extra inputs are supported by the 'mlp' action model only, not {kind!r}")
     kwargs = {} if hidden is None else {"hidden": hidden}
+    if extra:
+        kwargs["extra"] = extra
     return MODEL_TYPES[kind](channels, window, actions, **kwargs)
 
 
@@ -245,13 +254,15 @@ class ActionController(nn.Module):
         act = push & (blocks >= self.window) & (torch.remainder(blocks, self.blocks_per_action) == 0)
         logits = self.model(self.features())
         choice = torch.argmax(logits[0], dim=0)
-        factor = torch.where(act, self.multipliers[choice], torch.ones_like(self.multipliers[0]))
+        # a mask, not multipliers[choice] (indexing with a tensor reads it on the host) nor
+        # one_hot (which checks its input range on the host)
+        picked = torch.arange(self.multipliers.numel(), device=choice.device) == choice
+        chosen = torch.where(picked, self.multipliers, torch.zeros_like(self.multipliers)).sum()
+        factor = torch.where(act, chosen, torch.ones_like(chosen))
         new_rate = rate * factor.to(rate.dtype)
         upper = torch.where(torch.isfinite(gamma), gamma.to(rate.dtype), new_rate)
         new_rate = torch.minimum(torch.clamp_min(new_rate, self.min_rate), upper)
         rate.copy_(torch.where(finite, new_rate, rate))
-        # (arange == choice) rather than one_hot: one_hot checks its input range on the host
-        picked = torch.arange(self.multipliers.numel(), device=choice.device) == choice
         self.actions_taken.add_((picked & act).to(torch.int64))
         self.last_action.copy_(torch.where(act, choice, self.last_action))
 
@@ -263,18 +274,14 @@ class ActionController(nn.Module):
                    "config": self.config(),
                    "model_state": {k: v.detach().cpu().clone() for k, v in self.model.state_dict().items()},
                    "extra": extra or {}}
-        torch.save(payload, path)
+        write_file(payload, path)
 
     @classmethod
-    def load(cls, path: str, map_location: str = "cpu") -> "ActionController":
-        try:
-            payload = torch.load(path, map_location=map_location, weights_only=True)
-        except Exception as exc:
-            raise ValueError(f"could not read an action controller from {path!r}: {exc}") from exc
-        return cls.from_payload(payload, path)
+    def load(cls, path: str, map_location: str = "cpu") -> ActionController:
+        return cls.from_payload(read_file(path, "an action controller", map_location), path)
 
     @classmethod
-    def from_payload(cls, payload, path: str) -> "ActionController":
+    def from_payload(cls, payload, path: str) -> ActionController:
         """The controller in ``payload``, a file's contents already read (``path`` is for errors)."""
         if not isinstance(payload, dict) or payload.get("format") != FORMAT:
             raise ValueError(f"{path!r} is not an action-controller file (saved by ActionController.save)")
@@ -295,11 +302,9 @@ class ActionController(nn.Module):
                    default_gamma=cfg["default_gamma"])
 
     @classmethod
-    def pretrained(cls, name: str = "action-mlp") -> "ActionController":
-        """A controller shipped with the package (``autolr_fast/weights/<name>.pt``; its settings,
+    def pretrained(cls, name: str = "action-mlp") -> ActionController:
+        """A controller shipped with the package (``controllers/weights/<name>.pt``; its settings,
         training data and scores are in ``<name>.json`` next to it)."""
-        from .pretrained import PRETRAINED_DIR
-
         path = PRETRAINED_DIR / f"{name}.pt"
         if not path.exists():
             raise ValueError(f"no shipped action controller {name!r} (looked for {path})")

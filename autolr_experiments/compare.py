@@ -1,0 +1,836 @@
+"""``python -m autolr_fast compare``: schedule-quality comparison of learned and hand-designed
+learning-rate schedules and optimizers on the tasks of :mod:`autolr_experiments.tasks`.
+
+Every method of :mod:`autolr_experiments.baselines` trains every task for the same epochs, on the same
+mini-batches (``Task.batches`` with the seed) and from the same initial weights (seeded) for
+each seed. Hand-designed methods run on a log-spaced rate grid; learned and untuned ones run
+once. Results: one JSON file (schema in ``docs/compare.md``), a Markdown table and one PNG per
+task. See ``docs/compare.md`` for the columns and the fairness rules.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import math
+import multiprocessing
+import os
+import platform
+import sys
+import time
+import warnings
+from collections.abc import Callable
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Any
+
+import torch
+from tqdm import tqdm
+
+from autolr_fast.controllers.pretrained import PRETRAINED_DIR
+
+from . import baselines
+from .report import color_cycle, fmt, fmt_mean_std, is_number, markdown_table, mean_std, plt, save_figure, summarize
+from .tasks import available_tasks, get_task, task_optimizer
+from .training import Method, MethodUnavailable, RunSpec, Schedule, train
+
+SCHEMA = "autolr_fast.compare/1"
+
+#: Per task: (epochs, batch size) of a full comparison.
+TASK_SETTINGS: dict[str, tuple[int, int]] = {
+    "mnist1d-cnn": (40, 100),
+    "mnist1d-mlp": (40, 100),
+    "digits-mlp": (30, 32),
+    "markov-gru": (20, 50),
+    "digits-bncnn": (20, 32),
+    "diabetes-mlp": (60, 32),
+    "friedman-mlp": (30, 32),
+}
+REGRESSION_SETTINGS = (40, 32)
+#: Tasks no shipped controller was meta-trained on (checked per run against the controller's info).
+NEW_TASKS = ["markov-gru", "digits-bncnn", "diabetes-mlp", "friedman-mlp"]
+DEFAULT_TASKS = ["mnist1d-cnn", "mnist1d-mlp", "digits-mlp", "regress-sin", *NEW_TASKS]
+QUICK_TASKS = ["digits-mlp", "regress-sin", "diabetes-mlp"]
+QUICK_EPOCHS = 10
+#: Target for "time to target": accuracy >= TARGET_ACC_FRACTION x the best mean final accuracy
+#: of any method on the task; regression: test loss <= TARGET_LOSS_FACTOR x the best mean final loss.
+TARGET_ACC_FRACTION = 0.95
+TARGET_LOSS_FACTOR = 2.0
+
+
+def task_settings(name: str) -> tuple[int, int]:
+    return TASK_SETTINGS.get(name, REGRESSION_SETTINGS)
+
+
+@dataclass
+class Job:
+    task: str
+    method: str
+    lr: float | None
+    grid_index: int | None
+    is_default: bool
+    seed: int
+    epochs: int
+    batch_size: int
+    threads: int = 1
+
+
+# ------------------------------------------------------------------------------------------------
+# One training run
+# ------------------------------------------------------------------------------------------------
+def run_one(job: Job, task_cache: dict | None = None) -> dict:
+    """Train one (task, method, rate, seed) on the CPU with ``job.threads`` torch threads and
+    return its record (schema: docs/compare.md). The caller's thread count is restored."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(job.threads)
+    try:
+        return _run_one(job, task_cache if task_cache is not None else {})
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _quietly(build: Callable[[RunSpec], Schedule]) -> Callable[[RunSpec], Schedule]:
+    """``build`` with its warnings (e.g. AutoLR's notes on the optimizer) silenced."""
+
+    def quiet(spec: RunSpec) -> Schedule:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            return build(spec)
+
+    return quiet
+
+
+def _run_one(job: Job, cache: dict) -> dict:
+    if job.task not in cache:
+        cache[job.task] = get_task(job.task)
+    task = cache[job.task]
+    method = baselines.get_method(job.method)
+    record: dict[str, Any] = {
+        "task": job.task, "method": job.method, "family": method.family, "lr": job.lr,
+        "grid_index": job.grid_index, "is_default": job.is_default, "seed": job.seed,
+        "epochs": job.epochs, "batch_size": job.batch_size, "status": "ok", "message": "",
+        "classification": task.is_classification,
+    }
+    try:
+        run = train(task, replace(method, build=_quietly(method.build)), epochs=job.epochs, batch_size=job.batch_size,
+                    seed=job.seed, lr=job.lr)
+    except MethodUnavailable as exc:
+        record.update(status="skipped", message=str(exc))
+        return record
+    run.rates = [float(f"{v:.6g}") for v in run.rates]  # 6 significant digits
+    record["info"] = run.schedule.info
+    record.update(run.record())
+    return record
+
+
+# ------------------------------------------------------------------------------------------------
+# Aggregation
+# ------------------------------------------------------------------------------------------------
+def _time_to_target(rec: dict, target: float) -> tuple[int | None, float | None]:
+    c = rec["curves"]
+    series = c["test_acc"] if rec["classification"] else c["test_loss"]
+    for v, steps, t in zip(series, c["steps"], c["train_time_s"], strict=True):
+        if is_number(v) and ((v >= target) if rec["classification"] else (v <= target)):
+            return steps, t
+    return None, None
+
+
+def _chosen_groups(groups: dict[tuple, list[dict]], score: Callable[[list[dict]], float]) -> list[tuple]:
+    """``(method, setting, runs)`` of the reported rows: ``best`` (and ``default``, unless it is
+    the best) for hand-designed methods, ``as shipped`` for the others."""
+    chosen: list[tuple[str, str, list[dict]]] = []
+    for method in baselines.available_methods():
+        cands = {lr: rs for (name, lr), rs in groups.items() if name == method}
+        if not cands:
+            continue
+        if cands[next(iter(cands))][0]["family"] != "hand":
+            chosen += [(method, "as shipped", rs) for rs in cands.values()]
+            continue
+        best_lr = max(cands, key=lambda lr, c=cands: score(c[lr]))
+        default = [rs for rs in cands.values() if rs[0]["is_default"]]
+        if default and default[0] is cands[best_lr]:
+            chosen.append((method, "best = default", cands[best_lr]))
+        else:
+            chosen.append((method, "best", cands[best_lr]))
+            if default:
+                chosen.append((method, "default", default[0]))
+    return chosen
+
+
+def _target(cls: bool, best: float) -> dict:
+    if cls:
+        return {"metric": "test_acc", "target": TARGET_ACC_FRACTION * best,
+                "rule": f">= {TARGET_ACC_FRACTION} x best mean final accuracy"}
+    return {"metric": "test_loss", "target": TARGET_LOSS_FACTOR * (-best),
+            "rule": f"<= {TARGET_LOSS_FACTOR} x best mean final loss"}
+
+
+def summary_rows(runs: list[dict]) -> tuple[list[dict], dict]:
+    """Rows of the result table: per task and method, ``best`` and ``default`` for hand-designed
+    methods (best = grid rate with the best mean final metric over seeds), ``as shipped`` for the
+    others, each with ``report.summarize`` of its runs. Returns ``(rows, targets)``."""
+    ok = [r for r in runs if r["status"] in ("ok", "diverged")]
+    rows: list[dict] = []
+    targets: dict[str, dict] = {}
+    for task in dict.fromkeys(r["task"] for r in ok):
+        trs = [r for r in ok if r["task"] == task]
+        cls = trs[0]["classification"]
+        groups: dict[tuple, list[dict]] = {}
+        for r in trs:
+            groups.setdefault((r["method"], r["lr"]), []).append(r)
+
+        def score(rs: list[dict], cls: bool = cls) -> float:
+            m, _ = mean_std([r["final_metric"] for r in rs])
+            if m is None:
+                return -math.inf
+            return m if cls else -m
+
+        chosen = _chosen_groups(groups, score)
+        targets[task] = _target(cls, max((score(rs) for _, _, rs in chosen), default=-math.inf))
+        target = targets[task]["target"]
+        for method, setting, rs in chosen:
+            row: dict[str, Any] = {"task": task, "method": method, "family": rs[0]["family"], "setting": setting,
+                                   "lr": rs[0]["lr"], "classification": cls, **summarize(rs)}
+            reached = [h for h in (_time_to_target(r, target) for r in rs) if h[0] is not None]
+            row["target_reached"] = f"{len(reached)}/{len(rs)}"
+            row["steps_to_target"], _ = mean_std([h[0] for h in reached])
+            row["seconds_to_target"], _ = mean_std([h[1] for h in reached])
+            rows.append(row)
+    return rows, targets
+
+
+#: The references every learned controller is held against in the verdict table.
+REFERENCES = (("cosine", "best"), ("sf-sgd", "best"), ("sf-adamw", "best"), ("prodigy", "as shipped"))
+
+
+def _row_for(rows: list[dict], task: str, method: str, setting: str) -> dict | None:
+    for r in rows:
+        same_setting = r["setting"] == setting or (setting == "best" and r["setting"] == "best = default")
+        if r["task"] == task and r["method"] == method and same_setting:
+            return r
+    return None
+
+
+def verdicts(rows: list[dict]) -> list[dict]:
+    """Each learned controller against each reference (tuned cosine, tuned schedule-free SGD and
+    AdamW, Prodigy), per task: ``delta`` = learned minus reference mean final metric (accuracy
+    points or MSE), ``verdict`` win / tie / lose; tie when ``|delta|`` is within
+    ``sqrt(std_a**2 + std_b**2)`` (one combined standard deviation over seeds)."""
+    out = []
+    for r in rows:
+        if r["family"] != "learned":
+            continue
+        for method, setting in REFERENCES:
+            ref = _row_for(rows, r["task"], method, setting)
+            if ref is None or r["final_metric"] is None or ref["final_metric"] is None:
+                continue
+            delta = r["final_metric"] - ref["final_metric"]
+            stds = [x for x in (r["final_metric_std"], ref["final_metric_std"]) if x is not None]
+            noise = math.hypot(*stds) if stds else None  # None: one seed, no spread known
+            better = delta > 0 if r["classification"] else delta < 0
+            tie = not math.isinf(delta) and (delta == 0 or (noise is not None and abs(delta) <= noise))
+            verdict = "tie" if tie else ("win" if better else "lose")
+            ratio = r["final_metric"] / ref["final_metric"] if ref["final_metric"] else None
+            out.append({"task": r["task"], "learned": r["method"], "reference": f"{method} ({ref['setting']})",
+                        "delta": delta, "ratio": ratio, "noise": noise, "verdict": verdict,
+                        "classification": r["classification"]})
+    return out
+
+
+# ------------------------------------------------------------------------------------------------
+# The equal-budget view: AutoLR with defaults against what a user would otherwise run
+# ------------------------------------------------------------------------------------------------
+#: The tuning-free competitors: (method, setting, label). Schedule-free needs a rate, so it
+#: stands here at its default rate, one run, as a user who does not tune would run it.
+TUNING_FREE = (
+    ("prodigy", "as shipped", "Prodigy (lr 1, cosine)"),
+    ("dog", "as shipped", "DoG (averaged)"),
+    ("dadapt", "as shipped", "D-Adaptation (lr 1, cosine)"),
+    ("mechanic", "as shipped", "Mechanic (task optimizer, cosine)"),
+    ("sf-sgd", "default", "schedule-free SGD @ default"),
+    ("sf-adamw", "default", "schedule-free AdamW @ default"),
+)
+#: "Close to tuned cosine": within this many accuracy points, or this relative loss (MSE).
+CLOSE_ACC = 0.005
+CLOSE_LOSS_RATIO = 1.10
+
+
+def _default_row(rows: list[dict], task: str, method: str) -> dict | None:
+    return _row_for(rows, task, method, "default") or next(
+        (r for r in rows if r["task"] == task and r["method"] == method and r["setting"] == "best = default"), None)
+
+
+def _cpu_per_seed(runs: list[dict], task: str, method: str, lr: Any = "any") -> tuple[float | None, int]:
+    """Mean CPU seconds per seed of one method's runs on ``task`` summed over its rates (``lr``:
+    only that rate), and how many rates that is."""
+    by_lr: dict = {}
+    for r in runs:
+        if r["task"] == task and r["method"] == method and r["status"] in ("ok", "diverged"):
+            if lr == "any" or r["lr"] == lr:
+                by_lr.setdefault(r["lr"], []).append(r.get("cpu_time_s"))
+    means = [mean_std(v)[0] for v in by_lr.values()]
+    if not means or any(m is None for m in means):
+        return None, len(by_lr)
+    return sum(means), len(by_lr)
+
+
+def _budget_row(label: str, row: dict | None, runs: list[dict], tuned: bool = False) -> dict | None:
+    if row is None:
+        return None
+    cpu, n_runs = _cpu_per_seed(runs, row["task"], row["method"], "any" if tuned else row["lr"])
+    steps = next((r["steps"] for r in runs if r["task"] == row["task"] and r["method"] == row["method"]
+                  and r["status"] == "ok"), None)
+    return {"label": label, "method": row["method"], "setting": row["setting"], "lr": row["lr"],
+            "runs": n_runs, "steps_per_run": steps, "cpu_s": cpu, "seeds": row["seeds"],
+            "final_metric": row["final_metric"], "final_metric_std": row["final_metric_std"],
+            "diverged": row["diverged"]}
+
+
+def _better(a: float | None, b: float | None, cls: bool) -> bool:
+    if a is None or b is None:
+        return False
+    return a > b if cls else a < b
+
+
+def _at_least(a: float | None, b: float | None, cls: bool) -> bool:
+    if a is None or b is None:
+        return False
+    return a >= b if cls else a <= b
+
+
+def _close(a: float | None, tuned: float | None, cls: bool) -> bool:
+    if a is None or tuned is None:
+        return False
+    return a >= tuned - CLOSE_ACC if cls else a <= CLOSE_LOSS_RATIO * tuned
+
+
+def equal_budget(rows: list[dict], runs: list[dict]) -> list[dict]:
+    """Per task: AutoLR with defaults (one run), cosine at the default rate (one run), cosine
+    tuned on the grid (one run per rate, the best by mean final test metric), the tuning-free
+    competitors (one run each), with the compute each used and the verdicts of issue 15."""
+    out = []
+    for task in dict.fromkeys(r["task"] for r in rows):
+        cls = next(r["classification"] for r in rows if r["task"] == task)
+        auto = _row_for(rows, task, "autolr", "as shipped")
+        default = _default_row(rows, task, "cosine")
+        tuned = _row_for(rows, task, "cosine", "best")
+        table = [_budget_row("AutoLR (defaults)", auto, runs),
+                 _budget_row("cosine @ default lr", default, runs),
+                 _budget_row("cosine tuned (grid)", tuned, runs, tuned=True)]
+        free = [_budget_row(label, _default_row(rows, task, m) if setting == "default"
+                            else _row_for(rows, task, m, setting), runs) for m, setting, label in TUNING_FREE]
+        free = [f for f in free if f is not None]
+        auto_runs = [r for r in runs if r["task"] == task and r["method"] == "autolr" and r.get("info")]
+        info = auto_runs[0]["info"] if auto_runs else {}
+        entry = {"task": task, "classification": cls, "controller": info.get("controller"),
+                 "controller_tasks": info.get("controller_tasks", []),
+                 "trained_on": bool(info.get("trained_on_task")), "optimizer": info.get("optimizer"),
+                 "rows": [r for r in table if r is not None] + free}
+        if auto is not None:
+            a = auto["final_metric"]
+            best_free = max(free, key=lambda f: _score(f["final_metric"], cls), default=None)
+            entry["verdicts"] = {
+                "delta_vs_cosine_default": _delta(a, default, cls),
+                "delta_vs_tuned": _delta(a, tuned, cls),
+                "delta_vs_best_tuning_free": _delta(a, best_free, cls),
+                "never_diverged": auto["diverged"] == 0,
+                "ge_cosine_default": _at_least(a, default and default["final_metric"], cls),
+                "close_to_tuned": _close(a, tuned and tuned["final_metric"], cls),
+                "beats_best_tuning_free": _better(a, best_free and best_free["final_metric"], cls),
+                "best_tuning_free": best_free and best_free["label"],
+            }
+        out.append(entry)
+    return out
+
+
+def _delta(a: float | None, ref: dict | None, cls: bool) -> str | None:
+    """AutoLR against a reference row: accuracy points, or the loss ratio."""
+    if a is None or ref is None or ref["final_metric"] is None:
+        return None
+    if cls:
+        return f"{100 * (a - ref['final_metric']):+.2f} pts"
+    if not math.isfinite(a) or not math.isfinite(ref["final_metric"]) or ref["final_metric"] == 0:
+        return f"{a:.3g} vs {ref['final_metric']:.3g}"
+    return f"x{a / ref['final_metric']:.3f} loss"
+
+
+def _score(metric: float | None, cls: bool) -> float:
+    if metric is None:
+        return -math.inf
+    return metric if cls else -metric
+
+
+def done_when(budget: list[dict]) -> dict:
+    """The issue's "Done when" lines over all tasks (closeness over the tasks the controller was
+    not trained on)."""
+    judged = [b for b in budget if "verdicts" in b]
+    held_out = [b for b in judged if not b["trained_on"]]
+    count = lambda bs, key: sum(b["verdicts"][key] for b in bs)  # noqa: E731
+    n, n_out = len(judged), len(held_out)
+    return {
+        "tasks": n, "held_out_tasks": n_out,
+        "never_diverged": count(judged, "never_diverged"),
+        "ge_cosine_default": count(judged, "ge_cosine_default"),
+        "close_to_tuned_held_out": count(held_out, "close_to_tuned"),
+        "beats_best_tuning_free": count(judged, "beats_best_tuning_free"),
+        "met": {
+            "never diverges": n > 0 and count(judged, "never_diverged") == n,
+            ">= cosine at the default rate on every task": n > 0 and count(judged, "ge_cosine_default") == n,
+            "close to tuned cosine on >= 3/4 of the held-out tasks":
+                n_out > 0 and count(held_out, "close_to_tuned") >= 0.75 * n_out,
+            "beats the best other tuning-free method on >= half of the tasks":
+                n > 0 and count(judged, "beats_best_tuning_free") >= 0.5 * n,
+        },
+    }
+
+
+def _budget_section(budget: list[dict], grid: int) -> list[str]:
+    if not budget:
+        return []
+    out = ["## Equal-budget summary: AutoLR with defaults against what a user would otherwise run", "",
+           "Compute = runs x steps per run (one seed) and CPU seconds summed over those runs (mean over seeds; "
+           f"the tuned row counts all {grid} grid runs). Final test metric mean ± std over seeds. The tuned "
+           "cosine rate is picked on the same test metric it is reported on (an optimistic reference). "
+           f"Close: within {100 * CLOSE_ACC:g} points of accuracy or {100 * (CLOSE_LOSS_RATIO - 1):.0f} % of "
+           "the loss of tuned cosine.", ""]
+    for b in budget:
+        cls = b["classification"]
+        metric, scale, digits = ("test acc (%)", 100.0, 4) if cls else ("test MSE", 1.0, 3)
+        trained = (f"**trained on this task** (controller `{b['controller']}`)" if b["trained_on"]
+                   else f"not trained on this task (controller `{b['controller']}`)")
+        out += [f"### {b['task']}", "", f"Default optimizer: {b['optimizer'] or '-'}; AutoLR {trained}.", ""]
+        body = [[r["label"], fmt(r["lr"]) if r["lr"] is not None else "-",
+                 f"{r['runs']} x {r['steps_per_run'] if r['steps_per_run'] is not None else '-'}",
+                 fmt(r["cpu_s"], 3),
+                 fmt_mean_std(r["final_metric"], r["final_metric_std"], digits, scale),
+                 f"{r['diverged']}/{r['seeds']}" if r["diverged"] else "no"] for r in b["rows"]]
+        out += [markdown_table(["method", "lr", "runs x steps", "CPU s", f"final {metric}", "diverged"], body,
+                               "lrrrrl"), ""]
+        v = b.get("verdicts")
+        if v:
+            yes = lambda x: "yes" if x else "**no**"  # noqa: E731
+            out += [f"- AutoLR never diverged: {yes(v['never_diverged'])}",
+                    f"- AutoLR >= cosine at the default rate: {yes(v['ge_cosine_default'])} "
+                    f"({v['delta_vs_cosine_default']})",
+                    f"- AutoLR close to tuned cosine: {yes(v['close_to_tuned'])} ({v['delta_vs_tuned']})",
+                    f"- AutoLR beats the best other tuning-free method ({v['best_tuning_free']}): "
+                    f"{yes(v['beats_best_tuning_free'])} ({v['delta_vs_best_tuning_free']})", ""]
+        out += [f"![{b['task']} summary]({b['task']}-summary.png)", ""]
+    d = done_when(budget)
+    out += ["### Done when (issue 15)", "",
+            f"- never diverges: {d['never_diverged']}/{d['tasks']} tasks",
+            f"- >= cosine at the default rate: {d['ge_cosine_default']}/{d['tasks']} tasks",
+            f"- close to tuned cosine: {d['close_to_tuned_held_out']}/{d['held_out_tasks']} tasks it was not "
+            "trained on (needs >= 3/4)",
+            f"- beats the best other tuning-free method: {d['beats_best_tuning_free']}/{d['tasks']} tasks "
+            "(needs >= half)", "",
+            *(f"- {k}: {'met' if v else '**not met**'}" for k, v in d["met"].items()), ""]
+    return out
+
+
+def plot_budget(entry: dict, runs: list[dict], path: Path) -> Path:
+    """Rate per step (first seed) and test metric per epoch (mean over seeds) of the equal-budget rows."""
+    task, cls = entry["task"], entry["classification"]
+    fig, (ax_rate, ax_metric) = plt.subplots(1, 2, figsize=(13, 4.8))
+    for color, row in zip(color_cycle(len(entry["rows"])), entry["rows"], strict=True):
+        rs = [r for r in runs if r["task"] == task and r["method"] == row["method"] and r["lr"] == row["lr"]
+              and r["status"] in ("ok", "diverged")]
+        if not rs:
+            continue
+        label = row["label"] + (f" (lr {fmt(row['lr'])})" if row["lr"] is not None else "")
+        style, width = ("-", 2.0) if row["method"] == "autolr" else ("--" if row["method"] == "cosine" else ":", 1.2)
+        rate = rs[0]["curves"]["rate"]
+        ax_rate.plot(range(1, len(rate) + 1), [max(v or 0.0, 1e-8) for v in rate], style, color=color, lw=width,
+                     label=label)
+        key = "test_acc" if cls else "test_loss"
+        n = min(len(r["curves"][key]) for r in rs)
+        mean = [sum(r["curves"][key][i] for r in rs) / len(rs) for i in range(n)]
+        ax_metric.plot(range(1, n + 1), [100 * v for v in mean] if cls else mean, style, color=color, lw=width,
+                       label=label)
+    ax_rate.set(yscale="log", xlabel="step", ylabel="effective learning rate", title=f"{task}: rate per step (seed 0)")
+    ax_metric.set(xlabel="epoch", ylabel="test accuracy (%)" if cls else "test MSE",
+                  title=f"{task}: test {'accuracy' if cls else 'MSE'} (mean over seeds)")
+    if not cls:
+        ax_metric.set_yscale("log")
+    ax_metric.legend(fontsize=7, loc="best")
+    return save_figure(fig, path)
+
+
+def render_markdown(rows: list[dict], targets: dict, skipped: dict[str, str], config: dict,
+                    budget: list[dict] | None = None) -> str:
+    m = config["machine"]
+    out = ["# Schedule-quality comparison", "", f"Command: `{config['command']}`  ",
+           f"Machine: {m['cpu']} ({m['cores']} cores, {config['threads']} thread(s) per run, {config['jobs']} "
+           f"parallel run(s)), torch {m['torch']}, Python {m['python']}  ",
+           f"Seeds: {config['seeds']}; rate grid: {config['grid']} values per hand-designed method; "
+           "mean ± std over seeds.", ""]
+    if config.get("autolr_controller"):
+        out += [f"`autolr` used the shipped controller `{config['autolr_controller']}`.", ""]
+    out += _budget_section(budget or [], config["grid"])
+    for task in dict.fromkeys(r["task"] for r in rows):
+        out += _task_section(task, [r for r in rows if r["task"] == task], targets[task], config["task_settings"][task])
+    out += _verdict_section(verdicts(rows))
+    if skipped:
+        out += ["## Skipped methods", "", *(f"- `{k}`: {v}" for k, v in skipped.items()), ""]
+    return "\n".join(out)
+
+
+def _task_section(task: str, rows: list[dict], target: dict, settings: tuple[int, int]) -> list[str]:
+    cls = rows[0]["classification"]
+    metric, scale, digits = ("acc (%)", 100.0, 4) if cls else ("MSE", 1.0, 3)
+    headers = ["method", "setting", "lr", f"final test {metric}", f"best test {metric}", "test loss",
+               "train s", "steps→target", "s→target", "rate epoch-CV", "rate jitter"]
+
+    def order(r: dict) -> float:
+        if cls:
+            return -(r["final_metric"] or 0)
+        return r["final_metric"] if r["final_metric"] is not None else math.inf
+
+    body = []
+    for r in sorted(rows, key=order):
+        note = f" ({r['diverged']} diverged)" if r["diverged"] else ""
+        body.append([
+            r["method"], r["setting"], fmt(r["lr"]) if r["lr"] is not None else "-",
+            fmt_mean_std(r["final_metric"], r["final_metric_std"], digits, scale) + note,
+            fmt_mean_std(r["best_metric"], r["best_metric_std"], digits, scale),
+            fmt_mean_std(r["final_test_loss"], r["final_test_loss_std"]),
+            fmt(r["train_time_s"], 3),
+            f"{fmt(r['steps_to_target'], 4)} ({r['target_reached']})",
+            fmt(r["seconds_to_target"], 3), fmt(r["rate_epoch_cv"], 3), fmt(r["rate_jitter"], 3),
+        ])
+    epochs, batch_size = settings
+    return [f"## {task}", "",
+            f"{epochs} epochs, batch {batch_size}. Target: test {target['metric'].split('_')[1]} "
+            f"{target['rule']} = {fmt(target['target'] * scale, 4)}.", "",
+            markdown_table(headers, body, "lllrrrrrrrr"), "", f"![{task}]({task}.png)", ""]
+
+
+def _verdict_section(vs: list[dict]) -> list[str]:
+    if not vs:
+        return []
+
+    def delta(v: dict) -> str:
+        if v["classification"]:
+            return f"{100 * v['delta']:+.2f} pts"
+        ratio = v["ratio"]
+        return f"{v['delta']:+.3g}" + (f" (x{ratio:.2f})" if ratio is not None and math.isfinite(ratio) else "")
+
+    def noise(v: dict) -> str:
+        if v["noise"] is None:
+            return "- (1 seed)"
+        return f"{100 * v['noise']:.2f} pts" if v["classification"] else f"{v['noise']:.3g}"
+
+    body = [[v["task"], v["learned"], v["reference"], delta(v), noise(v), v["verdict"]] for v in vs]
+    return ["## Learned controllers vs tuned references", "",
+            "Δ = learned minus reference, mean final test accuracy (points) or test MSE (x: the MSE ratio); "
+            "tie when |Δ| is within one combined std over seeds.", "",
+            markdown_table(["task", "learned", "reference", "Δ", "combined std", "verdict"], body, "lllrrl"), ""]
+
+
+def plot_task(task: str, rows: list[dict], runs: list[dict], path: Path) -> Path:
+    """Rate vs step (seed of the first run) and test metric vs epoch (mean over seeds) of every
+    reported row except the hand-designed defaults (to keep the figure readable)."""
+    shown = [r for r in rows if r["task"] == task and r["setting"] != "default"]
+    fig, (ax_rate, ax_metric) = plt.subplots(1, 2, figsize=(13, 4.8))
+    colors = color_cycle(len(shown))
+    cls = shown[0]["classification"] if shown else True
+    for color, row in zip(colors, shown, strict=True):
+        rs = [r for r in runs if r["task"] == task and r["method"] == row["method"] and r["lr"] == row["lr"]
+              and r["status"] in ("ok", "diverged")]
+        if not rs:
+            continue
+        label = row["method"] + (f" (lr {fmt(row['lr'])})" if row["lr"] is not None else "")
+        rate = rs[0]["curves"]["rate"]
+        style = "-" if row["family"] != "learned" else "--"
+        ax_rate.plot(range(1, len(rate) + 1), [max(v, 1e-8) for v in rate], style, color=color, lw=1, label=label)
+        key = "test_acc" if cls else "test_loss"
+        n = min(len(r["curves"][key]) for r in rs)
+        mean = [sum(r["curves"][key][i] for r in rs) / len(rs) for i in range(n)]
+        if cls:
+            mean = [100 * v for v in mean]
+        ax_metric.plot(range(1, n + 1), mean, style, color=color, lw=1.3, label=label)
+    ax_rate.set_yscale("log")
+    ax_rate.set_xlabel("step")
+    ax_rate.set_ylabel("learning rate (effective)")
+    ax_rate.set_title(f"{task}: rate per step (first seed)")
+    ax_metric.set_xlabel("epoch")
+    ax_metric.set_ylabel("test accuracy (%)" if cls else "test MSE")
+    if not cls:
+        ax_metric.set_yscale("log")
+    ax_metric.set_title(f"{task}: test {'accuracy' if cls else 'loss'} (mean over seeds)")
+    ax_metric.legend(fontsize=7, loc="best", ncol=2)
+    return save_figure(fig, path)
+
+
+# ------------------------------------------------------------------------------------------------
+# Command line
+# ------------------------------------------------------------------------------------------------
+def machine_info() -> dict:
+    cpu = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    cpu = line.split(":", 1)[1].strip()
+                    break
+    except OSError:
+        pass
+    gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else None
+    return {"cpu": cpu, "cores": os.cpu_count(), "torch": torch.__version__, "python": platform.python_version(),
+            "gpu": gpu, "platform": platform.platform()}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m autolr_fast compare", description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--quick", action="store_true",
+                   help=f"small run: tasks {QUICK_TASKS}, {QUICK_EPOCHS} epochs, 1 seed, "
+                        "grid of 3; every method still runs")
+    p.add_argument("--tasks", nargs="+", default=None, help=f"tasks (default {DEFAULT_TASKS})")
+    p.add_argument("--methods", nargs="+", default=None,
+                   help=f"methods (default all): {', '.join(baselines.available_methods())}")
+    p.add_argument("--seeds", type=int, default=None, help="seeds 0..N-1 (default 3; quick 1)")
+    p.add_argument("--grid", type=int, default=None, help="rates per hand-designed method, log-spaced over "
+                   "default/10 .. default*10 (default 5; quick 3; 1 = default only)")
+    p.add_argument("--epochs", type=int, default=None, help="epochs for every task (default: per task)")
+    p.add_argument("--batch-size", type=int, default=None, help="batch size for every task (default: per task)")
+    p.add_argument("--jobs", type=int, default=1, help="parallel runs (processes; default 1)")
+    p.add_argument("--threads", type=int, default=1, help="torch threads per run (default 1)")
+    p.add_argument("--out", default="results/compare", help="output folder (default results/compare)")
+    p.add_argument("--resume", action="store_true", help="reuse the runs already recorded in OUT/runs.jsonl "
+                   "(written as runs complete) by an interrupted comparison with the same settings")
+    p.add_argument("--render", metavar="JSON", default=None, help="only re-render the table and figures of an "
+                   "existing compare.json into --out")
+    p.add_argument("--no-plots", action="store_true", help="skip the PNG figures")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    return p
+
+
+def default_lr(method: Method, task: str) -> float | None:
+    """The rate a hand-designed method's grid is centred on for ``task`` (None: not tuned)."""
+    if method.family != "hand":
+        return None
+    return task_optimizer(task).lr if method.task_lr else method.default_lr
+
+
+def _rates(method: Method, grid: int, task: str) -> list[float | None]:
+    """The rates a method runs at: a grid of ``grid`` around its default for hand-designed methods
+    (the default itself always included: it is a reported row), else its own (None)."""
+    centre = default_lr(method, task)
+    if centre is None:
+        return [None]
+    lrs = baselines.lr_grid(centre, grid)
+    if not any(math.isclose(lr, centre) for lr in lrs):
+        lrs.append(centre)
+    return lrs
+
+
+def make_jobs(args) -> tuple[list[Job], dict[str, str], dict]:
+    tasks = args.tasks or (QUICK_TASKS if args.quick else DEFAULT_TASKS)
+    unknown = [t for t in tasks if t not in available_tasks()]
+    if unknown:
+        raise SystemExit(f"unknown task(s) {unknown}; available: {', '.join(available_tasks())}")
+    methods = args.methods or baselines.available_methods()
+    unknown = [m for m in methods if m not in baselines.available_methods()]
+    if unknown:
+        raise SystemExit(f"unknown method(s) {unknown}; available: {', '.join(baselines.available_methods())}")
+    seeds = args.seeds if args.seeds is not None else (1 if args.quick else 3)
+    grid = args.grid if args.grid is not None else (3 if args.quick else 5)
+    if seeds < 1 or grid < 1:
+        raise SystemExit("--seeds and --grid must be >= 1")
+    skipped: dict[str, str] = {}
+    jobs: list[Job] = []
+    settings: dict[str, tuple[int, int]] = {}
+    for task in tasks:
+        epochs, bs = task_settings(task)
+        if args.quick:
+            epochs = QUICK_EPOCHS
+        epochs = args.epochs or epochs
+        bs = args.batch_size or bs
+        settings[task] = (epochs, bs)
+        for name in methods:
+            method = baselines.get_method(name)
+            reason = method.available()
+            if reason:
+                skipped[name] = reason
+                continue
+            centre = default_lr(method, task)
+            for gi, lr in enumerate(_rates(method, grid, task)):
+                for seed in range(seeds):
+                    is_default = lr is not None and math.isclose(lr, centre)
+                    jobs.append(Job(task, name, lr, gi if lr is not None else None, is_default, seed, epochs, bs,
+                                    args.threads))
+    return jobs, skipped, {"seeds": seeds, "grid": grid, "task_settings": settings, "tasks": tasks, "methods": methods}
+
+
+_WORKER_CACHE: dict = {}
+
+
+def _worker(job: Job) -> dict:
+    return run_one(job, _WORKER_CACHE)
+
+
+def _job_key(task: str, method: str, lr: Any, seed: int, epochs: int, batch_size: int) -> tuple:
+    return (task, method, None if lr is None else round(float(lr), 12), int(seed), int(epochs), int(batch_size))
+
+
+def _load_partial(path: Path) -> dict[tuple, dict]:
+    """Records of an earlier, interrupted run (``runs.jsonl``), by job key."""
+    done: dict[tuple, dict] = {}
+    if path.is_file():
+        for line in path.read_text().splitlines():
+            try:
+                r = json.loads(line)
+            except json.JSONDecodeError:
+                continue  # a line cut off by the interruption
+            if r.get("status") in ("ok", "diverged"):
+                done[_job_key(r["task"], r["method"], r["lr"], r["seed"], r["epochs"], r["batch_size"])] = r
+    return done
+
+
+def _run_all(jobs: list[Job], n_jobs: int, progress: bool, partial: Path | None = None,
+             resume: bool = False) -> list[dict]:
+    """Run every job (``n_jobs`` processes), appending each record to ``partial`` (JSON lines) as
+    it completes; with ``resume``, jobs already recorded there are not run again."""
+    done = _load_partial(partial) if (partial is not None and resume) else {}
+    if partial is not None and not resume:
+        partial.unlink(missing_ok=True)
+    keys = [_job_key(j.task, j.method, j.lr, j.seed, j.epochs, j.batch_size) for j in jobs]
+    records: dict[tuple, dict] = {k: done[k] for k in keys if k in done}
+    todo = [i for i, k in enumerate(keys) if k not in records]
+    bar = tqdm(total=len(jobs), initial=len(jobs) - len(todo), desc="compare", unit="run", disable=not progress,
+               dynamic_ncols=True)
+    # Longest tasks first, so that the parallel pool does not end on one long run.
+    todo.sort(key=lambda i: -jobs[i].epochs * (3 if "cnn" in jobs[i].task else 1))
+    sink = open(partial, "a") if partial is not None else None
+
+    def collect(rec: dict) -> None:
+        key = _job_key(rec["task"], rec["method"], rec["lr"], rec["seed"], rec["epochs"], rec["batch_size"])
+        records[key] = rec
+        if sink is not None:
+            sink.write(json.dumps(_strict_json(rec), default=_json_default) + "\n")
+            sink.flush()
+        bar.set_postfix_str(f"{rec['task']} {rec['method']}", refresh=False)
+        bar.update()
+
+    try:
+        if n_jobs <= 1:
+            cache: dict = {}
+            for i in todo:
+                collect(run_one(jobs[i], cache))
+        elif todo:
+            ctx = multiprocessing.get_context("spawn")
+            with ctx.Pool(n_jobs) as pool:
+                for rec in pool.imap_unordered(_worker, [jobs[i] for i in todo], chunksize=1):
+                    collect(rec)
+    finally:
+        bar.close()
+        if sink is not None:
+            sink.close()
+    return [records[k] for k in keys]
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    if args.render:
+        return _rerender(Path(args.render), Path(args.out), not args.no_plots)
+    # One controller for the whole comparison, fixed before any worker starts (workers inherit it)
+    controller = baselines.autolr_controller_name()
+    os.environ[baselines.AUTOLR_CONTROLLER_ENV] = controller
+    jobs, skipped, cfg = make_jobs(args)
+    for name, reason in skipped.items():
+        print(f"[compare] skipping {name}: {reason}", file=sys.stderr)
+    if not jobs:
+        print("[compare] nothing to run: every selected method was skipped", file=sys.stderr)
+        return 1
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    t0 = time.perf_counter()
+    runs = _run_all(jobs, args.jobs, not args.no_progress, out / "runs.jsonl", args.resume)
+    for r in runs:
+        if r["status"] == "skipped":
+            skipped.setdefault(r["method"], r["message"])
+            print(f"[compare] skipped {r['method']} on {r['task']}: {r['message']}", file=sys.stderr)
+    rows, targets = summary_rows(runs)
+    config = {
+        "command": "python -m autolr_fast compare " + " ".join(argv if argv is not None else sys.argv[1:]),
+        "machine": machine_info(), "jobs": args.jobs, "threads": args.threads, "quick": args.quick,
+        "seeds": cfg["seeds"], "grid": cfg["grid"], "task_settings": cfg["task_settings"],
+        "methods": {m: {"family": baselines.get_method(m).family, "default_lr": baselines.get_method(m).default_lr,
+                        "task_lr": baselines.get_method(m).task_lr,
+                        "description": baselines.get_method(m).description} for m in cfg["methods"]},
+        "task_optimizers": {t: task_optimizer(t).describe() for t in cfg["tasks"]},
+        "autolr_controller": controller,
+        "autolr_controller_sha256": _controller_digest(controller),
+        "target_rules": {"classification": f"test_acc >= {TARGET_ACC_FRACTION} x best mean final accuracy",
+                         "regression": f"test_loss <= {TARGET_LOSS_FACTOR} x best mean final loss"},
+        "total_wall_time_s": time.perf_counter() - t0,
+    }
+    budget = equal_budget(rows, runs)
+    doc = {"schema": SCHEMA, "config": config, "skipped_methods": skipped, "targets": targets,
+           "summary": rows, "verdicts": verdicts(rows), "equal_budget": budget, "done_when": done_when(budget),
+           "runs": runs}
+    (out / "compare.json").write_text(json.dumps(_strict_json(doc), separators=(",", ":"), default=_json_default,
+                                                 allow_nan=False))
+    md = render_markdown(rows, targets, skipped, config, budget)
+    (out / "compare.md").write_text(md)
+    if not args.no_plots:
+        _plot_all(rows, targets, budget, runs, out)
+    print(md)
+    print(f"\n[compare] {len(runs)} runs in {config['total_wall_time_s']:.0f} s; results in {out}/ "
+          "(compare.json, compare.md, <task>.png)", file=sys.stderr)
+    return 0
+
+
+def _rerender(src: Path, out: Path, plots: bool) -> int:
+    """Table, verdicts and figures again from a ``compare.json`` (e.g. after a renderer change)."""
+    doc = json.loads(src.read_text())
+    if doc.get("schema") != SCHEMA:
+        raise SystemExit(f"{src} is not a {SCHEMA} file (schema {doc.get('schema')!r})")
+    runs = doc["runs"]
+    rows, targets = summary_rows(runs)
+    budget = equal_budget(rows, runs)
+    out.mkdir(parents=True, exist_ok=True)
+    md = render_markdown(rows, targets, doc.get("skipped_methods", {}), doc["config"], budget)
+    (out / "compare.md").write_text(md)
+    if plots:
+        _plot_all(rows, targets, budget, runs, out)
+    print(md)
+    return 0
+
+
+def _controller_digest(name: str) -> str | None:
+    """SHA-256 of the shipped controller file (a controller may be re-shipped under the same name)."""
+    path = PRETRAINED_DIR / f"{name}.pt"
+    return hashlib.sha256(path.read_bytes()).hexdigest() if path.is_file() else None
+
+
+def _plot_all(rows: list[dict], targets: dict, budget: list[dict], runs: list[dict], out: Path) -> None:
+    for task in targets:
+        plot_task(task, rows, runs, out / f"{task}.png")
+    for entry in budget:
+        plot_budget(entry, runs, out / f"{entry['task']}-summary.png")
+
+
+def _strict_json(o: Any) -> Any:
+    """NaN/Inf -> None (strict JSON; ``null`` means diverged or not available)."""
+    if isinstance(o, float) and not math.isfinite(o):
+        return None
+    if isinstance(o, dict):
+        return {k: _strict_json(v) for k, v in o.items()}
+    if isinstance(o, (list, tuple)):
+        return [_strict_json(v) for v in o]
+    return o
+
+
+def _json_default(o: Any) -> Any:
+    if isinstance(o, torch.Tensor):
+        return o.tolist()
+    if isinstance(o, Path):
+        return str(o)
+    raise TypeError(f"not JSON serialisable: {type(o).__name__}")
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,355 @@
+"""Training tasks used by the demo, the comparison harness, meta-training and data collection.
+
+A task is a plug-in: a function that returns a :class:`Task` (data tensors, a model factory,
+a loss, whether accuracy is meaningful, and the optimizer a user would train it with). Adding one
+is one function decorated with ``@register_task("name", optimizer=OptimSpec(...))``. All data is
+generated offline (MNIST-1D from the ``mnist1d`` package's generator, scikit-learn's bundled
+digits and diabetes sets and its ``make_friedman1`` generator, synthetic 1-D regression, token
+sequences from random Markov chains).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+
+import torch
+from mnist1d.data import get_dataset_args, make_dataset
+from sklearn.datasets import load_diabetes, load_digits, make_friedman1
+from torch import Tensor, nn
+
+_TASKS: dict[str, Callable[..., Task]] = {}
+_OPTIMIZERS: dict[str, OptimSpec] = {}
+
+
+@dataclass(frozen=True)
+class OptimSpec:
+    """The optimizer a user would train a task with, at the rate they would pick without tuning.
+
+    ``kind``: ``"sgd"`` (momentum 0.9, the harness's SGD setting), ``"adam"`` or ``"adamw"``.
+    """
+
+    kind: str = "sgd"
+    lr: float = 0.1
+    weight_decay: float = 5e-4
+
+    def __post_init__(self) -> None:
+        if self.kind not in ("sgd", "adam", "adamw"):
+            raise ValueError(f"optimizer kind must be 'sgd', 'adam' or 'adamw', got {self.kind!r}")
+
+    @property
+    def adam_like(self) -> bool:
+        return self.kind in ("adam", "adamw")
+
+    def describe(self) -> str:
+        extra = ", momentum 0.9" if self.kind == "sgd" else ""
+        return f"{self.kind} lr {self.lr:g}{extra}, weight decay {self.weight_decay:g}"
+
+
+#: SGD with momentum 0.9 at 0.1: the optimizer of the original harness tasks.
+SGD_MOMENTUM_DEFAULT = OptimSpec("sgd", 0.1, 5e-4)
+
+
+@dataclass
+class Task:
+    name: str
+    x_train: Tensor
+    y_train: Tensor
+    x_test: Tensor
+    y_test: Tensor
+    make_model: Callable[[], nn.Module]
+    loss_fn: Callable[[Tensor, Tensor], Tensor]
+    num_classes: int | None  # None: regression
+    meta: dict = field(default_factory=dict)
+    optim: OptimSpec = SGD_MOMENTUM_DEFAULT
+
+    @property
+    def is_classification(self) -> bool:
+        return self.num_classes is not None
+
+    def split_validation(self, n_val: int, seed: int = 0) -> tuple[Task, Tensor, Tensor]:
+        """A copy of the task without ``n_val`` training samples, and those samples."""
+        g = torch.Generator().manual_seed(seed)
+        perm = torch.randperm(len(self.x_train), generator=g)
+        val, train = perm[:n_val], perm[n_val:]
+        task = Task(self.name, self.x_train[train], self.y_train[train], self.x_test, self.y_test,
+                    self.make_model, self.loss_fn, self.num_classes, dict(self.meta), self.optim)
+        return task, self.x_train[val], self.y_train[val]
+
+    def batches(self, batch_size: int, seed: int, epochs: int | None = None) -> Iterator[tuple[Tensor, Tensor]]:
+        """Shuffled training mini-batches (drop_last), reproducible from ``seed``."""
+        g = torch.Generator().manual_seed(seed)
+        n = len(self.x_train)
+        epoch = 0
+        while epochs is None or epoch < epochs:
+            perm = torch.randperm(n, generator=g)
+            for i in range(0, n - batch_size + 1, batch_size):
+                idx = perm[i : i + batch_size]
+                yield self.x_train[idx], self.y_train[idx]
+            epoch += 1
+
+    def steps_per_epoch(self, batch_size: int) -> int:
+        return len(self.x_train) // batch_size
+
+    @torch.no_grad()
+    def evaluate(self, model: nn.Module, x: Tensor | None = None, y: Tensor | None = None,
+                 batch_size: int = 1000) -> dict:
+        """``{"loss": float, "acc": float | None}`` on the test split (or on ``x, y``)."""
+        x = self.x_test if x is None else x
+        y = self.y_test if y is None else y
+        was_training = model.training
+        model.eval()
+        total, correct = 0.0, 0
+        for i in range(0, len(x), batch_size):
+            out = model(x[i : i + batch_size])
+            total += float(self.loss_fn(out, y[i : i + batch_size])) * len(out)
+            if self.is_classification:
+                correct += int((out.argmax(1) == y[i : i + batch_size]).sum())
+        model.train(was_training)
+        return {"loss": total / len(x), "acc": correct / len(x) if self.is_classification else None}
+
+
+def register_task(name: str, optimizer: OptimSpec = SGD_MOMENTUM_DEFAULT) -> Callable:
+    """Register a task builder under ``name``, trained by default with ``optimizer``."""
+    def wrap(fn: Callable[..., Task]) -> Callable[..., Task]:
+        _TASKS[name] = fn
+        _OPTIMIZERS[name] = optimizer
+        return fn
+
+    return wrap
+
+
+def task_optimizer(name: str) -> OptimSpec:
+    """The default optimizer of a registered task (known without building its data)."""
+    if name not in _OPTIMIZERS:
+        raise KeyError(f"unknown task {name!r}; available: {', '.join(available_tasks())}")
+    return _OPTIMIZERS[name]
+
+
+def available_tasks() -> list[str]:
+    return sorted(_TASKS)
+
+
+def get_task(name: str, seed: int = 0, **kwargs) -> Task:
+    """Build a registered task (data generated offline, reproducible from ``seed``)."""
+    if name not in _TASKS:
+        raise KeyError(f"unknown task {name!r}; available: {', '.join(available_tasks())}")
+    task = _TASKS[name](seed=seed, **kwargs)
+    task.optim = _OPTIMIZERS[name]
+    return task
+
+
+# ------------------------------------------------------------------------------------------------
+# MNIST-1D
+# ------------------------------------------------------------------------------------------------
+_MNIST1D_CACHE: dict[int, dict] = {}
+
+
+def mnist1d_data(seed: int = 42) -> dict:
+    """MNIST-1D (4,000 train / 1,000 test, 40 features) from the package's offline generator."""
+    if seed not in _MNIST1D_CACHE:
+        args = get_dataset_args()
+        args.seed = seed
+        _MNIST1D_CACHE[seed] = make_dataset(args)
+    return _MNIST1D_CACHE[seed]
+
+
+class MNIST1DCNN(nn.Module):
+    """The small 1-D CNN of the MNIST-1D paper (about 94% test accuracy when trained well)."""
+
+    def __init__(self, channels: int = 25, num_classes: int = 10) -> None:
+        super().__init__()
+        self.conv1 = nn.Conv1d(1, channels, 5, stride=2, padding=1)
+        self.conv2 = nn.Conv1d(channels, channels, 3, stride=2, padding=1)
+        self.conv3 = nn.Conv1d(channels, channels, 3, stride=2, padding=1)
+        self.linear = nn.Linear(channels * 5, num_classes)
+
+    def forward(self, x: Tensor) -> Tensor:
+        x = x.unsqueeze(1)
+        x = torch.relu(self.conv1(x))
+        x = torch.relu(self.conv2(x))
+        x = torch.relu(self.conv3(x))
+        return self.linear(x.flatten(1))
+
+
+def _mlp(sizes: list[int]) -> nn.Sequential:
+    layers: list[nn.Module] = []
+    for a, b in zip(sizes[:-1], sizes[1:], strict=True):
+        layers += [nn.Linear(a, b), nn.ReLU()]
+    return nn.Sequential(*layers[:-1])
+
+
+def _mnist1d_task(name: str, make_model: Callable[[], nn.Module], seed: int, data_seed: int = 42) -> Task:
+    d = mnist1d_data(data_seed)
+    def floats(a) -> Tensor:
+        return torch.as_tensor(a, dtype=torch.float32)
+
+    def labels(a) -> Tensor:
+        return torch.as_tensor(a, dtype=torch.long)
+
+    return Task(name, floats(d["x"]), labels(d["y"]), floats(d["x_test"]), labels(d["y_test"]), make_model,
+                nn.functional.cross_entropy, 10, {"data_seed": data_seed})
+
+
+@register_task("mnist1d-cnn")
+def mnist1d_cnn(seed: int = 0, data_seed: int = 42) -> Task:
+    return _mnist1d_task("mnist1d-cnn", lambda: MNIST1DCNN(), seed, data_seed)
+
+
+@register_task("mnist1d-mlp")
+def mnist1d_mlp(seed: int = 0, data_seed: int = 42) -> Task:
+    return _mnist1d_task("mnist1d-mlp", lambda: _mlp([40, 100, 100, 10]), seed, data_seed)
+
+
+# ------------------------------------------------------------------------------------------------
+# scikit-learn digits
+# ------------------------------------------------------------------------------------------------
+@register_task("digits-mlp")
+def digits_mlp(seed: int = 0) -> Task:
+    x, y = load_digits(return_X_y=True)
+    x = torch.as_tensor(x, dtype=torch.float32) / 16.0
+    y = torch.as_tensor(y, dtype=torch.long)
+    g = torch.Generator().manual_seed(1234)  # fixed split, independent of the training seed
+    perm = torch.randperm(len(x), generator=g)
+    test, train = perm[:297], perm[297:]
+    return Task("digits-mlp", x[train], y[train], x[test], y[test], lambda: _mlp([64, 64, 10]),
+                nn.functional.cross_entropy, 10)
+
+
+# ------------------------------------------------------------------------------------------------
+# 1-D function regression
+# ------------------------------------------------------------------------------------------------
+REGRESSION_FUNCTIONS: dict[str, tuple[Callable[[Tensor], Tensor], tuple[float, float]]] = {
+    "log": (torch.log, (0.1, 5.0)),
+    "exp": (torch.exp, (-2.0, 2.0)),
+    "sin": (torch.sin, (-math.pi, math.pi)),
+    "inv": (lambda x: 1.0 / x, (0.2, 5.0)),
+    "step": (lambda x: (x > 0).float(), (-1.0, 1.0)),
+}
+
+
+def _regression_task(fn_name: str, seed: int, n_train: int = 1024, n_test: int = 256) -> Task:
+    fn, (lo, hi) = REGRESSION_FUNCTIONS[fn_name]
+    g = torch.Generator().manual_seed(777)
+    x_train = lo + (hi - lo) * torch.rand(n_train, 1, generator=g)
+    x_test = lo + (hi - lo) * torch.rand(n_test, 1, generator=g)
+    return Task(f"regress-{fn_name}", x_train, fn(x_train), x_test, fn(x_test), lambda: _mlp([1, 64, 64, 1]),
+                nn.functional.mse_loss, None, {"function": fn_name, "domain": (lo, hi)})
+
+
+for _fn in REGRESSION_FUNCTIONS:
+    register_task(f"regress-{_fn}")(lambda seed=0, _fn=_fn: _regression_task(_fn, seed))
+
+
+# ------------------------------------------------------------------------------------------------
+# Tasks kept out of every controller's training: other architectures, optimizers and loss scales
+# ------------------------------------------------------------------------------------------------
+def _fixed_split(n: int, n_test: int, seed: int) -> tuple[Tensor, Tensor]:
+    """Train and test indices of a split fixed by ``seed`` (independent of the training seed)."""
+    perm = torch.randperm(n, generator=torch.Generator().manual_seed(seed))
+    return perm[n_test:], perm[:n_test]
+
+
+def _standardise(train: Tensor, *others: Tensor) -> list[Tensor]:
+    """Every tensor standardised with the training tensor's column mean and std."""
+    mean, std = train.mean(0), train.std(0).clamp_min(1e-8)
+    return [(t - mean) / std for t in (train, *others)]
+
+
+class MarkovGRU(nn.Module):
+    """Token embedding, one GRU layer, a linear head on the last hidden state."""
+
+    def __init__(self, vocab: int, num_classes: int, embed: int = 16, hidden: int = 32) -> None:
+        super().__init__()
+        self.embed = nn.Embedding(vocab, embed)
+        self.rnn = nn.GRU(embed, hidden, batch_first=True)
+        self.head = nn.Linear(hidden, num_classes)
+
+    def forward(self, x: Tensor) -> Tensor:
+        out, _ = self.rnn(self.embed(x))
+        return self.head(out[:, -1])
+
+
+def markov_sequences(n: int, length: int, transitions: Tensor, g: torch.Generator) -> tuple[Tensor, Tensor]:
+    """``n`` token sequences, each drawn from one of the chains in ``transitions`` (classes x V x V)
+    from a uniform start token; the label is the chain."""
+    classes, vocab, _ = transitions.shape
+    y = torch.randint(classes, (n,), generator=g)
+    x = torch.empty(n, length, dtype=torch.long)
+    x[:, 0] = torch.randint(vocab, (n,), generator=g)
+    for t in range(1, length):
+        probs = transitions[y, x[:, t - 1]]
+        x[:, t] = torch.multinomial(probs, 1, generator=g).squeeze(1)
+    return x, y
+
+
+@register_task("markov-gru", optimizer=OptimSpec("adamw", 1e-3, 1e-2))
+def markov_gru(seed: int = 0, vocab: int = 12, classes: int = 4, length: int = 20) -> Task:
+    """Which of 4 random Markov chains generated a token sequence (text-like data, order matters:
+    the chains share most of their transitions, so single-token counts do not decide the class).
+    A GRU trained with AdamW at 1e-3, the usual default for recurrent and attention models."""
+    g = torch.Generator().manual_seed(2024)
+
+    def dirichlet_half(*shape: int) -> Tensor:
+        # Dirichlet(0.5) rows from the seeded generator: Gamma(1/2) is z**2 / 2 for a normal z
+        w = torch.randn(*shape, generator=g) ** 2
+        return w / w.sum(-1, keepdim=True)
+
+    transitions = 0.6 * dirichlet_half(vocab, vocab) + 0.4 * dirichlet_half(classes, vocab, vocab)
+    x_train, y_train = markov_sequences(2000, length, transitions, g)
+    x_test, y_test = markov_sequences(1000, length, transitions, g)
+    return Task("markov-gru", x_train, y_train, x_test, y_test, lambda: MarkovGRU(vocab, classes),
+                nn.functional.cross_entropy, classes, {"vocab": vocab, "length": length})
+
+
+class DigitsBNCNN(nn.Module):
+    """A 2-D CNN with BatchNorm for the 8x8 digits: two conv-BN-ReLU blocks, pooling, a linear head."""
+
+    def __init__(self, channels: int = 16, num_classes: int = 10) -> None:
+        super().__init__()
+        self.net = nn.Sequential(
+            nn.Conv2d(1, channels, 3, padding=1), nn.BatchNorm2d(channels), nn.ReLU(), nn.MaxPool2d(2),
+            nn.Conv2d(channels, 2 * channels, 3, padding=1), nn.BatchNorm2d(2 * channels), nn.ReLU(),
+            nn.AdaptiveAvgPool2d(2), nn.Flatten(), nn.Linear(8 * channels, num_classes))
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.net(x.view(-1, 1, 8, 8))
+
+
+@register_task("digits-bncnn")
+def digits_bncnn(seed: int = 0) -> Task:
+    """scikit-learn's digits as 8x8 images, a CNN with BatchNorm, SGD with momentum at 0.1."""
+    x, y = load_digits(return_X_y=True)
+    x = torch.as_tensor(x, dtype=torch.float32) / 16.0
+    y = torch.as_tensor(y, dtype=torch.long)
+    train, test = _fixed_split(len(x), 297, 4321)
+    return Task("digits-bncnn", x[train], y[train], x[test], y[test], lambda: DigitsBNCNN(),
+                nn.functional.cross_entropy, 10)
+
+
+@register_task("diabetes-mlp", optimizer=OptimSpec("adam", 1e-3, 0.0))
+def diabetes_mlp(seed: int = 0) -> Task:
+    """scikit-learn's diabetes progression (442 patients, 10 features), standardised inputs and
+    targets: a small, noisy regression (test MSE about 0.5 in target variances), Adam at 1e-3."""
+    x, y = load_diabetes(return_X_y=True)
+    x = torch.as_tensor(x, dtype=torch.float32)
+    y = torch.as_tensor(y, dtype=torch.float32).unsqueeze(1)
+    train, test = _fixed_split(len(x), 100, 99)
+    x_train, x_test = _standardise(x[train], x[test])
+    y_train, y_test = _standardise(y[train], y[test])
+    return Task("diabetes-mlp", x_train, y_train, x_test, y_test, lambda: _mlp([10, 64, 64, 1]),
+                nn.functional.mse_loss, None)
+
+
+@register_task("friedman-mlp", optimizer=OptimSpec("sgd", 0.01, 5e-4))
+def friedman_mlp(seed: int = 0) -> Task:
+    """scikit-learn's Friedman #1 generator (10 inputs, 5 of them used, noise 1) with the targets
+    left in their own units: the loss starts near 200 and ends near 1, another loss scale than
+    the other tasks. SGD with momentum at 0.01 (0.1 diverges on this scale)."""
+    x, y = make_friedman1(n_samples=2500, n_features=10, noise=1.0, random_state=7)
+    x = torch.as_tensor(x, dtype=torch.float32)
+    y = torch.as_tensor(y, dtype=torch.float32).unsqueeze(1)
+    train, test = _fixed_split(len(x), 500, 77)
+    return Task("friedman-mlp", x[train], y[train], x[test], y[test], lambda: _mlp([10, 64, 64, 1]),
+                nn.functional.mse_loss, None, {"noise_variance": 1.0})

@@ -1,0 +1,32 @@
+"""Reading and writing controller files: one ``torch.load`` wrapper, atomic writes, and where the
+controllers shipped with the package live."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+import torch
+
+PRETRAINED_DIR = Path(__file__).resolve().parent / "weights"
+
+
+def read_file(path: str | os.PathLike, what: str, map_location: str = "cpu") -> Any:
+    """``torch.load(path, weights_only=True)``; a file that is not readable as such raises
+    ``ValueError`` naming ``what`` was expected (a missing file stays ``FileNotFoundError``)."""
+    path = os.fspath(path)
+    try:
+        return torch.load(path, map_location=map_location, weights_only=True)
+    except FileNotFoundError:
+        raise
+    except Exception as exc:  # corrupted, truncated, not a torch file
+        raise ValueError(f"could not read {what} from {path!r}: {exc}") from exc
+
+
+def write_file(blob: Any, path: str | os.PathLike) -> None:
+    """``torch.save`` to a temporary file, then rename: a reader never sees half a file."""
+    path = os.fspath(path)
+    tmp = path + ".tmp"
+    torch.save(blob, tmp)
+    os.replace(tmp, path)

@@ -1,0 +1,114 @@
+"""Every op of autolr_fast, in one namespace: ``torch.ops.autolr_fast.<name>``.
+
+Each op is defined here once (its schema), with its fake kernel beside the definition (shapes
+only, for ``torch.compile`` and FakeTensor tracing). The kernels behind them:
+
+* CPU: the C++ kernels of ``autolr_fast._C`` (``csrc/ops``) when the extension is built, else
+  the plain PyTorch references of :mod:`autolr_fast.ops.reference`, registered here;
+* CUDA: the multi-tensor look-ahead / hyper-dot ops in CUDA (``csrc/ops/ops_cuda.cu``, when the
+  extension was compiled with them), the controller step and its gradient in Triton
+  (:mod:`autolr_fast.ops.triton_backend`).
+
+Semantics of every op: the function of the same name in :mod:`autolr_fast.ops.reference`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+
+import torch
+from torch import Tensor
+
+from . import reference
+
+NAMESPACE = "autolr_fast"
+
+try:
+    from .. import _C  # noqa: F401  (loading the library registers its kernels)
+except ImportError as exc:  # not built, or built against another torch
+    EXTENSION = None
+    EXTENSION_DETAIL = (f"autolr_fast._C is not importable ({exc}); build it with "
+                        "`python setup.py build_ext --inplace` or `pip install --no-build-isolation .`")
+else:
+    EXTENSION = _C
+    EXTENSION_DETAIL = f"autolr_fast._C loaded from {_C.__file__}"
+
+
+def qualname(op: str) -> str:
+    return f"{NAMESPACE}::{op}"
+
+
+def has_kernel(op: str, device_type: str) -> bool:
+    """Whether ``op`` has a kernel of its own for ``"CPU"`` or ``"CUDA"`` (not a fallback)."""
+    return torch._C._dispatch_has_kernel_for_dispatch_key(qualname(op), device_type)
+
+
+def _define(op: str, schema: str, fake: Callable, reference_cpu: Callable) -> None:
+    torch.library.define(qualname(op), schema)
+    torch.library.register_fake(qualname(op), fake)
+    if not has_kernel(op, "CPU"):  # no C++ kernel: the reference is the CPU kernel
+        torch.library.impl(qualname(op), "CPU", reference_cpu)
+
+
+def _like_all(xs: Sequence[Tensor]) -> list[Tensor]:
+    return [torch.empty_like(x, memory_format=torch.contiguous_format) for x in xs]
+
+
+def _scalar_f32(like: Tensor) -> Tensor:
+    return like.new_empty((), dtype=torch.float32)
+
+
+# -- multi-tensor look-ahead and hypergradient dot product -----------------------------------------
+_define("lookahead", "(Tensor[] params, Tensor[] dirs, Tensor alpha) -> Tensor[]",
+        lambda params, dirs, alpha: _like_all(params), reference.lookahead)
+
+_define("hyper_dot", "(Tensor[] a, Tensor[] b) -> Tensor",
+        lambda a, b: _scalar_f32(a[0]), reference.hyper_dot)
+
+_define("lookahead_sgd",
+        "(Tensor[] params, Tensor[] grads, Tensor?[] momentum_buffers, Tensor alpha, float momentum, "
+        "float dampening, float weight_decay, bool nesterov, bool maximize=False) -> Tensor[]",
+        lambda params, *args, **kwargs: _like_all(params), reference.lookahead_sgd)
+
+_define("hyper_dot_sgd",
+        "(Tensor[] val_grads, Tensor[] params, Tensor[] grads, Tensor?[] momentum_buffers, float momentum, "
+        "float dampening, float weight_decay, bool nesterov, bool maximize=False) -> Tensor",
+        lambda val_grads, params, *args, **kwargs: _scalar_f32(params[0]), reference.hyper_dot_sgd)
+
+# steps: each parameter's stored step count (torch.optim counts steps per parameter), CPU tensors
+# (torch.optim's default, read on the host) or on the parameters' device (read by the kernel).
+_define("lookahead_adam",
+        "(Tensor[] params, Tensor[] grads, Tensor?[] exp_avgs, Tensor?[] exp_avg_sqs, Tensor?[] max_exp_avg_sqs, "
+        "Tensor[] steps, Tensor alpha, float beta1, float beta2, float eps, float weight_decay, bool decoupled, "
+        "bool maximize=False) -> Tensor[]",
+        lambda params, *args, **kwargs: _like_all(params), reference.lookahead_adam)
+
+_define("hyper_dot_adam",
+        "(Tensor[] val_grads, Tensor[] params, Tensor[] grads, Tensor?[] exp_avgs, Tensor?[] exp_avg_sqs, "
+        "Tensor?[] max_exp_avg_sqs, Tensor[] steps, float beta1, float beta2, float eps, float weight_decay, "
+        "bool decoupled, bool maximize=False) -> Tensor",
+        lambda val_grads, params, *args, **kwargs: _scalar_f32(params[0]), reference.hyper_dot_adam)
+
+
+# -- the controller step and its weight gradient ----------------------------------------------------
+def _step_reference(loss, h, c, weights, gamma, rate, lr_list, scales, ok, counters=None) -> None:
+    ok.copy_(reference.mlrsnet_scheduler_step_(loss, h, c, weights, gamma, rate, lr_list, scales, counters))
+
+
+def _param_grads_reference(loss, h, c, weights, grad_p) -> list[Tensor]:
+    with torch.no_grad():
+        return reference.mlrsnet_param_grads_explicit(loss, h, c, weights, grad_p)
+
+
+# In place: h, c, rate, every lr tensor, ok (0-dim bool: was the step taken) and the int64
+# counters [skipped, negative]; allocates nothing (safe in CUDA graphs).
+_define("mlrsnet_step_",
+        "(Tensor loss, Tensor(a!) h, Tensor(b!) c, Tensor[] weights, Tensor gamma, Tensor(c!) rate, "
+        "Tensor(d!)[] lr_list, float[] scales, Tensor(e!) ok, Tensor(f!)? counters=None) -> ()",
+        lambda *args, **kwargs: None, _step_reference)
+
+_define("mlrsnet_param_grads", "(Tensor loss, Tensor h, Tensor c, Tensor[] weights, Tensor grad_p) -> Tensor[]",
+        lambda loss, h, c, weights, grad_p: [torch.empty_like(w) for w in weights], _param_grads_reference)
+
+OPS = ("lookahead", "hyper_dot", "lookahead_sgd", "hyper_dot_sgd", "lookahead_adam", "hyper_dot_adam",
+       "mlrsnet_step_", "mlrsnet_param_grads")

@@ -1,0 +1,180 @@
+"""``gamma``, the scale of the controller's output: ``rate = gamma * p`` with ``p`` in ``[0, 1]``.
+
+Where the scale comes from (``AutoLR(gamma=...)``):
+
+* ``None`` (default), the **lr anchor**: the optimizer's ``lr`` is the peak rate the user means
+  (PyTorch's convention, as ``OneCycleLR``'s ``max_lr``). At the first finite loss the MLR-SNet
+  controller is run ``SETTLE_STEPS`` times on that loss, to the output ``p*`` it settles at, and
+  keeps that state; ``gamma = lr / p*``, so training starts at the user's ``lr`` and the
+  controller moves the rate relative to it. This works the same for SGD, momentum, Adam and
+  AdamW, for any loss scale, because the user already chose ``lr`` for that optimizer.
+* ``"controller"``: the ``default_gamma`` a saved controller carries (the scale it was trained
+  with, on its task and optimizer); warned about when it is far from the optimizer's ``lr``.
+* ``"auto"``: the published rule from the first loss and the class count (plain SGD only).
+* a float: fixed.
+
+``total_steps=T`` multiplies the scale by a cosine envelope ``(1 + cos(pi * t / T)) / 2`` (the
+controller cannot know how long the run is, and a rate that does not decay ends training at a
+higher loss). Everything is computed on the device; the first finite loss is recognised without
+a host sync (the scheduler's polled counters).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import Tensor, nn
+
+from . import optim_support
+from .controllers.mlrsnet import MLRSNet
+from .ops import reference
+
+SETTLE_STEPS = 300
+# p* below this is treated as 0 (no usable anchor): the rate would be lr / p* > 1000 * lr
+MIN_SETTLED_P = 1e-3
+MODES = ("lr", "controller", "auto", "fixed")
+
+
+def cosine_envelope(step: int, total_steps: int) -> float:
+    """``(1 + cos(pi * t / T)) / 2`` for ``t < T``, then 0 (``CosineAnnealingLR`` to 0)."""
+    if step >= total_steps:
+        return 0.0
+    return 0.5 * (1.0 + math.cos(math.pi * step / total_steps))
+
+
+class RateScale:
+    """The scale tensors of one ``AutoLR``: ``peak`` (0-dim, NaN until known) and ``gamma``, what
+    the controller step reads (``peak`` times the envelope; the same tensor without one)."""
+
+    def __init__(self, gamma: float | str | None, controller: nn.Module, optimizer: torch.optim.Optimizer,
+                 device: torch.device, base_lr: float, *, num_classes: int | None, total_steps: int | None,
+                 warned: set) -> None:
+        self.device = device
+        self.base_lr = float(base_lr)
+        self.num_classes = None if num_classes is None else int(num_classes)
+        if total_steps is not None and int(total_steps) < 1:
+            raise ValueError(f"total_steps must be a positive number of optimizer steps, got {total_steps!r}")
+        self.total_steps = None if total_steps is None else int(total_steps)
+        self.mode = self._mode(gamma, controller)
+        nan = float("nan")
+        if self.mode == "lr":
+            if not (math.isfinite(self.base_lr) and self.base_lr > 0):
+                raise ValueError(
+                    f"AutoLR takes its scale from the optimizer's lr, which is {base_lr!r}: construct the "
+                    "optimizer with the peak rate you mean (e.g. SGD(params, lr=0.1) or AdamW(params, lr=1e-3)), "
+                    "or pass gamma=<float>"
+                )
+            start = nan
+        elif self.mode == "auto":
+            if self.num_classes is None or self.num_classes < 2:
+                raise ValueError(
+                    "gamma='auto' needs num_classes >= 2: the published rule scales the rate by the "
+                    "initial cross-entropy loss and the class count. Leave gamma unset to take the scale "
+                    "from the optimizer's lr, or pass a float"
+                )
+            start = nan
+        else:
+            start = float(controller.default_gamma if self.mode == "controller" else gamma)
+            if not math.isfinite(start) or start <= 0:
+                raise ValueError(f"gamma must be a positive finite float, None, 'controller' or 'auto', got {start!r}")
+        self.peak = torch.full((), start, device=device)
+        self.gamma = self.peak if self.total_steps is None else self.peak.clone()
+        self.pending = self.mode in ("lr", "auto")
+        self._warn_about_choice(optimizer, warned)
+
+    def _mode(self, gamma, controller: nn.Module) -> str:
+        if gamma is None:
+            if isinstance(controller, MLRSNet):
+                return "lr"
+            if controller.default_gamma is None:
+                raise ValueError(
+                    f"AutoLR needs gamma for a {type(controller).__name__} without a default_gamma: pass a float")
+            return "controller"
+        if isinstance(gamma, str):
+            if gamma == "controller":
+                if controller.default_gamma is None:
+                    raise ValueError(
+                        f"gamma='controller' needs a controller that carries its own gamma (a saved or shipped "
+                        f"one); this {type(controller).__name__} has none: leave gamma unset to take the scale "
+                        "from the optimizer's lr")
+                return "controller"
+            if gamma in ("auto", "lr"):
+                return gamma
+            raise ValueError(f"gamma must be a float, None, 'controller' or 'auto', got {gamma!r}")
+        return "fixed"
+
+    def _warn_about_choice(self, optimizer: torch.optim.Optimizer, warned: set) -> None:
+        adam_like = isinstance(optimizer, (torch.optim.Adam, torch.optim.AdamW, torch.optim.Adamax,
+                                           torch.optim.NAdam, torch.optim.RAdam))
+        momentum = max(float(g.get("momentum", 0.0) or 0.0) for g in optimizer.param_groups)
+        name = type(optimizer).__name__
+        if self.mode in ("controller", "fixed") and self.base_lr > 0:
+            g = float(self.peak)
+            if not 0.1 <= g / self.base_lr <= 10.0:
+                what = "the controller's own gamma" if self.mode == "controller" else "gamma"
+                optim_support.warn_once(
+                    warned, "gamma_far_from_lr",
+                    f"AutoLR: {what} {g:g} is {g / self.base_lr:.3g}x the lr {self.base_lr:g} that {name} was "
+                    "given, so the rate will be far from the rate you chose for this optimizer. Leave gamma "
+                    "unset to scale the controller to the optimizer's lr",
+                )
+        if self.mode == "auto" and (adam_like or momentum > 0):
+            optim_support.warn_once(
+                warned, "auto_gamma_optimizer",
+                f"AutoLR: gamma='auto' is the published rule for plain SGD; with {name}"
+                f"{f' (momentum {momentum:g})' if momentum else ''} its rate is too large and training may "
+                "diverge. Leave gamma unset to scale the controller to the optimizer's lr",
+            )
+
+    # ------------------------------------------------------------------------------------------
+    def update_(self, loss: Tensor, step: int, controller: nn.Module) -> None:
+        """Before the controller step ``step`` (0-based) reads ``loss``: set the peak once from the
+        first finite loss, then ``gamma`` for this step. No host sync; nothing at all in the
+        steady state without an envelope (this runs every step)."""
+        if self.pending:
+            with torch.no_grad():
+                candidate = (reference.auto_gamma(loss, self.num_classes) if self.mode == "auto"
+                             else self._anchor(loss, controller))
+                usable = torch.isfinite(candidate) & (candidate > 0)
+                unset = ~torch.isfinite(self.peak)
+                self.peak.copy_(torch.where(unset & usable, candidate, self.peak))
+        if self.total_steps is not None:
+            torch.mul(self.peak, cosine_envelope(step, self.total_steps), out=self.gamma)
+
+    def _anchor(self, loss: Tensor, controller: MLRSNet) -> Tensor:
+        """``lr / p*``; settles the controller's state on ``loss`` while no peak is set."""
+        h, c = controller.h.clone(), controller.c.clone()
+        p = controller.settle_(loss, SETTLE_STEPS)
+        unset = ~torch.isfinite(self.peak)
+        controller.h.copy_(torch.where(unset, controller.h, h))
+        controller.c.copy_(torch.where(unset, controller.c, c))
+        p = torch.where(p >= MIN_SETTLED_P, p, torch.zeros_like(p))
+        return self.base_lr / p
+
+    def found(self) -> None:
+        """The host has seen a finite loss: the peak is set (or the rule had no usable value)."""
+        self.pending = False
+
+    # ------------------------------------------------------------------------------------------
+    def state_dict(self) -> dict:
+        return {"mode": self.mode, "peak": self.peak.detach().clone(), "gamma": self.gamma.detach().clone(),
+                "base_lr": self.base_lr, "total_steps": self.total_steps, "num_classes": self.num_classes}
+
+    def check_state(self, state: dict) -> None:
+        if state.get("mode") not in MODES:
+            raise ValueError(f"the state_dict's rate scale has an unknown mode {state.get('mode')!r}")
+
+    def load_state_dict(self, state: dict) -> None:
+        self.mode = state["mode"]
+        self.base_lr = float(state["base_lr"])
+        self.num_classes = state["num_classes"]
+        self.total_steps = state["total_steps"]
+        with torch.no_grad():
+            self.peak.copy_(state["peak"])
+            if self.total_steps is None:
+                self.gamma = self.peak
+            else:
+                self.gamma = self.peak.clone()
+                self.gamma.copy_(state["gamma"])
+        self.pending = self.mode in ("lr", "auto") and not bool(torch.isfinite(self.peak))

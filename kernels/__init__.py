@@ -1,1 +1,0 @@
-"""Triton kernels of autolr_fast (installed as ``autolr_fast.kernels``)."""

@@ -1,0 +1,74 @@
+"""The demo and meta-training commands in their quick form: records, plots, the shipped file."""
+
+import json
+
+import torch
+
+from autolr_experiments import demo, meta_train
+from autolr_fast import load_controller
+from autolr_fast.controllers.pretrained import PRETRAINED_DIR
+
+
+def test_meta_train_quick_writes_record_plot_and_shipped_file(tmp_path):
+    shipped = tmp_path / "ship" / "mnist1d-cnn.pt"
+    before = sorted(PRETRAINED_DIR.iterdir())
+    assert meta_train.main(["--quick", "--epochs", "2", "--out", str(tmp_path), "--ship", str(shipped)]) == 0
+    record = json.loads((tmp_path / "record.json").read_text())
+    names = {r["name"] for r in record["runs"]}
+    assert names == {"meta", "cosine", "constant", "pretrained"}
+    for r in record["runs"]:
+        assert len(r["epochs"]) == 2 and len(r["rates"]) == 2 * 35
+        assert all(0 <= e["test_acc"] <= 1 for e in r["epochs"])
+    meta = [r for r in record["runs"] if r["name"] == "meta"][0]
+    assert meta["extra"]["meta_steps"] == 70 // 5
+    assert (tmp_path / "meta_train.png").stat().st_size > 10_000
+    assert "| meta |" in (tmp_path / "summary.md").read_text()
+    ctrl = load_controller(shipped)  # written where asked, not into the package
+    assert ctrl.default_gamma > 0 and ctrl.info["seed"] == 0
+    assert sorted(PRETRAINED_DIR.iterdir()) == before
+
+
+def test_demo_quick(tmp_path):
+    assert demo.main(["--quick", "--out", str(tmp_path)]) == 0
+    record = json.loads((tmp_path / "demo.json").read_text())
+    runs = record["runs"]
+    assert [len(r["epochs"]) for r in runs] == [3, 3]
+    assert [r["name"] for r in runs] == [demo.AUTOLR_NAME, demo.COSINE_NAME]
+    assert set(record["summary"]) == {demo.AUTOLR_NAME, demo.COSINE_NAME}
+    # the default scale: the first rate is the optimizer's lr, then a cosine envelope to ~0
+    rates = runs[0]["rates"]
+    assert abs(rates[0] - demo.DEMO_LR) < 1e-6 and rates[-1] < 0.01 * demo.DEMO_LR
+    assert (tmp_path / "demo.png").is_file()
+
+
+def test_meta_train_family_quick_writes_controller_record_and_ships(tmp_path):
+    ship = tmp_path / "weights"
+    before = sorted(PRETRAINED_DIR.iterdir())
+    out = tmp_path / "out"
+    assert meta_train.main(["--family", "--quick", "--out", str(out), "--ship", str(ship)]) == 0
+    ctrl = load_controller(ship / "default.pt")
+    card = json.loads((ship / "default.json").read_text())
+    tasks = {r.task for r in meta_train.FAMILY[:4]}
+    assert set(ctrl.info["tasks"]) == set(card["tasks"]) == tasks
+    assert not tasks & meta_train.held_out_tasks()  # compare can mark leave-one-task-out
+    assert card["command"].startswith("python -m autolr_fast meta-train --family")
+    record = json.loads((out / "record.json").read_text())
+    runs = record["family_runs"]
+    assert [r["task"] for r in runs] == [r.task for r in meta_train.FAMILY[:4]]
+    assert all(r["meta_steps"] > 0 and r["status"] == "ok" for r in runs)
+    # the lr anchor: every run starts at its optimizer's lr (p_t / p* = 1 at step 0)
+    assert all(abs(r["p_rel"][0] - 1.0) < 1e-4 for r in runs)
+    assert {r["method"] for r in record["check"]} == {"cosine", "default", "fresh"}
+    assert (out / "family_p.png").stat().st_size > 10_000 and (out / "summary.md").is_file()
+    assert sorted(PRETRAINED_DIR.iterdir()) == before
+
+
+def test_meta_train_family_horizon_moves_theta(tmp_path):
+    """The k-steps-later objective (``--horizon``) takes meta-steps and changes the controller."""
+    out = tmp_path / "out"
+    assert meta_train.main(["--family", "--quick", "--horizon", "3", "--check-seeds", "0", "--out", str(out)]) == 0
+    runs = json.loads((out / "record.json").read_text())["family_runs"]
+    assert all(r["meta_steps"] > 0 for r in runs)
+    moved = load_controller(out / "default.pt").state_dict()
+    fresh = meta_train.fresh_controller().state_dict()
+    assert any(not torch.equal(moved[k], fresh[k]) for k in moved if k not in ("h", "c"))

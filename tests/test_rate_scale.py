@@ -1,0 +1,146 @@
+"""The default scale (the optimizer's lr as the anchor), the cosine envelope and the warnings."""
+
+from __future__ import annotations
+
+import copy
+import math
+import warnings
+
+import pytest
+import torch
+from torch import nn
+
+from autolr_fast import AutoLR, MLRSNet, load_pretrained
+from autolr_fast.rate_scale import cosine_envelope
+
+OPTIMIZERS = {
+    "sgd": lambda p: torch.optim.SGD(p, lr=0.05),
+    "sgd_momentum": lambda p: torch.optim.SGD(p, lr=0.05, momentum=0.9, weight_decay=5e-4),
+    "sgd_nesterov": lambda p: torch.optim.SGD(p, lr=0.05, momentum=0.9, nesterov=True),
+    "adam": lambda p: torch.optim.Adam(p, lr=1e-3),
+    "adamw": lambda p: torch.optim.AdamW(p, lr=1e-3, weight_decay=1e-2),
+}
+
+
+def _problem(kind: str, seed: int = 0):
+    """A small real task: 3-class classification of Gaussian blobs, or a noisy sine regression."""
+    g = torch.Generator().manual_seed(seed)
+    if kind == "classification":
+        centers = torch.randn(3, 10, generator=g) * 2.0
+        y = torch.randint(0, 3, (256,), generator=g)
+        x = centers[y] + torch.randn(256, 10, generator=g)
+        return x, y, nn.functional.cross_entropy, 3
+    x = torch.rand(256, 1, generator=g) * 6 - 3
+    y = torch.sin(x) + 0.05 * torch.randn(256, 1, generator=g)
+    return x, y, nn.functional.mse_loss, 1
+
+
+def _model(outputs: int, inputs: int) -> nn.Module:
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Linear(inputs, 32), nn.Tanh(), nn.Linear(32, outputs))
+
+
+@pytest.mark.parametrize("task", ["classification", "regression"])
+@pytest.mark.parametrize("opt_kind", sorted(OPTIMIZERS))
+def test_default_scale_starts_at_lr_and_never_diverges(opt_kind, task):
+    """AutoLR(opt) with no gamma: the first rate is the optimizer's lr, the rate stays near it, and
+    a short real run lowers the loss on every optimizer and loss kind."""
+    x, y, loss_fn, out = _problem(task)
+    model = _model(out, x.shape[1])
+    opt = OPTIMIZERS[opt_kind](model.parameters())
+    lr = opt.param_groups[0]["lr"]
+    sched = AutoLR(opt, load_pretrained("mnist1d-cnn"))
+    losses, rates = [], []
+    for i in range(150):
+        xb, yb = x[(i * 32) % 256:(i * 32) % 256 + 32], y[(i * 32) % 256:(i * 32) % 256 + 32]
+        opt.zero_grad()
+        loss = loss_fn(model(xb), yb)
+        loss.backward()
+        sched.step(loss)
+        opt.step()
+        losses.append(float(loss.detach()))
+        rates.append(float(sched.last_rate))
+    assert sched.gamma_mode == "lr"
+    assert rates[0] == pytest.approx(lr, rel=1e-4)
+    assert all(math.isfinite(v) for v in losses)
+    assert all(0.1 * lr <= r <= 3.0 * lr for r in rates), (min(rates), max(rates))
+    assert sum(losses[-10:]) / 10 < 0.5 * sum(losses[:10]) / 10, "the short run must learn"
+
+
+@pytest.mark.filterwarnings("ignore:AutoLR.step was called twice")
+def test_anchor_is_set_by_the_first_finite_loss():
+    model = nn.Linear(4, 2)
+    opt = torch.optim.SGD(model.parameters(), lr=0.02)
+    sched = AutoLR(opt, MLRSNet(hidden_size=8))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        model(torch.randn(3, 4)).sum().backward()
+        sched.step(torch.tensor(float("nan")))
+    assert not torch.isfinite(sched.gamma) and float(sched.last_rate) == 0.0
+    assert torch.equal(sched.controller.h, torch.zeros_like(sched.controller.h)), "a NaN loss must not settle the state"
+    sched.step(torch.tensor(1.7))
+    assert float(sched.last_rate) == pytest.approx(0.02, rel=1e-4)
+    anchored = sched.gamma.clone()
+    opt.step()
+    sched.step(torch.tensor(0.4))
+    assert torch.equal(sched.gamma, anchored), "the anchor is set once"
+
+
+@pytest.mark.filterwarnings("ignore:AutoLR.step was called twice")
+def test_cosine_envelope_over_total_steps():
+    model, other = nn.Linear(4, 2), nn.Linear(4, 2)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    ctrl = MLRSNet(hidden_size=8)
+    free = AutoLR(torch.optim.SGD(other.parameters(), lr=0.1), copy.deepcopy(ctrl))
+    sched = AutoLR(opt, ctrl, total_steps=20)
+    model(torch.randn(3, 4)).sum().backward()
+    other(torch.randn(3, 4)).sum().backward()
+    for t in range(24):
+        loss = torch.tensor(2.0 / (1 + t))
+        free.step(loss)
+        sched.step(loss)
+        expected = float(free.last_rate) * cosine_envelope(t, 20)
+        assert float(sched.last_rate) == pytest.approx(expected, rel=1e-5, abs=1e-9), t
+    assert float(sched.last_rate) == 0.0
+
+
+@pytest.mark.filterwarnings("ignore:AutoLR.step was called twice")
+def test_envelope_and_anchor_resume_bit_identically():
+    torch.manual_seed(0)
+    model = nn.Linear(4, 2)
+    opt = torch.optim.AdamW(model.parameters(), lr=3e-4)
+    sched = AutoLR(opt, MLRSNet(hidden_size=8), total_steps=30)
+    model(torch.randn(3, 4)).sum().backward()
+    for t in range(10):
+        sched.step(torch.tensor(1.0 + 0.1 * t))
+    state = copy.deepcopy(sched.state_dict())
+    other = nn.Linear(4, 2)
+    twin = AutoLR(torch.optim.AdamW(other.parameters(), lr=1.0), MLRSNet(hidden_size=8))
+    twin.load_state_dict(state)
+    other(torch.randn(3, 4)).sum().backward()
+    for t in range(10, 30):
+        loss = torch.tensor(1.0 + 0.1 * t)
+        sched.step(loss)
+        twin.step(loss)
+        assert torch.equal(sched.last_rate, twin.last_rate), t
+
+
+def test_controller_gamma_far_from_lr_warns():
+    opt = torch.optim.Adam(nn.Linear(4, 2).parameters(), lr=1e-3)
+    with pytest.warns(RuntimeWarning, match="far from the rate you chose"):
+        AutoLR(opt, load_pretrained("mnist1d-cnn"), gamma="controller")
+
+
+def test_auto_gamma_with_momentum_or_adam_warns():
+    for opt in (torch.optim.SGD(nn.Linear(4, 2).parameters(), lr=0.1, momentum=0.9),
+                torch.optim.AdamW(nn.Linear(4, 2).parameters(), lr=1e-3)):
+        with pytest.warns(RuntimeWarning, match="published rule for plain SGD"):
+            AutoLR(opt, MLRSNet(), gamma="auto", num_classes=10)
+
+
+def test_default_scale_gives_no_warning_on_any_optimizer():
+    for make in OPTIMIZERS.values():
+        opt = make(nn.Linear(4, 2).parameters())
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")
+            AutoLR(opt, load_pretrained("mnist1d-cnn"), total_steps=10)

@@ -1,0 +1,62 @@
+"""optimizer.step(closure): the closure runs backward and sched.step(loss) inside optimizer.step
+(the pattern of Lightning's automatic optimization and of LBFGS-style loops)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+from autolr_fast import AutoLR, MLRSNet
+
+
+def _setup():
+    torch.manual_seed(0)
+    model = nn.Linear(4, 2)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    return model, opt, AutoLR(opt, MLRSNet(hidden_size=8), gamma=0.1)
+
+
+def _closure(model, opt, sched, x, y, call_step=True):
+    def closure():
+        opt.zero_grad()
+        loss = nn.functional.mse_loss(model(x), y)
+        loss.backward()
+        if call_step:
+            sched.step(loss)
+        return loss
+
+    return closure
+
+
+def test_closure_step_gives_the_rates_of_the_plain_loop():
+    x, y = torch.randn(8, 4), torch.randn(8, 2)
+    model, opt, sched = _setup()
+    closure_rates = []
+    for _ in range(4):
+        opt.step(_closure(model, opt, sched, x, y))
+        closure_rates.append(sched.last_rate.clone())
+    assert not opt._optimizer_step_post_hooks, "the one-off check must not stay on the optimizer"
+    model, opt, sched = _setup()
+    plain_rates = []
+    for _ in range(4):
+        opt.zero_grad()
+        loss = nn.functional.mse_loss(model(x), y)
+        loss.backward()
+        sched.step(loss)
+        opt.step()
+        plain_rates.append(sched.last_rate.clone())
+    assert torch.equal(torch.stack(closure_rates), torch.stack(plain_rates))
+
+
+def test_a_closure_without_sched_step_is_refused():
+    model, opt, sched = _setup()
+    with pytest.raises(RuntimeError, match="did not call AutoLR.step"):
+        opt.step(_closure(model, opt, sched, torch.randn(8, 4), torch.randn(8, 2), call_step=False))
+
+
+def test_optimizer_step_before_sched_step_is_still_refused():
+    model, opt, sched = _setup()
+    model(torch.randn(2, 4)).sum().backward()
+    with pytest.raises(RuntimeError, match="before AutoLR.step"):
+        opt.step()

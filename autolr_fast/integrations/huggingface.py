@@ -1,0 +1,156 @@
+"""Hugging Face ``Trainer``: ``AutoLRTrainer`` runs ``AutoLR.step(loss)`` at every optimizer step.
+
+Usage::
+
+    from autolr_fast import AutoLR, MLRSNet
+    from autolr_fast.integrations.huggingface import AutoLRTrainer
+
+    trainer = AutoLRTrainer(model=model, args=TrainingArguments(..., gradient_accumulation_steps=2),
+                            train_dataset=ds, autolr=lambda opt: AutoLR(opt, MLRSNet(), gamma=1e-3))
+    trainer.train()                                  # resume: trainer.train(resume_from_checkpoint=True)
+
+Why a ``Trainer`` subclass and not a ``TrainerCallback`` alone: ``Trainer`` calls
+``lr_scheduler.step()`` *after* ``optimizer.step()`` with no loss, and no callback sees the loss.
+So, per optimizer step:
+
+* ``training_step`` (overridden) adds up what ``Trainer`` back-propagated for each micro-batch:
+  ``Trainer`` has already scaled it for gradient accumulation (divided by the number of
+  micro-batches in the window, or normalized by the window's token count for models that take
+  ``num_items_in_batch``), so the sum is the window's mean loss, also in a shorter last window;
+* ``on_pre_optimizer_step`` (a callback this trainer adds), which runs after gradient clipping
+  and right before ``optimizer.step()``, hands that mean to ``AutoLR.step``;
+* ``Trainer.lr_scheduler`` is an adapter whose ``step()`` does nothing (the rate is already set)
+  and whose ``state_dict()`` is ``AutoLR.state_dict()``, so ``save_steps`` checkpoints carry it in
+  ``scheduler.pt`` and ``resume_from_checkpoint`` restores it.
+
+Mix ``AutoLRTrainerMixin`` into another ``Trainer`` subclass (e.g. TRL's) the same way.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import torch
+from torch import Tensor
+
+try:
+    from transformers import Trainer, TrainerCallback
+except ImportError as exc:  # pragma: no cover - exercised only without the extra
+    raise ImportError(
+        "autolr_fast.integrations.huggingface needs the `transformers` package: "
+        'pip install transformers accelerate (or pip install "autolr_fast[integrations]")'
+    ) from exc
+
+from autolr_fast import AutoLR
+
+__all__ = ["AutoLRTrainer", "AutoLRTrainerMixin", "AutoLRSchedulerAdapter"]
+
+if not hasattr(TrainerCallback, "on_pre_optimizer_step"):  # pragma: no cover - old transformers only
+    raise ImportError(
+        "autolr_fast.integrations.huggingface needs TrainerCallback.on_pre_optimizer_step, which this "
+        "transformers does not have: upgrade transformers (tested with 5.24)"
+    )
+
+
+class AutoLRSchedulerAdapter:
+    """What ``Trainer`` uses as ``lr_scheduler``: a no-op ``step()``, ``get_last_lr()`` for its
+    logs, and ``AutoLR``'s ``state_dict`` for its checkpoints."""
+
+    def __init__(self, autolr: AutoLR) -> None:
+        self.autolr = autolr
+
+    def step(self, *args: Any, **kwargs: Any) -> None:
+        pass  # Trainer calls this after optimizer.step(); AutoLR set this step's rate before it
+
+    def get_last_lr(self) -> list[float]:
+        # Trainer reads this for its logs after every optimizer step (a host read on a GPU)
+        return self.autolr.get_last_lr()
+
+    def state_dict(self) -> dict:
+        return self.autolr.state_dict()
+
+    def load_state_dict(self, state: dict) -> None:
+        self.autolr.load_state_dict(state)
+
+
+class _StepBeforeOptimizer(TrainerCallback):
+    def __init__(self, trainer: AutoLRTrainerMixin) -> None:
+        self.trainer = trainer
+
+    def on_pre_optimizer_step(self, args, state, control, **kwargs):
+        self.trainer._autolr_step()
+
+
+def _torch_optimizer(optimizer: Any) -> torch.optim.Optimizer:
+    # accelerate wraps the optimizer (AcceleratedOptimizer keeps the torch one as .optimizer);
+    # AutoLR must hook and write the torch optimizer that actually steps.
+    while not type(optimizer).__module__.startswith("torch.") and hasattr(optimizer, "optimizer"):
+        optimizer = optimizer.optimizer
+    return optimizer
+
+
+class AutoLRTrainerMixin:
+    """Adds ``autolr=`` to a ``Trainer`` class; see the module docstring.
+
+    Args:
+        autolr: ``autolr(optimizer) -> AutoLR``, called with the torch optimizer once
+            ``Trainer`` has built it (at the start of ``train()``).
+
+    Attributes:
+        autolr: the ``AutoLR`` during and after ``train()`` (None before).
+        autolr_last_loss: the loss the controller read at the last optimizer step.
+    """
+
+    def __init__(self, *args: Any, autolr: Callable[[torch.optim.Optimizer], AutoLR], **kwargs: Any) -> None:
+        if not callable(autolr):
+            raise TypeError(
+                "AutoLRTrainer needs autolr=<function optimizer -> AutoLR>, e.g. "
+                "autolr=lambda opt: AutoLR(opt, MLRSNet(), gamma=1e-3)"
+            )
+        optimizers = kwargs.get("optimizers")
+        if optimizers is not None and len(optimizers) > 1 and optimizers[1] is not None:
+            raise ValueError(
+                "AutoLRTrainer builds its own lr_scheduler (AutoLR sets the rate): pass optimizers=(optimizer, None)"
+            )
+        self._make_autolr = autolr
+        self.autolr: AutoLR | None = None
+        self.autolr_last_loss: Tensor | None = None
+        self._autolr_window: Tensor | None = None
+        super().__init__(*args, **kwargs)
+        self.add_callback(_StepBeforeOptimizer(self))
+
+    def create_scheduler(self, num_training_steps: int, optimizer: torch.optim.Optimizer | None = None):
+        if self.lr_scheduler is None:
+            opt = _torch_optimizer(optimizer if optimizer is not None else self.optimizer)
+            sched = self._make_autolr(opt)
+            if not isinstance(sched, AutoLR):
+                raise TypeError(f"autolr= must return an AutoLR, got {type(sched).__name__}")
+            if sched.optimizer is not opt:
+                raise ValueError(
+                    "autolr= built an AutoLR for another optimizer; build it for the optimizer it is given"
+                )
+            self.autolr = sched
+            self._autolr_window = None
+            self.lr_scheduler = AutoLRSchedulerAdapter(sched)
+        return self.lr_scheduler
+
+    def training_step(self, *args: Any, **kwargs: Any) -> Tensor:
+        loss = super().training_step(*args, **kwargs)
+        # what Trainer back-propagated: this micro-batch's share of the window's mean loss
+        part = loss.detach().to(torch.float32)
+        self._autolr_window = part if self._autolr_window is None else self._autolr_window + part
+        return loss
+
+    def _autolr_step(self) -> None:
+        if self._autolr_window is None:
+            return  # no micro-batch reached backward in this window
+        if self.autolr is None:
+            raise RuntimeError("AutoLRTrainer: the optimizer is about to step but no AutoLR was built")
+        loss, self._autolr_window = self._autolr_window, None
+        self.autolr.step(loss)
+        self.autolr_last_loss = loss
+
+
+class AutoLRTrainer(AutoLRTrainerMixin, Trainer):
+    """``transformers.Trainer`` whose learning rate ``AutoLR`` sets from the loss, every optimizer step."""

@@ -1,0 +1,158 @@
+"""PyTorch Lightning: ``AutoLRCallback`` runs ``AutoLR.step(loss)`` at every optimizer step.
+
+Usage (automatic optimization; ``configure_optimizers`` returns the optimizer only)::
+
+    from autolr_fast import AutoLR, MLRSNet
+    from autolr_fast.integrations.lightning import AutoLRCallback
+
+    autolr = AutoLRCallback(lambda opt: AutoLR(opt, MLRSNet(), gamma=0.1))
+    trainer = lightning.pytorch.Trainer(callbacks=[autolr], accumulate_grad_batches=2, precision="bf16-mixed")
+    trainer.fit(model, loader)                 # resume: trainer.fit(model, loader, ckpt_path=...)
+
+How it maps onto Lightning's hooks:
+
+* ``on_before_backward`` sees every micro-batch's loss; Lightning has divided it by
+  ``accumulate_grad_batches`` (and, with ``precision="16-mixed"``, multiplied it by the
+  GradScaler's scale, which is undone here), so the sum over an accumulation window is the
+  window's mean loss. A shorter last window of an epoch is rescaled to its own mean.
+* ``on_before_optimizer_step`` runs after the last backward of the window and before the
+  parameters move: there the controller reads that mean, once per optimizer step.
+* The callback's ``state_dict`` holds ``AutoLR.state_dict()``, so Lightning's checkpoints
+  (``ModelCheckpoint``, ``trainer.save_checkpoint``) carry it and ``fit(ckpt_path=...)``
+  resumes with the same rates.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import torch
+from torch import Tensor
+
+try:
+    import lightning.pytorch as pl
+    from lightning.pytorch.callbacks import Callback
+except ImportError as exc:  # pragma: no cover - exercised only without the extra
+    raise ImportError(
+        "autolr_fast.integrations.lightning needs the `lightning` package: "
+        'pip install lightning (or pip install "autolr_fast[integrations]")'
+    ) from exc
+
+from autolr_fast import AutoLR
+
+__all__ = ["AutoLRCallback"]
+
+
+class AutoLRCallback(Callback):
+    """Let an :class:`~autolr_fast.AutoLR` set the learning rate of a ``LightningModule``.
+
+    Args:
+        make_scheduler: ``make_scheduler(optimizer) -> AutoLR``, called with the optimizer that
+            ``configure_optimizers`` returned, e.g.
+            ``lambda opt: AutoLR(opt, load_pretrained("mnist1d-cnn"))``.
+
+    Attributes:
+        scheduler: the ``AutoLR``; None until the first optimizer step of a ``fit`` (see
+            ``_scheduler_for``).
+        last_loss: the loss the controller read at the last optimizer step (0-dim tensor).
+
+    Needs automatic optimization and one optimizer, without an ``lr_scheduler`` from
+    ``configure_optimizers`` (AutoLR is the scheduler). With manual optimization call
+    ``sched.step(loss)`` yourself between ``manual_backward`` and ``opt.step()``.
+    """
+
+    def __init__(self, make_scheduler: Callable[[torch.optim.Optimizer], AutoLR]) -> None:
+        if not callable(make_scheduler):
+            raise TypeError(
+                "AutoLRCallback takes a function optimizer -> AutoLR, e.g. "
+                "AutoLRCallback(lambda opt: AutoLR(opt, MLRSNet(), gamma=0.1))"
+            )
+        self.make_scheduler = make_scheduler
+        self.scheduler: AutoLR | None = None
+        self.last_loss: Tensor | None = None
+        self._pending_state: dict | None = None
+        self._window_sum: Tensor | None = None
+        self._window_count = 0
+
+    # -- checks ---------------------------------------------------------------------------------
+    def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if not pl_module.automatic_optimization:
+            raise RuntimeError(
+                "AutoLRCallback works with automatic optimization. With manual optimization, call "
+                "sched.step(loss) yourself after self.manual_backward(loss) and before opt.step()"
+            )
+        if len(trainer.optimizers) != 1:
+            raise RuntimeError(
+                f"AutoLRCallback drives one optimizer, configure_optimizers returned {len(trainer.optimizers)}; "
+                "use one AutoLR per optimizer in manual optimization instead"
+            )
+        if trainer.lr_scheduler_configs:
+            raise RuntimeError(
+                "configure_optimizers returned an lr_scheduler, but AutoLR sets the learning rate itself: "
+                "return only the optimizer"
+            )
+        # A new fit has a new optimizer: build a new AutoLR for it. A state restored from
+        # ckpt_path (load_state_dict runs before this hook) stays pending until then.
+        self.scheduler = None
+        self._reset_window()
+
+    # -- the loss of each micro-batch, and the step ---------------------------------------------
+    def on_before_backward(self, trainer: pl.Trainer, pl_module: pl.LightningModule, loss: Tensor) -> None:
+        part = loss.detach().to(torch.float32)
+        scaler = getattr(trainer.precision_plugin, "scaler", None)
+        if scaler is not None:
+            # 16-mixed: Lightning passes the loss after GradScaler.scale(). get_scale() reads the
+            # scale on the host (a sync per micro-batch on a GPU; bf16-mixed has no scaler).
+            part = part / scaler.get_scale()
+        self._window_sum = part if self._window_sum is None else self._window_sum + part
+        self._window_count += 1
+
+    def on_before_optimizer_step(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, optimizer: torch.optim.Optimizer
+    ) -> None:
+        if self._window_count == 0:
+            return  # every training_step of this window returned None: nothing to read
+        loss = self._window_sum
+        accumulate = trainer.accumulate_grad_batches
+        if self._window_count != accumulate:
+            # Lightning divides by accumulate_grad_batches even in a shorter last window
+            loss = loss * (accumulate / self._window_count)
+        self._scheduler_for(optimizer).step(loss)
+        self.last_loss = loss
+        self._reset_window()
+
+    def _scheduler_for(self, optimizer: torch.optim.Optimizer) -> AutoLR:
+        # Built here, at the first optimizer step (inside Lightning's optimizer.step(closure)),
+        # not in on_fit_start: Lightning restores callbacks before the optimizer, so a restored
+        # state is applied only now, after the optimizer's param groups (which hold the rate).
+        if self.scheduler is None:
+            sched = self.make_scheduler(optimizer)
+            if not isinstance(sched, AutoLR):
+                raise TypeError(f"make_scheduler must return an AutoLR, got {type(sched).__name__}")
+            if sched.optimizer is not optimizer:
+                raise ValueError(
+                    "make_scheduler built an AutoLR for another optimizer; build it for the optimizer it is given"
+                )
+            if self._pending_state is not None:
+                sched.load_state_dict(self._pending_state)
+                self._pending_state = None
+            self.scheduler = sched
+        return self.scheduler
+
+    def _reset_window(self) -> None:
+        self._window_sum = None
+        self._window_count = 0
+
+    # -- checkpoints ----------------------------------------------------------------------------
+    def state_dict(self) -> dict[str, Any]:
+        if self.scheduler is not None:
+            return {"autolr": self.scheduler.state_dict()}
+        if self._pending_state is not None:  # restored, not stepped yet: keep it in the next checkpoint
+            return {"autolr": self._pending_state}
+        return {}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        # Applied when the AutoLR is built at the next optimizer step, after Lightning has
+        # restored the optimizer (whose param groups hold the rate as a tensor lr).
+        self._pending_state = state_dict.get("autolr")

@@ -1,0 +1,133 @@
+"""AutoLR with the real Hugging Face Trainer: runs examples/hf_trainer_autolr.py (a tiny Llama from a
+config, gradient_accumulation_steps=2, save_steps=6, resume mid-epoch) and checks what the
+controller read."""
+
+from __future__ import annotations
+
+import copy
+import importlib.util
+from pathlib import Path
+
+import pytest
+import torch
+
+transformers = pytest.importorskip(
+    "transformers",
+    reason='transformers is not installed (pip install transformers accelerate, or the "integrations" extra)',
+)
+pytest.importorskip("accelerate", reason="the transformers Trainer needs accelerate (pip install accelerate)")
+
+from autolr_fast.integrations.huggingface import AutoLRTrainer  # noqa: E402
+
+ROOT = Path(__file__).resolve().parents[1]
+EXAMPLE = ROOT / "examples" / "hf_trainer_autolr.py"
+STEPS = 24  # 3 epochs of 8 optimizer steps (16 micro-batches of 4, gradient_accumulation_steps=2)
+RESUME_AT = 12  # checkpoint-12, in the middle of the second epoch
+
+
+def _load_example():
+    spec = importlib.util.spec_from_file_location("hf_trainer_autolr_example", EXAMPLE)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+class RecordingTrainer(AutoLRTrainer):
+    """Records each micro-batch's plain mean token loss, computed here from the logits, and what
+    AutoLR did at each optimizer step."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.micro: list[torch.Tensor] = []
+        self.steps: list[dict] = []
+        self.controller0 = None
+        self.add_callback(_Recorder(self))
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        loss, outputs = super().compute_loss(model, inputs, return_outputs=True, num_items_in_batch=num_items_in_batch)
+        logits, labels = outputs.logits.detach().float(), inputs["labels"]
+        self.micro.append(torch.nn.functional.cross_entropy(logits[:, :-1].flatten(0, 1), labels[:, 1:].flatten()))
+        return (loss, outputs) if return_outputs else loss
+
+
+class _Recorder(transformers.TrainerCallback):
+    def __init__(self, trainer: RecordingTrainer) -> None:
+        self.trainer = trainer
+
+    def on_optimizer_step(self, args, state, control, **kwargs):  # after optimizer.step(), same rate
+        t = self.trainer
+        if t.controller0 is None:
+            t.controller0 = copy.deepcopy(t.autolr.controller)
+            t.controller0.reset()
+        t.steps.append({
+            "fed": t.autolr_last_loss.clone(),
+            "micro": list(t.micro),
+            "rate": t.autolr.last_rate.clone(),
+            # AutoLR writes the rate as a 0-dim tensor or as a float, depending on device and optimizer
+            "group_lrs": [torch.as_tensor(g["lr"], dtype=torch.float32).clone()
+                          for g in t.autolr.optimizer.param_groups],
+            "count": t.autolr.step_count,
+            "gamma": t.autolr.gamma.clone(),
+        })
+        t.micro.clear()
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+    example = _load_example()
+    out = str(tmp_path_factory.mktemp("hf"))
+    full = example.make_trainer(out, trainer_class=RecordingTrainer)
+    full.train()
+    resumed = example.make_trainer(out, trainer_class=RecordingTrainer)
+    resumed.train(resume_from_checkpoint=f"{out}/checkpoint-{RESUME_AT}")
+    return full, resumed
+
+
+def test_one_controller_step_per_optimizer_step(runs):
+    full, _ = runs
+    assert full.state.global_step == STEPS
+    assert [s["count"] for s in full.steps] == list(range(1, STEPS + 1))
+    assert all(len(s["micro"]) == 2 for s in full.steps), "each optimizer step accumulates two micro-batches"
+
+
+def test_controller_reads_the_mean_loss_of_the_accumulated_micro_batches(runs):
+    full, _ = runs
+    for s in full.steps:
+        expected = torch.stack(s["micro"]).mean()  # same token count in every micro-batch
+        assert torch.allclose(s["fed"], expected, rtol=1e-5, atol=0), (s["fed"], s["micro"])
+
+
+def test_rate_follows_the_loss_every_optimizer_step(runs):
+    full, _ = runs
+    rates = torch.stack([s["rate"] for s in full.steps])
+    assert (rates[1:] != rates[:-1]).all(), f"the rate must change at every optimizer step: {rates}"
+    for s in full.steps:
+        assert all(torch.equal(lr, s["rate"]) for lr in s["group_lrs"]), "every param group must get the rate"
+    twin, gamma = full.controller0, full.steps[0]["gamma"]
+    with torch.no_grad():
+        replay = torch.stack([gamma * twin(s["fed"]) for s in full.steps])
+    assert torch.allclose(rates, replay, rtol=1e-5, atol=1e-9)
+    logged = [e["learning_rate"] for e in full.state.log_history if "learning_rate" in e]
+    assert logged == pytest.approx(rates.tolist(), rel=1e-6), "Trainer's logs must show AutoLR's rate"
+
+
+def test_resume_from_checkpoint_gives_the_same_rates(runs):
+    full, resumed = runs
+    after = full.steps[RESUME_AT:]
+    assert [s["count"] for s in resumed.steps] == [s["count"] for s in after]
+    assert torch.equal(torch.stack([s["fed"] for s in resumed.steps]), torch.stack([s["fed"] for s in after]))
+    assert torch.equal(torch.stack([s["rate"] for s in resumed.steps]), torch.stack([s["rate"] for s in after]))
+
+
+def test_a_second_scheduler_is_refused(tmp_path):
+    model = torch.nn.Linear(2, 2)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    with pytest.raises(ValueError, match=r"optimizers=\(optimizer, None\)"):
+        AutoLRTrainer(model=model, args=transformers.TrainingArguments(output_dir=str(tmp_path), report_to="none",
+                                                                        use_cpu=True),
+                      optimizers=(opt, torch.optim.lr_scheduler.ConstantLR(opt)), autolr=lambda o: None)
+
+
+def test_docs_show_the_example_that_runs_here():
+    docs = (ROOT / "docs" / "frameworks.md").read_text()
+    assert EXAMPLE.read_text().strip() in docs, "docs/frameworks.md must show examples/hf_trainer_autolr.py verbatim"

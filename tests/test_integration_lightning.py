@@ -1,0 +1,154 @@
+"""AutoLR in real PyTorch Lightning: runs examples/lightning_autolr.py (accumulate_grad_batches=2,
+precision="bf16-mixed", checkpoint every epoch, resume) and checks what the controller read."""
+
+from __future__ import annotations
+
+import copy
+import importlib.util
+from pathlib import Path
+
+import pytest
+import torch
+
+pl = pytest.importorskip(
+    "lightning.pytorch", reason='lightning is not installed (pip install lightning, or the "integrations" extra)'
+)
+
+from autolr_fast.integrations.lightning import AutoLRCallback  # noqa: E402
+
+ROOT = Path(__file__).resolve().parents[1]
+EXAMPLE = ROOT / "examples" / "lightning_autolr.py"
+STEPS_PER_EPOCH = 6  # 12 micro-batches of 8, accumulate_grad_batches=2
+
+
+def _as_tensor(lr) -> torch.Tensor:
+    # AutoLR writes the rate as a 0-dim tensor or as a float, depending on device and optimizer
+    return torch.as_tensor(lr, dtype=torch.float32).clone()
+
+
+def _load_example():
+    spec = importlib.util.spec_from_file_location("lightning_autolr_example", EXAMPLE)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+class Recorder(pl.Callback):
+    """Listed after AutoLRCallback, so its on_before_optimizer_step sees the rate just set."""
+
+    def __init__(self) -> None:
+        self.steps: list[dict] = []
+        self.controller0 = None  # the controller's weights, with a fresh state, for a replay
+        self.global_step = None
+
+    def on_before_optimizer_step(self, trainer, pl_module, optimizer) -> None:
+        autolr = next(c for c in trainer.callbacks if isinstance(c, AutoLRCallback))
+        sched = autolr.scheduler
+        if self.controller0 is None:
+            self.controller0 = copy.deepcopy(sched.controller)
+            self.controller0.reset()
+        self.steps.append({
+            "fed": autolr.last_loss.clone(),
+            "micro": list(pl_module.raw_losses),
+            "rate": sched.last_rate.clone(),
+            "group_lr": _as_tensor(optimizer.param_groups[0]["lr"]),
+            "count": sched.step_count,
+            "gamma": sched.gamma.clone(),
+        })
+        pl_module.raw_losses.clear()
+
+    def on_train_end(self, trainer, pl_module) -> None:
+        self.global_step = trainer.global_step
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+    example = _load_example()
+
+    class Recording(example.TinyClassifier):
+        def __init__(self):
+            super().__init__()
+            self.raw_losses = []
+
+        def training_step(self, batch, batch_idx):
+            loss = super().training_step(batch, batch_idx)
+            self.raw_losses.append(loss.detach().float().clone())  # before Lightning divides it by 2
+            return loss
+
+    out = tmp_path_factory.mktemp("lightning")
+    torch.manual_seed(0)
+    full = Recorder()
+    example.fit(out, max_epochs=4, callbacks=[full], module=Recording)
+    resumed = Recorder()
+    example.fit(out, max_epochs=4, ckpt_path=out / "epoch=1.ckpt", callbacks=[resumed], module=Recording)
+    return full, resumed
+
+
+def test_one_controller_step_per_optimizer_step(runs):
+    full, _ = runs
+    assert full.global_step == 4 * STEPS_PER_EPOCH
+    assert [s["count"] for s in full.steps] == list(range(1, 4 * STEPS_PER_EPOCH + 1))
+    assert all(len(s["micro"]) == 2 for s in full.steps), "each optimizer step accumulates two micro-batches"
+
+
+def test_controller_reads_the_mean_loss_of_the_accumulated_micro_batches(runs):
+    full, _ = runs
+    for s in full.steps:
+        expected = torch.stack(s["micro"]).mean()
+        assert torch.allclose(s["fed"], expected, rtol=1e-6, atol=0), (s["fed"], s["micro"])
+
+
+def test_rate_follows_the_loss_every_optimizer_step(runs):
+    full, _ = runs
+    rates = torch.stack([s["rate"] for s in full.steps])
+    assert (rates[1:] != rates[:-1]).all(), f"the rate must change at every optimizer step: {rates}"
+    assert torch.equal(rates, torch.stack([s["group_lr"] for s in full.steps])), "the optimizer must get the rate"
+    twin, gamma = full.controller0, full.steps[0]["gamma"]
+    with torch.no_grad():
+        replay = torch.stack([gamma * twin(s["fed"]) for s in full.steps])
+    assert torch.allclose(rates, replay, rtol=1e-5, atol=1e-7)
+
+
+def test_resume_from_a_lightning_checkpoint_gives_the_same_rates(runs):
+    full, resumed = runs
+    after = full.steps[2 * STEPS_PER_EPOCH:]  # the checkpoint was written after epoch 2 (epoch=1.ckpt)
+    assert [s["count"] for s in resumed.steps] == [s["count"] for s in after]
+    assert torch.equal(torch.stack([s["fed"] for s in resumed.steps]), torch.stack([s["fed"] for s in after]))
+    assert torch.equal(torch.stack([s["rate"] for s in resumed.steps]), torch.stack([s["rate"] for s in after]))
+
+
+@pytest.mark.parametrize("precision", ["bf16-mixed", "16-mixed"])
+def test_short_last_window_and_loss_scaling(precision):
+    """11 micro-batches with accumulate_grad_batches=3: windows of 3, 3, 3 and 2, each read as its
+    own mean. "16-mixed" runs with a CPU GradScaler (Lightning hands over the scaled loss)."""
+    from lightning.pytorch.plugins import MixedPrecision
+
+    example = _load_example()
+
+    class Recording(example.TinyClassifier):
+        def __init__(self):
+            super().__init__()
+            self.raw_losses = []
+
+        def training_step(self, batch, batch_idx):
+            loss = super().training_step(batch, batch_idx)
+            self.raw_losses.append(loss.detach().float().clone())
+            return loss
+
+    scaler = torch.amp.GradScaler("cpu", init_scale=1024.0) if precision == "16-mixed" else None
+    recorder = Recorder()
+    trainer = pl.Trainer(max_epochs=1, accumulate_grad_batches=3, accelerator="cpu", devices=1,
+                         plugins=[MixedPrecision(precision, "cpu", scaler=scaler)],
+                         callbacks=[AutoLRCallback(lambda opt: example.AutoLR(opt, example.MLRSNet(), gamma=0.1)),
+                                    recorder],
+                         logger=False, enable_checkpointing=False, enable_progress_bar=False,
+                         enable_model_summary=False)
+    trainer.fit(Recording(), example.loader(n=88))
+    assert [len(s["micro"]) for s in recorder.steps] == [3, 3, 3, 2]
+    for s in recorder.steps:
+        assert torch.allclose(s["fed"], torch.stack(s["micro"]).mean(), rtol=1e-6, atol=0)
+
+
+def test_docs_show_the_example_that_runs_here():
+    docs = (ROOT / "docs" / "frameworks.md").read_text()
+    assert EXAMPLE.read_text().strip() in docs, "docs/frameworks.md must show examples/lightning_autolr.py verbatim"

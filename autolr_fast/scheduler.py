@@ -242,7 +242,9 @@ class AutoLR:
         controller = self.controller
         if isinstance(controller, MLRSNet) and controller.gate_order == "train":
             # the whole step, the lr writes and the counters: one launch on the Triton path
-            dispatch.mlrsnet_step_(x, controller.h, controller.c, controller.flat_weights(), self.gamma, self.rate,
+            # (buffers read from the dict: Module.__getattr__ costs microseconds per call)
+            state = controller._buffers
+            dispatch.mlrsnet_step_(x, state["h"], state["c"], controller.flat_weights(), self.gamma, self.rate,
                                    lr_list, self.lr_scales if lr_list else [], self.counters.values)
         else:
             with torch.no_grad():

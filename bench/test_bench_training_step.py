@@ -203,3 +203,34 @@ def test_small_resnet_meta_step_every_step(benchmark, make_train_step, official_
     _record(benchmark, step, **peak_memory(step))
     benchmark(step)
     assert step.schedule.autolr.meta.meta_steps > 0
+
+
+# ------------------------------------------------------------------------------------------------
+# The same pair interleaved: robust to a machine whose load changes during the run
+# ------------------------------------------------------------------------------------------------
+@pytest.mark.benchmark(group="mnist1d-cnn step, interleaved (cpu)")
+def test_cnn_step_autolr_over_cosine_interleaved(benchmark, mnist1d_task, mnist1d_batches, make_train_step,
+                                                 official_controller):
+    """Blocks of 20 steps of each schedule, alternating; the median ratio of the block times is
+    AutoLR's relative cost on the same optimizer step (``extra_info``)."""
+    import statistics
+    import time
+
+    cosine = make_train_step(_cnn(mnist1d_task), mnist1d_batches, mnist1d_task.loss_fn, "cosine")
+    autolr = make_train_step(_cnn(mnist1d_task), mnist1d_batches, mnist1d_task.loss_fn, "autolr", official_controller)
+    ratios = []
+
+    def pair():
+        times = []
+        for step in (cosine, autolr):
+            start = time.perf_counter()
+            for _ in range(20):
+                step()
+            times.append(time.perf_counter() - start)
+        ratios.append(times[1] / times[0])
+
+    pair()  # warm-up
+    ratios.clear()
+    benchmark.pedantic(pair, rounds=60, iterations=1)
+    benchmark.extra_info["autolr_over_cosine_median"] = round(statistics.median(ratios), 4)
+    benchmark.extra_info["pairs"] = len(ratios)

@@ -867,3 +867,8 @@ def test_mlrsnet_step_op_counters_match_reference(loss):
     ops.mlrsnet_step_(x, h.clone(), c.clone(), weights, torch.tensor(0.5), torch.tensor(0.1), [], [], ok, counters)
     assert bool(ok) == bool(ok_ref)
     assert counters.tolist() == expected.tolist()
+    from autolr_fast import _C  # the fast entry counts in the same call
+
+    fast = torch.tensor([3, 5], dtype=torch.int64)
+    ok_fast = _C.mlrsnet_step_cpu(x, h.clone(), c.clone(), weights, torch.tensor(0.5), torch.tensor(0.1), [], [], fast)
+    assert bool(ok_fast) == bool(ok_ref) and fast.tolist() == expected.tolist()

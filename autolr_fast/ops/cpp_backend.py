@@ -17,13 +17,6 @@ from torch import Tensor
 
 from . import library, reference
 
-try:  # NumPy views read host memory without a dispatch; without NumPy the reference ops count
-    import numpy  # noqa: F401
-except ImportError:
-    HAS_NUMPY = False
-else:
-    HAS_NUMPY = True
-
 LIST_OPS = ("lookahead", "hyper_dot", "lookahead_sgd", "hyper_dot_sgd", "lookahead_adam", "hyper_dot_adam")
 STEP_OPS = ("mlrsnet_step_", "mlrsnet_param_grads")
 AVAILABLE = library.EXTENSION is not None
@@ -57,31 +50,16 @@ def mlrsnet_step_(loss, h, c, weights, gamma, rate, lr_list, scales, counters=No
     # argument conversion costs more than the step); it answers NotImplemented for anything
     # but plain CPU-side tensors/Parameters. Under torch.compile, and for those cases: the op.
     # The kernel is float32-only (the controller's dtype); float64 runs use the reference.
-    # The counters (host memory here) are updated with two tiny ops after the kernel.
+    # The fast entry updates the counters (host memory here) in the same call.
     if h.dtype is not torch.float32:
         return reference.mlrsnet_scheduler_step_(loss, h, c, weights, gamma, rate, lr_list, scales, counters)
     ok = NotImplemented
     if not _is_compiling():
-        ok = _step_fast(loss, h, c, weights, gamma, rate, lr_list, scales)
+        ok = _step_fast(loss, h, c, weights, gamma, rate, lr_list, scales, counters)
     if ok is NotImplemented:
         ok = torch.empty((), dtype=torch.bool, device=h.device)
         _step_op(loss, h, c, list(weights), gamma, rate, list(lr_list), [float(s) for s in scales], ok, counters)
-    elif counters is not None:
-        _count_step_on_host(counters, loss, ok)
     return ok
-
-
-def _count_step_on_host(counters: Tensor, loss: Tensor, ok: Tensor) -> None:
-    """:func:`reference.count_step_` for CPU tensors, read and written through NumPy views
-    (host memory: no device involved; a dozen torch dispatches cost more than the step)."""
-    if not HAS_NUMPY or counters.device.type != "cpu" or loss.device.type != "cpu" or not counters.is_contiguous():
-        reference.count_step_(counters, loss, ok)
-        return
-    x = loss.detach().reshape(())
-    v = float((x if x.dtype == torch.float32 else x.to(torch.float32)).numpy())
-    view = counters.numpy()
-    view[0] += 0 if ok.numpy() else 1
-    view[1] += 1 if (v < 0.0 and v == v and v != float("-inf")) else 0
 
 
 def mlrsnet_param_grads(loss, h, c, weights, grad_p) -> list[Tensor]:

@@ -484,6 +484,18 @@ std::vector<Tensor> mlrsnet_param_grads_cpu(const Tensor& loss, const Tensor& h,
 }  // namespace autolr_fast
 
 namespace autolr_fast {
+
+// Declared in mlrsnet_cpu.h: reference.count_step_ on host memory.
+void count_step_cpu(const Tensor& loss, bool stepped, const Tensor& counters) {
+  TORCH_CHECK(counters.numel() == 2 && counters.scalar_type() == at::kLong && counters.device().is_cpu() &&
+                  counters.is_contiguous(),
+              "mlrsnet_step_: counters must be a contiguous int64 CPU tensor of 2 elements");
+  const double x = read_scalar("mlrsnet_step_", "loss", loss);
+  int64_t* v = counters.mutable_data_ptr<int64_t>();
+  v[0] += stepped ? 0 : 1;
+  v[1] += (std::isfinite(x) && x < 0.0) ? 1 : 0;
+}
+
 namespace {
 
 // The op's schema (autolr_fast/ops/library.py): writes `ok` and, if given, bumps the int64
@@ -495,15 +507,7 @@ void mlrsnet_step_op_cpu(const Tensor& loss, const Tensor& h, const Tensor& c, T
   TORCH_CHECK(ok.numel() == 1 && ok.scalar_type() == at::kBool && ok.device().is_cpu(),
               "mlrsnet_step_: ok must be a 1-element bool CPU tensor");
   *ok.mutable_data_ptr<bool>() = stepped;
-  if (counters.has_value()) {
-    const Tensor& n = *counters;
-    TORCH_CHECK(n.numel() == 2 && n.scalar_type() == at::kLong && n.device().is_cpu() && n.is_contiguous(),
-                "mlrsnet_step_: counters must be a contiguous int64 CPU tensor of 2 elements");
-    const double x = read_scalar("mlrsnet_step_", "loss", loss);
-    int64_t* v = n.mutable_data_ptr<int64_t>();
-    v[0] += stepped ? 0 : 1;
-    v[1] += (std::isfinite(x) && x < 0.0) ? 1 : 0;
-  }
+  if (counters.has_value()) count_step_cpu(loss, stepped, *counters);
 }
 
 }  // namespace

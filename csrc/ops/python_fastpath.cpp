@@ -2,7 +2,8 @@
 //
 // Loading it registers the autolr_fast ops' kernels with torch's dispatcher (the other translation
 // units). It also has one function, `mlrsnet_step_cpu(loss, h, c, weights, gamma, rate, lrs,
-// scales)`: the CPU controller step called straight from Python, without the generic
+// scales, counters=None)`: the CPU controller step (and the scheduler's counters) called straight
+// from Python, without the generic
 // Python -> dispatcher argument conversion, which costs more than the step itself (a few us
 // against ~1 us). It takes plain tensors and nn.Parameters only and returns NotImplemented
 // for anything else (tensor subclasses, FakeTensors...), so the caller then uses
@@ -41,12 +42,15 @@ bool unpack_tensors(PyObject* seq, Vec& out) {
 }
 
 PyObject* mlrsnet_step_cpu_py(PyObject* /*self*/, PyObject* const* args, Py_ssize_t nargs) {
-  if (nargs != 8) {
-    PyErr_SetString(PyExc_TypeError, "mlrsnet_step_cpu(loss, h, c, weights, gamma, rate, lrs, scales): 8 arguments");
+  if (nargs != 8 && nargs != 9) {
+    PyErr_SetString(PyExc_TypeError,
+                    "mlrsnet_step_cpu(loss, h, c, weights, gamma, rate, lrs, scales, counters=None): 8 or 9 arguments");
     return nullptr;
   }
   for (int i : {0, 1, 2, 4, 5})
     if (!plain_tensor(args[i])) Py_RETURN_NOTIMPLEMENTED;
+  const bool count = nargs == 9 && args[8] != Py_None;
+  if (count && !plain_tensor(args[8])) Py_RETURN_NOTIMPLEMENTED;
   c10::SmallVector<at::Tensor, 32> weights;
   c10::SmallVector<at::Tensor, 8> lrs;
   c10::SmallVector<double, 8> scales;
@@ -64,6 +68,8 @@ PyObject* mlrsnet_step_cpu_py(PyObject* /*self*/, PyObject* const* args, Py_ssiz
         THPVariable_Unpack(args[0]), THPVariable_Unpack(args[1]), THPVariable_Unpack(args[2]),
         at::TensorList(weights.data(), weights.size()), THPVariable_Unpack(args[4]), THPVariable_Unpack(args[5]),
         at::TensorList(lrs.data(), lrs.size()), at::ArrayRef<double>(scales.data(), scales.size()));
+    if (count) autolr_fast::count_step_cpu(THPVariable_Unpack(args[0]), *ok.const_data_ptr<bool>(),
+                                           THPVariable_Unpack(args[8]));
     return THPVariable_Wrap(std::move(ok));
   } catch (const c10::Error& e) {
     PyErr_SetString(PyExc_RuntimeError, e.what_without_backtrace());

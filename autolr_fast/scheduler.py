@@ -43,8 +43,10 @@ class AutoLR:
     Args:
         optimizer: any ``torch.optim.Optimizer`` (SGD, SGD with momentum, Adam, AdamW, ...).
         controller: an :class:`MLRSNet`, or any module with the :class:`~autolr_fast.controllers.Controller`
-            interface (e.g. the action controller), or the name of a shipped one. It is moved to
-            the parameters' device.
+            interface (e.g. the action controller), or the name of a shipped one. Default: the
+            shipped ``"default"`` MLR-SNet (meta-trained across several tasks and optimizers;
+            ``autolr_fast/controllers/weights/default.json`` says how). It is moved to the
+            parameters' device.
         gamma: the rate scale: ``rate = gamma * p`` with ``p`` in ``[0, 1]`` (see
             :mod:`autolr_fast.rate_scale`). ``None`` (default): anchored on the optimizer's ``lr``
             (an MLR-SNet controller is settled on the first finite loss and ``gamma = lr / p*``,
@@ -363,11 +365,14 @@ class AutoLR:
         )
 
 
+DEFAULT_CONTROLLER = "default"
+
+
 def _resolve_controller(controller: nn.Module | str | None) -> nn.Module:
-    """The controller AutoLR runs: a fresh MLRSNet, a shipped one by name, or the module given,
-    which must have the :class:`Controller` interface."""
+    """The controller AutoLR runs: the shipped ``"default"`` one, a shipped one by name, or the
+    module given, which must have the :class:`Controller` interface."""
     if controller is None:
-        return MLRSNet()
+        controller = DEFAULT_CONTROLLER
     if isinstance(controller, str):
         controller = load_pretrained(controller)
     if not isinstance(controller, nn.Module) or not isinstance(controller, Controller):

@@ -95,8 +95,10 @@ def available_pretrained() -> list[str]:
 
 
 def load_pretrained(name: str) -> nn.Module:
-    """A controller shipped with the package: ``"mnist1d-cnn"`` (an :class:`MLRSNet`) or
-    ``"action-mlp"`` (an :class:`~autolr_fast.ActionController`); frozen, with its own gamma."""
+    """A controller shipped with the package: ``"default"`` (the MLR-SNet ``AutoLR`` uses when given
+    none, meta-trained across tasks and optimizers), ``"mnist1d-cnn"`` (an MLR-SNet meta-trained
+    on one task) or ``"action-mlp"`` (an :class:`~autolr_fast.ActionController`); each file's
+    ``.json`` beside it says how it was trained."""
     path = PRETRAINED_DIR / f"{name}.pt"
     if not path.is_file():
         raise KeyError(f"no pretrained controller {name!r}; available: {', '.join(available_pretrained()) or 'none'}")

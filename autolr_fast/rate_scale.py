@@ -137,8 +137,11 @@ class RateScale:
                 candidate = (reference.auto_gamma(loss, self.num_classes) if self.mode == "auto"
                              else self._anchor(loss, controller))
                 usable = torch.isfinite(candidate) & (candidate > 0)
-                unset = ~torch.isfinite(self.peak)
-                self.peak.copy_(torch.where(unset & usable, candidate, self.peak))
+                # a finite loss decides the peak once; 0 when it gave no usable value (the rate
+                # stays 0 and the scheduler says so), so that it is not tried again every step
+                decided = torch.where(usable, candidate, torch.zeros_like(candidate))
+                unset = ~torch.isfinite(self.peak) & torch.isfinite(loss)
+                self.peak.copy_(torch.where(unset, decided, self.peak))
         if self.total_steps is not None:
             torch.mul(self.peak, cosine_envelope(step, self.total_steps), out=self.gamma)
 
@@ -152,9 +155,15 @@ class RateScale:
         p = torch.where(p >= MIN_SETTLED_P, p, torch.zeros_like(p))
         return self.base_lr / p
 
-    def found(self) -> None:
-        """The host has seen a finite loss: the peak is set (or the rule had no usable value)."""
+    def found(self) -> bool | None:
+        """The host has seen a finite loss: the peak is set, or the rule had no usable value.
+        Returns whether the peak is usable where that is known without a device sync (CPU
+        tensors with NumPy), else None."""
         self.pending = False
+        if self.peak.device.type != "cpu" or not optim_support.numpy_available():
+            return None
+        value = float(self.peak.numpy())  # host memory: no dispatch, no sync
+        return math.isfinite(value) and value > 0
 
     # ------------------------------------------------------------------------------------------
     def state_dict(self) -> dict:

@@ -7,7 +7,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from . import optim_support
+from . import optim_support, rate_scale
 from .controllers.mlrsnet import MLRSNet
 from .controllers.pretrained import load_pretrained
 from .controllers.protocol import Controller
@@ -262,8 +262,14 @@ class AutoLR:
 
     def _after_step_host_checks(self) -> None:
         seen = self.counters.poll(self.step_count, eager=self.scale.pending)
-        if self.scale.pending and seen["steps"] > seen["skipped"]:
-            self.scale.found()  # a finite loss has set the scale
+        if self.scale.pending and seen["steps"] > seen["skipped"] and self.scale.found() is False:
+            optim_support.warn_once(
+                self._warned, "no_scale",
+                f"AutoLR: no usable scale from the first finite loss ({self.scale.mode!r} mode): the "
+                f"{type(self.controller).__name__}'s settled output is below "
+                f"{rate_scale.MIN_SETTLED_P:g} (or the rule gave no positive value), so the rate stays 0. "
+                "Use another controller (e.g. the default), or pass gamma=<float>",
+            )
         if seen["skipped"]:
             optim_support.warn_once(
                 self._warned,

@@ -144,3 +144,17 @@ def test_default_scale_gives_no_warning_on_any_optimizer():
         with warnings.catch_warnings():
             warnings.simplefilter("error")
             AutoLR(opt, load_pretrained("mnist1d-cnn"), total_steps=10)
+
+
+def test_a_controller_that_settles_at_zero_is_reported():
+    """A controller whose output settles near 0 gives no usable anchor: the rate stays 0, said once."""
+    ctrl = MLRSNet(hidden_size=8)
+    with torch.no_grad():
+        ctrl.head.bias.fill_(-30.0)  # p = sigmoid(-30 + ...) ~ 1e-13
+    model = nn.Linear(4, 2)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    sched = AutoLR(opt, ctrl)
+    model(torch.randn(3, 4)).sum().backward()
+    with pytest.warns(RuntimeWarning, match="no usable scale"):
+        sched.step(torch.tensor(1.0))
+    assert float(sched.last_rate) == 0.0

@@ -12,6 +12,10 @@ and ``meta_train.png`` under ``--out``, and every seed's learned controller
 (``controller_seed<N>.pt``). ``--ship [PATH]`` also writes seed 0's controller in the format of
 the package's ``load_pretrained("mnist1d-cnn")`` to PATH (default ``OUT/mnist1d-cnn.pt``); copy
 it into ``autolr_fast/controllers/weights/`` of a source checkout to ship it.
+
+``--family`` meta-trains the shipped ``load_pretrained("default")`` across tasks, optimizers
+and run lengths (see ``FAMILY_DOC``); ``--ablation`` compares it on held-out tasks with the
+controller shipped before it, an untrained MLR-SNet and cosine annealing.
 """
 
 from __future__ import annotations
@@ -22,6 +26,7 @@ import json
 import math
 import os
 import shutil
+import statistics
 import sys
 import time
 from collections.abc import Callable, Sequence
@@ -194,8 +199,8 @@ under ``--out``; ``--ship`` copies ``default.pt`` and ``default.json`` into the 
 #: Tasks kept out of the family (``compare``'s held-out tasks are added at run time); a family
 #: that holds one of them is refused.
 NEVER_TRAIN_ON = ("digits-mlp", "regress-sin", "markov-gru", "digits-bncnn", "diabetes-mlp", "friedman-mlp")
-FAMILY_DEFAULTS = {"interval": 50, "meta_lr": 1e-3, "passes": 2, "horizon": 0, "check_seeds": 2}
-FAMILY_QUICK = {"interval": 5, "passes": 1, "check_seeds": 1, "epochs": 1}
+FAMILY_DEFAULTS = {"interval": 10, "meta_lr": 1e-3, "passes": 2, "horizon": 10, "check_seeds": 2}
+FAMILY_QUICK = {"interval": 5, "horizon": 5, "passes": 1, "check_seeds": 1, "epochs": 1}
 FAMILY_OUT = "results/meta_train_family"
 WEIGHTS_DIR = Path(__file__).resolve().parent.parent / "autolr_fast" / "controllers" / "weights"
 
@@ -401,55 +406,66 @@ def fresh_controller() -> MLRSNet:
 
 
 def score_table(rows: list[dict], reference: str = "cosine") -> tuple[str, dict]:
-    """A markdown table, setting x method (mean final metric over seeds), and per method the
-    score against ``reference``: wins (>= it, per setting) and the mean gain, in accuracy points
-    for classification and in % lower test MSE for regression."""
+    """A markdown table, setting x method, and per method the score against ``reference``.
+
+    Classification: mean ± std accuracy over seeds, compared by the mean (mean gain in points).
+    Regression: the median test MSE over seeds (mean in brackets), compared by the median (the
+    median over settings of the % lower MSE), because one collapsed or diverged seed would
+    otherwise decide the comparison; such runs are counted instead as ``failed``: diverged, or a
+    final MSE above 10x the reference's median on that setting.
+    """
     if not rows:
         return "(no runs)\n", {}
     settings = list(dict.fromkeys(r["setting"] for r in rows))
     methods = list(dict.fromkeys(r["method"] for r in rows))
-    cell: dict[tuple[str, str], tuple[float, float | None]] = {}
     cls = {r["setting"]: r["classification"] for r in rows}
-    for s in settings:
-        for m in methods:
-            vals = [r["final_metric"] for r in rows if r["setting"] == s and r["method"] == m]
-            if vals:
-                cell[s, m] = mean_std(vals)
+    vals = {(s, m): [r["final_metric"] for r in rows if r["setting"] == s and r["method"] == m]
+            for s in settings for m in methods}
+
+    def centre(s: str, m: str) -> float:
+        v = vals[s, m]
+        return mean_std(v)[0] if cls[s] else statistics.median(v)
+
     scores: dict[str, dict] = {}
     for m in methods:
-        gains = {"acc_pp": [], "mse_pct": []}
-        wins = 0
+        acc, mse, wins, failed, runs = [], [], 0, 0, 0
         for s in settings:
-            if (s, m) not in cell or (s, reference) not in cell:
+            if not vals[s, m] or not vals[s, reference]:
                 continue
-            mine, ref = cell[s, m][0], cell[s, reference][0]
+            mine, ref = centre(s, m), centre(s, reference)
+            runs += len(vals[s, m])
+            failed += sum(r["status"] != "ok" for r in rows if r["setting"] == s and r["method"] == m)
             if cls[s]:
-                gains["acc_pp"].append(100 * (mine - ref))
+                acc.append(100 * (mine - ref))
                 wins += mine >= ref
             else:
-                gains["mse_pct"].append(100 * (ref - mine) / ref if math.isfinite(mine) else -math.inf)
+                failed += sum(math.isfinite(v) and v > 10 * ref for v in vals[s, m])
+                mse.append(100 * (ref - mine) / ref if math.isfinite(mine) else -math.inf)
                 wins += mine <= ref
-        scores[m] = {"wins": wins, "settings": len(settings),
-                     **{k: (sum(v) / len(v) if v else None) for k, v in gains.items()}}
+        scores[m] = {"wins": wins, "settings": len(settings), "failed": failed, "runs": runs,
+                     "acc_pp": sum(acc) / len(acc) if acc else None,
+                     # the median over settings: one collapsed setting would decide a mean
+                     "mse_pct": statistics.median(mse) if mse else None}
 
     def fmt_cell(s: str, m: str) -> str:
-        if (s, m) not in cell:
+        if not vals[s, m]:
             return "-"
-        mean, std = cell[s, m]
+        mean, std = mean_std(vals[s, m])
         if cls[s]:
             return f"{100 * mean:.2f}" + (f" ± {100 * std:.2f}" if std is not None else "")
-        return f"{mean:.3g}" + (f" ± {std:.1g}" if std is not None else "")
-
-    head = "| setting (acc % or test MSE) | " + " | ".join(methods) + " |"
-    lines = [head, "| :--- |" + " ---: |" * len(methods)]
-    lines += [f"| {s} | " + " | ".join(fmt_cell(s, m) for m in methods) + " |" for s in settings]
+        return f"{statistics.median(vals[s, m]):.3g} ({mean:.3g})"
 
     def gain(v, unit):
         return "-" if v is None else f"{v:+.2f} {unit}"
 
-    lines.append(f"| vs {reference}: wins / mean gain | " + " | ".join(
-        f"{scores[m]['wins']}/{scores[m]['settings']}, {gain(scores[m]['acc_pp'], 'pp')}, "
-        f"{gain(scores[m]['mse_pct'], '% MSE')}" for m in methods) + " |")
+    head = "| setting (acc % mean ± std; test MSE median (mean)) | " + " | ".join(methods) + " |"
+    lines = [head, "| :--- |" + " ---: |" * len(methods)]
+    lines += [f"| {s} | " + " | ".join(fmt_cell(s, m) for m in methods) + " |" for s in settings]
+    lines.append(f"| vs {reference}: settings >= it; acc gain (mean); MSE gain (median) | " + " | ".join(
+        f"{scores[m]['wins']}/{scores[m]['settings']}; {gain(scores[m]['acc_pp'], 'pp')}, "
+        f"{gain(scores[m]['mse_pct'], '%')}" for m in methods) + " |")
+    lines.append("| failed runs (diverged, or MSE > 10x the reference's median) | " + " | ".join(
+        f"{scores[m]['failed']}/{scores[m]['runs']}" for m in methods) + " |")
     return "\n".join(lines) + "\n", scores
 
 
@@ -574,7 +590,7 @@ def ablation_settings() -> list[FamilyRun]:
     return runs
 
 
-def ablation_main(argv: list[str] | None) -> int:
+def ablation_main(argv: list[str]) -> int:
     ap = argparse.ArgumentParser(prog="python -m autolr_fast meta-train --ablation",
                                  description="default vs mnist1d-cnn vs a fresh MLR-SNet vs cosine on held-out tasks")
     ap.add_argument("--ablation", action="store_true")
@@ -601,10 +617,22 @@ def ablation_main(argv: list[str] | None) -> int:
           "`AutoLR(opt, controller, total_steps=T)` (lr anchor, cosine envelope), frozen; cosine: "
           "CosineAnnealingLR to 0 at the same optimizer and lr. `default`: the family-trained controller "
           f"({args.controller}); `mnist1d-cnn`: the controller shipped before it; `fresh`: an untrained "
-          "MLR-SNet. Final test accuracy % (classification) or test MSE, mean ± std over seeds.\n\n" + table)
+          "MLR-SNet. Final test accuracy % (mean ± std over seeds) or test MSE (median over seeds, mean "
+          "in brackets).\n\n" + table)
     with open(os.path.join(args.out, "ablation.md"), "w") as f:
         f.write(md)
     with open(os.path.join(args.out, "ablation.json"), "w") as f:
         json.dump({"rows": rows, "scores": scores}, f)
+    card = os.path.join(args.out, "default.json")
+    trained_here = os.path.abspath(args.controller) == os.path.abspath(os.path.join(args.out, "default.pt"))
+    if trained_here and os.path.isfile(card):
+        # the card of a controller trained into --out carries its held-out scores too (copied along
+        # when shipping); a controller elsewhere, e.g. the shipped one, keeps its card untouched
+        with open(card) as f:
+            info = json.load(f)
+        info["held_out_ablation"] = {"command": f"python -m autolr_fast meta-train {' '.join(argv)}",
+                                     "settings": [asdict(r) for r in settings], "seeds": seeds, "scores": scores}
+        with open(card, "w") as f:
+            json.dump(info, f, indent=1)
     print(md)
     return 0

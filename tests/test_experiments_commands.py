@@ -72,3 +72,13 @@ def test_meta_train_family_horizon_moves_theta(tmp_path):
     moved = load_controller(out / "default.pt").state_dict()
     fresh = meta_train.fresh_controller().state_dict()
     assert any(not torch.equal(moved[k], fresh[k]) for k in moved if k not in ("h", "c"))
+
+
+def test_meta_train_ablation_runs_on_held_out_tasks_only(tmp_path):
+    assert meta_train.main(["--ablation", "--epochs", "1", "--seeds", "1", "--out", str(tmp_path),
+                            "--controller", str(PRETRAINED_DIR / "default.pt")]) == 0
+    rows = json.loads((tmp_path / "ablation.json").read_text())["rows"]
+    assert {r["method"] for r in rows} == {"cosine", "default", "mnist1d-cnn", "fresh"}
+    trained_on = set(load_controller(PRETRAINED_DIR / "default.pt").info["tasks"])
+    assert rows and not {r["task"] for r in rows} & trained_on
+    assert "| vs cosine" in (tmp_path / "ablation.md").read_text()

@@ -158,7 +158,8 @@ def pack_weights(net: MLRSNet, gamma: float, h: Tensor, c: Tensor, rate: float) 
     state = torch.cat([h.detach().cpu().float().reshape(-1), c.detach().cpu().float().reshape(-1),
                        torch.tensor([float(rate)])])
     header = _HEADER.pack(MAGIC, FORMAT_VERSION, net.hidden_size, net.num_layers, 0, float(gamma), flat.numel())
-    body = header + flat.numpy().astype("<f4").tobytes() + state.numpy().astype("<f4").tobytes()
+    values = flat.tolist() + state.tolist()
+    body = header + struct.pack(f"<{len(values)}f", *values)
     return body + struct.pack("<I", zlib.crc32(body) & 0xFFFFFFFF)
 
 

@@ -35,6 +35,7 @@ try:  # sharded parameters (FSDP2, tensor parallel); absent from builds without 
 except ImportError:
     DTensor = None
 
+from . import optim_support
 from .batches import to_device
 from .controllers.mlrsnet import MLRSNet
 from .controllers.pretrained import save_controller
@@ -402,7 +403,7 @@ class MetaTrainer:
         theta_grads, val_loss, ok = self.hypergradient(x)
         if self.sched.device.type == "cpu" and not self.device_side_guard:
             # CPU: ``ok`` is host memory, reading it is no sync; skip the update outright.
-            if bool(ok.numpy()):
+            if bool(optim_support.host_scalar(ok)):
                 self._apply_theta_grads(params, theta_grads)
         else:
             self._guarded_update_on_device(params, theta_grads, ok)

@@ -9,7 +9,6 @@ tensor.
 
 from __future__ import annotations
 
-import importlib.util
 import os
 import sys
 import warnings
@@ -38,8 +37,22 @@ def params_device(optimizer: torch.optim.Optimizer) -> torch.device:
     return devices.pop()
 
 
+try:  # optional: CPU values are read through NumPy views, without a dispatch
+    import numpy  # noqa: F401
+except ImportError:
+    _HAS_NUMPY = False
+else:
+    _HAS_NUMPY = True
+
+
 def numpy_available() -> bool:
-    return importlib.util.find_spec("numpy") is not None
+    return _HAS_NUMPY
+
+
+def host_scalar(t: Tensor) -> float | bool | int:
+    """The value of a 1-element CPU tensor: through a NumPy view when NumPy is installed (no
+    dispatch, so the host-read probes see nothing: host memory needs no sync), else ``item()``."""
+    return t.numpy().item() if _HAS_NUMPY else t.item()
 
 
 def takes_tensor_lr(optimizer: torch.optim.Optimizer) -> bool:

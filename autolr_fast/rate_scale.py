@@ -158,11 +158,11 @@ class RateScale:
     def found(self) -> bool | None:
         """The host has seen a finite loss: the peak is set, or the rule had no usable value.
         Returns whether the peak is usable where that is known without a device sync (CPU
-        tensors with NumPy), else None."""
+        tensors), else None."""
         self.pending = False
-        if self.peak.device.type != "cpu" or not optim_support.numpy_available():
+        if self.peak.device.type != "cpu":
             return None
-        value = float(self.peak.numpy())  # host memory: no dispatch, no sync
+        value = float(optim_support.host_scalar(self.peak))
         return math.isfinite(value) and value > 0
 
     # ------------------------------------------------------------------------------------------

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import re
 import subprocess
 import sys
@@ -85,3 +86,58 @@ def test_import_autolr_fast_loads_no_harness():
     code = f"import sys, autolr_fast; print(sorted(m for m in sys.modules if m.split('.')[0] in {harness!r}))"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, check=True)
     assert out.stdout.strip() == "[]", f"import autolr_fast loaded {out.stdout.strip()}"
+
+
+_WITHOUT_EXTRAS = r"""
+import os, sys, tempfile, warnings
+warnings.simplefilter("ignore")
+import torch
+from torch import nn
+from autolr_fast import AutoLR, MetaConfig, export, find_lr, load, load_pretrained
+
+torch.manual_seed(0)
+model = nn.Sequential(nn.Linear(6, 16), nn.Tanh(), nn.Linear(16, 3))
+x, y = torch.randn(64, 6), torch.randint(0, 3, (64,))
+opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+sched = AutoLR(opt, total_steps=20,
+               meta=MetaConfig(model, [(x[:16], y[:16])], nn.functional.cross_entropy, interval=5))
+for i in range(20):
+    opt.zero_grad()
+    loss = nn.functional.cross_entropy(model(x[16:]), y[16:])
+    loss.backward()
+    sched.step(loss)
+    opt.step()
+assert sched.meta.meta_steps == 4 and 0.0 <= float(sched.last_rate) < 0.1
+res = find_lr(model, opt, nn.functional.cross_entropy, [(x, y)] * 4, num=8, horizons=(1,), plot=None)
+assert res.suggestion > 0
+path = os.path.join(tempfile.mkdtemp(), "c.pt")
+export(load_pretrained("default"), path, gamma=0.1)
+assert load(path).gamma > 0
+loaded = {m.split(".")[0] for m in sys.modules}
+assert not loaded & {"numpy", "matplotlib", "mnist1d", "sklearn", "autolr_experiments"}, loaded
+print("ok")
+"""
+# what the library must do without: NumPy, the harness's and the frameworks' packages
+_NOT_INSTALLED = ("numpy", "matplotlib", "mnist1d", "sklearn", "scikit_learn", "scipy", "lightning",
+                  "pytorch_lightning", "transformers", "accelerate", "autolr_experiments")
+
+
+def test_library_works_with_torch_and_tqdm_only(tmp_path):
+    """The library needs torch and tqdm only: AutoLR (default controller and scale, meta-steps),
+    find_lr, export/load and the shipped controllers run in an interpreter whose site-packages
+    lack NumPy, the harness's and the frameworks' packages (a copy of site-packages without
+    them, ``python -S``)."""
+    import sysconfig
+
+    packages = sysconfig.get_paths()["purelib"]
+    bare = tmp_path / "site-packages"
+    bare.mkdir()
+    for entry in os.listdir(packages):
+        top = entry.split("-")[0].split(".")[0].lower()
+        if top in _NOT_INSTALLED or entry.endswith(".pth") or entry.startswith("__editable__"):
+            continue
+        os.symlink(os.path.join(packages, entry), bare / entry)
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(bare), str(ROOT)])}
+    proc = subprocess.run([sys.executable, "-S", "-c", _WITHOUT_EXTRAS], capture_output=True, text=True,
+                          timeout=300, env=env, cwd=tmp_path)
+    assert proc.returncode == 0 and proc.stdout.strip().endswith("ok"), proc.stdout[-2000:] + proc.stderr[-4000:]

@@ -441,3 +441,16 @@ def test_rate_stays_finite_and_in_range_for_any_loss(dtype):
         if gamma == gamma:
             assert 0.0 <= r <= gamma, f"seed {seed}: rate {r} outside [0, {gamma}] after loss {v}"
         assert torch.isfinite(sched.controller.h).all() and torch.isfinite(sched.controller.c).all(), f"seed {seed}"
+
+
+def test_warnings_point_at_the_callers_line():
+    """AutoLR's warnings name the user's file and line, not a line inside autolr_fast."""
+    model = nn.Linear(8, 3)
+    opt = _PlainOptimizer(model.parameters(), lr=0.1)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        sched = AutoLR(opt, MLRSNet(hidden_size=16), gamma=0.5, lr_as_tensor=True)
+        model(torch.randn(2, 8)).sum().backward()
+        sched.step(torch.tensor(float("nan")))
+    assert len(caught) == 2, [str(w.message) for w in caught]
+    assert all(w.filename == __file__ for w in caught), [(w.filename, w.lineno) for w in caught]

@@ -22,6 +22,7 @@ Also here: :class:`SGDHD`, SGD with hypergradient descent on the learning rate
 
 from __future__ import annotations
 
+import hashlib
 import importlib
 import json
 import math
@@ -427,6 +428,8 @@ def autolr(spec: RunSpec) -> Schedule:
     schedule = autolr_schedule(opt, controller, total_steps=spec.total_steps)
     trained_on = controller_training_tasks(getattr(controller, "info", {}) or {})
     schedule.info.update({"controller": name, "controller_tasks": trained_on,
+                          "controller_sha256": hashlib.sha256((PRETRAINED_DIR / f"{name}.pt").read_bytes()).hexdigest(),
+                          "ops": "reference ops" if os.environ.get("AUTOLR_FAST_FORCE_REFERENCE") else "fast ops",
                           "trained_on_task": spec.task.name in trained_on, "optimizer": spec.task.optim.describe()})
     return schedule
 

@@ -48,7 +48,7 @@ TASK_SETTINGS: dict[str, tuple[int, int]] = {
     "friedman-mlp": (30, 32),
 }
 REGRESSION_SETTINGS = (40, 32)
-#: Tasks no shipped controller was meta-trained on (checked per run against the controller's info).
+#: Tasks meant for held-out evaluation (whether a controller was trained on one is read from its info, per run).
 NEW_TASKS = ["markov-gru", "digits-bncnn", "diabetes-mlp", "friedman-mlp"]
 DEFAULT_TASKS = ["mnist1d-cnn", "mnist1d-mlp", "digits-mlp", "regress-sin", *NEW_TASKS]
 QUICK_TASKS = ["digits-mlp", "regress-sin", "diabetes-mlp"]
@@ -324,6 +324,8 @@ def equal_budget(rows: list[dict], runs: list[dict]) -> list[dict]:
         auto_runs = [r for r in runs if r["task"] == task and r["method"] == "autolr" and r.get("info")]
         info = auto_runs[0]["info"] if auto_runs else {}
         entry = {"task": task, "classification": cls, "controller": info.get("controller"),
+                 "controller_sha256": sorted({r["info"].get("controller_sha256") or "" for r in auto_runs}),
+                 "ops": info.get("ops"),
                  "controller_tasks": info.get("controller_tasks", []),
                  "trained_on": bool(info.get("trained_on_task")), "optimizer": info.get("optimizer"),
                  "rows": [r for r in table if r is not None] + free}
@@ -339,6 +341,9 @@ def equal_budget(rows: list[dict], runs: list[dict]) -> list[dict]:
                 "close_to_tuned": _close(a, tuned and tuned["final_metric"], cls),
                 "beats_best_tuning_free": _better(a, best_free and best_free["final_metric"], cls),
                 "best_tuning_free": best_free and best_free["label"],
+                # 1 = better than every tuning-free competitor; len(free) + 1 = worse than all of them
+                "rank_among_tuning_free": 1 + sum(_better(f["final_metric"], a, cls) for f in free),
+                "tuning_free_methods": len(free) + 1,
             }
         out.append(entry)
     return out
@@ -397,8 +402,9 @@ def _budget_section(budget: list[dict], grid: int) -> list[str]:
     for b in budget:
         cls = b["classification"]
         metric, scale, digits = ("test acc (%)", 100.0, 4) if cls else ("test MSE", 1.0, 3)
-        trained = (f"**trained on this task** (controller `{b['controller']}`)" if b["trained_on"]
-                   else f"not trained on this task (controller `{b['controller']}`)")
+        shas = ", ".join(h[:12] for h in b.get("controller_sha256", []) if h) or "-"
+        ctrl = f"controller `{b['controller']}`, sha256 {shas}, {b.get('ops') or 'ops not recorded'}"
+        trained = (f"**trained on this task** ({ctrl})" if b["trained_on"] else f"not trained on this task ({ctrl})")
         out += [f"### {b['task']}", "", f"Default optimizer: {b['optimizer'] or '-'}; AutoLR {trained}.", ""]
         body = [[r["label"], fmt(r["lr"]) if r["lr"] is not None else "-",
                  f"{r['runs']} x {r['steps_per_run'] if r['steps_per_run'] is not None else '-'}",
@@ -415,7 +421,8 @@ def _budget_section(budget: list[dict], grid: int) -> list[str]:
                     f"({v['delta_vs_cosine_default']})",
                     f"- AutoLR close to tuned cosine: {yes(v['close_to_tuned'])} ({v['delta_vs_tuned']})",
                     f"- AutoLR beats the best other tuning-free method ({v['best_tuning_free']}): "
-                    f"{yes(v['beats_best_tuning_free'])} ({v['delta_vs_best_tuning_free']})", ""]
+                    f"{yes(v['beats_best_tuning_free'])} ({v['delta_vs_best_tuning_free']}); AutoLR ranks "
+                    f"{v['rank_among_tuning_free']} of {v['tuning_free_methods']} tuning-free rows", ""]
         out += [f"![{b['task']} summary]({b['task']}-summary.png)", ""]
     d = done_when(budget)
     out += ["### Done when (issue 15)", "",
@@ -441,11 +448,10 @@ def plot_budget(entry: dict, runs: list[dict], path: Path) -> Path:
         label = row["label"] + (f" (lr {fmt(row['lr'])})" if row["lr"] is not None else "")
         style, width = ("-", 2.0) if row["method"] == "autolr" else ("--" if row["method"] == "cosine" else ":", 1.2)
         rate = rs[0]["curves"]["rate"]
-        ax_rate.plot(range(1, len(rate) + 1), [max(v or 0.0, 1e-8) for v in rate], style, color=color, lw=width,
-                     label=label)
+        ax_rate.plot(range(1, len(rate) + 1), _plottable(rate), style, color=color, lw=width, label=label)
         key = "test_acc" if cls else "test_loss"
         n = min(len(r["curves"][key]) for r in rs)
-        mean = [sum(r["curves"][key][i] for r in rs) / len(rs) for i in range(n)]
+        mean = _mean_curve(rs, key, n)
         ax_metric.plot(range(1, n + 1), [100 * v for v in mean] if cls else mean, style, color=color, lw=width,
                        label=label)
     ax_rate.set(yscale="log", xlabel="step", ylabel="effective learning rate", title=f"{task}: rate per step (seed 0)")
@@ -453,6 +459,7 @@ def plot_budget(entry: dict, runs: list[dict], path: Path) -> Path:
                   title=f"{task}: test {'accuracy' if cls else 'MSE'} (mean over seeds)")
     if not cls:
         ax_metric.set_yscale("log")
+        _clip_loss_axis(ax_metric)
     ax_metric.legend(fontsize=7, loc="best")
     return save_figure(fig, path)
 
@@ -467,12 +474,19 @@ def render_markdown(rows: list[dict], targets: dict, skipped: dict[str, str], co
            "mean ± std over seeds.", ""]
     if config.get("autolr_controller"):
         out += [f"`autolr` used the shipped controller `{config['autolr_controller']}`.", ""]
+    if config.get("force_reference"):
+        out += ["AutoLR ran on its pure-PyTorch reference ops (`AUTOLR_FAST_FORCE_REFERENCE` was set): the CPU "
+                "seconds of `autolr` and the learned controllers include the reference's extra cost per step.", ""]
     out += _budget_section(budget or [], config["grid"])
     for task in dict.fromkeys(r["task"] for r in rows):
         out += _task_section(task, [r for r in rows if r["task"] == task], targets[task], config["task_settings"][task])
     out += _verdict_section(verdicts(rows))
     if skipped:
         out += ["## Skipped methods", "", *(f"- `{k}`: {v}" for k, v in skipped.items()), ""]
+    if config.get("not_run"):
+        out += ["## Not run", "", "Runs of the requested comparison that were not recorded (left out for time); "
+                "their rows are missing or cover fewer tasks:", "",
+                *(f"- `{k}`: {', '.join(v)}" for k, v in config["not_run"].items()), ""]
     return "\n".join(out)
 
 
@@ -528,6 +542,29 @@ def _verdict_section(vs: list[dict]) -> list[str]:
             markdown_table(["task", "learned", "reference", "Δ", "combined std", "verdict"], body, "lllrrl"), ""]
 
 
+def _mean_curve(runs: list[dict], key: str, n: int) -> list[float]:
+    """Per-epoch mean of a curve over runs; an epoch with no finite value (a diverged run's
+    null) is a gap."""
+    out = []
+    for i in range(n):
+        values = [r["curves"][key][i] for r in runs if is_number(r["curves"][key][i])]
+        out.append(sum(values) / len(values) if values else math.nan)
+    return out
+
+
+def _clip_loss_axis(ax, decades: float = 4.0) -> None:
+    """Cap a log loss axis ``decades`` above the lowest curve value, so that one run that blew up
+    to a huge finite loss does not flatten every other curve."""
+    values = [v for line in ax.get_lines() for v in line.get_ydata() if is_number(v) and v > 0]
+    if values:
+        ax.set_ylim(top=min(max(values), min(values) * 10**decades) * 1.5)
+
+
+def _plottable(rates: list) -> list[float]:
+    """Rates for a log axis: at least 1e-8; a missing rate (NaN in a diverged run, null in JSON) as a gap."""
+    return [math.nan if v is None else max(v, 1e-8) for v in rates]
+
+
 def plot_task(task: str, rows: list[dict], runs: list[dict], path: Path) -> Path:
     """Rate vs step (seed of the first run) and test metric vs epoch (mean over seeds) of every
     reported row except the hand-designed defaults (to keep the figure readable)."""
@@ -543,10 +580,10 @@ def plot_task(task: str, rows: list[dict], runs: list[dict], path: Path) -> Path
         label = row["method"] + (f" (lr {fmt(row['lr'])})" if row["lr"] is not None else "")
         rate = rs[0]["curves"]["rate"]
         style = "-" if row["family"] != "learned" else "--"
-        ax_rate.plot(range(1, len(rate) + 1), [max(v, 1e-8) for v in rate], style, color=color, lw=1, label=label)
+        ax_rate.plot(range(1, len(rate) + 1), _plottable(rate), style, color=color, lw=1, label=label)
         key = "test_acc" if cls else "test_loss"
         n = min(len(r["curves"][key]) for r in rs)
-        mean = [sum(r["curves"][key][i] for r in rs) / len(rs) for i in range(n)]
+        mean = _mean_curve(rs, key, n)
         if cls:
             mean = [100 * v for v in mean]
         ax_metric.plot(range(1, n + 1), mean, style, color=color, lw=1.3, label=label)
@@ -558,6 +595,7 @@ def plot_task(task: str, rows: list[dict], runs: list[dict], path: Path) -> Path
     ax_metric.set_ylabel("test accuracy (%)" if cls else "test MSE")
     if not cls:
         ax_metric.set_yscale("log")
+        _clip_loss_axis(ax_metric)
     ax_metric.set_title(f"{task}: test {'accuracy' if cls else 'loss'} (mean over seeds)")
     ax_metric.legend(fontsize=7, loc="best", ncol=2)
     return save_figure(fig, path)
@@ -600,6 +638,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default="results/compare", help="output folder (default results/compare)")
     p.add_argument("--resume", action="store_true", help="reuse the runs already recorded in OUT/runs.jsonl "
                    "(written as runs complete) by an interrupted comparison with the same settings")
+    p.add_argument("--only-recorded", action="store_true", help="with --resume: run nothing new, report the runs "
+                   "already recorded in OUT/runs.jsonl (the jobs left out are listed in the report)")
     p.add_argument("--render", metavar="JSON", default=None, help="only re-render the table and figures of an "
                    "existing compare.json into --out")
     p.add_argument("--no-plots", action="store_true", help="skip the PNG figures")
@@ -675,8 +715,8 @@ def _job_key(task: str, method: str, lr: Any, seed: int, epochs: int, batch_size
     return (task, method, None if lr is None else round(float(lr), 12), int(seed), int(epochs), int(batch_size))
 
 
-def _load_partial(path: Path) -> dict[tuple, dict]:
-    """Records of an earlier, interrupted run (``runs.jsonl``), by job key."""
+def _load_partial(path: Path, statuses: tuple[str, ...] = ("ok", "diverged")) -> dict[tuple, dict]:
+    """Records of an earlier, interrupted run (``runs.jsonl``) with one of ``statuses``, by job key."""
     done: dict[tuple, dict] = {}
     if path.is_file():
         for line in path.read_text().splitlines():
@@ -684,9 +724,23 @@ def _load_partial(path: Path) -> dict[tuple, dict]:
                 r = json.loads(line)
             except json.JSONDecodeError:
                 continue  # a line cut off by the interruption
-            if r.get("status") in ("ok", "diverged"):
+            if r.get("status") in statuses:
                 done[_job_key(r["task"], r["method"], r["lr"], r["seed"], r["epochs"], r["batch_size"])] = r
     return done
+
+
+def _recorded_jobs(jobs: list[Job], partial: Path) -> tuple[list[Job], dict[str, list[str]]]:
+    """The jobs of every (task, method) whose runs (all rates, all seeds) are recorded in
+    ``partial``, and per method the tasks left out: a partial grid or seed set would be reported
+    as if complete. A recorded skip (e.g. the action controller on its own training task) counts
+    as recorded; running such a job again only records the skip."""
+    done = _load_partial(partial, ("ok", "diverged", "skipped"))
+    incomplete = {(j.task, j.method) for j in jobs
+                  if _job_key(j.task, j.method, j.lr, j.seed, j.epochs, j.batch_size) not in done}
+    missing: dict[str, list[str]] = {}
+    for task, method in sorted(incomplete):
+        missing.setdefault(method, []).append(task)
+    return [j for j in jobs if (j.task, j.method) not in incomplete], missing
 
 
 def _run_all(jobs: list[Job], n_jobs: int, progress: bool, partial: Path | None = None,
@@ -746,6 +800,14 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
+    not_run: dict[str, list[str]] = {}
+    if args.only_recorded:
+        if not args.resume:
+            raise SystemExit("--only-recorded reports the runs recorded by an earlier comparison: add --resume")
+        jobs, not_run = _recorded_jobs(jobs, out / "runs.jsonl")
+        if not jobs:
+            print(f"[compare] no recorded runs in {out / 'runs.jsonl'}", file=sys.stderr)
+            return 1
     t0 = time.perf_counter()
     runs = _run_all(jobs, args.jobs, not args.no_progress, out / "runs.jsonl", args.resume)
     for r in runs:
@@ -763,9 +825,11 @@ def main(argv: list[str] | None = None) -> int:
         "task_optimizers": {t: task_optimizer(t).describe() for t in cfg["tasks"]},
         "autolr_controller": controller,
         "autolr_controller_sha256": _controller_digest(controller),
+        "force_reference": os.environ.get("AUTOLR_FAST_FORCE_REFERENCE", ""),
         "target_rules": {"classification": f"test_acc >= {TARGET_ACC_FRACTION} x best mean final accuracy",
                          "regression": f"test_loss <= {TARGET_LOSS_FACTOR} x best mean final loss"},
         "total_wall_time_s": time.perf_counter() - t0,
+        "not_run": not_run,
     }
     budget = equal_budget(rows, runs)
     doc = {"schema": SCHEMA, "config": config, "skipped_methods": skipped, "targets": targets,

@@ -243,7 +243,8 @@ for _fn in REGRESSION_FUNCTIONS:
 
 
 # ------------------------------------------------------------------------------------------------
-# Tasks kept out of every controller's training: other architectures, optimizers and loss scales
+# Tasks meant for held-out evaluation: other architectures, optimizers and loss scales (whether a
+# controller was trained on one is read from the controller's info, per run)
 # ------------------------------------------------------------------------------------------------
 def _fixed_split(n: int, n_test: int, seed: int) -> tuple[Tensor, Tensor]:
     """Train and test indices of a split fixed by ``seed`` (independent of the training seed)."""

@@ -252,6 +252,14 @@ def test_resume_reuses_recorded_runs_and_render_rebuilds_the_table(tmp_path, mon
 
     monkeypatch.setattr(compare, "run_one", must_not_run)
     assert compare.main(args + ["--resume"]) == 0
+    # reporting only what was recorded: a method with no runs is listed as not run, nothing runs
+    at = args.index("cosine") + 1
+    more = args[:at] + ["sgdr"] + args[at:]
+    assert compare.main(more + ["--resume", "--only-recorded"]) == 0
+    doc = json.loads((out / "compare.json").read_text())
+    assert doc["config"]["not_run"] == {"sgdr": ["regress-sin"]}
+    assert {r["method"] for r in doc["runs"]} == {"constant", "cosine"}
+    assert "## Not run" in (out / "compare.md").read_text()
     (out / "compare.md").unlink()
     assert compare.main(["--render", str(out / "compare.json"), "--out", str(out), "--no-plots"]) == 0
     assert "## regress-sin" in (out / "compare.md").read_text()
@@ -311,6 +319,7 @@ def test_equal_budget_verdicts_and_compute():
     v = b["verdicts"]
     assert v["ge_cosine_default"] and v["close_to_tuned"] and not v["beats_best_tuning_free"]
     assert v["best_tuning_free"] == "Prodigy (lr 1, cosine)" and v["delta_vs_best_tuning_free"] == "-1.00 pts"
+    assert v["rank_among_tuning_free"] == 2 and v["tuning_free_methods"] == 3  # behind Prodigy, ahead of sf-sgd
     assert b["trained_on"] and b["controller"] == "default"
     d = compare.done_when([b])
     assert d["held_out_tasks"] == 0 and not d["met"]["close to tuned cosine on >= 3/4 of the held-out tasks"]
@@ -370,3 +379,11 @@ def test_controller_training_tasks_reads_the_usual_info_keys():
     info = {"tasks": ["a", {"task": "b"}, {"name": "c"}], "training_tasks": ["a", "d"]}
     assert baselines.controller_training_tasks(info) == ["a", "b", "c", "d"]
     assert baselines.controller_training_tasks({}) == []
+
+
+def test_plots_take_diverged_runs():
+    # a diverged run's NaN rates and losses come back from JSON as null
+    assert compare._mean_curve([{"curves": {"l": [1.0, None]}}, {"curves": {"l": [3.0, None]}}], "l", 2)[0] == 2.0
+    assert math.isnan(compare._mean_curve([{"curves": {"l": [None]}}], "l", 1)[0])
+    rates = compare._plottable([0.1, 0.0, None])
+    assert rates[:2] == [0.1, 1e-8] and math.isnan(rates[2])

@@ -209,7 +209,7 @@ def test_small_resnet_meta_step_every_step(benchmark, make_train_step, official_
 # The same pair interleaved: robust to a machine whose load changes during the run
 # ------------------------------------------------------------------------------------------------
 @pytest.mark.benchmark(group="mnist1d-cnn step, interleaved (cpu)")
-def test_cnn_step_autolr_over_cosine_interleaved(benchmark, mnist1d_task, mnist1d_batches, make_train_step,
+def test_autolr_over_cosine_interleaved_mnist1d(benchmark, mnist1d_task, mnist1d_batches, make_train_step,
                                                  official_controller):
     """Blocks of 20 steps of each schedule, alternating; the median ratio of the block times is
     AutoLR's relative cost on the same optimizer step (``extra_info``)."""

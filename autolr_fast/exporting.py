@@ -232,11 +232,11 @@ def _resolve(obj, gamma: float | None) -> tuple[MLRSNet, float, Tensor, Tensor, 
         net = obj.controller
         if not isinstance(net, MLRSNet):
             raise TypeError(f"only MLRSNet controllers can be exported, this AutoLR has a {type(net).__name__}")
-        g = float(obj.gamma)
-        if not math.isfinite(g):
+        g = float(obj.scale.peak)  # the peak: a cosine envelope is the run's, not the controller's
+        if not (math.isfinite(g) and g > 0):
             raise ValueError(
-                "this AutoLR has gamma='auto' and has not seen a finite loss yet, so gamma is unset; "
-                "run at least one step first, or export the controller with an explicit gamma="
+                f"this AutoLR's scale ({obj.scale.mode!r} mode) is not set yet (no finite loss seen, or no "
+                "usable anchor); run at least one step first, or export the controller with an explicit gamma="
             )
         return net, g, net.h, net.c, float(obj.rate)
     if isinstance(obj, MLRSNet):

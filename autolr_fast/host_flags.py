@@ -11,10 +11,7 @@ from __future__ import annotations
 
 import torch
 
-try:
-    import numpy
-except ImportError:  # the library does not require NumPy
-    numpy = None
+from . import optim_support
 
 
 class DeviceCounters:
@@ -31,7 +28,7 @@ class DeviceCounters:
             self._host = None
             self._event = None
             # shares memory: no copy, no sync, no dispatch
-            self._view = self.values.numpy() if numpy is not None else self.values
+            self._view = self.values.numpy() if optim_support.numpy_available() else self.values
         self._seen = [0] * len(names)
         self._seen_steps = 0
         self._pending_steps = 0

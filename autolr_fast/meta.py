@@ -22,6 +22,7 @@ and its optimizer state are restored on the device, no host sync).
 
 from __future__ import annotations
 
+import math
 import os
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
@@ -442,12 +443,19 @@ class MetaTrainer:
             torch._foreach_add_(after, backup)
 
     # ------------------------------------------------------------------------------------------
-    def save_snapshot(self, index: int) -> str:
-        """Write ``controller_{index:04d}.pt`` (theta and gamma). It reads them to the host: a host
-        sync on a GPU, once per ``snapshot_every`` steps (``MetaConfig``)."""
+    def save_snapshot(self, index: int) -> str | None:
+        """Write ``controller_{index:04d}.pt`` (theta and the peak scale, not this step's
+        envelope). It reads them to the host: a host sync on a GPU, once per ``snapshot_every``
+        steps (``MetaConfig``). Skipped, with a warning, while the scale is not set yet."""
+        peak = float(self.sched.scale.peak)
+        if not (math.isfinite(peak) and peak > 0):
+            optim_support.warn_once(self.sched._warned, "snapshot_no_scale",
+                                    "AutoLR: a controller snapshot was skipped: the scale is not set yet "
+                                    "(no finite loss seen, or no usable anchor)")
+            return None
         os.makedirs(self.config.snapshot_dir, exist_ok=True)
         path = os.path.join(self.config.snapshot_dir, f"controller_{index:04d}.pt")
-        save_controller(self.sched.controller, path, gamma=float(self.sched.gamma))
+        save_controller(self.sched.controller, path, gamma=peak)
         return path
 
     def state_dict(self) -> dict:

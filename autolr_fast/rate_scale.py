@@ -53,8 +53,12 @@ class RateScale:
         self.device = device
         self.base_lr = float(base_lr)
         self.num_classes = None if num_classes is None else int(num_classes)
-        if total_steps is not None and int(total_steps) < 1:
-            raise ValueError(f"total_steps must be a positive number of optimizer steps, got {total_steps!r}")
+        if total_steps is not None and (isinstance(total_steps, bool) or not isinstance(total_steps, int)
+                                        or total_steps < 1):
+            raise ValueError(f"total_steps must be a positive whole number of optimizer steps, got {total_steps!r}")
+        if isinstance(gamma, bool) or not (gamma is None or isinstance(gamma, (str, int, float))):
+            raise TypeError(f"gamma must be a float, None, 'controller' or 'auto', got {gamma!r}")
+        self.user_gamma = gamma is not None
         self.total_steps = None if total_steps is None else int(total_steps)
         self.mode = self._mode(gamma, controller)
         nan = float("nan")
@@ -99,7 +103,12 @@ class RateScale:
                         f"one); this {type(controller).__name__} has none: leave gamma unset to take the scale "
                         "from the optimizer's lr")
                 return "controller"
-            if gamma in ("auto", "lr"):
+            if gamma == "auto":
+                return gamma
+            if gamma == "lr":
+                if not isinstance(controller, MLRSNet):
+                    raise ValueError(f"gamma='lr' (the lr anchor) needs an MLRSNet controller, not a "
+                                     f"{type(controller).__name__}: pass a float, or leave gamma unset")
                 return gamma
             raise ValueError(f"gamma must be a float, None, 'controller' or 'auto', got {gamma!r}")
         return "fixed"
@@ -109,7 +118,9 @@ class RateScale:
                                            torch.optim.NAdam, torch.optim.RAdam))
         momentum = max(float(g.get("momentum", 0.0) or 0.0) for g in optimizer.param_groups)
         name = type(optimizer).__name__
-        if self.mode in ("controller", "fixed") and self.base_lr > 0:
+        # a controller whose gamma is only a cap (the action controller starts at lr) is not
+        # warned about when the user did not choose gamma
+        if self.mode in ("controller", "fixed") and self.base_lr > 0 and self.user_gamma:
             g = float(self.peak)
             if not 0.1 <= g / self.base_lr <= 10.0:
                 what = "the controller's own gamma" if self.mode == "controller" else "gamma"
@@ -171,8 +182,17 @@ class RateScale:
                 "base_lr": self.base_lr, "total_steps": self.total_steps, "num_classes": self.num_classes}
 
     def check_state(self, state: dict) -> None:
-        if state.get("mode") not in MODES:
-            raise ValueError(f"the state_dict's rate scale has an unknown mode {state.get('mode')!r}")
+        """Raise ``ValueError`` unless ``state`` is a complete :meth:`state_dict` (checked before
+        the scheduler changes anything)."""
+        mode = state.get("mode") if isinstance(state, dict) else None
+        if mode not in MODES:
+            raise ValueError(f"the state_dict's rate scale has an unknown mode {mode!r} (expected one of {MODES})")
+        missing = [k for k in ("peak", "gamma", "base_lr", "total_steps", "num_classes") if k not in state]
+        if missing:
+            raise ValueError(f"the state_dict's rate scale is missing {missing}")
+        for key in ("peak", "gamma"):
+            if not isinstance(state[key], torch.Tensor) or state[key].numel() != 1:
+                raise ValueError(f"the state_dict's rate scale has a bad {key!r} (a 1-element tensor is expected)")
 
     def load_state_dict(self, state: dict) -> None:
         self.mode = state["mode"]

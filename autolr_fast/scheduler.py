@@ -66,7 +66,7 @@ class AutoLR:
         meta: a :class:`MetaConfig` to meta-train the controller online (see ``meta.py``).
         lr_as_tensor: write the rate into the param groups as a 0-dim tensor (``True``) or a
             float (``False``). Default: a tensor on a GPU (a float would be a host sync per
-            step), a float on the CPU (reading it there costs about a microsecond, while a tensor
+            step), a float on the CPU (reading it there stalls nothing, while a tensor
             ``lr`` slows torch.optim's CPU step). Pass ``True`` on the CPU for a compiled
             ``optimizer.step`` (a tensor does not recompile when it changes).
 
@@ -113,6 +113,9 @@ class AutoLR:
         self.step_count = 0
         self._steps_since_optimizer = 0
         self.distributed = is_distributed(distributed)
+        # everything that can refuse the arguments comes before the optimizer is touched: a failed
+        # AutoLR(...) must leave the optimizer as it was (no hook, float lrs)
+        self.meta = None if meta is None else MetaTrainer(self, meta)
         if self.distributed:
             broadcast_from_rank0_(list(self.controller.parameters()) + list(self.controller.buffers()))
         if self.tensor_lr:
@@ -120,7 +123,6 @@ class AutoLR:
             self._write_rate_to_groups()
         self._hook = optimizer.register_step_pre_hook(self._before_optimizer_step)
         self._closure_check = None  # a post-hook, only until the first optimizer.step(closure) is checked
-        self.meta = None if meta is None else MetaTrainer(self, meta)
 
     def _init_param_groups(self, lr_scales: list[float] | None, lr_as_tensor: bool | None) -> list[float]:
         """Record each group's initial lr and scale; decide tensor or float rates. Returns the
@@ -136,7 +138,7 @@ class AutoLR:
         self.lr_scales = [float(s) for s in lr_scales]
         takes_tensor = optim_support.takes_tensor_lr(self.optimizer)
         if lr_as_tensor is None:
-            # On the CPU reading the rate costs ~1 us and stalls nothing, while a tensor lr slows
+            # On the CPU reading the rate stalls nothing, while a tensor lr slows
             # torch.optim's CPU step; on a GPU a float would be a sync per step.
             lr_as_tensor = self.device.type != "cpu"
         self.tensor_lr = bool(lr_as_tensor) and takes_tensor
@@ -244,7 +246,7 @@ class AutoLR:
         controller = self.controller
         if isinstance(controller, MLRSNet) and controller.gate_order == "train":
             # the whole step, the lr writes and the counters: one launch on the Triton path
-            # (buffers read from the dict: Module.__getattr__ costs microseconds per call)
+            # (buffers read from the dict: Module.__getattr__ is slow on this per-step path)
             state = controller._buffers
             dispatch.mlrsnet_step_(x, state["h"], state["c"], controller.flat_weights(), self.gamma, self.rate,
                                    lr_list, self.lr_scales if lr_list else [], self.counters.values)
@@ -350,6 +352,9 @@ class AutoLR:
         if len(state["lr_scales"]) != len(self.optimizer.param_groups):
             raise ValueError("the state_dict has another number of param groups than this optimizer")
         self.scale.check_state(state["scale"])
+        for key, shape in (("rate", ()), ("counters", tuple(self.counters.values.shape))):
+            if not isinstance(state[key], Tensor) or tuple(state[key].shape) != shape:
+                raise ValueError(f"the state_dict's {key!r} is not a tensor of shape {shape}")
         if (self.meta is None) != ("meta" not in state):
             raise ValueError("the state_dict and this AutoLR disagree on meta-training (meta=...)")
         self.controller.load_state_dict({k: v.to(self.device) for k, v in ctrl.items()})

@@ -129,7 +129,7 @@ def test_export_from_autolr(tmp_path):
     opt = torch.optim.SGD(model.parameters(), lr=0.1)
     net = _net(8, 1, seed=6)
     sched = AutoLR(opt, net, gamma="auto", num_classes=3)
-    with pytest.raises(ValueError, match="gamma='auto'"):
+    with pytest.raises(ValueError, match="'auto' mode"):
         ex.export(sched, tmp_path / "early.pt")
     x, y = torch.randn(16, 4), torch.randint(0, 3, (16,))
     train_steps(model, opt, sched, x, y, steps=5)

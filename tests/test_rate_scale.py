@@ -158,3 +158,47 @@ def test_a_controller_that_settles_at_zero_is_reported():
     with pytest.warns(RuntimeWarning, match="no usable scale"):
         sched.step(torch.tensor(1.0))
     assert float(sched.last_rate) == 0.0
+
+
+def test_bad_scale_arguments_are_refused():
+    opt = torch.optim.SGD(nn.Linear(4, 2).parameters(), lr=0.1)
+    with pytest.raises(ValueError, match="total_steps"):
+        AutoLR(opt, MLRSNet(hidden_size=8), total_steps=2.7)
+    with pytest.raises(TypeError, match="gamma"):
+        AutoLR(opt, MLRSNet(hidden_size=8), gamma=True)
+    with pytest.raises(ValueError, match="needs an MLRSNet"):
+        AutoLR(opt, load_pretrained("action-mlp"), gamma="lr")
+
+
+def test_action_controller_at_its_defaults_gives_no_warning():
+    """Its gamma is only a cap (it starts at the optimizer's lr): nothing to warn about when the user
+    did not choose it."""
+    opt = torch.optim.Adam(nn.Linear(4, 2).parameters(), lr=1e-3)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        sched = AutoLR(opt, load_pretrained("action-mlp"))
+    assert float(sched.last_rate) == pytest.approx(1e-3)
+
+
+def test_snapshots_and_export_use_the_peak_not_the_envelope(tmp_path):
+    from autolr_fast import MetaConfig, export, load, load_controller
+
+    torch.manual_seed(0)
+    model = nn.Linear(4, 3)
+    x, y = torch.randn(32, 4), torch.randint(0, 3, (32,))
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    sched = AutoLR(opt, MLRSNet(hidden_size=8), total_steps=4,
+                   meta=MetaConfig(model, [(x[:8], y[:8])], nn.functional.cross_entropy, interval=1,
+                                   snapshot_dir=str(tmp_path), snapshot_every=2))
+    for _ in range(6):  # past total_steps: the envelope is 0 there
+        opt.zero_grad()
+        loss = nn.functional.cross_entropy(model(x), y)
+        loss.backward()
+        sched.step(loss)
+        opt.step()
+    peak = float(sched.scale.peak)
+    assert float(sched.gamma) == 0.0 and peak > 0
+    for snap in sorted(tmp_path.glob("controller_*.pt")):
+        assert load_controller(snap).default_gamma == pytest.approx(peak)
+    export(sched, tmp_path / "c.pt")
+    assert load(tmp_path / "c.pt").gamma == pytest.approx(peak)

@@ -454,3 +454,32 @@ def test_warnings_point_at_the_callers_line():
         sched.step(torch.tensor(float("nan")))
     assert len(caught) == 2, [str(w.message) for w in caught]
     assert all(w.filename == __file__ for w in caught), [(w.filename, w.lineno) for w in caught]
+
+
+def test_a_refused_autolr_leaves_the_optimizer_untouched():
+    """AutoLR(...) that refuses its arguments (here a MetaConfig for another model) installs no hook:
+    the optimizer keeps working, and a second AutoLR on it works."""
+    model, other = nn.Linear(8, 3), nn.Linear(8, 3)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    x, y = make_problem()
+    with pytest.raises(ValueError):
+        AutoLR(opt, MLRSNet(hidden_size=16), gamma=0.5, lr_as_tensor=True,
+               meta=MetaConfig(other, [(x, y)], nn.functional.cross_entropy, interval=2))
+    assert not opt._optimizer_step_pre_hooks and isinstance(opt.param_groups[0]["lr"], float)
+    model(x).sum().backward()
+    opt.step()  # no AutoLR hook refuses it
+    train_steps(model, opt, AutoLR(opt, MLRSNet(hidden_size=16), gamma=0.5), x, y, steps=2)
+
+
+def test_load_state_dict_checks_the_scale_rate_and_counters_first():
+    opt = torch.optim.SGD(nn.Linear(2, 2).parameters(), lr=0.1)
+    sched = AutoLR(opt, MLRSNet(hidden_size=16), gamma=0.5)
+    good = copy.deepcopy(sched.state_dict())
+    before = copy.deepcopy(sched.controller.state_dict())
+    bad_states = [{**good, "scale": {"mode": "lr"}}, {**good, "scale": {**good["scale"], "peak": 1.0}},
+                  {**good, "rate": torch.zeros(2)}, {**good, "counters": torch.zeros(3, dtype=torch.int64)}]
+    for bad in bad_states:
+        bad["controller"] = {k: v + 1 for k, v in good["controller"].items()}
+        with pytest.raises(ValueError):
+            sched.load_state_dict(bad)
+        assert all(torch.equal(before[k], v) for k, v in sched.controller.state_dict().items())

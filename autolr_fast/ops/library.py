@@ -109,6 +109,3 @@ _define("mlrsnet_step_",
 
 _define("mlrsnet_param_grads", "(Tensor loss, Tensor h, Tensor c, Tensor[] weights, Tensor grad_p) -> Tensor[]",
         lambda loss, h, c, weights, grad_p: [torch.empty_like(w) for w in weights], _param_grads_reference)
-
-OPS = ("lookahead", "hyper_dot", "lookahead_sgd", "hyper_dot_sgd", "lookahead_adam", "hyper_dot_adam",
-       "mlrsnet_step_", "mlrsnet_param_grads")

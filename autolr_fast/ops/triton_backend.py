@@ -88,7 +88,7 @@ def mlrsnet_step_(
     ``ok`` (0-dim bool).
 
     Eager calls on plain CUDA tensors run the op's CUDA implementation directly (the dispatcher
-    round trip of a Python op costs several microseconds, more than the rest of the host work);
+    round trip of a Python op costs more than the rest of the host work);
     under ``torch.compile``, an active dispatch mode or tensor subclasses the call goes through
     ``torch.ops.autolr_fast.mlrsnet_step_``. Both launch the same kernel.
     """

@@ -413,9 +413,8 @@ def step_unsupported_reason(loss, h, c, weights, gamma, rate, lr_list, scales, o
 
     Called every step, so what it accepted is remembered (see :class:`_StepPlan`): the same
     tensor objects over the same memory, with the same strides, shape and dtype, are not checked
-    again, only ``loss`` and ``ok``, which are new every step. That takes the check from about
-    12 us to 1.3 us with the extension's layout key, 5.4 us with the Python one (H50, this
-    project's CPU machine).
+    again, only ``loss`` and ``ok``, which are new every step (the cost of each way is in
+    ``docs/bench_results``).
     """
     return _plan_for(loss, h, c, weights, gamma, rate, lr_list, scales, ok, counters)[1]
 
@@ -538,11 +537,10 @@ class _StepPlan:
     memory layout (:func:`_layout`), the lr scales (their values are baked into the arguments),
     and the kernel's argument list. After the first launch compiled the kernel, later launches
     call the compiled kernel's launcher directly with the fixed pointers as integers: Triton's
-    generic launch binds and specializes every argument on every call, about 0.3 us per
-    argument, and this kernel has 41 (the plan's launch costs about as much as a one-argument
-    kernel's). That launcher convention is checked once against the generic launch
-    (:class:`_LauncherCheck`), which stays in use if it fails. ``loss`` and ``ok`` are new
-    tensors every step and are passed as tensors; the kernel does not specialize on their
+    generic launch binds and specializes every argument on every call, and this kernel has 41
+    (``bench/test_bench_host_overhead.py`` measures both). That launcher convention is checked
+    once against the generic launch (:class:`_LauncherCheck`), which stays in use if it fails.
+    ``loss`` and ``ok`` are new tensors every step and are passed as tensors; the kernel does not specialize on their
     alignment, and a ``loss`` of another dtype goes through Triton's generic launch (which
     compiles that variant).
     """
@@ -648,7 +646,7 @@ def _layout(tensors) -> tuple:
     compared so such a tensor is checked again. The device needs no entry: under CUDA's unified
     addressing no two devices (or host memory) share an address.
 
-    About 0.25 us per tensor; :func:`use_layout_key` installs a compiled equivalent.
+    :func:`use_layout_key` installs a compiled equivalent (faster; see ``docs/bench_results``).
     """
     return (tuple(map(torch.Tensor.data_ptr, tensors)), tuple(map(torch.Tensor.stride, tensors)),
             tuple(map(_SHAPE_AND_DTYPE, tensors)))

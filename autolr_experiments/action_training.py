@@ -78,6 +78,30 @@ def fit(model: nn.Module, x: Tensor, y: Tensor, *, epochs: int, lr: float = 3e-3
     return best_epoch
 
 
+def greedy_labels(data: dict) -> dict:
+    """The data with the labels of the greedy horizon (best validation loss right after the
+    branch, ``val_after``) in place of the stored ones (which may come from ``--label-horizon``)."""
+    vals = data["val_after"]  # a diverged branch is stored as inf, never NaN
+    best = vals.argmin(1)
+    return {**data, "best": best, "margins": vals - vals.gather(1, best.view(-1, 1)), "val_label": vals}
+
+
+def keep_unless_clear(data: dict, multipliers: list[float], margin: float) -> dict:
+    """Labels that keep the rate (the multiplier nearest 1) unless the best action beats keeping
+    it by more than ``margin`` of keeping's validation loss. Many decisions are won by a hair that
+    another seed would reverse; a controller trained on those learns a drift (usually upwards) that
+    compounds over a run. Only the training target changes: ``margins`` still measure the regret
+    against the truly best action."""
+    keep = min(range(len(multipliers)), key=lambda a: abs(multipliers[a] - 1.0))
+    vals = data["val_label"]
+    best = data["best"]
+    keep_val = vals[:, keep]
+    clear = vals.gather(1, best.view(-1, 1)).squeeze(1) < keep_val * (1.0 - margin)
+    # keeping diverged while another action did not: that is always clear
+    clear |= ~torch.isfinite(keep_val)
+    return {**data, "best": torch.where(clear, best, torch.full_like(best, keep))}
+
+
 def scores(choice: Tensor, data: dict, mask: Tensor) -> dict:
     best = data["best"][mask]
     margins = data["margins"][mask]
@@ -153,6 +177,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--test-frac", type=float, default=0.25)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--balanced", action="store_true", help="weight the loss by inverse class frequency")
+    p.add_argument("--labels", default="stored", choices=["stored", "greedy"],
+                   help="stored: the file's labels (the --label-horizon ones when collected with it); "
+                        "greedy: best validation loss right after the branch (the old labels)")
+    p.add_argument("--keep-margin", type=float, default=0.0,
+                   help="label x1.0 unless the best action beats it by more than this fraction of its loss")
     p.add_argument("--use-val", action="store_true", help="also feed the validation history (MLP only; not for AutoLR)")
     p.add_argument("--out-dir", default="action_models")
     p.add_argument("--quick", action="store_true", help="at most 10 epochs (a smoke run)")
@@ -168,6 +197,10 @@ def main(argv: list[str] | None = None) -> int:
     if any(s["segment"] // s["window"] != block or s["multipliers"] != multipliers for s in settings):
         raise SystemExit("the data files disagree on --segment/--window or --multipliers; train on matching files")
     data = merge_data(payloads)
+    if a.labels == "greedy":
+        data = greedy_labels(data)
+    if a.keep_margin > 0:
+        data = keep_unless_clear(data, multipliers, a.keep_margin)
     kinds = ["mlp", "cnn", "gru"] if a.model == "all" else [a.model]
     report, models = train_and_compare(data, kinds, window=window, multipliers=multipliers, epochs=a.epochs,
                                        test_frac=a.test_frac, seed=a.seed, use_val=a.use_val, hidden=a.hidden,
@@ -178,7 +211,8 @@ def main(argv: list[str] | None = None) -> int:
             "data": [os.path.basename(f) for f in a.data], "tasks": sorted({s["task"] for s in settings}),
             "collect_settings": settings, "window": window, "block": block, "interval": settings[0]["segment"],
             "multipliers": multipliers, "epochs": a.epochs, "seed": a.seed, "test_frac": a.test_frac,
-            "use_val": a.use_val, "balanced": a.balanced, **report}
+            "use_val": a.use_val, "balanced": a.balanced, "labels": a.labels, "keep_margin": a.keep_margin,
+            "label_horizon": sorted({s.get("label_horizon", 0) for s in settings}), **report}
     for kind, model in models.items():
         base = os.path.join(a.out_dir, f"action-{kind}")
         if not a.use_val:

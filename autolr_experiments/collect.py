@@ -12,6 +12,18 @@ One run of a task (``python -m autolr_fast collect --task NAME --seed S --segmen
 6. continue from one branch (``--follow random`` or ``best``): its end state is the next
    checkpoint and its losses the next history; repeat 4-6 until the run has trained ``--steps``.
 
+Labels. By default (``--label-horizon 0``) the label is greedy: the lowest validation loss right
+after the ``N``-step branch. With ``--label-horizon H`` each branch is continued for ``H`` more
+steps on the same batches for every action, and the label is the lowest validation loss after
+those ``N + H`` steps (``-1``: to the end of the run, a value target). ``--label-continue
+action`` (default) keeps the action's rate for the ``H`` steps, which is what the controller's
+choice means (a multiplier persists until the next one); ``--label-continue base`` goes back to
+the rate before the action, as the unbranched run would. The followed path is unchanged (it
+continues from the end of the ``N``-step branch), so the continuation only costs ``A * H`` extra
+steps per decision; the greedy columns stay in the file (``val_after``, ``best_greedy``) so the
+old labels remain available. (Measured on mnist1d-mlp and regress-exp/log: a longer horizon gives
+*more* x1.1 labels than the greedy one, not fewer; see docs/action_controller.md.)
+
 Everything is on the CPU and reproducible from the seed (the batches of decision ``k`` and the
 random branch choice are seeded by ``(seed, k)``), so ``--resume`` after an interruption (the
 progress file ``OUT.partial`` is written after every decision) gives the same file as an
@@ -51,8 +63,11 @@ COLUMNS = {
     "val_initial": "(n,) float: validation loss at the run's first checkpoint",
     "val_after": "(n, A) float: validation loss after each action's segment (inf if it diverged)",
     "train_after": "(n, A) float: mean training loss over each action's last block",
-    "best": "(n,) int: index of the action with the lowest val_after (label)",
-    "margins": "(n, A) float: val_after - val_after[best] (0 for the best action)",
+    "val_label": "(n, A) float: validation loss the label is taken from: after the branch and --label-horizon "
+                 "more steps (= val_after when the horizon is 0; inf if it diverged)",
+    "best": "(n,) int: index of the action with the lowest val_label (the label)",
+    "best_greedy": "(n,) int: index of the action with the lowest val_after (the greedy label)",
+    "margins": "(n, A) float: val_label - val_label[best] (0 for the best action)",
     "followed": "(n,) int: the action whose branch the run continued from",
 }
 
@@ -84,9 +99,11 @@ class Collector:
         self.rows: list[dict] = []
         self.progress = {"run": 0, "decision": 0, "state": None}
 
-    def _batches(self, run_seed: int, k: int) -> list:
+    def _batches(self, run_seed: int, k: int, extra: int = 0) -> list:
+        # the label continuation takes the batches that follow the segment's, so the segment's
+        # batches (and hence the followed path) are the same whatever the horizon
         it = self.task.batches(self.s["batch_size"], seed=run_seed * 100_003 + k)
-        return list(islice(it, self.s["segment"]))
+        return list(islice(it, self.s["segment"] + extra))
 
     def _segment(self, model, opt, batches: list) -> list[float]:
         """Train on ``batches`` at the optimizer's constant rate; every step's loss."""
@@ -113,20 +130,33 @@ class Collector:
 
     def _branches(self, run_seed: int, k: int, st: dict) -> list[dict]:
         """Every action from the checkpoint ``st`` on the same batches: end state, losses, and the
-        validation loss and mean training loss of the last block (inf if the branch diverged)."""
+        validation loss and mean training loss of the last block (inf if the branch diverged);
+        ``label``: the validation loss after ``label_horizon`` more steps (see the module doc)."""
         s = self.s
+        horizon = s.get("label_horizon", 0)
+        if horizon < 0:  # a value target: continue every branch to the end of the run (--steps)
+            horizon = max(0, s["steps"] - st["step"] - s["segment"])
         model = self.task.make_model()
         opt = _make_opt(s["optimizer"], model.parameters(), st["rate"], s["momentum"])
-        batches = self._batches(run_seed, k)
+        batches = self._batches(run_seed, k, horizon)
+        seg, cont = batches[: s["segment"]], batches[s["segment"]:]
         out = []
         for m in s["multipliers"]:
             load_state(model, opt, st["train"])
             _set_lr(opt, st["rate"] * m)
-            losses = self._segment(model, opt, batches)
+            losses = self._segment(model, opt, seg)
             ok = all(map(math.isfinite, losses))
-            out.append({"end": save_state(model, opt), "losses": losses,
-                        "val": self._val(model) if ok else math.inf,
-                        "train": sum(losses[-self.block:]) / self.block if ok else math.inf})
+            b = {"end": save_state(model, opt), "losses": losses, "val": self._val(model) if ok else math.inf,
+                 "train": sum(losses[-self.block:]) / self.block if ok else math.inf}
+            b["label"] = b["val"]
+            if horizon and ok:
+                if s.get("label_continue", "action") == "base":
+                    _set_lr(opt, st["rate"])
+                more = self._segment(model, opt, cont)
+                b["label"] = self._val(model) if all(map(math.isfinite, more)) else math.inf
+            elif horizon:
+                b["label"] = math.inf
+            out.append(b)
         return out
 
     def _follow(self, run_seed: int, k: int, vals: list[float], best: int) -> int:
@@ -144,7 +174,10 @@ class Collector:
         vals = [b["val"] for b in branches]
         if not any(map(math.isfinite, vals)):
             return None
-        best = min(range(len(vals)), key=lambda a: vals[a])
+        labels = [b["label"] for b in branches]
+        greedy = min(range(len(vals)), key=lambda a: vals[a])
+        # ties (every continuation diverged) fall back to the greedy order
+        best = min(range(len(vals)), key=lambda a: (labels[a], vals[a]))
         follow = self._follow(run_seed, k, vals, best)
         hist = torch.tensor(st["history"], dtype=torch.float32)
         feats = history_features(block_means(hist, self.block), torch.tensor(st["initial"], dtype=torch.float32),
@@ -153,8 +186,10 @@ class Collector:
         row = {"run": run, "decision": k, "step": st["step"], "rate": st["rate"], "history": st["history"],
                "initial": st["initial"], "lowest": st["lowest"], "features": feats,
                "val_history": ([st["val"][0]] * vw + st["val"])[-vw:], "val_initial": st["val"][0],
-               "val_after": vals, "train_after": [b["train"] for b in branches], "best": best,
-               "margins": [v - vals[best] if math.isfinite(v) else math.inf for v in vals], "followed": follow}
+               "val_after": vals, "train_after": [b["train"] for b in branches], "val_label": labels,
+               "best": best, "best_greedy": greedy,
+               "margins": [0.0 if a == best else (v - labels[best] if math.isfinite(v) else math.inf)
+                           for a, v in enumerate(labels)], "followed": follow}
         chosen = branches[follow]
         lowest = min(st["lowest"], float(block_means(torch.tensor(chosen["losses"]), self.block).min()))
         st.update(train=chosen["end"], rate=st["rate"] * s["multipliers"][follow], history=chosen["losses"],
@@ -220,7 +255,7 @@ class Collector:
             vals = [r[col] for r in self.rows]
             if col == "features":
                 out[col] = torch.stack(vals)
-            elif col in ("run", "decision", "step", "best", "followed"):
+            elif col in ("run", "decision", "step", "best", "best_greedy", "followed"):
                 out[col] = torch.tensor(vals, dtype=torch.int64)
             else:
                 out[col] = torch.tensor(vals, dtype=torch.float32)
@@ -248,8 +283,11 @@ def merge_data(payloads: list[dict]) -> dict[str, Tensor]:
     for p in payloads:
         d = dict(p["data"])
         d["run"] = d["run"] + offset
+        # files collected before --label-horizon existed: their labels are the greedy ones
+        d.setdefault("val_label", d["val_after"])
         offset = int(d["run"].max()) + 1
-        for k in ("run", "features", "best", "margins", "val_after", "val_history", "val_initial", "rate"):
+        for k in ("run", "features", "best", "margins", "val_after", "val_label", "val_history", "val_initial",
+                  "rate", "step"):
             out.setdefault(k, []).append(d[k])
     return {k: torch.cat(v) for k, v in out.items()}
 
@@ -270,6 +308,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--lr-max", type=float, default=1e-1)
     p.add_argument("--multipliers", type=float, nargs="+", default=list(DEFAULT_MULTIPLIERS))
     p.add_argument("--follow", default="random", choices=["random", "best"])
+    p.add_argument("--label-horizon", type=int, default=0,
+                   help="label by the validation loss after H more steps past each branch (0: greedy labels; "
+                        "-1: to the end of the run, --steps)")
+    p.add_argument("--label-continue", default="action", choices=["action", "base"],
+                   help="rate of the H label steps: the action's (it persists) or the rate before it")
     p.add_argument("--val-size", type=int, default=0, help="validation samples (0: 20%% of train, at most 500)")
     p.add_argument("--out", required=True)
     p.add_argument("--resume", action="store_true", help="continue from OUT.partial")
@@ -279,12 +322,15 @@ def main(argv: list[str] | None = None) -> int:
     a = p.parse_args(argv)
     if a.quick:
         a.segment, a.steps, a.window = min(a.segment, 20), min(a.steps, 100), 4
+    if a.label_horizon < -1:
+        p.error("--label-horizon must be >= -1")
     if not (0 < a.lr_min < a.lr_max):
         p.error("need 0 < --lr-min < --lr-max")
     settings = {"task": a.task, "seed": a.seed, "runs": a.runs, "segment": a.segment, "steps": a.steps,
                 "window": a.window, "val_window": a.val_window, "batch_size": a.batch_size,
                 "optimizer": a.optimizer, "momentum": a.momentum, "lr_min": a.lr_min, "lr_max": a.lr_max,
-                "multipliers": [float(m) for m in a.multipliers], "follow": a.follow, "val_size": a.val_size}
+                "multipliers": [float(m) for m in a.multipliers], "follow": a.follow, "val_size": a.val_size,
+                "label_horizon": a.label_horizon, "label_continue": a.label_continue}
     collector = Collector(settings)
     partial = a.out + ".partial"
     if a.resume:

@@ -104,3 +104,58 @@ def test_split_keeps_runs_whole():
     assert (tr ^ te).all() and len(set(runs[te].tolist()) & set(runs[tr].tolist())) == 0
     with pytest.raises(ValueError, match="at least 2 runs"):
         split_by_run(torch.zeros(4, dtype=torch.long), 0.25, 0)
+
+
+def test_label_horizon_keeps_the_path_and_the_greedy_columns(tmp_path):
+    # The continuation only adds label steps: the followed path (rates, features, greedy
+    # validation losses) must be the same as without it, and the greedy labels stay available.
+    greedy = load_data(_collect(tmp_path, "g.pt"))["data"]
+    for cont in ("action", "base"):
+        data = load_data(_collect(tmp_path, f"h-{cont}.pt", "--label-horizon", "20", "--label-continue", cont))
+        d = data["data"]
+        assert data["settings"]["label_horizon"] == 20 and data["settings"]["label_continue"] == cont
+        for k in ("rate", "features", "val_after", "best_greedy", "followed"):
+            assert torch.equal(d[k], greedy[k]), k
+        # on the quadratic a larger rate is better at any horizon: the label stays x1.1, and the
+        # longer run reaches a lower validation loss than the segment alone
+        assert (d["best"] == 2).all() and (d["margins"][:, 2] == 0).all()
+        assert (d["val_label"][:, 2] < d["val_after"][:, 2]).all()
+    # without a horizon the label is the greedy one
+    assert torch.equal(greedy["val_label"], greedy["val_after"]) and torch.equal(greedy["best"], greedy["best_greedy"])
+
+
+def test_greedy_labels_recomputed_from_val_after():
+    vals = torch.tensor([[0.5, 0.4, 0.3], [0.2, 0.4, float("inf")]])
+    data = {"val_after": vals, "best": torch.tensor([0, 2]), "margins": torch.zeros(2, 3)}
+    g = action_training.greedy_labels(data)
+    assert g["best"].tolist() == [2, 0]
+    assert torch.allclose(g["margins"][0], torch.tensor([0.2, 0.1, 0.0]))
+    assert g["margins"][1, 2] == float("inf") and data["best"].tolist() == [0, 2]
+
+
+def test_merge_reads_files_without_label_columns(tmp_path):
+    payload = load_data(_collect(tmp_path, "old.pt"))
+    for k in ("val_label", "best_greedy"):  # as written before --label-horizon existed
+        del payload["data"][k]
+    merged = collect.merge_data([payload])
+    assert torch.equal(merged["val_label"], merged["val_after"])
+
+
+def test_keep_unless_clear_only_moves_the_target():
+    vals = torch.tensor([[1.0, 1.0, 0.995], [1.0, 1.0, 0.8], [0.5, float("inf"), 0.7]])
+    data = {"val_label": vals, "best": vals.argmin(1), "margins": vals - vals.min(1, keepdim=True).values}
+    out = action_training.keep_unless_clear(data, [0.9, 1.0, 1.1], 0.01)
+    # a 0.5% win is not clear (keep the rate), a 20% win is, and a diverged x1.0 never is kept
+    assert out["best"].tolist() == [1, 2, 0]
+    assert torch.equal(out["margins"], data["margins"])
+
+
+def test_label_to_the_end_of_the_run(tmp_path):
+    # --label-horizon -1 continues each branch to --steps: the last decision has nothing left to
+    # continue (its label is the greedy one), the earlier ones reach lower losses on the quadratic
+    greedy = load_data(_collect(tmp_path, "g.pt"))["data"]
+    d = load_data(_collect(tmp_path, "end.pt", "--label-horizon", "-1"))["data"]
+    assert torch.equal(d["features"], greedy["features"]) and torch.equal(d["val_after"], greedy["val_after"])
+    last = d["step"] == int(d["step"].max())
+    assert torch.equal(d["val_label"][last], d["val_after"][last])
+    assert (d["val_label"][~last] < d["val_after"][~last]).all() and (d["best"] == 2).all()

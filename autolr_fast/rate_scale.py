@@ -145,22 +145,22 @@ class RateScale:
         steady state without an envelope (this runs every step)."""
         if self.pending:
             with torch.no_grad():
-                candidate = (reference.auto_gamma(loss, self.num_classes) if self.mode == "auto"
-                             else self._anchor(loss, controller))
-                usable = torch.isfinite(candidate) & (candidate > 0)
-                # a finite loss decides the peak once; 0 when it gave no usable value (the rate
-                # stays 0 and the scheduler says so), so that it is not tried again every step
-                decided = torch.where(usable, candidate, torch.zeros_like(candidate))
+                # only a finite loss decides the peak, and only once
                 unset = ~torch.isfinite(self.peak) & torch.isfinite(loss)
+                candidate = (reference.auto_gamma(loss, self.num_classes) if self.mode == "auto"
+                             else self._anchor(loss, controller, unset))
+                usable = torch.isfinite(candidate) & (candidate > 0)
+                # 0 when it gave no usable value (the rate stays 0 and the scheduler says so), so
+                # that it is not tried again every step
+                decided = torch.where(usable, candidate, torch.zeros_like(candidate))
                 self.peak.copy_(torch.where(unset, decided, self.peak))
         if self.total_steps is not None:
             torch.mul(self.peak, cosine_envelope(step, self.total_steps), out=self.gamma)
 
-    def _anchor(self, loss: Tensor, controller: MLRSNet) -> Tensor:
-        """``lr / p*``; settles the controller's state on ``loss`` while no peak is set."""
+    def _anchor(self, loss: Tensor, controller: MLRSNet, unset: Tensor) -> Tensor:
+        """``lr / p*``; settles the controller's state on ``loss`` where ``unset`` (kept elsewhere)."""
         h, c = controller.h.clone(), controller.c.clone()
         p = controller.settle_(loss, SETTLE_STEPS)
-        unset = ~torch.isfinite(self.peak)
         controller.h.copy_(torch.where(unset, controller.h, h))
         controller.c.copy_(torch.where(unset, controller.c, c))
         p = torch.where(p >= MIN_SETTLED_P, p, torch.zeros_like(p))

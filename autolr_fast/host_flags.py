@@ -32,6 +32,7 @@ class DeviceCounters:
         self._seen = [0] * len(names)
         self._seen_steps = 0
         self._pending_steps = 0
+        self._report: dict[str, int] | None = None  # what poll returns until new values arrive
 
     def poll(self, steps: int, eager: bool = False) -> dict[str, int]:
         """Counter values known on the host now (possibly a few steps old on a GPU), and under
@@ -41,17 +42,28 @@ class DeviceCounters:
         if self._view is not None:
             self._seen = self._view.tolist()
             self._seen_steps = steps
+            self._report = None
         else:
             if self._event is not None and self._event.query():
                 self._seen = self._host.tolist()
                 self._seen_steps = self._pending_steps
                 self._event = None
+                self._report = None
             if self._event is None and (eager or self._calls % self.every == 0):
                 self._host.copy_(self.values, non_blocking=True)
                 self._event = torch.cuda.Event()
                 self._event.record()
                 self._pending_steps = steps
-        return {**dict(zip(self.names, (int(v) for v in self._seen))), "steps": self._seen_steps}
+        if self._report is None:
+            self._report = {**dict(zip(self.names, (int(v) for v in self._seen))), "steps": self._seen_steps}
+        return self._report
+
+    def refresh(self, steps: int) -> None:
+        """Wait for the device and make the values seen on the host exact as of step ``steps``."""
+        self._seen = self.values.tolist()
+        self._seen_steps = steps
+        self._event = None
+        self._report = None
 
     def exact(self) -> dict[str, int]:
         """Exact values (synchronises with the device: for ``state_dict`` and reports)."""

@@ -113,7 +113,27 @@ def lr_tensors(optimizer: torch.optim.Optimizer, device: torch.device) -> list[T
     for group in optimizer.param_groups:
         lr = group["lr"]
         if not (isinstance(lr, Tensor) and lr.dim() == 0 and lr.device == device and lr.dtype == torch.float32):
-            lr = torch.tensor(float(lr), dtype=torch.float32, device=device)
+            # a fill, not torch.tensor(): no copy from pageable host memory (a sync on a GPU)
+            lr = torch.full((), float(lr), dtype=torch.float32, device=device)
             group["lr"] = lr
         out.append(lr)
     return out
+
+
+class LrTensors:
+    """:func:`lr_tensors` for a step taken every training step: the list of the last call is
+    handed back while every group still holds the same tensor objects (their memory and layout
+    are the kernels' concern: the Triton plan checks them on every launch)."""
+
+    __slots__ = ("optimizer", "device", "last")
+
+    def __init__(self, optimizer: torch.optim.Optimizer, device: torch.device) -> None:
+        self.optimizer, self.device, self.last = optimizer, device, []
+
+    def __call__(self) -> list[Tensor]:
+        groups = self.optimizer.param_groups
+        last = self.last
+        if len(groups) == len(last) and all(g["lr"] is t for g, t in zip(groups, last)):
+            return last
+        self.last = lr_tensors(self.optimizer, self.device)
+        return self.last

@@ -110,6 +110,10 @@ class AutoLR:
         if self.device.type == "cpu" and optim_support.numpy_available():
             self._rate_view = self.rate.numpy()
         self.counters = DeviceCounters(("skipped", "negative"), self.device)
+        self._on_cuda = self.device.type == "cuda"
+        self._lr_tensors = optim_support.LrTensors(optimizer, self.device)
+        # the step's ok flag (unused here): one buffer instead of an allocation per step on a GPU
+        self._ok = torch.empty((), dtype=torch.bool, device=self.device) if self._on_cuda else None
         self.step_count = 0
         self._steps_since_optimizer = 0
         self.distributed = is_distributed(distributed)
@@ -223,8 +227,15 @@ class AutoLR:
                 g["lr"] = r * s
 
     def step(self, loss: Tensor) -> None:
-        """Read this step's loss and set the rate for the coming ``optimizer.step()``."""
+        """Read this step's loss and set the rate for the coming ``optimizer.step()``.
+
+        On a GPU, the step can be captured in a CUDA graph with the rest of the training step
+        (after a few eager steps; see :meth:`_check_capturable`): each replay then runs the
+        controller on the replay's loss and writes a new rate."""
         x = self._check_loss(loss)
+        capturing = self._on_cuda and torch._C._cuda_isCurrentStreamCapturing()
+        if capturing:
+            self._check_capturable()
         if self.step_count == 0 and all(p.grad is None for g in self.optimizer.param_groups for p in g["params"]):
             raise RuntimeError(
                 "AutoLR.step(loss) was called before loss.backward(): no parameter has a gradient. "
@@ -239,17 +250,18 @@ class AutoLR:
             )
         if self.distributed:
             x = mean_across_ranks(x)
-        self.scale.update_(x, self.step_count, self.controller)
+        if self.scale.pending or self.scale.total_steps is not None:  # else nothing to update
+            self.scale.update_(x, self.step_count, self.controller)
         if self.meta is not None:
             self.meta.maybe_step(x)
-        lr_list = optim_support.lr_tensors(self.optimizer, self.device) if self.tensor_lr else []
+        lr_list = self._lr_tensors() if self.tensor_lr else []
         controller = self.controller
         if isinstance(controller, MLRSNet) and controller.gate_order == "train":
             # the whole step, the lr writes and the counters: one launch on the Triton path
             # (buffers read from the dict: Module.__getattr__ is slow on this per-step path)
             state = controller._buffers
             dispatch.mlrsnet_step_(x, state["h"], state["c"], controller.flat_weights(), self.gamma, self.rate,
-                                   lr_list, self.lr_scales if lr_list else [], self.counters.values)
+                                   lr_list, self.lr_scales if lr_list else [], self.counters.values, self._ok)
         else:
             with torch.no_grad():
                 controller.scheduler_step_(x, self.gamma, self.rate)
@@ -260,7 +272,39 @@ class AutoLR:
             self._write_rate_to_groups()
         self.step_count += 1
         self._steps_since_optimizer += 1
+        if not capturing:  # an event query or a recorded copy would break the capture
+            self._after_step_host_checks()
+
+    def synchronize(self) -> None:
+        """Wait for the device and bring the host's view of the device counters up to date (the
+        warnings, the scale's decision). Never needed in a training loop; call it after the
+        eager warm-up steps and before capturing ``step`` in a CUDA graph."""
+        self.counters.refresh(self.step_count)
         self._after_step_host_checks()
+
+    def _check_capturable(self) -> None:
+        """Refuse, before anything is recorded, what a CUDA graph cannot replay: it repeats the
+        device work of the captured step and none of the host's decisions."""
+        problems = []
+        if self.step_count == 0 or self.scale.pending:
+            problems.append("the rate scale is not decided yet (it is set from the first finite loss, which "
+                            "the host learns of without waiting, a few steps later): run a few eager steps, "
+                            "then sched.synchronize(), then capture")
+        if self.scale.total_steps is not None:
+            problems.append("total_steps: the cosine envelope is computed on the host for each step, so a "
+                            "replay would repeat the captured step's factor; capture without total_steps")
+        if self.meta is not None:
+            problems.append("meta: meta-steps run every `interval` steps, decided on the host; capture a "
+                            "frozen controller (no MetaConfig)")
+        if not self.tensor_lr:
+            problems.append("the rate is written as a Python float (lr_as_tensor=False), which a replay "
+                            "cannot change; use lr_as_tensor=True with a fused optimizer")
+        elif not all(isinstance(lr, Tensor) and lr.dim() == 0 and lr.device == self.device
+                     and lr.dtype is torch.float32 for lr in (g["lr"] for g in self.optimizer.param_groups)):
+            problems.append("a param group's lr is not a 0-dim float32 tensor on the device (a group added "
+                            "or an optimizer state loaded after the warm-up): run an eager step first")
+        if problems:
+            raise RuntimeError("AutoLR.step cannot be captured in a CUDA graph here: " + "; ".join(problems))
 
     def _after_step_host_checks(self) -> None:
         seen = self.counters.poll(self.step_count, eager=self.scale.pending)

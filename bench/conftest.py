@@ -14,6 +14,7 @@ can render them:
 
 from __future__ import annotations
 
+import copy
 import os
 import platform
 import sys
@@ -31,8 +32,9 @@ from bench_utils import TrainStep  # noqa: E402
 
 from autolr_experiments.baselines import official_checkpoint_dir
 from autolr_experiments.tasks import get_task
-from autolr_experiments.training import autolr_schedule, torch_schedule
-from autolr_fast import MLRSNet
+from autolr_experiments.training import Schedule, autolr_schedule, torch_schedule
+from autolr_fast import MLRSNet, optim_support
+from autolr_fast.ops import reference
 
 #: Torch CPU threads for the benchmarks (default 1: per-step overheads of small models are
 #: steadier on one thread, and a busy machine does not oversubscribe its cores).
@@ -89,10 +91,30 @@ def cuda_device() -> torch.device:
     return torch.device("cuda")
 
 
+def published_schedule(optimizer: torch.optim.Optimizer, controller: MLRSNet, gamma: float) -> Schedule:
+    """What the published training script does every step: the controller in eager PyTorch on
+    the loss, then ``float(lr)`` (a host sync on a GPU) into every param group."""
+    controller = copy.deepcopy(controller).to(optim_support.params_device(optimizer))
+    state = (controller.h, controller.c, [w.detach() for w in controller.flat_weights()])
+    gamma_t = torch.tensor(float(gamma), device=controller.h.device)
+    rate = torch.zeros((), device=controller.h.device)
+
+    def before_step(loss: torch.Tensor) -> None:
+        with torch.no_grad():
+            reference.mlrsnet_scheduler_step_(loss.detach(), *state, gamma_t, rate, [], [])
+        lr = float(rate)
+        for group in optimizer.param_groups:
+            group["lr"] = lr
+
+    return Schedule(optimizer, rate=lambda: rate, before_step=before_step)
+
+
 @pytest.fixture
 def make_train_step() -> Callable[..., TrainStep]:
     """``make_train_step(model, batches, loss_fn, kind, controller=None, meta=None, fused=False)``
-    with ``kind`` ``"cosine"`` (CosineAnnealingLR over 10,000 steps) or ``"autolr"``."""
+    with ``kind`` ``"cosine"`` (CosineAnnealingLR over 10,000 steps), ``"autolr"`` (``controller``
+    at ``gamma``), ``"autolr-defaults"`` (``AutoLR(opt)``) or ``"published"``
+    (:func:`published_schedule`)."""
 
     def make(model, batches, loss_fn, kind: str, controller=None, meta=None, fused: bool = False,
              gamma=0.1) -> TrainStep:
@@ -103,8 +125,12 @@ def make_train_step() -> Callable[..., TrainStep]:
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")
                 schedule = autolr_schedule(opt, controller, gamma=gamma, meta=meta(model) if callable(meta) else meta)
+        elif kind == "autolr-defaults":
+            schedule = autolr_schedule(opt, None)
+        elif kind == "published":
+            schedule = published_schedule(opt, controller, gamma)
         else:
-            raise ValueError(f"kind must be 'cosine' or 'autolr', got {kind!r}")
+            raise ValueError(f"kind must be 'cosine', 'autolr', 'autolr-defaults' or 'published', got {kind!r}")
         return TrainStep(model, schedule, loss_fn, batches)
 
     return make

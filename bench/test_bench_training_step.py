@@ -8,12 +8,20 @@ Groups (each row's time is reported as a ratio to its group's baseline):
   CIFAR-shaped random data, fused SGD (skipped without a GPU).
 * ``meta-step``: AutoLR with a meta-step every step (``MetaConfig(interval=1)``) against the
   plain AutoLR step (baseline), on the MNIST-1D CNN (CPU) and ResNet-18 (GPU).
+* ``resnet18 step, interleaved (cuda)``: blocks of steps of CosineAnnealingLR, AutoLR with its
+  defaults (``AutoLR(opt)``), AutoLR with the published controller, and the published script's
+  eager controller with ``float(lr)``, alternating on four copies of one model; the median
+  ratios of the block times to cosine's are in ``extra_info`` (robust to clock and load drift).
+* ``resnet18 step, CUDA graph``: the whole training step with ``AutoLR.step`` inside, eager
+  (baseline) and captured once and replayed.
 
 ``extra_info``: ``host_syncs_per_step`` (host reads of tensor values per step; on a GPU every
 synchronising call), and for the meta-step the peak memory of one step.
 """
 
 from __future__ import annotations
+
+import copy
 
 import pytest
 import torch
@@ -95,6 +103,103 @@ def test_resnet18_step_autolr(benchmark, cuda_device, make_train_step, official_
     step = make_train_step(model, batches, torch.nn.functional.cross_entropy, "autolr", official_controller, fused=True)
     _record(benchmark, step, cuda_device)
     _timed_on_gpu(benchmark, step)
+
+
+@pytest.mark.gpu
+@pytest.mark.benchmark(group=GPU_GROUP)
+def test_resnet18_step_published_eager_float(benchmark, cuda_device, make_train_step, official_controller):
+    model, batches = _resnet_problem(cuda_device)
+    step = make_train_step(model, batches, torch.nn.functional.cross_entropy, "published", official_controller,
+                           fused=True)
+    _record(benchmark, step, cuda_device)
+    _timed_on_gpu(benchmark, step)
+
+
+@pytest.mark.gpu
+@pytest.mark.benchmark(group="resnet18 step, interleaved (cuda)")
+def test_resnet18_interleaved(benchmark, cuda_device, make_train_step, official_controller):
+    """Blocks of 20 steps of each schedule in turn, each timed between two synchronizations;
+    ``extra_info[name]`` is the median over the rounds of (block time / cosine's block time)."""
+    import statistics
+    import time
+
+    model, batches = _resnet_problem(cuda_device)
+    kinds = {"cosine": ("cosine", None), "autolr-defaults": ("autolr-defaults", None),
+             "autolr-published-controller": ("autolr", official_controller),
+             "published-eager-float": ("published", official_controller)}
+    steps = {name: make_train_step(copy.deepcopy(model), batches, torch.nn.functional.cross_entropy, kind,
+                                   controller, fused=True)
+             for name, (kind, controller) in kinds.items()}
+    ratios: dict[str, list[float]] = {name: [] for name in steps}
+
+    def one_round():
+        times = {}
+        for name, step in steps.items():
+            torch.cuda.synchronize()
+            start = time.perf_counter()
+            for _ in range(20):
+                step()
+            torch.cuda.synchronize()
+            times[name] = time.perf_counter() - start
+        for name in steps:
+            ratios[name].append(times[name] / times["cosine"])
+
+    one_round()  # warm-up (cuDNN autotuning, the Triton compile, the lr anchor's settle)
+    for values in ratios.values():
+        values.clear()
+    benchmark.pedantic(one_round, rounds=25, iterations=1)
+    benchmark.extra_info["baseline"] = True
+    for name, values in ratios.items():
+        benchmark.extra_info[f"{name}_over_cosine_median"] = round(statistics.median(values), 4)
+    benchmark.extra_info["rounds"] = len(ratios["cosine"])
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("mode", ["eager", "cuda-graph"])
+def test_resnet18_step_in_a_cuda_graph(benchmark, cuda_device, mode):
+    """AutoLR with its defaults inside the whole training step; ``cuda-graph`` captures it once
+    (after the warm-up torch.cuda.graphs asks for) and replays it."""
+    from autolr_fast import AutoLR
+
+    model, batches = _resnet_problem(cuda_device)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9, weight_decay=5e-4, fused=True)
+    sched = AutoLR(opt)
+    static_x, static_y = (t.clone() for t in batches[0])
+
+    def training_step():
+        opt.zero_grad(set_to_none=True)
+        loss = torch.nn.functional.cross_entropy(model(static_x), static_y)
+        loss.backward()
+        sched.step(loss)
+        opt.step()
+        return loss
+
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        for _ in range(3):
+            training_step()
+    torch.cuda.current_stream().wait_stream(side)
+    sched.synchronize()
+    step = training_step
+    if mode == "cuda-graph":
+        graph = torch.cuda.CUDAGraph()
+        opt.zero_grad(set_to_none=True)
+        with torch.cuda.graph(graph):
+            training_step()
+        step = graph.replay
+    benchmark.group = "resnet18 step, CUDA graph (cuda, batch 128)"
+    if mode == "eager":
+        benchmark.extra_info["baseline"] = True
+    rates = []
+
+    def run():
+        step()
+        rates.append(opt.param_groups[0]["lr"].clone())
+        torch.cuda.synchronize()
+
+    benchmark(run)
+    assert len(set(torch.stack(rates).tolist())) > 1, "the rate did not change from step to step"
 
 
 # ------------------------------------------------------------------------------------------------

@@ -15,8 +15,14 @@ Step (per shape ``H``/cells, 3 param groups with scales), each variant doing exa
 * ``autolr-step``: a whole eager ``AutoLR.step(loss)`` (argument checks, dispatch, the launch,
   the host-side counter poll) on an optimizer with the same three groups, to hold against the
   floor below and ``triton-cudagraph``;
-* ``floor-tiny-triton-kernel``: one trivial Triton kernel launch (a load and a store): the
-  launch-overhead floor any one-launch step pays without a graph.
+* ``floor-tiny-triton-kernel`` (the group's baseline): one trivial Triton kernel launch (a load
+  and a store): the launch-overhead floor any one-launch step pays without a graph;
+* ``published-eager-float``: what the published training script does every step: the controller
+  in eager PyTorch (the reference's kernels), then ``float(lr)`` (a host sync) written into the
+  three groups as Python floats.
+
+``autolr-step`` also records ``kernels_per_step`` (the profiler's count of device kernels over
+``STEPS`` steps) and ``syncs_per_step`` (``set_sync_debug_mode("warn")`` warnings).
 
 Gradient (``grad_p * dp/dtheta``): ``reference-autograd`` (``reference.mlrsnet_param_grads``),
 ``reference-explicit`` (the op's CPU math, on the GPU), ``triton-op`` and ``triton-launch``
@@ -137,6 +143,17 @@ def make_step_variant(name: str, s: StepInputs):
         return _graph_of(lambda: torch.ops.autolr_fast.mlrsnet_step_(*s.args(), s.ok))
     if name == "floor-tiny-triton-kernel":
         return lambda: _tiny_kernel[(1,)](s.rate)
+    if name == "published-eager-float":
+        groups = [{"lr": 0.1 * scale} for scale in SCALES]
+
+        def published():
+            reference_step_(s.loss, s.h, s.c, s.weights, s.gamma, s.rate, [], [])
+            lr = float(s.rate)
+            for group, scale in zip(groups, SCALES, strict=True):
+                group["lr"] = lr * scale
+
+        s.groups = groups  # the floats the checks compare
+        return published
     raise ValueError(name)
 
 
@@ -164,13 +181,39 @@ def _run_timed(benchmark, group: str, step) -> None:
     many_steps()  # warm-up: Triton/inductor compilation, caches
     benchmark.group = group
     benchmark.extra_info["steps_per_call"] = STEPS
-    benchmark.pedantic(many_steps, rounds=30, warmup_rounds=2, iterations=1)
+    benchmark.pedantic(many_steps, rounds=20, warmup_rounds=2, iterations=1)
     benchmark.extra_info["us_per_step"] = benchmark.stats.stats.median / STEPS * 1e6
 
 
 STEP_VARIANTS = ["reference-eager", "reference-compiled", "reference-eager-cudagraph", "triton-op", "triton-launch",
-                 "triton-cudagraph", "autolr-step", "floor-tiny-triton-kernel"]
+                 "triton-cudagraph", "autolr-step", "floor-tiny-triton-kernel", "published-eager-float"]
 GRAD_VARIANTS = ["reference-autograd", "reference-explicit", "triton-op", "triton-launch"]
+
+
+def _device_work_per_step(step) -> dict:
+    """Kernels (profiler) and synchronising calls (sync debug mode) per call of ``step``."""
+    import warnings
+
+    from device_kernels import kernel_names  # tests/ (bench/conftest.py puts it on sys.path)
+    from torch.profiler import ProfilerActivity, profile
+
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        for _ in range(STEPS):
+            step()
+        torch.cuda.synchronize()
+    kernels = kernel_names(prof)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        torch.cuda.set_sync_debug_mode("warn")
+        try:
+            for _ in range(STEPS):
+                step()
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+    syncs = sum("synchroniz" in str(w.message) for w in caught)
+    return {"kernels_per_step": len(kernels) / STEPS, "kernel_names": sorted(set(kernels))[:3],
+            "syncs_per_step": syncs / STEPS}
 
 
 @pytest.mark.filterwarnings("ignore:AutoLR.step was called twice")  # autolr-step: no optimizer.step()
@@ -180,11 +223,16 @@ def test_step(benchmark, variant, shape):
     torch._dynamo.reset()
     s = StepInputs(*SHAPES[shape])
     step = make_step_variant(variant, s)
+    if variant == "floor-tiny-triton-kernel":
+        benchmark.extra_info["baseline"] = True
     _run_timed(benchmark, f"mlrsnet_step {shape}", step)
+    if variant in ("autolr-step", "published-eager-float", "triton-op"):
+        benchmark.extra_info.update(_device_work_per_step(step))
     if variant != "floor-tiny-triton-kernel":
         # the variant really stepped: the state moved and every lr is rate * scale
         assert float(s.h.abs().sum()) > 0
-        for lr, scale in zip(s.lrs, SCALES, strict=True):
+        lrs = [torch.tensor(g["lr"], device=DEVICE) for g in s.groups] if hasattr(s, "groups") else s.lrs
+        for lr, scale in zip(lrs, SCALES, strict=True):
             torch.testing.assert_close(lr, s.rate * scale)
 
 

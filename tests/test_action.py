@@ -179,11 +179,12 @@ def test_no_host_sync_on_cuda():
     sched = AutoLR(opt, ctrl, gamma=1.0)
     x = torch.randn(8, 3, device=dev)
     rate = torch.tensor(0.01, device=dev)
+    one = torch.ones((), device=dev)  # torch.tensor(1.0, device=...) copies from pageable memory: a sync
     torch.cuda.synchronize()
     torch.cuda.set_sync_debug_mode("error")
     try:
         for _ in range(12):
-            ctrl.scheduler_step_(model(x).pow(2).mean().detach(), torch.tensor(1.0, device=dev), rate)
+            ctrl.scheduler_step_(model(x).pow(2).mean().detach(), one, rate)
     finally:
         torch.cuda.set_sync_debug_mode("default")
     assert ctrl.blocks.item() == 6 and sched is not None

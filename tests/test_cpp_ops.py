@@ -550,7 +550,7 @@ def test_amsgrad_maximum_propagates_nan(dtype):
 def _list_op_impls() -> list:
     impls = [pytest.param("reference", id="reference")]
     impls.append(pytest.param("cpu", id="cpp-cpu", marks=needs_ext))
-    impls.append(pytest.param("cuda", id="cpp-cuda", marks=[needs_ext, needs_cuda]))
+    impls.append(pytest.param("cuda", id="cpp-cuda", marks=[needs_ext, needs_cuda, pytest.mark.gpu]))
     return impls
 
 
@@ -753,6 +753,7 @@ def test_ops_under_torch_compile():
 # CUDA section
 # ------------------------------------------------------------------------------------------------
 @needs_ext
+@pytest.mark.gpu
 @needs_cuda
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16])
 @pytest.mark.parametrize("shapes", SHAPES + [[(300_001,), (5, 5), (0,), (40_000,)] * 20])
@@ -787,6 +788,7 @@ def test_cuda_ops_match_reference(shapes, dtype):
 
 
 @needs_ext
+@pytest.mark.gpu
 @needs_cuda
 def test_cuda_hyper_dot_deterministic_and_opcheck():
     shapes = [(1_000_003,), (64, 64, 3, 3), (10,)] * 8
@@ -803,6 +805,7 @@ def test_cuda_hyper_dot_deterministic_and_opcheck():
 
 
 @needs_ext
+@pytest.mark.gpu
 @needs_cuda
 def test_cuda_list_ops_longer_than_one_launch_table():
     """More tensors than one kernel-argument table holds (several launches): same results as
@@ -822,6 +825,7 @@ def test_cuda_list_ops_longer_than_one_launch_table():
 
 
 @needs_ext
+@pytest.mark.gpu
 @needs_cuda
 def test_cuda_list_ops_replay_in_a_cuda_graph():
     """Captured once, replayed on new values written into the same tensors: the chunk table

@@ -130,6 +130,7 @@ def test_host_read_counter_sees_cpp_level_reads():
     assert probe.count >= 1
 
 
+@pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU for torch.cuda.set_sync_debug_mode")
 def test_no_host_sync_on_gpu():
     model = SmallCNN().cuda()
@@ -483,3 +484,33 @@ def test_load_state_dict_checks_the_scale_rate_and_counters_first():
         with pytest.raises(ValueError):
             sched.load_state_dict(bad)
         assert all(torch.equal(before[k], v) for k, v in sched.controller.state_dict().items())
+
+
+@pytest.mark.parametrize("case", ["not_synchronized", "total_steps", "meta", "float_rate"])
+def test_capture_is_refused_before_anything_changes(monkeypatch, case):
+    """The host side of the CUDA-graph check (the capture itself is tested on a GPU in
+    test_scheduler_gpu.py): what a replay could not repeat is refused, and nothing moved."""
+    model = SmallCNN()
+    x, y = make_problem()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    kwargs = {"total_steps": 50} if case == "total_steps" else {}
+    if case == "meta":
+        kwargs["meta"] = MetaConfig(model, [(x[16:32], y[16:32])], nn.functional.cross_entropy, interval=2)
+    sched = AutoLR(opt, MLRSNet(hidden_size=16), lr_as_tensor=case != "float_rate", **kwargs)
+    loss = nn.functional.cross_entropy(model(x[:16]), y[:16])
+    loss.backward()
+    if case != "not_synchronized":
+        sched.step(loss.detach())
+        opt.step()
+        sched.synchronize()
+    sched._on_cuda = True  # as on a GPU, with a capture under way
+    monkeypatch.setattr(torch._C, "_cuda_isCurrentStreamCapturing", lambda: True, raising=False)
+    before = (sched.step_count, sched.rate.clone(), sched.controller.h.clone(), sched.gamma.clone())
+    with pytest.raises(RuntimeError, match="cannot be captured in a CUDA graph"):
+        sched.step(loss.detach())
+    assert sched.step_count == before[0]
+    assert torch.equal(sched.rate, before[1]) and torch.equal(sched.controller.h, before[2])
+    torch.testing.assert_close(sched.gamma, before[3], rtol=0, atol=0, equal_nan=True)
+    sched._on_cuda = False
+    sched.step(loss.detach())  # no capture: the same call steps
+    assert sched.step_count == before[0] + 1

@@ -45,7 +45,9 @@ def _step_tensors(steps, n: int) -> list[Tensor]:
     return [_as_scalar_tensor(s) for s in reference.per_parameter_steps(steps, n)]
 
 
-def mlrsnet_step_(loss, h, c, weights, gamma, rate, lr_list, scales, counters=None) -> Tensor:
+def mlrsnet_step_(loss, h, c, weights, gamma, rate, lr_list, scales, counters=None, ok=None) -> Tensor:
+    if ok is not None:  # dispatch's optional output (the GPU path's convention; a copy here)
+        return ok.copy_(mlrsnet_step_(loss, h, c, weights, gamma, rate, lr_list, scales, counters))
     # Called every training step. Eager: the kernel straight from Python (the dispatcher's
     # argument conversion costs more than the step); it answers NotImplemented for anything
     # but plain CPU-side tensors/Parameters. Under torch.compile, and for those cases: the op.

@@ -25,7 +25,8 @@ from . import reference
 FORCE_REFERENCE_ENV = "AUTOLR_FAST_FORCE_REFERENCE"
 BACKEND_MODULES = ("autolr_fast.ops.cpp_backend", "autolr_fast.ops.triton_backend")
 
-# op name -> its plain PyTorch reference (same arguments as the dispatch function below)
+# op name -> its plain PyTorch reference (same arguments as the dispatch function below; a
+# backend's mlrsnet_step_ also takes the optional ``ok`` output after ``counters``)
 REFERENCES: dict[str, Callable] = {
     "mlrsnet_step_": reference.mlrsnet_scheduler_step_,
     "mlrsnet_param_grads": reference.mlrsnet_param_grads,
@@ -120,13 +121,20 @@ def mlrsnet_step_(
     lr_list: Sequence[Tensor],
     scales: Sequence[float],
     counters: Tensor | None = None,
+    ok: Tensor | None = None,
 ) -> Tensor:
     """The scheduler's MLR-SNet step, in place: updates ``h``, ``c``, ``rate``, the ``lr``
     tensors and (if given) the int64 ``counters`` ``[skipped, negative]``; returns ``ok`` (0-dim
-    bool: False when the loss or the output was not finite and everything was left as it was).
+    bool: False when the loss or the output was not finite and everything was left as it was),
+    written into ``ok`` if given (a 0-dim bool tensor on the device: no allocation per step).
     See :func:`reference.mlrsnet_scheduler_step_`. One launch on the Triton path."""
     _, fn = select("mlrsnet_step_", loss.device)
-    return (fn or reference.mlrsnet_scheduler_step_)(loss, h, c, weights, gamma, rate, lr_list, scales, counters)
+    if fn is not None:
+        if ok is None:
+            return fn(loss, h, c, weights, gamma, rate, lr_list, scales, counters)
+        return fn(loss, h, c, weights, gamma, rate, lr_list, scales, counters, ok)
+    result = reference.mlrsnet_scheduler_step_(loss, h, c, weights, gamma, rate, lr_list, scales, counters)
+    return result if ok is None else ok.copy_(result)
 
 
 def mlrsnet_param_grads(loss: Tensor, h: Tensor, c: Tensor, weights: Sequence[Tensor], grad_p: Tensor) -> list[Tensor]:

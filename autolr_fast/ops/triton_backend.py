@@ -83,16 +83,18 @@ def mlrsnet_step_(
     lr_list: Sequence[Tensor],
     scales: Sequence[float],
     counters: Tensor | None = None,
+    ok: Tensor | None = None,
 ) -> Tensor:
     """:func:`autolr_fast.ops.dispatch.mlrsnet_step_`: one launch, the counters included; returns
-    ``ok`` (0-dim bool).
+    ``ok`` (0-dim bool; written into ``ok`` if given).
 
     Eager calls on plain CUDA tensors run the op's CUDA implementation directly (the dispatcher
     round trip of a Python op costs more than the rest of the host work);
     under ``torch.compile``, an active dispatch mode or tensor subclasses the call goes through
     ``torch.ops.autolr_fast.mlrsnet_step_``. Both launch the same kernel.
     """
-    ok = torch.empty((), dtype=torch.bool, device=h.device)
+    if ok is None:
+        ok = torch.empty((), dtype=torch.bool, device=h.device)
     if (h.is_cuda and type(loss) is torch.Tensor and type(h) is torch.Tensor
             and not torch.compiler.is_compiling() and not torch._C._len_torch_dispatch_stack()):
         _step_cuda(loss, h, c, weights, gamma, rate, lr_list, scales, ok, counters)

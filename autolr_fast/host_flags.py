@@ -43,7 +43,8 @@ class DeviceCounters:
             self._seen = self._view.tolist()
             self._seen_steps = steps
             self._report = None
-        else:
+        elif ((self._event is not None or eager or self._calls % self.every == 0)
+              and not torch._C._cuda_isCurrentStreamCapturing()):  # a query or a copy would break a capture
             if self._event is not None and self._event.query():
                 self._seen = self._host.tolist()
                 self._seen_steps = self._pending_steps

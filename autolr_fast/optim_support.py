@@ -130,10 +130,16 @@ class LrTensors:
     def __init__(self, optimizer: torch.optim.Optimizer, device: torch.device) -> None:
         self.optimizer, self.device, self.last = optimizer, device, []
 
-    def __call__(self) -> list[Tensor]:
+    def cached(self) -> list[Tensor] | None:
+        """The last list if every group still holds its tensor, else None (nothing installed)."""
         groups = self.optimizer.param_groups
         last = self.last
         if len(groups) == len(last) and all(g["lr"] is t for g, t in zip(groups, last)):
             return last
-        self.last = lr_tensors(self.optimizer, self.device)
-        return self.last
+        return None
+
+    def __call__(self) -> list[Tensor]:
+        last = self.cached()
+        if last is None:
+            last = self.last = lr_tensors(self.optimizer, self.device)
+        return last

@@ -233,8 +233,13 @@ class AutoLR:
         (after a few eager steps; see :meth:`_check_capturable`): each replay then runs the
         controller on the replay's loss and writes a new rate."""
         x = self._check_loss(loss)
-        capturing = self._on_cuda and torch._C._cuda_isCurrentStreamCapturing()
-        if capturing:
+        lr_list = self._lr_tensors.cached() if self.tensor_lr else []
+        scale = self.scale
+        # a CUDA graph capture matters only where the host decides something this step (the
+        # counters' poll checks for one itself): the steady state asks the driver nothing
+        if (self._on_cuda and (scale.pending or scale.total_steps is not None or self.meta is not None
+                               or lr_list is None or not self.tensor_lr)
+                and torch._C._cuda_isCurrentStreamCapturing()):
             self._check_capturable()
         if self.step_count == 0 and all(p.grad is None for g in self.optimizer.param_groups for p in g["params"]):
             raise RuntimeError(
@@ -250,11 +255,12 @@ class AutoLR:
             )
         if self.distributed:
             x = mean_across_ranks(x)
-        if self.scale.pending or self.scale.total_steps is not None:  # else nothing to update
-            self.scale.update_(x, self.step_count, self.controller)
+        if scale.pending or scale.total_steps is not None:  # else nothing to update
+            scale.update_(x, self.step_count, self.controller)
         if self.meta is not None:
             self.meta.maybe_step(x)
-        lr_list = self._lr_tensors() if self.tensor_lr else []
+        if lr_list is None:
+            lr_list = self._lr_tensors()
         controller = self.controller
         if isinstance(controller, MLRSNet) and controller.gate_order == "train":
             # the whole step, the lr writes and the counters: one launch on the Triton path
@@ -272,8 +278,7 @@ class AutoLR:
             self._write_rate_to_groups()
         self.step_count += 1
         self._steps_since_optimizer += 1
-        if not capturing:  # an event query or a recorded copy would break the capture
-            self._after_step_host_checks()
+        self._after_step_host_checks()
 
     def synchronize(self) -> None:
         """Wait for the device and bring the host's view of the device counters up to date (the

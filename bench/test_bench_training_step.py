@@ -118,8 +118,11 @@ def test_resnet18_step_published_eager_float(benchmark, cuda_device, make_train_
 @pytest.mark.gpu
 @pytest.mark.benchmark(group="resnet18 step, interleaved (cuda)")
 def test_resnet18_interleaved(benchmark, cuda_device, make_train_step, official_controller):
-    """Blocks of 20 steps of each schedule in turn, each timed between two synchronizations;
-    ``extra_info[name]`` is the median over the rounds of (block time / cosine's block time)."""
+    """Blocks of 10 steps of each schedule, in a new random order every round (a fixed order
+    gives each position its own warm or cold caches), each block timed between two
+    synchronizations; ``extra_info[name]`` is the median over the rounds of (block time /
+    cosine's block time in that round)."""
+    import random
     import statistics
     import time
 
@@ -131,13 +134,17 @@ def test_resnet18_interleaved(benchmark, cuda_device, make_train_step, official_
                                    controller, fused=True)
              for name, (kind, controller) in kinds.items()}
     ratios: dict[str, list[float]] = {name: [] for name in steps}
+    order = random.Random(0)
 
     def one_round():
         times = {}
-        for name, step in steps.items():
+        names = list(steps)
+        order.shuffle(names)
+        for name in names:
+            step = steps[name]
             torch.cuda.synchronize()
             start = time.perf_counter()
-            for _ in range(20):
+            for _ in range(10):
                 step()
             torch.cuda.synchronize()
             times[name] = time.perf_counter() - start
@@ -147,7 +154,7 @@ def test_resnet18_interleaved(benchmark, cuda_device, make_train_step, official_
     one_round()  # warm-up (cuDNN autotuning, the Triton compile, the lr anchor's settle)
     for values in ratios.values():
         values.clear()
-    benchmark.pedantic(one_round, rounds=25, iterations=1)
+    benchmark.pedantic(one_round, rounds=40, iterations=1)
     benchmark.extra_info["baseline"] = True
     for name, values in ratios.items():
         benchmark.extra_info[f"{name}_over_cosine_median"] = round(statistics.median(values), 4)
@@ -250,9 +257,10 @@ def test_resnet18_plain_autolr_step(benchmark, cuda_device, make_train_step, off
 
 @pytest.mark.gpu
 @pytest.mark.benchmark(group="meta-step (cuda, resnet18 batch 128)")
-def test_resnet18_meta_step_every_step(benchmark, cuda_device, make_train_step, official_controller):
+@pytest.mark.parametrize("low_memory", [True, False], ids=["streamed", "batched"])
+def test_resnet18_meta_step_every_step(benchmark, cuda_device, make_train_step, official_controller, low_memory):
     model, batches = _resnet_problem(cuda_device)
-    meta = _meta(batches[::-1], torch.nn.functional.cross_entropy)
+    meta = _meta(batches[::-1], torch.nn.functional.cross_entropy, low_memory=low_memory)
     step = make_train_step(model, batches, torch.nn.functional.cross_entropy, "autolr", official_controller,
                            meta=meta, fused=True)
     _record(benchmark, step, cuda_device, **peak_memory(step, cuda_device))

@@ -50,7 +50,15 @@ def register_backend(name: str, *, available: bool, detail: str, devices: Sequen
     _SELECTED.clear()
 
 
+# os.environ's own mapping of encoded names (CPython's os module): a lookup there costs a tenth
+# of os.environ.get, which encodes and decodes on every call; select() asks on every step
+_ENVIRON_DATA = getattr(os.environ, "_data", None)
+_FORCE_KEY = os.environ.encodekey(FORCE_REFERENCE_ENV) if hasattr(os.environ, "encodekey") else None
+
+
 def force_reference() -> bool:
+    if _ENVIRON_DATA is not None and _FORCE_KEY is not None and _FORCE_KEY not in _ENVIRON_DATA:
+        return False  # unset: the common case, answered without decoding
     return os.environ.get(FORCE_REFERENCE_ENV, "0") not in ("", "0", "false", "False")
 
 

@@ -437,7 +437,9 @@ def _blocks(hidden: int, middle: int) -> tuple[int, int, int]:
 
 def _device_guard(t: torch.Tensor):
     """Triton launches on the current CUDA device: switch to the tensors' device if it differs."""
-    if t.is_cuda and t.device.index != torch.cuda.current_device():
+    # torch._C._cuda_getDevice: torch.cuda.current_device without its Python-level init checks
+    # (a CUDA tensor exists, so CUDA is initialised)
+    if t.is_cuda and t.get_device() != torch._C._cuda_getDevice():
         return torch.cuda.device(t.device)
     return contextlib.nullcontext()
 

@@ -1,0 +1,97 @@
+"""cProfile of the eager ``AutoLR.step`` on a GPU: where its host time goes, by function.
+
+``--what step``: the scheduler of ``test_bench_triton.py``'s ``autolr-step`` (MLR-SNet H=50,
+fused SGD with three param groups, a fixed gamma), stepped ``--steps`` times after a warm-up.
+``--what meta``: the ResNet-18 training step of ``test_bench_training_step.py`` with a meta-step
+every step (``--steps`` of them). Prints the wall time per step without and with the profiler
+and the functions with the most own time::
+
+    python bench/profile_autolr_step.py [--what step|meta] [--steps 3000] [--top 25]
+"""
+
+from __future__ import annotations
+
+import argparse
+import cProfile
+import pstats
+import time
+import warnings
+
+import torch
+
+from autolr_fast import AutoLR, MLRSNet
+
+
+def _scheduler_step():
+    model = torch.nn.Sequential(*[torch.nn.Linear(4, 4) for _ in range(3)]).cuda()
+    groups = [{"params": m.parameters(), "lr": 0.1 * s} for m, s in zip(model, (1.0, 0.5, 2.0), strict=True)]
+    opt = torch.optim.SGD(groups, lr=0.1, momentum=0.9, fused=True)
+    for q in model.parameters():
+        q.grad = torch.zeros_like(q)
+    sched = AutoLR(opt, MLRSNet(50, 1).cuda(), gamma=0.5)
+    loss = torch.tensor(2.3, device="cuda")
+    warnings.simplefilter("ignore")  # steps without optimizer.step() in between
+    return lambda: sched.step(loss)
+
+
+def _meta_training_step():
+    import torchvision
+
+    from autolr_fast import MetaConfig
+
+    torch.manual_seed(0)
+    model = torchvision.models.resnet18(num_classes=10).cuda()
+    batches = [(torch.randn(128, 3, 32, 32, device="cuda"), torch.randint(0, 10, (128,), device="cuda"))
+               for _ in range(4)]
+    opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9, weight_decay=5e-4, fused=True)
+    loss_fn = torch.nn.functional.cross_entropy
+    sched = AutoLR(opt, MLRSNet(), gamma=0.1, meta=MetaConfig(model, batches[::-1], loss_fn, interval=1))
+    count = [0]
+
+    def step():
+        x, y = batches[count[0] % len(batches)]
+        count[0] += 1
+        opt.zero_grad(set_to_none=True)
+        loss = loss_fn(model(x), y)
+        loss.backward()
+        sched.step(loss)
+        opt.step()
+
+    return step
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--what", choices=("step", "meta"), default="step")
+    p.add_argument("--steps", type=int, default=None, help="default: 3000 (step), 20 (meta)")
+    p.add_argument("--top", type=int, default=25)
+    args = p.parse_args(argv)
+    if not torch.cuda.is_available():
+        print("needs a CUDA GPU")
+        return 2
+    steps = args.steps or (3000 if args.what == "step" else 20)
+    step = _scheduler_step() if args.what == "step" else _meta_training_step()
+    for _ in range(200 if args.what == "step" else 3):
+        step()
+    torch.cuda.synchronize()
+    start = time.perf_counter()
+    for _ in range(steps):
+        step()
+    torch.cuda.synchronize()
+    plain = (time.perf_counter() - start) / steps
+    prof = cProfile.Profile()
+    start = time.perf_counter()
+    prof.enable()
+    for _ in range(steps):
+        step()
+    torch.cuda.synchronize()
+    prof.disable()
+    profiled = (time.perf_counter() - start) / steps
+    print(f"{args.what}: {plain * 1e6:.1f} us per step ({profiled * 1e6:.1f} us under cProfile), "
+          f"{steps} steps, {torch.cuda.get_device_name(0)}")
+    pstats.Stats(prof).sort_stats("tottime").print_stats(args.top)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

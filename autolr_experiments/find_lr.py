@@ -27,8 +27,12 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m autolr_fast find-lr", description=__doc__.split("\n")[0])
     p.add_argument("--task", default="mnist1d-cnn", choices=available_tasks())
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--optimizer", default="sgd", choices=["sgd", "adam"])
-    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--optimizer", default="sgd", choices=["sgd", "adam", "task"],
+                   help="sgd (momentum 0.9), adam, or task: the task's default optimizer, as compare runs it")
+    p.add_argument("--batch-size", type=int, default=None, help="default: 64 (task: the compare batch size)")
+    p.add_argument("--around-default", action="store_true",
+                   help="with --optimizer task: rates from the task's default lr / 10 to x 10 (with --num 5: "
+                        "compare's cosine grid)")
     p.add_argument("--horizons", type=int, nargs="+", default=[1, 4, 16])
     p.add_argument("--unit", default="steps", choices=["steps", "epochs"])
     p.add_argument("--start-lr", type=float, default=1e-6)
@@ -51,10 +55,24 @@ def main(argv: list[str] | None = None) -> int:
         args.num = min(args.num, 12)
         args.horizons = [h for h in args.horizons if h <= 4] or [1]
         args.start_lr, args.end_lr = max(args.start_lr, 1e-4), min(args.end_lr, 10.0)
+    if args.around_default and args.optimizer != "task":
+        raise SystemExit("--around-default needs --optimizer task (the default lr is the task's)")
     torch.manual_seed(args.seed)
     task = get_task(args.task, seed=args.seed)
     model = task.make_model()
-    opt = make_optimizer(args.optimizer, model.parameters(), args.pretrain_lr)
+    if args.optimizer == "task":
+        from .baselines import make_optimizer as make_task_optimizer
+        from .compare import task_settings
+
+        opt = make_task_optimizer(model, task.optim, args.pretrain_lr)
+        if args.batch_size is None:
+            args.batch_size = task_settings(args.task)[1]
+        if args.around_default:
+            args.start_lr, args.end_lr = task.optim.lr / 10, task.optim.lr * 10
+    else:
+        opt = make_optimizer(args.optimizer, model.parameters(), args.pretrain_lr)
+    if args.batch_size is None:
+        args.batch_size = 64
     pretrain = islice(task.batches(args.batch_size, seed=args.seed + 1000), args.pretrain_steps)
     run_steps(model, Schedule(opt), task.loss_fn, pretrain)
     if args.unit == "steps":
@@ -71,4 +89,7 @@ def main(argv: list[str] | None = None) -> int:
         json.dump(out, f, indent=1)
     print(res.table())
     print(f"\nsuggested rate: {res.suggestion:.4g}   (plot: {args.plot}, data: {args.out})")
+    if args.optimizer == "task":
+        print(f"{args.task} seed {args.seed}: suggestion / default lr {task.optim.lr:g}: "
+              + ", ".join(f"horizon {h}: x{res.suggestions[h] / task.optim.lr:.3g}" for h in res.horizons))
     return 0

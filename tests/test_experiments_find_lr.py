@@ -35,3 +35,17 @@ def test_unknown_task_is_a_usage_error_not_a_traceback(command, capsys):
     assert exc.value.code == 2
     err = capsys.readouterr().err
     assert "invalid choice: 'no-such-task'" in err and "mnist1d-cnn" in err and "Traceback" not in err
+
+
+def test_cli_task_optimizer_around_its_default(tmp_path, capsys):
+    """--optimizer task --around-default: the task's own optimizer, rates default/10 .. x10."""
+    out = tmp_path / "f.json"
+    args = ["--task", "diabetes-mlp", "--optimizer", "task", "--around-default", "--num", "5", "--horizons", "3",
+            "--smoothing", "1", "--out", str(out), "--plot", str(tmp_path / "p.png")]
+    assert main(args) == 0
+    data = json.loads(out.read_text())
+    rates = data["rates"]["3"]
+    assert rates[0] == pytest.approx(1e-4) and len(rates) <= 5  # diabetes-mlp: Adam at 1e-3
+    assert "suggestion / default lr 0.001" in capsys.readouterr().out
+    with pytest.raises(SystemExit, match="needs --optimizer task"):
+        main(["--task", "diabetes-mlp", "--around-default"])

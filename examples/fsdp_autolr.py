@@ -18,7 +18,7 @@ from torch import nn
 from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.fsdp import fully_shard
 
-from autolr_fast import AutoLR, MLRSNet
+from autolr_fast import AutoLR
 
 
 def sharded_model(mesh):
@@ -30,11 +30,11 @@ def sharded_model(mesh):
     return fully_shard(model, mesh=mesh)
 
 
-def train(model, rank, steps=6, optimizer=None, gamma=0.1):
+def train(model, rank, steps=6, optimizer=None):
     """The canonical AutoLR loop, each rank on its own data; returns (sched, rates, local losses)."""
     # SGD without fused=True: torch 2.14 has no DTensor rule for the fused SGD kernel (fused AdamW has one)
     opt = optimizer(model.parameters()) if optimizer else torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
-    sched = AutoLR(opt, MLRSNet(hidden_size=16), gamma=gamma)
+    sched = AutoLR(opt)  # the shipped controller, scaled to the optimizer's lr
     g = torch.Generator().manual_seed(rank)
     rates, losses = [], []
     for _ in range(steps):

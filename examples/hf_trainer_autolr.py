@@ -9,7 +9,7 @@ import sys
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM, TrainingArguments
 
-from autolr_fast import AutoLR, MLRSNet
+from autolr_fast import AutoLR
 from autolr_fast.integrations.huggingface import AutoLRTrainer
 
 
@@ -33,7 +33,7 @@ def make_trainer(out_dir, model=None, trainer_class=AutoLRTrainer):
         per_device_train_batch_size=4,
         gradient_accumulation_steps=2,  # 16 micro-batches per epoch, 8 optimizer steps
         num_train_epochs=3,
-        learning_rate=1e-3,  # AdamW's initial lr: only the ratio between param groups is kept
+        learning_rate=1e-3,  # AdamW's lr: AutoLR starts there and the controller moves the rate from it
         save_steps=6,
         logging_steps=1,
         report_to="none",
@@ -45,7 +45,7 @@ def make_trainer(out_dir, model=None, trainer_class=AutoLRTrainer):
         model=model if model is not None else tiny_llama(),
         args=args,
         train_dataset=token_dataset(),
-        autolr=lambda opt: AutoLR(opt, MLRSNet(), gamma=3e-3),
+        autolr=lambda opt: AutoLR(opt),  # the shipped controller, scaled to the optimizer's lr
     )
 
 

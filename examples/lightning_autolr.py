@@ -11,7 +11,7 @@ from lightning.pytorch.callbacks import ModelCheckpoint
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
-from autolr_fast import AutoLR, MLRSNet
+from autolr_fast import AutoLR
 from autolr_fast.integrations.lightning import AutoLRCallback
 
 
@@ -38,7 +38,7 @@ def loader(n=96, batch_size=8):
 
 def fit(out_dir, max_epochs, ckpt_path=None, callbacks=(), module=TinyClassifier):
     """Train (or resume from ``ckpt_path``) up to ``max_epochs``; returns the AutoLR callback."""
-    autolr = AutoLRCallback(lambda opt: AutoLR(opt, MLRSNet(), gamma=0.1))  # rate = 0.1 * controller output
+    autolr = AutoLRCallback(lambda opt: AutoLR(opt))  # the shipped controller, scaled to the optimizer's lr
     every_epoch = ModelCheckpoint(dirpath=out_dir, filename="{epoch}", every_n_epochs=1, save_top_k=-1)
     trainer = pl.Trainer(
         max_epochs=max_epochs,

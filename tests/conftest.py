@@ -51,3 +51,18 @@ def train_steps(model, opt, sched, x, y, steps: int) -> None:
         loss.backward()
         sched.step(loss)
         opt.step()
+
+
+def replay_rates(controller: torch.nn.Module, fed: list[torch.Tensor], gammas: list[torch.Tensor]) -> torch.Tensor:
+    """The rates AutoLR with its default scale (the lr anchor) sets for the losses ``fed``: a copy of
+    ``controller`` (the scheduler's weights) from a fresh state, settled on the first loss as
+    the anchor does, then stepped on every loss; rate ``t`` is ``gammas[t] * p_t``."""
+    import copy
+
+    from autolr_fast import rate_scale
+
+    twin = copy.deepcopy(controller).cpu()
+    twin.reset()
+    with torch.no_grad():
+        twin.settle_(torch.as_tensor(fed[0], dtype=torch.float32).cpu(), rate_scale.SETTLE_STEPS)
+        return torch.stack([torch.as_tensor(g).cpu() * twin(torch.as_tensor(x).cpu()) for g, x in zip(gammas, fed)])

@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import replay_rates
 
 transformers = pytest.importorskip(
     "transformers",
@@ -103,9 +104,7 @@ def test_rate_follows_the_loss_every_optimizer_step(runs):
     assert (rates[1:] != rates[:-1]).all(), f"the rate must change at every optimizer step: {rates}"
     for s in full.steps:
         assert all(torch.equal(lr, s["rate"]) for lr in s["group_lrs"]), "every param group must get the rate"
-    twin, gamma = full.controller0, full.steps[0]["gamma"]
-    with torch.no_grad():
-        replay = torch.stack([gamma * twin(s["fed"]) for s in full.steps])
+    replay = replay_rates(full.controller0, [s["fed"] for s in full.steps], [s["gamma"] for s in full.steps])
     assert torch.allclose(rates, replay, rtol=1e-5, atol=1e-9)
     logged = [e["learning_rate"] for e in full.state.log_history if "learning_rate" in e]
     assert logged == pytest.approx(rates.tolist(), rel=1e-6), "Trainer's logs must show AutoLR's rate"

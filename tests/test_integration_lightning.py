@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import replay_rates
 
 pl = pytest.importorskip(
     "lightning.pytorch", reason='lightning is not installed (pip install lightning, or the "integrations" extra)'
@@ -103,9 +104,7 @@ def test_rate_follows_the_loss_every_optimizer_step(runs):
     rates = torch.stack([s["rate"] for s in full.steps])
     assert (rates[1:] != rates[:-1]).all(), f"the rate must change at every optimizer step: {rates}"
     assert torch.equal(rates, torch.stack([s["group_lr"] for s in full.steps])), "the optimizer must get the rate"
-    twin, gamma = full.controller0, full.steps[0]["gamma"]
-    with torch.no_grad():
-        replay = torch.stack([gamma * twin(s["fed"]) for s in full.steps])
+    replay = replay_rates(full.controller0, [s["fed"] for s in full.steps], [s["gamma"] for s in full.steps])
     assert torch.allclose(rates, replay, rtol=1e-5, atol=1e-7)
 
 
@@ -139,7 +138,7 @@ def test_short_last_window_and_loss_scaling(precision):
     recorder = Recorder()
     trainer = pl.Trainer(max_epochs=1, accumulate_grad_batches=3, accelerator="cpu", devices=1,
                          plugins=[MixedPrecision(precision, "cpu", scaler=scaler)],
-                         callbacks=[AutoLRCallback(lambda opt: example.AutoLR(opt, example.MLRSNet(), gamma=0.1)),
+                         callbacks=[AutoLRCallback(lambda opt: example.AutoLR(opt)),
                                     recorder],
                          logger=False, enable_checkpointing=False, enable_progress_bar=False,
                          enable_model_summary=False)

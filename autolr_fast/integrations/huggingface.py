@@ -2,11 +2,11 @@
 
 Usage::
 
-    from autolr_fast import AutoLR, MLRSNet
+    from autolr_fast import AutoLR
     from autolr_fast.integrations.huggingface import AutoLRTrainer
 
     trainer = AutoLRTrainer(model=model, args=TrainingArguments(..., gradient_accumulation_steps=2),
-                            train_dataset=ds, autolr=lambda opt: AutoLR(opt, MLRSNet(), gamma=1e-3))
+                            train_dataset=ds, autolr=lambda opt: AutoLR(opt))
     trainer.train()                                  # resume: trainer.train(resume_from_checkpoint=True)
 
 Why a ``Trainer`` subclass and not a ``TrainerCallback`` alone: ``Trainer`` calls
@@ -106,7 +106,7 @@ class AutoLRTrainerMixin:
         if not callable(autolr):
             raise TypeError(
                 "AutoLRTrainer needs autolr=<function optimizer -> AutoLR>, e.g. "
-                "autolr=lambda opt: AutoLR(opt, MLRSNet(), gamma=1e-3)"
+                "autolr=lambda opt: AutoLR(opt)"
             )
         optimizers = kwargs.get("optimizers")
         if optimizers is not None and len(optimizers) > 1 and optimizers[1] is not None:

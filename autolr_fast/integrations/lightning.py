@@ -2,10 +2,10 @@
 
 Usage (automatic optimization; ``configure_optimizers`` returns the optimizer only)::
 
-    from autolr_fast import AutoLR, MLRSNet
+    from autolr_fast import AutoLR
     from autolr_fast.integrations.lightning import AutoLRCallback
 
-    autolr = AutoLRCallback(lambda opt: AutoLR(opt, MLRSNet(), gamma=0.1))
+    autolr = AutoLRCallback(lambda opt: AutoLR(opt))
     trainer = lightning.pytorch.Trainer(callbacks=[autolr], accumulate_grad_batches=2, precision="bf16-mixed")
     trainer.fit(model, loader)                 # resume: trainer.fit(model, loader, ckpt_path=...)
 
@@ -66,7 +66,7 @@ class AutoLRCallback(Callback):
         if not callable(make_scheduler):
             raise TypeError(
                 "AutoLRCallback takes a function optimizer -> AutoLR, e.g. "
-                "AutoLRCallback(lambda opt: AutoLR(opt, MLRSNet(), gamma=0.1))"
+                "AutoLRCallback(lambda opt: AutoLR(opt))"
             )
         self.make_scheduler = make_scheduler
         self.scheduler: AutoLR | None = None

@@ -876,3 +876,39 @@ def test_mlrsnet_step_op_counters_match_reference(loss):
     fast = torch.tensor([3, 5], dtype=torch.int64)
     ok_fast = _C.mlrsnet_step_cpu(x, h.clone(), c.clone(), weights, torch.tensor(0.5), torch.tensor(0.1), [], [], fast)
     assert bool(ok_fast) == bool(ok_ref) and fast.tolist() == expected.tolist()
+
+
+@needs_ext
+@pytest.mark.parametrize("entry", ["op", "fast"])
+@pytest.mark.parametrize("bad", ["second_lr_int64", "lr_two_elements", "rate_bf16", "counters_int32", "ok_float"])
+def test_mlrsnet_step_refuses_bad_outputs_before_touching_the_state(entry, bad):
+    """Every output is checked before the first write: a refused call leaves h, c, rate, the lrs
+    and the counters exactly as they were."""
+    from autolr_fast import _C
+
+    torch.manual_seed(SEED)
+    h, c, weights = make_net(17, 1)
+    rate = torch.tensor(0.1)
+    lrs = [torch.tensor(0.1), torch.tensor(0.05)]
+    counters, ok = torch.tensor([3, 5], dtype=torch.int64), torch.tensor(False)
+    if bad == "second_lr_int64":
+        lrs[1] = torch.tensor(1, dtype=torch.int64)
+    elif bad == "lr_two_elements":
+        lrs[1] = torch.zeros(2)
+    elif bad == "rate_bf16":
+        rate = rate.to(torch.bfloat16)
+    elif bad == "counters_int32":
+        counters = counters.to(torch.int32)
+    elif bad == "ok_float":
+        ok = torch.tensor(0.0)
+        if entry == "fast":
+            pytest.skip("the fast entry returns ok, it takes none")
+    before = [t.clone() for t in (h, c, rate, *lrs, counters)]
+    args = (torch.tensor(1.3), h, c, weights, torch.tensor(0.5), rate, lrs, [1.0, 0.5])
+    with pytest.raises(RuntimeError, match="lrs|rate|counters|ok"):
+        if entry == "op":
+            torch.ops.autolr_fast.mlrsnet_step_(*args, ok, counters)
+        else:
+            _C.mlrsnet_step_cpu(*args, counters)
+    for a, b in zip((h, c, rate, *lrs, counters), before):
+        assert torch.equal(a, b), "a refused call changed the state"

@@ -53,9 +53,16 @@ double read_scalar(const char* op, const char* name, const Tensor& t) {
   return 0.0;
 }
 
-void write_scalar(const char* op, const char* name, const Tensor& t, double value) {
+// What write_scalar needs, checked before anything is written (bad input changes no state).
+void check_writable(const char* op, const char* name, const Tensor& t) {
   TORCH_CHECK(t.numel() == 1, op, ": ", name, " must be a 1-element tensor, got shape ", t.sizes());
   TORCH_CHECK(t.device().is_cpu(), op, ": ", name, " is on ", t.device(), "; this kernel needs CPU tensors");
+  TORCH_CHECK(t.scalar_type() == at::kFloat || t.scalar_type() == at::kDouble, op, ": ", name,
+              " must be a float32 or float64 tensor, got ", t.scalar_type());
+}
+
+void write_scalar(const char* op, const char* name, const Tensor& t, double value) {
+  check_writable(op, name, t);
   void* p = t.mutable_data_ptr();
   switch (t.scalar_type()) {
     case at::kFloat: *static_cast<float*>(p) = static_cast<float>(value); break;
@@ -351,6 +358,8 @@ Tensor mlrsnet_step_cpu(const Tensor& loss, const Tensor& h, const Tensor& c, Te
   // scales) when the optimizer keeps float lrs; an lr tensor without a scale is an error.
   TORCH_CHECK(lrs.size() <= scales.size(), op, ": got ", lrs.size(), " lr tensors but only ", scales.size(),
               " scales; pass one scale per param group");
+  check_writable(op, "rate", rate);
+  for (const Tensor& lr : lrs) check_writable(op, "lrs[k]", lr);
   const double x_loss = static_cast<double>(static_cast<float>(read_scalar(op, "loss", loss)));
   const float g = static_cast<float>(read_scalar(op, "gamma", gamma));
   double new_rate = read_scalar(op, "rate", rate);
@@ -486,10 +495,14 @@ std::vector<Tensor> mlrsnet_param_grads_cpu(const Tensor& loss, const Tensor& h,
 namespace autolr_fast {
 
 // Declared in mlrsnet_cpu.h: reference.count_step_ on host memory.
-void count_step_cpu(const Tensor& loss, bool stepped, const Tensor& counters) {
+void check_counters_cpu(const Tensor& counters) {
   TORCH_CHECK(counters.numel() == 2 && counters.scalar_type() == at::kLong && counters.device().is_cpu() &&
                   counters.is_contiguous(),
               "mlrsnet_step_: counters must be a contiguous int64 CPU tensor of 2 elements");
+}
+
+void count_step_cpu(const Tensor& loss, bool stepped, const Tensor& counters) {
+  check_counters_cpu(counters);
   const double x = read_scalar("mlrsnet_step_", "loss", loss);
   int64_t* v = counters.mutable_data_ptr<int64_t>();
   v[0] += stepped ? 0 : 1;
@@ -503,9 +516,11 @@ namespace {
 void mlrsnet_step_op_cpu(const Tensor& loss, const Tensor& h, const Tensor& c, TensorList weights,
                          const Tensor& gamma, const Tensor& rate, TensorList lrs, at::ArrayRef<double> scales,
                          const Tensor& ok, const std::optional<Tensor>& counters) {
-  const bool stepped = *mlrsnet_step_cpu(loss, h, c, weights, gamma, rate, lrs, scales).const_data_ptr<bool>();
+  // the outputs are checked first: a bad ok or counters must leave the state as it was
   TORCH_CHECK(ok.numel() == 1 && ok.scalar_type() == at::kBool && ok.device().is_cpu(),
               "mlrsnet_step_: ok must be a 1-element bool CPU tensor");
+  if (counters.has_value()) check_counters_cpu(*counters);
+  const bool stepped = *mlrsnet_step_cpu(loss, h, c, weights, gamma, rate, lrs, scales).const_data_ptr<bool>();
   *ok.mutable_data_ptr<bool>() = stepped;
   if (counters.has_value()) count_step_cpu(loss, stepped, *counters);
 }

@@ -11,6 +11,9 @@ at::Tensor mlrsnet_step_cpu(const at::Tensor& loss, const at::Tensor& h, const a
                             at::TensorList weights, const at::Tensor& gamma, const at::Tensor& rate,
                             at::TensorList lrs, at::ArrayRef<double> scales);
 
+// Raises unless `counters` is a contiguous int64 CPU tensor of 2 elements.
+void check_counters_cpu(const at::Tensor& counters);
+
 // The scheduler's int64 counters [skipped, negative] in place (reference.count_step_).
 void count_step_cpu(const at::Tensor& loss, bool stepped, const at::Tensor& counters);
 

@@ -64,6 +64,7 @@ PyObject* mlrsnet_step_cpu_py(PyObject* /*self*/, PyObject* const* args, Py_ssiz
     scales.push_back(v);
   }
   try {
+    if (count) autolr_fast::check_counters_cpu(THPVariable_Unpack(args[8]));  // before the state moves
     at::Tensor ok = autolr_fast::mlrsnet_step_cpu(
         THPVariable_Unpack(args[0]), THPVariable_Unpack(args[1]), THPVariable_Unpack(args[2]),
         at::TensorList(weights.data(), weights.size()), THPVariable_Unpack(args[4]), THPVariable_Unpack(args[5]),

@@ -164,6 +164,25 @@ def extension_modules() -> list:
     return [_make_extension(with_cuda)]
 
 
+def _digest_module():
+    """autolr_fast/ops/sources_digest.py, loaded by path (importing the package would load _C)."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location(
+        "_autolr_fast_sources_digest", os.path.join(ROOT, "autolr_fast", "ops", "sources_digest.py"))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def _record_sources(extension_file: str) -> None:
+    """Write the digest of csrc/ops beside the built extension, where autolr_fast.ops.library
+    checks it before loading the extension."""
+    digest_module = _digest_module()
+    with open(str(digest_module.sidecar_of(extension_file)), "w") as f:
+        f.write(digest_module.sources_digest(os.path.join(ROOT, OPS_DIR)) + "\n")
+
+
 def cmdclass() -> dict:
     try:
         from torch.utils.cpp_extension import BuildExtension
@@ -176,7 +195,7 @@ def cmdclass() -> dict:
 
         def build_extension(self, ext):
             try:
-                return super().build_extension(ext)
+                built = super().build_extension(ext)
             except Exception as exc:  # compiler/linker errors come in several types
                 if _STATE["strict"]:
                     raise
@@ -189,13 +208,17 @@ def cmdclass() -> dict:
                     if isinstance(ext.extra_compile_args, dict):
                         ext.extra_compile_args = {"cxx": ext.extra_compile_args.get("cxx", [])}
                     try:
-                        return super().build_extension(ext)
+                        built = super().build_extension(ext)
+                        _record_sources(self.get_ext_fullpath(ext.name))
+                        return built
                     except Exception as exc2:
                         exc = exc2
                 _warn(f"building {ext.name} failed ({exc}); autolr_fast installs without it and uses the "
                       "pure-PyTorch reference implementations. Set AUTOLR_FAST_BUILD_EXT=0 to skip the build.")
                 _FAILED.add(ext.name)
                 return None
+            _record_sources(self.get_ext_fullpath(ext.name))
+            return built
 
         # A skipped extension has no file: keep it out of the later copy/install steps.
         def copy_extensions_to_source(self):
@@ -203,6 +226,15 @@ def cmdclass() -> dict:
             self.extensions = [e for e in kept if e.name not in _FAILED]
             try:
                 super().copy_extensions_to_source()
+                # the digest travels with the extension file it describes
+                import shutil
+
+                sidecar_of = _digest_module().sidecar_of
+                build_py = self.get_finalized_command("build_py")
+                for ext in self.extensions:
+                    inplace_file, regular_file = self._get_inplace_equivalent(build_py, ext)
+                    if sidecar_of(regular_file).is_file():
+                        shutil.copyfile(sidecar_of(regular_file), sidecar_of(inplace_file))
             finally:
                 self.extensions = kept
 

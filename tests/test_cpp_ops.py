@@ -912,3 +912,28 @@ def test_mlrsnet_step_refuses_bad_outputs_before_touching_the_state(entry, bad):
             _C.mlrsnet_step_cpu(*args, counters)
     for a, b in zip((h, c, rate, *lrs, counters), before):
         assert torch.equal(a, b), "a refused call changed the state"
+
+
+@needs_ext
+def test_a_stale_extension_is_not_loaded(tmp_path, monkeypatch):
+    """An extension whose recorded sources differ from the checkout's is refused before it is
+    loaded (its kernels would register against schemas they may not match), with a warning
+    that says to rebuild; a matching record passes; an installed wheel (no sources) is not checked."""
+    from autolr_fast.ops import library, sources_digest
+
+    ops = tmp_path / "csrc_ops"
+    ops.mkdir()
+    (ops / "kernel.cpp").write_text("int f() { return 1; }\n")
+    ext = tmp_path / "_C.so"
+    ext.write_bytes(b"")
+    assert "no record" in sources_digest.stale_reason(ext, ops)
+    sources_digest.sidecar_of(ext).write_text(sources_digest.sources_digest(ops) + "\n")
+    assert sources_digest.stale_reason(ext, ops) is None
+    (ops / "kernel.cpp").write_text("int f() { return 2; }\n")
+    assert "other sources" in sources_digest.stale_reason(ext, ops)
+    assert sources_digest.stale_reason(ext, tmp_path / "no_sources") is None
+
+    monkeypatch.setattr(library, "OPS_SOURCES", ops)  # the checkout's sources changed since the build
+    with pytest.warns(RuntimeWarning, match="stale build.*rebuild"):
+        module, detail = library._load_extension()
+    assert module is None and "not loaded" in detail

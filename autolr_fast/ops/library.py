@@ -14,24 +14,42 @@ Semantics of every op: the function of the same name in :mod:`autolr_fast.ops.re
 
 from __future__ import annotations
 
+import importlib.util
+import warnings
 from collections.abc import Callable, Sequence
+from pathlib import Path
 
 import torch
 from torch import Tensor
 
 from . import reference
+from .sources_digest import stale_reason
 
 NAMESPACE = "autolr_fast"
+_REBUILD = "`python setup.py build_ext --inplace` or `pip install --no-build-isolation .`"
+# the checkout's C++/CUDA sources (absent from an installed wheel, where nothing is compared)
+OPS_SOURCES = Path(__file__).resolve().parents[2] / "csrc" / "ops"
 
-try:
-    from .. import _C  # noqa: F401  (loading the library registers its kernels)
-except ImportError as exc:  # not built, or built against another torch
-    EXTENSION = None
-    EXTENSION_DETAIL = (f"autolr_fast._C is not importable ({exc}); build it with "
-                        "`python setup.py build_ext --inplace` or `pip install --no-build-isolation .`")
-else:
-    EXTENSION = _C
-    EXTENSION_DETAIL = f"autolr_fast._C loaded from {_C.__file__}"
+
+def _load_extension():
+    """``(module or None, detail)``. An extension built from other sources than the checkout's is
+    not loaded: loading registers its kernels, which may not match the schemas defined below."""
+    spec = importlib.util.find_spec("autolr_fast._C")
+    if spec is None or spec.origin is None:
+        return None, f"autolr_fast._C is not built; build it with {_REBUILD}"
+    stale = stale_reason(spec.origin, OPS_SOURCES)
+    if stale is not None:
+        detail = f"autolr_fast._C not loaded: {stale} (a stale build); rebuild it with {_REBUILD}"
+        warnings.warn(f"{detail}. Using the PyTorch reference ops meanwhile.", RuntimeWarning, stacklevel=2)
+        return None, detail
+    try:
+        from .. import _C  # noqa: F401  (loading the library registers its kernels)
+    except ImportError as exc:  # built against another torch
+        return None, f"autolr_fast._C is not importable ({exc}); build it with {_REBUILD}"
+    return _C, f"autolr_fast._C loaded from {_C.__file__}"
+
+
+EXTENSION, EXTENSION_DETAIL = _load_extension()
 
 
 def qualname(op: str) -> str:

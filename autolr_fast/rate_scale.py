@@ -166,6 +166,10 @@ class RateScale:
         p = torch.where(p >= MIN_SETTLED_P, p, torch.zeros_like(p))
         return self.base_lr / p
 
+    def unusable_flag(self) -> Tensor:
+        """``[1]`` (int64, on the device) if the decided peak is not a positive finite number, else ``[0]``."""
+        return (~(torch.isfinite(self.peak) & (self.peak > 0))).to(torch.int64).reshape(1)
+
     def found(self) -> bool | None:
         """The host has seen a finite loss: the peak is set, or the rule had no usable value.
         Returns whether the peak is usable where that is known without a device sync (CPU

@@ -111,6 +111,7 @@ class AutoLR:
             self._rate_view = self.rate.numpy()
         self.counters = DeviceCounters(("skipped", "negative"), self.device)
         self._on_cuda = self.device.type == "cuda"
+        self._scale_check: DeviceCounters | None = None  # on a GPU, until the scale's verdict arrives
         self._lr_tensors = optim_support.LrTensors(optimizer, self.device)
         # the step's ok flag (unused here): one buffer instead of an allocation per step on a GPU
         self._ok = torch.empty((), dtype=torch.bool, device=self.device) if self._on_cuda else None
@@ -238,7 +239,7 @@ class AutoLR:
         # a CUDA graph capture matters only where the host decides something this step (the
         # counters' poll checks for one itself): the steady state asks the driver nothing
         if (self._on_cuda and (scale.pending or scale.total_steps is not None or self.meta is not None
-                               or lr_list is None or not self.tensor_lr)
+                               or lr_list is None or not self.tensor_lr or self._scale_check is not None)
                 and torch._C._cuda_isCurrentStreamCapturing()):
             self._check_capturable()
         if self.step_count == 0 and all(p.grad is None for g in self.optimizer.param_groups for p in g["params"]):
@@ -286,12 +287,24 @@ class AutoLR:
         eager warm-up steps and before capturing ``step`` in a CUDA graph."""
         self.counters.refresh(self.step_count)
         self._after_step_host_checks()
+        if self._scale_check is not None:
+            self._scale_check.refresh(self.step_count)
+            self._after_step_host_checks()
+
+    def _warn_no_scale(self) -> None:
+        optim_support.warn_once(
+            self._warned, "no_scale",
+            f"AutoLR: no usable scale from the first finite loss ({self.scale.mode!r} mode): the "
+            f"{type(self.controller).__name__}'s settled output is below "
+            f"{rate_scale.MIN_SETTLED_P:g} (or the rule gave no positive value), so the rate stays 0. "
+            "Use another controller (e.g. the default), or pass gamma=<float>",
+        )
 
     def _check_capturable(self) -> None:
         """Refuse, before anything is recorded, what a CUDA graph cannot replay: it repeats the
         device work of the captured step and none of the host's decisions."""
         problems = []
-        if self.step_count == 0 or self.scale.pending:
+        if self.step_count == 0 or self.scale.pending or self._scale_check is not None:
             problems.append("the rate scale is not decided yet (it is set from the first finite loss, which "
                             "the host learns of without waiting, a few steps later): run a few eager steps, "
                             "then sched.synchronize(), then capture")
@@ -313,14 +326,19 @@ class AutoLR:
 
     def _after_step_host_checks(self) -> None:
         seen = self.counters.poll(self.step_count, eager=self.scale.pending)
-        if self.scale.pending and seen["steps"] > seen["skipped"] and self.scale.found() is False:
-            optim_support.warn_once(
-                self._warned, "no_scale",
-                f"AutoLR: no usable scale from the first finite loss ({self.scale.mode!r} mode): the "
-                f"{type(self.controller).__name__}'s settled output is below "
-                f"{rate_scale.MIN_SETTLED_P:g} (or the rule gave no positive value), so the rate stays 0. "
-                "Use another controller (e.g. the default), or pass gamma=<float>",
-            )
+        if self.scale.pending and seen["steps"] > seen["skipped"]:
+            usable = self.scale.found()
+            if usable is None:  # on a GPU: the verdict comes back like the counters, a few steps later
+                self._scale_check = DeviceCounters(("unusable",), self.device)
+                self._scale_check.values.copy_(self.scale.unusable_flag())
+            elif not usable:
+                self._warn_no_scale()
+        if self._scale_check is not None:
+            verdict = self._scale_check.poll(self.step_count, eager=True)
+            if verdict["steps"] > 0:  # arrived
+                self._scale_check = None
+                if verdict["unusable"]:
+                    self._warn_no_scale()
         if seen["skipped"]:
             optim_support.warn_once(
                 self._warned,
@@ -408,6 +426,7 @@ class AutoLR:
             raise ValueError("the state_dict and this AutoLR disagree on meta-training (meta=...)")
         self.controller.load_state_dict({k: v.to(self.device) for k, v in ctrl.items()})
         self.scale.load_state_dict(state["scale"])
+        self._scale_check = None  # the loaded scale is decided, or decided again from the next loss
         with torch.no_grad():
             self.rate.copy_(state["rate"])
             self.counters.values.copy_(state["counters"])

@@ -202,3 +202,27 @@ def test_snapshots_and_export_use_the_peak_not_the_envelope(tmp_path):
         assert load_controller(snap).default_gamma == pytest.approx(peak)
     export(sched, tmp_path / "c.pt")
     assert load(tmp_path / "c.pt").gamma == pytest.approx(peak)
+
+
+def test_no_usable_scale_is_reported_where_the_peak_lives_on_the_device(monkeypatch):
+    """On a GPU the host cannot read the peak without a sync: its verdict comes back through a
+    device flag polled like the counters. Run here with found() answering as on a GPU."""
+    from autolr_fast.rate_scale import RateScale
+
+    monkeypatch.setattr(RateScale, "found", lambda self: setattr(self, "pending", False))  # None, as on a GPU
+    ctrl = MLRSNet(hidden_size=8)
+    with torch.no_grad():
+        ctrl.head.bias.fill_(-30.0)
+    model = nn.Linear(4, 2)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    sched = AutoLR(opt, ctrl)
+    model(torch.randn(3, 4)).sum().backward()
+    with pytest.warns(RuntimeWarning, match="no usable scale"):
+        sched.step(torch.tensor(1.0))
+    assert sched._scale_check is None  # the verdict arrived and was reported
+
+    good = AutoLR(torch.optim.SGD(model.parameters(), lr=0.1), MLRSNet(hidden_size=8))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        good.step(torch.tensor(1.0))
+    assert good._scale_check is None and float(good.last_rate) > 0

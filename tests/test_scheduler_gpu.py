@@ -191,3 +191,24 @@ def test_capture_refuses_what_a_replay_cannot_repeat(case):
             sched.step(loss.detach())
     assert sched.step_count == before[0]
     assert torch.equal(sched.rate, before[1]) and torch.equal(sched.controller.h, before[2])
+
+
+def test_no_usable_scale_is_reported_on_the_gpu():
+    """The peak lives on the device: its verdict arrives through a polled flag, without a sync."""
+    model, opt, x, y = _problem("sgd_fused")
+    ctrl = MLRSNet(hidden_size=8)
+    with torch.no_grad():
+        ctrl.head.bias.fill_(-30.0)  # settles near 0: no usable anchor
+    sched = AutoLR(opt, ctrl)
+    with pytest.warns(RuntimeWarning, match="no usable scale"):
+        for _ in range(20):
+            opt.zero_grad()
+            loss = nn.functional.cross_entropy(model(x[:16]), y[:16])
+            loss.backward()
+            torch.cuda.set_sync_debug_mode("error")
+            try:
+                sched.step(loss)
+            finally:
+                torch.cuda.set_sync_debug_mode("default")
+            opt.step()
+            torch.cuda.synchronize()  # the flag's copy arrives by the next step

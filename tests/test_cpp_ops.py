@@ -937,3 +937,19 @@ def test_a_stale_extension_is_not_loaded(tmp_path, monkeypatch):
     with pytest.warns(RuntimeWarning, match="stale build.*rebuild"):
         module, detail = library._load_extension()
     assert module is None and "not loaded" in detail
+
+
+@pytest.mark.parametrize("impl", ["reference", pytest.param("cpp", marks=needs_ext)])
+def test_scales_pair_with_lr_tensors_the_same_way_everywhere(impl):
+    """Extra scales are ignored (the scheduler passes its scales with no lr tensors when the
+    optimizer keeps float lrs); an lr tensor without a scale is refused before any write."""
+    step = reference.mlrsnet_scheduler_step_ if impl == "reference" else _cpp_backend.mlrsnet_step_
+    torch.manual_seed(SEED)
+    h, c, weights = make_net(17, 1)
+    rate, lrs = torch.tensor(0.1), [torch.tensor(0.1)]
+    step(torch.tensor(1.3), h, c, weights, torch.tensor(0.5), rate, lrs, [0.5, 2.0])
+    torch.testing.assert_close(lrs[0], rate * 0.5)
+    before = [t.clone() for t in (h, c, rate)]
+    with pytest.raises((ValueError, RuntimeError), match="scale"):
+        step(torch.tensor(1.3), h, c, weights, torch.tensor(0.5), rate, lrs * 2, [1.0])
+    assert all(torch.equal(a, b) for a, b in zip((h, c, rate), before))

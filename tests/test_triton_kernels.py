@@ -424,7 +424,8 @@ def test_unsupported_inputs_are_named():
     assert k.step_unsupported_reason(*args) is None
     bad_ok = args[:-1] + (torch.zeros(()),)
     assert "bool" in k.step_unsupported_reason(*bad_ok)
-    assert "scales" in k.step_unsupported_reason(*args[:7], [1.0, 2.0], args[8])
+    assert k.step_unsupported_reason(*args[:7], [1.0, 2.0], args[8]) is None  # extra scales: ignored
+    assert "scales" in k.step_unsupported_reason(*args[:6], lr * 2, [1.0], args[8])  # an lr without a scale
     with pytest.raises(ValueError, match="stacked cells"):
         k.launch_step(torch.tensor(1.0), torch.zeros(3, 17), torch.zeros(3, 17), make_weights(17, 3, gen),
                       *args[4:])

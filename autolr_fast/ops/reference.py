@@ -134,10 +134,19 @@ def mlrsnet_guarded_step(
     return rate, h_new, c_new, ok
 
 
+def check_scales(lr_list: Sequence[Tensor], scales: Sequence[float]) -> None:
+    """One scale per lr tensor (extra scales are ignored, as the scheduler passes its scales with
+    no lr tensors when the optimizer keeps float lrs)."""
+    if len(scales) < len(lr_list):
+        raise ValueError(f"{len(lr_list)} lr tensors but only {len(scales)} scales: pass one scale per param group")
+
+
 def write_rates(rate: Tensor, lr_list: Sequence[Tensor], scales: Sequence[float]) -> None:
     """``lr_k <- rate * scale_k`` for every param group's 0-dim ``lr`` tensor, on the device."""
     if not lr_list:
         return
+    check_scales(lr_list, scales)
+    scales = scales[: len(lr_list)]
     if all(s == 1.0 for s in scales):
         torch._foreach_copy_(list(lr_list), [rate] * len(lr_list))
     else:
@@ -159,6 +168,7 @@ def mlrsnet_scheduler_step_(
     """The scheduler's step in place: :func:`mlrsnet_guarded_step`, then ``h``, ``c``, ``rate``
     and every ``lr_k = rate * scales[k]`` written, and ``counters`` updated (see
     :func:`count_step_`); returns ``ok``. What every fused step computes."""
+    check_scales(lr_list, scales)  # before anything is written
     with torch.no_grad():
         new_rate, h_new, c_new, ok = mlrsnet_guarded_step(loss, h, c, [w.detach() for w in weights], gamma, rate)
         h.copy_(h_new)

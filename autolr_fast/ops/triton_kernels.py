@@ -398,8 +398,8 @@ def _state_reason(h, c, weights, gamma, rate, lr_list, scales, counters) -> str 
     if counters is not None and not (counters.device == device and counters.dtype == torch.int64
                                      and counters.numel() == 2 and counters.is_contiguous()):
         return "counters must be a contiguous int64 tensor of 2 elements on the state's device"
-    if len(lr_list) != len(scales):
-        return f"{len(lr_list)} lr tensors but {len(scales)} scales"
+    if len(scales) < len(lr_list):  # the reference it falls back to raises
+        return f"{len(lr_list)} lr tensors but only {len(scales)} scales"
     checks = [("gamma", gamma, "float32"), ("rate", rate, "float32")]
     checks += [(f"lr_list[{k}]", lr, "float") for k, lr in enumerate(lr_list)]
     for name, t, kind in checks:

@@ -14,8 +14,10 @@ from __future__ import annotations
 import argparse
 import cProfile
 import pstats
+import sys
 import time
 import warnings
+from pathlib import Path
 
 import torch
 
@@ -23,12 +25,10 @@ from autolr_fast import AutoLR, MLRSNet
 
 
 def _scheduler_step():
-    model = torch.nn.Sequential(*[torch.nn.Linear(4, 4) for _ in range(3)]).cuda()
-    groups = [{"params": m.parameters(), "lr": 0.1 * s} for m, s in zip(model, (1.0, 0.5, 2.0), strict=True)]
-    opt = torch.optim.SGD(groups, lr=0.1, momentum=0.9, fused=True)
-    for q in model.parameters():
-        q.grad = torch.zeros_like(q)
-    sched = AutoLR(opt, MLRSNet(50, 1).cuda(), gamma=0.5)
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
+    from gpu_steps import autolr_over_three_groups
+
+    sched, _ = autolr_over_three_groups()
     loss = torch.tensor(2.3, device="cuda")
     warnings.simplefilter("ignore")  # steps without optimizer.step() in between
     return lambda: sched.step(loss)

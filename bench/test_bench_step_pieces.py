@@ -16,7 +16,6 @@ import warnings
 import pytest
 import torch
 
-from autolr_fast import AutoLR, MLRSNet
 from autolr_fast.ops import dispatch
 
 HAS_TRITON = importlib.util.find_spec("triton") is not None
@@ -30,12 +29,9 @@ GROUP = "AutoLR.step pieces (cuda host time)"
 
 @pytest.fixture(scope="module")
 def sched():
-    model = torch.nn.Sequential(*[torch.nn.Linear(4, 4) for _ in range(3)]).cuda()
-    groups = [{"params": m.parameters(), "lr": 0.1 * s} for m, s in zip(model, (1.0, 0.5, 2.0), strict=True)]
-    opt = torch.optim.SGD(groups, lr=0.1, momentum=0.9, fused=True)
-    for p in model.parameters():
-        p.grad = torch.zeros_like(p)
-    s = AutoLR(opt, MLRSNet(50, 1).cuda(), gamma=0.5)
+    from gpu_steps import autolr_over_three_groups  # tests/ (bench/conftest.py puts it on sys.path)
+
+    s, _ = autolr_over_three_groups()
     s.loss = torch.tensor(2.3, device="cuda")
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # steps without optimizer.step() in between

@@ -181,20 +181,15 @@ def test_resnet18_step_in_a_cuda_graph(benchmark, cuda_device, mode):
         opt.step()
         return loss
 
-    side = torch.cuda.Stream()
-    side.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(side):
+    if mode == "cuda-graph":
+        from gpu_steps import capture_training_step, warm_up_for_capture  # tests/ (on sys.path: conftest.py)
+
+        warm_up_for_capture(training_step, sched)
+        step = capture_training_step(training_step, opt)[0].replay
+    else:
         for _ in range(3):
             training_step()
-    torch.cuda.current_stream().wait_stream(side)
-    sched.synchronize()
-    step = training_step
-    if mode == "cuda-graph":
-        graph = torch.cuda.CUDAGraph()
-        opt.zero_grad(set_to_none=True)
-        with torch.cuda.graph(graph):
-            training_step()
-        step = graph.replay
+        step = training_step
     benchmark.group = "resnet18 step, CUDA graph (cuda, batch 128)"
     if mode == "eager":
         benchmark.extra_info["baseline"] = True

@@ -46,7 +46,7 @@ import importlib.util
 import pytest
 import torch
 
-from autolr_fast import AutoLR, MLRSNet
+from autolr_fast import MLRSNet
 from autolr_fast.ops import reference
 from autolr_fast.ops import triton_backend as tb
 
@@ -60,7 +60,7 @@ pytestmark = [
 STEPS = 100
 DEVICE = "cuda"
 SHAPES = {"H50-L1": (50, 1), "H128-L2": (128, 2)}
-SCALES = [1.0, 0.5, 2.0]
+SCALES = [1.0, 0.5, 2.0]  # as tests/gpu_steps.py SCALES (the autolr-step variant)
 
 if HAS_TRITON:
     import triton
@@ -112,13 +112,10 @@ def _graph_of(fn):
 def _autolr_on_gpu(s: StepInputs):
     """``AutoLR`` with the inputs' controller shape over a fused SGD of ``len(SCALES)`` groups
     (their lrs in the ratios of SCALES); gradients exist, so ``step`` may be called at once."""
+    from gpu_steps import autolr_over_three_groups  # tests/ (bench/conftest.py puts it on sys.path)
+
     layers, hidden = s.h.shape
-    model = torch.nn.Sequential(*[torch.nn.Linear(4, 4) for _ in SCALES]).to(DEVICE)
-    groups = [{"params": m.parameters(), "lr": 0.1 * scale} for m, scale in zip(model, SCALES, strict=True)]
-    opt = torch.optim.SGD(groups, lr=0.1, momentum=0.9, fused=True)
-    for param in model.parameters():
-        param.grad = torch.zeros_like(param)
-    return AutoLR(opt, MLRSNet(hidden, layers).to(DEVICE), gamma=0.5), opt
+    return autolr_over_three_groups(hidden, layers)
 
 
 def make_step_variant(name: str, s: StepInputs):

@@ -146,14 +146,18 @@ def test_default_scale_gives_no_warning_on_any_optimizer():
             AutoLR(opt, load_pretrained("mnist1d-cnn"), total_steps=10)
 
 
-def test_a_controller_that_settles_at_zero_is_reported():
-    """A controller whose output settles near 0 gives no usable anchor: the rate stays 0, said once."""
+def _settles_at_zero() -> MLRSNet:
     ctrl = MLRSNet(hidden_size=8)
     with torch.no_grad():
         ctrl.head.bias.fill_(-30.0)  # p = sigmoid(-30 + ...) ~ 1e-13
+    return ctrl
+
+
+def test_a_controller_that_settles_at_zero_is_reported():
+    """A controller whose output settles near 0 gives no usable anchor: the rate stays 0, said once."""
     model = nn.Linear(4, 2)
     opt = torch.optim.SGD(model.parameters(), lr=0.1)
-    sched = AutoLR(opt, ctrl)
+    sched = AutoLR(opt, _settles_at_zero())
     model(torch.randn(3, 4)).sum().backward()
     with pytest.warns(RuntimeWarning, match="no usable scale"):
         sched.step(torch.tensor(1.0))
@@ -210,12 +214,8 @@ def test_no_usable_scale_is_reported_where_the_peak_lives_on_the_device(monkeypa
     from autolr_fast.rate_scale import RateScale
 
     monkeypatch.setattr(RateScale, "found", lambda self: setattr(self, "pending", False))  # None, as on a GPU
-    ctrl = MLRSNet(hidden_size=8)
-    with torch.no_grad():
-        ctrl.head.bias.fill_(-30.0)
     model = nn.Linear(4, 2)
-    opt = torch.optim.SGD(model.parameters(), lr=0.1)
-    sched = AutoLR(opt, ctrl)
+    sched = AutoLR(torch.optim.SGD(model.parameters(), lr=0.1), _settles_at_zero())
     model(torch.randn(3, 4)).sum().backward()
     with pytest.warns(RuntimeWarning, match="no usable scale"):
         sched.step(torch.tensor(1.0))

@@ -9,6 +9,7 @@ import pytest
 import torch
 from conftest import SmallCNN, make_problem
 from device_kernels import kernel_names
+from gpu_steps import capture_training_step, warm_up_for_capture
 from torch import nn
 
 from autolr_fast import AutoLR, MetaConfig, MLRSNet
@@ -35,6 +36,15 @@ def _configs(model, x, y):
     }
 
 
+def _step_without_sync(sched: AutoLR, loss: torch.Tensor) -> None:
+    """``sched.step(loss)`` with any synchronising CUDA call an error."""
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        sched.step(loss)
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+
+
 def _problem(opt_kind):
     torch.manual_seed(0)
     model = SmallCNN().cuda()
@@ -58,11 +68,7 @@ def test_autolr_step_never_synchronizes(config, opt_kind):
         loss.backward()
         if i == 5:
             loss = loss * float("nan")
-        torch.cuda.set_sync_debug_mode("error")
-        try:
-            sched.step(loss)
-        finally:
-            torch.cuda.set_sync_debug_mode("default")
+        _step_without_sync(sched, loss)
         opt.step()
     lr = opt.param_groups[0]["lr"]
     assert isinstance(lr, torch.Tensor) and lr.is_cuda
@@ -141,27 +147,17 @@ def test_whole_training_step_replays_in_a_cuda_graph(opt_kind):
         opt.step()
         return loss
 
-    side = torch.cuda.Stream()
-    side.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(side):  # warm-up, as torch.cuda.graphs asks: the scale settles here
-        for _ in range(3):
-            training_step()
-    torch.cuda.current_stream().wait_stream(side)
-    sched.synchronize()
-    state = copy.deepcopy(sched.controller)
+    warm_up_for_capture(training_step, sched)
+    state = copy.deepcopy(sched.controller)  # as the capture finds it: capturing runs no kernel
     gamma, rate = float(sched.gamma), float(sched.rate)
-
-    graph = torch.cuda.CUDAGraph()
-    opt.zero_grad(set_to_none=True)
-    with torch.cuda.graph(graph):
-        static_loss = training_step()
+    graph, static_loss = capture_training_step(training_step, opt)
     losses, rates = [], []
     for i in range(12):
         rows = torch.arange(16, device="cuda") + 16 * (i % 4)
         static_x.copy_(x[rows])
         static_y.copy_(y[rows])
         graph.replay()
-        losses.append(float(static_loss))
+        losses.append(float(static_loss.detach()))
         rates.append(float(opt.param_groups[0]["lr"]))
     assert len(set(rates)) > 1, f"the replays did not change the rate: {rates}"
     want = _reference_rates(state, gamma, rate, losses)
@@ -205,10 +201,6 @@ def test_no_usable_scale_is_reported_on_the_gpu():
             opt.zero_grad()
             loss = nn.functional.cross_entropy(model(x[:16]), y[:16])
             loss.backward()
-            torch.cuda.set_sync_debug_mode("error")
-            try:
-                sched.step(loss)
-            finally:
-                torch.cuda.set_sync_debug_mode("default")
+            _step_without_sync(sched, loss)
             opt.step()
             torch.cuda.synchronize()  # the flag's copy arrives by the next step

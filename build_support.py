@@ -129,14 +129,18 @@ def _make_extension(with_cuda: bool):
     from torch.utils.cpp_extension import CppExtension, CUDAExtension
 
     sources = [os.path.join(OPS_DIR, s) for s in CPU_SOURCES]
+    # the headers too: without ninja, setuptools rebuilds only when a listed file is newer
+    headers = sorted(os.path.join(OPS_DIR, f) for f in os.listdir(os.path.join(ROOT, OPS_DIR))
+                     if f.endswith((".h", ".cuh")))
     if with_cuda:
         return CUDAExtension(
             "autolr_fast._C",
             sources + [os.path.join(OPS_DIR, s) for s in CUDA_SOURCES],
+            depends=headers,
             extra_compile_args={"cxx": list(_CXX_FLAGS), "nvcc": list(_NVCC_FLAGS)},
             define_macros=[("AUTOLR_FAST_WITH_CUDA", "1")],
         )
-    return CppExtension("autolr_fast._C", sources, extra_compile_args={"cxx": list(_CXX_FLAGS)})
+    return CppExtension("autolr_fast._C", sources, depends=headers, extra_compile_args={"cxx": list(_CXX_FLAGS)})
 
 
 # Set by extension_modules(): whether a failure may fall back (auto mode) and why CUDA is on/off.

@@ -9,6 +9,9 @@ host memory already and are read in place (through a NumPy view when NumPy is in
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+from types import MappingProxyType
+
 import torch
 
 from . import optim_support
@@ -32,9 +35,9 @@ class DeviceCounters:
         self._seen = [0] * len(names)
         self._seen_steps = 0
         self._pending_steps = 0
-        self._report: dict[str, int] | None = None  # what poll returns until new values arrive
+        self._report: Mapping[str, int] | None = None  # what poll returns until new values arrive
 
-    def poll(self, steps: int, eager: bool = False) -> dict[str, int]:
+    def poll(self, steps: int, eager: bool = False) -> Mapping[str, int]:
         """Counter values known on the host now (possibly a few steps old on a GPU), and under
         ``"steps"`` the host's step count ``steps`` at the moment they were captured. ``eager``
         starts a copy on every call (not every ``every``-th) while the caller waits for news."""
@@ -55,8 +58,9 @@ class DeviceCounters:
                 self._event = torch.cuda.Event()
                 self._event.record()
                 self._pending_steps = steps
-        if self._report is None:
-            self._report = {**dict(zip(self.names, (int(v) for v in self._seen))), "steps": self._seen_steps}
+        if self._report is None:  # read-only: the same mapping is handed out until new values arrive
+            self._report = MappingProxyType({**dict(zip(self.names, (int(v) for v in self._seen))),
+                                             "steps": self._seen_steps})
         return self._report
 
     def refresh(self, steps: int) -> None:

@@ -242,6 +242,8 @@ class AutoLR:
                                or lr_list is None or not self.tensor_lr or self._scale_check is not None)
                 and torch._C._cuda_isCurrentStreamCapturing()):
             self._check_capturable()
+        if len(self.optimizer.param_groups) != len(self.lr_scales):
+            self._adopt_added_groups()
         if self.step_count == 0 and all(p.grad is None for g in self.optimizer.param_groups for p in g["params"]):
             raise RuntimeError(
                 "AutoLR.step(loss) was called before loss.backward(): no parameter has a gradient. "
@@ -300,6 +302,21 @@ class AutoLR:
             "Use another controller (e.g. the default), or pass gamma=<float>",
         )
 
+    def _adopt_added_groups(self) -> None:
+        """Param groups added since ``AutoLR(...)`` (``optimizer.add_param_group``) get the rate
+        times their lr's ratio to the first group's initial lr, as the groups present at the start."""
+        groups = self.optimizer.param_groups
+        if len(groups) < len(self.lr_scales):
+            raise RuntimeError(f"the optimizer has {len(groups)} param groups but had {len(self.lr_scales)} when "
+                               "AutoLR was built: param groups cannot be removed under AutoLR; build a new one")
+        base = self.scale.base_lr
+        for group in groups[len(self.lr_scales):]:
+            lr = float(group["lr"])
+            group.setdefault("initial_lr", lr)
+            self.lr_scales.append(lr / base if base > 0 else 1.0)
+        if not self.tensor_lr:
+            self._write_rate_to_groups()
+
     def _check_capturable(self) -> None:
         """Refuse, before anything is recorded, what a CUDA graph cannot replay: it repeats the
         device work of the captured step and none of the host's decisions."""
@@ -317,6 +334,8 @@ class AutoLR:
         if not self.tensor_lr:
             problems.append("the rate is written as a Python float (lr_as_tensor=False), which a replay "
                             "cannot change; use lr_as_tensor=True with a fused optimizer")
+        elif len(self.optimizer.param_groups) != len(self.lr_scales):
+            problems.append("a param group was added since the last eager step: run an eager step first")
         elif not all(isinstance(lr, Tensor) and lr.dim() == 0 and lr.device == self.device
                      and lr.dtype is torch.float32 for lr in (g["lr"] for g in self.optimizer.param_groups)):
             problems.append("a param group's lr is not a 0-dim float32 tensor on the device (a group added "
@@ -431,6 +450,7 @@ class AutoLR:
             self.rate.copy_(state["rate"])
             self.counters.values.copy_(state["counters"])
         self.step_count = int(state["step_count"])
+        self.counters.refresh(self.step_count)  # the host's view of the loaded counters, not the old ones
         self.lr_scales = [float(s) for s in state["lr_scales"]]
         self._warned = set(state.get("warned", []))
         if self.meta is not None:

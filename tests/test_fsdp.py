@@ -105,6 +105,7 @@ def test_every_rank_gets_the_same_rate_under_fsdp2(ranks):
     fed = list((r0["local"] + r1["local"]) / 2)
     expected = replay_rates(twin, fed, [r0["gamma"]] * len(fed))
     assert torch.allclose(r0["rates"], expected, rtol=1e-5, atol=1e-7)
+    assert float(r0["rates"][0]) == pytest.approx(0.1, rel=1e-2), "the lr anchor: training starts at the lr"
 
 
 def test_fsdp2_and_ddp_take_the_same_steps(ranks):

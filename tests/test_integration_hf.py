@@ -106,6 +106,7 @@ def test_rate_follows_the_loss_every_optimizer_step(runs):
         assert all(torch.equal(lr, s["rate"]) for lr in s["group_lrs"]), "every param group must get the rate"
     replay = replay_rates(full.controller0, [s["fed"] for s in full.steps], [s["gamma"] for s in full.steps])
     assert torch.allclose(rates, replay, rtol=1e-5, atol=1e-9)
+    assert float(rates[0]) == pytest.approx(1e-3, rel=1e-2), "the lr anchor: training starts at the optimizer's lr"
     logged = [e["learning_rate"] for e in full.state.log_history if "learning_rate" in e]
     assert logged == pytest.approx(rates.tolist(), rel=1e-6), "Trainer's logs must show AutoLR's rate"
 

@@ -106,6 +106,7 @@ def test_rate_follows_the_loss_every_optimizer_step(runs):
     assert torch.equal(rates, torch.stack([s["group_lr"] for s in full.steps])), "the optimizer must get the rate"
     replay = replay_rates(full.controller0, [s["fed"] for s in full.steps], [s["gamma"] for s in full.steps])
     assert torch.allclose(rates, replay, rtol=1e-5, atol=1e-7)
+    assert float(rates[0]) == pytest.approx(0.1, rel=1e-2), "the lr anchor: training starts at the optimizer's lr"
 
 
 def test_resume_from_a_lightning_checkpoint_gives_the_same_rates(runs):

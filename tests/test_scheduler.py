@@ -494,3 +494,22 @@ def test_capture_is_refused_before_anything_changes(monkeypatch, case):
     sched._on_cuda = False
     sched.step(loss.detach())  # no capture: the same call steps
     assert sched.step_count == before[0] + 1
+
+
+@pytest.mark.parametrize("as_tensor", [False, True])
+def test_a_param_group_added_later_gets_the_rate_at_its_ratio(as_tensor):
+    """optimizer.add_param_group after AutoLR(...): the new group follows the rate at its lr's ratio
+    to the first group's initial lr, like the groups present at the start."""
+    first, later = nn.Linear(4, 2), nn.Linear(2, 2)
+    opt = torch.optim.SGD(first.parameters(), lr=0.1, momentum=0.9)
+    sched = AutoLR(opt, MLRSNet(hidden_size=8), gamma=0.5, lr_as_tensor=as_tensor)
+    opt.add_param_group({"params": later.parameters(), "lr": 0.01})
+    for _ in range(3):
+        opt.zero_grad()
+        later(first(torch.randn(5, 4))).pow(2).mean().backward()
+        sched.step(torch.tensor(1.0))
+        opt.step()
+    rate = float(sched.last_rate)
+    assert float(opt.param_groups[0]["lr"]) == pytest.approx(rate)
+    assert float(opt.param_groups[1]["lr"]) == pytest.approx(rate * 0.1)
+    assert sched.lr_scales == pytest.approx([1.0, 0.1])

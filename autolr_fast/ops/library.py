@@ -37,7 +37,7 @@ def _load_extension():
     spec = importlib.util.find_spec("autolr_fast._C")
     if spec is None or spec.origin is None:
         return None, f"autolr_fast._C is not built; build it with {_REBUILD}"
-    stale = stale_reason(spec.origin, OPS_SOURCES)
+    stale = stale_reason(Path(spec.origin).resolve(), OPS_SOURCES)  # a linked file's record is at its target
     if stale is not None:
         detail = f"autolr_fast._C not loaded: {stale} (a stale build); rebuild it with {_REBUILD}"
         warnings.warn(f"{detail}. Using the PyTorch reference ops meanwhile.", RuntimeWarning, stacklevel=2)

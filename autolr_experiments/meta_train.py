@@ -499,6 +499,9 @@ def _family_parse(argv: list[str] | None) -> argparse.Namespace:
     ap.add_argument("--passes", type=int, help="passes over the family")
     ap.add_argument("--check-seeds", type=int, help="seeds of the in-family check (frozen controller vs cosine)")
     ap.add_argument("--epochs", type=int, help="every run this many epochs (default: each run's own)")
+    ap.add_argument("--lr-spread", type=float, default=None, metavar="F",
+                    help="also run every family setting at lr / F and lr x F (a controller that sees mis-set "
+                         "rates could learn to correct them; default: the usual rates only)")
     ap.add_argument("--out", default=FAMILY_OUT)
     ap.add_argument("--quick", action="store_true", help=f"a short run: {FAMILY_QUICK}")
     ap.add_argument("--ship", nargs="?", const=str(WEIGHTS_DIR), default=None, metavar="DIR",
@@ -521,6 +524,8 @@ def family_main(argv: list[str] | None) -> int:
     if banned:
         raise SystemExit(f"the family trains on held-out task(s) {sorted(banned)}")
     family = [replace(r, epochs=args.epochs or r.epochs) for r in (FAMILY[:4] if args.quick else FAMILY)]
+    if args.lr_spread:
+        family = [replace(r, lr=r.lr * f) for r in family for f in (1 / args.lr_spread, 1.0, args.lr_spread)]
     seeds = [1000 + s for s in range(args.check_seeds)]
     epochs = sum(r.epochs for r in family)
     start = time.perf_counter()
@@ -532,7 +537,8 @@ def family_main(argv: list[str] | None) -> int:
                    "fresh": frozen("fresh", fresh_controller())}
         check = evaluate(family, methods, seeds, progress=bar.update)
     table, scores = score_table(check)
-    settings = {k: getattr(args, k) for k in ("interval", "horizon", "meta_lr", "passes", "check_seeds", "epochs")}
+    settings = {k: getattr(args, k) for k in ("interval", "horizon", "meta_lr", "passes", "check_seeds", "epochs",
+                                               "lr_spread")}
     command = "python -m autolr_fast meta-train " + " ".join(argv)
     info = {"name": "default", "command": command, "tasks": sorted({r.task for r in family}),
             "family": [asdict(r) for r in family], "settings": settings, "controller_seed": CONTROLLER_SEED,

@@ -2,6 +2,7 @@
 
 import json
 
+import pytest
 import torch
 
 from autolr_experiments import demo, meta_train
@@ -72,6 +73,15 @@ def test_meta_train_family_horizon_moves_theta(tmp_path):
     moved = load_controller(out / "default.pt").state_dict()
     fresh = meta_train.fresh_controller().state_dict()
     assert any(not torch.equal(moved[k], fresh[k]) for k in moved if k not in ("h", "c"))
+
+
+def test_meta_train_family_lr_spread_runs_every_setting_at_three_rates(tmp_path):
+    out = tmp_path / "out"
+    assert meta_train.main(["--family", "--quick", "--lr-spread", "3", "--check-seeds", "0", "--out", str(out)]) == 0
+    runs = json.loads((out / "record.json").read_text())["family_runs"]
+    want = [r.lr * f for r in meta_train.FAMILY[:4] for f in (1 / 3, 1.0, 3.0)]
+    assert [r["lr"] for r in runs] == pytest.approx(want)
+    assert json.loads((out / "default.json").read_text())["settings"]["lr_spread"] == 3
 
 
 def test_meta_train_ablation_runs_on_held_out_tasks_only(tmp_path):

@@ -223,14 +223,13 @@ class LRFinderResult:
         return "\n".join(lines)
 
     def plot(self, path: str) -> None:
-        """PNG: loss against rate (log x axis), one panel per horizon, suggestion marked."""
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
+        """PNG: loss against rate (log x axis), one panel per horizon, suggestion marked. Drawn on
+        a bare ``matplotlib.figure.Figure``: pyplot and the caller's backend are left alone."""
+        from matplotlib.figure import Figure  # optional dependency
 
         n = len(self.horizons)
-        fig, axes = plt.subplots(1, n, figsize=(4.2 * n, 3.4), squeeze=False)
+        fig = Figure(figsize=(4.2 * n, 3.4))
+        axes = fig.subplots(1, n, squeeze=False)
         for ax, h in zip(axes[0], self.horizons, strict=True):
             ax.plot(self.rates[h], self.losses[h], ".", alpha=0.4, label="loss")
             ax.plot(self.rates[h], self.smoothed[h], "-", label="smoothed")
@@ -245,7 +244,6 @@ class LRFinderResult:
             ax.legend(fontsize=7)
         fig.tight_layout()
         fig.savefig(path, dpi=110)
-        plt.close(fig)
 
 
 # ------------------------------------------------------------------------------------------------

@@ -115,9 +115,17 @@ def test_dict_batches_unpack_hook_epochs_and_plot(tmp_path):
     with pytest.raises(ValueError, match="unpack"):
         find_lr(model, opt, nn.functional.cross_entropy, data, num=3, progress=False)
     png = tmp_path / "f.png"
-    res = find_lr(model, opt, nn.functional.cross_entropy, data, start_lr=1e-4, end_lr=1.0, num=6,
-                  horizons=(1, 2), unit="epochs", unpack=lambda b: (b["feat"], b["lab"]), plot=str(png),
-                  progress=False)
+    import matplotlib
+
+    backend = matplotlib.get_backend()
+    matplotlib.use("svg")  # a backend of the caller's that is not Agg
+    try:
+        res = find_lr(model, opt, nn.functional.cross_entropy, data, start_lr=1e-4, end_lr=1.0, num=6,
+                      horizons=(1, 2), unit="epochs", unpack=lambda b: (b["feat"], b["lab"]), plot=str(png),
+                      progress=False)
+        assert matplotlib.get_backend() == "svg", "plotting must leave the caller's matplotlib backend alone"
+    finally:
+        matplotlib.use(backend)
     assert png.read_bytes()[:4] == b"\x89PNG"
     assert set(res.rates) == {1, 2} and math.isfinite(res.suggestion)
     json.dumps(res.to_dict())

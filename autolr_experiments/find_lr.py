@@ -11,6 +11,8 @@ import torch
 
 from autolr_fast import find_lr
 
+from .baselines import make_optimizer as make_task_optimizer
+from .compare import task_settings
 from .tasks import available_tasks, get_task
 from .training import Schedule, run_steps
 
@@ -61,9 +63,6 @@ def main(argv: list[str] | None = None) -> int:
     task = get_task(args.task, seed=args.seed)
     model = task.make_model()
     if args.optimizer == "task":
-        from .baselines import make_optimizer as make_task_optimizer
-        from .compare import task_settings
-
         opt = make_task_optimizer(model, task.optim, args.pretrain_lr)
         if args.batch_size is None:
             args.batch_size = task_settings(args.task)[1]

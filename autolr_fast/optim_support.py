@@ -12,6 +12,7 @@ from __future__ import annotations
 import os
 import sys
 import warnings
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -103,6 +104,11 @@ def warn_once(flags: set, key: str, message: str) -> None:
         warnings.warn(message, RuntimeWarning, stacklevel=user_stacklevel())
 
 
+def is_lr_tensor(lr: Any, device: torch.device) -> bool:
+    """Whether a param group's ``lr`` is what AutoLR writes into: a 0-dim float32 tensor on ``device``."""
+    return isinstance(lr, Tensor) and lr.dim() == 0 and lr.device == device and lr.dtype == torch.float32
+
+
 def lr_tensors(optimizer: torch.optim.Optimizer, device: torch.device) -> list[Tensor]:
     """The param groups' ``lr`` as 0-dim float32 tensors on ``device``, installed if needed.
 
@@ -112,7 +118,7 @@ def lr_tensors(optimizer: torch.optim.Optimizer, device: torch.device) -> list[T
     out = []
     for group in optimizer.param_groups:
         lr = group["lr"]
-        if not (isinstance(lr, Tensor) and lr.dim() == 0 and lr.device == device and lr.dtype == torch.float32):
+        if not is_lr_tensor(lr, device):
             # a fill, not torch.tensor(): no copy from pageable host memory (a sync on a GPU)
             lr = torch.full((), float(lr), dtype=torch.float32, device=device)
             group["lr"] = lr

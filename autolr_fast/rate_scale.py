@@ -177,8 +177,7 @@ class RateScale:
         self.pending = False
         if self.peak.device.type != "cpu":
             return None
-        value = float(optim_support.host_scalar(self.peak))
-        return math.isfinite(value) and value > 0
+        return not optim_support.host_scalar(self.unusable_flag())
 
     # ------------------------------------------------------------------------------------------
     def state_dict(self) -> dict:

@@ -336,8 +336,7 @@ class AutoLR:
                             "cannot change; use lr_as_tensor=True with a fused optimizer")
         elif len(self.optimizer.param_groups) != len(self.lr_scales):
             problems.append("a param group was added since the last eager step: run an eager step first")
-        elif not all(isinstance(lr, Tensor) and lr.dim() == 0 and lr.device == self.device
-                     and lr.dtype is torch.float32 for lr in (g["lr"] for g in self.optimizer.param_groups)):
+        elif not all(optim_support.is_lr_tensor(g["lr"], self.device) for g in self.optimizer.param_groups):
             problems.append("a param group's lr is not a 0-dim float32 tensor on the device (a group added "
                             "or an optimizer state loaded after the warm-up): run an eager step first")
         if problems:

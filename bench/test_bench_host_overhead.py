@@ -107,8 +107,8 @@ def test_autolr_step_triton_path(benchmark, monkeypatch):
         def __getitem__(self, grid):
             return lambda *args, **kwargs: NoOpCompiled()
 
-    def step_through_the_cuda_impl(loss, h, c, weights, gamma, rate, lr_list, scales, counters=None):
-        ok = torch.empty((), dtype=torch.bool, device=h.device)
+    def step_through_the_cuda_impl(loss, h, c, weights, gamma, rate, lr_list, scales, counters=None, ok=None):
+        ok = torch.empty((), dtype=torch.bool, device=h.device) if ok is None else ok
         tb._step_cuda(loss, h, c, weights, gamma, rate, lr_list, scales, ok, counters)
         return ok
 

@@ -45,6 +45,7 @@ import importlib.util
 
 import pytest
 import torch
+from gpu_steps import SCALES  # tests/ (bench/conftest.py puts it on sys.path)
 
 from autolr_fast import MLRSNet
 from autolr_fast.ops import reference
@@ -60,7 +61,6 @@ pytestmark = [
 STEPS = 100
 DEVICE = "cuda"
 SHAPES = {"H50-L1": (50, 1), "H128-L2": (128, 2)}
-SCALES = [1.0, 0.5, 2.0]  # as tests/gpu_steps.py SCALES (the autolr-step variant)
 
 if HAS_TRITON:
     import triton

@@ -62,9 +62,8 @@ class Recorder(pl.Callback):
         self.global_step = trainer.global_step
 
 
-@pytest.fixture(scope="module")
-def runs(tmp_path_factory):
-    example = _load_example()
+def _recording(example):
+    """The example's module, keeping every micro-batch's loss as ``training_step`` returns it."""
 
     class Recording(example.TinyClassifier):
         def __init__(self):
@@ -73,9 +72,16 @@ def runs(tmp_path_factory):
 
         def training_step(self, batch, batch_idx):
             loss = super().training_step(batch, batch_idx)
-            self.raw_losses.append(loss.detach().float().clone())  # before Lightning divides it by 2
+            self.raw_losses.append(loss.detach().float().clone())  # before Lightning divides it
             return loss
 
+    return Recording
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+    example = _load_example()
+    Recording = _recording(example)
     out = tmp_path_factory.mktemp("lightning")
     torch.manual_seed(0)
     full = Recorder()
@@ -124,17 +130,7 @@ def test_short_last_window_and_loss_scaling(precision):
     from lightning.pytorch.plugins import MixedPrecision
 
     example = _load_example()
-
-    class Recording(example.TinyClassifier):
-        def __init__(self):
-            super().__init__()
-            self.raw_losses = []
-
-        def training_step(self, batch, batch_idx):
-            loss = super().training_step(batch, batch_idx)
-            self.raw_losses.append(loss.detach().float().clone())
-            return loss
-
+    Recording = _recording(example)
     scaler = torch.amp.GradScaler("cpu", init_scale=1024.0) if precision == "16-mixed" else None
     recorder = Recorder()
     trainer = pl.Trainer(max_epochs=1, accumulate_grad_batches=3, accelerator="cpu", devices=1,

@@ -456,8 +456,8 @@ def test_meta_steps_keep_the_schedulers_triton_plan(monkeypatch):
     from autolr_fast.ops import dispatch, reference
     from autolr_fast.ops import triton_kernels as k
 
-    def planned_step(loss, h, c, weights, gamma, rate, lr_list, scales, counters=None):
-        ok = torch.empty((), dtype=torch.bool)
+    def planned_step(loss, h, c, weights, gamma, rate, lr_list, scales, counters=None, ok=None):
+        ok = torch.empty((), dtype=torch.bool) if ok is None else ok
         lrs = list(lr_list)  # a float-lr optimizer on the CPU hands over no lr tensors
         plan, reason = k._plan_for(loss, h, c, list(weights), gamma, rate, lrs, list(scales)[:len(lrs)], ok, counters)
         assert reason is None, reason

@@ -277,9 +277,9 @@ class RecordOps(TorchDispatchMode):
         return func(*args, **(kwargs or {}))
 
 
-def step_through_cuda_impl(loss, h, c, weights, gamma, rate, lr_list, scales, counters=None):
+def step_through_cuda_impl(loss, h, c, weights, gamma, rate, lr_list, scales, counters=None, ok=None):
     # tb.mlrsnet_step_ with the op's CUDA implementation called directly (CPU tensors here)
-    ok = torch.empty((), dtype=torch.bool, device=h.device)
+    ok = torch.empty((), dtype=torch.bool, device=h.device) if ok is None else ok
     tb._step_cuda(loss, h, c, list(weights), gamma, rate, list(lr_list), [float(s) for s in scales], ok, counters)
     return ok
 

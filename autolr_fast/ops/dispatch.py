@@ -26,7 +26,7 @@ FORCE_REFERENCE_ENV = "AUTOLR_FAST_FORCE_REFERENCE"
 BACKEND_MODULES = ("autolr_fast.ops.cpp_backend", "autolr_fast.ops.triton_backend")
 
 # op name -> its plain PyTorch reference (same arguments as the dispatch function below; a
-# backend's mlrsnet_step_ also takes the optional ``ok`` output after ``counters``)
+# backend's mlrsnet_step_ also takes the ``ok`` output, or None, after ``counters``)
 REFERENCES: dict[str, Callable] = {
     "mlrsnet_step_": reference.mlrsnet_scheduler_step_,
     "mlrsnet_param_grads": reference.mlrsnet_param_grads,
@@ -138,8 +138,6 @@ def mlrsnet_step_(
     See :func:`reference.mlrsnet_scheduler_step_`. One launch on the Triton path."""
     _, fn = select("mlrsnet_step_", loss.device)
     if fn is not None:
-        if ok is None:
-            return fn(loss, h, c, weights, gamma, rate, lr_list, scales, counters)
         return fn(loss, h, c, weights, gamma, rate, lr_list, scales, counters, ok)
     result = reference.mlrsnet_scheduler_step_(loss, h, c, weights, gamma, rate, lr_list, scales, counters)
     return result if ok is None else ok.copy_(result)

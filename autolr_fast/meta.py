@@ -8,8 +8,8 @@ Every ``interval`` scheduler steps, with the gradient the user already computed:
    (SGD: weight decay, momentum, dampening, Nesterov; Adam/AdamW: the bias-corrected Adam
    update, each parameter with its own step count, plus AdamW's decoupled decay), one fused
    pass per (device, dtype) of a param group, ``d`` never stored;
-3. ``L_val(w_hat)`` on the next validation batch (``torch.func.functional_call``; BatchNorm
-   buffers are cloned, so the model's running statistics do not move);
+3. ``L_val(w_hat)`` on the next validation batch (:class:`~autolr_fast.model_swap.ModelSwap`; the
+   forward runs on copies of the buffers, so BatchNorm's running statistics do not move);
 4. since ``d`` does not depend on theta,
    ``dL_val/dtheta = -gamma * <grad L_val(w_hat), d> * dp/dtheta`` exactly;
 5. theta takes one step of its own optimizer (Adam, lr 1e-3, weight decay 1e-4).
@@ -41,6 +41,7 @@ from .batches import to_device
 from .controllers.mlrsnet import MLRSNet
 from .controllers.pretrained import save_controller
 from .distributed import mean_across_ranks
+from .model_swap import ModelSwap
 from .ops import dispatch
 
 _END = object()  # next(iterator, _END): the end of a pass over val_data
@@ -142,13 +143,14 @@ class MetaTrainer:
                 "(MetaConfig(snapshot_dir=...)), and use it frozen under FSDP: AutoLR(opt, load_controller(path)) "
                 "with meta=None"
             )
-        self._names = {p: n for n, p in model.named_parameters()}
-        missing = [p for g in opt.param_groups for p in g["params"] if p not in self._names]
+        known = {id(p) for p in model.parameters()}
+        missing = [p for g in opt.param_groups for p in g["params"] if id(p) not in known]
         if missing:
             raise ValueError(
                 f"{len(missing)} optimizer parameter(s) are not parameters of MetaConfig.model; pass the model "
                 "whose parameters the optimizer updates"
             )
+        self._swap = ModelSwap(model)
         params = list(sched.controller.parameters())
         self.optimizer = (
             config.optimizer(params) if config.optimizer is not None
@@ -295,7 +297,7 @@ class MetaTrainer:
             dispatch.mlrsnet_step_(safe_x, h, c, ctrl.flat_weights(), sched.gamma, alpha, [], [])
 
         # look-ahead weights, per param group (each with its own hyper-parameters and scale)
-        w_hat: dict[str, Tensor] = {}
+        w_hat: dict[int, Tensor] = {}  # id(parameter) -> its look-ahead
         groups = []
         for group, scale in zip(sched.optimizer.param_groups, sched.lr_scales):
             params = [q for q in group["params"] if q.grad is not None]
@@ -305,17 +307,14 @@ class MetaTrainer:
                 hats = self._group_lookahead(group, params, alpha * scale)
             hats = [h.requires_grad_(True) for h in hats]
             for q, h in zip(params, hats):
-                w_hat[self._names[q]] = h
+                w_hat[id(q)] = h
             groups.append((group, scale, params, hats))
         if not groups:
             raise RuntimeError("meta-step: no parameter has a gradient; call loss.backward() before sched.step(loss)")
-        tensors: dict[str, Tensor] = {n: q.detach() for n, q in self.model.named_parameters() if n not in w_hat}
-        tensors.update(w_hat)
-        tensors.update({n: b.clone() for n, b in self.model.named_buffers()})  # keep BN statistics safe
-
         xv, yv = self._next_val_batch()
         with torch.enable_grad():
-            out = torch.func.functional_call(self.model, tensors, (xv,))
+            # the other parameters stay as they are: their validation gradients go nowhere
+            out = self._swap(w_hat, xv)
             val_loss = self.config.loss_fn(out, yv)
             # dL_val/dp = -gamma * sum_k scale_k * <g_val_k, d_k>
             if self.config.low_memory:
@@ -423,7 +422,9 @@ class MetaTrainer:
 
         The gradient is already zeroed when not ok; every tensor the step changed (theta and
         the meta-optimizer's state) is set to ``x * ok + backup * (1 - ok)`` with foreach ops
-        (a handful of dispatches in all).
+        (a handful of dispatches in all). State that the step created (the first meta-step) has
+        no backup and is zeroed instead: for Adam, the default, zero moments and a zero step
+        count are what a fresh state starts from, so the next good step is the first one.
         """
         def tracked():
             return params + [v for q in params for v in self.optimizer.state.get(q, {}).values()
@@ -436,7 +437,7 @@ class MetaTrainer:
             not_ok = (~ok).to(params[0].dtype)
             after = tracked()
             if len(after) != len(before):  # first step: the state was created just now
-                after, backup = params, backup[: len(params)]
+                backup = [*backup[: len(params)], *(torch.zeros_like(v) for v in after[len(params):])]
             # x <- x * ok + backup * not_ok: exact both ways (x is finite: its gradient was zeroed)
             torch._foreach_mul_(after, 1.0 - not_ok)
             torch._foreach_mul_(backup, not_ok)

@@ -219,6 +219,39 @@ def test_nonfinite_validation_loss_leaves_theta(device_side):
             assert torch.equal(v, after["state"][i][k]), (i, k)
 
 
+def test_a_skipped_first_meta_step_leaves_no_trace_on_the_device_side_path():
+    """The first meta-step creates the meta-optimizer's state; when the device-side guard skips
+    it, the next good step must be the meta-optimizer's first, as on the host-side path."""
+    torch.manual_seed(0)
+    model = nn.Linear(8, 3)
+    x, y = torch.randn(16, 8), torch.randint(0, 3, (16,))
+    bad = [(torch.full((4, 8), float("nan")), torch.zeros(4, dtype=torch.long))]
+    controller = MLRSNet(hidden_size=8)
+    results = []
+    for device_side in (False, True):
+        opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+        sched = AutoLR(opt, copy.deepcopy(controller), gamma=0.5,
+                       meta=MetaConfig(model, bad, nn.functional.cross_entropy, interval=1))
+        sched.meta.device_side_guard = device_side
+        opt.zero_grad()
+        loss = nn.functional.cross_entropy(model(x), y)
+        loss.backward()
+        sched.meta.step(loss.detach())  # skipped: the validation loss is NaN
+        sched.meta.config.val_data = [(x, y)]
+        sched.meta._val_iter = None
+        sched.meta.step(loss.detach())
+        state = sched.meta.optimizer.state_dict()["state"]
+        results.append((sched.controller.state_dict(), state))
+        opt._optimizer_step_pre_hooks.clear()  # the next AutoLR on the same optimizer
+    (theta_host, adam_host), (theta_dev, adam_dev) = results
+    assert all(float(st["step"]) == 1.0 for st in adam_host.values())
+    for k, v in theta_host.items():
+        assert torch.allclose(theta_dev[k], v, rtol=1e-6, atol=1e-7), k
+    for i, st in adam_host.items():
+        for k, v in st.items():
+            assert torch.allclose(adam_dev[i][k], v, rtol=1e-6, atol=1e-10), (i, k)
+
+
 def test_meta_rejects_unsupported_setups():
     model = nn.Linear(2, 2)
     with pytest.raises(TypeError, match="SGD, Adam and AdamW"):

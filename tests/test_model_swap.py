@@ -1,0 +1,95 @@
+"""ModelSwap against its reference, ``torch.func.functional_call`` with cloned buffers."""
+
+import pytest
+import torch
+from torch import nn
+from torch.nn.utils import parametrize
+
+from autolr_fast.model_swap import ModelSwap
+
+
+class Tied(nn.Module):
+    """An embedding tied to the output layer (the same Parameter in two modules), BatchNorm, and
+    a parametrized weight (stored at ``parametrizations.weight.original``)."""
+
+    def __init__(self):
+        super().__init__()
+        self.emb = nn.Embedding(11, 6)
+        self.norm = nn.BatchNorm1d(6)
+        self.mid = nn.Linear(6, 6)
+        parametrize.register_parametrization(self.mid, "weight", _Symmetric())
+        self.out = nn.Linear(6, 11, bias=False)
+        self.out.weight = self.emb.weight
+
+    def forward(self, tokens):
+        h = self.emb(tokens).mean(1)
+        return self.out(torch.tanh(self.mid(self.norm(h))))
+
+
+class _Symmetric(nn.Module):
+    def forward(self, w):
+        return (w + w.T) / 2
+
+
+def _models():
+    torch.manual_seed(0)
+    return {
+        "bn-cnn": (nn.Sequential(nn.Conv1d(2, 4, 3), nn.BatchNorm1d(4), nn.ReLU(), nn.Flatten(), nn.Linear(4 * 6, 3)),
+                   lambda: torch.randn(5, 2, 8)),
+        "tied-parametrized": (Tied(), lambda: torch.randint(0, 11, (7, 4))),
+    }
+
+
+@pytest.mark.parametrize("name", ["bn-cnn", "tied-parametrized"])
+@pytest.mark.parametrize("subset", ["all", "some"])
+def test_swap_matches_functional_call(name, subset):
+    model, make_input = _models()[name]
+    model.train()
+    params = dict(model.named_parameters())
+    picked = list(params.items()) if subset == "all" else list(params.items())[::2]
+    hats = {n: (p.detach() + 0.1 * torch.randn_like(p)).requires_grad_(True) for n, p in picked}
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    swap = ModelSwap(model)
+    for _ in range(2):  # the second call reuses the scratch buffers
+        x = make_input()
+        out = swap({id(params[n]): h for n, h in hats.items()}, x)
+        reference_inputs = {n: p.detach() for n, p in params.items()}
+        reference_inputs.update(hats)
+        reference_inputs.update({n: b.clone() for n, b in model.named_buffers()})
+        expected = torch.func.functional_call(model, reference_inputs, (x,))
+        torch.testing.assert_close(out, expected, rtol=0, atol=0)
+        grads = torch.autograd.grad(out.square().sum(), list(hats.values()))
+        expected_grads = torch.autograd.grad(expected.square().sum(), list(hats.values()))
+        for g, e in zip(grads, expected_grads):
+            torch.testing.assert_close(g, e, rtol=0, atol=0)
+    after = model.state_dict()
+    assert all(torch.equal(before[k], after[k]) for k in before)  # running stats untouched
+    assert all(type(p) is nn.Parameter for p in model.parameters())
+    assert dict(model.named_parameters()).keys() == params.keys()
+
+
+def test_tied_weight_is_replaced_in_every_module():
+    model = Tied()
+    hat = torch.zeros_like(model.emb.weight)
+    seen = []
+    model.out.register_forward_pre_hook(lambda m, args: seen.append(m.weight))
+    ModelSwap(model)({id(model.emb.weight): hat}, torch.randint(0, 11, (3, 4)))
+    assert seen[0] is hat
+    assert model.out.weight is model.emb.weight and isinstance(model.out.weight, nn.Parameter)
+
+
+def test_originals_are_restored_when_the_forward_raises():
+    model = nn.Sequential(nn.Linear(3, 3), nn.BatchNorm1d(3))
+    weight, mean = model[0].weight, model[1].running_mean
+    with pytest.raises(RuntimeError):
+        ModelSwap(model)({id(weight): torch.zeros(3, 3)}, torch.randn(2, 4))  # wrong input width
+    assert model[0].weight is weight and model[1].running_mean is mean
+
+
+def test_a_buffer_reassigned_after_construction_is_read():
+    model = nn.BatchNorm1d(3)
+    swap = ModelSwap(model)
+    model.eval()
+    model.running_mean = torch.full((3,), 5.0)  # a new tensor in the existing slot
+    out = swap({}, torch.full((2, 3), 5.0))
+    assert torch.allclose(out, torch.zeros(2, 3), atol=1e-6)

@@ -72,8 +72,10 @@ class MetaConfig:
         low_memory: True (default): validation gradients are folded into the hypergradient
             while backward runs, ``fold_bytes`` (default 4 MiB) at a time, and freed, so a
             meta-step holds one extra copy of the parameters (``w_hat``) plus the validation
-            activations (plus at most ~``fold_bytes``). False: all gradients first, then one
-            fused multi-tensor dot per param group (one more parameter-sized buffer).
+            activations (plus at most ~``fold_bytes``). Look-ahead weights that fit in
+            ``fold_bytes`` take the batched path below (the same bound, without a gradient hook
+            per parameter). False: all gradients first, then one fused multi-tensor dot per
+            param group (one more parameter-sized buffer).
     """
 
     model: nn.Module
@@ -317,7 +319,8 @@ class MetaTrainer:
             out = self._swap(w_hat, xv)
             val_loss = self.config.loss_fn(out, yv)
             # dL_val/dp = -gamma * sum_k scale_k * <g_val_k, d_k>
-            if self.config.low_memory:
+            hat_bytes = sum(h.numel() * h.element_size() for _, _, _, hats in groups for h in hats)
+            if self.config.low_memory and hat_bytes > int(self.config.fold_bytes):
                 dot = self._streamed_hyper_dot(val_loss, groups)
             else:
                 dot = self._batched_hyper_dot(val_loss, groups)
@@ -348,8 +351,7 @@ class MetaTrainer:
         """Validation gradients are folded into the dot product while backward runs: gathered
         as backward produces them (and taken off ``w_hat``), and folded with one fused call per
         param group whenever ``fold_bytes`` of them are pending, then freed. Beyond ``w_hat`` at
-        most about ``fold_bytes`` of gradients exist at a time; a model smaller than that gets a
-        single fold at the end (as few launches as the batched mode)."""
+        most about ``fold_bytes`` of gradients exist at a time."""
         budget = int(self.config.fold_bytes)
         partials: list[Tensor] = []
         pending: dict[int, tuple[dict, float, list, list]] = {}

@@ -299,11 +299,16 @@ def test_streamed_hypergradient_frees_each_gradient():
     n_params = len([p for p in model.parameters()])
     assert seen == [1] * n_params, "with a 1-byte budget: one gradient folded at a time, each exactly once"
     assert all(p.grad is not None for p in model.parameters())
-    # the default budget (4 MiB) holds this whole model: a single fold at the end
+    # the default budget (4 MiB) holds this whole model: the batched path, one fold, no hooks
     seen.clear()
     sched.meta.config.fold_bytes = 4 << 20
-    sched.meta.hypergradient(loss)
-    assert seen == [n_params]
+    hooks = []
+    register = torch.Tensor.register_post_accumulate_grad_hook
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(torch.Tensor, "register_post_accumulate_grad_hook",
+                   lambda self, hook: hooks.append(hook) or register(self, hook))
+        sched.meta.hypergradient(loss)
+    assert seen == [n_params] and hooks == []
 
 
 # ------------------------------------------------------------------------------------------------

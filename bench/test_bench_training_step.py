@@ -314,6 +314,37 @@ def test_small_resnet_meta_step_every_step(benchmark, make_train_step, official_
 
 
 # ------------------------------------------------------------------------------------------------
+# A host-bound model: as many small tensors as ResNet-18 (82 parameters, 60 buffers), little
+# arithmetic, so the time is the per-tensor host work of the meta-step (a GPU step is host-bound
+# the same way)
+# ------------------------------------------------------------------------------------------------
+def _many_tensors_problem():
+    g = torch.Generator().manual_seed(0)
+    batches = [(torch.randn(16, 32, generator=g), torch.randint(0, 10, (16,), generator=g)) for _ in range(8)]
+    torch.manual_seed(0)
+    blocks = [torch.nn.Sequential(torch.nn.Linear(32, 32), torch.nn.BatchNorm1d(32), torch.nn.ReLU()) for _ in range(20)]
+    return torch.nn.Sequential(*blocks, torch.nn.Linear(32, 10)), batches
+
+
+@pytest.mark.benchmark(group="meta-step (cpu, host-bound: 20 Linear+BN blocks, batch 16)")
+def test_many_tensors_plain_autolr_step(benchmark, make_train_step, official_controller):
+    model, batches = _many_tensors_problem()
+    step = make_train_step(model, batches, torch.nn.functional.cross_entropy, "autolr", official_controller)
+    _record(benchmark, step, baseline=True)
+    benchmark(step)
+
+
+@pytest.mark.benchmark(group="meta-step (cpu, host-bound: 20 Linear+BN blocks, batch 16)")
+def test_many_tensors_meta_step_every_step(benchmark, make_train_step, official_controller):
+    model, batches = _many_tensors_problem()
+    meta = _meta(batches[::-1], torch.nn.functional.cross_entropy)
+    step = make_train_step(model, batches, torch.nn.functional.cross_entropy, "autolr", official_controller, meta=meta)
+    _record(benchmark, step)
+    benchmark(step)
+    assert step.schedule.autolr.meta.meta_steps > 0
+
+
+# ------------------------------------------------------------------------------------------------
 # The same pair interleaved: robust to a machine whose load changes during the run
 # ------------------------------------------------------------------------------------------------
 @pytest.mark.benchmark(group="mnist1d-cnn step, interleaved (cpu)")

@@ -238,14 +238,33 @@ def cosine_method(run: FamilyRun) -> Method:
     return Method("cosine", build)
 
 
-def autolr_method(name: str, run: FamilyRun, controller: MLRSNet, meta: Callable | None = None) -> Method:
+def normalised_by_first_loss(step: Callable[[Tensor], None]) -> Callable[[Tensor], None]:
+    """``step`` fed ``loss / L0``, with ``L0`` the run's first finite positive loss (losses before
+    it are passed unchanged): the controller sees the loss relative to where the run started,
+    the same on every loss scale (the action controller's features do the same)."""
+    first: list[Tensor] = []
+
+    def call(loss: Tensor) -> None:
+        if not first and bool(torch.isfinite(loss)) and float(loss) > 0:
+            first.append(loss.detach().clone())
+        step(loss / first[0] if first else loss)
+
+    return call
+
+
+def autolr_method(name: str, run: FamilyRun, controller: MLRSNet, meta: Callable | None = None,
+                  normalise_loss: bool = False) -> Method:
     """AutoLR with defaults (no gamma: the lr anchor; the cosine envelope over the run), as a user
-    runs it; ``meta(spec) -> MetaConfig`` meta-trains ``controller`` during the run."""
+    runs it; ``meta(spec) -> MetaConfig`` meta-trains ``controller`` during the run;
+    ``normalise_loss``: the controller reads the loss divided by the run's first loss."""
     def build(spec: RunSpec) -> Schedule:
         controller.reset()  # a new run: theta carries over, the recurrent state does not
         opt = make_optimizer(run, spec.model)
         cfg = None if meta is None else meta(spec)
-        return autolr_schedule(opt, controller, total_steps=spec.total_steps, meta=cfg)
+        schedule = autolr_schedule(opt, controller, total_steps=spec.total_steps, meta=cfg)
+        if normalise_loss:
+            schedule.before_step = normalised_by_first_loss(schedule.before_step)
+        return schedule
 
     return Method(name, build, "learned")
 
@@ -319,14 +338,15 @@ class DelayedMeta:
 
 
 def delayed_method(run: FamilyRun, controller: MLRSNet, interval: int, horizon: int,
-                   meta_opt: torch.optim.Optimizer) -> Method:
+                   meta_opt: torch.optim.Optimizer, normalise_loss: bool = False) -> Method:
     """:func:`autolr_method` whose controller learns from the validation loss ``horizon`` steps later."""
     plain = autolr_method("meta", run, controller)
 
     def build(spec: RunSpec) -> Schedule:
         schedule = plain.build(spec)
         delayed = DelayedMeta(schedule.autolr, spec, interval, horizon, meta_opt)
-        schedule.before_step, schedule.after_step = delayed.before_step, delayed.after_step
+        before = normalised_by_first_loss(delayed.before_step) if normalise_loss else delayed.before_step
+        schedule.before_step, schedule.after_step = before, delayed.after_step
         schedule.info["delayed"] = delayed
         return schedule
 
@@ -350,7 +370,8 @@ def family_record(run: FamilyRun, pass_index: int, result) -> dict:
 
 
 def meta_train_family(family: Sequence[FamilyRun], *, interval: int, horizon: int, meta_lr: float, passes: int,
-                      progress: Callable[[], None] | None = None) -> tuple[MLRSNet, list[dict]]:
+                      progress: Callable[[], None] | None = None,
+                      normalise_loss: bool = False) -> tuple[MLRSNet, list[dict]]:
     """One MLR-SNet meta-trained online through ``passes`` passes over ``family``, in order: theta
     and the meta-optimizer's state carry over from run to run, the recurrent state is reset."""
     torch.manual_seed(CONTROLLER_SEED)
@@ -367,9 +388,9 @@ def meta_train_family(family: Sequence[FamilyRun], *, interval: int, horizon: in
         for i, run in enumerate(family):
             task = get_task(run.task)
             if horizon:
-                method = delayed_method(run, ctrl, interval, horizon, meta_opt)
+                method = delayed_method(run, ctrl, interval, horizon, meta_opt, normalise_loss=normalise_loss)
             else:
-                method = autolr_method("meta", run, ctrl, meta=config)
+                method = autolr_method("meta", run, ctrl, meta=config, normalise_loss=normalise_loss)
             result = train(task, method, epochs=run.epochs, batch_size=run.batch_size, seed=100 * k + i,
                            val_size=val_size_for(task), progress=progress)
             records.append(family_record(run, k, result))
@@ -395,9 +416,14 @@ def evaluate(settings: Sequence[FamilyRun], methods: dict[str, Callable[[FamilyR
     return rows
 
 
-def frozen(name: str, controller: MLRSNet) -> Callable[[FamilyRun], Method]:
+def frozen(name: str, controller: MLRSNet, normalise_loss: bool = False) -> Callable[[FamilyRun], Method]:
     """A copy of ``controller``, frozen, with AutoLR's defaults, for every run."""
-    return lambda run: autolr_method(name, run, copy.deepcopy(controller))
+    return lambda run: autolr_method(name, run, copy.deepcopy(controller), normalise_loss=normalise_loss)
+
+
+def reads_normalised_loss(controller: MLRSNet) -> bool:
+    """Whether ``controller`` was meta-trained on losses divided by the first (its card says)."""
+    return bool(getattr(controller, "info", {}).get("settings", {}).get("normalise_loss", False))
 
 
 def fresh_controller() -> MLRSNet:
@@ -502,6 +528,9 @@ def _family_parse(argv: list[str] | None) -> argparse.Namespace:
     ap.add_argument("--lr-spread", type=float, default=None, metavar="F",
                     help="also run every family setting at lr / F and lr x F (a controller that sees mis-set "
                          "rates could learn to correct them; default: the usual rates only)")
+    ap.add_argument("--normalise-loss", action="store_true",
+                    help="the controller reads the loss divided by the run's first loss, in training and in "
+                         "the checks (recorded in the controller's card; AutoLR itself feeds the raw loss)")
     ap.add_argument("--out", default=FAMILY_OUT)
     ap.add_argument("--quick", action="store_true", help=f"a short run: {FAMILY_QUICK}")
     ap.add_argument("--ship", nargs="?", const=str(WEIGHTS_DIR), default=None, metavar="DIR",
@@ -530,15 +559,16 @@ def family_main(argv: list[str] | None) -> int:
     epochs = sum(r.epochs for r in family)
     start = time.perf_counter()
     with tqdm(total=epochs * (args.passes + 3 * len(seeds)), desc="meta-train --family", unit="epoch") as bar:
+        norm = args.normalise_loss
         ctrl, records = meta_train_family(family, interval=args.interval, horizon=args.horizon, meta_lr=args.meta_lr,
-                                          passes=args.passes, progress=bar.update)
+                                          passes=args.passes, progress=bar.update, normalise_loss=norm)
         train_s = time.perf_counter() - start
-        methods = {"cosine": cosine_method, "default": frozen("default", ctrl),
-                   "fresh": frozen("fresh", fresh_controller())}
+        methods = {"cosine": cosine_method, "default": frozen("default", ctrl, norm),
+                   "fresh": frozen("fresh", fresh_controller(), norm)}
         check = evaluate(family, methods, seeds, progress=bar.update)
     table, scores = score_table(check)
     settings = {k: getattr(args, k) for k in ("interval", "horizon", "meta_lr", "passes", "check_seeds", "epochs",
-                                               "lr_spread")}
+                                               "lr_spread", "normalise_loss")}
     command = "python -m autolr_fast meta-train " + " ".join(argv)
     info = {"name": "default", "command": command, "tasks": sorted({r.task for r in family}),
             "family": [asdict(r) for r in family], "settings": settings, "controller_seed": CONTROLLER_SEED,
@@ -611,9 +641,11 @@ def ablation_main(argv: list[str]) -> int:
     leaked = trained_on & {r.task for r in settings}
     if leaked:
         raise SystemExit(f"{args.controller} was trained on {sorted(leaked)}: not held out")
-    methods = {"cosine": cosine_method, "default": frozen("default", load_controller(args.controller)),
+    controller = load_controller(args.controller)
+    norm = reads_normalised_loss(controller)  # the fresh net reads the loss the same way
+    methods = {"cosine": cosine_method, "default": frozen("default", controller, norm),
                "mnist1d-cnn": frozen("mnist1d-cnn", load_pretrained("mnist1d-cnn")),
-               "fresh": frozen("fresh", fresh_controller())}
+               "fresh": frozen("fresh", fresh_controller(), norm)}
     seeds = list(range(args.seeds))
     with tqdm(total=sum(r.epochs for r in settings) * len(methods) * len(seeds), desc="ablation", unit="epoch") as bar:
         rows = evaluate(settings, methods, seeds, progress=bar.update)

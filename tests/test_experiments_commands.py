@@ -84,6 +84,24 @@ def test_meta_train_family_lr_spread_runs_every_setting_at_three_rates(tmp_path)
     assert json.loads((out / "default.json").read_text())["settings"]["lr_spread"] == 3
 
 
+def test_normalised_loss_input_divides_by_the_first_finite_loss():
+    seen = []
+    step = meta_train.normalised_by_first_loss(seen.append)
+    for x in (float("nan"), 4.0, 2.0, 1.0):
+        step(torch.tensor(x))
+    assert torch.isnan(seen[0]) and [float(v) for v in seen[1:]] == [1.0, 0.5, 0.25]
+
+
+def test_meta_train_family_normalise_loss_is_recorded_and_read_back(tmp_path):
+    out = tmp_path / "out"
+    assert meta_train.main(["--family", "--quick", "--normalise-loss", "--check-seeds", "0", "--out", str(out)]) == 0
+    ctrl = load_controller(out / "default.pt")
+    assert ctrl.info["settings"]["normalise_loss"] is True and meta_train.reads_normalised_loss(ctrl)
+    assert not meta_train.reads_normalised_loss(load_controller(PRETRAINED_DIR / "default.pt"))
+    runs = json.loads((out / "record.json").read_text())["family_runs"]
+    assert all(abs(r["p_rel"][0] - 1.0) < 1e-4 for r in runs)
+
+
 def test_meta_train_ablation_runs_on_held_out_tasks_only(tmp_path):
     assert meta_train.main(["--ablation", "--epochs", "1", "--seeds", "1", "--out", str(tmp_path),
                             "--controller", str(PRETRAINED_DIR / "default.pt")]) == 0

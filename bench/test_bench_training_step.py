@@ -322,8 +322,9 @@ def _many_tensors_problem():
     g = torch.Generator().manual_seed(0)
     batches = [(torch.randn(16, 32, generator=g), torch.randint(0, 10, (16,), generator=g)) for _ in range(8)]
     torch.manual_seed(0)
-    blocks = [torch.nn.Sequential(torch.nn.Linear(32, 32), torch.nn.BatchNorm1d(32), torch.nn.ReLU()) for _ in range(20)]
-    return torch.nn.Sequential(*blocks, torch.nn.Linear(32, 10)), batches
+    nn = torch.nn
+    blocks = [nn.Sequential(nn.Linear(32, 32), nn.BatchNorm1d(32), nn.ReLU()) for _ in range(20)]
+    return nn.Sequential(*blocks, nn.Linear(32, 10)), batches
 
 
 @pytest.mark.benchmark(group="meta-step (cpu, host-bound: 20 Linear+BN blocks, batch 16)")

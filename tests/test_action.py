@@ -216,3 +216,5 @@ def test_shipped_controller_runs_in_autolr():
     assert int(ctrl.actions_taken.sum()) == 2 and 0 < float(sched.rate) <= 0.5
     with pytest.raises(ValueError, match="no shipped"):
         ActionController.pretrained("nope")
+    with pytest.raises(ValueError, match="not an action controller"):
+        ActionController.pretrained("default")

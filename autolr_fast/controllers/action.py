@@ -39,7 +39,7 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor, nn
 
-from .files import PRETRAINED_DIR, read_file, write_file
+from .files import read_file, write_file
 
 FORMAT = "autolr_fast.action_controller"  # the "format" entry of a saved controller file
 CLAMP = 20.0
@@ -303,12 +303,18 @@ class ActionController(nn.Module):
 
     @classmethod
     def pretrained(cls, name: str = "action-mlp") -> ActionController:
-        """A controller shipped with the package (``controllers/weights/<name>.pt``; its settings,
-        training data and scores are in ``<name>.json`` next to it)."""
-        path = PRETRAINED_DIR / f"{name}.pt"
-        if not path.exists():
-            raise ValueError(f"no shipped action controller {name!r} (looked for {path})")
-        return cls.load(str(path))
+        """:func:`~autolr_fast.load_pretrained` for a shipped action controller (its settings,
+        training data and scores are in ``controllers/weights/<name>.json``)."""
+        from .pretrained import load_pretrained  # that module imports this one
+
+        try:
+            ctrl = load_pretrained(name)
+        except KeyError as exc:
+            raise ValueError(f"no shipped action controller {name!r}: {exc.args[0]}") from exc
+        if not isinstance(ctrl, cls):
+            raise ValueError(f"the shipped controller {name!r} is a {type(ctrl).__name__}, not an action controller; "
+                             "use autolr_fast.load_pretrained for it")
+        return ctrl
 
 
 def _hidden_from_state(kind: str, state: dict) -> int:

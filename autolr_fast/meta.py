@@ -75,7 +75,8 @@ class MetaConfig:
             activations (plus at most ~``fold_bytes``). Look-ahead weights that fit in
             ``fold_bytes`` take the batched path below (the same bound, without a gradient hook
             per parameter). False: all gradients first, then one fused multi-tensor dot per
-            param group (one more parameter-sized buffer).
+            param group (one more parameter-sized buffer). Either way, the copies of the model's
+            buffers that the validation forward runs on stay allocated between meta-steps.
     """
 
     model: nn.Module
@@ -425,25 +426,35 @@ class MetaTrainer:
         The gradient is already zeroed when not ok; every tensor the step changed (theta and
         the meta-optimizer's state) is set to ``x * ok + backup * (1 - ok)`` with foreach ops
         (a handful of dispatches in all). State that the step created (the first meta-step) has
-        no backup and is zeroed instead: for Adam, the default, zero moments and a zero step
-        count are what a fresh state starts from, so the next good step is the first one.
+        no backup. For Adam and AdamW (the default is Adam) it is zeroed: zero moments and a
+        zero step count are what a fresh state starts from, so the next good step is the first
+        one. Another ``MetaConfig.optimizer`` keeps what its step with a zero gradient created
+        (undoing it exactly would need a host read of ``ok``).
         """
-        def tracked():
-            return params + [v for q in params for v in self.optimizer.state.get(q, {}).values()
-                             if isinstance(v, Tensor) and v.is_floating_point()]
+        def tracked() -> list[tuple[tuple[int, str], Tensor]]:
+            return [((id(q), k), v) for q in params for k, v in self.optimizer.state.get(q, {}).items()
+                    if isinstance(v, Tensor) and v.is_floating_point()]
 
         before = tracked()
-        backup = torch._foreach_add(before, 0.0)
+        backup_params = torch._foreach_add(params, 0.0)
+        saved = dict(zip((key for key, _ in before), torch._foreach_add([v for _, v in before], 0.0))) if before else {}
         self._apply_theta_grads(params, theta_grads)
+        zero_is_fresh = isinstance(self.optimizer, (torch.optim.Adam, torch.optim.AdamW))
         with torch.no_grad():
             not_ok = (~ok).to(params[0].dtype)
-            after = tracked()
-            if len(after) != len(before):  # first step: the state was created just now
-                backup = [*backup[: len(params)], *(torch.zeros_like(v) for v in after[len(params):])]
+            targets, backups = list(params), list(backup_params)
+            for key, v in tracked():
+                backup = saved.get(key)
+                if backup is None:  # created by this step
+                    if not zero_is_fresh:
+                        continue
+                    backup = torch.zeros_like(v)
+                targets.append(v)
+                backups.append(backup)
             # x <- x * ok + backup * not_ok: exact both ways (x is finite: its gradient was zeroed)
-            torch._foreach_mul_(after, 1.0 - not_ok)
-            torch._foreach_mul_(backup, not_ok)
-            torch._foreach_add_(after, backup)
+            torch._foreach_mul_(targets, 1.0 - not_ok)
+            torch._foreach_mul_(backups, not_ok)
+            torch._foreach_add_(targets, backups)
 
     # ------------------------------------------------------------------------------------------
     def save_snapshot(self, index: int) -> str | None:

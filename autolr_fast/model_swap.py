@@ -8,13 +8,15 @@ meta-step's cost. :class:`ModelSwap` walks the tree once, at construction, and k
 those slots (the same mechanism as ``functional_call``), runs the forward and puts the originals
 back, also when the forward raises.
 
-Buffers are copied into scratch tensors kept from call to call (one fused copy), so a forward in
-training mode (BatchNorm's running statistics) changes the copies, never the model. A parameter
-or buffer object that appears in several modules (tied weights) is replaced in all of them.
+Buffers are copied into scratch tensors kept from call to call (one fused copy; they stay
+allocated between calls, one copy of every buffer), so a forward in training mode (BatchNorm's
+running statistics) changes the copies, never the model. A parameter or buffer object that
+appears in several modules (tied weights) is replaced in all of them.
 
 The module structure is read at construction: modules added to or removed from the model later
-are not seen (construct a new ``AutoLR`` after such surgery). Tensors re-assigned into existing
-slots are seen, since the slots are read on every call.
+are not seen, and a replacement for a parameter of a module added later is refused (construct a
+new ``AutoLR`` after such surgery). Tensors re-assigned into existing slots are seen, since the
+slots are read on every call.
 """
 
 from __future__ import annotations
@@ -61,15 +63,30 @@ class ModelSwap:
 
     def __call__(self, replacements: dict[int, Tensor], *args: Any, **kwargs: Any) -> Any:
         """``model(*args, **kwargs)`` with each parameter ``p`` replaced by ``replacements[id(p)]``
-        where there is one, and every buffer by its scratch copy."""
+        where there is one, every other parameter by ``p.detach()`` (no graph is recorded for
+        it), and every buffer by its scratch copy."""
         swapped: list[tuple[dict, str, Tensor]] = []
         try:
+            replaced: set[int] = set()
             for slots, name in self._param_slots:
                 original = slots.get(name)
+                if original is None:
+                    continue
                 new = replacements.get(id(original))
                 if new is not None:
-                    swapped.append((slots, name, original))
-                    slots[name] = new
+                    replaced.add(id(original))
+                elif original.requires_grad:
+                    new = original.detach()  # each call: `p.data = ...` may have replaced its storage
+                else:
+                    continue
+                swapped.append((slots, name, original))
+                slots[name] = new
+            if len(replaced) != len(replacements):
+                raise RuntimeError(
+                    f"{len(replacements) - len(replaced)} of the parameters to replace are not in the modules the "
+                    "model had when this ModelSwap (the meta-step's) was built: modules added to the model since "
+                    "AutoLR(...) was constructed are not seen; construct a new AutoLR after changing the model"
+                )
             for slots, name, live, copy in self._buffer_copies():
                 swapped.append((slots, name, live))
                 slots[name] = copy

@@ -93,3 +93,35 @@ def test_a_buffer_reassigned_after_construction_is_read():
     model.running_mean = torch.full((3,), 5.0)  # a new tensor in the existing slot
     out = swap({}, torch.full((2, 3), 5.0))
     assert torch.allclose(out, torch.zeros(2, 3), atol=1e-6)
+
+
+def test_scratch_buffers_follow_in_place_changes_between_calls():
+    """Eval mode reads the running statistics: the scratch copies must be refreshed every call."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(3, 4), nn.BatchNorm1d(4)).eval()
+    swap = ModelSwap(model)
+    weight = model[0].weight
+    hat = weight.detach() + 0.1
+    for shift in (0.0, 2.0):
+        model[1].running_mean.add_(shift)
+        x = torch.randn(5, 3)
+        expected = torch.func.functional_call(model, {"0.weight": hat}, (x,))
+        torch.testing.assert_close(swap({id(weight): hat}, x), expected, rtol=0, atol=0)
+
+
+def test_parameters_without_a_replacement_record_no_graph():
+    """A parameter left out of the optimizer (no look-ahead) must not cost activation memory."""
+    model = nn.Sequential(nn.Linear(3, 3), nn.Tanh(), nn.Linear(3, 2))
+    hat = model[2].weight.detach().clone().requires_grad_(True)
+    out = ModelSwap(model)({id(model[2].weight): hat}, torch.randn(4, 3))
+    assert torch.autograd.grad(out.sum(), [model[0].weight, hat], allow_unused=True)[0] is None
+    assert model[0].weight.requires_grad and isinstance(model[0].weight, nn.Parameter)
+
+
+def test_a_parameter_of_a_module_added_later_is_refused():
+    model = nn.Sequential(nn.Linear(3, 3))
+    swap = ModelSwap(model)
+    model.append(nn.Linear(3, 1))
+    with pytest.raises(RuntimeError, match="construct a new AutoLR"):
+        swap({id(model[1].weight): torch.zeros(1, 3)}, torch.randn(2, 3))
+    assert isinstance(model[0].weight, nn.Parameter)

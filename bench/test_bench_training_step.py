@@ -295,24 +295,6 @@ def _small_resnet_problem():
     return small_resnet(), batches
 
 
-@pytest.mark.benchmark(group="meta-step (cpu, resnet-8 batch 64)")
-def test_small_resnet_plain_autolr_step(benchmark, make_train_step, official_controller):
-    model, batches = _small_resnet_problem()
-    step = make_train_step(model, batches, torch.nn.functional.cross_entropy, "autolr", official_controller)
-    _record(benchmark, step, baseline=True, **peak_memory(step))
-    benchmark(step)
-
-
-@pytest.mark.benchmark(group="meta-step (cpu, resnet-8 batch 64)")
-def test_small_resnet_meta_step_every_step(benchmark, make_train_step, official_controller):
-    model, batches = _small_resnet_problem()
-    meta = _meta(batches[::-1], torch.nn.functional.cross_entropy)
-    step = make_train_step(model, batches, torch.nn.functional.cross_entropy, "autolr", official_controller, meta=meta)
-    _record(benchmark, step, **peak_memory(step))
-    benchmark(step)
-    assert step.schedule.autolr.meta.meta_steps > 0
-
-
 # ------------------------------------------------------------------------------------------------
 # A host-bound model: as many small tensors as ResNet-18 (82 parameters, 60 buffers), little
 # arithmetic, so the time is the per-tensor host work of the meta-step (a GPU step is host-bound
@@ -327,20 +309,31 @@ def _many_tensors_problem():
     return nn.Sequential(*blocks, nn.Linear(32, 10)), batches
 
 
-@pytest.mark.benchmark(group="meta-step (cpu, host-bound: 20 Linear+BN blocks, batch 16)")
-def test_many_tensors_plain_autolr_step(benchmark, make_train_step, official_controller):
-    model, batches = _many_tensors_problem()
+#: benchmark group -> (the problem, whether to record peak memory)
+CPU_META_PROBLEMS = {
+    "meta-step (cpu, resnet-8 batch 64)": (_small_resnet_problem, True),
+    "meta-step (cpu, host-bound: 20 Linear+BN blocks, batch 16)": (_many_tensors_problem, False),
+}
+
+
+@pytest.mark.parametrize("group", list(CPU_META_PROBLEMS), ids=["small_resnet", "many_tensors"])
+def test_cpu_plain_autolr_step(benchmark, make_train_step, official_controller, group):
+    problem, memory = CPU_META_PROBLEMS[group]
+    benchmark.group = group
+    model, batches = problem()
     step = make_train_step(model, batches, torch.nn.functional.cross_entropy, "autolr", official_controller)
-    _record(benchmark, step, baseline=True)
+    _record(benchmark, step, baseline=True, **(peak_memory(step) if memory else {}))
     benchmark(step)
 
 
-@pytest.mark.benchmark(group="meta-step (cpu, host-bound: 20 Linear+BN blocks, batch 16)")
-def test_many_tensors_meta_step_every_step(benchmark, make_train_step, official_controller):
-    model, batches = _many_tensors_problem()
+@pytest.mark.parametrize("group", list(CPU_META_PROBLEMS), ids=["small_resnet", "many_tensors"])
+def test_cpu_meta_step_every_step(benchmark, make_train_step, official_controller, group):
+    problem, memory = CPU_META_PROBLEMS[group]
+    benchmark.group = group
+    model, batches = problem()
     meta = _meta(batches[::-1], torch.nn.functional.cross_entropy)
     step = make_train_step(model, batches, torch.nn.functional.cross_entropy, "autolr", official_controller, meta=meta)
-    _record(benchmark, step)
+    _record(benchmark, step, **(peak_memory(step) if memory else {}))
     benchmark(step)
     assert step.schedule.autolr.meta.meta_steps > 0
 

@@ -206,7 +206,8 @@ def test_compare_command_writes_well_formed_records(tmp_path, capsys):
     assert {b["task"] for b in doc["equal_budget"]} == tasks
     for b in doc["equal_budget"]:
         labels = [r["label"] for r in b["rows"]]
-        assert labels[:3] == ["AutoLR (defaults)", "cosine @ default lr", "cosine tuned (grid)"]
+        # --grid 1: no validation runs, so the tuned row is picked on the test metric (and says so)
+        assert labels[:3] == ["AutoLR (defaults)", "cosine @ default lr", "cosine tuned (grid, picked on test)"]
         assert {"Prodigy (lr 1, cosine)", "schedule-free AdamW @ default"} <= set(labels)
         for r in b["rows"]:
             assert r["runs"] == 1 and r["steps_per_run"] > 0 and r["cpu_s"] > 0
@@ -313,7 +314,8 @@ def test_equal_budget_verdicts_and_compute():
     runs = _runs(rows + grid) + [{**r, "info": info} for r in _runs(rows[:1])][:1]
     (b,) = compare.equal_budget(rows, runs)
     by = {r["label"]: r for r in b["rows"]}
-    assert by["cosine tuned (grid)"]["runs"] == 5 and by["cosine tuned (grid)"]["cpu_s"] == pytest.approx(5.0)
+    tuned = by["cosine tuned (grid, picked on test)"]
+    assert tuned["runs"] == 5 and tuned["cpu_s"] == pytest.approx(5.0) and b["tuned_picked_on"] == "test"
     assert by["AutoLR (defaults)"]["runs"] == 1 and by["cosine @ default lr"]["lr"] == 0.1
     assert "schedule-free SGD @ default" in by  # the default row that is also the best
     v = b["verdicts"]
@@ -323,6 +325,50 @@ def test_equal_budget_verdicts_and_compute():
     assert b["trained_on"] and b["controller"] == "default"
     d = compare.done_when([b])
     assert d["held_out_tasks"] == 0 and not d["met"]["close to tuned cosine on >= 3/4 of the held-out tasks"]
+
+
+def _full_runs(task, method, lr, metrics, cpu=1.0, split="test"):
+    """Records with what summarize() reads, one per seed."""
+    return [{"task": task, "method": method, "lr": lr, "status": "ok", "seed": seed, "cpu_time_s": cpu, "steps": 100,
+             "info": {}, "split": split, "final_metric": m, "best_metric": m, "final_test_loss": 1 - m,
+             "wall_time_s": 1.0, "train_time_s": 1.0, "rate_stats": {"epoch_cv": 0.7, "jitter": 0.0, "mean": lr}}
+            for seed, m in enumerate(metrics)]
+
+
+def test_equal_budget_tuned_row_is_picked_on_validation_runs():
+    """The validation runs pick the rate; the row reports that rate's runs on all the data, and
+    its compute counts the validation runs plus that run."""
+    rows = [_row("t", "autolr", "as shipped", 0.90), _row("t", "cosine", "default", 0.89, lr=0.1),
+            _row("t", "cosine", "best", 0.95, lr=0.3)]  # best on test: 0.3
+    test = (_full_runs("t", "cosine", 0.1, [0.89, 0.89, 0.89]) + _full_runs("t", "cosine", 0.3, [0.95, 0.95, 0.95])
+            + _full_runs("t", "cosine", 0.03, [0.80, 0.80, 0.80]))
+    val = (_full_runs("t", "cosine", 0.1, [0.92, 0.90, 0.91], cpu=0.8, split="validation")
+           + _full_runs("t", "cosine", 0.3, [0.90, 0.89, 0.90], cpu=0.8, split="validation")
+           + _full_runs("t", "cosine", 0.03, [0.70, 0.70, 0.70], cpu=0.8, split="validation"))
+    runs = _runs(rows[:1]) + test
+    (b,) = compare.equal_budget(rows, runs, val)
+    tuned = {r["label"]: r for r in b["rows"]}["cosine tuned (grid on a validation split, then 1 run)"]
+    assert tuned["lr"] == 0.1 and tuned["final_metric"] == pytest.approx(0.89)  # validation prefers 0.1
+    assert tuned["runs"] == 4 and tuned["cpu_s"] == pytest.approx(3 * 0.8 + 1.0)
+    assert b["tuned_picked_on"] == "validation" and b["verdicts"]["delta_vs_tuned"] == "+1.00 pts"
+    assert b["tuned_validation_metric"]["0.1"] == pytest.approx(0.91)
+    md = "\n".join(compare._budget_section([b], 3))
+    assert "picked on validation" in md and "optimistic" not in md
+
+
+def test_validation_task_holds_out_part_of_the_training_data():
+    task = get_task("regress-sin")
+    val = compare.validation_task(task, seed=3)
+    n_val = int(len(task.x_train) * compare.VALIDATION_FRACTION)
+    assert len(val.x_test) == n_val and len(val.x_train) == len(task.x_train) - n_val
+    held = {tuple(x.tolist()) for x in val.x_test}
+    assert not held & {tuple(x.tolist()) for x in val.x_train}
+    assert held <= {tuple(x.tolist()) for x in task.x_train}  # drawn from the training data, not the test set
+    jobs, _, _ = compare.make_jobs(compare.build_parser().parse_args(
+        ["--tasks", "regress-sin", "--methods", "cosine", "constant", "--seeds", "2", "--grid", "3"]))
+    by_split = {(j.method, j.split) for j in jobs}
+    assert ("cosine", "validation") in by_split and ("constant", "validation") not in by_split
+    assert sum(j.split == "validation" for j in jobs) == 3 * 2
 
 
 def test_equal_budget_regression_uses_the_relative_loss():

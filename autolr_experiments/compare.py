@@ -341,7 +341,8 @@ def _tuned_on_validation(task: str, cls: bool, runs: list[dict], val_runs: list[
             and r["status"] in ("ok", "diverged") and r["lr"] is not None and math.isclose(r["lr"], lr)]
     if not full:
         return None
-    return {"task": task, "method": TUNED_REFERENCE, "family": "hand", "setting": "picked on validation", "lr": lr,
+    return {"task": task, "method": TUNED_REFERENCE, "family": "hand", "setting": "picked on validation",
+            "lr": full[0]["lr"],
             "classification": cls, **summarize(full),
             "validation_metric": {f"{k:.6g}": mean_std([r["final_metric"] for r in v])[0] for k, v in by_lr.items()}}
 
@@ -454,7 +455,7 @@ def _tuned_rule(budget: list[dict], grid: int) -> str:
         text.append(f"Tuned cosine (picked on validation): each of the {grid} grid rates trained on the training "
                     f"data minus a validation split ({100 * VALIDATION_FRACTION:g} %, at most {VALIDATION_MAX} "
                     "samples) and scored on that split; the rate with the best mean score is reported from its run "
-                    f"on all the training data ({grid} + 1 runs, the validation runs slightly shorter).")
+                    "on all the training data (one run per grid rate, plus that run; the validation runs are shorter).")
     if "test" in on:
         text.append(f"Tuned cosine (picked on test): the best of the {grid} grid runs by the same test metric it is "
                     "reported on (an optimistic reference).")
@@ -795,6 +796,21 @@ def _key_of(j: Job) -> tuple:
     return _job_key(j.task, j.method, j.lr, j.seed, j.epochs, j.batch_size, j.split)
 
 
+#: Loss-like fields of a run record: JSON stores their +inf (a diverged run) as null.
+_LOSS_FIELDS = ("final_test_loss", "best_test_loss")
+
+
+def _as_recorded(r: dict) -> dict:
+    """A run record read back from JSON as it was in memory: ``split`` defaults to "test" (older
+    records have none), and a null loss is +inf again, so that a diverged regression run counts
+    as the worst result instead of dropping out of the means."""
+    r.setdefault("split", "test")
+    for key in _LOSS_FIELDS + (() if r.get("classification") else ("final_metric", "best_metric")):
+        if key in r and r[key] is None:
+            r[key] = math.inf
+    return r
+
+
 def _load_partial(path: Path, statuses: tuple[str, ...] = ("ok", "diverged")) -> dict[tuple, dict]:
     """Records of an earlier, interrupted run (``runs.jsonl``) with one of ``statuses``, by job key."""
     done: dict[tuple, dict] = {}
@@ -805,7 +821,7 @@ def _load_partial(path: Path, statuses: tuple[str, ...] = ("ok", "diverged")) ->
             except json.JSONDecodeError:
                 continue  # a line cut off by the interruption
             if r.get("status") in statuses:
-                done[_record_key(r)] = r
+                done[_record_key(r)] = _as_recorded(r)
     return done
 
 
@@ -932,9 +948,10 @@ def _rerender(src: Path, out: Path, plots: bool) -> int:
     doc = json.loads(src.read_text())
     if doc.get("schema") != SCHEMA:
         raise SystemExit(f"{src} is not a {SCHEMA} file (schema {doc.get('schema')!r})")
-    runs = doc["runs"]
+    runs = [_as_recorded(r) for r in doc["runs"]]
+    val_runs = [_as_recorded(r) for r in doc.get("validation_runs", [])]
     rows, targets = summary_rows(runs)
-    budget = equal_budget(rows, runs, doc.get("validation_runs", []))
+    budget = equal_budget(rows, runs, val_runs)
     out.mkdir(parents=True, exist_ok=True)
     md = render_markdown(rows, targets, doc.get("skipped_methods", {}), doc["config"], budget)
     (out / "compare.md").write_text(md)

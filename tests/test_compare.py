@@ -354,6 +354,55 @@ def test_equal_budget_tuned_row_is_picked_on_validation_runs():
     assert b["tuned_validation_metric"]["0.1"] == pytest.approx(0.91)
     md = "\n".join(compare._budget_section([b], 3))
     assert "picked on validation" in md and "optimistic" not in md
+    # regression: the lowest validation loss wins
+    for r in rows + test + val:
+        r["classification"] = False
+    (b,) = compare.equal_budget([dict(r, classification=False) for r in rows], _runs(rows[:1]) + test, val)
+    assert {r["label"]: r for r in b["rows"]}["cosine tuned (grid on a validation split, then 1 run)"]["lr"] == 0.03
+
+
+def test_a_diverged_validation_seed_counts_as_the_worst_result_also_after_json():
+    """Regression: a diverged seed's loss is +inf in memory and null in JSON; either way the rate
+    must lose, not be scored on its surviving seeds."""
+    rows = [_row("r", "autolr", "as shipped", 0.5, cls=False), _row("r", "cosine", "default", 0.6, lr=0.1, cls=False),
+            _row("r", "cosine", "best", 0.6, lr=0.1, cls=False)]
+    test = [dict(r, classification=False) for r in _full_runs("r", "cosine", 0.1, [0.6] * 3)
+            + _full_runs("r", "cosine", 0.3, [0.5] * 3)]
+    val = [dict(r, classification=False) for r in _full_runs("r", "cosine", 0.1, [0.6] * 3, split="validation")
+           + _full_runs("r", "cosine", 0.3, [0.5, math.inf, math.inf], split="validation")]
+    for r in val[4:]:
+        r["status"] = "diverged"
+    round_tripped = [compare._as_recorded(json.loads(json.dumps(compare._strict_json(r)))) for r in val]
+    assert round_tripped[4]["final_metric"] == math.inf and round_tripped[0]["split"] == "validation"
+    for records in (val, round_tripped):
+        (b,) = compare.equal_budget(rows, _runs(rows[:1]) + test, records)
+        tuned = next(r for r in b["rows"] if r["label"].startswith("cosine tuned"))
+        assert tuned["lr"] == 0.1
+
+
+def test_old_records_without_a_split_resume_as_test_runs(tmp_path):
+    out = tmp_path / "cmp"
+    args = ["--tasks", "regress-sin", "--methods", "cosine", "--seeds", "1", "--grid", "3", "--epochs", "1",
+            "--out", str(out), "--no-progress", "--no-plots"]
+    assert compare.main(args) == 0
+    lines = (out / "runs.jsonl").read_text().splitlines()
+    records = [json.loads(x) for x in lines]
+    assert sorted(r["split"] for r in records) == ["test"] * 3 + ["validation"] * 3
+    steps = {r["split"]: r["steps"] for r in records}
+    assert steps["validation"] < steps["test"]  # trained without the validation split
+    # records written before validation runs existed: no "split", no validation runs
+    old = [{k: v for k, v in r.items() if k != "split"} for r in records if r["split"] == "test"]
+    (out / "runs.jsonl").write_text("".join(json.dumps(r) + "\n" for r in old))
+    assert compare.main(args + ["--resume", "--only-recorded"]) == 0
+    doc = json.loads((out / "compare.json").read_text())
+    assert len(doc["runs"]) == 3 and doc["validation_runs"] == []  # the test runs kept, nothing rerun
+    assert doc["config"]["not_run"] == {"cosine (validation runs)": ["regress-sin"]}
+    assert doc["equal_budget"][0]["tuned_picked_on"] == "test"
+    assert compare.main(args + ["--resume"]) == 0  # runs only the 3 missing validation runs
+    records = [json.loads(x) for x in (out / "runs.jsonl").read_text().splitlines()]
+    assert len(records) == 6 and sum(r.get("split") == "validation" for r in records) == 3
+    doc = json.loads((out / "compare.json").read_text())
+    assert {r["seeds"] for r in doc["summary"]} == {1} and doc["equal_budget"][0]["tuned_picked_on"] == "validation"
 
 
 def test_validation_task_holds_out_part_of_the_training_data():
@@ -364,6 +413,11 @@ def test_validation_task_holds_out_part_of_the_training_data():
     held = {tuple(x.tolist()) for x in val.x_test}
     assert not held & {tuple(x.tolist()) for x in val.x_train}
     assert held <= {tuple(x.tolist()) for x in task.x_train}  # drawn from the training data, not the test set
+    pairs = {tuple(x.tolist()): tuple(y.tolist()) for x, y in zip(task.x_train, task.y_train)}
+    assert all(pairs[tuple(x.tolist())] == tuple(y.tolist()) for x, y in zip(val.x_test, val.y_test))
+    again = compare.validation_task(task, seed=3)
+    other = compare.validation_task(task, seed=4)
+    assert torch.equal(again.x_test, val.x_test) and not torch.equal(other.x_test, val.x_test)
     jobs, _, _ = compare.make_jobs(compare.build_parser().parse_args(
         ["--tasks", "regress-sin", "--methods", "cosine", "constant", "--seeds", "2", "--grid", "3"]))
     by_split = {(j.method, j.split) for j in jobs}

@@ -423,9 +423,30 @@ def _score(metric: float | None, cls: bool) -> float:
     return metric if cls else -metric
 
 
-def done_when(budget: list[dict]) -> dict:
+def action_vs_constant(rows: list[dict]) -> list[dict]:
+    """Per task: the shipped action controller (``action``, which runs only on tasks it was not
+    trained on) against ``constant`` at its default rate, the same SGD and the same starting rate:
+    the action controller's criterion in issue 15."""
+    out = []
+    for task in dict.fromkeys(r["task"] for r in rows):
+        act = _row_for(rows, task, "action", "as shipped")
+        const = _default_row(rows, task, "constant")
+        if act is None or const is None:
+            continue
+        cls = act["classification"]
+        out.append({"task": task, "classification": cls, "lr": const["lr"], "seeds": act["seeds"],
+                    "action": act["final_metric"], "action_std": act["final_metric_std"],
+                    "action_diverged": act["diverged"], "constant": const["final_metric"],
+                    "constant_std": const["final_metric_std"], "constant_diverged": const["diverged"],
+                    "delta": _delta(act["final_metric"], const, cls),
+                    "beats": _better(act["final_metric"], const["final_metric"], cls)})
+    return out
+
+
+def done_when(budget: list[dict], action: list[dict] | None = None) -> dict:
     """The issue's "Done when" lines over all tasks (closeness over the tasks the controller was
-    not trained on)."""
+    not trained on; the action controller over the tasks it ran on, all held out)."""
+    action = action or []
     judged = [b for b in budget if "verdicts" in b]
     held_out = [b for b in judged if not b["trained_on"]]
     count = lambda bs, key: sum(b["verdicts"][key] for b in bs)  # noqa: E731
@@ -436,6 +457,7 @@ def done_when(budget: list[dict]) -> dict:
         "ge_cosine_default": count(judged, "ge_cosine_default"),
         "close_to_tuned_held_out": count(held_out, "close_to_tuned"),
         "beats_best_tuning_free": count(judged, "beats_best_tuning_free"),
+        "action_tasks": len(action), "action_beats_constant": sum(a["beats"] for a in action),
         "met": {
             "never diverges": n > 0 and count(judged, "never_diverged") == n,
             ">= cosine at the default rate on every task": n > 0 and count(judged, "ge_cosine_default") == n,
@@ -443,6 +465,8 @@ def done_when(budget: list[dict]) -> dict:
                 n_out > 0 and count(held_out, "close_to_tuned") >= 0.75 * n_out,
             "beats the best other tuning-free method on >= half of the tasks":
                 n > 0 and count(judged, "beats_best_tuning_free") >= 0.5 * n,
+            **({"the action controller beats a constant rate at the same start on the tasks it was not trained on":
+                all(a["beats"] for a in action)} if action else {}),
         },
     }
 
@@ -462,7 +486,7 @@ def _tuned_rule(budget: list[dict], grid: int) -> str:
     return " ".join(text)
 
 
-def _budget_section(budget: list[dict], grid: int) -> list[str]:
+def _budget_section(budget: list[dict], grid: int, action: list[dict] | None = None) -> list[str]:
     if not budget:
         return []
     out = ["## Equal-budget summary: AutoLR with defaults against what a user would otherwise run", "",
@@ -495,14 +519,30 @@ def _budget_section(budget: list[dict], grid: int) -> list[str]:
                     f"{yes(v['beats_best_tuning_free'])} ({v['delta_vs_best_tuning_free']}); AutoLR ranks "
                     f"{v['rank_among_tuning_free']} of {v['tuning_free_methods']} tuning-free rows", ""]
         out += [f"![{b['task']} summary]({b['task']}-summary.png)", ""]
-    d = done_when(budget)
+    action = action or []
+    if action:
+        out += ["### The action controller against a constant rate at the same start", "",
+                "`action` (the shipped action controller, run only on tasks it was not trained on: SGD with "
+                "momentum from 0.1, x0.9 / x1.0 / x1.1 every 100 steps, capped at its default gamma) against "
+                "`constant` at its default rate (the same SGD at 0.1, never changed).", ""]
+        body = []
+        for a in action:
+            digits, scale = (4, 100.0) if a["classification"] else (3, 1.0)
+            cells = [fmt_mean_std(a[k], a[f"{k}_std"], digits, scale)
+                     + (f" ({a[f'{k}_diverged']} diverged)" if a[f"{k}_diverged"] else "")
+                     for k in ("action", "constant")]
+            body.append([a["task"], *cells, a["delta"] or "-", "yes" if a["beats"] else "**no**"])
+        out += [markdown_table(["task", "action", "constant @ 0.1", "delta", "action better"], body, "lrrrc"), ""]
+    d = done_when(budget, action)
     out += ["### Done when (issue 15)", "",
             f"- never diverges: {d['never_diverged']}/{d['tasks']} tasks",
             f"- >= cosine at the default rate: {d['ge_cosine_default']}/{d['tasks']} tasks",
             f"- close to tuned cosine: {d['close_to_tuned_held_out']}/{d['held_out_tasks']} tasks it was not "
             "trained on (needs >= 3/4)",
             f"- beats the best other tuning-free method: {d['beats_best_tuning_free']}/{d['tasks']} tasks "
-            "(needs >= half)", "",
+            "(needs >= half)",
+            *([f"- the action controller beats a constant rate at the same start: {d['action_beats_constant']}/"
+               f"{d['action_tasks']} tasks it was not trained on"] if action else []), "",
             *(f"- {k}: {'met' if v else '**not met**'}" for k, v in d["met"].items()), ""]
     return out
 
@@ -548,7 +588,7 @@ def render_markdown(rows: list[dict], targets: dict, skipped: dict[str, str], co
     if config.get("force_reference"):
         out += ["AutoLR ran on its pure-PyTorch reference ops (`AUTOLR_FAST_FORCE_REFERENCE` was set): the CPU "
                 "seconds of `autolr` and the learned controllers include the reference's extra cost per step.", ""]
-    out += _budget_section(budget or [], config["grid"])
+    out += _budget_section(budget or [], config["grid"], action_vs_constant(rows))
     for task in dict.fromkeys(r["task"] for r in rows):
         out += _task_section(task, [r for r in rows if r["task"] == task], targets[task], config["task_settings"][task])
     out += _verdict_section(verdicts(rows))
@@ -929,7 +969,8 @@ def main(argv: list[str] | None = None) -> int:
     }
     budget = equal_budget(rows, runs, val_runs)
     doc = {"schema": SCHEMA, "config": config, "skipped_methods": skipped, "targets": targets,
-           "summary": rows, "verdicts": verdicts(rows), "equal_budget": budget, "done_when": done_when(budget),
+           "summary": rows, "verdicts": verdicts(rows), "equal_budget": budget,
+           "action_vs_constant": action_vs_constant(rows), "done_when": done_when(budget, action_vs_constant(rows)),
            "runs": runs, "validation_runs": val_runs}
     (out / "compare.json").write_text(json.dumps(_strict_json(doc), separators=(",", ":"), default=_json_default,
                                                  allow_nan=False))

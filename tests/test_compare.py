@@ -425,6 +425,21 @@ def test_validation_task_holds_out_part_of_the_training_data():
     assert sum(j.split == "validation" for j in jobs) == 3 * 2
 
 
+def test_action_controller_is_judged_against_constant_at_the_same_start():
+    rows = [_row("a", "action", "as shipped", 0.70), _row("a", "constant", "best", 0.75, lr=0.3),
+            _row("a", "constant", "default", 0.65, lr=0.1),
+            _row("b", "action", "as shipped", 0.50), _row("b", "constant", "best = default", 0.60, lr=0.1),
+            _row("c", "constant", "best = default", 0.60, lr=0.1)]  # action not run here (trained on c)
+    verdicts = compare.action_vs_constant(rows)
+    assert [(v["task"], v["beats"], v["lr"]) for v in verdicts] == [("a", True, 0.1), ("b", False, 0.1)]
+    assert verdicts[0]["delta"] == "+5.00 pts"
+    d = compare.done_when([], verdicts)
+    assert d["action_tasks"] == 2 and d["action_beats_constant"] == 1
+    assert not d["met"]["the action controller beats a constant rate at the same start on the tasks it was not "
+                        "trained on"]
+    assert "the action controller" not in " ".join(compare.done_when([])["met"])  # no action runs: no line
+
+
 def test_equal_budget_regression_uses_the_relative_loss():
     rows = [_row("r", "autolr", "as shipped", 1.09, cls=False), _row("r", "cosine", "default", 1.2, lr=0.1, cls=False),
             _row("r", "cosine", "best", 1.0, lr=0.3, cls=False), _row("r", "dog", "as shipped", 1.1, cls=False)]

@@ -296,9 +296,9 @@ def _small_resnet_problem():
 
 
 # ------------------------------------------------------------------------------------------------
-# A host-bound model: as many small tensors as ResNet-18 (82 parameters, 60 buffers), little
-# arithmetic, so the time is the per-tensor host work of the meta-step (a GPU step is host-bound
-# the same way)
+# A host-bound model: about as many small tensors as ResNet-18 (82 parameters and 60 buffers
+# against its 62 and 60) and little arithmetic, so the time is the per-tensor host work of the
+# meta-step (a GPU step is host-bound the same way)
 # ------------------------------------------------------------------------------------------------
 def _many_tensors_problem():
     g = torch.Generator().manual_seed(0)

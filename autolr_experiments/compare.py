@@ -130,6 +130,8 @@ def _run_one(job: Job, cache: dict) -> dict:
         "epochs": job.epochs, "batch_size": job.batch_size, "status": "ok", "message": "",
         "classification": task.is_classification, "split": job.split,
     }
+    if job.split == "validation":
+        record["validation_split"] = _validation_settings()
     try:
         run = train(task, replace(method, build=_quietly(method.build)), epochs=job.epochs, batch_size=job.batch_size,
                     seed=job.seed, lr=job.lr)
@@ -824,16 +826,25 @@ def _worker(job: Job) -> dict:
     return run_one(job, _WORKER_CACHE)
 
 
-def _job_key(task: str, method: str, lr: Any, seed: int, epochs: int, batch_size: int, split: str = "test") -> tuple:
-    return (task, method, None if lr is None else round(float(lr), 12), int(seed), int(epochs), int(batch_size), split)
+def _validation_settings() -> dict:
+    """What a validation run's split depends on besides the seed (part of its job key)."""
+    return {"fraction": VALIDATION_FRACTION, "max": VALIDATION_MAX}
+
+
+def _job_key(task: str, method: str, lr: Any, seed: int, epochs: int, batch_size: int, split: str = "test",
+             validation: dict | None = None) -> tuple:
+    split_key = (split,) if split == "test" else (split, validation["fraction"], validation["max"])
+    return (task, method, None if lr is None else round(float(lr), 12), int(seed), int(epochs), int(batch_size),
+            split_key)
 
 
 def _record_key(r: dict) -> tuple:
-    return _job_key(r["task"], r["method"], r["lr"], r["seed"], r["epochs"], r["batch_size"], r.get("split", "test"))
+    return _job_key(r["task"], r["method"], r["lr"], r["seed"], r["epochs"], r["batch_size"], r.get("split", "test"),
+                    r.get("validation_split"))
 
 
 def _key_of(j: Job) -> tuple:
-    return _job_key(j.task, j.method, j.lr, j.seed, j.epochs, j.batch_size, j.split)
+    return _job_key(j.task, j.method, j.lr, j.seed, j.epochs, j.batch_size, j.split, _validation_settings())
 
 
 #: Loss-like fields of a run record: JSON stores their +inf (a diverged run) as null.
@@ -845,6 +856,8 @@ def _as_recorded(r: dict) -> dict:
     records have none), and a null loss is +inf again, so that a diverged regression run counts
     as the worst result instead of dropping out of the means."""
     r.setdefault("split", "test")
+    if r["split"] == "validation":  # the first validation runs, recorded before their settings were
+        r.setdefault("validation_split", {"fraction": 0.2, "max": 500})
     for key in _LOSS_FIELDS + (() if r.get("classification") else ("final_metric", "best_metric")):
         if key in r and r[key] is None:
             r[key] = math.inf

@@ -405,6 +405,17 @@ def test_old_records_without_a_split_resume_as_test_runs(tmp_path):
     assert {r["seeds"] for r in doc["summary"]} == {1} and doc["equal_budget"][0]["tuned_picked_on"] == "validation"
 
 
+def test_validation_runs_are_reused_only_with_the_same_split_settings(monkeypatch):
+    job = compare.Job("regress-sin", "cosine", 0.1, 2, True, 0, 1, 32, split="validation")
+    record = {"task": "regress-sin", "method": "cosine", "lr": 0.1, "seed": 0, "epochs": 1, "batch_size": 32,
+              "split": "validation", "classification": False}  # recorded before the settings were stored
+    assert compare._record_key(compare._as_recorded(dict(record))) == compare._key_of(job)
+    monkeypatch.setattr(compare, "VALIDATION_FRACTION", 0.1)
+    assert compare._record_key(compare._as_recorded(dict(record))) != compare._key_of(job)
+    test_job = compare.Job("regress-sin", "cosine", 0.1, 2, True, 0, 1, 32)
+    assert compare._key_of(test_job) == compare._record_key(compare._as_recorded({**record, "split": "test"}))
+
+
 def test_validation_task_holds_out_part_of_the_training_data():
     task = get_task("regress-sin")
     val = compare.validation_task(task, seed=3)

@@ -34,7 +34,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from autolr_fast import MetaConfig, MLRSNet, load_pretrained
+from autolr_fast import MetaConfig, MLRSNet, load_controller, load_pretrained
 from autolr_fast.controllers.pretrained import PRETRAINED_DIR, available_pretrained
 
 from .training import (
@@ -388,6 +388,15 @@ def mechanic(spec: RunSpec) -> Schedule:
 #: it is shipped, else "mnist1d-cnn".
 AUTOLR_CONTROLLER_ENV = "AUTOLR_EXPERIMENTS_CONTROLLER"
 AUTOLR_FALLBACK_CONTROLLER = "mnist1d-cnn"
+#: Leave-one-task-out: JSON ``{task: controller file}``, set by ``compare`` for the tasks the
+#: shipped controller was trained on; ``autolr`` runs such a task with that file's controller
+#: (the same recipe without the task) instead.
+AUTOLR_LOTO_ENV = "AUTOLR_EXPERIMENTS_LEAVE_ONE_OUT"
+
+
+def leave_one_task_out_file(task: str) -> str | None:
+    """The leave-one-task-out controller file ``compare`` set for ``task``, if any."""
+    return json.loads(os.environ.get(AUTOLR_LOTO_ENV) or "{}").get(task)
 
 
 def autolr_controller_name() -> str:
@@ -420,15 +429,21 @@ def _autolr_missing() -> str | None:
 
 @register_method("autolr", "learned", None,
                  "AutoLR with its defaults: AutoLR(opt, load_pretrained(<controller>), total_steps=<steps>) on the "
-                 "task's default optimizer at its default rate; one run, nothing tuned", available=_autolr_missing)
+                 "task's default optimizer at its default rate; one run, nothing tuned (on a task the controller "
+                 "was trained on, compare sets a leave-one-task-out controller)", available=_autolr_missing)
 def autolr(spec: RunSpec) -> Schedule:
     name = autolr_controller_name()
-    controller = load_pretrained(name)
+    loto = leave_one_task_out_file(spec.task.name)
+    path = Path(loto) if loto else PRETRAINED_DIR / f"{name}.pt"
+    controller = load_controller(path) if loto else load_pretrained(name)
+    trained_on = controller_training_tasks(getattr(controller, "info", {}) or {})
+    if loto and spec.task.name in trained_on:
+        raise ValueError(f"the leave-one-task-out controller {path} was trained on {spec.task.name}")
     opt = make_optimizer(spec.model, spec.task.optim)
     schedule = autolr_schedule(opt, controller, total_steps=spec.total_steps)
-    trained_on = controller_training_tasks(getattr(controller, "info", {}) or {})
-    schedule.info.update({"controller": name, "controller_tasks": trained_on,
-                          "controller_sha256": hashlib.sha256((PRETRAINED_DIR / f"{name}.pt").read_bytes()).hexdigest(),
+    schedule.info.update({"controller": f"{name} without {spec.task.name}" if loto else name,
+                          "leave_one_task_out": bool(loto), "controller_tasks": trained_on,
+                          "controller_sha256": hashlib.sha256(path.read_bytes()).hexdigest(),
                           "ops": "reference ops" if os.environ.get("AUTOLR_FAST_FORCE_REFERENCE") else "fast ops",
                           "trained_on_task": spec.task.name in trained_on, "optimizer": spec.task.optim.describe()})
     return schedule

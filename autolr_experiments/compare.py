@@ -28,7 +28,8 @@ from typing import Any
 import torch
 from tqdm import tqdm
 
-from autolr_fast.controllers.pretrained import PRETRAINED_DIR
+from autolr_fast import load_controller, load_pretrained
+from autolr_fast.controllers.pretrained import PRETRAINED_DIR, available_pretrained
 
 from . import baselines
 from .report import color_cycle, fmt, fmt_mean_std, is_number, markdown_table, mean_std, plt, save_figure, summarize
@@ -82,6 +83,7 @@ class Job:
     batch_size: int
     threads: int = 1
     split: str = "test"  # "validation": trained without the validation split, scored on it
+    variant: str = ""  # "leave-one-task-out": autolr with the controller trained without this task
 
 
 # ------------------------------------------------------------------------------------------------
@@ -130,6 +132,8 @@ def _run_one(job: Job, cache: dict) -> dict:
         "epochs": job.epochs, "batch_size": job.batch_size, "status": "ok", "message": "",
         "classification": task.is_classification, "split": job.split,
     }
+    if job.variant:
+        record["variant"] = job.variant
     if job.split == "validation":
         record["validation_split"] = _validation_settings()
     try:
@@ -387,6 +391,7 @@ def equal_budget(rows: list[dict], runs: list[dict], val_runs: list[dict] | None
                  "ops": info.get("ops"),
                  "controller_tasks": info.get("controller_tasks", []),
                  "trained_on": bool(info.get("trained_on_task")), "optimizer": info.get("optimizer"),
+                 "leave_one_task_out": bool(info.get("leave_one_task_out")),
                  "rows": [r for r in table if r is not None] + free}
         if auto is not None:
             a = auto["final_metric"]
@@ -501,7 +506,12 @@ def _budget_section(budget: list[dict], grid: int, action: list[dict] | None = N
         metric, scale, digits = ("test acc (%)", 100.0, 4) if cls else ("test MSE", 1.0, 3)
         shas = ", ".join(h[:12] for h in b.get("controller_sha256", []) if h) or "-"
         ctrl = f"controller `{b['controller']}`, sha256 {shas}, {b.get('ops') or 'ops not recorded'}"
-        trained = (f"**trained on this task** ({ctrl})" if b["trained_on"] else f"not trained on this task ({ctrl})")
+        if b.get("leave_one_task_out"):
+            trained = (f"**leave-one-task-out**: the shipped recipe meta-trained again without this task ({ctrl})")
+        elif b["trained_on"]:
+            trained = f"**trained on this task** ({ctrl})"
+        else:
+            trained = f"not trained on this task ({ctrl})"
         out += [f"### {b['task']}", "", f"Default optimizer: {b['optimizer'] or '-'}; AutoLR {trained}.", ""]
         body = [[r["label"], fmt(r["lr"]) if r["lr"] is not None else "-",
                  f"{r['runs']} x {r['steps_per_run'] if r['steps_per_run'] is not None else '-'}",
@@ -755,6 +765,10 @@ def build_parser() -> argparse.ArgumentParser:
                    "already recorded in OUT/runs.jsonl (the jobs left out are listed in the report)")
     p.add_argument("--render", metavar="JSON", default=None, help="only re-render the table and figures of an "
                    "existing compare.json into --out")
+    p.add_argument("--no-leave-one-task-out", action="store_true",
+                   help="run autolr with the shipped controller also on the tasks it was trained on (default: "
+                        "there, a controller meta-trained by the same recipe without that task, built once into "
+                        "OUT/leave_one_out/)")
     p.add_argument("--no-plots", action="store_true", help="skip the PNG figures")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     return p
@@ -832,19 +846,19 @@ def _validation_settings() -> dict:
 
 
 def _job_key(task: str, method: str, lr: Any, seed: int, epochs: int, batch_size: int, split: str = "test",
-             validation: dict | None = None) -> tuple:
+             validation: dict | None = None, variant: str = "") -> tuple:
     split_key = (split,) if split == "test" else (split, validation["fraction"], validation["max"])
     return (task, method, None if lr is None else round(float(lr), 12), int(seed), int(epochs), int(batch_size),
-            split_key)
+            split_key, variant)
 
 
 def _record_key(r: dict) -> tuple:
     return _job_key(r["task"], r["method"], r["lr"], r["seed"], r["epochs"], r["batch_size"], r.get("split", "test"),
-                    r.get("validation_split"))
+                    r.get("validation_split"), r.get("variant", ""))
 
 
 def _key_of(j: Job) -> tuple:
-    return _job_key(j.task, j.method, j.lr, j.seed, j.epochs, j.batch_size, j.split, _validation_settings())
+    return _job_key(j.task, j.method, j.lr, j.seed, j.epochs, j.batch_size, j.split, _validation_settings(), j.variant)
 
 
 #: Loss-like fields of a run record: JSON stores their +inf (a diverged run) as null.
@@ -932,6 +946,46 @@ def _run_all(jobs: list[Job], n_jobs: int, progress: bool, partial: Path | None 
     return [records[k] for k in keys]
 
 
+#: Leave-one-task-out: the controllers compare meta-trains (under --out) for the tasks the shipped
+#: controller was trained on, the variant of those autolr jobs, and the epochs of every family run
+#: (None: each run's own; a test shortens it).
+LOTO_DIR = "leave_one_out"
+LOTO_VARIANT = "leave-one-task-out"
+LOTO_EPOCHS: int | None = None
+
+
+def _leave_one_task_out(jobs: list[Job], controller: str, out: Path, args) -> list[Job]:
+    """The jobs, where ``autolr`` runs on a task the shipped ``default`` controller was trained on
+    marked as the leave-one-task-out variant: their runs use the same recipe meta-trained again
+    without that task (``meta_train.leave_one_task_out``; built once into ``OUT/leave_one_out/``,
+    rebuilt if the shipped file changed; the workers find the files through an environment
+    variable). Only the family recipe (``default``) can be repeated this way."""
+    os.environ.pop(baselines.AUTOLR_LOTO_ENV, None)
+    if args.no_leave_one_task_out or controller != "default" or controller not in available_pretrained():
+        return jobs
+    shipped = PRETRAINED_DIR / f"{controller}.pt"
+    trained = set(baselines.controller_training_tasks(load_pretrained(controller).info))
+    tasks = sorted({j.task for j in jobs if j.method == "autolr"} & trained)
+    if not tasks:
+        return jobs
+    from . import meta_train  # imported here: meta_train imports compare
+
+    digest = hashlib.sha256(shipped.read_bytes()).hexdigest()
+    files: dict[str, str] = {}
+    for task in tasks:
+        path = out / LOTO_DIR / f"{controller}-without-{task}.pt"
+        current = path.is_file() and load_controller(path).info.get("recipe_of") == digest
+        if not current and not args.only_recorded:
+            print(f"[compare] leave-one-task-out: meta-training {controller}'s recipe without {task} into {path}",
+                  file=sys.stderr)
+            meta_train.leave_one_task_out(task, path, epochs=LOTO_EPOCHS, info={"recipe_of": digest})
+            current = True
+        if current:
+            files[task] = str(path)
+    os.environ[baselines.AUTOLR_LOTO_ENV] = json.dumps(files)
+    return [replace(j, variant=LOTO_VARIANT) if j.method == "autolr" and j.task in tasks else j for j in jobs]
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     if args.render:
@@ -947,6 +1001,7 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
+    jobs = _leave_one_task_out(jobs, controller, out, args)
     not_run: dict[str, list[str]] = {}
     if args.only_recorded:
         if not args.resume:

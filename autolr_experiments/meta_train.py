@@ -528,6 +528,9 @@ def _family_parse(argv: list[str] | None) -> argparse.Namespace:
     ap.add_argument("--lr-spread", type=float, default=None, metavar="F",
                     help="also run every family setting at lr / F and lr x F (a controller that sees mis-set "
                          "rates could learn to correct them; default: the usual rates only)")
+    ap.add_argument("--exclude-task", action="append", default=[], metavar="TASK",
+                    help="leave this task's runs out of the family (repeatable): the leave-one-task-out "
+                         "controller compare evaluates on that task")
     ap.add_argument("--normalise-loss", action="store_true",
                     help="the controller reads the loss divided by the run's first loss, in training and in "
                          "the checks (recorded in the controller's card; AutoLR itself feeds the raw loss)")
@@ -552,7 +555,10 @@ def family_main(argv: list[str] | None) -> int:
     banned = held_out_tasks() & {r.task for r in FAMILY}
     if banned:
         raise SystemExit(f"the family trains on held-out task(s) {sorted(banned)}")
-    family = [replace(r, epochs=args.epochs or r.epochs) for r in (FAMILY[:4] if args.quick else FAMILY)]
+    family = [replace(r, epochs=args.epochs or r.epochs) for r in (FAMILY[:4] if args.quick else FAMILY)
+              if r.task not in args.exclude_task]
+    if not family:
+        raise SystemExit(f"--exclude-task {args.exclude_task} leaves no run in the family")
     if args.lr_spread:
         family = [replace(r, lr=r.lr * f) for r in family for f in (1 / args.lr_spread, 1.0, args.lr_spread)]
     seeds = [1000 + s for s in range(args.check_seeds)]
@@ -568,7 +574,7 @@ def family_main(argv: list[str] | None) -> int:
         check = evaluate(family, methods, seeds, progress=bar.update)
     table, scores = score_table(check)
     settings = {k: getattr(args, k) for k in ("interval", "horizon", "meta_lr", "passes", "check_seeds", "epochs",
-                                               "lr_spread", "normalise_loss")}
+                                               "lr_spread", "normalise_loss", "exclude_task")}
     command = "python -m autolr_fast meta-train " + " ".join(argv)
     info = {"name": "default", "command": command, "tasks": sorted({r.task for r in family}),
             "family": [asdict(r) for r in family], "settings": settings, "controller_seed": CONTROLLER_SEED,
@@ -598,6 +604,31 @@ def family_main(argv: list[str] | None) -> int:
         shutil.copyfile(os.path.join(args.out, "default.json"), os.path.join(args.ship, "default.json"))
         print(f"shipped default.pt and default.json into {args.ship}")
     return 0
+
+
+def leave_one_task_out(task: str, path: str | os.PathLike, *, epochs: int | None = None,
+                       progress: Callable[[], None] | None = None, info: dict | None = None) -> str:
+    """Meta-train the shipped recipe (``FAMILY`` with ``FAMILY_DEFAULTS``, as ``meta-train
+    --family``) without ``task``'s runs and save the controller at ``path``: what ``compare``
+    evaluates on a task the shipped controller was trained on. ``epochs``: every run this long
+    (a short check); None: each run's own. ``info``: more entries for the file's card. Same as
+    ``meta-train --family --exclude-task TASK``."""
+    family = [replace(r, epochs=epochs or r.epochs) for r in FAMILY if r.task != task]
+    if len(family) == len(FAMILY):
+        raise ValueError(f"{task!r} is not in the training family ({sorted({r.task for r in FAMILY})})")
+    d = FAMILY_DEFAULTS
+    start = time.perf_counter()
+    ctrl, _ = meta_train_family(family, interval=d["interval"], horizon=d["horizon"], meta_lr=d["meta_lr"],
+                                passes=d["passes"], progress=progress)
+    info = {"name": f"default without {task}", "left_out": task, "tasks": sorted({r.task for r in family}),
+            "command": "python -m autolr_fast meta-train --family --exclude-task " + task
+                       + (f" --epochs {epochs}" if epochs else ""),
+            "family": [asdict(r) for r in family], "settings": {**d, "epochs": epochs},
+            "controller_seed": CONTROLLER_SEED, "train_wall_s": round(time.perf_counter() - start, 1),
+            **(info or {})}
+    os.makedirs(os.path.dirname(os.fspath(path)) or ".", exist_ok=True)
+    save_controller(ctrl, path, gamma=SGD_DEFAULT_LR / settled_p(ctrl, math.log(10.0)), info=info)
+    return os.fspath(path)
 
 
 def settled_p(ctrl: MLRSNet, loss: float) -> float:

@@ -13,6 +13,7 @@ from autolr_experiments import baselines, compare
 from autolr_experiments.baselines import SGDHD, lr_grid
 from autolr_experiments.tasks import get_task
 from autolr_experiments.training import Schedule, rate_stats, train
+from autolr_fast import load_controller, load_pretrained
 
 
 # ------------------------------------------------------------------------------------------------
@@ -403,6 +404,41 @@ def test_old_records_without_a_split_resume_as_test_runs(tmp_path):
     assert len(records) == 6 and sum(r.get("split") == "validation" for r in records) == 3
     doc = json.loads((out / "compare.json").read_text())
     assert {r["seeds"] for r in doc["summary"]} == {1} and doc["equal_budget"][0]["tuned_picked_on"] == "validation"
+
+
+def test_autolr_on_a_task_of_its_training_family_runs_leave_one_task_out(tmp_path, monkeypatch):
+    """On a task the shipped controller was trained on, autolr runs the same recipe meta-trained
+    without that task (built once, reused on --resume, rebuilt when the shipped file changes)."""
+    if "default" not in baselines.available_pretrained():
+        pytest.skip("no shipped default controller")
+    trained = baselines.controller_training_tasks(load_pretrained("default").info)
+    task = "mnist1d-mlp"
+    assert task in trained
+    monkeypatch.setattr(compare, "LOTO_EPOCHS", 1)  # a short family, for the test
+    monkeypatch.setenv(baselines.AUTOLR_CONTROLLER_ENV, "default")
+    monkeypatch.setenv(baselines.AUTOLR_LOTO_ENV, "{}")  # restored after the test
+    out = tmp_path / "cmp"
+    args = ["--tasks", task, "--methods", "autolr", "--seeds", "1", "--grid", "1", "--epochs", "1", "--out", str(out),
+            "--no-progress", "--no-plots"]
+    assert compare.main(args) == 0
+    loto = out / compare.LOTO_DIR / f"default-without-{task}.pt"
+    ctrl = load_controller(loto)
+    assert task not in ctrl.info["tasks"] and ctrl.info["left_out"] == task and set(ctrl.info["tasks"]) < set(trained)
+    doc = json.loads((out / "compare.json").read_text())
+    (run,) = doc["runs"]
+    assert run["variant"] == compare.LOTO_VARIANT and run["info"]["leave_one_task_out"]
+    assert not run["info"]["trained_on_task"] and run["info"]["controller"] == f"default without {task}"
+    (b,) = doc["equal_budget"]
+    assert b["leave_one_task_out"] and not b["trained_on"] and doc["done_when"]["held_out_tasks"] == 1
+    assert "**leave-one-task-out**" in (out / "compare.md").read_text()
+    built = loto.stat().st_mtime_ns
+    assert compare.main(args + ["--resume"]) == 0  # reused: neither the file nor the run is made again
+    assert loto.stat().st_mtime_ns == built
+    assert len((out / "runs.jsonl").read_text().splitlines()) == 1
+    # the shipped controller itself, as before: marked as trained on the task
+    assert compare.main(args + ["--no-leave-one-task-out", "--out", str(tmp_path / "plain")]) == 0
+    (b,) = json.loads((tmp_path / "plain" / "compare.json").read_text())["equal_budget"]
+    assert b["trained_on"] and not b["leave_one_task_out"]
 
 
 def test_validation_runs_are_reused_only_with_the_same_split_settings(monkeypatch):

@@ -84,6 +84,17 @@ def test_meta_train_family_lr_spread_runs_every_setting_at_three_rates(tmp_path)
     assert json.loads((out / "default.json").read_text())["settings"]["lr_spread"] == 3
 
 
+def test_meta_train_family_exclude_task_leaves_its_runs_out(tmp_path):
+    out = tmp_path / "out"
+    assert meta_train.main(["--family", "--quick", "--exclude-task", "regress-exp", "--check-seeds", "0",
+                            "--out", str(out)]) == 0
+    runs = json.loads((out / "record.json").read_text())["family_runs"]
+    assert runs and "regress-exp" not in {r["task"] for r in runs}
+    assert "regress-exp" not in load_controller(out / "default.pt").info["tasks"]
+    with pytest.raises(ValueError, match="not in the training family"):
+        meta_train.leave_one_task_out("digits-mlp", tmp_path / "x.pt", epochs=1)
+
+
 def test_normalised_loss_input_divides_by_the_first_finite_loss():
     seen = []
     step = meta_train.normalised_by_first_loss(seen.append)

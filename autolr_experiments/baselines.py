@@ -437,8 +437,10 @@ def autolr(spec: RunSpec) -> Schedule:
     path = Path(loto) if loto else PRETRAINED_DIR / f"{name}.pt"
     controller = load_controller(path) if loto else load_pretrained(name)
     trained_on = controller_training_tasks(getattr(controller, "info", {}) or {})
-    if loto and spec.task.name in trained_on:
-        raise ValueError(f"the leave-one-task-out controller {path} was trained on {spec.task.name}")
+    if loto and (name != "default" or controller.info.get("left_out") != spec.task.name
+                 or spec.task.name in trained_on):
+        raise ValueError(f"{path} is not the leave-one-task-out controller of {name!r} for {spec.task.name} (its "
+                         f"card: left out {controller.info.get('left_out')!r}, tasks {trained_on})")
     opt = make_optimizer(spec.model, spec.task.optim)
     schedule = autolr_schedule(opt, controller, total_steps=spec.total_steps)
     schedule.info.update({"controller": f"{name} without {spec.task.name}" if loto else name,

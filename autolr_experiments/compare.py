@@ -11,6 +11,7 @@ task. See ``docs/compare.md`` for the columns and the fairness rules.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import hashlib
 import json
 import math
@@ -954,36 +955,56 @@ LOTO_VARIANT = "leave-one-task-out"
 LOTO_EPOCHS: int | None = None
 
 
-def _leave_one_task_out(jobs: list[Job], controller: str, out: Path, args) -> list[Job]:
-    """The jobs, where ``autolr`` runs on a task the shipped ``default`` controller was trained on
-    marked as the leave-one-task-out variant: their runs use the same recipe meta-trained again
-    without that task (``meta_train.leave_one_task_out``; built once into ``OUT/leave_one_out/``,
-    rebuilt if the shipped file changed; the workers find the files through an environment
-    variable). Only the family recipe (``default``) can be repeated this way."""
-    os.environ.pop(baselines.AUTOLR_LOTO_ENV, None)
+def _leave_one_task_out(jobs: list[Job], controller: str, out: Path, args) -> tuple[list[Job], dict[str, str]]:
+    """``(jobs, files)``: the jobs, where ``autolr`` runs on a task the shipped ``default``
+    controller was trained on marked as the leave-one-task-out variant (with the shipped file's
+    digest, so that records of another ``default`` are not reused), and per such task the
+    controller file those runs use: the same recipe meta-trained again without the task
+    (``meta_train.leave_one_task_out``), built into ``OUT/leave_one_out/`` when a run still needs
+    it and no file of this recipe, these epochs and this shipped file is there. Only the family
+    recipe (``default``) can be repeated this way."""
     if args.no_leave_one_task_out or controller != "default" or controller not in available_pretrained():
-        return jobs
+        return jobs, {}
     shipped = PRETRAINED_DIR / f"{controller}.pt"
     trained = set(baselines.controller_training_tasks(load_pretrained(controller).info))
     tasks = sorted({j.task for j in jobs if j.method == "autolr"} & trained)
     if not tasks:
-        return jobs
+        return jobs, {}
     from . import meta_train  # imported here: meta_train imports compare
 
     digest = hashlib.sha256(shipped.read_bytes()).hexdigest()
+    variant = f"{LOTO_VARIANT}@{digest[:12]}"
+    jobs = [replace(j, variant=variant) if j.method == "autolr" and j.task in tasks else j for j in jobs]
+    done = _load_partial(out / "runs.jsonl") if args.resume else {}
     files: dict[str, str] = {}
     for task in tasks:
         path = out / LOTO_DIR / f"{controller}-without-{task}.pt"
-        current = path.is_file() and load_controller(path).info.get("recipe_of") == digest
-        if not current and not args.only_recorded:
+        info = load_controller(path).info if path.is_file() else {}
+        current = (info.get("recipe_of") == digest and info.get("settings", {}).get("epochs") == LOTO_EPOCHS
+                   and info.get("family") == meta_train.family_without(task, LOTO_EPOCHS))
+        pending = any(_key_of(j) not in done for j in jobs if j.method == "autolr" and j.task == task)
+        if not current and pending and not args.only_recorded:
             print(f"[compare] leave-one-task-out: meta-training {controller}'s recipe without {task} into {path}",
                   file=sys.stderr)
             meta_train.leave_one_task_out(task, path, epochs=LOTO_EPOCHS, info={"recipe_of": digest})
             current = True
         if current:
             files[task] = str(path)
-    os.environ[baselines.AUTOLR_LOTO_ENV] = json.dumps(files)
-    return [replace(j, variant=LOTO_VARIANT) if j.method == "autolr" and j.task in tasks else j for j in jobs]
+    return jobs, files
+
+
+@contextlib.contextmanager
+def _environment(name: str, value: str):
+    """``os.environ[name] = value`` inside the block (spawned workers inherit it), restored after."""
+    previous = os.environ.get(name)
+    os.environ[name] = value
+    try:
+        yield
+    finally:
+        if previous is None:
+            os.environ.pop(name, None)
+        else:
+            os.environ[name] = previous
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -1001,7 +1022,13 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    jobs = _leave_one_task_out(jobs, controller, out, args)
+    jobs, loto_files = _leave_one_task_out(jobs, controller, out, args)
+    with _environment(baselines.AUTOLR_LOTO_ENV, json.dumps(loto_files)):
+        return _run_and_report(args, argv, controller, jobs, skipped, cfg, out)
+
+
+def _run_and_report(args, argv, controller: str, jobs: list[Job], skipped: dict[str, str], cfg: dict,
+                    out: Path) -> int:
     not_run: dict[str, list[str]] = {}
     if args.only_recorded:
         if not args.resume:

@@ -555,6 +555,11 @@ def family_main(argv: list[str] | None) -> int:
     banned = held_out_tasks() & {r.task for r in FAMILY}
     if banned:
         raise SystemExit(f"the family trains on held-out task(s) {sorted(banned)}")
+    unknown = sorted(set(args.exclude_task) - {r.task for r in FAMILY})
+    if unknown:
+        raise SystemExit(f"--exclude-task {unknown}: not in the training family ({sorted({r.task for r in FAMILY})})")
+    if args.exclude_task and args.ship is not None:
+        raise SystemExit("--exclude-task trains a leave-one-task-out controller, not the shipped one: drop --ship")
     family = [replace(r, epochs=args.epochs or r.epochs) for r in (FAMILY[:4] if args.quick else FAMILY)
               if r.task not in args.exclude_task]
     if not family:
@@ -576,7 +581,8 @@ def family_main(argv: list[str] | None) -> int:
     settings = {k: getattr(args, k) for k in ("interval", "horizon", "meta_lr", "passes", "check_seeds", "epochs",
                                                "lr_spread", "normalise_loss", "exclude_task")}
     command = "python -m autolr_fast meta-train " + " ".join(argv)
-    info = {"name": "default", "command": command, "tasks": sorted({r.task for r in family}),
+    name = "default" + "".join(f" without {t}" for t in args.exclude_task)
+    info = {"name": name, "command": command, "tasks": sorted({r.task for r in family}),
             "family": [asdict(r) for r in family], "settings": settings, "controller_seed": CONTROLLER_SEED,
             "scale": "AutoLR default: lr anchor (no gamma) and total_steps", "train_wall_s": round(train_s, 1),
             "in_family_check": scores}
@@ -606,6 +612,12 @@ def family_main(argv: list[str] | None) -> int:
     return 0
 
 
+def family_without(task: str, epochs: int | None = None) -> list[dict]:
+    """The training family without ``task``'s runs (each ``epochs`` long if given), as the cards
+    record it."""
+    return [asdict(replace(r, epochs=epochs or r.epochs)) for r in FAMILY if r.task != task]
+
+
 def leave_one_task_out(task: str, path: str | os.PathLike, *, epochs: int | None = None,
                        progress: Callable[[], None] | None = None, info: dict | None = None) -> str:
     """Meta-train the shipped recipe (``FAMILY`` with ``FAMILY_DEFAULTS``, as ``meta-train
@@ -618,12 +630,18 @@ def leave_one_task_out(task: str, path: str | os.PathLike, *, epochs: int | None
         raise ValueError(f"{task!r} is not in the training family ({sorted({r.task for r in FAMILY})})")
     d = FAMILY_DEFAULTS
     start = time.perf_counter()
-    ctrl, _ = meta_train_family(family, interval=d["interval"], horizon=d["horizon"], meta_lr=d["meta_lr"],
-                                passes=d["passes"], progress=progress)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # as meta-train --family: the same weights on any machine
+    try:
+        ctrl, _ = meta_train_family(family, interval=d["interval"], horizon=d["horizon"], meta_lr=d["meta_lr"],
+                                    passes=d["passes"], progress=progress)
+    finally:
+        torch.set_num_threads(threads)
+    settings = {k: d[k] for k in ("interval", "horizon", "meta_lr", "passes")}
     info = {"name": f"default without {task}", "left_out": task, "tasks": sorted({r.task for r in family}),
             "command": "python -m autolr_fast meta-train --family --exclude-task " + task
                        + (f" --epochs {epochs}" if epochs else ""),
-            "family": [asdict(r) for r in family], "settings": {**d, "epochs": epochs},
+            "family": [asdict(r) for r in family], "settings": {**settings, "epochs": epochs},
             "controller_seed": CONTROLLER_SEED, "train_wall_s": round(time.perf_counter() - start, 1),
             **(info or {})}
     os.makedirs(os.path.dirname(os.fspath(path)) or ".", exist_ok=True)

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 
 import pytest
 import torch
@@ -426,15 +427,27 @@ def test_autolr_on_a_task_of_its_training_family_runs_leave_one_task_out(tmp_pat
     assert task not in ctrl.info["tasks"] and ctrl.info["left_out"] == task and set(ctrl.info["tasks"]) < set(trained)
     doc = json.loads((out / "compare.json").read_text())
     (run,) = doc["runs"]
-    assert run["variant"] == compare.LOTO_VARIANT and run["info"]["leave_one_task_out"]
+    assert run["variant"].startswith(compare.LOTO_VARIANT + "@") and run["info"]["leave_one_task_out"]
     assert not run["info"]["trained_on_task"] and run["info"]["controller"] == f"default without {task}"
     (b,) = doc["equal_budget"]
     assert b["leave_one_task_out"] and not b["trained_on"] and doc["done_when"]["held_out_tasks"] == 1
     assert "**leave-one-task-out**" in (out / "compare.md").read_text()
+    assert json.loads(os.environ[baselines.AUTOLR_LOTO_ENV]) == {}  # main restored the variable
     built = loto.stat().st_mtime_ns
     assert compare.main(args + ["--resume"]) == 0  # reused: neither the file nor the run is made again
     assert loto.stat().st_mtime_ns == built
     assert len((out / "runs.jsonl").read_text().splitlines()) == 1
+    # a file of another recipe (here: another shipped file) is rebuilt when a run still needs it
+    card = torch.load(loto, weights_only=False)
+    card["info"]["recipe_of"] = "0" * 64
+    torch.save(card, loto)
+    edited = loto.stat().st_mtime_ns
+    assert compare.main(args + ["--resume"]) == 0 and loto.stat().st_mtime_ns == edited  # no run needs it
+    (out / "runs.jsonl").unlink()
+    assert compare.main(args + ["--resume", "--only-recorded"]) == 1  # nothing recorded, nothing trained
+    assert loto.stat().st_mtime_ns == edited
+    assert compare.main(args) == 0 and loto.stat().st_mtime_ns != edited
+    assert load_controller(loto).info["recipe_of"] != "0" * 64
     # the shipped controller itself, as before: marked as trained on the task
     assert compare.main(args + ["--no-leave-one-task-out", "--out", str(tmp_path / "plain")]) == 0
     (b,) = json.loads((tmp_path / "plain" / "compare.json").read_text())["equal_budget"]

@@ -91,8 +91,13 @@ def test_meta_train_family_exclude_task_leaves_its_runs_out(tmp_path):
     runs = json.loads((out / "record.json").read_text())["family_runs"]
     assert runs and "regress-exp" not in {r["task"] for r in runs}
     assert "regress-exp" not in load_controller(out / "default.pt").info["tasks"]
+    assert load_controller(out / "default.pt").info["name"] == "default without regress-exp"
     with pytest.raises(ValueError, match="not in the training family"):
         meta_train.leave_one_task_out("digits-mlp", tmp_path / "x.pt", epochs=1)
+    with pytest.raises(SystemExit, match="not in the training family"):
+        meta_train.main(["--family", "--quick", "--exclude-task", "regress-xp", "--out", str(out)])
+    with pytest.raises(SystemExit, match="drop --ship"):
+        meta_train.main(["--family", "--quick", "--exclude-task", "regress-exp", "--ship", str(tmp_path / "w")])
 
 
 def test_normalised_loss_input_divides_by_the_first_finite_loss():

@@ -198,8 +198,14 @@ def cmdclass() -> dict:
         and turns a failed CPU build into a warning (the package then runs on the references)."""
 
         def build_extension(self, ext):
+            built = self._build_or_fall_back(ext)
+            if ext.name not in _FAILED:
+                _record_sources(self.get_ext_fullpath(ext.name))
+            return built
+
+        def _build_or_fall_back(self, ext):
             try:
-                built = super().build_extension(ext)
+                return super().build_extension(ext)
             except Exception as exc:  # compiler/linker errors come in several types
                 if _STATE["strict"]:
                     raise
@@ -212,17 +218,13 @@ def cmdclass() -> dict:
                     if isinstance(ext.extra_compile_args, dict):
                         ext.extra_compile_args = {"cxx": ext.extra_compile_args.get("cxx", [])}
                     try:
-                        built = super().build_extension(ext)
-                        _record_sources(self.get_ext_fullpath(ext.name))
-                        return built
+                        return super().build_extension(ext)
                     except Exception as exc2:
                         exc = exc2
                 _warn(f"building {ext.name} failed ({exc}); autolr_fast installs without it and uses the "
                       "pure-PyTorch reference implementations. Set AUTOLR_FAST_BUILD_EXT=0 to skip the build.")
                 _FAILED.add(ext.name)
                 return None
-            _record_sources(self.get_ext_fullpath(ext.name))
-            return built
 
         # A skipped extension has no file: keep it out of the later copy/install steps.
         def copy_extensions_to_source(self):

@@ -22,7 +22,7 @@ import sys
 import time
 import warnings
 from collections.abc import Callable
-from dataclasses import dataclass, replace
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -206,10 +206,7 @@ def summary_rows(runs: list[dict]) -> tuple[list[dict], dict]:
             groups.setdefault((r["method"], r["lr"]), []).append(r)
 
         def score(rs: list[dict], cls: bool = cls) -> float:
-            m, _ = mean_std([r["final_metric"] for r in rs])
-            if m is None:
-                return -math.inf
-            return m if cls else -m
+            return _mean_score(rs, cls)
 
         chosen = _chosen_groups(groups, score)
         targets[task] = _target(cls, max((score(rs) for _, _, rs in chosen), default=-math.inf))
@@ -340,10 +337,7 @@ def _tuned_on_validation(task: str, cls: bool, runs: list[dict], val_runs: list[
     if not by_lr:
         return None
 
-    def score(rs: list[dict]) -> float:
-        return _score(mean_std([r["final_metric"] for r in rs])[0], cls)
-
-    lr = max(by_lr, key=lambda k: score(by_lr[k]))
+    lr = max(by_lr, key=lambda k: _mean_score(by_lr[k], cls))
     full = [r for r in runs if r["task"] == task and r["method"] == TUNED_REFERENCE
             and r["status"] in ("ok", "diverged") and r["lr"] is not None and math.isclose(r["lr"], lr)]
     if not full:
@@ -429,6 +423,11 @@ def _score(metric: float | None, cls: bool) -> float:
     if metric is None:
         return -math.inf
     return metric if cls else -metric
+
+
+def _mean_score(runs: list[dict], cls: bool) -> float:
+    """:func:`_score` of the runs' mean final metric (higher is better; -inf without a number)."""
+    return _score(mean_std([r["final_metric"] for r in runs])[0], cls)
 
 
 def action_vs_constant(rows: list[dict]) -> list[dict]:
@@ -981,7 +980,7 @@ def _leave_one_task_out(jobs: list[Job], controller: str, out: Path, args) -> tu
         path = out / LOTO_DIR / f"{controller}-without-{task}.pt"
         info = load_controller(path).info if path.is_file() else {}
         current = (info.get("recipe_of") == digest and info.get("settings", {}).get("epochs") == LOTO_EPOCHS
-                   and info.get("family") == meta_train.family_without(task, LOTO_EPOCHS))
+                   and info.get("family") == [asdict(r) for r in meta_train.family_without(task, LOTO_EPOCHS)])
         pending = any(_key_of(j) not in done for j in jobs if j.method == "autolr" and j.task == task)
         if not current and pending and not args.only_recorded:
             print(f"[compare] leave-one-task-out: meta-training {controller}'s recipe without {task} into {path}",
@@ -1063,9 +1062,10 @@ def _run_and_report(args, argv, controller: str, jobs: list[Job], skipped: dict[
         "not_run": not_run,
     }
     budget = equal_budget(rows, runs, val_runs)
+    action = action_vs_constant(rows)
     doc = {"schema": SCHEMA, "config": config, "skipped_methods": skipped, "targets": targets,
            "summary": rows, "verdicts": verdicts(rows), "equal_budget": budget,
-           "action_vs_constant": action_vs_constant(rows), "done_when": done_when(budget, action_vs_constant(rows)),
+           "action_vs_constant": action, "done_when": done_when(budget, action),
            "runs": runs, "validation_runs": val_runs}
     (out / "compare.json").write_text(json.dumps(_strict_json(doc), separators=(",", ":"), default=_json_default,
                                                  allow_nan=False))

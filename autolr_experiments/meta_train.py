@@ -587,8 +587,7 @@ def family_main(argv: list[str] | None) -> int:
             "scale": "AutoLR default: lr anchor (no gamma) and total_steps", "train_wall_s": round(train_s, 1),
             "in_family_check": scores}
     path = os.path.join(args.out, "default.pt")
-    # gamma only serves gamma="controller": the scale that starts SGD-momentum at 0.1 on a loss of ln(10)
-    save_controller(ctrl, path, gamma=SGD_DEFAULT_LR / settled_p(ctrl, math.log(10.0)), info=info)
+    save_family_controller(ctrl, path, info)
     with open(os.path.join(args.out, "default.json"), "w") as f:
         json.dump(info, f, indent=1)
     with open(os.path.join(args.out, "record.json"), "w") as f:
@@ -612,10 +611,14 @@ def family_main(argv: list[str] | None) -> int:
     return 0
 
 
-def family_without(task: str, epochs: int | None = None) -> list[dict]:
-    """The training family without ``task``'s runs (each ``epochs`` long if given), as the cards
-    record it."""
-    return [asdict(replace(r, epochs=epochs or r.epochs)) for r in FAMILY if r.task != task]
+def save_family_controller(ctrl: MLRSNet, path: str | os.PathLike, info: dict) -> None:
+    # gamma only serves gamma="controller": the scale that starts SGD-momentum at 0.1 on a loss of ln(10)
+    save_controller(ctrl, path, gamma=SGD_DEFAULT_LR / settled_p(ctrl, math.log(10.0)), info=info)
+
+
+def family_without(task: str, epochs: int | None = None) -> list[FamilyRun]:
+    """The training family without ``task``'s runs, each ``epochs`` long if given."""
+    return [replace(r, epochs=epochs or r.epochs) for r in FAMILY if r.task != task]
 
 
 def leave_one_task_out(task: str, path: str | os.PathLike, *, epochs: int | None = None,
@@ -625,7 +628,7 @@ def leave_one_task_out(task: str, path: str | os.PathLike, *, epochs: int | None
     evaluates on a task the shipped controller was trained on. ``epochs``: every run this long
     (a short check); None: each run's own. ``info``: more entries for the file's card. Same as
     ``meta-train --family --exclude-task TASK``."""
-    family = [replace(r, epochs=epochs or r.epochs) for r in FAMILY if r.task != task]
+    family = family_without(task, epochs)
     if len(family) == len(FAMILY):
         raise ValueError(f"{task!r} is not in the training family ({sorted({r.task for r in FAMILY})})")
     d = FAMILY_DEFAULTS
@@ -645,7 +648,7 @@ def leave_one_task_out(task: str, path: str | os.PathLike, *, epochs: int | None
             "controller_seed": CONTROLLER_SEED, "train_wall_s": round(time.perf_counter() - start, 1),
             **(info or {})}
     os.makedirs(os.path.dirname(os.fspath(path)) or ".", exist_ok=True)
-    save_controller(ctrl, path, gamma=SGD_DEFAULT_LR / settled_p(ctrl, math.log(10.0)), info=info)
+    save_family_controller(ctrl, path, info)
     return os.fspath(path)
 
 

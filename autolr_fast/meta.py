@@ -316,7 +316,7 @@ class MetaTrainer:
             raise RuntimeError("meta-step: no parameter has a gradient; call loss.backward() before sched.step(loss)")
         xv, yv = self._next_val_batch()
         with torch.enable_grad():
-            # the other parameters stay as they are: their validation gradients go nowhere
+            # parameters without a look-ahead run detached (ModelSwap): no graph is recorded for them
             out = self._swap(w_hat, xv)
             val_loss = self.config.loss_fn(out, yv)
             # dL_val/dp = -gamma * sum_k scale_k * <g_val_k, d_k>

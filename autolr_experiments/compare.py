@@ -39,6 +39,13 @@ from .training import Method, MethodUnavailable, RunSpec, Schedule, train
 
 SCHEMA = "autolr_fast.compare/1"
 
+#: Leave-one-task-out: the controllers compare meta-trains (under --out) for the tasks the shipped
+#: controller was trained on, the variant of those autolr jobs, and the epochs of every family run
+#: (None: each run's own; a test shortens it).
+LOTO_DIR = "leave_one_out"
+LOTO_VARIANT = "leave-one-task-out"
+LOTO_EPOCHS: int | None = None
+
 #: Per task: (epochs, batch size) of a full comparison.
 TASK_SETTINGS: dict[str, tuple[int, int]] = {
     "mnist1d-cnn": (40, 100),
@@ -163,14 +170,14 @@ def _time_to_target(rec: dict, target: float) -> tuple[int | None, float | None]
 
 def _chosen_groups(groups: dict[tuple, list[dict]], score: Callable[[list[dict]], float]) -> list[tuple]:
     """``(method, setting, runs)`` of the reported rows: ``best`` (and ``default``, unless it is
-    the best) for hand-designed methods, ``as shipped`` for the others."""
+    the best) for hand-designed methods, ``as shipped`` (or ``leave-one-task-out``) for the others."""
     chosen: list[tuple[str, str, list[dict]]] = []
     for method in baselines.available_methods():
         cands = {lr: rs for (name, lr), rs in groups.items() if name == method}
         if not cands:
             continue
         if cands[next(iter(cands))][0]["family"] != "hand":
-            chosen += [(method, "as shipped", rs) for rs in cands.values()]
+            chosen += [(method, _learned_setting(rs), rs) for rs in cands.values()]
             continue
         best_lr = max(cands, key=lambda lr, c=cands: score(c[lr]))
         default = [rs for rs in cands.values() if rs[0]["is_default"]]
@@ -183,6 +190,13 @@ def _chosen_groups(groups: dict[tuple, list[dict]], score: Callable[[list[dict]]
     return chosen
 
 
+def _learned_setting(runs: list[dict]) -> str:
+    """``leave-one-task-out`` for runs of a controller meta-trained again without their task,
+    ``as shipped`` otherwise."""
+    loto = any(r.get("variant", "").startswith(LOTO_VARIANT) for r in runs)
+    return LOTO_VARIANT if loto else "as shipped"
+
+
 def _target(cls: bool, best: float) -> dict:
     if cls:
         return {"metric": "test_acc", "target": TARGET_ACC_FRACTION * best,
@@ -193,8 +207,8 @@ def _target(cls: bool, best: float) -> dict:
 
 def summary_rows(runs: list[dict]) -> tuple[list[dict], dict]:
     """Rows of the result table: per task and method, ``best`` and ``default`` for hand-designed
-    methods (best = grid rate with the best mean final metric over seeds), ``as shipped`` for the
-    others, each with ``report.summarize`` of its runs. Returns ``(rows, targets)``."""
+    methods (best = grid rate with the best mean final metric over seeds), ``as shipped`` (or
+    ``leave-one-task-out``) for the others, each with ``report.summarize`` of its runs. Returns ``(rows, targets)``."""
     ok = [r for r in runs if r["status"] in ("ok", "diverged")]
     rows: list[dict] = []
     targets: dict[str, dict] = {}
@@ -368,7 +382,7 @@ def equal_budget(rows: list[dict], runs: list[dict], val_runs: list[dict] | None
     out = []
     for task in dict.fromkeys(r["task"] for r in rows):
         cls = next(r["classification"] for r in rows if r["task"] == task)
-        auto = _row_for(rows, task, "autolr", "as shipped")
+        auto = _row_for(rows, task, "autolr", "as shipped") or _row_for(rows, task, "autolr", LOTO_VARIANT)
         default = _default_row(rows, task, "cosine")
         tuned = _tuned_on_validation(task, cls, runs, val_runs) or _row_for(rows, task, "cosine", "best")
         table = [_budget_row("AutoLR (defaults)", auto, runs),
@@ -946,12 +960,6 @@ def _run_all(jobs: list[Job], n_jobs: int, progress: bool, partial: Path | None 
     return [records[k] for k in keys]
 
 
-#: Leave-one-task-out: the controllers compare meta-trains (under --out) for the tasks the shipped
-#: controller was trained on, the variant of those autolr jobs, and the epochs of every family run
-#: (None: each run's own; a test shortens it).
-LOTO_DIR = "leave_one_out"
-LOTO_VARIANT = "leave-one-task-out"
-LOTO_EPOCHS: int | None = None
 
 
 def _leave_one_task_out(jobs: list[Job], controller: str, out: Path, args) -> tuple[list[Job], dict[str, str]]:

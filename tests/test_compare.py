@@ -431,6 +431,8 @@ def test_autolr_on_a_task_of_its_training_family_runs_leave_one_task_out(tmp_pat
     assert not run["info"]["trained_on_task"] and run["info"]["controller"] == f"default without {task}"
     (b,) = doc["equal_budget"]
     assert b["leave_one_task_out"] and not b["trained_on"] and doc["done_when"]["held_out_tasks"] == 1
+    (row,) = doc["summary"]
+    assert row["setting"] == compare.LOTO_VARIANT and b["rows"][0]["final_metric"] == row["final_metric"]
     assert "**leave-one-task-out**" in (out / "compare.md").read_text()
     assert json.loads(os.environ[baselines.AUTOLR_LOTO_ENV]) == {}  # main restored the variable
     built = loto.stat().st_mtime_ns

@@ -113,6 +113,14 @@ def _default_unpack(batch: Any) -> tuple[Any, Any]:
     )
 
 
+def _indices_by_device(tensors: list[Tensor]) -> dict[torch.device, list[int]]:
+    """Indices of ``tensors`` per device, in order (a list op takes one device per call)."""
+    parts: dict[torch.device, list[int]] = {}
+    for i, t in enumerate(tensors):
+        parts.setdefault(t.device, []).append(i)
+    return parts
+
+
 class MetaTrainer:
     """The meta-step machinery of one ``AutoLR`` (created by it from a :class:`MetaConfig`)."""
 
@@ -146,14 +154,8 @@ class MetaTrainer:
                 "(MetaConfig(snapshot_dir=...)), and use it frozen under FSDP: AutoLR(opt, load_controller(path)) "
                 "with meta=None"
             )
-        known = {id(p) for p in model.parameters()}
-        missing = [p for g in opt.param_groups for p in g["params"] if id(p) not in known]
-        if missing:
-            raise ValueError(
-                f"{len(missing)} optimizer parameter(s) are not parameters of MetaConfig.model; pass the model "
-                "whose parameters the optimizer updates"
-            )
         self._swap = ModelSwap(model)
+        self.check_parameters([p for g in opt.param_groups for p in g["params"]], "optimizer")
         params = list(sched.controller.parameters())
         self.optimizer = (
             config.optimizer(params) if config.optimizer is not None
@@ -175,6 +177,18 @@ class MetaTrainer:
         self.last_val_loss = torch.full((), float("nan"), device=sched.device)
         self.last_hypergrad = torch.zeros((), device=sched.device)
 
+    def check_parameters(self, params: list[Tensor], whose: str) -> None:
+        """Raise unless every tensor of ``params`` is a parameter of the model (of the modules it
+        had when this trainer was built: the look-ahead is swapped into those)."""
+        known = self._swap.parameter_ids()
+        missing = [p for p in params if id(p) not in known]
+        if missing:
+            raise ValueError(
+                f"{len(missing)} {whose} parameter(s) are not parameters of MetaConfig.model (of the modules it had "
+                "when AutoLR(...) was built); pass the model whose parameters the optimizer updates, and build a "
+                "new AutoLR after adding modules to it"
+            )
+
     # ------------------------------------------------------------------------------------------
     def _next_val_batch(self) -> tuple[Any, Any]:
         if self._val_iter is None:
@@ -186,9 +200,15 @@ class MetaTrainer:
             self._val_used = used
         batch = next(self._val_iter, _END)
         if batch is _END:
-            self._val_iter = iter(self.config.val_data)
+            used, self._val_iter = self._val_used, iter(self.config.val_data)
             self._val_used = 0
             batch = next(self._val_iter, _END)
+            if batch is _END and used:
+                raise ValueError(
+                    f"MetaConfig.val_data ran out after {used} batch(es) and gave none on the next pass: a one-shot "
+                    "iterator (a generator, iter(loader)) cannot be cycled; pass a list of batches, a DataLoader "
+                    "or an endless iterator"
+                )
             if batch is _END:
                 raise ValueError("MetaConfig.val_data is empty")
         self._val_used += 1
@@ -452,9 +472,22 @@ class MetaTrainer:
                 targets.append(v)
                 backups.append(backup)
             # x <- x * ok + backup * not_ok: exact both ways (x is finite: its gradient was zeroed)
-            torch._foreach_mul_(targets, 1.0 - not_ok)
-            torch._foreach_mul_(backups, not_ok)
-            torch._foreach_add_(targets, backups)
+            for device, indices in _indices_by_device(targets).items():
+                flag = not_ok if device == not_ok.device else self._flag_on(device, not_ok)
+                torch._foreach_mul_([targets[i] for i in indices], 1.0 - flag)
+                torch._foreach_mul_([backups[i] for i in indices], flag)
+                torch._foreach_add_([targets[i] for i in indices], [backups[i] for i in indices])
+
+    def _flag_on(self, device: torch.device, flag: Tensor) -> Tensor:
+        """``flag`` copied to ``device``, for meta-optimizer state kept there (a non-fused,
+        non-capturable optimizer keeps its step count on the CPU): a host sync, warned once."""
+        optim_support.warn_once(
+            self.sched._warned, "meta_state_device",
+            f"AutoLR: the meta-optimizer ({type(self.optimizer).__name__}) keeps state on {device}, away from the "
+            f"controller on {flag.device}: undoing a skipped meta-step there reads the device, a host sync per "
+            "meta-step; use a fused or capturable meta-optimizer (the default, Adam(fused=True), is)",
+        )
+        return flag.to(device)
 
     # ------------------------------------------------------------------------------------------
     def save_snapshot(self, index: int) -> str | None:

@@ -33,9 +33,15 @@ class ModelSwap:
         self._param_slots: list[tuple[dict, str]] = []
         self._buffer_slots: list[tuple[dict, str]] = []
         for module in model.modules(remove_duplicate=False):
-            self._param_slots += [(module._parameters, n) for n, p in module._parameters.items() if p is not None]
-            self._buffer_slots += [(module._buffers, n) for n, b in module._buffers.items() if b is not None]
+            # every slot, also one holding None now: a buffer allocated later (a lazy cache) must
+            # still be swapped for a copy, or the meta-step's forward would write into the model
+            self._param_slots += [(module._parameters, n) for n in module._parameters]
+            self._buffer_slots += [(module._buffers, n) for n in module._buffers]
         self._scratch: dict[int, Tensor] = {}  # id(live buffer) -> its copy
+
+    def parameter_ids(self) -> set[int]:
+        """``id`` of every parameter in the slots read at construction (their current tensors)."""
+        return {id(p) for slots, name in self._param_slots if (p := slots.get(name)) is not None}
 
     def _buffer_copies(self) -> list[tuple[dict, str, Tensor, Tensor]]:
         """``(slot dict, name, live buffer, scratch copy)`` per buffer slot, the copies refreshed

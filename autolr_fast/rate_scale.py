@@ -65,7 +65,8 @@ class RateScale:
         if self.mode == "lr":
             if not (math.isfinite(self.base_lr) and self.base_lr > 0):
                 raise ValueError(
-                    f"AutoLR takes its scale from the optimizer's lr, which is {base_lr!r}: construct the "
+                    f"AutoLR takes its scale from the optimizer's lr (the first param group's that is positive), "
+                    f"and no group has a positive lr (the first has {base_lr!r}): construct the "
                     "optimizer with the peak rate you mean (e.g. SGD(params, lr=0.1) or AdamW(params, lr=1e-3)), "
                     "or pass gamma=<float>"
                 )

@@ -59,7 +59,9 @@ class AutoLR:
             cosine envelope from 1 to 0 over them (the controller cannot know the run length).
         num_classes: ``C`` for ``gamma="auto"``.
         lr_scales: per-param-group multipliers of the rate. Default: each group keeps its
-            ratio to the first group's initial ``lr`` (as ``LambdaLR`` keeps ``base_lrs``).
+            ratio to the first group's initial ``lr`` (as ``LambdaLR`` keeps ``base_lrs``); the first
+            group with a positive ``lr`` when the first has 0, so a group frozen with ``lr=0``
+            stays at 0.
         distributed: ``"auto"`` (default): under an initialised process group with more than
             one rank, the controller reads the all-reduced mean loss and starts from rank 0's
             weights, so every rank gets the same rate. ``True``/``False`` force it.
@@ -103,10 +105,10 @@ class AutoLR:
         self.device = optim_support.params_device(optimizer)
         self.controller = controller.to(self.device)
         self._warned: set[str] = set()
-        base_lrs = self._init_param_groups(lr_scales, lr_as_tensor)
-        self.scale = RateScale(gamma, controller, optimizer, self.device, base_lrs[0], num_classes=num_classes,
+        reference_lr = self._init_param_groups(lr_scales, lr_as_tensor)
+        self.scale = RateScale(gamma, controller, optimizer, self.device, reference_lr, num_classes=num_classes,
                                total_steps=total_steps, warned=self._warned)
-        self.rate = torch.full((), float(controller.initial_rate(base_lrs[0])), device=self.device)
+        self.rate = torch.full((), float(controller.initial_rate(reference_lr)), device=self.device)
         if self.device.type == "cpu" and optim_support.numpy_available():
             self._rate_view = self.rate.numpy()
         self.counters = DeviceCounters(("skipped", "negative"), self.device)
@@ -121,6 +123,8 @@ class AutoLR:
         # everything that can refuse the arguments comes before the optimizer is touched: a failed
         # AutoLR(...) must leave the optimizer as it was (no hook, float lrs)
         self.meta = None if meta is None else MetaTrainer(self, meta)
+        for g in optimizer.param_groups:
+            g.setdefault("initial_lr", float(g["lr"]))
         if self.distributed:
             broadcast_from_rank0_(list(self.controller.parameters()) + list(self.controller.buffers()))
         if self.tensor_lr:
@@ -130,14 +134,15 @@ class AutoLR:
         self._closure_check = None  # a post-hook, only until the first optimizer.step(closure) is checked
 
     def _init_param_groups(self, lr_scales: list[float] | None, lr_as_tensor: bool | None) -> list[float]:
-        """Record each group's initial lr and scale; decide tensor or float rates. Returns the
-        groups' initial rates."""
+        """Record each group's scale; decide tensor or float rates. Returns the rate the scales
+        are relative to: the first positive group lr (the first group's when none is)."""
         groups = self.optimizer.param_groups
         base = [float(g["lr"]) for g in groups]
-        for g, b in zip(groups, base):
-            g.setdefault("initial_lr", b)
+        # the reference is the first group with a positive lr, so that a group frozen with lr=0
+        # keeps a scale of 0 whatever its position
+        reference = next((b for b in base if b > 0), base[0])
         if lr_scales is None:
-            lr_scales = [1.0] * len(base) if base[0] <= 0 else [b / base[0] for b in base]
+            lr_scales = [1.0] * len(base) if reference <= 0 else [b / reference for b in base]
         if len(lr_scales) != len(groups):
             raise ValueError(f"lr_scales has {len(lr_scales)} entries for {len(groups)} param groups")
         self.lr_scales = [float(s) for s in lr_scales]
@@ -163,7 +168,7 @@ class AutoLR:
                     self._warned, "sync",
                     f"AutoLR: {problem}, a host sync per step; to avoid it, {optim_support.SYNC_FREE_HINT}",
                 )
-        return base
+        return reference
 
     # ------------------------------------------------------------------------------------------
     @torch._dynamo.disable
@@ -302,18 +307,26 @@ class AutoLR:
             "Use another controller (e.g. the default), or pass gamma=<float>",
         )
 
-    def _adopt_added_groups(self) -> None:
-        """Param groups added since ``AutoLR(...)`` (``optimizer.add_param_group``) get the rate
-        times their lr's ratio to the first group's initial lr, as the groups present at the start."""
+    def _added_group_scales(self, check: bool = True) -> list[float]:
+        """The scales of the param groups added since ``AutoLR(...)`` (``optimizer.add_param_group``):
+        each group's lr over the lr the others' scales are relative to, as for the groups present
+        at the start (a group added with ``lr=0`` stays frozen)."""
         groups = self.optimizer.param_groups
         if len(groups) < len(self.lr_scales):
             raise RuntimeError(f"the optimizer has {len(groups)} param groups but had {len(self.lr_scales)} when "
                                "AutoLR was built: param groups cannot be removed under AutoLR; build a new one")
+        added = groups[len(self.lr_scales):]
+        if check and added and self.meta is not None:
+            self.meta.check_parameters([p for g in added for p in g["params"]], "an added param group's")
         base = self.scale.base_lr
-        for group in groups[len(self.lr_scales):]:
-            lr = float(group["lr"])
-            group.setdefault("initial_lr", lr)
-            self.lr_scales.append(lr / base if base > 0 else 1.0)
+        return [float(g["lr"]) / base if base > 0 else 1.0 for g in added]
+
+    def _adopt_added_groups(self) -> None:
+        """Give the param groups added since ``AutoLR(...)`` their scales and the rate."""
+        scales = self._added_group_scales()
+        for group in self.optimizer.param_groups[len(self.lr_scales):]:
+            group.setdefault("initial_lr", float(group["lr"]))
+        self.lr_scales += scales
         if not self.tensor_lr:
             self._write_rate_to_groups()
 
@@ -407,7 +420,9 @@ class AutoLR:
             "rate": self.rate.detach().clone(),
             "counters": self.counters.values.detach().clone(),
             "step_count": self.step_count,
-            "lr_scales": list(self.lr_scales),
+            # groups added since the last step are saved with the scales that step will give them,
+            # so the checkpoint matches the optimizer's
+            "lr_scales": self.lr_scales + self._added_group_scales(check=False),
             "warned": sorted(self._warned),
         }
         if self.meta is not None:
@@ -434,14 +449,21 @@ class AutoLR:
         ctrl = state["controller"]
         if set(ctrl) != set(own) or any(tuple(ctrl[k].shape) != tuple(own[k].shape) for k in own):
             raise ValueError("the controller in this state_dict has other parameters or shapes than this AutoLR's")
-        if len(state["lr_scales"]) != len(self.optimizer.param_groups):
-            raise ValueError("the state_dict has another number of param groups than this optimizer")
+        n_groups = len(self.optimizer.param_groups)
+        if len(state["lr_scales"]) > n_groups:
+            raise ValueError(
+                f"the state_dict has lr scales for {len(state['lr_scales'])} param groups, this optimizer has "
+                f"{n_groups}: add the param groups the saved run had (optimizer.add_param_group) before "
+                "load_state_dict")
         self.scale.check_state(state["scale"])
         for key, shape in (("rate", ()), ("counters", tuple(self.counters.values.shape))):
             if not isinstance(state[key], Tensor) or tuple(state[key].shape) != shape:
                 raise ValueError(f"the state_dict's {key!r} is not a tensor of shape {shape}")
         if (self.meta is None) != ("meta" not in state):
             raise ValueError("the state_dict and this AutoLR disagree on meta-training (meta=...)")
+        if self.meta is not None:  # the groups the saved run did not have yet are adopted below
+            extra = self.optimizer.param_groups[len(state["lr_scales"]):]
+            self.meta.check_parameters([p for g in extra for p in g["params"]], "an added param group's")
         self.controller.load_state_dict({k: v.to(self.device) for k, v in ctrl.items()})
         self.scale.load_state_dict(state["scale"])
         self._scale_check = None  # the loaded scale is decided, or decided again from the next loss
@@ -454,6 +476,8 @@ class AutoLR:
         self._warned = set(state.get("warned", []))
         if self.meta is not None:
             self.meta.load_state_dict(state["meta"])
+        if len(self.lr_scales) < n_groups:
+            self._adopt_added_groups()
         self._write_rate_to_groups()
 
     def __repr__(self) -> str:

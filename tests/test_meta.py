@@ -568,3 +568,32 @@ def test_resume_with_several_validation_batches_is_bit_identical(tmp_path):
     resumed = first + run(model2, opt2, sched2, 10, start=10)
     assert torch.equal(torch.stack(straight), torch.stack(resumed)), \
         [i for i, (a, b) in enumerate(zip(straight, resumed)) if not torch.equal(a, b)]
+
+
+def test_a_one_shot_val_data_iterator_is_named_when_it_runs_out():
+    torch.manual_seed(0)
+    model = nn.Linear(8, 3)
+    x, y = torch.randn(16, 8), torch.randint(0, 3, (16,))
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    batches = ((x[i : i + 8], y[i : i + 8]) for i in (0, 8))  # a generator: one pass only
+    sched = AutoLR(opt, MLRSNet(hidden_size=8), gamma=0.5,
+                   meta=MetaConfig(model, batches, nn.functional.cross_entropy, interval=1))
+    train_steps(model, opt, sched, x, y, 2)
+    with pytest.raises(ValueError, match="ran out after 2 batch.*one-shot iterator"):
+        train_steps(model, opt, sched, x, y, 1)
+
+
+def test_an_added_param_group_outside_the_model_is_refused_before_a_validation_batch_is_used():
+    torch.manual_seed(0)
+    model = nn.Linear(8, 3)
+    x, y = torch.randn(16, 8), torch.randint(0, 3, (16,))
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    sched = AutoLR(opt, MLRSNet(hidden_size=8), gamma=0.5,
+                   meta=MetaConfig(model, [(x, y)], nn.functional.cross_entropy, interval=1))
+    stranger = nn.Linear(3, 3)
+    opt.add_param_group({"params": stranger.parameters(), "lr": 0.1})
+    loss = nn.functional.cross_entropy(stranger(model(x)), y)
+    loss.backward()
+    with pytest.raises(ValueError, match="2 an added param group's parameter.*not parameters of MetaConfig.model"):
+        sched.step(loss)
+    assert sched.step_count == 0 and sched.meta._val_used == 0 and len(sched.lr_scales) == 1

@@ -125,3 +125,26 @@ def test_a_parameter_of_a_module_added_later_is_refused():
     with pytest.raises(RuntimeError, match="construct a new AutoLR"):
         swap({id(model[1].weight): torch.zeros(1, 3)}, torch.randn(2, 3))
     assert isinstance(model[0].weight, nn.Parameter)
+
+
+class _LazyCount(nn.Module):
+    """A buffer registered as None and allocated by the first forward, then counted up in place."""
+
+    def __init__(self):
+        super().__init__()
+        self.lin = nn.Linear(2, 2)
+        self.register_buffer("calls", None)
+
+    def forward(self, x):
+        if self.calls is None:
+            self.calls = torch.zeros(())
+        self.calls.add_(1)
+        return self.lin(x)
+
+
+def test_a_buffer_allocated_after_construction_is_swapped_too():
+    model = _LazyCount()
+    swap = ModelSwap(model)  # the slot holds None here
+    model(torch.randn(1, 2))
+    swap({}, torch.randn(1, 2))
+    assert float(model.calls) == 1.0  # the swapped forward counted on its copy

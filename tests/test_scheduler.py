@@ -447,6 +447,7 @@ def test_a_refused_autolr_leaves_the_optimizer_untouched():
         AutoLR(opt, MLRSNet(hidden_size=16), gamma=0.5, lr_as_tensor=True,
                meta=MetaConfig(other, [(x, y)], nn.functional.cross_entropy, interval=2))
     assert not opt._optimizer_step_pre_hooks and isinstance(opt.param_groups[0]["lr"], float)
+    assert "initial_lr" not in opt.param_groups[0]
     model(x).sum().backward()
     opt.step()  # no AutoLR hook refuses it
     train_steps(model, opt, AutoLR(opt, MLRSNet(hidden_size=16), gamma=0.5), x, y, steps=2)
@@ -513,3 +514,81 @@ def test_a_param_group_added_later_gets_the_rate_at_its_ratio(as_tensor):
     assert float(opt.param_groups[0]["lr"]) == pytest.approx(rate)
     assert float(opt.param_groups[1]["lr"]) == pytest.approx(rate * 0.1)
     assert sched.lr_scales == pytest.approx([1.0, 0.1])
+
+
+@pytest.mark.parametrize("gamma", [None, 0.5])
+def test_a_group_frozen_with_lr_zero_stays_frozen(gamma):
+    """A first group at lr=0 (a frozen backbone): the scales are relative to the first positive
+    lr, so the frozen group never moves, with the lr anchor and with a fixed gamma alike."""
+    torch.manual_seed(0)
+    backbone, head = nn.Linear(8, 8), nn.Linear(8, 3)
+    opt = torch.optim.SGD([{"params": backbone.parameters(), "lr": 0.0},
+                           {"params": head.parameters(), "lr": 0.05}], momentum=0.9)
+    sched = AutoLR(opt, MLRSNet(hidden_size=8), gamma)
+    frozen = copy.deepcopy(backbone.state_dict())
+    x, y = make_problem()
+    train_steps(nn.Sequential(backbone, head), opt, sched, x, y, steps=3)
+    assert sched.lr_scales == [0.0, 1.0]
+    assert all(torch.equal(v, backbone.state_dict()[k]) for k, v in frozen.items())
+    assert float(sched.last_rate) > 0 and float(opt.param_groups[1]["lr"]) == pytest.approx(float(sched.last_rate))
+    if gamma is None:
+        assert float(sched.last_rate) == pytest.approx(0.05, rel=0.2)  # anchored on the head's lr
+    with pytest.raises(ValueError, match="no group has a positive lr"):
+        AutoLR(torch.optim.SGD([{"params": backbone.parameters(), "lr": 0.0}], lr=0.0), MLRSNet())
+
+
+@pytest.mark.parametrize("rebuild", ["group_before_autolr", "group_after_autolr"])
+def test_a_checkpoint_taken_right_after_add_param_group_resumes_exactly(rebuild):
+    """state_dict() right after optimizer.add_param_group (before the next step has adopted the
+    group) saves the scale that step gives it: the checkpoint loads whichever order the resumed
+    run adds the group in, and continues with the same rates."""
+    torch.manual_seed(0)
+    first, later = nn.Linear(8, 8), nn.Linear(8, 3)
+    x, y = make_problem()
+    model = nn.Sequential(first, later)
+
+    def make(with_group: bool):
+        m = copy.deepcopy(model)
+        o = torch.optim.SGD(m[0].parameters(), lr=0.1, momentum=0.9)
+        s = None
+        if rebuild == "group_after_autolr":
+            s = AutoLR(o, MLRSNet(hidden_size=8), gamma=0.5)
+        if with_group:
+            o.add_param_group({"params": m[1].parameters(), "lr": 0.02})
+        return m, o, s or AutoLR(o, MLRSNet(hidden_size=8), gamma=0.5)
+
+    m, o, s = make(with_group=False)
+    train_steps(m, o, s, x, y, steps=2)
+    o.add_param_group({"params": m[1].parameters(), "lr": 0.02})
+    blob = copy.deepcopy({"m": m.state_dict(), "o": o.state_dict(), "s": s.state_dict()})
+    assert blob["s"]["lr_scales"] == pytest.approx([1.0, 0.2])
+    straight = []
+    run(m, o, s, 3, losses_out=straight)
+    m2, o2, s2 = make(with_group=True)
+    m2.load_state_dict(blob["m"])
+    o2.load_state_dict(blob["o"])
+    s2.load_state_dict(blob["s"])
+    resumed = []
+    run(m2, o2, s2, 3, losses_out=resumed)
+    assert torch.equal(torch.stack(straight), torch.stack(resumed))
+    assert [float(g["lr"]) for g in o2.param_groups] == [float(g["lr"]) for g in o.param_groups]
+
+
+def test_a_checkpoint_with_fewer_groups_adopts_the_added_ones():
+    """Loading a checkpoint saved before a group existed into an optimizer that has it: the extra
+    group is adopted at its lr's ratio, as a group added after AutoLR(...) is; the reverse (a
+    checkpoint with more groups than the optimizer) is refused before anything changes."""
+    torch.manual_seed(0)
+    first, later = nn.Linear(8, 8), nn.Linear(8, 3)
+    opt = torch.optim.SGD(first.parameters(), lr=0.1)
+    sched = AutoLR(opt, MLRSNet(hidden_size=8), gamma=0.5)
+    saved = sched.state_dict()
+    opt.add_param_group({"params": later.parameters(), "lr": 0.05})
+    sched2 = AutoLR(opt, MLRSNet(hidden_size=8), gamma=0.5)
+    sched2.load_state_dict(saved)
+    assert sched2.lr_scales == pytest.approx([1.0, 0.5])
+    fewer = AutoLR(torch.optim.SGD(nn.Linear(2, 2).parameters(), lr=0.1), MLRSNet(hidden_size=8), gamma=0.5)
+    before = fewer.state_dict()
+    with pytest.raises(ValueError, match="lr scales for 2 param groups, this optimizer has 1"):
+        fewer.load_state_dict(sched2.state_dict())
+    assert fewer.state_dict()["lr_scales"] == before["lr_scales"] and fewer.step_count == 0

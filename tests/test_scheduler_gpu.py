@@ -204,3 +204,33 @@ def test_no_usable_scale_is_reported_on_the_gpu():
             _step_without_sync(sched, loss)
             opt.step()
             torch.cuda.synchronize()  # the flag's copy arrives by the next step
+
+
+def test_a_meta_optimizer_with_host_state_works_on_the_gpu():
+    """A custom, non-fused meta-optimizer keeps its step count on the CPU: the device-side undo of
+    a skipped meta-step must reach that state too (with one warned sync), and a good meta-step
+    must still update theta."""
+    model, opt, x, y = _problem("sgd_fused")
+    bad = [(torch.full_like(x[:8], float("nan")), y[:8])]
+    sched = AutoLR(opt, MLRSNet(hidden_size=8), gamma=0.05,
+                   meta=MetaConfig(model, bad, nn.functional.cross_entropy, interval=1,
+                                   optimizer=lambda p: torch.optim.Adam(p, lr=1e-3)))
+    theta = copy.deepcopy(sched.controller.state_dict())
+    with pytest.warns(RuntimeWarning, match="keeps state on cpu"):
+        opt.zero_grad()
+        loss = nn.functional.cross_entropy(model(x[:16]), y[:16])
+        loss.backward()
+        sched.step(loss)  # the meta-step is skipped: its validation loss is NaN
+        opt.step()
+    assert all(torch.equal(v, sched.controller.state_dict()[k]) for k, v in theta.items() if k not in ("h", "c"))
+    steps = [s["step"] for s in sched.meta.optimizer.state.values()]
+    assert steps and all(t.device.type == "cpu" and float(t) == 0.0 for t in steps)
+    sched.meta.config.val_data = [(x[:8], y[:8])]
+    sched.meta._val_iter = None
+    opt.zero_grad()
+    loss = nn.functional.cross_entropy(model(x[:16]), y[:16])
+    loss.backward()
+    sched.step(loss)
+    opt.step()
+    assert all(float(s["step"]) == 1.0 for s in sched.meta.optimizer.state.values())
+    assert any(not torch.equal(v, sched.controller.state_dict()[k]) for k, v in theta.items() if k not in ("h", "c"))

@@ -14,8 +14,8 @@ class Controller(Protocol):
 
     * ``default_gamma``: the largest rate to use when ``AutoLR`` is given none (``None``: the
       controller has no scale of its own).
-    * ``initial_rate(base_lr)``: the rate before the first step (``base_lr`` is the first param
-      group's ``lr``).
+    * ``initial_rate(base_lr)``: the rate before the first step (``base_lr`` is the optimizer's
+      ``lr``: the first param group's that is positive).
     * ``scheduler_step_(loss, gamma, rate)``: read one loss (0-dim float32 on the controller's
       device) and update the 0-dim ``rate`` in place, without host syncs; a non-finite loss
       must leave ``rate`` and the state unchanged.

@@ -1,21 +1,36 @@
-"""Moving a batch (tensors nested in tuples, lists and dicts) to a device; shared by the
+"""Moving a batch (tensors nested in tuples, lists and mappings) to a device; shared by the
 meta-step's validation batches and the learning-rate range finder."""
 
 from __future__ import annotations
 
+import copy
+from collections.abc import Mapping
 from typing import Any
 
 import torch
 from torch import Tensor
+from torch.nn.utils.rnn import PackedSequence
 
 
 def to_device(x: Any, device: torch.device, non_blocking: bool = False) -> Any:
-    """``x`` with every tensor in it moved to ``device`` (the same container types; anything
-    else is returned as it is)."""
-    if isinstance(x, Tensor):
+    """``x`` with every tensor in it moved to ``device``, in containers of the same types: tuples
+    (named ones too), lists, mappings (a dict subclass or a ``UserDict`` such as Hugging Face's
+    ``BatchEncoding`` is copied and refilled), ``PackedSequence``; anything else as it is."""
+    if isinstance(x, (Tensor, PackedSequence)):
         return x.to(device, non_blocking=non_blocking)
-    if isinstance(x, dict):
-        return {k: to_device(v, device, non_blocking) for k, v in x.items()}
+    if isinstance(x, Mapping):
+        moved = {k: to_device(v, device, non_blocking) for k, v in x.items()}
+        if type(x) is dict:
+            return moved
+        try:
+            out = copy.copy(x)
+            for k, v in moved.items():
+                out[k] = v
+            return out
+        except TypeError:  # a read-only mapping
+            return moved
+    if isinstance(x, tuple) and hasattr(x, "_fields"):  # a namedtuple: positional fields
+        return type(x)(*(to_device(v, device, non_blocking) for v in x))
     if isinstance(x, (tuple, list)):
         return type(x)(to_device(v, device, non_blocking) for v in x)
     return x

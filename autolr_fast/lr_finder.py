@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import math
 import warnings
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -27,6 +27,7 @@ import torch
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
+from . import optim_support
 from .batches import to_device
 from .distributed import is_distributed, mean_across_ranks
 
@@ -43,7 +44,7 @@ def default_unpack(batch: Any) -> tuple[Any, Any]:
     """``(inputs, targets)`` from a ``(x, y)`` tuple/list or a dict with common key names."""
     if isinstance(batch, (tuple, list)) and len(batch) == 2:
         return batch[0], batch[1]
-    if isinstance(batch, dict):
+    if isinstance(batch, Mapping):
         xi = next((k for k in _INPUT_KEYS if k in batch), None)
         yi = next((k for k in _TARGET_KEYS if k in batch), None)
         if xi is not None and yi is not None:
@@ -112,7 +113,16 @@ class TrainingSnapshot:
         self.cuda_rng = torch.cuda.get_rng_state_all() if cuda_on else None
 
     def _model_tensors(self) -> list[Tensor]:
-        return list(self.model.parameters()) + [b for b in self.model.buffers()]
+        """The model's parameters and buffers, and any parameter the optimizer trains outside the
+        model (e.g. one inside the loss function)."""
+        tensors = list(self.model.parameters()) + list(self.model.buffers())
+        seen = {id(t) for t in tensors}
+        for g in self.optimizer.param_groups:
+            for p in g["params"]:
+                if id(p) not in seen:
+                    seen.add(id(p))
+                    tensors.append(p)
+        return tensors
 
     @torch.no_grad()
     def restore(self) -> None:
@@ -129,8 +139,8 @@ class TrainingSnapshot:
                     g[k] = _clone(v)
         for m, mode in zip(self.model.modules(), self.training, strict=True):
             m.training = mode
-        for p in self.model.parameters():
-            p.grad = None
+        for t in self._model_tensors():
+            t.grad = None
         torch.set_rng_state(self.cpu_rng)
         if self.cuda_rng is not None:
             torch.cuda.set_rng_state_all(self.cuda_rng)
@@ -148,8 +158,9 @@ def _set_rate(optimizer: torch.optim.Optimizer, rate: float, scales: Sequence[fl
 # Result
 # ------------------------------------------------------------------------------------------------
 def smooth_curve(values: Sequence[float], window: int) -> list[float]:
-    """Centred moving average over ``window`` points (shrinking at the ends; non-finite values
-    are left out). A centred window does not shift the minimum the way an EMA does."""
+    """Centred moving average over ``window`` points (an even ``window`` is widened by one to stay
+    centred; shrinking at the ends; non-finite values are left out). A centred window does not
+    shift the minimum the way an EMA does."""
     if window < 1:
         raise ValueError(f"smoothing must be a window of >= 1 points, got {window}")
     half = window // 2
@@ -302,15 +313,15 @@ class _Trial:
 
     def forward_loss(self, xy) -> Tensor:
         x, y = xy
-        out = self.model(**x) if isinstance(x, dict) else self.model(x)
+        out = self.model(**x) if isinstance(x, Mapping) else self.model(x)
         return self.loss_fn(out, y)
 
     def eval_loss(self) -> float:
         """Mean loss over the evaluation batches. Measuring must not change the trial: buffers
         (BatchNorm running stats move in train mode) and the RNG (dropout) are put back."""
         buffers = [b.detach().clone() for b in self.model.buffers()]
-        rng = torch.get_rng_state()
-        with torch.no_grad():
+        cuda = [self.device] if self.device.type == "cuda" else []
+        with torch.random.fork_rng(devices=cuda), torch.no_grad():
             total = torch.zeros((), device=self.device, dtype=torch.float32)
             for xy in self.eval_batches:
                 total = total + self.forward_loss(xy).detach().float()
@@ -320,7 +331,6 @@ class _Trial:
             value = float(total)
             for b, saved in zip(self.model.buffers(), buffers, strict=True):
                 b.copy_(saved)
-        torch.set_rng_state(rng)
         return value
 
     def _train_step(self, xy) -> None:
@@ -351,6 +361,21 @@ class _Trial:
                         self._train_step(xy)
                 done += 1
             yield h, self.eval_loss()
+
+
+def _check_no_fresh_autolr(optimizer: torch.optim.Optimizer) -> None:
+    """Refuse an optimizer that an ``AutoLR`` drives and that has not stepped yet: its hook would
+    refuse the trials' ``optimizer.step()`` as a loop in the wrong order."""
+    from .scheduler import AutoLR  # the scheduler imports this package's modules
+
+    for hook in list(getattr(optimizer, "_optimizer_step_pre_hooks", {}).values()):
+        owner = getattr(hook, "__self__", None)
+        if isinstance(owner, AutoLR) and owner.step_count == 0:
+            raise RuntimeError(
+                "find_lr: an AutoLR was built on this optimizer and has not stepped yet. Run find_lr first, "
+                "set the optimizer's lr to its suggestion, then build AutoLR: AutoLR reads the lr at its first "
+                "step as the peak rate"
+            )
 
 
 def _sweep(trial: _Trial, snap: TrainingSnapshot, rates_grid: list[float], scales: list[float], horizons: list[int],
@@ -419,7 +444,8 @@ def find_lr(
 
     Args:
         model, optimizer, loss_fn: as in your training loop; ``loss_fn(model(inputs), targets)``.
-            Other param groups keep their ratio of ``lr`` to the first group's.
+            Other param groups keep their ratio of ``lr`` to the first group's (the first
+            positive one: a group frozen with ``lr=0`` stays frozen).
         batches: training batches, ``(inputs, targets)`` tuples or dicts (see ``unpack``). With
             ``unit="steps"`` the first ``num_eval_batches + max(horizons)`` batches are taken once
             and every trial trains on the same ones. With ``unit="epochs"`` an epoch is one pass
@@ -427,8 +453,9 @@ def find_lr(
         horizons: training lengths to measure after, e.g. ``(1, 4, 16)`` steps; all in one call
             (a trial trains to the longest horizon still in play and measures on the way).
         unit: ``"steps"`` or ``"epochs"``.
-        diverge_factor: a horizon stops once its loss exceeds ``factor * start_loss`` (or is not
-            finite); that point is left out of its curve. The test stops when all horizons have.
+        diverge_factor: a horizon stops once its loss exceeds
+            ``start_loss + (factor - 1) * |start_loss|`` (``factor * start_loss`` for a positive
+            loss) or is not finite; that point is left out of its curve. The test stops when all horizons have.
             ``None``: run every rate.
         smoothing: window (points) of the centred moving average for ``smoothed``; 1 = none.
         eval_batches: the fixed batches the loss is measured on (mean over them, no gradients,
@@ -443,26 +470,27 @@ def find_lr(
     Returns an :class:`LRFinderResult`; model, buffers, optimizer state and RNG are restored.
     """
     horizons = _check_arguments(horizons, unit, start_lr, end_lr, num, diverge_factor, smoothing)
+    _check_no_fresh_autolr(optimizer)
     unpack = unpack or default_unpack
     device = _model_device(model)
     dist_on = is_distributed(distributed)
-    eval_batches, train_batches = _split_batches(batches, unit, max(horizons), eval_batches, num_eval_batches)
-    eval_batches = [to_device(unpack(b), device) for b in eval_batches]
-    if not eval_batches:
-        raise ValueError("find_lr needs at least one evaluation batch (num_eval_batches >= 1)")
-    if train_batches is not None:
-        train_batches = [to_device(unpack(b), device) for b in train_batches]
-    trial = _Trial(model, optimizer, loss_fn, unit, batches, train_batches, eval_batches, unpack, device, dist_on)
-
-    snap = TrainingSnapshot(model, optimizer)
-    lr0 = float(optimizer.param_groups[0]["lr"])
-    scales = [float(g["lr"]) / lr0 if lr0 > 0 else 1.0 for g in optimizer.param_groups]
+    _, scales = optim_support.group_lr_scales([float(g["lr"]) for g in optimizer.param_groups])
     rates_grid = torch.logspace(math.log10(start_lr), math.log10(end_lr), num, dtype=torch.float64).tolist()
+    # before the batches are read: iterating a shuffling DataLoader draws from the RNG
+    snap = TrainingSnapshot(model, optimizer)
     try:
+        eval_batches, train_batches = _split_batches(batches, unit, max(horizons), eval_batches, num_eval_batches)
+        eval_batches = [to_device(unpack(b), device) for b in eval_batches]
+        if not eval_batches:
+            raise ValueError("find_lr needs at least one evaluation batch (num_eval_batches >= 1)")
+        if train_batches is not None:
+            train_batches = [to_device(unpack(b), device) for b in train_batches]
+        trial = _Trial(model, optimizer, loss_fn, unit, batches, train_batches, eval_batches, unpack, device, dist_on)
         start_loss = trial.eval_loss()
         if not math.isfinite(start_loss):
             raise ValueError(f"the loss at call time is {start_loss}; find_lr needs a finite starting loss")
-        limit = None if diverge_factor is None else diverge_factor * start_loss
+        # a margin on |loss|: a negative loss (a likelihood, an ELBO) must not diverge at once
+        limit = None if diverge_factor is None else start_loss + (diverge_factor - 1.0) * abs(start_loss)
         rates, losses, diverged = _sweep(trial, snap, rates_grid, scales, horizons, limit, progress)
     finally:
         snap.restore()

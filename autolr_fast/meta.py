@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import math
 import os
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -98,7 +98,7 @@ def _is_dtensor(t: Tensor) -> bool:
 
 
 def _default_unpack(batch: Any) -> tuple[Any, Any]:
-    if isinstance(batch, dict):
+    if isinstance(batch, Mapping):
         try:
             return batch["input"], batch["target"]
         except KeyError as exc:

@@ -98,6 +98,14 @@ def user_stacklevel() -> int:
     return level
 
 
+def group_lr_scales(lrs: list[float]) -> tuple[float, list[float]]:
+    """``(reference, scales)`` for param groups at rates ``lrs``: each group's rate over the first
+    positive one, so a group frozen with ``lr=0`` keeps a scale of 0 wherever it is (all 1.0
+    when no rate is positive; the reference is then the first group's)."""
+    reference = next((r for r in lrs if r > 0), lrs[0])
+    return reference, ([1.0] * len(lrs) if reference <= 0 else [r / reference for r in lrs])
+
+
 def warn_once(flags: set, key: str, message: str) -> None:
     if key not in flags:
         flags.add(key)

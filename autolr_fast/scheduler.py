@@ -137,12 +137,9 @@ class AutoLR:
         """Record each group's scale; decide tensor or float rates. Returns the rate the scales
         are relative to: the first positive group lr (the first group's when none is)."""
         groups = self.optimizer.param_groups
-        base = [float(g["lr"]) for g in groups]
-        # the reference is the first group with a positive lr, so that a group frozen with lr=0
-        # keeps a scale of 0 whatever its position
-        reference = next((b for b in base if b > 0), base[0])
+        reference, ratios = optim_support.group_lr_scales([float(g["lr"]) for g in groups])
         if lr_scales is None:
-            lr_scales = [1.0] * len(base) if reference <= 0 else [b / reference for b in base]
+            lr_scales = ratios
         if len(lr_scales) != len(groups):
             raise ValueError(f"lr_scales has {len(lr_scales)} entries for {len(groups)} param groups")
         self.lr_scales = [float(s) for s in lr_scales]

@@ -195,3 +195,79 @@ def test_distributed_ranks_agree(tmp_path):
     alone = find_lr(model, torch.optim.SGD(model.parameters(), lr=0.1), nn.functional.cross_entropy,
                     _batches(12, seed=10), start_lr=1e-3, end_lr=100, num=30, horizons=(1, 3), progress=False)
     assert alone.start_loss != a["start_loss"]  # rank 0 alone differs: the ranks really averaged
+
+
+def test_the_rng_is_put_back_as_it_was_before_a_shuffling_loader_was_read():
+    data = _batches(8)
+    loader = torch.utils.data.DataLoader([(x[i], y[i]) for x, y in data for i in range(16)], batch_size=16,
+                                         shuffle=True)
+    torch.manual_seed(3)
+    model = _net()
+    opt = torch.optim.SGD(model.parameters(), lr=0.05)
+    rng = torch.get_rng_state()
+    for unit, horizons in (("steps", (1, 2)), ("epochs", (1,))):
+        find_lr(model, opt, nn.functional.cross_entropy, loader, start_lr=1e-3, end_lr=1, num=3, horizons=horizons,
+                unit=unit, progress=False)
+        assert torch.equal(torch.get_rng_state(), rng), unit
+
+
+def test_a_parameter_the_optimizer_trains_outside_the_model_is_restored():
+    """A learned loss weight (in the loss function, not the model) is trained by every trial."""
+    torch.manual_seed(0)
+    model = _net()
+    log_sigma = nn.Parameter(torch.zeros(()))
+    opt = torch.optim.SGD([*model.parameters(), log_sigma], lr=0.05, momentum=0.9)
+
+    def loss_fn(out, y):
+        return nn.functional.cross_entropy(out, y) * torch.exp(-log_sigma) + log_sigma
+
+    find_lr(model, opt, loss_fn, _batches(), start_lr=1e-3, end_lr=1, num=4, horizons=(2,), progress=False)
+    assert float(log_sigma.detach()) == 0.0 and log_sigma.grad is None and log_sigma not in opt.state
+
+
+def test_a_group_frozen_with_lr_zero_stays_frozen_in_every_trial():
+    torch.manual_seed(0)
+    model = _net()
+    opt = torch.optim.SGD([{"params": model[0].parameters(), "lr": 0.0},
+                           {"params": list(model[1].parameters()) + list(model[4].parameters()), "lr": 0.1}])
+    seen = []
+    step = opt.step
+
+    def spy(*args, **kwargs):
+        seen.append([float(g["lr"]) for g in opt.param_groups])
+        return step(*args, **kwargs)
+
+    opt.step = spy
+    find_lr(model, opt, nn.functional.cross_entropy, _batches(), start_lr=1e-3, end_lr=1, num=3, progress=False)
+    assert seen and all(lrs[0] == 0.0 and lrs[1] > 0 for lrs in seen)
+
+
+def test_a_negative_starting_loss_still_gives_a_curve():
+    """A loss below zero (a Gaussian negative log-likelihood): the divergence limit is a margin on
+    |loss| above it, not 1.1 x a negative number, which every rate would exceed."""
+    torch.manual_seed(0)
+    model = nn.Linear(6, 1)
+    x = torch.randn(64, 6)
+    y = x[:, :1] * 0.5
+    with torch.no_grad():
+        model.weight.zero_()
+        model.weight[0, 0] = 0.5
+        model.bias.zero_()
+    var = 0.01
+
+    def nll(out, target):
+        return ((out - target) ** 2 / (2 * var)).mean() + 0.5 * math.log(2 * math.pi * var)
+
+    res = find_lr(model, torch.optim.SGD(model.parameters(), lr=0.1), nll, [(x[i:i + 16], y[i:i + 16])
+                  for i in range(0, 64, 16)], start_lr=1e-6, end_lr=1, num=8, num_eval_batches=2, progress=False)
+    assert res.start_loss < 0 and len(res.rates[1]) >= 3 and math.isfinite(res.suggestion)
+
+
+def test_an_autolr_that_has_not_stepped_is_named():
+    from autolr_fast import AutoLR
+
+    model = _net()
+    opt = torch.optim.SGD(model.parameters(), lr=0.05)
+    AutoLR(opt)
+    with pytest.raises(RuntimeError, match="Run find_lr first"):
+        find_lr(model, opt, nn.functional.cross_entropy, _batches(), num=3, progress=False)

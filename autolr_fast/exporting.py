@@ -157,10 +157,15 @@ def pack_weights(net: MLRSNet, gamma: float, h: Tensor, c: Tensor, rate: float) 
     flat = torch.cat([t.detach().cpu().float().reshape(-1) for t in net.flat_weights()])
     state = torch.cat([h.detach().cpu().float().reshape(-1), c.detach().cpu().float().reshape(-1),
                        torch.tensor([float(rate)])])
-    header = _HEADER.pack(MAGIC, FORMAT_VERSION, net.hidden_size, net.num_layers, 0, float(gamma), flat.numel())
+    g32 = float(torch.tensor(float(gamma), dtype=torch.float32))  # what the file can hold
+    if not (math.isfinite(g32) and g32 > 0):
+        raise ValueError(f"gamma {gamma!r} is not a positive finite float32 (the file stores it as one)")
+    header = _HEADER.pack(MAGIC, FORMAT_VERSION, net.hidden_size, net.num_layers, 0, g32, flat.numel())
     values = flat.tolist() + state.tolist()
     body = header + struct.pack(f"<{len(values)}f", *values)
-    return body + struct.pack("<I", zlib.crc32(body) & 0xFFFFFFFF)
+    blob = body + struct.pack("<I", zlib.crc32(body) & 0xFFFFFFFF)
+    unpack_weights(blob, source="the controller to export")  # refuse what no reader would open
+    return blob
 
 
 class Exported(NamedTuple):
@@ -170,6 +175,13 @@ class Exported(NamedTuple):
     gamma: float
     rate: float
     version: int
+
+
+def _little_endian_floats(data: bytes) -> Tensor:
+    """The little-endian float32 values of ``data`` as a tensor, on a host of either byte order."""
+    if sys.byteorder == "little":
+        return torch.frombuffer(bytearray(data), dtype=torch.float32).clone()
+    return torch.tensor(struct.unpack(f"<{len(data) // 4}f", data), dtype=torch.float32)
 
 
 def unpack_weights(data: bytes, source: str = "<bytes>") -> Exported:
@@ -201,9 +213,7 @@ def unpack_weights(data: bytes, source: str = "<bytes>") -> Exported:
         raise bad("CRC32 mismatch: the weights are corrupted")
     if not (math.isfinite(gamma) and gamma > 0):
         raise bad(f"gamma {gamma} is not a positive finite number")
-    floats = torch.frombuffer(bytearray(data[_HEADER.size : total - 4]), dtype=torch.float32).clone()
-    if sys.byteorder != "little":  # pragma: no cover
-        floats = floats.view(torch.int32).byteswap().view(torch.float32)
+    floats = _little_endian_floats(data[_HEADER.size : total - 4])
     if not torch.isfinite(floats).all():
         raise bad("weights or state contain NaN/Inf")
     net = MLRSNet(hidden_size=hidden, num_layers=layers, gate_order="train")
@@ -265,12 +275,14 @@ def export(controller_or_scheduler, path: str | os.PathLike, gamma: float | None
             "only gate_order='train' controllers can be exported (the runtime implements the cell that "
             "trained the published checkpoints); load it with gate_order='train'"
         )
+    blob = pack_weights(net, g, h, c, rate)  # checked before anything is written
     module = ExportedMLRSNet(net, g, h, c, rate).eval()
-    blob = pack_weights(net, g, h, c, rate)
     path = os.fspath(path)
+    tmp = path + ".tmp"  # renamed into place: a reader never sees half a file
     with _quiet_torchscript():
         scripted = torch.jit.script(module)
-        torch.jit.save(scripted, path, _extra_files={WEIGHTS_ENTRY: blob})
+        torch.jit.save(scripted, tmp, _extra_files={WEIGHTS_ENTRY: blob})
+    os.replace(tmp, path)
     return path
 
 
@@ -294,12 +306,15 @@ def _read_weights_entry(path: str) -> bytes:
                 )
             return zf.read(names[0])
     except zipfile.BadZipFile as exc:
+        if "CRC" in str(exc):  # a zip whose entry's checksum fails: damaged, not foreign
+            raise ValueError(f"{path!r} is corrupted: {exc}") from exc
         raise ValueError(f"{path!r} is not an exported controller (not a zip/TorchScript archive: {exc})") from exc
-    except zipfile.LargeZipFile as exc:  # pragma: no cover
-        raise ValueError(f"{path!r}: {exc}") from exc
+    except (IsADirectoryError, PermissionError, FileNotFoundError):
+        raise
+    except (zipfile.LargeZipFile, RuntimeError, NotImplementedError) as exc:
+        # encrypted or unsupported-compression entries: not something export writes
+        raise ValueError(f"{path!r} is not an exported controller ({exc})") from exc
     except (zlib.error, EOFError, OSError) as exc:
-        if isinstance(exc, FileNotFoundError):
-            raise
         raise ValueError(f"{path!r} is corrupted: {exc}") from exc
 
 
@@ -312,6 +327,8 @@ def load(path: str | os.PathLike) -> Exported:
     path = os.fspath(path)
     if not os.path.exists(path):
         raise FileNotFoundError(f"no such file: {path!r}")
+    if os.path.isdir(path):
+        raise ValueError(f"{path!r} is a folder, not an exported controller file")
     return unpack_weights(_read_weights_entry(path), source=path)
 
 
@@ -438,8 +455,8 @@ def main(argv: list[str] | None = None) -> int:
         if gamma is None:
             parser.error("--gamma is required (the largest rate, e.g. 0.1)")
         out = export(net, args.output, gamma=float(gamma))
-    except (ValueError, TypeError, FileNotFoundError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
+    except (ValueError, TypeError, FileNotFoundError, KeyError) as exc:
+        print(f"error: {exc.args[0] if isinstance(exc, KeyError) and exc.args else exc}", file=sys.stderr)
         return 2
     print(f"wrote {out} (hidden={net.hidden_size}, layers={net.num_layers}, gamma={float(gamma):g}, "
           f"ALRW format v{FORMAT_VERSION}, {os.path.getsize(out)} bytes)")

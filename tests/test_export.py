@@ -270,3 +270,49 @@ def test_exported_module_matches_autolr_rates(tmp_path):
             opt.step()
             err = max(err, abs(float(sched.rate) - float(mod.step(torch.tensor(v)))))
     assert err <= 1e-6, err
+
+
+@pytest.mark.parametrize("case", ["too_many_layers", "inf_state", "nan_weight", "tiny_gamma", "huge_gamma"])
+def test_export_refuses_what_no_reader_would_open(tmp_path, case):
+    """Checked before anything is written: the file export writes always loads."""
+    net, gamma = _net(4, 1, seed=1), 0.1
+    if case == "too_many_layers":
+        net = MLRSNet(hidden_size=2, num_layers=ex.MAX_LAYERS + 1, gate_order="train")
+    with torch.no_grad():
+        if case == "inf_state":
+            net.h[0, 0] = float("inf")
+        if case == "nan_weight":
+            next(iter(net.parameters())).view(-1)[0] = float("nan")
+    gamma = {"tiny_gamma": 1e-50, "huge_gamma": 1e39}.get(case, gamma)
+    with pytest.raises(ValueError, match="layers=17|NaN/Inf|float32"):
+        ex.export(net, tmp_path / "a.pt", gamma=gamma)
+    assert os.listdir(tmp_path) == []
+
+
+def test_load_decodes_little_endian_on_a_big_endian_host(tmp_path, monkeypatch):
+    net = _net(6, 2, seed=3)
+    path = ex.export(net, tmp_path / "c.pt", gamma=0.05)
+    little = ex.load(path)
+    monkeypatch.setattr(ex.sys, "byteorder", "big")
+    big = ex.load(path)
+    for a, b in zip(little.controller.flat_weights(), big.controller.flat_weights()):
+        torch.testing.assert_close(a, b, atol=0, rtol=0)
+    assert big.gamma == little.gamma and big.rate == little.rate
+
+
+def test_load_names_a_damaged_entry_and_a_folder(tmp_path):
+    path = ex.export(_net(), tmp_path / "good.pt", gamma=0.1)
+    data = bytearray(open(path, "rb").read())
+    off, _ = _blob_span(bytes(data))
+    data[off + 40] ^= 0x10  # inside the stored entry: the zip's own CRC fails first
+    (tmp_path / "flip.pt").write_bytes(bytes(data))
+    with pytest.raises(ValueError, match="is corrupted"):
+        ex.load(tmp_path / "flip.pt")
+    with pytest.raises(ValueError, match="is a folder"):
+        ex.load(tmp_path)
+
+
+def test_cli_unknown_pretrained_name_is_an_error_message(tmp_path, capsys):
+    assert ex.main(["--pretrained", "no-such-controller", "-o", str(tmp_path / "x.pt")]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: no pretrained controller 'no-such-controller'") and "Traceback" not in err

@@ -165,6 +165,9 @@ def test_find_package_consumer(tmp_path, languages):
                 [cmake, "--build", str(build), "-j", "2"]):
         proc = subprocess.run(cmd, capture_output=True, text=True)
         assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    # the runtime leaves the consumer's build type (and so its asserts) as the consumer chose it
+    cache = (build / "CMakeCache.txt").read_text()
+    assert "CMAKE_BUILD_TYPE:STRING=\n" in cache, [ln for ln in cache.splitlines() if "CMAKE_BUILD_TYPE" in ln]
     fixture = os.path.join(DATA, "controller_h16_l1.pt")
     out = subprocess.run([str(build / "use_it"), fixture], capture_output=True, text=True)
     assert out.returncode == 0, out.stdout + out.stderr

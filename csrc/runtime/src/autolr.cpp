@@ -240,6 +240,25 @@ AUTOLR_CLONES void matvec_t(const float* wt, const float* x, const float* b, flo
   }
 }
 
+// Number of weights of an MLR-SNet with hidden size H and L layers, in ALRW order.
+uint64_t expected_weight_count(uint64_t H, uint64_t L) {
+  const uint64_t M = H / 2;
+  uint64_t n = 0;
+  for (uint64_t k = 0; k < L; ++k) {
+    uint64_t in = k == 0 ? 1 : H;
+    n += M * in + M + 4 * H * M + 4 * H + M * H + M + 4 * H * M + 4 * H;
+  }
+  return n + H + 1;
+}
+
+// The largest exported file: the weights twice (TorchScript buffers and the ALRW entry) at the
+// largest shape, plus room for the archive's code and zip records.
+uint64_t max_file_bytes() {
+  const uint64_t alrw = kHeaderSize + 4 * (expected_weight_count(kMaxHidden, kMaxLayers) +
+                                           2 * uint64_t(kMaxLayers) * kMaxHidden + 1) + 4;
+  return 2 * alrw + (uint64_t(64) << 20);
+}
+
 int parse_weights(const Bytes& b, autolr_runtime** out) {
   if (b.n < kHeaderSize + 4)
     return fail(AUTOLR_E_CORRUPT, "ALRW weights truncated (" + std::to_string(b.n) + " bytes, header needs " +
@@ -255,12 +274,7 @@ int parse_weights(const Bytes& b, autolr_runtime** out) {
     return fail(AUTOLR_E_FORMAT, "implausible shape hidden=" + std::to_string(hidden) + " layers=" + std::to_string(layers));
   if (flags != 0) return fail(AUTOLR_E_FORMAT, "unknown ALRW flags " + std::to_string(flags));
   const uint64_t H = hidden, L = layers, M = hidden / 2;
-  uint64_t expect = 0;
-  for (uint64_t k = 0; k < L; ++k) {
-    uint64_t in = k == 0 ? 1 : H;
-    expect += M * in + M + 4 * H * M + 4 * H + M * H + M + 4 * H * M + 4 * H;
-  }
-  expect += H + 1;
+  const uint64_t expect = expected_weight_count(H, L);
   if (n_weights != expect)
     return fail(AUTOLR_E_CORRUPT, "weight count " + std::to_string(n_weights) + " does not match hidden=" + std::to_string(hidden) +
                                       " layers=" + std::to_string(layers) + " (expected " + std::to_string(expect) + ")");
@@ -376,7 +390,11 @@ int autolr_open_file(const char* path, autolr_runtime** out) {
     uint8_t chunk[65536];
     size_t got;
     while ((got = std::fread(chunk, 1, sizeof chunk, f)) > 0) {
-      if (buf.size() > (size_t(1) << 31)) { std::fclose(f); return fail(AUTOLR_E_FORMAT, std::string("'") + path + "' is too large (> 2 GiB) for a controller file"); }
+      if (uint64_t(buf.size()) > max_file_bytes()) {
+        std::fclose(f);
+        return fail(AUTOLR_E_FORMAT, std::string("'") + path + "' is larger than any exported controller (" +
+                                         std::to_string(max_file_bytes()) + " bytes at hidden=4096, layers=16)");
+      }
       buf.insert(buf.end(), chunk, chunk + got);
     }
   } catch (...) {

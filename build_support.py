@@ -132,19 +132,26 @@ def _make_extension(with_cuda: bool):
     # the headers too: without ninja, setuptools rebuilds only when a listed file is newer
     headers = sorted(os.path.join(OPS_DIR, f) for f in os.listdir(os.path.join(ROOT, OPS_DIR))
                      if f.endswith((".h", ".cuh")))
+    # The digest of the sources as they are now, recorded beside the extension after the build.
+    # It is also on every compile command: a changed source changes the commands, so ninja
+    # recompiles everything even where a file's time says it is older than its object (a copy
+    # that kept old times), and the record always describes what was compiled.
+    _STATE["digest"] = _digest_module().sources_digest(os.path.join(ROOT, OPS_DIR))
+    macros = [("AUTOLR_FAST_SOURCES_DIGEST", _STATE["digest"])]
     if with_cuda:
         return CUDAExtension(
             "autolr_fast._C",
             sources + [os.path.join(OPS_DIR, s) for s in CUDA_SOURCES],
             depends=headers,
             extra_compile_args={"cxx": list(_CXX_FLAGS), "nvcc": list(_NVCC_FLAGS)},
-            define_macros=[("AUTOLR_FAST_WITH_CUDA", "1")],
+            define_macros=[("AUTOLR_FAST_WITH_CUDA", "1"), *macros],
         )
-    return CppExtension("autolr_fast._C", sources, depends=headers, extra_compile_args={"cxx": list(_CXX_FLAGS)})
+    return CppExtension("autolr_fast._C", sources, depends=headers, extra_compile_args={"cxx": list(_CXX_FLAGS)},
+                        define_macros=macros)
 
 
 # Set by extension_modules(): whether a failure may fall back (auto mode) and why CUDA is on/off.
-_STATE = {"strict": False, "cuda": False, "reason": ""}
+_STATE = {"strict": False, "cuda": False, "reason": "", "digest": ""}
 _FAILED: set[str] = set()  # extensions whose build failed in auto mode (left out of the install)
 
 
@@ -180,11 +187,11 @@ def _digest_module():
 
 
 def _record_sources(extension_file: str) -> None:
-    """Write the digest of csrc/ops beside the built extension, where autolr_fast.ops.library
-    checks it before loading the extension."""
-    digest_module = _digest_module()
-    with open(str(digest_module.sidecar_of(extension_file)), "w") as f:
-        f.write(digest_module.sources_digest(os.path.join(ROOT, OPS_DIR)) + "\n")
+    """Write the digest of csrc/ops taken before compiling (the one on the compile commands)
+    beside the built extension, where autolr_fast.ops.library checks it before loading the
+    extension. A source edited during the build then reads as stale, as it is."""
+    with open(str(_digest_module().sidecar_of(extension_file)), "w") as f:
+        f.write(_STATE["digest"] + "\n")
 
 
 def cmdclass() -> dict:

@@ -149,6 +149,9 @@ def test_extension_modules_follow_the_switches(monkeypatch):
     monkeypatch.setenv("AUTOLR_FAST_CUDA", "0")
     (ext,) = build_support.extension_modules()
     assert ext.name == "autolr_fast._C" and not any(src.endswith(".cu") for src in ext.sources)
+    # the sources' digest is on every compile command (a changed source recompiles everything)
+    digest = build_support._digest_module().sources_digest(os.path.join(build_support.ROOT, build_support.OPS_DIR))
+    assert ("AUTOLR_FAST_SOURCES_DIGEST", digest) in ext.define_macros
     # auto without a toolkit: CPU-only, whatever the GPU situation
     monkeypatch.setenv("AUTOLR_FAST_CUDA", "auto")
     monkeypatch.setattr(build_support, "find_cuda_toolkit", lambda *a, **k: None)
@@ -332,6 +335,42 @@ def test_mlrsnet_step_fast_entry_matches_op():
     ok = _cpp_backend.mlrsnet_step_(torch.tensor(1.0), sub_h, c.clone(), weights, torch.tensor(0.4),
                                     torch.tensor(0.1), [], [])
     assert bool(ok)
+
+
+@needs_ext
+def test_mlrsnet_step_bumps_the_version_of_what_it_writes():
+    """The kernel writes through raw pointers; like the reference's in-place ops it bumps every
+    written tensor's version: autograd refuses a graph that saved an overwritten lr, and an
+    inference tensor is refused outside InferenceMode before anything is written."""
+    from autolr_fast import _C
+
+    h, c, weights = make_net(16, 1)
+    counters = torch.zeros(2, dtype=torch.int64)
+    for call in (_C.mlrsnet_step_cpu, step_op):
+        hh, cc, rate, lr = h.clone(), c.clone(), torch.tensor(0.1), torch.tensor(0.1, requires_grad=True)
+        lr_leaf = lr.detach().requires_grad_(True)
+        scaled = lr_leaf * 1.0
+        kept = (scaled * scaled).sum()  # saves `scaled` for its backward
+        before = [t._version for t in (hh, cc, rate, scaled)]
+        args = (torch.tensor(0.8), hh, cc, weights, torch.tensor(0.4), rate, [scaled], (1.0,))
+        with torch.no_grad():
+            call(*args, counters) if call is _C.mlrsnet_step_cpu else call(*args)
+        assert all(t._version > v for t, v in zip((hh, cc, rate, scaled), before)), call
+        with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+            kept.backward()
+    assert counters._version > 0
+    # a float64 loss is counted as the step reads it, in float32 (as the reference does)
+    for value, negative in ((-1e-50, 0), (-1e300, 0), (-0.5, 1)):
+        counts = torch.zeros(2, dtype=torch.int64)
+        _C.mlrsnet_step_cpu(torch.tensor(value, dtype=torch.float64), h.clone(), c.clone(), weights,
+                            torch.tensor(0.4), torch.tensor(0.1), [], (), counts)
+        want = torch.zeros(2, dtype=torch.int64)
+        reference.count_step_(want, torch.tensor(value, dtype=torch.float64), torch.tensor(counts[0] == 0))
+        assert counts.tolist() == want.tolist() and int(counts[1]) == negative, value
+    with torch.inference_mode():
+        frozen = h.clone()
+    with pytest.raises(RuntimeError, match="(?i)inference"):
+        step_op(torch.tensor(0.8), frozen, c.clone(), weights, torch.tensor(0.4), torch.tensor(0.1), [], ())
 
 
 def _layout_variants(base: torch.Tensor) -> list[torch.Tensor]:
@@ -953,3 +992,33 @@ def test_scales_pair_with_lr_tensors_the_same_way_everywhere(impl):
     with pytest.raises((ValueError, RuntimeError), match="scale"):
         step(torch.tensor(1.3), h, c, weights, torch.tensor(0.5), rate, lrs * 2, [1.0])
     assert all(torch.equal(a, b) for a, b in zip((h, c, rate), before))
+
+
+_WITHOUT_EXTENSION = """
+import importlib.util, torch
+find_spec = importlib.util.find_spec
+importlib.util.find_spec = lambda name, *a, **k: None if name == "autolr_fast._C" else find_spec(name, *a, **k)
+from autolr_fast.ops import library
+importlib.util.find_spec = find_spec
+assert library.EXTENSION is None, library.EXTENSION_DETAIL
+ops = torch.ops.autolr_fast
+w, g, b = torch.randn(4, 3).t(), torch.randn(3, 4), torch.randn(3, 4)  # w is not contiguous
+steps, alpha = [torch.tensor(3.0)], torch.tensor(0.1)
+cases = {"lookahead": ([w], [g], alpha), "lookahead_sgd": ([w], [g], [b], alpha, 0.9, 0.0, 1e-4, True),
+         "lookahead_adam": ([w], [g], [b], [b.abs()], [None], steps, alpha, 0.9, 0.99, 1e-8, 0.01, True)}
+for name, args in cases.items():
+    torch.library.opcheck(getattr(ops, name).default, args,
+                          test_utils=("test_schema", "test_faketensor", "test_aot_dispatch_static"))
+print("ok")
+"""
+
+
+def test_the_reference_kernels_keep_the_fake_kernels_promises_without_the_extension():
+    """Without autolr_fast._C the references are the CPU kernels: their outputs must have the
+    strides the fake kernels promise (contiguous), or torch.compile traces the wrong layout."""
+    import subprocess
+
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
+    proc = subprocess.run([sys.executable, "-c", _WITHOUT_EXTENSION], capture_output=True, text=True, env=env,
+                          timeout=300)
+    assert proc.returncode == 0 and proc.stdout.strip().endswith("ok"), proc.stdout[-2000:] + proc.stderr[-3000:]

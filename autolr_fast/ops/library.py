@@ -76,9 +76,17 @@ def _scalar_f32(like: Tensor) -> Tensor:
     return like.new_empty((), dtype=torch.float32)
 
 
+def _contiguous(list_op: Callable) -> Callable:
+    """``list_op`` with contiguous outputs, as its fake kernel (and the C++/CUDA kernels) promise:
+    the reference keeps a non-contiguous parameter's strides."""
+    def kernel(*args, **kwargs) -> list[Tensor]:
+        return [t.contiguous() for t in list_op(*args, **kwargs)]
+    return kernel
+
+
 # -- multi-tensor look-ahead and hypergradient dot product -----------------------------------------
 _define("lookahead", "(Tensor[] params, Tensor[] dirs, Tensor alpha) -> Tensor[]",
-        lambda params, dirs, alpha: _like_all(params), reference.lookahead)
+        lambda params, dirs, alpha: _like_all(params), _contiguous(reference.lookahead))
 
 _define("hyper_dot", "(Tensor[] a, Tensor[] b) -> Tensor",
         lambda a, b: _scalar_f32(a[0]), reference.hyper_dot)
@@ -86,7 +94,7 @@ _define("hyper_dot", "(Tensor[] a, Tensor[] b) -> Tensor",
 _define("lookahead_sgd",
         "(Tensor[] params, Tensor[] grads, Tensor?[] momentum_buffers, Tensor alpha, float momentum, "
         "float dampening, float weight_decay, bool nesterov, bool maximize=False) -> Tensor[]",
-        lambda params, *args, **kwargs: _like_all(params), reference.lookahead_sgd)
+        lambda params, *args, **kwargs: _like_all(params), _contiguous(reference.lookahead_sgd))
 
 _define("hyper_dot_sgd",
         "(Tensor[] val_grads, Tensor[] params, Tensor[] grads, Tensor?[] momentum_buffers, float momentum, "
@@ -99,7 +107,7 @@ _define("lookahead_adam",
         "(Tensor[] params, Tensor[] grads, Tensor?[] exp_avgs, Tensor?[] exp_avg_sqs, Tensor?[] max_exp_avg_sqs, "
         "Tensor[] steps, Tensor alpha, float beta1, float beta2, float eps, float weight_decay, bool decoupled, "
         "bool maximize=False) -> Tensor[]",
-        lambda params, *args, **kwargs: _like_all(params), reference.lookahead_adam)
+        lambda params, *args, **kwargs: _like_all(params), _contiguous(reference.lookahead_adam))
 
 _define("hyper_dot_adam",
         "(Tensor[] val_grads, Tensor[] params, Tensor[] grads, Tensor?[] exp_avgs, Tensor?[] exp_avg_sqs, "

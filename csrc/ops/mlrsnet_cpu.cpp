@@ -54,6 +54,8 @@ double read_scalar(const char* op, const char* name, const Tensor& t) {
 }
 
 // What write_scalar needs, checked before anything is written (bad input changes no state).
+void bump_version(const Tensor& t) { t.unsafeGetTensorImpl()->bump_version(); }
+
 void check_writable(const char* op, const char* name, const Tensor& t) {
   TORCH_CHECK(t.numel() == 1, op, ": ", name, " must be a 1-element tensor, got shape ", t.sizes());
   TORCH_CHECK(t.device().is_cpu(), op, ": ", name, " is on ", t.device(), "; this kernel needs CPU tensors");
@@ -360,6 +362,11 @@ Tensor mlrsnet_step_cpu(const Tensor& loss, const Tensor& h, const Tensor& c, Te
               " scales; pass one scale per param group");
   check_writable(op, "rate", rate);
   for (const Tensor& lr : lrs) check_writable(op, "lrs[k]", lr);
+  // the writes below go through raw pointers: bump the version counters as the reference's
+  // in-place ops do, so autograd sees the change (and an inference tensor is refused, outside
+  // InferenceMode, before anything is written)
+  for (const Tensor* t : {&h, &c, &rate}) bump_version(*t);
+  for (const Tensor& lr : lrs) bump_version(lr);
   const double x_loss = static_cast<double>(static_cast<float>(read_scalar(op, "loss", loss)));
   const float g = static_cast<float>(read_scalar(op, "gamma", gamma));
   double new_rate = read_scalar(op, "rate", rate);
@@ -503,7 +510,8 @@ void check_counters_cpu(const Tensor& counters) {
 
 void count_step_cpu(const Tensor& loss, bool stepped, const Tensor& counters) {
   check_counters_cpu(counters);
-  const double x = read_scalar("mlrsnet_step_", "loss", loss);
+  const double x = static_cast<float>(read_scalar("mlrsnet_step_", "loss", loss));  // as the step reads it
+  bump_version(counters);
   int64_t* v = counters.mutable_data_ptr<int64_t>();
   v[0] += stepped ? 0 : 1;
   v[1] += (std::isfinite(x) && x < 0.0) ? 1 : 0;
@@ -521,6 +529,7 @@ void mlrsnet_step_op_cpu(const Tensor& loss, const Tensor& h, const Tensor& c, T
               "mlrsnet_step_: ok must be a 1-element bool CPU tensor");
   if (counters.has_value()) check_counters_cpu(*counters);
   const bool stepped = *mlrsnet_step_cpu(loss, h, c, weights, gamma, rate, lrs, scales).const_data_ptr<bool>();
+  bump_version(ok);
   *ok.mutable_data_ptr<bool>() = stepped;
   if (counters.has_value()) count_step_cpu(loss, stepped, *counters);
 }

@@ -221,6 +221,13 @@ class AutoLR:
             raise ValueError("AutoLR.step needs a real-valued loss")
         return loss.detach().reshape(()).to(torch.float32)
 
+    def _check_skip(self, skip: Any) -> Tensor:
+        if not isinstance(skip, Tensor) or skip.numel() != 1 or skip.dtype is not torch.bool:
+            raise TypeError(f"AutoLR.step's skip must be a 1-element bool tensor, got {skip!r}")
+        if skip.device != self.device:
+            raise ValueError(f"AutoLR.step's skip is on {skip.device}; pass it on {self.device}")
+        return skip.reshape(())
+
     def _write_rate_to_groups(self) -> None:
         if self.tensor_lr:
             dispatch.write_rates(self.rate, optim_support.lr_tensors(self.optimizer, self.device), self.lr_scales)
@@ -229,13 +236,20 @@ class AutoLR:
             for g, s in zip(self.optimizer.param_groups, self.lr_scales):
                 g["lr"] = r * s
 
-    def step(self, loss: Tensor) -> None:
+    def step(self, loss: Tensor, skip: Tensor | None = None) -> None:
         """Read this step's loss and set the rate for the coming ``optimizer.step()``.
+
+        ``skip``: a 1-element bool tensor on the device, True when the coming optimizer step will
+        not happen (a ``GradScaler`` found Inf/NaN gradients): the controller then reads nothing
+        and keeps the rate, as for a NaN loss, and the step is counted in ``skipped_steps``.
+        Decided on the device, no sync (the framework integrations pass it).
 
         On a GPU, the step can be captured in a CUDA graph with the rest of the training step
         (after a few eager steps; see :meth:`_check_capturable`): each replay then runs the
         controller on the replay's loss and writes a new rate."""
         x = self._check_loss(loss)
+        if skip is not None:
+            x = torch.where(self._check_skip(skip), torch.full_like(x, float("nan")), x)
         lr_list = self._lr_tensors.cached() if self.tensor_lr else []
         scale = self.scale
         # a CUDA graph capture matters only where the host decides something this step (the
@@ -371,9 +385,9 @@ class AutoLR:
             optim_support.warn_once(
                 self._warned,
                 "nonfinite",
-                "AutoLR: a non-finite (NaN/Inf) loss (or controller output) was seen; the rate and the "
-                "controller state were kept for that step (see sched.skipped_steps). Check your loss or "
-                "lower the rate scale.",
+                "AutoLR: a non-finite (NaN/Inf) loss (or controller output), or a step the GradScaler "
+                "skipped, was seen; the rate and the controller state were kept for that step (see "
+                "sched.skipped_steps). Check your loss or lower the rate scale.",
             )
         if seen["negative"]:
             optim_support.warn_once(
@@ -400,7 +414,7 @@ class AutoLR:
 
     @property
     def skipped_steps(self) -> int:
-        """Steps whose loss was NaN/Inf (reads the device: a sync on a GPU)."""
+        """Steps whose loss was NaN/Inf, or marked ``skip`` (reads the device: a sync on a GPU)."""
         return self.counters.exact()["skipped"]
 
     def get_last_lr(self) -> list[float]:

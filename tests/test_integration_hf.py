@@ -131,3 +131,40 @@ def test_a_second_scheduler_is_refused(tmp_path):
 def test_docs_show_the_example_that_runs_here():
     docs = (ROOT / "docs" / "frameworks.md").read_text()
     assert EXAMPLE.read_text().strip() in docs, "docs/frameworks.md must show examples/hf_trainer_autolr.py verbatim"
+
+
+def _trainer(tmp_path, **args):
+    model = torch.nn.Linear(2, 2)
+    return AutoLRTrainer(model=model, args=transformers.TrainingArguments(
+        output_dir=str(tmp_path), report_to="none", use_cpu=True, **args), autolr=lambda o: None)
+
+
+def test_scheduler_arguments_that_autolr_replaces_are_named(tmp_path):
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", UserWarning)
+        _trainer(tmp_path)  # the defaults: nothing to say
+    with pytest.warns(UserWarning, match=r"lr_scheduler_type='cosine', warmup_steps=3 have no effect"):
+        _trainer(tmp_path, lr_scheduler_type="cosine", warmup_steps=3)
+    with pytest.warns(UserWarning, match="save_only_model=True.*restarts AutoLR"):
+        _trainer(tmp_path, save_only_model=True)
+
+
+def test_a_step_the_grad_scaler_skips_is_passed_as_skip():
+    """The flag handed to AutoLR.step: the scaler's finding for this optimizer, on the device."""
+    from autolr_fast.integrations.amp import scaler_skips
+
+    model = torch.nn.Linear(2, 1)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    scaler = torch.amp.GradScaler("cpu")
+    assert scaler_skips(None, opt, torch.device("cpu")) is None
+    assert scaler_skips(scaler, opt, torch.device("cpu")) is None  # nothing unscaled yet
+    for bad in (False, True):
+        opt.zero_grad()
+        scaler.scale(model(torch.ones(1, 2)).sum() * (float("inf") if bad else 1.0)).backward()
+        scaler.unscale_(opt)
+        flag = scaler_skips(scaler, opt, torch.device("cpu"))
+        assert flag.dtype is torch.bool and flag.dim() == 0 and bool(flag) is bad
+        scaler.step(opt)
+        scaler.update()

@@ -15,6 +15,7 @@ pl = pytest.importorskip(
     "lightning.pytorch", reason='lightning is not installed (pip install lightning, or the "integrations" extra)'
 )
 
+from autolr_fast import AutoLR  # noqa: E402
 from autolr_fast.integrations.lightning import AutoLRCallback  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -148,3 +149,80 @@ def test_short_last_window_and_loss_scaling(precision):
 def test_docs_show_the_example_that_runs_here():
     docs = (ROOT / "docs" / "frameworks.md").read_text()
     assert EXAMPLE.read_text().strip() in docs, "docs/frameworks.md must show examples/lightning_autolr.py verbatim"
+
+
+class _Tiny(pl.LightningModule):
+    """A small classifier; ``make_optimizer`` and ``inf_grad_at`` (a global step whose gradient
+    is made infinite, with a finite loss) set per test."""
+
+    def __init__(self, make_optimizer, inf_grad_at=None):
+        super().__init__()
+        torch.manual_seed(0)
+        self.net = torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.Tanh(), torch.nn.Linear(16, 3))
+        self.make_optimizer, self.inf_grad_at = make_optimizer, inf_grad_at
+        self.optimizer_steps = 0
+
+    def training_step(self, batch, batch_idx):
+        out = self.net(batch[0])
+        if self.global_step == self.inf_grad_at:
+            out.register_hook(lambda g: g * float("inf"))
+        return torch.nn.functional.cross_entropy(out, batch[1])
+
+    def configure_optimizers(self):
+        opt = self.make_optimizer(self.parameters())
+        opt.register_step_post_hook(lambda *a: setattr(self, "optimizer_steps", self.optimizer_steps + 1))
+        return opt
+
+
+def _tiny_loader(n=48):
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(n, 8, generator=g)
+    return torch.utils.data.DataLoader(torch.utils.data.TensorDataset(x, x[:, :3].argmax(1)), batch_size=8)
+
+
+def _fit(module, callback, max_steps, **trainer_kwargs):
+    trainer = pl.Trainer(max_steps=max_steps, callbacks=[callback], accelerator="cpu", devices=1, logger=False,
+                         enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
+                         **trainer_kwargs)
+    trainer.fit(module, _tiny_loader())
+    return trainer
+
+
+def test_lbfgs_is_read_once_per_optimizer_step():
+    """LBFGS evaluates the closure several times per step; the controller reads the first."""
+    module = _Tiny(lambda p: torch.optim.LBFGS(p, lr=0.5, max_iter=4))
+    callback = AutoLRCallback(lambda opt: AutoLR(opt))
+    _fit(module, callback, max_steps=3)
+    assert module.optimizer_steps == 3 and callback.scheduler.step_count == 3
+
+
+def test_a_step_the_grad_scaler_skips_does_not_advance_the_controller():
+    from lightning.pytorch.plugins import MixedPrecision
+
+    module = _Tiny(lambda p: torch.optim.SGD(p, lr=0.1), inf_grad_at=2)
+    callback = AutoLRCallback(lambda opt: AutoLR(opt))
+    with pytest.warns(RuntimeWarning, match="GradScaler"):
+        _fit(module, callback, max_steps=6,
+             plugins=[MixedPrecision("16-mixed", "cpu", scaler=torch.amp.GradScaler("cpu"))])
+    sched = callback.scheduler
+    assert module.optimizer_steps == 5 and sched.step_count == 6 and sched.skipped_steps == 1
+
+
+def test_meta_steps_read_the_gradients_clipped_as_the_optimizer_applies_them(monkeypatch):
+    from autolr_fast import MetaConfig, MLRSNet
+    from autolr_fast.meta import MetaTrainer
+
+    seen = []
+    step = MetaTrainer.step
+
+    def spy(self, x):
+        seen.append(torch.sqrt(sum((p.grad.detach() ** 2).sum() for p in self.model.parameters())))
+        return step(self, x)
+
+    monkeypatch.setattr(MetaTrainer, "step", spy)
+    val = [next(iter(_tiny_loader(16)))]
+    module = _Tiny(lambda p: torch.optim.SGD(p, lr=0.1))
+    callback = AutoLRCallback(lambda opt: AutoLR(opt, MLRSNet(hidden_size=8), gamma=0.1, meta=MetaConfig(
+        module.net, val, torch.nn.functional.cross_entropy, interval=1)))
+    _fit(module, callback, max_steps=3, gradient_clip_val=0.01)
+    assert len(seen) == 3 and all(float(n) <= 0.01 * (1 + 1e-4) for n in seen), seen

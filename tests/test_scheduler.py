@@ -592,3 +592,21 @@ def test_a_checkpoint_with_fewer_groups_adopts_the_added_ones():
     with pytest.raises(ValueError, match="lr scales for 2 param groups, this optimizer has 1"):
         fewer.load_state_dict(sched2.state_dict())
     assert fewer.state_dict()["lr_scales"] == before["lr_scales"] and fewer.step_count == 0
+
+
+def test_a_step_marked_skip_keeps_the_rate_and_the_state():
+    """skip=True (a step the GradScaler will not take): the controller reads nothing, as for a
+    NaN loss; skip=False changes nothing against a plain step."""
+    model, opt, sched, loss = linear_with_autolr()
+    loss.backward()
+    sched.step(loss, skip=torch.tensor(False))
+    opt.step()
+    twin = copy.deepcopy(sched.state_dict())
+    state, rate = copy.deepcopy(sched.controller.state_dict()), sched.last_rate.clone()
+    with pytest.warns(RuntimeWarning, match="GradScaler"):
+        sched.step(loss.detach(), skip=torch.tensor(True))
+    assert torch.equal(sched.last_rate, rate) and sched.skipped_steps == 1
+    assert all(torch.equal(v, sched.controller.state_dict()[k]) for k, v in state.items())
+    with pytest.raises(TypeError, match="1-element bool tensor"):
+        sched.step(loss.detach(), skip=True)
+    assert twin["step_count"] == 1

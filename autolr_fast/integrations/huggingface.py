@@ -3,6 +3,7 @@
 Usage::
 
     from autolr_fast import AutoLR
+from autolr_fast.integrations.amp import scaler_skips
     from autolr_fast.integrations.huggingface import AutoLRTrainer
 
     trainer = AutoLRTrainer(model=model, args=TrainingArguments(..., gradient_accumulation_steps=2),
@@ -18,7 +19,9 @@ So, per optimizer step:
   micro-batches in the window, or normalized by the window's token count for models that take
   ``num_items_in_batch``), so the sum is the window's mean loss, also in a shorter last window;
 * ``on_pre_optimizer_step`` (a callback this trainer adds), which runs after gradient clipping
-  and right before ``optimizer.step()``, hands that mean to ``AutoLR.step``;
+  and right before ``optimizer.step()``, hands that mean to ``AutoLR.step`` (with fp16, a step
+  the GradScaler will skip for Inf/NaN gradients is passed as ``skip``: the controller does not
+  advance on it, as ``Trainer`` does not step its scheduler then);
 * ``Trainer.lr_scheduler`` is an adapter whose ``step()`` does nothing (the rate is already set)
   and whose ``state_dict()`` is ``AutoLR.state_dict()``, so ``save_steps`` checkpoints carry it in
   ``scheduler.pt`` and ``resume_from_checkpoint`` restores it.
@@ -28,6 +31,7 @@ Mix ``AutoLRTrainerMixin`` into another ``Trainer`` subclass (e.g. TRL's) the sa
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Callable
 from typing import Any
 
@@ -43,6 +47,7 @@ except ImportError as exc:  # pragma: no cover - exercised only without the extr
     ) from exc
 
 from autolr_fast import AutoLR
+from autolr_fast.integrations.amp import scaler_skips
 
 __all__ = ["AutoLRTrainer", "AutoLRTrainerMixin", "AutoLRSchedulerAdapter"]
 
@@ -82,6 +87,30 @@ class _StepBeforeOptimizer(TrainerCallback):
         self.trainer._autolr_step()
 
 
+def _warn_about_unused_arguments(args: Any) -> None:
+    """Say which ``TrainingArguments`` AutoLR makes moot, instead of ignoring them silently."""
+    unused = []
+    kind = str(getattr(getattr(args, "lr_scheduler_type", "linear"), "value", getattr(args, "lr_scheduler_type", "")))
+    if kind != "linear":
+        unused.append(f"lr_scheduler_type={kind!r}")
+    for name in ("warmup_steps", "warmup_ratio"):
+        if getattr(args, name, 0):
+            unused.append(f"{name}={getattr(args, name)!r}")
+    if getattr(args, "lr_scheduler_kwargs", None):
+        unused.append("lr_scheduler_kwargs")
+    if unused:
+        warnings.warn(
+            f"AutoLRTrainer: AutoLR sets the learning rate, so {', '.join(unused)} "
+            f"{'has' if len(unused) == 1 else 'have'} no effect. For a decay to 0 over the run, build "
+            "AutoLR with total_steps (autolr=lambda opt: AutoLR(opt, total_steps=N))",
+            UserWarning, stacklevel=3)
+    if getattr(args, "save_only_model", False):
+        warnings.warn(
+            "AutoLRTrainer: with save_only_model=True the checkpoints hold no scheduler.pt, so "
+            "resume_from_checkpoint restarts AutoLR (its controller state, scale and step count) "
+            "from scratch", UserWarning, stacklevel=3)
+
+
 def _torch_optimizer(optimizer: Any) -> torch.optim.Optimizer:
     # accelerate wraps the optimizer (AcceleratedOptimizer keeps the torch one as .optimizer);
     # AutoLR must hook and write the torch optimizer that actually steps.
@@ -99,7 +128,8 @@ class AutoLRTrainerMixin:
 
     Attributes:
         autolr: the ``AutoLR`` during and after ``train()`` (None before).
-        autolr_last_loss: the loss the controller read at the last optimizer step.
+        autolr_last_loss: this process's loss at the last optimizer step; under DDP the
+            controller reads the mean of it across ranks.
     """
 
     def __init__(self, *args: Any, autolr: Callable[[torch.optim.Optimizer], AutoLR], **kwargs: Any) -> None:
@@ -119,6 +149,7 @@ class AutoLRTrainerMixin:
         self._autolr_window: Tensor | None = None
         super().__init__(*args, **kwargs)
         self.add_callback(_StepBeforeOptimizer(self))
+        _warn_about_unused_arguments(self.args)
 
     def create_scheduler(self, num_training_steps: int, optimizer: torch.optim.Optimizer | None = None):
         if self.lr_scheduler is None:
@@ -148,7 +179,8 @@ class AutoLRTrainerMixin:
         if self.autolr is None:
             raise RuntimeError("AutoLRTrainer: the optimizer is about to step but no AutoLR was built")
         loss, self._autolr_window = self._autolr_window, None
-        self.autolr.step(loss)
+        scaler = getattr(self.accelerator, "scaler", None)
+        self.autolr.step(loss, skip=scaler_skips(scaler, self.autolr.optimizer, self.autolr.device))
         self.autolr_last_loss = loss
 
 

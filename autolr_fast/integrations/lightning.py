@@ -16,7 +16,14 @@ How it maps onto Lightning's hooks:
   GradScaler's scale, which is undone here), so the sum over an accumulation window is the
   window's mean loss. A shorter last window of an epoch is rescaled to its own mean.
 * ``on_before_optimizer_step`` runs after the last backward of the window and before the
-  parameters move: there the controller reads that mean, once per optimizer step.
+  parameters move: there the controller reads that mean, once per optimizer step (an optimizer
+  that evaluates the closure several times, as LBFGS does, is read at its first evaluation).
+  With ``16-mixed``, a step the GradScaler will skip (Inf/NaN gradients) is passed as
+  ``skip``, so the controller does not advance on it.
+* With meta-training (``AutoLR(..., meta=...)``), the meta-step reads the gradients as the
+  optimizer will apply them: Lightning clips only after this hook, so the callback runs the
+  module's ``configure_gradient_clipping`` first (clipping clipped gradients again changes
+  nothing).
 * The callback's ``state_dict`` holds ``AutoLR.state_dict()``, so Lightning's checkpoints
   (``ModelCheckpoint``, ``trainer.save_checkpoint``) carry it and ``fit(ckpt_path=...)``
   resumes with the same rates.
@@ -40,6 +47,7 @@ except ImportError as exc:  # pragma: no cover - exercised only without the extr
     ) from exc
 
 from autolr_fast import AutoLR
+from autolr_fast.integrations.amp import scaler_skips
 
 __all__ = ["AutoLRCallback"]
 
@@ -55,7 +63,8 @@ class AutoLRCallback(Callback):
     Attributes:
         scheduler: the ``AutoLR``; None until the first optimizer step of a ``fit`` (see
             ``_scheduler_for``).
-        last_loss: the loss the controller read at the last optimizer step (0-dim tensor).
+        last_loss: this rank's loss at the last optimizer step (0-dim tensor); under DDP the
+            controller reads the mean of it across ranks.
 
     Needs automatic optimization and one optimizer, without an ``lr_scheduler`` from
     ``configure_optimizers`` (AutoLR is the scheduler). With manual optimization call
@@ -74,6 +83,9 @@ class AutoLRCallback(Callback):
         self._pending_state: dict | None = None
         self._window_sum: Tensor | None = None
         self._window_count = 0
+        # trainer.global_step when AutoLR last read a loss: an optimizer that evaluates its closure
+        # again within the step (LBFGS) reaches the hook again with the same global_step
+        self._read_at_step: int | None = None
 
     # -- checks ---------------------------------------------------------------------------------
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
@@ -95,6 +107,7 @@ class AutoLRCallback(Callback):
         # A new fit has a new optimizer: build a new AutoLR for it. A state restored from
         # ckpt_path (load_state_dict runs before this hook) stays pending until then.
         self.scheduler = None
+        self._read_at_step = None
         self._reset_window()
 
     # -- the loss of each micro-batch, and the step ---------------------------------------------
@@ -111,16 +124,38 @@ class AutoLRCallback(Callback):
     def on_before_optimizer_step(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, optimizer: torch.optim.Optimizer
     ) -> None:
-        if self._window_count == 0:
-            return  # every training_step of this window returned None: nothing to read
+        if self._window_count == 0 or self._read_at_step == trainer.global_step:
+            # every training_step of this window returned None, or the optimizer re-evaluates
+            # its closure within one step (LBFGS): nothing (more) to read
+            self._reset_window()
+            return
         loss = self._window_sum
         accumulate = trainer.accumulate_grad_batches
         if self._window_count != accumulate:
             # Lightning divides by accumulate_grad_batches even in a shorter last window
             loss = loss * (accumulate / self._window_count)
-        self._scheduler_for(optimizer).step(loss)
+        sched = self._scheduler_for(optimizer)
+        scaler = getattr(trainer.precision_plugin, "scaler", None)
+        if sched.meta is not None:
+            self._gradients_as_applied(trainer, pl_module, optimizer, scaler)
+        sched.step(loss, skip=scaler_skips(scaler, optimizer, sched.device))
+        self._read_at_step = trainer.global_step
         self.last_loss = loss
         self._reset_window()
+
+    def _gradients_as_applied(self, trainer: pl.Trainer, pl_module: pl.LightningModule,
+                              optimizer: torch.optim.Optimizer, scaler: Any) -> None:
+        """Before a meta-step: the gradients as the optimizer will apply them (unscaled, clipped)."""
+        if scaler is not None and getattr(optimizer, "_step_supports_amp_scaling", False):
+            raise RuntimeError(
+                f"AutoLR meta-training reads the gradients before optimizer.step(), and with precision "
+                f"'16-mixed' {type(optimizer).__name__} unscales them only inside its step (a fused optimizer): "
+                "use precision='bf16-mixed', or the optimizer without fused=True"
+            )
+        # Lightning's own clipping hook (a module may override it), which Lightning calls again
+        # right after this callback: a second clip of clipped gradients changes nothing
+        pl_module.configure_gradient_clipping(optimizer, gradient_clip_val=trainer.gradient_clip_val,
+                                              gradient_clip_algorithm=trainer.gradient_clip_algorithm)
 
     def _scheduler_for(self, optimizer: torch.optim.Optimizer) -> AutoLR:
         # Built here, at the first optimizer step (inside Lightning's optimizer.step(closure)),

@@ -135,3 +135,21 @@ def test_flat_weights_cache_follows_replaced_parameters():
     assert net.flat_weights()[0] is net.cells[0].fc_i2h[0].weight
     net.double()
     assert all(w.dtype == torch.float64 for w in net.flat_weights())
+
+
+def test_flat_weights_sees_a_replaced_parameter_anywhere():
+    """The scheduler asks for the weights every step (a cached list); assigning a new Parameter to
+    any weight, not only the first or last, must reach it."""
+    from torch import nn
+
+    from autolr_fast import MLRSNet
+
+    ctrl = MLRSNet(hidden_size=8, num_layers=2)
+    cached = ctrl.flat_weights()
+    assert ctrl.flat_weights() is cached  # nothing changed: the same list
+    new = nn.Parameter(torch.zeros_like(ctrl.cells[1].fc_h2h[2].weight))
+    ctrl.cells[1].fc_h2h[2].weight = new
+    assert any(w is new for w in ctrl.flat_weights())
+    nn.Linear(2, 2)  # a parameter registered elsewhere: the list is checked again and kept
+    again = ctrl.flat_weights()
+    assert ctrl.flat_weights() is again

@@ -89,6 +89,16 @@ def _with_nan_head_bias(case: dict) -> dict:
     return case
 
 
+def _overflowing(case: dict) -> dict:
+    """One unit of the first cell's input layer overflows to +inf on a finite float32 loss: the
+    reference's gates saturate and the step is taken; the kernels' padding lanes (hidden sizes
+    below their power-of-two block) must not turn 0 * inf into NaN."""
+    w0 = case["weights"][0] * 1e-30
+    w0[0, 0] = 2.0
+    case["weights"][0] = w0
+    return case
+
+
 @functools.lru_cache(maxsize=2)
 def build_cases(seed: int) -> dict[str, dict]:
     gen = torch.Generator().manual_seed(seed)
@@ -102,6 +112,7 @@ def build_cases(seed: int) -> dict[str, dict]:
     cases["step-H16-L2-g0"] = make_step_case(16, 2, 0, gen)  # an optimizer that takes no tensor lr
     cases["step-H50-L2-f64lr"] = make_step_case(50, 2, 3, gen, lr_dtypes=[torch.float32, torch.float64, torch.float32])
     cases["grads-H17-L2-negloss"] = make_grads_case(17, 2, gen, loss=torch.tensor(-2.5))
+    cases["grads-H50-L2-overflow"] = _overflowing(make_grads_case(50, 2, gen, loss=torch.tensor(3e38)))
     # the guard: (case, expected ok)
     guard = {
         "nan-loss": (make_step_case(17, 2, 3, gen, loss=torch.tensor(float("nan"))), False),
@@ -114,6 +125,8 @@ def build_cases(seed: int) -> dict[str, dict]:
         "nan-gamma": (make_step_case(17, 1, 3, gen, gamma=torch.tensor(float("nan"))), False),
         "inf-gamma": (make_step_case(17, 1, 1, gen, gamma=torch.tensor(float("inf"))), False),
         "nan-weight": (_with_nan_head_bias(make_step_case(50, 2, 3, gen)), False),
+        "overflow-H17": (_overflowing(make_step_case(17, 1, 1, gen, loss=torch.tensor(3e38))), True),
+        "overflow-H50": (_overflowing(make_step_case(50, 2, 1, gen, loss=torch.tensor(3e38))), True),
     }
     for name, (case, expected_ok) in guard.items():
         case["expected_ok"] = expected_ok
@@ -194,8 +207,9 @@ def assert_grads_match(got: list, case: dict, where: str) -> None:
     assert len(got) == len(want)
     for k, (g, w) in enumerate(zip(got, want)):
         assert g.shape == w.shape, f"{where}: weight {k} shape {tuple(g.shape)} != {tuple(w.shape)}"
-        scale = max(1.0, float(w.abs().max()))
-        torch.testing.assert_close(g.cpu(), w, rtol=RTOL, atol=ATOL * scale,
+        scale = max(1.0, float(w.abs().nan_to_num(0.0, 0.0, 0.0).max()))
+        # equal_nan: where the reference's gradient is NaN (an overflowed unit), the kernel's must be
+        torch.testing.assert_close(g.cpu(), w, rtol=RTOL, atol=ATOL * scale, equal_nan=True,
                                    msg=lambda m: f"{where} (seed {SEED}): grad of weight {k}: {m}")
 
 
@@ -204,10 +218,10 @@ def assert_grads_match(got: list, case: dict, where: str) -> None:
 # ------------------------------------------------------------------------------------------------
 STEP_CASES = [f"step-H{h}-L{l}-g{g}" for h, l in SHAPES for g in (1, 3)] + ["step-H17-L1-g10", "step-H16-L2-g0",
                                                                            "step-H50-L2-f64lr"]
-GRAD_CASES = [f"grads-H{h}-L{l}" for h, l in SHAPES] + ["grads-H17-L2-negloss"]
+GRAD_CASES = [f"grads-H{h}-L{l}" for h, l in SHAPES] + ["grads-H17-L2-negloss", "grads-H50-L2-overflow"]
 GUARD_CASES = ["guard-" + n for n in ("nan-loss", "inf-loss", "neg-inf-loss", "f64-loss-overflows-f32",
                                       "negative-loss-clamped", "zero-loss", "bf16-loss", "nan-gamma", "inf-gamma",
-                                      "nan-weight")]
+                                      "nan-weight", "overflow-H17", "overflow-H50")]
 
 
 @needs_triton
@@ -418,6 +432,11 @@ def test_unsupported_inputs_are_named():
     assert "contiguous" in k.unsupported_reason(h, h.clone(), w[:4] + [w[4].t().contiguous().t()] + w[5:])
     assert "weight tensors" in k.unsupported_reason(h, h.clone(), w[:-1])
     assert "shape" in k.unsupported_reason(h, h.clone(), w[:2] + [w[2][:-1]] + w[3:])
+    assert "middle size" in k.unsupported_reason(h, h.clone(), [torch.zeros(0, 1)] + w[1:])
+    # out= of the gradient kernel must have the weights' shapes, not just consistent ones
+    other = [torch.zeros(shape) for shape in k._expected_shapes(2, 17, 4)]  # middle size 4, not 8
+    with pytest.raises(ValueError, match="out: shapes differ"):
+        k.launch_param_grads(torch.tensor(1.0), h, h.clone(), w, torch.tensor(1.0), out=other)
     lr = [torch.zeros(())]
     args = (torch.tensor(1.0), h, h.clone(), w, torch.tensor(0.5), torch.tensor(0.0), lr, [1.0],
             torch.zeros((), dtype=torch.bool))

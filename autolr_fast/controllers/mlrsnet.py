@@ -11,6 +11,18 @@ from torch import Tensor, nn
 from ..ops import dispatch, reference
 from .files import read_file
 
+# Parameters registered in this process (nn.Module.register_parameter, which assigning an
+# nn.Parameter goes through): flat_weights' cache is checked again only when this changed, so
+# the every-step path is one comparison.
+_PARAMETER_REGISTRATIONS = [0]
+
+
+def _count_parameter_registration(module: nn.Module, name: str, param) -> None:
+    _PARAMETER_REGISTRATIONS[0] += 1
+
+
+nn.modules.module.register_module_parameter_registration_hook(_count_parameter_registration)
+
 GateOrder = Literal["train", "metatest"]
 
 
@@ -78,21 +90,26 @@ class MLRSNet(nn.Module):
     def flat_weights(self) -> list[Tensor]:
         """The weights in the layout of :mod:`autolr_fast.reference` (``8 * layers + 2``).
 
-        Cached (the scheduler asks every step); rebuilt after ``.to()``/``_apply``, or when the
-        first or last parameter object was replaced (replace parameters with ``.data`` copies
-        or ``load_state_dict``, as usual, to keep it valid).
+        Cached (the scheduler asks every step); rebuilt after ``.to()``/``_apply``, or when any
+        parameter object was replaced (an assignment of a new ``nn.Parameter``).
         """
         cache = self.__dict__.get("_flat_cache")
-        # (plain dict look-ups: Module.__getattr__ and Sequential.__getitem__ cost microseconds)
-        if (cache is not None and cache[-1] is self._modules["head"]._parameters["bias"]
-                and cache[0] is self.__dict__["_flat_first"]._parameters["weight"]):
-            return cache
+        if cache is not None:
+            seen = _PARAMETER_REGISTRATIONS[0]
+            if self.__dict__["_flat_seen"] == seen:  # no parameter registered anywhere since
+                return cache
+            # one identity check per weight against the (module, name) slot it came from
+            if all(w is slots[name] for w, (slots, name) in zip(cache, self.__dict__["_flat_slots"])):
+                self.__dict__["_flat_seen"] = seen
+                return cache
         out: list[Tensor] = []
         for cell in self.cells:
             out.extend(cell.flat_weights())
         out.extend([self.head.weight, self.head.bias])
+        by_id = {id(p): (m._parameters, n) for m in self.modules() for n, p in m._parameters.items() if p is not None}
         self.__dict__["_flat_cache"] = out
-        self.__dict__["_flat_first"] = self.cells[0].fc_i2h[0]
+        self.__dict__["_flat_slots"] = [by_id[id(w)] for w in out]
+        self.__dict__["_flat_seen"] = _PARAMETER_REGISTRATIONS[0]
         return out
 
     def _apply(self, fn, recurse=True):

@@ -121,7 +121,8 @@ def _gate_preact(w2, b2, v2, d2, GATE: tl.constexpr, r1, r2, offs_m, offs_h, mas
     wt = tl.load(w2 + rows * M + offs_m, mask=mask_mh, other=0.0)
     vt = tl.load(v2 + rows * M + offs_m, mask=mask_mh, other=0.0)
     z = tl.sum(wt * r1, axis=0, keep_dims=True) + tl.sum(vt * r2, axis=0, keep_dims=True)
-    return z + tl.load(b2 + rows, mask=mask_h, other=0.0) + tl.load(d2 + rows, mask=mask_h, other=0.0)
+    z = z + tl.load(b2 + rows, mask=mask_h, other=0.0) + tl.load(d2 + rows, mask=mask_h, other=0.0)
+    return tl.where(mask_h, z, 0.0)  # padding lanes: 0 * inf would be NaN
 
 
 @triton.jit
@@ -134,6 +135,8 @@ def _cell_forward(x, h_prev, c_prev, w0, b0, w2, b2, v0, d0, v2, d2, offs_m, off
     else:
         a1 = _hidden_from_row(w0, b0, x, offs_m, offs_h, mask_m, mask_mh, H)
     a2 = _hidden_from_row(v0, d0, h_prev, offs_m, offs_h, mask_m, mask_mh, H)
+    a1 = tl.where(mask_m, a1, 0.0)
+    a2 = tl.where(mask_m, a2, 0.0)
     r1 = _relu(a1)
     r2 = _relu(a2)
     gi = tl.sigmoid(_gate_preact(w2, b2, v2, d2, 0, r1, r2, offs_m, offs_h, mask_h, mask_mh, H, M))
@@ -369,6 +372,8 @@ def unsupported_reason(h: torch.Tensor, c: torch.Tensor, weights: Sequence[torch
         if t.dtype != f32 or not t.is_contiguous() or t.device != device:
             return f"{name} must be a contiguous float32 tensor on {device} (got {t.dtype} on {t.device})"
     middle = weights[0].shape[0] if weights[0].dim() == 2 else -1
+    if not 1 <= middle <= MAX_HIDDEN:  # the block sizes (and the registers) follow it
+        return f"the Triton kernels take a middle size 1..{MAX_HIDDEN} (the first weight's rows), got {middle}"
     for k, (w, shape) in enumerate(zip(weights, _expected_shapes(num_layers, hidden, middle))):
         if w.shape != shape or w.dtype != f32 or not w.is_contiguous() or w.device != device:
             if w.shape != shape:
@@ -750,6 +755,8 @@ def launch_param_grads(
         reason = param_grads_unsupported_reason(loss, h, c, weights, grad_p)
         if reason is None and out is not None:
             reason = unsupported_reason(h, c, out)
+            if reason is None and any(o.shape != w.shape for o, w in zip(out, weights)):
+                reason = "shapes differ from the weights' (the kernel writes with the weights' sizes)"
             reason = None if reason is None else f"out: {reason}"
         if reason is not None:
             raise ValueError(f"mlrsnet param-grads kernel: {reason}")

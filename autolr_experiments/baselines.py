@@ -37,6 +37,7 @@ from torch import Tensor, nn
 from autolr_fast import MetaConfig, MLRSNet, load_controller, load_pretrained
 from autolr_fast.controllers.pretrained import PRETRAINED_DIR, available_pretrained
 
+from .tasks import dataset_of, shares_data
 from .training import (
     SGD_MOMENTUM,
     WEIGHT_DECAY,
@@ -155,9 +156,12 @@ _METHODS: dict[str, Method] = {}
 
 
 def register_method(name: str, family: str, default_lr: float | None = None, description: str = "",
-                    available: Callable[[], str | None] | None = None, task_lr: bool = False) -> Callable:
+                    available: Callable[[], str | None] | None = None, task_lr: bool = False,
+                    revision: int = 1) -> Callable:
     """Register ``fn(spec) -> Schedule`` as a method. ``task_lr``: a hand-designed method that trains
-    with the task's default optimizer and is tuned on a grid around that optimizer's default rate."""
+    with the task's default optimizer and is tuned on a grid around that optimizer's default rate.
+    ``revision``: raised when a change to ``fn`` changes what its runs record (older records are
+    then run again by ``compare --resume``)."""
     if family not in ("hand", "untuned", "learned"):
         raise ValueError(f"family must be 'hand', 'untuned' or 'learned', got {family!r}")
     if task_lr and family != "hand":
@@ -167,7 +171,8 @@ def register_method(name: str, family: str, default_lr: float | None = None, des
                          "grid on")
 
     def wrap(fn: Callable[[RunSpec], Schedule]) -> Callable[[RunSpec], Schedule]:
-        _METHODS[name] = Method(name, fn, family, default_lr, description, available or (lambda: None), task_lr)
+        _METHODS[name] = Method(name, fn, family, default_lr, description, available or (lambda: None), task_lr,
+                                revision)
         return fn
 
     return wrap
@@ -264,7 +269,11 @@ def _schedulefree(opt) -> Schedule:
                     train_mode=opt.train)
 
 
-@register_method("sf-sgd", "hand", SGD_DEFAULT_LR, "schedule-free SGD (momentum 0.9, 5% warmup)",
+#: SGDScheduleFree's own default rate (its authors advise rates well above a scheduled SGD's)
+SF_SGD_DEFAULT_LR = 1.0
+
+
+@register_method("sf-sgd", "hand", SF_SGD_DEFAULT_LR, "schedule-free SGD (momentum 0.9, 5% warmup)",
                  available=_needs("schedulefree"))
 def sf_sgd(spec: RunSpec) -> Schedule:
     import schedulefree  # optional: the compare extra
@@ -349,7 +358,7 @@ def dog(spec: RunSpec) -> Schedule:
 @register_method("dadapt", "untuned", None,
                  "D-Adaptation (dadaptation): DAdaptSGD (momentum 0.9) or DAdaptAdam (decoupled decay for AdamW) "
                  "to match the task's optimizer, lr=1 with cosine annealing, the task's weight decay",
-                 available=_needs("dadaptation"))
+                 available=_needs("dadaptation"), revision=2)  # 2: DAdaptSGD's rate divided by |g_0|
 def dadapt(spec: RunSpec) -> Schedule:
     import dadaptation  # optional: the compare extra
 
@@ -360,7 +369,14 @@ def dadapt(spec: RunSpec) -> Schedule:
                                      decouple=optim.kind == "adamw")
     else:
         opt = dadaptation.DAdaptSGD(params, lr=1.0, momentum=SGD_MOMENTUM, weight_decay=optim.weight_decay)
-    return _cosine_on(opt, spec, lambda: float(opt.param_groups[0]["d"] * opt.param_groups[0]["lr"]))
+
+    def rate() -> float:
+        # DAdaptSGD steps with d * lr / |g_0| (the first gradient's norm); DAdaptAdam with d * lr
+        group = opt.param_groups[0]
+        return float(group["d"] * group["lr"] / group.get("g0_norm", 1.0)) if not optim.adam_like else \
+            float(group["d"] * group["lr"])
+
+    return _cosine_on(opt, spec, rate)
 
 
 @register_method("mechanic", "untuned", None,
@@ -437,17 +453,19 @@ def autolr(spec: RunSpec) -> Schedule:
     path = Path(loto) if loto else PRETRAINED_DIR / f"{name}.pt"
     controller = load_controller(path) if loto else load_pretrained(name)
     trained_on = controller_training_tasks(getattr(controller, "info", {}) or {})
-    if loto and (name != "default" or controller.info.get("left_out") != spec.task.name
-                 or spec.task.name in trained_on):
+    left_out = str(controller.info.get("left_out", "")) if loto else ""
+    if loto and (name != "default" or not shares_data(spec.task.name, [left_out])
+                 or shares_data(spec.task.name, trained_on)):
         raise ValueError(f"{path} is not the leave-one-task-out controller of {name!r} for {spec.task.name} (its "
-                         f"card: left out {controller.info.get('left_out')!r}, tasks {trained_on})")
+                         f"card: left out {left_out!r}, tasks {trained_on})")
     opt = make_optimizer(spec.model, spec.task.optim)
     schedule = autolr_schedule(opt, controller, total_steps=spec.total_steps)
-    schedule.info.update({"controller": f"{name} without {spec.task.name}" if loto else name,
+    schedule.info.update({"controller": f"{name} without {dataset_of(spec.task.name)} data" if loto else name,
                           "leave_one_task_out": bool(loto), "controller_tasks": trained_on,
                           "controller_sha256": hashlib.sha256(path.read_bytes()).hexdigest(),
                           "ops": "reference ops" if os.environ.get("AUTOLR_FAST_FORCE_REFERENCE") else "fast ops",
-                          "trained_on_task": spec.task.name in trained_on, "optimizer": spec.task.optim.describe()})
+                          "trained_on_task": shares_data(spec.task.name, trained_on),
+                          "optimizer": spec.task.optim.describe()})
     return schedule
 
 
@@ -485,6 +503,9 @@ def learned_schedule(spec: RunSpec, controller: nn.Module, meta: MetaConfig | No
     kwargs = {"num_classes": spec.task.num_classes} if gamma == "auto" else {}
     schedule = autolr_schedule(opt, controller, gamma=gamma, meta=meta, **kwargs)
     schedule.info["gamma"] = str(gamma)
+    trained_on = controller_training_tasks(getattr(controller, "info", {}) or {})
+    if trained_on:  # reported beside the verdicts (a controller trained on this task's data)
+        schedule.info["trained_on_task"] = shares_data(spec.task.name, trained_on)
     return schedule
 
 
@@ -529,7 +550,7 @@ def _shipped_missing(name: str) -> Callable[[], str | None]:
 
 @register_method("shipped", "learned", None,
                  f"this project's shipped controller load_pretrained({SHIPPED_CONTROLLER!r}) with its own gamma",
-                 available=_shipped_missing(SHIPPED_CONTROLLER))
+                 available=_shipped_missing(SHIPPED_CONTROLLER), revision=2)  # 2: records its training data
 def shipped(spec: RunSpec) -> Schedule:
     return learned_schedule(spec, load_pretrained(SHIPPED_CONTROLLER))
 
@@ -549,10 +570,10 @@ def meta_online(spec: RunSpec) -> Schedule:
                  available=_shipped_missing(SHIPPED_ACTION_CONTROLLER))
 def action(spec: RunSpec) -> Schedule:
     trained_on = action_training_tasks()
-    if spec.task.name in trained_on:
+    if shares_data(spec.task.name, trained_on):
         raise MethodUnavailable(
-            f"the shipped action controller was trained on data from {spec.task.name} "
-            f"(its tasks: {', '.join(trained_on)}); it is evaluated only on other tasks"
+            f"the shipped action controller was trained on {spec.task.name}'s data "
+            f"(its tasks: {', '.join(trained_on)}); it is evaluated only on other data"
         )
     return learned_schedule(spec, load_pretrained(SHIPPED_ACTION_CONTROLLER))
 

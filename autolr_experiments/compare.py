@@ -34,7 +34,7 @@ from autolr_fast.controllers.pretrained import PRETRAINED_DIR, available_pretrai
 
 from . import baselines
 from .report import color_cycle, fmt, fmt_mean_std, is_number, markdown_table, mean_std, plt, save_figure, summarize
-from .tasks import Task, available_tasks, get_task, task_optimizer
+from .tasks import Task, available_tasks, dataset_of, get_task, shares_data, task_optimizer
 from .training import Method, MethodUnavailable, RunSpec, Schedule, train
 
 SCHEMA = "autolr_fast.compare/1"
@@ -43,7 +43,7 @@ SCHEMA = "autolr_fast.compare/1"
 #: controller was trained on, the variant of those autolr jobs, and the epochs of every family run
 #: (None: each run's own; a test shortens it).
 LOTO_DIR = "leave_one_out"
-LOTO_VARIANT = "leave-one-task-out"
+LOTO_VARIANT = "leave-one-dataset-out"
 LOTO_EPOCHS: int | None = None
 
 #: Per task: (epochs, batch size) of a full comparison.
@@ -91,7 +91,7 @@ class Job:
     batch_size: int
     threads: int = 1
     split: str = "test"  # "validation": trained without the validation split, scored on it
-    variant: str = ""  # "leave-one-task-out": autolr with the controller trained without this task
+    variant: str = ""  # "leave-one-dataset-out@<sha12>": autolr with the controller trained without this task's data
 
 
 # ------------------------------------------------------------------------------------------------
@@ -142,6 +142,9 @@ def _run_one(job: Job, cache: dict) -> dict:
     }
     if job.variant:
         record["variant"] = job.variant
+    if method.revision != 1:
+        record["revision"] = method.revision
+    record["optimizer"] = task_optimizer(job.task).describe()
     if job.split == "validation":
         record["validation_split"] = _validation_settings()
     try:
@@ -160,17 +163,21 @@ def _run_one(job: Job, cache: dict) -> dict:
 # Aggregation
 # ------------------------------------------------------------------------------------------------
 def _time_to_target(rec: dict, target: float) -> tuple[int | None, float | None]:
+    """``(steps, CPU seconds)`` until the run first reached ``target`` (checked at epoch ends).
+    The seconds are the run's CPU seconds per step times those steps: CPU time does not depend on
+    what else the machine was running, where wall time does."""
     c = rec["curves"]
     series = c["test_acc"] if rec["classification"] else c["test_loss"]
-    for v, steps, t in zip(series, c["steps"], c["train_time_s"], strict=True):
+    per_step = rec["cpu_time_s"] / rec["steps"] if rec.get("cpu_time_s") and rec.get("steps") else None
+    for v, steps in zip(series, c["steps"], strict=True):
         if is_number(v) and ((v >= target) if rec["classification"] else (v <= target)):
-            return steps, t
+            return steps, (None if per_step is None else steps * per_step)
     return None, None
 
 
 def _chosen_groups(groups: dict[tuple, list[dict]], score: Callable[[list[dict]], float]) -> list[tuple]:
     """``(method, setting, runs)`` of the reported rows: ``best`` (and ``default``, unless it is
-    the best) for hand-designed methods, ``as shipped`` (or ``leave-one-task-out``) for the others."""
+    the best) for hand-designed methods, ``as shipped`` (or ``leave-one-dataset-out``) for the others."""
     chosen: list[tuple[str, str, list[dict]]] = []
     for method in baselines.available_methods():
         cands = {lr: rs for (name, lr), rs in groups.items() if name == method}
@@ -191,7 +198,7 @@ def _chosen_groups(groups: dict[tuple, list[dict]], score: Callable[[list[dict]]
 
 
 def _learned_setting(runs: list[dict]) -> str:
-    """``leave-one-task-out`` for runs of a controller meta-trained again without their task,
+    """``leave-one-dataset-out`` for runs of a controller meta-trained again without their task's data,
     ``as shipped`` otherwise."""
     loto = any(r.get("variant", "").startswith(LOTO_VARIANT) for r in runs)
     return LOTO_VARIANT if loto else "as shipped"
@@ -208,7 +215,8 @@ def _target(cls: bool, best: float) -> dict:
 def summary_rows(runs: list[dict]) -> tuple[list[dict], dict]:
     """Rows of the result table: per task and method, ``best`` and ``default`` for hand-designed
     methods (best = grid rate with the best mean final metric over seeds), ``as shipped`` (or
-    ``leave-one-task-out``) for the others, each with ``report.summarize`` of its runs. Returns ``(rows, targets)``."""
+    ``leave-one-dataset-out``) for the others, each with ``report.summarize`` of its runs.
+    Returns ``(rows, targets)``."""
     ok = [r for r in runs if r["status"] in ("ok", "diverged")]
     rows: list[dict] = []
     targets: dict[str, dict] = {}
@@ -227,11 +235,12 @@ def summary_rows(runs: list[dict]) -> tuple[list[dict], dict]:
         target = targets[task]["target"]
         for method, setting, rs in chosen:
             row: dict[str, Any] = {"task": task, "method": method, "family": rs[0]["family"], "setting": setting,
-                                   "lr": rs[0]["lr"], "classification": cls, **summarize(rs)}
+                                   "lr": rs[0]["lr"], "classification": cls, **summarize(rs),
+                                   "trained_on": any((r.get("info") or {}).get("trained_on_task") for r in rs)}
             reached = [h for h in (_time_to_target(r, target) for r in rs) if h[0] is not None]
             row["target_reached"] = f"{len(reached)}/{len(rs)}"
             row["steps_to_target"], _ = mean_std([h[0] for h in reached])
-            row["seconds_to_target"], _ = mean_std([h[1] for h in reached])
+            row["seconds_to_target"], _ = mean_std([h[1] for h in reached if h[1] is not None])  # CPU s
             rows.append(row)
     return rows, targets
 
@@ -268,7 +277,8 @@ def verdicts(rows: list[dict]) -> list[dict]:
             tie = not math.isinf(delta) and (delta == 0 or (noise is not None and abs(delta) <= noise))
             verdict = "tie" if tie else ("win" if better else "lose")
             ratio = r["final_metric"] / ref["final_metric"] if ref["final_metric"] else None
-            out.append({"task": r["task"], "learned": r["method"], "reference": f"{method} ({ref['setting']})",
+            out.append({"task": r["task"], "learned": r["method"], "trained_on": bool(r.get("trained_on")),
+                        "reference": f"{method} ({ref['setting']})",
                         "delta": delta, "ratio": ratio, "noise": noise, "verdict": verdict,
                         "classification": r["classification"]})
     return out
@@ -315,8 +325,9 @@ def _budget_row(label: str, row: dict | None, runs: list[dict], tuned: bool = Fa
     if row is None:
         return None
     cpu, n_runs = _cpu_per_seed(runs, row["task"], row["method"], "any" if tuned else row["lr"])
-    steps = next((r["steps"] for r in runs if r["task"] == row["task"] and r["method"] == row["method"]
-                  and r["status"] == "ok"), None)
+    # the longest run of the row (a run that diverged stops early; if every one did, its longest)
+    steps = max((r["steps"] for r in runs if r["task"] == row["task"] and r["method"] == row["method"]
+                 and r["status"] in ("ok", "diverged") and r.get("steps")), default=None)
     return {"label": label, "method": row["method"], "setting": row["setting"], "lr": row["lr"],
             "runs": n_runs, "steps_per_run": steps, "cpu_s": cpu, "seeds": row["seeds"],
             "final_metric": row["final_metric"], "final_metric_std": row["final_metric_std"],
@@ -414,8 +425,10 @@ def equal_budget(rows: list[dict], runs: list[dict], val_runs: list[dict] | None
                 "close_to_tuned": _close(a, tuned and tuned["final_metric"], cls),
                 "beats_best_tuning_free": _better(a, best_free and best_free["final_metric"], cls),
                 "best_tuning_free": best_free and best_free["label"],
-                # 1 = better than every tuning-free competitor; len(free) + 1 = worse than all of them
+                # 1 = no tuning-free competitor is better; len(free) + 1 = worse than all of them
                 "rank_among_tuning_free": 1 + sum(_better(f["final_metric"], a, cls) for f in free),
+                "tied_in_rank": sum(not _better(f["final_metric"], a, cls) and not _better(a, f["final_metric"], cls)
+                                    for f in free),
                 "tuning_free_methods": len(free) + 1,
             }
         out.append(entry)
@@ -521,7 +534,8 @@ def _budget_section(budget: list[dict], grid: int, action: list[dict] | None = N
         shas = ", ".join(h[:12] for h in b.get("controller_sha256", []) if h) or "-"
         ctrl = f"controller `{b['controller']}`, sha256 {shas}, {b.get('ops') or 'ops not recorded'}"
         if b.get("leave_one_task_out"):
-            trained = (f"**leave-one-task-out**: the shipped recipe meta-trained again without this task ({ctrl})")
+            trained = (f"**leave-one-task-out**: the shipped recipe meta-trained again without this task's data "
+                       f"(every task that shares it) ({ctrl})")
         elif b["trained_on"]:
             trained = f"**trained on this task** ({ctrl})"
         else:
@@ -543,7 +557,8 @@ def _budget_section(budget: list[dict], grid: int, action: list[dict] | None = N
                     f"- AutoLR close to tuned cosine: {yes(v['close_to_tuned'])} ({v['delta_vs_tuned']})",
                     f"- AutoLR beats the best other tuning-free method ({v['best_tuning_free']}): "
                     f"{yes(v['beats_best_tuning_free'])} ({v['delta_vs_best_tuning_free']}); AutoLR ranks "
-                    f"{v['rank_among_tuning_free']} of {v['tuning_free_methods']} tuning-free rows", ""]
+                    f"{v['rank_among_tuning_free']}{' (tied)' if v.get('tied_in_rank') else ''} of "
+                    f"{v['tuning_free_methods']} tuning-free rows", ""]
         out += [f"![{b['task']} summary]({b['task']}-summary.png)", ""]
     action = action or []
     if action:
@@ -631,7 +646,7 @@ def _task_section(task: str, rows: list[dict], target: dict, settings: tuple[int
     cls = rows[0]["classification"]
     metric, scale, digits = ("acc (%)", 100.0, 4) if cls else ("MSE", 1.0, 3)
     headers = ["method", "setting", "lr", f"final test {metric}", f"best test {metric}", "test loss",
-               "train s", "steps→target", "s→target", "rate epoch-CV", "rate jitter"]
+               "CPU s", "steps→target", "CPU s→target", "rate epoch-CV", "rate jitter"]
 
     def order(r: dict) -> float:
         if cls:
@@ -646,7 +661,7 @@ def _task_section(task: str, rows: list[dict], target: dict, settings: tuple[int
             fmt_mean_std(r["final_metric"], r["final_metric_std"], digits, scale) + note,
             fmt_mean_std(r["best_metric"], r["best_metric_std"], digits, scale),
             fmt_mean_std(r["final_test_loss"], r["final_test_loss_std"]),
-            fmt(r["train_time_s"], 3),
+            fmt(r["cpu_time_s"], 3),
             f"{fmt(r['steps_to_target'], 4)} ({r['target_reached']})",
             fmt(r["seconds_to_target"], 3), fmt(r["rate_epoch_cv"], 3), fmt(r["rate_jitter"], 3),
         ])
@@ -672,7 +687,8 @@ def _verdict_section(vs: list[dict]) -> list[str]:
             return "- (1 seed)"
         return f"{100 * v['noise']:.2f} pts" if v["classification"] else f"{v['noise']:.3g}"
 
-    body = [[v["task"], v["learned"], v["reference"], delta(v), noise(v), v["verdict"]] for v in vs]
+    body = [[v["task"], v["learned"] + (" (trained on this data)" if v.get("trained_on") else ""), v["reference"],
+             delta(v), noise(v), v["verdict"]] for v in vs]
     return ["## Learned controllers vs tuned references", "",
             "Δ = learned minus reference, mean final test accuracy (points) or test MSE (x: the MSE ratio); "
             "tie when |Δ| is within one combined std over seeds.", "",
@@ -860,19 +876,22 @@ def _validation_settings() -> dict:
 
 
 def _job_key(task: str, method: str, lr: Any, seed: int, epochs: int, batch_size: int, split: str = "test",
-             validation: dict | None = None, variant: str = "") -> tuple:
+             validation: dict | None = None, variant: str = "", revision: int = 1, optimizer: str = "") -> tuple:
     split_key = (split,) if split == "test" else (split, validation["fraction"], validation["max"])
     return (task, method, None if lr is None else round(float(lr), 12), int(seed), int(epochs), int(batch_size),
-            split_key, variant)
+            split_key, variant, int(revision), optimizer)
 
 
 def _record_key(r: dict) -> tuple:
+    # a record from before the optimizer was recorded was made with the task's current one
     return _job_key(r["task"], r["method"], r["lr"], r["seed"], r["epochs"], r["batch_size"], r.get("split", "test"),
-                    r.get("validation_split"), r.get("variant", ""))
+                    r.get("validation_split"), r.get("variant", ""), r.get("revision", 1),
+                    r.get("optimizer") or task_optimizer(r["task"]).describe())
 
 
 def _key_of(j: Job) -> tuple:
-    return _job_key(j.task, j.method, j.lr, j.seed, j.epochs, j.batch_size, j.split, _validation_settings(), j.variant)
+    return _job_key(j.task, j.method, j.lr, j.seed, j.epochs, j.batch_size, j.split, _validation_settings(), j.variant,
+                    baselines.get_method(j.method).revision, task_optimizer(j.task).describe())
 
 
 #: Loss-like fields of a run record: JSON stores their +inf (a diverged run) as null.
@@ -927,7 +946,10 @@ def _run_all(jobs: list[Job], n_jobs: int, progress: bool, partial: Path | None 
     if partial is not None and not resume:
         partial.unlink(missing_ok=True)
     keys = [_key_of(j) for j in jobs]
-    records: dict[tuple, dict] = {k: done[k] for k in keys if k in done}
+    # a reused record gets this comparison's grid position: which rate is the default follows
+    # the current grid, not the one it was recorded under
+    records: dict[tuple, dict] = {k: {**done[k], "is_default": j.is_default, "grid_index": j.grid_index}
+                                  for k, j in zip(keys, jobs) if k in done}
     todo = [i for i, k in enumerate(keys) if k not in records]
     bar = tqdm(total=len(jobs), initial=len(jobs) - len(todo), desc="compare", unit="run", disable=not progress,
                dynamic_ncols=True)
@@ -963,18 +985,18 @@ def _run_all(jobs: list[Job], n_jobs: int, progress: bool, partial: Path | None 
 
 
 def _leave_one_task_out(jobs: list[Job], controller: str, out: Path, args) -> tuple[list[Job], dict[str, str]]:
-    """``(jobs, files)``: the jobs, where ``autolr`` runs on a task the shipped ``default``
-    controller was trained on marked as the leave-one-task-out variant (with the shipped file's
-    digest, so that records of another ``default`` are not reused), and per such task the
-    controller file those runs use: the same recipe meta-trained again without the task
-    (``meta_train.leave_one_task_out``), built into ``OUT/leave_one_out/`` when a run still needs
-    it and no file of this recipe, these epochs and this shipped file is there. Only the family
-    recipe (``default``) can be repeated this way."""
+    """``(jobs, files)``: the jobs, where ``autolr`` runs on a task whose data the shipped
+    ``default`` controller was trained on marked as the leave-one-dataset-out variant (with the
+    shipped file's digest, so that records of another ``default`` are not reused), and per such
+    task the controller file those runs use: the same recipe meta-trained again without every run
+    on that data (``meta_train.leave_one_task_out``; MNIST-1D's CNN and MLP share one), built into
+    ``OUT/leave_one_out/`` when a run still needs it and no file of this recipe, these settings and
+    this shipped file is there. Only the family recipe (``default``) can be repeated this way."""
     if args.no_leave_one_task_out or controller != "default" or controller not in available_pretrained():
         return jobs, {}
     shipped = PRETRAINED_DIR / f"{controller}.pt"
-    trained = set(baselines.controller_training_tasks(load_pretrained(controller).info))
-    tasks = sorted({j.task for j in jobs if j.method == "autolr"} & trained)
+    trained = baselines.controller_training_tasks(load_pretrained(controller).info)
+    tasks = sorted(t for t in {j.task for j in jobs if j.method == "autolr"} if shares_data(t, trained))
     if not tasks:
         return jobs, {}
     from . import meta_train  # imported here: meta_train imports compare
@@ -984,20 +1006,34 @@ def _leave_one_task_out(jobs: list[Job], controller: str, out: Path, args) -> tu
     jobs = [replace(j, variant=variant) if j.method == "autolr" and j.task in tasks else j for j in jobs]
     done = _load_partial(out / "runs.jsonl") if args.resume else {}
     files: dict[str, str] = {}
-    for task in tasks:
-        path = out / LOTO_DIR / f"{controller}-without-{task}.pt"
+    recipe = {k: meta_train.FAMILY_DEFAULTS[k] for k in ("interval", "horizon", "meta_lr", "passes")}
+    for data in sorted({dataset_of(t) for t in tasks}):  # one controller per left-out dataset
+        on_data = [t for t in tasks if dataset_of(t) == data]
+        path = out / LOTO_DIR / f"{controller}-without-{data}.pt"
         info = load_controller(path).info if path.is_file() else {}
-        current = (info.get("recipe_of") == digest and info.get("settings", {}).get("epochs") == LOTO_EPOCHS
-                   and info.get("family") == [asdict(r) for r in meta_train.family_without(task, LOTO_EPOCHS)])
-        pending = any(_key_of(j) not in done for j in jobs if j.method == "autolr" and j.task == task)
+        settings = info.get("settings", {})
+        current = (info.get("recipe_of") == digest and settings.get("epochs") == LOTO_EPOCHS
+                   and all(settings.get(k) == v for k, v in recipe.items())
+                   and info.get("family") == [asdict(r) for r in meta_train.family_without(on_data[0], LOTO_EPOCHS)])
+        pending = any(_key_of(j) not in done for j in jobs if j.method == "autolr" and j.task in on_data)
         if not current and pending and not args.only_recorded:
-            print(f"[compare] leave-one-task-out: meta-training {controller}'s recipe without {task} into {path}",
-                  file=sys.stderr)
-            meta_train.leave_one_task_out(task, path, epochs=LOTO_EPOCHS, info={"recipe_of": digest})
+            print(f"[compare] leave-one-task-out: meta-training {controller}'s recipe without the {data} data "
+                  f"({', '.join(on_data)}) into {path}", file=sys.stderr)
+            meta_train.leave_one_task_out(on_data[0], path, epochs=LOTO_EPOCHS, info={"recipe_of": digest})
             current = True
         if current:
-            files[task] = str(path)
+            files.update({t: str(path) for t in on_data})
     return jobs, files
+
+
+def _with_controller_variant(jobs: list[Job], controller: str) -> list[Job]:
+    """The other ``autolr`` jobs marked with the controller's name and digest, so that records
+    made with another controller are not reused."""
+    path = PRETRAINED_DIR / f"{controller}.pt"
+    if not path.is_file():
+        return jobs
+    variant = f"{controller}@{hashlib.sha256(path.read_bytes()).hexdigest()[:12]}"
+    return [replace(j, variant=variant) if j.method == "autolr" and not j.variant else j for j in jobs]
 
 
 @contextlib.contextmanager
@@ -1030,6 +1066,7 @@ def main(argv: list[str] | None = None) -> int:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     jobs, loto_files = _leave_one_task_out(jobs, controller, out, args)
+    jobs = _with_controller_variant(jobs, controller)
     with _environment(baselines.AUTOLR_LOTO_ENV, json.dumps(loto_files)):
         return _run_and_report(args, argv, controller, jobs, skipped, cfg, out)
 

@@ -44,7 +44,7 @@ from autolr_fast.rate_scale import SETTLE_STEPS, cosine_envelope
 
 from .baselines import SGD_DEFAULT_LR, get_method
 from .report import mean_std, plot_runs, save_figure, summarize, summary_table
-from .tasks import available_tasks, get_task, task_optimizer
+from .tasks import available_tasks, dataset_of, get_task, shares_data, task_optimizer
 from .training import Method, RunSpec, Schedule, autolr_schedule, sgd, torch_schedule, train
 
 DEFAULTS = {"epochs": 100, "seeds": 3, "interval": 10, "lr": 0.1, "batch_size": 100, "val_size": 500}
@@ -529,8 +529,8 @@ def _family_parse(argv: list[str] | None) -> argparse.Namespace:
                     help="also run every family setting at lr / F and lr x F (a controller that sees mis-set "
                          "rates could learn to correct them; default: the usual rates only)")
     ap.add_argument("--exclude-task", action="append", default=[], metavar="TASK",
-                    help="leave this task's runs out of the family (repeatable): the leave-one-task-out "
-                         "controller compare evaluates on that task")
+                    help="leave the runs on this task's data out of the family (every task sharing it; "
+                         "repeatable): the leave-one-task-out controller compare evaluates on that task")
     ap.add_argument("--normalise-loss", action="store_true",
                     help="the controller reads the loss divided by the run's first loss, in training and in "
                          "the checks (recorded in the controller's card; AutoLR itself feeds the raw loss)")
@@ -561,7 +561,7 @@ def family_main(argv: list[str] | None) -> int:
     if args.exclude_task and args.ship is not None:
         raise SystemExit("--exclude-task trains a leave-one-task-out controller, not the shipped one: drop --ship")
     family = [replace(r, epochs=args.epochs or r.epochs) for r in (FAMILY[:4] if args.quick else FAMILY)
-              if r.task not in args.exclude_task]
+              if not shares_data(r.task, args.exclude_task)]
     if not family:
         raise SystemExit(f"--exclude-task {args.exclude_task} leaves no run in the family")
     if args.lr_spread:
@@ -617,20 +617,22 @@ def save_family_controller(ctrl: MLRSNet, path: str | os.PathLike, info: dict) -
 
 
 def family_without(task: str, epochs: int | None = None) -> list[FamilyRun]:
-    """The training family without ``task``'s runs, each ``epochs`` long if given."""
-    return [replace(r, epochs=epochs or r.epochs) for r in FAMILY if r.task != task]
+    """The training family without the runs on ``task``'s data (every task that shares it, e.g.
+    both MNIST-1D models), each ``epochs`` long if given."""
+    return [replace(r, epochs=epochs or r.epochs) for r in FAMILY if not shares_data(r.task, [task])]
 
 
 def leave_one_task_out(task: str, path: str | os.PathLike, *, epochs: int | None = None,
                        progress: Callable[[], None] | None = None, info: dict | None = None) -> str:
     """Meta-train the shipped recipe (``FAMILY`` with ``FAMILY_DEFAULTS``, as ``meta-train
-    --family``) without ``task``'s runs and save the controller at ``path``: what ``compare``
-    evaluates on a task the shipped controller was trained on. ``epochs``: every run this long
+    --family``) without the runs on ``task``'s data and save the controller at ``path``: what
+    ``compare`` evaluates on a task whose data the shipped controller was trained on. ``epochs``: every run this long
     (a short check); None: each run's own. ``info``: more entries for the file's card. Same as
     ``meta-train --family --exclude-task TASK``."""
     family = family_without(task, epochs)
     if len(family) == len(FAMILY):
         raise ValueError(f"{task!r} is not in the training family ({sorted({r.task for r in FAMILY})})")
+    left_out = sorted({r.task for r in FAMILY} - {r.task for r in family})
     d = FAMILY_DEFAULTS
     start = time.perf_counter()
     threads = torch.get_num_threads()
@@ -641,7 +643,8 @@ def leave_one_task_out(task: str, path: str | os.PathLike, *, epochs: int | None
     finally:
         torch.set_num_threads(threads)
     settings = {k: d[k] for k in ("interval", "horizon", "meta_lr", "passes")}
-    info = {"name": f"default without {task}", "left_out": task, "tasks": sorted({r.task for r in family}),
+    info = {"name": f"default without {dataset_of(task)} data", "left_out": task, "left_out_tasks": left_out,
+            "left_out_data": dataset_of(task), "tasks": sorted({r.task for r in family}),
             "command": "python -m autolr_fast meta-train --family --exclude-task " + task
                        + (f" --epochs {epochs}" if epochs else ""),
             "family": [asdict(r) for r in family], "settings": {**settings, "epochs": epochs},

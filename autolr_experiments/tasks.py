@@ -120,6 +120,21 @@ def register_task(name: str, optimizer: OptimSpec = SGD_MOMENTUM_DEFAULT) -> Cal
     return wrap
 
 
+#: Tasks that train on the same data (inputs and labels; another model): whatever was trained on
+#: one of them has seen the others' training data, so holding out one holds out all of them.
+SHARED_DATA = {"mnist1d-cnn": "mnist1d", "mnist1d-mlp": "mnist1d", "digits-mlp": "digits", "digits-bncnn": "digits"}
+
+
+def dataset_of(name: str) -> str:
+    """The name of the data ``name`` trains on (the task's own name unless it shares its data)."""
+    return SHARED_DATA.get(name, name)
+
+
+def shares_data(name: str, others) -> bool:
+    """Whether task ``name`` trains on the data of any of the tasks ``others``."""
+    return any(dataset_of(name) == dataset_of(o) for o in others)
+
+
 def task_optimizer(name: str) -> OptimSpec:
     """The default optimizer of a registered task (known without building its data)."""
     if name not in _OPTIMIZERS:

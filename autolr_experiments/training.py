@@ -108,6 +108,9 @@ class Method:
     description: str = ""
     available: Callable[[], str | None] = lambda: None
     task_lr: bool = False
+    #: raised when the method's build changes what a run measures: recorded runs of an older
+    #: revision are not reused (compare --resume)
+    revision: int = 1
 
 
 # ------------------------------------------------------------------------------------------------

@@ -409,7 +409,8 @@ def test_old_records_without_a_split_resume_as_test_runs(tmp_path):
 
 def test_autolr_on_a_task_of_its_training_family_runs_leave_one_task_out(tmp_path, monkeypatch):
     """On a task the shipped controller was trained on, autolr runs the same recipe meta-trained
-    without that task (built once, reused on --resume, rebuilt when the shipped file changes)."""
+    without that task's data: every task sharing it (built once, reused on --resume, rebuilt when
+    the shipped file changes)."""
     if "default" not in baselines.available_pretrained():
         pytest.skip("no shipped default controller")
     trained = baselines.controller_training_tasks(load_pretrained("default").info)
@@ -422,13 +423,14 @@ def test_autolr_on_a_task_of_its_training_family_runs_leave_one_task_out(tmp_pat
     args = ["--tasks", task, "--methods", "autolr", "--seeds", "1", "--grid", "1", "--epochs", "1", "--out", str(out),
             "--no-progress", "--no-plots"]
     assert compare.main(args) == 0
-    loto = out / compare.LOTO_DIR / f"default-without-{task}.pt"
+    loto = out / compare.LOTO_DIR / "default-without-mnist1d.pt"
     ctrl = load_controller(loto)
-    assert task not in ctrl.info["tasks"] and ctrl.info["left_out"] == task and set(ctrl.info["tasks"]) < set(trained)
+    assert ctrl.info["left_out"] == task and set(ctrl.info["tasks"]) < set(trained)
+    assert not {"mnist1d-mlp", "mnist1d-cnn"} & set(ctrl.info["tasks"])  # the CNN trains on the same data
     doc = json.loads((out / "compare.json").read_text())
     (run,) = doc["runs"]
     assert run["variant"].startswith(compare.LOTO_VARIANT + "@") and run["info"]["leave_one_task_out"]
-    assert not run["info"]["trained_on_task"] and run["info"]["controller"] == f"default without {task}"
+    assert not run["info"]["trained_on_task"] and run["info"]["controller"] == "default without mnist1d data"
     (b,) = doc["equal_budget"]
     assert b["leave_one_task_out"] and not b["trained_on"] and doc["done_when"]["held_out_tasks"] == 1
     (row,) = doc["summary"]
@@ -465,6 +467,37 @@ def test_validation_runs_are_reused_only_with_the_same_split_settings(monkeypatc
     assert compare._record_key(compare._as_recorded(dict(record))) != compare._key_of(job)
     test_job = compare.Job("regress-sin", "cosine", 0.1, 2, True, 0, 1, 32)
     assert compare._key_of(test_job) == compare._record_key(compare._as_recorded({**record, "split": "test"}))
+
+
+def test_records_are_reused_only_for_the_same_method_revision_controller_and_optimizer(monkeypatch):
+    """--resume must not reuse a run whose method changed what it records (a revision), that ran
+    another autolr controller, or that trained with another optimizer than the task's current one."""
+    record = {"task": "regress-sin", "method": "dadapt", "lr": None, "seed": 0, "epochs": 1, "batch_size": 32,
+              "classification": False}  # recorded before revisions and optimizers were stored
+    job = compare.Job("regress-sin", "dadapt", None, None, False, 0, 1, 32)
+    assert baselines.get_method("dadapt").revision > 1
+    assert compare._record_key(dict(record)) != compare._key_of(job)
+    assert compare._record_key({**record, "revision": baselines.get_method("dadapt").revision}) == compare._key_of(job)
+    cos = compare.Job("regress-sin", "cosine", 0.1, 2, True, 0, 1, 32)
+    rec = {**record, "method": "cosine", "lr": 0.1}
+    assert compare._record_key(rec) == compare._key_of(cos)  # no optimizer stored: the current one
+    assert compare._record_key({**rec, "optimizer": "adam lr 0.001"}) != compare._key_of(cos)
+    if "default" in baselines.available_pretrained():
+        (marked,) = compare._with_controller_variant([compare.Job("regress-sin", "autolr", None, None, False, 0, 1,
+                                                                  32)], "default")
+        assert marked.variant.startswith("default@")
+        assert compare._key_of(marked) != compare._record_key({**record, "method": "autolr"})
+
+
+def test_a_reused_record_takes_the_current_grid_position(tmp_path):
+    """Which grid rate is the default follows the grid of this comparison, not the record's."""
+    job = compare.Job("regress-sin", "cosine", 0.1, 2, True, 0, 1, 32)
+    partial = tmp_path / "runs.jsonl"
+    rec = {"task": "regress-sin", "method": "cosine", "lr": 0.1, "seed": 0, "epochs": 1, "batch_size": 32,
+           "classification": False, "status": "ok", "is_default": False, "grid_index": 4, "curves": {}}
+    partial.write_text(json.dumps(rec) + "\n")
+    (got,) = compare._run_all([job], 1, progress=False, partial=partial, resume=True)
+    assert got["is_default"] is True and got["grid_index"] == 2
 
 
 def test_validation_task_holds_out_part_of_the_training_data():
@@ -564,3 +597,15 @@ def test_plots_take_diverged_runs():
     assert math.isnan(compare._mean_curve([{"curves": {"l": [None]}}], "l", 1)[0])
     rates = compare._plottable([0.1, 0.0, None])
     assert rates[:2] == [0.1, 1e-8] and math.isnan(rates[2])
+
+
+def test_a_task_sharing_a_controllers_training_data_counts_as_trained_on():
+    """digits-bncnn trains on the digits that the action controller's digits-mlp runs saw: the
+    action controller is not run there; and the shipped controllers are marked on their data."""
+    from autolr_experiments.tasks import shares_data
+
+    assert shares_data("digits-bncnn", ["digits-mlp"]) and shares_data("mnist1d-mlp", ["mnist1d-cnn"])
+    assert not shares_data("digits-bncnn", ["regress-sin", "markov-gru"])
+    if "digits-mlp" in baselines.action_training_tasks():
+        rec = compare.run_one(compare.Job("digits-bncnn", "action", None, None, False, 0, 1, 32))
+        assert rec["status"] == "skipped" and "digits-bncnn's data" in rec["message"]

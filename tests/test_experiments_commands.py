@@ -94,6 +94,9 @@ def test_meta_train_family_exclude_task_leaves_its_runs_out(tmp_path):
     assert load_controller(out / "default.pt").info["name"] == "default without regress-exp"
     with pytest.raises(ValueError, match="not in the training family"):
         meta_train.leave_one_task_out("digits-mlp", tmp_path / "x.pt", epochs=1)
+    # leaving a task out leaves out its data: both MNIST-1D models train on the same samples
+    assert not {r.task for r in meta_train.family_without("mnist1d-cnn")} & {"mnist1d-cnn", "mnist1d-mlp"}
+    assert {r.task for r in meta_train.family_without("regress-exp")} >= {"mnist1d-cnn", "mnist1d-mlp"}
     with pytest.raises(SystemExit, match="not in the training family"):
         meta_train.main(["--family", "--quick", "--exclude-task", "regress-xp", "--out", str(out)])
     with pytest.raises(SystemExit, match="drop --ship"):

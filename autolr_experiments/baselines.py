@@ -567,7 +567,7 @@ def meta_online(spec: RunSpec) -> Schedule:
 
 @register_method("action", "learned", None,
                  f"this project's action controller load_pretrained({SHIPPED_ACTION_CONTROLLER!r})",
-                 available=_shipped_missing(SHIPPED_ACTION_CONTROLLER))
+                 available=_shipped_missing(SHIPPED_ACTION_CONTROLLER), revision=2)  # 2: not on its training data
 def action(spec: RunSpec) -> Schedule:
     trained_on = action_training_tasks()
     if shares_data(spec.task.name, trained_on):

@@ -534,8 +534,8 @@ def _budget_section(budget: list[dict], grid: int, action: list[dict] | None = N
         shas = ", ".join(h[:12] for h in b.get("controller_sha256", []) if h) or "-"
         ctrl = f"controller `{b['controller']}`, sha256 {shas}, {b.get('ops') or 'ops not recorded'}"
         if b.get("leave_one_task_out"):
-            trained = (f"**leave-one-task-out**: the shipped recipe meta-trained again without this task's data "
-                       f"(every task that shares it) ({ctrl})")
+            trained = (f"**leave-one-task-out**: the shipped recipe meta-trained again without any run on this "
+                       f"task's data ({ctrl})")
         elif b["trained_on"]:
             trained = f"**trained on this task** ({ctrl})"
         else:

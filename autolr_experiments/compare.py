@@ -883,7 +883,7 @@ def _job_key(task: str, method: str, lr: Any, seed: int, epochs: int, batch_size
 
 
 def _record_key(r: dict) -> tuple:
-    # a record from before the optimizer was recorded was made with the task's current one
+    # a record without an optimizer field is taken as made with the task's current one
     return _job_key(r["task"], r["method"], r["lr"], r["seed"], r["epochs"], r["batch_size"], r.get("split", "test"),
                     r.get("validation_split"), r.get("variant", ""), r.get("revision", 1),
                     r.get("optimizer") or task_optimizer(r["task"]).describe())
@@ -921,7 +921,10 @@ def _load_partial(path: Path, statuses: tuple[str, ...] = ("ok", "diverged")) ->
             except json.JSONDecodeError:
                 continue  # a line cut off by the interruption
             if r.get("status") in statuses:
-                done[_record_key(r)] = _as_recorded(r)
+                try:
+                    done[_record_key(r)] = _as_recorded(r)
+                except KeyError:  # a task that is no longer registered: nothing will reuse it
+                    continue
     return done
 
 
@@ -980,8 +983,6 @@ def _run_all(jobs: list[Job], n_jobs: int, progress: bool, partial: Path | None 
         if sink is not None:
             sink.close()
     return [records[k] for k in keys]
-
-
 
 
 def _leave_one_task_out(jobs: list[Job], controller: str, out: Path, args) -> tuple[list[Job], dict[str, str]]:

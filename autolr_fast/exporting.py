@@ -27,6 +27,7 @@ import shutil
 import struct
 import subprocess
 import sys
+import tempfile
 import warnings
 import zipfile
 import zlib
@@ -278,11 +279,17 @@ def export(controller_or_scheduler, path: str | os.PathLike, gamma: float | None
     blob = pack_weights(net, g, h, c, rate)  # checked before anything is written
     module = ExportedMLRSNet(net, g, h, c, rate).eval()
     path = os.fspath(path)
-    tmp = path + ".tmp"  # renamed into place: a reader never sees half a file
-    with _quiet_torchscript():
-        scripted = torch.jit.script(module)
-        torch.jit.save(scripted, tmp, _extra_files={WEIGHTS_ENTRY: blob})
-    os.replace(tmp, path)
+    # written beside the target, then renamed into place: a reader never sees half a file
+    fd, tmp = tempfile.mkstemp(prefix=os.path.basename(path) + ".", suffix=".tmp",
+                               dir=os.path.dirname(os.path.abspath(path)))
+    os.close(fd)
+    try:
+        with _quiet_torchscript():
+            torch.jit.save(torch.jit.script(module), tmp, _extra_files={WEIGHTS_ENTRY: blob})
+        os.replace(tmp, path)
+    except BaseException:
+        os.unlink(tmp)
+        raise
     return path
 
 

@@ -141,6 +141,9 @@ class TrainingSnapshot:
             m.training = mode
         for t in self._model_tensors():
             t.grad = None
+        self.restore_rng()
+
+    def restore_rng(self) -> None:
         torch.set_rng_state(self.cpu_rng)
         if self.cuda_rng is not None:
             torch.cuda.set_rng_state_all(self.cuda_rng)
@@ -485,6 +488,7 @@ def find_lr(
             raise ValueError("find_lr needs at least one evaluation batch (num_eval_batches >= 1)")
         if train_batches is not None:
             train_batches = [to_device(unpack(b), device) for b in train_batches]
+        snap.restore_rng()  # every trial, the first included, starts from the RNG at the call
         trial = _Trial(model, optimizer, loss_fn, unit, batches, train_batches, eval_batches, unpack, device, dist_on)
         start_loss = trial.eval_loss()
         if not math.isfinite(start_loss):

@@ -119,6 +119,7 @@ class AutoLR:
         self._ok = torch.empty((), dtype=torch.bool, device=self.device) if self._on_cuda else None
         self.step_count = 0
         self._steps_since_optimizer = 0
+        self._last_had_skip = False
         self.distributed = is_distributed(distributed)
         # everything that can refuse the arguments comes before the optimizer is touched: a failed
         # AutoLR(...) must leave the optimizer as it was (no hook, float lrs)
@@ -265,13 +266,15 @@ class AutoLR:
                 "AutoLR.step(loss) was called before loss.backward(): no parameter has a gradient. "
                 "Call loss.backward(); sched.step(loss); optimizer.step() in that order"
             )
-        if self._steps_since_optimizer >= 1 and self.step_count > 0:
+        # after a step passed with skip= the optimizer step may rightly not have happened
+        if self._steps_since_optimizer >= 1 and self.step_count > 0 and not self._last_had_skip:
             optim_support.warn_once(
                 self._warned,
                 "double_step",
                 "AutoLR.step was called twice without optimizer.step() in between (fine if a "
                 "GradScaler skipped a step; otherwise call it once per optimizer step)",
             )
+        self._last_had_skip = skip is not None
         if self.distributed:
             x = mean_across_ranks(x)
         if scale.pending or scale.total_steps is not None:  # else nothing to update

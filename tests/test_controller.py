@@ -150,6 +150,8 @@ def test_flat_weights_sees_a_replaced_parameter_anywhere():
     new = nn.Parameter(torch.zeros_like(ctrl.cells[1].fc_h2h[2].weight))
     ctrl.cells[1].fc_h2h[2].weight = new
     assert any(w is new for w in ctrl.flat_weights())
-    nn.Linear(2, 2)  # a parameter registered elsewhere: the list is checked again and kept
+    ctrl.head = nn.Linear(8, 1)  # a replaced submodule
+    weight, bias = ctrl.flat_weights()[-2:]
+    assert weight is ctrl.head.weight and bias is ctrl.head.bias
     again = ctrl.flat_weights()
-    assert ctrl.flat_weights() is again
+    assert ctrl.flat_weights() is again  # nothing registered since: the same list

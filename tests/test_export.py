@@ -316,3 +316,13 @@ def test_cli_unknown_pretrained_name_is_an_error_message(tmp_path, capsys):
     assert ex.main(["--pretrained", "no-such-controller", "-o", str(tmp_path / "x.pt")]) == 2
     err = capsys.readouterr().err
     assert err.startswith("error: no pretrained controller 'no-such-controller'") and "Traceback" not in err
+
+
+def test_a_failed_export_leaves_no_file(tmp_path, monkeypatch):
+    def broken(*args, **kwargs):
+        raise OSError("disk full")
+
+    monkeypatch.setattr(ex.torch.jit, "save", broken)
+    with pytest.raises(OSError, match="disk full"):
+        ex.export(_net(), tmp_path / "a.pt", gamma=0.1)
+    assert os.listdir(tmp_path) == []

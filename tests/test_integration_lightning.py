@@ -201,7 +201,7 @@ def test_a_step_the_grad_scaler_skips_does_not_advance_the_controller():
 
     module = _Tiny(lambda p: torch.optim.SGD(p, lr=0.1), inf_grad_at=2)
     callback = AutoLRCallback(lambda opt: AutoLR(opt))
-    with pytest.warns(RuntimeWarning, match="GradScaler"):
+    with pytest.warns(RuntimeWarning, match="or a step the GradScaler skipped"):
         _fit(module, callback, max_steps=6,
              plugins=[MixedPrecision("16-mixed", "cpu", scaler=torch.amp.GradScaler("cpu"))])
     sched = callback.scheduler

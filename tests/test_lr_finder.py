@@ -271,3 +271,29 @@ def test_an_autolr_that_has_not_stepped_is_named():
     AutoLR(opt)
     with pytest.raises(RuntimeError, match="Run find_lr first"):
         find_lr(model, opt, nn.functional.cross_entropy, _batches(), num=3, progress=False)
+
+
+def test_every_trial_starts_from_the_rng_at_the_call():
+    """Dropout draws from the RNG: each trial, the first included, must start from the same
+    state (reading a shuffling loader draws from it before the first trial)."""
+    import autolr_fast.lr_finder as lr_finder
+
+    data = _batches(8)
+    loader = torch.utils.data.DataLoader([(x[i], y[i]) for x, y in data for i in range(16)], batch_size=16,
+                                         shuffle=True)
+    model = _net()
+    opt = torch.optim.SGD(model.parameters(), lr=0.05)
+    starts = []
+    step = lr_finder._Trial._train_step
+
+    def spy(self, xy):
+        starts.append(torch.get_rng_state().clone())
+        return step(self, xy)
+
+    lr_finder._Trial._train_step = spy
+    try:
+        find_lr(model, opt, nn.functional.cross_entropy, loader, start_lr=1e-3, end_lr=1, num=3, horizons=(1,),
+                progress=False)
+    finally:
+        lr_finder._Trial._train_step = step
+    assert len(starts) == 3 and all(torch.equal(s, starts[0]) for s in starts)

@@ -603,10 +603,15 @@ def test_a_step_marked_skip_keeps_the_rate_and_the_state():
     opt.step()
     twin = copy.deepcopy(sched.state_dict())
     state, rate = copy.deepcopy(sched.controller.state_dict()), sched.last_rate.clone()
-    with pytest.warns(RuntimeWarning, match="GradScaler"):
+    with pytest.warns(RuntimeWarning, match="or a step the GradScaler skipped"):
         sched.step(loss.detach(), skip=torch.tensor(True))
     assert torch.equal(sched.last_rate, rate) and sched.skipped_steps == 1
     assert all(torch.equal(v, sched.controller.state_dict()[k]) for k, v in state.items())
+    assert sched.step_count == twin["step_count"] + 1
     with pytest.raises(TypeError, match="1-element bool tensor"):
         sched.step(loss.detach(), skip=True)
-    assert twin["step_count"] == 1
+    import warnings
+
+    with warnings.catch_warnings():  # no optimizer.step() after a skipped step: not a double step
+        warnings.simplefilter("error")
+        sched.step(loss.detach(), skip=torch.tensor(False))

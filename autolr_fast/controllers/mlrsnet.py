@@ -11,17 +11,18 @@ from torch import Tensor, nn
 from ..ops import dispatch, reference
 from .files import read_file
 
-# Parameters registered in this process (nn.Module.register_parameter, which assigning an
-# nn.Parameter goes through): flat_weights' cache is checked again only when this changed, so
-# the every-step path is one comparison.
-_PARAMETER_REGISTRATIONS = [0]
+# Parameters and submodules registered in this process (register_parameter / add_module, which
+# assigning an nn.Parameter or a module goes through): flat_weights' cache checks every slot again
+# only when this count changed, so the every-step path is a few comparisons.
+_REGISTRATIONS = [0]
 
 
-def _count_parameter_registration(module: nn.Module, name: str, param) -> None:
-    _PARAMETER_REGISTRATIONS[0] += 1
+def _count_registration(module: nn.Module, name: str, value) -> None:
+    _REGISTRATIONS[0] += 1
 
 
-nn.modules.module.register_module_parameter_registration_hook(_count_parameter_registration)
+nn.modules.module.register_module_parameter_registration_hook(_count_registration)
+nn.modules.module.register_module_module_registration_hook(_count_registration)
 
 GateOrder = Literal["train", "metatest"]
 
@@ -90,26 +91,21 @@ class MLRSNet(nn.Module):
     def flat_weights(self) -> list[Tensor]:
         """The weights in the layout of :mod:`autolr_fast.reference` (``8 * layers + 2``).
 
-        Cached (the scheduler asks every step); rebuilt after ``.to()``/``_apply``, or when any
-        parameter object was replaced (an assignment of a new ``nn.Parameter``).
+        Cached (the scheduler asks every step); rebuilt after ``.to()``/``_apply``, and after any
+        parameter or submodule was registered in the process (so a new ``nn.Parameter`` or module
+        assigned anywhere in the controller is seen).
         """
         cache = self.__dict__.get("_flat_cache")
-        if cache is not None:
-            seen = _PARAMETER_REGISTRATIONS[0]
-            if self.__dict__["_flat_seen"] == seen:  # no parameter registered anywhere since
-                return cache
-            # one identity check per weight against the (module, name) slot it came from
-            if all(w is slots[name] for w, (slots, name) in zip(cache, self.__dict__["_flat_slots"])):
-                self.__dict__["_flat_seen"] = seen
-                return cache
+        # (plain dict look-ups: Module.__getattr__ and Sequential.__getitem__ cost microseconds)
+        if (cache is not None and self.__dict__["_flat_seen"] == _REGISTRATIONS[0]
+                and cache[-1] is self._modules["head"]._parameters.get("bias")):
+            return cache  # nothing registered anywhere since it was built
         out: list[Tensor] = []
         for cell in self.cells:
             out.extend(cell.flat_weights())
         out.extend([self.head.weight, self.head.bias])
-        by_id = {id(p): (m._parameters, n) for m in self.modules() for n, p in m._parameters.items() if p is not None}
         self.__dict__["_flat_cache"] = out
-        self.__dict__["_flat_slots"] = [by_id[id(w)] for w in out]
-        self.__dict__["_flat_seen"] = _PARAMETER_REGISTRATIONS[0]
+        self.__dict__["_flat_seen"] = _REGISTRATIONS[0]
         return out
 
     def _apply(self, fn, recurse=True):

@@ -3,7 +3,6 @@
 Usage::
 
     from autolr_fast import AutoLR
-from autolr_fast.integrations.amp import scaler_skips
     from autolr_fast.integrations.huggingface import AutoLRTrainer
 
     trainer = AutoLRTrainer(model=model, args=TrainingArguments(..., gradient_accumulation_steps=2),

@@ -22,8 +22,8 @@ How it maps onto Lightning's hooks:
   ``skip``, so the controller does not advance on it.
 * With meta-training (``AutoLR(..., meta=...)``), the meta-step reads the gradients as the
   optimizer will apply them: Lightning clips only after this hook, so the callback runs the
-  module's ``configure_gradient_clipping`` first (clipping clipped gradients again changes
-  nothing).
+  module's ``configure_gradient_clipping`` first (norm clipping of clipped gradients moves them by
+  a relative 1e-6 / max_norm at most; an overridden hook runs twice per step).
 * The callback's ``state_dict`` holds ``AutoLR.state_dict()``, so Lightning's checkpoints
   (``ModelCheckpoint``, ``trainer.save_checkpoint``) carry it and ``fit(ckpt_path=...)``
   resumes with the same rates.
@@ -153,7 +153,7 @@ class AutoLRCallback(Callback):
                 "use precision='bf16-mixed', or the optimizer without fused=True"
             )
         # Lightning's own clipping hook (a module may override it), which Lightning calls again
-        # right after this callback: a second clip of clipped gradients changes nothing
+        # right after this callback: clipping clipped gradients again is (nearly) a no-op
         pl_module.configure_gradient_clipping(optimizer, gradient_clip_val=trainer.gradient_clip_val,
                                               gradient_clip_algorithm=trainer.gradient_clip_algorithm)
 

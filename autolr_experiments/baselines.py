@@ -373,8 +373,8 @@ def dadapt(spec: RunSpec) -> Schedule:
     def rate() -> float:
         # DAdaptSGD steps with d * lr / |g_0| (the first gradient's norm); DAdaptAdam with d * lr
         group = opt.param_groups[0]
-        return float(group["d"] * group["lr"] / group.get("g0_norm", 1.0)) if not optim.adam_like else \
-            float(group["d"] * group["lr"])
+        norm = 1.0 if optim.adam_like else group.get("g0_norm", 1.0)
+        return float(group["d"] * group["lr"] / norm)
 
     return _cosine_on(opt, spec, rate)
 

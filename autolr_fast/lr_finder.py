@@ -126,7 +126,8 @@ class TrainingSnapshot:
 
     @torch.no_grad()
     def restore(self) -> None:
-        for t, saved in zip(self._model_tensors(), self.tensors, strict=True):
+        tensors = self._model_tensors()
+        for t, saved in zip(tensors, self.tensors, strict=True):
             t.copy_(saved)
         self.optimizer.state.clear()
         for p, s in self.opt_state.items():
@@ -139,7 +140,7 @@ class TrainingSnapshot:
                     g[k] = _clone(v)
         for m, mode in zip(self.model.modules(), self.training, strict=True):
             m.training = mode
-        for t in self._model_tensors():
+        for t in tensors:
             t.grad = None
         self.restore_rng()
 

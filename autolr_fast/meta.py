@@ -113,14 +113,6 @@ def _default_unpack(batch: Any) -> tuple[Any, Any]:
     )
 
 
-def _indices_by_device(tensors: list[Tensor]) -> dict[torch.device, list[int]]:
-    """Indices of ``tensors`` per device, in order (a list op takes one device per call)."""
-    parts: dict[torch.device, list[int]] = {}
-    for i, t in enumerate(tensors):
-        parts.setdefault(t.device, []).append(i)
-    return parts
-
-
 class MetaTrainer:
     """The meta-step machinery of one ``AutoLR`` (created by it from a :class:`MetaConfig`)."""
 
@@ -472,7 +464,8 @@ class MetaTrainer:
                 targets.append(v)
                 backups.append(backup)
             # x <- x * ok + backup * not_ok: exact both ways (x is finite: its gradient was zeroed)
-            for device, indices in _indices_by_device(targets).items():
+            for indices in self._by_device_and_dtype(targets):
+                device = targets[indices[0]].device
                 flag = not_ok if device == not_ok.device else self._flag_on(device, not_ok)
                 torch._foreach_mul_([targets[i] for i in indices], 1.0 - flag)
                 torch._foreach_mul_([backups[i] for i in indices], flag)

@@ -134,7 +134,7 @@ class AutoLR:
         self._hook = optimizer.register_step_pre_hook(self._before_optimizer_step)
         self._closure_check = None  # a post-hook, only until the first optimizer.step(closure) is checked
 
-    def _init_param_groups(self, lr_scales: list[float] | None, lr_as_tensor: bool | None) -> list[float]:
+    def _init_param_groups(self, lr_scales: list[float] | None, lr_as_tensor: bool | None) -> float:
         """Record each group's scale; decide tensor or float rates. Returns the rate the scales
         are relative to: the first positive group lr (the first group's when none is)."""
         groups = self.optimizer.param_groups

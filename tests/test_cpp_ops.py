@@ -365,7 +365,7 @@ def test_mlrsnet_step_bumps_the_version_of_what_it_writes():
         _C.mlrsnet_step_cpu(torch.tensor(value, dtype=torch.float64), h.clone(), c.clone(), weights,
                             torch.tensor(0.4), torch.tensor(0.1), [], (), counts)
         want = torch.zeros(2, dtype=torch.int64)
-        reference.count_step_(want, torch.tensor(value, dtype=torch.float64), torch.tensor(counts[0] == 0))
+        reference.count_step_(want, torch.tensor(value, dtype=torch.float64), (counts[0] == 0).clone())
         assert counts.tolist() == want.tolist() and int(counts[1]) == negative, value
     with torch.inference_mode():
         frozen = h.clone()

@@ -12,8 +12,8 @@ from ..ops import dispatch, reference
 from .files import read_file
 
 # Parameters and submodules registered in this process (register_parameter / add_module, which
-# assigning an nn.Parameter or a module goes through): flat_weights' cache checks every slot again
-# only when this count changed, so the every-step path is a few comparisons.
+# assigning an nn.Parameter or a module goes through): flat_weights' cache is rebuilt only when
+# this count changed, so the every-step path is a few comparisons.
 _REGISTRATIONS = [0]
 
 

@@ -63,6 +63,15 @@ class DeviceCounters:
                                              "steps": self._seen_steps})
         return self._report
 
+    def idle_tick(self) -> bool:
+        """On a GPU, when :meth:`poll` would do nothing but count the call (no copy due, none in
+        flight): count it and return True. Else return False and count nothing: call
+        :meth:`poll`."""
+        if self._view is None and self._event is None and (self._calls + 1) % self.every:
+            self._calls += 1
+            return True
+        return False
+
     def refresh(self, steps: int) -> None:
         """Wait for the device and make the values seen on the host exact as of step ``steps``."""
         self._seen = self.values.tolist()

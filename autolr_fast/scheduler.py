@@ -133,6 +133,7 @@ class AutoLR:
             self._write_rate_to_groups()
         self._hook = optimizer.register_step_pre_hook(self._before_optimizer_step)
         self._closure_check = None  # a post-hook, only until the first optimizer.step(closure) is checked
+        self._steady_step = None  # see _steady_step_fn
 
     def _init_param_groups(self, lr_scales: list[float] | None, lr_as_tensor: bool | None) -> float:
         """Record each group's scale; decide tensor or float rates. Returns the rate the scales
@@ -248,6 +249,47 @@ class AutoLR:
         On a GPU, the step can be captured in a CUDA graph with the rest of the training step
         (after a few eager steps; see :meth:`_check_capturable`): each replay then runs the
         controller on the replay's loss and writes a new rate."""
+        fast = self._steady_step
+        # a second step without optimizer.step() takes the full step until it has been warned about
+        if (fast is not None and skip is None and type(loss) is Tensor
+                and (not self._steps_since_optimizer or "double_step" in self._warned)
+                and loss.dtype is torch.float32 and loss.dim() == 0 and loss.device == self.device):
+            lr_list = self._lr_tensors.cached()
+            if lr_list is not None and not dispatch.force_reference():
+                self._fast_step(fast, loss, lr_list)
+                return
+        self._step(loss, skip)
+
+    def _fast_step(self, step_fn, loss: Tensor, lr_list: list[Tensor]) -> None:
+        """The steady state (see :meth:`_steady_step_fn`): what :meth:`_step` does there, without
+        the decisions that cannot change it, so that on a GPU the host time is the launch's."""
+        self._last_had_skip = False
+        controller = self.controller
+        state = controller._buffers
+        x = loss.detach() if loss.requires_grad else loss
+        step_fn(x, state["h"], state["c"], controller.flat_weights(), self.scale.gamma, self.rate, lr_list,
+                self.lr_scales, self.counters.values, self._ok)
+        self.step_count += 1
+        self._steps_since_optimizer += 1
+        if not self.counters.idle_tick():  # a copy of the counters is due or in flight
+            self._after_step_host_checks()
+
+    def _steady_step_fn(self):
+        """The backend's step function when the next steps can take :meth:`_fast_step`: tensor
+        rates (the default on a GPU), an MLR-SNet with a fast path on this device, nothing decided
+        on the host per step (the scale is set, no cosine envelope, no meta-training, no
+        all-reduce). Else None. Decided after every
+        full step; :meth:`load_state_dict` clears it, and a param group added or an lr replaced
+        sends the step back to :meth:`_step` through the lr-tensor check."""
+        scale, controller = self.scale, self.controller
+        if not (self.tensor_lr and self.meta is None and not self.distributed
+                and not scale.pending and scale.total_steps is None and self._scale_check is None
+                and isinstance(controller, MLRSNet) and controller.gate_order == "train"
+                and len(self.optimizer.param_groups) == len(self.lr_scales)):
+            return None
+        return dispatch.select("mlrsnet_step_", self.device)[1]
+
+    def _step(self, loss: Tensor, skip: Tensor | None) -> None:
         x = self._check_loss(loss)
         if skip is not None:
             x = torch.where(self._check_skip(skip), torch.full_like(x, float("nan")), x)
@@ -301,6 +343,7 @@ class AutoLR:
         self.step_count += 1
         self._steps_since_optimizer += 1
         self._after_step_host_checks()
+        self._steady_step = self._steady_step_fn()
 
     def synchronize(self) -> None:
         """Wait for the device and bring the host's view of the device counters up to date (the
@@ -445,6 +488,7 @@ class AutoLR:
 
     def load_state_dict(self, state: dict) -> None:
         """Restore a ``state_dict()``; checked whole before anything changes."""
+        self._steady_step = None  # the next step decides again from the loaded state
         if not isinstance(state, dict) or state.get("version") != STATE_VERSION:
             raise ValueError(
                 f"not an AutoLR state_dict of version {STATE_VERSION} (got "

@@ -34,6 +34,33 @@ def _scheduler_step():
     return lambda: sched.step(loss)
 
 
+def _side_by_side(rounds: int = 15, calls: int = 1000) -> None:
+    """Eager ``AutoLR.step``, one tiny Triton launch and a CUDA-graph replay of the step kernel,
+    timed in this fresh process in interleaved rounds (medians per call): the host-overhead
+    ratios of the GPU issue without the profiler-touched process of the benchmarks."""
+    from test_bench_triton import StepInputs, make_step_variant  # bench/, beside this file
+
+    variants = {name: make_step_variant(name, StepInputs(50, 1))
+                for name in ("autolr-step", "floor-tiny-triton-kernel", "triton-cudagraph")}
+    times: dict[str, list[float]] = {name: [] for name in variants}
+    for fn in variants.values():
+        for _ in range(200):
+            fn()
+    torch.cuda.synchronize()
+    for _ in range(rounds):
+        for name, fn in variants.items():
+            start = time.perf_counter()
+            for _ in range(calls):
+                fn()
+            torch.cuda.synchronize()
+            times[name].append((time.perf_counter() - start) / calls * 1e6)
+    med = {name: sorted(v)[len(v) // 2] for name, v in times.items()}
+    tiny, graph = med["floor-tiny-triton-kernel"], med["triton-cudagraph"]
+    print(f"side by side (fresh process, {rounds} interleaved rounds of {calls} calls, medians):")
+    for name, us in med.items():
+        print(f"  {name:26s} {us:7.2f} us/call  {us / tiny:5.2f}x tiny launch  {us / graph:5.2f}x graph replay")
+
+
 def _meta_training_step():
     import torchvision
 
@@ -90,6 +117,8 @@ def main(argv: list[str] | None = None) -> int:
     print(f"{args.what}: {plain * 1e6:.1f} us per step ({profiled * 1e6:.1f} us under cProfile), "
           f"{steps} steps, {torch.cuda.get_device_name(0)}")
     pstats.Stats(prof).sort_stats("tottime").print_stats(args.top)
+    if args.what == "step":
+        _side_by_side()
     return 0
 
 

@@ -615,3 +615,85 @@ def test_a_step_marked_skip_keeps_the_rate_and_the_state():
     with warnings.catch_warnings():  # no optimizer.step() after a skipped step: not a double step
         warnings.simplefilter("error")
         sched.step(loss.detach(), skip=torch.tensor(False))
+
+
+def _steady_state_run(monkeypatch, full_steps_only: bool) -> tuple[list, dict]:
+    """A run with tensor rates through every event that must leave the steady-state step: NaN and
+    negative losses, a param group added, an lr replaced by a float, a resume, a double step.
+    Returns the trace (rate, lrs, counters, controller state after each step) and how many steps
+    each path took."""
+    torch.manual_seed(0)
+    model, extra = nn.Linear(8, 3), nn.Linear(3, 3)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    sched = AutoLR(opt, MLRSNet(hidden_size=16), gamma=0.5, lr_as_tensor=True)
+    taken = {"fast": 0, "full": 0}
+    full, fast = sched._step, sched._fast_step
+
+    def count_full(*args):
+        taken["full"] += 1
+        return full(*args)
+
+    def count_fast(*args):
+        taken["fast"] += 1
+        return fast(*args)
+
+    monkeypatch.setattr(sched, "_step", count_full)
+    monkeypatch.setattr(sched, "_fast_step", count_fast)
+    if full_steps_only:
+        monkeypatch.setattr(sched, "_steady_step_fn", lambda: None)
+    x, y = make_problem()
+    trace = []
+    losses = [2.0, 1.5, float("nan"), 1.2, -0.5, 1.1, 1.0, float("inf"), 0.9, 0.8, 0.7, 0.6, 0.5, 0.45, 0.4]
+    with warnings.catch_warnings(record=True):
+        warnings.simplefilter("always")
+        for i, value in enumerate(losses):
+            opt.zero_grad()
+            nn.functional.cross_entropy(model(x), y).backward()
+            if i == 4:
+                opt.add_param_group({"params": extra.parameters(), "lr": 0.05})
+            if i == 7:
+                opt.param_groups[0]["lr"] = 0.3  # a float: the next step reinstalls a tensor
+            if i == 9:
+                sched.load_state_dict(copy.deepcopy(sched.state_dict()))
+            sched.step(torch.tensor(value, requires_grad=True) * 1.0)
+            if i == 11:
+                sched.step(torch.tensor(value))  # a double step: warned by the full step
+            opt.step()
+            trace.append((sched.last_rate.clone(), [float(g["lr"]) for g in opt.param_groups],
+                          sched.counters.exact(), {k: v.clone() for k, v in sched.controller.state_dict().items()},
+                          sorted(sched._warned), sched.step_count))
+    return trace, taken
+
+
+def test_the_steady_state_step_does_what_the_full_step_does(monkeypatch):
+    """Once nothing is left to decide on the host, AutoLR.step takes a short path (the steady
+    state of a GPU loop); every event that needs a decision goes back to the full step, and the
+    rates, lrs, counters, controller state and warnings are the same as with full steps only."""
+    fast_trace, fast_taken = _steady_state_run(monkeypatch, full_steps_only=False)
+    monkeypatch.undo()
+    full_trace, full_taken = _steady_state_run(monkeypatch, full_steps_only=True)
+    assert full_taken["fast"] == 0
+    assert fast_taken["fast"] >= 8, f"the steady state must take the short path: {fast_taken}"
+    # the first step, the added group, the replaced lr, the resume and the double step
+    assert fast_taken["full"] >= 5
+    for i, (got, want) in enumerate(zip(fast_trace, full_trace)):
+        assert torch.equal(got[0], want[0]), f"step {i}: rate"
+        assert got[1] == want[1] and got[2] == want[2] and got[5] == want[5], f"step {i}"
+        assert all(torch.equal(got[3][k], want[3][k]) for k in want[3]), f"step {i}: controller state"
+        assert got[4] == want[4], f"step {i}: warnings"
+    assert "double_step" in fast_trace[-1][4] and "nonfinite" in fast_trace[-1][4]
+
+
+def test_counters_idle_tick_leaves_due_polls_to_poll():
+    """``idle_tick`` counts only the polls that would do nothing: on a GPU (no host view), not
+    the every-th call (a copy is due) and never while a copy is in flight; on the CPU never."""
+    from autolr_fast.host_flags import DeviceCounters
+
+    cpu = DeviceCounters(("a",), torch.device("cpu"), every=4)
+    assert not cpu.idle_tick() and cpu._calls == 0
+    gpu_like = DeviceCounters(("a",), torch.device("cpu"), every=4)
+    gpu_like._view = None  # what a CUDA device has
+    assert [gpu_like.idle_tick() for _ in range(4)] == [True, True, True, False]
+    assert gpu_like._calls == 3, "the due call is left to poll(), which counts it"
+    gpu_like._calls, gpu_like._event = 0, object()  # a copy in flight
+    assert not gpu_like.idle_tick() and gpu_like._calls == 0

@@ -525,8 +525,18 @@ class _FakeCompiled:
     def __getitem__(self, grid):
         def runner(*args, stream=None):
             self.calls.append((grid, args, stream))
-            args[5].fill_(True)
+            _set_ok(args[5])
         return runner
+
+
+def _set_ok(ok) -> None:
+    """Set the kernel's ok flag as a launcher gets it: a tensor, or its address."""
+    import ctypes
+
+    if isinstance(ok, torch.Tensor):
+        ok.fill_(True)
+    else:
+        ctypes.c_bool.from_address(ok).value = True
 
 
 def test_step_plan_launches_through_the_compiled_launcher(monkeypatch):
@@ -580,18 +590,59 @@ def test_step_plan_launches_through_the_compiled_launcher(monkeypatch):
     assert grid == (1, 1, 1) and stream == 1234
     assert len(fast) == len(arg_names)
     named = dict(zip(arg_names, fast))
-    assert named["loss_ptr"] is loss and named["ok_ptr"] is ok
+    # this call's loss and ok as addresses too: a tensor would cost the launcher a driver query
+    assert named["loss_ptr"] == loss.data_ptr() and named["ok_ptr"] == ok.data_ptr()
     assert named["h_ptr"] == h.data_ptr() and named["c_ptr"] == c.data_ptr() and named["rate_ptr"] == rate.data_ptr()
     assert named["counters_ptr"] == counters.data_ptr()
     assert named["b_w2"] == w[10].data_ptr() and named["head_b"] == w[-1].data_ptr()
     assert named["lr1"] == lrs[1].data_ptr() and named["s1"] == 2.0 and named["s2"] == 1.0
     constexprs = (named["H"], named["M"], named["NUM_LAYERS"], named["NUM_LR"], named["COUNT"])
     assert constexprs == (hidden, hidden // 2, 2, 2, True)
-    for (generic_value, fast_value) in zip(args, fast):  # the same arguments, pointers for tensors
+    for i, (generic_value, fast_value) in enumerate(zip(args, fast)):  # the same arguments, pointers for tensors
+        if i in (k._LOSS, k._OK):
+            continue  # this call's, checked above
         if isinstance(generic_value, torch.Tensor) and not isinstance(fast_value, torch.Tensor):
             assert fast_value == generic_value.data_ptr()
     plan.launch(torch.tensor(3.0, dtype=torch.float64), ok)  # another loss dtype: a generic launch again
     assert len(generic) == 3, "the launcher was checked once: no second check"
+
+
+@pytest.mark.parametrize("hooked", [False, True])
+def test_direct_runner_calls_the_c_launcher_unless_a_launch_hook_is_installed(monkeypatch, hooked):
+    """The plan's launcher skips Triton's wrapper (which gathers launch metadata for hooks on
+    every call) and calls the compiled kernel's C launcher with Triton's own argument order;
+    with a launch hook installed (a profiler), it goes through the wrapper, hooks and all."""
+    from autolr_fast.ops import triton_kernels as k
+
+    calls = []
+
+    class Compiled:
+        function, packed_metadata = 77, (4, 1)
+
+        def run(self, *args):
+            calls.append(("c", args))
+
+        def __getitem__(self, grid):
+            return lambda *args, stream=None: calls.append(("wrapper", grid, args, stream))
+
+    import triton
+
+    runtime = getattr(getattr(triton, "knobs", None), "runtime", None)
+    if runtime is not None:  # Triton's own, unpatched
+        assert k._launch_hooks() == (runtime.launch_enter_hook, runtime.launch_exit_hook)
+    hook = (lambda *a: None) if hooked else None
+    monkeypatch.setattr(k, "_launch_hooks", lambda: (hook, None))
+    runner = k._direct_runner(Compiled())
+    runner(11, 22, 3.5, stream=1234)
+    if hooked:
+        assert calls == [("wrapper", (1, 1, 1), (11, 22, 3.5), 1234)]
+    else:
+        assert calls == [("c", (1, 1, 1, 1234, 77, (4, 1), None, None, None, 11, 22, 3.5))]
+    assert not k._hooks_active(None) and k._hooks_active(hook or print)
+    assert not k._hooks_active(type("EmptyChain", (), {"calls": []})())
+    fake = _FakeCompiled()  # no C launcher to call: its own [(1, 1, 1)]
+    k._direct_runner(fake)(1, 2, 3, 4, 5, torch.zeros((), dtype=torch.bool), stream=5)
+    assert fake.calls[0][0] == (1, 1, 1) and fake.calls[0][2] == 5
 
 
 def _fake_launch_plans(monkeypatch, runner):
@@ -642,7 +693,7 @@ def _fake_kernel_through_pointers(args) -> None:
     import ctypes
 
     ctypes.c_float.from_address(args[1]).value += 1.0
-    args[5].fill_(True)
+    _set_ok(args[5])
 
 
 def _launch(plan) -> None:

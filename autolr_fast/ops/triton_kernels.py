@@ -461,6 +461,48 @@ def _lr_args(lrs: Sequence[torch.Tensor], scales: Sequence[float], dummy: torch.
     return ptrs + vals
 
 
+def _hooks_owner():
+    runtime = getattr(getattr(triton, "knobs", None), "runtime", None)
+    return runtime if runtime is not None and hasattr(runtime, "launch_enter_hook") else CompiledKernel
+
+
+_HOOKS_OWNER = _hooks_owner()
+
+
+def _launch_hooks() -> tuple:
+    """Triton's launch enter/exit hooks (profilers such as proton install them): ``knobs.runtime``
+    in Triton 3.4+, attributes of ``CompiledKernel`` before. Read at every launch: a profiler
+    may install them at any time."""
+    return getattr(_HOOKS_OWNER, "launch_enter_hook", None), getattr(_HOOKS_OWNER, "launch_exit_hook", None)
+
+
+def _hooks_active(hook) -> bool:
+    # None in most Triton versions when nothing is installed; a HookChain with no calls in others
+    return hook is not None and bool(getattr(hook, "calls", True))
+
+
+def _direct_runner(compiled):
+    """A launcher for ``compiled`` with the signature of ``compiled[(1, 1, 1)]``
+    (``runner(*args, stream=...)``) that calls the compiled kernel's C launcher itself when no
+    launch hook is installed: the wrapper Triton puts around it gathers launch metadata for the
+    hooks on every call. With a hook installed (a profiler), every call goes through Triton's
+    wrapper. Any object without the three attributes (another Triton, a test's fake) gets its
+    own ``[(1, 1, 1)]``."""
+    wrapped = compiled[(1, 1, 1)]
+    run, function, packed = (getattr(compiled, name, None) for name in ("run", "function", "packed_metadata"))
+    if not callable(run) or function is None or packed is None:
+        return wrapped
+
+    def runner(*args, stream):
+        enter, leave = _launch_hooks()
+        if _hooks_active(enter) or _hooks_active(leave):
+            wrapped(*args, stream=stream)
+        else:
+            run(1, 1, 1, stream, function, packed, None, enter, leave, *args)
+
+    return runner
+
+
 def _current_stream(device_index: int) -> int:
     get = getattr(torch._C, "_cuda_getCurrentRawStream", None)  # what Triton's own launcher uses
     return get(device_index) if get is not None else torch.cuda.current_stream(device_index).cuda_stream
@@ -551,9 +593,9 @@ class _StepPlan:
     generic launch binds and specializes every argument on every call, and this kernel has 41
     (``bench/test_bench_host_overhead.py`` measures both). That launcher convention is checked
     once against the generic launch (:class:`_LauncherCheck`), which stays in use if it fails.
-    ``loss`` and ``ok`` are new tensors every step and are passed as tensors; the kernel does not specialize on their
-    alignment, and a ``loss`` of another dtype goes through Triton's generic launch (which
-    compiles that variant).
+    ``loss`` and ``ok`` are new tensors every step: their addresses are passed per call (the
+    kernel does not specialize on their alignment), and a ``loss`` of another dtype goes through
+    Triton's generic launch (which compiles that variant).
     """
 
     __slots__ = ("tensors", "layout", "scales", "h", "args", "constexprs", "num_warps", "extra", "device_index",
@@ -585,21 +627,31 @@ class _StepPlan:
                 and self.layout == _layout_key(tensors))
 
     def launch(self, loss: torch.Tensor, ok: torch.Tensor) -> None:
-        with _device_guard(self.h):
-            if self.runner is not None and loss.dtype is self.loss_dtype:
-                args = self.runner_args.copy()
-                args[_LOSS], args[_OK] = loss, ok
-                try:
-                    self.runner(*args, stream=_current_stream(self.device_index))
-                except TypeError as exc:  # the launcher refused the arguments: nothing was launched
-                    _LAUNCHER.fail(f"{type(exc).__name__}: {exc}")
-                    self.runner = None
-                    self._generic_launch(loss, ok)
-            else:
-                compiled = self._generic_launch(loss, ok)
-                self._keep_launcher(compiled, loss, ok)
-            for extra in self.extra:
-                _write_lr_kernel[(1,)](self.args[4], *extra[:-1], NUM_LR=extra[-1], num_warps=1)
+        # Triton launches on the current device: switch only when it is not the state's (the
+        # common case skips the context manager's cost)
+        if self.h.is_cuda and self.device_index != torch._C._cuda_getDevice():
+            with torch.cuda.device(self.device_index):
+                self._launch(loss, ok)
+        else:
+            self._launch(loss, ok)
+
+    def _launch(self, loss: torch.Tensor, ok: torch.Tensor) -> None:
+        if self.runner is not None and loss.dtype is self.loss_dtype:
+            # addresses, not tensors: for each tensor the launcher would look up data_ptr and
+            # ask the driver about it (cuPointerGetAttribute); both were checked above
+            args = self.runner_args.copy()
+            args[_LOSS], args[_OK] = loss.data_ptr(), ok.data_ptr()
+            try:
+                self.runner(*args, stream=_current_stream(self.device_index))
+            except TypeError as exc:  # the launcher refused the arguments: nothing was launched
+                _LAUNCHER.fail(f"{type(exc).__name__}: {exc}")
+                self.runner = None
+                self._generic_launch(loss, ok)
+        else:
+            compiled = self._generic_launch(loss, ok)
+            self._keep_launcher(compiled, loss, ok)
+        for extra in self.extra:
+            _write_lr_kernel[(1,)](self.args[4], *extra[:-1], NUM_LR=extra[-1], num_warps=1)
 
     def _generic_launch(self, loss: torch.Tensor, ok: torch.Tensor, args: list | None = None):
         args = (self.args if args is None else args).copy()
@@ -618,7 +670,7 @@ class _StepPlan:
             return  # no check inside a CUDA graph capture: the next launch outside one decides
         fixed = [a.data_ptr() if isinstance(a, torch.Tensor) else a for a in self.args]
         runner_args = fixed + [self.constexprs[name] for name in STEP_CONSTEXPRS]
-        runner = compiled[(1, 1, 1)]
+        runner = _direct_runner(compiled)
         if _LAUNCHER.state == "unchecked":
             try:
                 _LAUNCHER.expect(self._compare_launches(runner, runner_args, loss, ok))
@@ -641,7 +693,7 @@ class _StepPlan:
         # opposite starting values: an ok that one of them does not write is a difference
         ok_generic, ok_launcher = torch.zeros_like(ok), torch.ones_like(ok)
         self._generic_launch(loss, ok_generic, generic_args)
-        launcher_args[_LOSS], launcher_args[_OK] = loss, ok_launcher
+        launcher_args[_LOSS], launcher_args[_OK] = loss.data_ptr(), ok_launcher.data_ptr()
         runner(*launcher_args, stream=_current_stream(self.device_index))
         pairs = [(copies[0][key], copies[1][key]) for key in copies[0]] + [(ok_generic, ok_launcher)]
         return torch.stack([(_bits(a) == _bits(b)).all() for a, b in pairs])
@@ -695,7 +747,11 @@ def _plan_for(loss, h, c, weights, gamma, rate, lr_list, scales, ok, counters) -
         if len(_PLANS) >= _PLANS_MAX:
             _PLANS.pop(next(iter(_PLANS)))
         plan = _PLANS[id(h)] = _StepPlan(h, c, weights, gamma, rate, lr_list, scales, counters, tensors)
-    reason = _scalar_reason("loss", loss, h.device, "float") or _scalar_reason("ok", ok, h.device, "bool")
+    device = h.device
+    if (loss.device == device and ok.device == device and ok.dtype is torch.bool and loss.dtype.is_floating_point
+            and loss.numel() == 1 and ok.numel() == 1):
+        return plan, None  # the common case, in one expression
+    reason = _scalar_reason("loss", loss, device, "float") or _scalar_reason("ok", ok, device, "bool")
     return (None, reason) if reason is not None else (plan, None)
 
 

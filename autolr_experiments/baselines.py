@@ -34,7 +34,8 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from autolr_fast import MetaConfig, MLRSNet, load_controller, load_pretrained
+from autolr_fast import MetaConfig, MLRSNet, find_anchor_lr, load_controller, load_pretrained
+from autolr_fast.anchor_lr import DEFAULT_FRACTION as ANCHOR_FRACTION
 from autolr_fast.controllers.pretrained import PRETRAINED_DIR, available_pretrained
 
 from .tasks import dataset_of, shares_data
@@ -443,11 +444,9 @@ def _autolr_missing() -> str | None:
     return None
 
 
-@register_method("autolr", "learned", None,
-                 "AutoLR with its defaults: AutoLR(opt, load_pretrained(<controller>), total_steps=<steps>) on the "
-                 "task's default optimizer at its default rate; one run, nothing tuned (on a task the controller "
-                 "was trained on, compare sets a leave-one-task-out controller)", available=_autolr_missing)
-def autolr(spec: RunSpec) -> Schedule:
+def _autolr_controller(spec: RunSpec) -> tuple[nn.Module, dict]:
+    """The controller an ``autolr`` run uses on ``spec``'s task (the leave-one-task-out one where
+    compare set it) and what the record says about it."""
     name = autolr_controller_name()
     loto = leave_one_task_out_file(spec.task.name)
     path = Path(loto) if loto else PRETRAINED_DIR / f"{name}.pt"
@@ -458,18 +457,56 @@ def autolr(spec: RunSpec) -> Schedule:
                  or shares_data(spec.task.name, trained_on)):
         raise ValueError(f"{path} is not the leave-one-task-out controller of {name!r} for {spec.task.name} (its "
                          f"card: left out {left_out!r}, tasks {trained_on})")
+    info = {"controller": f"{name} without {dataset_of(spec.task.name)} data" if loto else name,
+            "leave_one_task_out": bool(loto), "controller_tasks": trained_on,
+            "controller_sha256": hashlib.sha256(path.read_bytes()).hexdigest(),
+            "ops": "reference ops" if os.environ.get("AUTOLR_FAST_FORCE_REFERENCE") else "fast ops",
+            "trained_on_task": shares_data(spec.task.name, trained_on),
+            "optimizer": spec.task.optim.describe()}
+    return controller, info
+
+
+@register_method("autolr", "learned", None,
+                 "AutoLR with its defaults: AutoLR(opt, load_pretrained(<controller>), total_steps=<steps>) on the "
+                 "task's default optimizer at its default rate; one run, nothing tuned (on a task the controller "
+                 "was trained on, compare sets a leave-one-task-out controller)", available=_autolr_missing)
+def autolr(spec: RunSpec) -> Schedule:
+    controller, info = _autolr_controller(spec)
     opt = make_optimizer(spec.model, spec.task.optim)
     schedule = autolr_schedule(opt, controller, total_steps=spec.total_steps)
-    schedule.info.update({"controller": f"{name} without {dataset_of(spec.task.name)} data" if loto else name,
-                          "leave_one_task_out": bool(loto), "controller_tasks": trained_on,
-                          "controller_sha256": hashlib.sha256(path.read_bytes()).hexdigest(),
-                          "ops": "reference ops" if os.environ.get("AUTOLR_FAST_FORCE_REFERENCE") else "fast ops",
-                          "trained_on_task": shares_data(spec.task.name, trained_on),
-                          "optimizer": spec.task.optim.describe()})
+    schedule.info.update(info)
     return schedule
 
 
-# -- learned controllers -------------------------------------------------------------------------
+#: the held-out split find_anchor_lr scores its trials on: the tuned reference's (compare)
+ANCHOR_VALIDATION_FRACTION = 0.2
+ANCHOR_VALIDATION_MAX = 500
+
+
+@register_method("autolr-find", "learned", None,
+                 "find_anchor_lr, then AutoLR with its defaults: trials of 15 % of the run at the task's default rate "
+                 "x 10^(-1, -0.5, 0, 0.5, 1) on the training data minus a validation split (20 %, at most 500 "
+                 "samples), scored on that split; the best rate becomes the optimizer's lr, then "
+                 "AutoLR(opt, load_pretrained(<controller>), total_steps=<steps>) trains on all the training data from "
+                 "the same weights. The trials' CPU time is in the run's", available=_autolr_missing, revision=1)
+def autolr_find(spec: RunSpec) -> Schedule:
+    from itertools import islice
+
+    controller, info = _autolr_controller(spec)
+    opt = make_optimizer(spec.model, spec.task.optim)
+    n_val = max(1, min(ANCHOR_VALIDATION_MAX, int(len(spec.task.x_train) * ANCHOR_VALIDATION_FRACTION)))
+    rest, x_val, y_val = spec.task.split_validation(n_val, seed=spec.seed)
+    bs = spec.batch_size
+    val = [(x_val[i:i + bs], y_val[i:i + bs]) for i in range(0, n_val, bs)]
+    steps = max(1, round(ANCHOR_FRACTION * spec.total_steps))
+    train = list(islice(rest.batches(bs, spec.seed, epochs=spec.epochs), steps))
+    found = find_anchor_lr(spec.model, opt, spec.task.loss_fn, train, val, trial_steps=steps, progress=False)
+    schedule = autolr_schedule(opt, controller, total_steps=spec.total_steps)
+    schedule.info.update(info)
+    schedule.info["anchor"] = found.to_dict()
+    return schedule
+
+
 def official_checkpoint_dir() -> Path | None:
     """The published MLR-SNet checkpoints: ``$AUTOLR_FAST_OFFICIAL_DIR`` (or
     ``$AUTOLR_FAST_FIXTURES``, as the tests use) if set, else the first

@@ -45,6 +45,8 @@ SCHEMA = "autolr_fast.compare/1"
 LOTO_DIR = "leave_one_out"
 LOTO_VARIANT = "leave-one-dataset-out"
 LOTO_EPOCHS: int | None = None
+#: the methods that run the shipped controller (leave-one-task-out and controller variants apply to both)
+AUTOLR_METHODS = ("autolr", "autolr-find")
 
 #: Per task: (epochs, batch size) of a full comparison.
 TASK_SETTINGS: dict[str, tuple[int, int]] = {
@@ -413,26 +415,41 @@ def equal_budget(rows: list[dict], runs: list[dict], val_runs: list[dict] | None
                  "trained_on": bool(info.get("trained_on_task")), "optimizer": info.get("optimizer"),
                  "leave_one_task_out": bool(info.get("leave_one_task_out")),
                  "rows": [r for r in table if r is not None] + free}
+        find = _row_for(rows, task, "autolr-find", "as shipped") or _row_for(rows, task, "autolr-find", LOTO_VARIANT)
+        if find is not None:
+            row = _budget_row("AutoLR + find_anchor_lr (defaults)", find, runs)
+            found = [r["info"]["anchor"] for r in runs if r["task"] == task and r["method"] == "autolr-find"
+                     and r.get("info", {}).get("anchor")]
+            if found:
+                row["trial_steps"] = found[0]["cost_steps"]
+                row["anchor_factors"] = [f["factor"] for f in found]
+            entry["rows"].insert(1, row)
+            entry["verdicts_find"] = _verdicts(find, default, tuned, free, cls)
         if auto is not None:
-            a = auto["final_metric"]
-            best_free = max(free, key=lambda f: _score(f["final_metric"], cls), default=None)
-            entry["verdicts"] = {
-                "delta_vs_cosine_default": _delta(a, default, cls),
-                "delta_vs_tuned": _delta(a, tuned, cls),
-                "delta_vs_best_tuning_free": _delta(a, best_free, cls),
-                "never_diverged": auto["diverged"] == 0,
-                "ge_cosine_default": _at_least(a, default and default["final_metric"], cls),
-                "close_to_tuned": _close(a, tuned and tuned["final_metric"], cls),
-                "beats_best_tuning_free": _better(a, best_free and best_free["final_metric"], cls),
-                "best_tuning_free": best_free and best_free["label"],
-                # 1 = no tuning-free competitor is better; len(free) + 1 = worse than all of them
-                "rank_among_tuning_free": 1 + sum(_better(f["final_metric"], a, cls) for f in free),
-                "tied_in_rank": sum(not _better(f["final_metric"], a, cls) and not _better(a, f["final_metric"], cls)
-                                    for f in free),
-                "tuning_free_methods": len(free) + 1,
-            }
+            entry["verdicts"] = _verdicts(auto, default, tuned, free, cls)
         out.append(entry)
     return out
+
+
+def _verdicts(auto: dict, default: dict | None, tuned: dict | None, free: list[dict], cls: bool) -> dict:
+    """Issue 15's verdicts for one AutoLR row against the task's references."""
+    a = auto["final_metric"]
+    best_free = max(free, key=lambda f: _score(f["final_metric"], cls), default=None)
+    return {
+        "delta_vs_cosine_default": _delta(a, default, cls),
+        "delta_vs_tuned": _delta(a, tuned, cls),
+        "delta_vs_best_tuning_free": _delta(a, best_free, cls),
+        "never_diverged": auto["diverged"] == 0,
+        "ge_cosine_default": _at_least(a, default and default["final_metric"], cls),
+        "close_to_tuned": _close(a, tuned and tuned["final_metric"], cls),
+        "beats_best_tuning_free": _better(a, best_free and best_free["final_metric"], cls),
+        "best_tuning_free": best_free and best_free["label"],
+        # 1 = no tuning-free competitor is better; len(free) + 1 = worse than all of them
+        "rank_among_tuning_free": 1 + sum(_better(f["final_metric"], a, cls) for f in free),
+        "tied_in_rank": sum(not _better(f["final_metric"], a, cls) and not _better(a, f["final_metric"], cls)
+                            for f in free),
+        "tuning_free_methods": len(free) + 1,
+    }
 
 
 def _delta(a: float | None, ref: dict | None, cls: bool) -> str | None:
@@ -477,13 +494,15 @@ def action_vs_constant(rows: list[dict]) -> list[dict]:
     return out
 
 
-def done_when(budget: list[dict], action: list[dict] | None = None) -> dict:
+def done_when(budget: list[dict], action: list[dict] | None = None, verdicts: str = "verdicts") -> dict:
     """The issue's "Done when" lines over all tasks (closeness over the tasks the controller was
-    not trained on; the action controller over the tasks it ran on, all held out)."""
+    not trained on; the action controller over the tasks it ran on, all held out). ``verdicts``:
+    which AutoLR row is judged (``"verdicts"``: defaults; ``"verdicts_find"``: after
+    find_anchor_lr)."""
     action = action or []
-    judged = [b for b in budget if "verdicts" in b]
+    judged = [b for b in budget if verdicts in b]
     held_out = [b for b in judged if not b["trained_on"]]
-    count = lambda bs, key: sum(b["verdicts"][key] for b in bs)  # noqa: E731
+    count = lambda bs, key: sum(b[verdicts][key] for b in bs)  # noqa: E731
     n, n_out = len(judged), len(held_out)
     return {
         "tasks": n, "held_out_tasks": n_out,
@@ -520,6 +539,32 @@ def _tuned_rule(budget: list[dict], grid: int) -> str:
     return " ".join(text)
 
 
+def _verdict_lines(v: dict | None, who: str) -> list[str]:
+    if not v:
+        return []
+    yes = lambda x: "yes" if x else "**no**"  # noqa: E731
+    return [f"- {who} never diverged: {yes(v['never_diverged'])}",
+            f"- {who} >= cosine at the default rate: {yes(v['ge_cosine_default'])} ({v['delta_vs_cosine_default']})",
+            f"- {who} close to tuned cosine: {yes(v['close_to_tuned'])} ({v['delta_vs_tuned']})",
+            f"- {who} beats the best other tuning-free method ({v['best_tuning_free']}): "
+            f"{yes(v['beats_best_tuning_free'])} ({v['delta_vs_best_tuning_free']}); it ranks "
+            f"{v['rank_among_tuning_free']}{' (tied)' if v.get('tied_in_rank') else ''} of "
+            f"{v['tuning_free_methods']} tuning-free rows", ""]
+
+
+def _done_when_lines(d: dict, title: str, action: bool) -> list[str]:
+    return [title, "",
+            f"- never diverges: {d['never_diverged']}/{d['tasks']} tasks",
+            f"- >= cosine at the default rate: {d['ge_cosine_default']}/{d['tasks']} tasks",
+            f"- close to tuned cosine: {d['close_to_tuned_held_out']}/{d['held_out_tasks']} tasks it was not "
+            "trained on (needs >= 3/4)",
+            f"- beats the best other tuning-free method: {d['beats_best_tuning_free']}/{d['tasks']} tasks "
+            "(needs >= half)",
+            *([f"- the action controller beats a constant rate at the same start: {d['action_beats_constant']}/"
+               f"{d['action_tasks']} tasks it was not trained on"] if action else []), "",
+            *(f"- {k}: {'met' if v else '**not met**'}" for k, v in d["met"].items()), ""]
+
+
 def _budget_section(budget: list[dict], grid: int, action: list[dict] | None = None) -> list[str]:
     if not budget:
         return []
@@ -542,23 +587,19 @@ def _budget_section(budget: list[dict], grid: int, action: list[dict] | None = N
             trained = f"not trained on this task ({ctrl})"
         out += [f"### {b['task']}", "", f"Default optimizer: {b['optimizer'] or '-'}; AutoLR {trained}.", ""]
         body = [[r["label"], fmt(r["lr"]) if r["lr"] is not None else "-",
-                 f"{r['runs']} x {r['steps_per_run'] if r['steps_per_run'] is not None else '-'}",
+                 f"{r['runs']} x {r['steps_per_run'] if r['steps_per_run'] is not None else '-'}"
+                 + (f" + {r['trial_steps']} in trials" if r.get("trial_steps") else ""),
                  fmt(r["cpu_s"], 3),
                  fmt_mean_std(r["final_metric"], r["final_metric_std"], digits, scale),
                  f"{r['diverged']}/{r['seeds']}" if r["diverged"] else "no"] for r in b["rows"]]
         out += [markdown_table(["method", "lr", "runs x steps", "CPU s", f"final {metric}", "diverged"], body,
                                "lrrrrl"), ""]
-        v = b.get("verdicts")
-        if v:
-            yes = lambda x: "yes" if x else "**no**"  # noqa: E731
-            out += [f"- AutoLR never diverged: {yes(v['never_diverged'])}",
-                    f"- AutoLR >= cosine at the default rate: {yes(v['ge_cosine_default'])} "
-                    f"({v['delta_vs_cosine_default']})",
-                    f"- AutoLR close to tuned cosine: {yes(v['close_to_tuned'])} ({v['delta_vs_tuned']})",
-                    f"- AutoLR beats the best other tuning-free method ({v['best_tuning_free']}): "
-                    f"{yes(v['beats_best_tuning_free'])} ({v['delta_vs_best_tuning_free']}); AutoLR ranks "
-                    f"{v['rank_among_tuning_free']}{' (tied)' if v.get('tied_in_rank') else ''} of "
-                    f"{v['tuning_free_methods']} tuning-free rows", ""]
+        for key, who in (("verdicts", "AutoLR"), ("verdicts_find", "AutoLR + find_anchor_lr")):
+            out += _verdict_lines(b.get(key), who)
+        factors = next((r.get("anchor_factors") for r in b["rows"] if r.get("anchor_factors")), None)
+        if factors:
+            chosen = ", x ".join(fmt(f, 3) for f in factors)
+            out += [f"find_anchor_lr chose the default rate x {chosen} (per seed).", ""]
         out += [f"![{b['task']} summary]({b['task']}-summary.png)", ""]
     action = action or []
     if action:
@@ -574,17 +615,11 @@ def _budget_section(budget: list[dict], grid: int, action: list[dict] | None = N
                      for k in ("action", "constant")]
             body.append([a["task"], *cells, a["delta"] or "-", "yes" if a["beats"] else "**no**"])
         out += [markdown_table(["task", "action", "constant @ 0.1", "delta", "action better"], body, "lrrrc"), ""]
-    d = done_when(budget, action)
-    out += ["### Done when (issue 15)", "",
-            f"- never diverges: {d['never_diverged']}/{d['tasks']} tasks",
-            f"- >= cosine at the default rate: {d['ge_cosine_default']}/{d['tasks']} tasks",
-            f"- close to tuned cosine: {d['close_to_tuned_held_out']}/{d['held_out_tasks']} tasks it was not "
-            "trained on (needs >= 3/4)",
-            f"- beats the best other tuning-free method: {d['beats_best_tuning_free']}/{d['tasks']} tasks "
-            "(needs >= half)",
-            *([f"- the action controller beats a constant rate at the same start: {d['action_beats_constant']}/"
-               f"{d['action_tasks']} tasks it was not trained on"] if action else []), "",
-            *(f"- {k}: {'met' if v else '**not met**'}" for k, v in d["met"].items()), ""]
+    out += _done_when_lines(done_when(budget, action), "### Done when (issue 15)", bool(action))
+    if any("verdicts_find" in b for b in budget):
+        out += _done_when_lines(done_when(budget, None, "verdicts_find"),
+                                "### The same lines for AutoLR + find_anchor_lr (not AutoLR's defaults: it needs data)",
+                                False)
     return out
 
 
@@ -598,7 +633,8 @@ def plot_budget(entry: dict, runs: list[dict], path: Path) -> Path:
         if not rs:
             continue
         label = row["label"] + (f" (lr {fmt(row['lr'])})" if row["lr"] is not None else "")
-        style, width = ("-", 2.0) if row["method"] == "autolr" else ("--" if row["method"] == "cosine" else ":", 1.2)
+        learned = row["method"] in AUTOLR_METHODS
+        style, width = ("-", 2.0) if learned else ("--" if row["method"] == "cosine" else ":", 1.2)
         rate = rs[0]["curves"]["rate"]
         ax_rate.plot(range(1, len(rate) + 1), _plottable(rate), style, color=color, lw=width, label=label)
         key = "test_acc" if cls else "test_loss"
@@ -997,14 +1033,14 @@ def _leave_one_task_out(jobs: list[Job], controller: str, out: Path, args) -> tu
         return jobs, {}
     shipped = PRETRAINED_DIR / f"{controller}.pt"
     trained = baselines.controller_training_tasks(load_pretrained(controller).info)
-    tasks = sorted(t for t in {j.task for j in jobs if j.method == "autolr"} if shares_data(t, trained))
+    tasks = sorted(t for t in {j.task for j in jobs if j.method in AUTOLR_METHODS} if shares_data(t, trained))
     if not tasks:
         return jobs, {}
     from . import meta_train  # imported here: meta_train imports compare
 
     digest = hashlib.sha256(shipped.read_bytes()).hexdigest()
     variant = f"{LOTO_VARIANT}@{digest[:12]}"
-    jobs = [replace(j, variant=variant) if j.method == "autolr" and j.task in tasks else j for j in jobs]
+    jobs = [replace(j, variant=variant) if j.method in AUTOLR_METHODS and j.task in tasks else j for j in jobs]
     done = _load_partial(out / "runs.jsonl") if args.resume else {}
     files: dict[str, str] = {}
     recipe = {k: meta_train.FAMILY_DEFAULTS[k] for k in ("interval", "horizon", "meta_lr", "passes")}
@@ -1016,7 +1052,7 @@ def _leave_one_task_out(jobs: list[Job], controller: str, out: Path, args) -> tu
         current = (info.get("recipe_of") == digest and settings.get("epochs") == LOTO_EPOCHS
                    and all(settings.get(k) == v for k, v in recipe.items())
                    and info.get("family") == [asdict(r) for r in meta_train.family_without(on_data[0], LOTO_EPOCHS)])
-        pending = any(_key_of(j) not in done for j in jobs if j.method == "autolr" and j.task in on_data)
+        pending = any(_key_of(j) not in done for j in jobs if j.method in AUTOLR_METHODS and j.task in on_data)
         if not current and pending and not args.only_recorded:
             print(f"[compare] leave-one-task-out: meta-training {controller}'s recipe without the {data} data "
                   f"({', '.join(on_data)}) into {path}", file=sys.stderr)
@@ -1034,7 +1070,7 @@ def _with_controller_variant(jobs: list[Job], controller: str) -> list[Job]:
     if not path.is_file():
         return jobs
     variant = f"{controller}@{hashlib.sha256(path.read_bytes()).hexdigest()[:12]}"
-    return [replace(j, variant=variant) if j.method == "autolr" and not j.variant else j for j in jobs]
+    return [replace(j, variant=variant) if j.method in AUTOLR_METHODS and not j.variant else j for j in jobs]
 
 
 @contextlib.contextmanager
@@ -1112,6 +1148,7 @@ def _run_and_report(args, argv, controller: str, jobs: list[Job], skipped: dict[
     doc = {"schema": SCHEMA, "config": config, "skipped_methods": skipped, "targets": targets,
            "summary": rows, "verdicts": verdicts(rows), "equal_budget": budget,
            "action_vs_constant": action, "done_when": done_when(budget, action),
+           "done_when_find": done_when(budget, None, "verdicts_find"),
            "runs": runs, "validation_runs": val_runs}
     (out / "compare.json").write_text(json.dumps(_strict_json(doc), separators=(",", ":"), default=_json_default,
                                                  allow_nan=False))

@@ -6,11 +6,13 @@ Public API (nothing else is exported):
 * :class:`MetaConfig`: online meta-training of the controller;
 * controllers: :class:`MLRSNet`, :class:`ActionController`, :class:`Controller` (the interface
   ``AutoLR`` needs), :func:`load_pretrained`, :func:`load_controller`, :func:`save_controller`;
-* :func:`find_lr`: the learning-rate range test;
+* :func:`find_lr`: the learning-rate range test; :func:`find_anchor_lr`: the ``lr`` for
+  ``AutoLR`` to anchor on, from short trials scored on held-out data;
 * :func:`export` / :func:`load`: TorchScript + the C runtime's weights file;
 * :func:`auto_gamma` (the published scale rule) and :func:`backend_info` (what is built).
 """
 
+from .anchor_lr import find_anchor_lr
 from .controllers import (
     ActionController,
     Controller,
@@ -37,6 +39,7 @@ __all__ = [
     "auto_gamma",
     "backend_info",
     "export",
+    "find_anchor_lr",
     "find_lr",
     "load",
     "load_controller",

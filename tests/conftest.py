@@ -66,3 +66,14 @@ def replay_rates(controller: torch.nn.Module, fed: list[torch.Tensor], gammas: l
     with torch.no_grad():
         twin.settle_(torch.as_tensor(fed[0], dtype=torch.float32).cpu(), rate_scale.SETTLE_STEPS)
         return torch.stack([torch.as_tensor(g).cpu() * twin(torch.as_tensor(x).cpu()) for g, x in zip(gammas, fed)])
+
+
+def same_nested(a, b) -> bool:
+    """Tensors (dtype, shape and every bit), dicts, lists and tuples of them, equal all through."""
+    if isinstance(a, torch.Tensor):
+        return a.dtype == b.dtype and a.shape == b.shape and torch.equal(a, b)
+    if isinstance(a, dict):
+        return a.keys() == b.keys() and all(same_nested(a[k], b[k]) for k in a)
+    if isinstance(a, (list, tuple)):
+        return len(a) == len(b) and all(same_nested(x, y) for x, y in zip(a, b, strict=True))
+    return a == b

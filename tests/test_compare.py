@@ -209,13 +209,20 @@ def test_compare_command_writes_well_formed_records(tmp_path, capsys):
     for b in doc["equal_budget"]:
         labels = [r["label"] for r in b["rows"]]
         # --grid 1: no validation runs, so the tuned row is picked on the test metric (and says so)
-        assert labels[:3] == ["AutoLR (defaults)", "cosine @ default lr", "cosine tuned (grid, picked on test)"]
+        assert labels[:4] == ["AutoLR (defaults)", "AutoLR + find_anchor_lr (defaults)", "cosine @ default lr",
+                              "cosine tuned (grid, picked on test)"]
         assert {"Prodigy (lr 1, cosine)", "schedule-free AdamW @ default"} <= set(labels)
         for r in b["rows"]:
             assert r["runs"] == 1 and r["steps_per_run"] > 0 and r["cpu_s"] > 0
-        assert set(b["verdicts"]) >= {"never_diverged", "ge_cosine_default", "close_to_tuned",
-                                      "beats_best_tuning_free"}
-    assert doc["done_when"]["tasks"] == len(tasks)
+        for key in ("verdicts", "verdicts_find"):
+            assert set(b[key]) >= {"never_diverged", "ge_cosine_default", "close_to_tuned", "beats_best_tuning_free"}
+        # the trials' cost is shown beside the run, and what they chose
+        find = b["rows"][1]
+        steps = round(0.15 * find["steps_per_run"])
+        assert find["trial_steps"] == 5 * max(1, steps) and len(find["anchor_factors"]) == 1
+        assert f"1 x {find['steps_per_run']} + {find['trial_steps']} in trials" in md
+    assert doc["done_when"]["tasks"] == doc["done_when_find"]["tasks"] == len(tasks)
+    assert "### The same lines for AutoLR + find_anchor_lr" in md and "find_anchor_lr chose the default rate x" in md
 
 
 def test_compare_best_and_default_rows(tmp_path):

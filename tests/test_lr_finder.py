@@ -4,6 +4,7 @@ import math
 
 import pytest
 import torch
+from conftest import same_nested
 from torch import nn
 
 from autolr_fast.lr_finder import TrainingSnapshot, find_lr, smooth_curve
@@ -23,16 +24,6 @@ def _state(model, opt):
             copy.deepcopy(opt.state_dict()), torch.get_rng_state())
 
 
-def _same(a, b):
-    if isinstance(a, torch.Tensor):
-        return a.dtype == b.dtype and a.shape == b.shape and torch.equal(a, b)
-    if isinstance(a, dict):
-        return a.keys() == b.keys() and all(_same(a[k], b[k]) for k in a)
-    if isinstance(a, (list, tuple)):
-        return len(a) == len(b) and all(_same(x, y) for x, y in zip(a, b, strict=True))
-    return a == b
-
-
 @pytest.mark.parametrize("opt_name", ["sgd", "adam"])
 def test_restores_state_bit_for_bit_mid_training(opt_name):
     torch.manual_seed(0)
@@ -50,7 +41,7 @@ def test_restores_state_bit_for_bit_mid_training(opt_name):
                   horizons=(1, 3), progress=False)
     assert len(res.rates[1]) >= 1
     after = _state(model, opt)
-    assert _same(before, after)
+    assert same_nested(before, after)
     assert opt.param_groups[0]["lr"] == (0.05 if opt_name == "sgd" else 1e-3)
     assert all(p.grad is None for p in model.parameters())
     # Training on afterwards is exactly what it would have been without the finder.
@@ -65,7 +56,7 @@ def test_restores_state_bit_for_bit_mid_training(opt_name):
             nn.functional.cross_entropy(m(x), y).backward()
             o.step()
         outs.append([p.detach().clone() for p in m.parameters()])
-    assert _same(outs[0], outs[1])
+    assert same_nested(outs[0], outs[1])
 
 
 def test_every_trial_starts_from_the_same_weights():

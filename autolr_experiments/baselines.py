@@ -488,7 +488,8 @@ ANCHOR_VALIDATION_MAX = 500
                  "x 10^(-1, -0.5, 0, 0.5, 1) on the training data minus a validation split (20 %, at most 500 "
                  "samples), scored on that split; the best rate becomes the optimizer's lr, then "
                  "AutoLR(opt, load_pretrained(<controller>), total_steps=<steps>) trains on all the training data from "
-                 "the same weights. The trials' CPU time is in the run's", available=_autolr_missing, revision=1)
+                 "the same weights. The trials' CPU time is in the run's", available=_autolr_missing,
+                 revision=2)  # 2: records the trials run
 def autolr_find(spec: RunSpec) -> Schedule:
     from itertools import islice
 

@@ -420,8 +420,8 @@ def equal_budget(rows: list[dict], runs: list[dict], val_runs: list[dict] | None
             row = _budget_row("AutoLR + find_anchor_lr (defaults)", find, runs)
             found = [r["info"]["anchor"] for r in runs if r["task"] == task and r["method"] == "autolr-find"
                      and r.get("info", {}).get("anchor")]
-            if found:
-                row["trial_steps"] = found[0]["cost_steps"]
+            if found:  # the trials' steps (mean over seeds: a divergence stops a seed's larger rates)
+                row["trial_steps"] = round(sum(f["cost_steps"] for f in found) / len(found))
                 row["anchor_factors"] = [f["factor"] for f in found]
             entry["rows"].insert(1, row)
             entry["verdicts_find"] = _verdicts(find, default, tuned, free, cls)

@@ -24,7 +24,7 @@ from __future__ import annotations
 import math
 import time
 import warnings
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from itertools import islice
 from typing import Any
@@ -39,7 +39,6 @@ from .distributed import is_distributed
 from .lr_finder import (
     TrainingSnapshot,
     Unpack,
-    _check_no_fresh_autolr,
     _model_device,
     _set_rate,
     _Trial,
@@ -63,15 +62,16 @@ class AnchorResult:
     lr: float  # the rate chosen (the given one when no trial was usable)
     given_lr: float
     rates: list[float]
-    losses: list[float]  # held-out loss after each trial; NaN where the trial diverged
+    losses: list[float]  # held-out loss after each trial; NaN where it diverged or was not tried
     start_loss: float  # held-out loss before any trial
     trial_steps: int
     seconds: float  # wall time of all trials
+    trials_run: int  # the first trials_run rates were tried (after a divergence the larger are not)
 
     @property
     def cost_steps(self) -> int:
         """Training steps the trials took (what the choice cost, in steps of the run)."""
-        return self.trial_steps * len(self.rates)
+        return self.trial_steps * self.trials_run
 
     @property
     def factor(self) -> float:
@@ -80,14 +80,14 @@ class AnchorResult:
     def to_dict(self) -> dict:
         return {"lr": self.lr, "given_lr": self.given_lr, "factor": self.factor, "rates": self.rates,
                 "losses": self.losses, "start_loss": self.start_loss, "trial_steps": self.trial_steps,
-                "cost_steps": self.cost_steps, "seconds": self.seconds}
+                "trials_run": self.trials_run, "cost_steps": self.cost_steps, "seconds": self.seconds}
 
     def table(self) -> str:
         """Markdown: one row per rate tried, the chosen one marked."""
         lines = [f"| rate | x given | held-out loss after {self.trial_steps} steps | chosen |",
                  "|---:|---:|---:|:---:|"]
-        for rate, loss in zip(self.rates, self.losses, strict=True):
-            shown = f"{loss:.4g}" if math.isfinite(loss) else "diverged"
+        for i, (rate, loss) in enumerate(zip(self.rates, self.losses, strict=True)):
+            shown = f"{loss:.4g}" if math.isfinite(loss) else "diverged" if i < self.trials_run else "not tried"
             lines.append(f"| {rate:.3g} | {rate / self.given_lr:.3g} | {shown} | {'yes' if rate == self.lr else ''} |")
         return "\n".join(lines)
 
@@ -153,17 +153,17 @@ def find_anchor_lr(
         distributed: under an initialised process group the held-out loss is averaged across ranks,
             so every rank chooses the same rate.
 
-    A trial whose held-out loss is not finite, or above 1.5 times the loss at call time, counts as
-    diverged; the larger rates are then not tried. When no trial is usable, the ``lr`` is left as
+    A trial whose held-out loss is not finite, or above the loss at call time by more than half its
+    size, counts as diverged; the larger rates are then not tried. When no trial is usable, the ``lr`` is left as
     it was (with a warning). Returns an :class:`AnchorResult` (``cost_steps``: what it cost).
     """
     steps = _trial_steps(total_steps, trial_steps, fraction)
     if not (math.isfinite(decades) and decades > 0) or num < 2:
         raise ValueError(f"need decades > 0 and num >= 2, got decades={decades!r}, num={num!r}")
-    if iter(train_batches) is train_batches:
+    if isinstance(train_batches, Iterator):  # asked without iterating: a DataLoader would draw from the RNG
         raise ValueError("find_anchor_lr: train_batches must be re-iterable (a list or a DataLoader): every trial "
                          "trains on the same batches")
-    _check_no_fresh_autolr(optimizer)
+    _refuse_autolr(optimizer)
     given, scales = optim_support.group_lr_scales([float(g["lr"]) for g in optimizer.param_groups])
     if not given > 0:
         raise ValueError("find_anchor_lr: every param group has lr 0; set the lr you would use")
@@ -188,8 +188,7 @@ def find_anchor_lr(
         bar = tqdm(total=steps * num, desc="find_anchor_lr", leave=False, disable=not progress)
         for rate in rates:
             if losses and not math.isfinite(losses[-1]):
-                losses.append(float("nan"))  # a smaller rate diverged: larger ones are not tried
-                continue
+                break  # a smaller rate diverged: the larger ones are not tried
             _set_rate(optimizer, rate, scales)
             batches = _cycled(train_batches)
             for _ in range(steps):
@@ -201,11 +200,24 @@ def find_anchor_lr(
         bar.close()
     finally:
         snap.restore()
+    trials_run = len(losses)
+    losses += [float("nan")] * (num - trials_run)
     usable = [(loss, rate) for loss, rate in zip(losses, rates, strict=True) if math.isfinite(loss)]
     chosen = min(usable)[1] if usable else given
     if not usable:
         warnings.warn(f"find_anchor_lr: every trial from lr={rates[0]:.3g} diverged; the lr is left at {given:.3g}",
                       stacklevel=2)
-    if apply:
+    if apply and chosen != given:  # else the groups keep their lrs exactly
         _set_rate(optimizer, chosen, scales)
-    return AnchorResult(chosen, given, rates, losses, start_loss, steps, time.perf_counter() - start)
+    return AnchorResult(chosen, given, rates, losses, start_loss, steps, time.perf_counter() - start, trials_run)
+
+
+def _refuse_autolr(optimizer: torch.optim.Optimizer) -> None:
+    """An ``AutoLR`` on the optimizer fixed its scale at its first step (and a fresh one would
+    refuse the trials' steps): the rate chosen here would not be the one it uses."""
+    from .scheduler import AutoLR  # the scheduler imports this package's modules
+
+    for hook in list(getattr(optimizer, "_optimizer_step_pre_hooks", {}).values()):
+        if isinstance(getattr(hook, "__self__", None), AutoLR):
+            raise RuntimeError("find_anchor_lr: an AutoLR already drives this optimizer. Call find_anchor_lr "
+                               "first, then build AutoLR: it anchors on the optimizer's lr at its first step")

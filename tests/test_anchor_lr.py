@@ -94,14 +94,60 @@ def test_apply_false_only_reports():
     assert opt.param_groups[0]["lr"] == 1e-4 and result.to_dict()["cost_steps"] == 25
 
 
-def test_every_trial_diverging_leaves_the_lr_and_warns():
+def test_every_trial_diverging_leaves_the_lrs_exactly_and_warns():
+    """Nothing usable: every group keeps its lr to the bit (no rewrite through the ratios), and
+    only the trial that ran is counted in the cost."""
     train, val = _regression()
-    model = nn.Sequential(nn.Linear(10, 1))
-    opt = torch.optim.SGD(model.parameters(), lr=1e3)
+    model = nn.Sequential(nn.Linear(10, 4), nn.Linear(4, 1))
+    opt = torch.optim.SGD([{"params": model[0].parameters()}, {"params": model[1].parameters(), "lr": 210.0}],
+                          lr=3000.0)
     with pytest.warns(UserWarning, match="diverged"):
         result = find_anchor_lr(model, opt, nn.functional.mse_loss, train, val, trial_steps=10, progress=False)
-    assert result.lr == 1e3 == opt.param_groups[0]["lr"]
-    assert all(math.isnan(loss) for loss in result.losses)
+    assert [g["lr"] for g in opt.param_groups] == [3000.0, 210.0]
+    assert result.lr == 3000.0 and all(math.isnan(loss) for loss in result.losses)
+    assert result.trials_run == 1 and result.cost_steps == 10
+    assert result.table().count("not tried") == 4
+
+
+def test_a_divergence_stops_the_larger_rates_and_the_cost_counts_the_trials_run():
+    train, val = _regression()
+    model = nn.Sequential(nn.Linear(10, 32), nn.Tanh(), nn.Linear(32, 1))
+    opt = torch.optim.SGD(model.parameters(), lr=0.3, momentum=0.9)
+    result = find_anchor_lr(model, opt, nn.functional.mse_loss, train, val, trial_steps=50, progress=False)
+    assert 1 < result.trials_run < 5 and result.cost_steps == 50 * result.trials_run
+    assert all(math.isfinite(v) for v in result.losses[:result.trials_run - 1])
+    assert all(math.isnan(v) for v in result.losses[result.trials_run - 1:])
+
+
+def test_a_shuffling_dataloader_leaves_the_rng_as_it_was():
+    """The trials iterate a shuffling DataLoader (which draws from the global RNG); the RNG is
+    restored to its state at the call, so the training loop then shuffles as it would have."""
+    train, val = _regression()
+    x = torch.cat([b[0] for b in train])
+    y = torch.cat([b[1] for b in train])
+    loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(x, y), batch_size=32, shuffle=True)
+    model = nn.Sequential(nn.Linear(10, 1))
+    opt = torch.optim.Adam(model.parameters(), lr=1e-3)
+    torch.manual_seed(5)
+    before = torch.get_rng_state()
+    find_anchor_lr(model, opt, nn.functional.mse_loss, loader, val, trial_steps=20, progress=False)
+    assert torch.equal(torch.get_rng_state(), before)
+
+
+def test_refuses_an_optimizer_an_autolr_already_drives():
+    """Fresh or stepped: AutoLR fixed (or will fix) its scale from the lr at its first step, so a
+    rate chosen afterwards would not be used."""
+    train, val = _regression()
+    model = nn.Sequential(nn.Linear(10, 1))
+    opt = torch.optim.Adam(model.parameters(), lr=1e-3)
+    sched = AutoLR(opt, MLRSNet(hidden_size=16))
+    x, y = train[0]
+    loss = nn.functional.mse_loss(model(x), y)
+    loss.backward()
+    sched.step(loss.detach())
+    opt.step()
+    with pytest.raises(RuntimeError, match="already drives"):
+        find_anchor_lr(model, opt, nn.functional.mse_loss, train, val, trial_steps=3, progress=False)
 
 
 def test_bad_arguments_say_what_to_do():
@@ -121,5 +167,5 @@ def test_bad_arguments_say_what_to_do():
     with pytest.raises(ValueError, match="lr 0"):
         find_anchor_lr(model, frozen, loss, train, val, trial_steps=3, progress=False)
     AutoLR(opt, MLRSNet(hidden_size=16))
-    with pytest.raises(RuntimeError, match="AutoLR"):
+    with pytest.raises(RuntimeError, match="already drives"):
         find_anchor_lr(model, opt, loss, train, val, trial_steps=3, progress=False)

@@ -219,7 +219,8 @@ def test_compare_command_writes_well_formed_records(tmp_path, capsys):
         # the trials' cost is shown beside the run, and what they chose
         find = b["rows"][1]
         steps = round(0.15 * find["steps_per_run"])
-        assert find["trial_steps"] == 5 * max(1, steps) and len(find["anchor_factors"]) == 1
+        assert find["trial_steps"] in range(max(1, steps), 5 * max(1, steps) + 1, max(1, steps))
+        assert len(find["anchor_factors"]) == 1
         assert f"1 x {find['steps_per_run']} + {find['trial_steps']} in trials" in md
     assert doc["done_when"]["tasks"] == doc["done_when_find"]["tasks"] == len(tasks)
     assert "### The same lines for AutoLR + find_anchor_lr" in md and "find_anchor_lr chose the default rate x" in md

@@ -638,6 +638,10 @@ def test_direct_runner_calls_the_c_launcher_unless_a_launch_hook_is_installed(mo
         assert calls == [("wrapper", (1, 1, 1), (11, 22, 3.5), 1234)]
     else:
         assert calls == [("c", (1, 1, 1, 1234, 77, (4, 1), None, None, None, 11, 22, 3.5))]
+    # the launcher check compares the direct call, with a hook installed or not
+    calls.clear()
+    runner.direct(11, 22, 3.5, stream=1234)
+    assert calls == [("c", (1, 1, 1, 1234, 77, (4, 1), None, None, None, 11, 22, 3.5))]
     assert not k._hooks_active(None) and k._hooks_active(hook or print)
     assert not k._hooks_active(type("EmptyChain", (), {"calls": []})())
     fake = _FakeCompiled()  # no C launcher to call: its own [(1, 1, 1)]

@@ -28,6 +28,7 @@ import json
 import math
 import os
 from collections.abc import Callable
+from itertools import islice
 from pathlib import Path
 from typing import Any
 
@@ -478,11 +479,6 @@ def autolr(spec: RunSpec) -> Schedule:
     return schedule
 
 
-#: the held-out split find_anchor_lr scores its trials on: the tuned reference's (compare)
-ANCHOR_VALIDATION_FRACTION = 0.2
-ANCHOR_VALIDATION_MAX = 500
-
-
 @register_method("autolr-find", "learned", None,
                  "find_anchor_lr, then AutoLR with its defaults: trials of 15 % of the run at the task's default rate "
                  "x 10^(-1, -0.5, 0, 0.5, 1) on the training data minus a validation split (20 %, at most 500 "
@@ -491,14 +487,13 @@ ANCHOR_VALIDATION_MAX = 500
                  "the same weights. The trials' CPU time is in the run's", available=_autolr_missing,
                  revision=2)  # 2: records the trials run
 def autolr_find(spec: RunSpec) -> Schedule:
-    from itertools import islice
+    from .compare import validation_task  # the tuned reference's split (compare imports this module)
 
     controller, info = _autolr_controller(spec)
     opt = make_optimizer(spec.model, spec.task.optim)
-    n_val = max(1, min(ANCHOR_VALIDATION_MAX, int(len(spec.task.x_train) * ANCHOR_VALIDATION_FRACTION)))
-    rest, x_val, y_val = spec.task.split_validation(n_val, seed=spec.seed)
+    rest = validation_task(spec.task, spec.seed)  # its test data is the held-out split
     bs = spec.batch_size
-    val = [(x_val[i:i + bs], y_val[i:i + bs]) for i in range(0, n_val, bs)]
+    val = [(rest.x_test[i:i + bs], rest.y_test[i:i + bs]) for i in range(0, len(rest.x_test), bs)]
     steps = max(1, round(ANCHOR_FRACTION * spec.total_steps))
     train = list(islice(rest.batches(bs, spec.seed, epochs=spec.epochs), steps))
     found = find_anchor_lr(spec.model, opt, spec.task.loss_fn, train, val, trial_steps=steps, progress=False)

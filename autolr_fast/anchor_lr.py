@@ -42,6 +42,7 @@ from .lr_finder import (
     _model_device,
     _set_rate,
     _Trial,
+    autolrs_driving,
     default_unpack,
 )
 
@@ -154,8 +155,8 @@ def find_anchor_lr(
             so every rank chooses the same rate.
 
     A trial whose held-out loss is not finite, or above the loss at call time by more than half its
-    size, counts as diverged; the larger rates are then not tried. When no trial is usable, the ``lr`` is left as
-    it was (with a warning). Returns an :class:`AnchorResult` (``cost_steps``: what it cost).
+    size, counts as diverged; the larger rates are then not tried. When no trial is usable, the
+    ``lr`` is left as it was (with a warning). Returns an :class:`AnchorResult` (``cost_steps``: what it cost).
     """
     steps = _trial_steps(total_steps, trial_steps, fraction)
     if not (math.isfinite(decades) and decades > 0) or num < 2:
@@ -185,19 +186,18 @@ def find_anchor_lr(
         if not math.isfinite(start_loss):
             raise ValueError(f"the held-out loss at call time is {start_loss}; find_anchor_lr needs a finite one")
         limit = start_loss + 0.5 * abs(start_loss)
-        bar = tqdm(total=steps * num, desc="find_anchor_lr", leave=False, disable=not progress)
-        for rate in rates:
-            if losses and not math.isfinite(losses[-1]):
-                break  # a smaller rate diverged: the larger ones are not tried
-            _set_rate(optimizer, rate, scales)
-            batches = _cycled(train_batches)
-            for _ in range(steps):
-                trial._train_step(to_device(unpack(next(batches)), device))
-                bar.update(1)
-            value = trial.eval_loss()
-            losses.append(value if math.isfinite(value) and value <= limit else float("nan"))
-            snap.restore()
-        bar.close()
+        with tqdm(total=steps * num, desc="find_anchor_lr", leave=False, disable=not progress) as bar:
+            for rate in rates:
+                if losses and not math.isfinite(losses[-1]):
+                    break  # a smaller rate diverged: the larger ones are not tried
+                _set_rate(optimizer, rate, scales)
+                batches = _cycled(train_batches)
+                for _ in range(steps):
+                    trial._train_step(to_device(unpack(next(batches)), device))
+                    bar.update(1)
+                value = trial.eval_loss()
+                losses.append(value if math.isfinite(value) and value <= limit else float("nan"))
+                snap.restore()
     finally:
         snap.restore()
     trials_run = len(losses)
@@ -215,9 +215,6 @@ def find_anchor_lr(
 def _refuse_autolr(optimizer: torch.optim.Optimizer) -> None:
     """An ``AutoLR`` on the optimizer fixed its scale at its first step (and a fresh one would
     refuse the trials' steps): the rate chosen here would not be the one it uses."""
-    from .scheduler import AutoLR  # the scheduler imports this package's modules
-
-    for hook in list(getattr(optimizer, "_optimizer_step_pre_hooks", {}).values()):
-        if isinstance(getattr(hook, "__self__", None), AutoLR):
-            raise RuntimeError("find_anchor_lr: an AutoLR already drives this optimizer. Call find_anchor_lr "
-                               "first, then build AutoLR: it anchors on the optimizer's lr at its first step")
+    if autolrs_driving(optimizer):
+        raise RuntimeError("find_anchor_lr: an AutoLR already drives this optimizer. Call find_anchor_lr "
+                           "first, then build AutoLR: it anchors on the optimizer's lr at its first step")

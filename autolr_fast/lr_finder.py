@@ -367,19 +367,23 @@ class _Trial:
             yield h, self.eval_loss()
 
 
+def autolrs_driving(optimizer: torch.optim.Optimizer) -> list:
+    r"""The ``AutoLR``\ s whose step hook is on ``optimizer``."""
+    from .scheduler import AutoLR  # the scheduler imports this package's modules
+
+    owners = (getattr(hook, "__self__", None) for hook in getattr(optimizer, "_optimizer_step_pre_hooks", {}).values())
+    return [owner for owner in owners if isinstance(owner, AutoLR)]
+
+
 def _check_no_fresh_autolr(optimizer: torch.optim.Optimizer) -> None:
     """Refuse an optimizer that an ``AutoLR`` drives and that has not stepped yet: its hook would
     refuse the trials' ``optimizer.step()`` as a loop in the wrong order."""
-    from .scheduler import AutoLR  # the scheduler imports this package's modules
-
-    for hook in list(getattr(optimizer, "_optimizer_step_pre_hooks", {}).values()):
-        owner = getattr(hook, "__self__", None)
-        if isinstance(owner, AutoLR) and owner.step_count == 0:
-            raise RuntimeError(
-                "find_lr: an AutoLR was built on this optimizer and has not stepped yet. Run find_lr first, "
-                "set the optimizer's lr to its suggestion, then build AutoLR: AutoLR reads the lr at its first "
-                "step as the peak rate"
-            )
+    if any(owner.step_count == 0 for owner in autolrs_driving(optimizer)):
+        raise RuntimeError(
+            "find_lr: an AutoLR was built on this optimizer and has not stepped yet. Run find_lr first, "
+            "set the optimizer's lr to its suggestion, then build AutoLR: AutoLR reads the lr at its first "
+            "step as the peak rate"
+        )
 
 
 def _sweep(trial: _Trial, snap: TrainingSnapshot, rates_grid: list[float], scales: list[float], horizons: list[int],

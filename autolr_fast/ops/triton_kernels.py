@@ -500,12 +500,11 @@ def _direct_runner(compiled):
         enter, leave = _launch_hooks()
         if _hooks_active(enter) or _hooks_active(leave):
             wrapped(*args, stream=stream)
-        else:
-            run(1, 1, 1, stream, function, packed, None, enter, leave, *args)
+        else:  # none installed (None, or an empty chain): the call the launcher check compared
+            direct(*args, stream=stream)
 
-    # what the launcher check compares with the generic launch: the direct call, without hooks
-    # (they would get no metadata), whatever is installed at that moment (the wrapper is Triton's
-    # own path)
+    # what the launcher check compares with the generic launch, whatever hooks are installed at
+    # that moment (the wrapper is Triton's own path)
     runner.direct = direct
     return runner
 

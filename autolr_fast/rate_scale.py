@@ -7,7 +7,9 @@ Where the scale comes from (``AutoLR(gamma=...)``):
   controller is run ``SETTLE_STEPS`` times on that loss, to the output ``p*`` it settles at, and
   keeps that state; ``gamma = lr / p*``, so training starts at the user's ``lr`` and the
   controller moves the rate relative to it. This works the same for SGD, momentum, Adam and
-  AdamW, for any loss scale, because the user already chose ``lr`` for that optimizer.
+  AdamW, for any loss scale, because the user already chose ``lr`` for that optimizer. A
+  relative action controller (``rate = gamma * level``, level 1 at the start) takes
+  ``gamma = lr`` directly.
 * ``"controller"``: the ``default_gamma`` a saved controller carries (the scale it was trained
   with, on its task and optimizer); warned about when it is far from the optimizer's ``lr``.
 * ``"auto"``: the published rule from the first loss and the class count (plain SGD only).
@@ -62,6 +64,8 @@ class RateScale:
         self.total_steps = None if total_steps is None else int(total_steps)
         self.mode = self._mode(gamma, controller)
         nan = float("nan")
+        # an MLR-SNet is settled on the first loss to find its anchor; a relative controller's is lr
+        self.settles = self.mode == "lr" and isinstance(controller, MLRSNet)
         if self.mode == "lr":
             if not (math.isfinite(self.base_lr) and self.base_lr > 0):
                 raise ValueError(
@@ -70,7 +74,7 @@ class RateScale:
                     "optimizer with the peak rate you mean (e.g. SGD(params, lr=0.1) or AdamW(params, lr=1e-3)), "
                     "or pass gamma=<float>"
                 )
-            start = nan
+            start = nan if self.settles else self.base_lr
         elif self.mode == "auto":
             if self.num_classes is None or self.num_classes < 2:
                 raise ValueError(
@@ -83,14 +87,16 @@ class RateScale:
             start = float(controller.default_gamma if self.mode == "controller" else gamma)
             if not math.isfinite(start) or start <= 0:
                 raise ValueError(f"gamma must be a positive finite float, None, 'controller' or 'auto', got {start!r}")
+        self.initial_peak = start  # the peak known on the host at construction (NaN until the first loss)
         self.peak = torch.full((), start, device=device)
         self.gamma = self.peak if self.total_steps is None else self.peak.clone()
-        self.pending = self.mode in ("lr", "auto")
+        self.pending = self.mode == "auto" or self.settles
         self._warn_about_choice(optimizer, warned)
 
     def _mode(self, gamma, controller: nn.Module) -> str:
+        anchors_on_lr = isinstance(controller, MLRSNet) or bool(getattr(controller, "relative", False))
         if gamma is None:
-            if isinstance(controller, MLRSNet):
+            if anchors_on_lr:
                 return "lr"
             if controller.default_gamma is None:
                 raise ValueError(
@@ -107,9 +113,9 @@ class RateScale:
             if gamma == "auto":
                 return gamma
             if gamma == "lr":
-                if not isinstance(controller, MLRSNet):
-                    raise ValueError(f"gamma='lr' (the lr anchor) needs an MLRSNet controller, not a "
-                                     f"{type(controller).__name__}: pass a float, or leave gamma unset")
+                if not anchors_on_lr:
+                    raise ValueError(f"gamma='lr' (the lr anchor) needs an MLRSNet or a relative action controller, "
+                                     f"not a {type(controller).__name__}: pass a float, or leave gamma unset")
                 return gamma
             raise ValueError(f"gamma must be a float, None, 'controller' or 'auto', got {gamma!r}")
         return "fixed"

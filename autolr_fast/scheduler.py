@@ -76,7 +76,8 @@ class AutoLR:
     the device), counts a skipped step (``skipped_steps``) and warns once. A negative loss is
     clamped to 0 (the controller was trained on non-negative losses) and counted. A loss that
     is not a 1-element tensor, or lives on another device, raises ``ValueError``. The rate is
-    always finite and in ``[0, gamma]``; before the first finite loss it is 0.
+    always finite and in ``[0, gamma]`` (a relative action controller: ``gamma * level``, the level
+    at most its ``max_level``); before the first finite loss it is 0 for an MLR-SNet.
 
     Gradient accumulation, mixed precision, clipping: pass ``step`` the unscaled mean loss of the
     optimizer step, once per optimizer step (the mean of the micro-batch losses; with a
@@ -108,7 +109,10 @@ class AutoLR:
         reference_lr = self._init_param_groups(lr_scales, lr_as_tensor)
         self.scale = RateScale(gamma, controller, optimizer, self.device, reference_lr, num_classes=num_classes,
                                total_steps=total_steps, warned=self._warned)
-        self.rate = torch.full((), float(controller.initial_rate(reference_lr)), device=self.device)
+        start = controller.initial_rate(reference_lr)
+        if getattr(controller, "relative", False) and not self.scale.pending:
+            start = self.scale.initial_peak  # rate = gamma x level, level 1
+        self.rate = torch.full((), float(start), device=self.device)
         if self.device.type == "cpu" and optim_support.numpy_available():
             self._rate_view = self.rate.numpy()
         self.counters = DeviceCounters(("skipped", "negative"), self.device)
@@ -505,6 +509,9 @@ class AutoLR:
             )
         own = self.controller.state_dict()
         ctrl = state["controller"]
+        upgrade = getattr(self.controller, "upgrade_state", None)  # states saved by an older version
+        if callable(upgrade):
+            ctrl = upgrade(ctrl)
         if set(ctrl) != set(own) or any(tuple(ctrl[k].shape) != tuple(own[k].shape) for k in own):
             raise ValueError("the controller in this state_dict has other parameters or shapes than this AutoLR's")
         n_groups = len(self.optimizer.param_groups)

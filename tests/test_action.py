@@ -46,9 +46,9 @@ def test_models_map_window_to_action_logits(kind):
 # ------------------------------------------------------------------------------------------------
 # controller
 # ------------------------------------------------------------------------------------------------
-def _fixed(action: int, window: int = 4) -> ActionMLP:
+def _fixed(action: int, window: int = 4, channels: int = 3) -> ActionMLP:
     """An MLP that always picks ``action`` (zero weights, one bias)."""
-    m = ActionMLP(3, window)
+    m = ActionMLP(channels, window)
     with torch.no_grad():
         for p in m.parameters():
             p.zero_()
@@ -211,10 +211,119 @@ def test_shipped_controller_runs_in_autolr():
     info = json.loads((PRETRAINED_DIR / "action-mlp.json").read_text())
     assert info["window"] == ctrl.window and info["interval"] == ctrl.interval
     assert (PRETRAINED_DIR / "action-mlp.pt").stat().st_size < 200_000
-    model, opt, sched = _setup(ctrl, gamma=0.5)
+    assert ctrl.relative and ctrl.default_gamma is None  # it starts at the optimizer's lr, and scales with it
+    torch.manual_seed(0)
+    model = nn.Linear(3, 1)
+    opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
+    sched = AutoLR(opt, ctrl, total_steps=400)
     _steps(model, opt, sched, 205)
-    assert int(ctrl.actions_taken.sum()) == 2 and 0 < float(sched.rate) <= 0.5
+    assert int(ctrl.actions_taken.sum()) == 2
+    level = float(ctrl.level)
+    assert level == pytest.approx(1.0) or 0.8 < level < 1.25
+    assert float(sched.rate) == pytest.approx(0.01 * level * (1 + math.cos(math.pi * 204 / 400)) / 2, rel=1e-5)
     with pytest.raises(ValueError, match="no shipped"):
         ActionController.pretrained("nope")
     with pytest.raises(ValueError, match="not an action controller"):
         ActionController.pretrained("default")
+
+
+# ------------------------------------------------------------------------------------------------
+# the relative controller: rate = gamma (lr x envelope) x level
+# ------------------------------------------------------------------------------------------------
+def _relative(action: int, **kw):
+    return ActionController(_fixed(action, channels=4), window=4, block=2, interval=8, relative=True,
+                            default_gamma=None, **kw)
+
+
+@pytest.mark.parametrize("make_opt", [lambda p: torch.optim.SGD(p, lr=0.05, momentum=0.9),
+                                      lambda p: torch.optim.AdamW(p, lr=3e-4)])
+def test_relative_rate_is_lr_times_envelope_times_level(make_opt):
+    from autolr_fast.rate_scale import cosine_envelope
+
+    ctrl = _relative(2)
+    torch.manual_seed(0)
+    model = nn.Linear(3, 1)
+    opt = make_opt(model.parameters())
+    lr = opt.param_groups[0]["lr"]
+    sched = AutoLR(opt, ctrl, total_steps=40)  # no gamma: the optimizer's lr is the scale
+    rates = []
+    for _ in range(40):
+        _steps(model, opt, sched, 1)
+        rates.append(opt.param_groups[0]["lr"])
+    for t, r in enumerate(rates):  # acts (x1.1) after steps 8, 16, 24, 32, 40
+        assert r == pytest.approx(lr * cosine_envelope(t, 40) * 1.1 ** ((t + 1) // 8), rel=1e-5, abs=1e-12)
+    assert float(ctrl.level) == pytest.approx(1.1 ** 5) and ctrl.actions_taken.tolist() == [0, 0, 5]
+
+
+def test_relative_level_is_clamped_and_features_carry_it():
+    ctrl = _relative(2, max_level=1.2)
+    rate = torch.tensor(0.0)
+    for v in torch.rand(40).add(0.5).tolist():
+        ctrl.scheduler_step_(torch.tensor(v), torch.tensor(0.5), rate)
+    assert float(ctrl.level) == pytest.approx(1.2) and float(rate) == pytest.approx(0.6)
+    f = ctrl.features()
+    assert f.shape == (1, 4, 4)
+    torch.testing.assert_close(f[0, 3], torch.full((4,), math.log(1.2)))
+    ctrl.scheduler_step_(torch.tensor(float("nan")), torch.tensor(0.1), rate)  # skipped: nothing moves
+    assert float(rate) == pytest.approx(0.6)
+    ctrl.reset()
+    assert float(ctrl.level) == 1.0
+    low = _relative(0, min_level=0.5)
+    for v in torch.rand(80).add(0.5).tolist():
+        low.scheduler_step_(torch.tensor(v), torch.tensor(1.0), rate)
+    assert float(low.level) == pytest.approx(0.5)
+
+
+@pytest.mark.filterwarnings("ignore:`torch.jit.script` is deprecated:FutureWarning")
+def test_relative_round_trips_and_scripts(tmp_path):
+    torch.manual_seed(2)
+    ctrl = ActionController(make_action_model("mlp", 4, channels=4), window=4, block=1, interval=2, relative=True,
+                            default_gamma=None)
+    ctrl.save(str(tmp_path / "r.pt"), "mlp")
+    back = ActionController.load(str(tmp_path / "r.pt"))
+    assert back.config() == ctrl.config() and back.relative and back.channels == 4
+    scripted = torch.jit.script(back)
+    r1, r2 = torch.tensor(0.0), torch.tensor(0.0)
+    for v in torch.rand(30).add(0.5).tolist():
+        ctrl.scheduler_step_(torch.tensor(v), torch.tensor(0.3), r1)
+        scripted.scheduler_step_(torch.tensor(v), torch.tensor(0.3), r2)
+    assert torch.equal(r1, r2) and torch.equal(ctrl.level, scripted.level)
+    # a state saved before the level buffer existed still loads (level 1), directly and through AutoLR
+    old = {k: v for k, v in ActionController(_fixed(1), window=4, block=2).state_dict().items() if k != "level"}
+    fresh = ActionController(_fixed(1), window=4, block=2)
+    fresh.load_state_dict(old)
+    assert float(fresh.level) == 1.0
+    model, opt, sched = _setup(ActionController(_fixed(2), window=4, block=2, interval=4), gamma=1.0)
+    _steps(model, opt, sched, 9)
+    state = sched.state_dict()
+    state["controller"] = {k: v for k, v in state["controller"].items() if k != "level"}
+    _, _, again = _setup(ActionController(_fixed(2), window=4, block=2, interval=4), gamma=1.0)
+    again.load_state_dict(state)
+    assert torch.equal(again.rate, sched.rate) and float(again.controller.level) == 1.0
+
+
+def test_relative_with_a_fixed_gamma_starts_at_gamma():
+    # rate = gamma x level from the first step on, not the optimizer's lr
+    model = nn.Linear(3, 1)
+    opt = torch.optim.SGD(model.parameters(), lr=0.05)
+    sched = AutoLR(opt, _relative(1), gamma=0.2)
+    assert float(sched.rate) == pytest.approx(0.2)
+    model(torch.ones(1, 3)).sum().backward()
+    with pytest.warns(RuntimeWarning, match="non-finite"):
+        sched.step(torch.tensor(float("nan")))  # skipped: still gamma x 1
+    assert float(sched.rate) == pytest.approx(0.2) and opt.param_groups[0]["lr"] == pytest.approx(0.2)
+
+
+def test_relative_settings_are_checked():
+    assert ActionController(_fixed(1, channels=4), window=4, block=2, relative=True).default_gamma is None
+    with pytest.raises(ValueError, match="leave start_rate and default_gamma unset"):
+        ActionController(_fixed(1, channels=4), window=4, block=2, relative=True, default_gamma=1.0)
+    with pytest.raises(ValueError, match=r"channels=4\)"):  # a 3-channel model in a relative controller
+        ActionController(make_action_model("mlp", 4), window=4, block=2, relative=True)
+    with pytest.raises(ValueError, match="one per multiplier"):
+        ActionController(make_action_model("mlp", 4, actions=2), window=4, block=2)
+    with pytest.raises(ValueError, match="min_level"):
+        ActionController(_fixed(1, channels=4), window=4, block=2, relative=True, default_gamma=None, max_level=0.5)
+    with pytest.raises(ValueError, match="needs gamma"):  # a non-relative one without a gamma of its own
+        AutoLR(torch.optim.SGD(nn.Linear(2, 1).parameters(), lr=0.1),
+               ActionController(_fixed(1), window=4, block=2, default_gamma=None))

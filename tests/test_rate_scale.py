@@ -170,13 +170,15 @@ def test_bad_scale_arguments_are_refused():
         AutoLR(opt, MLRSNet(hidden_size=8), total_steps=2.7)
     with pytest.raises(TypeError, match="gamma"):
         AutoLR(opt, MLRSNet(hidden_size=8), gamma=True)
-    with pytest.raises(ValueError, match="needs an MLRSNet"):
-        AutoLR(opt, load_pretrained("action-mlp"), gamma="lr")
+    from autolr_fast.controllers.action import ActionController, make_action_model
+
+    with pytest.raises(ValueError, match="needs an MLRSNet or a relative action controller"):
+        AutoLR(opt, ActionController(make_action_model("mlp", 20)), gamma="lr")  # not relative
+    assert AutoLR(opt, load_pretrained("action-mlp"), gamma="lr").scale.mode == "lr"  # the shipped one is
 
 
 def test_action_controller_at_its_defaults_gives_no_warning():
-    """Its gamma is only a cap (it starts at the optimizer's lr): nothing to warn about when the user
-    did not choose it."""
+    """The shipped one is relative: its scale is the optimizer's lr, nothing to warn about."""
     opt = torch.optim.Adam(nn.Linear(4, 2).parameters(), lr=1e-3)
     with warnings.catch_warnings():
         warnings.simplefilter("error")

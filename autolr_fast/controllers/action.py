@@ -26,6 +26,12 @@ from "back at the starting level after progress" (the rate blew training up), wh
 alone cannot. All are ratios of losses, so multiplying every loss by a constant (another loss scale, another
 task) leaves the features unchanged; the log makes "halved" and "doubled" symmetric. Values are
 clamped to ``[-CLAMP, CLAMP]`` and a loss of 0 is treated as ``1e-12 * m_0``.
+A *relative* controller (``ActionController(..., relative=True)``) keeps a level ``l`` (the
+product of its actions, 1 at the start) and sets the rate to ``gamma * l``, where ``gamma`` is the
+scale AutoLR passes: the optimizer's ``lr`` times the cosine envelope when ``total_steps`` is
+given. Its features have a fourth channel, ``log(l)`` at every position: how far it has already
+moved the rate from the user's.
+
 Optional validation history (offline models only: AutoLR sees training losses only): the last
 ``K`` validation losses ``v_1 .. v_K`` taken at decision points give the same three channels
 relative to ``v_0`` (the first one), to the previous value and the lowest of the window
@@ -45,6 +51,7 @@ FORMAT = "autolr_fast.action_controller"  # the "format" entry of a saved contro
 CLAMP = 20.0
 FEATURE_CHANNELS = 3
 DEFAULT_MULTIPLIERS = (0.9, 1.0, 1.1)
+_UNSET = object()  # default_gamma: 1.0, or None for a relative controller
 
 
 def history_features(window: Tensor, initial: Tensor, lowest: Tensor | None = None, clamp: float = CLAMP) -> Tensor:
@@ -64,6 +71,13 @@ def history_features(window: Tensor, initial: Tensor, lowest: Tensor | None = No
     rel_low = torch.log(low / initial).expand_as(rel_start)
     out = torch.stack([rel_start, rel_prev, rel_low], dim=-2)
     return torch.nan_to_num(out, nan=0.0, posinf=clamp, neginf=-clamp).clamp(-clamp, clamp)
+
+
+def with_level(features: Tensor, level: Tensor, clamp: float = CLAMP) -> Tensor:
+    """``features (..., C, W)`` with the relative controller's channel ``log(level)`` (``level
+    (...)``, the rate over the starting rate) appended at every position: ``(..., C + 1, W)``."""
+    lvl = torch.log(level).clamp(-clamp, clamp).unsqueeze(-1).unsqueeze(-1)
+    return torch.cat([features, torch.ones_like(features[..., :1, :]) * lvl], dim=-2)
 
 
 def block_means(losses: Tensor, block: int) -> Tensor:
@@ -144,20 +158,26 @@ class ActionController(nn.Module):
       pushed into the window (a buffer). A NaN/Inf loss is skipped: window, counters and rate are
       kept as they were.
     * every ``interval`` finite steps (once the window is full), the model's action multiplies the
-      rate; the rate is always clamped to ``[min_rate, gamma]``.
+      rate (a relative controller: the level, kept in ``[min_level, max_level]``); the rate is
+      clamped to ``[min_rate, gamma]`` (relative: it is ``gamma * level``, at least ``min_rate``).
 
     The window, the running block, the first block mean and the counters are buffers, so
     ``state_dict()`` (and ``AutoLR.state_dict()``) carries them. The module can be compiled
     with ``torch.jit.script`` (the C++ runtime of this project only runs MLR-SNet).
 
     Args:
-        model: ``(B, 3, window) -> (B, len(multipliers))`` logits (see :func:`make_action_model`).
+        model: ``(B, channels, window) -> (B, len(multipliers))`` logits (see :func:`make_action_model`;
+            3 channels, 4 for a relative controller).
         window, block: the feature window (block means) and the steps per block.
         interval: steps between actions; a multiple of ``block``. Default ``window * block``.
         multipliers: the rate factor of each action.
         min_rate: lower clamp of the rate.
         start_rate: the starting rate; ``None`` keeps the optimizer's ``lr``.
         default_gamma: the largest rate when AutoLR is given no ``gamma``.
+        relative: the rate is ``gamma * level`` (AutoLR's ``gamma``: the optimizer's ``lr``, times
+            the cosine envelope with ``total_steps``); the actions multiply the level, which is
+            kept in ``[min_level, max_level]``. The model reads a fourth feature channel,
+            ``log(level)``. ``start_rate`` must then be ``None`` and ``default_gamma`` unset or ``None``.
     """
 
     def __init__(
@@ -170,9 +190,19 @@ class ActionController(nn.Module):
         multipliers: Sequence[float] = DEFAULT_MULTIPLIERS,
         min_rate: float = 0.0,
         start_rate: float | None = None,
-        default_gamma: float | None = 1.0,
+        default_gamma: float | None | object = _UNSET,
+        relative: bool = False,
+        min_level: float = 0.01,
+        max_level: float = 10.0,
     ) -> None:
         super().__init__()
+        if default_gamma is _UNSET:
+            default_gamma = None if relative else 1.0
+        if relative and (start_rate is not None or default_gamma is not None):
+            raise ValueError("a relative action controller starts at the optimizer's lr and takes its scale from it: "
+                             f"leave start_rate and default_gamma unset (got {start_rate!r}, {default_gamma!r})")
+        if not 0 < min_level <= 1 <= max_level:
+            raise ValueError(f"need 0 < min_level <= 1 <= max_level, got {min_level!r}, {max_level!r}")
         if window < 2 or block < 1:
             raise ValueError(f"need window >= 2 and block >= 1, got window={window}, block={block}")
         interval = window * block if interval is None else int(interval)
@@ -191,6 +221,10 @@ class ActionController(nn.Module):
         self.min_rate = float(min_rate)
         self.start_rate = start_rate
         self.default_gamma = default_gamma
+        self.relative = bool(relative)
+        self.channels = FEATURE_CHANNELS + int(self.relative)  # feature channels the model reads
+        self.min_level = float(min_level)
+        self.max_level = float(max_level)
         self.register_buffer("multipliers", torch.tensor([float(m) for m in multipliers]))
         self.register_buffer("losses", torch.zeros(window))  # block means, oldest first
         self.register_buffer("initial", torch.zeros(()))  # first block mean (0 until known)
@@ -201,11 +235,39 @@ class ActionController(nn.Module):
         self.register_buffer("steps", torch.zeros((), dtype=torch.int64))  # finite losses seen
         self.register_buffer("actions_taken", torch.zeros(len(multipliers), dtype=torch.int64))
         self.register_buffer("last_action", torch.full((), -1, dtype=torch.int64))
+        self.register_buffer("level", torch.ones(()))  # the rate over gamma (relative controllers)
+        with torch.no_grad():
+            try:
+                probe = model(torch.zeros(1, self.channels, self.window))
+            except RuntimeError as exc:
+                raise ValueError(
+                    f"the model must map features (B, {self.channels}, {self.window}) to action logits "
+                    f"({'a relative controller reads a 4th channel, log(level): ' if self.relative else ''}build it "
+                    f"with make_action_model(kind, {self.window}, channels={self.channels})): {exc}") from exc
+        if tuple(probe.shape) != (1, len(self.multiplier_values)):
+            raise ValueError(f"the model gives logits of shape {tuple(probe.shape)} for one feature window; "
+                             f"expected (1, {len(self.multiplier_values)}), one per multiplier")
 
     def config(self) -> dict:
         return {"window": self.window, "block": self.block, "interval": self.interval,
                 "multipliers": list(self.multiplier_values), "min_rate": self.min_rate,
-                "start_rate": self.start_rate, "default_gamma": self.default_gamma}
+                "start_rate": self.start_rate, "default_gamma": self.default_gamma, "relative": self.relative,
+                "min_level": self.min_level, "max_level": self.max_level}
+
+    @torch.jit.ignore
+    def upgrade_state(self, state: dict, prefix: str = "") -> dict:
+        """``state`` (a ``state_dict``) with what states saved before the level buffer existed lack:
+        a non-relative controller's level, 1 (AutoLR.load_state_dict calls this)."""
+        key = prefix + "level"
+        if key not in state and not self.relative and any(k.startswith(prefix) for k in state):
+            state = {**state, key: torch.ones(())}
+        return state
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        if prefix + "level" not in state_dict:
+            state_dict.update(self.upgrade_state(dict(state_dict), prefix))
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+
 
     @torch.jit.ignore
     def initial_rate(self, base_lr: float) -> float:
@@ -223,13 +285,17 @@ class ActionController(nn.Module):
         self.steps.zero_()
         self.actions_taken.zero_()
         self.last_action.fill_(-1)
+        self.level.fill_(1.0)
 
     def features(self) -> Tensor:
-        """The current features ``(1, 3, window)``."""
-        return history_features(self.losses.unsqueeze(0), self.initial.reshape(1), self.lowest.reshape(1))
+        """The current features ``(1, channels, window)``."""
+        f = history_features(self.losses.unsqueeze(0), self.initial.reshape(1), self.lowest.reshape(1))
+        if self.relative:
+            f = with_level(f, self.level.reshape(1))
+        return f
 
     def forward(self, features: Tensor) -> Tensor:
-        """Action logits for features ``(B, 3, window)``."""
+        """Action logits for features ``(B, channels, window)``."""
         return self.model(features)
 
     @torch.jit.export
@@ -259,9 +325,14 @@ class ActionController(nn.Module):
         picked = torch.arange(self.multipliers.numel(), device=choice.device) == choice
         chosen = torch.where(picked, self.multipliers, torch.zeros_like(self.multipliers)).sum()
         factor = torch.where(act, chosen, torch.ones_like(chosen))
-        new_rate = rate * factor.to(rate.dtype)
-        upper = torch.where(torch.isfinite(gamma), gamma.to(rate.dtype), new_rate)
-        new_rate = torch.minimum(torch.clamp_min(new_rate, self.min_rate), upper)
+        if self.relative:
+            level = (self.level * factor).clamp(self.min_level, self.max_level)
+            self.level.copy_(torch.where(finite, level, self.level))
+            new_rate = torch.clamp_min(gamma.to(rate.dtype) * self.level.to(rate.dtype), self.min_rate)
+        else:
+            new_rate = rate * factor.to(rate.dtype)
+            upper = torch.where(torch.isfinite(gamma), gamma.to(rate.dtype), new_rate)
+            new_rate = torch.minimum(torch.clamp_min(new_rate, self.min_rate), upper)
         rate.copy_(torch.where(finite, new_rate, rate))
         self.actions_taken.add_((picked & act).to(torch.int64))
         self.last_action.copy_(torch.where(act, choice, self.last_action))
@@ -287,19 +358,22 @@ class ActionController(nn.Module):
             raise ValueError(f"{path!r} is not an action-controller file (saved by ActionController.save)")
         cfg = payload["config"]
         state = payload["model_state"]
-        model = make_action_model(payload["model_kind"], cfg["window"], actions=len(cfg["multipliers"]),
+        relative = bool(cfg.get("relative", False))
+        model = make_action_model(payload["model_kind"], cfg["window"], channels=FEATURE_CHANNELS + int(relative),
+                                  actions=len(cfg["multipliers"]),
                                   hidden=_hidden_from_state(payload["model_kind"], state))
         try:
             model.load_state_dict(state)
         except RuntimeError as exc:
             raise ValueError(
                 f"{path!r} holds a {payload['model_kind']} model of another shape than this version builds "
-                f"({FEATURE_CHANNELS} feature channels x window {cfg['window']}); retrain it with "
+                f"({FEATURE_CHANNELS + int(relative)} feature channels x window {cfg['window']}); retrain it with "
                 f"`python -m autolr_fast train-action`: {exc}"
             ) from exc
         return cls(model, window=cfg["window"], block=cfg["block"], interval=cfg["interval"],
                    multipliers=cfg["multipliers"], min_rate=cfg["min_rate"], start_rate=cfg["start_rate"],
-                   default_gamma=cfg["default_gamma"])
+                   default_gamma=cfg["default_gamma"], relative=relative,
+                   min_level=cfg.get("min_level", 0.01), max_level=cfg.get("max_level", 10.0))
 
     @classmethod
     def pretrained(cls, name: str = "action-mlp") -> ActionController:

@@ -23,7 +23,7 @@ from torch import Tensor, nn
 from tqdm.auto import tqdm
 
 from autolr_fast import ActionController
-from autolr_fast.controllers.action import FEATURE_CHANNELS, history_features, make_action_model
+from autolr_fast.controllers.action import FEATURE_CHANNELS, history_features, make_action_model, with_level
 
 from .collect import load_data, merge_data
 from .report import markdown_table
@@ -43,8 +43,12 @@ def split_by_run(runs: Tensor, test_frac: float, seed: int) -> tuple[Tensor, Ten
     return ~test, test
 
 
-def model_inputs(data: dict, use_val: bool) -> Tensor:
+def model_inputs(data: dict, use_val: bool, relative: bool = False) -> Tensor:
     x = data["features"]
+    if relative:  # the relative controller's fourth channel: log(rate / start rate)
+        if "start_rate" not in data or len(data["start_rate"]) != len(x):
+            raise ValueError("--relative needs every file to have the start_rate column (collect it again)")
+        x = with_level(x, data["rate"] / data["start_rate"])
     if use_val:
         v = history_features(data["val_history"], data["val_initial"])
         x = torch.cat([x.flatten(1), v.flatten(1)], dim=1)
@@ -113,7 +117,7 @@ def scores(choice: Tensor, data: dict, mask: Tensor) -> dict:
 
 def train_and_compare(data: dict, kinds: list[str], *, window: int, multipliers: list[float], epochs: int,
                       test_frac: float, seed: int, use_val: bool = False, hidden: int | None = None,
-                      balanced: bool = False, show: bool = True) -> tuple[dict, dict]:
+                      balanced: bool = False, relative: bool = False, show: bool = True) -> tuple[dict, dict]:
     train, test = split_by_run(data["run"], test_frac, seed)
     # early stopping on a fifth of the training runs (never on the held-out runs)
     train_rows = train.nonzero().squeeze(1)
@@ -131,7 +135,8 @@ def train_and_compare(data: dict, kinds: list[str], *, window: int, multipliers:
         "always x1.0": scores(torch.full((int(test.sum()),), keep), data, test),
     }
     models = {}
-    x = model_inputs(data, use_val)
+    x = model_inputs(data, use_val, relative)
+    channels = FEATURE_CHANNELS + int(relative)
     counts = torch.bincount(y[train], minlength=n_actions).float()
     weights = counts.sum() / (n_actions * counts.clamp_min(1.0))
     for kind in tqdm(kinds, desc="train-action", disable=not show):
@@ -139,10 +144,10 @@ def train_and_compare(data: dict, kinds: list[str], *, window: int, multipliers:
         if use_val:
             if kind != "mlp":
                 raise ValueError("--use-val works with --model mlp only (the CNN/GRU read the training window)")
-            model = make_action_model(kind, window, actions=n_actions, hidden=hidden,
-                                      extra=x.shape[1] - FEATURE_CHANNELS * window)
+            model = make_action_model(kind, window, channels=channels, actions=n_actions, hidden=hidden,
+                                      extra=x.shape[1] - channels * window)
         else:
-            model = make_action_model(kind, window, actions=n_actions, hidden=hidden)
+            model = make_action_model(kind, window, channels=channels, actions=n_actions, hidden=hidden)
         best_epoch = fit(model, x[fit_rows], y[fit_rows], epochs=epochs, seed=seed,
                          class_weights=weights if balanced else None, x_val=None if stop_rows is None else x[stop_rows],
                          y_val=None if stop_rows is None else y[stop_rows])
@@ -182,6 +187,9 @@ def main(argv: list[str] | None = None) -> int:
                         "greedy: best validation loss right after the branch (the old labels)")
     p.add_argument("--keep-margin", type=float, default=0.0,
                    help="label x1.0 unless the best action beats it by more than this fraction of its loss")
+    p.add_argument("--relative", action="store_true",
+                   help="a relative controller: rate = AutoLR's gamma (lr x envelope) x level, the level read as a "
+                        "fourth feature channel (data collected with --envelope)")
     p.add_argument("--use-val", action="store_true", help="also feed the validation history (MLP only; not for AutoLR)")
     p.add_argument("--out-dir", default="action_models")
     p.add_argument("--quick", action="store_true", help="at most 10 epochs (a smoke run)")
@@ -196,6 +204,14 @@ def main(argv: list[str] | None = None) -> int:
     multipliers = settings[0]["multipliers"]
     if any(s["segment"] // s["window"] != block or s["multipliers"] != multipliers for s in settings):
         raise SystemExit("the data files disagree on --segment/--window or --multipliers; train on matching files")
+    enveloped = [f for f, s in zip(a.data, settings, strict=True) if s.get("envelope")]
+    if a.relative and len(enveloped) != len(a.data):
+        raise SystemExit("--relative trains a controller whose rate follows AutoLR's cosine envelope: every file must "
+                         "be collected with `collect --envelope` (these are not: "
+                         f"{', '.join(f for f in a.data if f not in enveloped)})")
+    if enveloped and not a.relative:
+        raise SystemExit(f"{', '.join(enveloped)} were collected with --envelope: train a relative controller on them "
+                         "(add --relative)")
     data = merge_data(payloads)
     if a.labels == "greedy":
         data = greedy_labels(data)
@@ -204,20 +220,22 @@ def main(argv: list[str] | None = None) -> int:
     kinds = ["mlp", "cnn", "gru"] if a.model == "all" else [a.model]
     report, models = train_and_compare(data, kinds, window=window, multipliers=multipliers, epochs=a.epochs,
                                        test_frac=a.test_frac, seed=a.seed, use_val=a.use_val, hidden=a.hidden,
-                                       balanced=a.balanced, show=not a.no_progress)
+                                       balanced=a.balanced, relative=a.relative, show=not a.no_progress)
     os.makedirs(a.out_dir, exist_ok=True)
     table = results_table(report, multipliers)
     info = {"command": "python -m autolr_fast train-action " + shlex.join(argv),
             "data": [os.path.basename(f) for f in a.data], "tasks": sorted({s["task"] for s in settings}),
             "collect_settings": settings, "window": window, "block": block, "interval": settings[0]["segment"],
             "multipliers": multipliers, "epochs": a.epochs, "seed": a.seed, "test_frac": a.test_frac,
-            "use_val": a.use_val, "balanced": a.balanced, "labels": a.labels, "keep_margin": a.keep_margin,
+            "use_val": a.use_val, "relative": a.relative, "balanced": a.balanced, "labels": a.labels,
+            "keep_margin": a.keep_margin,
             "label_horizon": sorted({s.get("label_horizon", 0) for s in settings}), **report}
     for kind, model in models.items():
         base = os.path.join(a.out_dir, f"action-{kind}")
         if not a.use_val:
+            relative = {"relative": True, "default_gamma": None} if a.relative else {}
             ctrl = ActionController(model, window=window, block=block, interval=settings[0]["segment"],
-                                    multipliers=multipliers)
+                                    multipliers=multipliers, **relative)
             ctrl.save(base + ".pt", kind, extra={"accuracy": report["results"][kind]["accuracy"]})
         with open(base + ".json", "w") as f:
             json.dump({**info, "model": kind, "scores": report["results"][kind],

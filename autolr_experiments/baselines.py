@@ -35,7 +35,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from autolr_fast import MetaConfig, MLRSNet, find_anchor_lr, load_controller, load_pretrained
+from autolr_fast import ActionController, MetaConfig, MLRSNet, find_anchor_lr, load_controller, load_pretrained
 from autolr_fast.anchor_lr import DEFAULT_FRACTION as ANCHOR_FRACTION
 from autolr_fast.controllers.pretrained import PRETRAINED_DIR, available_pretrained
 
@@ -203,9 +203,10 @@ def lr_grid(default_lr: float, n: int) -> list[float]:
 
 
 # -- hand-designed schedules (SGD with momentum 0.9, weight decay 5e-4) --------------------------
-@register_method("constant", "hand", SGD_DEFAULT_LR, "SGD, constant rate")
+@register_method("constant", "hand", None, "the task's default optimizer, constant rate; grid around the task's "
+                 "default rate", task_lr=True, revision=2)  # 2: the task's optimizer (was SGD on every task)
 def constant(spec: RunSpec) -> Schedule:
-    return Schedule(sgd(spec.model, spec.lr))
+    return Schedule(make_optimizer(spec.model, spec.task.optim, spec.lr))
 
 
 @register_method("step", "hand", SGD_DEFAULT_LR, "SGD, StepLR: x0.5 every 1/8 of the epochs")
@@ -599,16 +600,54 @@ def meta_online(spec: RunSpec) -> Schedule:
 
 
 @register_method("action", "learned", None,
-                 f"this project's action controller load_pretrained({SHIPPED_ACTION_CONTROLLER!r})",
-                 available=_shipped_missing(SHIPPED_ACTION_CONTROLLER), revision=2)  # 2: not on its training data
+                 f"this project's action controller load_pretrained({SHIPPED_ACTION_CONTROLLER!r}) on the task's "
+                 "default optimizer from its default rate; a relative controller also gets total_steps (its rate "
+                 "is lr x cosine envelope x its level)",
+                 available=_shipped_missing(SHIPPED_ACTION_CONTROLLER), revision=3)  # 3: the task's optimizer
 def action(spec: RunSpec) -> Schedule:
+    return _action_schedule(spec, _shipped_action(spec))
+
+
+def _shipped_action(spec: RunSpec) -> ActionController:
+    """The shipped action controller, refused on the data it was trained on."""
     trained_on = action_training_tasks()
     if shares_data(spec.task.name, trained_on):
         raise MethodUnavailable(
             f"the shipped action controller was trained on {spec.task.name}'s data "
             f"(its tasks: {', '.join(trained_on)}); it is evaluated only on other data"
         )
-    return learned_schedule(spec, load_pretrained(SHIPPED_ACTION_CONTROLLER))
+    return load_pretrained(SHIPPED_ACTION_CONTROLLER)
+
+
+def _action_schedule(spec: RunSpec, controller: ActionController) -> Schedule:
+    """``controller`` on the task's default optimizer from its default rate (with ``total_steps``
+    when it is relative: lr x envelope x level)."""
+    opt = make_optimizer(spec.model, spec.task.optim)
+    relative = bool(getattr(controller, "relative", False))
+    schedule = autolr_schedule(opt, controller, total_steps=spec.total_steps if relative else None)
+    schedule.info.update(optimizer=spec.task.optim.describe(), relative=relative)
+    return schedule
+
+
+class _AlwaysAction(nn.Module):
+    """Action logits that always pick one action, whatever the features."""
+
+    def __init__(self, actions: int, pick: int) -> None:
+        super().__init__()
+        self.register_buffer("logits", torch.nn.functional.one_hot(torch.tensor(pick), actions).float())
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.logits.expand(x.shape[0], -1)
+
+
+@register_method("action-always-raise", "learned", None,
+                 "ablation of `action`: the shipped action controller's settings (level, envelope, interval) with a "
+                 "model that always picks its largest multiplier, whatever the loss history",
+                 available=_shipped_missing(SHIPPED_ACTION_CONTROLLER))
+def action_always_raise(spec: RunSpec) -> Schedule:
+    cfg = _shipped_action(spec).config()
+    top = max(range(len(cfg["multipliers"])), key=lambda a: cfg["multipliers"][a])
+    return _action_schedule(spec, ActionController(_AlwaysAction(len(cfg["multipliers"]), top), **cfg))
 
 
 def action_training_tasks() -> list[str]:

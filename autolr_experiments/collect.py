@@ -43,6 +43,7 @@ from torch import Tensor
 from tqdm.auto import tqdm
 
 from autolr_fast.controllers.action import DEFAULT_MULTIPLIERS, block_means, history_features
+from autolr_fast.rate_scale import cosine_envelope
 
 from .tasks import available_tasks, get_task
 from .training import Schedule, load_state, run_steps, save_state
@@ -69,6 +70,7 @@ COLUMNS = {
     "best_greedy": "(n,) int: index of the action with the lowest val_after (the greedy label)",
     "margins": "(n, A) float: val_label - val_label[best] (0 for the best action)",
     "followed": "(n,) int: the action whose branch the run continued from",
+    "start_rate": "(n,) float: the run's starting rate (rate / start_rate is the controller's level)",
 }
 
 
@@ -105,9 +107,18 @@ class Collector:
         it = self.task.batches(self.s["batch_size"], seed=run_seed * 100_003 + k)
         return list(islice(it, self.s["segment"] + extra))
 
-    def _segment(self, model, opt, batches: list) -> list[float]:
-        """Train on ``batches`` at the optimizer's constant rate; every step's loss."""
-        return run_steps(model, Schedule(opt), self.task.loss_fn, batches)[0].tolist()
+    def _segment(self, model, opt, batches: list, rate: float, first_step: int) -> list[float]:
+        """Train on ``batches`` at ``rate`` (times the cosine envelope over ``--steps`` at each
+        step's index in the run, from ``first_step``, with ``--envelope``); every step's loss."""
+        _set_lr(opt, rate)
+        if not self.s.get("envelope"):
+            return run_steps(model, Schedule(opt), self.task.loss_fn, batches)[0].tolist()
+        step = iter(range(first_step, first_step + len(batches)))
+
+        def set_rate(_loss) -> None:
+            _set_lr(opt, rate * cosine_envelope(next(step), self.s["steps"]))
+
+        return run_steps(model, Schedule(opt, before_step=set_rate), self.task.loss_fn, batches)[0].tolist()
 
     def _val(self, model) -> float:
         v = self.task.evaluate(model, self.x_val, self.y_val)["loss"]
@@ -122,11 +133,12 @@ class Collector:
         u = float(torch.rand((), generator=g, dtype=torch.float64))
         rate = math.exp(math.log(s["lr_min"]) + u * (math.log(s["lr_max"]) - math.log(s["lr_min"])))
         opt = _make_opt(s["optimizer"], model.parameters(), rate, s["momentum"])
-        history = self._segment(model, opt, self._batches(run_seed, -1))
+        history = self._segment(model, opt, self._batches(run_seed, -1), rate, 0)
         initial = sum(history[: self.block]) / self.block
         lowest = float(block_means(torch.tensor(history), self.block).min())
-        return {"train": save_state(model, opt), "rate": rate, "history": history, "initial": initial, "lowest": lowest,
-                "val": [self._val(model)], "step": s["segment"], "alive": all(map(math.isfinite, history))}
+        return {"train": save_state(model, opt), "rate": rate, "start_rate": rate, "history": history,
+                "initial": initial, "lowest": lowest, "val": [self._val(model)], "step": s["segment"],
+                "alive": all(map(math.isfinite, history))}
 
     def _branches(self, run_seed: int, k: int, st: dict) -> list[dict]:
         """Every action from the checkpoint ``st`` on the same batches: end state, losses, and the
@@ -143,16 +155,14 @@ class Collector:
         out = []
         for m in s["multipliers"]:
             load_state(model, opt, st["train"])
-            _set_lr(opt, st["rate"] * m)
-            losses = self._segment(model, opt, seg)
+            losses = self._segment(model, opt, seg, st["rate"] * m, st["step"])
             ok = all(map(math.isfinite, losses))
             b = {"end": save_state(model, opt), "losses": losses, "val": self._val(model) if ok else math.inf,
                  "train": sum(losses[-self.block:]) / self.block if ok else math.inf}
             b["label"] = b["val"]
             if horizon and ok:
-                if s.get("label_continue", "action") == "base":
-                    _set_lr(opt, st["rate"])
-                more = self._segment(model, opt, cont)
+                kept = st["rate"] if s.get("label_continue", "action") == "base" else st["rate"] * m
+                more = self._segment(model, opt, cont, kept, st["step"] + s["segment"])
                 b["label"] = self._val(model) if all(map(math.isfinite, more)) else math.inf
             elif horizon:
                 b["label"] = math.inf
@@ -187,7 +197,7 @@ class Collector:
                "initial": st["initial"], "lowest": st["lowest"], "features": feats,
                "val_history": ([st["val"][0]] * vw + st["val"])[-vw:], "val_initial": st["val"][0],
                "val_after": vals, "train_after": [b["train"] for b in branches], "val_label": labels,
-               "best": best, "best_greedy": greedy,
+               "best": best, "best_greedy": greedy, "start_rate": st.get("start_rate", st["rate"]),
                "margins": [0.0 if a == best else (v - labels[best] if math.isfinite(v) else math.inf)
                            for a, v in enumerate(labels)], "followed": follow}
         chosen = branches[follow]
@@ -242,6 +252,8 @@ class Collector:
 
     def load_progress(self, path: str) -> None:
         saved = torch.load(path, weights_only=True)
+        saved["settings"].setdefault("envelope", False)  # progress saved before --envelope existed
+        _backfill_start_rate(saved)
         if saved["settings"] != self.s:
             diff = {k: (saved["settings"].get(k), v) for k, v in self.s.items() if saved["settings"].get(k) != v}
             raise ValueError(f"--resume: {path} was written with other settings {diff}; use the same options")
@@ -260,6 +272,17 @@ class Collector:
             else:
                 out[col] = torch.tensor(vals, dtype=torch.float32)
         return out
+
+
+def _backfill_start_rate(saved: dict) -> None:
+    """Progress saved before the start_rate column existed: a run's start rate is the rate of its
+    first decision (or of the run in progress, when it has made none)."""
+    first = {r["run"]: r["rate"] for r in reversed(saved["rows"])}
+    for r in saved["rows"]:
+        r.setdefault("start_rate", first[r["run"]])
+    st = saved["progress"].get("state")
+    if st is not None:
+        st.setdefault("start_rate", first.get(saved["progress"]["run"], st["rate"]))
 
 
 def load_data(path: str) -> dict:
@@ -285,6 +308,8 @@ def merge_data(payloads: list[dict]) -> dict[str, Tensor]:
         d["run"] = d["run"] + offset
         # files collected before --label-horizon existed: their labels are the greedy ones
         d.setdefault("val_label", d["val_after"])
+        if "start_rate" in d:  # files collected before it existed cannot train relative controllers
+            out.setdefault("start_rate", []).append(d["start_rate"])
         offset = int(d["run"].max()) + 1
         for k in ("run", "features", "best", "margins", "val_after", "val_label", "val_history", "val_initial",
                   "rate", "step"):
@@ -313,6 +338,9 @@ def main(argv: list[str] | None = None) -> int:
                         "-1: to the end of the run, --steps)")
     p.add_argument("--label-continue", default="action", choices=["action", "base"],
                    help="rate of the H label steps: the action's (it persists) or the rate before it")
+    p.add_argument("--envelope", action="store_true",
+                   help="train every step at rate x the cosine envelope over --steps (what AutoLR(total_steps=...) "
+                        "applies to a relative action controller)")
     p.add_argument("--val-size", type=int, default=0, help="validation samples (0: 20%% of train, at most 500)")
     p.add_argument("--out", required=True)
     p.add_argument("--resume", action="store_true", help="continue from OUT.partial")
@@ -330,7 +358,7 @@ def main(argv: list[str] | None = None) -> int:
                 "window": a.window, "val_window": a.val_window, "batch_size": a.batch_size,
                 "optimizer": a.optimizer, "momentum": a.momentum, "lr_min": a.lr_min, "lr_max": a.lr_max,
                 "multipliers": [float(m) for m in a.multipliers], "follow": a.follow, "val_size": a.val_size,
-                "label_horizon": a.label_horizon, "label_continue": a.label_continue}
+                "label_horizon": a.label_horizon, "label_continue": a.label_continue, "envelope": a.envelope}
     collector = Collector(settings)
     partial = a.out + ".partial"
     if a.resume:

@@ -476,8 +476,9 @@ def _mean_score(runs: list[dict], cls: bool) -> float:
 
 def action_vs_constant(rows: list[dict]) -> list[dict]:
     """Per task: the shipped action controller (``action``, which runs only on tasks it was not
-    trained on) against ``constant`` at its default rate, the same SGD and the same starting rate:
-    the action controller's criterion in issue 15."""
+    trained on) against ``constant`` at its default rate, the same optimizer and the same starting
+    rate: the action controller's criterion in issue 15. Beside it, ``cosine`` at that rate: the
+    envelope a relative action controller follows, without any action (what the actions add)."""
     out = []
     for task in dict.fromkeys(r["task"] for r in rows):
         act = _row_for(rows, task, "action", "as shipped")
@@ -485,12 +486,18 @@ def action_vs_constant(rows: list[dict]) -> list[dict]:
         if act is None or const is None:
             continue
         cls = act["classification"]
+        cos = _default_row(rows, task, "cosine")
         out.append({"task": task, "classification": cls, "lr": const["lr"], "seeds": act["seeds"],
                     "action": act["final_metric"], "action_std": act["final_metric_std"],
                     "action_diverged": act["diverged"], "constant": const["final_metric"],
                     "constant_std": const["final_metric_std"], "constant_diverged": const["diverged"],
                     "delta": _delta(act["final_metric"], const, cls),
-                    "beats": _better(act["final_metric"], const["final_metric"], cls)})
+                    "beats": _better(act["final_metric"], const["final_metric"], cls),
+                    "cosine": None if cos is None else cos["final_metric"],
+                    "cosine_std": None if cos is None else cos["final_metric_std"],
+                    "cosine_diverged": 0 if cos is None else cos["diverged"],
+                    "delta_cosine": _delta(act["final_metric"], cos, cls),
+                    "beats_cosine": cos is not None and _better(act["final_metric"], cos["final_metric"], cls)})
     return out
 
 
@@ -604,17 +611,21 @@ def _budget_section(budget: list[dict], grid: int, action: list[dict] | None = N
     action = action or []
     if action:
         out += ["### The action controller against a constant rate at the same start", "",
-                "`action` (the shipped action controller, run only on tasks it was not trained on: SGD with "
-                "momentum from 0.1, x0.9 / x1.0 / x1.1 every 100 steps, capped at its default gamma) against "
-                "`constant` at its default rate (the same SGD at 0.1, never changed).", ""]
+                "`action` (the shipped action controller, run only on tasks it was not trained on: the task's "
+                "default optimizer from its default rate, x0.9 / x1.0 / x1.1 every 100 steps; a relative "
+                "controller's rate is that rate x the cosine envelope x its level) against `constant` (the same "
+                "optimizer at the same rate, never changed). `cosine` at the same rate is the envelope alone, "
+                "with no action: the gap between it and `action` is what the actions add.", ""]
         body = []
         for a in action:
             digits, scale = (4, 100.0) if a["classification"] else (3, 1.0)
             cells = [fmt_mean_std(a[k], a[f"{k}_std"], digits, scale)
                      + (f" ({a[f'{k}_diverged']} diverged)" if a[f"{k}_diverged"] else "")
-                     for k in ("action", "constant")]
-            body.append([a["task"], *cells, a["delta"] or "-", "yes" if a["beats"] else "**no**"])
-        out += [markdown_table(["task", "action", "constant @ 0.1", "delta", "action better"], body, "lrrrc"), ""]
+                     for k in ("action", "constant", "cosine")]
+            body.append([a["task"], fmt(a["lr"], 3), *cells, a["delta"] or "-", "yes" if a["beats"] else "**no**",
+                         a.get("delta_cosine") or "-"])
+        out += [markdown_table(["task", "start rate", "action", "constant", "cosine", "action - constant",
+                                "action better", "action - cosine"], body, "lrrrrrcr"), ""]
     out += _done_when_lines(done_when(budget, action), "### Done when (issue 15)", bool(action))
     if any("verdicts_find" in b for b in budget):
         out += _done_when_lines(done_when(budget, None, "verdicts_find"),

@@ -532,10 +532,13 @@ def test_action_controller_is_judged_against_constant_at_the_same_start():
     rows = [_row("a", "action", "as shipped", 0.70), _row("a", "constant", "best", 0.75, lr=0.3),
             _row("a", "constant", "default", 0.65, lr=0.1),
             _row("b", "action", "as shipped", 0.50), _row("b", "constant", "best = default", 0.60, lr=0.1),
-            _row("c", "constant", "best = default", 0.60, lr=0.1)]  # action not run here (trained on c)
+            _row("c", "constant", "best = default", 0.60, lr=0.1),  # action not run here (trained on c)
+            _row("a", "cosine", "default", 0.72, lr=0.1)]  # the envelope alone, at the same start
     verdicts = compare.action_vs_constant(rows)
     assert [(v["task"], v["beats"], v["lr"]) for v in verdicts] == [("a", True, 0.1), ("b", False, 0.1)]
     assert verdicts[0]["delta"] == "+5.00 pts"
+    assert verdicts[0]["delta_cosine"] == "-2.00 pts" and not verdicts[0]["beats_cosine"]
+    assert verdicts[1]["cosine"] is None and verdicts[1]["delta_cosine"] is None
     d = compare.done_when([], verdicts)
     assert d["action_tasks"] == 2 and d["action_beats_constant"] == 1
     assert not d["met"]["the action controller beats a constant rate at the same start on the tasks it was not "

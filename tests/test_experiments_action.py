@@ -159,3 +159,46 @@ def test_label_to_the_end_of_the_run(tmp_path):
     last = d["step"] == int(d["step"].max())
     assert torch.equal(d["val_label"][last], d["val_after"][last])
     assert (d["val_label"][~last] < d["val_after"][~last]).all() and (d["best"] == 2).all()
+
+
+def test_envelope_collection_trains_a_relative_controller(tmp_path):
+    # --envelope trains every step at rate x the cosine envelope over --steps; the rows carry the
+    # run's start rate, and --relative turns them into a controller that AutoLR anchors on lr
+    from autolr_fast.rate_scale import cosine_envelope
+
+    plain = load_data(_collect(tmp_path, "p.pt"))["data"]
+    out = _collect(tmp_path, "e.pt", "--envelope", "--label-horizon", "-1")
+    d = load_data(out)["data"]
+    assert torch.equal(d["start_rate"], plain["start_rate"]) and torch.equal(d["rate"][:1], d["start_rate"][:1])
+    # the first segment is the same batches at a decaying rate: the losses differ after step 0
+    assert d["history"][0, 0] == plain["history"][0, 0] and not torch.equal(d["history"][0], plain["history"][0])
+    assert cosine_envelope(59, 60) < 0.01
+    models = str(tmp_path / "models")
+    assert action_training.main(["--data", out, "--model", "mlp", "--relative", "--quick", "--out-dir", models,
+                                 "--no-progress"]) == 0
+    ctrl = ActionController.load(os.path.join(models, "action-mlp.pt"))
+    assert ctrl.relative and ctrl.channels == 4 and ctrl.default_gamma is None
+    assert json.load(open(os.path.join(models, "action-mlp.json")))["relative"] is True
+    with pytest.raises(ValueError, match="start_rate"):
+        action_training.model_inputs({"features": d["features"], "rate": d["rate"]}, False, relative=True)
+
+
+def test_relative_training_needs_envelope_data_and_old_progress_resumes(tmp_path):
+    plain = _collect(tmp_path, "p.pt")
+    with pytest.raises(SystemExit, match="collect --envelope"):
+        action_training.main(["--data", plain, "--relative", "--quick", "--out-dir", str(tmp_path / "m"),
+                              "--no-progress"])
+    enveloped = _collect(tmp_path, "e.pt", "--envelope")
+    with pytest.raises(SystemExit, match="add --relative"):
+        action_training.main(["--data", enveloped, "--quick", "--out-dir", str(tmp_path / "m"), "--no-progress"])
+    # progress written before --envelope and start_rate existed resumes to the same file
+    out = str(tmp_path / "old.pt")
+    _collect(tmp_path, "old.pt", "--stop-after", "3")
+    saved = torch.load(out + ".partial", weights_only=True)
+    del saved["settings"]["envelope"]
+    for r in saved["rows"]:
+        del r["start_rate"]
+    del saved["progress"]["state"]["start_rate"]
+    torch.save(saved, out + ".partial")
+    _collect(tmp_path, "old.pt", "--resume")
+    assert all(torch.equal(load_data(plain)["data"][k], load_data(out)["data"][k]) for k in COLUMNS)

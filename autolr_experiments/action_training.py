@@ -23,7 +23,7 @@ from torch import Tensor, nn
 from tqdm.auto import tqdm
 
 from autolr_fast import ActionController
-from autolr_fast.controllers.action import FEATURE_CHANNELS, history_features, make_action_model, with_level
+from autolr_fast.controllers.action import feature_channels, history_features, make_action_model, with_level
 
 from .collect import load_data, merge_data
 from .report import markdown_table
@@ -136,7 +136,7 @@ def train_and_compare(data: dict, kinds: list[str], *, window: int, multipliers:
     }
     models = {}
     x = model_inputs(data, use_val, relative)
-    channels = FEATURE_CHANNELS + int(relative)
+    channels = feature_channels(relative)
     counts = torch.bincount(y[train], minlength=n_actions).float()
     weights = counts.sum() / (n_actions * counts.clamp_min(1.0))
     for kind in tqdm(kinds, desc="train-action", disable=not show):
@@ -233,9 +233,8 @@ def main(argv: list[str] | None = None) -> int:
     for kind, model in models.items():
         base = os.path.join(a.out_dir, f"action-{kind}")
         if not a.use_val:
-            relative = {"relative": True, "default_gamma": None} if a.relative else {}
             ctrl = ActionController(model, window=window, block=block, interval=settings[0]["segment"],
-                                    multipliers=multipliers, **relative)
+                                    multipliers=multipliers, relative=a.relative)
             ctrl.save(base + ".pt", kind, extra={"accuracy": report["results"][kind]["accuracy"]})
         with open(base + ".json", "w") as f:
             json.dump({**info, "model": kind, "scores": report["results"][kind],

@@ -623,7 +623,7 @@ def _action_schedule(spec: RunSpec, controller: ActionController) -> Schedule:
     """``controller`` on the task's default optimizer from its default rate (with ``total_steps``
     when it is relative: lr x envelope x level)."""
     opt = make_optimizer(spec.model, spec.task.optim)
-    relative = bool(getattr(controller, "relative", False))
+    relative = controller.relative
     schedule = autolr_schedule(opt, controller, total_steps=spec.total_steps if relative else None)
     schedule.info.update(optimizer=spec.task.optim.describe(), relative=relative)
     return schedule

@@ -197,7 +197,7 @@ class Collector:
                "initial": st["initial"], "lowest": st["lowest"], "features": feats,
                "val_history": ([st["val"][0]] * vw + st["val"])[-vw:], "val_initial": st["val"][0],
                "val_after": vals, "train_after": [b["train"] for b in branches], "val_label": labels,
-               "best": best, "best_greedy": greedy, "start_rate": st.get("start_rate", st["rate"]),
+               "best": best, "best_greedy": greedy, "start_rate": st["start_rate"],
                "margins": [0.0 if a == best else (v - labels[best] if math.isfinite(v) else math.inf)
                            for a, v in enumerate(labels)], "followed": follow}
         chosen = branches[follow]

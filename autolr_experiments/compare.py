@@ -488,17 +488,19 @@ def action_vs_constant(rows: list[dict]) -> list[dict]:
         cls = act["classification"]
         cos = _default_row(rows, task, "cosine")
         out.append({"task": task, "classification": cls, "lr": const["lr"], "seeds": act["seeds"],
-                    "action": act["final_metric"], "action_std": act["final_metric_std"],
-                    "action_diverged": act["diverged"], "constant": const["final_metric"],
-                    "constant_std": const["final_metric_std"], "constant_diverged": const["diverged"],
+                    **_metric_fields("action", act), **_metric_fields("constant", const),
                     "delta": _delta(act["final_metric"], const, cls),
                     "beats": _better(act["final_metric"], const["final_metric"], cls),
-                    "cosine": None if cos is None else cos["final_metric"],
-                    "cosine_std": None if cos is None else cos["final_metric_std"],
-                    "cosine_diverged": 0 if cos is None else cos["diverged"],
-                    "delta_cosine": _delta(act["final_metric"], cos, cls),
+                    **_metric_fields("cosine", cos), "delta_cosine": _delta(act["final_metric"], cos, cls),
                     "beats_cosine": cos is not None and _better(act["final_metric"], cos["final_metric"], cls)})
     return out
+
+
+def _metric_fields(name: str, row: dict | None) -> dict:
+    """``name``, ``name_std`` and ``name_diverged`` of a report row (None, None, 0 without one)."""
+    if row is None:
+        return {name: None, f"{name}_std": None, f"{name}_diverged": 0}
+    return {name: row["final_metric"], f"{name}_std": row["final_metric_std"], f"{name}_diverged": row["diverged"]}
 
 
 def done_when(budget: list[dict], action: list[dict] | None = None, verdicts: str = "verdicts") -> dict:

@@ -80,6 +80,11 @@ def with_level(features: Tensor, level: Tensor, clamp: float = CLAMP) -> Tensor:
     return torch.cat([features, torch.ones_like(features[..., :1, :]) * lvl], dim=-2)
 
 
+def feature_channels(relative: bool) -> int:
+    """Feature channels an action model reads: 3, and ``log(level)`` for a relative controller."""
+    return FEATURE_CHANNELS + int(relative)
+
+
 def block_means(losses: Tensor, block: int) -> Tensor:
     """Means of consecutive ``block``-sized chunks of ``losses (..., N)`` (N a multiple of block)."""
     n = losses.shape[-1]
@@ -222,7 +227,7 @@ class ActionController(nn.Module):
         self.start_rate = start_rate
         self.default_gamma = default_gamma
         self.relative = bool(relative)
-        self.channels = FEATURE_CHANNELS + int(self.relative)  # feature channels the model reads
+        self.channels = feature_channels(self.relative)  # what the model reads
         self.min_level = float(min_level)
         self.max_level = float(max_level)
         self.register_buffer("multipliers", torch.tensor([float(m) for m in multipliers]))
@@ -267,7 +272,6 @@ class ActionController(nn.Module):
         if prefix + "level" not in state_dict:
             state_dict.update(self.upgrade_state(dict(state_dict), prefix))
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
-
 
     @torch.jit.ignore
     def initial_rate(self, base_lr: float) -> float:
@@ -359,7 +363,7 @@ class ActionController(nn.Module):
         cfg = payload["config"]
         state = payload["model_state"]
         relative = bool(cfg.get("relative", False))
-        model = make_action_model(payload["model_kind"], cfg["window"], channels=FEATURE_CHANNELS + int(relative),
+        model = make_action_model(payload["model_kind"], cfg["window"], channels=feature_channels(relative),
                                   actions=len(cfg["multipliers"]),
                                   hidden=_hidden_from_state(payload["model_kind"], state))
         try:
@@ -367,7 +371,7 @@ class ActionController(nn.Module):
         except RuntimeError as exc:
             raise ValueError(
                 f"{path!r} holds a {payload['model_kind']} model of another shape than this version builds "
-                f"({FEATURE_CHANNELS + int(relative)} feature channels x window {cfg['window']}); retrain it with "
+                f"({feature_channels(relative)} feature channels x window {cfg['window']}); retrain it with "
                 f"`python -m autolr_fast train-action`: {exc}"
             ) from exc
         return cls(model, window=cfg["window"], block=cfg["block"], interval=cfg["interval"],

@@ -33,7 +33,18 @@ from autolr_fast import load_controller, load_pretrained
 from autolr_fast.controllers.pretrained import PRETRAINED_DIR, available_pretrained
 
 from . import baselines
-from .report import color_cycle, fmt, fmt_mean_std, is_number, markdown_table, mean_std, plt, save_figure, summarize
+from .report import (
+    color_cycle,
+    fmt,
+    fmt_mean_std,
+    is_number,
+    markdown_table,
+    mean_std,
+    plt,
+    save_figure,
+    strict_json,
+    summarize,
+)
 from .tasks import Task, available_tasks, dataset_of, get_task, shares_data, task_optimizer
 from .training import Method, MethodUnavailable, RunSpec, Schedule, train
 
@@ -1012,7 +1023,7 @@ def _run_all(jobs: list[Job], n_jobs: int, progress: bool, partial: Path | None 
     def collect(rec: dict) -> None:
         records[_record_key(rec)] = rec
         if sink is not None:
-            sink.write(json.dumps(_strict_json(rec), default=_json_default) + "\n")
+            sink.write(json.dumps(strict_json(rec), default=_json_default) + "\n")
             sink.flush()
         bar.set_postfix_str(f"{rec['task']} {rec['method']}", refresh=False)
         bar.update()
@@ -1163,7 +1174,7 @@ def _run_and_report(args, argv, controller: str, jobs: list[Job], skipped: dict[
            "action_vs_constant": action, "done_when": done_when(budget, action),
            "done_when_find": done_when(budget, None, "verdicts_find"),
            "runs": runs, "validation_runs": val_runs}
-    (out / "compare.json").write_text(json.dumps(_strict_json(doc), separators=(",", ":"), default=_json_default,
+    (out / "compare.json").write_text(json.dumps(strict_json(doc), separators=(",", ":"), default=_json_default,
                                                  allow_nan=False))
     md = render_markdown(rows, targets, skipped, config, budget)
     (out / "compare.md").write_text(md)
@@ -1204,17 +1215,6 @@ def _plot_all(rows: list[dict], targets: dict, budget: list[dict], runs: list[di
         plot_task(task, rows, runs, out / f"{task}.png")
     for entry in budget:
         plot_budget(entry, runs, out / f"{entry['task']}-summary.png")
-
-
-def _strict_json(o: Any) -> Any:
-    """NaN/Inf -> None (strict JSON; ``null`` means diverged or not available)."""
-    if isinstance(o, float) and not math.isfinite(o):
-        return None
-    if isinstance(o, dict):
-        return {k: _strict_json(v) for k, v in o.items()}
-    if isinstance(o, (list, tuple)):
-        return [_strict_json(v) for v in o]
-    return o
 
 
 def _json_default(o: Any) -> Any:

@@ -1,5 +1,5 @@
-"""What the result renderers share: one Markdown table, number formatting, one summary of a group
-of runs over seeds, and PNG figures (matplotlib on the non-interactive Agg backend)."""
+"""What the result renderers share: one Markdown table, strict JSON, number formatting, one
+summary of a group of runs over seeds, and PNG figures (matplotlib on the non-interactive Agg backend)."""
 
 from __future__ import annotations
 
@@ -18,6 +18,18 @@ import matplotlib.pyplot as plt  # noqa: E402  (after choosing the backend)
 # ------------------------------------------------------------------------------------------------
 # Tables and numbers
 # ------------------------------------------------------------------------------------------------
+def strict_json(o: Any) -> Any:
+    """NaN/Inf -> None, recursively through dicts, lists and tuples (strict JSON; ``null`` means
+    diverged or not available)."""
+    if isinstance(o, float) and not math.isfinite(o):
+        return None
+    if isinstance(o, dict):
+        return {k: strict_json(v) for k, v in o.items()}
+    if isinstance(o, (list, tuple)):
+        return [strict_json(v) for v in o]
+    return o
+
+
 def markdown_table(headers: Sequence[str], rows: Sequence[Sequence[Any]], align: str | None = None) -> str:
     """A GitHub-flavoured Markdown table. ``align``: one of ``l``/``r``/``c`` per column (default:
     the first column left, the others right)."""

@@ -18,6 +18,7 @@ COMMANDS = {
     "find-lr": ("autolr_experiments.find_lr", "learning-rate range test"),
     "collect": ("autolr_experiments.collect", "branching data collection for the action controller"),
     "train-action": ("autolr_experiments.action_training", "train action-controller models on collected data"),
+    "action-signal": ("autolr_experiments.action_signal", "which loss-history signals predict the best action"),
     "export": ("autolr_fast.exporting", "export a controller to TorchScript for the C++ runtime"),
     "info": ("autolr_fast.ops.dispatch", "which backends are built and in use"),
 }

@@ -12,6 +12,7 @@ import torch
 
 from autolr_experiments import baselines, compare
 from autolr_experiments.baselines import SGDHD, lr_grid
+from autolr_experiments.report import strict_json
 from autolr_experiments.tasks import get_task
 from autolr_experiments.training import Schedule, rate_stats, train
 from autolr_fast import load_controller, load_pretrained
@@ -382,7 +383,7 @@ def test_a_diverged_validation_seed_counts_as_the_worst_result_also_after_json()
            + _full_runs("r", "cosine", 0.3, [0.5, math.inf, math.inf], split="validation")]
     for r in val[4:]:
         r["status"] = "diverged"
-    round_tripped = [compare._as_recorded(json.loads(json.dumps(compare._strict_json(r)))) for r in val]
+    round_tripped = [compare._as_recorded(json.loads(json.dumps(strict_json(r)))) for r in val]
     assert round_tripped[4]["final_metric"] == math.inf and round_tripped[0]["split"] == "validation"
     for records in (val, round_tripped):
         (b,) = compare.equal_budget(rows, _runs(rows[:1]) + test, records)

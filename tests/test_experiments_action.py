@@ -1,14 +1,17 @@
 """The action controller's harness: branching data collection, model training and comparison,
-and the quick commands (collect, train-action) end to end."""
+which signals predict the best action, and the quick commands (collect, train-action,
+action-signal) end to end."""
 
 import json
+import math
 import os
 
 import pytest
 import torch
 from torch import nn
 
-from autolr_experiments import action_training, collect
+from autolr_experiments import action_signal, action_training, collect
+from autolr_experiments.action_signal import READABLE, analyse, auc
 from autolr_experiments.action_training import split_by_run, train_and_compare
 from autolr_experiments.collect import COLUMNS, load_data
 from autolr_experiments.tasks import Task, register_task
@@ -202,3 +205,110 @@ def test_relative_training_needs_envelope_data_and_old_progress_resumes(tmp_path
     torch.save(saved, out + ".partial")
     _collect(tmp_path, "old.pt", "--resume")
     assert all(torch.equal(load_data(plain)["data"][k], load_data(out)["data"][k]) for k in COLUMNS)
+
+
+# ---- action-signal ----
+def _auc_by_pairs(score, positive):
+    pos, neg = score[positive], score[~positive]
+    wins = (pos[:, None] > neg[None, :]).double() + 0.5 * (pos[:, None] == neg[None, :]).double()
+    return float(wins.mean())
+
+
+def test_auc_matches_the_pairwise_definition_with_ties():
+    g = torch.Generator().manual_seed(0)
+    for _ in range(20):
+        score = torch.randint(0, 6, (40,), generator=g).double()  # many ties
+        positive = torch.rand(40, generator=g) < 0.3
+        assert math.isclose(auc(score, positive), _auc_by_pairs(score, positive), rel_tol=0, abs_tol=1e-12)
+    assert math.isnan(auc(torch.arange(4.0), torch.zeros(4, dtype=torch.bool)))
+
+
+def _payload(task, n, seed, rule, aligned=False):
+    """A synthetic collection file (runs of 5 decisions) whose x0.9-beats-x1.1 target is
+    ``rule(slope)`` of the loss window (random when ``rule`` is None). ``aligned``: every other
+    signal is also larger where x0.9 wins (to pin each signal's direction)."""
+    g = torch.Generator().manual_seed(seed)
+    window, block, steps = 5, 4, 100
+    slope = torch.randn(n, generator=g)
+    lower = rule(slope) if rule else torch.rand(n, generator=g) < 0.5
+    up = lower.double() if aligned else torch.zeros(n, dtype=torch.float64)
+    t = torch.arange(window * block, dtype=torch.float64) / block
+    spread = 0.01 + 0.2 * up  # noise
+    jitter = spread[:, None] * torch.randn(n, window * block, generator=g)
+    history = torch.exp(slope[:, None].double() * 0.1 * t + jitter)
+    label = torch.ones(n, 3)
+    label[:, 0] = torch.where(lower, 0.9, 1.1)
+    start = torch.exp(torch.randn(n, generator=g) + 3 * up)  # start_rate
+    after = torch.ones(n, 3)
+    after[:, 2] = torch.exp(0.5 * up - 0.25).float()  # the probes: x1.1's loss over x0.9's
+    data = {"history": history.float(), "initial": torch.exp(-2 * up).float(),  # from_start
+            "lowest": torch.exp(-2 * up - 1).float(),  # from_lowest
+            "rate": (start * torch.exp(0.1 * torch.randn(n, generator=g) + up)).float(),  # level
+            "start_rate": start.float(), "run": torch.arange(n) // 5, "decision": torch.arange(n) % 5,
+            "step": torch.randint(0, steps // 2, (n,), generator=g) + (steps // 2) * up.long(),  # progress
+            "val_label": label, "val_after": after, "train_after": after.clone()}
+    settings = {"task": task, "multipliers": [0.9, 1.0, 1.1], "window": window, "steps": steps, "optimizer": "sgd"}
+    return {"settings": settings, "data": data}
+
+
+def test_a_signal_that_decides_the_label_transfers_and_random_labels_do_not():
+    steep = {f"{t}.pt": _payload(t, 200, i, lambda s: s > 0.3) for i, t in enumerate(("a", "b", "c"))}
+    result = analyse(steep)
+    assert set(result["transfer"]) == {"a", "b", "c"} and not result["skipped"]
+    for f in result["files"].values():
+        assert f["auc"]["slope"] > 0.95 and f["rows"] == 200 and f["runs"] == 40
+        lo, hi = f["interval"]["slope"]
+        assert lo <= f["auc"]["slope"] <= hi
+    for t in result["transfer"].values():
+        assert t["auc"] > 0.95 and set(t["weights"]) == set(READABLE)
+        assert t["interval"][0] > 0.9
+    # the sign flips from task to task: fitted on the others, the left-out task is predicted backwards
+    flipped = {"a.pt": _payload("a", 200, 0, lambda s: s > 0.3), "b.pt": _payload("b", 200, 1, lambda s: s > 0.3),
+               "c.pt": _payload("c", 200, 2, lambda s: s < -0.3)}
+    assert analyse(flipped)["transfer"]["c"]["auc"] < 0.1
+    random = analyse({f"{t}.pt": _payload(t, 300, 10 + i, None) for i, t in enumerate(("a", "b"))})
+    for t in random["transfer"].values():
+        assert 0.35 < t["auc"] < 0.65 and t["interval"][0] < 0.5 < t["interval"][1]
+
+
+def test_every_signal_points_towards_lowering_when_it_is_larger():
+    aucs = analyse({"a.pt": _payload("a", 400, 3, lambda s: s > 0.0, aligned=True)})["files"]["a.pt"]["auc"]
+    assert set(aucs) == set(READABLE) | set(action_signal.ORACLES)
+    for name, value in aucs.items():
+        assert value > 0.9, (name, value)
+
+
+def test_diverged_branches_and_files_without_start_rates():
+    p = _payload("a", 50, 0, lambda s: s > 0)
+    p["data"]["val_label"][:10, 2] = math.inf  # x1.1 diverged: x0.9 wins
+    p["data"]["val_label"][:5, 0] = math.inf  # both diverged: no information
+    f = analyse({"a.pt": p})["files"]["a.pt"]
+    expected = int((p["data"]["val_label"][5:, 0] < p["data"]["val_label"][5:, 2]).sum())
+    assert f["rows"] == 45 and f["lower_wins"] == expected
+    assert f["lower_wins"] >= 5  # rows 5-9
+    old = _payload("a", 50, 0, lambda s: s > 0)
+    del old["data"]["start_rate"]
+    first = old["data"]["rate"][::5]
+    assert analyse({"old.pt": old})["files"]["old.pt"]["auc"]["level"] == auc(
+        torch.log(old["data"]["rate"].double() / first.repeat_interleave(5).double()),
+        old["data"]["val_label"][:, 0] < old["data"]["val_label"][:, 2])
+    old["data"]["decision"] = old["data"]["decision"] + 1  # no first decision to take the start from
+    with pytest.raises(ValueError, match="old.pt has no start_rate column"):
+        analyse({"old.pt": old})
+
+
+def test_cli_on_collected_files(tmp_path):
+    (tmp_path / "a").mkdir()
+    (tmp_path / "b").mkdir()
+    files = [_collect(tmp_path, f"{folder}/run.pt", "--seed", str(seed)) for seed, folder in enumerate("ab")]
+    out = tmp_path / "sig"
+    assert action_signal.main(["--data", *files, "--out", str(out)]) == 0
+    text = (out / "action_signal.md").read_text()
+    assert f"{files[0]} (test-quadratic, sgd)" in text and f"{files[1]} (test-quadratic, sgd)" in text
+    assert "python -m autolr_fast action-signal" in text and "No transfer score for test-quadratic" in text
+    result = json.loads((out / "action_signal.json").read_text())  # strict JSON: NaN is null
+    # plain SGD on the quadratic: raising is always better, so no row has x0.9 winning
+    assert result["files"][files[0]]["lower_wins"] == 0 and result["files"][files[0]]["auc"]["slope"] is None
+    assert result["files"][files[0]]["rows"] == len(collect.load_data(files[0])["data"]["best"])
+    with pytest.raises(SystemExit):
+        action_signal.main(["--data", files[0], files[0], "--out", str(out)])

@@ -192,8 +192,10 @@ def assert_step_matches(got: dict, case: dict, where: str) -> None:
         assert bool(got["ok"]) == case["expected_ok"], msg("wrong ok flag")
     if "counters" in got:  # [skipped, negative] after starting from [5, 7]
         assert got["counters"].tolist() == want["counters"].tolist(), msg(f"counters {got['counters'].tolist()}")
+    # float32 sums of H terms taken in another order differ by about sqrt(H) roundings
+    atol = ATOL * max(1.0, (want["h"].shape[-1] / 16) ** 0.5)
     for key in ("h", "c", "rate"):
-        torch.testing.assert_close(got[key].cpu(), want[key], rtol=RTOL, atol=ATOL, msg=lambda m: msg(f"{key}: {m}"))
+        torch.testing.assert_close(got[key].cpu(), want[key], rtol=RTOL, atol=atol, msg=lambda m: msg(f"{key}: {m}"))
     if not bool(want["ok"]):  # the guard must leave everything exactly as it was
         for key in ("h", "c", "rate"):
             assert torch.equal(got[key].cpu(), case[key]), msg(f"{key} changed on a skipped step")

@@ -49,6 +49,8 @@ import torch
 from torch import Tensor
 from torch.nn import functional as F
 
+from autolr_fast.controllers.action import block_means
+
 from .collect import load_data
 from .report import markdown_table, strict_json
 
@@ -98,8 +100,9 @@ def signals(payload: dict, name: str = "the file") -> tuple[dict[str, Tensor], T
     usable = torch.isfinite(label[:, lo]) | torch.isfinite(label[:, hi])
     window = s["window"]
     losses = d["history"].double().clamp_min(1e-12)  # (n, segment)
-    blocks = losses.reshape(len(losses), window, -1)  # (n, window, block)
-    means = blocks.mean(-1)  # (n, window), plain means as the controller takes them
+    block = losses.shape[-1] // window
+    means = block_means(losses, block)  # (n, window): the controller's own block means
+    blocks = losses.reshape(len(losses), window, block)  # (n, window, block)
     log_means = torch.log(means)
     t = torch.arange(window, dtype=torch.float64)
     t = t - t.mean()

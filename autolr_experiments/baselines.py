@@ -37,6 +37,7 @@ from torch import Tensor, nn
 
 from autolr_fast import ActionController, MetaConfig, MLRSNet, find_anchor_lr, load_controller, load_pretrained
 from autolr_fast.anchor_lr import DEFAULT_FRACTION as ANCHOR_FRACTION
+from autolr_fast.anchor_lr import AnchorResult
 from autolr_fast.controllers.pretrained import PRETRAINED_DIR, available_pretrained
 
 from .tasks import dataset_of, shares_data
@@ -481,27 +482,37 @@ def autolr(spec: RunSpec) -> Schedule:
 
 
 @register_method("autolr-find", "learned", None,
-                 "find_anchor_lr, then AutoLR with its defaults: trials of 15 % of the run at the task's default rate "
-                 "x 10^(-1, -0.5, 0, 0.5, 1) on the training data minus a validation split (20 %, at most 500 "
-                 "samples), scored on that split; the best rate becomes the optimizer's lr, then "
-                 "AutoLR(opt, load_pretrained(<controller>), total_steps=<steps>) trains on all the training data from "
-                 "the same weights. The trials' CPU time is in the run's", available=_autolr_missing,
-                 revision=2)  # 2: records the trials run
+                 "find_anchor_lr with its defaults, then AutoLR with its defaults: cosine-annealed trials of 15 % of "
+                 "the run at the task's default rate x 10^(-1, -0.5, 0, 0.5, 1) on the training data minus a "
+                 "validation split (20 %, at most 500 samples), scored on that split; of the rates a paired t-test "
+                 "over the split's batches cannot tell from the lowest loss (one-sided, 95 %), the one nearest the "
+                 "default rate, one rate lower if the next larger one failed, becomes the optimizer's lr; then "
+                 "AutoLR(opt, load_pretrained(<controller>), total_steps=<steps>) trains on all the training data "
+                 "from the same weights. The trials' CPU time is in the run's",
+                 available=_autolr_missing,
+                 revision=3)  # 2: records the trials run; 3: annealed trials, nearest within noise, step-down
 def autolr_find(spec: RunSpec) -> Schedule:
-    from .compare import validation_task  # the tuned reference's split (compare imports this module)
-
     controller, info = _autolr_controller(spec)
     opt = make_optimizer(spec.model, spec.task.optim)
+    found = anchor_trials(spec, opt)
+    schedule = autolr_schedule(opt, controller, total_steps=spec.total_steps)
+    schedule.info.update(info)
+    schedule.info["anchor"] = found.to_dict()
+    return schedule
+
+
+def anchor_trials(spec: RunSpec, opt: torch.optim.Optimizer, **kwargs: Any) -> AnchorResult:
+    """``find_anchor_lr`` as ``autolr-find`` runs it: trials of ``ANCHOR_FRACTION`` of the run on
+    the training data minus the validation split of the tuned reference (20 %, at most 500
+    samples), scored on that split. ``kwargs`` go to ``find_anchor_lr`` (e.g. ``apply=False``)."""
+    from .compare import validation_task  # the tuned reference's split (compare imports this module)
+
     rest = validation_task(spec.task, spec.seed)  # its test data is the held-out split
     bs = spec.batch_size
     val = [(rest.x_test[i:i + bs], rest.y_test[i:i + bs]) for i in range(0, len(rest.x_test), bs)]
     steps = max(1, round(ANCHOR_FRACTION * spec.total_steps))
     train = list(islice(rest.batches(bs, spec.seed, epochs=spec.epochs), steps))
-    found = find_anchor_lr(spec.model, opt, spec.task.loss_fn, train, val, trial_steps=steps, progress=False)
-    schedule = autolr_schedule(opt, controller, total_steps=spec.total_steps)
-    schedule.info.update(info)
-    schedule.info["anchor"] = found.to_dict()
-    return schedule
+    return find_anchor_lr(spec.model, opt, spec.task.loss_fn, train, val, trial_steps=steps, progress=False, **kwargs)
 
 
 def official_checkpoint_dir() -> Path | None:

@@ -68,6 +68,19 @@ TASK_SETTINGS: dict[str, tuple[int, int]] = {
     "digits-bncnn": (20, 32),
     "diabetes-mlp": (60, 32),
     "friedman-mlp": (30, 32),
+    "cancer-mlp": (40, 32),
+    "wine-mlp": (60, 16),
+    "digits-dropout-mlp": (20, 32),
+    "mnist1d-cnn-adam": (20, 100),
+    "markov-gru-sgd": (20, 50),
+    "markov-attn": (20, 50),
+    "friedman3-mlp": (30, 32),
+    "moons-mlp": (40, 32),
+    "noisy-classes-mlp": (30, 32),
+    "markov-lstm": (20, 50),
+    "mnist1d-mlp-adamw": (40, 100),
+    "circles-mlp": (40, 32),
+    "friedman2-mlp": (30, 32),
 }
 REGRESSION_SETTINGS = (40, 32)
 #: Tasks meant for held-out evaluation (whether a controller was trained on one is read from its info, per run).

@@ -16,7 +16,18 @@ from dataclasses import dataclass, field
 
 import torch
 from mnist1d.data import get_dataset_args, make_dataset
-from sklearn.datasets import load_diabetes, load_digits, make_friedman1
+from sklearn.datasets import (
+    load_breast_cancer,
+    load_diabetes,
+    load_digits,
+    load_wine,
+    make_circles,
+    make_classification,
+    make_friedman1,
+    make_friedman2,
+    make_friedman3,
+    make_moons,
+)
 from torch import Tensor, nn
 
 _TASKS: dict[str, Callable[..., Task]] = {}
@@ -122,7 +133,10 @@ def register_task(name: str, optimizer: OptimSpec = SGD_MOMENTUM_DEFAULT) -> Cal
 
 #: Tasks that train on the same data (inputs and labels; another model): whatever was trained on
 #: one of them has seen the others' training data, so holding out one holds out all of them.
-SHARED_DATA = {"mnist1d-cnn": "mnist1d", "mnist1d-mlp": "mnist1d", "digits-mlp": "digits", "digits-bncnn": "digits"}
+SHARED_DATA = {"mnist1d-cnn": "mnist1d", "mnist1d-mlp": "mnist1d", "mnist1d-cnn-adam": "mnist1d",
+               "digits-mlp": "digits", "digits-bncnn": "digits", "digits-dropout-mlp": "digits",
+               "markov-gru-sgd": "markov-gru", "markov-attn": "markov-gru", "markov-lstm": "markov-gru",
+               "mnist1d-mlp-adamw": "mnist1d"}
 
 
 def dataset_of(name: str) -> str:
@@ -369,3 +383,185 @@ def friedman_mlp(seed: int = 0) -> Task:
     train, test = _fixed_split(len(x), 500, 77)
     return Task("friedman-mlp", x[train], y[train], x[test], y[test], lambda: _mlp([10, 64, 64, 1]),
                 nn.functional.mse_loss, None, {"noise_variance": 1.0})
+
+
+# ------------------------------------------------------------------------------------------------
+# More tasks, outside compare's default set (``anchor-ablation`` checks find_anchor_lr's rules on
+# them): other data, other optimizers on known data, a user's lr that is far off
+# ------------------------------------------------------------------------------------------------
+def _tabular_classification(name: str, load: Callable, hidden: list[int], dropout: float = 0.0,
+                            split_seed: int = 11) -> Task:
+    """A scikit-learn table: a fifth held out as the test set (fixed split), standardised inputs,
+    an MLP (ReLU, optional dropout after each hidden layer)."""
+    x, y = load(return_X_y=True)
+    x = torch.as_tensor(x, dtype=torch.float32)
+    y = torch.as_tensor(y, dtype=torch.long)
+    train, test = _fixed_split(len(x), len(x) // 5, split_seed)
+    x_train, x_test = _standardise(x[train], x[test])
+    classes = int(y.max()) + 1
+
+    def model() -> nn.Module:
+        layers: list[nn.Module] = []
+        width = x.shape[1]
+        for h in hidden:
+            layers += [nn.Linear(width, h), nn.ReLU()] + ([nn.Dropout(dropout)] if dropout else [])
+            width = h
+        return nn.Sequential(*layers, nn.Linear(width, classes))
+
+    return Task(name, x_train, y[train], x_test, y[test], model, nn.functional.cross_entropy, classes)
+
+
+@register_task("cancer-mlp", optimizer=OptimSpec("adam", 1e-3, 0.0))
+def cancer_mlp(seed: int = 0) -> Task:
+    """scikit-learn's breast cancer table (569 samples, 30 features, 2 classes), Adam at 1e-3."""
+    return _tabular_classification("cancer-mlp", load_breast_cancer, [64, 64])
+
+
+@register_task("wine-mlp", optimizer=OptimSpec("adamw", 1e-3, 1e-2))
+def wine_mlp(seed: int = 0) -> Task:
+    """scikit-learn's wine table (178 samples, 13 features, 3 classes: a tiny, easily overfitted
+    set), AdamW at 1e-3."""
+    return _tabular_classification("wine-mlp", load_wine, [64, 64])
+
+
+@register_task("digits-dropout-mlp", optimizer=OptimSpec("adamw", 3e-4, 1e-2))
+def digits_dropout_mlp(seed: int = 0) -> Task:
+    """scikit-learn's digits, standardised, a wider MLP with dropout 0.2, AdamW at 3e-4 (a common
+    transformer default, too small here)."""
+    return _tabular_classification("digits-dropout-mlp", load_digits, [128, 128], dropout=0.2)
+
+
+@register_task("mnist1d-cnn-adam", optimizer=OptimSpec("adam", 1e-3, 0.0))
+def mnist1d_cnn_adam(seed: int = 0, data_seed: int = 42) -> Task:
+    """The MNIST-1D CNN trained with Adam at its library default 1e-3 (about 10x too small here)."""
+    return _mnist1d_task("mnist1d-cnn-adam", lambda: MNIST1DCNN(), seed, data_seed)
+
+
+@register_task("markov-gru-sgd", optimizer=SGD_MOMENTUM_DEFAULT)
+def markov_gru_sgd(seed: int = 0) -> Task:
+    """The Markov-chain GRU trained with SGD with momentum at 0.1 instead of AdamW."""
+    task = markov_gru(seed)
+    task.name = "markov-gru-sgd"
+    return task
+
+
+def _generated_regression(name: str, x, y, split_seed: int) -> Task:
+    """Generated inputs (standardised) and a target left in its own units, a fifth held out as the
+    test set (fixed split), an MLP with two hidden layers of 64."""
+    x = torch.as_tensor(x, dtype=torch.float32)
+    y = torch.as_tensor(y, dtype=torch.float32).unsqueeze(1)
+    train, test = _fixed_split(len(x), len(x) // 5, split_seed)
+    x_train, x_test = _standardise(x[train], x[test])
+    return Task(name, x_train, y[train], x_test, y[test], lambda: _mlp([x.shape[1], 64, 64, 1]),
+                nn.functional.mse_loss, None)
+
+
+def _generated_classification(name: str, x, y, split_seed: int) -> Task:
+    """Generated 2-D points and their classes, a quarter held out as the test set (fixed split),
+    an MLP with two hidden layers of 64."""
+    x = torch.as_tensor(x, dtype=torch.float32)
+    y = torch.as_tensor(y, dtype=torch.long)
+    train, test = _fixed_split(len(x), len(x) // 4, split_seed)
+    classes = int(y.max()) + 1
+    return Task(name, x[train], y[train], x[test], y[test], lambda: _mlp([x.shape[1], 64, 64, classes]),
+                nn.functional.cross_entropy, classes)
+
+
+class MarkovAttention(nn.Module):
+    """Token and position embeddings, one transformer encoder layer, mean pooling, a linear head."""
+
+    def __init__(self, vocab: int, num_classes: int, length: int, dim: int = 32, heads: int = 2) -> None:
+        super().__init__()
+        self.embed = nn.Embedding(vocab, dim)
+        self.position = nn.Parameter(0.02 * torch.randn(length, dim))
+        self.encoder = nn.TransformerEncoderLayer(dim, heads, dim_feedforward=2 * dim, dropout=0.0, batch_first=True)
+        self.head = nn.Linear(dim, num_classes)
+
+    def forward(self, x: Tensor) -> Tensor:
+        h = self.encoder(self.embed(x) + self.position[: x.shape[1]])  # (batch, length, dim)
+        return self.head(h.mean(1))
+
+
+@register_task("markov-attn", optimizer=OptimSpec("adamw", 1e-3, 1e-2))
+def markov_attn(seed: int = 0) -> Task:
+    """The Markov-chain sequences of ``markov-gru`` with a one-layer transformer instead of the GRU,
+    AdamW at 1e-3."""
+    task = markov_gru(seed)
+    vocab, classes, length = task.meta["vocab"], task.num_classes, task.meta["length"]
+    task.name = "markov-attn"
+    task.make_model = lambda: MarkovAttention(vocab, classes, length)
+    return task
+
+
+@register_task("friedman3-mlp", optimizer=OptimSpec("adam", 1e-3, 0.0))
+def friedman3_mlp(seed: int = 0) -> Task:
+    """scikit-learn's Friedman #3 generator (4 inputs on very different scales, standardised; an
+    arctangent target in its own units, noise 0.1), Adam at 1e-3."""
+    return _generated_regression("friedman3-mlp", *make_friedman3(n_samples=2000, noise=0.1, random_state=3),
+                                 split_seed=33)
+
+
+@register_task("moons-mlp")
+def moons_mlp(seed: int = 0) -> Task:
+    """scikit-learn's two moons with noise 0.3 (overlapping classes), SGD with momentum at 0.1."""
+    x, y = make_moons(n_samples=1200, noise=0.3, random_state=8)
+    return _generated_classification("moons-mlp", x, y, split_seed=88)
+
+
+@register_task("noisy-classes-mlp", optimizer=OptimSpec("sgd", 0.01, 5e-4))
+def noisy_classes_mlp(seed: int = 0) -> Task:
+    """scikit-learn's ``make_classification``: 4 classes, 8 informative of 20 features, 10 % of
+    the labels flipped; SGD with momentum at 0.01 (a cautious guess)."""
+    x, y = make_classification(n_samples=3000, n_features=20, n_informative=8, n_classes=4, flip_y=0.1,
+                               random_state=5)
+    x = torch.as_tensor(x, dtype=torch.float32)
+    y = torch.as_tensor(y, dtype=torch.long)
+    train, test = _fixed_split(len(x), 600, 55)
+    x_train, x_test = _standardise(x[train], x[test])
+    return Task("noisy-classes-mlp", x_train, y[train], x_test, y[test], lambda: _mlp([20, 128, 128, 4]),
+                nn.functional.cross_entropy, 4)
+
+
+class MarkovLSTM(nn.Module):
+    """Token embedding, a two-layer LSTM, a linear head on the last hidden state."""
+
+    def __init__(self, vocab: int, num_classes: int, embed: int = 16, hidden: int = 32) -> None:
+        super().__init__()
+        self.embed = nn.Embedding(vocab, embed)
+        self.rnn = nn.LSTM(embed, hidden, num_layers=2, batch_first=True)
+        self.head = nn.Linear(hidden, num_classes)
+
+    def forward(self, x: Tensor) -> Tensor:
+        out, _ = self.rnn(self.embed(x))
+        return self.head(out[:, -1])
+
+
+@register_task("markov-lstm", optimizer=OptimSpec("adam", 1e-3, 0.0))
+def markov_lstm(seed: int = 0) -> Task:
+    """The Markov-chain sequences of ``markov-gru`` with a two-layer LSTM, Adam at 1e-3."""
+    task = markov_gru(seed)
+    vocab, classes = task.meta["vocab"], task.num_classes
+    task.name = "markov-lstm"
+    task.make_model = lambda: MarkovLSTM(vocab, classes)
+    return task
+
+
+@register_task("mnist1d-mlp-adamw", optimizer=OptimSpec("adamw", 1e-3, 1e-2))
+def mnist1d_mlp_adamw(seed: int = 0, data_seed: int = 42) -> Task:
+    """The MNIST-1D MLP trained with AdamW at 1e-3."""
+    return _mnist1d_task("mnist1d-mlp-adamw", lambda: _mlp([40, 100, 100, 10]), seed, data_seed)
+
+
+@register_task("circles-mlp", optimizer=OptimSpec("adamw", 1e-3, 1e-2))
+def circles_mlp(seed: int = 0) -> Task:
+    """scikit-learn's two circles (noise 0.15, inner radius 0.5), AdamW at 1e-3."""
+    x, y = make_circles(n_samples=1200, noise=0.15, factor=0.5, random_state=12)
+    return _generated_classification("circles-mlp", x, y, split_seed=121)
+
+
+@register_task("friedman2-mlp", optimizer=OptimSpec("adam", 1e-3, 0.0))
+def friedman2_mlp(seed: int = 0) -> Task:
+    """scikit-learn's Friedman #2 generator (4 inputs, standardised) with its target in its own
+    units (hundreds: the loss starts near 2e5), Adam at 1e-3, far too small a step for that scale."""
+    return _generated_regression("friedman2-mlp", *make_friedman2(n_samples=2000, noise=10.0, random_state=21),
+                                 split_seed=212)

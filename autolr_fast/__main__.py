@@ -16,6 +16,7 @@ COMMANDS = {
     "compare": ("autolr_experiments.compare", "schedule-quality comparison against common schedules and optimizers"),
     "bench": ("autolr_experiments.bench_report", "run the overhead benchmarks and render tables and a chart"),
     "find-lr": ("autolr_experiments.find_lr", "learning-rate range test"),
+    "anchor-ablation": ("autolr_experiments.anchor_ablation", "which of find_anchor_lr's rules choose well"),
     "collect": ("autolr_experiments.collect", "branching data collection for the action controller"),
     "train-action": ("autolr_experiments.action_training", "train action-controller models on collected data"),
     "action-signal": ("autolr_experiments.action_signal", "which loss-history signals predict the best action"),
@@ -26,7 +27,7 @@ COMMANDS = {
 
 def _usage() -> str:
     lines = ["usage: python -m autolr_fast <command> [options]", "", "commands:"]
-    lines += [f"  {name:<13} {desc}" for name, (_, desc) in COMMANDS.items()]
+    lines += [f"  {name:<15} {desc}" for name, (_, desc) in COMMANDS.items()]
     return "\n".join(lines)
 
 

@@ -8,12 +8,16 @@ best as the optimizer's ``lr`` (the param groups keep their ratios). Everything 
 buffers, optimizer state, RNG) is restored bit for bit, so training then starts from the
 weights it would have started from.
 
-A trial's rate is constant: it answers "which peak rate trains best over the first part of the
-run", the question a user answers by hand with a grid. Short trials favour large rates (they
-learn fastest early and their cost shows later), so the trials are long (15 % of the run by
-default: five of them cost 75 % of one run) and scored on data they did not train on (a rate
-that overfits the training batches scores worse there). ``docs/anchor_lr.md`` has the measured
-effect on the comparison's tasks.
+A trial is the run in miniature: its rate anneals from the trial rate to 0 along a cosine, the
+shape ``AutoLR(total_steps=T)`` gives the run, so a large rate is judged after its noise has been
+annealed away (a constant-rate trial judges it at its noisiest and favours small rates). The
+trials are long (15 % of the run by default: five of them cost 75 % of one run) and scored on
+data they did not train on. The given ``lr`` is the prior: of the rates the held-out batches cannot
+tell from the lowest (a one-sided paired t-test over the batches, ``confidence``), the one nearest
+the given ``lr`` is chosen, so a small held-out split does not move the rate on chance, and a move
+goes no further than the evidence. A choice whose next larger rate failed steps down one rate,
+away from the edge of stability.
+``docs/anchor_lr.md`` has the measured effect on the comparison's tasks.
 
     lr = find_anchor_lr(model, opt, loss_fn, train_loader, val_loader, total_steps=T).lr
     sched = AutoLR(opt, total_steps=T)      # anchored on the chosen lr
@@ -53,6 +57,14 @@ DEFAULT_DECADES = 1.0
 DEFAULT_NUM_RATES = 5
 #: evaluation batches taken from ``val_batches`` at most
 DEFAULT_MAX_EVAL_BATCHES = 16
+#: rates whose held-out loss a one-sided paired t-test over the evaluation batches cannot tell
+#: from the lowest at this confidence are within noise of it (the one nearest the given lr wins)
+DEFAULT_CONFIDENCE = 0.95
+#: a trial failed if it made less than this fraction of the best trial's progress from the
+#: held-out loss at call time (a network stuck at chance, a loss that went nowhere)
+FAILED_PROGRESS = 0.1
+#: how a trial's rate moves over its steps
+TRIAL_SCHEDULES = ("cosine", "constant")
 
 
 @dataclass
@@ -68,6 +80,19 @@ class AnchorResult:
     trial_steps: int
     seconds: float  # wall time of all trials
     trials_run: int  # the first trials_run rates were tried (after a divergence the larger are not)
+    lowest_lr: float | None = None  # the rate with the lowest held-out loss (None: no usable trial)
+    #: per rate, the paired t statistic of its per-batch held-out losses minus the lowest rate's
+    #: (None: the lowest itself, a trial that diverged or did not run, or no test made)
+    t_statistics: list[float | None] | None = None
+    #: a rate whose t statistic is at most this is within the noise of the lowest (None: no test)
+    t_threshold: float | None = None
+    confidence: float = DEFAULT_CONFIDENCE
+    trial_schedule: str = "cosine"
+    batch_losses: list[list[float]] | None = None  # per trial, the loss of each held-out batch
+    #: set when the next larger rate than the one the losses picked failed: the choice stepped
+    #: down from this rate, away from the edge of stability
+    stepped_down_from: float | None = None
+    step_down: bool = True
 
     @property
     def cost_steps(self) -> int:
@@ -78,18 +103,52 @@ class AnchorResult:
     def factor(self) -> float:
         return self.lr / self.given_lr
 
+    def choose(self, confidence: float | None = None, step_down: bool | None = None) -> float:
+        """The rate another decision rule chooses from these same trials (``confidence`` and
+        ``step_down``: default the ones this result was decided with); no trial runs again."""
+        confidence = self.confidence if confidence is None else confidence
+        step_down = self.step_down if step_down is None else step_down
+        _check_confidence(confidence)
+        if self.batch_losses is None:
+            raise ValueError("choose() needs the per-batch held-out losses (batch_losses) of the trials")
+        decision = _decide(self.rates, self.losses, self.batch_losses, self.given_lr, confidence, self.start_loss,
+                           step_down)
+        return self.given_lr if decision.lr is None else decision.lr
+
     def to_dict(self) -> dict:
         return {"lr": self.lr, "given_lr": self.given_lr, "factor": self.factor, "rates": self.rates,
                 "losses": self.losses, "start_loss": self.start_loss, "trial_steps": self.trial_steps,
-                "trials_run": self.trials_run, "cost_steps": self.cost_steps, "seconds": self.seconds}
+                "trials_run": self.trials_run, "cost_steps": self.cost_steps, "seconds": self.seconds,
+                "lowest_lr": self.lowest_lr, "t_statistics": self.t_statistics, "t_threshold": self.t_threshold,
+                "confidence": self.confidence, "trial_schedule": self.trial_schedule,
+                "batch_losses": self.batch_losses, "stepped_down_from": self.stepped_down_from,
+                "step_down": self.step_down}
 
     def table(self) -> str:
-        """Markdown: one row per rate tried, the chosen one marked."""
-        lines = [f"| rate | x given | held-out loss after {self.trial_steps} steps | chosen |",
-                 "|---:|---:|---:|:---:|"]
+        """Markdown: one row per rate tried (its held-out loss, its t statistic against the lowest,
+        whether it is within the noise of the lowest), the chosen rate marked, and the step-down."""
+        tested = self.t_threshold is not None
+        lines = [f"| rate | x given | held-out loss after {self.trial_steps} steps ({self.trial_schedule}) "
+                 "| t vs lowest | within noise of lowest | chosen |", "|---:|---:|---:|---:|:---:|:---:|"]
         for i, (rate, loss) in enumerate(zip(self.rates, self.losses, strict=True)):
             shown = f"{loss:.4g}" if math.isfinite(loss) else "diverged" if i < self.trials_run else "not tried"
-            lines.append(f"| {rate:.3g} | {rate / self.given_lr:.3g} | {shown} | {'yes' if rate == self.lr else ''} |")
+            t = self.t_statistics[i] if self.t_statistics else None
+            if rate == self.lowest_lr:
+                t_cell, within = "lowest", "yes"
+            elif t is None:
+                t_cell, within = "", ""
+            else:
+                t_cell, within = f"{t:.3g}", "yes" if t <= self.t_threshold else ""
+            lines.append(f"| {rate:.3g} | {rate / self.given_lr:.3g} | {shown} | {t_cell} | {within} "
+                         f"| {'yes' if rate == self.lr else ''} |")
+        if tested:
+            n = len(self.batch_losses[0])
+            lines += ["", f"Within noise: paired t over {n} held-out batches at most {self.t_threshold:.3g} "
+                          f"(one-sided, confidence {self.confidence:g}); the chosen rate is the one of those "
+                          "nearest the given rate."]
+        if self.stepped_down_from is not None:
+            lines += ["", f"The next larger rate than {self.stepped_down_from:.3g} failed, so the choice steps down to "
+                          f"{self.lr:.3g}, away from the edge of stability."]
         return "\n".join(lines)
 
 
@@ -131,6 +190,9 @@ def find_anchor_lr(
     fraction: float = DEFAULT_FRACTION,
     decades: float = DEFAULT_DECADES,
     num: int = DEFAULT_NUM_RATES,
+    trial_schedule: str = "cosine",
+    confidence: float = DEFAULT_CONFIDENCE,
+    step_down: bool = True,
     max_eval_batches: int = DEFAULT_MAX_EVAL_BATCHES,
     apply: bool = True,
     unpack: Unpack | None = None,
@@ -140,7 +202,7 @@ def find_anchor_lr(
     """Train from the current state at ``num`` rates around the optimizer's ``lr`` (from
     ``lr / 10**decades`` to ``lr * 10**decades``, log-spaced), ``trial_steps`` each (default:
     ``fraction`` of ``total_steps``), score each by the mean loss on ``val_batches``, and (with
-    ``apply``) set the best as the optimizer's ``lr``, every param group keeping its ratio to it.
+    ``apply``) set the chosen rate as the optimizer's ``lr``, every param group keeping its ratio.
 
     Args:
         model, optimizer, loss_fn: as in your training loop; ``loss_fn(model(inputs), targets)``.
@@ -149,18 +211,35 @@ def find_anchor_lr(
             RNG at call time, so a shuffling DataLoader gives every trial the same batches.
         val_batches: held-out batches (not in ``train_batches``): a trial is scored on them, so a
             rate that only fits the training batches faster does not win. At most
-            ``max_eval_batches`` are used.
+            ``max_eval_batches`` are used; the test below needs at least 2.
+        trial_schedule: ``"cosine"``: a trial's rate anneals from its rate to 0 over the trial, as
+            ``AutoLR(total_steps=T)`` anneals the run; ``"constant"``: the rate is held (for a run
+            whose rate does not decay).
+        confidence: the rates whose held-out loss a one-sided paired t-test over the evaluation
+            batches cannot tell from the lowest at this confidence are within noise of it; the
+            one nearest the given ``lr`` is chosen (the given ``lr`` itself when it is one of
+            them). ``0``: the lowest, whatever the margin. The test needs at least 2 evaluation
+            batches; with one, the lowest is taken (warned).
+        step_down: when the next larger rate than the choice diverged or made less than a tenth
+            of the best trial's progress, the choice is at the edge of stability, where a run
+            several times longer than a trial can tip over: it steps down to the next smaller
+            rate (``stepped_down_from`` says from which).
         unpack: ``fn(batch) -> (inputs, targets)``; default as :func:`find_lr`'s.
-        distributed: under an initialised process group the held-out loss is averaged across ranks,
-            so every rank chooses the same rate.
+        distributed: under an initialised process group the held-out losses are averaged across
+            ranks, so every rank chooses the same rate.
 
     A trial whose held-out loss is not finite, or above the loss at call time by more than half its
     size, counts as diverged; the larger rates are then not tried. When no trial is usable, the
-    ``lr`` is left as it was (with a warning). Returns an :class:`AnchorResult` (``cost_steps``: what it cost).
+    ``lr`` is left as it was (with a warning). Returns an :class:`AnchorResult` (``cost_steps``:
+    what it cost; ``table()``: every trial and the decision; ``choose()``: what other rules would
+    have chosen from the same trials).
     """
     steps = _trial_steps(total_steps, trial_steps, fraction)
-    if not (math.isfinite(decades) and decades > 0) or num < 2:
-        raise ValueError(f"need decades > 0 and num >= 2, got decades={decades!r}, num={num!r}")
+    if not (math.isfinite(decades) and decades > 0) or isinstance(num, bool) or not isinstance(num, int) or num < 2:
+        raise ValueError(f"need decades > 0 and a whole num >= 2, got decades={decades!r}, num={num!r}")
+    if trial_schedule not in TRIAL_SCHEDULES:
+        raise ValueError(f"trial_schedule must be one of {TRIAL_SCHEDULES}, got {trial_schedule!r}")
+    _check_confidence(confidence)
     if isinstance(train_batches, Iterator):  # asked without iterating: a DataLoader would draw from the RNG
         raise ValueError("find_anchor_lr: train_batches must be re-iterable (a list or a DataLoader): every trial "
                          "trains on the same batches")
@@ -171,10 +250,13 @@ def find_anchor_lr(
     unpack = unpack or default_unpack
     device = _model_device(model)
     exponents = torch.linspace(-decades, decades, num, dtype=torch.float64).tolist()
+    if num % 2:
+        exponents[num // 2] = 0.0  # the given rate itself, exactly
     rates = [given * 10.0**e for e in exponents]
     start = time.perf_counter()
     snap = TrainingSnapshot(model, optimizer)  # before a shuffling DataLoader draws from the RNG
     losses: list[float] = []
+    batch_losses: list[list[float]] = []
     try:
         eval_batches = [to_device(unpack(b), device) for b in islice(val_batches, max_eval_batches)]
         if not eval_batches:
@@ -190,26 +272,160 @@ def find_anchor_lr(
             for rate in rates:
                 if losses and not math.isfinite(losses[-1]):
                     break  # a smaller rate diverged: the larger ones are not tried
-                _set_rate(optimizer, rate, scales)
                 batches = _cycled(train_batches)
-                for _ in range(steps):
+                for i in range(steps):
+                    _set_rate(optimizer, rate * _trial_factor(trial_schedule, i, steps), scales)
                     trial._train_step(to_device(unpack(next(batches)), device))
                     bar.update(1)
-                value = trial.eval_loss()
-                losses.append(value if math.isfinite(value) and value <= limit else float("nan"))
+                per_batch = trial.eval_batch_losses()
+                value = sum(per_batch) / len(per_batch)
+                usable = math.isfinite(value) and value <= limit
+                losses.append(value if usable else float("nan"))
+                batch_losses.append(per_batch)
                 snap.restore()
     finally:
         snap.restore()
     trials_run = len(losses)
     losses += [float("nan")] * (num - trials_run)
-    usable = [(loss, rate) for loss, rate in zip(losses, rates, strict=True) if math.isfinite(loss)]
-    chosen = min(usable)[1] if usable else given
-    if not usable:
+    decision = _decide(rates, losses, batch_losses, given, confidence, start_loss, step_down)
+    chosen = decision.lr if decision.lr is not None else given
+    if decision.lr is None:
         warnings.warn(f"find_anchor_lr: every trial from lr={rates[0]:.3g} diverged; the lr is left at {given:.3g}",
                       stacklevel=2)
+    if decision.note:
+        warnings.warn(f"find_anchor_lr: {decision.note}", stacklevel=2)
     if apply and chosen != given:  # else the groups keep their lrs exactly
         _set_rate(optimizer, chosen, scales)
-    return AnchorResult(chosen, given, rates, losses, start_loss, steps, time.perf_counter() - start, trials_run)
+    return AnchorResult(chosen, given, rates, losses, start_loss, steps, time.perf_counter() - start, trials_run,
+                        decision.lowest, decision.t_statistics, decision.t_threshold, confidence, trial_schedule,
+                        batch_losses, decision.stepped_down_from, step_down)
+
+
+def _trial_factor(schedule: str, step: int, steps: int) -> float:
+    """The trial rate's multiplier at ``step`` of ``steps``."""
+    if schedule == "constant":
+        return 1.0
+    return 0.5 * (1.0 + math.cos(math.pi * step / steps))  # CosineAnnealingLR(T_max=steps) from 1 towards 0
+
+
+@dataclass
+class _Decision:
+    lr: float | None  # None: no usable trial
+    lowest: float | None = None
+    t_statistics: list[float | None] | None = None
+    t_threshold: float | None = None
+    stepped_down_from: float | None = None  # the rate the choice stepped down from (its larger neighbour failed)
+    note: str = ""  # why the test could not be made (warned)
+
+
+def _check_confidence(confidence: float) -> None:
+    if isinstance(confidence, bool) or not (isinstance(confidence, (int, float)) and 0 <= confidence < 1):
+        raise ValueError(f"confidence must be in [0, 1) (0: take the lowest loss), got {confidence!r}")
+
+
+def _decide(rates: list[float], losses: list[float], batch_losses: list[list[float]], given: float,
+            confidence: float, start_loss: float, step_down: bool = True) -> _Decision:
+    """Which rate to anchor on (``rates`` ascending; trials past a diverged one did not run).
+
+    1. Within noise: the rate with the lowest held-out loss, and every usable rate whose loss is
+       not clearly above it (a one-sided paired t-test over the evaluation batches at
+       ``confidence``; with ``confidence`` 0, the lowest alone).
+    2. Of those, the one nearest the given rate (on a log scale; a tie goes to the smaller):
+       the given rate stays unless another is clearly better, and a move goes no further than
+       the trials' noise lets it tell apart.
+    3. With ``step_down``: if the next larger rate failed (diverged, or made less than
+       ``FAILED_PROGRESS`` of the best trial's progress from ``start_loss``), the choice sits at
+       the edge of stability, where a run several times longer than the trial can tip over: it
+       steps down to the next smaller rate.
+    """
+    usable = [i for i, loss in enumerate(losses) if math.isfinite(loss)]
+    if not usable:
+        return _Decision(None)
+    best = min(usable, key=lambda i: losses[i])
+    decision = _Decision(rates[best], rates[best])
+    candidates = [best]
+    if confidence > 0 and len(usable) > 1:
+        if len(batch_losses[best]) < 2:
+            decision.note = ("one held-out batch gives no noise estimate, so the lowest loss is taken untested; pass "
+                             "at least 2 val_batches")
+        else:
+            decision.t_threshold = t_quantile(confidence, len(batch_losses[best]) - 1)
+            decision.t_statistics = [None] * len(rates)
+            for i in usable:
+                if i != best:
+                    t = paired_t(_paired_differences(batch_losses[i], batch_losses[best]))
+                    decision.t_statistics[i] = t
+                    if t <= decision.t_threshold:
+                        candidates.append(i)
+    i = min(candidates, key=lambda j: (abs(math.log(rates[j] / given)), rates[j]))
+    progress = start_loss - losses[best]
+    failed = i + 1 < len(rates) and (not math.isfinite(losses[i + 1])
+                                     or start_loss - losses[i + 1] < FAILED_PROGRESS * progress)
+    if step_down and progress > 0 and failed and i > 0 and math.isfinite(losses[i - 1]):
+        decision.stepped_down_from, i = rates[i], i - 1
+    decision.lr = rates[i]
+    return decision
+
+
+def _paired_differences(other: list[float], lowest: list[float]) -> list[float]:
+    """Per batch, how much higher another rate's loss is than the lowest rate's: as a log ratio
+    when every loss is positive (batches of different difficulty count alike), else as a difference."""
+    if all(v > 0 for v in other + lowest):
+        return [math.log(a) - math.log(b) for a, b in zip(other, lowest, strict=True)]
+    return [a - b for a, b in zip(other, lowest, strict=True)]
+
+
+def paired_t(diffs: list[float]) -> float:
+    """The t statistic of the mean of ``diffs`` (at least 2) against 0: ``mean / (sd / sqrt(n))``
+    (``+-inf`` for identical nonzero diffs, 0 for all zero)."""
+    n = len(diffs)
+    mean = sum(diffs) / n
+    var = sum((d - mean) ** 2 for d in diffs) / (n - 1)
+    if var == 0:
+        return 0.0 if mean == 0 else math.copysign(math.inf, mean)
+    return mean / math.sqrt(var / n)
+
+
+def t_cdf(t: float, dof: int) -> float:
+    """Student's t distribution function for a whole ``dof`` >= 1 (closed form: Abramowitz and
+    Stegun 26.7.3 and 26.7.4), so the library needs no scipy."""
+    if dof < 1:
+        raise ValueError(f"dof must be >= 1, got {dof}")
+    if math.isinf(t):
+        return 1.0 if t > 0 else 0.0
+    theta = math.atan(abs(t) / math.sqrt(dof))
+    c2, term = math.cos(theta) ** 2, 1.0
+    if dof % 2:  # A = 2/pi (theta + sin cos (1 + 2/3 cos^2 + 2*4/(3*5) cos^4 + ... up to cos^(dof-3)))
+        total = 1.0 if dof > 1 else 0.0
+        for k in range(1, (dof - 1) // 2):
+            term *= c2 * (2 * k) / (2 * k + 1)
+            total += term
+        a = 2 / math.pi * (theta + math.sin(theta) * math.cos(theta) * total)
+    else:  # A = sin (1 + 1/2 cos^2 + 1*3/(2*4) cos^4 + ... up to cos^(dof-2))
+        total = 1.0
+        for k in range(1, dof // 2):
+            term *= c2 * (2 * k - 1) / (2 * k)
+            total += term
+        a = math.sin(theta) * total
+    return 0.5 + 0.5 * a if t >= 0 else 0.5 - 0.5 * a
+
+
+def t_quantile(p: float, dof: int) -> float:
+    """The ``p``-quantile (``0.5 <= p < 1``) of Student's t with ``dof`` degrees of freedom, by bisection."""
+    if not 0.5 <= p < 1:
+        raise ValueError(f"p must be in [0.5, 1), got {p}")
+    lo, hi = 0.0, 1.0
+    while t_cdf(hi, dof) < p:
+        lo, hi = hi, 2 * hi
+    for _ in range(200):
+        mid = 0.5 * (lo + hi)
+        if t_cdf(mid, dof) < p:
+            lo = mid
+        else:
+            hi = mid
+        if hi - lo <= 1e-12 * hi:
+            break
+    return 0.5 * (lo + hi)
 
 
 def _refuse_autolr(optimizer: torch.optim.Optimizer) -> None:

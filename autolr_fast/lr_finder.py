@@ -321,21 +321,23 @@ class _Trial:
         return self.loss_fn(out, y)
 
     def eval_loss(self) -> float:
-        """Mean loss over the evaluation batches. Measuring must not change the trial: buffers
-        (BatchNorm running stats move in train mode) and the RNG (dropout) are put back."""
+        """Mean loss over the evaluation batches (see :meth:`eval_batch_losses`)."""
+        return sum(self.eval_batch_losses()) / len(self.eval_batches)
+
+    def eval_batch_losses(self) -> list[float]:
+        """The loss of each evaluation batch (under a process group: averaged across ranks).
+        Measuring must not change the trial: buffers (BatchNorm running stats move in train
+        mode) and the RNG (dropout) are put back."""
         buffers = [b.detach().clone() for b in self.model.buffers()]
         cuda = [self.device] if self.device.type == "cuda" else []
         with torch.random.fork_rng(devices=cuda), torch.no_grad():
-            total = torch.zeros((), device=self.device, dtype=torch.float32)
-            for xy in self.eval_batches:
-                total = total + self.forward_loss(xy).detach().float()
-            total = total / len(self.eval_batches)
+            losses = torch.stack([self.forward_loss(xy).detach().float().reshape(()) for xy in self.eval_batches])
             if self.dist_on:
-                total = mean_across_ranks(total)
-            value = float(total)
+                losses = mean_across_ranks(losses)
+            values = losses.tolist()  # one host read for all batches
             for b, saved in zip(self.model.buffers(), buffers, strict=True):
                 b.copy_(saved)
-        return value
+        return values
 
     def _train_step(self, xy) -> None:
         self.optimizer.zero_grad(set_to_none=True)

@@ -2,6 +2,8 @@
 
 import copy
 import math
+import os
+import random
 
 import pytest
 import torch
@@ -9,6 +11,9 @@ from conftest import same_nested
 from torch import nn
 
 from autolr_fast import AutoLR, MLRSNet, find_anchor_lr
+from autolr_fast.anchor_lr import _decide, paired_t, t_cdf, t_quantile
+
+SEED = int(os.environ.get("AUTOLR_FAST_TEST_SEED", int.from_bytes(os.urandom(4), "little")))
 
 
 def _regression(seed=0):
@@ -67,7 +72,8 @@ def test_moves_the_lr_towards_one_that_trains(case):
         opt = torch.optim.SGD(model.parameters(), lr=0.3, momentum=0.9)
     result = find_anchor_lr(model, opt, nn.functional.mse_loss, train, val, total_steps=600, progress=False)
     finite = [loss for loss in result.losses if math.isfinite(loss)]
-    assert result.losses[result.rates.index(result.lr)] == min(finite)
+    assert result.losses[result.rates.index(result.lowest_lr)] == min(finite)
+    assert result.lr == result.lowest_lr, "a rate 10x off loses clearly"
     if case == "too small (adam)":
         assert result.lr > 1e-4
     else:
@@ -163,9 +169,229 @@ def test_bad_arguments_say_what_to_do():
         find_anchor_lr(model, opt, loss, train, [], trial_steps=3, progress=False)
     with pytest.raises(ValueError, match="fraction"):
         find_anchor_lr(model, opt, loss, train, val, total_steps=100, fraction=0.0, progress=False)
+    with pytest.raises(ValueError, match="trial_schedule"):
+        find_anchor_lr(model, opt, loss, train, val, trial_steps=3, trial_schedule="linear", progress=False)
+    for confidence in (1.0, -0.1, float("nan")):
+        with pytest.raises(ValueError, match="confidence"):
+            find_anchor_lr(model, opt, loss, train, val, trial_steps=3, confidence=confidence, progress=False)
+    with pytest.raises(ValueError, match="num"):
+        find_anchor_lr(model, opt, loss, train, val, trial_steps=3, num=2.5, progress=False)
     frozen = torch.optim.SGD(model.parameters(), lr=0.0)
     with pytest.raises(ValueError, match="lr 0"):
         find_anchor_lr(model, frozen, loss, train, val, trial_steps=3, progress=False)
     AutoLR(opt, MLRSNet(hidden_size=16))
     with pytest.raises(RuntimeError, match="already drives"):
         find_anchor_lr(model, opt, loss, train, val, trial_steps=3, progress=False)
+
+
+def test_t_distribution_matches_scipy_on_random_points():
+    """The closed-form t distribution function and its bisection quantile (the library needs no
+    scipy) against scipy's, at random points and degrees of freedom."""
+    stats = pytest.importorskip("scipy.stats")
+    rng = random.Random(SEED)
+    for _ in range(200):
+        dof = rng.choice([1, 2, 3, 4]) if rng.random() < 0.3 else rng.randint(1, 300)
+        x = rng.uniform(-8, 8)
+        p = rng.uniform(0.5, 0.9999)
+        where = f"dof {dof}, x {x}, p {p} (rerun with AUTOLR_FAST_TEST_SEED={SEED})"
+        assert t_cdf(x, dof) == pytest.approx(stats.t.cdf(x, dof), abs=1e-10), where
+        assert t_quantile(p, dof) == pytest.approx(stats.t.ppf(p, dof), rel=1e-8, abs=1e-10), where
+
+
+def test_paired_t_known_values():
+    assert paired_t([1.0, 2.0, 3.0]) == pytest.approx(2.0 / (1.0 / math.sqrt(3)))
+    assert paired_t([0.5, 0.5]) == math.inf and paired_t([-0.5, -0.5]) == -math.inf
+    assert paired_t([0.0, 0.0, 0.0]) == 0.0
+    assert t_quantile(0.5, 7) == pytest.approx(0.0, abs=1e-9)
+    assert t_quantile(0.95, 1) == pytest.approx(6.313751514675, rel=1e-9)  # the one-sided 95 % table value
+
+
+RATES = [0.1, 0.3, 1.0, 3.0, 10.0]
+
+
+def _losses(batches):
+    return [sum(b) / len(b) for b in batches]
+
+
+def test_the_given_rate_stays_unless_another_is_clearly_better():
+    """Rates within the noise of the lowest (paired t-test over the batches) are candidates; the
+    one nearest the given rate wins, so the given rate stays when it is one of them."""
+    given_b = [1.00, 0.80, 1.20, 0.90]
+    clear = [[1.5] * 4, [1.5] * 4, given_b, [v - 0.10 for v in given_b], [1.6] * 4]  # 3.0 lower on every batch
+    d = _decide(RATES, _losses(clear), clear, 1.0, 0.95, start_loss=2.0)
+    assert d.lr == 3.0 and d.lowest == 3.0 and d.stepped_down_from is None
+    assert d.t_statistics[2] > d.t_threshold and d.t_statistics[3] is None, "the lowest is not tested against itself"
+    noisy = [[1.5] * 4, [1.5] * 4, given_b, [0.70, 1.00, 1.00, 1.15], [1.6] * 4]  # lower on average, not clearly
+    d = _decide(RATES, _losses(noisy), noisy, 1.0, 0.95, start_loss=2.0)
+    assert d.lowest == 3.0 and d.lr == 1.0 and d.t_statistics[2] <= d.t_threshold
+    assert _decide(RATES, _losses(noisy), noisy, 1.0, 0.0, 2.0).lr == 3.0, "confidence 0: the lowest, untested"
+
+
+def test_a_move_goes_only_as_far_as_the_noise_lets_it_tell_rates_apart():
+    """The lowest is 10x, 3x is within its noise and the given rate is clearly worse: 3x, the
+    candidate nearest the given rate. Given a rate between the trials, the nearest on a log scale."""
+    base = [1.0, 0.8, 1.2, 0.9]
+    trials = [[2 * v for v in base], [1.8 * v for v in base], [1.5 * v for v in base], base,
+              [0.70, 1.00, 1.00, 1.15]]  # 10.0 lowest, 3.0 within its noise
+    d = _decide(RATES, _losses(trials), trials, 1.0, 0.95, start_loss=3.0)
+    assert d.lowest == 10.0 and d.lr == 3.0 and d.t_statistics[3] <= d.t_threshold < d.t_statistics[2]
+    assert _decide(RATES, _losses(trials), trials, 5.0, 0.95, 3.0).lr == 3.0, "|log 3/5| < |log 10/5|"
+    assert _decide(RATES, _losses(trials), trials, 30.0, 0.95, 3.0).lr == 10.0
+
+
+def test_the_paired_test_compares_batches_relatively_when_losses_are_positive():
+    """Batches of very different difficulty: 10 % lower on each is clear as a log ratio, though the
+    absolute differences spread over two orders of magnitude; with a negative loss the plain
+    differences are used, and the same numbers are then within noise."""
+    given_b = [0.01, 0.1, 1.0, 3.0]
+    far = [10 * v for v in given_b]
+    better = [far, far, given_b, [0.9 * v for v in given_b], far]
+    d = _decide(RATES, _losses(better), better, 1.0, 0.95, start_loss=50.0)
+    assert d.lr == 3.0 and d.t_statistics[2] > 1e6
+    shifted = [[v - 1.0 for v in b] for b in better]  # the same losses minus 1: some negative
+    d = _decide(RATES, _losses(shifted), shifted, 1.0, 0.95, start_loss=49.0)
+    assert d.lr == 1.0 and d.lowest == 3.0 and 0 < d.t_statistics[2] <= d.t_threshold
+
+
+def test_a_choice_next_to_a_failed_rate_steps_down_from_the_edge_of_stability():
+    """The rate above the one the losses pick diverged or went nowhere (a network stuck at chance):
+    the choice steps down one rate; not below the smallest, and not when no trial made progress."""
+    def trials(values):
+        return [[v, v] for v in values]
+    stuck = trials([1.6, 1.2, 0.9, 0.55, 2.3])  # 10.0 ends where it started (start 2.3)
+    d = _decide(RATES, _losses(stuck), stuck, 1.0, 0.0, start_loss=2.3)
+    assert d.lowest == 3.0 and d.lr == 1.0 and d.stepped_down_from == 3.0
+    slow = trials([1.6, 1.2, 0.9, 0.55, 1.4])  # 10.0 made half the best trial's progress: not failed
+    assert _decide(RATES, _losses(slow), slow, 1.0, 0.0, 2.3).lr == 3.0
+    diverged = trials([1.0, 0.8, 0.6]) + [[float("nan")] * 2] * 2  # the given rate is lowest, 3.0 diverged
+    losses = _losses(diverged[:3]) + [float("nan")] * 2
+    d = _decide(RATES, losses, diverged, 1.0, 0.95, start_loss=2.3)
+    assert d.lr == 0.3 and d.stepped_down_from == 1.0
+    smallest = trials([0.5]) + [[float("nan")] * 2] * 4
+    assert _decide(RATES, [0.5] + [float("nan")] * 4, smallest, 1.0, 0.95, 2.3).lr == 0.1, "nothing smaller"
+    none = trials([2.4, 2.5, 2.6, 2.7, 2.8])  # no trial improved on the start
+    assert _decide(RATES, _losses(none), none, 1.0, 0.0, 2.3).stepped_down_from is None
+
+
+def test_a_given_rate_that_diverged_or_a_single_batch_takes_the_lowest_untested():
+    batches = [[1.0, 1.1], [0.9, 0.95], [float("nan")] * 2]
+    losses = _losses(batches)[:2] + [float("nan")] * 3
+    d = _decide(RATES, losses, batches, 1.0, 0.95, 2.0)
+    assert d.lowest == 0.3 and d.t_statistics[2] is None, "the given rate diverged: nothing to test"
+    assert d.lr == 0.1 and d.stepped_down_from == 0.3, "and 0.3 sits next to the diverged given rate"
+    one = [[1.0], [0.9], [1.2], [1.3], [1.4]]
+    d = _decide(RATES, _losses(one), one, 1.0, 0.95, 2.0)
+    assert d.lr == 0.3 and "2 val_batches" in d.note and d.t_statistics is None
+    assert _decide(RATES, [float("nan")] * 5, [[float("nan")]] * 5, 1.0, 0.95, 2.0).lr is None
+
+
+def _recording(opt):
+    seen = []
+    opt.register_step_pre_hook(lambda o, args, kwargs: seen.append(o.param_groups[0]["lr"]))
+    return seen
+
+
+@pytest.mark.parametrize("schedule", ["cosine", "constant"])
+def test_each_trial_follows_its_schedule(schedule):
+    """A cosine trial anneals each rate from itself towards 0 as CosineAnnealingLR(T_max=steps)
+    would; a constant one holds it."""
+    train, val = _regression()
+    model = nn.Sequential(nn.Linear(10, 1))
+    opt = torch.optim.SGD(model.parameters(), lr=1e-2)
+    seen = _recording(opt)
+    result = find_anchor_lr(model, opt, nn.functional.mse_loss, train, val, trial_steps=8, apply=False,
+                            trial_schedule=schedule, progress=False)
+    expected = []
+    for rate in result.rates:
+        reference = torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=rate)
+        cosine = torch.optim.lr_scheduler.CosineAnnealingLR(reference, T_max=8)
+        for _ in range(8):
+            expected.append(reference.param_groups[0]["lr"] if schedule == "cosine" else rate)
+            reference.step()
+            cosine.step()
+    assert seen == pytest.approx(expected, rel=1e-12)
+    assert result.trial_schedule == schedule and f"({schedule})" in result.table()
+    assert opt.param_groups[0]["lr"] == 1e-2
+
+
+def test_confidence_is_wired_to_the_choice():
+    """A rate 10x too small: the test lets a clearly better rate through; a confidence so high
+    that 2 held-out batches tell nothing apart keeps the given lr, and the table says why."""
+    train, val = _regression()
+    results = {}
+    for confidence in (0.0, 0.95, 0.999999):
+        model = nn.Sequential(nn.Linear(10, 32), nn.Tanh(), nn.Linear(32, 1))
+        torch.manual_seed(0)
+        opt = torch.optim.Adam(model.parameters(), lr=1e-4)
+        results[confidence] = find_anchor_lr(model, opt, nn.functional.mse_loss, train, val, trial_steps=100,
+                                             confidence=confidence, progress=False)
+        assert opt.param_groups[0]["lr"] == results[confidence].lr
+    assert results[0.0].lr == results[0.0].lowest_lr > 1e-4 and results[0.0].t_statistics is None
+    assert results[0.95].lr > 1e-4
+    kept = results[0.999999]
+    assert kept.lr == 1e-4 and kept.lowest_lr > 1e-4 and kept.t_statistics[kept.rates.index(1e-4)] <= kept.t_threshold
+    assert "nearest the given rate" in kept.table() and kept.to_dict()["t_threshold"] == kept.t_threshold
+
+
+def test_a_single_held_out_batch_warns_that_the_choice_is_untested():
+    train, val = _regression()
+    model = nn.Sequential(nn.Linear(10, 32), nn.Tanh(), nn.Linear(32, 1))
+    opt = torch.optim.Adam(model.parameters(), lr=1e-4)
+    with pytest.warns(UserWarning, match="at least 2 val_batches"):
+        result = find_anchor_lr(model, opt, nn.functional.mse_loss, train, val[:1], trial_steps=50, progress=False)
+    assert result.lr == result.lowest_lr != 1e-4 and result.t_statistics is None
+
+
+def test_choose_replays_other_rules_on_the_same_trials():
+    """``choose()`` with the result's own rule gives its choice; with no test and no step-down,
+    the lowest loss; ``step_down=False`` in the call matches the replay."""
+    train, val = _regression()
+    model = nn.Sequential(nn.Linear(10, 32), nn.Tanh(), nn.Linear(32, 1))
+    opt = torch.optim.SGD(model.parameters(), lr=0.3, momentum=0.9)  # the larger rates diverge
+    result = find_anchor_lr(model, opt, nn.functional.mse_loss, train, val, trial_steps=50, apply=False,
+                            progress=False)
+    assert result.choose() == result.lr
+    assert result.choose(confidence=0, step_down=False) == result.lowest_lr
+    raw = find_anchor_lr(model, opt, nn.functional.mse_loss, train, val, trial_steps=50, apply=False,
+                         step_down=False, progress=False)
+    assert repr(raw.batch_losses) == repr(result.batch_losses), "the same trials (repr: NaN-safe)"
+    assert raw.lr == result.choose(step_down=False) and not raw.step_down
+    if result.stepped_down_from is not None:
+        assert result.lr < result.stepped_down_from and raw.stepped_down_from is None
+    with pytest.raises(ValueError, match="confidence"):
+        result.choose(confidence=1.5)
+
+
+def _ddp_worker(rank, world, init_file, out_dir):
+    import torch.distributed as dist
+
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
+    try:
+        train, val = _regression(seed=rank)  # different data per rank, the same weights
+        torch.manual_seed(0)
+        model = nn.Sequential(nn.Linear(10, 16), nn.Tanh(), nn.Linear(16, 1))
+        opt = torch.optim.Adam(model.parameters(), lr=1e-4)
+        res = find_anchor_lr(model, opt, nn.functional.mse_loss, train, val, trial_steps=20, progress=False)
+        torch.save(res.to_dict(), f"{out_dir}/r{rank}.pt")
+    finally:
+        dist.destroy_process_group()
+
+
+def test_distributed_ranks_decide_alike_on_the_held_out_losses_of_all_ranks(tmp_path):
+    """Each rank holds other held-out batches; their per-batch losses are averaged across ranks,
+    so every rank sees the same losses, makes the same decision and writes the same lr."""
+    import torch.multiprocessing as mp
+
+    dist = pytest.importorskip("torch.distributed")
+    if not dist.is_available():
+        pytest.skip("torch.distributed is not available in this build")
+    mp.spawn(_ddp_worker, args=(2, str(tmp_path / "init"), str(tmp_path)), nprocs=2, join=True)
+    a, b = (torch.load(tmp_path / f"r{r}.pt", weights_only=False) for r in (0, 1))
+    assert repr(a["batch_losses"]) == repr(b["batch_losses"]) and a["lr"] == b["lr"]
+    assert a["t_statistics"] == b["t_statistics"]
+    train, val = _regression(seed=0)
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(10, 16), nn.Tanh(), nn.Linear(16, 1))
+    alone = find_anchor_lr(model, torch.optim.Adam(model.parameters(), lr=1e-4), nn.functional.mse_loss, train, val,
+                           trial_steps=20, apply=False, progress=False)
+    assert alone.start_loss != a["start_loss"], "rank 0 alone differs: the ranks really averaged"

@@ -1,0 +1,91 @@
+"""anchor-ablation: find_anchor_lr's rules replayed on the same trials and scored by full cosine
+runs; the scoring on known numbers, the new tasks, and the quick command end to end."""
+
+import json
+import math
+
+import pytest
+import torch
+
+from autolr_experiments import anchor_ablation, baselines
+from autolr_experiments.anchor_ablation import EXPONENTS, RULES, score_task, summarize
+from autolr_experiments.compare import task_settings
+from autolr_experiments.tasks import get_task
+from autolr_experiments.training import RunSpec, make_optimizer
+
+
+def _choices(pick):
+    return {0: {rule.name: pick(rule) for rule in RULES}}
+
+
+def test_scoring_gaps_close_and_worse_than_default():
+    """Classification: the gap is in points to the best grid rate; a choice below the default
+    rate's accuracy is worse than the default. Regression: the gap is the loss ratio; a
+    diverged rate is never close."""
+    acc = {(0, e): v for e, v in zip(EXPONENTS, [0.50, 0.80, 0.90, 0.952, 0.10], strict=True)}
+    scored = score_task("t", True, acc, _choices(lambda r: 0.5 if r.schedule == "cosine" else -0.5))
+    assert scored["best_exponent"] == 0.5 and scored["default"] == 0.90
+    cosine, constant = scored["rules"][RULES[1].name], scored["rules"][RULES[0].name]
+    assert cosine["gap"] == pytest.approx(0.0) and cosine["close"] and not cosine["worse_than_default"]
+    assert constant["gap"] == pytest.approx(-15.2) and not constant["close"] and constant["worse_than_default"]
+    loss = {(0, e): v for e, v in zip(EXPONENTS, [2.0, 1.05, 1.0, float("nan"), float("nan")], strict=True)}
+    scored = score_task("r", False, loss, _choices(lambda r: 0.5 if r.step_down else -0.5))
+    assert scored["best"] == 1.0
+    near, diverged = scored["rules"][RULES[1].name], scored["rules"][RULES[3].name]
+    assert near["gap"] == pytest.approx(1.05) and near["close"] and near["worse_than_default"]
+    assert diverged["gap"] == math.inf and not diverged["close"] and diverged["worse_than_default"]
+    summary = summarize([scored])
+    assert summary[RULES[1].name]["held-out"]["tasks"] == 1, "a task in no list counts as held out"
+    assert summary[RULES[1].name]["all"] == {"tasks": 1, "close": 1, "worse_than_default": 1}
+
+
+@pytest.mark.parametrize("name", ["cancer-mlp", "wine-mlp", "digits-dropout-mlp", "mnist1d-cnn-adam",
+                                  "markov-gru-sgd", "markov-attn", "friedman3-mlp", "moons-mlp",
+                                  "noisy-classes-mlp", "markov-lstm", "mnist1d-mlp-adamw", "circles-mlp",
+                                  "friedman2-mlp"])
+def test_new_tasks_build_train_a_step_and_have_settings(name):
+    task = get_task(name)
+    epochs, batch_size = task_settings(name)
+    assert epochs > 0 and task.steps_per_epoch(batch_size) > 5
+    torch.manual_seed(0)
+    model = task.make_model()
+    x, y = next(task.batches(batch_size, seed=0))
+    loss = task.loss_fn(model(x), y)
+    loss.backward()
+    assert math.isfinite(float(loss.detach())) and all(p.grad is not None for p in model.parameters())
+    assert task.is_classification == (task.num_classes is not None)
+    assert set(anchor_ablation.SEEN_TASKS + anchor_ablation.HELD_OUT_TASKS) >= {name}
+
+
+def test_quick_command_end_to_end_and_the_default_rule_matches_find_anchor_lr(tmp_path, monkeypatch):
+    """The quick run writes its table, JSON and plot; the replayed default rule chooses what
+    find_anchor_lr at its defaults chooses on the same trials."""
+    assert anchor_ablation.main(["--quick", "--out", str(tmp_path), "--no-progress"]) == 0
+    doc = json.loads((tmp_path / "anchor_ablation.json").read_text())
+    earlier = anchor_ablation.earlier_references(tmp_path / "anchor_ablation.json")
+    assert len(earlier) == len(anchor_ablation.QUICK_TASKS) * len(EXPONENTS), "every reference run, for --resume"
+
+    def no_reference_run(job):
+        raise AssertionError(f"--resume ran {job} again")
+
+    with monkeypatch.context() as m:
+        m.setattr(anchor_ablation, "run_one", no_reference_run)
+        assert anchor_ablation.main(["--quick", "--out", str(tmp_path), "--no-progress", "--resume"]) == 0
+    assert json.loads((tmp_path / "anchor_ablation.json").read_text())["tasks"] == doc["tasks"]
+    md = (tmp_path / "anchor_ablation.md").read_text()
+    assert (tmp_path / "anchor_ablation.png").stat().st_size > 1000
+    assert [t["task"] for t in doc["tasks"]] == anchor_ablation.QUICK_TASKS
+    assert set(doc["summary"]) == {r.name for r in RULES} and "## Per task" in md
+    default_rule = RULES[-1]
+    assert (default_rule.schedule, default_rule.confidence, default_rule.step_down) == ("cosine", 0.95, True)
+    task = anchor_ablation.QUICK_TASKS[0]
+    epochs, batch_size = anchor_ablation.QUICK_EPOCHS, task_settings(task)[1]
+    replayed_trials = anchor_ablation.trials(task, 0, epochs, batch_size, "cosine")
+    t = get_task(task)
+    torch.manual_seed(0)
+    model = t.make_model()
+    spec = RunSpec(t, model, None, epochs, t.steps_per_epoch(batch_size), 0, batch_size)
+    found = baselines.anchor_trials(spec, make_optimizer(model, t.optim), apply=False)
+    assert repr(found.batch_losses) == repr(replayed_trials.batch_losses), "the same trials"
+    replayed = next(x for x in doc["tasks"] if x["task"] == task)["rules"][default_rule.name]["choices"][0]
+    assert replayed == round(2 * math.log10(found.lr / found.given_lr)) / 2

@@ -48,7 +48,7 @@ from autolr_fast.anchor_lr import AnchorResult
 from . import baselines
 from .compare import DEFAULT_TASKS, Job, machine_info, run_one, task_settings
 from .report import markdown_table, plt, save_figure, strict_json
-from .tasks import get_task, task_optimizer
+from .tasks import available_tasks, get_task, task_optimizer
 from .training import RunSpec, make_optimizer
 
 DESIGN_TASKS = list(DEFAULT_TASKS)
@@ -88,9 +88,10 @@ def group_of(task: str) -> str:
     return "seen" if task in SEEN_TASKS else "held-out"
 
 
-def _exponent(lr: float, default: float) -> float:
-    """The grid exponent of ``lr`` (a multiple of 0.5)."""
-    return round(2 * math.log10(lr / default)) / 2
+def _exponent(lr: float, default: float) -> float | None:
+    """The grid exponent of ``lr`` (a multiple of 0.5), None when ``lr`` is not on that grid."""
+    half_decades = 2 * math.log10(lr / default)
+    return round(half_decades) / 2 if abs(half_decades - round(half_decades)) < 1e-6 else None
 
 
 # ------------------------------------------------------------------------------------------------
@@ -170,6 +171,9 @@ def score_task(task: str, classification: bool, reference: dict, choices: dict[i
     seeds = sorted(choices)
     grid = {e: statistics.fmean(reference[(s, e)] for s in seeds) for e in EXPONENTS}
     finite = {e: v for e, v in grid.items() if math.isfinite(v)}
+    if not finite:
+        raise ValueError(f"{task}: cosine diverged at every grid rate on every seed; there is no best rate to score "
+                         "the rules against")
     best_e = (max if classification else min)(finite, key=finite.get)
     best, default = grid[best_e], grid[0.0]
     rules = {}
@@ -294,6 +298,11 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     tasks = args.tasks or (QUICK_TASKS if args.quick else DESIGN_TASKS + SEEN_TASKS + HELD_OUT_TASKS)
+    unknown = [t for t in tasks if t not in available_tasks()]
+    if unknown:
+        raise SystemExit(f"unknown task(s) {unknown}; available: {', '.join(available_tasks())}")
+    if args.seeds < 1:
+        raise SystemExit(f"--seeds must be at least 1, got {args.seeds}")
     seeds = 1 if args.quick else args.seeds
     recorded = recorded_references(args.compare)
     if args.resume:

@@ -7,12 +7,13 @@ Public API (nothing else is exported):
 * controllers: :class:`MLRSNet`, :class:`ActionController`, :class:`Controller` (the interface
   ``AutoLR`` needs), :func:`load_pretrained`, :func:`load_controller`, :func:`save_controller`;
 * :func:`find_lr`: the learning-rate range test; :func:`find_anchor_lr`: the ``lr`` for
-  ``AutoLR`` to anchor on, from short trials scored on held-out data;
+  ``AutoLR`` to anchor on, from short trials scored on held-out data (it returns an
+  :class:`AnchorResult`);
 * :func:`export` / :func:`load`: TorchScript + the C runtime's weights file;
 * :func:`auto_gamma` (the published scale rule) and :func:`backend_info` (what is built).
 """
 
-from .anchor_lr import find_anchor_lr
+from .anchor_lr import AnchorResult, find_anchor_lr
 from .controllers import (
     ActionController,
     Controller,
@@ -32,6 +33,7 @@ __version__ = "0.1.0"
 
 __all__ = [
     "ActionController",
+    "AnchorResult",
     "AutoLR",
     "Controller",
     "MLRSNet",

@@ -28,7 +28,7 @@ from __future__ import annotations
 import math
 import time
 import warnings
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from itertools import islice
 from typing import Any
@@ -60,6 +60,8 @@ DEFAULT_MAX_EVAL_BATCHES = 16
 #: rates whose held-out loss a one-sided paired t-test over the evaluation batches cannot tell
 #: from the lowest at this confidence are within noise of it (the one nearest the given lr wins)
 DEFAULT_CONFIDENCE = 0.95
+#: the largest confidence accepted (the t quantile's bisection is accurate to about 1e-9 there)
+MAX_CONFIDENCE = 0.9999
 #: a trial failed if it made less than this fraction of the best trial's progress from the
 #: held-out loss at call time (a network stuck at chance, a loss that went nowhere)
 FAILED_PROGRESS = 0.1
@@ -91,8 +93,11 @@ class AnchorResult:
     batch_losses: list[list[float]] | None = None  # per trial, the loss of each held-out batch
     #: set when the next larger rate than the one the losses picked failed: the choice stepped
     #: down from this rate, away from the edge of stability
-    stepped_down_from: float | None = None
+    stepped_down_from: float | None = None  # an absolute rate, as ``lr`` and ``rates``
     step_down: bool = True
+    #: per held-out batch, its weight in the means and the test: its number of samples
+    batch_weights: list[float] | None = None
+    note: str = ""  # why the test was not made (also warned), when it was not
 
     @property
     def cost_steps(self) -> int:
@@ -111,9 +116,23 @@ class AnchorResult:
         _check_confidence(confidence)
         if self.batch_losses is None:
             raise ValueError("choose() needs the per-batch held-out losses (batch_losses) of the trials")
-        decision = _decide(self.rates, self.losses, self.batch_losses, self.given_lr, confidence, self.start_loss,
-                           step_down)
+        decision = _decide(self.rates, self.losses, self.batch_losses, self.batch_weights, self.given_lr, confidence,
+                           self.start_loss, step_down)
         return self.given_lr if decision.lr is None else decision.lr
+
+    @classmethod
+    def from_dict(cls, d: dict) -> AnchorResult:
+        """The result :meth:`to_dict` wrote, also after strict JSON (``None`` for NaN): ``choose()``
+        works on it."""
+        def nan(v):
+            return float("nan") if v is None else v
+
+        fields = {k: v for k, v in d.items() if k in cls.__dataclass_fields__}
+        fields["losses"] = [nan(v) for v in d["losses"]]
+        fields["start_loss"] = nan(d["start_loss"])
+        if d.get("batch_losses") is not None:
+            fields["batch_losses"] = [[nan(v) for v in b] for b in d["batch_losses"]]
+        return cls(**fields)
 
     def to_dict(self) -> dict:
         return {"lr": self.lr, "given_lr": self.given_lr, "factor": self.factor, "rates": self.rates,
@@ -122,7 +141,7 @@ class AnchorResult:
                 "lowest_lr": self.lowest_lr, "t_statistics": self.t_statistics, "t_threshold": self.t_threshold,
                 "confidence": self.confidence, "trial_schedule": self.trial_schedule,
                 "batch_losses": self.batch_losses, "stepped_down_from": self.stepped_down_from,
-                "step_down": self.step_down}
+                "step_down": self.step_down, "batch_weights": self.batch_weights, "note": self.note}
 
     def table(self) -> str:
         """Markdown: one row per rate tried (its held-out loss, its t statistic against the lowest,
@@ -141,14 +160,21 @@ class AnchorResult:
                 t_cell, within = f"{t:.3g}", "yes" if t <= self.t_threshold else ""
             lines.append(f"| {rate:.3g} | {rate / self.given_lr:.3g} | {shown} | {t_cell} | {within} "
                          f"| {'yes' if rate == self.lr else ''} |")
+        if self.lowest_lr is None:
+            lines += ["", f"No trial was usable: the lr is left at {self.given_lr:.3g}."]
         if tested:
             n = len(self.batch_losses[0])
             lines += ["", f"Within noise: paired t over {n} held-out batches at most {self.t_threshold:.3g} "
                           f"(one-sided, confidence {self.confidence:g}); the chosen rate is the one of those "
                           "nearest the given rate."]
+        if self.note:
+            lines += ["", f"Not tested: {self.note}."]
         if self.stepped_down_from is not None:
+            i = self.rates.index(self.lr)
+            beyond = (tested and self.t_statistics[i] is not None and self.t_statistics[i] > self.t_threshold)
             lines += ["", f"The next larger rate than {self.stepped_down_from:.3g} failed, so the choice steps down to "
-                          f"{self.lr:.3g}, away from the edge of stability."]
+                          f"{self.lr:.3g}, away from the edge of stability"
+                          + (" (though its held-out loss is clearly above the lowest)." if beyond else ".")]
         return "\n".join(lines)
 
 
@@ -218,8 +244,11 @@ def find_anchor_lr(
         confidence: the rates whose held-out loss a one-sided paired t-test over the evaluation
             batches cannot tell from the lowest at this confidence are within noise of it; the
             one nearest the given ``lr`` is chosen (the given ``lr`` itself when it is one of
-            them). ``0``: the lowest, whatever the margin. The test needs at least 2 evaluation
-            batches; with one, the lowest is taken (warned).
+            them). ``0``: the lowest, whatever the margin; else at least 0.5 and at most
+            ``MAX_CONFIDENCE``. The test needs at least 2 evaluation batches; with one, the
+            lowest is taken (warned). Batches count by their number of samples (a short last
+            batch counts less). With an even ``num`` the given ``lr`` is not among the trials;
+            the candidate nearest it is chosen, a tie going to the smaller rate.
         step_down: when the next larger rate than the choice diverged or made less than a tenth
             of the best trial's progress, the choice is at the edge of stability, where a run
             several times longer than a trial can tip over: it steps down to the next smaller
@@ -264,7 +293,8 @@ def find_anchor_lr(
         snap.restore_rng()
         trial = _Trial(model, optimizer, loss_fn, "steps", train_batches, None, eval_batches, unpack, device,
                        is_distributed(distributed))
-        start_loss = trial.eval_loss()
+        weights = [float(_batch_size(xy)) for xy in eval_batches]
+        start_loss = _weighted_mean(trial.eval_batch_losses(), weights)
         if not math.isfinite(start_loss):
             raise ValueError(f"the held-out loss at call time is {start_loss}; find_anchor_lr needs a finite one")
         limit = start_loss + 0.5 * abs(start_loss)
@@ -278,7 +308,7 @@ def find_anchor_lr(
                     trial._train_step(to_device(unpack(next(batches)), device))
                     bar.update(1)
                 per_batch = trial.eval_batch_losses()
-                value = sum(per_batch) / len(per_batch)
+                value = _weighted_mean(per_batch, weights)
                 usable = math.isfinite(value) and value <= limit
                 losses.append(value if usable else float("nan"))
                 batch_losses.append(per_batch)
@@ -287,18 +317,32 @@ def find_anchor_lr(
         snap.restore()
     trials_run = len(losses)
     losses += [float("nan")] * (num - trials_run)
-    decision = _decide(rates, losses, batch_losses, given, confidence, start_loss, step_down)
+    decision = _decide(rates, losses, batch_losses, weights, given, confidence, start_loss, step_down)
     chosen = decision.lr if decision.lr is not None else given
     if decision.lr is None:
-        warnings.warn(f"find_anchor_lr: every trial from lr={rates[0]:.3g} diverged; the lr is left at {given:.3g}",
-                      stacklevel=2)
+        warnings.warn(f"find_anchor_lr: the smallest rate tried, {rates[0]:.3g}, diverged, so no trial was usable; the "
+                      f"lr is left at {given:.3g}. Pass a smaller lr, or a larger decades", stacklevel=2)
     if decision.note:
         warnings.warn(f"find_anchor_lr: {decision.note}", stacklevel=2)
     if apply and chosen != given:  # else the groups keep their lrs exactly
         _set_rate(optimizer, chosen, scales)
     return AnchorResult(chosen, given, rates, losses, start_loss, steps, time.perf_counter() - start, trials_run,
                         decision.lowest, decision.t_statistics, decision.t_threshold, confidence, trial_schedule,
-                        batch_losses, decision.stepped_down_from, step_down)
+                        batch_losses, decision.stepped_down_from, step_down, weights, decision.note)
+
+
+def _batch_size(xy) -> int:
+    """Samples in an (inputs, targets) batch: the first dimension of the targets (else of the
+    inputs, or of the first tensor in a mapping of inputs); 1 when none has one."""
+    x, y = xy
+    for part in (y, x, *(x.values() if isinstance(x, Mapping) else ())):
+        if isinstance(part, Tensor) and part.dim() > 0:
+            return part.shape[0]
+    return 1
+
+
+def _weighted_mean(values: list[float], weights: list[float]) -> float:
+    return sum(w * v for w, v in zip(weights, values, strict=True)) / sum(weights)
 
 
 def _trial_factor(schedule: str, step: int, steps: int) -> float:
@@ -319,13 +363,17 @@ class _Decision:
 
 
 def _check_confidence(confidence: float) -> None:
-    if isinstance(confidence, bool) or not (isinstance(confidence, (int, float)) and 0 <= confidence < 1):
-        raise ValueError(f"confidence must be in [0, 1) (0: take the lowest loss), got {confidence!r}")
+    ok = (not isinstance(confidence, bool) and isinstance(confidence, (int, float))
+          and (confidence == 0 or 0.5 <= confidence <= MAX_CONFIDENCE))
+    if not ok:
+        raise ValueError(f"confidence must be 0 (take the lowest loss, untested) or in [0.5, {MAX_CONFIDENCE}] (e.g. "
+                         f"0.95), got {confidence!r}")
 
 
-def _decide(rates: list[float], losses: list[float], batch_losses: list[list[float]], given: float,
-            confidence: float, start_loss: float, step_down: bool = True) -> _Decision:
-    """Which rate to anchor on (``rates`` ascending; trials past a diverged one did not run).
+def _decide(rates: list[float], losses: list[float], batch_losses: list[list[float]], weights: list[float] | None,
+            given: float, confidence: float, start_loss: float, step_down: bool = True) -> _Decision:
+    """Which rate to anchor on (``rates`` ascending; trials past a diverged one did not run;
+    ``weights``: each held-out batch's weight, None for equal weights).
 
     1. Within noise: the rate with the lowest held-out loss, and every usable rate whose loss is
        not clearly above it (a one-sided paired t-test over the evaluation batches at
@@ -345,19 +393,24 @@ def _decide(rates: list[float], losses: list[float], batch_losses: list[list[flo
     decision = _Decision(rates[best], rates[best])
     candidates = [best]
     if confidence > 0 and len(usable) > 1:
-        if len(batch_losses[best]) < 2:
+        n = len(batch_losses[best])
+        if n < 2:
             decision.note = ("one held-out batch gives no noise estimate, so the lowest loss is taken untested; pass "
                              "at least 2 val_batches")
         else:
-            decision.t_threshold = t_quantile(confidence, len(batch_losses[best]) - 1)
+            weights = weights or [1.0] * n
+            relative = all(v > 0 for i in usable for v in batch_losses[i])  # one scale for every comparison
+            decision.t_threshold = _t_quantile(confidence, n - 1)
             decision.t_statistics = [None] * len(rates)
             for i in usable:
                 if i != best:
-                    t = paired_t(_paired_differences(batch_losses[i], batch_losses[best]))
+                    diffs = _paired_differences(batch_losses[i], batch_losses[best], relative)
+                    t = _paired_t(diffs, weights)
                     decision.t_statistics[i] = t
                     if t <= decision.t_threshold:
                         candidates.append(i)
-    i = min(candidates, key=lambda j: (abs(math.log(rates[j] / given)), rates[j]))
+    # distance in decades, rounded: the two trials around an absent given rate tie exactly
+    i = min(candidates, key=lambda j: (round(abs(math.log10(rates[j] / given)), 9), rates[j]))
     progress = start_loss - losses[best]
     failed = i + 1 < len(rates) and (not math.isfinite(losses[i + 1])
                                      or start_loss - losses[i + 1] < FAILED_PROGRESS * progress)
@@ -367,30 +420,37 @@ def _decide(rates: list[float], losses: list[float], batch_losses: list[list[flo
     return decision
 
 
-def _paired_differences(other: list[float], lowest: list[float]) -> list[float]:
+def _paired_differences(other: list[float], lowest: list[float], relative: bool) -> list[float]:
     """Per batch, how much higher another rate's loss is than the lowest rate's: as a log ratio
-    when every loss is positive (batches of different difficulty count alike), else as a difference."""
-    if all(v > 0 for v in other + lowest):
+    (``relative``: batches of different difficulty count alike; needs positive losses), else as a
+    difference."""
+    if relative:
         return [math.log(a) - math.log(b) for a, b in zip(other, lowest, strict=True)]
     return [a - b for a, b in zip(other, lowest, strict=True)]
 
 
-def paired_t(diffs: list[float]) -> float:
-    """The t statistic of the mean of ``diffs`` (at least 2) against 0: ``mean / (sd / sqrt(n))``
-    (``+-inf`` for identical nonzero diffs, 0 for all zero)."""
+def _paired_t(diffs: list[float], weights: list[float]) -> float:
+    """The t statistic of the weighted mean of ``diffs`` (at least 2) against 0. A batch's mean
+    has a variance inversely proportional to its size, so with ``weights`` the sizes: mean
+    ``sum(w d) / sum(w)``, standard error ``sqrt(s2 / sum(w))`` with ``s2 = sum(w (d - mean)^2) /
+    (n - 1)``; with equal weights, the paired t-test. ``+-inf`` for identical nonzero diffs."""
     n = len(diffs)
-    mean = sum(diffs) / n
-    var = sum((d - mean) ** 2 for d in diffs) / (n - 1)
-    if var == 0:
+    if n < 2 or len(weights) != n:
+        raise ValueError(f"the paired t-test needs at least 2 differences and one weight each, got {n} and "
+                         f"{len(weights)}")
+    total = sum(weights)
+    mean = sum(w * d for w, d in zip(weights, diffs, strict=True)) / total
+    s2 = sum(w * (d - mean) ** 2 for w, d in zip(weights, diffs, strict=True)) / (n - 1)
+    if s2 == 0:
         return 0.0 if mean == 0 else math.copysign(math.inf, mean)
-    return mean / math.sqrt(var / n)
+    return mean / math.sqrt(s2 / total)
 
 
-def t_cdf(t: float, dof: int) -> float:
+def _t_cdf(t: float, dof: int) -> float:
     """Student's t distribution function for a whole ``dof`` >= 1 (closed form: Abramowitz and
     Stegun 26.7.3 and 26.7.4), so the library needs no scipy."""
-    if dof < 1:
-        raise ValueError(f"dof must be >= 1, got {dof}")
+    if isinstance(dof, bool) or not isinstance(dof, int) or dof < 1:
+        raise ValueError(f"dof must be a whole number >= 1, got {dof!r}")
     if math.isinf(t):
         return 1.0 if t > 0 else 0.0
     theta = math.atan(abs(t) / math.sqrt(dof))
@@ -410,16 +470,17 @@ def t_cdf(t: float, dof: int) -> float:
     return 0.5 + 0.5 * a if t >= 0 else 0.5 - 0.5 * a
 
 
-def t_quantile(p: float, dof: int) -> float:
-    """The ``p``-quantile (``0.5 <= p < 1``) of Student's t with ``dof`` degrees of freedom, by bisection."""
-    if not 0.5 <= p < 1:
-        raise ValueError(f"p must be in [0.5, 1), got {p}")
+def _t_quantile(p: float, dof: int) -> float:
+    """The ``p``-quantile (``0.5 <= p <= MAX_CONFIDENCE``) of Student's t with ``dof`` degrees of
+    freedom, by bisection."""
+    if not 0.5 <= p <= MAX_CONFIDENCE:
+        raise ValueError(f"p must be in [0.5, {MAX_CONFIDENCE}], got {p}")
     lo, hi = 0.0, 1.0
-    while t_cdf(hi, dof) < p:
+    while _t_cdf(hi, dof) < p:
         lo, hi = hi, 2 * hi
     for _ in range(200):
         mid = 0.5 * (lo + hi)
-        if t_cdf(mid, dof) < p:
+        if _t_cdf(mid, dof) < p:
             lo = mid
         else:
             hi = mid

@@ -30,6 +30,13 @@ def mean_across_ranks(value: Tensor) -> Tensor:
     return out.div_(dist.get_world_size())
 
 
+def min_max_across_ranks(value: int, device: torch.device) -> tuple[int, int]:
+    """The smallest and the largest of an integer over all ranks (one all-reduce, a host read)."""
+    both = torch.tensor([value, -value], dtype=torch.float64, device=device)
+    dist.all_reduce(both, op=dist.ReduceOp.MAX)
+    return int(-both[1]), int(both[0])
+
+
 def broadcast_from_rank0_(tensors: Iterable[Tensor]) -> None:
     """Overwrite ``tensors`` with rank 0's values (same weights everywhere)."""
     with torch.no_grad():

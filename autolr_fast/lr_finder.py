@@ -17,6 +17,7 @@ separate trial) but every point answers the same question from the same weights.
 
 from __future__ import annotations
 
+import contextlib
 import math
 import warnings
 from collections.abc import Callable, Iterable, Mapping, Sequence
@@ -29,7 +30,7 @@ from tqdm.auto import tqdm
 
 from . import optim_support
 from .batches import to_device
-from .distributed import is_distributed, mean_across_ranks
+from .distributed import is_distributed, mean_across_ranks, min_max_across_ranks
 
 Unpack = Callable[[Any], tuple[Any, Any]]
 
@@ -314,30 +315,51 @@ class _Trial:
         self.model, self.optimizer, self.loss_fn, self.unit = model, optimizer, loss_fn, unit
         self.batches, self.train_batches, self.eval_batches = batches, train_batches, eval_batches
         self.unpack, self.device, self.dist_on = unpack, device, dist_on
+        self._counts_checked = False
 
     def forward_loss(self, xy) -> Tensor:
         x, y = xy
         out = self.model(**x) if isinstance(x, Mapping) else self.model(x)
         return self.loss_fn(out, y)
 
-    def eval_loss(self) -> float:
-        """Mean loss over the evaluation batches (see :meth:`eval_batch_losses`)."""
-        return sum(self.eval_batch_losses()) / len(self.eval_batches)
-
-    def eval_batch_losses(self) -> list[float]:
-        """The loss of each evaluation batch (under a process group: averaged across ranks).
-        Measuring must not change the trial: buffers (BatchNorm running stats move in train
+    @contextlib.contextmanager
+    def _measuring(self):
+        """Measuring must not change the trial: buffers (BatchNorm running stats move in train
         mode) and the RNG (dropout) are put back."""
         buffers = [b.detach().clone() for b in self.model.buffers()]
         cuda = [self.device] if self.device.type == "cuda" else []
         with torch.random.fork_rng(devices=cuda), torch.no_grad():
+            try:
+                yield
+            finally:
+                for b, saved in zip(self.model.buffers(), buffers, strict=True):
+                    b.copy_(saved)
+
+    def eval_loss(self) -> float:
+        """Mean loss over the evaluation batches (under a process group: averaged across ranks)."""
+        with self._measuring():
+            total = torch.zeros((), device=self.device, dtype=torch.float32)
+            for xy in self.eval_batches:
+                total = total + self.forward_loss(xy).detach().float()
+            total = total / len(self.eval_batches)
+            if self.dist_on:
+                total = mean_across_ranks(total)
+            return float(total)
+
+    def eval_batch_losses(self) -> list[float]:
+        """The loss of each evaluation batch. Under a process group each is averaged across ranks
+        batch by batch, so every rank must hold the same number of evaluation batches."""
+        if self.dist_on and not self._counts_checked:
+            fewest, most = min_max_across_ranks(len(self.eval_batches), self.device)
+            if fewest != most:
+                raise ValueError(f"every rank needs the same number of held-out batches (between {fewest} and {most} "
+                                 f"across ranks); pass max_eval_batches={fewest} or split the held-out data evenly")
+            self._counts_checked = True
+        with self._measuring():
             losses = torch.stack([self.forward_loss(xy).detach().float().reshape(()) for xy in self.eval_batches])
             if self.dist_on:
                 losses = mean_across_ranks(losses)
-            values = losses.tolist()  # one host read for all batches
-            for b, saved in zip(self.model.buffers(), buffers, strict=True):
-                b.copy_(saved)
-        return values
+            return losses.tolist()  # one host read for all batches
 
     def _train_step(self, xy) -> None:
         self.optimizer.zero_grad(set_to_none=True)

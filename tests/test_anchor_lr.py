@@ -1,6 +1,7 @@
 """find_anchor_lr: short trials around the optimizer's lr, scored on held-out batches."""
 
 import copy
+import json
 import math
 import os
 import random
@@ -11,7 +12,7 @@ from conftest import same_nested
 from torch import nn
 
 from autolr_fast import AutoLR, MLRSNet, find_anchor_lr
-from autolr_fast.anchor_lr import _decide, paired_t, t_cdf, t_quantile
+from autolr_fast.anchor_lr import MAX_CONFIDENCE, AnchorResult, _decide, _paired_t, _t_cdf, _t_quantile
 
 SEED = int(os.environ.get("AUTOLR_FAST_TEST_SEED", int.from_bytes(os.urandom(4), "little")))
 
@@ -171,7 +172,7 @@ def test_bad_arguments_say_what_to_do():
         find_anchor_lr(model, opt, loss, train, val, total_steps=100, fraction=0.0, progress=False)
     with pytest.raises(ValueError, match="trial_schedule"):
         find_anchor_lr(model, opt, loss, train, val, trial_steps=3, trial_schedule="linear", progress=False)
-    for confidence in (1.0, -0.1, float("nan")):
+    for confidence in (1.0, -0.1, float("nan"), 0.3, 0.99999, True):
         with pytest.raises(ValueError, match="confidence"):
             find_anchor_lr(model, opt, loss, train, val, trial_steps=3, confidence=confidence, progress=False)
     with pytest.raises(ValueError, match="num"):
@@ -192,18 +193,27 @@ def test_t_distribution_matches_scipy_on_random_points():
     for _ in range(200):
         dof = rng.choice([1, 2, 3, 4]) if rng.random() < 0.3 else rng.randint(1, 300)
         x = rng.uniform(-8, 8)
-        p = rng.uniform(0.5, 0.9999)
+        p = rng.uniform(0.5, MAX_CONFIDENCE)
         where = f"dof {dof}, x {x}, p {p} (rerun with AUTOLR_FAST_TEST_SEED={SEED})"
-        assert t_cdf(x, dof) == pytest.approx(stats.t.cdf(x, dof), abs=1e-10), where
-        assert t_quantile(p, dof) == pytest.approx(stats.t.ppf(p, dof), rel=1e-8, abs=1e-10), where
+        assert _t_cdf(x, dof) == pytest.approx(stats.t.cdf(x, dof), abs=1e-10), where
+        assert _t_quantile(p, dof) == pytest.approx(stats.t.ppf(p, dof), rel=1e-8, abs=1e-10), where
 
 
-def test_paired_t_known_values():
-    assert paired_t([1.0, 2.0, 3.0]) == pytest.approx(2.0 / (1.0 / math.sqrt(3)))
-    assert paired_t([0.5, 0.5]) == math.inf and paired_t([-0.5, -0.5]) == -math.inf
-    assert paired_t([0.0, 0.0, 0.0]) == 0.0
-    assert t_quantile(0.5, 7) == pytest.approx(0.0, abs=1e-9)
-    assert t_quantile(0.95, 1) == pytest.approx(6.313751514675, rel=1e-9)  # the one-sided 95 % table value
+def test_paired_t_known_values_and_weights():
+    """Equal weights: the paired t-test. Weights (batch sizes) make a short batch count less; their
+    scale does not matter."""
+    assert _paired_t([1.0, 2.0, 3.0], [1, 1, 1]) == pytest.approx(2.0 / (1.0 / math.sqrt(3)))
+    assert _paired_t([1.0, 2.0, 3.0], [7, 7, 7]) == pytest.approx(2.0 / (1.0 / math.sqrt(3)))
+    assert _paired_t([0.5, 0.5], [1, 1]) == math.inf and _paired_t([-0.5, -0.5], [1, 1]) == -math.inf
+    assert _paired_t([0.0, 0.0, 0.0], [1, 1, 1]) == 0.0
+    consistent = [0.10, 0.12, 0.11, -0.30]  # three full batches agree, a 4-sample batch disagrees
+    assert _paired_t(consistent, [32, 32, 32, 4]) > 2 * _paired_t(consistent, [1, 1, 1, 1])
+    with pytest.raises(ValueError, match="at least 2"):
+        _paired_t([0.1], [1])
+    assert _t_quantile(0.5, 7) == pytest.approx(0.0, abs=1e-9)
+    assert _t_quantile(0.95, 1) == pytest.approx(6.313751514675, rel=1e-9)  # the one-sided 95 % table value
+    with pytest.raises(ValueError, match="dof"):
+        _t_cdf(1.0, 2.5)
 
 
 RATES = [0.1, 0.3, 1.0, 3.0, 10.0]
@@ -218,13 +228,13 @@ def test_the_given_rate_stays_unless_another_is_clearly_better():
     one nearest the given rate wins, so the given rate stays when it is one of them."""
     given_b = [1.00, 0.80, 1.20, 0.90]
     clear = [[1.5] * 4, [1.5] * 4, given_b, [v - 0.10 for v in given_b], [1.6] * 4]  # 3.0 lower on every batch
-    d = _decide(RATES, _losses(clear), clear, 1.0, 0.95, start_loss=2.0)
+    d = _decide(RATES, _losses(clear), clear, None, 1.0, 0.95, start_loss=2.0)
     assert d.lr == 3.0 and d.lowest == 3.0 and d.stepped_down_from is None
     assert d.t_statistics[2] > d.t_threshold and d.t_statistics[3] is None, "the lowest is not tested against itself"
     noisy = [[1.5] * 4, [1.5] * 4, given_b, [0.70, 1.00, 1.00, 1.15], [1.6] * 4]  # lower on average, not clearly
-    d = _decide(RATES, _losses(noisy), noisy, 1.0, 0.95, start_loss=2.0)
+    d = _decide(RATES, _losses(noisy), noisy, None, 1.0, 0.95, start_loss=2.0)
     assert d.lowest == 3.0 and d.lr == 1.0 and d.t_statistics[2] <= d.t_threshold
-    assert _decide(RATES, _losses(noisy), noisy, 1.0, 0.0, 2.0).lr == 3.0, "confidence 0: the lowest, untested"
+    assert _decide(RATES, _losses(noisy), noisy, None, 1.0, 0.0, 2.0).lr == 3.0, "confidence 0: the lowest, untested"
 
 
 def test_a_move_goes_only_as_far_as_the_noise_lets_it_tell_rates_apart():
@@ -233,10 +243,10 @@ def test_a_move_goes_only_as_far_as_the_noise_lets_it_tell_rates_apart():
     base = [1.0, 0.8, 1.2, 0.9]
     trials = [[2 * v for v in base], [1.8 * v for v in base], [1.5 * v for v in base], base,
               [0.70, 1.00, 1.00, 1.15]]  # 10.0 lowest, 3.0 within its noise
-    d = _decide(RATES, _losses(trials), trials, 1.0, 0.95, start_loss=3.0)
+    d = _decide(RATES, _losses(trials), trials, None, 1.0, 0.95, start_loss=3.0)
     assert d.lowest == 10.0 and d.lr == 3.0 and d.t_statistics[3] <= d.t_threshold < d.t_statistics[2]
-    assert _decide(RATES, _losses(trials), trials, 5.0, 0.95, 3.0).lr == 3.0, "|log 3/5| < |log 10/5|"
-    assert _decide(RATES, _losses(trials), trials, 30.0, 0.95, 3.0).lr == 10.0
+    assert _decide(RATES, _losses(trials), trials, None, 5.0, 0.95, 3.0).lr == 3.0, "|log 3/5| < |log 10/5|"
+    assert _decide(RATES, _losses(trials), trials, None, 30.0, 0.95, 3.0).lr == 10.0
 
 
 def test_the_paired_test_compares_batches_relatively_when_losses_are_positive():
@@ -246,10 +256,10 @@ def test_the_paired_test_compares_batches_relatively_when_losses_are_positive():
     given_b = [0.01, 0.1, 1.0, 3.0]
     far = [10 * v for v in given_b]
     better = [far, far, given_b, [0.9 * v for v in given_b], far]
-    d = _decide(RATES, _losses(better), better, 1.0, 0.95, start_loss=50.0)
+    d = _decide(RATES, _losses(better), better, None, 1.0, 0.95, start_loss=50.0)
     assert d.lr == 3.0 and d.t_statistics[2] > 1e6
     shifted = [[v - 1.0 for v in b] for b in better]  # the same losses minus 1: some negative
-    d = _decide(RATES, _losses(shifted), shifted, 1.0, 0.95, start_loss=49.0)
+    d = _decide(RATES, _losses(shifted), shifted, None, 1.0, 0.95, start_loss=49.0)
     assert d.lr == 1.0 and d.lowest == 3.0 and 0 < d.t_statistics[2] <= d.t_threshold
 
 
@@ -259,30 +269,30 @@ def test_a_choice_next_to_a_failed_rate_steps_down_from_the_edge_of_stability():
     def trials(values):
         return [[v, v] for v in values]
     stuck = trials([1.6, 1.2, 0.9, 0.55, 2.3])  # 10.0 ends where it started (start 2.3)
-    d = _decide(RATES, _losses(stuck), stuck, 1.0, 0.0, start_loss=2.3)
+    d = _decide(RATES, _losses(stuck), stuck, None, 1.0, 0.0, start_loss=2.3)
     assert d.lowest == 3.0 and d.lr == 1.0 and d.stepped_down_from == 3.0
     slow = trials([1.6, 1.2, 0.9, 0.55, 1.4])  # 10.0 made half the best trial's progress: not failed
-    assert _decide(RATES, _losses(slow), slow, 1.0, 0.0, 2.3).lr == 3.0
+    assert _decide(RATES, _losses(slow), slow, None, 1.0, 0.0, 2.3).lr == 3.0
     diverged = trials([1.0, 0.8, 0.6]) + [[float("nan")] * 2] * 2  # the given rate is lowest, 3.0 diverged
     losses = _losses(diverged[:3]) + [float("nan")] * 2
-    d = _decide(RATES, losses, diverged, 1.0, 0.95, start_loss=2.3)
+    d = _decide(RATES, losses, diverged, None, 1.0, 0.95, start_loss=2.3)
     assert d.lr == 0.3 and d.stepped_down_from == 1.0
     smallest = trials([0.5]) + [[float("nan")] * 2] * 4
-    assert _decide(RATES, [0.5] + [float("nan")] * 4, smallest, 1.0, 0.95, 2.3).lr == 0.1, "nothing smaller"
+    assert _decide(RATES, [0.5] + [float("nan")] * 4, smallest, None, 1.0, 0.95, 2.3).lr == 0.1, "nothing smaller"
     none = trials([2.4, 2.5, 2.6, 2.7, 2.8])  # no trial improved on the start
-    assert _decide(RATES, _losses(none), none, 1.0, 0.0, 2.3).stepped_down_from is None
+    assert _decide(RATES, _losses(none), none, None, 1.0, 0.0, 2.3).stepped_down_from is None
 
 
 def test_a_given_rate_that_diverged_or_a_single_batch_takes_the_lowest_untested():
     batches = [[1.0, 1.1], [0.9, 0.95], [float("nan")] * 2]
     losses = _losses(batches)[:2] + [float("nan")] * 3
-    d = _decide(RATES, losses, batches, 1.0, 0.95, 2.0)
+    d = _decide(RATES, losses, batches, None, 1.0, 0.95, 2.0)
     assert d.lowest == 0.3 and d.t_statistics[2] is None, "the given rate diverged: nothing to test"
     assert d.lr == 0.1 and d.stepped_down_from == 0.3, "and 0.3 sits next to the diverged given rate"
     one = [[1.0], [0.9], [1.2], [1.3], [1.4]]
-    d = _decide(RATES, _losses(one), one, 1.0, 0.95, 2.0)
+    d = _decide(RATES, _losses(one), one, None, 1.0, 0.95, 2.0)
     assert d.lr == 0.3 and "2 val_batches" in d.note and d.t_statistics is None
-    assert _decide(RATES, [float("nan")] * 5, [[float("nan")]] * 5, 1.0, 0.95, 2.0).lr is None
+    assert _decide(RATES, [float("nan")] * 5, [[float("nan")]] * 5, None, 1.0, 0.95, 2.0).lr is None
 
 
 def _recording(opt):
@@ -319,16 +329,17 @@ def test_confidence_is_wired_to_the_choice():
     that 2 held-out batches tell nothing apart keeps the given lr, and the table says why."""
     train, val = _regression()
     results = {}
-    for confidence in (0.0, 0.95, 0.999999):
+    for confidence in (0.0, 0.95, MAX_CONFIDENCE):
+        torch.manual_seed(0)  # the same weights, so the same trials, for every confidence
         model = nn.Sequential(nn.Linear(10, 32), nn.Tanh(), nn.Linear(32, 1))
-        torch.manual_seed(0)
         opt = torch.optim.Adam(model.parameters(), lr=1e-4)
         results[confidence] = find_anchor_lr(model, opt, nn.functional.mse_loss, train, val, trial_steps=100,
                                              confidence=confidence, progress=False)
         assert opt.param_groups[0]["lr"] == results[confidence].lr
     assert results[0.0].lr == results[0.0].lowest_lr > 1e-4 and results[0.0].t_statistics is None
     assert results[0.95].lr > 1e-4
-    kept = results[0.999999]
+    assert repr(results[0.0].batch_losses) == repr(results[MAX_CONFIDENCE].batch_losses)
+    kept = results[MAX_CONFIDENCE]
     assert kept.lr == 1e-4 and kept.lowest_lr > 1e-4 and kept.t_statistics[kept.rates.index(1e-4)] <= kept.t_threshold
     assert "nearest the given rate" in kept.table() and kept.to_dict()["t_threshold"] == kept.t_threshold
 
@@ -356,8 +367,9 @@ def test_choose_replays_other_rules_on_the_same_trials():
                          step_down=False, progress=False)
     assert repr(raw.batch_losses) == repr(result.batch_losses), "the same trials (repr: NaN-safe)"
     assert raw.lr == result.choose(step_down=False) and not raw.step_down
-    if result.stepped_down_from is not None:
-        assert result.lr < result.stepped_down_from and raw.stepped_down_from is None
+    assert result.stepped_down_from is not None, "0.3 with momentum: the next larger rates diverge"
+    assert result.lr < result.stepped_down_from and raw.stepped_down_from is None
+    assert "steps down to" in result.table()
     with pytest.raises(ValueError, match="confidence"):
         result.choose(confidence=1.5)
 
@@ -395,3 +407,115 @@ def test_distributed_ranks_decide_alike_on_the_held_out_losses_of_all_ranks(tmp_
     alone = find_anchor_lr(model, torch.optim.Adam(model.parameters(), lr=1e-4), nn.functional.mse_loss, train, val,
                            trial_steps=20, apply=False, progress=False)
     assert alone.start_loss != a["start_loss"], "rank 0 alone differs: the ranks really averaged"
+
+
+def test_an_even_num_leaves_the_given_rate_out_and_a_tie_goes_to_the_smaller():
+    """num=4 around 1.0 tries 0.1, 0.46, 2.15, 10: with both middle rates within noise of each
+    other, the two are equally far from 1.0 and the smaller wins, whatever the float rounding."""
+    for lr in (1.0, 3e-4, 0.07):
+        rates = [lr * 10.0**e for e in torch.linspace(-1, 1, 4, dtype=torch.float64).tolist()]
+        trials = [[2.0, 2.1, 1.9], [1.0, 0.9, 1.1], [0.98, 0.92, 1.08], [2.5, 2.4, 2.6]]
+        d = _decide(rates, _losses(trials), trials, None, lr, 0.95, start_loss=3.0)
+        assert d.lowest == rates[2] and d.lr == rates[1], lr
+
+
+def test_failed_means_less_than_a_tenth_of_the_best_progress():
+    """The next larger rate failed below FAILED_PROGRESS (0.1) of the best trial's progress from
+    the start, not at it."""
+    start, best = 2.0, 1.0  # the best trial made progress 1.0
+    for neighbour, steps_down in ((start - 0.1 + 1e-9, True), (start - 0.1 - 1e-9, False)):
+        trials = [[1.5, 1.5], [1.2, 1.2], [best, best], [neighbour] * 2, [1.9, 1.9]]
+        d = _decide(RATES, _losses(trials), trials, None, 1.0, 0.0, start_loss=start)
+        assert (d.stepped_down_from == 1.0) == steps_down, neighbour
+
+
+def _strict(o):
+    """What strict JSON keeps: NaN and infinities become None."""
+    if isinstance(o, float) and not math.isfinite(o):
+        return None
+    if isinstance(o, dict):
+        return {k: _strict(v) for k, v in o.items()}
+    if isinstance(o, list):
+        return [_strict(v) for v in o]
+    return o
+
+
+def test_a_saved_result_replays_after_strict_json():
+    """to_dict -> JSON (NaN as null) -> from_dict: choose() gives the same rates for every rule,
+    with a diverged trial among them."""
+    train, val = _regression()
+    model = nn.Sequential(nn.Linear(10, 32), nn.Tanh(), nn.Linear(32, 1))
+    opt = torch.optim.SGD(model.parameters(), lr=0.3, momentum=0.9)
+    result = find_anchor_lr(model, opt, nn.functional.mse_loss, train, val, trial_steps=50, apply=False,
+                            progress=False)
+    assert any(math.isnan(v) for v in result.losses)
+    back = AnchorResult.from_dict(json.loads(json.dumps(_strict(result.to_dict()), allow_nan=False)))
+    for confidence, step_down in ((None, None), (0.0, False), (0.5, True), (MAX_CONFIDENCE, False)):
+        assert back.choose(confidence, step_down) == result.choose(confidence, step_down)
+    assert back.lr == result.lr and back.batch_weights == result.batch_weights == [64.0, 64.0]
+
+
+def test_batches_count_by_their_samples():
+    """A 4-sample last batch counts as 4 samples: the held-out loss at call time is the loss over
+    all held-out samples, not the mean of the batch means."""
+    train, _ = _regression()
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(132, 10, generator=g)
+    y = 3 * torch.randn(132, 1, generator=g)
+    val = [(x[:64], y[:64]), (x[64:128], y[64:128]), (x[128:], y[128:] + 50)]  # the short batch is far off
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(10, 8), nn.Tanh(), nn.Linear(8, 1))
+    opt = torch.optim.Adam(model.parameters(), lr=1e-3)
+    with torch.no_grad():
+        expected = float(nn.functional.mse_loss(model(x), torch.cat([b[1] for b in val])))
+    result = find_anchor_lr(model, opt, nn.functional.mse_loss, train, val, trial_steps=5, apply=False,
+                            progress=False)
+    assert result.batch_weights == [64.0, 64.0, 4.0]
+    assert result.start_loss == pytest.approx(expected, rel=1e-5)
+
+
+def test_the_table_says_when_nothing_was_usable_or_nothing_tested():
+    train, val = _regression()
+    model = nn.Sequential(nn.Linear(10, 4), nn.Linear(4, 1))
+    with pytest.warns(UserWarning, match="smaller lr"):
+        dead = find_anchor_lr(model, torch.optim.SGD(model.parameters(), lr=3000.0), nn.functional.mse_loss, train,
+                              val, trial_steps=10, progress=False)
+    assert "No trial was usable" in dead.table()
+    with pytest.warns(UserWarning, match="2 val_batches"):
+        one = find_anchor_lr(model, torch.optim.Adam(model.parameters(), lr=1e-3), nn.functional.mse_loss, train,
+                             val[:1], trial_steps=5, progress=False)
+    assert "Not tested" in one.table() and "2 val_batches" in one.note
+
+
+def _uneven_worker(rank, world, init_file, out_dir):
+    import torch.distributed as dist
+
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
+    try:
+        train, val = _regression(seed=rank)
+        val = [(b[0][:32], b[1][:32]) for b in val] + ([(val[0][0][32:], val[0][1][32:])] if rank else [])
+        model = nn.Sequential(nn.Linear(10, 1))
+        try:
+            find_anchor_lr(model, torch.optim.Adam(model.parameters(), lr=1e-3), nn.functional.mse_loss, train, val,
+                           trial_steps=3, progress=False)
+            message = "no error"
+        except ValueError as exc:
+            message = str(exc)
+        with open(f"{out_dir}/r{rank}.txt", "w") as f:
+            f.write(message)
+    finally:
+        dist.destroy_process_group()
+
+
+def test_distributed_ranks_with_different_held_out_batch_counts_all_refuse(tmp_path):
+    """Per-batch losses are averaged batch by batch across ranks: with 2 batches on one rank and 3
+    on the other every rank raises, before any trial, instead of hanging in the all-reduce."""
+    import torch.multiprocessing as mp
+
+    dist = pytest.importorskip("torch.distributed")
+    if not dist.is_available():
+        pytest.skip("torch.distributed is not available in this build")
+    mp.spawn(_uneven_worker, args=(2, str(tmp_path / "init"), str(tmp_path)), nprocs=2, join=True)
+    for rank in (0, 1):
+        message = (tmp_path / f"r{rank}.txt").read_text()
+        assert "same number of held-out batches" in message and "max_eval_batches=2" in message, message

@@ -89,3 +89,30 @@ def test_quick_command_end_to_end_and_the_default_rule_matches_find_anchor_lr(tm
     assert repr(found.batch_losses) == repr(replayed_trials.batch_losses), "the same trials"
     replayed = next(x for x in doc["tasks"] if x["task"] == task)["rules"][default_rule.name]["choices"][0]
     assert replayed == round(2 * math.log10(found.lr / found.given_lr)) / 2
+
+
+def test_bad_arguments_say_what_is_wrong(tmp_path):
+    with pytest.raises(SystemExit, match="unknown task"):
+        anchor_ablation.main(["--tasks", "no-such-task", "--out", str(tmp_path)])
+    with pytest.raises(SystemExit, match="--seeds"):
+        anchor_ablation.main(["--seeds", "0", "--out", str(tmp_path)])
+
+
+def test_recorded_references_keep_only_the_five_grid_rates(tmp_path):
+    """A compare.json's cosine runs at the grid rates are reused; runs at other rates (another
+    --grid) and other methods are not."""
+    default = 0.1
+
+    def run(lr, method="cosine", metric=0.9, status="ok"):
+        return {"task": "digits-mlp", "method": method, "lr": lr, "seed": 0, "epochs": 30, "batch_size": 32,
+                "status": status, "final_metric": metric, "split": "test"}
+
+    runs = [run(default * 10**e) for e in EXPONENTS] + [run(default * 10 ** (1 / 3)), run(0.1, method="step"),
+                                                        run(1.0, status="diverged", metric=None)]
+    path = tmp_path / "compare.json"
+    path.write_text(json.dumps({"runs": runs}))
+    got = anchor_ablation.recorded_references(path)
+    assert sorted(k[2] for k in got) == sorted(EXPONENTS) and all(k[0] == "digits-mlp" for k in got)
+    assert math.isnan(got[("digits-mlp", 0, 1.0, 30, 32)]), "the diverged run at 10x"
+    with pytest.raises(ValueError, match="every grid rate"):
+        score_task("t", True, {(0, e): float("nan") for e in EXPONENTS}, _choices(lambda r: 0.0))

@@ -15,7 +15,9 @@ command
    (the same runs: its ``cosine`` grid) are reused;
 2. runs the trials once per trial schedule exactly as ``compare``'s ``autolr-find`` does (15 % of
    the run each, on the training data minus the validation split, scored on that split);
-3. replays every rule on those trials (:meth:`~autolr_fast.AnchorResult.choose`).
+3. replays every rule on those trials (:meth:`~autolr_fast.AnchorResult.choose`). A rule that
+   extends past the grid (``extend``) is scored by a cosine run at the rate it chose, trained when
+   a rule chose it.
 
 Per rule it reports, per task, the score (mean over seeds) and its gap to the best of the five
 rates, and over tasks how often the rule was close to the best rate (within 0.5 points of
@@ -54,8 +56,9 @@ from .training import RunSpec, make_optimizer
 DESIGN_TASKS = list(DEFAULT_TASKS)
 SEEN_TASKS = ["regress-exp", "regress-log", "regress-step", "regress-inv", "cancer-mlp", "wine-mlp",
               "digits-dropout-mlp", "mnist1d-cnn-adam", "markov-gru-sgd",
-              "markov-attn", "friedman3-mlp", "moons-mlp", "noisy-classes-mlp"]
-HELD_OUT_TASKS = ["markov-lstm", "mnist1d-mlp-adamw", "circles-mlp", "friedman2-mlp"]
+              "markov-attn", "friedman3-mlp", "moons-mlp", "noisy-classes-mlp",
+              "markov-lstm", "mnist1d-mlp-adamw", "circles-mlp", "friedman2-mlp"]
+HELD_OUT_TASKS = ["regress-exp-adam", "digits-bncnn-adamw", "cancer-mlp-sgd", "moons-mlp-adam"]
 QUICK_TASKS = ["digits-mlp", "regress-sin"]
 QUICK_EPOCHS = 3
 #: the trial rates and the reference grid: the default rate x 10**e
@@ -70,6 +73,7 @@ class Rule:
     schedule: str
     confidence: float
     step_down: bool
+    extend: int = 0
 
 
 RULES = [
@@ -79,7 +83,13 @@ RULES = [
     Rule("cosine trials + step down", "cosine", 0.0, True),
     Rule("constant trials + nearest within noise + step down", "constant", 0.95, True),
     Rule("cosine trials + nearest within noise + step down (default)", "cosine", 0.95, True),
+    Rule("cosine trials + nearest within noise + step down + extend 2", "cosine", 0.95, True, 2),
 ]
+#: find_anchor_lr's defaults
+DEFAULT_RULE = RULES[-2]
+#: the trials run once per schedule with the rule that extends the most (the lowest loss wins:
+#: any rule's choice is the largest rate tried only when the lowest is), so every rule replays
+EXTEND = max(rule.extend for rule in RULES)
 
 
 def group_of(task: str) -> str:
@@ -97,19 +107,19 @@ def _exponent(lr: float, default: float) -> float | None:
 # ------------------------------------------------------------------------------------------------
 # Running
 # ------------------------------------------------------------------------------------------------
-def reference_runs(task: str, seeds: int, epochs: int, batch_size: int, recorded: dict) -> dict:
-    """``{(seed, exponent): final test metric}`` of cosine at every grid rate (NaN: diverged);
-    from ``recorded`` (a compare output's) where it has the run, else trained here."""
+def reference_runs(task: str, pairs, epochs: int, batch_size: int, recorded: dict) -> dict:
+    """``{(seed, exponent): final test metric}`` of cosine at ``default x 10**exponent`` for every
+    ``(seed, exponent)`` in ``pairs`` (NaN: diverged); from ``recorded`` (a compare output's or an
+    earlier ablation's) where it has the run, else trained here."""
     default = task_optimizer(task).lr
     out = {}
-    for seed in range(seeds):
-        for i, e in enumerate(EXPONENTS):
-            key = (task, seed, e, epochs, batch_size)
-            if key not in recorded:
-                lr = default * 10.0**e
-                rec = run_one(Job(task, "cosine", lr, i, e == 0.0, seed, epochs, batch_size))
-                recorded[key] = rec["final_metric"] if rec["status"] == "ok" else float("nan")
-            out[(seed, e)] = recorded[key]
+    for seed, e in pairs:
+        key = (task, seed, e, epochs, batch_size)
+        if key not in recorded:
+            grid_index = EXPONENTS.index(e) if e in EXPONENTS else None
+            rec = run_one(Job(task, "cosine", default * 10.0**e, grid_index, e == 0.0, seed, epochs, batch_size))
+            recorded[key] = rec["final_metric"] if rec["status"] == "ok" else float("nan")
+        out[(seed, e)] = recorded[key]
     return out
 
 
@@ -136,7 +146,7 @@ def recorded_references(path: Path | None) -> dict:
         if r["method"] != "cosine" or r.get("split", "test") != "test" or r["status"] not in ("ok", "diverged"):
             continue
         e = _exponent(r["lr"], task_optimizer(r["task"]).lr)
-        if e in EXPONENTS:
+        if e is not None:
             metric = r["final_metric"] if r["status"] == "ok" and r["final_metric"] is not None else float("nan")
             out[(r["task"], r["seed"], e, r["epochs"], r["batch_size"])] = metric
     return out
@@ -150,7 +160,8 @@ def trials(task_name: str, seed: int, epochs: int, batch_size: int, schedule: st
     model = task.make_model()
     spec = RunSpec(task, model, None, epochs, task.steps_per_epoch(batch_size), seed, batch_size)
     opt = make_optimizer(model, task.optim)
-    return baselines.anchor_trials(spec, opt, trial_schedule=schedule, confidence=0.0, step_down=False, apply=False)
+    return baselines.anchor_trials(spec, opt, trial_schedule=schedule, confidence=0.0, step_down=False, extend=EXTEND,
+                                   apply=False)
 
 
 def replay(found: dict[str, AnchorResult]) -> dict[str, float]:
@@ -158,7 +169,8 @@ def replay(found: dict[str, AnchorResult]) -> dict[str, float]:
     out = {}
     for rule in RULES:
         res = found[rule.schedule]
-        out[rule.name] = _exponent(res.choose(confidence=rule.confidence, step_down=rule.step_down), res.given_lr)
+        chosen = res.choose(confidence=rule.confidence, step_down=rule.step_down, extend=rule.extend)
+        out[rule.name] = _exponent(chosen, res.given_lr)
     return out
 
 
@@ -166,8 +178,9 @@ def replay(found: dict[str, AnchorResult]) -> dict[str, float]:
 # Scoring
 # ------------------------------------------------------------------------------------------------
 def score_task(task: str, classification: bool, reference: dict, choices: dict[int, dict[str, float]]) -> dict:
-    """Per rule: the mean over seeds of the reference metric at the chosen rate, the gap to the
-    best grid rate (points of accuracy, or the loss ratio), close / worse than the default."""
+    """Per rule: the mean over seeds of the reference metric at the chosen rate (``reference``
+    holds the five grid rates and any rate past them a rule chose), the gap to the best of the
+    five grid rates (points of accuracy, or the loss ratio), close / worse than the default."""
     seeds = sorted(choices)
     grid = {e: statistics.fmean(reference[(s, e)] for s in seeds) for e in EXPONENTS}
     finite = {e: v for e, v in grid.items() if math.isfinite(v)}
@@ -314,7 +327,6 @@ def main(argv: list[str] | None = None) -> int:
         for task in tasks:
             epochs, batch_size = task_settings(task)
             epochs = QUICK_EPOCHS if args.quick else epochs
-            reference = reference_runs(task, seeds, epochs, batch_size, recorded)
             choices = {}
             for seed in range(seeds):
                 found = {schedule: trials(task, seed, epochs, batch_size, schedule)
@@ -322,6 +334,9 @@ def main(argv: list[str] | None = None) -> int:
                 choices[seed] = replay(found)
                 raw.append({"task": task, "seed": seed, "trials": {k: v.to_dict() for k, v in found.items()}})
                 bar.update(1)
+            pairs = [(s, e) for s in range(seeds) for e in EXPONENTS]  # the grid, then rates past it
+            pairs += sorted({(s, e) for s, picks in choices.items() for e in picks.values()} - set(pairs))
+            reference = reference_runs(task, pairs, epochs, batch_size, recorded)
             scored.append(score_task(task, get_task(task).is_classification, reference, choices))
             scored[-1].update(epochs=epochs, batch_size=batch_size,
                               reference=[{"seed": s, "exponent": e, "metric": v} for (s, e), v in reference.items()])

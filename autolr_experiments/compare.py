@@ -81,6 +81,9 @@ TASK_SETTINGS: dict[str, tuple[int, int]] = {
     "mnist1d-mlp-adamw": (40, 100),
     "circles-mlp": (40, 32),
     "friedman2-mlp": (30, 32),
+    "digits-bncnn-adamw": (20, 32),
+    "cancer-mlp-sgd": (40, 32),
+    "moons-mlp-adam": (40, 32),
 }
 REGRESSION_SETTINGS = (40, 32)
 #: Tasks meant for held-out evaluation (whether a controller was trained on one is read from its info, per run).

@@ -136,7 +136,8 @@ def register_task(name: str, optimizer: OptimSpec = SGD_MOMENTUM_DEFAULT) -> Cal
 SHARED_DATA = {"mnist1d-cnn": "mnist1d", "mnist1d-mlp": "mnist1d", "mnist1d-cnn-adam": "mnist1d",
                "digits-mlp": "digits", "digits-bncnn": "digits", "digits-dropout-mlp": "digits",
                "markov-gru-sgd": "markov-gru", "markov-attn": "markov-gru", "markov-lstm": "markov-gru",
-               "mnist1d-mlp-adamw": "mnist1d"}
+               "mnist1d-mlp-adamw": "mnist1d", "digits-bncnn-adamw": "digits", "cancer-mlp-sgd": "cancer-mlp",
+               "moons-mlp-adam": "moons-mlp", "regress-exp-adam": "regress-exp"}
 
 
 def dataset_of(name: str) -> str:
@@ -565,3 +566,36 @@ def friedman2_mlp(seed: int = 0) -> Task:
     units (hundreds: the loss starts near 2e5), Adam at 1e-3, far too small a step for that scale."""
     return _generated_regression("friedman2-mlp", *make_friedman2(n_samples=2000, noise=10.0, random_state=21),
                                  split_seed=212)
+
+
+# Known data with another optimizer or rate (held out from choosing find_anchor_lr's extension)
+@register_task("regress-exp-adam", optimizer=OptimSpec("adam", 1e-3, 0.0))
+def regress_exp_adam(seed: int = 0) -> Task:
+    """``regress-exp`` trained with Adam at 1e-3."""
+    task = _regression_task("exp", seed)
+    task.name = "regress-exp-adam"
+    return task
+
+
+@register_task("digits-bncnn-adamw", optimizer=OptimSpec("adamw", 1e-3, 1e-2))
+def digits_bncnn_adamw(seed: int = 0) -> Task:
+    """``digits-bncnn`` trained with AdamW at 1e-3."""
+    task = digits_bncnn(seed)
+    task.name = "digits-bncnn-adamw"
+    return task
+
+
+@register_task("cancer-mlp-sgd", optimizer=OptimSpec("sgd", 0.01, 5e-4))
+def cancer_mlp_sgd(seed: int = 0) -> Task:
+    """``cancer-mlp`` trained with SGD with momentum at 0.01."""
+    task = cancer_mlp(seed)
+    task.name = "cancer-mlp-sgd"
+    return task
+
+
+@register_task("moons-mlp-adam", optimizer=OptimSpec("adam", 1e-4, 0.0))
+def moons_mlp_adam(seed: int = 0) -> Task:
+    """``moons-mlp`` trained with Adam at 1e-4 (a cautious guess)."""
+    task = moons_mlp(seed)
+    task.name = "moons-mlp-adam"
+    return task

@@ -60,6 +60,9 @@ DEFAULT_MAX_EVAL_BATCHES = 16
 #: rates whose held-out loss a one-sided paired t-test over the evaluation batches cannot tell
 #: from the lowest at this confidence are within noise of it (the one nearest the given lr wins)
 DEFAULT_CONFIDENCE = 0.95
+#: extra trials above the largest rate at most, while the largest rate wins (off by default: on
+#: sequence models the trials favour too large a rate past the grid; docs/anchor_lr.md)
+DEFAULT_EXTEND = 0
 #: the largest confidence accepted (the t quantile's bisection is accurate to about 1e-9 there)
 MAX_CONFIDENCE = 0.9999
 #: a trial failed if it made less than this fraction of the best trial's progress from the
@@ -98,6 +101,8 @@ class AnchorResult:
     #: per held-out batch, its weight in the means and the test: its number of samples
     batch_weights: list[float] | None = None
     note: str = ""  # why the test was not made (also warned), when it was not
+    extend: int = DEFAULT_EXTEND
+    extended: int = 0  # trials run above the num rates (the last ``extended`` entries of ``rates``)
 
     @property
     def cost_steps(self) -> int:
@@ -108,17 +113,26 @@ class AnchorResult:
     def factor(self) -> float:
         return self.lr / self.given_lr
 
-    def choose(self, confidence: float | None = None, step_down: bool | None = None) -> float:
-        """The rate another decision rule chooses from these same trials (``confidence`` and
-        ``step_down``: default the ones this result was decided with); no trial runs again."""
+    def choose(self, confidence: float | None = None, step_down: bool | None = None,
+               extend: int | None = None) -> float:
+        """The rate another decision rule chooses from these same trials (``confidence``,
+        ``step_down`` and ``extend``: default the ones this result was decided with); no trial
+        runs again, so an extension these trials did not run ends the replay there."""
         confidence = self.confidence if confidence is None else confidence
         step_down = self.step_down if step_down is None else step_down
+        extend = self.extend if extend is None else extend
         _check_confidence(confidence)
         if self.batch_losses is None:
             raise ValueError("choose() needs the per-batch held-out losses (batch_losses) of the trials")
-        decision = _decide(self.rates, self.losses, self.batch_losses, self.batch_weights, self.given_lr, confidence,
-                           self.start_loss, step_down)
-        return self.given_lr if decision.lr is None else decision.lr
+        k = len(self.rates) - self.extended  # the num rates first, then the extensions one by one
+        while True:
+            decision = _decide(self.rates[:k], self.losses[:k], self.batch_losses[:k], self.batch_weights,
+                               self.given_lr, confidence, self.start_loss, step_down)
+            wants_more = (k - (len(self.rates) - self.extended) < extend and decision.lr == self.rates[k - 1]
+                          and math.isfinite(self.losses[k - 1]))
+            if not (wants_more and k < len(self.rates)):
+                return self.given_lr if decision.lr is None else decision.lr
+            k += 1
 
     @classmethod
     def from_dict(cls, d: dict) -> AnchorResult:
@@ -141,7 +155,8 @@ class AnchorResult:
                 "lowest_lr": self.lowest_lr, "t_statistics": self.t_statistics, "t_threshold": self.t_threshold,
                 "confidence": self.confidence, "trial_schedule": self.trial_schedule,
                 "batch_losses": self.batch_losses, "stepped_down_from": self.stepped_down_from,
-                "step_down": self.step_down, "batch_weights": self.batch_weights, "note": self.note}
+                "step_down": self.step_down, "batch_weights": self.batch_weights, "note": self.note,
+                "extend": self.extend, "extended": self.extended}
 
     def table(self) -> str:
         """Markdown: one row per rate tried (its held-out loss, its t statistic against the lowest,
@@ -219,6 +234,7 @@ def find_anchor_lr(
     trial_schedule: str = "cosine",
     confidence: float = DEFAULT_CONFIDENCE,
     step_down: bool = True,
+    extend: int = DEFAULT_EXTEND,
     max_eval_batches: int = DEFAULT_MAX_EVAL_BATCHES,
     apply: bool = True,
     unpack: Unpack | None = None,
@@ -253,6 +269,11 @@ def find_anchor_lr(
             of the best trial's progress, the choice is at the edge of stability, where a run
             several times longer than a trial can tip over: it steps down to the next smaller
             rate (``stepped_down_from`` says from which).
+        extend: while the chosen rate is the largest tried, try the next larger one on the same
+            spacing, at most ``extend`` times, so that an ``lr`` more than ``10**decades`` too small
+            is followed up (each extra trial costs ``trial_steps`` more; ``extended`` counts them).
+            Off by default: it helps where the ``lr`` is far too small, and costs where short
+            trials favour too large a rate (sequence models; docs/anchor_lr.md).
         unpack: ``fn(batch) -> (inputs, targets)``; default as :func:`find_lr`'s.
         distributed: under an initialised process group the held-out losses are averaged across
             ranks, so every rank chooses the same rate.
@@ -269,6 +290,8 @@ def find_anchor_lr(
     if trial_schedule not in TRIAL_SCHEDULES:
         raise ValueError(f"trial_schedule must be one of {TRIAL_SCHEDULES}, got {trial_schedule!r}")
     _check_confidence(confidence)
+    if isinstance(extend, bool) or not isinstance(extend, int) or extend < 0:
+        raise ValueError(f"extend must be a whole number >= 0 (0: only the num rates), got {extend!r}")
     if isinstance(train_batches, Iterator):  # asked without iterating: a DataLoader would draw from the RNG
         raise ValueError("find_anchor_lr: train_batches must be re-iterable (a list or a DataLoader): every trial "
                          "trains on the same batches")
@@ -299,9 +322,8 @@ def find_anchor_lr(
             raise ValueError(f"the held-out loss at call time is {start_loss}; find_anchor_lr needs a finite one")
         limit = start_loss + 0.5 * abs(start_loss)
         with tqdm(total=steps * num, desc="find_anchor_lr", leave=False, disable=not progress) as bar:
-            for rate in rates:
-                if losses and not math.isfinite(losses[-1]):
-                    break  # a smaller rate diverged: the larger ones are not tried
+
+            def run_trial(rate: float) -> None:
                 batches = _cycled(train_batches)
                 for i in range(steps):
                     _set_rate(optimizer, rate * _trial_factor(trial_schedule, i, steps), scales)
@@ -309,15 +331,25 @@ def find_anchor_lr(
                     bar.update(1)
                 per_batch = trial.eval_batch_losses()
                 value = _weighted_mean(per_batch, weights)
-                usable = math.isfinite(value) and value <= limit
-                losses.append(value if usable else float("nan"))
+                losses.append(value if math.isfinite(value) and value <= limit else float("nan"))
                 batch_losses.append(per_batch)
                 snap.restore()
+
+            for rate in rates:
+                if losses and not math.isfinite(losses[-1]):
+                    break  # a smaller rate diverged: the larger ones are not tried
+                run_trial(rate)
+            losses += [float("nan")] * (num - len(losses))
+            decision = _decide(rates, losses, batch_losses, weights, given, confidence, start_loss, step_down)
+            step = 10.0 ** (2 * decades / (num - 1))
+            while len(rates) - num < extend and decision.lr == rates[-1] and math.isfinite(losses[-1]):
+                rates.append(rates[-1] * step)  # the largest rate won: the trials have not bracketed the best
+                bar.total += steps
+                run_trial(rates[-1])
+                decision = _decide(rates, losses, batch_losses, weights, given, confidence, start_loss, step_down)
     finally:
         snap.restore()
-    trials_run = len(losses)
-    losses += [float("nan")] * (num - trials_run)
-    decision = _decide(rates, losses, batch_losses, weights, given, confidence, start_loss, step_down)
+    trials_run = len(batch_losses)
     chosen = decision.lr if decision.lr is not None else given
     if decision.lr is None:
         warnings.warn(f"find_anchor_lr: the smallest rate tried, {rates[0]:.3g}, diverged, so no trial was usable; the "
@@ -328,7 +360,8 @@ def find_anchor_lr(
         _set_rate(optimizer, chosen, scales)
     return AnchorResult(chosen, given, rates, losses, start_loss, steps, time.perf_counter() - start, trials_run,
                         decision.lowest, decision.t_statistics, decision.t_threshold, confidence, trial_schedule,
-                        batch_losses, decision.stepped_down_from, step_down, weights, decision.note)
+                        batch_losses, decision.stepped_down_from, step_down, weights, decision.note, extend,
+                        len(rates) - num)
 
 
 def _batch_size(xy) -> int:

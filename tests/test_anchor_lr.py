@@ -56,8 +56,9 @@ def test_restores_everything_but_the_lr_and_keeps_group_ratios(opt_name):
     result = find_anchor_lr(model, opt, nn.functional.mse_loss, train, val, total_steps=200, progress=False)
     assert same_nested(_state(model, opt), before)
     assert opt.param_groups[0]["lr"] == result.lr and opt.param_groups[1]["lr"] == pytest.approx(result.lr / 4)
-    assert result.given_lr == lr and result.trial_steps == 30 and result.cost_steps == 150
-    assert result.rates == pytest.approx([lr * 10 ** e for e in (-1, -0.5, 0, 0.5, 1)])
+    assert result.given_lr == lr and result.trial_steps == 30 and result.cost_steps == 30 * result.trials_run
+    assert result.rates[:5] == pytest.approx([lr * 10 ** e for e in (-1, -0.5, 0, 0.5, 1)])
+    assert len(result.rates) == 5 + result.extended and result.trials_run == len(result.batch_losses)
     assert result.lr in result.rates and result.seconds > 0
     assert "| yes |" in result.table()
 
@@ -97,7 +98,8 @@ def test_apply_false_only_reports():
     train, val = _regression()
     model = nn.Sequential(nn.Linear(10, 1))
     opt = torch.optim.Adam(model.parameters(), lr=1e-4)
-    result = find_anchor_lr(model, opt, nn.functional.mse_loss, train, val, trial_steps=5, apply=False, progress=False)
+    result = find_anchor_lr(model, opt, nn.functional.mse_loss, train, val, trial_steps=5, apply=False, extend=0,
+                            progress=False)
     assert opt.param_groups[0]["lr"] == 1e-4 and result.to_dict()["cost_steps"] == 25
 
 
@@ -177,6 +179,9 @@ def test_bad_arguments_say_what_to_do():
             find_anchor_lr(model, opt, loss, train, val, trial_steps=3, confidence=confidence, progress=False)
     with pytest.raises(ValueError, match="num"):
         find_anchor_lr(model, opt, loss, train, val, trial_steps=3, num=2.5, progress=False)
+    for extend in (-1, 1.5, True):
+        with pytest.raises(ValueError, match="extend"):
+            find_anchor_lr(model, opt, loss, train, val, trial_steps=3, extend=extend, progress=False)
     frozen = torch.optim.SGD(model.parameters(), lr=0.0)
     with pytest.raises(ValueError, match="lr 0"):
         find_anchor_lr(model, frozen, loss, train, val, trial_steps=3, progress=False)
@@ -338,7 +343,7 @@ def test_confidence_is_wired_to_the_choice():
         assert opt.param_groups[0]["lr"] == results[confidence].lr
     assert results[0.0].lr == results[0.0].lowest_lr > 1e-4 and results[0.0].t_statistics is None
     assert results[0.95].lr > 1e-4
-    assert repr(results[0.0].batch_losses) == repr(results[MAX_CONFIDENCE].batch_losses)
+    assert repr(results[0.0].batch_losses[:5]) == repr(results[MAX_CONFIDENCE].batch_losses[:5]), "the same trials"
     kept = results[MAX_CONFIDENCE]
     assert kept.lr == 1e-4 and kept.lowest_lr > 1e-4 and kept.t_statistics[kept.rates.index(1e-4)] <= kept.t_threshold
     assert "nearest the given rate" in kept.table() and kept.to_dict()["t_threshold"] == kept.t_threshold
@@ -519,3 +524,38 @@ def test_distributed_ranks_with_different_held_out_batch_counts_all_refuse(tmp_p
     for rank in (0, 1):
         message = (tmp_path / f"r{rank}.txt").read_text()
         assert "same number of held-out batches" in message and "max_eval_batches=2" in message, message
+
+
+def test_an_lr_far_too_small_is_followed_up_past_the_grid():
+    """Adam at 1e-5 on this task: the largest of the five rates (1e-4) wins, so up to `extend`
+    larger rates are tried on the same spacing; with extend=0 the choice stops at 1e-4. The
+    replay of extend=0 on the extended trials gives the extend=0 run's choice."""
+    train, val = _regression()
+    runs = {}
+    for extend in (0, 2):
+        torch.manual_seed(0)
+        model = nn.Sequential(nn.Linear(10, 32), nn.Tanh(), nn.Linear(32, 1))
+        opt = torch.optim.Adam(model.parameters(), lr=1e-5)
+        runs[extend] = find_anchor_lr(model, opt, nn.functional.mse_loss, train, val, trial_steps=40, extend=extend,
+                                      apply=False, progress=False)
+    assert runs[0].lr == pytest.approx(1e-4) and runs[0].extended == 0 and runs[0].trials_run == 5
+    far = runs[2]
+    assert 1 <= far.extended <= 2 and far.lr > 1e-4 and far.trials_run == 5 + far.extended
+    assert far.rates[5:] == pytest.approx([1e-4 * 10 ** (0.5 * k) for k in range(1, far.extended + 1)])
+    assert far.cost_steps == 40 * far.trials_run and f"{far.rates[5]:.3g}" in far.table()
+    assert far.choose(extend=0) == pytest.approx(runs[0].lr) and far.choose() == far.lr
+
+
+def test_the_replay_extends_only_while_the_largest_rate_wins():
+    """Recorded trials: the first extension wins, the second loses. The replay stops where the
+    live run would have: extend=0 -> the largest of the five, 1 or 2 -> the first extension."""
+    rates = [0.1, 0.316, 1.0, 3.16, 10.0, 31.6, 100.0]
+    batches = [[v, v * 1.01] for v in (2.0, 1.8, 1.6, 1.4, 1.2, 0.6, 1.5)]
+    result = AnchorResult(lr=31.6, given_lr=1.0, rates=rates, losses=_losses(batches), start_loss=2.5, trial_steps=10,
+                          seconds=0.0, trials_run=7, batch_losses=batches, batch_weights=[1.0, 1.0], extend=2,
+                          extended=2)
+    assert result.choose(confidence=0.0, extend=0) == 10.0
+    assert result.choose(confidence=0.0, extend=1) == 31.6 == result.choose(confidence=0.0, extend=2)
+    short = AnchorResult.from_dict({**result.to_dict(), "rates": rates[:6], "losses": result.losses[:6],
+                                    "batch_losses": batches[:6], "extended": 1, "trials_run": 6})
+    assert short.choose(confidence=0.0, extend=2) == 31.6, "an extension that did not run ends the replay"

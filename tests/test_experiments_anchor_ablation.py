@@ -1,6 +1,7 @@
 """anchor-ablation: find_anchor_lr's rules replayed on the same trials and scored by full cosine
 runs; the scoring on known numbers, the new tasks, and the quick command end to end."""
 
+import inspect
 import json
 import math
 
@@ -12,6 +13,7 @@ from autolr_experiments.anchor_ablation import EXPONENTS, RULES, score_task, sum
 from autolr_experiments.compare import task_settings
 from autolr_experiments.tasks import get_task
 from autolr_experiments.training import RunSpec, make_optimizer
+from autolr_fast import find_anchor_lr
 
 
 def _choices(pick):
@@ -42,7 +44,8 @@ def test_scoring_gaps_close_and_worse_than_default():
 @pytest.mark.parametrize("name", ["cancer-mlp", "wine-mlp", "digits-dropout-mlp", "mnist1d-cnn-adam",
                                   "markov-gru-sgd", "markov-attn", "friedman3-mlp", "moons-mlp",
                                   "noisy-classes-mlp", "markov-lstm", "mnist1d-mlp-adamw", "circles-mlp",
-                                  "friedman2-mlp"])
+                                  "friedman2-mlp", "regress-exp-adam", "digits-bncnn-adamw", "cancer-mlp-sgd",
+                                  "moons-mlp-adam"])
 def test_new_tasks_build_train_a_step_and_have_settings(name):
     task = get_task(name)
     epochs, batch_size = task_settings(name)
@@ -63,7 +66,7 @@ def test_quick_command_end_to_end_and_the_default_rule_matches_find_anchor_lr(tm
     assert anchor_ablation.main(["--quick", "--out", str(tmp_path), "--no-progress"]) == 0
     doc = json.loads((tmp_path / "anchor_ablation.json").read_text())
     earlier = anchor_ablation.earlier_references(tmp_path / "anchor_ablation.json")
-    assert len(earlier) == len(anchor_ablation.QUICK_TASKS) * len(EXPONENTS), "every reference run, for --resume"
+    assert len(earlier) >= len(anchor_ablation.QUICK_TASKS) * len(EXPONENTS), "every reference run, for --resume"
 
     def no_reference_run(job):
         raise AssertionError(f"--resume ran {job} again")
@@ -76,8 +79,10 @@ def test_quick_command_end_to_end_and_the_default_rule_matches_find_anchor_lr(tm
     assert (tmp_path / "anchor_ablation.png").stat().st_size > 1000
     assert [t["task"] for t in doc["tasks"]] == anchor_ablation.QUICK_TASKS
     assert set(doc["summary"]) == {r.name for r in RULES} and "## Per task" in md
-    default_rule = RULES[-1]
-    assert (default_rule.schedule, default_rule.confidence, default_rule.step_down) == ("cosine", 0.95, True)
+    default_rule = anchor_ablation.DEFAULT_RULE
+    defaults = inspect.signature(find_anchor_lr).parameters
+    assert (default_rule.schedule, default_rule.confidence, default_rule.step_down, default_rule.extend) == tuple(
+        defaults[k].default for k in ("trial_schedule", "confidence", "step_down", "extend"))
     task = anchor_ablation.QUICK_TASKS[0]
     epochs, batch_size = anchor_ablation.QUICK_EPOCHS, task_settings(task)[1]
     replayed_trials = anchor_ablation.trials(task, 0, epochs, batch_size, "cosine")
@@ -86,7 +91,8 @@ def test_quick_command_end_to_end_and_the_default_rule_matches_find_anchor_lr(tm
     model = t.make_model()
     spec = RunSpec(t, model, None, epochs, t.steps_per_epoch(batch_size), 0, batch_size)
     found = baselines.anchor_trials(spec, make_optimizer(model, t.optim), apply=False)
-    assert repr(found.batch_losses) == repr(replayed_trials.batch_losses), "the same trials"
+    n = len(found.batch_losses)  # the ablation's trials may go on past the grid (the rule that extends)
+    assert repr(found.batch_losses) == repr(replayed_trials.batch_losses[:n]), "the same trials"
     replayed = next(x for x in doc["tasks"] if x["task"] == task)["rules"][default_rule.name]["choices"][0]
     assert replayed == round(2 * math.log10(found.lr / found.given_lr)) / 2
 
@@ -116,3 +122,12 @@ def test_recorded_references_keep_only_the_five_grid_rates(tmp_path):
     assert math.isnan(got[("digits-mlp", 0, 1.0, 30, 32)]), "the diverged run at 10x"
     with pytest.raises(ValueError, match="every grid rate"):
         score_task("t", True, {(0, e): float("nan") for e in EXPONENTS}, _choices(lambda r: 0.0))
+
+
+def test_a_rate_past_the_grid_gets_its_own_reference_run():
+    """A rule that extends past 10x is scored by a cosine run at the rate it chose, trained on
+    demand and kept for --resume."""
+    recorded = {}
+    got = anchor_ablation.reference_runs("digits-mlp", [(0, 1.5)], 1, 32, recorded)
+    assert list(got) == [(0, 1.5)] and ("digits-mlp", 0, 1.5, 1, 32) in recorded
+    assert anchor_ablation._exponent(0.1 * 10**1.5, 0.1) == 1.5 and anchor_ablation._exponent(0.1 * 2.15, 0.1) is None

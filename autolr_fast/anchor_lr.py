@@ -11,7 +11,8 @@ weights it would have started from.
 A trial is the run in miniature: its rate anneals from the trial rate to 0 along a cosine, the
 shape ``AutoLR(total_steps=T)`` gives the run, so a large rate is judged after its noise has been
 annealed away (a constant-rate trial judges it at its noisiest and favours small rates). The
-trials are long (15 % of the run by default: five of them cost 75 % of one run) and scored on
+trials are long (15 % of the run by default: five of them cost 75 % of one run, and each trial
+``extend`` adds 15 % more) and scored on
 data they did not train on. The given ``lr`` is the prior: of the rates the held-out batches cannot
 tell from the lowest (a one-sided paired t-test over the batches, ``confidence``), the one nearest
 the given ``lr`` is chosen, so a small held-out split does not move the rate on chance, and a move
@@ -39,7 +40,7 @@ from tqdm.auto import tqdm
 
 from . import optim_support
 from .batches import to_device
-from .distributed import is_distributed
+from .distributed import is_distributed, min_max_across_ranks
 from .lr_finder import (
     TrainingSnapshot,
     Unpack,
@@ -117,7 +118,10 @@ class AnchorResult:
                extend: int | None = None) -> float:
         """The rate another decision rule chooses from these same trials (``confidence``,
         ``step_down`` and ``extend``: default the ones this result was decided with); no trial
-        runs again, so an extension these trials did not run ends the replay there."""
+        runs again. It is what a live run with that rule chooses as long as these trials went at
+        least as far past the grid as that rule asks: where it asks for an extension that was not
+        run, it warns and stops there (trials recorded with ``confidence=0``, ``step_down=False``
+        and the largest ``extend`` go as far as any rule asks)."""
         confidence = self.confidence if confidence is None else confidence
         step_down = self.step_down if step_down is None else step_down
         extend = self.extend if extend is None else extend
@@ -130,9 +134,16 @@ class AnchorResult:
                                self.given_lr, confidence, self.start_loss, step_down)
             wants_more = (k - (len(self.rates) - self.extended) < extend and decision.lr == self.rates[k - 1]
                           and math.isfinite(self.losses[k - 1]))
+            if wants_more and k == len(self.rates):
+                warnings.warn(f"AnchorResult.choose: this rule would try {self.rates[-1] * self._step():.3g} next, "
+                              "which these trials did not run; its choice is the one before that trial", stacklevel=2)
             if not (wants_more and k < len(self.rates)):
                 return self.given_lr if decision.lr is None else decision.lr
             k += 1
+
+    def _step(self) -> float:
+        """The ratio between neighbouring rates."""
+        return self.rates[1] / self.rates[0]
 
     @classmethod
     def from_dict(cls, d: dict) -> AnchorResult:
@@ -144,9 +155,14 @@ class AnchorResult:
         fields = {k: v for k, v in d.items() if k in cls.__dataclass_fields__}
         fields["losses"] = [nan(v) for v in d["losses"]]
         fields["start_loss"] = nan(d["start_loss"])
+        result = cls(**fields)
         if d.get("batch_losses") is not None:
-            fields["batch_losses"] = [[nan(v) for v in b] for b in d["batch_losses"]]
-        return cls(**fields)
+            result.batch_losses = [[nan(v) for v in b] for b in d["batch_losses"]]
+            if result.t_threshold is not None:  # infinite t statistics were stored as None: recompute them
+                result.t_statistics = _decide(result.rates, result.losses, result.batch_losses, result.batch_weights,
+                                              result.given_lr, result.confidence, result.start_loss,
+                                              result.step_down).t_statistics
+        return result
 
     def to_dict(self) -> dict:
         return {"lr": self.lr, "given_lr": self.given_lr, "factor": self.factor, "rates": self.rates,
@@ -273,7 +289,8 @@ def find_anchor_lr(
             spacing, at most ``extend`` times, so that an ``lr`` more than ``10**decades`` too small
             is followed up (each extra trial costs ``trial_steps`` more; ``extended`` counts them).
             Off by default: it helps where the ``lr`` is far too small, and costs where short
-            trials favour too large a rate (sequence models; docs/anchor_lr.md).
+            trials favour too large a rate (sequence models; docs/anchor_lr.md). A failed extra
+            trial can make the step-down move the choice below the largest of the ``num`` rates.
         unpack: ``fn(batch) -> (inputs, targets)``; default as :func:`find_lr`'s.
         distributed: under an initialised process group the held-out losses are averaged across
             ranks, so every rank chooses the same rate.
@@ -309,15 +326,15 @@ def find_anchor_lr(
     snap = TrainingSnapshot(model, optimizer)  # before a shuffling DataLoader draws from the RNG
     losses: list[float] = []
     batch_losses: list[list[float]] = []
+    dist_on = is_distributed(distributed)
     try:
         eval_batches = [to_device(unpack(b), device) for b in islice(val_batches, max_eval_batches)]
-        if not eval_batches:
-            raise ValueError("find_anchor_lr: val_batches is empty")
+        _check_eval_batch_counts(len(eval_batches), dist_on, device)
         snap.restore_rng()
-        trial = _Trial(model, optimizer, loss_fn, "steps", train_batches, None, eval_batches, unpack, device,
-                       is_distributed(distributed))
-        weights = [float(_batch_size(xy)) for xy in eval_batches]
-        start_loss = _weighted_mean(trial.eval_batch_losses(), weights)
+        trial = _Trial(model, optimizer, loss_fn, "steps", train_batches, None, eval_batches, unpack, device, dist_on)
+        local_weights = [float(_batch_size(xy)) for xy in eval_batches]
+        per_batch, weights = trial.eval_batch_losses(local_weights)  # weights: summed over the ranks
+        start_loss = _weighted_mean(per_batch, weights)
         if not math.isfinite(start_loss):
             raise ValueError(f"the held-out loss at call time is {start_loss}; find_anchor_lr needs a finite one")
         limit = start_loss + 0.5 * abs(start_loss)
@@ -329,7 +346,7 @@ def find_anchor_lr(
                     _set_rate(optimizer, rate * _trial_factor(trial_schedule, i, steps), scales)
                     trial._train_step(to_device(unpack(next(batches)), device))
                     bar.update(1)
-                per_batch = trial.eval_batch_losses()
+                per_batch, _ = trial.eval_batch_losses(local_weights)
                 value = _weighted_mean(per_batch, weights)
                 losses.append(value if math.isfinite(value) and value <= limit else float("nan"))
                 batch_losses.append(per_batch)
@@ -364,13 +381,25 @@ def find_anchor_lr(
                         len(rates) - num)
 
 
+def _check_eval_batch_counts(count: int, dist_on: bool, device: torch.device) -> None:
+    """Every rank needs held-out batches, as many as the others: their losses are combined batch
+    by batch (checked on every rank, so that all raise together instead of one hanging)."""
+    fewest, most = min_max_across_ranks(count, device) if dist_on else (count, count)
+    if fewest == 0:
+        raise ValueError("find_anchor_lr: val_batches is empty" + (" on at least one rank" if dist_on else "")
+                         + "; pass held-out batches the trials do not train on")
+    if fewest != most:
+        raise ValueError(f"find_anchor_lr: every rank needs the same number of held-out batches (between {fewest} and "
+                         f"{most} across ranks); pass max_eval_batches={fewest} or split the held-out data evenly")
+
+
 def _batch_size(xy) -> int:
     """Samples in an (inputs, targets) batch: the first dimension of the targets (else of the
     inputs, or of the first tensor in a mapping of inputs); 1 when none has one."""
     x, y = xy
     for part in (y, x, *(x.values() if isinstance(x, Mapping) else ())):
         if isinstance(part, Tensor) and part.dim() > 0:
-            return part.shape[0]
+            return max(1, part.shape[0])
     return 1
 
 

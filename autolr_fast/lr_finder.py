@@ -25,12 +25,13 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import torch
+import torch.distributed as dist
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
 from . import optim_support
 from .batches import to_device
-from .distributed import is_distributed, mean_across_ranks, min_max_across_ranks
+from .distributed import is_distributed, mean_across_ranks
 
 Unpack = Callable[[Any], tuple[Any, Any]]
 
@@ -315,7 +316,6 @@ class _Trial:
         self.model, self.optimizer, self.loss_fn, self.unit = model, optimizer, loss_fn, unit
         self.batches, self.train_batches, self.eval_batches = batches, train_batches, eval_batches
         self.unpack, self.device, self.dist_on = unpack, device, dist_on
-        self._counts_checked = False
 
     def forward_loss(self, xy) -> Tensor:
         x, y = xy
@@ -346,20 +346,19 @@ class _Trial:
                 total = mean_across_ranks(total)
             return float(total)
 
-    def eval_batch_losses(self) -> list[float]:
-        """The loss of each evaluation batch. Under a process group each is averaged across ranks
-        batch by batch, so every rank must hold the same number of evaluation batches."""
-        if self.dist_on and not self._counts_checked:
-            fewest, most = min_max_across_ranks(len(self.eval_batches), self.device)
-            if fewest != most:
-                raise ValueError(f"every rank needs the same number of held-out batches (between {fewest} and {most} "
-                                 f"across ranks); pass max_eval_batches={fewest} or split the held-out data evenly")
-            self._counts_checked = True
+    def eval_batch_losses(self, weights: list[float]) -> tuple[list[float], list[float]]:
+        """The loss of each evaluation batch and its weight (``weights``: this rank's, e.g. batch
+        sizes). Under a process group, batch ``i``'s loss is the weighted mean of its loss on every
+        rank and its weight the sum, so every rank gets the same numbers; every rank must hold
+        the same number of evaluation batches (the caller checks)."""
         with self._measuring():
             losses = torch.stack([self.forward_loss(xy).detach().float().reshape(()) for xy in self.eval_batches])
-            if self.dist_on:
-                losses = mean_across_ranks(losses)
-            return losses.tolist()  # one host read for all batches
+            if not self.dist_on:
+                return losses.tolist(), list(weights)
+            w = torch.tensor(weights, dtype=torch.float32, device=losses.device)
+            sums = torch.stack([losses * w, w])
+            dist.all_reduce(sums, op=dist.ReduceOp.SUM)
+            return (sums[0] / sums[1]).tolist(), sums[1].tolist()  # one host read each
 
     def _train_step(self, xy) -> None:
         self.optimizer.zero_grad(set_to_none=True)

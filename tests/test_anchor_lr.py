@@ -385,6 +385,8 @@ def _ddp_worker(rank, world, init_file, out_dir):
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
     try:
         train, val = _regression(seed=rank)  # different data per rank, the same weights
+        if rank:
+            val = [val[0], (val[1][0][:8], val[1][1][:8])]  # as many batches, one of them short
         torch.manual_seed(0)
         model = nn.Sequential(nn.Linear(10, 16), nn.Tanh(), nn.Linear(16, 1))
         opt = torch.optim.Adam(model.parameters(), lr=1e-4)
@@ -395,8 +397,9 @@ def _ddp_worker(rank, world, init_file, out_dir):
 
 
 def test_distributed_ranks_decide_alike_on_the_held_out_losses_of_all_ranks(tmp_path):
-    """Each rank holds other held-out batches; their per-batch losses are averaged across ranks,
-    so every rank sees the same losses, makes the same decision and writes the same lr."""
+    """Each rank holds other held-out batches (rank 1's second one short); batch by batch their
+    losses are combined weighted by sample counts, so every rank sees the same losses and
+    weights, makes the same decision and writes the same lr."""
     import torch.multiprocessing as mp
 
     dist = pytest.importorskip("torch.distributed")
@@ -405,7 +408,8 @@ def test_distributed_ranks_decide_alike_on_the_held_out_losses_of_all_ranks(tmp_
     mp.spawn(_ddp_worker, args=(2, str(tmp_path / "init"), str(tmp_path)), nprocs=2, join=True)
     a, b = (torch.load(tmp_path / f"r{r}.pt", weights_only=False) for r in (0, 1))
     assert repr(a["batch_losses"]) == repr(b["batch_losses"]) and a["lr"] == b["lr"]
-    assert a["t_statistics"] == b["t_statistics"]
+    assert a["t_statistics"] == b["t_statistics"] and a["start_loss"] == b["start_loss"]
+    assert a["batch_weights"] == b["batch_weights"] == [128.0, 72.0], "sample counts summed over the ranks"
     train, val = _regression(seed=0)
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(10, 16), nn.Tanh(), nn.Linear(16, 1))
@@ -492,13 +496,15 @@ def test_the_table_says_when_nothing_was_usable_or_nothing_tested():
     assert "Not tested" in one.table() and "2 val_batches" in one.note
 
 
-def _uneven_worker(rank, world, init_file, out_dir):
+def _uneven_worker(rank, world, init_file, out_dir, mode):
     import torch.distributed as dist
 
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
     try:
         train, val = _regression(seed=rank)
         val = [(b[0][:32], b[1][:32]) for b in val] + ([(val[0][0][32:], val[0][1][32:])] if rank else [])
+        if mode == "empty" and rank:
+            val = []
         model = nn.Sequential(nn.Linear(10, 1))
         try:
             find_anchor_lr(model, torch.optim.Adam(model.parameters(), lr=1e-3), nn.functional.mse_loss, train, val,
@@ -512,18 +518,22 @@ def _uneven_worker(rank, world, init_file, out_dir):
         dist.destroy_process_group()
 
 
-def test_distributed_ranks_with_different_held_out_batch_counts_all_refuse(tmp_path):
-    """Per-batch losses are averaged batch by batch across ranks: with 2 batches on one rank and 3
-    on the other every rank raises, before any trial, instead of hanging in the all-reduce."""
+@pytest.mark.parametrize("mode", ["uneven", "empty"])
+def test_distributed_ranks_with_different_held_out_batch_counts_all_refuse(tmp_path, mode):
+    """Per-batch losses are combined batch by batch across ranks: with 2 batches on one rank and
+    3 (or none) on the other every rank raises, before any trial, instead of hanging."""
     import torch.multiprocessing as mp
 
     dist = pytest.importorskip("torch.distributed")
     if not dist.is_available():
         pytest.skip("torch.distributed is not available in this build")
-    mp.spawn(_uneven_worker, args=(2, str(tmp_path / "init"), str(tmp_path)), nprocs=2, join=True)
+    mp.spawn(_uneven_worker, args=(2, str(tmp_path / "init"), str(tmp_path), mode), nprocs=2, join=True)
     for rank in (0, 1):
         message = (tmp_path / f"r{rank}.txt").read_text()
-        assert "same number of held-out batches" in message and "max_eval_batches=2" in message, message
+        if mode == "uneven":
+            assert "same number of held-out batches" in message and "max_eval_batches=2" in message, message
+        else:
+            assert "val_batches is empty on at least one rank" in message, message
 
 
 def test_an_lr_far_too_small_is_followed_up_past_the_grid():
@@ -558,4 +568,42 @@ def test_the_replay_extends_only_while_the_largest_rate_wins():
     assert result.choose(confidence=0.0, extend=1) == 31.6 == result.choose(confidence=0.0, extend=2)
     short = AnchorResult.from_dict({**result.to_dict(), "rates": rates[:6], "losses": result.losses[:6],
                                     "batch_losses": batches[:6], "extended": 1, "trials_run": 6})
-    assert short.choose(confidence=0.0, extend=2) == 31.6, "an extension that did not run ends the replay"
+    with pytest.warns(UserWarning, match="did not run"):
+        assert short.choose(confidence=0.0, extend=2) == 31.6, "an extension that did not run ends the replay"
+
+
+@pytest.mark.parametrize("setup", ["adam far too small", "sgd diverging"])
+def test_replaying_a_record_of_the_widest_rule_matches_live_runs(setup):
+    """Trials recorded with confidence 0, no step-down and extend=2 go as far as any rule asks:
+    choose() with each rule gives what a live run with that rule chooses."""
+    train, val = _regression()
+    lr = 1e-5 if setup == "adam far too small" else 0.3
+
+    def run(**rule):
+        torch.manual_seed(0)
+        model = nn.Sequential(nn.Linear(10, 16), nn.Tanh(), nn.Linear(16, 1))
+        opt = (torch.optim.Adam(model.parameters(), lr=lr) if setup == "adam far too small"
+               else torch.optim.SGD(model.parameters(), lr=lr, momentum=0.9))
+        return find_anchor_lr(model, opt, nn.functional.mse_loss, train, val, trial_steps=15, apply=False,
+                              progress=False, **rule)
+
+    record = run(confidence=0.0, step_down=False, extend=2)
+    for confidence in (0.0, 0.95):
+        for step_down in (False, True):
+            for extend in (0, 1, 2):
+                live = run(confidence=confidence, step_down=step_down, extend=extend)
+                assert record.choose(confidence, step_down, extend) == live.lr, (confidence, step_down, extend)
+
+
+def test_an_infinite_t_statistic_survives_strict_json():
+    """A rate higher by the same ratio on every batch has t = inf; strict JSON stores it as null,
+    and from_dict() recomputes it, so table() shows it as clearly above the lowest."""
+    rates = [0.1, 0.316, 1.0, 3.16, 10.0]
+    batches = [[2.0, 2.0, 2.0], [1.5, 1.2, 1.4], [1.0, 1.0, 1.0], [1.3, 0.95, 1.6], [1.5, 1.2, 1.7]]
+    d = _decide(rates, _losses(batches), batches, None, 1.0, 0.95, start_loss=3.0)
+    result = AnchorResult(lr=d.lr, given_lr=1.0, rates=rates, losses=_losses(batches), start_loss=3.0, trial_steps=5,
+                          seconds=0.0, trials_run=5, lowest_lr=d.lowest, t_statistics=d.t_statistics,
+                          t_threshold=d.t_threshold, batch_losses=batches, batch_weights=[1.0] * 3)
+    assert math.isinf(result.t_statistics[0])
+    back = AnchorResult.from_dict(json.loads(json.dumps(_strict(result.to_dict()), allow_nan=False)))
+    assert back.t_statistics == result.t_statistics and back.table() == result.table()

@@ -104,9 +104,9 @@ def test_bad_arguments_say_what_is_wrong(tmp_path):
         anchor_ablation.main(["--seeds", "0", "--out", str(tmp_path)])
 
 
-def test_recorded_references_keep_only_the_five_grid_rates(tmp_path):
-    """A compare.json's cosine runs at the grid rates are reused; runs at other rates (another
-    --grid) and other methods are not."""
+def test_recorded_references_keep_the_half_decade_rates_only(tmp_path):
+    """A compare.json's cosine runs at default x 10^(k/2) are reused, past the five grid rates too;
+    runs at other rates (another --grid) and other methods are not."""
     default = 0.1
 
     def run(lr, method="cosine", metric=0.9, status="ok"):
@@ -114,11 +114,13 @@ def test_recorded_references_keep_only_the_five_grid_rates(tmp_path):
                 "status": status, "final_metric": metric, "split": "test"}
 
     runs = [run(default * 10**e) for e in EXPONENTS] + [run(default * 10 ** (1 / 3)), run(0.1, method="step"),
-                                                        run(1.0, status="diverged", metric=None)]
+                                                        run(1.0, status="diverged", metric=None),
+                                                        run(default * 10**1.5, metric=0.5)]
     path = tmp_path / "compare.json"
     path.write_text(json.dumps({"runs": runs}))
     got = anchor_ablation.recorded_references(path)
-    assert sorted(k[2] for k in got) == sorted(EXPONENTS) and all(k[0] == "digits-mlp" for k in got)
+    assert sorted(k[2] for k in got) == sorted([*EXPONENTS, 1.5]) and all(k[0] == "digits-mlp" for k in got)
+    assert got[("digits-mlp", 0, 1.5, 30, 32)] == 0.5
     assert math.isnan(got[("digits-mlp", 0, 1.0, 30, 32)]), "the diverged run at 10x"
     with pytest.raises(ValueError, match="every grid rate"):
         score_task("t", True, {(0, e): float("nan") for e in EXPONENTS}, _choices(lambda r: 0.0))

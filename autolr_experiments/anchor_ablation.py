@@ -50,7 +50,7 @@ from autolr_fast.anchor_lr import AnchorResult
 from . import baselines
 from .compare import DEFAULT_TASKS, Job, machine_info, run_one, task_settings
 from .report import markdown_table, plt, save_figure, strict_json
-from .tasks import available_tasks, get_task, task_optimizer
+from .tasks import Task, available_tasks, get_task, task_optimizer
 from .training import RunSpec, make_optimizer
 
 DESIGN_TASKS = list(DEFAULT_TASKS)
@@ -152,10 +152,9 @@ def recorded_references(path: Path | None) -> dict:
     return out
 
 
-def trials(task_name: str, seed: int, epochs: int, batch_size: int, schedule: str) -> AnchorResult:
+def trials(task: Task, seed: int, epochs: int, batch_size: int, schedule: str) -> AnchorResult:
     """``find_anchor_lr``'s trials as ``autolr-find`` runs them (``train`` seeds before building
     the model, so the trials start from the weights the run starts from); nothing applied."""
-    task = get_task(task_name)
     torch.manual_seed(seed)
     model = task.make_model()
     spec = RunSpec(task, model, None, epochs, task.steps_per_epoch(batch_size), seed, batch_size)
@@ -327,9 +326,10 @@ def main(argv: list[str] | None = None) -> int:
         for task in tasks:
             epochs, batch_size = task_settings(task)
             epochs = QUICK_EPOCHS if args.quick else epochs
+            data = get_task(task)  # built once: every trial and seed copies what it changes
             choices = {}
             for seed in range(seeds):
-                found = {schedule: trials(task, seed, epochs, batch_size, schedule)
+                found = {schedule: trials(data, seed, epochs, batch_size, schedule)
                          for schedule in sorted({r.schedule for r in RULES})}
                 choices[seed] = replay(found)
                 raw.append({"task": task, "seed": seed, "trials": {k: v.to_dict() for k, v in found.items()}})
@@ -337,7 +337,7 @@ def main(argv: list[str] | None = None) -> int:
             pairs = [(s, e) for s in range(seeds) for e in EXPONENTS]  # the grid, then rates past it
             pairs += sorted({(s, e) for s, picks in choices.items() for e in picks.values()} - set(pairs))
             reference = reference_runs(task, pairs, epochs, batch_size, recorded)
-            scored.append(score_task(task, get_task(task).is_classification, reference, choices))
+            scored.append(score_task(task, data.is_classification, reference, choices))
             scored[-1].update(epochs=epochs, batch_size=batch_size,
                               reference=[{"seed": s, "exponent": e, "metric": v} for (s, e), v in reference.items()])
     summary = summarize(scored)

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import torch
 from mnist1d.data import get_dataset_args, make_dataset
@@ -390,15 +390,15 @@ def friedman_mlp(seed: int = 0) -> Task:
 # More tasks, outside compare's default set (``anchor-ablation`` checks find_anchor_lr's rules on
 # them): other data, other optimizers on known data, a user's lr that is far off
 # ------------------------------------------------------------------------------------------------
-def _tabular_classification(name: str, load: Callable, hidden: list[int], dropout: float = 0.0,
-                            split_seed: int = 11) -> Task:
-    """A scikit-learn table: a fifth held out as the test set (fixed split), standardised inputs,
-    an MLP (ReLU, optional dropout after each hidden layer)."""
-    x, y = load(return_X_y=True)
+def _classification_table(name: str, x, y, hidden: list[int], *, split_seed: int, test_share: int = 5,
+                          standardise: bool = True, dropout: float = 0.0) -> Task:
+    """Samples ``x`` and classes ``y``: ``1 / test_share`` of them held out as the test set (fixed
+    split), the inputs standardised (optionally), an MLP (ReLU, optional dropout after each hidden
+    layer)."""
     x = torch.as_tensor(x, dtype=torch.float32)
     y = torch.as_tensor(y, dtype=torch.long)
-    train, test = _fixed_split(len(x), len(x) // 5, split_seed)
-    x_train, x_test = _standardise(x[train], x[test])
+    train, test = _fixed_split(len(x), len(x) // test_share, split_seed)
+    x_train, x_test = _standardise(x[train], x[test]) if standardise else (x[train], x[test])
     classes = int(y.max()) + 1
 
     def model() -> nn.Module:
@@ -412,24 +412,29 @@ def _tabular_classification(name: str, load: Callable, hidden: list[int], dropou
     return Task(name, x_train, y[train], x_test, y[test], model, nn.functional.cross_entropy, classes)
 
 
+def _sklearn_table(name: str, load: Callable, hidden: list[int], dropout: float = 0.0) -> Task:
+    """A scikit-learn table as :func:`_classification_table` builds it (a fifth held out)."""
+    return _classification_table(name, *load(return_X_y=True), hidden, split_seed=11, dropout=dropout)
+
+
 @register_task("cancer-mlp", optimizer=OptimSpec("adam", 1e-3, 0.0))
 def cancer_mlp(seed: int = 0) -> Task:
     """scikit-learn's breast cancer table (569 samples, 30 features, 2 classes), Adam at 1e-3."""
-    return _tabular_classification("cancer-mlp", load_breast_cancer, [64, 64])
+    return _sklearn_table("cancer-mlp", load_breast_cancer, [64, 64])
 
 
 @register_task("wine-mlp", optimizer=OptimSpec("adamw", 1e-3, 1e-2))
 def wine_mlp(seed: int = 0) -> Task:
     """scikit-learn's wine table (178 samples, 13 features, 3 classes: a tiny, easily overfitted
     set), AdamW at 1e-3."""
-    return _tabular_classification("wine-mlp", load_wine, [64, 64])
+    return _sklearn_table("wine-mlp", load_wine, [64, 64])
 
 
 @register_task("digits-dropout-mlp", optimizer=OptimSpec("adamw", 3e-4, 1e-2))
 def digits_dropout_mlp(seed: int = 0) -> Task:
     """scikit-learn's digits, standardised, a wider MLP with dropout 0.2, AdamW at 3e-4 (a common
     transformer default, too small here)."""
-    return _tabular_classification("digits-dropout-mlp", load_digits, [128, 128], dropout=0.2)
+    return _sklearn_table("digits-dropout-mlp", load_digits, [128, 128], dropout=0.2)
 
 
 @register_task("mnist1d-cnn-adam", optimizer=OptimSpec("adam", 1e-3, 0.0))
@@ -441,9 +446,7 @@ def mnist1d_cnn_adam(seed: int = 0, data_seed: int = 42) -> Task:
 @register_task("markov-gru-sgd", optimizer=SGD_MOMENTUM_DEFAULT)
 def markov_gru_sgd(seed: int = 0) -> Task:
     """The Markov-chain GRU trained with SGD with momentum at 0.1 instead of AdamW."""
-    task = markov_gru(seed)
-    task.name = "markov-gru-sgd"
-    return task
+    return replace(markov_gru(seed), name="markov-gru-sgd")
 
 
 def _generated_regression(name: str, x, y, split_seed: int) -> Task:
@@ -455,17 +458,6 @@ def _generated_regression(name: str, x, y, split_seed: int) -> Task:
     x_train, x_test = _standardise(x[train], x[test])
     return Task(name, x_train, y[train], x_test, y[test], lambda: _mlp([x.shape[1], 64, 64, 1]),
                 nn.functional.mse_loss, None)
-
-
-def _generated_classification(name: str, x, y, split_seed: int) -> Task:
-    """Generated 2-D points and their classes, a quarter held out as the test set (fixed split),
-    an MLP with two hidden layers of 64."""
-    x = torch.as_tensor(x, dtype=torch.float32)
-    y = torch.as_tensor(y, dtype=torch.long)
-    train, test = _fixed_split(len(x), len(x) // 4, split_seed)
-    classes = int(y.max()) + 1
-    return Task(name, x[train], y[train], x[test], y[test], lambda: _mlp([x.shape[1], 64, 64, classes]),
-                nn.functional.cross_entropy, classes)
 
 
 class MarkovAttention(nn.Module):
@@ -489,9 +481,7 @@ def markov_attn(seed: int = 0) -> Task:
     AdamW at 1e-3."""
     task = markov_gru(seed)
     vocab, classes, length = task.meta["vocab"], task.num_classes, task.meta["length"]
-    task.name = "markov-attn"
-    task.make_model = lambda: MarkovAttention(vocab, classes, length)
-    return task
+    return replace(task, name="markov-attn", make_model=lambda: MarkovAttention(vocab, classes, length))
 
 
 @register_task("friedman3-mlp", optimizer=OptimSpec("adam", 1e-3, 0.0))
@@ -506,7 +496,7 @@ def friedman3_mlp(seed: int = 0) -> Task:
 def moons_mlp(seed: int = 0) -> Task:
     """scikit-learn's two moons with noise 0.3 (overlapping classes), SGD with momentum at 0.1."""
     x, y = make_moons(n_samples=1200, noise=0.3, random_state=8)
-    return _generated_classification("moons-mlp", x, y, split_seed=88)
+    return _classification_table("moons-mlp", x, y, [64, 64], split_seed=88, test_share=4, standardise=False)
 
 
 @register_task("noisy-classes-mlp", optimizer=OptimSpec("sgd", 0.01, 5e-4))
@@ -515,12 +505,7 @@ def noisy_classes_mlp(seed: int = 0) -> Task:
     the labels flipped; SGD with momentum at 0.01 (a cautious guess)."""
     x, y = make_classification(n_samples=3000, n_features=20, n_informative=8, n_classes=4, flip_y=0.1,
                                random_state=5)
-    x = torch.as_tensor(x, dtype=torch.float32)
-    y = torch.as_tensor(y, dtype=torch.long)
-    train, test = _fixed_split(len(x), 600, 55)
-    x_train, x_test = _standardise(x[train], x[test])
-    return Task("noisy-classes-mlp", x_train, y[train], x_test, y[test], lambda: _mlp([20, 128, 128, 4]),
-                nn.functional.cross_entropy, 4)
+    return _classification_table("noisy-classes-mlp", x, y, [128, 128], split_seed=55)
 
 
 class MarkovLSTM(nn.Module):
@@ -542,9 +527,7 @@ def markov_lstm(seed: int = 0) -> Task:
     """The Markov-chain sequences of ``markov-gru`` with a two-layer LSTM, Adam at 1e-3."""
     task = markov_gru(seed)
     vocab, classes = task.meta["vocab"], task.num_classes
-    task.name = "markov-lstm"
-    task.make_model = lambda: MarkovLSTM(vocab, classes)
-    return task
+    return replace(task, name="markov-lstm", make_model=lambda: MarkovLSTM(vocab, classes))
 
 
 @register_task("mnist1d-mlp-adamw", optimizer=OptimSpec("adamw", 1e-3, 1e-2))
@@ -557,7 +540,7 @@ def mnist1d_mlp_adamw(seed: int = 0, data_seed: int = 42) -> Task:
 def circles_mlp(seed: int = 0) -> Task:
     """scikit-learn's two circles (noise 0.15, inner radius 0.5), AdamW at 1e-3."""
     x, y = make_circles(n_samples=1200, noise=0.15, factor=0.5, random_state=12)
-    return _generated_classification("circles-mlp", x, y, split_seed=121)
+    return _classification_table("circles-mlp", x, y, [64, 64], split_seed=121, test_share=4, standardise=False)
 
 
 @register_task("friedman2-mlp", optimizer=OptimSpec("adam", 1e-3, 0.0))
@@ -572,30 +555,22 @@ def friedman2_mlp(seed: int = 0) -> Task:
 @register_task("regress-exp-adam", optimizer=OptimSpec("adam", 1e-3, 0.0))
 def regress_exp_adam(seed: int = 0) -> Task:
     """``regress-exp`` trained with Adam at 1e-3."""
-    task = _regression_task("exp", seed)
-    task.name = "regress-exp-adam"
-    return task
+    return replace(_regression_task("exp", seed), name="regress-exp-adam")
 
 
 @register_task("digits-bncnn-adamw", optimizer=OptimSpec("adamw", 1e-3, 1e-2))
 def digits_bncnn_adamw(seed: int = 0) -> Task:
     """``digits-bncnn`` trained with AdamW at 1e-3."""
-    task = digits_bncnn(seed)
-    task.name = "digits-bncnn-adamw"
-    return task
+    return replace(digits_bncnn(seed), name="digits-bncnn-adamw")
 
 
 @register_task("cancer-mlp-sgd", optimizer=OptimSpec("sgd", 0.01, 5e-4))
 def cancer_mlp_sgd(seed: int = 0) -> Task:
     """``cancer-mlp`` trained with SGD with momentum at 0.01."""
-    task = cancer_mlp(seed)
-    task.name = "cancer-mlp-sgd"
-    return task
+    return replace(cancer_mlp(seed), name="cancer-mlp-sgd")
 
 
 @register_task("moons-mlp-adam", optimizer=OptimSpec("adam", 1e-4, 0.0))
 def moons_mlp_adam(seed: int = 0) -> Task:
     """``moons-mlp`` trained with Adam at 1e-4 (a cautious guess)."""
-    task = moons_mlp(seed)
-    task.name = "moons-mlp-adam"
-    return task
+    return replace(moons_mlp(seed), name="moons-mlp-adam")

@@ -85,8 +85,8 @@ def test_quick_command_end_to_end_and_the_default_rule_matches_find_anchor_lr(tm
         defaults[k].default for k in ("trial_schedule", "confidence", "step_down", "extend"))
     task = anchor_ablation.QUICK_TASKS[0]
     epochs, batch_size = anchor_ablation.QUICK_EPOCHS, task_settings(task)[1]
-    replayed_trials = anchor_ablation.trials(task, 0, epochs, batch_size, "cosine")
     t = get_task(task)
+    replayed_trials = anchor_ablation.trials(t, 0, epochs, batch_size, "cosine")
     torch.manual_seed(0)
     model = t.make_model()
     spec = RunSpec(t, model, None, epochs, t.steps_per_epoch(batch_size), 0, batch_size)

@@ -2,19 +2,19 @@
 
 ``python -m autolr_fast anchor-ablation [--compare results/compare_full/compare.json] --out DIR``
 
-``find_anchor_lr`` makes three choices: how a trial's rate moves (``trial_schedule``: annealed
-along a cosine, or held constant), whether a rate other than the given one must beat it beyond
-the held-out noise (``confidence``: a paired t-test, or the lowest loss whatever the margin), and
-whether a choice next to a failed rate steps down (``step_down``). For every task and seed this
-command
+``find_anchor_lr`` makes four choices: how a trial's rate moves (``trial_schedule``: annealed
+along a cosine, or held constant), how long a trial is (``fraction`` of the run), whether a rate
+other than the given one must beat it beyond the held-out noise (``confidence``: a paired t-test,
+or the lowest loss whatever the margin), and whether a choice next to a failed rate steps down
+(``step_down``). For every task and seed this command
 
 1. trains cosine (the task's default optimizer, ``CosineAnnealingLR`` over the whole run) at the
    five rates the trials try, the task's default rate x ``10**(-1, -0.5, 0, 0.5, 1)``: the final
    test metric of the cosine run at the rate a rule chooses is that rule's score (it stands in
    for AutoLR anchored there). With ``--compare``, the runs a ``compare`` output already holds
    (the same runs: its ``cosine`` grid) are reused;
-2. runs the trials once per trial schedule exactly as ``compare``'s ``autolr-find`` does (15 % of
-   the run each, on the training data minus the validation split, scored on that split);
+2. runs the trials once per trial schedule and length exactly as ``compare``'s ``autolr-find``
+   does (on the training data minus the validation split, scored on that split);
 3. replays every rule on those trials (:meth:`~autolr_fast.AnchorResult.choose`). A rule that
    extends past the grid (``extend``) is scored by a cosine run at the rate it chose, trained when
    a rule chose it.
@@ -23,12 +23,13 @@ Per rule it reports, per task, the score (mean over seeds) and its gap to the be
 rates, and over tasks how often the rule was close to the best rate (within 0.5 points of
 accuracy or 10 % of the loss) and how often it did worse than keeping the default rate.
 
-The tasks come in three groups, by what the rules saw: ``design`` (``compare``'s tasks: the rules
+The tasks come in four groups, by what the rules saw: ``design`` (``compare``'s tasks: the rules
 were chosen looking at them), ``seen`` (run with earlier drafts of the rules while they were
-chosen) and ``held-out`` (first run with the rules as shipped; ``docs/anchor_lr.md`` tells the
-order). Writes ``anchor_ablation.md``, ``anchor_ablation.json`` (with every reference run's metric
-and every trial) and ``anchor_ablation.png`` to ``--out``; ``--resume`` reuses the reference runs
-of an earlier ``anchor_ablation.json`` there.
+chosen), ``held-out`` (first run with the rules as shipped) and ``held-out 2`` (kinds of task none
+of the others is, first run after the trial length was measured; a task in no list counts there).
+``docs/anchor_lr.md`` tells the order. Writes ``anchor_ablation.md``, ``anchor_ablation.json``
+(with every reference run's metric and every trial) and ``anchor_ablation.png`` to ``--out``;
+``--resume`` reuses the reference runs of an earlier ``anchor_ablation.json`` there.
 """
 
 from __future__ import annotations
@@ -45,7 +46,7 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-from autolr_fast.anchor_lr import AnchorResult
+from autolr_fast.anchor_lr import DEFAULT_FRACTION, AnchorResult
 
 from . import baselines
 from .compare import DEFAULT_TASKS, Job, machine_info, run_one, task_settings
@@ -59,6 +60,9 @@ SEEN_TASKS = ["regress-exp", "regress-log", "regress-step", "regress-inv", "canc
               "markov-attn", "friedman3-mlp", "moons-mlp", "noisy-classes-mlp",
               "markov-lstm", "mnist1d-mlp-adamw", "circles-mlp", "friedman2-mlp"]
 HELD_OUT_TASKS = ["regress-exp-adam", "digits-bncnn-adamw", "cancer-mlp-sgd", "moons-mlp-adam"]
+#: kinds of task none of the rules was chosen on, run once after the trial length was measured
+HELD_OUT_2_TASKS = ["grammar-lm", "shapes-gncnn", "clusters-resmlp", "manifold-ae"]
+GROUPS = ("design", "seen", "held-out", "held-out 2")
 QUICK_TASKS = ["digits-mlp", "regress-sin"]
 QUICK_EPOCHS = 3
 #: the trial rates and the reference grid: the default rate x 10**e
@@ -74,6 +78,7 @@ class Rule:
     confidence: float
     step_down: bool
     extend: int = 0
+    fraction: float = DEFAULT_FRACTION  # of the run, per trial
 
 
 RULES = [
@@ -84,18 +89,31 @@ RULES = [
     Rule("constant trials + nearest within noise + step down", "constant", 0.95, True),
     Rule("cosine trials + nearest within noise + step down (default)", "cosine", 0.95, True),
     Rule("cosine trials + nearest within noise + step down + extend 2", "cosine", 0.95, True, 2),
+    Rule("the default with trials of 5 % of the run", "cosine", 0.95, True, 0, 0.05),
+    Rule("the default with trials of 10 % of the run", "cosine", 0.95, True, 0, 0.10),
+    Rule("the default with trials of 25 % of the run", "cosine", 0.95, True, 0, 0.25),
 ]
 #: find_anchor_lr's defaults
-DEFAULT_RULE = RULES[-2]
-#: the trials run once per schedule with the rule that extends the most (the lowest loss wins:
-#: any rule's choice is the largest rate tried only when the lowest is), so every rule replays
-EXTEND = max(rule.extend for rule in RULES)
+DEFAULT_RULE = RULES[5]
+
+
+def trial_settings() -> dict[tuple[str, float], int]:
+    """The trials to run, ``{(schedule, fraction): extend}``: once per schedule and trial length,
+    as far past the grid as the rules that replay them extend (the lowest loss wins: any rule's
+    choice is the largest rate tried only when the lowest is), so every rule replays."""
+    out: dict[tuple[str, float], int] = {}
+    for rule in RULES:
+        key = (rule.schedule, rule.fraction)
+        out[key] = max(out.get(key, 0), rule.extend)
+    return out
 
 
 def group_of(task: str) -> str:
     if task in DESIGN_TASKS:
         return "design"
-    return "seen" if task in SEEN_TASKS else "held-out"
+    if task in SEEN_TASKS:
+        return "seen"
+    return "held-out" if task in HELD_OUT_TASKS else "held-out 2"
 
 
 def _exponent(lr: float, default: float) -> float | None:
@@ -152,22 +170,25 @@ def recorded_references(path: Path | None) -> dict:
     return out
 
 
-def trials(task: Task, seed: int, epochs: int, batch_size: int, schedule: str) -> AnchorResult:
+def trials(task: Task, seed: int, epochs: int, batch_size: int, schedule: str, fraction: float = DEFAULT_FRACTION,
+           extend: int | None = None) -> AnchorResult:
     """``find_anchor_lr``'s trials as ``autolr-find`` runs them (``train`` seeds before building
-    the model, so the trials start from the weights the run starts from); nothing applied."""
+    the model, so the trials start from the weights the run starts from), ``fraction`` of the run
+    each, up to ``extend`` rates past the grid (default: as far as any rule goes); nothing applied."""
     torch.manual_seed(seed)
     model = task.make_model()
     spec = RunSpec(task, model, None, epochs, task.steps_per_epoch(batch_size), seed, batch_size)
     opt = make_optimizer(model, task.optim)
-    return baselines.anchor_trials(spec, opt, trial_schedule=schedule, confidence=0.0, step_down=False, extend=EXTEND,
-                                   apply=False)
+    extend = max(trial_settings().values()) if extend is None else extend
+    return baselines.anchor_trials(spec, opt, fraction, trial_schedule=schedule, confidence=0.0, step_down=False,
+                                   extend=extend, apply=False)
 
 
-def replay(found: dict[str, AnchorResult]) -> dict[str, float]:
-    """Every rule's choice (as a grid exponent) from the trials of each schedule."""
+def replay(found: dict[tuple[str, float], AnchorResult]) -> dict[str, float]:
+    """Every rule's choice (as a grid exponent) from the trials of each schedule and trial length."""
     out = {}
     for rule in RULES:
-        res = found[rule.schedule]
+        res = found[(rule.schedule, rule.fraction)]
         chosen = res.choose(confidence=rule.confidence, step_down=rule.step_down, extend=rule.extend)
         out[rule.name] = _exponent(chosen, res.given_lr)
     return out
@@ -210,7 +231,7 @@ def summarize(scored: list[dict]) -> dict:
     out = {}
     for rule in RULES:
         per = {}
-        for group in ("design", "seen", "held-out", "all"):
+        for group in (*GROUPS, "all"):
             rows = [t for t in scored if group in ("all", t["group"])]
             per[group] = {"tasks": len(rows), "close": sum(t["rules"][rule.name]["close"] for t in rows),
                           "worse_than_default": sum(t["rules"][rule.name]["worse_than_default"] for t in rows)}
@@ -246,7 +267,7 @@ def render(scored: list[dict], summary: dict, config: dict) -> str:
              "Rules:", ""]
     lines += [f"- {short[r.name]}: {r.name}" for r in RULES]
     lines += ["", "## Summary: tasks close to the best rate / tasks worse than the default rate", ""]
-    groups = ("design", "seen", "held-out", "all")
+    groups = (*GROUPS, "all")
     rows = []
     for rule in RULES:
         per = summary[rule.name]
@@ -270,13 +291,13 @@ def render(scored: list[dict], summary: dict, config: dict) -> str:
 
 
 def plot(summary: dict, path: Path) -> Path:
-    groups = ("design", "seen", "held-out")
+    groups = GROUPS
     fig, axes = plt.subplots(1, 2, figsize=(11, 3.8), sharey=True)
     y = range(len(RULES))
     for ax, key, title in ((axes[0], "close", "close to the best grid rate"),
                            (axes[1], "worse_than_default", "worse than the default rate")):
         left = [0] * len(RULES)
-        for group, color in zip(groups, ("#4c72b0", "#dd8452", "#55a868"), strict=True):
+        for group, color in zip(groups, ("#4c72b0", "#dd8452", "#55a868", "#c44e52"), strict=True):
             counts = [summary[r.name][group][key] for r in RULES]
             ax.barh(list(y), counts, left=left, color=color, label=group)
             left = [a + b for a, b in zip(left, counts, strict=True)]
@@ -295,10 +316,11 @@ def plot(summary: dict, path: Path) -> Path:
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m autolr_fast anchor-ablation", description=__doc__.split("\n")[0])
     p.add_argument("--tasks", nargs="+", default=None,
-                   help="default: compare's tasks, the seen ones and the held-out ones (--quick: two small tasks)")
+                   help="default: compare's tasks, the seen ones and both held-out sets (--quick: two small tasks)")
     p.add_argument("--seeds", type=int, default=3)
-    p.add_argument("--compare", type=Path, default=None,
-                   help="a compare.json whose cosine grid runs are reused (same tasks, seeds, epochs and batch size)")
+    p.add_argument("--compare", type=Path, nargs="+", default=[],
+                   help="compare.json files whose cosine grid runs are reused (same tasks, seeds, epochs and batch "
+                        "size)")
     p.add_argument("--out", type=Path, default=Path("results/anchor_ablation"))
     p.add_argument("--quick", action="store_true", help=f"{QUICK_TASKS}, 1 seed, {QUICK_EPOCHS} epochs: a smoke test")
     p.add_argument("--resume", action="store_true",
@@ -309,14 +331,16 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    tasks = args.tasks or (QUICK_TASKS if args.quick else DESIGN_TASKS + SEEN_TASKS + HELD_OUT_TASKS)
+    tasks = args.tasks or (QUICK_TASKS if args.quick else DESIGN_TASKS + SEEN_TASKS + HELD_OUT_TASKS + HELD_OUT_2_TASKS)
     unknown = [t for t in tasks if t not in available_tasks()]
     if unknown:
         raise SystemExit(f"unknown task(s) {unknown}; available: {', '.join(available_tasks())}")
     if args.seeds < 1:
         raise SystemExit(f"--seeds must be at least 1, got {args.seeds}")
     seeds = 1 if args.quick else args.seeds
-    recorded = recorded_references(args.compare)
+    recorded = {}
+    for path in args.compare:
+        recorded.update(recorded_references(path))
     if args.resume:
         recorded.update(earlier_references(args.out / "anchor_ablation.json"))
     torch.set_num_threads(1)
@@ -329,10 +353,11 @@ def main(argv: list[str] | None = None) -> int:
             data = get_task(task)  # built once: every trial and seed copies what it changes
             choices = {}
             for seed in range(seeds):
-                found = {schedule: trials(data, seed, epochs, batch_size, schedule)
-                         for schedule in sorted({r.schedule for r in RULES})}
+                found = {(schedule, fraction): trials(data, seed, epochs, batch_size, schedule, fraction, extend)
+                         for (schedule, fraction), extend in sorted(trial_settings().items())}
                 choices[seed] = replay(found)
-                raw.append({"task": task, "seed": seed, "trials": {k: v.to_dict() for k, v in found.items()}})
+                raw.append({"task": task, "seed": seed,
+                            "trials": {f"{k[0]} {k[1]:g}": v.to_dict() for k, v in found.items()}})
                 bar.update(1)
             pairs = [(s, e) for s in range(seeds) for e in EXPONENTS]  # the grid, then rates past it
             pairs += sorted({(s, e) for s, picks in choices.items() for e in picks.values()} - set(pairs))

@@ -501,16 +501,17 @@ def autolr_find(spec: RunSpec) -> Schedule:
     return schedule
 
 
-def anchor_trials(spec: RunSpec, opt: torch.optim.Optimizer, **kwargs: Any) -> AnchorResult:
-    """``find_anchor_lr`` as ``autolr-find`` runs it: trials of ``ANCHOR_FRACTION`` of the run on
-    the training data minus the validation split of the tuned reference (20 %, at most 500
-    samples), scored on that split. ``kwargs`` go to ``find_anchor_lr`` (e.g. ``apply=False``)."""
+def anchor_trials(spec: RunSpec, opt: torch.optim.Optimizer, fraction: float = ANCHOR_FRACTION,
+                  **kwargs: Any) -> AnchorResult:
+    """``find_anchor_lr`` as ``autolr-find`` runs it: trials of ``fraction`` of the run on the
+    training data minus the validation split of the tuned reference (20 %, at most 500 samples),
+    scored on that split. ``kwargs`` go to ``find_anchor_lr`` (e.g. ``apply=False``)."""
     from .compare import validation_task  # the tuned reference's split (compare imports this module)
 
     rest = validation_task(spec.task, spec.seed)  # its test data is the held-out split
     bs = spec.batch_size
     val = [(rest.x_test[i:i + bs], rest.y_test[i:i + bs]) for i in range(0, len(rest.x_test), bs)]
-    steps = max(1, round(ANCHOR_FRACTION * spec.total_steps))
+    steps = max(1, round(fraction * spec.total_steps))
     train = list(islice(rest.batches(bs, spec.seed, epochs=spec.epochs), steps))
     return find_anchor_lr(spec.model, opt, spec.task.loss_fn, train, val, trial_steps=steps, progress=False, **kwargs)
 

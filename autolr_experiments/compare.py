@@ -84,6 +84,10 @@ TASK_SETTINGS: dict[str, tuple[int, int]] = {
     "digits-bncnn-adamw": (20, 32),
     "cancer-mlp-sgd": (40, 32),
     "moons-mlp-adam": (40, 32),
+    "grammar-lm": (10, 64),
+    "shapes-gncnn": (15, 64),
+    "clusters-resmlp": (20, 64),
+    "manifold-ae": (40, 64),
 }
 REGRESSION_SETTINGS = (40, 32)
 #: Tasks meant for held-out evaluation (whether a controller was trained on one is read from its info, per run).

@@ -115,10 +115,10 @@ class Task:
         for i in range(0, len(x), batch_size):
             out = model(x[i : i + batch_size])
             total += float(self.loss_fn(out, y[i : i + batch_size])) * len(out)
-            if self.is_classification:
+            if self.is_classification:  # class scores on dim 1: (N, C) or (N, C, positions)
                 correct += int((out.argmax(1) == y[i : i + batch_size]).sum())
         model.train(was_training)
-        return {"loss": total / len(x), "acc": correct / len(x) if self.is_classification else None}
+        return {"loss": total / len(x), "acc": correct / y.numel() if self.is_classification else None}
 
 
 def register_task(name: str, optimizer: OptimSpec = SGD_MOMENTUM_DEFAULT) -> Callable:
@@ -574,3 +574,170 @@ def cancer_mlp_sgd(seed: int = 0) -> Task:
 def moons_mlp_adam(seed: int = 0) -> Task:
     """``moons-mlp`` trained with Adam at 1e-4 (a cautious guess)."""
     return replace(moons_mlp(seed), name="moons-mlp-adam")
+
+
+# ------------------------------------------------------------------------------------------------
+# The second held-out set: kinds of task none of the rules or controllers was chosen on (a
+# language model, images with GroupNorm, a deep normalised MLP, an autoencoder)
+# ------------------------------------------------------------------------------------------------
+_WORDS = {
+    "det": ["the", "a", "one", "every", "some"],
+    "adj": ["small", "red", "quiet", "old", "bright", "heavy", "green"],
+    "noun": ["cat", "dog", "river", "stone", "bird", "garden", "robot", "lamp"],
+    "verb": ["sees", "likes", "moves", "finds", "paints", "follows", "lifts"],
+    "prep": ["near", "under", "behind", "over"],
+}
+
+
+def _sentence(g: torch.Generator) -> str:
+    """One sentence of a small stochastic grammar: det [adj] noun verb det [adj] noun [prep det noun]."""
+    def pick(kind: str) -> str:
+        words = _WORDS[kind]
+        return words[int(torch.randint(len(words), (1,), generator=g))]
+
+    def phrase() -> list[str]:
+        adj = [pick("adj")] if float(torch.rand(1, generator=g)) < 0.5 else []
+        return [pick("det"), *adj, pick("noun")]
+
+    words = phrase() + [pick("verb")] + phrase()
+    if float(torch.rand(1, generator=g)) < 0.4:
+        words += [pick("prep"), pick("det"), pick("noun")]
+    return " ".join(words) + ". "
+
+
+def grammar_text(chars: int, g: torch.Generator) -> str:
+    """At least ``chars`` characters of sentences from :func:`_sentence`."""
+    parts, n = [], 0
+    while n < chars:
+        parts.append(_sentence(g))
+        n += len(parts[-1])
+    return "".join(parts)
+
+
+class CharTransformer(nn.Module):
+    """A causal two-layer transformer over characters; logits as (batch, vocab, length), the
+    layout ``cross_entropy`` takes for a score per position."""
+
+    def __init__(self, vocab: int, length: int, dim: int = 48, heads: int = 4, layers: int = 2) -> None:
+        super().__init__()
+        self.embed = nn.Embedding(vocab, dim)
+        self.position = nn.Parameter(0.02 * torch.randn(length, dim))
+        layer = nn.TransformerEncoderLayer(dim, heads, dim_feedforward=4 * dim, dropout=0.0, batch_first=True,
+                                           norm_first=True)
+        self.blocks = nn.TransformerEncoder(layer, layers, enable_nested_tensor=False)
+        self.norm = nn.LayerNorm(dim)
+        self.head = nn.Linear(dim, vocab)
+        self.register_buffer("causal", nn.Transformer.generate_square_subsequent_mask(length), persistent=False)
+
+    def forward(self, x: Tensor) -> Tensor:
+        t = x.shape[1]
+        h = self.blocks(self.embed(x) + self.position[:t], mask=self.causal[:t, :t], is_causal=True)
+        return self.head(self.norm(h)).transpose(1, 2)  # (batch, vocab, length)
+
+
+@register_task("grammar-lm", optimizer=OptimSpec("adamw", 3e-4, 0.1))
+def grammar_lm(seed: int = 0, length: int = 32) -> Task:
+    """Next-character prediction on text from a small stochastic grammar (4,000 training and 1,000
+    test windows of 32 characters), a causal transformer, AdamW at 3e-4 with weight decay 0.1 (the
+    usual language-model defaults). Accuracy is per character."""
+    g = torch.Generator().manual_seed(606)
+    text = grammar_text(5000 * (length + 1), g)
+    vocab = sorted(set(text))
+    ids = torch.tensor([vocab.index(c) for c in text], dtype=torch.long)
+    windows = ids[: 5000 * (length + 1)].view(5000, length + 1)
+    x, y = windows[:, :-1], windows[:, 1:]
+    return Task("grammar-lm", x[:4000], y[:4000], x[4000:], y[4000:], lambda: CharTransformer(len(vocab), length),
+                nn.functional.cross_entropy, len(vocab), {"vocab": len(vocab), "length": length})
+
+
+def shape_images(n: int, size: int, g: torch.Generator) -> tuple[Tensor, Tensor]:
+    """``n`` noisy ``size`` x ``size`` images of one of four shapes (a square outline, a disc, a
+    triangle, a cross) at a random centre and radius; the label is the shape."""
+    y = torch.randint(4, (n,), generator=g)
+    centre = (0.3 + 0.4 * torch.rand(n, 2, generator=g)) * size
+    radius = (0.15 + 0.15 * torch.rand(n, generator=g)) * size
+    grid = torch.arange(size, dtype=torch.float32)
+    rows, cols = grid.view(1, size, 1), grid.view(1, 1, size)
+    dy = (rows - centre[:, 0].view(n, 1, 1)) / radius.view(n, 1, 1)
+    dx = (cols - centre[:, 1].view(n, 1, 1)) / radius.view(n, 1, 1)
+    square = ((dx.abs().maximum(dy.abs()) - 1).abs() < 0.25).float()
+    disc = (dx**2 + dy**2 <= 1).float()
+    triangle = ((dy <= 1) & (dy >= 2 * dx.abs() - 1)).float()
+    cross = (((dx.abs() < 0.25) & (dy.abs() <= 1)) | ((dy.abs() < 0.25) & (dx.abs() <= 1))).float()
+    images = torch.stack([square, disc, triangle, cross], 1)[torch.arange(n), y]  # (n, size, size)
+    images = images + 0.35 * torch.randn(n, size, size, generator=g)
+    return images.unsqueeze(1), y
+
+
+class ShapesGNCNN(nn.Module):
+    """Three conv-GroupNorm-ReLU blocks (the last two strided), global average pooling, a linear head."""
+
+    def __init__(self, channels: int = 16, num_classes: int = 4) -> None:
+        super().__init__()
+        c = channels
+        self.net = nn.Sequential(
+            nn.Conv2d(1, c, 3, padding=1), nn.GroupNorm(4, c), nn.ReLU(),
+            nn.Conv2d(c, 2 * c, 3, stride=2, padding=1), nn.GroupNorm(4, 2 * c), nn.ReLU(),
+            nn.Conv2d(2 * c, 2 * c, 3, stride=2, padding=1), nn.GroupNorm(4, 2 * c), nn.ReLU(),
+            nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(2 * c, num_classes))
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.net(x)
+
+
+@register_task("shapes-gncnn")
+def shapes_gncnn(seed: int = 0) -> Task:
+    """Generated 16x16 images of four noisy shapes (2,000 training, 1,000 test), a CNN with
+    GroupNorm, SGD with momentum at 0.1."""
+    g = torch.Generator().manual_seed(707)
+    x, y = shape_images(3000, 16, g)
+    return Task("shapes-gncnn", x[:2000], y[:2000], x[2000:], y[2000:], lambda: ShapesGNCNN(),
+                nn.functional.cross_entropy, 4)
+
+
+class ResidualMLP(nn.Module):
+    """An input layer, ``depth`` pre-LayerNorm residual blocks (Linear-GELU-Linear), a LayerNorm and a head."""
+
+    def __init__(self, inputs: int, outputs: int, width: int = 128, depth: int = 4) -> None:
+        super().__init__()
+        self.stem = nn.Linear(inputs, width)
+        self.blocks = nn.ModuleList(
+            nn.Sequential(nn.LayerNorm(width), nn.Linear(width, width), nn.GELU(), nn.Linear(width, width))
+            for _ in range(depth))
+        self.head = nn.Sequential(nn.LayerNorm(width), nn.Linear(width, outputs))
+
+    def forward(self, x: Tensor) -> Tensor:
+        h = self.stem(x)
+        for block in self.blocks:
+            h = h + block(h)
+        return self.head(h)
+
+
+@register_task("clusters-resmlp", optimizer=OptimSpec("adam", 1e-3, 0.0))
+def clusters_resmlp(seed: int = 0) -> Task:
+    """scikit-learn's ``make_classification``: 7 classes of 2 clusters each, 12 informative of 30
+    features, 5 % of the labels flipped (6,000 samples, a fifth held out); a residual MLP with
+    LayerNorm, Adam at 1e-3."""
+    x, y = make_classification(n_samples=6000, n_features=30, n_informative=12, n_classes=7,
+                               n_clusters_per_class=2, flip_y=0.05, random_state=808)
+    x = torch.as_tensor(x, dtype=torch.float32)
+    y = torch.as_tensor(y, dtype=torch.long)
+    train, test = _fixed_split(len(x), len(x) // 5, 88)
+    x_train, x_test = _standardise(x[train], x[test])
+    return Task("clusters-resmlp", x_train, y[train], x_test, y[test], lambda: ResidualMLP(30, 7),
+                nn.functional.cross_entropy, 7)
+
+
+@register_task("manifold-ae", optimizer=OptimSpec("sgd", 0.01, 0.0))
+def manifold_ae(seed: int = 0, inputs: int = 32, latent: int = 4) -> Task:
+    """An autoencoder (32 -> 64 -> 4 -> 64 -> 32, MSE) on points of a curved 4-dimensional manifold
+    in 32 dimensions plus noise 0.05 (3,000 training, 1,000 test); the target is the input. SGD with
+    momentum at 0.01."""
+    g = torch.Generator().manual_seed(909)
+    w1 = torch.randn(latent, 16, generator=g)
+    w2 = torch.randn(16, inputs, generator=g) / 4.0
+    z = torch.randn(4000, latent, generator=g)
+    x = torch.tanh(z @ w1) @ w2 + 0.05 * torch.randn(4000, inputs, generator=g)
+    x = (x - x[:3000].mean(0)) / x[:3000].std(0)
+    return Task("manifold-ae", x[:3000], x[:3000], x[3000:], x[3000:],
+                lambda: _mlp([inputs, 64, latent, 64, inputs]), nn.functional.mse_loss, None)

@@ -37,7 +37,7 @@ def test_scoring_gaps_close_and_worse_than_default():
     assert near["gap"] == pytest.approx(1.05) and near["close"] and near["worse_than_default"]
     assert diverged["gap"] == math.inf and not diverged["close"] and diverged["worse_than_default"]
     summary = summarize([scored])
-    assert summary[RULES[1].name]["held-out"]["tasks"] == 1, "a task in no list counts as held out"
+    assert summary[RULES[1].name]["held-out 2"]["tasks"] == 1, "a task in no list counts in the newest held-out set"
     assert summary[RULES[1].name]["all"] == {"tasks": 1, "close": 1, "worse_than_default": 1}
 
 
@@ -45,7 +45,8 @@ def test_scoring_gaps_close_and_worse_than_default():
                                   "markov-gru-sgd", "markov-attn", "friedman3-mlp", "moons-mlp",
                                   "noisy-classes-mlp", "markov-lstm", "mnist1d-mlp-adamw", "circles-mlp",
                                   "friedman2-mlp", "regress-exp-adam", "digits-bncnn-adamw", "cancer-mlp-sgd",
-                                  "moons-mlp-adam"])
+                                  "moons-mlp-adam", "grammar-lm", "shapes-gncnn", "clusters-resmlp",
+                                  "manifold-ae"])
 def test_new_tasks_build_train_a_step_and_have_settings(name):
     task = get_task(name)
     epochs, batch_size = task_settings(name)
@@ -57,7 +58,8 @@ def test_new_tasks_build_train_a_step_and_have_settings(name):
     loss.backward()
     assert math.isfinite(float(loss.detach())) and all(p.grad is not None for p in model.parameters())
     assert task.is_classification == (task.num_classes is not None)
-    assert set(anchor_ablation.SEEN_TASKS + anchor_ablation.HELD_OUT_TASKS) >= {name}
+    assert set(anchor_ablation.SEEN_TASKS + anchor_ablation.HELD_OUT_TASKS + anchor_ablation.HELD_OUT_2_TASKS) >= {name}
+    assert task.evaluate(model)["loss"] > 0
 
 
 def test_quick_command_end_to_end_and_the_default_rule_matches_find_anchor_lr(tmp_path, monkeypatch):
@@ -133,3 +135,45 @@ def test_a_rate_past_the_grid_gets_its_own_reference_run():
     got = anchor_ablation.reference_runs("digits-mlp", [(0, 1.5)], 1, 32, recorded)
     assert list(got) == [(0, 1.5)] and ("digits-mlp", 0, 1.5, 1, 32) in recorded
     assert anchor_ablation._exponent(0.1 * 10**1.5, 0.1) == 1.5 and anchor_ablation._exponent(0.1 * 2.15, 0.1) is None
+
+
+def test_trial_length_rules_run_their_own_trials():
+    """Each (schedule, trial length) pair runs once, as far past the grid as its rules go; a rule's
+    trial length sets the trial steps as a share of the run."""
+    settings = anchor_ablation.trial_settings()
+    assert set(settings) == {(r.schedule, r.fraction) for r in RULES}
+    assert settings[("cosine", anchor_ablation.DEFAULT_RULE.fraction)] == max(r.extend for r in RULES)
+    assert all(settings[(r.schedule, r.fraction)] >= r.extend for r in RULES)
+    task = get_task("regress-sin")
+    epochs, batch_size = 2, 32
+    total = epochs * task.steps_per_epoch(batch_size)
+    for fraction in (0.05, 0.25):
+        res = anchor_ablation.trials(task, 0, epochs, batch_size, "cosine", fraction, extend=0)
+        assert res.trial_steps == max(1, round(fraction * total)) and res.trial_schedule == "cosine"
+
+
+def test_evaluate_scores_sequence_outputs_per_position():
+    """A model whose class scores sit on dim 1 of a (batch, classes, positions) output is scored
+    per position: the accuracy is the share of positions right, not of sequences."""
+    task = get_task("grammar-lm")
+    x, y = task.x_test[:50], task.y_test[:50]
+    classes = task.num_classes
+
+    def perfect(inputs):
+        return 10.0 * torch.nn.functional.one_hot(y[: len(inputs)], classes).transpose(1, 2).float()
+
+    def always_zero(inputs):
+        out = torch.zeros(len(inputs), classes, y.shape[1])
+        out[:, 0] = 1.0
+        return out
+
+    class Wrap(torch.nn.Module):
+        def __init__(self, fn):
+            super().__init__()
+            self.fn = fn
+
+        def forward(self, inputs):
+            return self.fn(inputs)
+
+    assert task.evaluate(Wrap(perfect), x, y)["acc"] == 1.0
+    assert task.evaluate(Wrap(always_zero), x, y)["acc"] == pytest.approx(float((y == 0).float().mean()))

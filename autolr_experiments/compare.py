@@ -605,7 +605,7 @@ def _done_when_lines(d: dict, title: str, action: bool) -> list[str]:
             *(f"- {k}: {'met' if v else '**not met**'}" for k, v in d["met"].items()), ""]
 
 
-def _budget_section(budget: list[dict], grid: int, action: list[dict] | None = None) -> list[str]:
+def _budget_section(budget: list[dict], grid: int, action: list[dict] | None = None, plots: bool = True) -> list[str]:
     if not budget:
         return []
     out = ["## Equal-budget summary: AutoLR with defaults against what a user would otherwise run", "",
@@ -640,7 +640,8 @@ def _budget_section(budget: list[dict], grid: int, action: list[dict] | None = N
         if factors:
             chosen = ", x ".join(fmt(f, 3) for f in factors)
             out += [f"find_anchor_lr chose the default rate x {chosen} (per seed).", ""]
-        out += [f"![{b['task']} summary]({b['task']}-summary.png)", ""]
+        if plots:
+            out += [f"![{b['task']} summary]({b['task']}-summary.png)", ""]
     action = action or []
     if action:
         out += ["### The action controller against a constant rate at the same start", "",
@@ -697,7 +698,8 @@ def plot_budget(entry: dict, runs: list[dict], path: Path) -> Path:
 
 
 def render_markdown(rows: list[dict], targets: dict, skipped: dict[str, str], config: dict,
-                    budget: list[dict] | None = None) -> str:
+                    budget: list[dict] | None = None, plots: bool = True) -> str:
+    """The report; ``plots``: link the figures (only when they are drawn)."""
     m = config["machine"]
     out = ["# Schedule-quality comparison", "", f"Command: `{config['command']}`  ",
            f"Machine: {m['cpu']} ({m['cores']} cores, {config['threads']} thread(s) per run, {config['jobs']} "
@@ -709,9 +711,10 @@ def render_markdown(rows: list[dict], targets: dict, skipped: dict[str, str], co
     if config.get("force_reference"):
         out += ["AutoLR ran on its pure-PyTorch reference ops (`AUTOLR_FAST_FORCE_REFERENCE` was set): the CPU "
                 "seconds of `autolr` and the learned controllers include the reference's extra cost per step.", ""]
-    out += _budget_section(budget or [], config["grid"], action_vs_constant(rows))
+    out += _budget_section(budget or [], config["grid"], action_vs_constant(rows), plots)
     for task in dict.fromkeys(r["task"] for r in rows):
-        out += _task_section(task, [r for r in rows if r["task"] == task], targets[task], config["task_settings"][task])
+        out += _task_section(task, [r for r in rows if r["task"] == task], targets[task], config["task_settings"][task],
+                             plots)
     out += _verdict_section(verdicts(rows))
     if skipped:
         out += ["## Skipped methods", "", *(f"- `{k}`: {v}" for k, v in skipped.items()), ""]
@@ -722,7 +725,8 @@ def render_markdown(rows: list[dict], targets: dict, skipped: dict[str, str], co
     return "\n".join(out)
 
 
-def _task_section(task: str, rows: list[dict], target: dict, settings: tuple[int, int]) -> list[str]:
+def _task_section(task: str, rows: list[dict], target: dict, settings: tuple[int, int],
+                  plots: bool = True) -> list[str]:
     cls = rows[0]["classification"]
     metric, scale, digits = ("acc (%)", 100.0, 4) if cls else ("MSE", 1.0, 3)
     headers = ["method", "setting", "lr", f"final test {metric}", f"best test {metric}", "test loss",
@@ -749,7 +753,7 @@ def _task_section(task: str, rows: list[dict], target: dict, settings: tuple[int
     return [f"## {task}", "",
             f"{epochs} epochs, batch {batch_size}. Target: test {target['metric'].split('_')[1]} "
             f"{target['rule']} = {fmt(target['target'] * scale, 4)}.", "",
-            markdown_table(headers, body, "lllrrrrrrrr"), "", f"![{task}]({task}.png)", ""]
+            markdown_table(headers, body, "lllrrrrrrrr"), ""] + ([f"![{task}]({task}.png)", ""] if plots else [])
 
 
 def _verdict_section(vs: list[dict]) -> list[str]:
@@ -1196,7 +1200,7 @@ def _run_and_report(args, argv, controller: str, jobs: list[Job], skipped: dict[
            "runs": runs, "validation_runs": val_runs}
     (out / "compare.json").write_text(json.dumps(strict_json(doc), separators=(",", ":"), default=_json_default,
                                                  allow_nan=False))
-    md = render_markdown(rows, targets, skipped, config, budget)
+    md = render_markdown(rows, targets, skipped, config, budget, plots=not args.no_plots)
     (out / "compare.md").write_text(md)
     if not args.no_plots:
         _plot_all(rows, targets, budget, runs, out)
@@ -1216,7 +1220,7 @@ def _rerender(src: Path, out: Path, plots: bool) -> int:
     rows, targets = summary_rows(runs)
     budget = equal_budget(rows, runs, val_runs)
     out.mkdir(parents=True, exist_ok=True)
-    md = render_markdown(rows, targets, doc.get("skipped_methods", {}), doc["config"], budget)
+    md = render_markdown(rows, targets, doc.get("skipped_methods", {}), doc["config"], budget, plots=plots)
     (out / "compare.md").write_text(md)
     if plots:
         _plot_all(rows, targets, budget, runs, out)

@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import re
 
 import pytest
 import torch
@@ -274,7 +275,12 @@ def test_resume_reuses_recorded_runs_and_render_rebuilds_the_table(tmp_path, mon
     assert "## Not run" in (out / "compare.md").read_text()
     (out / "compare.md").unlink()
     assert compare.main(["--render", str(out / "compare.json"), "--out", str(out), "--no-plots"]) == 0
-    assert "## regress-sin" in (out / "compare.md").read_text()
+    md = (out / "compare.md").read_text()
+    assert "## regress-sin" in md and "![" not in md, "without figures the report links none"
+    drawn = tmp_path / "drawn"
+    assert compare.main(["--render", str(out / "compare.json"), "--out", str(drawn)]) == 0
+    links = re.findall(r"!\[[^\]]*\]\(([^)]+)\)", (drawn / "compare.md").read_text())
+    assert links and all((drawn / link).is_file() for link in links), "every figure the report links is drawn"
 
 
 def test_a_new_method_is_one_registered_function(tmp_path, monkeypatch):

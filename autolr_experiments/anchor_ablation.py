@@ -26,7 +26,8 @@ accuracy or 10 % of the loss) and how often it did worse than keeping the defaul
 The tasks come in four groups, by what the rules saw: ``design`` (``compare``'s tasks: the rules
 were chosen looking at them), ``seen`` (run with earlier drafts of the rules while they were
 chosen), ``held-out`` (first run with the rules as shipped) and ``held-out 2`` (kinds of task none
-of the others is, first run after the trial length was measured; a task in no list counts there).
+of the others is, first run with the rules and the trial length as shipped); a task in no list
+counts as ``other``.
 ``docs/anchor_lr.md`` tells the order. Writes ``anchor_ablation.md``, ``anchor_ablation.json``
 (with every reference run's metric and every trial) and ``anchor_ablation.png`` to ``--out``;
 ``--resume`` reuses the reference runs of an earlier ``anchor_ablation.json`` there.
@@ -60,7 +61,7 @@ SEEN_TASKS = ["regress-exp", "regress-log", "regress-step", "regress-inv", "canc
               "markov-attn", "friedman3-mlp", "moons-mlp", "noisy-classes-mlp",
               "markov-lstm", "mnist1d-mlp-adamw", "circles-mlp", "friedman2-mlp"]
 HELD_OUT_TASKS = ["regress-exp-adam", "digits-bncnn-adamw", "cancer-mlp-sgd", "moons-mlp-adam"]
-#: kinds of task none of the rules was chosen on, run once after the trial length was measured
+#: kinds of task none of the others is, first run with the rules and the trial length as shipped
 HELD_OUT_2_TASKS = ["grammar-lm", "shapes-gncnn", "clusters-resmlp", "manifold-ae"]
 GROUPS = ("design", "seen", "held-out", "held-out 2")
 QUICK_TASKS = ["digits-mlp", "regress-sin"]
@@ -113,7 +114,9 @@ def group_of(task: str) -> str:
         return "design"
     if task in SEEN_TASKS:
         return "seen"
-    return "held-out" if task in HELD_OUT_TASKS else "held-out 2"
+    if task in HELD_OUT_TASKS:
+        return "held-out"
+    return "held-out 2" if task in HELD_OUT_2_TASKS else "other"
 
 
 def _exponent(lr: float, default: float) -> float | None:
@@ -226,12 +229,17 @@ def score_task(task: str, classification: bool, reference: dict, choices: dict[i
             "best_exponent": best_e, "best": best, "default": default, "rules": rules}
 
 
+def _groups(scored: list[dict]) -> tuple[str, ...]:
+    """The named groups, and ``other`` when a task is in none of them."""
+    return GROUPS + (("other",) if any(t["group"] == "other" for t in scored) else ())
+
+
 def summarize(scored: list[dict]) -> dict:
     """Per rule and group: tasks close to the best rate, and tasks worse than the default rate."""
     out = {}
     for rule in RULES:
         per = {}
-        for group in (*GROUPS, "all"):
+        for group in (*_groups(scored), "all"):
             rows = [t for t in scored if group in ("all", t["group"])]
             per[group] = {"tasks": len(rows), "close": sum(t["rules"][rule.name]["close"] for t in rows),
                           "worse_than_default": sum(t["rules"][rule.name]["worse_than_default"] for t in rows)}
@@ -267,7 +275,7 @@ def render(scored: list[dict], summary: dict, config: dict) -> str:
              "Rules:", ""]
     lines += [f"- {short[r.name]}: {r.name}" for r in RULES]
     lines += ["", "## Summary: tasks close to the best rate / tasks worse than the default rate", ""]
-    groups = (*GROUPS, "all")
+    groups = (*_groups(scored), "all")
     rows = []
     for rule in RULES:
         per = summary[rule.name]
@@ -291,13 +299,14 @@ def render(scored: list[dict], summary: dict, config: dict) -> str:
 
 
 def plot(summary: dict, path: Path) -> Path:
-    groups = GROUPS
+    groups = tuple(g for g in (*GROUPS, "other") if g in summary[RULES[0].name])
     fig, axes = plt.subplots(1, 2, figsize=(11, 3.8), sharey=True)
     y = range(len(RULES))
     for ax, key, title in ((axes[0], "close", "close to the best grid rate"),
                            (axes[1], "worse_than_default", "worse than the default rate")):
         left = [0] * len(RULES)
-        for group, color in zip(groups, ("#4c72b0", "#dd8452", "#55a868", "#c44e52"), strict=True):
+        for group, color in zip(groups, ("#4c72b0", "#dd8452", "#55a868", "#c44e52", "#8c8c8c")[:len(groups)],
+                                strict=True):
             counts = [summary[r.name][group][key] for r in RULES]
             ax.barh(list(y), counts, left=left, color=color, label=group)
             left = [a + b for a, b in zip(left, counts, strict=True)]

@@ -4,8 +4,8 @@ A task is a plug-in: a function that returns a :class:`Task` (data tensors, a mo
 a loss, whether accuracy is meaningful, and the optimizer a user would train it with). Adding one
 is one function decorated with ``@register_task("name", optimizer=OptimSpec(...))``. All data is
 generated offline (MNIST-1D from the ``mnist1d`` package's generator, scikit-learn's bundled
-digits and diabetes sets and its ``make_friedman1`` generator, synthetic 1-D regression, token
-sequences from random Markov chains).
+tables and its generators, synthetic 1-D regression, token sequences from random Markov chains,
+text from a small stochastic grammar, images of noisy shapes, points of a curved manifold).
 """
 
 from __future__ import annotations
@@ -577,7 +577,7 @@ def moons_mlp_adam(seed: int = 0) -> Task:
 
 
 # ------------------------------------------------------------------------------------------------
-# The second held-out set: kinds of task none of the rules or controllers was chosen on (a
+# The second held-out set: kinds of task held out from every choice of rule and controller (a
 # language model, images with GroupNorm, a deep normalised MLP, an autoencoder)
 # ------------------------------------------------------------------------------------------------
 _WORDS = {

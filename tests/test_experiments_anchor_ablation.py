@@ -13,7 +13,7 @@ from autolr_experiments.anchor_ablation import EXPONENTS, RULES, score_task, sum
 from autolr_experiments.compare import task_settings
 from autolr_experiments.tasks import get_task
 from autolr_experiments.training import RunSpec, make_optimizer
-from autolr_fast import find_anchor_lr
+from autolr_fast import AnchorResult, find_anchor_lr
 
 
 def _choices(pick):
@@ -37,7 +37,8 @@ def test_scoring_gaps_close_and_worse_than_default():
     assert near["gap"] == pytest.approx(1.05) and near["close"] and near["worse_than_default"]
     assert diverged["gap"] == math.inf and not diverged["close"] and diverged["worse_than_default"]
     summary = summarize([scored])
-    assert summary[RULES[1].name]["held-out 2"]["tasks"] == 1, "a task in no list counts in the newest held-out set"
+    assert summary[RULES[1].name]["other"]["tasks"] == 1, "a task in no list counts as other"
+    assert summary[RULES[1].name]["held-out 2"]["tasks"] == 0
     assert summary[RULES[1].name]["all"] == {"tasks": 1, "close": 1, "worse_than_default": 1}
 
 
@@ -59,7 +60,9 @@ def test_new_tasks_build_train_a_step_and_have_settings(name):
     assert math.isfinite(float(loss.detach())) and all(p.grad is not None for p in model.parameters())
     assert task.is_classification == (task.num_classes is not None)
     assert set(anchor_ablation.SEEN_TASKS + anchor_ablation.HELD_OUT_TASKS + anchor_ablation.HELD_OUT_2_TASKS) >= {name}
-    assert task.evaluate(model)["loss"] > 0
+    ev = task.evaluate(model)
+    assert ev["loss"] > 0 and (ev["acc"] is None) == (not task.is_classification)
+    assert ev["acc"] is None or 0.0 <= ev["acc"] <= 1.0
 
 
 def test_quick_command_end_to_end_and_the_default_rule_matches_find_anchor_lr(tmp_path, monkeypatch):
@@ -83,8 +86,16 @@ def test_quick_command_end_to_end_and_the_default_rule_matches_find_anchor_lr(tm
     assert set(doc["summary"]) == {r.name for r in RULES} and "## Per task" in md
     default_rule = anchor_ablation.DEFAULT_RULE
     defaults = inspect.signature(find_anchor_lr).parameters
-    assert (default_rule.schedule, default_rule.confidence, default_rule.step_down, default_rule.extend) == tuple(
-        defaults[k].default for k in ("trial_schedule", "confidence", "step_down", "extend"))
+    assert (default_rule.schedule, default_rule.fraction, default_rule.confidence, default_rule.step_down,
+            default_rule.extend) == tuple(defaults[k].default for k in ("trial_schedule", "fraction", "confidence",
+                                                                        "step_down", "extend"))
+    total = anchor_ablation.QUICK_EPOCHS * get_task(anchor_ablation.QUICK_TASKS[0]).steps_per_epoch(
+        task_settings(anchor_ablation.QUICK_TASKS[0])[1])
+    recorded = doc["trials"][0]
+    assert set(recorded["trials"]) == {f"{r.schedule} {r.fraction:g}" for r in RULES}
+    for key, res in recorded["trials"].items():
+        fraction = float(key.split()[1])
+        assert res["trial_steps"] == max(1, round(fraction * total)), f"the {key} trials ran at their own length"
     task = anchor_ablation.QUICK_TASKS[0]
     epochs, batch_size = anchor_ablation.QUICK_EPOCHS, task_settings(task)[1]
     t = get_task(task)
@@ -177,3 +188,24 @@ def test_evaluate_scores_sequence_outputs_per_position():
 
     assert task.evaluate(Wrap(perfect), x, y)["acc"] == 1.0
     assert task.evaluate(Wrap(always_zero), x, y)["acc"] == pytest.approx(float((y == 0).float().mean()))
+
+
+def test_each_rule_replays_the_trials_of_its_own_length():
+    """A rule replays the trials of its schedule and length: trials of different lengths that rank
+    the rates differently give each rule its own choice."""
+    def result(fraction, best_index):
+        rates = [0.1 * 10 ** e for e in EXPONENTS]
+        losses = [1.0] * len(rates)
+        losses[best_index] = 0.5
+        return AnchorResult(lr=rates[2], given_lr=rates[2], rates=rates, losses=losses, start_loss=2.0,
+                            trial_steps=max(1, round(fraction * 100)), trials_run=len(rates),
+                            seconds=0.0, lowest_lr=rates[best_index], t_statistics=[0.0] * len(rates),
+                            t_threshold=0.0, confidence=0.0, trial_schedule="cosine",
+                            batch_losses=[[v, v] for v in losses], batch_weights=[1.0, 1.0])
+
+    found = {key: result(key[1], 0) for key in anchor_ablation.trial_settings()}
+    short = next(r for r in RULES if r.fraction == 0.05)
+    found[("cosine", short.fraction)] = result(short.fraction, 4)
+    choices = anchor_ablation.replay(found)
+    assert choices[short.name] == 1.0
+    assert choices[anchor_ablation.DEFAULT_RULE.name] == -1.0

@@ -168,3 +168,38 @@ def test_a_step_the_grad_scaler_skips_is_passed_as_skip():
         assert flag.dtype is torch.bool and flag.dim() == 0 and bool(flag) is bad
         scaler.step(opt)
         scaler.update()
+
+
+FIND_EXAMPLE = ROOT / "examples" / "hf_find_anchor_lr.py"
+
+
+def test_find_anchor_lr_runs_on_the_trainers_optimizer_and_batches(tmp_path):
+    """examples/hf_find_anchor_lr.py: the trials run on the Trainer's own optimizer and training
+    DataLoader with the model's own loss, leave the weights and the RNG as they were, set the
+    optimizer's lr, and the Trainer's AutoLR starts from that lr."""
+    spec = importlib.util.spec_from_file_location("hf_find_anchor_lr_example", FIND_EXAMPLE)
+    example = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(example)
+    data = example.token_dataset(96)
+    total = example.EPOCHS * 64 // example.BATCH
+    trainer = example.make_trainer(str(tmp_path), data[:64], total)
+    weights = {k: v.clone() for k, v in trainer.model.state_dict().items()}
+    rng = torch.get_rng_state()
+    found = example.find_anchor(trainer, data[64:], total)
+    assert all(torch.equal(v, weights[k]) for k, v in trainer.model.state_dict().items()), "weights restored"
+    assert torch.equal(torch.get_rng_state(), rng), "the RNG is restored"
+    assert found.trials_run == len(found.rates) == 5 and found.trial_steps == round(0.15 * total)
+    assert len({round(x, 6) for x in found.losses}) == 5, "every trial trained (different held-out losses)"
+    assert found.lr in found.rates and found.given_lr == pytest.approx(1e-3)
+    assert [g["lr"] for g in trainer.optimizer.param_groups] == pytest.approx([found.lr] * len(
+        trainer.optimizer.param_groups)), "the optimizer's lr is the chosen rate"
+    trainer.train()
+    logged = [e["learning_rate"] for e in trainer.state.log_history if "learning_rate" in e]
+    assert logged[0] == pytest.approx(found.lr, rel=1e-6), "AutoLR anchors on the rate find_anchor_lr chose"
+    assert trainer.autolr.step_count == total == len(logged)
+
+
+def test_docs_show_the_find_anchor_example_that_runs_here():
+    docs = (ROOT / "docs" / "frameworks.md").read_text()
+    assert FIND_EXAMPLE.read_text().strip() in docs, \
+        "docs/frameworks.md must show examples/hf_find_anchor_lr.py verbatim"

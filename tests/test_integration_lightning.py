@@ -226,3 +226,51 @@ def test_meta_steps_read_the_gradients_clipped_as_the_optimizer_applies_them(mon
         module.net, val, torch.nn.functional.cross_entropy, interval=1)))
     _fit(module, callback, max_steps=3, gradient_clip_val=0.01)
     assert len(seen) == 3 and all(float(n) <= 0.01 * (1 + 1e-4) for n in seen), seen
+
+
+FIND_EXAMPLE = ROOT / "examples" / "lightning_find_anchor_lr.py"
+
+
+class FirstRate(pl.Callback):
+    """Listed after AutoLRCallback: the rate of the first optimizer step, and the optimizer's count."""
+
+    def __init__(self) -> None:
+        self.first_rate = None
+
+    def on_before_optimizer_step(self, trainer, pl_module, optimizer) -> None:
+        if self.first_rate is None:
+            self.first_rate = float(_as_tensor(optimizer.param_groups[0]["lr"]))
+
+
+def test_find_anchor_lr_sets_the_lr_that_configure_optimizers_builds_fit_with(tmp_path):
+    """examples/lightning_find_anchor_lr.py: the trials run on the optimizer configure_optimizers
+    builds, leave the weights and the RNG as they were, and the optimizer fit() builds starts at the
+    chosen rate, where AutoLR anchors."""
+    spec = importlib.util.spec_from_file_location("lightning_find_anchor_lr_example", FIND_EXAMPLE)
+    example = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(example)
+    torch.manual_seed(0)
+    module = example.TinyClassifier()
+    train, held_out = example.data()
+    total = example.EPOCHS * len(train)
+    weights = {k: v.clone() for k, v in module.state_dict().items()}
+    rng = torch.get_rng_state()
+    found = example.find_anchor(module, train, held_out, total)
+    assert all(torch.equal(v, weights[k]) for k, v in module.state_dict().items()), "weights restored"
+    assert torch.equal(torch.get_rng_state(), rng), "the RNG is restored (the shuffling DataLoader draws from it)"
+    assert found.trials_run == 5 and len({round(x, 6) for x in found.losses}) == 5, "every trial trained"
+    assert module.lr == found.lr and found.given_lr == pytest.approx(0.003) and found.lr in found.rates
+    autolr = AutoLRCallback(lambda opt: AutoLR(opt, total_steps=total))
+    first = FirstRate()
+    trainer = pl.Trainer(max_epochs=example.EPOCHS, accelerator="cpu", devices=1, callbacks=[autolr, first],
+                         default_root_dir=str(tmp_path), logger=False, enable_checkpointing=False,
+                         enable_progress_bar=False, enable_model_summary=False)
+    trainer.fit(module, train)
+    assert first.first_rate == pytest.approx(found.lr, rel=1e-6), "AutoLR anchors on the rate find_anchor_lr chose"
+    assert autolr.scheduler.step_count == total
+
+
+def test_docs_show_the_find_anchor_example_that_runs_here():
+    docs = (ROOT / "docs" / "frameworks.md").read_text()
+    assert FIND_EXAMPLE.read_text().strip() in docs, \
+        "docs/frameworks.md must show examples/lightning_find_anchor_lr.py verbatim"

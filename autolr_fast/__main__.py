@@ -17,6 +17,7 @@ COMMANDS = {
     "bench": ("autolr_experiments.bench_report", "run the overhead benchmarks and render tables and a chart"),
     "find-lr": ("autolr_experiments.find_lr", "learning-rate range test"),
     "anchor-ablation": ("autolr_experiments.anchor_ablation", "which of find_anchor_lr's rules choose well"),
+    "update-size": ("autolr_experiments.update_size", "does the relative update size locate the good rate"),
     "collect": ("autolr_experiments.collect", "branching data collection for the action controller"),
     "train-action": ("autolr_experiments.action_training", "train action-controller models on collected data"),
     "action-signal": ("autolr_experiments.action_signal", "which loss-history signals predict the best action"),

@@ -209,3 +209,48 @@ def test_each_rule_replays_the_trials_of_its_own_length():
     choices = anchor_ablation.replay(found)
     assert choices[short.name] == 1.0
     assert choices[anchor_ablation.DEFAULT_RULE.name] == -1.0
+
+
+def test_update_size_quick_command_on_a_quick_ablation(tmp_path):
+    """update-size reads an anchor-ablation output, measures the relative update size at each grid
+    rate, and scores its leave-one-task-out rule with the ablation's own close / worse flags."""
+    from autolr_experiments import update_size
+
+    ablation = tmp_path / "ablation"
+    assert anchor_ablation.main(["--quick", "--out", str(ablation), "--no-progress"]) == 0
+    out = tmp_path / "size"
+    assert update_size.main(["--quick", "--ablation", str(ablation / "anchor_ablation.json"), "--out", str(out),
+                             "--no-progress"]) == 0
+    doc = json.loads((out / "update_size.json").read_text())
+    tasks = doc["tasks"]
+    assert [t["task"] for t in tasks] == anchor_ablation.QUICK_TASKS
+    for t in tasks:
+        ratios = [t["ratios"][str(e)] for e in EXPONENTS]
+        assert all(r > 0 for r in ratios[:4]), "a positive ratio at the rates that do not diverge"
+    digits = [tasks[0]["ratios"][str(e)] for e in EXPONENTS]
+    assert digits == sorted(digits) and digits[-1] > 10 * digits[0], "on digits-mlp a larger rate moves further"
+    assert tasks[1]["ratios"]["1.0"] is None, "regress-sin diverges at 10x the default rate: no ratio"
+    summary = doc["summary"]
+    assert summary["tasks"] == 2 and len(summary["rule_picks"]) == 2
+    assert "leave-one-task-out" in (out / "update_size.md").read_text().lower()
+    with pytest.raises(SystemExit, match="no anchor-ablation output"):
+        update_size.main(["--ablation", str(tmp_path / "missing.json"), "--out", str(out)])
+
+
+def test_update_size_rule_and_scores_on_known_numbers():
+    """The rule picks, per task, the grid rate whose ratio is nearest the median best ratio of the
+    other tasks; close and worse follow the ablation's definitions."""
+    from autolr_experiments.update_size import analyse
+
+    def task(name, best_e, ratios, grid, cls=True):
+        return {"task": name, "classification": cls, "optimizer": "sgd", "best_exponent": best_e,
+                "best": grid[best_e], "grid": grid, "ratios": dict(zip(EXPONENTS, ratios, strict=True))}
+
+    acc = dict(zip(EXPONENTS, [0.5, 0.8, 0.9, 0.95, 0.2], strict=True))
+    a = task("a", 0.5, [1e-4, 3e-4, 1e-3, 3e-3, 1e-2], acc)  # best ratio 3e-3
+    b = task("b", 0.0, [3e-4, 1e-3, 3e-3, 1e-2, 3e-2], {**acc, 0.0: 0.96})  # best ratio 3e-3
+    c = task("c", -0.5, [1e-3, 3e-3, 1e-2, 3e-2, 1e-1], {**acc, -0.5: 0.97})  # best ratio 3e-3
+    s = analyse([a, b, c])
+    assert s["rule_picks"] == [0.5, 0.0, -0.5], "a common best ratio is found on every task"
+    assert s["rule_close"] == 3 and s["rule_worse"] == 0 and s["default_close"] == 1
+    assert s["spread_best"] == pytest.approx(0.0) and s["monotone_in_rate"] == 3

@@ -1,0 +1,191 @@
+"""Does the relative update size locate the good rate? Measured at the rates anchor-ablation scored.
+
+``python -m autolr_fast update-size --ablation results/anchor_ablation/anchor_ablation.json``
+
+A scale that needs no held-out data would be a target for the size of an update relative to the
+weights, ``||w_{t+1} - w_t|| / ||w_t||`` over the whole model (LARS and LAMB set such a ratio per
+layer). For every task of an ``anchor-ablation`` output and each of its five grid rates (the
+task's default rate x ``10**e``), this command trains the task's default optimizer at that rate,
+held constant, from seed 0's weights for ``--steps`` steps and records the median ratio after the
+first ``--skip``. It then asks whether the best grid rate (from the ablation's cosine runs) has
+about the same ratio on every task: the spread of its log10, against the spread at the default
+rates, and how a rule that picks the grid rate whose ratio is nearest the median best ratio of the
+other tasks (leave-one-task-out) scores, in the ablation's terms (close to the best rate, worse
+than the default rate). Writes ``update_size.md`` and ``update_size.json`` to ``--out``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import statistics
+import sys
+import time
+from dataclasses import replace
+from itertools import islice
+from pathlib import Path
+
+import torch
+from tqdm.auto import tqdm
+
+from .anchor_ablation import CLOSE_POINTS, CLOSE_RATIO, EXPONENTS
+from .compare import machine_info, task_settings
+from .report import markdown_table, strict_json
+from .tasks import get_task
+from .training import make_optimizer
+
+
+def relative_updates(task_name: str, exponent: float, steps: int, skip: int) -> float:
+    """Median ``||w_{t+1} - w_t|| / ||w_t||`` over steps ``skip..steps`` of the task's default
+    optimizer at ``default x 10**exponent``, held constant, from seed 0 (NaN if it diverged)."""
+    task = get_task(task_name)
+    _, batch_size = task_settings(task_name)
+    torch.manual_seed(0)
+    model = task.make_model()
+    opt = make_optimizer(model, replace(task.optim, lr=task.optim.lr * 10.0**exponent))
+    params = [p for p in model.parameters() if p.requires_grad]
+    ratios = []
+    for step, (x, y) in enumerate(islice(task.batches(batch_size, seed=0), steps)):
+        before = [p.detach().clone() for p in params]
+        opt.zero_grad(set_to_none=True)
+        task.loss_fn(model(x), y).backward()
+        opt.step()
+        if step >= skip:
+            moved = torch.sqrt(sum((p.detach() - b).pow(2).sum() for p, b in zip(params, before, strict=True)))
+            size = torch.sqrt(sum(b.pow(2).sum() for b in before))
+            ratios.append(float(moved / size))
+    finite = [r for r in ratios if math.isfinite(r)]
+    return statistics.median(finite) if finite and len(finite) == len(ratios) else float("nan")
+
+
+def _close(task: dict, e: float) -> bool:
+    value, best = task["grid"][e], task["best"]
+    if not math.isfinite(value):
+        return False
+    return 100 * (value - best) >= -CLOSE_POINTS if task["classification"] else value / best <= CLOSE_RATIO
+
+
+def _worse(task: dict, e: float) -> bool:
+    value, default = task["grid"][e], task["grid"][0.0]
+    if not math.isfinite(value):
+        return True
+    return value < default - 1e-12 if task["classification"] else value > default + 1e-12
+
+
+def analyse(tasks: list[dict]) -> dict:
+    """Spreads of log10 ratio at the best and the default rates, and the leave-one-task-out rule."""
+    def log_at(t: dict, e: float) -> float:
+        r = t["ratios"][e]
+        return math.log10(r) if r > 0 and math.isfinite(r) else float("nan")
+
+    best = [log_at(t, t["best_exponent"]) for t in tasks]
+    default = [log_at(t, 0.0) for t in tasks]
+    picks = []
+    for i, t in enumerate(tasks):
+        target = statistics.median(b for j, b in enumerate(best) if j != i and math.isfinite(b))
+        usable = [e for e in EXPONENTS if math.isfinite(log_at(t, e))]
+        picks.append(min(usable, key=lambda e: abs(log_at(t, e) - target)) if usable else 0.0)
+
+    def spread(values: list[float]) -> float | None:
+        finite = [v for v in values if math.isfinite(v)]
+        return statistics.stdev(finite) if len(finite) > 1 else None
+
+    families = {}
+    for family in ("sgd", "adam"):
+        idx = [i for i, t in enumerate(tasks) if (t["optimizer"] == "sgd") == (family == "sgd")]
+        families[family] = {"tasks": len(idx), "spread_best": spread([best[i] for i in idx]),
+                            "spread_default": spread([default[i] for i in idx])}
+    monotone = sum(all(t["ratios"][a] < t["ratios"][b] for a, b in zip(EXPONENTS, EXPONENTS[1:])) for t in tasks)
+    finite_best = [10**b for b in best if math.isfinite(b)]
+    return {
+        "tasks": len(tasks),
+        "best_ratio_median": statistics.median(finite_best), "best_ratio_min": min(finite_best),
+        "best_ratio_max": max(finite_best),
+        "spread_best": spread(best), "spread_default": spread(default), "families": families,
+        "monotone_in_rate": monotone,
+        "rule_picks": picks,
+        "rule_close": sum(_close(t, e) for t, e in zip(tasks, picks, strict=True)),
+        "rule_worse": sum(_worse(t, e) for t, e in zip(tasks, picks, strict=True)),
+        "default_close": sum(_close(t, 0.0) for t in tasks),
+    }
+
+
+def _decades(v: float | None) -> str:
+    return "-" if v is None else f"{v:.2f}"
+
+
+def render(tasks: list[dict], summary: dict, config: dict) -> str:
+    s = summary
+    fam = {k: {key: _decades(v) if key.startswith("spread") else v for key, v in f.items()}
+           for k, f in s["families"].items()}
+    lines = ["# The relative update size at the grid rates", "",
+             f"Command: `{config['command']}`  ",
+             f"Machine: {config['machine']['cpu']}, torch {config['machine']['torch']}; {config['wall_s']:.0f} s.", "",
+             f"Median of `||w_(t+1) - w_t|| / ||w_t||` over steps {config['skip']}-{config['steps']} at a constant "
+             "rate (the task's default optimizer, seed 0); the best rate is the ablation's best grid rate.", "",
+             f"- Best rate's ratio: median {s['best_ratio_median']:.2e}, from {s['best_ratio_min']:.1e} to "
+             f"{s['best_ratio_max']:.1e}; std of its log10 {_decades(s['spread_best'])} decades (default rates: "
+             f"{_decades(s['spread_default'])}).",
+             f"- SGD tasks ({fam['sgd']['tasks']}): {fam['sgd']['spread_best']} at the best rate, "
+             f"{fam['sgd']['spread_default']} at the default; Adam/AdamW tasks ({fam['adam']['tasks']}): "
+             f"{fam['adam']['spread_best']} and {fam['adam']['spread_default']}.",
+             f"- The ratio rises with the rate across all five grid rates on {s['monotone_in_rate']} of "
+             f"{s['tasks']} tasks.",
+             f"- Leave-one-task-out rule (the grid rate whose ratio is nearest the other tasks' median best "
+             f"ratio): close to the best rate on {s['rule_close']} of {s['tasks']}, worse than the default rate on "
+             f"{s['rule_worse']}; the default rate is close on {s['default_close']}.", ""]
+    rows = [[t["task"], t["optimizer"], *(f"{t['ratios'][e]:.2e}" for e in EXPONENTS), f"{t['best_exponent']:+g}",
+             f"{pick:+g}"] for t, pick in zip(tasks, s["rule_picks"], strict=True)]
+    lines += [markdown_table(["task", "optimizer", *(f"e {e:+g}" for e in EXPONENTS), "best e", "rule's e"], rows,
+                             "ll" + "r" * (len(EXPONENTS) + 2)), ""]
+    return "\n".join(lines)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m autolr_fast update-size", description=__doc__.split("\n")[0])
+    p.add_argument("--ablation", type=Path, default=Path("results/anchor_ablation/anchor_ablation.json"),
+                   help="an anchor-ablation output: its tasks and their best grid rates")
+    p.add_argument("--steps", type=int, default=60)
+    p.add_argument("--skip", type=int, default=10, help="steps left out at the start")
+    p.add_argument("--out", type=Path, default=Path("results/update_size"))
+    p.add_argument("--quick", action="store_true", help="12 steps, 2 left out: a smoke test")
+    p.add_argument("--no-progress", action="store_true")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    if not args.ablation.is_file():
+        raise SystemExit(f"no anchor-ablation output at {args.ablation}; run python -m autolr_fast anchor-ablation "
+                         "first, or pass --ablation PATH")
+    steps, skip = (12, 2) if args.quick else (args.steps, args.skip)
+    if not 0 <= skip < steps:
+        raise SystemExit(f"need 0 <= --skip < --steps, got --skip {skip} --steps {steps}")
+    doc = json.loads(args.ablation.read_text())
+    torch.set_num_threads(1)
+    start = time.perf_counter()
+    tasks = []
+    for t in tqdm(doc["tasks"], desc="update-size", disable=args.no_progress):
+        grid = {float(e): (float("nan") if v is None else v) for e, v in t["grid"].items()}
+        tasks.append({"task": t["task"], "classification": t["classification"], "grid": grid,
+                      "best_exponent": t["best_exponent"], "best": t["best"],
+                      "optimizer": "sgd" if get_task(t["task"]).optim.kind == "sgd" else "adam",
+                      "ratios": {e: relative_updates(t["task"], e, steps, skip) for e in EXPONENTS}})
+    if len(tasks) < 2:
+        raise SystemExit(f"{args.ablation} holds {len(tasks)} task(s); the leave-one-task-out rule needs 2 or more")
+    summary = analyse(tasks)
+    command = "python -m autolr_fast update-size " + " ".join(argv if argv is not None else sys.argv[1:])
+    config = {"command": command, "machine": machine_info(), "steps": steps, "skip": skip,
+              "ablation": str(args.ablation), "wall_s": time.perf_counter() - start}
+    args.out.mkdir(parents=True, exist_ok=True)
+    md = render(tasks, summary, config)
+    (args.out / "update_size.md").write_text(md)
+    (args.out / "update_size.json").write_text(json.dumps(strict_json(
+        {"config": config, "summary": summary, "tasks": tasks}), allow_nan=False))
+    print(md)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -266,7 +266,10 @@ def find_anchor_lr(
         model, optimizer, loss_fn: as in your training loop; ``loss_fn(model(inputs), targets)``.
             Build ``AutoLR`` after this call (it reads the ``lr`` at its first step).
         train_batches: a re-iterable (a list or a DataLoader), cycled; every trial starts from the
-            RNG at call time, so a shuffling DataLoader gives every trial the same batches.
+            RNG at call time, so a shuffling DataLoader gives every trial the same batches. A
+            loader that reshuffles by a pass counter of its own (accelerate's prepared DataLoader,
+            the Trainer's) gives trials longer than one pass other batches after the first pass:
+            pass a list of batches there.
         val_batches: held-out batches (not in ``train_batches``): a trial is scored on them, so a
             rate that only fits the training batches faster does not win. At most
             ``max_eval_batches`` are used; the test below needs at least 2.

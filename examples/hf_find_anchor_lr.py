@@ -40,6 +40,7 @@ def make_trainer(out_dir, train_data, total_steps):
 
 def find_anchor(trainer, held_out, total_steps):
     optimizer = trainer.create_optimizer()  # the optimizer train() will use
+    trainer.model.train()  # train() trains in train mode (dropout); from_pretrained returns eval mode
     val = [trainer.data_collator(held_out[i:i + BATCH]) for i in range(0, len(held_out), BATCH)]
     return find_anchor_lr(
         trainer.model, optimizer,

@@ -188,6 +188,8 @@ def test_find_anchor_lr_runs_on_the_trainers_optimizer_and_batches(tmp_path):
     found = example.find_anchor(trainer, data[64:], total)
     assert all(torch.equal(v, weights[k]) for k, v in trainer.model.state_dict().items()), "weights restored"
     assert torch.equal(torch.get_rng_state(), rng), "the RNG is restored"
+    assert not trainer.optimizer.state, "no trial's optimizer state carries into training"
+    assert found.lr != pytest.approx(found.given_lr), "the example moves the rate (else the anchor check is void)"
     assert found.trials_run == len(found.rates) == 5 and found.trial_steps == round(0.15 * total)
     assert len({round(x, 6) for x in found.losses}) == 5, "every trial trained (different held-out losses)"
     assert found.lr in found.rates and found.given_lr == pytest.approx(1e-3)
@@ -197,6 +199,13 @@ def test_find_anchor_lr_runs_on_the_trainers_optimizer_and_batches(tmp_path):
     logged = [e["learning_rate"] for e in trainer.state.log_history if "learning_rate" in e]
     assert logged[0] == pytest.approx(found.lr, rel=1e-6), "AutoLR anchors on the rate find_anchor_lr chose"
     assert trainer.autolr.step_count == total == len(logged)
+    # the trials leave no trace but the lr: the same run without them, started at the chosen lr
+    plain = example.make_trainer(str(tmp_path / "plain"), data[:64], total)
+    plain.args.learning_rate = found.lr
+    plain.train()
+    keys = ("loss", "learning_rate", "grad_norm")
+    assert [{k: e[k] for k in keys} for e in plain.state.log_history if "loss" in e] == \
+        [{k: e[k] for k in keys} for e in trainer.state.log_history if "loss" in e]
 
 
 def test_docs_show_the_find_anchor_example_that_runs_here():

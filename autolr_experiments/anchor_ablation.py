@@ -6,7 +6,8 @@
 along a cosine, or held constant), how long a trial is (``fraction`` of the run), whether a rate
 other than the given one must beat it beyond the held-out noise (``confidence``: a paired t-test,
 or the lowest loss whatever the margin), and whether a choice next to a failed rate steps down
-(``step_down``). For every task and seed this command
+(``step_down``). One more rule, the default on other training batches, measures how much the
+counts move with the trials' batches alone. For every task and seed this command
 
 1. trains cosine (the task's default optimizer, ``CosineAnnealingLR`` over the whole run) at the
    five rates the trials try, the task's default rate x ``10**(-1, -0.5, 0, 0.5, 1)``: the final
@@ -80,6 +81,13 @@ class Rule:
     step_down: bool
     extend: int = 0
     fraction: float = DEFAULT_FRACTION  # of the run, per trial
+    #: the trials' batches are drawn with the run's seed plus this (0: the run's own first batches)
+    batch_seed_offset: int = 0
+
+    @property
+    def trials_key(self) -> tuple[str, float, int]:
+        """Rules with the same key replay the same trials."""
+        return (self.schedule, self.fraction, self.batch_seed_offset)
 
 
 RULES = [
@@ -93,20 +101,26 @@ RULES = [
     Rule("the default with trials of 5 % of the run", "cosine", 0.95, True, 0, 0.05),
     Rule("the default with trials of 10 % of the run", "cosine", 0.95, True, 0, 0.10),
     Rule("the default with trials of 25 % of the run", "cosine", 0.95, True, 0, 0.25),
+    Rule("the default with trials on other training batches", "cosine", 0.95, True, 0, DEFAULT_FRACTION, 1000),
 ]
 #: find_anchor_lr's defaults
 DEFAULT_RULE = RULES[5]
 
 
-def trial_settings() -> dict[tuple[str, float], int]:
-    """The trials to run, ``{(schedule, fraction): extend}``: once per schedule and trial length,
-    as far past the grid as the rules that replay them extend (the lowest loss wins: any rule's
-    choice is the largest rate tried only when the lowest is), so every rule replays."""
-    out: dict[tuple[str, float], int] = {}
+def trial_settings() -> dict[tuple[str, float, int], int]:
+    """The trials to run, ``{Rule.trials_key: extend}``: once per schedule, trial length and batch
+    order, as far past the grid as the rules that replay them extend (the lowest loss wins: any
+    rule's choice is the largest rate tried only when the lowest is), so every rule replays."""
+    out: dict[tuple[str, float, int], int] = {}
     for rule in RULES:
-        key = (rule.schedule, rule.fraction)
-        out[key] = max(out.get(key, 0), rule.extend)
+        out[rule.trials_key] = max(out.get(rule.trials_key, 0), rule.extend)
     return out
+
+
+def trials_label(key: tuple[str, float, int]) -> str:
+    """How the JSON names a set of trials: ``"cosine 0.15"``, ``"cosine 0.15 batches+1000"``."""
+    schedule, fraction, offset = key
+    return f"{schedule} {fraction:g}" + (f" batches+{offset}" if offset else "")
 
 
 def group_of(task: str) -> str:
@@ -174,24 +188,25 @@ def recorded_references(path: Path | None) -> dict:
 
 
 def trials(task: Task, seed: int, epochs: int, batch_size: int, schedule: str, fraction: float = DEFAULT_FRACTION,
-           extend: int | None = None) -> AnchorResult:
+           extend: int | None = None, batch_seed_offset: int = 0) -> AnchorResult:
     """``find_anchor_lr``'s trials as ``autolr-find`` runs them (``train`` seeds before building
     the model, so the trials start from the weights the run starts from), ``fraction`` of the run
-    each, up to ``extend`` rates past the grid (default: as far as any rule goes); nothing applied."""
+    each, up to ``extend`` rates past the grid (default: as far as any rule goes), on batches drawn
+    with ``seed + batch_seed_offset``; nothing applied."""
     torch.manual_seed(seed)
     model = task.make_model()
     spec = RunSpec(task, model, None, epochs, task.steps_per_epoch(batch_size), seed, batch_size)
     opt = make_optimizer(model, task.optim)
     extend = max(trial_settings().values()) if extend is None else extend
-    return baselines.anchor_trials(spec, opt, fraction, trial_schedule=schedule, confidence=0.0, step_down=False,
-                                   extend=extend, apply=False)
+    return baselines.anchor_trials(spec, opt, fraction, batch_seed_offset, trial_schedule=schedule, confidence=0.0,
+                                   step_down=False, extend=extend, apply=False)
 
 
 def replay(found: dict[tuple[str, float], AnchorResult]) -> dict[str, float]:
     """Every rule's choice (as a grid exponent) from the trials of each schedule and trial length."""
     out = {}
     for rule in RULES:
-        res = found[(rule.schedule, rule.fraction)]
+        res = found[rule.trials_key]
         chosen = res.choose(confidence=rule.confidence, step_down=rule.step_down, extend=rule.extend)
         out[rule.name] = _exponent(chosen, res.given_lr)
     return out
@@ -362,11 +377,11 @@ def main(argv: list[str] | None = None) -> int:
             data = get_task(task)  # built once: every trial and seed copies what it changes
             choices = {}
             for seed in range(seeds):
-                found = {(schedule, fraction): trials(data, seed, epochs, batch_size, schedule, fraction, extend)
-                         for (schedule, fraction), extend in sorted(trial_settings().items())}
+                found = {key: trials(data, seed, epochs, batch_size, key[0], key[1], extend, key[2])
+                         for key, extend in sorted(trial_settings().items())}
                 choices[seed] = replay(found)
                 raw.append({"task": task, "seed": seed,
-                            "trials": {f"{k[0]} {k[1]:g}": v.to_dict() for k, v in found.items()}})
+                            "trials": {trials_label(k): v.to_dict() for k, v in found.items()}})
                 bar.update(1)
             pairs = [(s, e) for s in range(seeds) for e in EXPONENTS]  # the grid, then rates past it
             pairs += sorted({(s, e) for s, picks in choices.items() for e in picks.values()} - set(pairs))

@@ -502,17 +502,19 @@ def autolr_find(spec: RunSpec) -> Schedule:
 
 
 def anchor_trials(spec: RunSpec, opt: torch.optim.Optimizer, fraction: float = ANCHOR_FRACTION,
-                  **kwargs: Any) -> AnchorResult:
+                  batch_seed_offset: int = 0, **kwargs: Any) -> AnchorResult:
     """``find_anchor_lr`` as ``autolr-find`` runs it: trials of ``fraction`` of the run on the
     training data minus the validation split of the tuned reference (20 %, at most 500 samples),
-    scored on that split. ``kwargs`` go to ``find_anchor_lr`` (e.g. ``apply=False``)."""
+    scored on that split. The trials' batches are drawn in the order of seed ``spec.seed +
+    batch_seed_offset`` (0: the run's own first batches). ``kwargs`` go to ``find_anchor_lr``
+    (e.g. ``apply=False``)."""
     from .compare import validation_task  # the tuned reference's split (compare imports this module)
 
     rest = validation_task(spec.task, spec.seed)  # its test data is the held-out split
     bs = spec.batch_size
     val = [(rest.x_test[i:i + bs], rest.y_test[i:i + bs]) for i in range(0, len(rest.x_test), bs)]
     steps = max(1, round(fraction * spec.total_steps))
-    train = list(islice(rest.batches(bs, spec.seed, epochs=spec.epochs), steps))
+    train = list(islice(rest.batches(bs, spec.seed + batch_seed_offset, epochs=spec.epochs), steps))
     return find_anchor_lr(spec.model, opt, spec.task.loss_fn, train, val, trial_steps=steps, progress=False, **kwargs)
 
 

@@ -92,10 +92,15 @@ def test_quick_command_end_to_end_and_the_default_rule_matches_find_anchor_lr(tm
     total = anchor_ablation.QUICK_EPOCHS * get_task(anchor_ablation.QUICK_TASKS[0]).steps_per_epoch(
         task_settings(anchor_ablation.QUICK_TASKS[0])[1])
     recorded = doc["trials"][0]
-    assert set(recorded["trials"]) == {f"{r.schedule} {r.fraction:g}" for r in RULES}
+    assert set(recorded["trials"]) == {anchor_ablation.trials_label(r.trials_key) for r in RULES}
     for key, res in recorded["trials"].items():
         fraction = float(key.split()[1])
         assert res["trial_steps"] == max(1, round(fraction * total)), f"the {key} trials ran at their own length"
+    other = next(r for r in RULES if r.batch_seed_offset)
+    same = recorded["trials"][anchor_ablation.trials_label(default_rule.trials_key)]
+    moved = recorded["trials"][anchor_ablation.trials_label(other.trials_key)]
+    assert moved["trial_steps"] == same["trial_steps"] and moved["batch_losses"] != same["batch_losses"], \
+        "the other-batches rule trains on other batches, as long"
     task = anchor_ablation.QUICK_TASKS[0]
     epochs, batch_size = anchor_ablation.QUICK_EPOCHS, task_settings(task)[1]
     t = get_task(task)
@@ -152,9 +157,9 @@ def test_trial_length_rules_run_their_own_trials():
     """Each (schedule, trial length) pair runs once, as far past the grid as its rules go; a rule's
     trial length sets the trial steps as a share of the run."""
     settings = anchor_ablation.trial_settings()
-    assert set(settings) == {(r.schedule, r.fraction) for r in RULES}
-    assert settings[("cosine", anchor_ablation.DEFAULT_RULE.fraction)] == max(r.extend for r in RULES)
-    assert all(settings[(r.schedule, r.fraction)] >= r.extend for r in RULES)
+    assert set(settings) == {r.trials_key for r in RULES}
+    assert settings[anchor_ablation.DEFAULT_RULE.trials_key] == max(r.extend for r in RULES)
+    assert all(settings[r.trials_key] >= r.extend for r in RULES)
     task = get_task("regress-sin")
     epochs, batch_size = 2, 32
     total = epochs * task.steps_per_epoch(batch_size)
@@ -205,7 +210,7 @@ def test_each_rule_replays_the_trials_of_its_own_length():
 
     found = {key: result(key[1], 0) for key in anchor_ablation.trial_settings()}
     short = next(r for r in RULES if r.fraction == 0.05)
-    found[("cosine", short.fraction)] = result(short.fraction, 4)
+    found[short.trials_key] = result(short.fraction, 4)
     choices = anchor_ablation.replay(found)
     assert choices[short.name] == 1.0
     assert choices[anchor_ablation.DEFAULT_RULE.name] == -1.0

@@ -128,12 +128,12 @@ class AnchorResult:
         _check_confidence(confidence)
         if self.batch_losses is None:
             raise ValueError("choose() needs the per-batch held-out losses (batch_losses) of the trials")
-        k = len(self.rates) - self.extended  # the num rates first, then the extensions one by one
+        num = len(self.rates) - self.extended
+        k = num  # the num rates first, then the extensions one by one
         while True:
             decision = _decide(self.rates[:k], self.losses[:k], self.batch_losses[:k], self.batch_weights,
                                self.given_lr, confidence, self.start_loss, step_down)
-            wants_more = (k - (len(self.rates) - self.extended) < extend and decision.lr == self.rates[k - 1]
-                          and math.isfinite(self.losses[k - 1]))
+            wants_more = _wants_extension(decision, self.rates[:k], self.losses[:k], k - num, extend)
             if wants_more and k == len(self.rates):
                 warnings.warn(f"AnchorResult.choose: this rule would try {self.rates[-1] * self._step():.3g} next, "
                               "which these trials did not run; its choice is the one before that trial", stacklevel=2)
@@ -362,8 +362,8 @@ def find_anchor_lr(
             losses += [float("nan")] * (num - len(losses))
             decision = _decide(rates, losses, batch_losses, weights, given, confidence, start_loss, step_down)
             step = 10.0 ** (2 * decades / (num - 1))
-            while len(rates) - num < extend and decision.lr == rates[-1] and math.isfinite(losses[-1]):
-                rates.append(rates[-1] * step)  # the largest rate won: the trials have not bracketed the best
+            while _wants_extension(decision, rates, losses, len(rates) - num, extend):
+                rates.append(rates[-1] * step)
                 bar.total += steps
                 run_trial(rates[-1])
                 decision = _decide(rates, losses, batch_losses, weights, given, confidence, start_loss, step_down)
@@ -425,6 +425,14 @@ class _Decision:
     t_threshold: float | None = None
     stepped_down_from: float | None = None  # the rate the choice stepped down from (its larger neighbour failed)
     note: str = ""  # why the test could not be made (warned)
+
+
+def _wants_extension(decision: _Decision, rates: list[float], losses: list[float], extended: int,
+                     extend: int) -> bool:
+    """Whether one more rate past the largest is tried: the largest rate tried won (the trials have
+    not bracketed the best), it did not diverge, and fewer than ``extend`` extensions ran. The live
+    trials and :meth:`AnchorResult.choose` ask the same question, so a replay is exact."""
+    return extended < extend and decision.lr == rates[-1] and math.isfinite(losses[-1])
 
 
 def _check_confidence(confidence: float) -> None:
@@ -504,7 +512,7 @@ def _paired_t(diffs: list[float], weights: list[float]) -> float:
         raise ValueError(f"the paired t-test needs at least 2 differences and one weight each, got {n} and "
                          f"{len(weights)}")
     total = sum(weights)
-    mean = sum(w * d for w, d in zip(weights, diffs, strict=True)) / total
+    mean = _weighted_mean(diffs, weights)
     s2 = sum(w * (d - mean) ** 2 for w, d in zip(weights, diffs, strict=True)) / (n - 1)
     if s2 == 0:
         return 0.0 if mean == 0 else math.copysign(math.inf, mean)

@@ -202,8 +202,8 @@ def trials(task: Task, seed: int, epochs: int, batch_size: int, schedule: str, f
                                    step_down=False, extend=extend, apply=False)
 
 
-def replay(found: dict[tuple[str, float], AnchorResult]) -> dict[str, float]:
-    """Every rule's choice (as a grid exponent) from the trials of each schedule and trial length."""
+def replay(found: dict[tuple[str, float, int], AnchorResult]) -> dict[str, float]:
+    """Every rule's choice (as a grid exponent) from the trials of each :attr:`Rule.trials_key`."""
     out = {}
     for rule in RULES:
         res = found[rule.trials_key]
@@ -215,6 +215,22 @@ def replay(found: dict[tuple[str, float], AnchorResult]) -> dict[str, float]:
 # ------------------------------------------------------------------------------------------------
 # Scoring
 # ------------------------------------------------------------------------------------------------
+def judge(value: float, best: float, default: float, classification: bool) -> tuple[float, bool, bool]:
+    """``(gap, close, worse)`` of a score against the best grid rate's and the default rate's:
+    the gap in points of accuracy or as the loss ratio; close within ``CLOSE_POINTS`` /
+    ``CLOSE_RATIO``; worse below the default rate (a diverged score is never close and always
+    worse, unless the default diverged too)."""
+    if classification:
+        gap = 100 * (value - best)
+        close = math.isfinite(value) and gap >= -CLOSE_POINTS
+        worse = not (math.isfinite(value) and value >= default - 1e-12) if math.isfinite(default) else False
+    else:
+        gap = value / best if math.isfinite(value) else float("inf")
+        close = gap <= CLOSE_RATIO
+        worse = not (math.isfinite(value) and value <= default + 1e-12) if math.isfinite(default) else False
+    return gap, close, worse
+
+
 def score_task(task: str, classification: bool, reference: dict, choices: dict[int, dict[str, float]]) -> dict:
     """Per rule: the mean over seeds of the reference metric at the chosen rate (``reference``
     holds the five grid rates and any rate past them a rule chose), the gap to the best of the
@@ -231,14 +247,7 @@ def score_task(task: str, classification: bool, reference: dict, choices: dict[i
     for rule in RULES:
         picks = [choices[s][rule.name] for s in seeds]
         value = statistics.fmean(reference[(s, e)] for s, e in zip(seeds, picks, strict=True))
-        if classification:
-            gap = 100 * (value - best)
-            close = math.isfinite(value) and gap >= -CLOSE_POINTS
-            worse = not (math.isfinite(value) and value >= default - 1e-12) if math.isfinite(default) else False
-        else:
-            gap = value / best if math.isfinite(value) else float("inf")
-            close = gap <= CLOSE_RATIO
-            worse = not (math.isfinite(value) and value <= default + 1e-12) if math.isfinite(default) else False
+        gap, close, worse = judge(value, best, default, classification)
         rules[rule.name] = {"choices": picks, "value": value, "gap": gap, "close": close, "worse_than_default": worse}
     return {"task": task, "group": group_of(task), "classification": classification, "grid": grid,
             "best_exponent": best_e, "best": best, "default": default, "rules": rules}

@@ -29,18 +29,16 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-from .anchor_ablation import CLOSE_POINTS, CLOSE_RATIO, EXPONENTS
+from .anchor_ablation import EXPONENTS, judge
 from .compare import machine_info, task_settings
 from .report import markdown_table, strict_json
-from .tasks import get_task
+from .tasks import Task, get_task
 from .training import make_optimizer
 
 
-def relative_updates(task_name: str, exponent: float, steps: int, skip: int) -> float:
+def relative_updates(task: Task, batch_size: int, exponent: float, steps: int, skip: int) -> float:
     """Median ``||w_{t+1} - w_t|| / ||w_t||`` over steps ``skip..steps`` of the task's default
     optimizer at ``default x 10**exponent``, held constant, from seed 0 (NaN if it diverged)."""
-    task = get_task(task_name)
-    _, batch_size = task_settings(task_name)
     torch.manual_seed(0)
     model = task.make_model()
     opt = make_optimizer(model, replace(task.optim, lr=task.optim.lr * 10.0**exponent))
@@ -60,17 +58,11 @@ def relative_updates(task_name: str, exponent: float, steps: int, skip: int) -> 
 
 
 def _close(task: dict, e: float) -> bool:
-    value, best = task["grid"][e], task["best"]
-    if not math.isfinite(value):
-        return False
-    return 100 * (value - best) >= -CLOSE_POINTS if task["classification"] else value / best <= CLOSE_RATIO
+    return judge(task["grid"][e], task["best"], task["grid"][0.0], task["classification"])[1]
 
 
 def _worse(task: dict, e: float) -> bool:
-    value, default = task["grid"][e], task["grid"][0.0]
-    if not math.isfinite(value):
-        return True
-    return value < default - 1e-12 if task["classification"] else value > default + 1e-12
+    return judge(task["grid"][e], task["best"], task["grid"][0.0], task["classification"])[2]
 
 
 def analyse(tasks: list[dict]) -> dict:
@@ -168,10 +160,11 @@ def main(argv: list[str] | None = None) -> int:
     tasks = []
     for t in tqdm(doc["tasks"], desc="update-size", disable=args.no_progress):
         grid = {float(e): (float("nan") if v is None else v) for e, v in t["grid"].items()}
+        task, (_, batch_size) = get_task(t["task"]), task_settings(t["task"])  # built once for the five rates
         tasks.append({"task": t["task"], "classification": t["classification"], "grid": grid,
                       "best_exponent": t["best_exponent"], "best": t["best"],
-                      "optimizer": "sgd" if get_task(t["task"]).optim.kind == "sgd" else "adam",
-                      "ratios": {e: relative_updates(t["task"], e, steps, skip) for e in EXPONENTS}})
+                      "optimizer": "sgd" if task.optim.kind == "sgd" else "adam",
+                      "ratios": {e: relative_updates(task, batch_size, e, steps, skip) for e in EXPONENTS}})
     if len(tasks) < 2:
         raise SystemExit(f"{args.ablation} holds {len(tasks)} task(s); the leave-one-task-out rule needs 2 or more")
     summary = analyse(tasks)

@@ -720,12 +720,8 @@ def clusters_resmlp(seed: int = 0) -> Task:
     LayerNorm, Adam at 1e-3."""
     x, y = make_classification(n_samples=6000, n_features=30, n_informative=12, n_classes=7,
                                n_clusters_per_class=2, flip_y=0.05, random_state=808)
-    x = torch.as_tensor(x, dtype=torch.float32)
-    y = torch.as_tensor(y, dtype=torch.long)
-    train, test = _fixed_split(len(x), len(x) // 5, 88)
-    x_train, x_test = _standardise(x[train], x[test])
-    return Task("clusters-resmlp", x_train, y[train], x_test, y[test], lambda: ResidualMLP(30, 7),
-                nn.functional.cross_entropy, 7)
+    task = _classification_table("clusters-resmlp", x, y, [], split_seed=88)
+    return replace(task, make_model=lambda: ResidualMLP(30, 7))
 
 
 @register_task("manifold-ae", optimizer=OptimSpec("sgd", 0.01, 0.0))

@@ -148,9 +148,12 @@ class LrTensors:
         """The last list if every group still holds its tensor, else None (nothing installed)."""
         groups = self.optimizer.param_groups
         last = self.last
-        if len(groups) == len(last) and all(g["lr"] is t for g, t in zip(groups, last)):
-            return last
-        return None
+        if len(groups) != len(last):
+            return None
+        for group, lr in zip(groups, last):  # a loop: cheaper than all() over a generator here
+            if group["lr"] is not lr:
+                return None
+        return last
 
     def __call__(self) -> list[Tensor]:
         last = self.cached()

@@ -55,7 +55,8 @@ PIECES = {
     "flat_weights": lambda s: s.controller.flat_weights(),
     "dispatch.select": lambda s: dispatch.select("mlrsnet_step_", s.device),
     "dispatch.mlrsnet_step_": lambda s: dispatch.mlrsnet_step_(*_args(s), s._ok),
-    "triton launch_step_if_supported": None,  # filled below (needs triton)
+    "triton launch_step_bound": None,  # the steady state's launch; filled below (needs triton)
+    "triton launch_step_if_supported": None,  # the checked launch; filled below
     "counters.poll": lambda s: s.counters.poll(s.step_count),
     "after-step host checks": lambda s: s._after_step_host_checks(),
     "torch.cuda.current_device": lambda s: torch.cuda.current_device(),
@@ -70,8 +71,10 @@ def test_piece(benchmark, sched, piece):
     if fn is None:
         from autolr_fast.ops import triton_kernels as k
 
+        launch = k.launch_step_bound if piece == "triton launch_step_bound" else k.launch_step_if_supported
+
         def fn(s):
-            return k.launch_step_if_supported(*_args(s)[:-1], s._ok, s.counters.values)
+            return launch(*_args(s)[:-1], s._ok, s.counters.values)
 
     benchmark.group = GROUP
     if piece == "whole AutoLR.step":

@@ -762,6 +762,65 @@ def test_step_plan_uses_the_checked_launcher_and_falls_back_if_it_raises_later(m
     assert float(h[0, 0]) == 4.0 and len(runs) == 4 and len(generic) == 5
 
 
+def test_bound_launch_runs_the_steady_state_and_refuses_anything_changed(monkeypatch):
+    """``launch_step_bound`` (the scheduler's steady state) launches through the plan's checked
+    launcher with only this call's loss and ok new; anything else changed (memory, layout, a
+    scale, the loss's dtype or shape, ok, the counters) launches nothing and returns False, and
+    the checked path then takes the call. A tensor replaced by another over the same memory is
+    the same launch."""
+    runs = []
+
+    def runner(*args, stream=None):
+        runs.append(args)
+        _fake_kernel_through_pointers(args)
+
+    k, _, generic = _fake_launch_plans(monkeypatch, runner)
+    weights = make_weights(17, 1, torch.Generator().manual_seed(SEED))
+    h, c, gamma, rate = torch.zeros(1, 17), torch.zeros(1, 17), torch.tensor(0.5), torch.tensor(0.0)
+    lrs, scales, counters = [torch.zeros(()), torch.zeros(())], [1.0, 2.0], torch.zeros(2, dtype=torch.int64)
+    ok = torch.zeros((), dtype=torch.bool)
+
+    def bound(loss=None, ok_=None, **changed):
+        args = dict(h=h, c=c, weights=weights, gamma=gamma, rate=rate, lr_list=lrs, scales=scales,
+                    counters=counters) | changed
+        loss = torch.tensor(1.0) if loss is None else loss
+        return k.launch_step_bound(loss, ok=ok if ok_ is None else ok_, **args)
+
+    assert not bound(), "no plan yet"
+    plan, reason = k._plan_for(torch.tensor(1.0), h, c, weights, gamma, rate, lrs, scales, ok, counters)
+    assert reason is None
+    plan.device_index = 0  # as on a GPU
+    assert not bound(), "no checked launcher yet"
+    plan.launch(torch.tensor(1.0), ok)  # generic launch + the launcher check
+    assert plan.runner is not None and float(h[0, 0]) == 1.0
+    loss = torch.tensor(3.0)
+    assert bound(loss) and len(runs) == 2 and float(h[0, 0]) == 2.0
+    named = dict(zip(k._mlrsnet_step_kernel.arg_names, runs[-1]))
+    assert named["loss_ptr"] == loss.data_ptr() and named["ok_ptr"] == ok.data_ptr()
+    alias = [weights[0].view(weights[0].shape)] + weights[1:]  # another object, the same memory and layout
+    assert bound(weights=alias) and float(h[0, 0]) == 3.0
+    refused = {
+        "a scale": dict(scales=[1.0, 3.0]),
+        "a scale list of another length": dict(scales=[1.0]),
+        "an lr tensor replaced": dict(lr_list=[lrs[0], torch.zeros(())]),
+        "an lr group added": dict(lr_list=[*lrs, torch.zeros(())], scales=[*scales, 1.0]),
+        "a weight of other memory": dict(weights=[weights[0].clone()] + weights[1:]),
+        "another c": dict(c=torch.zeros(1, 17)),
+        "no counters": dict(counters=None),
+        "a float64 loss": dict(loss=torch.tensor(1.0, dtype=torch.float64)),
+        "a 2-element loss": dict(loss=torch.zeros(2)),
+        "a float ok": dict(ok_=torch.zeros(())),
+    }
+    for what, change in refused.items():
+        assert not bound(**change), f"{what}: the bound launch must refuse"
+    assert len(runs) == 3 and float(h[0, 0]) == 3.0, "a refused bound launch must launch nothing"
+    accepted = h.data
+    h.data = torch.zeros(1, 17)  # the same object, other memory
+    assert not bound(), "h's memory changed under the same object"
+    h.data = accepted
+    assert bound() and float(h[0, 0]) == 4.0
+
+
 # ------------------------------------------------------------------------------------------------
 # Interpreter: the lr scales of a cached plan
 # ------------------------------------------------------------------------------------------------

@@ -50,6 +50,9 @@ def _fallback_warning(op: str, reason: str) -> None:
 
 # -- implementations ----------------------------------------------------------------------------
 def _step_cuda(loss, h, c, weights, gamma, rate, lr_list, scales, ok, counters=None) -> None:
+    if _kernels is not None and _kernels.launch_step_bound(loss, h, c, weights, gamma, rate, lr_list, scales, ok,
+                                                           counters):
+        return  # the steady state: the last launch's arguments with a new loss, checked and launched
     reason = "triton kernels not importable" if _kernels is None else _kernels.launch_step_if_supported(
         loss, h, c, weights, gamma, rate, lr_list, scales, ok, counters)
     if reason is not None:

@@ -62,6 +62,7 @@ __all__ = [
     "step_unsupported_reason",
     "param_grads_unsupported_reason",
     "launch_step",
+    "launch_step_bound",
     "launch_step_if_supported",
     "launch_param_grads",
 ]
@@ -498,10 +499,12 @@ def _direct_runner(compiled):
 
     def runner(*args, stream):
         enter, leave = _launch_hooks()
-        if _hooks_active(enter) or _hooks_active(leave):
+        # _hooks_active, inlined: this runs every step
+        if ((enter is not None and getattr(enter, "calls", True))
+                or (leave is not None and getattr(leave, "calls", True))):
             wrapped(*args, stream=stream)
         else:  # none installed (None, or an empty chain): the call the launcher check compared
-            direct(*args, stream=stream)
+            run(1, 1, 1, stream, function, packed, None, None, None, *args)
 
     # what the launcher check compares with the generic launch, whatever hooks are installed at
     # that moment (the wrapper is Triton's own path)
@@ -602,16 +605,20 @@ class _StepPlan:
     ``loss`` and ``ok`` are new tensors every step: their addresses are passed per call (the
     kernel does not specialize on their alignment), and a ``loss`` of another dtype goes through
     Triton's generic launch (which compiles that variant).
+
+    :meth:`launch_bound` is the steady state's launch: the same call with no new decision to
+    make costs the checks that can fail between two steps and the launcher's call.
     """
 
     __slots__ = ("tensors", "layout", "scales", "h", "args", "constexprs", "num_warps", "extra", "device_index",
-                 "runner", "runner_args", "loss_dtype")
+                 "device_id", "runner", "runner_args", "loss_dtype")
 
     def __init__(self, h, c, weights, gamma, rate, lr_list, scales, counters, tensors) -> None:
         self.tensors = tensors
         self.layout = _layout_key(tensors)
         self.scales = tuple(scales)
         self.h = h
+        self.device_id = h.get_device()  # -1 on the CPU: compared with the loss's and ok's
         num_layers, hidden = h.shape
         middle = weights[0].shape[0]
         block_h, block_m, self.num_warps = _blocks(hidden, middle)
@@ -631,6 +638,33 @@ class _StepPlan:
         return (self.scales == tuple(scales) and len(self.tensors) == len(tensors)
                 and all(map(operator.is_, self.tensors, tensors))
                 and self.layout == _layout_key(tensors))
+
+    def launch_bound(self, loss, tensors, scales, ok) -> bool:
+        """Launch through the checked compiled launcher when ``tensors`` (ordered as
+        :func:`_plan_for` orders them) have this plan's memory layout, the scales its values,
+        ``loss`` and ``ok`` are what the plan's launcher takes and the state's device is the
+        current one: the steady state of a scheduler, checked without building anything.
+        Otherwise launch nothing and return False: the caller takes the checked path.
+
+        Tensors are compared by memory, not identity: equal layout keys mean that the tensors
+        passed now have the addresses, strides, shapes and dtypes baked into the plan's
+        arguments, which is all the kernel reads and writes."""
+        index = self.device_index
+        if (self.runner is None or self.extra or loss.dtype is not self.loss_dtype or ok.dtype is not torch.bool
+                or loss.numel() != 1 or ok.numel() != 1
+                or loss.get_device() != self.device_id or ok.get_device() != self.device_id
+                or self.scales != tuple(scales) or _layout_key(tensors) != self.layout
+                or (self.device_id >= 0 and torch._C._cuda_getDevice() != index)):
+            return False
+        args = self.runner_args  # the plan's own list: this call's two addresses replace the last's
+        args[_LOSS], args[_OK] = loss.data_ptr(), ok.data_ptr()
+        try:
+            self.runner(*args, stream=_current_stream(index))
+        except TypeError as exc:  # the launcher refused the arguments: nothing was launched
+            _LAUNCHER.fail(f"{type(exc).__name__}: {exc}")
+            self.runner = None
+            return False
+        return True
 
     def launch(self, loss: torch.Tensor, ok: torch.Tensor) -> None:
         # Triton launches on the current device: switch only when it is not the state's (the
@@ -741,10 +775,16 @@ _PLANS: dict[int, _StepPlan] = {}
 _PLANS_MAX = 16
 
 
+def _step_tensors(h, c, weights, gamma, rate, lr_list, counters) -> tuple:
+    """The tensors a plan is checked on, in the order of its layout key."""
+    if counters is None:
+        return (h, c, gamma, rate, *weights, *lr_list)
+    return (h, c, gamma, rate, counters, *weights, *lr_list)
+
+
 def _plan_for(loss, h, c, weights, gamma, rate, lr_list, scales, ok, counters) -> tuple[_StepPlan | None, str | None]:
     """``(plan, None)`` for arguments the step kernel takes, else ``(None, reason)``."""
-    tensors = (h, c, gamma, rate, *weights, *lr_list) if counters is None else (h, c, gamma, rate, counters,
-                                                                               *weights, *lr_list)
+    tensors = _step_tensors(h, c, weights, gamma, rate, lr_list, counters)
     plan = _PLANS.get(id(h))
     if plan is None or not plan.matches(tensors, scales):
         reason = _state_reason(h, c, weights, gamma, rate, lr_list, scales, counters)
@@ -759,6 +799,15 @@ def _plan_for(loss, h, c, weights, gamma, rate, lr_list, scales, ok, counters) -
         return plan, None  # the common case, in one expression
     reason = _scalar_reason("loss", loss, device, "float") or _scalar_reason("ok", ok, device, "bool")
     return (None, reason) if reason is not None else (plan, None)
+
+
+def launch_step_bound(loss, h, c, weights, gamma, rate, lr_list, scales, ok, counters=None) -> bool:
+    """:func:`launch_step` for the arguments of the last launch on ``h`` with a new ``loss`` and
+    ``ok``, through that launch's plan (:meth:`_StepPlan.launch_bound`): True if launched, False
+    (nothing launched) when anything else changed, or the plan cannot launch that way yet."""
+    plan = _PLANS.get(id(h))
+    return plan is not None and plan.launch_bound(loss, _step_tensors(h, c, weights, gamma, rate, lr_list, counters),
+                                                  scales, ok)
 
 
 def launch_step_if_supported(loss, h, c, weights, gamma, rate, lr_list, scales, ok, counters=None) -> str | None:

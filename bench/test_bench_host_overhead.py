@@ -9,9 +9,9 @@ file times, in one run:
   one-argument kernel (what the floor, one tiny kernel launch, pays before its C launcher);
 * ``triton_bind_step_kernel``: the same for the MLR-SNet step kernel's 41 arguments (what a
   step would pay without the cached launch plan);
-* ``autolr_step_triton_path``: a whole ``AutoLR.step`` on the Triton path (argument check,
-  dispatch, the plan's call of the compiled launcher), with the compiled launcher itself
-  replaced by a no-op, since there is no GPU here.
+* ``autolr_step_triton_path``: a whole steady-state ``AutoLR.step`` on the Triton path as on a
+  GPU (argument check, dispatch, the bound launch's checks, the call of the compiled launcher),
+  with the compiled launcher itself replaced by a no-op, since there is no GPU here.
 
 None of them includes the C launcher and ``cuLaunchKernel``, which every variant pays once.
 Private Triton APIs (the binder factory, the CUDA backend object) are used; the file skips if
@@ -97,7 +97,13 @@ def test_triton_bind_step_kernel(benchmark, step_args):
 def test_autolr_step_triton_path(benchmark, monkeypatch):
     from autolr_fast.ops import triton_kernels as k  # needs triton (optional)
 
-    class NoOpCompiled:  # the compiled kernel: its launcher does nothing here
+    def no_op_launcher(*args):
+        return None
+
+    class NoOpCompiled:  # the compiled kernel, with a C launcher (run) that does nothing here
+        function, packed_metadata = 0, ()
+        run = staticmethod(no_op_launcher)
+
         def __getitem__(self, grid):
             return lambda *args, stream=None: None
 
@@ -127,6 +133,10 @@ def test_autolr_step_triton_path(benchmark, monkeypatch):
     for p in model.parameters():
         p.grad = torch.zeros_like(p)
     sched = AutoLR(opt, MLRSNet(50, 1), gamma=0.5, lr_as_tensor=True)  # as on a GPU
+    # as on a GPU: one ok buffer for every step, and the counters' poll idle between two polls
+    # (every 32nd step copies them; on the CPU they would be read in place every step)
+    sched._ok = torch.zeros((), dtype=torch.bool)
+    sched.counters.idle_tick = lambda: True
     loss = torch.tensor(1.0)
     warnings.simplefilter("ignore")  # repeated steps without optimizer.step() warn once
     sched.step(loss)

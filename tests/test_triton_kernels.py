@@ -764,14 +764,15 @@ def test_step_plan_uses_the_checked_launcher_and_falls_back_if_it_raises_later(m
 
 def test_bound_launch_runs_the_steady_state_and_refuses_anything_changed(monkeypatch):
     """``launch_step_bound`` (the scheduler's steady state) launches through the plan's checked
-    launcher with only this call's loss and ok new; anything else changed (memory, layout, a
-    scale, the loss's dtype or shape, ok, the counters) launches nothing and returns False, and
-    the checked path then takes the call. A tensor replaced by another over the same memory is
-    the same launch."""
+    launcher exactly what the checked path launches, with this call's loss and ok; anything else
+    changed (memory, layout, a tensor's role, a scale, the loss's dtype, shape or device, ok, the
+    counters) launches nothing and returns False, and so does an input the layout key cannot
+    read; the checked path then takes the call. A tensor replaced by another over the same
+    memory is the same launch."""
     runs = []
 
     def runner(*args, stream=None):
-        runs.append(args)
+        runs.append((args, stream))
         _fake_kernel_through_pointers(args)
 
     k, _, generic = _fake_launch_plans(monkeypatch, runner)
@@ -793,32 +794,69 @@ def test_bound_launch_runs_the_steady_state_and_refuses_anything_changed(monkeyp
     assert not bound(), "no checked launcher yet"
     plan.launch(torch.tensor(1.0), ok)  # generic launch + the launcher check
     assert plan.runner is not None and float(h[0, 0]) == 1.0
-    loss = torch.tensor(3.0)
-    assert bound(loss) and len(runs) == 2 and float(h[0, 0]) == 2.0
-    named = dict(zip(k._mlrsnet_step_kernel.arg_names, runs[-1]))
-    assert named["loss_ptr"] == loss.data_ptr() and named["ok_ptr"] == ok.data_ptr()
+    loss, other_ok = torch.tensor(3.0), torch.zeros((), dtype=torch.bool)
+    assert bound(loss, other_ok) and len(runs) == 2 and float(h[0, 0]) == 2.0 and bool(other_ok)
+    plan.launch(loss, other_ok)  # the checked path's launch of the same call
+    (bound_args, bound_stream), (checked_args, checked_stream) = runs[1], runs[2]
+    assert bound_args == checked_args and bound_stream == checked_stream == 1234
+    named = dict(zip(k._mlrsnet_step_kernel.arg_names, bound_args))
+    assert named["loss_ptr"] == loss.data_ptr() and named["ok_ptr"] == other_ok.data_ptr()
     alias = [weights[0].view(weights[0].shape)] + weights[1:]  # another object, the same memory and layout
-    assert bound(weights=alias) and float(h[0, 0]) == 3.0
+    assert bound(weights=alias) and float(h[0, 0]) == 4.0
     refused = {
         "a scale": dict(scales=[1.0, 3.0]),
         "a scale list of another length": dict(scales=[1.0]),
         "an lr tensor replaced": dict(lr_list=[lrs[0], torch.zeros(())]),
         "an lr group added": dict(lr_list=[*lrs, torch.zeros(())], scales=[*scales, 1.0]),
+        "an lr tensor passed as a weight": dict(weights=[*weights, lrs[0]], lr_list=[lrs[1]]),
         "a weight of other memory": dict(weights=[weights[0].clone()] + weights[1:]),
         "another c": dict(c=torch.zeros(1, 17)),
+        "a sparse c": dict(c=torch.zeros(1, 17).to_sparse()),
         "no counters": dict(counters=None),
         "a float64 loss": dict(loss=torch.tensor(1.0, dtype=torch.float64)),
         "a 2-element loss": dict(loss=torch.zeros(2)),
         "a float ok": dict(ok_=torch.zeros(())),
+        "a 2-element ok": dict(ok_=torch.zeros(2, dtype=torch.bool)),
     }
     for what, change in refused.items():
         assert not bound(**change), f"{what}: the bound launch must refuse"
-    assert len(runs) == 3 and float(h[0, 0]) == 3.0, "a refused bound launch must launch nothing"
+    plan.device_id = 0  # the state on cuda:0, the loss and ok here on the CPU
+    assert not bound(), "a loss and ok on another device than the state's"
+    plan.device_id = -1
+    assert len(runs) == 4 and float(h[0, 0]) == 4.0, "a refused bound launch must launch nothing"
     accepted = h.data
     h.data = torch.zeros(1, 17)  # the same object, other memory
     assert not bound(), "h's memory changed under the same object"
     h.data = accepted
-    assert bound() and float(h[0, 0]) == 4.0
+    assert bound() and float(h[0, 0]) == 5.0 and len(generic) == 2
+
+    def refusing_runner(*args, stream=None):
+        raise TypeError("launcher() takes 33 positional arguments but 48 were given")
+
+    plan.runner = refusing_runner
+    with pytest.warns(RuntimeWarning, match="generic launch"):
+        assert not bound(), "a launcher that raises launched nothing: the checked path must take the call"
+    assert k._LAUNCHER.state == "failed" and plan.runner is None and float(h[0, 0]) == 5.0
+    assert not bound(), "no launcher after it failed"
+
+
+def test_bound_launch_leaves_more_than_eight_lr_groups_to_the_checked_path(monkeypatch):
+    """Groups past the kernel's 8 lr slots need the extra launch of the checked path."""
+    k, _, generic = _fake_launch_plans(monkeypatch, lambda *args, stream=None: _fake_kernel_through_pointers(args))
+    extra = []
+    monkeypatch.setattr(k, "_write_lr_kernel", type("FakeWrite", (), {
+        "__getitem__": lambda self, grid: lambda *args, **kwargs: extra.append(args)})())
+    weights = make_weights(17, 1, torch.Generator().manual_seed(SEED))
+    h, c, gamma, rate = torch.zeros(1, 17), torch.zeros(1, 17), torch.tensor(0.5), torch.tensor(0.0)
+    lrs, scales, ok = [torch.zeros(()) for _ in range(10)], [1.0] * 10, torch.zeros((), dtype=torch.bool)
+    plan, reason = k._plan_for(torch.tensor(1.0), h, c, weights, gamma, rate, lrs, scales, ok, None)
+    assert reason is None and plan.extra
+    plan.device_index = 0
+    plan.launch(torch.tensor(1.0), ok)
+    plan.launch(torch.tensor(1.0), ok)
+    assert plan.runner is not None and len(extra) == 2
+    assert not k.launch_step_bound(torch.tensor(1.0), h, c, weights, gamma, rate, lrs, scales, ok)
+    assert float(h[0, 0]) == 2.0 and len(extra) == 2
 
 
 # ------------------------------------------------------------------------------------------------

@@ -610,13 +610,14 @@ class _StepPlan:
     make costs the checks that can fail between two steps and the launcher's call.
     """
 
-    __slots__ = ("tensors", "layout", "scales", "h", "args", "constexprs", "num_warps", "extra", "device_index",
-                 "device_id", "runner", "runner_args", "loss_dtype")
+    __slots__ = ("tensors", "layout", "scales", "counts", "h", "args", "constexprs", "num_warps", "extra",
+                 "device_index", "device_id", "runner", "runner_args", "loss_dtype")
 
     def __init__(self, h, c, weights, gamma, rate, lr_list, scales, counters, tensors) -> None:
         self.tensors = tensors
         self.layout = _layout_key(tensors)
         self.scales = tuple(scales)
+        self.counts = (len(weights), len(lr_list))
         self.h = h
         self.device_id = h.get_device()  # -1 on the CPU: compared with the loss's and ok's
         num_layers, hidden = h.shape
@@ -639,7 +640,7 @@ class _StepPlan:
                 and all(map(operator.is_, self.tensors, tensors))
                 and self.layout == _layout_key(tensors))
 
-    def launch_bound(self, loss, tensors, scales, ok) -> bool:
+    def launch_bound(self, loss, tensors, counts, scales, ok) -> bool:
         """Launch through the checked compiled launcher when ``tensors`` (ordered as
         :func:`_plan_for` orders them) have this plan's memory layout, the scales its values,
         ``loss`` and ``ok`` are what the plan's launcher takes and the state's device is the
@@ -648,13 +649,20 @@ class _StepPlan:
 
         Tensors are compared by memory, not identity: equal layout keys mean that the tensors
         passed now have the addresses, strides, shapes and dtypes baked into the plan's
-        arguments, which is all the kernel reads and writes."""
+        arguments, which is all the kernel reads and writes. ``counts`` (the number of weight
+        and lr tensors) keeps each tensor in its role. Not re-entrant: this call's addresses go
+        into the plan's own argument list (one scheduler is stepped from one thread)."""
         index = self.device_index
-        if (self.runner is None or self.extra or loss.dtype is not self.loss_dtype or ok.dtype is not torch.bool
-                or loss.numel() != 1 or ok.numel() != 1
+        if (self.runner is None or self.extra or counts != self.counts or loss.dtype is not self.loss_dtype
+                or ok.dtype is not torch.bool or loss.numel() != 1 or ok.numel() != 1
                 or loss.get_device() != self.device_id or ok.get_device() != self.device_id
-                or self.scales != tuple(scales) or _layout_key(tensors) != self.layout
+                or self.scales != tuple(scales)
                 or (self.device_id >= 0 and torch._C._cuda_getDevice() != index)):
+            return False
+        try:
+            if _layout_key(tensors) != self.layout:
+                return False
+        except (RuntimeError, TypeError, ValueError):  # e.g. a sparse tensor: the checked path says why
             return False
         args = self.runner_args  # the plan's own list: this call's two addresses replace the last's
         args[_LOSS], args[_OK] = loss.data_ptr(), ok.data_ptr()
@@ -807,7 +815,7 @@ def launch_step_bound(loss, h, c, weights, gamma, rate, lr_list, scales, ok, cou
     (nothing launched) when anything else changed, or the plan cannot launch that way yet."""
     plan = _PLANS.get(id(h))
     return plan is not None and plan.launch_bound(loss, _step_tensors(h, c, weights, gamma, rate, lr_list, counters),
-                                                  scales, ok)
+                                                  (len(weights), len(lr_list)), scales, ok)
 
 
 def launch_step_if_supported(loss, h, c, weights, gamma, rate, lr_list, scales, ok, counters=None) -> str | None:

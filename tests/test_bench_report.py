@@ -98,3 +98,54 @@ def test_bench_dir_is_found_from_the_checkout_or_refused(tmp_path, monkeypatch):
     assert bench_report.find_bench_dir() == tmp_path / "bench"  # ./bench first
     with pytest.raises(SystemExit, match="--bench-dir"):
         bench_report.find_bench_dir(str(tmp_path / "elsewhere"))
+
+
+def _gpu_figures():
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("gpu_figures", BENCH_DIR / "gpu_figures.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_gpu_figures_reads_one_run_into_the_issue_table(tmp_path, capsys):
+    """The GPU check's figures: ratios of medians of the same run and the fresh process's
+    side-by-side lines, each against its target; rows the run lacks say so."""
+    figures = _gpu_figures()
+    bench = {"benchmarks": [
+        _bench("test_device_work[autolr-step]", "device work", 2e-5,
+               {"kernels_per_step": 1.0, "syncs_per_step": 0.0}),
+        _bench("test_step[autolr-step-H50-L1]", "step", 2.5e-3),
+        _bench("test_step[floor-tiny-triton-kernel-H50-L1]", "step", 2.0e-3),
+        _bench("test_step[triton-cudagraph-H50-L1]", "step", 1.0e-3),
+        _bench("test_resnet18_interleaved", "inter", 0.25, {"autolr-defaults_over_cosine_median": 1.004,
+                                                            "autolr-published-controller_over_cosine_median": 1.02,
+                                                            "published-eager-float_over_cosine_median": 1.1}),
+        _bench("test_resnet18_plain_autolr_step", "meta", 6e-3, {"peak_mem_mib": 111.2}),
+        _bench("test_resnet18_meta_step_every_step[batched]", "meta", 12e-3, {"peak_mem_mib": 199.8}),
+        _bench("test_resnet18_meta_step_every_step[streamed]", "meta", 13.2e-3, {"peak_mem_mib": 164.0}),
+    ]}
+    profile = ("step: 14.5 us per step\nside by side (fresh process, 15 interleaved rounds of 1000 calls, medians):\n"
+               "  autolr-step                  14.22 us/call   1.28x tiny launch   2.34x graph replay\n"
+               "  floor-tiny-triton-kernel     11.11 us/call   1.00x tiny launch   1.83x graph replay\n")
+    rows = {what: (measured, target, met) for what, measured, target, met in figures.figures(bench, profile)}
+    assert rows["kernels / host syncs per steady-state AutoLR.step (profiler)"] == ("1 / 0", "1 / 0", "yes")
+    assert rows["eager step / tiny Triton launch, fresh process"] == ("1.28x", "<= 1.3x", "yes")
+    assert rows["eager step / one-kernel graph replay, fresh process"] == ("2.34x", "<= 2.0x", "no")
+    assert rows["eager step / tiny Triton launch, benchmark process (H50-L1)"] == ("1.25x", "<= 1.3x", "yes")
+    assert rows["eager step / one-kernel graph replay, benchmark process (H50-L1)"][::2] == ("2.50x", "no")
+    assert rows["eager step / tiny Triton launch, benchmark process (H128-L2)"] == ("not measured", "<= 1.3x", "-")
+    assert rows["ResNet-18 step, AutoLR defaults / cosine (interleaved medians)"][::2] == ("1.004x", "yes")
+    assert rows["ResNet-18 step, AutoLR published controller / cosine (interleaved medians)"][::2] == ("1.020x", "no")
+    assert rows["meta-step every step / plain step, ResNet-18 (batched)"] == ("2.00x", "<= 2.1x", "yes")
+    assert rows["meta-step every step / plain step, ResNet-18 (streamed)"][::2] == ("2.20x", "no")
+    assert rows["peak memory above the model: plain / meta streamed / meta batched"][0] == "111 / 164 / 200 MiB"
+    assert rows["ResNet-18 training step with AutoLR.step, CUDA-graph replay vs eager"][0] == "not measured"
+    path = tmp_path / "bench.json"
+    path.write_text(json.dumps(bench))
+    assert figures.main(["--bench", str(path)]) == 0  # no profile log: the fresh-process rows are missing
+    out = capsys.readouterr().out
+    assert out.startswith("| figure | measured | target | met |")
+    assert "| eager step / tiny Triton launch, fresh process | not measured | <= 1.3x | - |" in out
+    assert figures.main(["--bench", str(tmp_path / "missing.json")]) == 2

@@ -1,17 +1,28 @@
-"""Does the relative update size locate the good rate? Measured at the rates anchor-ablation scored.
+"""Do the relative update size or the gradient's alignment with the last update locate the good
+rate? Both measured at the rates anchor-ablation scored.
 
 ``python -m autolr_fast update-size --ablation results/anchor_ablation/anchor_ablation.json``
 
-A scale that needs no held-out data would be a target for the size of an update relative to the
-weights, ``||w_{t+1} - w_t|| / ||w_t||`` over the whole model (LARS and LAMB set such a ratio per
-layer). For every task of an ``anchor-ablation`` output and each of its five grid rates (the
-task's default rate x ``10**e``), this command trains the task's default optimizer at that rate,
-held constant, from seed 0's weights for ``--steps`` steps and records the median ratio after the
-first ``--skip``. It then asks whether the best grid rate (from the ablation's cosine runs) has
-about the same ratio on every task: the spread of its log10, against the spread at the default
-rates, and how a rule that picks the grid rate whose ratio is nearest the median best ratio of the
-other tasks (leave-one-task-out) scores, in the ablation's terms (close to the best rate, worse
-than the default rate). Writes ``update_size.md`` and ``update_size.json`` to ``--out``.
+Two signals that need no held-out data, read from the training steps themselves:
+
+* the size of an update relative to the weights, ``||w_{t+1} - w_t|| / ||w_t||`` over the whole
+  model (LARS and LAMB set such a ratio per layer): a target for the rate's scale;
+* the cosine between the descent direction ``-g_t`` and the last update ``w_t - w_{t-1}``: the
+  signal of hypergradient descent (positive while steps keep going the same way, a rate that
+  could be larger; negative when they turn back, one that overshoots), which an online scale
+  controller would follow.
+
+For every task of an ``anchor-ablation`` output and each of its five grid rates (the task's
+default rate x ``10**e``), this command trains the task's default optimizer at that rate, held
+constant, from seed 0's weights for ``--steps`` steps and records the median ratio and the mean
+cosine after the first ``--skip``. It then asks whether the best grid rate (from the ablation's
+cosine runs) has about the same value on every task: the spread at the best rates against the
+spread at the default rates, and how a rule that picks the grid rate whose value is nearest the
+median best value of the other tasks (leave-one-task-out) scores, in the ablation's terms (close
+to the best rate, worse than the default rate). For the cosine it also asks whether its value at
+the default rate tells the direction to the best rate (above or below the other tasks' median),
+as an online controller would need. Writes ``update_size.md`` and ``update_size.json`` to
+``--out``.
 """
 
 from __future__ import annotations
@@ -36,25 +47,38 @@ from .tasks import Task, get_task
 from .training import make_optimizer
 
 
-def relative_updates(task: Task, batch_size: int, exponent: float, steps: int, skip: int) -> float:
-    """Median ``||w_{t+1} - w_t|| / ||w_t||`` over steps ``skip..steps`` of the task's default
-    optimizer at ``default x 10**exponent``, held constant, from seed 0 (NaN if it diverged)."""
+def trial_signals(task: Task, batch_size: int, exponent: float, steps: int, skip: int) -> tuple[float, float]:
+    """``(ratio, alignment)`` over steps ``skip..steps`` of the task's default optimizer at
+    ``default x 10**exponent``, held constant, from seed 0: the median ``||w_{t+1} - w_t|| /
+    ||w_t||`` and the mean cosine between ``-g_t`` and ``w_t - w_{t-1}`` (NaN if it diverged)."""
     torch.manual_seed(0)
     model = task.make_model()
     opt = make_optimizer(model, replace(task.optim, lr=task.optim.lr * 10.0**exponent))
     params = [p for p in model.parameters() if p.requires_grad]
-    ratios = []
+    ratios, cosines = [], []
+    last_update = None
     for step, (x, y) in enumerate(islice(task.batches(batch_size, seed=0), steps)):
         before = [p.detach().clone() for p in params]
         opt.zero_grad(set_to_none=True)
         task.loss_fn(model(x), y).backward()
+        if step >= skip and last_update is not None:
+            grads = [torch.zeros_like(p) if p.grad is None else p.grad for p in params]
+            dot = -sum((g * u).sum() for g, u in zip(grads, last_update, strict=True))
+            norms = torch.sqrt(sum(g.pow(2).sum() for g in grads) * sum(u.pow(2).sum() for u in last_update))
+            cosines.append(float(dot / norms) if float(norms) > 0 else float("nan"))
         opt.step()
+        last_update = [p.detach() - b for p, b in zip(params, before, strict=True)]
         if step >= skip:
-            moved = torch.sqrt(sum((p.detach() - b).pow(2).sum() for p, b in zip(params, before, strict=True)))
+            moved = torch.sqrt(sum(u.pow(2).sum() for u in last_update))
             size = torch.sqrt(sum(b.pow(2).sum() for b in before))
             ratios.append(float(moved / size))
     finite = [r for r in ratios if math.isfinite(r)]
-    return statistics.median(finite) if finite and len(finite) == len(ratios) else float("nan")
+    ratio = statistics.median(finite) if finite and len(finite) == len(ratios) else float("nan")
+    finite_cos = [c for c in cosines if math.isfinite(c)]
+    alignment = statistics.fmean(finite_cos) if finite_cos and len(finite_cos) == len(cosines) else float("nan")
+    if not math.isfinite(ratio):
+        alignment = float("nan")  # a diverged run's early cosines say nothing about the rate
+    return ratio, alignment
 
 
 def _close(task: dict, e: float) -> bool:
@@ -103,6 +127,54 @@ def analyse(tasks: list[dict]) -> dict:
     }
 
 
+def analyse_alignment(tasks: list[dict]) -> dict:
+    """The same questions for the gradient's alignment with the last update (a cosine, compared as
+    is), and the online question: does its value at the default rate, above or below the other
+    tasks' median at their best rates, tell on which side of the default the best rate lies?"""
+    def at(t: dict, e: float) -> float:
+        v = t["alignments"][e]
+        return v if v is not None and math.isfinite(v) else float("nan")
+
+    best = [at(t, t["best_exponent"]) for t in tasks]
+    default = [at(t, 0.0) for t in tasks]
+    picks, directions = [], []
+    for i, t in enumerate(tasks):
+        others = [b for j, b in enumerate(best) if j != i and math.isfinite(b)]
+        target = statistics.median(others) if others else float("nan")
+        usable = [e for e in EXPONENTS if math.isfinite(at(t, e))]
+        picks.append(min(usable, key=lambda e: abs(at(t, e) - target)) if usable and math.isfinite(target) else 0.0)
+        d = at(t, 0.0)
+        # up while the steps keep their direction more than at the other tasks' best rates
+        directions.append(0.0 if not (math.isfinite(d) and math.isfinite(target)) else (0.5 if d > target else -0.5))
+    moved = [i for i, t in enumerate(tasks) if t["best_exponent"] != 0.0]
+    finite_best = [b for b in best if math.isfinite(b)]
+
+    def spread(values: list[float]) -> float | None:
+        finite = [v for v in values if math.isfinite(v)]
+        return statistics.stdev(finite) if len(finite) > 1 else None
+
+    def decreasing(t: dict) -> bool:
+        values = [at(t, e) for e in EXPONENTS]
+        return all(math.isfinite(v) for v in values) and all(a > b for a, b in zip(values, values[1:]))
+
+    return {
+        "best_median": statistics.median(finite_best) if finite_best else None,
+        "best_min": min(finite_best, default=None), "best_max": max(finite_best, default=None),
+        "spread_best": spread(best), "spread_default": spread(default),
+        "decreasing_in_rate": sum(decreasing(t) for t in tasks),
+        "rule_picks": picks,
+        "rule_close": sum(_close(t, e) for t, e in zip(tasks, picks, strict=True)),
+        "rule_worse": sum(_worse(t, e) for t, e in zip(tasks, picks, strict=True)),
+        "directions": directions,
+        "direction_tasks": len(moved),
+        "direction_right": sum(directions[i] != 0 and (directions[i] > 0) == (tasks[i]["best_exponent"] > 0)
+                               for i in moved),
+        "best_above_default": sum(tasks[i]["best_exponent"] > 0 for i in moved),
+        "step_close": sum(_close(t, e) for t, e in zip(tasks, directions, strict=True)),
+        "step_worse": sum(_worse(t, e) for t, e in zip(tasks, directions, strict=True)),
+    }
+
+
 def _decades(v: float | None) -> str:
     return "-" if v is None else f"{v:.2f}"
 
@@ -111,7 +183,7 @@ def render(tasks: list[dict], summary: dict, config: dict) -> str:
     s = summary
     fam = {k: {key: _decades(v) if key.startswith("spread") else v for key, v in f.items()}
            for k, f in s["families"].items()}
-    lines = ["# The relative update size at the grid rates", "",
+    lines = ["# The relative update size and the gradient's alignment at the grid rates", "",
              f"Command: `{config['command']}`  ",
              f"Machine: {config['machine']['cpu']}, torch {config['machine']['torch']}; {config['wall_s']:.0f} s.", "",
              f"Median of `||w_(t+1) - w_t|| / ||w_t||` over steps {config['skip']}-{config['steps']} at a constant "
@@ -131,7 +203,39 @@ def render(tasks: list[dict], summary: dict, config: dict) -> str:
              f"{pick:+g}"] for t, pick in zip(tasks, s["rule_picks"], strict=True)]
     lines += [markdown_table(["task", "optimizer", *(f"e {e:+g}" for e in EXPONENTS), "best e", "rule's e"], rows,
                              "ll" + "r" * (len(EXPONENTS) + 2)), ""]
+    a = s["alignment"]
+
+    def num(v: float | None, fmt: str = "{:+.3f}") -> str:
+        return "-" if v is None or not math.isfinite(v) else fmt.format(v)
+
+    lines += ["## The gradient's alignment with the last update", "",
+              f"Mean cosine between `-g_t` and `w_t - w_(t-1)` over steps {config['skip']}-{config['steps']} at the "
+              "same constant rates: the signal hypergradient descent follows (raise the rate while it is positive).",
+              "",
+              f"- Best rate's alignment: median {num(a['best_median'])}, from {num(a['best_min'])} to "
+              f"{num(a['best_max'])}; its std {num(a['spread_best'], '{:.3f}')} (default rates: "
+              f"{num(a['spread_default'], '{:.3f}')}).",
+              f"- The alignment falls with the rate across all five grid rates on {a['decreasing_in_rate']} of "
+              f"{s['tasks']} tasks.",
+              f"- Leave-one-task-out rule (the grid rate whose alignment is nearest the other tasks' median best "
+              f"alignment): close to the best rate on {a['rule_close']} of {s['tasks']}, worse than the default rate "
+              f"on {a['rule_worse']}.",
+              f"- Direction at the default rate (up if its alignment is above the other tasks' median best): right on "
+              f"{a['direction_right']} of the {a['direction_tasks']} tasks whose best rate is not the default "
+              f"(always up would be right on {a['best_above_default']}). One grid step that way is close on "
+              f"{a['step_close']} of {s['tasks']} and worse than the default rate on {a['step_worse']}; the default "
+              f"rate is close on {s['default_close']}.", ""]
+    rows = [[t["task"], t["optimizer"], *(num(t["alignments"][e]) for e in EXPONENTS), f"{t['best_exponent']:+g}",
+             f"{pick:+g}", {0.5: "up", -0.5: "down"}.get(d, "-")]
+            for t, pick, d in zip(tasks, a["rule_picks"], a["directions"], strict=True)]
+    lines += [markdown_table(["task", "optimizer", *(f"e {e:+g}" for e in EXPONENTS), "best e", "rule's e",
+                              "direction"], rows, "ll" + "r" * (len(EXPONENTS) + 2) + "l"), ""]
     return "\n".join(lines)
+
+
+def _signals_at_grid(task: Task, batch_size: int, steps: int, skip: int) -> dict:
+    signals = {e: trial_signals(task, batch_size, e, steps, skip) for e in EXPONENTS}
+    return {"ratios": {e: v[0] for e, v in signals.items()}, "alignments": {e: v[1] for e, v in signals.items()}}
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -164,10 +268,11 @@ def main(argv: list[str] | None = None) -> int:
         tasks.append({"task": t["task"], "classification": t["classification"], "grid": grid,
                       "best_exponent": t["best_exponent"], "best": t["best"],
                       "optimizer": "sgd" if task.optim.kind == "sgd" else "adam",
-                      "ratios": {e: relative_updates(task, batch_size, e, steps, skip) for e in EXPONENTS}})
+                      **_signals_at_grid(task, batch_size, steps, skip)})
     if len(tasks) < 2:
         raise SystemExit(f"{args.ablation} holds {len(tasks)} task(s); the leave-one-task-out rule needs 2 or more")
     summary = analyse(tasks)
+    summary["alignment"] = analyse_alignment(tasks)
     command = "python -m autolr_fast update-size " + " ".join(argv if argv is not None else sys.argv[1:])
     config = {"command": command, "machine": machine_info(), "steps": steps, "skip": skip,
               "ablation": str(args.ablation), "wall_s": time.perf_counter() - start}

@@ -233,12 +233,17 @@ def test_update_size_quick_command_on_a_quick_ablation(tmp_path):
     for t in tasks:
         ratios = [t["ratios"][str(e)] for e in EXPONENTS]
         assert all(r > 0 for r in ratios[:4]), "a positive ratio at the rates that do not diverge"
+    for t in tasks:
+        alignments = [t["alignments"][str(e)] for e in EXPONENTS]
+        assert all(a is not None and -1 <= a <= 1 for a in alignments[:4]), "a cosine at the rates that converge"
+    assert tasks[1]["alignments"]["1.0"] is None, "no alignment where the run diverged"
     digits = [tasks[0]["ratios"][str(e)] for e in EXPONENTS]
     assert digits == sorted(digits) and digits[-1] > 10 * digits[0], "on digits-mlp a larger rate moves further"
     assert tasks[1]["ratios"]["1.0"] is None, "regress-sin diverges at 10x the default rate: no ratio"
     summary = doc["summary"]
     assert summary["tasks"] == 2 and len(summary["rule_picks"]) == 2
     assert "leave-one-task-out" in (out / "update_size.md").read_text().lower()
+    assert len(summary["alignment"]["directions"]) == 2 and "alignment" in (out / "update_size.md").read_text()
     with pytest.raises(SystemExit, match="no anchor-ablation output"):
         update_size.main(["--ablation", str(tmp_path / "missing.json"), "--out", str(out)])
 
@@ -260,3 +265,26 @@ def test_update_size_rule_and_scores_on_known_numbers():
     assert s["rule_picks"] == [0.5, 0.0, -0.5], "a common best ratio is found on every task"
     assert s["rule_close"] == 3 and s["rule_worse"] == 0 and s["default_close"] == 1
     assert s["spread_best"] == pytest.approx(0.0) and s["monotone_in_rate"] == 3
+
+
+def test_alignment_rules_and_scores_on_known_numbers():
+    """The alignment's leave-one-task-out rule picks the grid rate nearest the other tasks' median
+    best alignment; the direction rule says up where the default rate's alignment is above it, and
+    is scored against the side of the best rate and with one grid step that way."""
+    from autolr_experiments.update_size import analyse_alignment
+
+    def task(name, best_e, alignments, grid):
+        return {"task": name, "classification": True, "optimizer": "sgd", "best_exponent": best_e,
+                "best": grid[best_e], "grid": grid, "alignments": dict(zip(EXPONENTS, alignments, strict=True))}
+
+    acc = dict(zip(EXPONENTS, [0.5, 0.8, 0.9, 0.95, 0.2], strict=True))
+    a = task("a", 0.5, [0.6, 0.4, 0.2, 0.0, -0.2], acc)  # best at +0.5: alignment 0.0; default 0.2 > 0: up
+    b = task("b", -0.5, [0.2, 0.0, -0.2, -0.4, None], {**acc, -0.5: 0.97})  # best 0.0; default -0.2: down
+    c = task("c", 0.0, [0.4, 0.2, 0.0, -0.2, -0.4], {**acc, 0.0: 0.96})  # best 0.0; default 0.0: not above: down
+    s = analyse_alignment([a, b, c])
+    assert s["rule_picks"] == [0.5, -0.5, 0.0], "a common best alignment is found on every task"
+    assert s["directions"] == [0.5, -0.5, -0.5]
+    assert (s["direction_tasks"], s["direction_right"], s["best_above_default"]) == (2, 2, 1)
+    assert (s["rule_close"], s["rule_worse"]) == (3, 0)
+    assert (s["step_close"], s["step_worse"]) == (2, 1), "c's step down (0.8) is worse than its default (0.96)"
+    assert s["decreasing_in_rate"] == 2, "b diverged at the largest rate: not counted"

@@ -89,6 +89,27 @@ def _worse(task: dict, e: float) -> bool:
     return judge(task["grid"][e], task["best"], task["grid"][0.0], task["classification"])[2]
 
 
+def _spread(values: list[float]) -> float | None:
+    """The standard deviation of the finite values (None with fewer than two)."""
+    finite = [v for v in values if math.isfinite(v)]
+    return statistics.stdev(finite) if len(finite) > 1 else None
+
+
+def _nearest_picks(tasks: list[dict], best: list[float], value_at) -> tuple[list[float], list[float]]:
+    """Leave-one-task-out: per task, the median of the other tasks' finite ``best`` values (the
+    target; NaN if none) and the grid rate whose ``value_at(task, e)`` is nearest it (0, the
+    default rate, if no value or no target is finite)."""
+    picks, targets = [], []
+    for i, t in enumerate(tasks):
+        others = [b for j, b in enumerate(best) if j != i and math.isfinite(b)]
+        target = statistics.median(others) if others else float("nan")
+        usable = [e for e in EXPONENTS if math.isfinite(value_at(t, e))]
+        picks.append(min(usable, key=lambda e: abs(value_at(t, e) - target))
+                     if usable and math.isfinite(target) else 0.0)
+        targets.append(target)
+    return picks, targets
+
+
 def analyse(tasks: list[dict]) -> dict:
     """Spreads of log10 ratio at the best and the default rates, and the leave-one-task-out rule."""
     def log_at(t: dict, e: float) -> float:
@@ -97,28 +118,19 @@ def analyse(tasks: list[dict]) -> dict:
 
     best = [log_at(t, t["best_exponent"]) for t in tasks]
     default = [log_at(t, 0.0) for t in tasks]
-    picks = []
-    for i, t in enumerate(tasks):
-        target = statistics.median(b for j, b in enumerate(best) if j != i and math.isfinite(b))
-        usable = [e for e in EXPONENTS if math.isfinite(log_at(t, e))]
-        picks.append(min(usable, key=lambda e: abs(log_at(t, e) - target)) if usable else 0.0)
-
-    def spread(values: list[float]) -> float | None:
-        finite = [v for v in values if math.isfinite(v)]
-        return statistics.stdev(finite) if len(finite) > 1 else None
-
+    picks, _ = _nearest_picks(tasks, best, log_at)
     families = {}
     for family in ("sgd", "adam"):
         idx = [i for i, t in enumerate(tasks) if (t["optimizer"] == "sgd") == (family == "sgd")]
-        families[family] = {"tasks": len(idx), "spread_best": spread([best[i] for i in idx]),
-                            "spread_default": spread([default[i] for i in idx])}
+        families[family] = {"tasks": len(idx), "spread_best": _spread([best[i] for i in idx]),
+                            "spread_default": _spread([default[i] for i in idx])}
     monotone = sum(all(t["ratios"][a] < t["ratios"][b] for a, b in zip(EXPONENTS, EXPONENTS[1:])) for t in tasks)
     finite_best = [10**b for b in best if math.isfinite(b)]
     return {
         "tasks": len(tasks),
         "best_ratio_median": statistics.median(finite_best), "best_ratio_min": min(finite_best),
         "best_ratio_max": max(finite_best),
-        "spread_best": spread(best), "spread_default": spread(default), "families": families,
+        "spread_best": _spread(best), "spread_default": _spread(default), "families": families,
         "monotone_in_rate": monotone,
         "rule_picks": picks,
         "rule_close": sum(_close(t, e) for t, e in zip(tasks, picks, strict=True)),
@@ -137,21 +149,12 @@ def analyse_alignment(tasks: list[dict]) -> dict:
 
     best = [at(t, t["best_exponent"]) for t in tasks]
     default = [at(t, 0.0) for t in tasks]
-    picks, directions = [], []
-    for i, t in enumerate(tasks):
-        others = [b for j, b in enumerate(best) if j != i and math.isfinite(b)]
-        target = statistics.median(others) if others else float("nan")
-        usable = [e for e in EXPONENTS if math.isfinite(at(t, e))]
-        picks.append(min(usable, key=lambda e: abs(at(t, e) - target)) if usable and math.isfinite(target) else 0.0)
-        d = at(t, 0.0)
-        # up while the steps keep their direction more than at the other tasks' best rates
-        directions.append(0.0 if not (math.isfinite(d) and math.isfinite(target)) else (0.5 if d > target else -0.5))
+    picks, targets = _nearest_picks(tasks, best, at)
+    # up while the steps keep their direction more than at the other tasks' best rates
+    directions = [0.0 if not (math.isfinite(d) and math.isfinite(target)) else (0.5 if d > target else -0.5)
+                  for d, target in zip(default, targets, strict=True)]
     moved = [i for i, t in enumerate(tasks) if t["best_exponent"] != 0.0]
     finite_best = [b for b in best if math.isfinite(b)]
-
-    def spread(values: list[float]) -> float | None:
-        finite = [v for v in values if math.isfinite(v)]
-        return statistics.stdev(finite) if len(finite) > 1 else None
 
     def decreasing(t: dict) -> bool:
         values = [at(t, e) for e in EXPONENTS]
@@ -160,7 +163,7 @@ def analyse_alignment(tasks: list[dict]) -> dict:
     return {
         "best_median": statistics.median(finite_best) if finite_best else None,
         "best_min": min(finite_best, default=None), "best_max": max(finite_best, default=None),
-        "spread_best": spread(best), "spread_default": spread(default),
+        "spread_best": _spread(best), "spread_default": _spread(default),
         "decreasing_in_rate": sum(decreasing(t) for t in tasks),
         "rule_picks": picks,
         "rule_close": sum(_close(t, e) for t, e in zip(tasks, picks, strict=True)),

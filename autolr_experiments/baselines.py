@@ -39,6 +39,7 @@ from autolr_fast import ActionController, MetaConfig, MLRSNet, find_anchor_lr, l
 from autolr_fast.anchor_lr import DEFAULT_FRACTION as ANCHOR_FRACTION
 from autolr_fast.anchor_lr import AnchorResult
 from autolr_fast.controllers.pretrained import PRETRAINED_DIR, available_pretrained
+from autolr_fast.rate_scale import envelope, resolve_warmup
 
 from .tasks import dataset_of, shares_data
 from .training import (
@@ -235,6 +236,14 @@ def exponential(spec: RunSpec) -> Schedule:
 def cosine(spec: RunSpec) -> Schedule:
     opt = make_optimizer(spec.model, spec.task.optim, spec.lr)
     return torch_schedule(opt, torch.optim.lr_scheduler.CosineAnnealingLR(opt, spec.total_steps), "step")
+
+
+@register_method("cosine-warmup", "hand", None, "the task's default optimizer, 5% linear warm-up, then cosine to 0 "
+                 "(AutoLR's envelope with total_steps, alone)", task_lr=True)
+def cosine_warmup(spec: RunSpec) -> Schedule:
+    opt = make_optimizer(spec.model, spec.task.optim, spec.lr)
+    total, warmup = spec.total_steps, resolve_warmup(None, spec.total_steps)
+    return torch_schedule(opt, torch.optim.lr_scheduler.LambdaLR(opt, lambda t: envelope(t, total, warmup)), "step")
 
 
 @register_method("sgdr", "hand", SGD_DEFAULT_LR, "SGD, cosine with warm restarts (T_0 = 1/7 of the steps, T_mult = 2)")
@@ -472,7 +481,8 @@ def _autolr_controller(spec: RunSpec) -> tuple[nn.Module, dict]:
 @register_method("autolr", "learned", None,
                  "AutoLR with its defaults: AutoLR(opt, load_pretrained(<controller>), total_steps=<steps>) on the "
                  "task's default optimizer at its default rate; one run, nothing tuned (on a task the controller "
-                 "was trained on, compare sets a leave-one-task-out controller)", available=_autolr_missing)
+                 "was trained on, compare sets a leave-one-task-out controller)", available=_autolr_missing,
+                 revision=2)  # 2: AutoLR's envelope warms up over 5 % of the run
 def autolr(spec: RunSpec) -> Schedule:
     controller, info = _autolr_controller(spec)
     opt = make_optimizer(spec.model, spec.task.optim)
@@ -490,7 +500,8 @@ def autolr(spec: RunSpec) -> Schedule:
                  "AutoLR(opt, load_pretrained(<controller>), total_steps=<steps>) trains on all the training data "
                  "from the same weights. The trials' CPU time is in the run's",
                  available=_autolr_missing,
-                 revision=3)  # 2: records the trials run; 3: annealed trials, nearest within noise, step-down
+                 revision=5)  # 2: records the trials run; 3: annealed trials, nearest within noise, step-down;
+#                                 5: AutoLR's envelope warms up over 5 % of the run (4: older records)
 def autolr_find(spec: RunSpec) -> Schedule:
     controller, info = _autolr_controller(spec)
     opt = make_optimizer(spec.model, spec.task.optim)
@@ -617,7 +628,8 @@ def meta_online(spec: RunSpec) -> Schedule:
                  f"this project's action controller load_pretrained({SHIPPED_ACTION_CONTROLLER!r}) on the task's "
                  "default optimizer from its default rate; a relative controller also gets total_steps (its rate "
                  "is lr x cosine envelope x its level)",
-                 available=_shipped_missing(SHIPPED_ACTION_CONTROLLER), revision=3)  # 3: the task's optimizer
+                 available=_shipped_missing(SHIPPED_ACTION_CONTROLLER), revision=4)  # 3: the task's optimizer;
+#                                                                   4: AutoLR's envelope warms up over 5 % of the run
 def action(spec: RunSpec) -> Schedule:
     return _action_schedule(spec, _shipped_action(spec))
 
@@ -657,7 +669,8 @@ class _AlwaysAction(nn.Module):
 @register_method("action-always-raise", "learned", None,
                  "ablation of `action`: the shipped action controller's settings (level, envelope, interval) with a "
                  "model that always picks its largest multiplier, whatever the loss history",
-                 available=_shipped_missing(SHIPPED_ACTION_CONTROLLER))
+                 available=_shipped_missing(SHIPPED_ACTION_CONTROLLER),
+                 revision=2)  # 2: AutoLR's envelope warms up over 5 % of the run
 def action_always_raise(spec: RunSpec) -> Schedule:
     cfg = _shipped_action(spec).config()
     top = max(range(len(cfg["multipliers"])), key=lambda a: cfg["multipliers"][a])

@@ -254,14 +254,16 @@ def normalised_by_first_loss(step: Callable[[Tensor], None]) -> Callable[[Tensor
 
 def autolr_method(name: str, run: FamilyRun, controller: MLRSNet, meta: Callable | None = None,
                   normalise_loss: bool = False) -> Method:
-    """AutoLR with defaults (no gamma: the lr anchor; the cosine envelope over the run), as a user
-    runs it; ``meta(spec) -> MetaConfig`` meta-trains ``controller`` during the run;
-    ``normalise_loss``: the controller reads the loss divided by the run's first loss."""
+    """AutoLR as a user runs it (no gamma: the lr anchor; the envelope over the run), except that
+    the envelope is the plain cosine (``warmup_steps=0``), the one the shipped ``default.pt`` was
+    meta-trained under, so that the recipe reproduces it; ``meta(spec) -> MetaConfig`` meta-trains
+    ``controller`` during the run; ``normalise_loss``: the controller reads the loss divided by the
+    run's first loss."""
     def build(spec: RunSpec) -> Schedule:
         controller.reset()  # a new run: theta carries over, the recurrent state does not
         opt = make_optimizer(run, spec.model)
         cfg = None if meta is None else meta(spec)
-        schedule = autolr_schedule(opt, controller, total_steps=spec.total_steps, meta=cfg)
+        schedule = autolr_schedule(opt, controller, total_steps=spec.total_steps, warmup_steps=0, meta=cfg)
         if normalise_loss:
             schedule.before_step = normalised_by_first_loss(schedule.before_step)
         return schedule

@@ -243,7 +243,7 @@ def _resolve(obj, gamma: float | None) -> tuple[MLRSNet, float, Tensor, Tensor, 
         net = obj.controller
         if not isinstance(net, MLRSNet):
             raise TypeError(f"only MLRSNet controllers can be exported, this AutoLR has a {type(net).__name__}")
-        g = float(obj.scale.peak)  # the peak: a cosine envelope is the run's, not the controller's
+        g = float(obj.scale.peak)  # the peak: the envelope is the run's, not the controller's
         if not (math.isfinite(g) and g > 0):
             raise ValueError(
                 f"this AutoLR's scale ({obj.scale.mode!r} mode) is not set yet (no finite loss seen, or no "

@@ -55,8 +55,13 @@ class AutoLR:
             controller carries. ``"auto"``: the published rule
             ``|sqrt(L0) * ln(L0 * C) / C**0.25| / 4`` from the first finite loss ``L0`` and
             ``num_classes`` ``C`` (cross-entropy with plain SGD only). A float: fixed.
-        total_steps: the number of optimizer steps of the run. When given, the scale follows a
-            cosine envelope from 1 to 0 over them (the controller cannot know the run length).
+        total_steps: the number of optimizer steps of the run. When given, the scale follows an
+            envelope over them: a linear warm-up, then a cosine from 1 to 0 (the controller cannot
+            know the run length).
+        warmup_steps: the warm-up's length in optimizer steps: the scale rises linearly, ``(t + 1) /
+            warmup_steps`` at step ``t``, to the peak. Default (``None``): 5 % of ``total_steps``, none
+            without it. ``0``: no warm-up (a plain cosine envelope). Without ``total_steps`` the
+            scale stays at the peak after the warm-up.
         num_classes: ``C`` for ``gamma="auto"``.
         lr_scales: per-param-group multipliers of the rate. Default: each group keeps its
             ratio to the first group's initial ``lr`` (as ``LambdaLR`` keeps ``base_lrs``); the first
@@ -93,6 +98,7 @@ class AutoLR:
         gamma: float | str | None = None,
         *,
         total_steps: int | None = None,
+        warmup_steps: int | None = None,
         num_classes: int | None = None,
         lr_scales: list[float] | None = None,
         distributed: bool | str = "auto",
@@ -108,7 +114,7 @@ class AutoLR:
         self._warned: set[str] = set()
         reference_lr = self._init_param_groups(lr_scales, lr_as_tensor)
         self.scale = RateScale(gamma, controller, optimizer, self.device, reference_lr, num_classes=num_classes,
-                               total_steps=total_steps, warned=self._warned)
+                               total_steps=total_steps, warmup_steps=warmup_steps, warned=self._warned)
         start = controller.initial_rate(reference_lr)
         if getattr(controller, "relative", False) and not self.scale.pending:
             start = self.scale.initial_peak  # rate = gamma x level, level 1
@@ -281,13 +287,13 @@ class AutoLR:
     def _steady_step_fn(self):
         """The backend's step function when the next steps can take :meth:`_fast_step`: tensor
         rates (the default on a GPU), an MLR-SNet with a fast path on this device, nothing decided
-        on the host per step (the scale is set, no cosine envelope, no meta-training, no
+        on the host per step (the scale is set, no envelope, no meta-training, no
         all-reduce). Else None. Decided after every
         full step; :meth:`load_state_dict` clears it, and a param group added or an lr replaced
         sends the step back to :meth:`_step` through the lr-tensor check."""
         scale, controller = self.scale, self.controller
         if not (self.tensor_lr and self.meta is None and not self.distributed
-                and not scale.pending and scale.total_steps is None and self._scale_check is None
+                and not scale.pending and not scale.has_envelope and self._scale_check is None
                 and isinstance(controller, MLRSNet) and controller.gate_order == "train"
                 and len(self.optimizer.param_groups) == len(self.lr_scales)):
             return None
@@ -301,7 +307,7 @@ class AutoLR:
         scale = self.scale
         # a CUDA graph capture matters only where the host decides something this step (the
         # counters' poll checks for one itself): the steady state asks the driver nothing
-        if (self._on_cuda and (scale.pending or scale.total_steps is not None or self.meta is not None
+        if (self._on_cuda and (scale.pending or scale.has_envelope or self.meta is not None
                                or lr_list is None or not self.tensor_lr or self._scale_check is not None)
                 and torch._C._cuda_isCurrentStreamCapturing()):
             self._check_capturable()
@@ -323,7 +329,7 @@ class AutoLR:
         self._last_had_skip = skip is not None
         if self.distributed:
             x = mean_across_ranks(x)
-        if scale.pending or scale.total_steps is not None:  # else nothing to update
+        if scale.pending or scale.has_envelope:  # else nothing to update
             scale.update_(x, self.step_count, self.controller)
         if self.meta is not None:
             self.meta.maybe_step(x)
@@ -399,9 +405,10 @@ class AutoLR:
             problems.append("the rate scale is not decided yet (it is set from the first finite loss, which "
                             "the host learns of without waiting, a few steps later): run a few eager steps, "
                             "then sched.synchronize(), then capture")
-        if self.scale.total_steps is not None:
-            problems.append("total_steps: the cosine envelope is computed on the host for each step, so a "
-                            "replay would repeat the captured step's factor; capture without total_steps")
+        if self.scale.has_envelope:
+            problems.append("total_steps / warmup_steps: the envelope is computed on the host for each step, so a "
+                            "replay would repeat the captured step's factor; capture without total_steps and "
+                            "with warmup_steps=0")
         if self.meta is not None:
             problems.append("meta: meta-steps run every `interval` steps, decided on the host; capture a "
                             "frozen controller (no MetaConfig)")

@@ -220,7 +220,8 @@ def test_shipped_controller_runs_in_autolr():
     assert int(ctrl.actions_taken.sum()) == 2
     level = float(ctrl.level)
     assert level == pytest.approx(1.0) or 0.8 < level < 1.25
-    assert float(sched.rate) == pytest.approx(0.01 * level * (1 + math.cos(math.pi * 204 / 400)) / 2, rel=1e-5)
+    # the envelope: 20 steps of warm-up (5 %), then cosine over the other 380
+    assert float(sched.rate) == pytest.approx(0.01 * level * (1 + math.cos(math.pi * 184 / 380)) / 2, rel=1e-5)
     with pytest.raises(ValueError, match="no shipped"):
         ActionController.pretrained("nope")
     with pytest.raises(ValueError, match="not an action controller"):
@@ -238,7 +239,7 @@ def _relative(action: int, **kw):
 @pytest.mark.parametrize("make_opt", [lambda p: torch.optim.SGD(p, lr=0.05, momentum=0.9),
                                       lambda p: torch.optim.AdamW(p, lr=3e-4)])
 def test_relative_rate_is_lr_times_envelope_times_level(make_opt):
-    from autolr_fast.rate_scale import cosine_envelope
+    from autolr_fast.rate_scale import envelope
 
     ctrl = _relative(2)
     torch.manual_seed(0)
@@ -251,7 +252,7 @@ def test_relative_rate_is_lr_times_envelope_times_level(make_opt):
         _steps(model, opt, sched, 1)
         rates.append(opt.param_groups[0]["lr"])
     for t, r in enumerate(rates):  # acts (x1.1) after steps 8, 16, 24, 32, 40
-        assert r == pytest.approx(lr * cosine_envelope(t, 40) * 1.1 ** ((t + 1) // 8), rel=1e-5, abs=1e-12)
+        assert r == pytest.approx(lr * envelope(t, 40, 2) * 1.1 ** ((t + 1) // 8), rel=1e-5, abs=1e-12)
     assert float(ctrl.level) == pytest.approx(1.1 ** 5) and ctrl.actions_taken.tolist() == [0, 0, 5]
 
 

@@ -171,8 +171,19 @@ def test_compare_command_writes_well_formed_records(tmp_path, capsys):
     # every method either ran on both tasks or is listed as skipped with a reason
     for name in baselines.available_methods():
         assert name in ran or doc["skipped_methods"].get(name), name
-    for name in ("constant", "cosine", "sgdr", "adam", "sgd-hd", "sf-sgd", "sf-adamw", "prodigy", "autolr"):
+    for name in ("constant", "cosine", "cosine-warmup", "sgdr", "adam", "sgd-hd", "sf-sgd", "sf-adamw", "prodigy",
+                 "autolr"):
         assert name in ran
+    # cosine-warmup is AutoLR's envelope alone: 5 % linear warm-up from lr / W, then cosine to 0
+    warmups = []
+    for r in (r for r in runs if r["method"] == "cosine-warmup"):
+        total, lr = r["steps"], r["lr"]
+        w = round(0.05 * total)  # 0 on a run shorter than 10 steps
+        expected = [lr * ((t + 1) / w if t < w else 0.5 * (1 + math.cos(math.pi * (t - w) / (total - w))))
+                    for t in range(total)]
+        assert r["curves"]["rate"] == pytest.approx(expected, rel=1e-5, abs=1e-12)
+        warmups.append(w)
+    assert max(warmups) >= 2, warmups
     for r in runs:
         if r["status"] == "skipped":
             assert r["message"]

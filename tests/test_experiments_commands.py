@@ -36,9 +36,11 @@ def test_demo_quick(tmp_path):
     assert [len(r["epochs"]) for r in runs] == [3, 3]
     assert [r["name"] for r in runs] == [demo.AUTOLR_NAME, demo.COSINE_NAME]
     assert set(record["summary"]) == {demo.AUTOLR_NAME, demo.COSINE_NAME}
-    # the default scale: the first rate is the optimizer's lr, then a cosine envelope to ~0
+    # the default scale: a warm-up over 5 % of the run to the optimizer's lr, then cosine to ~0
     rates = runs[0]["rates"]
-    assert abs(rates[0] - demo.DEMO_LR) < 1e-6 and rates[-1] < 0.01 * demo.DEMO_LR
+    warmup = round(0.05 * len(rates))
+    assert abs(rates[0] - demo.DEMO_LR / warmup) < 1e-6 and abs(rates[warmup - 1] - demo.DEMO_LR) < 1e-3 * demo.DEMO_LR
+    assert rates[-1] < 0.01 * demo.DEMO_LR
     assert (tmp_path / "demo.png").is_file()
 
 

@@ -266,7 +266,9 @@ def test_find_anchor_lr_sets_the_lr_that_configure_optimizers_builds_fit_with(tm
                          default_root_dir=str(tmp_path), logger=False, enable_checkpointing=False,
                          enable_progress_bar=False, enable_model_summary=False)
     trainer.fit(module, train)
-    assert first.first_rate == pytest.approx(found.lr, rel=1e-6), "AutoLR anchors on the rate find_anchor_lr chose"
+    # the first step is the warm-up's first: 1 / warmup_steps of the peak
+    peak = first.first_rate * autolr.scheduler.scale.warmup_steps
+    assert peak == pytest.approx(found.lr, rel=1e-6), "AutoLR anchors on the rate find_anchor_lr chose"
     assert autolr.scheduler.step_count == total
 
 

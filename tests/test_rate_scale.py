@@ -86,22 +86,65 @@ def test_anchor_is_set_by_the_first_finite_loss():
     assert torch.equal(sched.gamma, anchored), "the anchor is set once"
 
 
+def _written_out_envelope(t: int, total: int | None, warmup: int) -> float:
+    """The envelope as the docs state it, written out apart from the library's function."""
+    if t < warmup:
+        return (t + 1) / warmup
+    if total is None:
+        return 1.0
+    if t >= total:
+        return 0.0
+    return 0.5 * (1 + math.cos(math.pi * (t - warmup) / (total - warmup)))
+
+
 @pytest.mark.filterwarnings("ignore:AutoLR.step was called twice")
-def test_cosine_envelope_over_total_steps():
+@pytest.mark.parametrize("total, warmup, used", [(20, 0, 0), (40, None, 2), (40, 7, 7), (None, 6, 6), (None, None, 0)])
+def test_envelope_over_total_steps(total, warmup, used):
+    """Warm-up (5 % of the run by default), then cosine to 0; the controller's rate times it."""
     model, other = nn.Linear(4, 2), nn.Linear(4, 2)
     opt = torch.optim.SGD(model.parameters(), lr=0.1)
     ctrl = MLRSNet(hidden_size=8)
     free = AutoLR(torch.optim.SGD(other.parameters(), lr=0.1), copy.deepcopy(ctrl))
-    sched = AutoLR(opt, ctrl, total_steps=20)
+    sched = AutoLR(opt, ctrl, total_steps=total, warmup_steps=warmup)
+    assert sched.scale.warmup_steps == used
     model(torch.randn(3, 4)).sum().backward()
     other(torch.randn(3, 4)).sum().backward()
-    for t in range(24):
+    for t in range(44):
         loss = torch.tensor(2.0 / (1 + t))
         free.step(loss)
         sched.step(loss)
-        expected = float(free.last_rate) * cosine_envelope(t, 20)
+        expected = float(free.last_rate) * _written_out_envelope(t, total, used)
         assert float(sched.last_rate) == pytest.approx(expected, rel=1e-5, abs=1e-9), t
-    assert float(sched.last_rate) == 0.0
+    if total is not None:
+        assert float(sched.last_rate) == 0.0
+    assert cosine_envelope(3, 20) == _written_out_envelope(3, 20, 0)
+
+
+@pytest.mark.parametrize("warmup, total, match", [(-1, 10, ">= 0"), (2.5, 10, "whole number"), (True, 10, "whole"),
+                                                  (10, 10, "smaller than total_steps")])
+def test_bad_warmup_steps_raise_before_anything_changes(warmup, total, match):
+    opt = torch.optim.SGD(nn.Linear(4, 2).parameters(), lr=0.1)
+    with pytest.raises(ValueError, match=match):
+        AutoLR(opt, MLRSNet(hidden_size=8), total_steps=total, warmup_steps=warmup)
+    assert opt.param_groups[0]["lr"] == 0.1 and not isinstance(opt.param_groups[0]["lr"], torch.Tensor)
+
+
+@pytest.mark.filterwarnings("ignore:AutoLR.step was called twice")
+def test_state_without_warmup_loads_as_none_and_bad_warmup_is_refused():
+    model = nn.Linear(4, 2)
+    sched = AutoLR(torch.optim.SGD(model.parameters(), lr=0.1), MLRSNet(hidden_size=8), total_steps=30)
+    model(torch.randn(3, 4)).sum().backward()
+    sched.step(torch.tensor(1.0))
+    state = copy.deepcopy(sched.state_dict())
+    twin = AutoLR(torch.optim.SGD(nn.Linear(4, 2).parameters(), lr=0.1), MLRSNet(hidden_size=8), total_steps=30)
+    bad = copy.deepcopy(state)
+    bad["scale"]["warmup_steps"] = -3
+    with pytest.raises(ValueError, match="warmup_steps"):
+        twin.load_state_dict(bad)
+    assert twin.scale.warmup_steps == 2 and twin.step_count == 0, "a refused state changes nothing"
+    del state["scale"]["warmup_steps"]  # a checkpoint written before the warm-up existed
+    twin.load_state_dict(state)
+    assert twin.scale.warmup_steps == 0
 
 
 @pytest.mark.filterwarnings("ignore:AutoLR.step was called twice")

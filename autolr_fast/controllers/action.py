@@ -28,8 +28,8 @@ task) leaves the features unchanged; the log makes "halved" and "doubled" symmet
 clamped to ``[-CLAMP, CLAMP]`` and a loss of 0 is treated as ``1e-12 * m_0``.
 A *relative* controller (``ActionController(..., relative=True)``) keeps a level ``l`` (the
 product of its actions, 1 at the start) and sets the rate to ``gamma * l``, where ``gamma`` is the
-scale AutoLR passes: the optimizer's ``lr`` times the cosine envelope when ``total_steps`` is
-given. Its features have a fourth channel, ``log(l)`` at every position: how far it has already
+scale AutoLR passes: the optimizer's ``lr`` times the envelope (warm-up, then cosine) when
+``total_steps`` is given. Its features have a fourth channel, ``log(l)`` at every position: how far it has already
 moved the rate from the user's.
 
 Optional validation history (offline models only: AutoLR sees training losses only): the last
@@ -180,7 +180,7 @@ class ActionController(nn.Module):
         start_rate: the starting rate; ``None`` keeps the optimizer's ``lr``.
         default_gamma: the largest rate when AutoLR is given no ``gamma``.
         relative: the rate is ``gamma * level`` (AutoLR's ``gamma``: the optimizer's ``lr``, times
-            the cosine envelope with ``total_steps``); the actions multiply the level, which is
+            the envelope with ``total_steps``); the actions multiply the level, which is
             kept in ``[min_level, max_level]``. The model reads a fourth feature channel,
             ``log(level)``. ``start_rate`` must then be ``None`` and ``default_gamma`` unset or ``None``.
     """

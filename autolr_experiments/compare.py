@@ -88,6 +88,10 @@ TASK_SETTINGS: dict[str, tuple[int, int]] = {
     "shapes-gncnn": (15, 64),
     "clusters-resmlp": (20, 64),
     "manifold-ae": (40, 64),
+    "adding-lstm": (20, 64),
+    "logreg-convex": (20, 64),
+    "spirals-deep-mlp": (30, 64),
+    "waves-cnn1d": (15, 64),
 }
 REGRESSION_SETTINGS = (40, 32)
 #: Tasks meant for held-out evaluation (whether a controller was trained on one is read from its info, per run).

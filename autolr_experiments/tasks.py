@@ -737,3 +737,108 @@ def manifold_ae(seed: int = 0, inputs: int = 32, latent: int = 4) -> Task:
     x = (x - x[:3000].mean(0)) / x[:3000].std(0)
     return Task("manifold-ae", x[:3000], x[:3000], x[3000:], x[3000:],
                 lambda: _mlp([inputs, 64, latent, 64, inputs]), nn.functional.mse_loss, None)
+
+
+# ------------------------------------------------------------------------------------------------
+# The third held-out set: four more kinds of task, registered before any run on them
+# ------------------------------------------------------------------------------------------------
+class LastStateLSTM(nn.Module):
+    """An LSTM over the sequence and a linear head on its last hidden state."""
+
+    def __init__(self, inputs: int, outputs: int, hidden: int = 32) -> None:
+        super().__init__()
+        self.lstm = nn.LSTM(inputs, hidden, batch_first=True)
+        self.head = nn.Linear(hidden, outputs)
+
+    def forward(self, x: Tensor) -> Tensor:
+        h, _ = self.lstm(x)  # (batch, length, hidden)
+        return self.head(h[:, -1])
+
+
+@register_task("adding-lstm", optimizer=OptimSpec("adam", 1e-3, 0.0))
+def adding_lstm(seed: int = 0, length: int = 30) -> Task:
+    """The adding problem: sequences of ``length`` (value in [0, 1], marker) pairs with two marked
+    positions, the target the sum of the two marked values (3,000 training, 1,000 test); an LSTM of
+    32, MSE, Adam at 1e-3."""
+    g = torch.Generator().manual_seed(1111)
+    n = 4000
+    values = torch.rand(n, length, generator=g)
+    first = torch.randint(length // 2, (n,), generator=g)
+    second = length // 2 + torch.randint(length - length // 2, (n,), generator=g)
+    markers = torch.zeros(n, length)
+    markers[torch.arange(n), first] = 1.0
+    markers[torch.arange(n), second] = 1.0
+    x = torch.stack([values, markers], 2)  # (n, length, 2)
+    y = (values * markers).sum(1, keepdim=True)
+    return Task("adding-lstm", x[:3000], y[:3000], x[3000:], y[3000:], lambda: LastStateLSTM(2, 1),
+                nn.functional.mse_loss, None)
+
+
+@register_task("logreg-convex")
+def logreg_convex(seed: int = 0) -> Task:
+    """A convex problem: logistic regression (a linear layer) on scikit-learn's
+    ``make_classification`` (100 features, 2 classes, 10 % of the labels flipped; 5,000 samples, a
+    fifth held out), SGD with momentum at 0.1."""
+    x, y = make_classification(n_samples=5000, n_features=100, n_informative=20, n_redundant=20, n_classes=2,
+                               flip_y=0.1, class_sep=0.8, random_state=1212)
+    return _classification_table("logreg-convex", x, y, [], split_seed=1213)
+
+
+def spirals(n: int, arms: int, noise: float, g: torch.Generator) -> tuple[Tensor, Tensor]:
+    """``n`` points on ``arms`` interleaved spirals in the plane (two turns each) plus Gaussian noise;
+    the label is the arm."""
+    y = torch.randint(arms, (n,), generator=g)
+    r = torch.rand(n, generator=g)
+    angle = 4 * math.pi * r + 2 * math.pi * y / arms
+    x = torch.stack([r * torch.cos(angle), r * torch.sin(angle)], 1) + noise * torch.randn(n, 2, generator=g)
+    return x, y
+
+
+@register_task("spirals-deep-mlp", optimizer=OptimSpec("adamw", 1e-3, 1e-2))
+def spirals_deep_mlp(seed: int = 0) -> Task:
+    """Three interleaved spirals with noise 0.04 (3,000 training, 1,000 test points), a deep plain
+    MLP (six hidden ReLU layers of 64, no normalisation), AdamW at 1e-3."""
+    g = torch.Generator().manual_seed(1313)
+    x, y = spirals(4000, 3, 0.04, g)
+    return Task("spirals-deep-mlp", x[:3000], y[:3000], x[3000:], y[3000:], lambda: _mlp([2] + [64] * 6 + [3]),
+                nn.functional.cross_entropy, 3)
+
+
+def waveforms(n: int, length: int, g: torch.Generator) -> tuple[Tensor, Tensor]:
+    """``n`` noisy 1-D signals of ``length`` samples, each a sine, square, triangle or sawtooth wave
+    of 1-4 cycles at a random phase and amplitude, plus noise 0.5; the label is the wave's shape."""
+    y = torch.randint(4, (n,), generator=g)
+    cycles = 1 + 3 * torch.rand(n, 1, generator=g)
+    phase = torch.rand(n, 1, generator=g)
+    amplitude = 0.5 + torch.rand(n, 1, generator=g)
+    t = torch.linspace(0, 1, length).view(1, length)
+    u = (cycles * t + phase) % 1.0  # position within the cycle, in [0, 1)
+    shapes = torch.stack([torch.sin(2 * math.pi * u), torch.where(u < 0.5, 1.0, -1.0), 4 * (u - 0.5).abs() - 1,
+                          2 * u - 1], 1)  # (n, 4, length)
+    x = amplitude * shapes[torch.arange(n), y] + 0.5 * torch.randn(n, length, generator=g)
+    return x.unsqueeze(1), y
+
+
+class WaveCNN(nn.Module):
+    """Two conv-BatchNorm-ReLU-pool blocks over the signal, global average pooling, dropout 0.2, a head."""
+
+    def __init__(self, num_classes: int = 4, channels: int = 16) -> None:
+        super().__init__()
+        c = channels
+        self.net = nn.Sequential(
+            nn.Conv1d(1, c, 5, padding=2), nn.BatchNorm1d(c), nn.ReLU(), nn.MaxPool1d(2),
+            nn.Conv1d(c, 2 * c, 5, padding=2), nn.BatchNorm1d(2 * c), nn.ReLU(), nn.MaxPool1d(2),
+            nn.AdaptiveAvgPool1d(1), nn.Flatten(), nn.Dropout(0.2), nn.Linear(2 * c, num_classes))
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.net(x)
+
+
+@register_task("waves-cnn1d")
+def waves_cnn1d(seed: int = 0) -> Task:
+    """Noisy sine, square, triangle and sawtooth waves of 64 samples (3,000 training, 1,000 test), a
+    1-D CNN with BatchNorm and dropout, SGD with momentum at 0.1."""
+    g = torch.Generator().manual_seed(1414)
+    x, y = waveforms(4000, 64, g)
+    return Task("waves-cnn1d", x[:3000], y[:3000], x[3000:], y[3000:], lambda: WaveCNN(),
+                nn.functional.cross_entropy, 4)

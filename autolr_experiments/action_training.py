@@ -206,7 +206,7 @@ def main(argv: list[str] | None = None) -> int:
         raise SystemExit("the data files disagree on --segment/--window or --multipliers; train on matching files")
     enveloped = [f for f, s in zip(a.data, settings, strict=True) if s.get("envelope")]
     if a.relative and len(enveloped) != len(a.data):
-        raise SystemExit("--relative trains a controller whose rate follows AutoLR's cosine envelope: every file must "
+        raise SystemExit("--relative trains a controller whose rate follows AutoLR's envelope: every file must "
                          "be collected with `collect --envelope` (these are not: "
                          f"{', '.join(f for f in a.data if f not in enveloped)})")
     if enveloped and not a.relative:

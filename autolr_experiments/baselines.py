@@ -501,7 +501,8 @@ def autolr(spec: RunSpec) -> Schedule:
                  "from the same weights. The trials' CPU time is in the run's",
                  available=_autolr_missing,
                  revision=5)  # 2: records the trials run; 3: annealed trials, nearest within noise, step-down;
-#                                 5: AutoLR's envelope warms up over 5 % of the run (4: older records)
+#                                 5: AutoLR's envelope warms up over 5 % of the run (4 is taken: the records
+#                                 of an extend=2 experiment of find_anchor_lr carry it)
 def autolr_find(spec: RunSpec) -> Schedule:
     controller, info = _autolr_controller(spec)
     opt = make_optimizer(spec.model, spec.task.optim)
@@ -627,7 +628,7 @@ def meta_online(spec: RunSpec) -> Schedule:
 @register_method("action", "learned", None,
                  f"this project's action controller load_pretrained({SHIPPED_ACTION_CONTROLLER!r}) on the task's "
                  "default optimizer from its default rate; a relative controller also gets total_steps (its rate "
-                 "is lr x cosine envelope x its level)",
+                 "is lr x the envelope (5 % warm-up, cosine) x its level)",
                  available=_shipped_missing(SHIPPED_ACTION_CONTROLLER), revision=4)  # 3: the task's optimizer;
 #                                                                   4: AutoLR's envelope warms up over 5 % of the run
 def action(spec: RunSpec) -> Schedule:

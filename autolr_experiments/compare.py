@@ -651,9 +651,10 @@ def _budget_section(budget: list[dict], grid: int, action: list[dict] | None = N
         out += ["### The action controller against a constant rate at the same start", "",
                 "`action` (the shipped action controller, run only on tasks it was not trained on: the task's "
                 "default optimizer from its default rate, x0.9 / x1.0 / x1.1 every 100 steps; a relative "
-                "controller's rate is that rate x the cosine envelope x its level) against `constant` (the same "
-                "optimizer at the same rate, never changed). `cosine` at the same rate is the envelope alone, "
-                "with no action: the gap between it and `action` is what the actions add.", ""]
+                "controller's rate is that rate x AutoLR's envelope (5 % warm-up, cosine) x its level) against "
+                "`constant` (the same optimizer at the same rate, never changed). `cosine` at the same rate is a "
+                "schedule with no action (the envelope without its warm-up): the gap between it and `action` is "
+                "about what the actions and the warm-up add.", ""]
         body = []
         for a in action:
             digits, scale = (4, 100.0) if a["classification"] else (3, 1.0)

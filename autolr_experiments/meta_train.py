@@ -185,12 +185,13 @@ FAMILY = (
 FAMILY_DOC = """Meta-train ONE MLR-SNet online across a family of tasks, optimizers and run lengths.
 
 Every run of ``FAMILY`` (twice by default, in order) trains a fresh model with
-``AutoLR(opt, controller, total_steps=T, meta=MetaConfig(...))``: the default scale (no gamma,
-anchored on the optimizer's lr) exactly as users run it, while the library's exact one-step
+``AutoLR(opt, controller, total_steps=T, warmup_steps=0, meta=MetaConfig(...))``: the default scale
+(no gamma, anchored on the optimizer's lr) as users run it, under the plain cosine envelope (the
+one the shipped ``default.pt`` was trained under), while the library's exact one-step
 look-ahead hypergradient moves theta (``--horizon k``: the validation loss k steps later
 instead). Theta and the meta-optimizer carry over from run to run; the controller's recurrent
 state starts afresh. Then a check on the family's settings with new seeds: the frozen result and
-an untrained MLR-SNet, both with AutoLR's defaults, against cosine at the same lr.
+an untrained MLR-SNet, both with AutoLR's defaults but the warm-up, against cosine at the same lr.
 
 Writes ``default.pt`` (the controller, its training tasks in ``info["tasks"]``), ``default.json``,
 ``record.json``, ``summary.md`` and ``family_p.png`` (the rate relative to lr x envelope, per run)
@@ -709,7 +710,7 @@ def ablation_main(argv: list[str]) -> int:
     table, scores = score_table(rows)
     md = (f"# Ablation on held-out tasks ({len(seeds)} seeds)\n\n"
           f"`python -m autolr_fast meta-train {' '.join(argv or [])}`. Every AutoLR row: "
-          "`AutoLR(opt, controller, total_steps=T)` (lr anchor, cosine envelope), frozen; cosine: "
+          "`AutoLR(opt, controller, total_steps=T, warmup_steps=0)` (lr anchor, cosine envelope), frozen; cosine: "
           "CosineAnnealingLR to 0 at the same optimizer and lr. `default`: the family-trained controller "
           f"({args.controller}); `mnist1d-cnn`: the controller shipped before it; `fresh`: an untrained "
           "MLR-SNet. Final test accuracy % (mean ± std over seeds) or test MSE (median over seeds, mean "

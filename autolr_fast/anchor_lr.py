@@ -9,8 +9,9 @@ buffers, optimizer state, RNG) is restored bit for bit, so training then starts 
 weights it would have started from.
 
 A trial is the run in miniature: its rate anneals from the trial rate to 0 along a cosine, the
-shape ``AutoLR(total_steps=T)`` gives the run, so a large rate is judged after its noise has been
-annealed away (a constant-rate trial judges it at its noisiest and favours small rates). The
+shape ``AutoLR(total_steps=T)`` gives the run after its warm-up (the trials have none), so a large
+rate is judged after its noise has been annealed away (a constant-rate trial judges it at its
+noisiest and favours small rates). The
 trials are long (15 % of the run by default: five of them cost 75 % of one run, and each trial
 ``extend`` adds 15 % more) and scored on
 data they did not train on. The given ``lr`` is the prior: of the rates the held-out batches cannot
@@ -274,8 +275,8 @@ def find_anchor_lr(
             rate that only fits the training batches faster does not win. At most
             ``max_eval_batches`` are used; the test below needs at least 2.
         trial_schedule: ``"cosine"``: a trial's rate anneals from its rate to 0 over the trial, as
-            ``AutoLR(total_steps=T)`` anneals the run; ``"constant"``: the rate is held (for a run
-            whose rate does not decay).
+            ``AutoLR(total_steps=T)`` anneals the run after its warm-up; ``"constant"``: the rate
+            is held (for a run whose rate does not decay).
         confidence: the rates whose held-out loss a one-sided paired t-test over the evaluation
             batches cannot tell from the lowest at this confidence are within noise of it; the
             one nearest the given ``lr`` is chosen (the given ``lr`` itself when it is one of

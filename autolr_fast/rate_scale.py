@@ -5,8 +5,8 @@ Where the scale comes from (``AutoLR(gamma=...)``):
 * ``None`` (default), the **lr anchor**: the optimizer's ``lr`` is the peak rate the user means
   (PyTorch's convention, as ``OneCycleLR``'s ``max_lr``). At the first finite loss the MLR-SNet
   controller is run ``SETTLE_STEPS`` times on that loss, to the output ``p*`` it settles at, and
-  keeps that state; ``gamma = lr / p*``, so training starts at the user's ``lr`` and the
-  controller moves the rate relative to it. This works the same for SGD, momentum, Adam and
+  keeps that state; ``gamma = lr / p*``, so the controller's first rate is the user's ``lr`` (times
+  the envelope below) and it moves the rate relative to it. This works the same for SGD, momentum, Adam and
   AdamW, for any loss scale, because the user already chose ``lr`` for that optimizer. A
   relative action controller (``rate = gamma * level``, level 1 at the start) takes
   ``gamma = lr`` directly.
@@ -21,8 +21,10 @@ Where the scale comes from (``AutoLR(gamma=...)``):
 training at a higher loss). The warm-up keeps the first steps, where training is least stable,
 below the peak: in the comparison it made cosine at the user's rate better on 8 of 12 tasks, by
 the most where that rate was at the edge of stability (docs/compare.md). ``warmup_steps`` alone
-(without ``T``) warms up, then holds the peak. Everything is computed on the device; the first
-finite loss is recognised without a host sync (the scheduler's polled counters).
+(without ``T``) warms up, then holds the peak. The envelope scales a rate: it applies to MLR-SNet
+and to relative action controllers, not to a controller for which ``gamma`` is only a cap (no
+warm-up there by default; one asked for is refused). Everything is computed on the device; the
+first finite loss is recognised without a host sync (the scheduler's polled counters).
 """
 
 from __future__ import annotations
@@ -42,6 +44,7 @@ MIN_SETTLED_P = 1e-3
 MODES = ("lr", "controller", "auto", "fixed")
 
 
+# the common default (schedule-free's, HF's usual warmup_ratio range); not tuned here
 DEFAULT_WARMUP_FRACTION = 0.05
 
 
@@ -95,7 +98,7 @@ class RateScale:
             raise TypeError(f"gamma must be a float, None, 'controller' or 'auto', got {gamma!r}")
         self.user_gamma = gamma is not None
         self.total_steps = None if total_steps is None else int(total_steps)
-        self.warmup_steps = resolve_warmup(warmup_steps, self.total_steps)
+        self.warmup_steps = self._warmup(warmup_steps, controller)
         self.mode = self._mode(gamma, controller)
         nan = float("nan")
         # an MLR-SNet is settled on the first loss to find its anchor; a relative controller's is lr
@@ -127,10 +130,27 @@ class RateScale:
         self.pending = self.mode == "auto" or self.settles
         self._warn_about_choice(optimizer, warned)
 
+    def _warmup(self, warmup_steps: int | None, controller: nn.Module) -> int:
+        if isinstance(controller, MLRSNet) or getattr(controller, "relative", False):
+            return resolve_warmup(warmup_steps, self.total_steps)
+        # gamma only caps this controller's own rate: a warm-up would clamp it to the first step's
+        # cap, and the controller, which multiplies that rate, would never climb back
+        if warmup_steps:
+            raise ValueError(f"warmup_steps={warmup_steps!r}: a {type(controller).__name__} that is not relative "
+                             "sets its own rate and gamma only caps it, so a warm-up would hold the rate at the first "
+                             "step's cap; pass warmup_steps=0 (or None), or use a relative controller")
+        resolve_warmup(warmup_steps, self.total_steps)  # the same checks of the value
+        return 0
+
     @property
     def has_envelope(self) -> bool:
-        """Whether ``gamma`` is ``peak`` times a factor the host computes for each step."""
+        """Whether ``gamma`` is its own tensor: ``peak`` times a factor the host computes."""
         return self.total_steps is not None or self.warmup_steps > 0
+
+    def varies_at(self, step: int) -> bool:
+        """Whether the host computes ``gamma`` at ``step``: every step with ``total_steps``, the
+        warm-up's steps without (after them ``gamma`` holds the peak)."""
+        return self.total_steps is not None or step < self.warmup_steps
 
     def _mode(self, gamma, controller: nn.Module) -> str:
         anchors_on_lr = isinstance(controller, MLRSNet) or bool(getattr(controller, "relative", False))
@@ -243,17 +263,20 @@ class RateScale:
         for key in ("peak", "gamma"):
             if not isinstance(state[key], torch.Tensor) or state[key].numel() != 1:
                 raise ValueError(f"the state_dict's rate scale has a bad {key!r} (a 1-element tensor is expected)")
-        warmup = state.get("warmup_steps", 0)
-        if isinstance(warmup, bool) or not isinstance(warmup, int) or warmup < 0:
-            raise ValueError(f"the state_dict's rate scale has a bad 'warmup_steps' {warmup!r} (a whole number >= 0 "
-                             "is expected)")
+        total = state["total_steps"]
+        if total is not None and (isinstance(total, bool) or not isinstance(total, int) or total < 1):
+            raise ValueError(f"the state_dict's rate scale has a bad 'total_steps' {total!r}")
+        try:
+            resolve_warmup(state.get("warmup_steps", 0), total)
+        except ValueError as exc:
+            raise ValueError(f"the state_dict's rate scale has a bad 'warmup_steps': {exc}") from None
 
     def load_state_dict(self, state: dict) -> None:
         self.mode = state["mode"]
         self.base_lr = float(state["base_lr"])
         self.num_classes = state["num_classes"]
         self.total_steps = state["total_steps"]
-        self.warmup_steps = int(state.get("warmup_steps", 0))  # states that predate the warm-up had none
+        self.warmup_steps = int(state.get("warmup_steps", 0))  # a state without the key ran no warm-up
         with torch.no_grad():
             self.peak.copy_(state["peak"])
             if self.has_envelope:

@@ -50,9 +50,9 @@ class AutoLR:
         gamma: the rate scale: ``rate = gamma * p`` with ``p`` in ``[0, 1]`` (see
             :mod:`autolr_fast.rate_scale`). ``None`` (default): anchored on the optimizer's ``lr``
             (an MLR-SNet controller is settled on the first finite loss and ``gamma = lr / p*``,
-            so training starts at your ``lr`` and the controller moves the rate relative to it;
-            any optimizer, any loss scale). ``"controller"``: the ``default_gamma`` a saved
-            controller carries. ``"auto"``: the published rule
+            so its first rate is your ``lr``, times the envelope's first factor with
+            ``total_steps``, and it moves the rate relative to it; any optimizer, any loss
+            scale). ``"controller"``: the ``default_gamma`` a saved controller carries. ``"auto"``: the published rule
             ``|sqrt(L0) * ln(L0 * C) / C**0.25| / 4`` from the first finite loss ``L0`` and
             ``num_classes`` ``C`` (cross-entropy with plain SGD only). A float: fixed.
         total_steps: the number of optimizer steps of the run. When given, the scale follows an
@@ -293,7 +293,7 @@ class AutoLR:
         sends the step back to :meth:`_step` through the lr-tensor check."""
         scale, controller = self.scale, self.controller
         if not (self.tensor_lr and self.meta is None and not self.distributed
-                and not scale.pending and not scale.has_envelope and self._scale_check is None
+                and not scale.pending and not scale.varies_at(self.step_count) and self._scale_check is None
                 and isinstance(controller, MLRSNet) and controller.gate_order == "train"
                 and len(self.optimizer.param_groups) == len(self.lr_scales)):
             return None
@@ -307,7 +307,7 @@ class AutoLR:
         scale = self.scale
         # a CUDA graph capture matters only where the host decides something this step (the
         # counters' poll checks for one itself): the steady state asks the driver nothing
-        if (self._on_cuda and (scale.pending or scale.has_envelope or self.meta is not None
+        if (self._on_cuda and (scale.pending or scale.varies_at(self.step_count) or self.meta is not None
                                or lr_list is None or not self.tensor_lr or self._scale_check is not None)
                 and torch._C._cuda_isCurrentStreamCapturing()):
             self._check_capturable()
@@ -329,7 +329,7 @@ class AutoLR:
         self._last_had_skip = skip is not None
         if self.distributed:
             x = mean_across_ranks(x)
-        if scale.pending or scale.has_envelope:  # else nothing to update
+        if scale.pending or scale.varies_at(self.step_count):  # else nothing to update
             scale.update_(x, self.step_count, self.controller)
         if self.meta is not None:
             self.meta.maybe_step(x)
@@ -405,10 +405,10 @@ class AutoLR:
             problems.append("the rate scale is not decided yet (it is set from the first finite loss, which "
                             "the host learns of without waiting, a few steps later): run a few eager steps, "
                             "then sched.synchronize(), then capture")
-        if self.scale.has_envelope:
+        if self.scale.varies_at(self.step_count):
             problems.append("total_steps / warmup_steps: the envelope is computed on the host for each step, so a "
-                            "replay would repeat the captured step's factor; capture without total_steps and "
-                            "with warmup_steps=0")
+                            "replay would repeat the captured step's factor; capture without total_steps, after the "
+                            f"{self.scale.warmup_steps} warm-up steps (or with warmup_steps=0)")
         if self.meta is not None:
             problems.append("meta: meta-steps run every `interval` steps, decided on the host; capture a "
                             "frozen controller (no MetaConfig)")

@@ -98,14 +98,15 @@ def _written_out_envelope(t: int, total: int | None, warmup: int) -> float:
 
 
 @pytest.mark.filterwarnings("ignore:AutoLR.step was called twice")
+@pytest.mark.parametrize("as_tensor", [False, True])  # a tensor lr takes the steady path where it may
 @pytest.mark.parametrize("total, warmup, used", [(20, 0, 0), (40, None, 2), (40, 7, 7), (None, 6, 6), (None, None, 0)])
-def test_envelope_over_total_steps(total, warmup, used):
+def test_envelope_over_total_steps(total, warmup, used, as_tensor):
     """Warm-up (5 % of the run by default), then cosine to 0; the controller's rate times it."""
     model, other = nn.Linear(4, 2), nn.Linear(4, 2)
     opt = torch.optim.SGD(model.parameters(), lr=0.1)
     ctrl = MLRSNet(hidden_size=8)
-    free = AutoLR(torch.optim.SGD(other.parameters(), lr=0.1), copy.deepcopy(ctrl))
-    sched = AutoLR(opt, ctrl, total_steps=total, warmup_steps=warmup)
+    free = AutoLR(torch.optim.SGD(other.parameters(), lr=0.1), copy.deepcopy(ctrl), lr_as_tensor=as_tensor)
+    sched = AutoLR(opt, ctrl, total_steps=total, warmup_steps=warmup, lr_as_tensor=as_tensor)
     assert sched.scale.warmup_steps == used
     model(torch.randn(3, 4)).sum().backward()
     other(torch.randn(3, 4)).sum().backward()
@@ -115,8 +116,11 @@ def test_envelope_over_total_steps(total, warmup, used):
         sched.step(loss)
         expected = float(free.last_rate) * _written_out_envelope(t, total, used)
         assert float(sched.last_rate) == pytest.approx(expected, rel=1e-5, abs=1e-9), t
+        assert float(opt.param_groups[0]["lr"]) == pytest.approx(expected, rel=1e-5, abs=1e-9), t
     if total is not None:
         assert float(sched.last_rate) == 0.0
+    elif as_tensor:
+        assert sched._steady_step is not None, "after the warm-up nothing is computed on the host"
     assert cosine_envelope(3, 20) == _written_out_envelope(3, 20, 0)
 
 
@@ -130,21 +134,54 @@ def test_bad_warmup_steps_raise_before_anything_changes(warmup, total, match):
 
 
 @pytest.mark.filterwarnings("ignore:AutoLR.step was called twice")
-def test_state_without_warmup_loads_as_none_and_bad_warmup_is_refused():
+def test_state_without_warmup_loads_as_zero_and_bad_warmup_is_refused():
     model = nn.Linear(4, 2)
-    sched = AutoLR(torch.optim.SGD(model.parameters(), lr=0.1), MLRSNet(hidden_size=8), total_steps=30)
+    ctrl = MLRSNet(hidden_size=8)
+    sched = AutoLR(torch.optim.SGD(model.parameters(), lr=0.1), copy.deepcopy(ctrl), total_steps=30, warmup_steps=0)
     model(torch.randn(3, 4)).sum().backward()
     sched.step(torch.tensor(1.0))
     state = copy.deepcopy(sched.state_dict())
-    twin = AutoLR(torch.optim.SGD(nn.Linear(4, 2).parameters(), lr=0.1), MLRSNet(hidden_size=8), total_steps=30)
-    bad = copy.deepcopy(state)
-    bad["scale"]["warmup_steps"] = -3
-    with pytest.raises(ValueError, match="warmup_steps"):
-        twin.load_state_dict(bad)
-    assert twin.scale.warmup_steps == 2 and twin.step_count == 0, "a refused state changes nothing"
-    del state["scale"]["warmup_steps"]  # a checkpoint written before the warm-up existed
+    other = nn.Linear(4, 2)
+    twin = AutoLR(torch.optim.SGD(other.parameters(), lr=0.1), copy.deepcopy(ctrl), total_steps=30)
+    before = copy.deepcopy(twin.state_dict())
+    for key, value in (("warmup_steps", -3), ("warmup_steps", 30), ("warmup_steps", 2.0), ("total_steps", 0)):
+        bad = copy.deepcopy(state)
+        bad["scale"][key] = value
+        with pytest.raises(ValueError, match="state_dict's rate scale has a bad"):
+            twin.load_state_dict(bad)
+        after = twin.state_dict()
+        assert twin.scale.warmup_steps == 2 and twin.step_count == 0, "a refused state changes nothing"
+        for k in ("peak", "gamma"):  # NaN until the first loss
+            torch.testing.assert_close(after["scale"][k], before["scale"][k], rtol=0, atol=0, equal_nan=True)
+    del state["scale"]["warmup_steps"]  # a checkpoint without the key ran no warm-up
     twin.load_state_dict(state)
     assert twin.scale.warmup_steps == 0
+    other(torch.randn(3, 4)).sum().backward()
+    for t in range(1, 30):  # and goes on along the plain cosine, as the run it came from
+        loss = torch.tensor(1.0 / t)
+        sched.step(loss)
+        twin.step(loss)
+        assert torch.equal(sched.last_rate, twin.last_rate), t
+
+
+def test_a_cap_controller_gets_no_warmup():
+    """A non-relative action controller multiplies its own rate and gamma only caps it: a warm-up
+    would clamp that rate to the first step's cap for good, so it gets none, and one asked for is
+    refused."""
+    from autolr_fast import ActionController
+
+    def make():
+        return ActionController(nn.Sequential(nn.Flatten(), nn.Linear(12, 3)), window=4, block=2, interval=8,
+                                relative=False, default_gamma=1.0, start_rate=0.05)
+
+    model = nn.Linear(4, 2)
+    sched = AutoLR(torch.optim.SGD(model.parameters(), lr=0.05), make(), total_steps=40)
+    assert sched.scale.warmup_steps == 0
+    model(torch.randn(3, 4)).sum().backward()
+    sched.step(torch.tensor(1.0))
+    assert float(sched.last_rate) == pytest.approx(0.05)
+    with pytest.raises(ValueError, match="not relative"):
+        AutoLR(torch.optim.SGD(nn.Linear(4, 2).parameters(), lr=0.05), make(), total_steps=40, warmup_steps=4)
 
 
 @pytest.mark.filterwarnings("ignore:AutoLR.step was called twice")

@@ -467,14 +467,14 @@ def test_load_state_dict_checks_the_scale_rate_and_counters_first():
         assert all(torch.equal(before[k], v) for k, v in sched.controller.state_dict().items())
 
 
-@pytest.mark.parametrize("case", ["not_synchronized", "total_steps", "meta", "float_rate"])
+@pytest.mark.parametrize("case", ["not_synchronized", "total_steps", "warmup", "meta", "float_rate"])
 def test_capture_is_refused_before_anything_changes(monkeypatch, case):
     """The host side of the CUDA-graph check (the capture itself is tested on a GPU in
     test_scheduler_gpu.py): what a replay could not repeat is refused, and nothing moved."""
     model = SmallCNN()
     x, y = make_problem()
     opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
-    kwargs = {"total_steps": 50} if case == "total_steps" else {}
+    kwargs = {"total_steps": 50} if case == "total_steps" else {"warmup_steps": 3} if case == "warmup" else {}
     if case == "meta":
         kwargs["meta"] = MetaConfig(model, [(x[16:32], y[16:32])], nn.functional.cross_entropy, interval=2)
     sched = AutoLR(opt, MLRSNet(hidden_size=16), lr_as_tensor=case != "float_rate", **kwargs)
@@ -490,6 +490,14 @@ def test_capture_is_refused_before_anything_changes(monkeypatch, case):
     with pytest.raises(RuntimeError, match="cannot be captured in a CUDA graph"):
         sched.step(loss.detach())
     assert sched.step_count == before[0]
+    if case == "warmup":  # after the warm-up's steps gamma holds the peak: a capture is fine
+        sched._on_cuda = False
+        for _ in range(2):
+            sched.step(loss.detach())
+        sched._on_cuda = True
+        sched.step(loss.detach())
+        assert sched.step_count == before[0] + 3
+        return
     assert torch.equal(sched.rate, before[1]) and torch.equal(sched.controller.h, before[2])
     torch.testing.assert_close(sched.gamma, before[3], rtol=0, atol=0, equal_nan=True)
     sched._on_cuda = False

@@ -29,8 +29,8 @@ clamped to ``[-CLAMP, CLAMP]`` and a loss of 0 is treated as ``1e-12 * m_0``.
 A *relative* controller (``ActionController(..., relative=True)``) keeps a level ``l`` (the
 product of its actions, 1 at the start) and sets the rate to ``gamma * l``, where ``gamma`` is the
 scale AutoLR passes: the optimizer's ``lr`` times the envelope (warm-up, then cosine) when
-``total_steps`` is given. Its features have a fourth channel, ``log(l)`` at every position: how far it has already
-moved the rate from the user's.
+``total_steps`` is given. Its features have a fourth channel, ``log(l)`` at every position: how
+far it has already moved the rate from the user's.
 
 Optional validation history (offline models only: AutoLR sees training losses only): the last
 ``K`` validation losses ``v_1 .. v_K`` taken at decision points give the same three channels

@@ -29,6 +29,7 @@ def _configs(model, x, y):
     return {
         "default": (None, {}),
         "default_total_steps": (None, {"total_steps": 50}),
+        "default_warmup": (None, {"warmup_steps": 3}),
         "fixed_gamma": (MLRSNet(hidden_size=16), {"gamma": 0.05}),
         "published_auto": (MLRSNet(), {"gamma": "auto", "num_classes": 3}),
         "action": ("action-mlp", {}),
@@ -54,8 +55,8 @@ def _problem(opt_kind):
 
 @pytest.mark.filterwarnings("ignore:AutoLR")
 @pytest.mark.parametrize("opt_kind", sorted(OPTIMIZERS))
-@pytest.mark.parametrize("config", ["default", "default_total_steps", "fixed_gamma", "published_auto", "action",
-                                    "meta"])
+@pytest.mark.parametrize("config", ["default", "default_total_steps", "default_warmup", "fixed_gamma",
+                                    "published_auto", "action", "meta"])
 def test_autolr_step_never_synchronizes(config, opt_kind):
     """Every call from the first (the lr anchor settles there; the Triton launcher is checked
     there), a NaN loss included, under ``set_sync_debug_mode("error")``."""
@@ -91,10 +92,11 @@ def _kernels_per_step(sched, losses) -> tuple[int, list[str]]:
 
 
 @pytest.mark.filterwarnings("ignore:AutoLR")
-@pytest.mark.parametrize("config, launches", [("default", 1), ("fixed_gamma", 1), ("default_total_steps", 2)])
+@pytest.mark.parametrize("config, launches", [("default", 1), ("fixed_gamma", 1), ("default_total_steps", 2),
+                                              ("default_warmup", 1)])
 def test_steady_state_step_is_one_kernel(config, launches):
     """Counted by the profiler over 31 steps after the scale is decided: the step kernel alone
-    (``total_steps`` adds the envelope's multiply)."""
+    (``total_steps`` adds the envelope's multiply; a warm-up alone is over by then)."""
     model, opt, x, y = _problem("sgd_fused")
     controller, kwargs = _configs(model, x, y)[config]
     sched = AutoLR(opt, controller, **kwargs)

@@ -740,7 +740,7 @@ def manifold_ae(seed: int = 0, inputs: int = 32, latent: int = 4) -> Task:
 
 
 # ------------------------------------------------------------------------------------------------
-# The third held-out set: four more kinds of task, registered before any run on them
+# The third held-out set: four more kinds of task, for evaluation only (compare.HELD_OUT_TASKS)
 # ------------------------------------------------------------------------------------------------
 class LastStateLSTM(nn.Module):
     """An LSTM over the sequence and a linear head on its last hidden state."""
@@ -777,8 +777,8 @@ def adding_lstm(seed: int = 0, length: int = 30) -> Task:
 @register_task("logreg-convex")
 def logreg_convex(seed: int = 0) -> Task:
     """A convex problem: logistic regression (a linear layer) on scikit-learn's
-    ``make_classification`` (100 features, 2 classes, 10 % of the labels flipped; 5,000 samples, a
-    fifth held out), SGD with momentum at 0.1."""
+    ``make_classification`` (100 features, 2 classes, 10 % of the labels reassigned at random;
+    5,000 samples, a fifth held out), SGD with momentum at 0.1."""
     x, y = make_classification(n_samples=5000, n_features=100, n_informative=20, n_redundant=20, n_classes=2,
                                flip_y=0.1, class_sep=0.8, random_state=1212)
     return _classification_table("logreg-convex", x, y, [], split_seed=1213)

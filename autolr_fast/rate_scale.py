@@ -5,10 +5,10 @@ Where the scale comes from (``AutoLR(gamma=...)``):
 * ``None`` (default), the **lr anchor**: the optimizer's ``lr`` is the peak rate the user means
   (PyTorch's convention, as ``OneCycleLR``'s ``max_lr``). At the first finite loss the MLR-SNet
   controller is run ``SETTLE_STEPS`` times on that loss, to the output ``p*`` it settles at, and
-  keeps that state; ``gamma = lr / p*``, so the controller's first rate is the user's ``lr`` (times
-  the envelope below) and it moves the rate relative to it. This works the same for SGD, momentum, Adam and
-  AdamW, for any loss scale, because the user already chose ``lr`` for that optimizer. A
-  relative action controller (``rate = gamma * level``, level 1 at the start) takes
+  keeps that state; ``gamma = lr / p*``, so the controller's first rate is the user's ``lr``
+  (times the envelope below) and it moves the rate relative to it. This works the same for SGD,
+  momentum, Adam and AdamW, for any loss scale, because the user already chose ``lr`` for that
+  optimizer. A relative action controller (``rate = gamma * level``, level 1 at the start) takes
   ``gamma = lr`` directly.
 * ``"controller"``: the ``default_gamma`` a saved controller carries (the scale it was trained
   with, on its task and optimizer); warned about when it is far from the optimizer's ``lr``.
@@ -98,7 +98,8 @@ class RateScale:
             raise TypeError(f"gamma must be a float, None, 'controller' or 'auto', got {gamma!r}")
         self.user_gamma = gamma is not None
         self.total_steps = None if total_steps is None else int(total_steps)
-        self.warmup_steps = self._warmup(warmup_steps, controller)
+        self.warms_up = isinstance(controller, MLRSNet) or bool(getattr(controller, "relative", False))
+        self.warmup_steps = self._warmup(warmup_steps)
         self.mode = self._mode(gamma, controller)
         nan = float("nan")
         # an MLR-SNet is settled on the first loss to find its anchor; a relative controller's is lr
@@ -130,16 +131,17 @@ class RateScale:
         self.pending = self.mode == "auto" or self.settles
         self._warn_about_choice(optimizer, warned)
 
-    def _warmup(self, warmup_steps: int | None, controller: nn.Module) -> int:
-        if isinstance(controller, MLRSNet) or getattr(controller, "relative", False):
-            return resolve_warmup(warmup_steps, self.total_steps)
+    def _warmup(self, warmup_steps: int | None) -> int:
+        steps = resolve_warmup(warmup_steps, self.total_steps)
+        if self.warms_up:
+            return steps
         # gamma only caps this controller's own rate: a warm-up would clamp it to the first step's
         # cap, and the controller, which multiplies that rate, would never climb back
         if warmup_steps:
-            raise ValueError(f"warmup_steps={warmup_steps!r}: a {type(controller).__name__} that is not relative "
-                             "sets its own rate and gamma only caps it, so a warm-up would hold the rate at the first "
-                             "step's cap; pass warmup_steps=0 (or None), or use a relative controller")
-        resolve_warmup(warmup_steps, self.total_steps)  # the same checks of the value
+            raise ValueError(f"warmup_steps={warmup_steps!r}: this controller is neither an MLR-SNet nor a relative "
+                             "action controller, so it sets its own rate and gamma only caps it, and a warm-up would "
+                             "hold the rate at the first step's cap; pass warmup_steps=0 (or None), or use a "
+                             "relative controller")
         return 0
 
     @property
@@ -266,10 +268,19 @@ class RateScale:
         total = state["total_steps"]
         if total is not None and (isinstance(total, bool) or not isinstance(total, int) or total < 1):
             raise ValueError(f"the state_dict's rate scale has a bad 'total_steps' {total!r}")
+        warmup = state.get("warmup_steps", 0)
+        if isinstance(warmup, bool) or not isinstance(warmup, int):
+            raise ValueError(f"the state_dict's rate scale has a bad 'warmup_steps' {warmup!r} (a whole number is "
+                             "expected)")
         try:
-            resolve_warmup(state.get("warmup_steps", 0), total)
+            resolve_warmup(warmup, total)
         except ValueError as exc:
             raise ValueError(f"the state_dict's rate scale has a bad 'warmup_steps': {exc}") from None
+        if warmup and not self.warms_up:
+            raise ValueError(f"the state_dict's rate scale has warmup_steps={warmup}, but this controller is neither "
+                             "an MLR-SNet nor a relative action controller: gamma only caps its rate, and a warm-up "
+                             "would hold the rate at the first step's cap; set state['scale']['warmup_steps'] = 0 "
+                             "to load it")
 
     def load_state_dict(self, state: dict) -> None:
         self.mode = state["mode"]
@@ -279,9 +290,10 @@ class RateScale:
         self.warmup_steps = int(state.get("warmup_steps", 0))  # a state without the key ran no warm-up
         with torch.no_grad():
             self.peak.copy_(state["peak"])
-            if self.has_envelope:
-                self.gamma = self.peak.clone()
-                self.gamma.copy_(state["gamma"])
-            else:
+            if not self.has_envelope:
                 self.gamma = self.peak
+            else:
+                if self.gamma is self.peak:  # a tensor of its own from now on
+                    self.gamma = self.peak.clone()
+                self.gamma.copy_(state["gamma"])  # in place otherwise: a captured graph reads this tensor
         self.pending = self.mode in ("lr", "auto") and not bool(torch.isfinite(self.peak))

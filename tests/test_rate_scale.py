@@ -144,7 +144,8 @@ def test_state_without_warmup_loads_as_zero_and_bad_warmup_is_refused():
     other = nn.Linear(4, 2)
     twin = AutoLR(torch.optim.SGD(other.parameters(), lr=0.1), copy.deepcopy(ctrl), total_steps=30)
     before = copy.deepcopy(twin.state_dict())
-    for key, value in (("warmup_steps", -3), ("warmup_steps", 30), ("warmup_steps", 2.0), ("total_steps", 0)):
+    for key, value in (("warmup_steps", -3), ("warmup_steps", 30), ("warmup_steps", 2.0), ("warmup_steps", None),
+                       ("total_steps", 0)):
         bad = copy.deepcopy(state)
         bad["scale"][key] = value
         with pytest.raises(ValueError, match="state_dict's rate scale has a bad"):
@@ -180,8 +181,16 @@ def test_a_cap_controller_gets_no_warmup():
     model(torch.randn(3, 4)).sum().backward()
     sched.step(torch.tensor(1.0))
     assert float(sched.last_rate) == pytest.approx(0.05)
-    with pytest.raises(ValueError, match="not relative"):
+    with pytest.raises(ValueError, match="gamma only caps"):
         AutoLR(torch.optim.SGD(nn.Linear(4, 2).parameters(), lr=0.05), make(), total_steps=40, warmup_steps=4)
+    with pytest.raises(ValueError, match=">= 0"):  # a bad value is named as such first
+        AutoLR(torch.optim.SGD(nn.Linear(4, 2).parameters(), lr=0.05), make(), total_steps=40, warmup_steps=-1)
+    state = copy.deepcopy(sched.state_dict())
+    state["scale"]["warmup_steps"] = 4  # as an MLR-SNet's state would have it
+    before = copy.deepcopy(sched.state_dict())
+    with pytest.raises(ValueError, match="gamma only caps"):
+        sched.load_state_dict(state)
+    assert sched.step_count == before["step_count"] and sched.scale.warmup_steps == 0
 
 
 @pytest.mark.filterwarnings("ignore:AutoLR.step was called twice")
@@ -308,3 +317,22 @@ def test_no_usable_scale_is_reported_where_the_peak_lives_on_the_device(monkeypa
         warnings.simplefilter("error")
         good.step(torch.tensor(1.0))
     assert good._scale_check is None and float(good.last_rate) > 0
+
+
+@pytest.mark.filterwarnings("ignore:AutoLR.step was called twice")
+def test_loading_a_state_keeps_the_gamma_tensor_a_graph_may_read():
+    """``gamma`` is written in place on load once it is a tensor of its own (a CUDA graph captured
+    after the warm-up reads that tensor); it becomes one when the state brings an envelope."""
+    model = nn.Linear(4, 2)
+    sched = AutoLR(torch.optim.SGD(model.parameters(), lr=0.1), MLRSNet(hidden_size=8), total_steps=30)
+    model(torch.randn(3, 4)).sum().backward()
+    for t in range(4):
+        sched.step(torch.tensor(1.0 + t))
+    state = copy.deepcopy(sched.state_dict())
+    gamma = sched.scale.gamma
+    sched.load_state_dict(state)
+    assert sched.scale.gamma is gamma and torch.equal(gamma, state["scale"]["gamma"])
+    plain = AutoLR(torch.optim.SGD(nn.Linear(4, 2).parameters(), lr=0.1), MLRSNet(hidden_size=8))
+    assert plain.scale.gamma is plain.scale.peak
+    plain.load_state_dict(state)
+    assert plain.scale.gamma is not plain.scale.peak and torch.equal(plain.scale.gamma, gamma)

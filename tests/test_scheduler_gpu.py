@@ -129,8 +129,9 @@ def _reference_rates(controller: MLRSNet, gamma: float, rate: float, losses: lis
 
 
 @pytest.mark.filterwarnings("ignore:The CUDA Graph is empty")
+@pytest.mark.parametrize("warmup", [0, 2])  # after a warm-up (no total_steps) gamma holds the peak
 @pytest.mark.parametrize("opt_kind", sorted(OPTIMIZERS))
-def test_whole_training_step_replays_in_a_cuda_graph(opt_kind):
+def test_whole_training_step_replays_in_a_cuda_graph(opt_kind, warmup):
     """Forward, backward, ``AutoLR.step`` and the fused optimizer step captured once; each replay
     on a new batch runs the controller on that batch's loss: the rates change from replay to
     replay and equal the reference controller's on the same losses."""
@@ -138,7 +139,7 @@ def test_whole_training_step_replays_in_a_cuda_graph(opt_kind):
     if opt_kind == "adamw_fused":
         for group in opt.param_groups:
             group["capturable"] = True
-    sched = AutoLR(opt)
+    sched = AutoLR(opt, warmup_steps=warmup)  # the 3 eager steps below end the warm-up
     static_x, static_y = x[:16].clone(), y[:16].clone()
 
     def training_step():

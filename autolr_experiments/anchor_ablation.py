@@ -7,7 +7,8 @@ along a cosine, or held constant), how long a trial is (``fraction`` of the run)
 other than the given one must beat it beyond the held-out noise (``confidence``: a paired t-test,
 or the lowest loss whatever the margin), and whether a choice next to a failed rate steps down
 (``step_down``). One more rule, the default on other training batches, measures how much the
-counts move with the trials' batches alone. For every task and seed this command
+counts move with the trials' batches alone; another gives the trials AutoLR's warm-up
+(``"warmup-cosine"``), as the run has it. For every task and seed this command
 
 1. trains cosine (the task's default optimizer, ``CosineAnnealingLR`` over the whole run) at the
    five rates the trials try, the task's default rate x ``10**(-1, -0.5, 0, 0.5, 1)``: the final
@@ -102,6 +103,7 @@ RULES = [
     Rule("the default with trials of 10 % of the run", "cosine", 0.95, True, 0, 0.10),
     Rule("the default with trials of 25 % of the run", "cosine", 0.95, True, 0, 0.25),
     Rule("the default with trials on other training batches", "cosine", 0.95, True, 0, DEFAULT_FRACTION, 1000),
+    Rule("the default with trials that warm up as the run does", "warmup-cosine", 0.95, True),
 ]
 #: find_anchor_lr's defaults
 DEFAULT_RULE = RULES[5]

@@ -51,6 +51,7 @@ from .lr_finder import (
     autolrs_driving,
     default_unpack,
 )
+from .rate_scale import envelope, resolve_warmup
 
 #: the trial's length as a fraction of the run (``total_steps``)
 DEFAULT_FRACTION = 0.15
@@ -71,7 +72,7 @@ MAX_CONFIDENCE = 0.9999
 #: held-out loss at call time (a network stuck at chance, a loss that went nowhere)
 FAILED_PROGRESS = 0.1
 #: how a trial's rate moves over its steps
-TRIAL_SCHEDULES = ("cosine", "constant")
+TRIAL_SCHEDULES = ("cosine", "warmup-cosine", "constant")
 
 
 @dataclass
@@ -275,8 +276,9 @@ def find_anchor_lr(
             rate that only fits the training batches faster does not win. At most
             ``max_eval_batches`` are used; the test below needs at least 2.
         trial_schedule: ``"cosine"``: a trial's rate anneals from its rate to 0 over the trial, as
-            ``AutoLR(total_steps=T)`` anneals the run after its warm-up; ``"constant"``: the rate
-            is held (for a run whose rate does not decay).
+            ``AutoLR(total_steps=T)`` anneals the run after its warm-up; ``"warmup-cosine"``:
+            AutoLR's whole envelope over the trial (a warm-up over its first 5 %, then the cosine);
+            ``"constant"``: the rate is held (for a run whose rate does not decay).
         confidence: the rates whose held-out loss a one-sided paired t-test over the evaluation
             batches cannot tell from the lowest at this confidence are within noise of it; the
             one nearest the given ``lr`` is chosen (the given ``lr`` itself when it is one of
@@ -415,6 +417,8 @@ def _trial_factor(schedule: str, step: int, steps: int) -> float:
     """The trial rate's multiplier at ``step`` of ``steps``."""
     if schedule == "constant":
         return 1.0
+    if schedule == "warmup-cosine":  # AutoLR(total_steps=steps)'s envelope: the run in miniature
+        return envelope(step, steps, resolve_warmup(None, steps))
     return 0.5 * (1.0 + math.cos(math.pi * step / steps))  # CosineAnnealingLR(T_max=steps) from 1 towards 0
 
 

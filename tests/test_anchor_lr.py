@@ -306,22 +306,28 @@ def _recording(opt):
     return seen
 
 
-@pytest.mark.parametrize("schedule", ["cosine", "constant"])
+@pytest.mark.parametrize("schedule", ["cosine", "warmup-cosine", "constant"])
 def test_each_trial_follows_its_schedule(schedule):
     """A cosine trial anneals each rate from itself towards 0 as CosineAnnealingLR(T_max=steps)
-    would; a constant one holds it."""
+    would; a warm-up-cosine one first warms up over 5 % of the trial, as AutoLR's envelope does;
+    a constant one holds it."""
     train, val = _regression()
     model = nn.Sequential(nn.Linear(10, 1))
     opt = torch.optim.SGD(model.parameters(), lr=1e-2)
     seen = _recording(opt)
-    result = find_anchor_lr(model, opt, nn.functional.mse_loss, train, val, trial_steps=8, apply=False,
+    steps, warm = 40, 2  # round(0.05 * 40)
+    result = find_anchor_lr(model, opt, nn.functional.mse_loss, train, val, trial_steps=steps, apply=False,
                             trial_schedule=schedule, progress=False)
     expected = []
     for rate in result.rates:
         reference = torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=rate)
-        cosine = torch.optim.lr_scheduler.CosineAnnealingLR(reference, T_max=8)
-        for _ in range(8):
-            expected.append(reference.param_groups[0]["lr"] if schedule == "cosine" else rate)
+        cosine = torch.optim.lr_scheduler.CosineAnnealingLR(reference, T_max=steps)
+        for t in range(steps):
+            if schedule == "warmup-cosine":
+                expected.append(rate * ((t + 1) / warm if t < warm else
+                                        0.5 * (1 + math.cos(math.pi * (t - warm) / (steps - warm)))))
+            else:
+                expected.append(reference.param_groups[0]["lr"] if schedule == "cosine" else rate)
             reference.step()
             cosine.step()
     assert seen == pytest.approx(expected, rel=1e-12)

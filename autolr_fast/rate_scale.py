@@ -98,7 +98,8 @@ class RateScale:
             raise TypeError(f"gamma must be a float, None, 'controller' or 'auto', got {gamma!r}")
         self.user_gamma = gamma is not None
         self.total_steps = None if total_steps is None else int(total_steps)
-        self.warms_up = isinstance(controller, MLRSNet) or bool(getattr(controller, "relative", False))
+        # gamma scales the rate (an MLR-SNet's p, a relative controller's level) rather than capping it
+        self.scales_rate = isinstance(controller, MLRSNet) or bool(getattr(controller, "relative", False))
         self.warmup_steps = self._warmup(warmup_steps)
         self.mode = self._mode(gamma, controller)
         nan = float("nan")
@@ -133,7 +134,7 @@ class RateScale:
 
     def _warmup(self, warmup_steps: int | None) -> int:
         steps = resolve_warmup(warmup_steps, self.total_steps)
-        if self.warms_up:
+        if self.scales_rate:
             return steps
         # gamma only caps this controller's own rate: a warm-up would clamp it to the first step's
         # cap, and the controller, which multiplies that rate, would never climb back
@@ -155,9 +156,8 @@ class RateScale:
         return self.total_steps is not None or step < self.warmup_steps
 
     def _mode(self, gamma, controller: nn.Module) -> str:
-        anchors_on_lr = isinstance(controller, MLRSNet) or bool(getattr(controller, "relative", False))
         if gamma is None:
-            if anchors_on_lr:
+            if self.scales_rate:
                 return "lr"
             if controller.default_gamma is None:
                 raise ValueError(
@@ -174,7 +174,7 @@ class RateScale:
             if gamma == "auto":
                 return gamma
             if gamma == "lr":
-                if not anchors_on_lr:
+                if not self.scales_rate:
                     raise ValueError(f"gamma='lr' (the lr anchor) needs an MLRSNet or a relative action controller, "
                                      f"not a {type(controller).__name__}: pass a float, or leave gamma unset")
                 return gamma
@@ -276,7 +276,7 @@ class RateScale:
             resolve_warmup(warmup, total)
         except ValueError as exc:
             raise ValueError(f"the state_dict's rate scale has a bad 'warmup_steps': {exc}") from None
-        if warmup and not self.warms_up:
+        if warmup and not self.scales_rate:
             raise ValueError(f"the state_dict's rate scale has warmup_steps={warmup}, but this controller is neither "
                              "an MLR-SNet nor a relative action controller: gamma only caps its rate, and a warm-up "
                              "would hold the rate at the first step's cap; set state['scale']['warmup_steps'] = 0 "

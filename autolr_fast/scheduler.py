@@ -52,16 +52,18 @@ class AutoLR:
             (an MLR-SNet controller is settled on the first finite loss and ``gamma = lr / p*``,
             so its first rate is your ``lr``, times the envelope's first factor with
             ``total_steps``, and it moves the rate relative to it; any optimizer, any loss
-            scale). ``"controller"``: the ``default_gamma`` a saved controller carries. ``"auto"``: the published rule
-            ``|sqrt(L0) * ln(L0 * C) / C**0.25| / 4`` from the first finite loss ``L0`` and
-            ``num_classes`` ``C`` (cross-entropy with plain SGD only). A float: fixed.
+            scale). ``"controller"``: the ``default_gamma`` a saved controller carries.
+            ``"auto"``: the published rule ``|sqrt(L0) * ln(L0 * C) / C**0.25| / 4`` from the
+            first finite loss ``L0`` and ``num_classes`` ``C`` (cross-entropy with plain SGD only).
+            A float: fixed.
         total_steps: the number of optimizer steps of the run. When given, the scale follows an
             envelope over them: a linear warm-up, then a cosine from 1 to 0 (the controller cannot
             know the run length).
-        warmup_steps: the warm-up's length in optimizer steps: the scale rises linearly, ``(t + 1) /
-            warmup_steps`` at step ``t``, to the peak. Default (``None``): 5 % of ``total_steps``, none
-            without it. ``0``: no warm-up (a plain cosine envelope). Without ``total_steps`` the
-            scale stays at the peak after the warm-up.
+        warmup_steps: the warm-up's length in optimizer steps: the scale rises linearly,
+            ``(t + 1) / warmup_steps`` at step ``t``, to the peak. Default (``None``): 5 % of
+            ``total_steps``, none without it. ``0``: no warm-up (a plain cosine envelope). Without
+            ``total_steps`` the scale stays at the peak after the warm-up. Only for controllers
+            whose rate ``gamma`` scales (MLR-SNet, relative action controllers).
         num_classes: ``C`` for ``gamma="auto"``.
         lr_scales: per-param-group multipliers of the rate. Default: each group keeps its
             ratio to the first group's initial ``lr`` (as ``LambdaLR`` keeps ``base_lrs``); the first

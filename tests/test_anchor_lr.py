@@ -9,6 +9,7 @@ import random
 import pytest
 import torch
 from conftest import same_nested
+from envelope_reference import written_out_envelope
 from torch import nn
 
 from autolr_fast import AutoLR, MLRSNet, find_anchor_lr
@@ -324,8 +325,7 @@ def test_each_trial_follows_its_schedule(schedule):
         cosine = torch.optim.lr_scheduler.CosineAnnealingLR(reference, T_max=steps)
         for t in range(steps):
             if schedule == "warmup-cosine":
-                expected.append(rate * ((t + 1) / warm if t < warm else
-                                        0.5 * (1 + math.cos(math.pi * (t - warm) / (steps - warm)))))
+                expected.append(rate * written_out_envelope(t, steps, warm))
             else:
                 expected.append(reference.param_groups[0]["lr"] if schedule == "cosine" else rate)
             reference.step()

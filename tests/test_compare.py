@@ -10,6 +10,7 @@ import re
 
 import pytest
 import torch
+from envelope_reference import written_out_envelope
 
 from autolr_experiments import baselines, compare
 from autolr_experiments.baselines import SGDHD, lr_grid
@@ -179,8 +180,7 @@ def test_compare_command_writes_well_formed_records(tmp_path, capsys):
     for r in (r for r in runs if r["method"] == "cosine-warmup"):
         total, lr = r["steps"], r["lr"]
         w = round(0.05 * total)  # 0 on a run shorter than 10 steps
-        expected = [lr * ((t + 1) / w if t < w else 0.5 * (1 + math.cos(math.pi * (t - w) / (total - w))))
-                    for t in range(total)]
+        expected = [lr * written_out_envelope(t, total, w) for t in range(total)]
         assert r["curves"]["rate"] == pytest.approx(expected, rel=1e-5, abs=1e-12)
         warmups.append(w)
     assert max(warmups) >= 2, warmups

@@ -8,6 +8,7 @@ import warnings
 
 import pytest
 import torch
+from envelope_reference import written_out_envelope
 from torch import nn
 
 from autolr_fast import AutoLR, MLRSNet, load_pretrained
@@ -86,17 +87,6 @@ def test_anchor_is_set_by_the_first_finite_loss():
     assert torch.equal(sched.gamma, anchored), "the anchor is set once"
 
 
-def _written_out_envelope(t: int, total: int | None, warmup: int) -> float:
-    """The envelope as the docs state it, written out apart from the library's function."""
-    if t < warmup:
-        return (t + 1) / warmup
-    if total is None:
-        return 1.0
-    if t >= total:
-        return 0.0
-    return 0.5 * (1 + math.cos(math.pi * (t - warmup) / (total - warmup)))
-
-
 @pytest.mark.filterwarnings("ignore:AutoLR.step was called twice")
 @pytest.mark.parametrize("as_tensor", [False, True])  # a tensor lr takes the steady path where it may
 @pytest.mark.parametrize("total, warmup, used", [(20, 0, 0), (40, None, 2), (40, 7, 7), (None, 6, 6), (None, None, 0)])
@@ -114,14 +104,14 @@ def test_envelope_over_total_steps(total, warmup, used, as_tensor):
         loss = torch.tensor(2.0 / (1 + t))
         free.step(loss)
         sched.step(loss)
-        expected = float(free.last_rate) * _written_out_envelope(t, total, used)
+        expected = float(free.last_rate) * written_out_envelope(t, total, used)
         assert float(sched.last_rate) == pytest.approx(expected, rel=1e-5, abs=1e-9), t
         assert float(opt.param_groups[0]["lr"]) == pytest.approx(expected, rel=1e-5, abs=1e-9), t
     if total is not None:
         assert float(sched.last_rate) == 0.0
     elif as_tensor:
         assert sched._steady_step is not None, "after the warm-up nothing is computed on the host"
-    assert cosine_envelope(3, 20) == _written_out_envelope(3, 20, 0)
+    assert cosine_envelope(3, 20) == written_out_envelope(3, 20, 0)
 
 
 @pytest.mark.parametrize("warmup, total, match", [(-1, 10, ">= 0"), (2.5, 10, "whole number"), (True, 10, "whole"),

@@ -417,9 +417,9 @@ def _trial_factor(schedule: str, step: int, steps: int) -> float:
     """The trial rate's multiplier at ``step`` of ``steps``."""
     if schedule == "constant":
         return 1.0
-    if schedule == "warmup-cosine":  # AutoLR(total_steps=steps)'s envelope: the run in miniature
-        return envelope(step, steps, resolve_warmup(None, steps))
-    return 0.5 * (1.0 + math.cos(math.pi * step / steps))  # CosineAnnealingLR(T_max=steps) from 1 towards 0
+    # "cosine": CosineAnnealingLR(T_max=steps) from 1 towards 0; "warmup-cosine": AutoLR(total_steps=steps)'s
+    # whole envelope, the run in miniature
+    return envelope(step, steps, resolve_warmup(None, steps) if schedule == "warmup-cosine" else 0)
 
 
 @dataclass

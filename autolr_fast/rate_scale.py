@@ -46,6 +46,9 @@ MODES = ("lr", "controller", "auto", "fixed")
 
 # the common default (schedule-free's, HF's usual warmup_ratio range); not tuned here
 DEFAULT_WARMUP_FRACTION = 0.05
+# why a warm-up is refused for a controller that gamma only caps (constructor and state_dict alike)
+_CAP_NO_WARMUP = ("is neither an MLR-SNet nor a relative action controller: it sets its own rate and gamma only "
+                  "caps it, so a warm-up would hold the rate at the first step's cap")
 
 
 def cosine_envelope(step: int, total_steps: int) -> float:
@@ -139,10 +142,8 @@ class RateScale:
         # gamma only caps this controller's own rate: a warm-up would clamp it to the first step's
         # cap, and the controller, which multiplies that rate, would never climb back
         if warmup_steps:
-            raise ValueError(f"warmup_steps={warmup_steps!r}: this controller is neither an MLR-SNet nor a relative "
-                             "action controller, so it sets its own rate and gamma only caps it, and a warm-up would "
-                             "hold the rate at the first step's cap; pass warmup_steps=0 (or None), or use a "
-                             "relative controller")
+            raise ValueError(f"warmup_steps={warmup_steps!r}: this controller {_CAP_NO_WARMUP}; pass warmup_steps=0 "
+                             "(or None), or use a relative controller")
         return 0
 
     @property
@@ -277,10 +278,8 @@ class RateScale:
         except ValueError as exc:
             raise ValueError(f"the state_dict's rate scale has a bad 'warmup_steps': {exc}") from None
         if warmup and not self.scales_rate:
-            raise ValueError(f"the state_dict's rate scale has warmup_steps={warmup}, but this controller is neither "
-                             "an MLR-SNet nor a relative action controller: gamma only caps its rate, and a warm-up "
-                             "would hold the rate at the first step's cap; set state['scale']['warmup_steps'] = 0 "
-                             "to load it")
+            raise ValueError(f"the state_dict's rate scale has warmup_steps={warmup}, but this controller "
+                             f"{_CAP_NO_WARMUP}; set state['scale']['warmup_steps'] = 0 to load it")
 
     def load_state_dict(self, state: dict) -> None:
         self.mode = state["mode"]

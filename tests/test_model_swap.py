@@ -148,3 +148,21 @@ def test_a_buffer_allocated_after_construction_is_swapped_too():
     model(torch.randn(1, 2))
     swap({}, torch.randn(1, 2))
     assert float(model.calls) == 1.0  # the swapped forward counted on its copy
+
+
+def test_a_module_used_twice_in_the_forward_gets_gradients_through_both_uses():
+    torch.manual_seed(0)
+    shared = nn.Linear(3, 3)
+    model = nn.Sequential(nn.Linear(3, 3), nn.Tanh(), shared, nn.Tanh(), shared)
+    x = torch.randn(4, 3)
+    named = dict(model.named_parameters())  # the shared layer's parameters are listed once
+    hats = {n: (p.detach() + 0.1).requires_grad_(True) for n, p in named.items()}
+    out = ModelSwap(model)({id(named[n]): h for n, h in hats.items()}, x)
+    grads = torch.autograd.grad(out.sum(), list(hats.values()))
+    assert all(p is named[n] for n, p in model.named_parameters())  # the originals are back
+    ref_hats = {n: h.detach().clone().requires_grad_(True) for n, h in hats.items()}
+    ref = torch.func.functional_call(model, ref_hats, (x,))
+    ref_grads = torch.autograd.grad(ref.sum(), list(ref_hats.values()))
+    torch.testing.assert_close(out, ref)
+    for g, r in zip(grads, ref_grads):
+        torch.testing.assert_close(g, r)

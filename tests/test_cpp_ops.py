@@ -268,6 +268,20 @@ def test_mlrsnet_step_guard_keeps_state_on_non_finite_loss(bad):
 
 
 @needs_ext
+def test_mlrsnet_step_guard_sees_a_nan_made_inside_the_net():
+    # a finite but huge loss overflows layer 0 into a NaN state; layer 1's relu must keep the NaN
+    # (as torch.relu), or the output stays finite and the NaN state is stored as a good step
+    h, c, weights = make_net(8, 2)
+    weights[0] = weights[0].sign() * (weights[0].abs() + 2.0)  # every |w0 x| > FLT_MAX: +-inf, then inf - inf
+    loss, gamma, rate = torch.tensor(3e38), torch.tensor(0.5), torch.tensor(0.05)
+    exp = reference_step(loss, h, c, weights, gamma, rate, [], [])
+    got = run_step(loss, h, c, weights, gamma, rate, [], [])
+    assert not bool(exp[3]), msg("the reference must refuse this step (test setup)")
+    assert not bool(got[3]), msg("ok must be False when the net's state turns NaN")
+    assert torch.equal(got[1], h) and torch.equal(got[2], c), msg("state changed on a refused step")
+
+
+@needs_ext
 def test_mlrsnet_step_guard_non_finite_output():
     h, c, weights = make_net(16, 1)
     h0 = h.clone()

@@ -304,8 +304,9 @@ void cell_forward(const CellWeights& w, int64_t H, int64_t M, const float* x, co
     const float p2 = w.vb0[m] + tr.pre2[m];
     tr.pre1[m] = p1;
     tr.pre2[m] = p2;
-    tr.a1[m] = p1 > 0.f ? p1 : 0.f;
-    tr.a2[m] = p2 > 0.f ? p2 : 0.f;
+    // relu that keeps a NaN (as torch.relu): the step's NaN guard must see it
+    tr.a1[m] = p1 < 0.f ? 0.f : p1;
+    tr.a2[m] = p2 < 0.f ? 0.f : p2;
   }
   float* z = tr.gates;
   kKernels.matvec(w.w2, tr.a1, 4 * H, M, z);

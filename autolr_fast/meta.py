@@ -504,6 +504,26 @@ class MetaTrainer:
         return {"optimizer": self.optimizer.state_dict(), "meta_steps": self.meta_steps,
                 "val_batches": self._val_used}
 
+    def check_state(self, state: Any) -> None:
+        """Raise ``ValueError`` unless ``state`` is a :meth:`state_dict` this trainer can load (checked
+        before the scheduler changes anything)."""
+        if not isinstance(state, dict) or not {"optimizer", "meta_steps"} <= set(state):
+            raise ValueError("the state_dict's 'meta' entry is not a meta-trainer state (it needs 'optimizer' and "
+                             "'meta_steps')")
+        saved = state["optimizer"]
+        groups = saved.get("param_groups") if isinstance(saved, dict) else None
+        if not isinstance(groups, list) or "state" not in saved:
+            raise ValueError("the state_dict's meta-optimizer state is not an optimizer state_dict")
+        own = [len(g["params"]) for g in self.optimizer.param_groups]
+        theirs = [len(g.get("params", ())) if isinstance(g, dict) else -1 for g in groups]
+        if own != theirs:
+            raise ValueError(f"the state_dict's meta-optimizer has param groups of sizes {theirs}, this AutoLR's "
+                             f"{type(self.optimizer).__name__} has {own}: save and load with the same "
+                             "MetaConfig.optimizer and controller")
+        steps = state["meta_steps"]
+        if isinstance(steps, bool) or not isinstance(steps, int) or steps < 0:
+            raise ValueError(f"the state_dict's 'meta_steps' is {steps!r}, not a whole number >= 0")
+
     def load_state_dict(self, state: dict) -> None:
         self.optimizer.load_state_dict(state["optimizer"])
         self.meta_steps = int(state["meta_steps"])

@@ -288,11 +288,11 @@ class RateScale:
         self.total_steps = state["total_steps"]
         self.warmup_steps = int(state.get("warmup_steps", 0))  # a state without the key ran no warm-up
         with torch.no_grad():
-            self.peak.copy_(state["peak"])
+            self.peak.copy_(state["peak"].reshape(()))
             if not self.has_envelope:
                 self.gamma = self.peak
             else:
                 if self.gamma is self.peak:  # a tensor of its own from now on
                     self.gamma = self.peak.clone()
-                self.gamma.copy_(state["gamma"])  # in place otherwise: a captured graph reads this tensor
+                self.gamma.copy_(state["gamma"].reshape(()))  # in place otherwise: a captured graph reads this tensor
         self.pending = self.mode in ("lr", "auto") and not bool(torch.isfinite(self.peak))

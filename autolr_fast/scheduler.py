@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import torch
@@ -151,12 +152,14 @@ class AutoLR:
         """Record each group's scale; decide tensor or float rates. Returns the rate the scales
         are relative to: the first positive group lr (the first group's when none is)."""
         groups = self.optimizer.param_groups
-        reference, ratios = optim_support.group_lr_scales([float(g["lr"]) for g in groups])
+        # a group's initial_lr where a scheduler recorded one (PyTorch's convention): an optimizer
+        # loaded from a checkpoint before AutoLR(...) holds the last rate in "lr", not the peak
+        reference, ratios = optim_support.group_lr_scales([float(g.get("initial_lr", g["lr"])) for g in groups])
         if lr_scales is None:
             lr_scales = ratios
         if len(lr_scales) != len(groups):
             raise ValueError(f"lr_scales has {len(lr_scales)} entries for {len(groups)} param groups")
-        self.lr_scales = [float(s) for s in lr_scales]
+        self.lr_scales = check_lr_scales(lr_scales, "lr_scales")
         takes_tensor = optim_support.takes_tensor_lr(self.optimizer)
         if lr_as_tensor is None:
             # On the CPU reading the rate stalls nothing, while a tensor lr slows
@@ -533,9 +536,14 @@ class AutoLR:
         for key, shape in (("rate", ()), ("counters", tuple(self.counters.values.shape))):
             if not isinstance(state[key], Tensor) or tuple(state[key].shape) != shape:
                 raise ValueError(f"the state_dict's {key!r} is not a tensor of shape {shape}")
+        step_count = state["step_count"]
+        if isinstance(step_count, bool) or not isinstance(step_count, int) or step_count < 0:
+            raise ValueError(f"the state_dict's 'step_count' is {step_count!r}, not a whole number >= 0")
+        check_lr_scales(state["lr_scales"], "the state_dict's 'lr_scales'")
         if (self.meta is None) != ("meta" not in state):
             raise ValueError("the state_dict and this AutoLR disagree on meta-training (meta=...)")
         if self.meta is not None:  # the groups the saved run did not have yet are adopted below
+            self.meta.check_state(state["meta"])
             extra = self.optimizer.param_groups[len(state["lr_scales"]):]
             self.meta.check_parameters([p for g in extra for p in g["params"]], "an added param group's")
         self.controller.load_state_dict({k: v.to(self.device) for k, v in ctrl.items()})
@@ -544,7 +552,7 @@ class AutoLR:
         with torch.no_grad():
             self.rate.copy_(state["rate"])
             self.counters.values.copy_(state["counters"])
-        self.step_count = int(state["step_count"])
+        self.step_count = step_count
         self.counters.refresh(self.step_count)  # the host's view of the loaded counters, not the old ones
         self.lr_scales = [float(s) for s in state["lr_scales"]]
         self._warned = set(state.get("warned", []))
@@ -562,6 +570,19 @@ class AutoLR:
 
 
 DEFAULT_CONTROLLER = "default"
+
+
+def check_lr_scales(scales: Any, what: str) -> list[float]:
+    """``scales`` as floats, each finite and >= 0 (a group's rate is the rate times its scale);
+    ``ValueError`` naming ``what`` otherwise."""
+    try:
+        values = [float(s) for s in scales]
+    except (TypeError, ValueError):
+        raise ValueError(f"{what} must be a list of numbers, one per param group; got {scales!r}") from None
+    bad = [v for v in values if not (math.isfinite(v) and v >= 0)]
+    if bad:
+        raise ValueError(f"{what} must be finite and >= 0 (a group's rate is the rate times its scale); got {bad}")
+    return values
 
 
 def _resolve_controller(controller: nn.Module | str | None) -> nn.Module:

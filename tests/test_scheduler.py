@@ -467,6 +467,67 @@ def test_load_state_dict_checks_the_scale_rate_and_counters_first():
         assert all(torch.equal(before[k], v) for k, v in sched.controller.state_dict().items())
 
 
+def test_load_state_dict_checks_step_count_lr_scales_and_meta_state_first():
+    torch.manual_seed(0)
+    model = nn.Linear(4, 3)
+    x, y = torch.randn(16, 4), torch.randint(0, 3, (16,))
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    sched = AutoLR(opt, MLRSNet(hidden_size=8), meta=MetaConfig(model, [(x[:8], y[:8])], nn.functional.cross_entropy,
+                                                                 interval=2))
+    train_steps(model, opt, sched, x, y, steps=3)
+    good = copy.deepcopy(sched.state_dict())
+    train_steps(model, opt, sched, x, y, steps=2)
+    before = copy.deepcopy((sched.controller.state_dict(), sched.rate, sched.step_count, sched.meta.state_dict()))
+    meta_of_other = torch.optim.Adam([nn.Parameter(torch.zeros(1))]).state_dict()
+    for bad in ({**good, "step_count": None}, {**good, "step_count": -1}, {**good, "lr_scales": [float("nan")]},
+                {**good, "lr_scales": [-1.0]}, {**good, "meta": {"meta_steps": 1}},
+                {**good, "meta": {**good["meta"], "optimizer": meta_of_other}},
+                {**good, "meta": {**good["meta"], "meta_steps": "1"}}):
+        with pytest.raises(ValueError):
+            sched.load_state_dict(bad)
+        after = (sched.controller.state_dict(), sched.rate, sched.step_count, sched.meta.state_dict())
+        assert all(torch.equal(before[0][k], v) for k, v in after[0].items())
+        assert torch.equal(before[1], after[1]) and before[2] == after[2]
+        assert before[3]["meta_steps"] == after[3]["meta_steps"]
+    sched.load_state_dict(good)  # the good state still loads after the refusals
+    assert sched.step_count == 3
+
+
+@pytest.mark.parametrize("scales", [[float("nan")], [float("inf")], [-1.0], ["a"]])
+def test_lr_scales_must_be_finite_and_not_negative(scales):
+    opt = torch.optim.SGD(nn.Linear(2, 2).parameters(), lr=0.1)
+    with pytest.raises(ValueError, match="lr_scales"):
+        AutoLR(opt, MLRSNet(hidden_size=8), lr_scales=scales)
+    assert "initial_lr" not in opt.param_groups[0]  # a refused AutoLR leaves the optimizer as it was
+
+
+@pytest.mark.parametrize("lr_as_tensor", [False, True])
+def test_resume_with_the_optimizer_loaded_before_autolr_is_constructed(lr_as_tensor):
+    """opt.load_state_dict, then AutoLR(opt), then sched.load_state_dict: the groups hold the last
+    rate (0 before the first step with tensor rates), the peak is their initial_lr."""
+    torch.manual_seed(0)
+    model = SmallCNN()
+    start = copy.deepcopy(model.state_dict())
+    opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    sched = AutoLR(opt, MLRSNet(hidden_size=16), total_steps=20, lr_as_tensor=lr_as_tensor)
+    straight, resumed = [], []
+    for saved_at in (0, 3):  # before the first step, and mid-run
+        if saved_at:
+            run(model, opt, sched, saved_at, losses_out=straight)
+        saved = copy.deepcopy({"model": model.state_dict(), "opt": opt.state_dict(), "sched": sched.state_dict()})
+        run(model, opt, sched, 4, seed=1, losses_out=straight)
+        model.load_state_dict(saved["model"])
+        opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+        opt.load_state_dict(saved["opt"])
+        sched = AutoLR(opt, MLRSNet(hidden_size=16), total_steps=20, lr_as_tensor=lr_as_tensor)
+        sched.load_state_dict(saved["sched"])
+        run(model, opt, sched, 4, seed=1, losses_out=resumed)
+        assert torch.equal(torch.stack(straight[-4:]), torch.stack(resumed[-4:]))
+        model.load_state_dict(start)
+        opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+        sched = AutoLR(opt, sched.controller, total_steps=20, lr_as_tensor=lr_as_tensor)
+
+
 @pytest.mark.parametrize("case", ["not_synchronized", "total_steps", "warmup", "meta", "float_rate"])
 def test_capture_is_refused_before_anything_changes(monkeypatch, case):
     """The host side of the CUDA-graph check (the capture itself is tested on a GPU in

@@ -43,7 +43,6 @@ from . import optim_support
 from .batches import to_device
 from .distributed import is_distributed, min_max_across_ranks
 from .lr_finder import (
-    TrainingSnapshot,
     Unpack,
     _model_device,
     _set_rate,
@@ -52,6 +51,7 @@ from .lr_finder import (
     default_unpack,
 )
 from .rate_scale import envelope, resolve_warmup
+from .training_snapshot import TrainingSnapshot
 
 #: the trial's length as a fraction of the run (``total_steps``)
 DEFAULT_FRACTION = 0.15
@@ -219,7 +219,8 @@ def _cycled(batches: Iterable):
             empty = False
             yield b
         if empty:
-            raise ValueError("find_anchor_lr: train_batches is empty")
+            raise ValueError("find_anchor_lr: train_batches gave no batches (on a new pass: a loader over a one-pass "
+                             "stream cannot be cycled; pass a list or a re-iterable DataLoader)")
 
 
 def _trial_steps(total_steps: int | None, trial_steps: int | None, fraction: float) -> int:
@@ -323,13 +324,14 @@ def find_anchor_lr(
     if not given > 0:
         raise ValueError("find_anchor_lr: every param group has lr 0; set the lr you would use")
     unpack = unpack or default_unpack
-    device = _model_device(model)
+    device = _model_device(model, "find_anchor_lr")
     exponents = torch.linspace(-decades, decades, num, dtype=torch.float64).tolist()
     if num % 2:
         exponents[num // 2] = 0.0  # the given rate itself, exactly
     rates = [given * 10.0**e for e in exponents]
     start = time.perf_counter()
-    snap = TrainingSnapshot(model, optimizer)  # before a shuffling DataLoader draws from the RNG
+    # before a shuffling DataLoader draws from the RNG
+    snap = TrainingSnapshot(model, optimizer, loaders=(train_batches, val_batches))
     losses: list[float] = []
     batch_losses: list[list[float]] = []
     dist_on = is_distributed(distributed)

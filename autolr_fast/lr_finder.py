@@ -32,6 +32,7 @@ from tqdm.auto import tqdm
 from . import optim_support
 from .batches import to_device
 from .distributed import is_distributed, mean_across_ranks
+from .training_snapshot import BufferSlots, TrainingSnapshot
 
 Unpack = Callable[[Any], tuple[Any, Any]]
 
@@ -52,11 +53,11 @@ def default_unpack(batch: Any) -> tuple[Any, Any]:
         if xi is not None and yi is not None:
             return batch[xi], batch[yi]
         raise ValueError(
-            f"find_lr cannot tell inputs from targets in a batch dict with keys {sorted(batch)}; "
+            f"cannot tell inputs from targets in a batch dict with keys {sorted(batch)}; "
             f"name them one of {_INPUT_KEYS} / {_TARGET_KEYS}, or pass unpack=lambda b: (b['..'], b['..'])"
         )
     raise ValueError(
-        f"find_lr expects batches as (inputs, targets) tuples or dicts, got {type(batch).__name__}"
+        f"batches must be (inputs, targets) tuples or dicts, got {type(batch).__name__}"
         + (f" of length {len(batch)}" if isinstance(batch, (tuple, list)) else "")
         + "; pass unpack=fn where fn(batch) returns (inputs, targets)"
     )
@@ -67,89 +68,20 @@ def _take(batches: Iterable, n: int) -> list:
     out: list = []
     it = iter(batches)
     reiterable = it is not batches
+    fresh = True  # nothing drawn from `it` yet
     while len(out) < n:
         try:
             out.append(next(it))
+            fresh = False
         except StopIteration:
-            if not reiterable or not out:
+            if not reiterable or fresh:
                 raise ValueError(
-                    f"find_lr needs {n} batches but the iterator ran out after {len(out)}; pass a "
-                    "re-iterable (a list or a DataLoader) or a longer iterator, or use smaller horizons"
+                    f"find_lr needs {n} batches but the batches ran out after {len(out)}"
+                    + (" and a new pass over them gave none (a loader over a one-pass stream)" if out else "")
+                    + "; pass a re-iterable (a list or a DataLoader) or a longer iterator, or use smaller horizons"
                 ) from None
-            it = iter(batches)
+            it, fresh = iter(batches), True
     return out
-
-
-# ------------------------------------------------------------------------------------------------
-# Exact state snapshot
-# ------------------------------------------------------------------------------------------------
-def _clone(v: Any) -> Any:
-    if isinstance(v, Tensor):
-        return v.detach().clone()
-    if isinstance(v, dict):
-        return {k: _clone(x) for k, x in v.items()}
-    if isinstance(v, (list, tuple)):
-        return type(v)(_clone(x) for x in v)
-    return v
-
-
-class TrainingSnapshot:
-    """A bit-for-bit copy of a model, its optimizer and the RNG, restored in place.
-
-    Parameters and buffers are copied back into the same tensor objects (the optimizer and any
-    hook keep pointing at them). The optimizer's per-parameter state is replaced by clones of the
-    saved one (parameters without state at snapshot time get none again, so a fresh Adam starts
-    fresh in every trial). Param-group hyper-parameters are restored too; a tensor ``lr`` (as
-    :class:`AutoLR` installs) is restored in place, so the scheduler keeps its link to it.
-    """
-
-    def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer) -> None:
-        self.model, self.optimizer = model, optimizer
-        self.tensors = [t.detach().clone() for t in self._model_tensors()]
-        self.opt_state = {p: _clone(s) for p, s in optimizer.state.items()}
-        self.groups = [{k: (v.detach().clone() if isinstance(v, Tensor) else v) for k, v in g.items() if k != "params"}
-                       for g in optimizer.param_groups]
-        self.training = [m.training for m in model.modules()]
-        self.cpu_rng = torch.get_rng_state()
-        cuda_on = torch.cuda.is_available() and torch.cuda.is_initialized()
-        self.cuda_rng = torch.cuda.get_rng_state_all() if cuda_on else None
-
-    def _model_tensors(self) -> list[Tensor]:
-        """The model's parameters and buffers, and any parameter the optimizer trains outside the
-        model (e.g. one inside the loss function)."""
-        tensors = list(self.model.parameters()) + list(self.model.buffers())
-        seen = {id(t) for t in tensors}
-        for g in self.optimizer.param_groups:
-            for p in g["params"]:
-                if id(p) not in seen:
-                    seen.add(id(p))
-                    tensors.append(p)
-        return tensors
-
-    @torch.no_grad()
-    def restore(self) -> None:
-        tensors = self._model_tensors()
-        for t, saved in zip(tensors, self.tensors, strict=True):
-            t.copy_(saved)
-        self.optimizer.state.clear()
-        for p, s in self.opt_state.items():
-            self.optimizer.state[p] = _clone(s)
-        for g, saved in zip(self.optimizer.param_groups, self.groups, strict=True):
-            for k, v in saved.items():
-                if isinstance(v, Tensor) and isinstance(g.get(k), Tensor) and g[k].shape == v.shape:
-                    g[k].copy_(v)
-                else:
-                    g[k] = _clone(v)
-        for m, mode in zip(self.model.modules(), self.training, strict=True):
-            m.training = mode
-        for t in tensors:
-            t.grad = None
-        self.restore_rng()
-
-    def restore_rng(self) -> None:
-        torch.set_rng_state(self.cpu_rng)
-        if self.cuda_rng is not None:
-            torch.cuda.set_rng_state_all(self.cuda_rng)
 
 
 def _set_rate(optimizer: torch.optim.Optimizer, rate: float, scales: Sequence[float]) -> None:
@@ -285,11 +217,11 @@ def _check_arguments(horizons: Sequence[int], unit: str, start_lr: float, end_lr
     return horizons
 
 
-def _model_device(model: nn.Module) -> torch.device:
+def _model_device(model: nn.Module, caller: str = "find_lr") -> torch.device:
     try:
         return next(model.parameters()).device
     except StopIteration:
-        raise ValueError("find_lr needs a model with parameters") from None
+        raise ValueError(f"{caller} needs a model with parameters") from None
 
 
 def _split_batches(batches: Iterable, unit: str, longest: int, eval_batches: Sequence | None,
@@ -326,14 +258,13 @@ class _Trial:
     def _measuring(self):
         """Measuring must not change the trial: buffers (BatchNorm running stats move in train
         mode) and the RNG (dropout) are put back."""
-        buffers = [b.detach().clone() for b in self.model.buffers()]
+        buffers = BufferSlots(self.model)
         cuda = [self.device] if self.device.type == "cuda" else []
         with torch.random.fork_rng(devices=cuda), torch.no_grad():
             try:
                 yield
             finally:
-                for b, saved in zip(self.model.buffers(), buffers, strict=True):
-                    b.copy_(saved)
+                buffers.restore()
 
     def eval_loss(self) -> float:
         """Mean loss over the evaluation batches (under a process group: averaged across ranks)."""
@@ -508,7 +439,7 @@ def find_lr(
     _, scales = optim_support.group_lr_scales([float(g["lr"]) for g in optimizer.param_groups])
     rates_grid = torch.logspace(math.log10(start_lr), math.log10(end_lr), num, dtype=torch.float64).tolist()
     # before the batches are read: iterating a shuffling DataLoader draws from the RNG
-    snap = TrainingSnapshot(model, optimizer)
+    snap = TrainingSnapshot(model, optimizer, loaders=(batches, eval_batches))
     try:
         eval_batches, train_batches = _split_batches(batches, unit, max(horizons), eval_batches, num_eval_batches)
         eval_batches = [to_device(unpack(b), device) for b in eval_batches]

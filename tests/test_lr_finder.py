@@ -7,7 +7,8 @@ import torch
 from conftest import same_nested
 from torch import nn
 
-from autolr_fast.lr_finder import TrainingSnapshot, find_lr, smooth_curve
+from autolr_fast.lr_finder import find_lr, smooth_curve
+from autolr_fast.training_snapshot import TrainingSnapshot
 
 
 def _net():
@@ -138,7 +139,7 @@ def test_bad_input_is_refused():
     opt = torch.optim.SGD(model.parameters(), lr=0.1)
     with pytest.raises(ValueError, match="start_lr"):
         find_lr(model, opt, nn.functional.cross_entropy, _batches(8), start_lr=1.0, end_lr=0.1)
-    with pytest.raises(ValueError, match="iterator ran out"):
+    with pytest.raises(ValueError, match="ran out after 3"):
         find_lr(model, opt, nn.functional.cross_entropy, iter(_batches(3)), horizons=(8,), progress=False)
     with pytest.raises(ValueError, match="re-iterable"):
         find_lr(model, opt, nn.functional.cross_entropy, iter(_batches(3)), unit="epochs", progress=False)
@@ -288,3 +289,23 @@ def test_every_trial_starts_from_the_rng_at_the_call():
     finally:
         lr_finder._Trial._train_step = step
     assert len(starts) == 3 and all(torch.equal(s, starts[0]) for s in starts)
+
+
+class _OnePassStream:
+    """An iterable over a stream that can be read once: a new iter() gives what is left (nothing)."""
+
+    def __init__(self, batches):
+        self.stream, self.passes = iter(batches), 0
+
+    def __iter__(self):
+        self.passes += 1
+        if self.passes > 20:  # the test's guard against an endless loop
+            raise RuntimeError("re-iterated an exhausted stream 20 times")
+        return self.stream
+
+
+def test_a_one_pass_stream_that_runs_out_is_an_error_not_an_endless_loop():
+    model = _net()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    with pytest.raises(ValueError, match="a new pass over them gave none"):
+        find_lr(model, opt, nn.functional.cross_entropy, _OnePassStream(_batches(3)), horizons=(8,), progress=False)

@@ -328,3 +328,14 @@ def test_relative_settings_are_checked():
     with pytest.raises(ValueError, match="needs gamma"):  # a non-relative one without a gamma of its own
         AutoLR(torch.optim.SGD(nn.Linear(2, 1).parameters(), lr=0.1),
                ActionController(_fixed(1), window=4, block=2, default_gamma=None))
+
+
+def test_a_damaged_action_controller_file_is_refused_with_what_is_wrong(tmp_path):
+    ctrl = ActionController(make_action_model("mlp", 20))
+    ctrl.save(str(tmp_path / "c.pt"), "mlp")
+    good = torch.load(tmp_path / "c.pt", weights_only=False)
+    for change, says in (({"version": 2}, "version 2"), ({"model_kind": "transformer"}, "unknown action model"),
+                         ({"model_state": None}, "model_state"), ({"config": {"window": 20}}, "config lacks")):
+        torch.save({k: v for k, v in {**good, **change}.items() if v is not None}, tmp_path / "bad.pt")
+        with pytest.raises(ValueError, match=says):
+            ActionController.load(str(tmp_path / "bad.pt"))

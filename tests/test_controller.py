@@ -155,3 +155,17 @@ def test_flat_weights_sees_a_replaced_parameter_anywhere():
     assert weight is ctrl.head.weight and bias is ctrl.head.bias
     again = ctrl.flat_weights()
     assert ctrl.flat_weights() is again  # nothing registered since: the same list
+
+
+def test_a_damaged_controller_file_is_refused_with_what_is_wrong(tmp_path):
+    from autolr_fast import load_controller, save_controller
+
+    path = tmp_path / "c.pt"
+    save_controller(MLRSNet(hidden_size=8), path, gamma=0.5)
+    good = torch.load(path, weights_only=False)
+    for key, value, says in (("gamma", float("nan"), "gamma"), ("gamma", -1.0, "gamma"), ("config", None, "config"),
+                             ("state_dict", None, "state_dict")):
+        blob = {**good, key: value} if value is not None else {k: v for k, v in good.items() if k != key}
+        torch.save(blob, tmp_path / "bad.pt")
+        with pytest.raises(ValueError, match=says):
+            load_controller(tmp_path / "bad.pt")

@@ -360,8 +360,21 @@ class ActionController(nn.Module):
         """The controller in ``payload``, a file's contents already read (``path`` is for errors)."""
         if not isinstance(payload, dict) or payload.get("format") != FORMAT:
             raise ValueError(f"{path!r} is not an action-controller file (saved by ActionController.save)")
+        if payload.get("version") != 1:
+            raise ValueError(f"{path!r} has action-controller format version {payload.get('version')!r}, this "
+                             "autolr_fast reads 1")
+        missing = [k for k in ("model_kind", "config", "model_state") if not isinstance(payload.get(k), (str, dict))]
+        if missing:
+            raise ValueError(f"{path!r} is an incomplete action-controller file: no valid {missing}")
+        if payload["model_kind"] not in MODEL_TYPES:
+            raise ValueError(f"{path!r} holds an unknown action model {payload['model_kind']!r}; this autolr_fast "
+                             f"builds {sorted(MODEL_TYPES)}")
         cfg = payload["config"]
         state = payload["model_state"]
+        needed = ("window", "block", "interval", "multipliers", "min_rate", "start_rate", "default_gamma")
+        missing = [k for k in needed if k not in cfg]
+        if missing:
+            raise ValueError(f"{path!r}: the action controller's config lacks {missing}")
         relative = bool(cfg.get("relative", False))
         model = make_action_model(payload["model_kind"], cfg["window"], channels=feature_channels(relative),
                                   actions=len(cfg["multipliers"]),
@@ -396,8 +409,8 @@ class ActionController(nn.Module):
 
 
 def _hidden_from_state(kind: str, state: dict) -> int:
-    if kind == "mlp":
-        return state["net.0.weight"].shape[0]
-    if kind == "cnn":
-        return state["conv.0.weight"].shape[0]
-    return state["head.weight"].shape[1]
+    key, dim = {"mlp": ("net.0.weight", 0), "cnn": ("conv.0.weight", 0)}.get(kind, ("head.weight", 1))
+    weight = state.get(key)
+    if not isinstance(weight, torch.Tensor) or weight.dim() <= dim:
+        raise ValueError(f"the {kind} action model's weights have no {key!r} tensor to read its size from")
+    return weight.shape[dim]

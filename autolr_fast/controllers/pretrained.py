@@ -53,6 +53,12 @@ def _mlrsnet_from_blob(blob: dict, path: str) -> MLRSNet:
     if blob.get("version") != VERSION:
         raise ValueError(
             f"{path!r} has controller format version {blob.get('version')}, this autolr_fast reads {VERSION}")
+    missing = [k for k, kind in (("config", dict), ("state_dict", dict)) if not isinstance(blob.get(k), kind)]
+    gamma = blob.get("gamma")
+    if isinstance(gamma, bool) or not isinstance(gamma, (int, float)) or not (math.isfinite(gamma) and gamma > 0):
+        missing.append("gamma (a positive finite float)")
+    if missing:
+        raise ValueError(f"{path!r} is an incomplete or damaged controller file: no valid {missing}")
     cfg = blob["config"]
     net = MLRSNet(int(cfg["hidden_size"]), int(cfg["num_layers"]), cfg.get("gate_order", "train"))
     state = dict(blob["state_dict"])

@@ -246,6 +246,78 @@ def cosine_warmup(spec: RunSpec) -> Schedule:
     return torch_schedule(opt, torch.optim.lr_scheduler.LambdaLR(opt, lambda t: envelope(t, total, warmup)), "step")
 
 
+class SpikeGuard:
+    """Halves a factor on the rate when the training loss says the rate is too high.
+
+    The mean of every block of ``block`` losses is compared with a reference: ``"lowest"``, the
+    lowest block mean so far (above ``ratio`` x it the factor halves and that block becomes the
+    reference, so the next halving needs another doubling); ``"initial"``, the run's first block
+    mean (every later block above ``ratio`` x it halves the factor: training has made the loss
+    worse than where it started). A non-finite loss halves it too."""
+
+    def __init__(self, reference: str = "initial", block: int = 5, ratio: float = 1.0) -> None:
+        if reference not in ("lowest", "initial"):
+            raise ValueError(f"reference must be 'lowest' or 'initial', got {reference!r}")
+        self.reference, self.block, self.ratio = reference, block, ratio
+        self.factor, self.ref, self.losses, self.halvings = 1.0, math.inf, [], 0
+
+    def observe(self, loss: float) -> float:
+        if not math.isfinite(loss):
+            self._halve()
+            return self.factor
+        self.losses.append(loss)
+        if len(self.losses) == self.block:
+            mean = sum(self.losses) / self.block
+            self.losses.clear()
+            if mean > self.ratio * self.ref:
+                self._halve()
+                if self.reference == "lowest":
+                    self.ref = mean
+            elif self.reference == "lowest" or self.ref == math.inf:
+                self.ref = min(self.ref, mean)
+        return self.factor
+
+    def _halve(self) -> None:
+        self.factor *= 0.5
+        self.halvings += 1
+
+
+def _guarded_cosine_warmup(spec: RunSpec, guard: SpikeGuard) -> Schedule:
+    opt = make_optimizer(spec.model, spec.task.optim, spec.lr)
+    total, warmup = spec.total_steps, resolve_warmup(None, spec.total_steps)
+    step = [0]
+    base = [g["lr"] for g in opt.param_groups]
+
+    def before_step(loss: Tensor) -> None:
+        factor = guard.observe(float(loss)) * envelope(step[0], total, warmup)
+        for g, lr in zip(opt.param_groups, base):
+            g["lr"] = lr * factor
+        step[0] += 1
+        schedule.info["halvings"] = guard.halvings
+
+    schedule = Schedule(opt, before_step=before_step, info={"halvings": 0})
+    return schedule
+
+
+@register_method("cosine-warmup-guard", "hand", None, "cosine-warmup whose rate halves each time the training "
+                 "loss doubles (block means of 5 losses against their lowest; SpikeGuard('lowest', ratio=2))",
+                 task_lr=True)
+def cosine_warmup_guard(spec: RunSpec) -> Schedule:
+    return _guarded_cosine_warmup(spec, SpikeGuard("lowest", ratio=2.0))
+
+
+@register_method("cosine-warmup-guard-initial", "hand", None, "cosine-warmup whose rate halves on every block of "
+                 "5 losses whose mean is above the run's first (SpikeGuard('initial'))", task_lr=True)
+def cosine_warmup_guard_initial(spec: RunSpec) -> Schedule:
+    return _guarded_cosine_warmup(spec, SpikeGuard("initial"))
+
+
+@register_method("cosine-warmup-guard-initial2", "hand", None, "cosine-warmup whose rate halves on every block of "
+                 "5 losses whose mean is above twice the run's first (SpikeGuard('initial', ratio=2))", task_lr=True)
+def cosine_warmup_guard_initial2(spec: RunSpec) -> Schedule:
+    return _guarded_cosine_warmup(spec, SpikeGuard("initial", ratio=2.0))
+
+
 @register_method("sgdr", "hand", SGD_DEFAULT_LR, "SGD, cosine with warm restarts (T_0 = 1/7 of the steps, T_mult = 2)")
 def sgdr(spec: RunSpec) -> Schedule:
     opt = sgd(spec.model, spec.lr)

@@ -40,7 +40,7 @@ from tqdm import tqdm
 
 from autolr_fast import MetaConfig, MLRSNet, load_controller, load_pretrained, save_controller
 from autolr_fast.ops import dispatch
-from autolr_fast.rate_scale import SETTLE_STEPS, cosine_envelope
+from autolr_fast.rate_scale import SETTLE_STEPS, envelope, resolve_warmup
 
 from .baselines import SGD_DEFAULT_LR, get_method
 from .report import mean_std, plot_runs, save_figure, summarize, summary_table
@@ -239,6 +239,16 @@ def cosine_method(run: FamilyRun) -> Method:
     return Method("cosine", build)
 
 
+def cosine_warmup_method(run: FamilyRun) -> Method:
+    """AutoLR's default envelope alone (a 5 % linear warm-up, then cosine to 0) at the run's rate."""
+    def build(spec: RunSpec) -> Schedule:
+        opt = make_optimizer(run, spec.model)
+        total, warmup = spec.total_steps, resolve_warmup(None, spec.total_steps)
+        return torch_schedule(opt, torch.optim.lr_scheduler.LambdaLR(opt, lambda t: envelope(t, total, warmup)))
+
+    return Method("cosine-warmup", build)
+
+
 def normalised_by_first_loss(step: Callable[[Tensor], None]) -> Callable[[Tensor], None]:
     """``step`` fed ``loss / L0``, with ``L0`` the run's first finite positive loss (losses before
     it are passed unchanged): the controller sees the loss relative to where the run started,
@@ -254,17 +264,17 @@ def normalised_by_first_loss(step: Callable[[Tensor], None]) -> Callable[[Tensor
 
 
 def autolr_method(name: str, run: FamilyRun, controller: MLRSNet, meta: Callable | None = None,
-                  normalise_loss: bool = False) -> Method:
+                  normalise_loss: bool = False, warmup_steps: int | None = 0) -> Method:
     """AutoLR as a user runs it (no gamma: the lr anchor; the envelope over the run), except that
-    the envelope is the plain cosine (``warmup_steps=0``), the one the shipped ``default.pt`` was
-    meta-trained under, so that the recipe reproduces it; ``meta(spec) -> MetaConfig`` meta-trains
-    ``controller`` during the run; ``normalise_loss``: the controller reads the loss divided by the
-    run's first loss."""
+    the envelope is by default the plain cosine (``warmup_steps=0``), the one the shipped
+    ``default.pt`` was meta-trained under, so that the recipe reproduces it (``None``: AutoLR's
+    default warm-up); ``meta(spec) -> MetaConfig`` meta-trains ``controller`` during the run;
+    ``normalise_loss``: the controller reads the loss divided by the run's first loss."""
     def build(spec: RunSpec) -> Schedule:
         controller.reset()  # a new run: theta carries over, the recurrent state does not
         opt = make_optimizer(run, spec.model)
         cfg = None if meta is None else meta(spec)
-        schedule = autolr_schedule(opt, controller, total_steps=spec.total_steps, warmup_steps=0, meta=cfg)
+        schedule = autolr_schedule(opt, controller, total_steps=spec.total_steps, warmup_steps=warmup_steps, meta=cfg)
         if normalise_loss:
             schedule.before_step = normalised_by_first_loss(schedule.before_step)
         return schedule
@@ -341,9 +351,10 @@ class DelayedMeta:
 
 
 def delayed_method(run: FamilyRun, controller: MLRSNet, interval: int, horizon: int,
-                   meta_opt: torch.optim.Optimizer, normalise_loss: bool = False) -> Method:
+                   meta_opt: torch.optim.Optimizer, normalise_loss: bool = False,
+                   warmup_steps: int | None = 0) -> Method:
     """:func:`autolr_method` whose controller learns from the validation loss ``horizon`` steps later."""
-    plain = autolr_method("meta", run, controller)
+    plain = autolr_method("meta", run, controller, warmup_steps=warmup_steps)
 
     def build(spec: RunSpec) -> Schedule:
         schedule = plain.build(spec)
@@ -358,14 +369,15 @@ def delayed_method(run: FamilyRun, controller: MLRSNet, interval: int, horizon: 
 
 def family_record(run: FamilyRun, pass_index: int, result) -> dict:
     """What one family run did: its score and ``p_t / p*``, the rate relative to ``lr`` times the
-    cosine envelope (1 = exactly cosine at the user's lr; above 1 the controller raises it)."""
+    run's envelope (1 = exactly the envelope at the user's lr; above 1 the controller raises it)."""
     autolr = result.schedule.autolr
     delayed = result.schedule.info.get("delayed")
     meta_steps = delayed.meta_steps if delayed is not None else autolr.meta.meta_steps
     total = autolr.scale.total_steps  # the envelope's length, also for a run that ended early
+    warmup = autolr.scale.warmup_steps
     rel = []
     for t, r in enumerate(result.rates):
-        env = cosine_envelope(t, total)
+        env = envelope(t, total, warmup)
         rel.append(r / (run.lr * env) if env > 1e-3 else None)
     return {**asdict(run), "label": run.label, "pass": pass_index, "seed": result.seed, "status": result.status,
             "p_star": run.lr / float(autolr.scale.peak), "meta_steps": meta_steps,
@@ -373,8 +385,8 @@ def family_record(run: FamilyRun, pass_index: int, result) -> dict:
 
 
 def meta_train_family(family: Sequence[FamilyRun], *, interval: int, horizon: int, meta_lr: float, passes: int,
-                      progress: Callable[[], None] | None = None,
-                      normalise_loss: bool = False) -> tuple[MLRSNet, list[dict]]:
+                      progress: Callable[[], None] | None = None, normalise_loss: bool = False,
+                      warmup_steps: int | None = 0) -> tuple[MLRSNet, list[dict]]:
     """One MLR-SNet meta-trained online through ``passes`` passes over ``family``, in order: theta
     and the meta-optimizer's state carry over from run to run, the recurrent state is reset."""
     torch.manual_seed(CONTROLLER_SEED)
@@ -391,9 +403,11 @@ def meta_train_family(family: Sequence[FamilyRun], *, interval: int, horizon: in
         for i, run in enumerate(family):
             task = get_task(run.task)
             if horizon:
-                method = delayed_method(run, ctrl, interval, horizon, meta_opt, normalise_loss=normalise_loss)
+                method = delayed_method(run, ctrl, interval, horizon, meta_opt, normalise_loss=normalise_loss,
+                                        warmup_steps=warmup_steps)
             else:
-                method = autolr_method("meta", run, ctrl, meta=config, normalise_loss=normalise_loss)
+                method = autolr_method("meta", run, ctrl, meta=config, normalise_loss=normalise_loss,
+                                       warmup_steps=warmup_steps)
             result = train(task, method, epochs=run.epochs, batch_size=run.batch_size, seed=100 * k + i,
                            val_size=val_size_for(task), progress=progress)
             records.append(family_record(run, k, result))
@@ -419,9 +433,11 @@ def evaluate(settings: Sequence[FamilyRun], methods: dict[str, Callable[[FamilyR
     return rows
 
 
-def frozen(name: str, controller: MLRSNet, normalise_loss: bool = False) -> Callable[[FamilyRun], Method]:
-    """A copy of ``controller``, frozen, with AutoLR's defaults, for every run."""
-    return lambda run: autolr_method(name, run, copy.deepcopy(controller), normalise_loss=normalise_loss)
+def frozen(name: str, controller: MLRSNet, normalise_loss: bool = False,
+           warmup_steps: int | None = 0) -> Callable[[FamilyRun], Method]:
+    """A copy of ``controller``, frozen, with AutoLR's defaults (the envelope as ``autolr_method``), for every run."""
+    return lambda run: autolr_method(name, run, copy.deepcopy(controller), normalise_loss=normalise_loss,
+                                     warmup_steps=warmup_steps)
 
 
 def reads_normalised_loss(controller: MLRSNet) -> bool:
@@ -537,6 +553,9 @@ def _family_parse(argv: list[str] | None) -> argparse.Namespace:
     ap.add_argument("--normalise-loss", action="store_true",
                     help="the controller reads the loss divided by the run's first loss, in training and in "
                          "the checks (recorded in the controller's card; AutoLR itself feeds the raw loss)")
+    ap.add_argument("--warmup", action="store_true",
+                    help="train and check under AutoLR's default envelope (a 5 %% warm-up, then cosine) instead "
+                         "of the plain cosine the shipped default.pt was trained under")
     ap.add_argument("--out", default=FAMILY_OUT)
     ap.add_argument("--quick", action="store_true", help=f"a short run: {FAMILY_QUICK}")
     ap.add_argument("--ship", nargs="?", const=str(WEIGHTS_DIR), default=None, metavar="DIR",
@@ -573,16 +592,18 @@ def family_main(argv: list[str] | None) -> int:
     epochs = sum(r.epochs for r in family)
     start = time.perf_counter()
     with tqdm(total=epochs * (args.passes + 3 * len(seeds)), desc="meta-train --family", unit="epoch") as bar:
-        norm = args.normalise_loss
+        norm, warmup = args.normalise_loss, (None if args.warmup else 0)
         ctrl, records = meta_train_family(family, interval=args.interval, horizon=args.horizon, meta_lr=args.meta_lr,
-                                          passes=args.passes, progress=bar.update, normalise_loss=norm)
+                                          passes=args.passes, progress=bar.update, normalise_loss=norm,
+                                          warmup_steps=warmup)
         train_s = time.perf_counter() - start
-        methods = {"cosine": cosine_method, "default": frozen("default", ctrl, norm),
-                   "fresh": frozen("fresh", fresh_controller(), norm)}
+        methods = {"cosine": cosine_method, **({"cosine-warmup": cosine_warmup_method} if args.warmup else {}),
+                   "default": frozen("default", ctrl, norm, warmup),
+                   "fresh": frozen("fresh", fresh_controller(), norm, warmup)}
         check = evaluate(family, methods, seeds, progress=bar.update)
     table, scores = score_table(check)
     settings = {k: getattr(args, k) for k in ("interval", "horizon", "meta_lr", "passes", "check_seeds", "epochs",
-                                               "lr_spread", "normalise_loss", "exclude_task")}
+                                               "lr_spread", "normalise_loss", "exclude_task", "warmup")}
     command = "python -m autolr_fast meta-train " + " ".join(argv)
     name = "default" + "".join(f" without {t}" for t in args.exclude_task)
     info = {"name": name, "command": command, "tasks": sorted({r.task for r in family}),
@@ -691,6 +712,9 @@ def ablation_main(argv: list[str]) -> int:
     ap.add_argument("--controller", default=os.path.join(FAMILY_OUT, "default.pt"))
     ap.add_argument("--seeds", type=int, default=3)
     ap.add_argument("--epochs", type=int, help="every run this many epochs (default: each run's own)")
+    ap.add_argument("--warmup", action="store_true",
+                    help="the AutoLR rows under AutoLR's default envelope (a 5 %% warm-up, then cosine; a "
+                         "cosine-warmup row joins) instead of the plain cosine")
     ap.add_argument("--out", default=FAMILY_OUT)
     args = ap.parse_args(argv)
     torch.set_num_threads(1)
@@ -701,17 +725,21 @@ def ablation_main(argv: list[str]) -> int:
         raise SystemExit(f"{args.controller} was trained on {sorted(leaked)}: not held out")
     controller = load_controller(args.controller)
     norm = reads_normalised_loss(controller)  # the fresh net reads the loss the same way
-    methods = {"cosine": cosine_method, "default": frozen("default", controller, norm),
-               "mnist1d-cnn": frozen("mnist1d-cnn", load_pretrained("mnist1d-cnn")),
-               "fresh": frozen("fresh", fresh_controller(), norm)}
+    warmup = None if args.warmup else 0
+    methods = {"cosine": cosine_method, **({"cosine-warmup": cosine_warmup_method} if args.warmup else {}),
+               "default": frozen("default", controller, norm, warmup),
+               "mnist1d-cnn": frozen("mnist1d-cnn", load_pretrained("mnist1d-cnn"), warmup_steps=warmup),
+               "fresh": frozen("fresh", fresh_controller(), norm, warmup)}
     seeds = list(range(args.seeds))
     with tqdm(total=sum(r.epochs for r in settings) * len(methods) * len(seeds), desc="ablation", unit="epoch") as bar:
         rows = evaluate(settings, methods, seeds, progress=bar.update)
     table, scores = score_table(rows)
     md = (f"# Ablation on held-out tasks ({len(seeds)} seeds)\n\n"
           f"`python -m autolr_fast meta-train {' '.join(argv or [])}`. Every AutoLR row: "
-          "`AutoLR(opt, controller, total_steps=T, warmup_steps=0)` (lr anchor, cosine envelope), frozen; cosine: "
-          "CosineAnnealingLR to 0 at the same optimizer and lr. `default`: the family-trained controller "
+          + ("`AutoLR(opt, controller, total_steps=T)` (lr anchor, a 5 % warm-up then cosine), frozen; "
+             "cosine-warmup: that envelope alone; " if args.warmup else
+             "`AutoLR(opt, controller, total_steps=T, warmup_steps=0)` (lr anchor, cosine envelope), frozen; ")
+          + "cosine: CosineAnnealingLR to 0 at the same optimizer and lr. `default`: the family-trained controller "
           f"({args.controller}); `mnist1d-cnn`: the controller shipped before it; `fresh`: an untrained "
           "MLR-SNet. Final test accuracy % (mean ± std over seeds) or test MSE (median over seeds, mean "
           "in brackets).\n\n" + table)

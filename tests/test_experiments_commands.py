@@ -86,6 +86,16 @@ def test_meta_train_family_lr_spread_runs_every_setting_at_three_rates(tmp_path)
     assert json.loads((out / "default.json").read_text())["settings"]["lr_spread"] == 3
 
 
+def test_meta_train_family_warmup_trains_and_checks_under_the_warm_up(tmp_path):
+    out = tmp_path / "out"
+    assert meta_train.main(["--family", "--quick", "--warmup", "--out", str(out)]) == 0
+    record = json.loads((out / "record.json").read_text())
+    assert record["info"]["settings"]["warmup"] is True
+    for r in record["family_runs"]:  # p_t / p* is relative to the warm-up envelope: 1 at the start
+        assert abs(r["p_rel"][0] - 1.0) < 1e-4
+    assert {r["method"] for r in record["check"]} == {"cosine", "cosine-warmup", "default", "fresh"}
+
+
 def test_meta_train_family_exclude_task_leaves_its_runs_out(tmp_path):
     out = tmp_path / "out"
     assert meta_train.main(["--family", "--quick", "--exclude-task", "regress-exp", "--check-seeds", "0",

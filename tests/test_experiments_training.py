@@ -139,3 +139,16 @@ def test_train_stops_a_diverged_run():
     run = train(task, method, epochs=5, batch_size=16)
     assert run.status == "diverged" and len(run.curves["test_loss"]) < 5
     assert run.record()["final_metric"] == math.inf
+
+
+def test_spike_guard_halves_on_blocks_above_its_reference():
+    from autolr_experiments.baselines import SpikeGuard
+
+    guard = SpikeGuard("initial", block=2)
+    factors = [guard.observe(v) for v in (1.0, 1.0, 0.5, 0.5, 1.5, 1.5, 0.2, 0.2, 1.2, 1.2)]
+    assert factors == [1, 1, 1, 1, 1, 0.5, 0.5, 0.5, 0.5, 0.25]  # blocks above the first block's 1.0
+    assert guard.observe(float("nan")) == 0.125 and guard.halvings == 3
+    doubling = SpikeGuard("lowest", block=1, ratio=2.0)
+    assert [doubling.observe(v) for v in (1.0, 0.4, 0.9, 1.0, 2.0)] == [1, 1, 0.5, 0.5, 0.25]
+    with pytest.raises(ValueError, match="reference"):
+        SpikeGuard("median")

@@ -444,11 +444,13 @@ def equal_budget(rows: list[dict], runs: list[dict], val_runs: list[dict] | None
                             else _row_for(rows, task, m, setting), runs) for m, setting, label in TUNING_FREE]
         free = [f for f in free if f is not None]
         auto_runs = [r for r in runs if r["task"] == task and r["method"] == "autolr" and r.get("info")]
-        info = auto_runs[0]["info"] if auto_runs else {}
+        find_runs = [r for r in runs if r["task"] == task and r["method"] == "autolr-find" and r.get("info")]
+        info = (auto_runs or find_runs)[0]["info"] if auto_runs or find_runs else {}
         entry = {"task": task, "classification": cls, "controller": info.get("controller"),
                  "tuned_picked_on": "validation" if tuned and tuned["setting"] == "picked on validation" else "test",
                  "tuned_validation_metric": (tuned or {}).get("validation_metric"),
-                 "controller_sha256": sorted({r["info"].get("controller_sha256") or "" for r in auto_runs}),
+                 "controller_sha256": sorted({r["info"].get("controller_sha256") or ""
+                                              for r in auto_runs or find_runs}),
                  "ops": info.get("ops"),
                  "controller_tasks": info.get("controller_tasks", []),
                  "trained_on": bool(info.get("trained_on_task")), "optimizer": info.get("optimizer"),
@@ -464,6 +466,8 @@ def equal_budget(rows: list[dict], runs: list[dict], val_runs: list[dict] | None
                 row["anchor_factors"] = [f["factor"] for f in found]
             entry["rows"].insert(1, row)
             entry["verdicts_find"] = _verdicts(find, default, tuned, free, cls)
+            # held out or not, from autolr-find's own runs (it may have run without autolr)
+            entry["trained_on_find"] = any(r["info"].get("trained_on_task") for r in find_runs)
         if auto is not None:
             entry["verdicts"] = _verdicts(auto, default, tuned, free, cls)
         out.append(entry)
@@ -473,15 +477,17 @@ def equal_budget(rows: list[dict], runs: list[dict], val_runs: list[dict] | None
 def _verdicts(auto: dict, default: dict | None, tuned: dict | None, free: list[dict], cls: bool) -> dict:
     """Issue 15's verdicts for one AutoLR row against the task's references."""
     a = auto["final_metric"]
+    # a row whose runs all diverged (loss inf) is no match for anything, also for a reference that diverged too
+    finished = a is not None and (cls or math.isfinite(a))
     best_free = max(free, key=lambda f: _score(f["final_metric"], cls), default=None)
     return {
         "delta_vs_cosine_default": _delta(a, default, cls),
         "delta_vs_tuned": _delta(a, tuned, cls),
         "delta_vs_best_tuning_free": _delta(a, best_free, cls),
         "never_diverged": auto["diverged"] == 0,
-        "ge_cosine_default": _at_least(a, default and default["final_metric"], cls),
-        "close_to_tuned": _close(a, tuned and tuned["final_metric"], cls),
-        "beats_best_tuning_free": _better(a, best_free and best_free["final_metric"], cls),
+        "ge_cosine_default": finished and _at_least(a, default and default["final_metric"], cls),
+        "close_to_tuned": finished and _close(a, tuned and tuned["final_metric"], cls),
+        "beats_best_tuning_free": finished and _better(a, best_free and best_free["final_metric"], cls),
         "best_tuning_free": best_free and best_free["label"],
         # 1 = no tuning-free competitor is better; len(free) + 1 = worse than all of them
         "rank_among_tuning_free": 1 + sum(_better(f["final_metric"], a, cls) for f in free),
@@ -549,7 +555,8 @@ def done_when(budget: list[dict], action: list[dict] | None = None, verdicts: st
     find_anchor_lr)."""
     action = action or []
     judged = [b for b in budget if verdicts in b]
-    held_out = [b for b in judged if not b["trained_on"]]
+    trained = "trained_on_find" if verdicts == "verdicts_find" else "trained_on"
+    held_out = [b for b in judged if not b.get(trained, b["trained_on"])]
     count = lambda bs, key: sum(b[verdicts][key] for b in bs)  # noqa: E731
     n, n_out = len(judged), len(held_out)
     return {

@@ -640,3 +640,21 @@ def test_a_task_sharing_a_controllers_training_data_counts_as_trained_on():
         assert "digits-mlp" in baselines.action_training_tasks()
         rec = compare.run_one(compare.Job("digits-bncnn", "action", None, None, False, 0, 1, 32))
         assert rec["status"] == "skipped" and "digits-bncnn's data" in rec["message"]
+
+
+def test_a_diverged_autolr_row_wins_nothing_and_find_is_judged_on_its_own_runs():
+    rows = [_row("r", "autolr", "as shipped", math.inf, diverged=3, cls=False),
+            _row("r", "cosine", "default", math.inf, lr=0.1, diverged=3, cls=False),
+            _row("r", "cosine", "best", 1.0, lr=0.3, cls=False), _row("r", "dog", "as shipped", math.inf, cls=False),
+            _row("r", "autolr-find", "as shipped", 1.05, cls=False)]
+    runs = [r for r in _runs(rows[:-1]) if r["method"] != "autolr"]
+    runs += _runs([rows[0]], info={"controller": "another", "trained_on_task": False})
+    runs += _runs([rows[-1]], info={"controller": "default", "trained_on_task": True})
+    (b,) = compare.equal_budget(rows, runs)
+    v = b["verdicts"]
+    assert not v["never_diverged"] and not v["ge_cosine_default"] and not v["beats_best_tuning_free"]
+    assert b["verdicts_find"]["ge_cosine_default"] and b["verdicts_find"]["close_to_tuned"]
+    # each row is held out or not as its own runs say
+    assert not b["trained_on"] and b["trained_on_find"]
+    assert compare.done_when([b], None, "verdicts_find")["held_out_tasks"] == 0
+    assert compare.done_when([b])["held_out_tasks"] == 1

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import copy
 import importlib.util
+import warnings
 from pathlib import Path
 
 import pytest
@@ -155,14 +156,16 @@ class _Tiny(pl.LightningModule):
     """A small classifier; ``make_optimizer`` and ``inf_grad_at`` (a global step whose gradient
     is made infinite, with a finite loss) set per test."""
 
-    def __init__(self, make_optimizer, inf_grad_at=None):
+    def __init__(self, make_optimizer, inf_grad_at=None, none_at_batch=None):
         super().__init__()
         torch.manual_seed(0)
         self.net = torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.Tanh(), torch.nn.Linear(16, 3))
-        self.make_optimizer, self.inf_grad_at = make_optimizer, inf_grad_at
+        self.make_optimizer, self.inf_grad_at, self.none_at_batch = make_optimizer, inf_grad_at, none_at_batch
         self.optimizer_steps = 0
 
     def training_step(self, batch, batch_idx):
+        if batch_idx == self.none_at_batch:
+            return None  # Lightning's way to skip a batch
         out = self.net(batch[0])
         if self.global_step == self.inf_grad_at:
             out.register_hook(lambda g: g * float("inf"))
@@ -206,6 +209,24 @@ def test_a_step_the_grad_scaler_skips_does_not_advance_the_controller():
              plugins=[MixedPrecision("16-mixed", "cpu", scaler=torch.amp.GradScaler("cpu"))])
     sched = callback.scheduler
     assert module.optimizer_steps == 5 and sched.step_count == 6 and sched.skipped_steps == 1
+
+
+@pytest.mark.parametrize("precision", ["16-mixed", "bf16-mixed"])
+def test_a_window_whose_last_batch_is_skipped_steps_the_controller_as_the_optimizer(precision):
+    """Under 16-mixed Lightning does not step the optimizer after a window whose last
+    training_step returned None; under bf16-mixed it steps on the earlier micro-batches."""
+    from lightning.pytorch.plugins import MixedPrecision
+
+    module = _Tiny(lambda p: torch.optim.SGD(p, lr=0.1), none_at_batch=3)
+    callback = AutoLRCallback(lambda opt: AutoLR(opt))
+    scaler = torch.amp.GradScaler("cpu") if precision == "16-mixed" else None
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the skipped step's warning
+        _fit(module, callback, max_steps=3, accumulate_grad_batches=2,
+             plugins=[MixedPrecision(precision, "cpu", scaler=scaler)])
+    sched = callback.scheduler
+    assert sched.step_count - sched.skipped_steps == module.optimizer_steps
+    assert sched.skipped_steps == (1 if precision == "16-mixed" else 0)
 
 
 def test_meta_steps_read_the_gradients_clipped_as_the_optimizer_applies_them(monkeypatch):

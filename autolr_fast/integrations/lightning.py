@@ -18,8 +18,9 @@ How it maps onto Lightning's hooks:
 * ``on_before_optimizer_step`` runs after the last backward of the window and before the
   parameters move: there the controller reads that mean, once per optimizer step (an optimizer
   that evaluates the closure several times, as LBFGS does, is read at its first evaluation).
-  With ``16-mixed``, a step the GradScaler will skip (Inf/NaN gradients) is passed as
-  ``skip``, so the controller does not advance on it.
+  With ``16-mixed``, a step the GradScaler will skip (Inf/NaN gradients), or one the AMP plugin
+  leaves out because the window's last ``training_step`` returned None, is passed as ``skip``, so
+  the controller does not advance on it.
 * With meta-training (``AutoLR(..., meta=...)``), the meta-step reads the gradients as the
   optimizer will apply them: Lightning clips only after this hook, so the callback runs the
   module's ``configure_gradient_clipping`` first (norm clipping of clipped gradients moves them by
@@ -83,6 +84,7 @@ class AutoLRCallback(Callback):
         self._pending_state: dict | None = None
         self._window_sum: Tensor | None = None
         self._window_count = 0
+        self._backward_in_batch = False  # whether this batch's training_step gave a loss to backward
         # trainer.global_step when AutoLR last read a loss: an optimizer that evaluates its closure
         # again within the step (LBFGS) reaches the hook again with the same global_step
         self._read_at_step: int | None = None
@@ -111,6 +113,10 @@ class AutoLRCallback(Callback):
         self._reset_window()
 
     # -- the loss of each micro-batch, and the step ---------------------------------------------
+    def on_train_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any,
+                             batch_idx: int) -> None:
+        self._backward_in_batch = False
+
     def on_before_backward(self, trainer: pl.Trainer, pl_module: pl.LightningModule, loss: Tensor) -> None:
         part = loss.detach().to(torch.float32)
         scaler = getattr(trainer.precision_plugin, "scaler", None)
@@ -120,6 +126,7 @@ class AutoLRCallback(Callback):
             part = part / scaler.get_scale()
         self._window_sum = part if self._window_sum is None else self._window_sum + part
         self._window_count += 1
+        self._backward_in_batch = True
 
     def on_before_optimizer_step(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, optimizer: torch.optim.Optimizer
@@ -138,7 +145,12 @@ class AutoLRCallback(Callback):
         scaler = getattr(trainer.precision_plugin, "scaler", None)
         if sched.meta is not None:
             self._gradients_as_applied(trainer, pl_module, optimizer, scaler)
-        sched.step(loss, skip=scaler_skips(scaler, optimizer, sched.device))
+        skip = scaler_skips(scaler, optimizer, sched.device)
+        if scaler is not None and not self._backward_in_batch:
+            # Lightning's AMP plugin calls scaler.step only when the window's last training_step
+            # gave a loss; after one that returned None the optimizer does not step
+            skip = torch.ones((), dtype=torch.bool, device=sched.device)
+        sched.step(loss, skip=skip)
         self._read_at_step = trainer.global_step
         self.last_loss = loss
         self._reset_window()

@@ -272,7 +272,8 @@ def test_mlrsnet_step_guard_sees_a_nan_made_inside_the_net():
     # a finite but huge loss overflows layer 0 into a NaN state; layer 1's relu must keep the NaN
     # (as torch.relu), or the output stays finite and the NaN state is stored as a good step
     h, c, weights = make_net(8, 2)
-    weights[0] = weights[0].sign() * (weights[0].abs() + 2.0)  # every |w0 x| > FLT_MAX: +-inf, then inf - inf
+    weights[0] = weights[0].abs() + 2.0  # every w0 x > FLT_MAX: every relu is +inf
+    weights[2][:, 0], weights[2][:, 1] = 1.0, -1.0  # every gate row then sums inf - inf = NaN
     loss, gamma, rate = torch.tensor(3e38), torch.tensor(0.5), torch.tensor(0.05)
     exp = reference_step(loss, h, c, weights, gamma, rate, [], [])
     got = run_step(loss, h, c, weights, gamma, rate, [], [])

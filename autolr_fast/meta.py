@@ -257,10 +257,14 @@ class MetaTrainer:
     def _pick(lists: Sequence[list], index: list[int]) -> list[list]:
         return [[xs[i] for i in index] for xs in lists]
 
-    def _group_lookahead(self, group: dict, params: list[Tensor], alpha: Tensor) -> list[Tensor]:
-        is_sgd, tensors, hyper = self._direction_args(group, params)
+    def _group_args(self, group: dict, params: list[Tensor]) -> tuple[bool, tuple, tuple, list[list[int]]]:
+        """``_direction_args`` and the (device, dtype) parts of ``params``: read once per meta-step,
+        by the look-ahead and again by the dot (the optimizer does not step in between)."""
+        return (*self._direction_args(group, params), self._by_device_and_dtype(params))
+
+    def _group_lookahead(self, params: list[Tensor], alpha: Tensor, args: tuple) -> list[Tensor]:
+        is_sgd, tensors, hyper, parts = args
         op = dispatch.lookahead_sgd if is_sgd else dispatch.lookahead_adam
-        parts = self._by_device_and_dtype(params)
         if len(parts) == 1:
             return op(*tensors, alpha, *hyper)
         hats: list[Tensor] = list(params)
@@ -270,10 +274,9 @@ class MetaTrainer:
                 hats[i] = h
         return hats
 
-    def _group_hyper_dot(self, group: dict, params: list[Tensor], val_grads: list[Tensor]) -> Tensor:
-        is_sgd, tensors, hyper = self._direction_args(group, params)
+    def _group_hyper_dot(self, val_grads: list[Tensor], args: tuple) -> Tensor:
+        is_sgd, tensors, hyper, parts = args
         op = dispatch.hyper_dot_sgd if is_sgd else dispatch.hyper_dot_adam
-        parts = self._by_device_and_dtype(params)
         if len(parts) == 1:
             return op(val_grads, *tensors, *hyper)
         dots = [op([val_grads[i] for i in index], *self._pick(tensors, index), *hyper).to(
@@ -318,12 +321,13 @@ class MetaTrainer:
             params = [q for q in group["params"] if q.grad is not None]
             if not params:
                 continue
+            args = self._group_args(group, params)
             with torch.no_grad():
-                hats = self._group_lookahead(group, params, alpha * scale)
+                hats = self._group_lookahead(params, alpha * scale, args)
             hats = [h.requires_grad_(True) for h in hats]
             for q, h in zip(params, hats):
                 w_hat[id(q)] = h
-            groups.append((group, scale, params, hats))
+            groups.append((group, scale, params, hats, args))
         if not groups:
             raise RuntimeError("meta-step: no parameter has a gradient; call loss.backward() before sched.step(loss)")
         xv, yv = self._next_val_batch()
@@ -332,7 +336,7 @@ class MetaTrainer:
             out = self._swap(w_hat, xv)
             val_loss = self.config.loss_fn(out, yv)
             # dL_val/dp = -gamma * sum_k scale_k * <g_val_k, d_k>
-            hat_bytes = sum(h.numel() * h.element_size() for _, _, _, hats in groups for h in hats)
+            hat_bytes = sum(h.numel() * h.element_size() for _, _, _, hats, _ in groups for h in hats)
             if self.config.low_memory and hat_bytes > int(self.config.fold_bytes):
                 dot = self._streamed_hyper_dot(val_loss, groups)
             else:
@@ -349,14 +353,14 @@ class MetaTrainer:
     def _batched_hyper_dot(self, val_loss: Tensor, groups: list) -> Tensor:
         """All validation gradients at once, then one fused dot per param group (fewest
         launches; holds a second parameter-sized buffer, the gradients, for a moment)."""
-        all_hats = [h for _, _, _, hats in groups for h in hats]
+        all_hats = [h for _, _, _, hats, _ in groups for h in hats]
         val_grads = torch.autograd.grad(val_loss, all_hats, allow_unused=True)
         val_grads = [torch.zeros_like(h) if g is None else g for h, g in zip(all_hats, val_grads)]
         dot = torch.zeros((), dtype=torch.float32, device=val_loss.device)
         i = 0
-        for group, scale, params, hats in groups:
+        for _, scale, _, hats, args in groups:
             n = len(hats)
-            dot = dot + scale * self._group_hyper_dot(group, params, val_grads[i : i + n])
+            dot = dot + scale * self._group_hyper_dot(val_grads[i : i + n], args)
             i += n
         return dot
 
@@ -372,13 +376,13 @@ class MetaTrainer:
 
         def flush() -> None:
             nonlocal pending_bytes
-            for group, scale, params, grads in pending.values():
-                partials.append(scale * self._group_hyper_dot(group, params, grads))
+            for group, scale, params, grads in pending.values():  # a subset of the group: its own args
+                partials.append(scale * self._group_hyper_dot(grads, self._group_args(group, params)))
             pending.clear()
             pending_bytes = 0
 
         handles = []
-        for group, scale, params, hats in groups:
+        for group, scale, params, hats, _ in groups:
             for q, h in zip(params, hats):
                 def gather(t: Tensor, group=group, scale=scale, q=q) -> None:
                     nonlocal pending_bytes
@@ -392,7 +396,7 @@ class MetaTrainer:
 
                 handles.append(h.register_post_accumulate_grad_hook(gather))
         try:
-            all_hats = [h for _, _, _, hats in groups for h in hats]
+            all_hats = [h for _, _, _, hats, _ in groups for h in hats]
             torch.autograd.backward(val_loss, inputs=all_hats)
             flush()
         finally:

@@ -295,9 +295,9 @@ def test_streamed_hypergradient_frees_each_gradient():
                    meta=MetaConfig(model, [(xv, yv)], nn.functional.cross_entropy, interval=1, fold_bytes=1))
     original = sched.meta._group_hyper_dot
 
-    def spy(group, params, val_grads):
+    def spy(val_grads, args):
         seen.append(len(val_grads))
-        return original(group, params, val_grads)
+        return original(val_grads, args)
 
     sched.meta._group_hyper_dot = spy
     sched.meta.hypergradient(loss)

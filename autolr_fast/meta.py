@@ -146,6 +146,14 @@ class MetaTrainer:
                 "(MetaConfig(snapshot_dir=...)), and use it frozen under FSDP: AutoLR(opt, load_controller(path)) "
                 "with meta=None"
             )
+        sparse = [n for n, m in model.named_modules()
+                  if isinstance(m, (nn.Embedding, nn.EmbeddingBag)) and getattr(m, "sparse", False)]
+        if sparse:
+            raise NotImplementedError(
+                f"the meta-step does not support sparse gradients: {sparse[0]!r} of MetaConfig.model is an embedding "
+                "with sparse=True. Build it with sparse=False for meta-training, or use the controller frozen "
+                "(meta=None)"
+            )
         self._swap = ModelSwap(model)
         self.check_parameters([p for g in opt.param_groups for p in g["params"]], "optimizer")
         params = list(sched.controller.parameters())
@@ -331,7 +339,10 @@ class MetaTrainer:
         if not groups:
             raise RuntimeError("meta-step: no parameter has a gradient; call loss.backward() before sched.step(loss)")
         xv, yv = self._next_val_batch()
-        with torch.enable_grad():
+        # the validation forward draws its own dropout masks: the training run's RNG stream is put
+        # back, so meta-steps do not shift the masks, augmentations and shuffles that follow
+        rng_devices = [sched.device] if sched.device.type == "cuda" else []
+        with torch.enable_grad(), torch.random.fork_rng(devices=rng_devices):
             # parameters without a look-ahead run detached (ModelSwap): no graph is recorded for them
             out = self._swap(w_hat, xv)
             val_loss = self.config.loss_fn(out, yv)

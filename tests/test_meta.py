@@ -597,3 +597,25 @@ def test_an_added_param_group_outside_the_model_is_refused_before_a_validation_b
     with pytest.raises(ValueError, match="2 an added param group's parameter.*not parameters of MetaConfig.model"):
         sched.step(loss)
     assert sched.step_count == 0 and sched.meta._val_used == 0 and len(sched.lr_scales) == 1
+
+
+def test_a_meta_step_leaves_the_training_rng_stream_as_it_was():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Dropout(0.3), nn.Linear(16, 3))
+    x, y = torch.randn(16, 8), torch.randint(0, 3, (16,))
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    sched = AutoLR(opt, MLRSNet(hidden_size=8), meta=MetaConfig(model, [(x, y)], nn.functional.cross_entropy))
+    loss = nn.functional.cross_entropy(model(x), y)
+    loss.backward()
+    before = torch.get_rng_state()
+    sched.meta.step(loss.detach())
+    assert sched.meta.meta_steps == 1 and torch.equal(torch.get_rng_state(), before)
+
+
+def test_sparse_embeddings_are_refused_with_the_reason():
+    model = nn.Sequential(nn.Embedding(10, 4, sparse=True), nn.Flatten(), nn.Linear(8, 2))
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    x, y = torch.randint(0, 10, (4, 2)), torch.randint(0, 2, (4,))
+    with pytest.raises(NotImplementedError, match="sparse=True"):
+        AutoLR(opt, MLRSNet(hidden_size=8), meta=MetaConfig(model, [(x, y)], nn.functional.cross_entropy))
+    assert "initial_lr" not in opt.param_groups[0]  # the refused AutoLR left the optimizer alone

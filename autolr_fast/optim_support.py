@@ -124,12 +124,18 @@ def lr_tensors(optimizer: torch.optim.Optimizer, device: torch.device) -> list[T
     dictionaries' values) cannot leave ``AutoLR`` writing into stale tensors.
     """
     out = []
+    # one tensor per group: groups that share one (a tensor lr given to the constructor is put in
+    # every group and in defaults) would all end at the last group's rate x scale
+    seen = {id(optimizer.defaults.get("lr"))}
     for group in optimizer.param_groups:
         lr = group["lr"]
         if not is_lr_tensor(lr, device):
             # a fill, not torch.tensor(): no copy from pageable host memory (a sync on a GPU)
             lr = torch.full((), float(lr), dtype=torch.float32, device=device)
             group["lr"] = lr
+        elif id(lr) in seen:
+            lr = group["lr"] = lr.detach().clone()  # a device copy: no host read
+        seen.add(id(lr))
         out.append(lr)
     return out
 

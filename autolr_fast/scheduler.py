@@ -391,7 +391,9 @@ class AutoLR:
         if check and added and self.meta is not None:
             self.meta.check_parameters([p for g in added for p in g["params"]], "an added param group's")
         base = self.scale.base_lr
-        return [float(g["lr"]) / base if base > 0 else 1.0 for g in added]
+        # initial_lr where the group has one (a copy of another group's dict carries that group's
+        # peak, while its "lr" holds the rate AutoLR wrote last)
+        return [float(g.get("initial_lr", g["lr"])) / base if base > 0 else 1.0 for g in added]
 
     def _adopt_added_groups(self) -> None:
         """Give the param groups added since ``AutoLR(...)`` their scales and the rate."""

@@ -766,3 +766,28 @@ def test_counters_idle_tick_leaves_due_polls_to_poll():
     assert gpu_like._calls == 3, "the due call is left to poll(), which counts it"
     gpu_like._calls, gpu_like._event = 0, object()  # a copy in flight
     assert not gpu_like.idle_tick() and gpu_like._calls == 0
+
+
+def test_groups_that_share_one_lr_tensor_keep_their_own_ratios():
+    """A tensor lr given to the constructor is one object in every group and in defaults."""
+    torch.manual_seed(0)
+    a, b, c, d = (nn.Linear(4, 4) for _ in range(4))
+    opt = torch.optim.SGD([{"params": a.parameters()}, {"params": b.parameters()}], lr=torch.tensor(0.1))
+    sched = AutoLR(opt, MLRSNet(hidden_size=8), lr_scales=[1.0, 0.1], lr_as_tensor=True)
+    x = torch.randn(8, 4)
+
+    def step():
+        opt.zero_grad()
+        loss = sum(m(x).square().mean() for m in (a, b, c, d))
+        loss.backward()
+        sched.step(loss)
+        opt.step()
+
+    step()
+    opt.add_param_group({"params": c.parameters()})  # takes defaults["lr"]: the given 0.1
+    opt.add_param_group({**opt.param_groups[0], "params": d.parameters()})  # a copy of group 0's settings
+    step()
+    step()
+    lrs = [float(g["lr"]) for g in opt.param_groups]
+    assert lrs == pytest.approx([float(sched.last_rate) * s for s in (1.0, 0.1, 1.0, 1.0)], rel=1e-6)
+    assert len({id(g["lr"]) for g in opt.param_groups}) == 4

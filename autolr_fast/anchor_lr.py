@@ -267,7 +267,7 @@ def find_anchor_lr(
 
     Args:
         model, optimizer, loss_fn: as in your training loop; ``loss_fn(model(inputs), targets)``.
-            Build ``AutoLR`` after this call (it reads the ``lr`` at its first step).
+            Build ``AutoLR`` after this call (it reads the ``lr`` when it is built).
         train_batches: a re-iterable (a list or a DataLoader), cycled; every trial starts from the
             RNG at call time, so a shuffling DataLoader gives every trial the same batches. A
             loader that reshuffles by a pass counter of its own (accelerate's prepared DataLoader,
@@ -573,8 +573,8 @@ def _t_quantile(p: float, dof: int) -> float:
 
 
 def _refuse_autolr(optimizer: torch.optim.Optimizer) -> None:
-    """An ``AutoLR`` on the optimizer fixed its scale at its first step (and a fresh one would
+    """An ``AutoLR`` on the optimizer read its peak when it was built (and a fresh one would
     refuse the trials' steps): the rate chosen here would not be the one it uses."""
     if autolrs_driving(optimizer):
         raise RuntimeError("find_anchor_lr: an AutoLR already drives this optimizer. Call find_anchor_lr "
-                           "first, then build AutoLR: it anchors on the optimizer's lr at its first step")
+                           "first, then build AutoLR: it reads the optimizer's lr as its peak when it is built")

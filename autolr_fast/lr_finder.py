@@ -335,8 +335,8 @@ def _check_no_fresh_autolr(optimizer: torch.optim.Optimizer) -> None:
     if any(owner.step_count == 0 for owner in autolrs_driving(optimizer)):
         raise RuntimeError(
             "find_lr: an AutoLR was built on this optimizer and has not stepped yet. Run find_lr first, "
-            "set the optimizer's lr to its suggestion, then build AutoLR: AutoLR reads the lr at its first "
-            "step as the peak rate"
+            "set the optimizer's lr to its suggestion, then build AutoLR: AutoLR(...) reads the lr as the peak "
+            "rate when it is built"
         )
 
 

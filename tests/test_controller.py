@@ -169,3 +169,21 @@ def test_a_damaged_controller_file_is_refused_with_what_is_wrong(tmp_path):
         torch.save(blob, tmp_path / "bad.pt")
         with pytest.raises(ValueError, match=says):
             load_controller(tmp_path / "bad.pt")
+
+
+@pytest.mark.parametrize("warm", [True, False])
+def test_functional_call_on_the_controller_uses_the_given_weights_and_leaves_its_own(warm):
+    torch.manual_seed(0)
+    net = MLRSNet(hidden_size=8)
+    if warm:
+        net.flat_weights()  # AutoLR builds the cache on every step
+    replaced = {"cells.0.fc_h2h.2.bias": torch.full((32,), 5.0)}
+    twin = MLRSNet(hidden_size=8)
+    twin.load_state_dict(net.state_dict())
+    with torch.no_grad():
+        twin.cells[0].fc_h2h[2].bias.fill_(5.0)
+    x = torch.tensor(1.0)
+    got = torch.func.functional_call(net, replaced, (x,))
+    assert torch.equal(got, twin(x))
+    own = {id(p) for p in net.parameters()}
+    assert all(id(w) in own for w in net.flat_weights())  # the temporary tensor is not kept

@@ -24,6 +24,20 @@ def _count_registration(module: nn.Module, name: str, value) -> None:
 nn.modules.module.register_module_parameter_registration_hook(_count_registration)
 nn.modules.module.register_module_module_registration_hook(_count_registration)
 
+
+class _CountedSlots(dict):
+    """A module's ``_parameters`` that counts every write: ``torch.func.functional_call`` and
+    other reparametrisations write the slots directly, past the registration hooks. Reads keep
+    the plain dict's speed."""
+
+    def __setitem__(self, key, value) -> None:
+        _REGISTRATIONS[0] += 1
+        super().__setitem__(key, value)
+
+    def __delitem__(self, key) -> None:
+        _REGISTRATIONS[0] += 1
+        super().__delitem__(key)
+
 GateOrder = Literal["train", "metatest"]
 
 
@@ -86,14 +100,17 @@ class MLRSNet(nn.Module):
         self.head = nn.Linear(hidden_size, 1)
         self.register_buffer("h", torch.zeros(num_layers, hidden_size))
         self.register_buffer("c", torch.zeros(num_layers, hidden_size))
+        for module in self.modules():
+            module._parameters = _CountedSlots(module._parameters)
 
     # -- weights ---------------------------------------------------------------------------
     def flat_weights(self) -> list[Tensor]:
         """The weights in the layout of :mod:`autolr_fast.reference` (``8 * layers + 2``).
 
-        Cached (the scheduler asks every step); rebuilt after ``.to()``/``_apply``, and after any
+        Cached (the scheduler asks every step); rebuilt after ``.to()``/``_apply``, after any
         parameter or submodule was registered in the process (so a new ``nn.Parameter`` or module
-        assigned anywhere in the controller is seen).
+        assigned anywhere in the controller is seen), and after a parameter slot of the controller
+        was written directly (``torch.func.functional_call``).
         """
         cache = self.__dict__.get("_flat_cache")
         # (plain dict look-ups: Module.__getattr__ and Sequential.__getitem__ cost microseconds)

@@ -383,9 +383,6 @@ def find_anchor_lr(
         warnings.warn(f"find_anchor_lr: {decision.note}", stacklevel=2)
     if apply and chosen != given:  # else the groups keep their lrs exactly
         _set_rate(optimizer, chosen, scales)
-        for g in optimizer.param_groups:
-            if "initial_lr" in g:  # where a scheduler recorded its peak, AutoLR reads the peak there
-                g["initial_lr"] = float(g["lr"])
     return AnchorResult(chosen, given, rates, losses, start_loss, steps, time.perf_counter() - start, trials_run,
                         decision.lowest, decision.t_statistics, decision.t_threshold, confidence, trial_schedule,
                         batch_losses, decision.stepped_down_from, step_down, weights, decision.note, extend,

@@ -22,6 +22,7 @@ and its optimizer state are restored on the device, no host sync).
 
 from __future__ import annotations
 
+import contextlib
 import math
 import os
 from collections.abc import Callable, Iterable, Mapping, Sequence
@@ -291,6 +292,22 @@ class MetaTrainer:
             self.sched.device, non_blocking=True) for index in parts]
         return torch.stack(dots).sum()
 
+    @contextlib.contextmanager
+    def _own_random_stream(self):
+        """The validation batch and forward (a shuffling loader, dropout) draw from a stream of
+        their own, seeded from the run's initial seed and the meta-step count: the training run's
+        stream is put back afterwards (meta-steps do not shift its masks and shuffles), and the
+        validation masks are not the next training step's (a resumed run draws the same ones)."""
+        device = self.sched.device
+        cuda = device.type == "cuda"
+        with torch.random.fork_rng(devices=[device] if cuda else []):
+            seed = (torch.initial_seed() * 1_000_003 + self.meta_steps + 1) % (1 << 63)
+            torch.default_generator.manual_seed(seed)
+            if cuda:
+                with torch.cuda.device(device):
+                    torch.cuda.manual_seed(seed)  # host-side generator state: no sync
+            yield
+
     def _scratch_state(self) -> tuple[Tensor, Tensor, Tensor]:
         """Copies of the controller state and the rate, in buffers kept from one meta-step to the
         next: the controller step on them finds its cached launch plan (a new tensor each time
@@ -338,11 +355,8 @@ class MetaTrainer:
             groups.append((group, scale, params, hats, args))
         if not groups:
             raise RuntimeError("meta-step: no parameter has a gradient; call loss.backward() before sched.step(loss)")
-        xv, yv = self._next_val_batch()
-        # the validation forward draws its own dropout masks: the training run's RNG stream is put
-        # back, so meta-steps do not shift the masks, augmentations and shuffles that follow
-        rng_devices = [sched.device] if sched.device.type == "cuda" else []
-        with torch.enable_grad(), torch.random.fork_rng(devices=rng_devices):
+        with torch.enable_grad(), self._own_random_stream():
+            xv, yv = self._next_val_batch()
             # parameters without a look-ahead run detached (ModelSwap): no graph is recorded for them
             out = self._swap(w_hat, xv)
             val_loss = self.config.loss_fn(out, yv)

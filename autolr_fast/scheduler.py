@@ -152,9 +152,12 @@ class AutoLR:
         """Record each group's scale; decide tensor or float rates. Returns the rate the scales
         are relative to: the first positive group lr (the first group's when none is)."""
         groups = self.optimizer.param_groups
-        # a group's initial_lr where a scheduler recorded one (PyTorch's convention): an optimizer
-        # loaded from a checkpoint before AutoLR(...) holds the last rate in "lr", not the peak
-        reference, ratios = optim_support.group_lr_scales([float(g.get("initial_lr", g["lr"])) for g in groups])
+        lrs = [float(g["lr"]) for g in groups]
+        if not any(r > 0 for r in lrs):
+            # an optimizer state loaded before AutoLR(...) holds the last rate, 0 before a first step
+            # that wrote tensor rates: the peak an earlier AutoLR recorded is what this run meant
+            lrs = [float(g.get("initial_lr", r)) for g, r in zip(groups, lrs)]
+        reference, ratios = optim_support.group_lr_scales(lrs)
         if lr_scales is None:
             lr_scales = ratios
         if len(lr_scales) != len(groups):
@@ -391,9 +394,7 @@ class AutoLR:
         if check and added and self.meta is not None:
             self.meta.check_parameters([p for g in added for p in g["params"]], "an added param group's")
         base = self.scale.base_lr
-        # initial_lr where the group has one (a copy of another group's dict carries that group's
-        # peak, while its "lr" holds the rate AutoLR wrote last)
-        return [float(g.get("initial_lr", g["lr"])) / base if base > 0 else 1.0 for g in added]
+        return [float(g["lr"]) / base if base > 0 else 1.0 for g in added]
 
     def _adopt_added_groups(self) -> None:
         """Give the param groups added since ``AutoLR(...)`` their scales and the rate."""

@@ -335,7 +335,8 @@ def test_a_damaged_action_controller_file_is_refused_with_what_is_wrong(tmp_path
     ctrl.save(str(tmp_path / "c.pt"), "mlp")
     good = torch.load(tmp_path / "c.pt", weights_only=False)
     for change, says in (({"version": 2}, "version 2"), ({"model_kind": "transformer"}, "unknown action model"),
-                         ({"model_state": None}, "model_state"), ({"config": {"window": 20}}, "config lacks")):
+                         ({"model_state": None}, "model_state"), ({"config": {"window": 20}}, "config lacks"),
+                         ({"model_kind": {"kind": "mlp"}}, "model_kind"), ({"config": "mlp"}, "'config'")):
         torch.save({k: v for k, v in {**good, **change}.items() if v is not None}, tmp_path / "bad.pt")
         with pytest.raises(ValueError, match=says):
             ActionController.load(str(tmp_path / "bad.pt"))

@@ -187,3 +187,11 @@ def test_functional_call_on_the_controller_uses_the_given_weights_and_leaves_its
     assert torch.equal(got, twin(x))
     own = {id(p) for p in net.parameters()}
     assert all(id(w) in own for w in net.flat_weights())  # the temporary tensor is not kept
+    net.head = torch.nn.Linear(8, 1)  # a submodule assigned after construction
+    net.flat_weights()
+    net.reset()  # forward advances the recurrent state: both calls start from zero
+    got = torch.func.functional_call(net, {"head.bias": torch.full((1,), 3.0)}, (x,))
+    with torch.no_grad():
+        net.head.bias.fill_(3.0)
+    net.reset()
+    assert torch.equal(got, net(x))

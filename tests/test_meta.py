@@ -603,13 +603,19 @@ def test_a_meta_step_leaves_the_training_rng_stream_as_it_was():
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Dropout(0.3), nn.Linear(16, 3))
     x, y = torch.randn(16, 8), torch.randint(0, 3, (16,))
+    val = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(x, y), batch_size=16, shuffle=True)
     opt = torch.optim.SGD(model.parameters(), lr=0.1)
-    sched = AutoLR(opt, MLRSNet(hidden_size=8), meta=MetaConfig(model, [(x, y)], nn.functional.cross_entropy))
+    sched = AutoLR(opt, MLRSNet(hidden_size=8), meta=MetaConfig(model, val, nn.functional.cross_entropy))
     loss = nn.functional.cross_entropy(model(x), y)
     loss.backward()
     before = torch.get_rng_state()
-    sched.meta.step(loss.detach())
-    assert sched.meta.meta_steps == 1 and torch.equal(torch.get_rng_state(), before)
+    masks = []
+    model[2].register_forward_hook(lambda m, i, o: masks.append(o == 0))
+    for _ in range(3):  # one batch per pass: a new pass over the shuffling loader every time
+        sched.meta.step(loss.detach())
+    assert sched.meta.meta_steps == 3 and torch.equal(torch.get_rng_state(), before)
+    model(x)  # the next training forward's masks are not the last validation forward's
+    assert masks[-1].shape == masks[-2].shape and not torch.equal(masks[-1], masks[-2])
 
 
 def test_sparse_embeddings_are_refused_with_the_reason():

@@ -363,7 +363,8 @@ class ActionController(nn.Module):
         if payload.get("version") != 1:
             raise ValueError(f"{path!r} has action-controller format version {payload.get('version')!r}, this "
                              "autolr_fast reads 1")
-        missing = [k for k in ("model_kind", "config", "model_state") if not isinstance(payload.get(k), (str, dict))]
+        missing = [k for k, kind in (("model_kind", str), ("config", dict), ("model_state", dict))
+                   if not isinstance(payload.get(k), kind)]
         if missing:
             raise ValueError(f"{path!r} is an incomplete action-controller file: no valid {missing}")
         if payload["model_kind"] not in MODEL_TYPES:

@@ -100,8 +100,6 @@ class MLRSNet(nn.Module):
         self.head = nn.Linear(hidden_size, 1)
         self.register_buffer("h", torch.zeros(num_layers, hidden_size))
         self.register_buffer("c", torch.zeros(num_layers, hidden_size))
-        for module in self.modules():
-            module._parameters = _CountedSlots(module._parameters)
 
     # -- weights ---------------------------------------------------------------------------
     def flat_weights(self) -> list[Tensor]:
@@ -117,6 +115,9 @@ class MLRSNet(nn.Module):
         if (cache is not None and self.__dict__["_flat_seen"] == _REGISTRATIONS[0]
                 and cache[-1] is self._modules["head"]._parameters.get("bias")):
             return cache  # nothing registered anywhere since it was built
+        for module in self.modules():  # a submodule assigned since construction counts its writes too
+            if type(module._parameters) is dict:
+                module._parameters = _CountedSlots(module._parameters)
         out: list[Tensor] = []
         for cell in self.cells:
             out.extend(cell.flat_weights())

@@ -559,3 +559,12 @@ class MetaTrainer:
         # the next validation batch starts a fresh pass past the batches the saved run had used
         self._val_iter = None
         self._val_used = int(state.get("val_batches", 0))
+        if self.sched.distributed:
+            # a state saved on one rank holds that rank's position; each rank's own follows from the
+            # meta-step count (one batch each) where its val_data has a length
+            try:
+                n = len(self.config.val_data)
+            except TypeError:
+                n = 0
+            if n > 0:
+                self._val_used = (self.meta_steps - 1) % n + 1 if self.meta_steps > 0 else 0

@@ -86,3 +86,61 @@ def test_meta_training_keeps_theta_identical_across_ranks():
     moved = [k for k in r0["theta"] if k not in ("h", "c") and not torch.equal(r0["theta"][k], r0["twin"][k])]
     assert moved, "theta must have moved"
     assert torch.equal(r0["rates"], r1["rates"]), f"rates differ between ranks: {r0['rates']} vs {r1['rates']}"
+
+
+def _resume_worker(rank: int, d: str) -> None:
+    """Meta-training with 3 validation batches on rank 0 and 5 on rank 1: a state saved on rank 0
+    and loaded on both resumes each rank at its own place in its validation data."""
+    faulthandler.enable()
+    dist.init_process_group("gloo", init_method=f"file://{d}/init", rank=rank, world_size=WORLD)
+    try:
+        g = torch.Generator().manual_seed(rank)
+        data = [(torch.randn(8, 8, generator=g), torch.randint(0, 3, (8,), generator=g)) for _ in range(8)]
+
+        def build():
+            torch.manual_seed(0)
+            ddp = nn.parallel.DistributedDataParallel(nn.Sequential(nn.Linear(8, 16), nn.Tanh(), nn.Linear(16, 3)))
+            opt = torch.optim.SGD(ddp.parameters(), lr=0.05, momentum=0.9)
+            gv = torch.Generator().manual_seed(10 + rank)
+            val = [(torch.randn(8, 8, generator=gv), torch.randint(0, 3, (8,), generator=gv))
+                   for _ in range(3 if rank == 0 else 5)]
+            torch.manual_seed(1)
+            cfg = MetaConfig(ddp, val, nn.functional.cross_entropy, interval=1)
+            return ddp, opt, AutoLR(opt, MLRSNet(hidden_size=16), gamma=0.05, meta=cfg)
+
+        def train(ddp, opt, sched, batches):
+            for x, y in batches:
+                opt.zero_grad()
+                loss = nn.functional.cross_entropy(ddp(x), y)
+                loss.backward()
+                sched.step(loss)
+                opt.step()
+
+        ddp, opt, sched = build()
+        train(ddp, opt, sched, data)
+        straight = copy.deepcopy(sched.controller.state_dict())
+        ddp, opt, sched = build()
+        train(ddp, opt, sched, data[:4])
+        if rank == 0:
+            torch.save({"sched": sched.state_dict(), "model": ddp.module.state_dict(), "opt": opt.state_dict()},
+                       f"{d}/ck.pt")
+        dist.barrier()
+        ck = torch.load(f"{d}/ck.pt", weights_only=False)
+        ddp, opt, sched = build()
+        ddp.module.load_state_dict(ck["model"])
+        opt.load_state_dict(ck["opt"])
+        sched.load_state_dict(ck["sched"])
+        train(ddp, opt, sched, data[4:])
+        same = all(torch.equal(straight[k], v) for k, v in sched.controller.state_dict().items())
+        torch.save(same, f"{d}/same{rank}.pt")
+        del sched, opt, ddp
+        dist.barrier()
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.skipif(not dist.is_available(), reason="torch.distributed is not available in this build")
+def test_meta_training_resumes_exactly_on_ranks_with_other_validation_lengths():
+    with tempfile.TemporaryDirectory() as d:
+        mp.start_processes(_resume_worker, args=(d,), nprocs=WORLD, join=True, start_method="spawn")
+        assert [torch.load(f"{d}/same{r}.pt") for r in range(WORLD)] == [True, True]

@@ -18,6 +18,7 @@ transformers = pytest.importorskip(
 )
 pytest.importorskip("accelerate", reason="the transformers Trainer needs accelerate (pip install accelerate)")
 
+from autolr_fast import AutoLR  # noqa: E402
 from autolr_fast.integrations.huggingface import AutoLRTrainer  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -214,3 +215,45 @@ def test_docs_show_the_find_anchor_example_that_runs_here():
     docs = (ROOT / "docs" / "frameworks.md").read_text()
     assert FIND_EXAMPLE.read_text().strip() in docs, \
         "docs/frameworks.md must show examples/hf_find_anchor_lr.py verbatim"
+
+
+class _LinearTask(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.lin = torch.nn.Linear(4, 1)
+
+    def forward(self, x, labels):
+        return {"loss": torch.nn.functional.mse_loss(self.lin(x), labels)}
+
+
+def _linear_trainer(tmp_path, total_steps, rates):
+    class Record(transformers.TrainerCallback):
+        def on_optimizer_step(self, args, state, control, optimizer=None, **kwargs):
+            rates.append(float(optimizer.param_groups[0]["lr"]))
+
+    torch.manual_seed(0)
+    data = [{"x": torch.randn(4), "labels": torch.randn(1)} for _ in range(32)]
+    args = transformers.TrainingArguments(output_dir=str(tmp_path), per_device_train_batch_size=4, num_train_epochs=1,
+                                          learning_rate=1e-2, save_strategy="no", report_to="none", use_cpu=True,
+                                          disable_tqdm=True)
+    return AutoLRTrainer(model=_LinearTask(), args=args, train_dataset=data, callbacks=[Record()],
+                         autolr=lambda opt: AutoLR(opt, total_steps=total_steps))
+
+
+def test_a_second_train_starts_a_new_autolr_from_the_peak(tmp_path):
+    rates = []
+    trainer = _linear_trainer(tmp_path, 8, rates)
+    trainer.train()
+    first, rates[:] = list(rates), []
+    old = trainer.autolr
+    trainer.train()
+    assert trainer.autolr is not old and trainer.autolr.step_count == 8
+    # the same warm-up and cosine from the same peak again (the controller's small wiggle follows
+    # the new run's losses), not the last run's final rate
+    assert rates[0] == pytest.approx(first[0], rel=1e-6) and rates == pytest.approx(first, rel=0.01)
+    assert first[0] > 0 and first[-1] < 0.1 * max(first)
+
+
+def test_total_steps_that_differ_from_the_trainers_are_warned_about(tmp_path):
+    with pytest.warns(RuntimeWarning, match=r"total_steps=4\), but this train\(\) takes 8 optimizer steps"):
+        _linear_trainer(tmp_path, 4, []).train()

@@ -154,6 +154,14 @@ class AutoLRTrainerMixin:
     def create_scheduler(self, num_training_steps: int, optimizer: torch.optim.Optimizer | None = None):
         if self.lr_scheduler is None:
             opt = _torch_optimizer(optimizer if optimizer is not None else self.optimizer)
+            if self.autolr is not None and self.autolr.optimizer is opt:
+                # a later train() on the same optimizer: its groups hold the last run's final rate.
+                # Start again from the peak the first AutoLR recorded, as Trainer's own schedulers
+                # (which read initial_lr) do, with the old AutoLR off the optimizer.
+                self.autolr._hook.remove()
+                for g in opt.param_groups:
+                    if "initial_lr" in g:
+                        g["lr"] = g["initial_lr"]
             sched = self._make_autolr(opt)
             if not isinstance(sched, AutoLR):
                 raise TypeError(f"autolr= must return an AutoLR, got {type(sched).__name__}")
@@ -161,9 +169,17 @@ class AutoLRTrainerMixin:
                 raise ValueError(
                     "autolr= built an AutoLR for another optimizer; build it for the optimizer it is given"
                 )
+            total = sched.scale.total_steps
+            if total is not None and total != num_training_steps:
+                warnings.warn(
+                    f"AutoLRTrainer: AutoLR(total_steps={total}), but this train() takes {num_training_steps} "
+                    "optimizer steps (Trainer counts gradient accumulation and processes): its envelope "
+                    + ("reaches 0 before the end" if total < num_training_steps else "does not reach 0")
+                    + f"; build AutoLR(opt, total_steps={num_training_steps})", RuntimeWarning, stacklevel=2)
             self.autolr = sched
             self._autolr_window = None
             self.lr_scheduler = AutoLRSchedulerAdapter(sched)
+            self._created_lr_scheduler = True  # Trainer then builds a new one at the next train()
         return self.lr_scheduler
 
     def training_step(self, *args: Any, **kwargs: Any) -> Tensor:

@@ -198,7 +198,16 @@ def main(argv: list[str] | None = None) -> int:
     a = p.parse_args(argv)
     if a.quick:
         a.epochs = min(a.epochs, 10)
-    payloads = [load_data(f) for f in a.data]
+    if a.epochs < 1 or not 0 < a.test_frac < 1:
+        p.error(f"--epochs must be >= 1 and --test-frac in (0, 1); got {a.epochs} and {a.test_frac}")
+    real = [os.path.realpath(f) for f in a.data]
+    repeated = sorted({f for f, r in zip(a.data, real) if real.count(r) > 1})
+    if repeated:  # its runs would be renumbered as new ones, and test runs would copy training runs
+        p.error(f"--data names the same file more than once: {repeated}")
+    try:
+        payloads = [load_data(f) for f in a.data]
+    except (OSError, ValueError) as exc:
+        raise SystemExit(f"train-action: {exc}") from None
     settings = [pl["settings"] for pl in payloads]
     window, block = settings[0]["window"], settings[0]["segment"] // settings[0]["window"]
     multipliers = settings[0]["multipliers"]

@@ -352,6 +352,13 @@ def main(argv: list[str] | None = None) -> int:
         a.segment, a.steps, a.window = min(a.segment, 20), min(a.steps, 100), 4
     if a.label_horizon < -1:
         p.error("--label-horizon must be >= -1")
+    small = [f"--{k.replace('_', '-')} {getattr(a, k)}" for k in ("runs", "segment", "window", "val_window")
+             if getattr(a, k) < 1]
+    if small:
+        p.error(f"{', '.join(small)}: must be >= 1")
+    if a.segment % a.window or a.steps < a.segment:
+        p.error(f"--segment ({a.segment}) must be a multiple of --window ({a.window}), and --steps ({a.steps}) at "
+                "least one segment")
     if not (0 < a.lr_min < a.lr_max):
         p.error("need 0 < --lr-min < --lr-max")
     settings = {"task": a.task, "seed": a.seed, "runs": a.runs, "segment": a.segment, "steps": a.steps,

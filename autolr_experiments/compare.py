@@ -924,11 +924,12 @@ def _rates(method: Method, grid: int, task: str) -> list[float | None]:
 
 
 def make_jobs(args) -> tuple[list[Job], dict[str, str], dict]:
-    tasks = args.tasks or (QUICK_TASKS if args.quick else DEFAULT_TASKS)
+    # each once, in order: a repeated name would repeat its runs and count them as more seeds
+    tasks = list(dict.fromkeys(args.tasks or (QUICK_TASKS if args.quick else DEFAULT_TASKS)))
     unknown = [t for t in tasks if t not in available_tasks()]
     if unknown:
         raise SystemExit(f"unknown task(s) {unknown}; available: {', '.join(available_tasks())}")
-    methods = args.methods or baselines.available_methods()
+    methods = list(dict.fromkeys(args.methods or baselines.available_methods()))
     unknown = [m for m in methods if m not in baselines.available_methods()]
     if unknown:
         raise SystemExit(f"unknown method(s) {unknown}; available: {', '.join(baselines.available_methods())}")
@@ -936,6 +937,10 @@ def make_jobs(args) -> tuple[list[Job], dict[str, str], dict]:
     grid = args.grid if args.grid is not None else (3 if args.quick else 5)
     if seeds < 1 or grid < 1:
         raise SystemExit("--seeds and --grid must be >= 1")
+    bad = [f"--{k.replace('_', '-')} {v}" for k, v in (("epochs", args.epochs), ("batch_size", args.batch_size),
+                                                       ("threads", args.threads)) if v is not None and v < 1]
+    if bad:
+        raise SystemExit(f"{', '.join(bad)}: must be >= 1 (leave --epochs / --batch-size out for each task's own)")
     skipped: dict[str, str] = {}
     jobs: list[Job] = []
     settings: dict[str, tuple[int, int]] = {}
@@ -943,8 +948,8 @@ def make_jobs(args) -> tuple[list[Job], dict[str, str], dict]:
         epochs, bs = task_settings(task)
         if args.quick:
             epochs = QUICK_EPOCHS
-        epochs = args.epochs or epochs
-        bs = args.batch_size or bs
+        epochs = epochs if args.epochs is None else args.epochs
+        bs = bs if args.batch_size is None else args.batch_size
         settings[task] = (epochs, bs)
         for name in methods:
             method = baselines.get_method(name)
@@ -1228,9 +1233,13 @@ def _run_and_report(args, argv, controller: str, jobs: list[Job], skipped: dict[
 
 def _rerender(src: Path, out: Path, plots: bool) -> int:
     """Table, verdicts and figures again from a ``compare.json`` (e.g. after a renderer change)."""
-    doc = json.loads(src.read_text())
-    if doc.get("schema") != SCHEMA:
-        raise SystemExit(f"{src} is not a {SCHEMA} file (schema {doc.get('schema')!r})")
+    try:
+        doc = json.loads(src.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise SystemExit(f"--render {src}: cannot read it as a compare.json ({exc})") from None
+    if not isinstance(doc, dict) or doc.get("schema") != SCHEMA:
+        schema = doc.get("schema") if isinstance(doc, dict) else None
+        raise SystemExit(f"{src} is not a {SCHEMA} file (schema {schema!r})")
     runs = [_as_recorded(r) for r in doc["runs"]]
     val_runs = [_as_recorded(r) for r in doc.get("validation_runs", [])]
     rows, targets = summary_rows(runs)

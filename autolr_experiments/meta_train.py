@@ -717,7 +717,11 @@ def ablation_main(argv: list[str]) -> int:
                          "cosine-warmup row joins) instead of the plain cosine")
     ap.add_argument("--out", default=FAMILY_OUT)
     args = ap.parse_args(argv)
+    if not os.path.isfile(args.controller):
+        ap.error(f"no controller file at {args.controller}: pass --controller PATH (e.g. the shipped "
+                 "autolr_fast/controllers/weights/default.pt, or one `meta-train --family` wrote)")
     torch.set_num_threads(1)
+    os.makedirs(args.out, exist_ok=True)
     settings = [replace(r, epochs=args.epochs or r.epochs) for r in ablation_settings()]
     trained_on = set(load_controller(args.controller).info.get("tasks", []))
     leaked = trained_on & {r.task for r in settings}

@@ -141,3 +141,25 @@ def test_meta_train_ablation_runs_on_held_out_tasks_only(tmp_path):
     trained_on = set(load_controller(PRETRAINED_DIR / "default.pt").info["tasks"])
     assert rows and not {r["task"] for r in rows} & trained_on
     assert "| vs cosine" in (tmp_path / "ablation.md").read_text()
+
+
+def test_commands_refuse_bad_counts_and_repeated_inputs(tmp_path):
+    from autolr_experiments import action_training, collect, compare
+
+    parse = compare.build_parser().parse_args
+    args = parse(["--tasks", "diabetes-mlp", "diabetes-mlp", "--methods", "cosine", "cosine", "constant",
+                  "--seeds", "2", "--grid", "1", "--out", str(tmp_path)])
+    jobs, _, _ = compare.make_jobs(args)
+    assert len(jobs) == len({(j.task, j.method, j.lr, j.seed) for j in jobs}) == 4  # each name once
+    for bad in (["--epochs", "0"], ["--batch-size", "-3"], ["--threads", "0"]):
+        with pytest.raises(SystemExit, match="must be >= 1"):
+            compare.make_jobs(parse(["--tasks", "diabetes-mlp", "--out", str(tmp_path), *bad]))
+    with pytest.raises(SystemExit, match="cannot read it"):
+        compare.main(["--render", str(tmp_path / "missing.json"), "--out", str(tmp_path)])
+    with pytest.raises(SystemExit):
+        action_training.main(["--data", str(tmp_path / "a.pt"), str(tmp_path / "a.pt"), "--out", str(tmp_path)])
+    for bad in (["--val-window", "0"], ["--segment", "30", "--window", "20"]):
+        with pytest.raises(SystemExit):
+            collect.main(["--task", "diabetes-mlp", "--out", str(tmp_path / "c.pt"), *bad])
+    with pytest.raises(SystemExit):
+        meta_train.main(["--ablation", "--controller", str(tmp_path / "none.pt"), "--out", str(tmp_path / "abl")])

@@ -206,13 +206,16 @@ def _run_one(job: Job, cache: dict) -> dict:
 def _time_to_target(rec: dict, target: float) -> tuple[int | None, float | None]:
     """``(steps, CPU seconds)`` until the run first reached ``target`` (checked at epoch ends).
     The seconds are the run's CPU seconds per step times those steps: CPU time does not depend on
-    what else the machine was running, where wall time does."""
+    what else the machine was running, where wall time does. Steps taken before the run
+    (``find_anchor_lr``'s trials, ``info["anchor"]["cost_steps"]``) count in both: they come first."""
     c = rec["curves"]
     series = c["test_acc"] if rec["classification"] else c["test_loss"]
-    per_step = rec["cpu_time_s"] / rec["steps"] if rec.get("cpu_time_s") and rec.get("steps") else None
+    before = int(((rec.get("info") or {}).get("anchor") or {}).get("cost_steps") or 0)
+    total = (rec.get("steps") or 0) + before
+    per_step = rec["cpu_time_s"] / total if rec.get("cpu_time_s") and total else None
     for v, steps in zip(series, c["steps"], strict=True):
         if is_number(v) and ((v >= target) if rec["classification"] else (v <= target)):
-            return steps, (None if per_step is None else steps * per_step)
+            return steps, (None if per_step is None else (before + steps) * per_step)
     return None, None
 
 

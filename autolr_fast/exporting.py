@@ -40,6 +40,7 @@ from .controllers.files import read_file
 from .controllers.mlrsnet import MLRSNet
 from .controllers.pretrained import load_pretrained
 from .ops import reference
+from .rate_scale import envelope
 from .scheduler import AutoLR
 
 __all__ = [
@@ -249,6 +250,13 @@ def _resolve(obj, gamma: float | None) -> tuple[MLRSNet, float, Tensor, Tensor, 
                 f"this AutoLR's scale ({obj.scale.mode!r} mode) is not set yet (no finite loss seen, or no "
                 "usable anchor); run at least one step first, or export the controller with an explicit gamma="
             )
+        if obj.scale.has_envelope:
+            warnings.warn(
+                f"export: this AutoLR's envelope (total_steps={obj.scale.total_steps}, warmup_steps="
+                f"{obj.scale.warmup_steps}) is not exported: the runtime sets rates at the peak scale {g:.4g}, "
+                f"as AutoLR without total_steps would; at step {obj.step_count} the run's factor is "
+                f"{envelope(obj.step_count, obj.scale.total_steps, obj.scale.warmup_steps):.4g}. Multiply the "
+                "runtime's rate by the envelope in your trainer", RuntimeWarning, stacklevel=3)
         return net, g, net.h, net.c, float(obj.rate)
     if isinstance(obj, MLRSNet):
         if gamma is None:
@@ -286,6 +294,9 @@ def export(controller_or_scheduler, path: str | os.PathLike, gamma: float | None
     try:
         with _quiet_torchscript():
             torch.jit.save(torch.jit.script(module), tmp, _extra_files={WEIGHTS_ENTRY: blob})
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)  # as open() would create it (mkstemp's file is 0600)
         os.replace(tmp, path)
     except BaseException:
         os.unlink(tmp)

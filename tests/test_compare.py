@@ -658,3 +658,11 @@ def test_a_diverged_autolr_row_wins_nothing_and_find_is_judged_on_its_own_runs()
     assert not b["trained_on"] and b["trained_on_find"]
     assert compare.done_when([b], None, "verdicts_find")["held_out_tasks"] == 0
     assert compare.done_when([b])["held_out_tasks"] == 1
+
+
+def test_time_to_target_counts_the_anchor_trials_first():
+    rec = {"classification": True, "steps": 100, "cpu_time_s": 3.0,
+           "curves": {"test_acc": [0.5, 0.9, 0.95], "steps": [30, 60, 100]}}
+    assert compare._time_to_target(rec, 0.9) == (60, pytest.approx(1.8))
+    rec["info"] = {"anchor": {"cost_steps": 50}}  # 50 trial steps ran before the 100 of the run
+    assert compare._time_to_target(rec, 0.9) == (60, pytest.approx((50 + 60) * 3.0 / 150))

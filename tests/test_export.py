@@ -326,3 +326,24 @@ def test_a_failed_export_leaves_no_file(tmp_path, monkeypatch):
     with pytest.raises(OSError, match="disk full"):
         ex.export(_net(), tmp_path / "a.pt", gamma=0.1)
     assert os.listdir(tmp_path) == []
+
+
+def test_exporting_an_autolr_with_an_envelope_warns_and_the_file_is_readable_by_others(tmp_path):
+    import stat
+
+    model = torch.nn.Linear(2, 1)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    sched = AutoLR(opt, MLRSNet(hidden_size=8), total_steps=20)
+    for _ in range(3):
+        opt.zero_grad()
+        loss = model(torch.ones(1, 2)).square().sum()
+        loss.backward()
+        sched.step(loss)
+        opt.step()
+    old = os.umask(0o022)
+    try:
+        with pytest.warns(RuntimeWarning, match=r"envelope \(total_steps=20, warmup_steps=1\) is not exported"):
+            path = ex.export(sched, tmp_path / "c.pt")
+    finally:
+        os.umask(old)
+    assert stat.S_IMODE(os.stat(path).st_mode) == 0o644

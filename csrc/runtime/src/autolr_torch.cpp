@@ -38,6 +38,9 @@ void TorchController::set_state(const torch::Tensor& h, const torch::Tensor& c, 
     throw std::invalid_argument("autolr: set_state shapes do not match the controller");
   if (!torch::isfinite(h).all().item<bool>() || !torch::isfinite(c).all().item<bool>() || !torch::isfinite(rate).all().item<bool>())
     throw std::invalid_argument("autolr: set_state values must be finite");
+  const float r = rate.item<float>();
+  if (r < 0.f || r > gamma())  // as the C API's autolr_set_state
+    throw std::invalid_argument("autolr: set_state rate must be in [0, gamma]");
   this->h().copy_(h);
   this->c().copy_(c);
   this->rate().copy_(rate.reshape({}));

@@ -52,6 +52,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--quick", action="store_true", help="3 epochs, 1 seed")
     ap.add_argument("--out", default="results/demo")
     args = ap.parse_args(argv)
+    if args.epochs < 1 or args.seeds < 1:
+        ap.error(f"--epochs and --seeds must be >= 1, got {args.epochs} and {args.seeds}")
     epochs, seeds = (3, 1) if args.quick else (args.epochs, args.seeds)
     torch.set_num_threads(1)  # these models are too small to gain from more; extra threads only contend
     try:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 from itertools import islice
 
 import torch
@@ -57,6 +58,18 @@ def main(argv: list[str] | None = None) -> int:
         args.num = min(args.num, 12)
         args.horizons = [h for h in args.horizons if h <= 4] or [1]
         args.start_lr, args.end_lr = max(args.start_lr, 1e-4), min(args.end_lr, 10.0)
+    bad = [f"--num {args.num} (needs >= 2)"] if args.num < 2 else []
+    bad += [f"--horizons {h} (needs >= 1)" for h in args.horizons if h < 1]
+    bad += [f"--{k.replace('_', '-')} {v} (needs >= {low})" for k, v, low in
+            (("batch_size", args.batch_size, 1), ("pretrain_steps", args.pretrain_steps, 0))
+            if v is not None and v < low]
+    if not 0 < args.start_lr < args.end_lr:
+        bad.append(f"--start-lr {args.start_lr:g} / --end-lr {args.end_lr:g} (needs 0 < start < end)")
+    if bad:
+        raise SystemExit(f"find-lr: {'; '.join(bad)}")
+    missing = [f for f in (args.out, args.plot) if f and not os.path.isdir(os.path.dirname(os.path.abspath(f)))]
+    if missing:
+        raise SystemExit(f"find-lr: the folder of {', '.join(missing)} does not exist")
     if args.around_default and args.optimizer != "task":
         raise SystemExit("--around-default needs --optimizer task (the default lr is the task's)")
     torch.manual_seed(args.seed)

@@ -287,6 +287,8 @@ def export(controller_or_scheduler, path: str | os.PathLike, gamma: float | None
     blob = pack_weights(net, g, h, c, rate)  # checked before anything is written
     module = ExportedMLRSNet(net, g, h, c, rate).eval()
     path = os.fspath(path)
+    if os.path.isdir(path):
+        raise ValueError(f"{path} is a folder: give the file to write, e.g. {os.path.join(path, 'controller.pt')}")
     # written beside the target, then renamed into place: a reader never sees half a file
     fd, tmp = tempfile.mkstemp(prefix=os.path.basename(path) + ".", suffix=".tmp",
                                dir=os.path.dirname(os.path.abspath(path)))
@@ -473,7 +475,7 @@ def main(argv: list[str] | None = None) -> int:
         if gamma is None:
             parser.error("--gamma is required (the largest rate, e.g. 0.1)")
         out = export(net, args.output, gamma=float(gamma))
-    except (ValueError, TypeError, FileNotFoundError, KeyError) as exc:
+    except (ValueError, TypeError, OSError, KeyError) as exc:
         print(f"error: {exc.args[0] if isinstance(exc, KeyError) and exc.args else exc}", file=sys.stderr)
         return 2
     print(f"wrote {out} (hidden={net.hidden_size}, layers={net.num_layers}, gamma={float(gamma):g}, "

@@ -163,3 +163,15 @@ def test_commands_refuse_bad_counts_and_repeated_inputs(tmp_path):
             collect.main(["--task", "diabetes-mlp", "--out", str(tmp_path / "c.pt"), *bad])
     with pytest.raises(SystemExit):
         meta_train.main(["--ablation", "--controller", str(tmp_path / "none.pt"), "--out", str(tmp_path / "abl")])
+    from autolr_experiments import find_lr
+    from autolr_fast import exporting
+    from autolr_fast.ops import dispatch
+
+    for bad in (["--num", "1"], ["--start-lr", "1", "--end-lr", "0.1"], ["--out", str(tmp_path / "no" / "x.json")]):
+        with pytest.raises(SystemExit, match="find-lr"):
+            find_lr.main(["--task", "diabetes-mlp", *bad])
+    with pytest.raises(SystemExit):
+        demo.main(["--seeds", "0", "--out", str(tmp_path)])
+    with pytest.raises(SystemExit):
+        dispatch.main(["--bogus"])
+    assert exporting.main(["--pretrained", "default", "-o", str(tmp_path)]) == 2  # a folder, not a file

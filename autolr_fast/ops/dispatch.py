@@ -184,5 +184,9 @@ def hyper_dot_adam(val_grads, params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_
 
 def main(argv: list[str] | None = None) -> int:
     """``python -m autolr_fast info``: print :func:`backend_info` as JSON."""
+    import argparse
+
+    argparse.ArgumentParser(prog="python -m autolr_fast info", description="which implementation each op uses, "
+                            "and what was built, as JSON").parse_args(argv)
     print(json.dumps(backend_info(), indent=2))
     return 0

@@ -53,6 +53,7 @@ from autolr_fast.anchor_lr import DEFAULT_FRACTION, AnchorResult
 
 from . import baselines
 from .compare import DEFAULT_TASKS, Job, machine_info, run_one, task_settings
+from .json_files import read_json
 from .report import markdown_table, plt, save_figure, strict_json
 from .tasks import Task, available_tasks, get_task, task_optimizer
 from .training import RunSpec, make_optimizer
@@ -166,7 +167,7 @@ def earlier_references(path: Path) -> dict:
     if not path.is_file():
         return {}
     out = {}
-    for t in json.loads(path.read_text())["tasks"]:
+    for t in read_json(path, "an anchor-ablation output", ("tasks",))["tasks"]:
         for r in t.get("reference", []):
             metric = float("nan") if r["metric"] is None else r["metric"]
             out[(t["task"], r["seed"], r["exponent"], t["epochs"], t["batch_size"])] = metric
@@ -177,7 +178,7 @@ def recorded_references(path: Path | None) -> dict:
     """The ``cosine`` runs of a ``compare.json``: ``{(task, seed, exponent, epochs, batch): metric}``."""
     if path is None:
         return {}
-    doc = json.loads(path.read_text())
+    doc = read_json(path, "a compare.json", ("runs",))
     out = {}
     for r in doc["runs"]:
         if r["method"] != "cosine" or r.get("split", "test") != "test" or r["status"] not in ("ok", "diverged"):

@@ -14,11 +14,11 @@ baseline (the benchmark with ``extra_info["baseline"] = True``, else one whose n
 from __future__ import annotations
 
 import argparse
-import json
 import subprocess
 import sys
 from pathlib import Path
 
+from .json_files import read_json
 from .report import color_cycle, fmt, markdown_table, plt, save_figure
 
 #: ``bench/`` of the source checkout next to this package (an editable install), if there is one.
@@ -147,7 +147,7 @@ def render_chart(data: dict, path: str | Path) -> Path:
 
 def render(json_path: str | Path, out_dir: str | Path) -> tuple[Path, Path]:
     """Render a pytest-benchmark JSON to ``bench.md`` and ``bench.png`` in ``out_dir``."""
-    data = json.loads(Path(json_path).read_text())
+    data = read_json(json_path, "a pytest-benchmark JSON", ("benchmarks",))
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     md = out_dir / "bench.md"

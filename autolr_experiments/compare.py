@@ -1023,11 +1023,13 @@ def _load_partial(path: Path, statuses: tuple[str, ...] = ("ok", "diverged")) ->
     """Records of an earlier, interrupted run (``runs.jsonl``) with one of ``statuses``, by job key."""
     done: dict[tuple, dict] = {}
     if path.is_file():
-        for line in path.read_text().splitlines():
+        for line in path.read_text(errors="replace").splitlines():
             try:
                 r = json.loads(line)
             except json.JSONDecodeError:
                 continue  # a line cut off by the interruption
+            if not isinstance(r, dict) or "task" not in r:
+                continue  # not a run record
             if r.get("status") in statuses:
                 try:
                     done[_record_key(r)] = _as_recorded(r)

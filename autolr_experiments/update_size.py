@@ -42,6 +42,7 @@ from tqdm.auto import tqdm
 
 from .anchor_ablation import EXPONENTS, judge
 from .compare import machine_info, task_settings
+from .json_files import read_json
 from .report import markdown_table, strict_json
 from .tasks import Task, get_task
 from .training import make_optimizer
@@ -261,7 +262,7 @@ def main(argv: list[str] | None = None) -> int:
     steps, skip = (12, 2) if args.quick else (args.steps, args.skip)
     if not 0 <= skip < steps:
         raise SystemExit(f"need 0 <= --skip < --steps, got --skip {skip} --steps {steps}")
-    doc = json.loads(args.ablation.read_text())
+    doc = read_json(args.ablation, "an anchor-ablation output", ("tasks",))
     torch.set_num_threads(1)
     start = time.perf_counter()
     tasks = []

@@ -175,3 +175,18 @@ def test_commands_refuse_bad_counts_and_repeated_inputs(tmp_path):
     with pytest.raises(SystemExit):
         dispatch.main(["--bogus"])
     assert exporting.main(["--pretrained", "default", "-o", str(tmp_path)]) == 2  # a folder, not a file
+
+
+def test_json_inputs_that_are_missing_or_foreign_are_named(tmp_path):
+    from autolr_experiments import compare, update_size
+    from autolr_experiments.json_files import read_json
+
+    foreign = tmp_path / "foreign.json"
+    foreign.write_text('{"something": 1}')
+    with pytest.raises(SystemExit, match="is not an anchor-ablation output"):
+        update_size.main(["--ablation", str(foreign), "--out", str(tmp_path / "u")])
+    with pytest.raises(SystemExit, match="cannot read"):
+        read_json(tmp_path / "missing.json", "a compare.json")
+    runs = tmp_path / "runs.jsonl"
+    runs.write_bytes(b'[1, 2]\n\xff\xfe not text\n{"cut off')
+    assert compare._load_partial(runs) == {}  # lines that are not run records are passed over

@@ -252,6 +252,8 @@ class Collector:
 
     def load_progress(self, path: str) -> None:
         saved = torch.load(path, weights_only=True)
+        if not isinstance(saved, dict) or not {"settings", "rows", "progress"} <= set(saved):
+            raise KeyError("settings, rows and progress")
         saved["settings"].setdefault("envelope", False)  # progress saved before --envelope existed
         _backfill_start_rate(saved)
         if saved["settings"] != self.s:
@@ -371,7 +373,13 @@ def main(argv: list[str] | None = None) -> int:
     if a.resume:
         if not os.path.exists(partial):
             p.error(f"--resume: no progress file {partial}")
-        collector.load_progress(partial)
+        try:
+            collector.load_progress(partial)
+        except ValueError as exc:
+            p.error(str(exc))
+        except Exception as exc:  # a damaged file: any of torch.load's errors, or a missing entry
+            p.error(f"--resume: cannot read the progress file {partial} ({type(exc).__name__}: {exc}); delete it "
+                    "to start the collection again")
     finished = collector.run(partial, stop_after=a.stop_after, show=not a.no_progress)
     if not finished:
         print(f"stopped after {len(collector.rows)} decisions; continue with --resume ({partial})")

@@ -1232,7 +1232,8 @@ def _run_and_report(args, argv, controller: str, jobs: list[Job], skipped: dict[
         _plot_all(rows, targets, budget, runs, out)
     print(md)
     print(f"\n[compare] {len(runs) + len(val_runs)} runs in {config['total_wall_time_s']:.0f} s; results in {out}/ "
-          "(compare.json, compare.md, <task>.png)", file=sys.stderr)
+          + ("(compare.json, compare.md)" if args.no_plots else "(compare.json, compare.md, <task>.png)"),
+          file=sys.stderr)
     return 0
 
 

@@ -158,6 +158,9 @@ def test_commands_refuse_bad_counts_and_repeated_inputs(tmp_path):
         compare.main(["--render", str(tmp_path / "missing.json"), "--out", str(tmp_path)])
     with pytest.raises(SystemExit):
         action_training.main(["--data", str(tmp_path / "a.pt"), str(tmp_path / "a.pt"), "--out", str(tmp_path)])
+    (tmp_path / "d.pt.partial").write_bytes(b"not a progress file")
+    with pytest.raises(SystemExit):
+        collect.main(["--task", "diabetes-mlp", "--out", str(tmp_path / "d.pt"), "--resume"])
     for bad in (["--val-window", "0"], ["--segment", "30", "--window", "20"]):
         with pytest.raises(SystemExit):
             collect.main(["--task", "diabetes-mlp", "--out", str(tmp_path / "c.pt"), *bad])

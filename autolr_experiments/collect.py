@@ -358,9 +358,9 @@ def main(argv: list[str] | None = None) -> int:
              if getattr(a, k) < 1]
     if small:
         p.error(f"{', '.join(small)}: must be >= 1")
-    if a.segment % a.window or a.steps < a.segment:
+    if a.segment % a.window or a.steps < 2 * a.segment:
         p.error(f"--segment ({a.segment}) must be a multiple of --window ({a.window}), and --steps ({a.steps}) at "
-                "least one segment")
+                "least two segments (the first fills the history a decision reads)")
     if not (0 < a.lr_min < a.lr_max):
         p.error("need 0 < --lr-min < --lr-max")
     settings = {"task": a.task, "seed": a.seed, "runs": a.runs, "segment": a.segment, "steps": a.steps,

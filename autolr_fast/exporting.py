@@ -250,7 +250,7 @@ def _resolve(obj, gamma: float | None) -> tuple[MLRSNet, float, Tensor, Tensor, 
                 f"this AutoLR's scale ({obj.scale.mode!r} mode) is not set yet (no finite loss seen, or no "
                 "usable anchor); run at least one step first, or export the controller with an explicit gamma="
             )
-        if obj.scale.has_envelope:
+        if obj.scale.varies_at(obj.step_count):  # a finished warm-up without total_steps loses nothing
             warnings.warn(
                 f"export: this AutoLR's envelope (total_steps={obj.scale.total_steps}, warmup_steps="
                 f"{obj.scale.warmup_steps}) is not exported: the runtime sets rates at the peak scale {g:.4g}, "
@@ -263,6 +263,15 @@ def _resolve(obj, gamma: float | None) -> tuple[MLRSNet, float, Tensor, Tensor, 
             raise ValueError("export(MLRSNet, ...) needs gamma= (a positive float: the largest rate)")
         return obj, float(gamma), obj.h, obj.c, 0.0
     raise TypeError(f"export takes an MLRSNet or an AutoLR, got {type(obj).__name__}")
+
+
+def _umask() -> int:
+    """The process's umask, read without setting it (os.umask would change it for every thread)."""
+    try:
+        with open("/proc/self/status") as f:
+            return next(int(line.split()[1], 8) for line in f if line.startswith("Umask:"))
+    except (OSError, StopIteration, ValueError, IndexError):
+        return 0o022  # the usual default where /proc is not there
 
 
 def export(controller_or_scheduler, path: str | os.PathLike, gamma: float | None = None) -> str:
@@ -296,9 +305,7 @@ def export(controller_or_scheduler, path: str | os.PathLike, gamma: float | None
     try:
         with _quiet_torchscript():
             torch.jit.save(torch.jit.script(module), tmp, _extra_files={WEIGHTS_ENTRY: blob})
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)  # as open() would create it (mkstemp's file is 0600)
+        os.chmod(tmp, 0o666 & ~_umask())  # as open() would create it (mkstemp's file is 0600)
         os.replace(tmp, path)
     except BaseException:
         os.unlink(tmp)

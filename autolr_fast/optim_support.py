@@ -90,10 +90,16 @@ SYNC_FREE_HINT = (
 _PACKAGE_DIR = os.path.dirname(os.path.abspath(__file__))
 
 
-def user_stacklevel() -> int:
-    """The ``stacklevel`` that makes a warning point at the first caller outside autolr_fast."""
+def user_stacklevel(*also_skip: str) -> int:
+    """The ``stacklevel`` that makes a warning point at the first caller outside autolr_fast (and
+    outside the packages named in ``also_skip``, e.g. a framework that calls autolr_fast)."""
+    others = tuple(os.sep + name + os.sep for name in also_skip)
+
+    def inside(path: str) -> bool:
+        return path.startswith(_PACKAGE_DIR) or any(s in path for s in others)
+
     frame, level = sys._getframe(1), 1
-    while frame is not None and os.path.abspath(frame.f_code.co_filename).startswith(_PACKAGE_DIR):
+    while frame is not None and inside(os.path.abspath(frame.f_code.co_filename)):
         frame, level = frame.f_back, level + 1
     return level
 

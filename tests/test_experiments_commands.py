@@ -143,7 +143,7 @@ def test_meta_train_ablation_runs_on_held_out_tasks_only(tmp_path):
     assert "| vs cosine" in (tmp_path / "ablation.md").read_text()
 
 
-def test_commands_refuse_bad_counts_and_repeated_inputs(tmp_path):
+def test_commands_refuse_bad_counts_and_repeated_inputs(tmp_path, capsys):
     from autolr_experiments import action_training, collect, compare
 
     parse = compare.build_parser().parse_args
@@ -156,12 +156,13 @@ def test_commands_refuse_bad_counts_and_repeated_inputs(tmp_path):
             compare.make_jobs(parse(["--tasks", "diabetes-mlp", "--out", str(tmp_path), *bad]))
     with pytest.raises(SystemExit, match="cannot read it"):
         compare.main(["--render", str(tmp_path / "missing.json"), "--out", str(tmp_path)])
-    with pytest.raises(SystemExit):
-        action_training.main(["--data", str(tmp_path / "a.pt"), str(tmp_path / "a.pt"), "--out", str(tmp_path)])
+    with pytest.raises(SystemExit):  # argparse's usage error (code 2), before the file is read
+        action_training.main(["--data", str(tmp_path / "a.pt"), str(tmp_path / "a.pt"), "--out-dir", str(tmp_path)])
+    assert "more than once" in capsys.readouterr().err
     (tmp_path / "d.pt.partial").write_bytes(b"not a progress file")
     with pytest.raises(SystemExit):
         collect.main(["--task", "diabetes-mlp", "--out", str(tmp_path / "d.pt"), "--resume"])
-    for bad in (["--val-window", "0"], ["--segment", "30", "--window", "20"]):
+    for bad in (["--val-window", "0"], ["--segment", "30", "--window", "20"], ["--quick", "--steps", "20"]):
         with pytest.raises(SystemExit):
             collect.main(["--task", "diabetes-mlp", "--out", str(tmp_path / "c.pt"), *bad])
     with pytest.raises(SystemExit):

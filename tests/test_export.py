@@ -347,3 +347,18 @@ def test_exporting_an_autolr_with_an_envelope_warns_and_the_file_is_readable_by_
     finally:
         os.umask(old)
     assert stat.S_IMODE(os.stat(path).st_mode) == 0o644
+
+
+def test_exporting_after_a_finished_warm_up_without_total_steps_does_not_warn(tmp_path):
+    model = torch.nn.Linear(2, 1)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    sched = AutoLR(opt, MLRSNet(hidden_size=8), warmup_steps=2)
+    for _ in range(3):
+        opt.zero_grad()
+        loss = model(torch.ones(1, 2)).square().sum()
+        loss.backward()
+        sched.step(loss)
+        opt.step()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", RuntimeWarning)
+        ex.export(sched, tmp_path / "c.pt")  # the warm-up is over: nothing of the run is lost

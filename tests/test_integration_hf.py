@@ -257,3 +257,15 @@ def test_a_second_train_starts_a_new_autolr_from_the_peak(tmp_path):
 def test_total_steps_that_differ_from_the_trainers_are_warned_about(tmp_path):
     with pytest.warns(RuntimeWarning, match=r"total_steps=4\), but this train\(\) takes 8 optimizer steps"):
         _linear_trainer(tmp_path, 4, []).train()
+
+
+def test_a_second_train_refuses_the_previous_autolr_and_warnings_point_at_the_caller(tmp_path):
+    trainer = _linear_trainer(tmp_path, 8, [])
+    trainer.train()
+    first = trainer.autolr
+    trainer._make_autolr = lambda opt: first  # a function that hands back the AutoLR it built before
+    with pytest.raises(ValueError, match="returned the AutoLR of the previous train"):
+        trainer.train()
+    with pytest.warns(RuntimeWarning, match="total_steps=4") as record:
+        _linear_trainer(tmp_path, 4, []).train()
+    assert record[0].filename == __file__

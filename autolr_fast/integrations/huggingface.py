@@ -45,7 +45,7 @@ except ImportError as exc:  # pragma: no cover - exercised only without the extr
         'pip install transformers accelerate (or pip install "autolr_fast[integrations]")'
     ) from exc
 
-from autolr_fast import AutoLR
+from autolr_fast import AutoLR, optim_support
 from autolr_fast.integrations.amp import scaler_skips
 
 __all__ = ["AutoLRTrainer", "AutoLRTrainerMixin", "AutoLRSchedulerAdapter"]
@@ -154,15 +154,21 @@ class AutoLRTrainerMixin:
     def create_scheduler(self, num_training_steps: int, optimizer: torch.optim.Optimizer | None = None):
         if self.lr_scheduler is None:
             opt = _torch_optimizer(optimizer if optimizer is not None else self.optimizer)
-            if self.autolr is not None and self.autolr.optimizer is opt:
+            old = self.autolr if self.autolr is not None and self.autolr.optimizer is opt else None
+            if old is not None:
                 # a later train() on the same optimizer: its groups hold the last run's final rate.
                 # Start again from the peak the first AutoLR recorded, as Trainer's own schedulers
                 # (which read initial_lr) do, with the old AutoLR off the optimizer.
-                self.autolr._hook.remove()
+                old._hook.remove()
                 for g in opt.param_groups:
                     if "initial_lr" in g:
                         g["lr"] = g["initial_lr"]
             sched = self._make_autolr(opt)
+            if sched is old:
+                raise ValueError(
+                    "autolr= returned the AutoLR of the previous train(), whose run has ended: build a new one "
+                    "in the function (autolr=lambda opt: AutoLR(opt, ...)), as Trainer builds a new scheduler"
+                )
             if not isinstance(sched, AutoLR):
                 raise TypeError(f"autolr= must return an AutoLR, got {type(sched).__name__}")
             if sched.optimizer is not opt:
@@ -173,9 +179,10 @@ class AutoLRTrainerMixin:
             if total is not None and total != num_training_steps:
                 warnings.warn(
                     f"AutoLRTrainer: AutoLR(total_steps={total}), but this train() takes {num_training_steps} "
-                    "optimizer steps (Trainer counts gradient accumulation and processes): its envelope "
+                    "optimizer steps (Trainer's count, after gradient accumulation): its envelope "
                     + ("reaches 0 before the end" if total < num_training_steps else "does not reach 0")
-                    + f"; build AutoLR(opt, total_steps={num_training_steps})", RuntimeWarning, stacklevel=2)
+                    + f"; build AutoLR(opt, total_steps={num_training_steps})", RuntimeWarning,
+                    stacklevel=optim_support.user_stacklevel("transformers", "accelerate"))
             self.autolr = sched
             self._autolr_window = None
             self.lr_scheduler = AutoLRSchedulerAdapter(sched)

@@ -145,7 +145,6 @@ class AutoLR:
             optim_support.lr_tensors(optimizer, self.device)
             self._write_rate_to_groups()
         self._hook = optimizer.register_step_pre_hook(self._before_optimizer_step)
-        self._closure_check = None  # a post-hook, only until the first optimizer.step(closure) is checked
         self._steady_step = None  # see _steady_step_fn
 
     def _init_param_groups(self, lr_scales: list[float] | None, lr_as_tensor: bool | None) -> float:
@@ -189,34 +188,35 @@ class AutoLR:
 
     # ------------------------------------------------------------------------------------------
     @torch._dynamo.disable
-    def _before_optimizer_step(self, optimizer, args, kwargs) -> None:
+    def _before_optimizer_step(self, optimizer, args, kwargs) -> tuple[tuple, dict] | None:
         # Excluded from torch.compile: it reads host counters that change every step, which
         # would otherwise become guards and recompile a compiled optimizer.step every step.
-        if self.step_count == 0:
-            if _closure_of(args, kwargs) is None:
-                raise RuntimeError(
-                    "optimizer.step() was called before AutoLR.step(loss). AutoLR sets the rate of "
-                    "step t from the loss of step t: call loss.backward(); sched.step(loss); "
-                    "optimizer.step() in that order"
-                )
-            # optimizer.step(closure) (Lightning's automatic optimization, LBFGS-style loops): the
-            # closure runs backward and sched.step(loss) inside optimizer.step, after this hook
-            # and before the parameters move. Checked once the step is done.
-            if self._closure_check is None:
-                self._closure_check = optimizer.register_step_post_hook(self._after_first_closure_step)
-        elif self._closure_check is not None:
-            # removed here, not in the post-hook itself: torch is iterating the post-hooks then
-            self._closure_check.remove()
-            self._closure_check = None
         self._steps_since_optimizer = 0
-
-    @torch._dynamo.disable
-    def _after_first_closure_step(self, optimizer, args, kwargs) -> None:
-        if self.step_count == 0:
+        if self.step_count > 0:
+            return None
+        closure = _closure_of(args, kwargs)
+        if closure is None:
             raise RuntimeError(
-                "optimizer.step(closure) ran a closure that did not call AutoLR.step(loss): inside the "
-                "closure, call loss.backward(); sched.step(loss) before it returns the loss"
+                "optimizer.step() was called before AutoLR.step(loss). AutoLR sets the rate of "
+                "step t from the loss of step t: call loss.backward(); sched.step(loss); "
+                "optimizer.step() in that order"
             )
+
+        # optimizer.step(closure) (Lightning's automatic optimization, LBFGS-style loops): the
+        # closure runs backward and sched.step(loss) inside optimizer.step, after this hook. The
+        # first one is checked as soon as it returns, before the optimizer moves the parameters.
+        def checked_closure():
+            loss = closure()
+            if self.step_count == 0:
+                raise RuntimeError(
+                    "optimizer.step(closure) ran a closure that did not call AutoLR.step(loss): inside the "
+                    "closure, call loss.backward(); sched.step(loss) before it returns the loss"
+                )
+            return loss
+
+        if "closure" in kwargs:
+            return args, {**kwargs, "closure": checked_closure}
+        return (args[0], checked_closure, *args[2:]), kwargs
 
     def _check_loss(self, loss: Any) -> Tensor:
         if (type(loss) is Tensor and loss.dtype is torch.float32 and loss.dim() == 0

@@ -51,8 +51,12 @@ def test_closure_step_gives_the_rates_of_the_plain_loop():
 
 def test_a_closure_without_sched_step_is_refused():
     model, opt, sched = _setup()
+    before = [p.detach().clone() for p in model.parameters()]
     with pytest.raises(RuntimeError, match="did not call AutoLR.step"):
         opt.step(_closure(model, opt, sched, torch.randn(8, 4), torch.randn(8, 2), call_step=False))
+    assert all(torch.equal(a, p) for a, p in zip(before, model.parameters()))  # refused before the update
+    with pytest.raises(RuntimeError, match="did not call AutoLR.step"):  # also given by keyword
+        opt.step(closure=_closure(model, opt, sched, torch.randn(8, 4), torch.randn(8, 2), call_step=False))
 
 
 def test_optimizer_step_before_sched_step_is_still_refused():

@@ -207,7 +207,8 @@ def _time_to_target(rec: dict, target: float) -> tuple[int | None, float | None]
     """``(steps, CPU seconds)`` until the run first reached ``target`` (checked at epoch ends).
     The seconds are the run's CPU seconds per step times those steps: CPU time does not depend on
     what else the machine was running, where wall time does. Steps taken before the run
-    (``find_anchor_lr``'s trials, ``info["anchor"]["cost_steps"]``) count in both: they come first."""
+    (``find_anchor_lr``'s trials, ``info["anchor"]["cost_steps"]``) come first: they count in the
+    seconds (and in the per-step cost), not in the returned steps."""
     c = rec["curves"]
     series = c["test_acc"] if rec["classification"] else c["test_loss"]
     before = int(((rec.get("info") or {}).get("anchor") or {}).get("cost_steps") or 0)

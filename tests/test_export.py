@@ -328,18 +328,23 @@ def test_a_failed_export_leaves_no_file(tmp_path, monkeypatch):
     assert os.listdir(tmp_path) == []
 
 
-def test_exporting_an_autolr_with_an_envelope_warns_and_the_file_is_readable_by_others(tmp_path):
-    import stat
-
+def _autolr_after_three_steps(**kwargs) -> AutoLR:
     model = torch.nn.Linear(2, 1)
     opt = torch.optim.SGD(model.parameters(), lr=0.1)
-    sched = AutoLR(opt, MLRSNet(hidden_size=8), total_steps=20)
+    sched = AutoLR(opt, MLRSNet(hidden_size=8), **kwargs)
     for _ in range(3):
         opt.zero_grad()
         loss = model(torch.ones(1, 2)).square().sum()
         loss.backward()
         sched.step(loss)
         opt.step()
+    return sched
+
+
+def test_exporting_an_autolr_with_an_envelope_warns_and_the_file_is_readable_by_others(tmp_path):
+    import stat
+
+    sched = _autolr_after_three_steps(total_steps=20)
     old = os.umask(0o022)
     try:
         with pytest.warns(RuntimeWarning, match=r"envelope \(total_steps=20, warmup_steps=1\) is not exported"):
@@ -350,15 +355,7 @@ def test_exporting_an_autolr_with_an_envelope_warns_and_the_file_is_readable_by_
 
 
 def test_exporting_after_a_finished_warm_up_without_total_steps_does_not_warn(tmp_path):
-    model = torch.nn.Linear(2, 1)
-    opt = torch.optim.SGD(model.parameters(), lr=0.1)
-    sched = AutoLR(opt, MLRSNet(hidden_size=8), warmup_steps=2)
-    for _ in range(3):
-        opt.zero_grad()
-        loss = model(torch.ones(1, 2)).square().sum()
-        loss.backward()
-        sched.step(loss)
-        opt.step()
+    sched = _autolr_after_three_steps(warmup_steps=2)
     with warnings.catch_warnings():
         warnings.simplefilter("error", RuntimeWarning)
         ex.export(sched, tmp_path / "c.pt")  # the warm-up is over: nothing of the run is lost

@@ -66,6 +66,10 @@ OFFICIAL_CHECKPOINTS = ("mlr_snet_1.pth", "mlr_snet_100.pth", "mlr_snet_200.pth"
 #: The shipped controllers the harness uses (``load_pretrained`` names).
 SHIPPED_CONTROLLER = "mnist1d-cnn"
 SHIPPED_ACTION_CONTROLLER = "action-mlp"
+#: the other methods that run a shipped controller file, by name: compare keys their records on the
+#: file's digest, so that records of an earlier file are not reused
+SHIPPED_FILES = {"shipped": SHIPPED_CONTROLLER, "action": SHIPPED_ACTION_CONTROLLER,
+                 "action-always-raise": SHIPPED_ACTION_CONTROLLER}
 #: Meta-steps of the online meta-training method: one every ``META_INTERVAL`` steps.
 META_INTERVAL = 20
 

@@ -1139,13 +1139,16 @@ def _leave_one_task_out(jobs: list[Job], controller: str, out: Path, args) -> tu
 
 
 def _with_controller_variant(jobs: list[Job], controller: str) -> list[Job]:
-    """The other ``autolr`` jobs marked with the controller's name and digest, so that records
-    made with another controller are not reused."""
-    path = PRETRAINED_DIR / f"{controller}.pt"
-    if not path.is_file():
-        return jobs
-    variant = f"{controller}@{hashlib.sha256(path.read_bytes()).hexdigest()[:12]}"
-    return [replace(j, variant=variant) if j.method in AUTOLR_METHODS and not j.variant else j for j in jobs]
+    """The other ``autolr`` jobs, and the jobs of the other methods that run a shipped controller
+    file (``baselines.SHIPPED_FILES``), marked with the file's name and digest, so that records
+    made with another file are not reused."""
+    files = {**{m: controller for m in AUTOLR_METHODS}, **baselines.SHIPPED_FILES}
+    variants = {}
+    for method, name in files.items():
+        path = PRETRAINED_DIR / f"{name}.pt"
+        if path.is_file():
+            variants[method] = f"{name}@{hashlib.sha256(path.read_bytes()).hexdigest()[:12]}"
+    return [replace(j, variant=variants[j.method]) if j.method in variants and not j.variant else j for j in jobs]
 
 
 @contextlib.contextmanager

@@ -513,6 +513,11 @@ def test_records_are_reused_only_for_the_same_method_revision_controller_and_opt
                                                                   32)], "default")
         assert marked.variant.startswith("default@")
         assert compare._key_of(marked) != compare._record_key({**record, "method": "autolr"})
+    if baselines.SHIPPED_ACTION_CONTROLLER in baselines.available_pretrained():
+        job = compare.Job("friedman-mlp", "action", None, None, False, 0, 1, 32)
+        (marked,) = compare._with_controller_variant([job], "default")
+        assert marked.variant.startswith(baselines.SHIPPED_ACTION_CONTROLLER + "@")  # a new file: new runs
+        assert compare._key_of(marked) != compare._key_of(job)
 
 
 def test_a_reused_record_takes_the_current_grid_position(tmp_path):

@@ -221,7 +221,10 @@ def main(argv: list[str] | None = None) -> int:
     if enveloped and not a.relative:
         raise SystemExit(f"{', '.join(enveloped)} were collected with --envelope: train a relative controller on them "
                          "(add --relative)")
-    data = merge_data(payloads)
+    try:
+        data = merge_data(payloads)
+    except ValueError as exc:  # files collected with other settings
+        raise SystemExit(f"train-action: {exc}") from None
     if a.labels == "greedy":
         data = greedy_labels(data)
     if a.keep_margin > 0:

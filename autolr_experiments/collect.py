@@ -300,9 +300,11 @@ def load_data(path: str) -> dict:
 
 def merge_data(payloads: list[dict]) -> dict[str, Tensor]:
     """Concatenate the data of several collection files (runs renumbered to stay distinct)."""
-    window = {p["settings"]["window"] for p in payloads}
-    if len(window) > 1:
-        raise ValueError(f"the files were collected with different --window values {sorted(window)}")
+    for key in ("window", "val_window"):
+        values = {p["settings"].get(key) for p in payloads}
+        if len(values) > 1:
+            raise ValueError(f"the files were collected with different --{key.replace('_', '-')} values "
+                             f"{sorted(values, key=str)}")
     out: dict[str, list[Tensor]] = {}
     offset = 0
     for p in payloads:
@@ -326,7 +328,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--runs", type=int, default=1, help="runs in this file (seeds seed .. seed+runs-1)")
     p.add_argument("--segment", type=int, default=100, help="steps per segment / branch (N)")
     p.add_argument("--steps", type=int, default=3000, help="training steps per run on the followed path")
-    p.add_argument("--window", type=int, default=20, help="feature window (block means; segment/window steps each)")
+    p.add_argument("--window", type=int, default=None,
+                   help="feature window (block means; segment/window steps each); default 20, 4 with --quick")
     p.add_argument("--val-window", type=int, default=4)
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--optimizer", default="sgd", choices=["sgd", "adam"])
@@ -347,11 +350,13 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out", required=True)
     p.add_argument("--resume", action="store_true", help="continue from OUT.partial")
     p.add_argument("--stop-after", type=int, default=None, help=argparse.SUPPRESS)  # simulate an interruption
-    p.add_argument("--quick", action="store_true", help="segment 20, 100 steps, window 4 (a smoke run)")
+    p.add_argument("--quick", action="store_true", help="segment 20, 100 steps, window 4 unless given (a smoke run)")
     p.add_argument("--no-progress", action="store_true")
     a = p.parse_args(argv)
     if a.quick:
-        a.segment, a.steps, a.window = min(a.segment, 20), min(a.steps, 100), 4
+        a.segment, a.steps = min(a.segment, 20), min(a.steps, 100)
+    if a.window is None:
+        a.window = 4 if a.quick else 20
     if a.label_horizon < -1:
         p.error("--label-horizon must be >= -1")
     small = [f"--{k.replace('_', '-')} {getattr(a, k)}" for k in ("runs", "segment", "window", "val_window")

@@ -90,6 +90,8 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
     for k in ("epochs", "seeds", "interval"):
         if getattr(args, k) is None:
             setattr(args, k, base[k])
+        elif getattr(args, k) < 1:
+            ap.error(f"--{k} must be >= 1, got {getattr(args, k)}")
     if args.ship == "":
         args.ship = os.path.join(args.out, "mnist1d-cnn.pt")
     return args

@@ -263,6 +263,9 @@ def main(argv: list[str] | None = None) -> int:
     if not 0 <= skip < steps:
         raise SystemExit(f"need 0 <= --skip < --steps, got --skip {skip} --steps {steps}")
     doc = read_json(args.ablation, "an anchor-ablation output", ("tasks",))
+    if len(doc["tasks"]) < 2:  # before any training
+        raise SystemExit(f"{args.ablation} holds {len(doc['tasks'])} task(s); the leave-one-task-out rule needs 2 "
+                         "or more")
     torch.set_num_threads(1)
     start = time.perf_counter()
     tasks = []
@@ -273,8 +276,6 @@ def main(argv: list[str] | None = None) -> int:
                       "best_exponent": t["best_exponent"], "best": t["best"],
                       "optimizer": "sgd" if task.optim.kind == "sgd" else "adam",
                       **_signals_at_grid(task, batch_size, steps, skip)})
-    if len(tasks) < 2:
-        raise SystemExit(f"{args.ablation} holds {len(tasks)} task(s); the leave-one-task-out rule needs 2 or more")
     summary = analyse(tasks)
     summary["alignment"] = analyse_alignment(tasks)
     command = "python -m autolr_fast update-size " + " ".join(argv if argv is not None else sys.argv[1:])

@@ -162,11 +162,24 @@ def test_commands_refuse_bad_counts_and_repeated_inputs(tmp_path, capsys):
     (tmp_path / "d.pt.partial").write_bytes(b"not a progress file")
     with pytest.raises(SystemExit):
         collect.main(["--task", "diabetes-mlp", "--out", str(tmp_path / "d.pt"), "--resume"])
-    for bad in (["--val-window", "0"], ["--segment", "30", "--window", "20"], ["--quick", "--steps", "20"]):
+    for bad in (["--val-window", "0"], ["--segment", "30", "--window", "20"], ["--quick", "--steps", "20"],
+                ["--quick", "--window", "3"]):  # --quick keeps a given --window (20 is no multiple of 3)
         with pytest.raises(SystemExit):
             collect.main(["--task", "diabetes-mlp", "--out", str(tmp_path / "c.pt"), *bad])
     with pytest.raises(SystemExit):
         meta_train.main(["--ablation", "--controller", str(tmp_path / "none.pt"), "--out", str(tmp_path / "abl")])
+    for bad in (["--epochs", "0"], ["--seeds", "0"]):
+        with pytest.raises(SystemExit):
+            meta_train.main([*bad, "--out", str(tmp_path / "mt")])
+    one_task = tmp_path / "one.json"
+    one_task.write_text('{"tasks": [{"task": "diabetes-mlp"}]}')
+    from autolr_experiments import update_size
+
+    with pytest.raises(SystemExit, match="needs 2 or more"):  # refused before training anything
+        update_size.main(["--ablation", str(one_task), "--out", str(tmp_path / "u")])
+    settings = {"window": 4, "val_window": 4}
+    with pytest.raises(ValueError, match="different --val-window"):
+        collect.merge_data([{"settings": settings}, {"settings": {**settings, "val_window": 2}}])
     from autolr_experiments import find_lr
     from autolr_fast import exporting
     from autolr_fast.ops import dispatch

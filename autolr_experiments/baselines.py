@@ -50,6 +50,7 @@ from .training import (
     RunSpec,
     Schedule,
     autolr_schedule,
+    envelope_schedule,
     make_optimizer,
     sgd,
     torch_schedule,
@@ -245,9 +246,7 @@ def cosine(spec: RunSpec) -> Schedule:
 @register_method("cosine-warmup", "hand", None, "the task's default optimizer, 5% linear warm-up, then cosine to 0 "
                  "(AutoLR's envelope with total_steps, alone)", task_lr=True)
 def cosine_warmup(spec: RunSpec) -> Schedule:
-    opt = make_optimizer(spec.model, spec.task.optim, spec.lr)
-    total, warmup = spec.total_steps, resolve_warmup(None, spec.total_steps)
-    return torch_schedule(opt, torch.optim.lr_scheduler.LambdaLR(opt, lambda t: envelope(t, total, warmup)), "step")
+    return envelope_schedule(make_optimizer(spec.model, spec.task.optim, spec.lr), spec.total_steps)
 
 
 class SpikeGuard:

@@ -33,6 +33,7 @@ from autolr_fast import load_controller, load_pretrained
 from autolr_fast.controllers.pretrained import PRETRAINED_DIR, available_pretrained
 
 from . import baselines
+from .json_files import read_json
 from .report import (
     color_cycle,
     fmt,
@@ -1243,13 +1244,9 @@ def _run_and_report(args, argv, controller: str, jobs: list[Job], skipped: dict[
 
 def _rerender(src: Path, out: Path, plots: bool) -> int:
     """Table, verdicts and figures again from a ``compare.json`` (e.g. after a renderer change)."""
-    try:
-        doc = json.loads(src.read_text())
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise SystemExit(f"--render {src}: cannot read it as a compare.json ({exc})") from None
-    if not isinstance(doc, dict) or doc.get("schema") != SCHEMA:
-        schema = doc.get("schema") if isinstance(doc, dict) else None
-        raise SystemExit(f"{src} is not a {SCHEMA} file (schema {schema!r})")
+    doc = read_json(src, "a compare.json")
+    if doc.get("schema") != SCHEMA:
+        raise SystemExit(f"{src} is not a {SCHEMA} file (schema {doc.get('schema')!r})")
     runs = [_as_recorded(r) for r in doc["runs"]]
     val_runs = [_as_recorded(r) for r in doc.get("validation_runs", [])]
     rows, targets = summary_rows(runs)

@@ -13,8 +13,10 @@ def read_json(path: str | Path, what: str, keys: tuple[str, ...] = ()) -> dict[s
     try:
         doc = json.loads(Path(path).read_text())
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise SystemExit(f"cannot read {path} as {what}: {exc}") from None
-    missing = [k for k in keys if not isinstance(doc, dict) or k not in doc]
+        raise SystemExit(f"{path}: cannot read it as {what} ({exc})") from None
+    if not isinstance(doc, dict):
+        raise SystemExit(f"{path} is not {what} (not a JSON object)")
+    missing = [k for k in keys if k not in doc]
     if missing:
         raise SystemExit(f"{path} is not {what} (it has no {missing})")
     return doc

@@ -40,12 +40,12 @@ from tqdm import tqdm
 
 from autolr_fast import MetaConfig, MLRSNet, load_controller, load_pretrained, save_controller
 from autolr_fast.ops import dispatch
-from autolr_fast.rate_scale import SETTLE_STEPS, envelope, resolve_warmup
+from autolr_fast.rate_scale import SETTLE_STEPS, envelope
 
 from .baselines import SGD_DEFAULT_LR, get_method
 from .report import mean_std, plot_runs, save_figure, summarize, summary_table
 from .tasks import available_tasks, dataset_of, get_task, shares_data, task_optimizer
-from .training import Method, RunSpec, Schedule, autolr_schedule, sgd, torch_schedule, train
+from .training import Method, RunSpec, Schedule, autolr_schedule, envelope_schedule, sgd, torch_schedule, train
 
 DEFAULTS = {"epochs": 100, "seeds": 3, "interval": 10, "lr": 0.1, "batch_size": 100, "val_size": 500}
 QUICK = {"epochs": 3, "seeds": 1, "interval": 5}
@@ -243,12 +243,7 @@ def cosine_method(run: FamilyRun) -> Method:
 
 def cosine_warmup_method(run: FamilyRun) -> Method:
     """AutoLR's default envelope alone (a 5 % linear warm-up, then cosine to 0) at the run's rate."""
-    def build(spec: RunSpec) -> Schedule:
-        opt = make_optimizer(run, spec.model)
-        total, warmup = spec.total_steps, resolve_warmup(None, spec.total_steps)
-        return torch_schedule(opt, torch.optim.lr_scheduler.LambdaLR(opt, lambda t: envelope(t, total, warmup)))
-
-    return Method("cosine-warmup", build)
+    return Method("cosine-warmup", lambda spec: envelope_schedule(make_optimizer(run, spec.model), spec.total_steps))
 
 
 def normalised_by_first_loss(step: Callable[[Tensor], None]) -> Callable[[Tensor], None]:

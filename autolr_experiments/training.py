@@ -30,6 +30,7 @@ import torch
 from torch import Tensor, nn
 
 from autolr_fast import AutoLR
+from autolr_fast.rate_scale import envelope, resolve_warmup
 
 from .tasks import OptimSpec, Task
 
@@ -140,6 +141,14 @@ def torch_schedule(optimizer: torch.optim.Optimizer, scheduler: Any, per: str = 
     if per == "step":
         return Schedule(optimizer, after_step=scheduler.step)
     return Schedule(optimizer, after_epoch=scheduler.step)
+
+
+def envelope_schedule(optimizer: torch.optim.Optimizer, total_steps: int) -> Schedule:
+    """AutoLR's default envelope alone over ``total_steps`` (a 5 % linear warm-up, then cosine to
+    0), stepped after every optimizer step."""
+    warmup = resolve_warmup(None, total_steps)
+    return torch_schedule(optimizer, torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda t: envelope(t, total_steps, warmup)))
 
 
 def autolr_schedule(optimizer: torch.optim.Optimizer, controller: nn.Module, **autolr_kwargs: Any) -> Schedule:

@@ -32,13 +32,9 @@ class ModelSwap:
         self.model = model
         self._param_slots: list[tuple[dict, str]] = []
         self._buffer_slots: list[tuple[dict, str]] = []
-        seen: set[int] = set()
-        for module in model.modules(remove_duplicate=False):
-            # a module reached twice (used at two places of the forward) has one slot dict: swapped
-            # twice, the second pass would find the replacement there and detach it
-            if id(module) in seen:
-                continue
-            seen.add(id(module))
+        # each module once: one used at two places of the forward has one slot dict, and a second
+        # swap would find the replacement there and detach it
+        for module in model.modules():
             # every slot, also one holding None now: a buffer allocated later (a lazy cache) must
             # still be swapped for a copy, or the meta-step's forward would write into the model
             self._param_slots += [(module._parameters, n) for n in module._parameters]

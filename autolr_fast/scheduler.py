@@ -542,7 +542,7 @@ class AutoLR:
         step_count = state["step_count"]
         if isinstance(step_count, bool) or not isinstance(step_count, int) or step_count < 0:
             raise ValueError(f"the state_dict's 'step_count' is {step_count!r}, not a whole number >= 0")
-        check_lr_scales(state["lr_scales"], "the state_dict's 'lr_scales'")
+        lr_scales = check_lr_scales(state["lr_scales"], "the state_dict's 'lr_scales'")
         if (self.meta is None) != ("meta" not in state):
             raise ValueError("the state_dict and this AutoLR disagree on meta-training (meta=...)")
         if self.meta is not None:  # the groups the saved run did not have yet are adopted below
@@ -557,7 +557,7 @@ class AutoLR:
             self.counters.values.copy_(state["counters"])
         self.step_count = step_count
         self.counters.refresh(self.step_count)  # the host's view of the loaded counters, not the old ones
-        self.lr_scales = [float(s) for s in state["lr_scales"]]
+        self.lr_scales = lr_scales
         self._warned = set(state.get("warned", []))
         if self.meta is not None:
             self.meta.load_state_dict(state["meta"])

@@ -81,8 +81,7 @@ class TrainingSnapshot:
         self.param_copies = [p.detach().clone() for p in self.params]
         self.buffers = BufferSlots(model)
         self.opt_state = {p: clone_state(s) for p, s in optimizer.state.items()}
-        self.groups = [{k: (v.detach().clone() if isinstance(v, Tensor) else v) for k, v in g.items() if k != "params"}
-                       for g in optimizer.param_groups]
+        self.groups = [{k: clone_state(v) for k, v in g.items() if k != "params"} for g in optimizer.param_groups]
         self.training = [(m, m.training) for m in model.modules()]
         self.cpu_rng = torch.get_rng_state()
         cuda_on = torch.cuda.is_available() and torch.cuda.is_initialized()
@@ -107,7 +106,6 @@ class TrainingSnapshot:
     def restore(self) -> None:
         for p, saved in zip(self.params, self.param_copies, strict=True):
             p.copy_(saved)
-            p.grad = None
         self.buffers.restore()
         self.optimizer.state.clear()
         for p, s in self.opt_state.items():
@@ -120,7 +118,7 @@ class TrainingSnapshot:
                     g[k] = clone_state(v)
         for m, mode in self.training:
             m.training = mode
-        for p in self.model.parameters():  # also one added since the snapshot
+        for p in (*self.params, *self.model.parameters()):  # the latter: also one added since the snapshot
             p.grad = None
         self.restore_rng()
 

@@ -9,6 +9,7 @@ import torch
 from torch import Tensor, nn
 
 from . import optim_support, rate_scale
+from .checks import is_whole_number
 from .controllers.mlrsnet import MLRSNet
 from .controllers.pretrained import load_pretrained
 from .controllers.protocol import Controller
@@ -145,6 +146,7 @@ class AutoLR:
             optim_support.lr_tensors(optimizer, self.device)
             self._write_rate_to_groups()
         self._hook = optimizer.register_step_pre_hook(self._before_optimizer_step)
+        self._closed = False
         self._steady_step = None  # see _steady_step_fn
 
     def _init_param_groups(self, lr_scales: list[float] | None, lr_as_tensor: bool | None) -> float:
@@ -292,6 +294,16 @@ class AutoLR:
         if not self.counters.idle_tick():  # a copy of the counters is due or in flight
             self._after_step_host_checks()
 
+    def close(self) -> None:
+        """Take this AutoLR off its optimizer, e.g. before another schedule drives it.
+
+        Removes the step hook (``optimizer.step()`` no longer asks for ``sched.step(loss)``
+        first); the groups keep the rate written last, a float or a tensor. A later
+        :meth:`step` raises. Calling it again does nothing."""
+        self._hook.remove()
+        self._closed = True
+        self._steady_step = None
+
     def _steady_step_fn(self):
         """The backend's step function when the next steps can take :meth:`_fast_step`: tensor
         rates (the default on a GPU), an MLR-SNet with a fast path on this device, nothing decided
@@ -308,6 +320,9 @@ class AutoLR:
         return dispatch.select("mlrsnet_step_", self.device)[1]
 
     def _step(self, loss: Tensor, skip: Tensor | None) -> None:
+        if self._closed:
+            raise RuntimeError("AutoLR.step(): this AutoLR was closed (AutoLR.close()) and no longer drives its "
+                               "optimizer; build a new AutoLR(optimizer, ...) to schedule it again")
         x = self._check_loss(loss)
         if skip is not None:
             x = torch.where(self._check_skip(skip), torch.full_like(x, float("nan")), x)
@@ -540,7 +555,7 @@ class AutoLR:
             if not isinstance(state[key], Tensor) or tuple(state[key].shape) != shape:
                 raise ValueError(f"the state_dict's {key!r} is not a tensor of shape {shape}")
         step_count = state["step_count"]
-        if isinstance(step_count, bool) or not isinstance(step_count, int) or step_count < 0:
+        if not is_whole_number(step_count, 0):
             raise ValueError(f"the state_dict's 'step_count' is {step_count!r}, not a whole number >= 0")
         lr_scales = check_lr_scales(state["lr_scales"], "the state_dict's 'lr_scales'")
         if (self.meta is None) != ("meta" not in state):

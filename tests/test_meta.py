@@ -245,7 +245,7 @@ def test_a_skipped_first_meta_step_leaves_no_trace_on_the_device_side_path(meta_
         sched.meta.step(loss.detach())
         state = sched.meta.optimizer.state_dict()["state"]
         results.append((sched.controller.state_dict(), state))
-        opt._optimizer_step_pre_hooks.clear()  # the next AutoLR on the same optimizer
+        sched.close()  # the next AutoLR on the same optimizer
     (theta_host, adam_host), (theta_dev, adam_dev) = results
     assert all(float(st["step"]) == 1.0 for st in adam_host.values())
     for k, v in theta_host.items():
@@ -279,7 +279,7 @@ def test_streamed_and_batched_hypergradients_agree(kind):
         sched.controller.load_state_dict(MLRSNet(hidden_size=16).double().state_dict())
         grads, val_loss, ok = sched.meta.hypergradient(loss)
         results.append((sched.meta.last_hypergrad, grads))
-        opt._optimizer_step_pre_hooks.clear()  # the next AutoLR on the same optimizer
+        sched.close()  # the next AutoLR on the same optimizer
     dot_b, g_b = results[-1]
     for dot_a, g_a in results[:-1]:
         assert torch.allclose(dot_a.double(), dot_b.double(), rtol=1e-6)

@@ -791,3 +791,23 @@ def test_groups_that_share_one_lr_tensor_keep_their_own_ratios():
     lrs = [float(g["lr"]) for g in opt.param_groups]
     assert lrs == pytest.approx([float(sched.last_rate) * s for s in (1.0, 0.1, 1.0, 0.5)], rel=1e-6)
     assert len({id(g["lr"]) for g in opt.param_groups}) == 4
+
+
+def test_close_takes_autolr_off_its_optimizer():
+    """close() removes the step hook (optimizer.step() without sched.step is allowed again, a new
+    AutoLR can drive the optimizer) and a later step of the closed one raises, changing nothing."""
+    model = nn.Linear(8, 3)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    x, y = make_problem()
+    sched = AutoLR(opt, MLRSNet(hidden_size=16), gamma=0.5, lr_as_tensor=True)
+    train_steps(model, opt, sched, x, y, steps=2)
+    rate = opt.param_groups[0]["lr"].clone()
+    sched.close()
+    sched.close()  # again: nothing
+    assert not opt._optimizer_step_pre_hooks
+    with pytest.raises(RuntimeError, match="closed"):
+        sched.step(torch.tensor(1.0))
+    assert sched.step_count == 2 and torch.equal(opt.param_groups[0]["lr"], rate)
+    model(x).sum().backward()
+    opt.step()  # no hook refuses it
+    train_steps(model, opt, AutoLR(opt, MLRSNet(hidden_size=16), gamma=0.5), x, y, steps=2)

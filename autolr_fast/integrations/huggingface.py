@@ -159,7 +159,7 @@ class AutoLRTrainerMixin:
                 # a later train() on the same optimizer: its groups hold the last run's final rate.
                 # Start again from the peak the first AutoLR recorded, as Trainer's own schedulers
                 # (which read initial_lr) do, with the old AutoLR off the optimizer.
-                old._hook.remove()
+                old.close()
                 for g in opt.param_groups:
                     if "initial_lr" in g:
                         g["lr"] = g["initial_lr"]

@@ -41,6 +41,7 @@ from tqdm.auto import tqdm
 
 from . import optim_support
 from .batches import to_device
+from .checks import is_whole_number
 from .distributed import is_distributed, min_max_across_ranks
 from .lr_finder import (
     Unpack,
@@ -225,13 +226,13 @@ def _cycled(batches: Iterable):
 
 def _trial_steps(total_steps: int | None, trial_steps: int | None, fraction: float) -> int:
     if trial_steps is not None:
-        if isinstance(trial_steps, bool) or not isinstance(trial_steps, int) or trial_steps < 1:
+        if not is_whole_number(trial_steps, 1):
             raise ValueError(f"trial_steps must be a positive whole number, got {trial_steps!r}")
         return trial_steps
     if total_steps is None:
         raise ValueError("find_anchor_lr needs total_steps (the run's optimizer steps; each trial is "
                          f"fraction={fraction:g} of them) or trial_steps")
-    if isinstance(total_steps, bool) or not isinstance(total_steps, int) or total_steps < 1:
+    if not is_whole_number(total_steps, 1):
         raise ValueError(f"total_steps must be a positive whole number, got {total_steps!r}")
     if not 0 < fraction <= 1:
         raise ValueError(f"fraction must be in (0, 1], got {fraction!r}")
@@ -309,12 +310,12 @@ def find_anchor_lr(
     have chosen from the same trials).
     """
     steps = _trial_steps(total_steps, trial_steps, fraction)
-    if not (math.isfinite(decades) and decades > 0) or isinstance(num, bool) or not isinstance(num, int) or num < 2:
+    if not (math.isfinite(decades) and decades > 0) or not is_whole_number(num, 2):
         raise ValueError(f"need decades > 0 and a whole num >= 2, got decades={decades!r}, num={num!r}")
     if trial_schedule not in TRIAL_SCHEDULES:
         raise ValueError(f"trial_schedule must be one of {TRIAL_SCHEDULES}, got {trial_schedule!r}")
     _check_confidence(confidence)
-    if isinstance(extend, bool) or not isinstance(extend, int) or extend < 0:
+    if not is_whole_number(extend, 0):
         raise ValueError(f"extend must be a whole number >= 0 (0: only the num rates), got {extend!r}")
     if isinstance(train_batches, Iterator):  # asked without iterating: a DataLoader would draw from the RNG
         raise ValueError("find_anchor_lr: train_batches must be re-iterable (a list or a DataLoader): every trial "
@@ -529,7 +530,7 @@ def _paired_t(diffs: list[float], weights: list[float]) -> float:
 def _t_cdf(t: float, dof: int) -> float:
     """Student's t distribution function for a whole ``dof`` >= 1 (closed form: Abramowitz and
     Stegun 26.7.3 and 26.7.4), so the library needs no scipy."""
-    if isinstance(dof, bool) or not isinstance(dof, int) or dof < 1:
+    if not is_whole_number(dof, 1):
         raise ValueError(f"dof must be a whole number >= 1, got {dof!r}")
     if math.isinf(t):
         return 1.0 if t > 0 else 0.0

@@ -39,6 +39,7 @@ except ImportError:
 
 from . import optim_support
 from .batches import to_device
+from .checks import is_whole_number
 from .controllers.mlrsnet import MLRSNet
 from .controllers.pretrained import save_controller
 from .distributed import mean_across_ranks
@@ -550,7 +551,7 @@ class MetaTrainer:
                              f"{type(self.optimizer).__name__} has {own}: save and load with the same "
                              "MetaConfig.optimizer and controller")
         steps = state["meta_steps"]
-        if isinstance(steps, bool) or not isinstance(steps, int) or steps < 0:
+        if not is_whole_number(steps, 0):
             raise ValueError(f"the state_dict's 'meta_steps' is {steps!r}, not a whole number >= 0")
 
     def load_state_dict(self, state: dict) -> None:

@@ -35,6 +35,7 @@ import torch
 from torch import Tensor, nn
 
 from . import optim_support
+from .checks import is_whole_number
 from .controllers.mlrsnet import MLRSNet
 from .ops import reference
 
@@ -75,7 +76,7 @@ def resolve_warmup(warmup_steps: int | None, total_steps: int | None) -> int:
     of steps in ``[0, total_steps)``."""
     if warmup_steps is None:
         return 0 if total_steps is None else round(DEFAULT_WARMUP_FRACTION * total_steps)
-    if isinstance(warmup_steps, bool) or not isinstance(warmup_steps, int) or warmup_steps < 0:
+    if not is_whole_number(warmup_steps, 0):
         raise ValueError(f"warmup_steps must be a whole number of optimizer steps >= 0 (or None for 5 % of "
                          f"total_steps), got {warmup_steps!r}")
     if total_steps is not None and warmup_steps >= total_steps:
@@ -94,8 +95,7 @@ class RateScale:
         self.device = device
         self.base_lr = float(base_lr)
         self.num_classes = None if num_classes is None else int(num_classes)
-        if total_steps is not None and (isinstance(total_steps, bool) or not isinstance(total_steps, int)
-                                        or total_steps < 1):
+        if total_steps is not None and not is_whole_number(total_steps, 1):
             raise ValueError(f"total_steps must be a positive whole number of optimizer steps, got {total_steps!r}")
         if isinstance(gamma, bool) or not (gamma is None or isinstance(gamma, (str, int, float))):
             raise TypeError(f"gamma must be a float, None, 'controller' or 'auto', got {gamma!r}")
@@ -267,12 +267,12 @@ class RateScale:
             if not isinstance(state[key], torch.Tensor) or state[key].numel() != 1:
                 raise ValueError(f"the state_dict's rate scale has a bad {key!r} (a 1-element tensor is expected)")
         total = state["total_steps"]
-        if total is not None and (isinstance(total, bool) or not isinstance(total, int) or total < 1):
+        if total is not None and not is_whole_number(total, 1):
             raise ValueError(f"the state_dict's rate scale has a bad 'total_steps' {total!r}")
         warmup = state.get("warmup_steps", 0)
-        if isinstance(warmup, bool) or not isinstance(warmup, int):
-            raise ValueError(f"the state_dict's rate scale has a bad 'warmup_steps' {warmup!r} (a whole number is "
-                             "expected)")
+        if not is_whole_number(warmup, 0):
+            raise ValueError(f"the state_dict's rate scale has a bad 'warmup_steps' {warmup!r} (a whole number >= 0 "
+                             "is expected)")
         try:
             resolve_warmup(warmup, total)
         except ValueError as exc:

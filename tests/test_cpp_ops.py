@@ -768,9 +768,24 @@ def _opcheck_cases():
 @pytest.mark.parametrize("op_name", list(_cpp_backend.LIST_OPS + _cpp_backend.STEP_OPS) if _cpp_backend else [])
 def test_opcheck(op_name):
     args = _opcheck_cases()[op_name]
-    # test_autograd_registration does not apply: the ops are not differentiable (no autograd kernel)
-    torch.library.opcheck(getattr(ops, op_name).default, args,
-                          test_utils=("test_schema", "test_faketensor", "test_aot_dispatch_static"))
+    checks = ("test_schema", "test_faketensor", "test_aot_dispatch_static")
+    if op_name in _cpp_backend.LIST_OPS:  # their autograd kernel raises at backward (the step ops fall through)
+        checks += ("test_autograd_registration",)
+    torch.library.opcheck(getattr(ops, op_name).default, args, test_utils=checks)
+
+
+@needs_ext
+@pytest.mark.parametrize("op_name", list(_cpp_backend.LIST_OPS) if _cpp_backend else [])
+def test_backward_through_a_list_op_raises(op_name):
+    """Not differentiable: outputs of parameters that require grad are not cut silently from the
+    graph; backward says so."""
+    args = list(_opcheck_cases()[op_name])
+    first = 0 if op_name in ("lookahead", "hyper_dot", "lookahead_sgd", "lookahead_adam") else 1
+    args[first] = [t.detach().requires_grad_() for t in args[first]]
+    out = getattr(ops, op_name)(*args)
+    total = sum(t.sum() for t in out) if isinstance(out, list) else out
+    with pytest.raises(RuntimeError, match=f"derivative for autolr_fast::{op_name} is not implemented"):
+        total.backward()
 
 
 @needs_ext
@@ -1023,7 +1038,15 @@ cases = {"lookahead": ([w], [g], alpha), "lookahead_sgd": ([w], [g], [b], alpha,
          "lookahead_adam": ([w], [g], [b], [b.abs()], [None], steps, alpha, 0.9, 0.99, 1e-8, 0.01, True)}
 for name, args in cases.items():
     torch.library.opcheck(getattr(ops, name).default, args,
-                          test_utils=("test_schema", "test_faketensor", "test_aot_dispatch_static"))
+                          test_utils=("test_schema", "test_faketensor", "test_aot_dispatch_static",
+                                      "test_autograd_registration"))
+out = ops.lookahead([w.detach().requires_grad_()], [g], alpha)[0]
+try:
+    out.sum().backward()
+except RuntimeError as e:
+    assert "derivative for autolr_fast::lookahead is not implemented" in str(e), e
+else:
+    raise AssertionError("backward through the reference lookahead did not raise")
 print("ok")
 """
 
@@ -1037,3 +1060,50 @@ def test_the_reference_kernels_keep_the_fake_kernels_promises_without_the_extens
     proc = subprocess.run([sys.executable, "-c", _WITHOUT_EXTENSION], capture_output=True, text=True, env=env,
                           timeout=300)
     assert proc.returncode == 0 and proc.stdout.strip().endswith("ok"), proc.stdout[-2000:] + proc.stderr[-3000:]
+
+
+# ------------------------------------------------------------------------------------------------
+# Bad arguments: the references refuse what the C++ kernels refuse, with the same message
+# ------------------------------------------------------------------------------------------------
+def _bad_list_calls():
+    w, a = [torch.randn(3), torch.randn(2, 2)], torch.tensor(0.1)
+    sgd, adam = (0.9, 0.0, 0.0, False), (0.9, 0.999, 1e-8, 0.0, False)
+    none, steps = [None, None], [torch.tensor(1.0)] * 2
+    short, f64 = [torch.randn(3)], [torch.randn(3).double(), torch.randn(2, 2)]
+    shape, ints = [torch.randn(3), torch.randn(4)], [torch.arange(3), torch.arange(4).view(2, 2)]
+    return {
+        "lookahead, dirs short": ("lookahead", (w, short, a)),
+        "lookahead, dirs dtype": ("lookahead", (w, f64, a)),
+        "lookahead, dirs shape": ("lookahead", (w, shape, a)),
+        "lookahead, empty": ("lookahead", ([], [], a)),
+        "lookahead, int params": ("lookahead", (ints, ints, a)),
+        "hyper_dot, b short": ("hyper_dot", (w, short)),
+        "hyper_dot, b dtype": ("hyper_dot", (w, f64)),
+        "lookahead_sgd, grads short": ("lookahead_sgd", (w, short, none, a, *sgd)),
+        "lookahead_sgd, buffer shape": ("lookahead_sgd", (w, w, [None, torch.randn(5)], a, *sgd)),
+        "lookahead_sgd, buffers short": ("lookahead_sgd", (w, w, [None], a, *sgd)),
+        "hyper_dot_sgd, val_grads dtype": ("hyper_dot_sgd", (f64, w, w, none, *sgd)),
+        "lookahead_adam, exp_avgs short": ("lookahead_adam", (w, w, [None], none, none, steps, a, *adam)),
+        "lookahead_adam, exp_avg_sqs dtype": ("lookahead_adam", (w, w, none, [None, torch.randn(2, 2).double()],
+                                                                 none, steps, a, *adam)),
+        "hyper_dot_adam, val_grads shape": ("hyper_dot_adam", (shape, w, w, none, none, none, steps, *adam)),
+    }
+
+
+@pytest.mark.parametrize("case", list(_bad_list_calls()))
+def test_reference_list_ops_refuse_what_the_kernels_refuse(case):
+    op, args = _bad_list_calls()[case]
+    with pytest.raises(RuntimeError) as ref_error:
+        getattr(reference, op)(*args)
+    assert str(ref_error.value).startswith(f"{op}: ")
+    if ops is not None:
+        with pytest.raises(RuntimeError) as cpp_error:
+            getattr(ops, op)(*args)
+        assert str(cpp_error.value).split("\n")[0] == str(ref_error.value), case
+
+
+def test_reference_hyper_dot_refuses_empty_lists():
+    # the C++ ops cannot be reached with no tensor argument: torch's dispatcher refuses first
+    for op, args in (("hyper_dot", ([], [])), ("hyper_dot_sgd", ([], [], [], [], 0.9, 0.0, 0.0, False))):
+        with pytest.raises(RuntimeError, match="needs at least one tensor"):
+            getattr(reference, op)(*args)

@@ -68,6 +68,24 @@ def _define(op: str, schema: str, fake: Callable, reference_cpu: Callable) -> No
         torch.library.impl(qualname(op), "CPU", reference_cpu)
 
 
+def _not_differentiable(op: str) -> None:
+    """The C++ extension registers torch's "not implemented" autograd kernel for the list ops
+    (``csrc/ops/ops_cpu.cpp``); without it, the same error at backward from here."""
+    if has_kernel(op, "Autograd"):
+        return
+
+    def backward(ctx, *grads):
+        raise RuntimeError(f"derivative for {qualname(op)} is not implemented")
+
+    torch.library.register_autograd(qualname(op), backward, setup_context=lambda ctx, inputs, output: None)
+
+
+def _nonempty(op: str, params: Sequence[Tensor]) -> Sequence[Tensor]:
+    if len(params) == 0:  # the kernels' refusal, instead of an IndexError in the fake kernel
+        raise RuntimeError(f"{op}: needs at least one tensor")
+    return params
+
+
 def _like_all(xs: Sequence[Tensor]) -> list[Tensor]:
     return [torch.empty_like(x, memory_format=torch.contiguous_format) for x in xs]
 
@@ -89,7 +107,7 @@ _define("lookahead", "(Tensor[] params, Tensor[] dirs, Tensor alpha) -> Tensor[]
         lambda params, dirs, alpha: _like_all(params), _contiguous(reference.lookahead))
 
 _define("hyper_dot", "(Tensor[] a, Tensor[] b) -> Tensor",
-        lambda a, b: _scalar_f32(a[0]), reference.hyper_dot)
+        lambda a, b: _scalar_f32(_nonempty("hyper_dot", a)[0]), reference.hyper_dot)
 
 _define("lookahead_sgd",
         "(Tensor[] params, Tensor[] grads, Tensor?[] momentum_buffers, Tensor alpha, float momentum, "
@@ -99,7 +117,8 @@ _define("lookahead_sgd",
 _define("hyper_dot_sgd",
         "(Tensor[] val_grads, Tensor[] params, Tensor[] grads, Tensor?[] momentum_buffers, float momentum, "
         "float dampening, float weight_decay, bool nesterov, bool maximize=False) -> Tensor",
-        lambda val_grads, params, *args, **kwargs: _scalar_f32(params[0]), reference.hyper_dot_sgd)
+        lambda val_grads, params, *args, **kwargs: _scalar_f32(_nonempty("hyper_dot_sgd", params)[0]),
+        reference.hyper_dot_sgd)
 
 # steps: each parameter's stored step count (torch.optim counts steps per parameter), CPU tensors
 # (torch.optim's default, read on the host) or on the parameters' device (read by the kernel).
@@ -113,7 +132,12 @@ _define("hyper_dot_adam",
         "(Tensor[] val_grads, Tensor[] params, Tensor[] grads, Tensor?[] exp_avgs, Tensor?[] exp_avg_sqs, "
         "Tensor?[] max_exp_avg_sqs, Tensor[] steps, float beta1, float beta2, float eps, float weight_decay, "
         "bool decoupled, bool maximize=False) -> Tensor",
-        lambda val_grads, params, *args, **kwargs: _scalar_f32(params[0]), reference.hyper_dot_adam)
+        lambda val_grads, params, *args, **kwargs: _scalar_f32(_nonempty("hyper_dot_adam", params)[0]),
+        reference.hyper_dot_adam)
+
+
+for _op in ("lookahead", "hyper_dot", "lookahead_sgd", "hyper_dot_sgd", "lookahead_adam", "hyper_dot_adam"):
+    _not_differentiable(_op)
 
 
 # -- the controller step and its weight gradient ----------------------------------------------------

@@ -268,9 +268,55 @@ def opmath_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float32 if dtype in (torch.float16, torch.bfloat16) else dtype
 
 
+_FLOAT_LIKE = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
+#: dtypes as the C++ kernels' messages name them (c10::ScalarType)
+_SCALAR_TYPE = {torch.float32: "Float", torch.float64: "Double", torch.float16: "Half", torch.bfloat16: "BFloat16",
+                torch.int64: "Long", torch.int32: "Int", torch.int16: "Short", torch.int8: "Char", torch.uint8: "Byte",
+                torch.bool: "Bool", torch.complex64: "ComplexFloat", torch.complex128: "ComplexDouble"}
+
+
+def _scalar_type(dtype: torch.dtype) -> str:
+    return _SCALAR_TYPE.get(dtype, str(dtype))
+
+
+def check_lists(op: str, params: Sequence[Tensor], optional: Sequence[str] = (), **lists: Sequence) -> None:
+    """The C++/CUDA list ops' argument checks (``csrc/ops/ops_common.h``), with their messages:
+    at least one float parameter, and each named list one entry per parameter on its device,
+    of its dtype and shape (``None`` allowed in the lists named in ``optional``)."""
+    if len(params) == 0:
+        raise RuntimeError(f"{op}: needs at least one tensor")
+    for i, p in enumerate(params):
+        if p.dtype not in _FLOAT_LIKE:
+            raise RuntimeError(f"{op}: params[{i}] has dtype {_scalar_type(p.dtype)}; only "
+                               "float32/float64/float16/bfloat16 are supported")
+    for name, xs in lists.items():
+        if len(xs) != len(params):
+            what = "entries" if name in optional else "tensors"
+            per = "one tensor (or None)" if name in optional else "one tensor"
+            raise RuntimeError(f"{op}: {name} has {len(xs)} {what} but params has {len(params)}; pass {per} "
+                               "per parameter")
+        for i, (p, x) in enumerate(zip(params, xs)):
+            if x is None and name in optional:
+                continue
+            if x.device != p.device:
+                raise RuntimeError(f"{op}: {name}[{i}] is on {x.device} but params[{i}] is on {p.device}; move them "
+                                   "to one device")
+            if x.dtype != p.dtype:
+                raise RuntimeError(f"{op}: {name}[{i}] has dtype {_scalar_type(x.dtype)} but params[{i}] has "
+                                   f"{_scalar_type(p.dtype)}; use one dtype per parameter")
+            if x.shape != p.shape:
+                raise RuntimeError(f"{op}: {name}[{i}] has shape {list(x.shape)} but params[{i}] has "
+                                   f"{list(p.shape)}")
+
+
 def lookahead(params: Sequence[Tensor], directions: Sequence[Tensor], alpha: Tensor) -> list[Tensor]:
     """``w_hat_i = w_i - alpha * d_i`` for every tensor (``alpha`` a 0-dim tensor), computed in the
     opmath dtype and rounded once, as ``param.add_(d, alpha=-lr)`` does."""
+    check_lists("lookahead", params, dirs=directions)
+    return _lookahead(params, directions, alpha)
+
+
+def _lookahead(params: Sequence[Tensor], directions: Sequence[Tensor], alpha: Tensor) -> list[Tensor]:
     out = []
     for w, d in zip(params, directions):
         f = opmath_dtype(w.dtype)
@@ -280,12 +326,15 @@ def lookahead(params: Sequence[Tensor], directions: Sequence[Tensor], alpha: Ten
 
 def hyper_dot(a: Sequence[Tensor], b: Sequence[Tensor]) -> Tensor:
     """``sum_i <a_i, b_i>`` accumulated in float64, returned as a 0-dim float32 tensor."""
+    check_lists("hyper_dot", a, b=b)
+    return _hyper_dot(a, b)
+
+
+def _hyper_dot(a: Sequence[Tensor], b: Sequence[Tensor]) -> Tensor:
     total = None
-    for x, y in zip(a, b):
+    for x, y in zip(a, b, strict=True):
         term = torch.dot(x.reshape(-1).double(), y.reshape(-1).double())
         total = term if total is None else total + term
-    if total is None:
-        raise ValueError("hyper_dot needs at least one tensor pair")
     return total.float()
 
 
@@ -413,26 +462,36 @@ def adam_directions(
 
 def lookahead_sgd(params, grads, momentum_buffers, alpha, momentum, dampening, weight_decay, nesterov, maximize=False):
     """``w_hat = w - alpha * d_SGD`` for every tensor."""
-    return lookahead(params, sgd_directions(params, grads, momentum_buffers, momentum, dampening,
+    check_lists("lookahead_sgd", params, ("momentum_buffers",), grads=grads, momentum_buffers=momentum_buffers)
+    return _lookahead(params, sgd_directions(params, grads, momentum_buffers, momentum, dampening,
                                             weight_decay, nesterov, maximize), alpha)
 
 
 def hyper_dot_sgd(val_grads, params, grads, momentum_buffers, momentum, dampening, weight_decay, nesterov,
                   maximize=False):
     """``sum_i <g_val_i, d_SGD_i>``."""
-    return hyper_dot(val_grads, sgd_directions(params, grads, momentum_buffers, momentum, dampening,
+    check_lists("hyper_dot_sgd", params, ("momentum_buffers",), grads=grads, momentum_buffers=momentum_buffers,
+                val_grads=val_grads)
+    return _hyper_dot(val_grads, sgd_directions(params, grads, momentum_buffers, momentum, dampening,
                                                weight_decay, nesterov, maximize))
+
+
+_ADAM_STATE = ("exp_avgs", "exp_avg_sqs", "max_exp_avg_sqs")
 
 
 def lookahead_adam(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, steps, alpha, beta1, beta2, eps,
                    weight_decay, decoupled, maximize=False):
     """``w_hat = w - alpha * d_Adam`` for every tensor (``steps``: see :func:`adam_directions`)."""
-    return lookahead(params, adam_directions(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, steps, beta1,
+    check_lists("lookahead_adam", params, _ADAM_STATE, grads=grads, exp_avgs=exp_avgs, exp_avg_sqs=exp_avg_sqs,
+                max_exp_avg_sqs=max_exp_avg_sqs)
+    return _lookahead(params, adam_directions(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, steps, beta1,
                                              beta2, eps, weight_decay, decoupled, maximize), alpha)
 
 
 def hyper_dot_adam(val_grads, params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, steps, beta1, beta2, eps,
                    weight_decay, decoupled, maximize=False):
     """``sum_i <g_val_i, d_Adam_i>`` (``steps``: see :func:`adam_directions`)."""
-    return hyper_dot(val_grads, adam_directions(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, steps, beta1,
+    check_lists("hyper_dot_adam", params, _ADAM_STATE, grads=grads, exp_avgs=exp_avgs, exp_avg_sqs=exp_avg_sqs,
+                max_exp_avg_sqs=max_exp_avg_sqs, val_grads=val_grads)
+    return _hyper_dot(val_grads, adam_directions(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, steps, beta1,
                                                 beta2, eps, weight_decay, decoupled, maximize))

@@ -5,6 +5,7 @@
 #include <ATen/OpMathType.h>
 #include <ATen/Parallel.h>
 #include <ATen/ops/empty.h>
+#include <torch/csrc/autograd/autograd_not_implemented_fallback.h>
 #include <torch/library.h>
 
 #include <type_traits>
@@ -278,4 +279,13 @@ TORCH_LIBRARY_IMPL(autolr_fast, CPU, m) {
   m.impl("hyper_dot_sgd", &autolr_fast::hyper_dot_sgd_cpu);
   m.impl("lookahead_adam", &autolr_fast::lookahead_adam_cpu);
   m.impl("hyper_dot_adam", &autolr_fast::hyper_dot_adam_cpu);
+}
+
+// Not differentiable: the meta-step calls these under no_grad. A caller who backpropagates through
+// one gets torch's "not implemented" error at backward, not outputs silently cut from the graph.
+TORCH_LIBRARY_IMPL(autolr_fast, Autograd, m) {
+  for (const char* op : {"lookahead", "hyper_dot", "lookahead_sgd", "hyper_dot_sgd", "lookahead_adam",
+                         "hyper_dot_adam"}) {
+    m.impl(op, torch::autograd::autogradNotImplementedFallback());
+  }
 }

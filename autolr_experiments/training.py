@@ -296,8 +296,9 @@ def train(task: Task, method: Method, *, epochs: int, batch_size: int = 100, see
           val_size: int = 0, name: str | None = None, progress: Callable[[], None] | None = None) -> Run:
     """Train ``task``'s model with ``method`` for ``epochs``; the same data order for every method.
 
-    ``torch.manual_seed(seed)`` comes first, so every method starts from the same weights and
-    trains on the same mini-batches (``task.batches(batch_size, seed)``). Validation data for
+    ``torch.manual_seed(seed)`` comes first, so every method starts from the same weights, trains
+    on the same mini-batches (``task.batches(batch_size, seed)``) and draws the same dropout masks
+    (whatever its ``build`` draws from the global RNG is forgotten). Validation data for
     methods that meta-learn: with ``val_size > 0`` that many training samples are held out (for
     every method alike) and cycled in batches of ``batch_size``; otherwise batches drawn from the
     training set with another shuffle seed. A non-finite training or test loss ends the run
@@ -313,7 +314,10 @@ def train(task: Task, method: Method, *, epochs: int, batch_size: int = 100, see
     model = task.make_model()
     steps_per_epoch = task.steps_per_epoch(batch_size)
     spec = RunSpec(task, model, lr, epochs, steps_per_epoch, seed, batch_size, val_data)
-    schedule = method.build(spec)
+    # A build may draw from the global RNG (a fresh controller's init); the training loop's draws
+    # (dropout) must not depend on the method, so they continue from the state after make_model.
+    with torch.random.fork_rng(devices=[]):
+        schedule = method.build(spec)
     run = Run(name or method.name, seed, task.is_classification, model=model, schedule=schedule)
     batches = task.batches(batch_size, seed, epochs=epochs)
     start, train_time, steps = time.perf_counter(), 0.0, 0

@@ -152,3 +152,20 @@ def test_spike_guard_halves_on_blocks_above_its_reference():
     assert [doubling.observe(v) for v in (1.0, 0.4, 0.9, 1.0, 2.0)] == [1, 1, 0.5, 0.5, 0.25]
     with pytest.raises(ValueError, match="reference"):
         SpikeGuard("median")
+
+
+def test_a_method_drawing_from_the_global_rng_does_not_change_the_dropout_masks():
+    """Two methods with the same rates, one of which draws from the global RNG when built (as a
+    fresh controller's init does): on a dropout task they train identically."""
+    task = get_task("digits-dropout-mlp")
+
+    def constant(draws: bool) -> Method:
+        def build(spec):
+            if draws:
+                torch.randn(1000)
+            return Schedule(torch.optim.SGD(spec.model.parameters(), lr=0.05))
+        return Method(f"constant, draws={draws}", build)
+
+    runs = [train(task, constant(draws), epochs=1, batch_size=64, seed=3) for draws in (False, True)]
+    assert runs[0].curves["train_loss"] == runs[1].curves["train_loss"]
+    assert runs[0].curves["test_acc"] == runs[1].curves["test_acc"]

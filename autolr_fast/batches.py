@@ -15,8 +15,15 @@ from torch.nn.utils.rnn import PackedSequence
 def to_device(x: Any, device: torch.device, non_blocking: bool = False) -> Any:
     """``x`` with every tensor in it moved to ``device``, in containers of the same types: tuples
     (named ones too), lists, mappings (a dict subclass or a ``UserDict`` such as Hugging Face's
-    ``BatchEncoding`` is copied and refilled), ``PackedSequence``; anything else as it is."""
+    ``BatchEncoding`` is copied and refilled), ``PackedSequence``; anything else as it is.
+    ``non_blocking`` copies from pageable CPU memory to a GPU are pinned first, so the copy cannot
+    stall the host."""
     if isinstance(x, (Tensor, PackedSequence)):
+        source = x.data if isinstance(x, PackedSequence) else x
+        if non_blocking and source.device.type == "cpu" and torch.device(device).type == "cuda" and not x.is_pinned():
+            # from pageable memory the driver may wait for the stream to stage the copy: pin first
+            # (PyTorch's caching host allocator keeps the pinned block until the copy is done)
+            x = x.pin_memory()
         return x.to(device, non_blocking=non_blocking)
     if isinstance(x, Mapping):
         moved = {k: to_device(v, device, non_blocking) for k, v in x.items()}

@@ -2,6 +2,7 @@
 
 from collections import UserDict, defaultdict, namedtuple
 
+import pytest
 import torch
 from torch.nn.utils.rnn import pack_sequence
 
@@ -30,3 +31,20 @@ def test_containers_keep_their_types_and_every_tensor_moves():
     assert type(enc) is Encoding and enc.tag == "x" and enc["ids"].device == device
     assert packed.data.device == device and label == "label" and type(plain) is dict
     assert batch[1]["a"].device.type == "cpu" and batch[2]["ids"].device.type == "cpu"  # the input is left as it was
+
+
+def test_non_blocking_to_another_device_than_a_gpu_pins_nothing():
+    # pin_memory() needs CUDA: on this path it must not be called
+    x = torch.arange(6.0)
+    assert to_device((x, x), torch.device("meta"), non_blocking=True)[0].device.type == "meta"
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_non_blocking_copies_from_pageable_memory_arrive_intact():
+    x, packed = torch.randn(1000, 7), pack_sequence([torch.randn(5), torch.randn(3)])
+    assert not x.is_pinned()
+    out, out_packed = to_device((x, packed), torch.device("cuda"), non_blocking=True)
+    torch.cuda.synchronize()
+    assert torch.equal(out.cpu(), x) and torch.equal(out_packed.data.cpu(), packed.data)
+    assert not x.is_pinned()  # the caller's tensor is left as it was

@@ -104,7 +104,9 @@ StepColumn step_column(const char* op, const std::vector<Tensor>& steps, const a
   }
   col.kind = 2;
   for (const auto& st : steps) {
-    col.copies.push_back(st.to(dev, at::kDouble, /*non_blocking=*/true, /*copy=*/true));
+    // a CPU step is pinned first: from pageable memory the copy may wait for the stream
+    at::Tensor source = st.is_cuda() ? st : st.to(at::kDouble).pin_memory();
+    col.copies.push_back(source.to(dev, at::kDouble, /*non_blocking=*/true, /*copy=*/true));
     col.ptrs.push_back(col.copies.back().const_data_ptr());
   }
   return col;

@@ -56,7 +56,9 @@ class DeviceCounters:
             if self._event is None and (eager or self._calls % self.every == 0):
                 self._host.copy_(self.values, non_blocking=True)
                 self._event = torch.cuda.Event()
-                self._event.record()
+                # the copy runs on the values' device's stream, which is not the current
+                # device's when the model lives on another GPU
+                self._event.record(torch.cuda.current_stream(self.values.device))
                 self._pending_steps = steps
         if self._report is None:  # read-only: the same mapping is handed out until new values arrive
             self._report = MappingProxyType({**dict(zip(self.names, (int(v) for v in self._seen))),

@@ -41,10 +41,14 @@ def test_non_blocking_to_another_device_than_a_gpu_pins_nothing():
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
-def test_non_blocking_copies_from_pageable_memory_arrive_intact():
+def test_non_blocking_copies_from_pageable_memory_are_pinned_first(monkeypatch):
     x, packed = torch.randn(1000, 7), pack_sequence([torch.randn(5), torch.randn(3)])
     assert not x.is_pinned()
+    pinned = []
+    pin = torch.Tensor.pin_memory
+    monkeypatch.setattr(torch.Tensor, "pin_memory", lambda t, *a, **k: pinned.append(t.shape) or pin(t, *a, **k))
     out, out_packed = to_device((x, packed), torch.device("cuda"), non_blocking=True)
+    assert torch.Size([1000, 7]) in pinned and torch.Size([8]) in pinned  # the packed data too
     torch.cuda.synchronize()
     assert torch.equal(out.cpu(), x) and torch.equal(out_packed.data.cpu(), packed.data)
     assert not x.is_pinned()  # the caller's tensor is left as it was

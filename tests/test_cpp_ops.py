@@ -566,7 +566,7 @@ def test_adam_ops_take_one_step_count_per_parameter():
         assert torch.equal(_cpp_backend.hyper_dot_adam(w, w, g, none, none, none, single, *adam), want)
         assert torch.equal(reference.hyper_dot_adam(w, w, g, none, none, none, single, *adam),
                            reference.hyper_dot_adam(w, w, g, none, none, none, same, *adam))
-    with pytest.raises(ValueError, match="steps has 3 entries for 2 parameters"):
+    with pytest.raises(RuntimeError, match="steps has 3 tensors but params has 2"):  # the kernels' words
         reference.hyper_dot_adam(w, w, g, none, none, none, same + same[:1], *adam)
 
 
@@ -1087,6 +1087,15 @@ def _bad_list_calls():
         "lookahead_adam, exp_avg_sqs dtype": ("lookahead_adam", (w, w, none, [None, torch.randn(2, 2).double()],
                                                                  none, steps, a, *adam)),
         "hyper_dot_adam, val_grads shape": ("hyper_dot_adam", (shape, w, w, none, none, none, steps, *adam)),
+        "lookahead_adam, steps short": ("lookahead_adam", (w, w, none, none, none, steps[:1], a, *adam)),
+        "lookahead_adam, steps and exp_avgs short": ("lookahead_adam", (w, w, [None], none, none, steps[:1], a,
+                                                                        *adam)),
+        "hyper_dot_adam, a step of 2 elements": ("hyper_dot_adam", (w, w, w, none, none, none,
+                                                                    [torch.ones(2), torch.ones(1)], *adam)),
+        "lookahead, alpha of 2 elements": ("lookahead", (w, w, torch.ones(2))),
+        "lookahead_sgd, alpha of 2 elements": ("lookahead_sgd", (w, w, none, torch.ones(2), *sgd)),
+        "lookahead_adam, alpha of 2 elements": ("lookahead_adam", (w, w, none, none, none, steps, torch.ones(2),
+                                                                   *adam)),
     }
 
 

@@ -395,13 +395,16 @@ def _compile_for_sm90(fn, hidden: int, layers: int, extra_constexprs: dict, type
 
 
 @needs_triton
-@pytest.mark.parametrize("kernel,hidden,layers", [("step", 128, 2), ("step", 50, 1), ("grads", 17, 2)])
-def test_kernels_compile_for_sm90_without_gpu(kernel, hidden, layers):
+@pytest.mark.parametrize("kernel,hidden,layers,count", [("step", 128, 2, False), ("step", 50, 1, True),
+                                                        ("grads", 17, 2, False)])
+def test_kernels_compile_for_sm90_without_gpu(kernel, hidden, layers, count):
     import triton
     import triton.backends
 
     if "nvidia" not in getattr(triton.backends, "backends", {}):
         pytest.skip("triton has no NVIDIA backend here")
+    if os.environ.get("TRITON_INTERPRET") == "1":
+        pytest.skip("TRITON_INTERPRET=1: the kernels are interpreted functions, which do not compile")
     try:
         _ = triton.knobs.nvidia.ptxas.path
     except Exception as exc:  # noqa: BLE001
@@ -409,8 +412,10 @@ def test_kernels_compile_for_sm90_without_gpu(kernel, hidden, layers):
     from autolr_fast.ops import triton_kernels as k
 
     if kernel == "step":
-        types = {"ok_ptr": "*i1", "lr1": "*fp64", **{f"s{i}": "fp32" for i in range(k.LR_SLOTS)}}
-        compiled = _compile_for_sm90(k._mlrsnet_step_kernel, hidden, layers, {"NUM_LR": 3}, types)
+        # count=True: the variant AutoLR runs, with its int64 counters
+        types = {"ok_ptr": "*i1", "lr1": "*fp64", "lr2": "*bf16", "counters_ptr": "*i64",
+                 **{f"s{i}": "fp32" for i in range(k.LR_SLOTS)}}
+        compiled = _compile_for_sm90(k._mlrsnet_step_kernel, hidden, layers, {"NUM_LR": 3, "COUNT": count}, types)
     else:
         compiled = _compile_for_sm90(k._mlrsnet_param_grads_kernel, hidden, layers, {}, {})
     assert "cubin" in compiled.asm and len(compiled.asm["cubin"]) > 0
@@ -1023,8 +1028,10 @@ def test_kernels_on_gpu(name):
         h, c, rate = cuda["h"].clone(), cuda["c"].clone(), cuda["rate"].clone()
         lrs = [lr.clone() for lr in cuda["lr_list"]]
         ok = torch.zeros((), dtype=torch.bool, device="cuda")
-        k.launch_step(cuda["loss"], h, c, cuda["weights"], cuda["gamma"], rate, lrs, case["scales"], ok)
-        assert_step_matches({"h": h, "c": c, "rate": rate, "lr_list": lrs, "ok": ok}, case, f"gpu {name}")
+        counters = torch.tensor([5, 7], dtype=torch.int64, device="cuda")  # the variant AutoLR runs: counting
+        k.launch_step(cuda["loss"], h, c, cuda["weights"], cuda["gamma"], rate, lrs, case["scales"], ok, counters)
+        assert_step_matches({"h": h, "c": c, "rate": rate, "lr_list": lrs, "ok": ok, "counters": counters}, case,
+                            f"gpu {name}")
     else:
         grads = k.launch_param_grads(cuda["loss"], cuda["h"], cuda["c"], cuda["weights"], cuda["grad_p"])
         assert_grads_match(grads, case, f"gpu {name}")
@@ -1058,9 +1065,12 @@ def test_cuda_graph_replay_of_the_step():
     op = torch.ops.autolr_fast.mlrsnet_step_
     stream = torch.cuda.Stream()
     stream.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(stream):  # warm-up (compiles the kernel) outside the capture
-        op(loss, h.clone(), c.clone(), cuda["weights"], cuda["gamma"], rate.clone(), [lr.clone() for lr in lrs],
-           case["scales"], ok.clone())
+    # warm-up outside the capture, on the tensors captured next (compiles the kernel and builds the
+    # plan the capture records: the steady-state launch AutoLR replays)
+    with torch.cuda.stream(stream):
+        for _ in range(3):
+            op(loss, h, c, cuda["weights"], cuda["gamma"], rate, lrs, case["scales"], ok)
+            stream.synchronize()
     torch.cuda.current_stream().wait_stream(stream)
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):

@@ -30,10 +30,10 @@ BACKEND_MODULES = ("autolr_fast.ops.cpp_backend", "autolr_fast.ops.triton_backen
 REFERENCES: dict[str, Callable] = {
     "mlrsnet_step_": reference.mlrsnet_scheduler_step_,
     "mlrsnet_param_grads": reference.mlrsnet_param_grads,
-    "lookahead_sgd": reference.lookahead_sgd,
-    "hyper_dot_sgd": reference.hyper_dot_sgd,
-    "lookahead_adam": reference.lookahead_adam,
-    "hyper_dot_adam": reference.hyper_dot_adam,
+    "lookahead_sgd": reference.lookahead_sgd_unchecked,
+    "hyper_dot_sgd": reference.hyper_dot_sgd_unchecked,
+    "lookahead_adam": reference.lookahead_adam_unchecked,
+    "hyper_dot_adam": reference.hyper_dot_adam_unchecked,
 }
 
 # name -> {"available": bool, "detail": str, "devices": set[str], "ops": {op_name: callable}}

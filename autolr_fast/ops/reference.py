@@ -272,17 +272,25 @@ _FLOAT_LIKE = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
 #: dtypes as the C++ kernels' messages name them (c10::ScalarType)
 _SCALAR_TYPE = {torch.float32: "Float", torch.float64: "Double", torch.float16: "Half", torch.bfloat16: "BFloat16",
                 torch.int64: "Long", torch.int32: "Int", torch.int16: "Short", torch.int8: "Char", torch.uint8: "Byte",
-                torch.bool: "Bool", torch.complex64: "ComplexFloat", torch.complex128: "ComplexDouble"}
+                torch.bool: "Bool", torch.complex32: "ComplexHalf", torch.complex64: "ComplexFloat",
+                torch.complex128: "ComplexDouble", torch.uint16: "UInt16", torch.uint32: "UInt32",
+                torch.uint64: "UInt64", torch.float8_e4m3fn: "Float8_e4m3fn", torch.float8_e5m2: "Float8_e5m2"}
 
 
 def _scalar_type(dtype: torch.dtype) -> str:
     return _SCALAR_TYPE.get(dtype, str(dtype))
 
 
-def check_lists(op: str, params: Sequence[Tensor], optional: Sequence[str] = (), **lists: Sequence) -> None:
-    """The C++/CUDA list ops' argument checks (``csrc/ops/ops_common.h``), with their messages:
-    at least one float parameter, and each named list one entry per parameter on its device,
-    of its dtype and shape (``None`` allowed in the lists named in ``optional``)."""
+#: the lists that may hold None (the optimizer has no state for a parameter yet)
+_OPTIONAL_LISTS = frozenset({"momentum_buffers", "exp_avgs", "exp_avg_sqs", "max_exp_avg_sqs"})
+
+
+def check_lists(op: str, params: Sequence[Tensor], **lists: Sequence) -> None:
+    """The C++/CUDA list ops' argument checks (``csrc/ops/ops_common.h``), in their order and
+    with their messages: at least one float parameter, and each named list one entry per
+    parameter on its device, of its dtype and shape (``None`` allowed in the optimizer-state
+    lists). ``steps`` (Adam): one 1-element count per parameter, on the CPU or its device; a single
+    number or tensor, which only the reference takes, stands for every parameter."""
     if len(params) == 0:
         raise RuntimeError(f"{op}: needs at least one tensor")
     for i, p in enumerate(params):
@@ -290,13 +298,16 @@ def check_lists(op: str, params: Sequence[Tensor], optional: Sequence[str] = (),
             raise RuntimeError(f"{op}: params[{i}] has dtype {_scalar_type(p.dtype)}; only "
                                "float32/float64/float16/bfloat16 are supported")
     for name, xs in lists.items():
+        if name == "steps":
+            _check_steps(op, params, xs)
+            continue
+        optional = name in _OPTIONAL_LISTS
         if len(xs) != len(params):
-            what = "entries" if name in optional else "tensors"
-            per = "one tensor (or None)" if name in optional else "one tensor"
+            what, per = ("entries", "one tensor (or None)") if optional else ("tensors", "one tensor")
             raise RuntimeError(f"{op}: {name} has {len(xs)} {what} but params has {len(params)}; pass {per} "
                                "per parameter")
         for i, (p, x) in enumerate(zip(params, xs)):
-            if x is None and name in optional:
+            if x is None and optional:
                 continue
             if x.device != p.device:
                 raise RuntimeError(f"{op}: {name}[{i}] is on {x.device} but params[{i}] is on {p.device}; move them "
@@ -309,10 +320,32 @@ def check_lists(op: str, params: Sequence[Tensor], optional: Sequence[str] = (),
                                    f"{list(p.shape)}")
 
 
+def _check_steps(op: str, params: Sequence[Tensor], steps) -> None:
+    if isinstance(steps, (Tensor, int, float)):
+        return
+    if len(steps) != len(params):
+        raise RuntimeError(f"{op}: steps has {len(steps)} tensors but params has {len(params)}; pass each "
+                           "parameter's own step count (its optimizer state's 'step', 0 if none)")
+    for i, (p, st) in enumerate(zip(params, steps)):
+        if not isinstance(st, Tensor):
+            continue
+        if st.numel() != 1:
+            raise RuntimeError(f"{op}: steps[{i}] must be a 1-element tensor, got shape {list(st.shape)}")
+        if st.device.type != "cpu" and st.device != p.device:
+            raise RuntimeError(f"{op}: steps[{i}] is on {st.device} but params[{i}] is on {p.device}; keep each "
+                               "step on the CPU or on its parameter's device")
+
+
+def check_alpha(op: str, alpha: Tensor) -> None:
+    if alpha.numel() != 1:
+        raise RuntimeError(f"{op}: alpha must be a 1-element tensor, got shape {list(alpha.shape)}")
+
+
 def lookahead(params: Sequence[Tensor], directions: Sequence[Tensor], alpha: Tensor) -> list[Tensor]:
     """``w_hat_i = w_i - alpha * d_i`` for every tensor (``alpha`` a 0-dim tensor), computed in the
     opmath dtype and rounded once, as ``param.add_(d, alpha=-lr)`` does."""
     check_lists("lookahead", params, dirs=directions)
+    check_alpha("lookahead", alpha)
     return _lookahead(params, directions, alpha)
 
 
@@ -460,38 +493,63 @@ def adam_directions(
     return out
 
 
-def lookahead_sgd(params, grads, momentum_buffers, alpha, momentum, dampening, weight_decay, nesterov, maximize=False):
-    """``w_hat = w - alpha * d_SGD`` for every tensor."""
-    check_lists("lookahead_sgd", params, ("momentum_buffers",), grads=grads, momentum_buffers=momentum_buffers)
+# The list ops: the argument checks of the kernels, then the computation. ``dispatch`` calls the
+# unchecked bodies: the meta-step builds those lists from the optimizer itself, and the checks
+# would cost a few percent of a reference meta-step.
+def lookahead_sgd_unchecked(params, grads, momentum_buffers, alpha, momentum, dampening, weight_decay, nesterov,
+                            maximize=False):
     return _lookahead(params, sgd_directions(params, grads, momentum_buffers, momentum, dampening,
                                             weight_decay, nesterov, maximize), alpha)
+
+
+def hyper_dot_sgd_unchecked(val_grads, params, grads, momentum_buffers, momentum, dampening, weight_decay, nesterov,
+                            maximize=False):
+    return _hyper_dot(val_grads, sgd_directions(params, grads, momentum_buffers, momentum, dampening,
+                                               weight_decay, nesterov, maximize))
+
+
+def lookahead_adam_unchecked(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, steps, alpha, beta1, beta2, eps,
+                             weight_decay, decoupled, maximize=False):
+    return _lookahead(params, adam_directions(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, steps, beta1,
+                                             beta2, eps, weight_decay, decoupled, maximize), alpha)
+
+
+def hyper_dot_adam_unchecked(val_grads, params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, steps, beta1, beta2,
+                             eps, weight_decay, decoupled, maximize=False):
+    return _hyper_dot(val_grads, adam_directions(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, steps, beta1,
+                                                beta2, eps, weight_decay, decoupled, maximize))
+
+
+def lookahead_sgd(params, grads, momentum_buffers, alpha, momentum, dampening, weight_decay, nesterov, maximize=False):
+    """``w_hat = w - alpha * d_SGD`` for every tensor."""
+    check_lists("lookahead_sgd", params, grads=grads, momentum_buffers=momentum_buffers)
+    check_alpha("lookahead_sgd", alpha)
+    return lookahead_sgd_unchecked(params, grads, momentum_buffers, alpha, momentum, dampening, weight_decay,
+                                   nesterov, maximize)
 
 
 def hyper_dot_sgd(val_grads, params, grads, momentum_buffers, momentum, dampening, weight_decay, nesterov,
                   maximize=False):
     """``sum_i <g_val_i, d_SGD_i>``."""
-    check_lists("hyper_dot_sgd", params, ("momentum_buffers",), grads=grads, momentum_buffers=momentum_buffers,
-                val_grads=val_grads)
-    return _hyper_dot(val_grads, sgd_directions(params, grads, momentum_buffers, momentum, dampening,
-                                               weight_decay, nesterov, maximize))
-
-
-_ADAM_STATE = ("exp_avgs", "exp_avg_sqs", "max_exp_avg_sqs")
+    check_lists("hyper_dot_sgd", params, grads=grads, momentum_buffers=momentum_buffers, val_grads=val_grads)
+    return hyper_dot_sgd_unchecked(val_grads, params, grads, momentum_buffers, momentum, dampening, weight_decay,
+                                   nesterov, maximize)
 
 
 def lookahead_adam(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, steps, alpha, beta1, beta2, eps,
                    weight_decay, decoupled, maximize=False):
     """``w_hat = w - alpha * d_Adam`` for every tensor (``steps``: see :func:`adam_directions`)."""
-    check_lists("lookahead_adam", params, _ADAM_STATE, grads=grads, exp_avgs=exp_avgs, exp_avg_sqs=exp_avg_sqs,
+    check_lists("lookahead_adam", params, grads=grads, steps=steps, exp_avgs=exp_avgs, exp_avg_sqs=exp_avg_sqs,
                 max_exp_avg_sqs=max_exp_avg_sqs)
-    return _lookahead(params, adam_directions(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, steps, beta1,
-                                             beta2, eps, weight_decay, decoupled, maximize), alpha)
+    check_alpha("lookahead_adam", alpha)
+    return lookahead_adam_unchecked(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, steps, alpha, beta1,
+                                    beta2, eps, weight_decay, decoupled, maximize)
 
 
 def hyper_dot_adam(val_grads, params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, steps, beta1, beta2, eps,
                    weight_decay, decoupled, maximize=False):
     """``sum_i <g_val_i, d_Adam_i>`` (``steps``: see :func:`adam_directions`)."""
-    check_lists("hyper_dot_adam", params, _ADAM_STATE, grads=grads, exp_avgs=exp_avgs, exp_avg_sqs=exp_avg_sqs,
+    check_lists("hyper_dot_adam", params, grads=grads, steps=steps, exp_avgs=exp_avgs, exp_avg_sqs=exp_avg_sqs,
                 max_exp_avg_sqs=max_exp_avg_sqs, val_grads=val_grads)
-    return _hyper_dot(val_grads, adam_directions(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, steps, beta1,
-                                                beta2, eps, weight_decay, decoupled, maximize))
+    return hyper_dot_adam_unchecked(val_grads, params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, steps, beta1,
+                                    beta2, eps, weight_decay, decoupled, maximize)

@@ -796,7 +796,7 @@ def _plan_for(loss, h, c, weights, gamma, rate, lr_list, scales, ok, counters) -
         reason = _state_reason(h, c, weights, gamma, rate, lr_list, scales, counters)
         if reason is not None:
             return None, reason
-        if len(_PLANS) >= _PLANS_MAX:
+        if len(_PLANS) >= _PLANS_MAX and id(h) not in _PLANS:  # replacing h's own plan evicts nothing
             _PLANS.pop(next(iter(_PLANS)))
         plan = _PLANS[id(h)] = _StepPlan(h, c, weights, gamma, rate, lr_list, scales, counters, tensors)
     device = h.device

@@ -281,8 +281,9 @@ TORCH_LIBRARY_IMPL(autolr_fast, CPU, m) {
   m.impl("hyper_dot_adam", &autolr_fast::hyper_dot_adam_cpu);
 }
 
-// Not differentiable: the meta-step calls these under no_grad. A caller who backpropagates through
-// one gets torch's "not implemented" error at backward, not outputs silently cut from the graph.
+// Not differentiable (the meta-step needs no gradient through them). A caller who backpropagates
+// through one gets torch's "not implemented" error at backward, not outputs silently cut from the
+// graph.
 TORCH_LIBRARY_IMPL(autolr_fast, Autograd, m) {
   for (const char* op : {"lookahead", "hyper_dot", "lookahead_sgd", "hyper_dot_sgd", "lookahead_adam",
                          "hyper_dot_adam"}) {

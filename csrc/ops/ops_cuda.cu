@@ -8,6 +8,7 @@
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
 #include <ATen/ops/empty.h>
+#include <c10/cuda/CUDAGraphsC10Utils.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/util/BFloat16.h>
 #include <c10/util/Half.h>
@@ -102,6 +103,10 @@ StepColumn step_column(const char* op, const std::vector<Tensor>& steps, const a
     for (const auto& st : steps) col.ptrs.push_back(st.const_data_ptr());
     return col;
   }
+  // a replay would read the copies made at capture: refused, as the README's limits say
+  TORCH_CHECK(c10::cuda::currentStreamCaptureStatusMayInitCtx() == c10::cuda::CaptureStatus::None, op,
+              ": steps mix CPU and device tensors, which cannot be captured in a CUDA graph; keep every step on "
+              "the device (capturable=True or fused=True) or every step on the CPU");
   col.kind = 2;
   for (const auto& st : steps) {
     // a CPU step is pinned first: from pageable memory the copy may wait for the stream

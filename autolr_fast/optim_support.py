@@ -90,16 +90,23 @@ SYNC_FREE_HINT = (
 _PACKAGE_DIR = os.path.dirname(os.path.abspath(__file__))
 
 
-def user_stacklevel(*also_skip: str) -> int:
-    """The ``stacklevel`` that makes a warning point at the first caller outside autolr_fast (and
-    outside the packages named in ``also_skip``, e.g. a framework that calls autolr_fast)."""
-    others = tuple(os.sep + name + os.sep for name in also_skip)
+#: what calls AutoLR for the user (torch: optimizer hooks, optimizer.step(closure)); a warning
+#: raised inside them points past them
+FRAMEWORKS = ("torch", "lightning", "pytorch_lightning", "transformers", "accelerate")
 
-    def inside(path: str) -> bool:
-        return path.startswith(_PACKAGE_DIR) or any(s in path for s in others)
+
+def user_stacklevel() -> int:
+    """The ``stacklevel`` that makes a warning point at the first caller outside autolr_fast and
+    outside the training frameworks that call it (``FRAMEWORKS``, told by the frame's module)."""
+
+    def inside(frame) -> bool:
+        if os.path.abspath(frame.f_code.co_filename).startswith(_PACKAGE_DIR):
+            return True
+        module = frame.f_globals.get("__name__") or ""
+        return module.split(".", 1)[0] in FRAMEWORKS
 
     frame, level = sys._getframe(1), 1
-    while frame is not None and inside(os.path.abspath(frame.f_code.co_filename)):
+    while frame is not None and inside(frame):
         frame, level = frame.f_back, level + 1
     return level
 

@@ -104,6 +104,8 @@ class RateScale:
         # gamma scales the rate (an MLR-SNet's p, a relative controller's level) rather than capping it
         self.scales_rate = isinstance(controller, MLRSNet) or bool(getattr(controller, "relative", False))
         self.warmup_steps = self._warmup(warmup_steps)
+        # the envelope asked for when built: a loaded state with another one does not replace it
+        self.built_envelope = (self.total_steps, self.warmup_steps)
         self.mode = self._mode(gamma, controller)
         nan = float("nan")
         # an MLR-SNet is settled on the first loss to find its anchor; a relative controller's is lr
@@ -281,12 +283,18 @@ class RateScale:
             raise ValueError(f"the state_dict's rate scale has warmup_steps={warmup}, but this controller "
                              f"{_CAP_NO_WARMUP}; set state['scale']['warmup_steps'] = 0 to load it")
 
-    def load_state_dict(self, state: dict) -> None:
+    def load_state_dict(self, state: dict) -> tuple[int | None, int] | None:
+        """Load ``state``. The envelope (``total_steps``, ``warmup_steps``) is the saved one, unless
+        this scale was built with another ``total_steps``: a run resumed to be extended (or
+        shortened) keeps the envelope it was built with, as a framework's own schedulers rebuilt
+        from the new length do. Returns the saved envelope in that case."""
         self.mode = state["mode"]
         self.base_lr = float(state["base_lr"])
         self.num_classes = state["num_classes"]
-        self.total_steps = state["total_steps"]
-        self.warmup_steps = int(state.get("warmup_steps", 0))  # a state without the key ran no warm-up
+        saved = (state["total_steps"], int(state.get("warmup_steps", 0)))  # a state without the key: no warm-up
+        # the length decides: with the same total_steps the saved warm-up stands (exact resume)
+        replaced = self.built_envelope[0] is not None and saved[0] != self.built_envelope[0]
+        self.total_steps, self.warmup_steps = self.built_envelope if replaced else saved
         with torch.no_grad():
             self.peak.copy_(state["peak"].reshape(()))
             if not self.has_envelope:
@@ -296,3 +304,4 @@ class RateScale:
                     self.gamma = self.peak.clone()
                 self.gamma.copy_(state["gamma"].reshape(()))  # in place otherwise: a captured graph reads this tensor
         self.pending = self.mode in ("lr", "auto") and not bool(torch.isfinite(self.peak))
+        return saved if replaced else None

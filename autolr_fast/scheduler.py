@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import warnings
 from typing import Any
 
 import torch
@@ -523,6 +524,13 @@ class AutoLR:
     def load_state_dict(self, state: dict) -> None:
         """Restore a ``state_dict()``; checked whole before anything changes."""
         self._steady_step = None  # the next step decides again from the loaded state
+        if isinstance(state, dict) and "version" not in state and ("base_lrs" in state or "last_epoch" in state):
+            raise ValueError(
+                "AutoLR.load_state_dict: this is the state of another scheduler (a torch.optim.lr_scheduler: it has "
+                "'base_lrs'/'last_epoch'), which AutoLR cannot continue. To switch a run to AutoLR, load the model "
+                "and optimizer and start AutoLR fresh (with Hugging Face Trainer, remove the checkpoint's "
+                "scheduler.pt)"
+            )
         if not isinstance(state, dict) or state.get("version") != STATE_VERSION:
             raise ValueError(
                 f"not an AutoLR state_dict of version {STATE_VERSION} (got "
@@ -565,7 +573,7 @@ class AutoLR:
             extra = self.optimizer.param_groups[len(state["lr_scales"]):]
             self.meta.check_parameters([p for g in extra for p in g["params"]], "an added param group's")
         self.controller.load_state_dict({k: v.to(self.device) for k, v in ctrl.items()})
-        self.scale.load_state_dict(state["scale"])
+        saved_envelope = self.scale.load_state_dict(state["scale"])
         self._scale_check = None  # the loaded scale is decided, or decided again from the next loss
         with torch.no_grad():
             self.rate.copy_(state["rate"])
@@ -574,6 +582,15 @@ class AutoLR:
         self.counters.refresh(self.step_count)  # the host's view of the loaded counters, not the old ones
         self.lr_scales = lr_scales
         self._warned = set(state.get("warned", []))
+        if saved_envelope is not None:
+            (saved_total, saved_warmup), (total, warmup) = saved_envelope, self.scale.built_envelope
+            warnings.warn(
+                f"AutoLR.load_state_dict: the state was saved with total_steps={saved_total} (warm-up "
+                f"{saved_warmup}); this AutoLR was built with total_steps={total} (warm-up {warmup}) and keeps "
+                f"them, so from step {step_count} the envelope follows the new length (a resumed run extended or "
+                f"shortened). To resume the saved envelope unchanged, build AutoLR with total_steps={saved_total}, "
+                f"warmup_steps={saved_warmup}",
+                RuntimeWarning, stacklevel=optim_support.user_stacklevel())
         if self.meta is not None:
             self.meta.load_state_dict(state["meta"])
         if len(self.lr_scales) < n_groups:

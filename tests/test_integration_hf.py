@@ -226,17 +226,17 @@ class _LinearTask(torch.nn.Module):
         return {"loss": torch.nn.functional.mse_loss(self.lin(x), labels)}
 
 
-def _linear_trainer(tmp_path, total_steps, rates):
+def _linear_trainer(tmp_path, total_steps, rates, trainer_class=AutoLRTrainer, **arguments):
     class Record(transformers.TrainerCallback):
         def on_optimizer_step(self, args, state, control, optimizer=None, **kwargs):
             rates.append(float(optimizer.param_groups[0]["lr"]))
 
     torch.manual_seed(0)
     data = [{"x": torch.randn(4), "labels": torch.randn(1)} for _ in range(32)]
-    args = transformers.TrainingArguments(output_dir=str(tmp_path), per_device_train_batch_size=4, num_train_epochs=1,
-                                          learning_rate=1e-2, save_strategy="no", report_to="none", use_cpu=True,
-                                          disable_tqdm=True)
-    return AutoLRTrainer(model=_LinearTask(), args=args, train_dataset=data, callbacks=[Record()],
+    arguments = {"num_train_epochs": 1, "save_strategy": "no", **arguments}
+    args = transformers.TrainingArguments(output_dir=str(tmp_path), per_device_train_batch_size=4, learning_rate=1e-2,
+                                          report_to="none", use_cpu=True, disable_tqdm=True, **arguments)
+    return trainer_class(model=_LinearTask(), args=args, train_dataset=data, callbacks=[Record()],
                          autolr=lambda opt: AutoLR(opt, total_steps=total_steps))
 
 
@@ -269,3 +269,29 @@ def test_a_second_train_refuses_the_previous_autolr_and_warnings_point_at_the_ca
     with pytest.warns(RuntimeWarning, match="total_steps=4") as record:
         _linear_trainer(tmp_path, 4, []).train()
     assert record[0].filename == __file__
+
+
+def test_a_run_resumed_to_train_longer_follows_its_new_length_and_says_so(tmp_path):
+    """Trainer loads scheduler.pt under catch_warnings and drops a single warning: the integration
+    issues AutoLR's at the next step. The rate follows the 16-step envelope, not the saved 8-step
+    one, which ended at 0."""
+    first = []
+    _linear_trainer(tmp_path / "a", 8, first, save_strategy="epoch").train()
+    assert first[-1] < 0.05 * max(first)  # the last step of the cosine; the next would be at 0
+    rates = []
+    longer = _linear_trainer(tmp_path / "b", 16, rates, num_train_epochs=2)
+    with pytest.warns(RuntimeWarning, match=r"saved with total_steps=8 .*built with total_steps=16") as record:
+        longer.train(resume_from_checkpoint=str(tmp_path / "a" / "checkpoint-8"))
+    assert len(rates) == 8 and min(rates[:4]) > 0.1 * max(first)
+    assert any(w.filename == __file__ for w in record)
+
+
+def test_a_training_step_override_without_super_is_named(tmp_path):
+    class Own(AutoLRTrainer):
+        def training_step(self, model, inputs, num_items_in_batch=None):
+            loss = model(**inputs)["loss"]
+            self.accelerator.backward(loss)
+            return loss.detach()
+
+    with pytest.raises(RuntimeError, match=r"must call super\(\)\.training_step"):
+        _linear_trainer(tmp_path, 8, [], trainer_class=Own).train()

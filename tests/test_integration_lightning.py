@@ -297,3 +297,27 @@ def test_docs_show_the_find_anchor_example_that_runs_here():
     docs = (ROOT / "docs" / "frameworks.md").read_text()
     assert FIND_EXAMPLE.read_text().strip() in docs, \
         "docs/frameworks.md must show examples/lightning_find_anchor_lr.py verbatim"
+
+
+@pytest.mark.parametrize("total, warned", [(6, True), (3, False)])
+def test_total_steps_that_differ_from_the_fits_are_warned_about(total, warned):
+    """epochs * len(loader) with accumulate_grad_batches=2 counts micro-batches: 6 for a fit of
+    3 optimizer steps, an envelope that never reaches 0."""
+    module = _Tiny(lambda p: torch.optim.SGD(p, lr=0.1))
+    callback = AutoLRCallback(lambda opt: AutoLR(opt, total_steps=total))
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        _fit(module, callback, max_steps=-1, max_epochs=1, accumulate_grad_batches=2)
+    told = [w for w in caught if "AutoLRCallback: AutoLR(total_steps=6), but this fit takes 3" in str(w.message)]
+    assert len(told) == int(warned)
+    assert callback.scheduler.step_count == 3
+
+
+def test_autolr_warnings_raised_inside_a_fit_point_at_the_callers_line():
+    module = _Tiny(lambda p: torch.optim.SGD(p, lr=0.1))
+    module.training_step = lambda batch, batch_idx: module.net(batch[0]).sum() * float("nan")
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        _fit(module, AutoLRCallback(lambda opt: AutoLR(opt)), max_steps=2)
+    told = [w for w in caught if "AutoLR" in str(w.message) and "finite" in str(w.message)]
+    assert told and all(w.filename == __file__ for w in told), [(w.filename, str(w.message)[:60]) for w in told]

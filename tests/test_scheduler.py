@@ -811,3 +811,40 @@ def test_close_takes_autolr_off_its_optimizer():
     model(x).sum().backward()
     opt.step()  # no hook refuses it
     train_steps(model, opt, AutoLR(opt, MLRSNet(hidden_size=16), gamma=0.5), x, y, steps=2)
+
+
+@pytest.mark.parametrize("built_with", [None, 10, 20])
+def test_a_resume_keeps_the_envelope_it_was_built_with(built_with):
+    """A run saved at the end of a 10-step envelope (rate 0 at its end) and resumed by an AutoLR
+    built with total_steps=20 follows the 20-step envelope (warned), instead of training on at 0.
+    Built with the saved length, or without one, it resumes the saved envelope silently."""
+    model = nn.Linear(8, 3)
+    x, y = make_problem()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    sched = AutoLR(opt, MLRSNet(hidden_size=16), total_steps=10)
+    train_steps(model, opt, sched, x, y, steps=10)
+    saved = copy.deepcopy({"opt": opt.state_dict(), "sched": sched.state_dict()})
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    opt.load_state_dict(saved["opt"])
+    kwargs = {} if built_with is None else {"total_steps": built_with}
+    resumed = AutoLR(opt, MLRSNet(hidden_size=16), **kwargs)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        resumed.load_state_dict(saved["sched"])
+    told = [str(w.message) for w in caught if "total_steps=10" in str(w.message)]
+    train_steps(model, opt, resumed, x, y, steps=3)
+    if built_with == 20:
+        assert len(told) == 1 and "built with total_steps=20 (warm-up 1)" in told[0] and "from step 10" in told[0]
+        assert resumed.scale.total_steps == 20 and float(opt.param_groups[0]["lr"]) > 0.01
+        assert resumed.state_dict()["scale"]["total_steps"] == 20
+    else:
+        assert not told and resumed.scale.total_steps == 10
+        assert float(opt.param_groups[0]["lr"]) == 0.0  # past the saved envelope's end
+
+
+def test_the_state_of_another_scheduler_is_refused_with_what_to_do():
+    opt = torch.optim.SGD(nn.Linear(8, 3).parameters(), lr=0.1)
+    other = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=10).state_dict()
+    sched = AutoLR(opt, MLRSNet(hidden_size=16))
+    with pytest.raises(ValueError, match="another scheduler.*start AutoLR fresh"):
+        sched.load_state_dict(other)

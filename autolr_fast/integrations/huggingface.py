@@ -63,6 +63,7 @@ class AutoLRSchedulerAdapter:
 
     def __init__(self, autolr: AutoLR) -> None:
         self.autolr = autolr
+        self._held_warnings: list[warnings.WarningMessage] = []
 
     def step(self, *args: Any, **kwargs: Any) -> None:
         pass  # Trainer calls this after optimizer.step(); AutoLR set this step's rate before it
@@ -75,7 +76,18 @@ class AutoLRSchedulerAdapter:
         return self.autolr.state_dict()
 
     def load_state_dict(self, state: dict) -> None:
-        self.autolr.load_state_dict(state)
+        # Trainer loads scheduler.pt under catch_warnings and re-issues only when more than one
+        # warning was caught: AutoLR's own (e.g. a resumed run with another length) are held and
+        # issued at the next optimizer step instead
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            self.autolr.load_state_dict(state)
+        self._held_warnings = list(caught)
+
+    def issue_held_warnings(self) -> None:
+        held, self._held_warnings = self._held_warnings, []
+        for w in held:
+            warnings.warn(w.message, w.category, stacklevel=optim_support.user_stacklevel())
 
 
 class _StepBeforeOptimizer(TrainerCallback):
@@ -182,7 +194,7 @@ class AutoLRTrainerMixin:
                     "optimizer steps (Trainer's count, after gradient accumulation): its envelope "
                     + ("reaches 0 before the end" if total < num_training_steps else "does not reach 0")
                     + f"; build AutoLR(opt, total_steps={num_training_steps})", RuntimeWarning,
-                    stacklevel=optim_support.user_stacklevel("transformers", "accelerate"))
+                    stacklevel=optim_support.user_stacklevel())
             self.autolr = sched
             self._autolr_window = None
             self.lr_scheduler = AutoLRSchedulerAdapter(sched)
@@ -197,10 +209,17 @@ class AutoLRTrainerMixin:
         return loss
 
     def _autolr_step(self) -> None:
-        if self._autolr_window is None:
-            return  # no micro-batch reached backward in this window
         if self.autolr is None:
             raise RuntimeError("AutoLRTrainer: the optimizer is about to step but no AutoLR was built")
+        if isinstance(self.lr_scheduler, AutoLRSchedulerAdapter):
+            self.lr_scheduler.issue_held_warnings()
+        if self._autolr_window is None:
+            raise RuntimeError(
+                "AutoLRTrainer: the optimizer is about to step, but no loss of this step reached AutoLR. "
+                "AutoLRTrainer.training_step hands each micro-batch's loss to AutoLR: a subclass that overrides "
+                "training_step must call super().training_step(model, inputs, ...) for the forward and backward "
+                "(and return its loss)"
+            )
         loss, self._autolr_window = self._autolr_window, None
         scaler = getattr(self.accelerator, "scaler", None)
         self.autolr.step(loss, skip=scaler_skips(scaler, self.autolr.optimizer, self.autolr.device))

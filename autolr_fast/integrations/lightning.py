@@ -32,6 +32,8 @@ How it maps onto Lightning's hooks:
 
 from __future__ import annotations
 
+import math
+import warnings
 from collections.abc import Callable
 from typing import Any
 
@@ -47,7 +49,7 @@ except ImportError as exc:  # pragma: no cover - exercised only without the extr
         'pip install lightning (or pip install "autolr_fast[integrations]")'
     ) from exc
 
-from autolr_fast import AutoLR
+from autolr_fast import AutoLR, optim_support
 from autolr_fast.integrations.amp import scaler_skips
 
 __all__ = ["AutoLRCallback"]
@@ -141,7 +143,7 @@ class AutoLRCallback(Callback):
         if self._window_count != accumulate:
             # Lightning divides by accumulate_grad_batches even in a shorter last window
             loss = loss * (accumulate / self._window_count)
-        sched = self._scheduler_for(optimizer)
+        sched = self._scheduler_for(optimizer, trainer)
         scaler = getattr(trainer.precision_plugin, "scaler", None)
         if sched.meta is not None:
             self._gradients_as_applied(trainer, pl_module, optimizer, scaler)
@@ -169,7 +171,7 @@ class AutoLRCallback(Callback):
         pl_module.configure_gradient_clipping(optimizer, gradient_clip_val=trainer.gradient_clip_val,
                                               gradient_clip_algorithm=trainer.gradient_clip_algorithm)
 
-    def _scheduler_for(self, optimizer: torch.optim.Optimizer) -> AutoLR:
+    def _scheduler_for(self, optimizer: torch.optim.Optimizer, trainer: pl.Trainer) -> AutoLR:
         # Built here, at the first optimizer step (inside Lightning's optimizer.step(closure)),
         # not in on_fit_start: Lightning restores callbacks before the optimizer, so a restored
         # state is applied only now, after the optimizer's param groups (which hold the rate).
@@ -181,6 +183,7 @@ class AutoLRCallback(Callback):
                 raise ValueError(
                     "make_scheduler built an AutoLR for another optimizer; build it for the optimizer it is given"
                 )
+            _check_total_steps(sched, trainer)
             if self._pending_state is not None:
                 sched.load_state_dict(self._pending_state)
                 self._pending_state = None
@@ -203,3 +206,21 @@ class AutoLRCallback(Callback):
         # Applied when the AutoLR is built at the next optimizer step, after Lightning has
         # restored the optimizer (whose param groups hold the rate as a tensor lr).
         self._pending_state = state_dict.get("autolr")
+
+
+def _check_total_steps(sched: AutoLR, trainer: pl.Trainer) -> None:
+    """Warn when AutoLR's envelope is not as long as the fit (e.g. ``epochs * len(loader)`` with
+    ``accumulate_grad_batches > 1``): it would end before the fit does, or never reach 0."""
+    total = sched.scale.total_steps
+    try:
+        fit_steps = trainer.estimated_stepping_batches
+    except Exception:  # noqa: BLE001 - Lightning cannot always tell (e.g. no length); nothing to compare
+        return
+    if total is None or not math.isfinite(fit_steps) or total == int(fit_steps):
+        return
+    warnings.warn(
+        f"AutoLRCallback: AutoLR(total_steps={total}), but this fit takes {int(fit_steps)} optimizer steps "
+        "(trainer.estimated_stepping_batches, after gradient accumulation): its envelope "
+        + ("reaches 0 before the end" if total < fit_steps else "does not reach 0")
+        + ("; build AutoLR(opt, total_steps=trainer.estimated_stepping_batches) in make_scheduler"),
+        RuntimeWarning, stacklevel=optim_support.user_stacklevel())

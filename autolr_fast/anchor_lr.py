@@ -40,7 +40,7 @@ from torch import Tensor, nn
 from tqdm.auto import tqdm
 
 from . import optim_support
-from .batches import to_device
+from .batches import fresh_iter, to_device
 from .checks import is_whole_number
 from .distributed import is_distributed, min_max_across_ranks
 from .lr_finder import (
@@ -49,6 +49,7 @@ from .lr_finder import (
     _set_rate,
     _Trial,
     autolrs_driving,
+    check_trial_setup,
     default_unpack,
 )
 from .rate_scale import envelope, resolve_warmup
@@ -216,7 +217,7 @@ def _cycled(batches: Iterable):
     """The batches again and again (a re-iterable: list, DataLoader)."""
     while True:
         empty = True
-        for b in batches:
+        for b in fresh_iter(batches):
             empty = False
             yield b
         if empty:
@@ -225,6 +226,8 @@ def _cycled(batches: Iterable):
 
 
 def _trial_steps(total_steps: int | None, trial_steps: int | None, fraction: float) -> int:
+    if not 0 < fraction <= 1:
+        raise ValueError(f"fraction must be in (0, 1], got {fraction!r}")
     if trial_steps is not None:
         if not is_whole_number(trial_steps, 1):
             raise ValueError(f"trial_steps must be a positive whole number, got {trial_steps!r}")
@@ -234,8 +237,6 @@ def _trial_steps(total_steps: int | None, trial_steps: int | None, fraction: flo
                          f"fraction={fraction:g} of them) or trial_steps")
     if not is_whole_number(total_steps, 1):
         raise ValueError(f"total_steps must be a positive whole number, got {total_steps!r}")
-    if not 0 < fraction <= 1:
-        raise ValueError(f"fraction must be in (0, 1], got {fraction!r}")
     return max(1, round(fraction * total_steps))
 
 
@@ -260,6 +261,7 @@ def find_anchor_lr(
     unpack: Unpack | None = None,
     progress: bool = True,
     distributed: bool | str = "auto",
+    max_grad_norm: float | None = None,
 ) -> AnchorResult:
     """Train from the current state at ``num`` rates around the optimizer's ``lr`` (from
     ``lr / 10**decades`` to ``lr * 10**decades``, log-spaced), ``trial_steps`` each (default:
@@ -302,6 +304,14 @@ def find_anchor_lr(
         unpack: ``fn(batch) -> (inputs, targets)``; default as :func:`find_lr`'s.
         distributed: under an initialised process group the held-out losses are averaged across
             ranks, so every rank chooses the same rate.
+        max_grad_norm: clip the trials' gradients to this total norm, as a run that clips does
+            (the trials do plain ``backward(); optimizer.step()`` otherwise: no clipping, AMP
+            scaling or accumulation).
+
+    Cost: ``num`` trials of ``trial_steps`` (75 % of a run with the defaults, fewer when a rate
+    diverges; a trial takes at least one step, so a run shorter than ``num / fraction`` steps costs
+    more). The model trains in the mode it is in (warned in eval mode); attributes an optimizer
+    keeps outside its ``state`` and ``param_groups`` are not restored.
 
     A trial whose held-out loss is not finite, or above the loss at call time by more than half its
     size, counts as diverged; the larger rates are then not tried. When no trial is usable, the
@@ -320,6 +330,7 @@ def find_anchor_lr(
     if isinstance(train_batches, Iterator):  # asked without iterating: a DataLoader would draw from the RNG
         raise ValueError("find_anchor_lr: train_batches must be re-iterable (a list or a DataLoader): every trial "
                          "trains on the same batches")
+    check_trial_setup("find_anchor_lr", model, optimizer, max_grad_norm)
     _refuse_autolr(optimizer)
     given, scales = optim_support.group_lr_scales([float(g["lr"]) for g in optimizer.param_groups])
     if not given > 0:
@@ -337,10 +348,11 @@ def find_anchor_lr(
     batch_losses: list[list[float]] = []
     dist_on = is_distributed(distributed)
     try:
-        eval_batches = [to_device(unpack(b), device) for b in islice(val_batches, max_eval_batches)]
+        eval_batches = [to_device(unpack(b), device) for b in islice(fresh_iter(val_batches), max_eval_batches)]
         _check_eval_batch_counts(len(eval_batches), dist_on, device)
         snap.restore_rng()
-        trial = _Trial(model, optimizer, loss_fn, "steps", train_batches, None, eval_batches, unpack, device, dist_on)
+        trial = _Trial(model, optimizer, loss_fn, "steps", train_batches, None, eval_batches, unpack, device, dist_on,
+                       max_grad_norm)
         local_weights = [float(_batch_size(xy)) for xy in eval_batches]
         per_batch, weights = trial.eval_batch_losses(local_weights)  # weights: summed over the ranks
         start_loss = _weighted_mean(per_batch, weights)

@@ -41,3 +41,13 @@ def to_device(x: Any, device: torch.device, non_blocking: bool = False) -> Any:
     if isinstance(x, (tuple, list)):
         return type(x)(to_device(v, device, non_blocking) for v in x)
     return x
+
+
+def fresh_iter(batches: Any) -> Any:
+    """``iter(batches)``, but a new iterator for a ``DataLoader`` with persistent workers: its
+    ``iter()`` hands back (and resets) the one iterator the training loop may be reading, and
+    draws its workers' seed only the first time, so trials would shift the loop's batches."""
+    if (isinstance(batches, torch.utils.data.DataLoader) and batches.persistent_workers
+            and batches.num_workers > 0):
+        return batches._get_iterator()  # workers of its own, shut down when it is collected
+    return iter(batches)

@@ -20,7 +20,7 @@ from __future__ import annotations
 import contextlib
 import math
 import warnings
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -30,7 +30,7 @@ from torch import Tensor, nn
 from tqdm.auto import tqdm
 
 from . import optim_support
-from .batches import to_device
+from .batches import fresh_iter, to_device
 from .distributed import is_distributed, mean_across_ranks
 from .training_snapshot import BufferSlots, TrainingSnapshot
 
@@ -51,6 +51,11 @@ def default_unpack(batch: Any) -> tuple[Any, Any]:
         xi = next((k for k in _INPUT_KEYS if k in batch), None)
         yi = next((k for k in _TARGET_KEYS if k in batch), None)
         if xi is not None and yi is not None:
+            others = sorted(set(batch) - {xi, yi})
+            if others:
+                warnings.warn(f"the batch dict's keys {others} are not passed to the model or the loss (only "
+                              f"{xi!r} and {yi!r} are); pass unpack=fn returning (inputs, targets) to use them",
+                              RuntimeWarning, stacklevel=optim_support.user_stacklevel())
             return batch[xi], batch[yi]
         raise ValueError(
             f"cannot tell inputs from targets in a batch dict with keys {sorted(batch)}; "
@@ -66,7 +71,7 @@ def default_unpack(batch: Any) -> tuple[Any, Any]:
 def _take(batches: Iterable, n: int) -> list:
     """The first ``n`` batches; a re-iterable (list, DataLoader) is cycled if it is shorter."""
     out: list = []
-    it = iter(batches)
+    it = fresh_iter(batches)
     reiterable = it is not batches
     fresh = True  # nothing drawn from `it` yet
     while len(out) < n:
@@ -80,7 +85,7 @@ def _take(batches: Iterable, n: int) -> list:
                     + (" and a new pass over them gave none (a loader over a one-pass stream)" if out else "")
                     + "; pass a re-iterable (a list or a DataLoader) or a longer iterator, or use smaller horizons"
                 ) from None
-            it, fresh = iter(batches), True
+            it, fresh = fresh_iter(batches), True
     return out
 
 
@@ -234,7 +239,7 @@ def _split_batches(batches: Iterable, unit: str, longest: int, eval_batches: Seq
         if eval_batches is None:
             return taken[:num_eval_batches], taken[num_eval_batches:]
         return eval_batches, taken
-    if iter(batches) is batches:
+    if isinstance(batches, Iterator):  # asked without iterating: iter() on a DataLoader draws from the RNG
         raise ValueError("unit='epochs' needs re-iterable batches (a list or a DataLoader), not an iterator")
     return (_take(batches, num_eval_batches) if eval_batches is None else eval_batches), None
 
@@ -244,15 +249,22 @@ class _Trial:
 
     def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer, loss_fn: Callable, unit: str,
                  batches: Iterable, train_batches: list | None, eval_batches: list, unpack: Unpack,
-                 device: torch.device, dist_on: bool) -> None:
+                 device: torch.device, dist_on: bool, max_grad_norm: float | None = None) -> None:
         self.model, self.optimizer, self.loss_fn, self.unit = model, optimizer, loss_fn, unit
+        self.max_grad_norm = max_grad_norm
+        self.clipped = [p for g in optimizer.param_groups for p in g["params"]] if max_grad_norm else []
         self.batches, self.train_batches, self.eval_batches = batches, train_batches, eval_batches
         self.unpack, self.device, self.dist_on = unpack, device, dist_on
 
     def forward_loss(self, xy) -> Tensor:
         x, y = xy
         out = self.model(**x) if isinstance(x, Mapping) else self.model(x)
-        return self.loss_fn(out, y)
+        loss = self.loss_fn(out, y)
+        if not (isinstance(loss, Tensor) and loss.numel() == 1):
+            raise ValueError(f"loss_fn must return a 1-element tensor (the batch's mean loss), got "
+                             f"{tuple(loss.shape) if isinstance(loss, Tensor) else type(loss).__name__}: reduce it "
+                             "(e.g. reduction='mean')")
+        return loss
 
     @contextlib.contextmanager
     def _measuring(self):
@@ -295,12 +307,14 @@ class _Trial:
         self.optimizer.zero_grad(set_to_none=True)
         loss = self.forward_loss(xy)
         loss.backward()
+        if self.max_grad_norm:
+            torch.nn.utils.clip_grad_norm_(self.clipped, self.max_grad_norm)
         self.optimizer.step()
 
     def _epochs(self):
         """Batches on the device, ``None`` after each pass over ``batches``."""
         while True:
-            for b in self.batches:
+            for b in fresh_iter(self.batches):
                 yield to_device(self.unpack(b), self.device)
             yield None
 
@@ -327,6 +341,25 @@ def autolrs_driving(optimizer: torch.optim.Optimizer) -> list:
 
     owners = (getattr(hook, "__self__", None) for hook in getattr(optimizer, "_optimizer_step_pre_hooks", {}).values())
     return [owner for owner in owners if isinstance(owner, AutoLR)]
+
+
+def check_trial_setup(name: str, model: nn.Module, optimizer: torch.optim.Optimizer,
+                      max_grad_norm: float | None) -> None:
+    """Refuse or warn about what would make the trials differ from the run, before any work."""
+    if not isinstance(optimizer, torch.optim.Optimizer):
+        raise TypeError(f"{name} needs a torch.optim.Optimizer (its state and param groups are what the trials "
+                        f"restore), got {type(optimizer).__name__}; pass the optimizer it wraps")
+    number = isinstance(max_grad_norm, (int, float)) and not isinstance(max_grad_norm, bool)
+    if max_grad_norm is not None and not (number and math.isfinite(max_grad_norm) and max_grad_norm > 0):
+        raise ValueError(f"max_grad_norm must be a positive finite number or None, got {max_grad_norm!r}")
+    if not model.training:
+        warnings.warn(f"{name}: the model is in eval mode, so the trials train with dropout off and BatchNorm "
+                      "statistics frozen; call model.train() first if your run trains in train mode",
+                      RuntimeWarning, stacklevel=optim_support.user_stacklevel())
+    if getattr(optimizer.step, "_wrapped_by_lr_sched", False):
+        warnings.warn(f"{name}: a torch.optim.lr_scheduler was built on this optimizer; its next step() sets the lr "
+                      f"from its own schedule and undoes what {name} chose. Build the scheduler after this call",
+                      RuntimeWarning, stacklevel=optim_support.user_stacklevel())
 
 
 def _check_no_fresh_autolr(optimizer: torch.optim.Optimizer) -> None:
@@ -400,6 +433,7 @@ def find_lr(
     plot: str | None = None,
     progress: bool = True,
     distributed: bool | str = "auto",
+    max_grad_norm: float | None = None,
 ) -> LRFinderResult:
     """Range test: for each of ``num`` log-spaced rates in ``[start_lr, end_lr]``, train from the
     state at call time for each horizon and record the evaluation loss.
@@ -426,12 +460,16 @@ def find_lr(
             like ``inputs/x`` and ``targets/labels/y``. A dict ``inputs`` is passed as ``**kwargs``.
         plot: write the PNG (one panel per horizon) to this path.
         progress: show a tqdm bar.
+        max_grad_norm: clip the trials' gradients to this total norm (``clip_grad_norm_`` over
+            the optimizer's parameters), as a run that clips does: clipping changes which rates
+            are stable.
         distributed: ``"auto"``: under an initialised process group with several ranks the
             evaluation losses are averaged across ranks, so every rank takes the same decisions.
 
     Returns an :class:`LRFinderResult`; model, buffers, optimizer state and RNG are restored.
     """
     horizons = _check_arguments(horizons, unit, start_lr, end_lr, num, diverge_factor, smoothing)
+    check_trial_setup("find_lr", model, optimizer, max_grad_norm)
     _check_no_fresh_autolr(optimizer)
     unpack = unpack or default_unpack
     device = _model_device(model)
@@ -448,7 +486,8 @@ def find_lr(
         if train_batches is not None:
             train_batches = [to_device(unpack(b), device) for b in train_batches]
         snap.restore_rng()  # every trial, the first included, starts from the RNG at the call
-        trial = _Trial(model, optimizer, loss_fn, unit, batches, train_batches, eval_batches, unpack, device, dist_on)
+        trial = _Trial(model, optimizer, loss_fn, unit, batches, train_batches, eval_batches, unpack, device, dist_on,
+                       max_grad_norm)
         start_loss = trial.eval_loss()
         if not math.isfinite(start_loss):
             raise ValueError(f"the loss at call time is {start_loss}; find_lr needs a finite starting loss")

@@ -26,6 +26,8 @@ from torch import Tensor, nn
 
 from . import optim_support
 
+_MISSING = object()
+
 
 def clone_state(v: Any) -> Any:
     """A deep copy of an optimizer state entry: tensors cloned, containers rebuilt."""
@@ -82,6 +84,8 @@ class TrainingSnapshot:
         self.buffers = BufferSlots(model)
         self.opt_state = {p: clone_state(s) for p, s in optimizer.state.items()}
         self.groups = [{k: clone_state(v) for k, v in g.items() if k != "params"} for g in optimizer.param_groups]
+        # the flag a torch lr_scheduler's step() reads to warn about a scheduler stepped first
+        self.opt_called = optimizer.__dict__.get("_opt_called", _MISSING)
         self.training = [(m, m.training) for m in model.modules()]
         self.cpu_rng = torch.get_rng_state()
         cuda_on = torch.cuda.is_available() and torch.cuda.is_initialized()
@@ -116,6 +120,10 @@ class TrainingSnapshot:
                     g[k].copy_(v)
                 else:
                     g[k] = clone_state(v)
+        if self.opt_called is _MISSING:
+            self.optimizer.__dict__.pop("_opt_called", None)
+        else:
+            self.optimizer._opt_called = self.opt_called
         for m, mode in self.training:
             m.training = mode
         for p in (*self.params, *self.model.parameters()):  # the latter: also one added since the snapshot

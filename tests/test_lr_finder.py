@@ -309,3 +309,65 @@ def test_a_one_pass_stream_that_runs_out_is_an_error_not_an_endless_loop():
     opt = torch.optim.SGD(model.parameters(), lr=0.1)
     with pytest.raises(ValueError, match="a new pass over them gave none"):
         find_lr(model, opt, nn.functional.cross_entropy, _OnePassStream(_batches(3)), horizons=(8,), progress=False)
+
+
+def test_max_grad_norm_clips_every_trial_step_as_the_run_would(monkeypatch):
+    from autolr_fast import find_anchor_lr
+
+    clipped = []
+    clip = torch.nn.utils.clip_grad_norm_
+    monkeypatch.setattr(torch.nn.utils, "clip_grad_norm_",
+                        lambda params, norm, *a, **k: clipped.append(norm) or clip(params, norm, *a, **k))
+    model = nn.Linear(6, 3)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    find_lr(model, opt, nn.functional.cross_entropy, _batches(8), num=4, horizons=(2,), num_eval_batches=2,
+            progress=False, max_grad_norm=0.5)
+    assert clipped == [0.5] * 8  # 4 rates x 2 steps
+    clipped.clear()
+    find_anchor_lr(model, opt, nn.functional.cross_entropy, _batches(8), _batches(2, seed=1), trial_steps=2, num=3,
+                   progress=False, apply=False, max_grad_norm=1.0)
+    assert clipped == [1.0] * 6
+    clipped.clear()
+    find_lr(model, opt, nn.functional.cross_entropy, _batches(8), num=4, horizons=(2,), num_eval_batches=2,
+            progress=False)
+    assert not clipped  # not asked: not clipped
+    for bad in (0, -1.0, float("nan"), True, "1"):
+        with pytest.raises(ValueError, match="max_grad_norm"):
+            find_lr(model, opt, nn.functional.cross_entropy, _batches(8), progress=False, max_grad_norm=bad)
+
+
+def test_what_would_make_the_trials_differ_from_the_run_is_said_first():
+    from autolr_fast import find_anchor_lr
+
+    model = nn.Linear(6, 3)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    args = dict(num=4, horizons=(2,), num_eval_batches=2, progress=False)
+    model.eval()
+    with pytest.warns(RuntimeWarning, match="eval mode"):
+        find_lr(model, opt, nn.functional.cross_entropy, _batches(8), **args)
+    model.train()
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda t: 1.0)
+    with pytest.warns(RuntimeWarning, match="lr_scheduler was built on this optimizer"):
+        find_anchor_lr(model, opt, nn.functional.cross_entropy, _batches(8), _batches(2, seed=1), trial_steps=2,
+                       num=3, progress=False, apply=False)
+    assert not getattr(opt, "_opt_called", False), "the trials' steps must not count as the run's"
+    del sched
+
+    class Wrapper:
+        def __init__(self, inner):
+            self.inner, self.param_groups = inner, inner.param_groups
+
+    with pytest.raises(TypeError, match="needs a torch.optim.Optimizer"):
+        find_lr(model, Wrapper(opt), nn.functional.cross_entropy, _batches(8), **args)
+    with pytest.raises(ValueError, match="loss_fn must return a 1-element tensor"):
+        find_lr(model, torch.optim.SGD(model.parameters(), lr=0.1),
+                lambda out, y: nn.functional.cross_entropy(out, y, reduction="none"), _batches(8), **args)
+    with pytest.raises(ValueError, match="fraction"):
+        find_anchor_lr(model, opt, nn.functional.cross_entropy, _batches(8), _batches(2), trial_steps=2, fraction=5.0)
+
+
+def test_keys_of_a_batch_dict_that_would_be_dropped_are_named():
+    from autolr_fast.lr_finder import default_unpack
+
+    with pytest.warns(RuntimeWarning, match=r"keys \['mask'\] are not passed"):
+        default_unpack({"x": torch.ones(2), "y": torch.ones(2), "mask": torch.ones(2)})

@@ -96,3 +96,29 @@ def test_python_and_numpy_random_states_are_restored():
     assert after[0] == npy[0] and np.array_equal(after[1], npy[1]) and after[2:] == npy[2:]
     # every trial (3 rates) starts from the same draws
     assert seen.count(seen[0]) == 3 and seen.count(seen[1]) == 3, seen
+
+
+def _loader(persistent: bool):
+    g = torch.Generator().manual_seed(5)
+    data = torch.utils.data.TensorDataset(torch.randn(48, 4, generator=g), torch.randn(48, 1, generator=g))
+    return torch.utils.data.DataLoader(data, batch_size=8, shuffle=True, num_workers=2 if persistent else 0,
+                                       persistent_workers=persistent)
+
+
+def test_a_loader_with_persistent_workers_is_left_as_the_loop_reads_it():
+    """Its iter() resets the one iterator the loop may be reading: a call in the middle of an
+    epoch must not skip the loop's batches, nor shift the next epochs'."""
+    seen = {}
+    for call in (False, True):
+        torch.manual_seed(0)
+        model = nn.Linear(4, 1)
+        opt = torch.optim.SGD(model.parameters(), lr=0.1)
+        loader, firsts = _loader(persistent=True), []
+        for epoch in range(2):
+            for i, (x, _) in enumerate(loader):
+                firsts.append(x[0, 0].item())
+                if call and epoch == 0 and i == 1:
+                    find_anchor_lr(model, opt, nn.functional.mse_loss, loader, _data(2), trial_steps=3, num=3,
+                                   progress=False, apply=False)
+        seen[call] = firsts
+    assert len(seen[True]) == 12 and seen[True] == seen[False]

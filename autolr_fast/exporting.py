@@ -254,9 +254,14 @@ def _resolve(obj, gamma: float | None) -> tuple[MLRSNet, float, Tensor, Tensor, 
             warnings.warn(
                 f"export: this AutoLR's envelope (total_steps={obj.scale.total_steps}, warmup_steps="
                 f"{obj.scale.warmup_steps}) is not exported: the runtime sets rates at the peak scale {g:.4g}, "
-                f"as AutoLR without total_steps would; at step {obj.step_count} the run's factor is "
+                f"without a warm-up or cosine; at step {obj.step_count} the run's factor is "
                 f"{envelope(obj.step_count, obj.scale.total_steps, obj.scale.warmup_steps):.4g}. Multiply the "
                 "runtime's rate by the envelope in your trainer", RuntimeWarning, stacklevel=3)
+        if any(scale != 1.0 for scale in obj.lr_scales):
+            scales = [float(f"{scale:.6g}") for scale in obj.lr_scales]
+            warnings.warn(f"export: the runtime returns one rate, the first group's; this AutoLR scales its param "
+                          f"groups by {scales}: multiply the runtime's rate by each group's scale in your trainer",
+                          RuntimeWarning, stacklevel=3)
         return net, g, net.h, net.c, float(obj.rate)
     if isinstance(obj, MLRSNet):
         if gamma is None:
@@ -331,6 +336,10 @@ def _read_weights_entry(path: str) -> bytes:
                     f"{path!r} is a zip/TorchScript file without {WEIGHTS_ENTRY!r}: not written by "
                     "autolr_fast.export"
                 )
+            info = zf.getinfo(names[0])
+            if info.compress_type != zipfile.ZIP_STORED:  # export stores it; inflating could take any memory
+                raise ValueError(f"{path!r}: its {WEIGHTS_ENTRY!r} entry is compressed, and export stores it "
+                                 "uncompressed: not written by autolr_fast.export")
             return zf.read(names[0])
     except zipfile.BadZipFile as exc:
         if "CRC" in str(exc):  # a zip whose entry's checksum fails: damaged, not foreign

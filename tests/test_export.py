@@ -359,3 +359,36 @@ def test_exporting_after_a_finished_warm_up_without_total_steps_does_not_warn(tm
     with warnings.catch_warnings():
         warnings.simplefilter("error", RuntimeWarning)
         ex.export(sched, tmp_path / "c.pt")  # the warm-up is over: nothing of the run is lost
+
+
+def test_export_warns_that_group_scales_stay_with_the_trainer(tmp_path):
+    import warnings as w
+
+    from autolr_fast import AutoLR, MLRSNet, export
+
+    a, b = torch.nn.Linear(2, 2), torch.nn.Linear(2, 2)
+    opt = torch.optim.SGD([{"params": a.parameters(), "lr": 0.1}, {"params": b.parameters(), "lr": 0.01}], lr=0.1)
+    sched = AutoLR(opt, MLRSNet(hidden_size=8))
+    for p in (*a.parameters(), *b.parameters()):
+        p.grad = torch.zeros_like(p)
+    sched.step(torch.tensor(1.0))
+    with w.catch_warnings(record=True) as caught:
+        w.simplefilter("always")
+        export(sched, tmp_path / "c.pt")
+    assert any("scales its param groups by [1.0, 0.1]" in str(x.message) for x in caught)
+
+
+def test_a_compressed_weights_entry_is_refused_before_it_is_inflated(tmp_path):
+    import zipfile
+
+    from autolr_fast import MLRSNet, export, load
+    from autolr_fast.exporting import WEIGHTS_ENTRY
+
+    src = export(MLRSNet(hidden_size=8), tmp_path / "c.pt", gamma=0.1)
+    with zipfile.ZipFile(src) as zf:
+        blob = zf.read(next(n for n in zf.namelist() if n.endswith(WEIGHTS_ENTRY)))
+    bad = tmp_path / "deflated.pt"
+    with zipfile.ZipFile(bad, "w", compression=zipfile.ZIP_DEFLATED) as zf:
+        zf.writestr("c/extra/" + WEIGHTS_ENTRY, blob)
+    with pytest.raises(ValueError, match="compressed"):
+        load(bad)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import csv
 import ctypes
 import importlib.util
@@ -103,6 +104,10 @@ class _Lib:
         lib.autolr_state_size.argtypes = [ctypes.c_void_p]
         lib.autolr_state_size.restype = ctypes.c_size_t
         lib.autolr_get_state.argtypes = [ctypes.c_void_p, ctypes.POINTER(ctypes.c_float), ctypes.c_size_t]
+        lib.autolr_reset.argtypes = [ctypes.c_void_p]
+        lib.autolr_anchor.argtypes = [ctypes.c_void_p, ctypes.c_float, ctypes.c_float]
+        lib.autolr_gamma.argtypes = [ctypes.c_void_p]
+        lib.autolr_gamma.restype = ctypes.c_float
 
 
 def test_ctypes_matches_torchscript_on_official_or_random(runtime_build, tmp_path):
@@ -223,3 +228,47 @@ def test_zip_variants_from_other_writers(runtime_build, tmp_path, monkeypatch):
         zf.writestr("a/extra/" + ex.WEIGHTS_ENTRY, blob)
     st, h = open_bytes(p.read_bytes())
     assert st == -2 and not h.value and b"compressed" in lib.autolr_last_error()
+
+
+@pytest.mark.parametrize("controller", ["default", "random"])
+def test_anchor_starts_a_run_as_autolrs_default_scale_does(runtime_build, tmp_path, controller):
+    """reset + anchor on the first loss, then step: the rates of AutoLR(opt) at lr 0.05 (no
+    envelope), whatever gamma the file was exported with."""
+    from autolr_fast import AutoLR, MLRSNet, load_pretrained
+
+    torch.manual_seed(0)
+    net = load_pretrained("default") if controller == "default" else MLRSNet(hidden_size=50)
+    path = ex.export(copy.deepcopy(net), tmp_path / "c.pt", gamma=0.7)
+    g = torch.Generator().manual_seed(4)
+    losses = (2.3 * torch.exp(-torch.arange(200) / 60.0) + 0.1 * torch.rand(200, generator=g)).tolist()
+    losses[50] = float("nan")
+    model = torch.nn.Linear(1, 1)
+    opt = torch.optim.SGD(model.parameters(), lr=0.05)
+    sched = AutoLR(opt, copy.deepcopy(net))
+    want = []
+    for x in losses:
+        model.weight.grad, model.bias.grad = torch.zeros_like(model.weight), torch.zeros_like(model.bias)
+        sched.step(torch.tensor(x))
+        opt.step()
+        want.append(float(opt.param_groups[0]["lr"]))
+    lib = _Lib(ex.shared_library_path(runtime_build)).lib
+    h = ctypes.c_void_p()
+    assert lib.autolr_open_file(str(path).encode(), ctypes.byref(h)) == 0, lib.autolr_last_error()
+    for _ in range(3):  # whatever ran before: reset and anchor start the run again
+        assert lib.autolr_reset(h) == 0
+        assert lib.autolr_anchor(h, losses[0], 0.05) == 0, lib.autolr_last_error()
+        got = [lib.autolr_step(h, x) for x in losses]
+        assert want[0] == pytest.approx(0.05, rel=1e-3)
+        torch.testing.assert_close(torch.tensor(got), torch.tensor(want), rtol=1e-4, atol=0)
+    assert lib.autolr_anchor(h, float("nan"), 0.05) < 0 and b"not finite" in lib.autolr_last_error()
+    lib.autolr_free(h)
+
+
+def test_the_shared_library_exports_only_the_c_api(runtime_build):
+    nm = shutil.which("nm")
+    if nm is None:
+        pytest.skip("nm not found")
+    out = subprocess.run([nm, "-D", "--defined-only", ex.shared_library_path(runtime_build)], capture_output=True,
+                         text=True, check=True).stdout.split()
+    names = [w for w in out[2::3]]
+    assert names and all(n.startswith("autolr_") for n in names), [n for n in names if not n.startswith("autolr_")]

@@ -34,6 +34,10 @@ extern "C" {
 #endif
 
 #define AUTOLR_FORMAT_VERSION 1
+/* the runtime's version; autolr_version() returns the same as a string */
+#define AUTOLR_VERSION_MAJOR 0
+#define AUTOLR_VERSION_MINOR 1
+#define AUTOLR_VERSION_PATCH 0
 
 /* Status codes (0 = success, negative = error; autolr_last_error() says what and why). */
 enum {
@@ -61,14 +65,23 @@ AUTOLR_API void autolr_free(autolr_runtime* rt);
  * A NaN/Inf loss (or a non-finite controller output) keeps the state and returns the previous
  * rate; a negative loss is clamped to 0. Returns NaN only for a NULL handle. */
 AUTOLR_API float autolr_step(autolr_runtime* rt, float loss);
-/* Zero h, c and the rate (the start of a new training run). */
+/* Zero h, c and the rate (the start of a new training run). The scale gamma is kept: a file
+ * exported from AutoLR's default (lr-anchored) scale carries the gamma its run was anchored
+ * at; for a new run anchor again with autolr_anchor on the run's first loss. */
 AUTOLR_API int autolr_reset(autolr_runtime* rt);
+/* AutoLR's default scale for a new run: settle the controller on the run's first finite loss
+ * (300 steps, as AutoLR does), then set gamma so that the settled rate is lr (the peak rate you
+ * would give the optimizer); autolr_step(rt, loss) on the same loss then returns about lr.
+ * Returns AUTOLR_E_ARGUMENT (state and gamma unchanged) for a non-finite loss, an lr that is
+ * not positive and finite, or a controller that settles below p = 1e-3 on this loss. */
+AUTOLR_API int autolr_anchor(autolr_runtime* rt, float loss, float lr);
 
 AUTOLR_API float autolr_rate(const autolr_runtime* rt);   /* current rate */
 AUTOLR_API float autolr_gamma(const autolr_runtime* rt);  /* rate scale */
 AUTOLR_API int autolr_hidden_size(const autolr_runtime* rt);
 AUTOLR_API int autolr_num_layers(const autolr_runtime* rt);
-AUTOLR_API uint64_t autolr_skipped_steps(const autolr_runtime* rt); /* steps with a NaN/Inf loss */
+/* steps skipped: a NaN/Inf loss, or a non-finite controller output (the state is kept) */
+AUTOLR_API uint64_t autolr_skipped_steps(const autolr_runtime* rt);
 
 /* State = [h (layers*hidden), c (layers*hidden), rate], float32. */
 AUTOLR_API size_t autolr_state_size(const autolr_runtime* rt);

@@ -469,6 +469,40 @@ float autolr_step(autolr_runtime* rt, float loss) {
   return rate;
 }
 
+int autolr_anchor(autolr_runtime* rt, float loss, float lr) {
+  // AutoLR's default scale (autolr_fast/rate_scale.py, RateScale._anchor): settle on the run's
+  // first finite loss, then the scale that makes the settled rate lr
+  constexpr int kSettleSteps = 300;      // rate_scale.SETTLE_STEPS
+  constexpr float kMinSettledP = 1e-3f;  // rate_scale.MIN_SETTLED_P
+  if (!rt) return fail(AUTOLR_E_ARGUMENT, "autolr_anchor: handle is NULL");
+  if (!(std::isfinite(lr) && lr > 0.f)) return fail(AUTOLR_E_ARGUMENT, "autolr_anchor: lr must be a positive finite number");
+  if (!std::isfinite(loss)) return fail(AUTOLR_E_ARGUMENT, "autolr_anchor: the loss is not finite; anchor on the first finite loss");
+  try {
+    const std::vector<float> h = rt->h, c = rt->c;
+    const float gamma = rt->gamma, rate = rt->rate;
+    const uint64_t skipped = rt->skipped;
+    rt->gamma = 1.f;
+    rt->rate = 0.f;
+    float p = 0.f;
+    for (int i = 0; i < kSettleSteps; ++i) p = autolr_step(rt, loss);
+    const float anchored = lr / p;
+    if (rt->skipped != skipped || !(p >= kMinSettledP) || !std::isfinite(anchored)) {
+      rt->h = h;
+      rt->c = c;
+      rt->gamma = gamma;
+      rt->rate = rate;
+      rt->skipped = skipped;
+      return fail(AUTOLR_E_ARGUMENT, "autolr_anchor: the controller settles at p = " + std::to_string(p) +
+                                         " on this loss (a usable anchor needs p >= 1e-3); state unchanged");
+    }
+    rt->gamma = anchored;
+    rt->rate = lr < anchored ? lr : anchored;
+    return AUTOLR_OK;
+  } catch (const std::bad_alloc&) {
+    return fail(AUTOLR_E_MEMORY, "autolr_anchor: out of memory");
+  }
+}
+
 int autolr_reset(autolr_runtime* rt) {
   if (!rt) return fail(AUTOLR_E_ARGUMENT, "autolr_reset: handle is NULL");
   std::fill(rt->h.begin(), rt->h.end(), 0.f);

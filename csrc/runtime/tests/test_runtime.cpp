@@ -118,6 +118,29 @@ static void test_fixture(const std::string& dir, const std::string& name) {
     if (got != rates[i]) { CHECK(false, "after reset, step %zu: %g != %g", i, got, rates[i]); break; }
   }
 
+  // anchor: refused arguments change nothing; a usable one makes the next step's rate about lr
+  {
+    std::vector<float> before(autolr_state_size(rt)), after(autolr_state_size(rt));
+    autolr_get_state(rt, before.data(), before.size());
+    const float g = autolr_gamma(rt);
+    CHECK(autolr_anchor(rt, NAN, 0.1f) == AUTOLR_E_ARGUMENT, "anchor on a NaN loss");
+    CHECK(autolr_anchor(rt, 1.f, 0.f) == AUTOLR_E_ARGUMENT, "anchor with lr 0");
+    CHECK(autolr_anchor(rt, 1.f, INFINITY) == AUTOLR_E_ARGUMENT, "anchor with lr inf");
+    autolr_get_state(rt, after.data(), after.size());
+    CHECK(before == after && autolr_gamma(rt) == g, "a refused anchor changed the state");
+    autolr_reset(rt);
+    if (autolr_anchor(rt, 0.9f, 0.05f) == AUTOLR_OK) {
+      const float r = autolr_step(rt, 0.9f);
+      CHECK(std::fabs(r - 0.05f) <= 1e-3f * 0.05f, "rate after anchoring at 0.05: %g", r);
+    } else {
+      CHECK(std::strstr(autolr_last_error(), "settles at p") != nullptr, "anchor error: %s", autolr_last_error());
+    }
+  }
+  autolr_free(rt);  // the anchor moved gamma: the checks below start from the file's again
+  rt = nullptr;
+  CHECK(autolr_open_file(pt.c_str(), &rt) == AUTOLR_OK, "reopen: %s", autolr_last_error());
+  if (!rt) return;
+
   // state: save after 50 steps, run 30, restore, run the same 30 again -> identical
   autolr_reset(rt);
   for (size_t i = 0; i < 50; ++i) autolr_step(rt, rows[i].loss);
@@ -170,6 +193,13 @@ static void test_bad_files(const std::string& dir) {
   CHECK(autolr_open_memory(good.data(), good.size(), nullptr) == AUTOLR_E_ARGUMENT, "NULL out");
   CHECK(std::isnan(autolr_step(nullptr, 1.f)), "step(NULL) is NaN");
   CHECK(autolr_reset(nullptr) == AUTOLR_E_ARGUMENT, "reset(NULL)");
+  CHECK(autolr_anchor(nullptr, 1.f, 0.1f) == AUTOLR_E_ARGUMENT, "anchor(NULL)");
+  {
+    char want[32];
+    std::snprintf(want, sizeof want, "%d.%d.%d ", AUTOLR_VERSION_MAJOR, AUTOLR_VERSION_MINOR, AUTOLR_VERSION_PATCH);
+    CHECK(std::strncmp(autolr_version(), want, std::strlen(want)) == 0, "version macros %s vs %s", want,
+          autolr_version());
+  }
   autolr_free(nullptr);
 
   expect_error({}, "empty", AUTOLR_E_FORMAT);

@@ -292,7 +292,7 @@ def _guarded_cosine_warmup(spec: RunSpec, guard: SpikeGuard) -> Schedule:
     base = [g["lr"] for g in opt.param_groups]
 
     def before_step(loss: Tensor) -> None:
-        factor = guard.observe(float(loss)) * envelope(step[0], total, warmup)
+        factor = guard.observe(float(loss.detach())) * envelope(step[0], total, warmup)
         for g, lr in zip(opt.param_groups, base):
             g["lr"] = lr * factor
         step[0] += 1

@@ -326,8 +326,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--task", required=True, choices=available_tasks())
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--runs", type=int, default=1, help="runs in this file (seeds seed .. seed+runs-1)")
-    p.add_argument("--segment", type=int, default=100, help="steps per segment / branch (N)")
-    p.add_argument("--steps", type=int, default=3000, help="training steps per run on the followed path")
+    p.add_argument("--segment", type=int, default=None, help="steps per segment / branch (N; default 100)")
+    p.add_argument("--steps", type=int, default=None,
+                   help="training steps per run on the followed path (default 3000)")
     p.add_argument("--window", type=int, default=None,
                    help="feature window (block means; segment/window steps each); default 20, 4 with --quick")
     p.add_argument("--val-window", type=int, default=4)
@@ -350,13 +351,14 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out", required=True)
     p.add_argument("--resume", action="store_true", help="continue from OUT.partial")
     p.add_argument("--stop-after", type=int, default=None, help=argparse.SUPPRESS)  # simulate an interruption
-    p.add_argument("--quick", action="store_true", help="segment 20, 100 steps, window 4 unless given (a smoke run)")
+    p.add_argument("--quick", action="store_true",
+                   help="segment 20, 100 steps, window 4, each unless given (a smoke run)")
     p.add_argument("--no-progress", action="store_true")
     a = p.parse_args(argv)
-    if a.quick:
-        a.segment, a.steps = min(a.segment, 20), min(a.steps, 100)
-    if a.window is None:
-        a.window = 4 if a.quick else 20
+    # --quick's smaller values only where none was given
+    for key, full, quick in (("segment", 100, 20), ("steps", 3000, 100), ("window", 20, 4)):
+        if getattr(a, key) is None:
+            setattr(a, key, quick if a.quick else full)
     if a.label_horizon < -1:
         p.error("--label-horizon must be >= -1")
     small = [f"--{k.replace('_', '-')} {getattr(a, k)}" for k in ("runs", "segment", "window", "val_window")

@@ -942,6 +942,8 @@ def make_jobs(args) -> tuple[list[Job], dict[str, str], dict]:
     grid = args.grid if args.grid is not None else (3 if args.quick else 5)
     if seeds < 1 or grid < 1:
         raise SystemExit("--seeds and --grid must be >= 1")
+    if args.jobs < 1:
+        raise SystemExit(f"--jobs {args.jobs}: must be >= 1 (1 runs the jobs one after the other)")
     bad = [f"--{k.replace('_', '-')} {v}" for k, v in (("epochs", args.epochs), ("batch_size", args.batch_size),
                                                        ("threads", args.threads)) if v is not None and v < 1]
     if bad:
@@ -1058,6 +1060,8 @@ def _run_all(jobs: list[Job], n_jobs: int, progress: bool, partial: Path | None 
     """Run every job (``n_jobs`` processes), appending each record to ``partial`` (JSON lines) as
     it completes; with ``resume``, jobs already recorded there are not run again."""
     done = _load_partial(partial) if (partial is not None and resume) else {}
+    # a skipped job (its package missing) is tried again, but not recorded twice
+    skipped_before = _load_partial(partial, ("skipped",)) if (partial is not None and resume) else {}
     if partial is not None and not resume:
         partial.unlink(missing_ok=True)
     keys = [_key_of(j) for j in jobs]
@@ -1074,7 +1078,7 @@ def _run_all(jobs: list[Job], n_jobs: int, progress: bool, partial: Path | None 
 
     def collect(rec: dict) -> None:
         records[_record_key(rec)] = rec
-        if sink is not None:
+        if sink is not None and not (rec.get("status") == "skipped" and _record_key(rec) in skipped_before):
             sink.write(json.dumps(strict_json(rec), default=_json_default) + "\n")
             sink.flush()
         bar.set_postfix_str(f"{rec['task']} {rec['method']}", refresh=False)

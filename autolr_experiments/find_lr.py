@@ -46,8 +46,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--pretrain-steps", type=int, default=0,
                    help="train this many steps at --pretrain-lr first (mid-training test)")
     p.add_argument("--pretrain-lr", type=float, default=0.01)
-    p.add_argument("--plot", default="lr_finder.png")
-    p.add_argument("--out", default="lr_finder.json")
+    p.add_argument("--plot", default="lr_finder.png", help="the PNG file to write (default ./lr_finder.png)")
+    p.add_argument("--out", default="lr_finder.json", help="the JSON file to write (a file, not a folder; "
+                   "default ./lr_finder.json)")
     p.add_argument("--quick", action="store_true", help="few rates, short horizons (a smoke run)")
     return p
 
@@ -70,6 +71,10 @@ def main(argv: list[str] | None = None) -> int:
     missing = [f for f in (args.out, args.plot) if f and not os.path.isdir(os.path.dirname(os.path.abspath(f)))]
     if missing:
         raise SystemExit(f"find-lr: the folder of {', '.join(missing)} does not exist")
+    folders = [f for f in (args.out, args.plot) if f and os.path.isdir(f)]
+    if folders:
+        raise SystemExit(f"find-lr: --out and --plot name files, and {', '.join(folders)} is a folder; e.g. "
+                         f"--out {os.path.join(folders[0], 'lr_finder.json')}")
     if args.around_default and args.optimizer != "task":
         raise SystemExit("--around-default needs --optimizer task (the default lr is the task's)")
     torch.manual_seed(args.seed)

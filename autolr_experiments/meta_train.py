@@ -74,7 +74,10 @@ def pretrained_method(path: str) -> Method:
 
 def _parse(argv: list[str] | None) -> argparse.Namespace:
     ap = argparse.ArgumentParser(prog="python -m autolr_fast meta-train", description=__doc__,
-                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+                                 formatter_class=argparse.RawDescriptionHelpFormatter,
+                                 epilog="Two other modes have options of their own: meta-train --family --help "
+                                        "(the shipped default controller: --family, --warmup, --exclude-task, ...) "
+                                        "and meta-train --ablation --help.")
     ap.add_argument("--epochs", type=int)
     ap.add_argument("--seeds", type=int)
     ap.add_argument("--interval", type=int, help="a meta-step every N steps")

@@ -246,10 +246,10 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m autolr_fast update-size", description=__doc__.split("\n")[0])
     p.add_argument("--ablation", type=Path, default=Path("results/anchor_ablation/anchor_ablation.json"),
                    help="an anchor-ablation output: its tasks and their best grid rates")
-    p.add_argument("--steps", type=int, default=60)
-    p.add_argument("--skip", type=int, default=10, help="steps left out at the start")
+    p.add_argument("--steps", type=int, default=None, help="steps measured (default 60; --quick 12)")
+    p.add_argument("--skip", type=int, default=None, help="steps left out at the start (default 10; --quick 2)")
     p.add_argument("--out", type=Path, default=Path("results/update_size"))
-    p.add_argument("--quick", action="store_true", help="12 steps, 2 left out: a smoke test")
+    p.add_argument("--quick", action="store_true", help="12 steps, 2 left out, unless given: a smoke test")
     p.add_argument("--no-progress", action="store_true")
     return p
 
@@ -259,7 +259,8 @@ def main(argv: list[str] | None = None) -> int:
     if not args.ablation.is_file():
         raise SystemExit(f"no anchor-ablation output at {args.ablation}; run python -m autolr_fast anchor-ablation "
                          "first, or pass --ablation PATH")
-    steps, skip = (12, 2) if args.quick else (args.steps, args.skip)
+    steps = args.steps if args.steps is not None else (12 if args.quick else 60)
+    skip = args.skip if args.skip is not None else (2 if args.quick else 10)
     if not 0 <= skip < steps:
         raise SystemExit(f"need 0 <= --skip < --steps, got --skip {skip} --steps {steps}")
     doc = read_json(args.ablation, "an anchor-ablation output", ("tasks",))

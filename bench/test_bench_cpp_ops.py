@@ -19,6 +19,8 @@ All timings use one intra-op thread. After the run a Markdown table of the ratio
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -143,7 +145,7 @@ def ratio_table() -> str:
 def _one_thread_and_print_ratios(request):
     """One intra-op thread for every timing (on a small shared CPU, OpenMP spin-waits of the
     many small parallel ops of the eager baselines make multi-threaded timings meaningless);
-    after the module, print the table (visible with -s) and keep it in results/."""
+    after the module, print the table (visible with -s) and keep it beside the benchmark JSON."""
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     yield
@@ -152,6 +154,12 @@ def _one_thread_and_print_ratios(request):
         return
     table = ratio_table()
     print("\n" + table)
-    out = request.config.rootpath / "results" / "bench_cpp_ops.md"
-    out.parent.mkdir(exist_ok=True)
+    # beside the benchmark JSON when one is written (the bench command's --out), else in results/
+    json_file = request.config.getoption("benchmark_json", None)
+    if json_file is not None:  # a Path (pytest-benchmark's option type), or an open file in older versions
+        folder = Path(getattr(json_file, "name", json_file)).parent
+    else:
+        folder = request.config.rootpath / "results"
+    out = folder / "bench_cpp_ops.md"
+    out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text("# C++ ops vs reference (CPU, medians of one run)\n\n" + table + "\n")

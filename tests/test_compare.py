@@ -671,3 +671,26 @@ def test_time_to_target_counts_the_anchor_trials_first():
     assert compare._time_to_target(rec, 0.9) == (60, pytest.approx(1.8))
     rec["info"] = {"anchor": {"cost_steps": 50}}  # 50 trial steps ran before the 100 of the run
     assert compare._time_to_target(rec, 0.9) == (60, pytest.approx((50 + 60) * 3.0 / 150))
+
+
+def test_a_skipped_job_is_not_recorded_again_on_resume(tmp_path, monkeypatch):
+    """A job whose method raises MethodUnavailable inside its build (a missing package found late)
+    is recorded as skipped once; --resume tries it again without appending a duplicate."""
+    from autolr_experiments import baselines
+    from autolr_experiments.training import MethodUnavailable
+
+    method = baselines.get_method("sgdr")
+
+    def unavailable(spec):
+        raise MethodUnavailable("not here")
+
+    monkeypatch.setattr(method, "build", unavailable)
+    out = tmp_path / "cmp"
+    args = ["--epochs", "1", "--seeds", "1", "--grid", "1", "--tasks", "regress-sin", "--methods", "constant",
+            "sgdr", "--out", str(out), "--no-progress", "--no-plots"]
+    assert compare.main(args) == 0
+    first = (out / "runs.jsonl").read_text().splitlines()
+    assert sum('"skipped"' in line for line in first) == 1
+    for extra in ([], ["--only-recorded"]):
+        assert compare.main(args + ["--resume", *extra]) == 0
+        assert (out / "runs.jsonl").read_text().splitlines() == first

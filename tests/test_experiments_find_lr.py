@@ -49,3 +49,8 @@ def test_cli_task_optimizer_around_its_default(tmp_path, capsys):
     assert "suggestion / default lr 0.001" in capsys.readouterr().out
     with pytest.raises(SystemExit, match="needs --optimizer task"):
         main(["--task", "diabetes-mlp", "--around-default"])
+
+
+def test_a_folder_as_out_is_refused_before_the_work(tmp_path):
+    with pytest.raises(SystemExit, match="is a folder"):
+        main(["--quick", "--out", str(tmp_path)])

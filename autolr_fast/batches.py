@@ -47,7 +47,10 @@ def fresh_iter(batches: Any) -> Any:
     """``iter(batches)``, but a new iterator for a ``DataLoader`` with persistent workers: its
     ``iter()`` hands back (and resets) the one iterator the training loop may be reading, and
     draws its workers' seed only the first time, so trials would shift the loop's batches."""
-    if (isinstance(batches, torch.utils.data.DataLoader) and batches.persistent_workers
+    loader = torch.utils.data.DataLoader
+    # a subclass with an __iter__ of its own (accelerate's DataLoaderShard: device placement, RNG
+    # sync) is iterated as it is
+    if (isinstance(batches, loader) and type(batches).__iter__ is loader.__iter__ and batches.persistent_workers
             and batches.num_workers > 0):
-        return batches._get_iterator()  # workers of its own, shut down when it is collected
+        return batches._get_iterator()  # workers of its own (started per pass), shut down when collected
     return iter(batches)

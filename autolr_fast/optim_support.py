@@ -92,7 +92,8 @@ _PACKAGE_DIR = os.path.dirname(os.path.abspath(__file__))
 
 #: what calls AutoLR for the user (torch: optimizer hooks, optimizer.step(closure)); a warning
 #: raised inside them points past them
-FRAMEWORKS = ("torch", "lightning", "pytorch_lightning", "transformers", "accelerate")
+FRAMEWORKS = ("torch", "lightning", "pytorch_lightning", "lightning_fabric", "transformers", "accelerate", "trl",
+              "peft")
 
 
 def user_stacklevel() -> int:

@@ -106,6 +106,7 @@ class RateScale:
         self.warmup_steps = self._warmup(warmup_steps)
         # the envelope asked for when built: a loaded state with another one does not replace it
         self.built_envelope = (self.total_steps, self.warmup_steps)
+        self.warmup_given = warmup_steps is not None
         self.mode = self._mode(gamma, controller)
         nan = float("nan")
         # an MLR-SNet is settled on the first loss to find its anchor; a relative controller's is lr
@@ -285,15 +286,19 @@ class RateScale:
 
     def load_state_dict(self, state: dict) -> tuple[int | None, int] | None:
         """Load ``state``. The envelope (``total_steps``, ``warmup_steps``) is the saved one, unless
-        this scale was built with another ``total_steps``: a run resumed to be extended (or
-        shortened) keeps the envelope it was built with, as a framework's own schedulers rebuilt
-        from the new length do. Returns the saved envelope in that case."""
+        this scale was built with another ``total_steps`` (or the same one and an explicit other
+        ``warmup_steps``): a run resumed to be extended (or shortened) keeps the envelope it was
+        built with, as a framework's own schedulers rebuilt from the new length do. Returns the
+        saved envelope in that case."""
         self.mode = state["mode"]
         self.base_lr = float(state["base_lr"])
         self.num_classes = state["num_classes"]
         saved = (state["total_steps"], int(state.get("warmup_steps", 0)))  # a state without the key: no warm-up
-        # the length decides: with the same total_steps the saved warm-up stands (exact resume)
-        replaced = self.built_envelope[0] is not None and saved[0] != self.built_envelope[0]
+        # built with a length: another saved length, or a warm-up given explicitly and saved otherwise,
+        # is replaced; with the same length and the default warm-up the saved one stands (exact resume)
+        built_total, built_warmup = self.built_envelope
+        replaced = built_total is not None and (saved[0] != built_total
+                                                or (self.warmup_given and saved[1] != built_warmup))
         self.total_steps, self.warmup_steps = self.built_envelope if replaced else saved
         with torch.no_grad():
             self.peak.copy_(state["peak"].reshape(()))

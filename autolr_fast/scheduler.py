@@ -591,6 +591,12 @@ class AutoLR:
                 f"shortened). To resume the saved envelope unchanged, build AutoLR with total_steps={saved_total}, "
                 f"warmup_steps={saved_warmup}",
                 RuntimeWarning, stacklevel=optim_support.user_stacklevel())
+        length = self.scale.total_steps
+        if saved_envelope is None and length is not None and step_count >= length:
+            warnings.warn(
+                f"AutoLR.load_state_dict: the loaded run's envelope ended at step {length} (this is step "
+                f"{step_count}), so the rate stays 0 from here. To train on, build AutoLR with the new total_steps "
+                "before loading", RuntimeWarning, stacklevel=optim_support.user_stacklevel())
         if self.meta is not None:
             self.meta.load_state_dict(state["meta"])
         if len(self.lr_scales) < n_groups:

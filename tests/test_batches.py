@@ -52,3 +52,19 @@ def test_non_blocking_copies_from_pageable_memory_are_pinned_first(monkeypatch):
     torch.cuda.synchronize()
     assert torch.equal(out.cpu(), x) and torch.equal(out_packed.data.cpu(), packed.data)
     assert not x.is_pinned()  # the caller's tensor is left as it was
+
+
+def test_fresh_iter_leaves_a_loader_subclass_with_its_own_iter_to_it():
+    from autolr_fast.batches import fresh_iter
+
+    class Shard(torch.utils.data.DataLoader):  # as accelerate's DataLoaderShard: its own __iter__
+        def __iter__(self):
+            for x in super().__iter__():
+                yield [t * 100 for t in x]
+
+    data = torch.utils.data.TensorDataset(torch.arange(4.0))
+    shard = Shard(data, batch_size=2, num_workers=1, persistent_workers=True)
+    assert [b[0].tolist() for b in fresh_iter(shard)] == [[0.0, 100.0], [200.0, 300.0]]
+    plain = torch.utils.data.DataLoader(data, batch_size=2, num_workers=1, persistent_workers=True)
+    it = fresh_iter(plain)
+    assert [b[0].tolist() for b in it] == [[0.0, 1.0], [2.0, 3.0]] and plain._iterator is None

@@ -295,3 +295,18 @@ def test_a_training_step_override_without_super_is_named(tmp_path):
 
     with pytest.raises(RuntimeError, match=r"must call super\(\)\.training_step"):
         _linear_trainer(tmp_path, 8, [], trainer_class=Own).train()
+
+
+def test_the_adapter_used_directly_lets_autolrs_warnings_through():
+    from autolr_fast.integrations.huggingface import AutoLRSchedulerAdapter
+
+    model = torch.nn.Linear(2, 1)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    saved = AutoLR(opt, total_steps=4)
+    model.weight.grad, model.bias.grad = torch.zeros_like(model.weight), torch.zeros_like(model.bias)
+    for _ in range(4):
+        saved.step(torch.tensor(1.0))
+    state = saved.state_dict()
+    saved.close()
+    with pytest.warns(RuntimeWarning, match="saved with total_steps=4"):
+        AutoLRSchedulerAdapter(AutoLR(opt, total_steps=8)).load_state_dict(state)

@@ -831,15 +831,33 @@ def test_a_resume_keeps_the_envelope_it_was_built_with(built_with):
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         resumed.load_state_dict(saved["sched"])
-    told = [str(w.message) for w in caught if "total_steps=10" in str(w.message)]
+    told = [str(w.message) for w in caught if "AutoLR.load_state_dict" in str(w.message)]
     train_steps(model, opt, resumed, x, y, steps=3)
+    assert len(told) == 1
     if built_with == 20:
-        assert len(told) == 1 and "built with total_steps=20 (warm-up 1)" in told[0] and "from step 10" in told[0]
+        assert "saved with total_steps=10" in told[0] and "built with total_steps=20 (warm-up 1)" in told[0]
         assert resumed.scale.total_steps == 20 and float(opt.param_groups[0]["lr"]) > 0.01
         assert resumed.state_dict()["scale"]["total_steps"] == 20
-    else:
-        assert not told and resumed.scale.total_steps == 10
-        assert float(opt.param_groups[0]["lr"]) == 0.0  # past the saved envelope's end
+    else:  # the saved envelope, which has ended: said so
+        assert "envelope ended at step 10 (this is step 10)" in told[0] and resumed.scale.total_steps == 10
+        assert float(opt.param_groups[0]["lr"]) == 0.0
+
+
+def test_an_explicit_warmup_at_the_same_length_is_kept_and_the_default_resumes_the_saved_one():
+    model = nn.Linear(8, 3)
+    x, y = make_problem()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    sched = AutoLR(opt, MLRSNet(hidden_size=16), total_steps=40, warmup_steps=0)
+    train_steps(model, opt, sched, x, y, steps=3)
+    saved = copy.deepcopy(sched.state_dict())
+    for warmup, kept in ((10, 10), (None, 0)):
+        resumed = AutoLR(opt, MLRSNet(hidden_size=16), total_steps=40, warmup_steps=warmup)
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            resumed.load_state_dict(saved)
+        assert resumed.scale.warmup_steps == kept
+        told = [w for w in caught if "saved with total_steps=40 (warm-up 0)" in str(w.message)]
+        assert len(told) == (1 if warmup else 0)
 
 
 def test_the_state_of_another_scheduler_is_refused_with_what_to_do():

@@ -61,8 +61,9 @@ class AutoLRSchedulerAdapter:
     """What ``Trainer`` uses as ``lr_scheduler``: a no-op ``step()``, ``get_last_lr()`` for its
     logs, and ``AutoLR``'s ``state_dict`` for its checkpoints."""
 
-    def __init__(self, autolr: AutoLR) -> None:
+    def __init__(self, autolr: AutoLR, hold_warnings: bool = False) -> None:
         self.autolr = autolr
+        self.hold_warnings = hold_warnings  # set by AutoLRTrainer, which issues them (see load_state_dict)
         self._held_warnings: list[warnings.WarningMessage] = []
 
     def step(self, *args: Any, **kwargs: Any) -> None:
@@ -78,7 +79,10 @@ class AutoLRSchedulerAdapter:
     def load_state_dict(self, state: dict) -> None:
         # Trainer loads scheduler.pt under catch_warnings and re-issues only when more than one
         # warning was caught: AutoLR's own (e.g. a resumed run with another length) are held and
-        # issued at the next optimizer step instead
+        # issued when training begins instead
+        if not self.hold_warnings:
+            self.autolr.load_state_dict(state)
+            return
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
             self.autolr.load_state_dict(state)
@@ -93,6 +97,11 @@ class AutoLRSchedulerAdapter:
 class _StepBeforeOptimizer(TrainerCallback):
     def __init__(self, trainer: AutoLRTrainerMixin) -> None:
         self.trainer = trainer
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        # after Trainer has loaded scheduler.pt, outside its catch_warnings
+        if isinstance(self.trainer.lr_scheduler, AutoLRSchedulerAdapter):
+            self.trainer.lr_scheduler.issue_held_warnings()
 
     def on_pre_optimizer_step(self, args, state, control, **kwargs):
         self.trainer._autolr_step()
@@ -197,7 +206,7 @@ class AutoLRTrainerMixin:
                     stacklevel=optim_support.user_stacklevel())
             self.autolr = sched
             self._autolr_window = None
-            self.lr_scheduler = AutoLRSchedulerAdapter(sched)
+            self.lr_scheduler = AutoLRSchedulerAdapter(sched, hold_warnings=True)
             self._created_lr_scheduler = True  # Trainer then builds a new one at the next train()
         return self.lr_scheduler
 

@@ -216,8 +216,8 @@ def _check_total_steps(sched: AutoLR, trainer: pl.Trainer) -> None:
         fit_steps = trainer.estimated_stepping_batches
     except Exception:  # noqa: BLE001 - Lightning cannot always tell (e.g. no length); nothing to compare
         return
-    if total is None or not math.isfinite(fit_steps) or total == int(fit_steps):
-        return
+    if total is None or not math.isfinite(fit_steps) or fit_steps < 1 or total == int(fit_steps):
+        return  # -1: Lightning cannot tell (an iterable dataset without a length, no max_steps)
     warnings.warn(
         f"AutoLRCallback: AutoLR(total_steps={total}), but this fit takes {int(fit_steps)} optimizer steps "
         "(trainer.estimated_stepping_batches, after gradient accumulation): its envelope "

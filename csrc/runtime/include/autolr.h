@@ -75,6 +75,10 @@ AUTOLR_API int autolr_reset(autolr_runtime* rt);
  * Returns AUTOLR_E_ARGUMENT (state and gamma unchanged) for a non-finite loss, an lr that is
  * not positive and finite, or a controller that settles below p = 1e-3 on this loss. */
 AUTOLR_API int autolr_anchor(autolr_runtime* rt, float loss, float lr);
+/* Set the rate scale (a positive finite number; the rate is clamped to it). The state of
+ * autolr_get_state is [h, c, rate] without gamma: a checkpoint of an anchored run saves
+ * autolr_gamma(rt) too, and a resume calls autolr_set_gamma before autolr_set_state. */
+AUTOLR_API int autolr_set_gamma(autolr_runtime* rt, float gamma);
 
 AUTOLR_API float autolr_rate(const autolr_runtime* rt);   /* current rate */
 AUTOLR_API float autolr_gamma(const autolr_runtime* rt);  /* rate scale */

@@ -486,14 +486,20 @@ int autolr_anchor(autolr_runtime* rt, float loss, float lr) {
     float p = 0.f;
     for (int i = 0; i < kSettleSteps; ++i) p = autolr_step(rt, loss);
     const float anchored = lr / p;
-    if (rt->skipped != skipped || !(p >= kMinSettledP) || !std::isfinite(anchored)) {
+    std::string why;
+    if (rt->skipped != skipped)
+      why = "the controller's output is not finite on this loss";
+    else if (!(p >= kMinSettledP))
+      why = "the controller settles at p = " + std::to_string(p) + " on this loss (a usable anchor needs p >= 1e-3)";
+    else if (!std::isfinite(anchored))
+      why = "lr / p overflows a float (lr is too large)";
+    if (!why.empty()) {
       rt->h = h;
       rt->c = c;
       rt->gamma = gamma;
       rt->rate = rate;
       rt->skipped = skipped;
-      return fail(AUTOLR_E_ARGUMENT, "autolr_anchor: the controller settles at p = " + std::to_string(p) +
-                                         " on this loss (a usable anchor needs p >= 1e-3); state unchanged");
+      return fail(AUTOLR_E_ARGUMENT, "autolr_anchor: " + why + "; state unchanged");
     }
     rt->gamma = anchored;
     rt->rate = lr < anchored ? lr : anchored;
@@ -501,6 +507,15 @@ int autolr_anchor(autolr_runtime* rt, float loss, float lr) {
   } catch (const std::bad_alloc&) {
     return fail(AUTOLR_E_MEMORY, "autolr_anchor: out of memory");
   }
+}
+
+int autolr_set_gamma(autolr_runtime* rt, float gamma) {
+  if (!rt) return fail(AUTOLR_E_ARGUMENT, "autolr_set_gamma: handle is NULL");
+  if (!(std::isfinite(gamma) && gamma > 0.f))
+    return fail(AUTOLR_E_ARGUMENT, "autolr_set_gamma: gamma must be a positive finite number");
+  rt->gamma = gamma;
+  if (rt->rate > gamma) rt->rate = gamma;  // the rate stays in [0, gamma]
+  return AUTOLR_OK;
 }
 
 int autolr_reset(autolr_runtime* rt) {

@@ -128,10 +128,26 @@ static void test_fixture(const std::string& dir, const std::string& name) {
     CHECK(autolr_anchor(rt, 1.f, INFINITY) == AUTOLR_E_ARGUMENT, "anchor with lr inf");
     autolr_get_state(rt, after.data(), after.size());
     CHECK(before == after && autolr_gamma(rt) == g, "a refused anchor changed the state");
+    CHECK(autolr_anchor(rt, 1.f, 3e38f) == AUTOLR_E_ARGUMENT && std::strstr(autolr_last_error(), "overflows"),
+          "anchor with an lr that overflows: %s", autolr_last_error());
+    CHECK(autolr_set_gamma(rt, 0.f) == AUTOLR_E_ARGUMENT && autolr_set_gamma(rt, NAN) == AUTOLR_E_ARGUMENT &&
+          autolr_gamma(rt) == g, "set_gamma refuses 0 and NaN");
     autolr_reset(rt);
     if (autolr_anchor(rt, 0.9f, 0.05f) == AUTOLR_OK) {
       const float r = autolr_step(rt, 0.9f);
       CHECK(std::fabs(r - 0.05f) <= 1e-3f * 0.05f, "rate after anchoring at 0.05: %g", r);
+      // a checkpoint of an anchored run: gamma and state; a fresh handle resumes it
+      std::vector<float> st(autolr_state_size(rt));
+      autolr_get_state(rt, st.data(), st.size());
+      const float anchored_gamma = autolr_gamma(rt), next = autolr_step(rt, 0.8f);
+      autolr_runtime* again = nullptr;
+      CHECK(autolr_open_file(pt.c_str(), &again) == AUTOLR_OK, "reopen for resume");
+      if (again) {
+        CHECK(autolr_set_gamma(again, anchored_gamma) == AUTOLR_OK, "set_gamma");
+        CHECK(autolr_set_state(again, st.data(), st.size()) == AUTOLR_OK, "set_state: %s", autolr_last_error());
+        CHECK(autolr_step(again, 0.8f) == next, "a resumed anchored run continues at its rate");
+        autolr_free(again);
+      }
     } else {
       CHECK(std::strstr(autolr_last_error(), "settles at p") != nullptr, "anchor error: %s", autolr_last_error());
     }
@@ -194,6 +210,7 @@ static void test_bad_files(const std::string& dir) {
   CHECK(std::isnan(autolr_step(nullptr, 1.f)), "step(NULL) is NaN");
   CHECK(autolr_reset(nullptr) == AUTOLR_E_ARGUMENT, "reset(NULL)");
   CHECK(autolr_anchor(nullptr, 1.f, 0.1f) == AUTOLR_E_ARGUMENT, "anchor(NULL)");
+  CHECK(autolr_set_gamma(nullptr, 1.f) == AUTOLR_E_ARGUMENT, "set_gamma(NULL)");
   {
     char want[32];
     std::snprintf(want, sizeof want, "%d.%d.%d ", AUTOLR_VERSION_MAJOR, AUTOLR_VERSION_MINOR, AUTOLR_VERSION_PATCH);

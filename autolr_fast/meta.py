@@ -45,6 +45,7 @@ from .controllers.pretrained import save_controller
 from .distributed import mean_across_ranks
 from .model_swap import ModelSwap
 from .ops import dispatch
+from .training_snapshot import clone_state
 
 _END = object()  # next(iterator, _END): the end of a pass over val_data
 
@@ -121,8 +122,20 @@ class MetaTrainer:
     def __init__(self, sched, config: MetaConfig) -> None:
         if not isinstance(sched.controller, MLRSNet) or sched.controller.gate_order != "train":
             raise TypeError("online meta-training needs an MLRSNet controller (gate_order='train')")
-        if int(config.interval) < 1:
-            raise ValueError(f"MetaConfig.interval must be >= 1, got {config.interval}")
+        bad = [f"interval={config.interval!r} (a whole number >= 1)"] if not is_whole_number(config.interval, 1) else []
+        if config.snapshot_every is not None and not is_whole_number(config.snapshot_every, 1):
+            bad.append(f"snapshot_every={config.snapshot_every!r} (a whole number >= 1, or None)")
+        if config.snapshot_every is not None and config.snapshot_dir is None:
+            bad.append("snapshot_every without snapshot_dir (where the snapshots go)")
+        if not is_whole_number(config.fold_bytes, 0):
+            bad.append(f"fold_bytes={config.fold_bytes!r} (a whole number of bytes >= 0)")
+        if config.val_data is None or not isinstance(config.val_data, Iterable):
+            bad.append(f"val_data={type(config.val_data).__name__} (an iterable of validation batches: a list of "
+                       "(inputs, targets) or a DataLoader, not a Dataset)")
+        if not callable(config.loss_fn):
+            bad.append(f"loss_fn={config.loss_fn!r} (loss_fn(model_output, target) -> scalar tensor)")
+        if bad:
+            raise ValueError(f"MetaConfig: {'; '.join(bad)}")
         opt = sched.optimizer
         if not isinstance(opt, (torch.optim.SGD, torch.optim.Adam, torch.optim.AdamW)):
             raise TypeError(
@@ -302,12 +315,20 @@ class MetaTrainer:
         device = self.sched.device
         cuda = device.type == "cuda"
         with torch.random.fork_rng(devices=[device] if cuda else []):
-            seed = (torch.initial_seed() * 1_000_003 + self.meta_steps + 1) % (1 << 63)
-            torch.default_generator.manual_seed(seed)
-            if cuda:
-                with torch.cuda.device(device):
-                    torch.cuda.manual_seed(seed)  # host-side generator state: no sync
+            self._seed_stream(0)
             yield
+
+    def _seed_stream(self, part: int) -> None:
+        """Seed the stream of this meta-step's ``part``: 0 the validation batch, 1 its forward.
+        The forward's masks must not depend on whether fetching the batch drew from the stream
+        (a DataLoader draws its workers' seed when a new pass starts, and a resumed run starts
+        one where the original run was mid-pass)."""
+        seed = (torch.initial_seed() * 1_000_003 + 2 * self.meta_steps + part + 1) % (1 << 63)
+        torch.default_generator.manual_seed(seed)
+        device = self.sched.device
+        if device.type == "cuda":
+            with torch.cuda.device(device):
+                torch.cuda.manual_seed(seed)  # host-side generator state: no sync
 
     def _scratch_state(self) -> tuple[Tensor, Tensor, Tensor]:
         """Copies of the controller state and the rate, in buffers kept from one meta-step to the
@@ -358,6 +379,7 @@ class MetaTrainer:
             raise RuntimeError("meta-step: no parameter has a gradient; call loss.backward() before sched.step(loss)")
         with torch.enable_grad(), self._own_random_stream():
             xv, yv = self._next_val_batch()
+            self._seed_stream(1)
             # parameters without a look-ahead run detached (ModelSwap): no graph is recorded for them
             out = self._swap(w_hat, xv)
             val_loss = self.config.loss_fn(out, yv)
@@ -531,8 +553,9 @@ class MetaTrainer:
     def state_dict(self) -> dict:
         """The meta-optimizer's state, the meta-step count and the position in ``val_data`` (the
         batches used in the current pass), all a resumed run needs to continue exactly."""
-        return {"optimizer": self.optimizer.state_dict(), "meta_steps": self.meta_steps,
-                "val_batches": self._val_used}
+        # cloned: a state kept in memory (a "best so far" copy) must not follow the live optimizer
+        return {"optimizer": clone_state(self.optimizer.state_dict()), "optimizer_type": type(self.optimizer).__name__,
+                "meta_steps": self.meta_steps, "val_batches": self._val_used}
 
     def check_state(self, state: Any) -> None:
         """Raise ``ValueError`` unless ``state`` is a :meth:`state_dict` this trainer can load (checked
@@ -550,6 +573,10 @@ class MetaTrainer:
             raise ValueError(f"the state_dict's meta-optimizer has param groups of sizes {theirs}, this AutoLR's "
                              f"{type(self.optimizer).__name__} has {own}: save and load with the same "
                              "MetaConfig.optimizer and controller")
+        kind = state.get("optimizer_type")  # absent in states saved before it was recorded
+        if kind is not None and kind != type(self.optimizer).__name__:
+            raise ValueError(f"the state_dict's meta-optimizer is a {kind}, this AutoLR's is a "
+                             f"{type(self.optimizer).__name__}: save and load with the same MetaConfig.optimizer")
         steps = state["meta_steps"]
         if not is_whole_number(steps, 0):
             raise ValueError(f"the state_dict's 'meta_steps' is {steps!r}, not a whole number >= 0")

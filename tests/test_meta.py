@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import re
 
 import pytest
 import torch
@@ -625,3 +626,90 @@ def test_sparse_embeddings_are_refused_with_the_reason():
     with pytest.raises(NotImplementedError, match="sparse=True"):
         AutoLR(opt, MLRSNet(hidden_size=8), meta=MetaConfig(model, [(x, y)], nn.functional.cross_entropy))
     assert "initial_lr" not in opt.param_groups[0]  # the refused AutoLR left the optimizer alone
+
+
+def test_resume_from_a_plain_dataloader_with_dropout_is_bit_identical(tmp_path):
+    """A DataLoader draws its workers' seed when a pass starts, and a resumed run starts one where
+    the original was mid-pass: the validation forward's dropout masks must not depend on it."""
+    torch.manual_seed(0)
+    template = nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Dropout(0.2), nn.Linear(16, 3))
+    controller = MLRSNet(hidden_size=16)
+    x, y = torch.randn(64, 8), torch.randint(0, 3, (64,))
+    val = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(x[:48] + 0.5, y[:48]), batch_size=16)
+
+    def make():
+        model = copy.deepcopy(template)
+        opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+        sched = AutoLR(opt, copy.deepcopy(controller), gamma=0.5,
+                       meta=MetaConfig(model, val, nn.functional.cross_entropy, interval=1))
+        return model, opt, sched
+
+    def run(model, opt, sched, steps, start=0):
+        rates = []
+        for i in range(start, start + steps):
+            opt.zero_grad()
+            loss = nn.functional.cross_entropy(model(x[8 * (i % 8):8 * (i % 8) + 8]), y[8 * (i % 8):8 * (i % 8) + 8])
+            loss.backward()
+            sched.step(loss)
+            opt.step()
+            rates.append(sched.last_rate.clone())
+        return rates
+
+    torch.manual_seed(1)
+    straight = run(*make(), 5)
+    torch.manual_seed(1)
+    model, opt, sched = make()
+    first = run(model, opt, sched, 2)
+    saved = copy.deepcopy({"model": model.state_dict(), "opt": opt.state_dict(), "sched": sched.state_dict(),
+                           "rng": torch.get_rng_state()})
+    kept = sched.state_dict()
+    run(model, opt, sched, 1)
+    step_kept, step_saved = (s["meta"]["optimizer"]["state"][0]["step"] for s in (kept, saved["sched"]))
+    assert torch.equal(step_kept, step_saved), "a state_dict kept in memory must not follow the live meta-optimizer"
+    model2, opt2, sched2 = make()
+    model2.load_state_dict(saved["model"])
+    opt2.load_state_dict(saved["opt"])
+    sched2.load_state_dict(saved["sched"])
+    torch.set_rng_state(saved["rng"])
+    resumed = first + run(model2, opt2, sched2, 3, start=2)
+    assert torch.equal(torch.stack(straight), torch.stack(resumed)), \
+        [i for i, (a, b) in enumerate(zip(straight, resumed)) if not torch.equal(a, b)]
+
+
+def test_a_state_of_another_meta_optimizer_is_refused_before_anything_changes():
+    model = nn.Linear(8, 3)
+    x, y = torch.randn(16, 8), torch.randint(0, 3, (16,))
+
+    def make(meta_opt=None):
+        opt = torch.optim.SGD(model.parameters(), lr=0.1)
+        cfg = MetaConfig(model, [(x, y)], nn.functional.cross_entropy, interval=1,
+                         **({"optimizer": meta_opt} if meta_opt else {}))
+        return opt, AutoLR(opt, MLRSNet(hidden_size=8), gamma=0.5, meta=cfg)
+
+    opt, sgd_meta = make(lambda p: torch.optim.SGD(p, lr=0.01, momentum=0.9))
+    train_steps(model, opt, sgd_meta, x, y, 2)
+    state = sgd_meta.state_dict()
+    sgd_meta.close()
+    _, adam_meta = make()
+    with pytest.raises(ValueError, match="meta-optimizer is a SGD, this AutoLR's is a Adam"):
+        adam_meta.load_state_dict(state)
+    assert adam_meta.step_count == 0
+
+
+@pytest.mark.parametrize("change, words", [
+    ({"interval": 2.5}, "interval=2.5"), ({"interval": True}, "interval=True"), ({"interval": 0}, "interval=0"),
+    ({"snapshot_every": 0, "snapshot_dir": "x"}, "snapshot_every=0"), ({"snapshot_every": 5}, "without snapshot_dir"),
+    ({"fold_bytes": -1}, "fold_bytes=-1"), ({"val_data": None}, "val_data=NoneType"),
+    ({"loss_fn": None}, "loss_fn=None"),
+])
+def test_a_bad_meta_config_is_refused_when_autolr_is_built(change, words):
+    model = nn.Linear(8, 3)
+    x, y = torch.randn(16, 8), torch.randint(0, 3, (16,))
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    cfg = {"model": model, "val_data": [(x, y)], "loss_fn": nn.functional.cross_entropy, **change}
+    with pytest.raises(ValueError, match=re.escape(words)):
+        AutoLR(opt, MLRSNet(hidden_size=8), gamma=0.5, meta=MetaConfig(**cfg))
+    assert not opt._optimizer_step_pre_hooks
+    val = torch.utils.data.TensorDataset(x, y)
+    with pytest.raises(ValueError, match="not a Dataset"):
+        AutoLR(opt, MLRSNet(hidden_size=8), gamma=0.5, meta=MetaConfig(model, val, nn.functional.cross_entropy))

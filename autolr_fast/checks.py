@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import numbers
+
 
 def is_whole_number(value: object, minimum: int) -> bool:
-    """True for an ``int`` >= ``minimum``. ``bool`` is refused although it is an ``int``:
-    ``total_steps=True`` is a mistake, not one step."""
-    return isinstance(value, int) and not isinstance(value, bool) and value >= minimum
+    """True for an integer (``int``, a NumPy integer) >= ``minimum``. ``bool`` is refused although
+    it is an ``int``: ``total_steps=True`` is a mistake, not one step."""
+    return isinstance(value, numbers.Integral) and not isinstance(value, bool) and bool(value >= minimum)

@@ -186,8 +186,6 @@ class RateScale:
         return "fixed"
 
     def _warn_about_choice(self, optimizer: torch.optim.Optimizer, warned: set) -> None:
-        adam_like = isinstance(optimizer, (torch.optim.Adam, torch.optim.AdamW, torch.optim.Adamax,
-                                           torch.optim.NAdam, torch.optim.RAdam))
         momentum = max(float(g.get("momentum", 0.0) or 0.0) for g in optimizer.param_groups)
         name = type(optimizer).__name__
         # a controller whose gamma is only a cap (the action controller starts at lr) is not
@@ -202,12 +200,14 @@ class RateScale:
                     "given, so the rate will be far from the rate you chose for this optimizer. Leave gamma "
                     "unset to scale the controller to the optimizer's lr",
                 )
-        if self.mode == "auto" and (adam_like or momentum > 0):
+        plain_sgd = isinstance(optimizer, torch.optim.SGD) and momentum == 0
+        if self.mode == "auto" and not plain_sgd:
             optim_support.warn_once(
                 warned, "auto_gamma_optimizer",
-                f"AutoLR: gamma='auto' is the published rule for plain SGD; with {name}"
-                f"{f' (momentum {momentum:g})' if momentum else ''} its rate is too large and training may "
-                "diverge. Leave gamma unset to scale the controller to the optimizer's lr",
+                f"AutoLR: gamma='auto' is the published rule for plain SGD (no momentum); with {name}"
+                f"{f' (momentum {momentum:g})' if momentum else ''} its scale is not calibrated (too large with "
+                "momentum or an adaptive step) and training may diverge. Leave gamma unset to scale the "
+                "controller to the optimizer's lr",
             )
 
     # ------------------------------------------------------------------------------------------

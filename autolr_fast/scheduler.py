@@ -148,12 +148,16 @@ class AutoLR:
             self._write_rate_to_groups()
         self._hook = optimizer.register_step_pre_hook(self._before_optimizer_step)
         self._closed = False
+        self._paused = False  # during an optimizer step's second and later closure evaluations
         self._steady_step = None  # see _steady_step_fn
 
     def _init_param_groups(self, lr_scales: list[float] | None, lr_as_tensor: bool | None) -> float:
         """Record each group's scale; decide tensor or float rates. Returns the rate the scales
         are relative to: the first positive group lr (the first group's when none is)."""
         groups = self.optimizer.param_groups
+        if any("lr" not in g for g in groups):
+            raise TypeError(f"AutoLR sets each param group's 'lr', and {type(self.optimizer).__name__}'s param groups "
+                            "have none: use an optimizer with a learning rate")
         lrs = [float(g["lr"]) for g in groups]
         if not any(r > 0 for r in lrs):
             # an optimizer state loaded before AutoLR(...) holds the last rate, 0 before a first step
@@ -195,10 +199,10 @@ class AutoLR:
         # Excluded from torch.compile: it reads host counters that change every step, which
         # would otherwise become guards and recompile a compiled optimizer.step every step.
         self._steps_since_optimizer = 0
-        if self.step_count > 0:
-            return None
         closure = _closure_of(args, kwargs)
         if closure is None:
+            if self.step_count > 0:
+                return None
             raise RuntimeError(
                 "optimizer.step() was called before AutoLR.step(loss). AutoLR sets the rate of "
                 "step t from the loss of step t: call loss.backward(); sched.step(loss); "
@@ -206,11 +210,23 @@ class AutoLR:
             )
 
         # optimizer.step(closure) (Lightning's automatic optimization, LBFGS-style loops): the
-        # closure runs backward and sched.step(loss) inside optimizer.step, after this hook. The
-        # first one is checked as soon as it returns, before the optimizer moves the parameters.
+        # closure runs backward and sched.step(loss) inside optimizer.step, after this hook. AutoLR
+        # reads the first evaluation (the loss at the step's starting point) and ignores the
+        # others of the same optimizer step (LBFGS evaluates many). The first closure of the run is
+        # checked as soon as it returns, before the optimizer moves the parameters.
+        first_of_run = self.step_count == 0
+        evaluations = [0]
+
         def checked_closure():
+            evaluations[0] += 1
+            if evaluations[0] > 1:
+                self._paused = True
+                try:
+                    return closure()
+                finally:
+                    self._paused = False
             loss = closure()
-            if self.step_count == 0:
+            if first_of_run and self.step_count == 0:
                 raise RuntimeError(
                     "optimizer.step(closure) ran a closure that did not call AutoLR.step(loss): inside the "
                     "closure, call loss.backward(); sched.step(loss) before it returns the loss"
@@ -269,7 +285,12 @@ class AutoLR:
 
         On a GPU, the step can be captured in a CUDA graph with the rest of the training step
         (after a few eager steps; see :meth:`_check_capturable`): each replay then runs the
-        controller on the replay's loss and writes a new rate."""
+        controller on the replay's loss and writes a new rate.
+
+        Inside ``optimizer.step(closure)`` only the closure's first evaluation is read: an
+        optimizer that evaluates it again within the step (LBFGS) does not advance AutoLR."""
+        if self._paused:
+            return
         fast = self._steady_step
         # a second step without optimizer.step() takes the full step until it has been warned about
         if (fast is not None and skip is None and type(loss) is Tensor
@@ -368,7 +389,8 @@ class AutoLR:
                                    lr_list, self.lr_scales if lr_list else [], self.counters.values, self._ok)
         else:
             with torch.no_grad():
-                controller.scheduler_step_(x, self.gamma, self.rate)
+                # a negative loss is read as 0 by every controller (NaN stays NaN: skipped)
+                controller.scheduler_step_(torch.clamp_min(x, 0.0), self.gamma, self.rate)
                 reference.count_step_(self.counters.values, x, torch.isfinite(x))
             if self.tensor_lr:
                 dispatch.write_rates(self.rate, lr_list, self.lr_scales)
@@ -573,6 +595,7 @@ class AutoLR:
             extra = self.optimizer.param_groups[len(state["lr_scales"]):]
             self.meta.check_parameters([p for g in extra for p in g["params"]], "an added param group's")
         self.controller.load_state_dict({k: v.to(self.device) for k, v in ctrl.items()})
+        saved_mode, built_mode = state["scale"]["mode"], self.scale.mode
         saved_envelope = self.scale.load_state_dict(state["scale"])
         self._scale_check = None  # the loaded scale is decided, or decided again from the next loss
         with torch.no_grad():
@@ -591,6 +614,11 @@ class AutoLR:
                 f"shortened). To resume the saved envelope unchanged, build AutoLR with total_steps={saved_total}, "
                 f"warmup_steps={saved_warmup}",
                 RuntimeWarning, stacklevel=optim_support.user_stacklevel())
+        if self.scale.user_gamma and saved_mode != built_mode:
+            warnings.warn(
+                f"AutoLR.load_state_dict: the state's scale is {saved_mode!r} (peak {float(self.scale.peak):.4g}); it "
+                f"replaces the {built_mode!r} scale this AutoLR was built with (gamma=...)",
+                RuntimeWarning, stacklevel=optim_support.user_stacklevel())
         length = self.scale.total_steps
         if saved_envelope is None and length is not None and step_count >= length:
             warnings.warn(
@@ -604,9 +632,12 @@ class AutoLR:
         self._write_rate_to_groups()
 
     def __repr__(self) -> str:
+        scale = self.scale
+        envelope = (f", total_steps={scale.total_steps}, warmup_steps={scale.warmup_steps}" if scale.has_envelope
+                    else "")
         return (
-            f"AutoLR(controller={type(self.controller).__name__}, scale={self.scale.mode}, "
-            f"steps={self.step_count}, device={self.device})"
+            f"AutoLR(controller={type(self.controller).__name__}, scale={scale.mode}{envelope}, "
+            f"steps={self.step_count}, device={self.device}{', closed' if self._closed else ''})"
         )
 
 

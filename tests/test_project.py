@@ -145,7 +145,8 @@ def test_library_works_with_torch_and_tqdm_only(tmp_path):
 
 @pytest.mark.parametrize("value, minimum, ok", [(3, 1, True), (1, 1, True), (0, 1, False), (0, 0, True), (-1, 0, False),
                                                 (True, 0, False), (False, 0, False), (2.0, 1, False), ("2", 1, False),
-                                                (None, 0, False)])
+                                                (None, 0, False), (__import__("numpy").int64(3), 1, True),
+                                                (__import__("numpy").bool_(True), 0, False)])
 def test_is_whole_number(value, minimum, ok):
     from autolr_fast.checks import is_whole_number
     assert is_whole_number(value, minimum) is ok

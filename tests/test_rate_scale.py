@@ -326,3 +326,54 @@ def test_loading_a_state_keeps_the_gamma_tensor_a_graph_may_read():
     assert plain.scale.gamma is plain.scale.peak
     plain.load_state_dict(state)
     assert plain.scale.gamma is not plain.scale.peak and torch.equal(plain.scale.gamma, gamma)
+
+
+def test_what_a_user_meets_off_the_common_path_is_said_clearly(tmp_path):
+    import numpy as np
+
+    from autolr_fast import available_pretrained, load_controller, load_pretrained, save_controller
+
+    model = nn.Linear(4, 2)
+    with pytest.warns(RuntimeWarning, match="published rule for plain SGD"):
+        AutoLR(torch.optim.RMSprop(model.parameters(), lr=1e-2), MLRSNet(hidden_size=8), gamma="auto", num_classes=10)
+    sched = AutoLR(torch.optim.SGD(model.parameters(), lr=0.1), MLRSNet(hidden_size=8), total_steps=np.int64(100))
+    assert sched.scale.total_steps == 100 and "total_steps=100, warmup_steps=5" in repr(sched)
+    sched.close()
+    assert repr(sched).endswith(", closed)")
+
+    class NoLr(torch.optim.Optimizer):
+        def __init__(self, params):
+            super().__init__(params, {"rho": 0.9})
+
+        def step(self, closure=None):
+            return None
+
+    with pytest.raises(TypeError, match="param groups have none"):
+        AutoLR(NoLr(model.parameters()), MLRSNet(hidden_size=8))
+    assert "default" in available_pretrained()
+    with pytest.raises(KeyError, match="a name, not a path"):
+        load_pretrained("../weights/default")
+    path = tmp_path / "c.pt"
+    save_controller(MLRSNet(hidden_size=8), path, gamma=0.1)
+    blob = torch.load(path, weights_only=True)
+    for damage, words in ((lambda b: b["config"].pop("hidden_size"), "does not describe an MLRSNet"),
+                          (lambda b: b["config"].update(hidden_size="abc"), "does not describe an MLRSNet"),
+                          (lambda b: next(iter(b["state_dict"].values())).fill_(float("nan")), "NaN or infinite")):
+        bad = {**blob, "config": dict(blob["config"]),
+               "state_dict": {k: v.clone() for k, v in blob["state_dict"].items()}}
+        damage(bad)
+        torch.save(bad, tmp_path / "bad.pt")
+        with pytest.raises(ValueError, match=words):
+            load_controller(tmp_path / "bad.pt")
+
+
+def test_a_saved_scale_of_another_mode_replacing_an_explicit_gamma_is_said():
+    model = nn.Linear(4, 2)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    saved = AutoLR(opt, MLRSNet(hidden_size=8))
+    model.weight.grad, model.bias.grad = torch.zeros_like(model.weight), torch.zeros_like(model.bias)
+    saved.step(torch.tensor(1.0))
+    state = saved.state_dict()
+    saved.close()
+    with pytest.warns(RuntimeWarning, match="state's scale is 'lr'.*replaces the 'fixed' scale"):
+        AutoLR(opt, MLRSNet(hidden_size=8), gamma=0.5).load_state_dict(state)

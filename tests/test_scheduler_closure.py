@@ -64,3 +64,41 @@ def test_optimizer_step_before_sched_step_is_still_refused():
     model(torch.randn(2, 4)).sum().backward()
     with pytest.raises(RuntimeError, match="before AutoLR.step"):
         opt.step()
+
+
+def test_lbfgs_advances_autolr_once_per_optimizer_step():
+    """LBFGS evaluates the closure up to max_iter times per step: AutoLR reads the first (the loss
+    at the step's start), so its steps, envelope and rates follow optimizer steps, unwarned."""
+    import warnings
+
+    torch.manual_seed(0)
+    model = nn.Linear(4, 2)
+    x, y = torch.randn(16, 4), torch.randn(16, 2)
+    opt = torch.optim.LBFGS(model.parameters(), lr=0.5, max_iter=5)
+    sched = AutoLR(opt, MLRSNet(hidden_size=8), total_steps=50, warmup_steps=10)
+    read = []
+    step = sched.step
+    sched.step = lambda loss, *a, **k: (read.append(float(loss.detach())), step(loss, *a, **k))[1]
+    evaluations = []
+    closure = _closure(model, opt, sched, x, y)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # no "called twice without optimizer.step()"
+        for _ in range(10):
+            before = len(read)
+            opt.step(closure)
+            evaluations.append(len(read) - before)
+    assert sched.step_count == 10 and max(evaluations) > 1  # LBFGS did evaluate several times
+
+
+def test_a_negative_loss_is_read_as_zero_by_the_action_controller_too():
+    from autolr_fast import ActionController
+
+    model = nn.Linear(4, 2)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    ctrl = ActionController.pretrained("action-mlp")
+    sched = AutoLR(opt, ctrl)
+    model.weight.grad, model.bias.grad = torch.zeros_like(model.weight), torch.zeros_like(model.bias)
+    with pytest.warns(RuntimeWarning, match="negative"):
+        for loss in (1.0, -0.5, -3.0, 1.0, 1.0):
+            sched.step(torch.tensor(loss))
+    assert float(ctrl.initial) >= 0.0 and float(ctrl.lowest) >= 0.0

@@ -377,9 +377,13 @@ class ActionController(nn.Module):
         if missing:
             raise ValueError(f"{path!r}: the action controller's config lacks {missing}")
         relative = bool(cfg.get("relative", False))
-        model = make_action_model(payload["model_kind"], cfg["window"], channels=feature_channels(relative),
-                                  actions=len(cfg["multipliers"]),
-                                  hidden=_hidden_from_state(payload["model_kind"], state))
+        try:
+            model = make_action_model(payload["model_kind"], cfg["window"], channels=feature_channels(relative),
+                                      actions=len(cfg["multipliers"]),
+                                      hidden=_hidden_from_state(payload["model_kind"], state))
+        except (KeyError, TypeError, ValueError, IndexError) as exc:
+            raise ValueError(f"{path!r} is a damaged action-controller file: its config or model state does not "
+                             f"build a {payload['model_kind']} model ({type(exc).__name__}: {exc})") from exc
         try:
             model.load_state_dict(state)
         except RuntimeError as exc:

@@ -52,7 +52,7 @@ def _mlrsnet_from_blob(blob: dict, path: str) -> MLRSNet:
     """The :class:`MLRSNet` in a controller file's contents (``path`` is for errors)."""
     if blob.get("version") != VERSION:
         raise ValueError(
-            f"{path!r} has controller format version {blob.get('version')}, this autolr_fast reads {VERSION}")
+            f"{path!r} has controller format version {blob.get('version')!r}, this autolr_fast reads {VERSION!r}")
     missing = [k for k, kind in (("config", dict), ("state_dict", dict)) if not isinstance(blob.get(k), kind)]
     gamma = blob.get("gamma")
     if isinstance(gamma, bool) or not isinstance(gamma, (int, float)) or not (math.isfinite(gamma) and gamma > 0):
@@ -60,7 +60,11 @@ def _mlrsnet_from_blob(blob: dict, path: str) -> MLRSNet:
     if missing:
         raise ValueError(f"{path!r} is an incomplete or damaged controller file: no valid {missing}")
     cfg = blob["config"]
-    net = MLRSNet(int(cfg["hidden_size"]), int(cfg["num_layers"]), cfg.get("gate_order", "train"))
+    try:
+        net = MLRSNet(int(cfg["hidden_size"]), int(cfg["num_layers"]), cfg.get("gate_order", "train"))
+    except (KeyError, TypeError, ValueError) as exc:
+        raise ValueError(f"{path!r} is a damaged controller file: its config {cfg!r} does not describe an MLRSNet "
+                         f"({type(exc).__name__}: {exc})") from exc
     state = dict(blob["state_dict"])
     state["h"] = torch.zeros_like(net.h)
     state["c"] = torch.zeros_like(net.c)
@@ -68,6 +72,8 @@ def _mlrsnet_from_blob(blob: dict, path: str) -> MLRSNet:
         net.load_state_dict(state, strict=True)
     except RuntimeError as exc:
         raise ValueError(f"{path!r}: weights do not match the stored architecture ({exc})") from exc
+    if not all(torch.isfinite(p).all() for p in net.parameters()):
+        raise ValueError(f"{path!r} is a damaged controller file: some weights are NaN or infinite")
     net.default_gamma = float(blob["gamma"])
     net.info = blob.get("info", {})
     return net
@@ -105,6 +111,9 @@ def load_pretrained(name: str) -> nn.Module:
     none, meta-trained across tasks and optimizers), ``"mnist1d-cnn"`` (an MLR-SNet meta-trained
     on one task) or ``"action-mlp"`` (an :class:`~autolr_fast.ActionController`); each file's
     ``.json`` beside it says how it was trained."""
+    if not isinstance(name, str) or not name or name != os.path.basename(name) or name.startswith("."):
+        raise KeyError(f"no pretrained controller {name!r} (a name, not a path; for a file use load_controller(path)); "
+                       f"available: {', '.join(available_pretrained()) or 'none'}")
     path = PRETRAINED_DIR / f"{name}.pt"
     if not path.is_file():
         raise KeyError(f"no pretrained controller {name!r}; available: {', '.join(available_pretrained()) or 'none'}")

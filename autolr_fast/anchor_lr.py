@@ -231,7 +231,7 @@ def _trial_steps(total_steps: int | None, trial_steps: int | None, fraction: flo
     if trial_steps is not None:
         if not is_whole_number(trial_steps, 1):
             raise ValueError(f"trial_steps must be a positive whole number, got {trial_steps!r}")
-        return trial_steps
+        return int(trial_steps)
     if total_steps is None:
         raise ValueError("find_anchor_lr needs total_steps (the run's optimizer steps; each trial is "
                          f"fraction={fraction:g} of them) or trial_steps")
@@ -327,6 +327,7 @@ def find_anchor_lr(
     _check_confidence(confidence)
     if not is_whole_number(extend, 0):
         raise ValueError(f"extend must be a whole number >= 0 (0: only the num rates), got {extend!r}")
+    extend, num = int(extend), int(num)  # NumPy integers too: the result is written as JSON
     if isinstance(train_batches, Iterator):  # asked without iterating: a DataLoader would draw from the RNG
         raise ValueError("find_anchor_lr: train_batches must be re-iterable (a list or a DataLoader): every trial "
                          "trains on the same batches")

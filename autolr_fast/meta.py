@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+import numbers
 import os
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
@@ -100,6 +101,13 @@ def _is_dtensor(t: Tensor) -> bool:
     return DTensor is not None and isinstance(t, DTensor)
 
 
+def _whole(value: Any, minimum: int) -> bool:
+    """A whole number >= ``minimum``, also as a float (``interval=2.0``); not a bool."""
+    if isinstance(value, float):
+        return value.is_integer() and value >= minimum
+    return is_whole_number(value, minimum)
+
+
 def _default_unpack(batch: Any) -> tuple[Any, Any]:
     if isinstance(batch, Mapping):
         try:
@@ -122,15 +130,16 @@ class MetaTrainer:
     def __init__(self, sched, config: MetaConfig) -> None:
         if not isinstance(sched.controller, MLRSNet) or sched.controller.gate_order != "train":
             raise TypeError("online meta-training needs an MLRSNet controller (gate_order='train')")
-        bad = [f"interval={config.interval!r} (a whole number >= 1)"] if not is_whole_number(config.interval, 1) else []
-        if config.snapshot_every is not None and not is_whole_number(config.snapshot_every, 1):
-            bad.append(f"snapshot_every={config.snapshot_every!r} (a whole number >= 1, or None)")
-        if config.snapshot_every is not None and config.snapshot_dir is None:
-            bad.append("snapshot_every without snapshot_dir (where the snapshots go)")
-        if not is_whole_number(config.fold_bytes, 0):
-            bad.append(f"fold_bytes={config.fold_bytes!r} (a whole number of bytes >= 0)")
-        if config.val_data is None or not isinstance(config.val_data, Iterable):
-            bad.append(f"val_data={type(config.val_data).__name__} (an iterable of validation batches: a list of "
+        bad = [] if _whole(config.interval, 1) else [f"interval={config.interval!r} (a whole number >= 1)"]
+        if config.snapshot_every is not None and not _whole(config.snapshot_every, 0):
+            bad.append(f"snapshot_every={config.snapshot_every!r} (a whole number; 0 or None: no snapshots)")
+        if not (isinstance(config.fold_bytes, numbers.Real) and not isinstance(config.fold_bytes, bool)
+                and config.fold_bytes >= 0):
+            bad.append(f"fold_bytes={config.fold_bytes!r} (a number of bytes >= 0)")
+        val = config.val_data
+        if val is None or isinstance(val, torch.utils.data.Dataset) or not (
+                hasattr(val, "__iter__") or hasattr(val, "__getitem__")):
+            bad.append(f"val_data={type(val).__name__} (an iterable of validation batches: a list of "
                        "(inputs, targets) or a DataLoader, not a Dataset)")
         if not callable(config.loss_fn):
             bad.append(f"loss_fn={config.loss_fn!r} (loss_fn(model_output, target) -> scalar tensor)")
@@ -148,7 +157,7 @@ class MetaTrainer:
         self.sched = sched
         self.config = config
         self.model = model
-        self.interval = int(config.interval)
+        self.interval = int(config.interval)  # a whole float (2.0) too
         self.unpack = config.unpack or _default_unpack
         sharded = [n for n, p in model.named_parameters() if _is_dtensor(p)]
         if sharded:
@@ -323,7 +332,9 @@ class MetaTrainer:
         The forward's masks must not depend on whether fetching the batch drew from the stream
         (a DataLoader draws its workers' seed when a new pass starts, and a resumed run starts
         one where the original run was mid-pass)."""
-        seed = (torch.initial_seed() * 1_000_003 + 2 * self.meta_steps + part + 1) % (1 << 63)
+        # part 0 keeps the formula of states saved before the forward had a stream of its own
+        multiplier = 1_000_003 if part == 0 else 2_000_029
+        seed = (torch.initial_seed() * multiplier + self.meta_steps + 1) % (1 << 63)
         torch.default_generator.manual_seed(seed)
         device = self.sched.device
         if device.type == "cuda":

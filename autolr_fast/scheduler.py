@@ -200,7 +200,7 @@ class AutoLR:
         # would otherwise become guards and recompile a compiled optimizer.step every step.
         self._steps_since_optimizer = 0
         closure = _closure_of(args, kwargs)
-        if closure is None:
+        if not callable(closure):
             if self.step_count > 0:
                 return None
             raise RuntimeError(
@@ -390,7 +390,7 @@ class AutoLR:
         else:
             with torch.no_grad():
                 # a negative loss is read as 0 by every controller (NaN stays NaN: skipped)
-                controller.scheduler_step_(torch.clamp_min(x, 0.0), self.gamma, self.rate)
+                controller.scheduler_step_(torch.where(torch.isfinite(x), x.clamp_min(0.0), x), self.gamma, self.rate)
                 reference.count_step_(self.counters.values, x, torch.isfinite(x))
             if self.tensor_lr:
                 dispatch.write_rates(self.rate, lr_list, self.lr_scales)
@@ -596,12 +596,14 @@ class AutoLR:
             self.meta.check_parameters([p for g in extra for p in g["params"]], "an added param group's")
         self.controller.load_state_dict({k: v.to(self.device) for k, v in ctrl.items()})
         saved_mode, built_mode = state["scale"]["mode"], self.scale.mode
+        # read on the host once, at a load: a sync on a GPU is fine here
+        saved_peak, built_peak = float(state["scale"]["peak"]), float(self.scale.peak)
         saved_envelope = self.scale.load_state_dict(state["scale"])
         self._scale_check = None  # the loaded scale is decided, or decided again from the next loss
         with torch.no_grad():
             self.rate.copy_(state["rate"])
             self.counters.values.copy_(state["counters"])
-        self.step_count = step_count
+        self.step_count = int(step_count)  # a NumPy integer from a checkpoint too
         self.counters.refresh(self.step_count)  # the host's view of the loaded counters, not the old ones
         self.lr_scales = lr_scales
         self._warned = set(state.get("warned", []))
@@ -614,10 +616,10 @@ class AutoLR:
                 f"shortened). To resume the saved envelope unchanged, build AutoLR with total_steps={saved_total}, "
                 f"warmup_steps={saved_warmup}",
                 RuntimeWarning, stacklevel=optim_support.user_stacklevel())
-        if self.scale.user_gamma and saved_mode != built_mode:
+        if self.scale.user_gamma and (saved_mode != built_mode or (built_mode == "fixed" and saved_peak != built_peak)):
             warnings.warn(
-                f"AutoLR.load_state_dict: the state's scale is {saved_mode!r} (peak {float(self.scale.peak):.4g}); it "
-                f"replaces the {built_mode!r} scale this AutoLR was built with (gamma=...)",
+                f"AutoLR.load_state_dict: the state's scale is {saved_mode!r} (peak {saved_peak:.4g}); it replaces the "
+                f"{built_mode!r} scale this AutoLR was built with (gamma={built_peak:.4g})",
                 RuntimeWarning, stacklevel=optim_support.user_stacklevel())
         length = self.scale.total_steps
         if saved_envelope is None and length is not None and step_count >= length:

@@ -698,7 +698,7 @@ def test_a_state_of_another_meta_optimizer_is_refused_before_anything_changes():
 
 @pytest.mark.parametrize("change, words", [
     ({"interval": 2.5}, "interval=2.5"), ({"interval": True}, "interval=True"), ({"interval": 0}, "interval=0"),
-    ({"snapshot_every": 0, "snapshot_dir": "x"}, "snapshot_every=0"), ({"snapshot_every": 5}, "without snapshot_dir"),
+    ({"snapshot_every": -1, "snapshot_dir": "x"}, "snapshot_every=-1"),
     ({"fold_bytes": -1}, "fold_bytes=-1"), ({"val_data": None}, "val_data=NoneType"),
     ({"loss_fn": None}, "loss_fn=None"),
 ])
@@ -713,3 +713,25 @@ def test_a_bad_meta_config_is_refused_when_autolr_is_built(change, words):
     val = torch.utils.data.TensorDataset(x, y)
     with pytest.raises(ValueError, match="not a Dataset"):
         AutoLR(opt, MLRSNet(hidden_size=8), gamma=0.5, meta=MetaConfig(model, val, nn.functional.cross_entropy))
+
+
+
+def test_meta_configs_that_were_accepted_stay_accepted():
+    """Whole floats, snapshot_every without a folder (the rank-0-only folder of DDP), 0 for no
+    snapshots, and a batches object with __getitem__ but no __iter__."""
+    model = nn.Linear(8, 3)
+    x, y = torch.randn(16, 8), torch.randint(0, 3, (16,))
+
+    class Batches:
+        def __getitem__(self, i):
+            if i >= 2:
+                raise IndexError
+            return x[8 * i:8 * i + 8], y[8 * i:8 * i + 8]
+
+    for change in ({"interval": 2.0, "fold_bytes": 4e6}, {"snapshot_every": 5}, {"snapshot_every": 0},
+                   {"val_data": Batches()}):
+        opt = torch.optim.SGD(model.parameters(), lr=0.1)
+        cfg = {"model": model, "val_data": [(x, y)], "loss_fn": nn.functional.cross_entropy, "interval": 1, **change}
+        sched = AutoLR(opt, MLRSNet(hidden_size=8), gamma=0.5, meta=MetaConfig(**cfg))
+        train_steps(model, opt, sched, x, y, 2)
+        sched.close()

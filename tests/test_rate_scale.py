@@ -377,3 +377,15 @@ def test_a_saved_scale_of_another_mode_replacing_an_explicit_gamma_is_said():
     saved.close()
     with pytest.warns(RuntimeWarning, match="state's scale is 'lr'.*replaces the 'fixed' scale"):
         AutoLR(opt, MLRSNet(hidden_size=8), gamma=0.5).load_state_dict(state)
+
+
+def test_a_saved_gamma_replacing_an_explicit_other_gamma_is_said():
+    model = nn.Linear(4, 2)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    saved = AutoLR(opt, MLRSNet(hidden_size=8), gamma=0.1)
+    model.weight.grad, model.bias.grad = torch.zeros_like(model.weight), torch.zeros_like(model.bias)
+    saved.step(torch.tensor(1.0))
+    state = saved.state_dict()
+    saved.close()
+    with pytest.warns(RuntimeWarning, match=r"state's scale is 'fixed' \(peak 0.1\); it replaces .*gamma=0.05"):
+        AutoLR(opt, MLRSNet(hidden_size=8), gamma=0.05).load_state_dict(state)

@@ -102,3 +102,17 @@ def test_a_negative_loss_is_read_as_zero_by_the_action_controller_too():
         for loss in (1.0, -0.5, -3.0, 1.0, 1.0):
             sched.step(torch.tensor(loss))
     assert float(ctrl.initial) >= 0.0 and float(ctrl.lowest) >= 0.0
+
+
+def test_minus_infinity_is_skipped_by_every_controller_not_read_as_zero():
+    from autolr_fast import ActionController
+
+    model = nn.Linear(4, 2)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    ctrl = ActionController.pretrained("action-mlp")
+    sched = AutoLR(opt, ctrl)
+    model.weight.grad, model.bias.grad = torch.zeros_like(model.weight), torch.zeros_like(model.bias)
+    with pytest.warns(RuntimeWarning, match="non-finite"):
+        for loss in (1.0, 0.9, float("-inf"), float("-inf"), 0.8):
+            sched.step(torch.tensor(loss))
+    assert sched.skipped_steps == 2 and int(ctrl.steps) == 3

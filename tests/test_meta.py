@@ -527,21 +527,18 @@ def test_meta_steps_keep_the_schedulers_triton_plan(monkeypatch):
     assert len(k._PLANS) == 2, f"{len(k._PLANS)} plans: the meta-step's scratch state must be reused"
 
 
-def test_resume_with_several_validation_batches_is_bit_identical(tmp_path):
-    """10 steps, state_dicts through torch.save/torch.load into a fresh model, optimizer and
-    AutoLR, 10 more steps: the same rates, bit for bit, as 20 uninterrupted steps, with the
-    validation batches cycling (3 batches, a meta-step every 2 steps)."""
-    torch.manual_seed(0)
-    template = nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 3))
+def _meta_resume(tmp_path, template, val, interval, first, more):
+    """Rates of ``first + more`` uninterrupted steps, and of ``first`` steps, a checkpoint through
+    torch.save/torch.load (model, optimizer, AutoLR and the RNG) into fresh objects, ``more``
+    steps; also the AutoLR of the first part, for checks on its state."""
     controller = MLRSNet(hidden_size=16)
     x, y = torch.randn(64, 8), torch.randint(0, 3, (64,))
-    val = [(x[i:i + 8] + 0.5, y[i:i + 8]) for i in range(0, 24, 8)]
 
     def make():
         model = copy.deepcopy(template)
         opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
         sched = AutoLR(opt, copy.deepcopy(controller), gamma=0.5,
-                       meta=MetaConfig(model, val, nn.functional.cross_entropy, interval=2))
+                       meta=MetaConfig(model, val(x, y), nn.functional.cross_entropy, interval=interval))
         return model, opt, sched
 
     def run(model, opt, sched, steps, start=0):
@@ -556,19 +553,32 @@ def test_resume_with_several_validation_batches_is_bit_identical(tmp_path):
             rates.append(sched.last_rate.clone())
         return rates
 
-    straight = run(*make(), 20)
+    torch.manual_seed(1)
+    straight = run(*make(), first + more)
+    torch.manual_seed(1)
     model, opt, sched = make()
-    first = run(model, opt, sched, 10)
+    rates = run(model, opt, sched, first)
     path = tmp_path / "checkpoint.pt"
-    torch.save({"model": model.state_dict(), "opt": opt.state_dict(), "sched": sched.state_dict()}, path)
+    torch.save({"model": model.state_dict(), "opt": opt.state_dict(), "sched": sched.state_dict(),
+                "rng": torch.get_rng_state()}, path)
     blob = torch.load(path, weights_only=True)
     model2, opt2, sched2 = make()
     model2.load_state_dict(blob["model"])
     opt2.load_state_dict(blob["opt"])
     sched2.load_state_dict(blob["sched"])
-    resumed = first + run(model2, opt2, sched2, 10, start=10)
-    assert torch.equal(torch.stack(straight), torch.stack(resumed)), \
-        [i for i, (a, b) in enumerate(zip(straight, resumed)) if not torch.equal(a, b)]
+    torch.set_rng_state(blob["rng"])
+    resumed = rates + run(model2, opt2, sched2, more, start=first)
+    return torch.stack(straight), torch.stack(resumed), (model, opt, sched, run)
+
+
+def test_resume_with_several_validation_batches_is_bit_identical(tmp_path):
+    """10 steps, a checkpoint, 10 more: the same rates, bit for bit, as 20 uninterrupted steps,
+    with the validation batches cycling (3 batches, a meta-step every 2 steps)."""
+    torch.manual_seed(0)
+    template = nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 3))
+    straight, resumed, _ = _meta_resume(tmp_path, template, lambda x, y: [(x[i:i + 8] + 0.5, y[i:i + 8])
+                                                                          for i in range(0, 24, 8)], 2, 10, 10)
+    assert torch.equal(straight, resumed), (straight - resumed).nonzero().flatten().tolist()
 
 
 def test_a_one_shot_val_data_iterator_is_named_when_it_runs_out():
@@ -630,50 +640,20 @@ def test_sparse_embeddings_are_refused_with_the_reason():
 
 def test_resume_from_a_plain_dataloader_with_dropout_is_bit_identical(tmp_path):
     """A DataLoader draws its workers' seed when a pass starts, and a resumed run starts one where
-    the original was mid-pass: the validation forward's dropout masks must not depend on it."""
+    the original was mid-pass: the validation forward's dropout masks must not depend on it. A
+    state_dict kept in memory must not follow the live meta-optimizer either."""
     torch.manual_seed(0)
     template = nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Dropout(0.2), nn.Linear(16, 3))
-    controller = MLRSNet(hidden_size=16)
-    x, y = torch.randn(64, 8), torch.randint(0, 3, (64,))
-    val = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(x[:48] + 0.5, y[:48]), batch_size=16)
 
-    def make():
-        model = copy.deepcopy(template)
-        opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
-        sched = AutoLR(opt, copy.deepcopy(controller), gamma=0.5,
-                       meta=MetaConfig(model, val, nn.functional.cross_entropy, interval=1))
-        return model, opt, sched
+    def val(x, y):
+        return torch.utils.data.DataLoader(torch.utils.data.TensorDataset(x[:48] + 0.5, y[:48]), batch_size=16)
 
-    def run(model, opt, sched, steps, start=0):
-        rates = []
-        for i in range(start, start + steps):
-            opt.zero_grad()
-            loss = nn.functional.cross_entropy(model(x[8 * (i % 8):8 * (i % 8) + 8]), y[8 * (i % 8):8 * (i % 8) + 8])
-            loss.backward()
-            sched.step(loss)
-            opt.step()
-            rates.append(sched.last_rate.clone())
-        return rates
-
-    torch.manual_seed(1)
-    straight = run(*make(), 5)
-    torch.manual_seed(1)
-    model, opt, sched = make()
-    first = run(model, opt, sched, 2)
-    saved = copy.deepcopy({"model": model.state_dict(), "opt": opt.state_dict(), "sched": sched.state_dict(),
-                           "rng": torch.get_rng_state()})
+    straight, resumed, (model, opt, sched, run) = _meta_resume(tmp_path, template, val, 1, 2, 3)
+    assert torch.equal(straight, resumed), (straight - resumed).nonzero().flatten().tolist()
     kept = sched.state_dict()
-    run(model, opt, sched, 1)
-    step_kept, step_saved = (s["meta"]["optimizer"]["state"][0]["step"] for s in (kept, saved["sched"]))
-    assert torch.equal(step_kept, step_saved), "a state_dict kept in memory must not follow the live meta-optimizer"
-    model2, opt2, sched2 = make()
-    model2.load_state_dict(saved["model"])
-    opt2.load_state_dict(saved["opt"])
-    sched2.load_state_dict(saved["sched"])
-    torch.set_rng_state(saved["rng"])
-    resumed = first + run(model2, opt2, sched2, 3, start=2)
-    assert torch.equal(torch.stack(straight), torch.stack(resumed)), \
-        [i for i, (a, b) in enumerate(zip(straight, resumed)) if not torch.equal(a, b)]
+    step_before = kept["meta"]["optimizer"]["state"][0]["step"].clone()
+    run(model, opt, sched, 1, start=2)
+    assert torch.equal(kept["meta"]["optimizer"]["state"][0]["step"], step_before)
 
 
 def test_a_state_of_another_meta_optimizer_is_refused_before_anything_changes():

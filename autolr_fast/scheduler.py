@@ -523,7 +523,9 @@ class AutoLR:
     def get_last_lr(self) -> list[float]:
         """The rates of all param groups as floats (reads the device: a sync on a GPU)."""
         r = float(self.rate)
-        return [r * s for s in self.lr_scales]
+        # a group added since the last step still has the lr it was added with
+        added = self.optimizer.param_groups[len(self.lr_scales):]
+        return [r * s for s in self.lr_scales] + [float(g["lr"]) for g in added]
 
     def state_dict(self) -> dict:
         state = {

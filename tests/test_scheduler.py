@@ -866,3 +866,13 @@ def test_the_state_of_another_scheduler_is_refused_with_what_to_do():
     sched = AutoLR(opt, MLRSNet(hidden_size=16))
     with pytest.raises(ValueError, match="another scheduler.*start AutoLR fresh"):
         sched.load_state_dict(other)
+
+
+def test_get_last_lr_lists_a_group_added_since_the_last_step():
+    a, b = nn.Linear(4, 2), nn.Linear(4, 2)
+    opt = torch.optim.SGD(a.parameters(), lr=0.1)
+    sched = AutoLR(opt, MLRSNet(hidden_size=8), gamma=0.5)
+    a.weight.grad, a.bias.grad = torch.zeros_like(a.weight), torch.zeros_like(a.bias)
+    sched.step(torch.tensor(1.0))
+    opt.add_param_group({"params": b.parameters(), "lr": 0.01})
+    assert len(sched.get_last_lr()) == 2 and sched.get_last_lr()[1] == pytest.approx(0.01)

@@ -272,3 +272,14 @@ def test_the_shared_library_exports_only_the_c_api(runtime_build):
                          text=True, check=True).stdout.split()
     names = [w for w in out[2::3]]
     assert names and all(n.startswith("autolr_") for n in names), [n for n in names if not n.startswith("autolr_")]
+
+
+def test_a_large_file_that_is_no_zip_and_a_folder_are_refused_at_once(runtime_build, tmp_path):
+    lib = _Lib(ex.shared_library_path(runtime_build)).lib
+    big = tmp_path / "weights.bin"
+    big.write_bytes(os.urandom(3 << 20))
+    h = ctypes.c_void_p()
+    assert lib.autolr_open_file(str(big).encode(), ctypes.byref(h)) == -2 and not h.value
+    assert b"no end-of-central-directory record" in lib.autolr_last_error()
+    assert lib.autolr_open_file(str(tmp_path).encode(), ctypes.byref(h)) == -1 and not h.value
+    assert b"directory" in lib.autolr_last_error().lower()

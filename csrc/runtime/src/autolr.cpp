@@ -385,6 +385,37 @@ int autolr_open_file(const char* path, autolr_runtime** out) {
   if (!path) return fail(AUTOLR_E_ARGUMENT, "autolr_open_file: path is NULL");
   std::FILE* f = std::fopen(path, "rb");
   if (!f) return fail(AUTOLR_E_IO, std::string("cannot open '") + path + "': " + std::strerror(errno));
+  if (std::fgetc(f) == EOF && std::ferror(f)) {  // a folder opens on some systems, then fails to read
+    const int e = errno;
+    std::fclose(f);
+    return fail(AUTOLR_E_IO, std::string("read error on '") + path + "': " + std::strerror(e));
+  }
+  // Before reading a large file whole: its size, and the zip's end record in its tail (a file that
+  // is no zip is refused in a single read of at most 64 KiB). Skipped where the file cannot seek.
+  if (std::fseek(f, 0, SEEK_END) == 0) {
+    const long size = std::ftell(f);
+    if (size >= 0 && uint64_t(size) > max_file_bytes()) {
+      std::fclose(f);
+      return fail(AUTOLR_E_FORMAT, std::string("'") + path + "' is larger than any exported controller (" +
+                                       std::to_string(max_file_bytes()) + " bytes at hidden=4096, layers=16)");
+    }
+    const long tail = size < 65557 ? size : 65557;  // the end record: 22 bytes plus a comment of < 64 KiB
+    if (size >= 22 && std::fseek(f, size - tail, SEEK_SET) == 0) {
+      std::vector<uint8_t> end(size_t(tail), 0);
+      // a short read leaves the decision to the full read below
+      bool found = std::fread(end.data(), 1, end.size(), f) != end.size();
+      for (size_t i = 0; !found && i + 4 <= end.size(); ++i)
+        found = end[i] == 0x50 && end[i + 1] == 0x4b && end[i + 2] == 0x05 && end[i + 3] == 0x06;
+      if (!found) {
+        std::fclose(f);
+        return fail(AUTOLR_E_FORMAT, std::string(path) + ": not a zip/TorchScript archive (no end-of-central-directory "
+                                     "record; truncated?)");
+      }
+    }
+    std::rewind(f);
+  } else {
+    std::clearerr(f);
+  }
   std::vector<uint8_t> buf;
   try {
     uint8_t chunk[65536];

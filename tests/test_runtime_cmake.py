@@ -283,3 +283,22 @@ def test_a_large_file_that_is_no_zip_and_a_folder_are_refused_at_once(runtime_bu
     assert b"no end-of-central-directory record" in lib.autolr_last_error()
     assert lib.autolr_open_file(str(tmp_path).encode(), ctypes.byref(h)) == -1 and not h.value
     assert b"directory" in lib.autolr_last_error().lower()
+
+
+def test_a_local_header_that_names_another_file_is_refused(runtime_build):
+    """The central directory says where the weights are; the local header there must name the same
+    entry, as Python's zipfile checks (a damaged or crafted archive otherwise reads other bytes)."""
+    lib = _Lib(ex.shared_library_path(runtime_build)).lib
+    data = bytearray(open(os.path.join(DATA, "controller_h7_l2.pt"), "rb").read())
+    name = ("/extra/" + ex.WEIGHTS_ENTRY).encode()
+    local = data.find(b"PK\x03\x04")  # the local headers, in order
+    while local >= 0:
+        n = int.from_bytes(data[local + 26:local + 28], "little")
+        if data[local + 30:local + 30 + n].endswith(name):
+            break
+        local = data.find(b"PK\x03\x04", local + 4)
+    assert local >= 0
+    data[local + 30 + 2] ^= 0x01  # a letter of the folder name, in the local header only
+    h = ctypes.c_void_p()
+    assert lib.autolr_open_memory(bytes(data), len(data), ctypes.byref(h)) == -4 and not h.value
+    assert b"names another file" in lib.autolr_last_error()

@@ -133,7 +133,13 @@ int find_weights_entry(const Bytes& z, size_t* data_off, size_t* data_len) {
       if (csize != usize) return fail(AUTOLR_E_CORRUPT, "stored zip entry with compressed size != size");
       if (local > z.n || !z.has(size_t(local), 30) || z.u32(size_t(local)) != 0x04034b50u)
         return fail(AUTOLR_E_CORRUPT, "zip local header of the weights entry is missing or out of bounds");
-      uint64_t data = local + 30 + z.u16(size_t(local) + 26) + z.u16(size_t(local) + 28);
+      // the local header must name the same entry (as Python's zipfile checks): a directory
+      // pointing at another entry's data is a damaged or crafted archive
+      const size_t local_name_len = z.u16(size_t(local) + 26);
+      if (local_name_len != name_len || !z.has(size_t(local) + 30, name_len) ||
+          std::memcmp(z.p + size_t(local) + 30, name, name_len) != 0)
+        return fail(AUTOLR_E_CORRUPT, "the zip local header of the weights entry names another file");
+      uint64_t data = local + 30 + local_name_len + z.u16(size_t(local) + 28);
       if (data > z.n || usize > z.n || !z.has(size_t(data), size_t(usize)))
         return fail(AUTOLR_E_CORRUPT, "the weights entry runs past the end of the file (truncated)");
       if (crc32(z.p + data, size_t(usize)) != crc)

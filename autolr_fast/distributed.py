@@ -14,6 +14,8 @@ def is_distributed(mode: bool | str = "auto") -> bool:
     """``mode="auto"``: True when a process group with more than one rank is initialised."""
     if mode == "auto":
         return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+    if not isinstance(mode, bool):  # "false" or "off" would be truthy
+        raise ValueError(f"distributed must be True, False or 'auto', got {mode!r}")
     if mode and not (dist.is_available() and dist.is_initialized()):
         raise RuntimeError(
             "distributed=True but torch.distributed is not initialised; call "

@@ -556,8 +556,11 @@ class MetaTrainer:
                                     "AutoLR: a controller snapshot was skipped: the scale is not set yet "
                                     "(no finite loss seen, or no usable anchor)")
             return None
-        os.makedirs(self.config.snapshot_dir, exist_ok=True)
         path = os.path.join(self.config.snapshot_dir, f"controller_{index:04d}.pt")
+        # every rank holds the same controller: rank 0 writes it (ranks sharing a folder would race)
+        if self.sched.distributed and torch.distributed.get_rank() != 0:
+            return path
+        os.makedirs(self.config.snapshot_dir, exist_ok=True)
         save_controller(self.sched.controller, path, gamma=peak)
         return path
 

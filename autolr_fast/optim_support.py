@@ -2,7 +2,8 @@
 
 PyTorch's optimizers accept a 0-dim tensor ``lr``, but only their *fused* paths (and Adam's
 ``capturable`` path) read it on the device; the for-loop and ``foreach`` paths call
-``lr.item()`` every step, which waits for the GPU. This module installs tensor rates, tells
+``lr.item()`` every step, which waits for the GPU, and Adam/AdamW with an explicit
+``foreach=True`` (not capturable) refuse it. This module installs tensor rates, tells
 which setups are sync-free, and falls back to float rates for optimizers that cannot take a
 tensor.
 """
@@ -56,8 +57,20 @@ def host_scalar(t: Tensor) -> float | bool | int:
     return t.numpy().item() if _HAS_NUMPY else t.item()
 
 
+def tensor_lr_problem(optimizer: torch.optim.Optimizer) -> str | None:
+    """Why ``optimizer`` cannot take a tensor ``lr`` (None if it can)."""
+    name = type(optimizer).__name__
+    if not isinstance(optimizer, TENSOR_LR_OPTIMIZERS):
+        return f"{name} is not known to accept a tensor lr"
+    if isinstance(optimizer, (torch.optim.Adam, torch.optim.AdamW)) and any(
+            g.get("foreach") and not g.get("capturable") and not g.get("fused") for g in optimizer.param_groups):
+        # torch raises "lr as a Tensor is not supported for capturable=False and foreach=True"
+        return f"{name} with foreach=True and capturable=False refuses a tensor lr"
+    return None
+
+
 def takes_tensor_lr(optimizer: torch.optim.Optimizer) -> bool:
-    return isinstance(optimizer, TENSOR_LR_OPTIMIZERS)
+    return tensor_lr_problem(optimizer) is None
 
 
 def sync_free_problem(optimizer: torch.optim.Optimizer, device: torch.device) -> str | None:

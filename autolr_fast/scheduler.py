@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import sys
 import warnings
 from typing import Any
 
@@ -177,12 +178,11 @@ class AutoLR:
         self.tensor_lr = bool(lr_as_tensor) and takes_tensor
         # the CPU rate read in place, without a dispatch (NumPy view), when floats are written
         self._rate_view = None
-        name = type(self.optimizer).__name__
         if lr_as_tensor and not takes_tensor:
             optim_support.warn_once(
                 self._warned, "float_lr",
-                f"{name} is not known to accept a tensor lr: AutoLR writes a float rate, which reads the rate "
-                "on the host (one sync per step on a GPU)",
+                f"{optim_support.tensor_lr_problem(self.optimizer)}: AutoLR writes a float rate, which reads the "
+                "rate on the host (one sync per step on a GPU)",
             )
         elif self.tensor_lr:
             problem = optim_support.sync_free_problem(self.optimizer, self.device)
@@ -201,7 +201,7 @@ class AutoLR:
         self._steps_since_optimizer = 0
         closure = _closure_of(args, kwargs)
         if not callable(closure):
-            if self.step_count > 0:
+            if self.step_count > 0 or _initialising_state_for_a_checkpoint():
                 return None
             raise RuntimeError(
                 "optimizer.step() was called before AutoLR.step(loss). AutoLR sets the rate of "
@@ -674,6 +674,21 @@ def _resolve_controller(controller: nn.Module | str | None) -> nn.Module:
             f"scheduler_step_, reset; e.g. MLRSNet or ActionController), got {type(controller).__name__}"
         )
     return controller
+
+
+def _initialising_state_for_a_checkpoint() -> bool:
+    """Whether torch.distributed.checkpoint's ``set_state_dict``/``get_state_dict`` is creating a
+    fresh optimizer's state: it calls ``optimizer.step()`` at lr 0 with zero gradients, which is
+    no training step and must not be refused (only looked at on the refusal path)."""
+    frame = sys._getframe(2)
+    for _ in range(12):
+        if frame is None:
+            return False
+        if (frame.f_code.co_name == "_init_optim_state"
+                and (frame.f_globals.get("__name__") or "").startswith("torch.distributed.checkpoint")):
+            return True
+        frame = frame.f_back
+    return False
 
 
 def _closure_of(args: tuple, kwargs: dict) -> Any:

@@ -32,7 +32,10 @@ def _worker(rank: int, init_file: str, out_dir: str, meta: bool) -> None:
         g = torch.Generator().manual_seed(rank)  # different data per rank
         x, y = torch.randn(64, 8, generator=g), torch.randint(0, 3, (64,), generator=g)
         xv, yv = torch.randn(32, 8, generator=g), torch.randint(0, 3, (32,), generator=g)
-        cfg = MetaConfig(ddp, [(xv, yv)], nn.functional.cross_entropy, interval=2) if meta else None
+        # snapshots every step into one shared folder: rank 0 writes them (the ranks raced on one file)
+        snaps = os.path.join(out_dir, "snaps")
+        cfg = MetaConfig(ddp, [(xv, yv)], nn.functional.cross_entropy, interval=2, snapshot_dir=snaps,
+                         snapshot_every=1) if meta else None
         sched = AutoLR(opt, ctrl, gamma="auto", num_classes=3, meta=cfg)
         twin = copy.deepcopy(sched.controller)  # rank 0's weights after the broadcast
         rates, local = [], []
@@ -44,8 +47,10 @@ def _worker(rank: int, init_file: str, out_dir: str, meta: bool) -> None:
             opt.step()
             rates.append(sched.last_rate.clone())
             local.append(loss.detach().clone())
+        dist.barrier()
         torch.save({"rates": torch.stack(rates), "local": torch.stack(local), "twin": twin.state_dict(),
-                    "theta": sched.controller.state_dict(), "gamma": sched.gamma.clone()},
+                    "theta": sched.controller.state_dict(), "gamma": sched.gamma.clone(),
+                    "snaps": sorted(os.listdir(snaps)) if meta else []},
                    os.path.join(out_dir, f"rank{rank}.pt"))
         # Tear down only once every rank is done communicating: a rank that destroys its gloo
         # group while the other still finishes the last all-reduce can abort (SIGABRT,
@@ -86,6 +91,7 @@ def test_meta_training_keeps_theta_identical_across_ranks():
     moved = [k for k in r0["theta"] if k not in ("h", "c") and not torch.equal(r0["theta"][k], r0["twin"][k])]
     assert moved, "theta must have moved"
     assert torch.equal(r0["rates"], r1["rates"]), f"rates differ between ranks: {r0['rates']} vs {r1['rates']}"
+    assert r0["snaps"] == [f"controller_{i:04d}.pt" for i in range(1, 7)], r0["snaps"]
 
 
 def _resume_worker(rank: int, d: str) -> None:

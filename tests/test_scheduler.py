@@ -876,3 +876,38 @@ def test_get_last_lr_lists_a_group_added_since_the_last_step():
     sched.step(torch.tensor(1.0))
     opt.add_param_group({"params": b.parameters(), "lr": 0.01})
     assert len(sched.get_last_lr()) == 2 and sched.get_last_lr()[1] == pytest.approx(0.01)
+
+
+def test_adam_with_explicit_foreach_gets_a_float_rate_with_the_reason():
+    model = nn.Linear(4, 2)
+    opt = torch.optim.Adam(model.parameters(), lr=1e-3, foreach=True)
+    with pytest.warns(RuntimeWarning, match="foreach=True and capturable=False refuses a tensor lr"):
+        sched = AutoLR(opt, MLRSNet(hidden_size=8), lr_as_tensor=True)
+    model.weight.grad, model.bias.grad = torch.zeros_like(model.weight), torch.zeros_like(model.bias)
+    for _ in range(2):
+        sched.step(torch.tensor(1.0))
+        opt.step()  # torch raised "lr as a Tensor is not supported" with a tensor rate
+    assert isinstance(opt.param_groups[0]["lr"], float)
+
+
+def test_a_distributed_checkpoint_can_create_the_optimizer_state_under_autolr():
+    """torch.distributed.checkpoint's set_state_dict steps a fresh optimizer at lr 0 to create its
+    state; that is no training step and AutoLR lets it through (any other early step is refused)."""
+    from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
+
+    model = nn.Linear(4, 2)
+    opt = torch.optim.Adam(model.parameters(), lr=1e-3)
+    sched = AutoLR(opt, MLRSNet(hidden_size=8), total_steps=10)
+    model_state, optim_state = get_state_dict(model, opt)
+    set_state_dict(model, opt, model_state_dict=model_state, optim_state_dict=optim_state)
+    assert sched.step_count == 0
+    model.weight.grad, model.bias.grad = torch.zeros_like(model.weight), torch.zeros_like(model.bias)
+    with pytest.raises(RuntimeError, match="before AutoLR.step"):
+        opt.step()
+
+
+def test_distributed_takes_a_bool_or_auto_only():
+    opt = torch.optim.SGD(nn.Linear(4, 2).parameters(), lr=0.1)
+    with pytest.raises(ValueError, match="True, False or 'auto'"):
+        AutoLR(opt, MLRSNet(hidden_size=8), distributed="false")
+    assert not opt._optimizer_step_pre_hooks

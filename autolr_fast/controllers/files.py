@@ -25,8 +25,9 @@ def read_file(path: str | os.PathLike, what: str, map_location: str = "cpu") -> 
 
 
 def write_file(blob: Any, path: str | os.PathLike) -> None:
-    """``torch.save`` to a temporary file, then rename: a reader never sees half a file."""
+    """``torch.save`` to a temporary file, then rename: a reader never sees half a file. The
+    temporary name is the process's own (ranks writing the same file must not share it)."""
     path = os.fspath(path)
-    tmp = path + ".tmp"
+    tmp = f"{path}.{os.getpid()}.tmp"
     torch.save(blob, tmp)
     os.replace(tmp, path)

@@ -613,6 +613,8 @@ def _verdict_lines(v: dict | None, who: str) -> list[str]:
 
 
 def _done_when_lines(d: dict, title: str, action: bool) -> list[str]:
+    if not d["tasks"]:  # e.g. --only-recorded before any AutoLR run: nothing to judge
+        return [title, "", "- no task has runs to judge these lines on (nothing recorded yet)", ""]
     return [title, "",
             f"- never diverges: {d['never_diverged']}/{d['tasks']} tasks",
             f"- >= cosine at the default rate: {d['ge_cosine_default']}/{d['tasks']} tasks",
@@ -638,7 +640,9 @@ def _budget_section(budget: list[dict], grid: int, action: list[dict] | None = N
         metric, scale, digits = ("test acc (%)", 100.0, 4) if cls else ("test MSE", 1.0, 3)
         shas = ", ".join(h[:12] for h in b.get("controller_sha256", []) if h) or "-"
         ctrl = f"controller `{b['controller']}`, sha256 {shas}, {b.get('ops') or 'ops not recorded'}"
-        if b.get("leave_one_task_out"):
+        if b["controller"] is None:
+            trained = "has no runs recorded on this task"
+        elif b.get("leave_one_task_out"):
             trained = (f"**leave-one-task-out**: the shipped recipe meta-trained again without any run on this "
                        f"task's data ({ctrl})")
         elif b["trained_on"]:

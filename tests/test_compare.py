@@ -694,3 +694,12 @@ def test_a_skipped_job_is_not_recorded_again_on_resume(tmp_path, monkeypatch):
     for extra in ([], ["--only-recorded"]):
         assert compare.main(args + ["--resume", *extra]) == 0
         assert (out / "runs.jsonl").read_text().splitlines() == first
+
+
+def test_a_report_without_autolr_runs_says_so_instead_of_judging_zero_tasks(tmp_path):
+    out = tmp_path / "cmp"
+    assert compare.main(["--tasks", "regress-sin", "--methods", "cosine", "constant", "--epochs", "1", "--seeds", "1",
+                         "--grid", "1", "--no-plots", "--no-progress", "--out", str(out)]) == 0
+    md = (out / "compare.md").read_text()
+    assert "AutoLR has no runs recorded on this task" in md and "nothing recorded yet" in md
+    assert "0/0" not in md and "not trained on this task (controller `None`" not in md

@@ -31,6 +31,7 @@ from tqdm.auto import tqdm
 
 from . import optim_support
 from .batches import fresh_iter, to_device
+from .checks import is_positive_number
 from .distributed import is_distributed, mean_across_ranks
 from .training_snapshot import BufferSlots, TrainingSnapshot
 
@@ -349,8 +350,7 @@ def check_trial_setup(name: str, model: nn.Module, optimizer: torch.optim.Optimi
     if not isinstance(optimizer, torch.optim.Optimizer):
         raise TypeError(f"{name} needs a torch.optim.Optimizer (its state and param groups are what the trials "
                         f"restore), got {type(optimizer).__name__}; pass the optimizer it wraps")
-    number = isinstance(max_grad_norm, (int, float)) and not isinstance(max_grad_norm, bool)
-    if max_grad_norm is not None and not (number and math.isfinite(max_grad_norm) and max_grad_norm > 0):
+    if max_grad_norm is not None and not is_positive_number(max_grad_norm):
         raise ValueError(f"max_grad_norm must be a positive finite number or None, got {max_grad_norm!r}")
     if not model.training:
         warnings.warn(f"{name}: the model is in eval mode, so the trials train with dropout off and BatchNorm "

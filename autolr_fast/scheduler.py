@@ -598,8 +598,8 @@ class AutoLR:
             self.meta.check_parameters([p for g in extra for p in g["params"]], "an added param group's")
         self.controller.load_state_dict({k: v.to(self.device) for k, v in ctrl.items()})
         saved_mode, built_mode = state["scale"]["mode"], self.scale.mode
-        # read on the host once, at a load: a sync on a GPU is fine here
-        saved_peak, built_peak = float(state["scale"]["peak"]), float(self.scale.peak)
+        # an explicit gamma's value, read on the host before the load replaces it (only then: a sync on a GPU)
+        built_peak = float(self.scale.peak) if self.scale.user_gamma else None
         saved_envelope = self.scale.load_state_dict(state["scale"])
         self._scale_check = None  # the loaded scale is decided, or decided again from the next loss
         with torch.no_grad():
@@ -618,11 +618,13 @@ class AutoLR:
                 f"shortened). To resume the saved envelope unchanged, build AutoLR with total_steps={saved_total}, "
                 f"warmup_steps={saved_warmup}",
                 RuntimeWarning, stacklevel=optim_support.user_stacklevel())
-        if self.scale.user_gamma and (saved_mode != built_mode or (built_mode == "fixed" and saved_peak != built_peak)):
-            warnings.warn(
-                f"AutoLR.load_state_dict: the state's scale is {saved_mode!r} (peak {saved_peak:.4g}); it replaces the "
-                f"{built_mode!r} scale this AutoLR was built with (gamma={built_peak:.4g})",
-                RuntimeWarning, stacklevel=optim_support.user_stacklevel())
+        if built_peak is not None:
+            saved_peak = float(self.scale.peak)  # the loaded one
+            if saved_mode != built_mode or (built_mode == "fixed" and saved_peak != built_peak):
+                warnings.warn(
+                    f"AutoLR.load_state_dict: the state's scale is {saved_mode!r} (peak {saved_peak:.4g}); it replaces "
+                    f"the {built_mode!r} scale this AutoLR was built with (gamma={built_peak:.4g})",
+                    RuntimeWarning, stacklevel=optim_support.user_stacklevel())
         length = self.scale.total_steps
         if saved_envelope is None and length is not None and step_count >= length:
             warnings.warn(

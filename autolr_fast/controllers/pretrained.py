@@ -21,6 +21,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from ..checks import is_positive_number
 from .action import FORMAT as ACTION_FORMAT
 from .action import ActionController
 from .files import PRETRAINED_DIR, read_file, write_file
@@ -55,7 +56,7 @@ def _mlrsnet_from_blob(blob: dict, path: str) -> MLRSNet:
             f"{path!r} has controller format version {blob.get('version')!r}, this autolr_fast reads {VERSION!r}")
     missing = [k for k, kind in (("config", dict), ("state_dict", dict)) if not isinstance(blob.get(k), kind)]
     gamma = blob.get("gamma")
-    if isinstance(gamma, bool) or not isinstance(gamma, (int, float)) or not (math.isfinite(gamma) and gamma > 0):
+    if not is_positive_number(gamma):
         missing.append("gamma (a positive finite float)")
     if missing:
         raise ValueError(f"{path!r} is an incomplete or damaged controller file: no valid {missing}")

@@ -46,6 +46,7 @@ except ImportError as exc:  # pragma: no cover - exercised only without the extr
     ) from exc
 
 from autolr_fast import AutoLR, optim_support
+from autolr_fast.integrations import warn_if_envelope_misfits
 from autolr_fast.integrations.amp import scaler_skips
 
 __all__ = ["AutoLRTrainer", "AutoLRTrainerMixin", "AutoLRSchedulerAdapter"]
@@ -196,14 +197,8 @@ class AutoLRTrainerMixin:
                 raise ValueError(
                     "autolr= built an AutoLR for another optimizer; build it for the optimizer it is given"
                 )
-            total = sched.scale.total_steps
-            if total is not None and total != num_training_steps:
-                warnings.warn(
-                    f"AutoLRTrainer: AutoLR(total_steps={total}), but this train() takes {num_training_steps} "
-                    "optimizer steps (Trainer's count, after gradient accumulation): its envelope "
-                    + ("reaches 0 before the end" if total < num_training_steps else "does not reach 0")
-                    + f"; build AutoLR(opt, total_steps={num_training_steps})", RuntimeWarning,
-                    stacklevel=optim_support.user_stacklevel())
+            warn_if_envelope_misfits(sched, num_training_steps, "AutoLRTrainer", "train()", "Trainer's count",
+                                     f"build AutoLR(opt, total_steps={num_training_steps})")
             self.autolr = sched
             self._autolr_window = None
             self.lr_scheduler = AutoLRSchedulerAdapter(sched, hold_warnings=True)

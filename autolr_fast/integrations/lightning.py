@@ -33,7 +33,6 @@ How it maps onto Lightning's hooks:
 from __future__ import annotations
 
 import math
-import warnings
 from collections.abc import Callable
 from typing import Any
 
@@ -49,7 +48,8 @@ except ImportError as exc:  # pragma: no cover - exercised only without the extr
         'pip install lightning (or pip install "autolr_fast[integrations]")'
     ) from exc
 
-from autolr_fast import AutoLR, optim_support
+from autolr_fast import AutoLR
+from autolr_fast.integrations import warn_if_envelope_misfits
 from autolr_fast.integrations.amp import scaler_skips
 
 __all__ = ["AutoLRCallback"]
@@ -211,16 +211,11 @@ class AutoLRCallback(Callback):
 def _check_total_steps(sched: AutoLR, trainer: pl.Trainer) -> None:
     """Warn when AutoLR's envelope is not as long as the fit (e.g. ``epochs * len(loader)`` with
     ``accumulate_grad_batches > 1``): it would end before the fit does, or never reach 0."""
-    total = sched.scale.total_steps
     try:
         fit_steps = trainer.estimated_stepping_batches
     except Exception:  # noqa: BLE001 - Lightning cannot always tell (e.g. no length); nothing to compare
         return
-    if total is None or not math.isfinite(fit_steps) or fit_steps < 1 or total == int(fit_steps):
+    if not math.isfinite(fit_steps) or fit_steps < 1:
         return  # -1: Lightning cannot tell (an iterable dataset without a length, no max_steps)
-    warnings.warn(
-        f"AutoLRCallback: AutoLR(total_steps={total}), but this fit takes {int(fit_steps)} optimizer steps "
-        "(trainer.estimated_stepping_batches, after gradient accumulation): its envelope "
-        + ("reaches 0 before the end" if total < fit_steps else "does not reach 0")
-        + ("; build AutoLR(opt, total_steps=trainer.estimated_stepping_batches) in make_scheduler"),
-        RuntimeWarning, stacklevel=optim_support.user_stacklevel())
+    warn_if_envelope_misfits(sched, int(fit_steps), "AutoLRCallback", "fit", "trainer.estimated_stepping_batches",
+                             "build AutoLR(opt, total_steps=trainer.estimated_stepping_batches) in make_scheduler")

@@ -23,6 +23,7 @@ import os
 import subprocess
 import sys
 from pathlib import Path
+from unittest import mock
 
 import pytest
 import torch
@@ -928,7 +929,8 @@ def test_backend_registered_with_dispatch():
 # ------------------------------------------------------------------------------------------------
 def _op_args(case: dict) -> tuple:
     return (case["loss"], case["h"].clone(), case["c"].clone(), case["weights"], case["gamma"], case["rate"].clone(),
-            [lr.clone() for lr in case["lr_list"]], case["scales"], torch.zeros((), dtype=torch.bool))
+            [lr.clone() for lr in case["lr_list"]], case["scales"],
+            torch.zeros((), dtype=torch.bool, device=case["h"].device))
 
 
 @pytest.mark.parametrize("hidden,layers,groups", [(17, 1, 1), (16, 2, 3), (16, 1, 0)])
@@ -1040,14 +1042,18 @@ def test_kernels_on_gpu(name):
 @pytest.mark.gpu
 @needs_gpu
 def test_opcheck_cuda():
-    import autolr_fast.ops.triton_backend  # noqa: F401
+    import autolr_fast.ops.triton_backend as tb
 
     gen = torch.Generator().manual_seed(SEED)
     case = _to_cuda(make_step_case(50, 2, 3, gen))
-    torch.library.opcheck(torch.ops.autolr_fast.mlrsnet_step_, _op_args(case))
     g = _to_cuda(make_grads_case(50, 2, gen))
-    torch.library.opcheck(torch.ops.autolr_fast.mlrsnet_param_grads,
-                          (g["loss"], g["h"], g["c"], g["weights"], g["grad_p"]))
+    # the kernels themselves, not the reference the CUDA implementation falls back to
+    with mock.patch.object(tb, "_fallback_warning", side_effect=AssertionError("fell back to the reference")):
+        torch.library.opcheck(torch.ops.autolr_fast.mlrsnet_step_, _op_args(case))
+        torch.library.opcheck(torch.ops.autolr_fast.mlrsnet_step_,
+                              _op_args(case) + (torch.tensor([2, 3], dtype=torch.int64, device="cuda"),))
+        torch.library.opcheck(torch.ops.autolr_fast.mlrsnet_param_grads,
+                              (g["loss"], g["h"], g["c"], g["weights"], g["grad_p"]))
 
 
 @pytest.mark.gpu

@@ -1,15 +1,49 @@
-"""Moving a batch (tensors nested in tuples, lists and mappings) to a device; shared by the
-meta-step's validation batches and the learning-rate range finder."""
+"""Batches as the meta-step's validation batches and the learning-rate range finders read them:
+split into ``(inputs, targets)``, moved to a device (tensors nested in tuples, lists and
+mappings), iterated afresh."""
 
 from __future__ import annotations
 
 import copy
+import warnings
 from collections.abc import Mapping
 from typing import Any
 
 import torch
 from torch import Tensor
 from torch.nn.utils.rnn import PackedSequence
+
+from . import optim_support
+
+_INPUT_KEYS = ("inputs", "input", "x", "data", "features")
+_TARGET_KEYS = ("targets", "target", "labels", "label", "y")
+
+
+def default_unpack(batch: Any, how: str = "unpack=fn") -> tuple[Any, Any]:
+    """``(inputs, targets)`` from a ``(x, y)`` tuple/list or a dict with common key names.
+    ``how`` names, in the errors, where the caller takes its own unpack function."""
+    if isinstance(batch, (tuple, list)) and len(batch) == 2:
+        return batch[0], batch[1]
+    if isinstance(batch, Mapping):
+        xi = next((k for k in _INPUT_KEYS if k in batch), None)
+        yi = next((k for k in _TARGET_KEYS if k in batch), None)
+        if xi is not None and yi is not None:
+            others = sorted(set(batch) - {xi, yi})
+            if others:
+                warnings.warn(f"the batch dict's keys {others} are not passed to the model or the loss (only "
+                              f"{xi!r} and {yi!r} are); pass {how} returning (inputs, targets) to use them",
+                              RuntimeWarning, stacklevel=optim_support.user_stacklevel())
+            return batch[xi], batch[yi]
+        raise ValueError(
+            f"cannot tell inputs from targets in a batch dict with keys {sorted(batch)}; "
+            f"name them one of {_INPUT_KEYS} / {_TARGET_KEYS}, or pass {how} returning (inputs, targets)"
+        )
+    # a longer tuple is not cut to its first two: its third item (sample weights, a mask) matters
+    raise ValueError(
+        f"batches must be (inputs, targets) tuples or dicts, got {type(batch).__name__}"
+        + (f" of length {len(batch)}" if isinstance(batch, (tuple, list)) else "")
+        + f"; pass {how} where fn(batch) returns (inputs, targets)"
+    )
 
 
 def to_device(x: Any, device: torch.device, non_blocking: bool = False) -> Any:

@@ -30,45 +30,16 @@ from torch import Tensor, nn
 from tqdm.auto import tqdm
 
 from . import optim_support
-from .batches import fresh_iter, to_device
+from .batches import default_unpack, fresh_iter, to_device
 from .checks import is_positive_number
 from .distributed import is_distributed, mean_across_ranks
 from .training_snapshot import BufferSlots, TrainingSnapshot
 
 Unpack = Callable[[Any], tuple[Any, Any]]
 
-_INPUT_KEYS = ("inputs", "input", "x", "data", "features")
-_TARGET_KEYS = ("targets", "target", "labels", "label", "y")
-
-
 # ------------------------------------------------------------------------------------------------
 # Batches
 # ------------------------------------------------------------------------------------------------
-def default_unpack(batch: Any) -> tuple[Any, Any]:
-    """``(inputs, targets)`` from a ``(x, y)`` tuple/list or a dict with common key names."""
-    if isinstance(batch, (tuple, list)) and len(batch) == 2:
-        return batch[0], batch[1]
-    if isinstance(batch, Mapping):
-        xi = next((k for k in _INPUT_KEYS if k in batch), None)
-        yi = next((k for k in _TARGET_KEYS if k in batch), None)
-        if xi is not None and yi is not None:
-            others = sorted(set(batch) - {xi, yi})
-            if others:
-                warnings.warn(f"the batch dict's keys {others} are not passed to the model or the loss (only "
-                              f"{xi!r} and {yi!r} are); pass unpack=fn returning (inputs, targets) to use them",
-                              RuntimeWarning, stacklevel=optim_support.user_stacklevel())
-            return batch[xi], batch[yi]
-        raise ValueError(
-            f"cannot tell inputs from targets in a batch dict with keys {sorted(batch)}; "
-            f"name them one of {_INPUT_KEYS} / {_TARGET_KEYS}, or pass unpack=lambda b: (b['..'], b['..'])"
-        )
-    raise ValueError(
-        f"batches must be (inputs, targets) tuples or dicts, got {type(batch).__name__}"
-        + (f" of length {len(batch)}" if isinstance(batch, (tuple, list)) else "")
-        + "; pass unpack=fn where fn(batch) returns (inputs, targets)"
-    )
-
-
 def _take(batches: Iterable, n: int) -> list:
     """The first ``n`` batches; a re-iterable (list, DataLoader) is cycled if it is shorter."""
     out: list = []

@@ -23,10 +23,11 @@ and its optimizer state are restored on the device, no host sync).
 from __future__ import annotations
 
 import contextlib
+import functools
 import math
 import numbers
 import os
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -39,7 +40,7 @@ except ImportError:
     DTensor = None
 
 from . import optim_support
-from .batches import to_device
+from .batches import default_unpack, to_device
 from .checks import is_whole_number
 from .controllers.mlrsnet import MLRSNet
 from .controllers.pretrained import save_controller
@@ -66,8 +67,10 @@ class MetaConfig:
         loss_fn: ``loss_fn(model_output, target) -> scalar tensor``.
         interval: a meta-step every ``interval`` scheduler steps (published: 300; 1 works).
         lr, weight_decay: of the controller's Adam (published: 1e-3, 1e-4).
-        unpack: ``unpack(batch) -> (inputs, targets)``; default takes ``(x, y)`` tuples/lists
-            or dicts with keys ``"input"``/``"target"``. Batches are moved to the model's device.
+        unpack: ``unpack(batch) -> (inputs, targets)``; default takes ``(x, y)`` pairs (a
+            longer tuple is refused) or dicts with keys such as ``"input"``/``"target"`` or
+            ``"x"``/``"y"`` (those of :func:`autolr_fast.find_lr`). Batches are moved to the
+            model's device.
         snapshot_dir, snapshot_every: save the controller (theta and gamma) every
             ``snapshot_every`` steps (e.g. once per epoch) as ``controller_XXXX.pt``, loadable
             with :func:`autolr_fast.load_controller` for plug-and-play use. Writing a file reads
@@ -108,22 +111,6 @@ def _whole(value: Any, minimum: int) -> bool:
     return is_whole_number(value, minimum)
 
 
-def _default_unpack(batch: Any) -> tuple[Any, Any]:
-    if isinstance(batch, Mapping):
-        try:
-            return batch["input"], batch["target"]
-        except KeyError as exc:
-            raise KeyError(
-                f"validation batch dict has keys {sorted(batch)}; expected 'input' and 'target', or pass "
-                "MetaConfig(unpack=lambda b: (inputs, targets))"
-            ) from exc
-    if isinstance(batch, (tuple, list)) and len(batch) >= 2:
-        return batch[0], batch[1]
-    raise TypeError(
-        f"cannot unpack a validation batch of type {type(batch).__name__}; pass MetaConfig(unpack=...)"
-    )
-
-
 class MetaTrainer:
     """The meta-step machinery of one ``AutoLR`` (created by it from a :class:`MetaConfig`)."""
 
@@ -158,7 +145,7 @@ class MetaTrainer:
         self.config = config
         self.model = model
         self.interval = int(config.interval)  # a whole float (2.0) too
-        self.unpack = config.unpack or _default_unpack
+        self.unpack = config.unpack or functools.partial(default_unpack, how="MetaConfig(unpack=fn)")
         sharded = [n for n, p in model.named_parameters() if _is_dtensor(p)]
         if sharded:
             raise NotImplementedError(

@@ -8,14 +8,19 @@ import ctypes
 import importlib.util
 import math
 import os
+import re
 import shutil
 import subprocess
+import sys
 import zipfile
+from pathlib import Path
 
 import pytest
 import torch
 
 from autolr_fast import exporting as ex
+
+REPO = Path(__file__).resolve().parents[1]
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 RUNTIME = os.path.join(ROOT, "csrc", "runtime")
@@ -272,6 +277,19 @@ def test_the_shared_library_exports_only_the_c_api(runtime_build):
                          text=True, check=True).stdout.split()
     names = [w for w in out[2::3]]
     assert names and all(n.startswith("autolr_") for n in names), [n for n in names if not n.startswith("autolr_")]
+
+
+def test_the_shared_library_has_a_soname_with_the_headers_version(runtime_build):
+    """A program linked against this runtime records libautolr.so.MAJOR.MINOR (the ABI may change
+    with a minor version before 1.0), taken from the version macros of autolr.h."""
+    readelf = shutil.which("readelf")
+    if readelf is None or not sys.platform.startswith("linux"):
+        pytest.skip("readelf (Linux) not found")
+    header = (REPO / "csrc" / "runtime" / "include" / "autolr.h").read_text()
+    major, minor = (re.search(rf"#define AUTOLR_VERSION_{k} (\d+)", header).group(1) for k in ("MAJOR", "MINOR"))
+    dynamic = subprocess.run([readelf, "-d", ex.shared_library_path(runtime_build)], capture_output=True, text=True,
+                             check=True).stdout
+    assert f"Library soname: [libautolr.so.{major}.{minor}]" in dynamic, dynamic
 
 
 def test_a_large_file_that_is_no_zip_and_a_folder_are_refused_at_once(runtime_build, tmp_path):

@@ -30,6 +30,7 @@ first finite loss is recognised without a host sync (the scheduler's polled coun
 from __future__ import annotations
 
 import math
+import numbers
 
 import torch
 from torch import Tensor, nn
@@ -267,8 +268,25 @@ class RateScale:
         if missing:
             raise ValueError(f"the state_dict's rate scale is missing {missing}")
         for key in ("peak", "gamma"):
-            if not isinstance(state[key], torch.Tensor) or state[key].numel() != 1:
-                raise ValueError(f"the state_dict's rate scale has a bad {key!r} (a 1-element tensor is expected)")
+            value = state[key]
+            if not isinstance(value, torch.Tensor) or value.numel() != 1 or not value.is_floating_point():
+                raise ValueError(f"the state_dict's rate scale has a bad {key!r} (a 1-element floating-point tensor "
+                                 "is expected)")
+            # NaN: not decided yet (the lr anchor and 'auto' wait for a finite loss); 0: no usable scale
+            v = float(value)
+            undecided = math.isnan(v) and mode in ("lr", "auto")
+            if not (undecided or (math.isfinite(v) and v >= 0)):
+                raise ValueError(f"the state_dict's rate scale has {key} {v!r}; a rate scale is finite and >= 0, so "
+                                 "this state is damaged")
+        base_lr = state["base_lr"]
+        if not (isinstance(base_lr, numbers.Real) and not isinstance(base_lr, bool) and math.isfinite(base_lr)
+                and base_lr >= 0):
+            raise ValueError(f"the state_dict's rate scale has a bad 'base_lr' {base_lr!r} (a finite number >= 0 "
+                             "is expected)")
+        classes, fewest = state["num_classes"], 2 if mode == "auto" else 1  # only 'auto' reads it
+        if not (is_whole_number(classes, fewest) or (classes is None and mode != "auto")):
+            raise ValueError(f"the state_dict's rate scale has a bad 'num_classes' {classes!r} (a whole number >= "
+                             f"{fewest}{'' if mode == 'auto' else ', or None'} is expected)")
         total = state["total_steps"]
         if total is not None and not is_whole_number(total, 1):
             raise ValueError(f"the state_dict's rate scale has a bad 'total_steps' {total!r}")

@@ -62,7 +62,8 @@ class AutoLR:
             A float: fixed.
         total_steps: the number of optimizer steps of the run. When given, the scale follows an
             envelope over them: a linear warm-up, then a cosine from 1 to 0 (the controller cannot
-            know the run length).
+            know the run length). The envelope counts ``step`` calls, skipped ones (``skip=``, a
+            NaN loss) included: where they are is known only on the device.
         warmup_steps: the warm-up's length in optimizer steps: the scale rises linearly,
             ``(t + 1) / warmup_steps`` at step ``t``, to the peak. Default (``None``): 5 % of
             ``total_steps``, none without it. ``0``: no warm-up (a plain cosine envelope). Without
@@ -118,7 +119,11 @@ class AutoLR:
         self.device = optim_support.params_device(optimizer)
         self.controller = controller.to(self.device)
         self._warned: set[str] = set()
-        reference_lr = self._init_param_groups(lr_scales, lr_as_tensor)
+        previous = _autolr_driving(optimizer)
+        # a notebook cell run again builds a second AutoLR on the same optimizer: the groups then
+        # hold the earlier one's last rate, and the peak the user meant is the recorded initial_lr
+        from_initial = previous is not None and previous._groups_hold_its_rates()
+        reference_lr = self._init_param_groups(lr_scales, lr_as_tensor, from_initial)
         self.scale = RateScale(gamma, controller, optimizer, self.device, reference_lr, num_classes=num_classes,
                                total_steps=total_steps, warmup_steps=warmup_steps, warned=self._warned)
         start = controller.initial_rate(reference_lr)
@@ -140,6 +145,25 @@ class AutoLR:
         # everything that can refuse the arguments comes before the optimizer is touched: a failed
         # AutoLR(...) must leave the optimizer as it was (no hook, float lrs)
         self.meta = None if meta is None else MetaTrainer(self, meta)
+        if previous is not None:
+            previous.close()
+            if from_initial:
+                for g in optimizer.param_groups:
+                    g["lr"] = g.get("initial_lr", g["lr"])
+            lrs = [float(g["lr"]) for g in optimizer.param_groups]
+            warnings.warn(
+                f"AutoLR: this optimizer was still driven by an earlier AutoLR ({previous!r}); it was closed "
+                "(AutoLR.close()) and this one takes over, from "
+                + (f"the lr the groups had before it, {lrs}" if from_initial else f"the lr you set since, {lrs}")
+                + ". Close an AutoLR yourself before building another on its optimizer to silence this",
+                RuntimeWarning, stacklevel=optim_support.user_stacklevel())
+        if getattr(optimizer.step, "_wrapped_by_lr_sched", False):
+            optim_support.warn_once(
+                self._warned, "torch_scheduler",
+                "AutoLR: a torch.optim.lr_scheduler was built on this optimizer. AutoLR sets every group's lr at "
+                "each step, so that scheduler's step() has no effect (or, called between sched.step and "
+                "optimizer.step, replaces AutoLR's rate): use one of the two",
+            )
         for g in optimizer.param_groups:
             g.setdefault("initial_lr", float(g["lr"]))
         if self.distributed:
@@ -147,19 +171,22 @@ class AutoLR:
         if self.tensor_lr:
             optim_support.lr_tensors(optimizer, self.device)
             self._write_rate_to_groups()
+        self._written_lrs: list = [g["lr"] for g in optimizer.param_groups]  # the float path's last write
         self._hook = optimizer.register_step_pre_hook(self._before_optimizer_step)
         self._closed = False
         self._paused = False  # during an optimizer step's second and later closure evaluations
         self._steady_step = None  # see _steady_step_fn
 
-    def _init_param_groups(self, lr_scales: list[float] | None, lr_as_tensor: bool | None) -> float:
+    def _init_param_groups(self, lr_scales: list[float] | None, lr_as_tensor: bool | None,
+                           from_initial: bool = False) -> float:
         """Record each group's scale; decide tensor or float rates. Returns the rate the scales
-        are relative to: the first positive group lr (the first group's when none is)."""
+        are relative to: the first positive group lr (the first group's when none is), or the
+        groups' ``initial_lr`` with ``from_initial``."""
         groups = self.optimizer.param_groups
         if any("lr" not in g for g in groups):
             raise TypeError(f"AutoLR sets each param group's 'lr', and {type(self.optimizer).__name__}'s param groups "
                             "have none: use an optimizer with a learning rate")
-        lrs = [float(g["lr"]) for g in groups]
+        lrs = [float(g["initial_lr"] if from_initial and "initial_lr" in g else g["lr"]) for g in groups]
         if not any(r > 0 for r in lrs):
             # an optimizer state loaded before AutoLR(...) holds the last rate, 0 before a first step
             # that wrote tensor rates: the peak an earlier AutoLR recorded is what this run meant
@@ -269,11 +296,13 @@ class AutoLR:
 
     def _write_rate_to_groups(self) -> None:
         if self.tensor_lr:
-            dispatch.write_rates(self.rate, optim_support.lr_tensors(self.optimizer, self.device), self.lr_scales)
+            dispatch.write_rates(self.rate, self._lr_tensors(), self.lr_scales)
         else:
             r = float(self.rate if self._rate_view is None else self._rate_view)
+            written = self._written_lrs = []
             for g, s in zip(self.optimizer.param_groups, self.lr_scales):
                 g["lr"] = r * s
+                written.append(g["lr"])
 
     def step(self, loss: Tensor, skip: Tensor | None = None) -> None:
         """Read this step's loss and set the rate for the coming ``optimizer.step()``.
@@ -315,6 +344,41 @@ class AutoLR:
         self._steps_since_optimizer += 1
         if not self.counters.idle_tick():  # a copy of the counters is due or in flight
             self._after_step_host_checks()
+
+    def _warn_if_lrs_were_set(self, lr_list: list[Tensor] | None) -> None:
+        """Warn (once) when a group's lr was set since the last step by someone else (the user, a
+        torch.optim.lr_scheduler): AutoLR writes every group's lr at each step, so the value would
+        be lost silently. On the float path the value is compared; on the tensor path a replaced
+        tensor is seen (an in-place fill_ of AutoLR's tensor cannot be, without a sync)."""
+        groups = self.optimizer.param_groups
+        if self.tensor_lr:
+            if lr_list is not None:
+                return
+            last = self._lr_tensors.last
+            changed = [(i, g["lr"]) for i, (g, lr) in enumerate(zip(groups, last)) if g["lr"] is not lr]
+        else:
+            changed = [(i, g["lr"]) for i, (g, w) in enumerate(zip(groups, self._written_lrs)) if g["lr"] != w]
+        if changed:
+            i, value = changed[0]
+            optim_support.warn_once(
+                self._warned, "lr_set_outside",
+                f"AutoLR: param group {i}'s lr was set to {float(value):g} outside AutoLR, which sets every group's lr "
+                "at each step and overwrites it (a torch.optim.lr_scheduler stepped alongside AutoLR has no effect "
+                f"either). To change a group's share of the rate, set sched.lr_scales[{i}] (its multiplier of "
+                "AutoLR's rate; 0 freezes it); to hand the rate to another schedule, call sched.close() first",
+            )
+
+    def _groups_hold_its_rates(self) -> bool:
+        """Whether every param group still holds the rate this AutoLR wrote (its lr tensor, or on
+        the float path its last value), i.e. nobody set an lr since."""
+        groups = self.optimizer.param_groups
+        if len(groups) != len(self.lr_scales):
+            return False
+        if self.tensor_lr:
+            return all(isinstance(g["lr"], Tensor) for g in groups)
+        r = float(self.rate if self._rate_view is None else self._rate_view)
+        return all(g["lr"] == r * s or (self.step_count == 0 and g["lr"] == g.get("initial_lr"))
+                   for g, s in zip(groups, self.lr_scales))
 
     def close(self) -> None:
         """Take this AutoLR off its optimizer, e.g. before another schedule drives it.
@@ -358,6 +422,8 @@ class AutoLR:
             self._check_capturable()
         if len(self.optimizer.param_groups) != len(self.lr_scales):
             self._adopt_added_groups()
+        if "lr_set_outside" not in self._warned:
+            self._warn_if_lrs_were_set(lr_list)
         if self.step_count == 0 and all(p.grad is None for g in self.optimizer.param_groups for p in g["params"]):
             raise RuntimeError(
                 "AutoLR.step(loss) was called before loss.backward(): no parameter has a gradient. "
@@ -576,6 +642,15 @@ class AutoLR:
             ctrl = upgrade(ctrl)
         if set(ctrl) != set(own) or any(tuple(ctrl[k].shape) != tuple(own[k].shape) for k in own):
             raise ValueError("the controller in this state_dict has other parameters or shapes than this AutoLR's")
+        weights = {k for k, _ in self.controller.named_parameters()}
+        for k, v in ctrl.items():  # an int tensor would be cast silently; a NaN weight skips every step
+            # a buffer may hold inf (the lowest loss seen so far starts there), never NaN
+            bad = (~torch.isfinite(v.float()) if k in weights else torch.isnan(v.float())) if v.numel() else v.bool()
+            if own[k].is_floating_point() and (not v.is_floating_point() or bool(bad.any())):
+                raise ValueError(f"the controller in this state_dict has a damaged {k!r} (dtype {v.dtype}"
+                                 f"{'' if v.is_floating_point() else ', not floating-point'}; "
+                                 f"{'non-finite' if k in weights else 'NaN'} values: {int(bad.sum())}); load it "
+                                 "from an undamaged checkpoint")
         n_groups = len(self.optimizer.param_groups)
         if len(state["lr_scales"]) > n_groups:
             raise ValueError(
@@ -586,6 +661,16 @@ class AutoLR:
         for key, shape in (("rate", ()), ("counters", tuple(self.counters.values.shape))):
             if not isinstance(state[key], Tensor) or tuple(state[key].shape) != shape:
                 raise ValueError(f"the state_dict's {key!r} is not a tensor of shape {shape}")
+        rate, counters = state["rate"], state["counters"]
+        if not (rate.is_floating_point() and math.isfinite(float(rate)) and float(rate) >= 0):
+            raise ValueError(f"the state_dict's 'rate' is {rate!r}; a rate is a finite number >= 0, so this state is "
+                             "damaged")
+        if counters.is_floating_point() or counters.is_complex() or bool((counters < 0).any()):
+            raise ValueError(f"the state_dict's 'counters' are {counters.tolist()}; they count steps (whole numbers "
+                             ">= 0), so this state is damaged")
+        warned = state.get("warned", [])
+        if not (isinstance(warned, (list, tuple, set)) and all(isinstance(w, str) for w in warned)):
+            raise ValueError(f"the state_dict's 'warned' is {warned!r}, not a list of warning names")
         step_count = state["step_count"]
         if not is_whole_number(step_count, 0):
             raise ValueError(f"the state_dict's 'step_count' is {step_count!r}, not a whole number >= 0")
@@ -648,6 +733,15 @@ class AutoLR:
 
 
 DEFAULT_CONTROLLER = "default"
+
+
+def _autolr_driving(optimizer: torch.optim.Optimizer) -> AutoLR | None:
+    """The AutoLR whose step hook is on ``optimizer`` (none once it is closed)."""
+    for hook in optimizer._optimizer_step_pre_hooks.values():
+        owner = getattr(hook, "__self__", None)
+        if isinstance(owner, AutoLR) and not owner._closed:
+            return owner
+    return None
 
 
 def check_lr_scales(scales: Any, what: str) -> list[float]:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import os
+import re
 import warnings
 
 import pytest
@@ -491,6 +492,129 @@ def test_load_state_dict_checks_step_count_lr_scales_and_meta_state_first():
         assert before[3]["meta_steps"] == after[3]["meta_steps"]
     sched.load_state_dict(good)  # the good state still loads after the refusals
     assert sched.step_count == 3
+
+
+def _damage(state: dict, where: str, value) -> dict:
+    bad = copy.deepcopy(state)
+    if where.startswith("scale."):
+        bad["scale"][where[6:]] = value
+    elif where.startswith("controller."):
+        bad["controller"][where[11:]] = value(bad["controller"][where[11:]])
+    else:
+        bad[where] = value
+    return bad
+
+
+@pytest.mark.parametrize("where,value,words", [
+    ("scale.peak", torch.tensor(-1.0), "peak -1.0"),
+    ("scale.gamma", torch.tensor(float("inf")), "gamma inf"),
+    ("scale.peak", torch.tensor(float("nan")), "peak nan"),  # a fixed gamma is never undecided
+    ("scale.peak", torch.tensor(1), "floating-point"),
+    ("scale.base_lr", "x", "base_lr"),
+    ("scale.base_lr", float("nan"), "base_lr"),
+    ("scale.num_classes", 2.5, "num_classes"),
+    ("rate", torch.tensor(-0.5), "'rate'"),
+    ("rate", torch.tensor(float("nan")), "'rate'"),
+    ("counters", torch.tensor([-1, 0]), "'counters'"),
+    ("warned", 5, "'warned'"),
+    ("controller.head.weight", lambda w: w.to(torch.int64), "not floating-point"),
+    ("controller.head.weight", lambda w: w.index_fill(0, torch.tensor([0]), float("nan")), "non-finite"),
+])
+def test_a_damaged_state_is_refused_before_anything_changes(where, value, words):
+    """Values no state_dict() writes (a negative or infinite scale or rate, NaN or integer weights, a
+    bad base_lr, counters or warning list) are refused with the field named, and the scheduler, its
+    controller and the optimizer's rates stay as they were (a negative scale would train uphill)."""
+    torch.manual_seed(0)
+    model = nn.Linear(8, 3)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    sched = AutoLR(opt, MLRSNet(hidden_size=16), gamma=0.5)
+    x, y = make_problem()
+    train_steps(model, opt, sched, x, y, steps=5)
+    saved = sched.state_dict()
+    train_steps(model, opt, sched, x, y, steps=3)
+    if where.startswith("controller.") and where[11:] not in saved["controller"]:
+        pytest.fail(f"no {where[11:]!r} in {sorted(saved['controller'])}")
+    before = copy.deepcopy((sched.state_dict(), opt.param_groups[0]["lr"]))
+    with pytest.raises(ValueError, match=re.escape(words)):
+        sched.load_state_dict(_damage(saved, where, value))
+    after = (sched.state_dict(), opt.param_groups[0]["lr"])
+    assert after[1] == before[1] and after[0]["step_count"] == before[0]["step_count"]
+    assert after[0]["warned"] == before[0]["warned"] and after[0]["scale"]["mode"] == before[0]["scale"]["mode"]
+    for key in ("rate", "counters"):
+        assert torch.equal(after[0][key], before[0][key]), key
+    for key in ("peak", "gamma"):
+        assert torch.equal(after[0]["scale"][key], before[0]["scale"][key]), key
+    assert all(torch.equal(v, after[0]["controller"][k]) for k, v in before[0]["controller"].items())
+    sched.load_state_dict(saved)  # the undamaged state still loads
+    assert sched.step_count == 5
+
+
+@pytest.mark.parametrize("lr_as_tensor", [False, True])
+@pytest.mark.parametrize("user_sets_lr", [False, True])
+def test_a_second_autolr_on_the_same_optimizer_takes_over(lr_as_tensor, user_sets_lr):
+    """Building AutoLR again on an optimizer (a notebook cell run twice) closes the earlier one with
+    a warning instead of failing at the next optimizer.step() with an error about the call order.
+    The new one starts from the lr the groups had before the first (its last rate is not what the
+    user means), unless the user set an lr since."""
+    torch.manual_seed(0)
+    model = nn.Linear(8, 3)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    x, y = make_problem()
+    first = AutoLR(opt, MLRSNet(hidden_size=16), total_steps=12, lr_as_tensor=lr_as_tensor)
+    train_steps(model, opt, first, x, y, steps=10)  # near the end of its cosine
+    assert float(opt.param_groups[0]["lr"]) < 0.03
+    if user_sets_lr:
+        opt.param_groups[0]["lr"] = 0.05
+    with pytest.warns(RuntimeWarning, match=r"still driven by an earlier AutoLR.*takes over, from the lr "
+                                            + ("you set since, \\[0.05\\]" if user_sets_lr else
+                                               "the groups had before it, \\[0.1\\]")):
+        second = AutoLR(opt, MLRSNet(hidden_size=16), total_steps=12, warmup_steps=0, lr_as_tensor=lr_as_tensor)
+    train_steps(model, opt, second, x, y, steps=1)  # no "optimizer.step() was called before AutoLR.step"
+    assert float(opt.param_groups[0]["lr"]) == pytest.approx(0.05 if user_sets_lr else 0.1, rel=1e-3)
+    with pytest.raises(RuntimeError, match="closed"):
+        first.step(torch.tensor(1.0))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        second.close()
+        AutoLR(opt, MLRSNet(hidden_size=16))  # the earlier one closed by the user: no warning
+
+
+@pytest.mark.parametrize("lr_as_tensor", [False, True])
+def test_an_lr_set_outside_autolr_is_warned_about_and_lr_scales_change_a_group(lr_as_tensor):
+    """A group's lr set by hand (unfreezing a backbone) or by a torch scheduler would be overwritten
+    at the next step without a word: AutoLR warns once, naming sched.lr_scales, which does change a
+    group's share of the rate (also on the steady-state fast path)."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(8, 8), nn.ReLU(), nn.Linear(8, 3))
+    opt = torch.optim.SGD([{"params": model[0].parameters(), "lr": 0.0}, {"params": model[2].parameters()}], lr=0.1)
+    x, y = make_problem()
+    sched = AutoLR(opt, MLRSNet(hidden_size=16), gamma=0.1, lr_as_tensor=lr_as_tensor)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        train_steps(model, opt, sched, x, y, steps=3)
+    opt.param_groups[0]["lr"] = 0.1
+    with pytest.warns(RuntimeWarning, match=r"param group 0's lr was set to 0.1 outside AutoLR.*sched.lr_scales\[0\]"):
+        train_steps(model, opt, sched, x, y, steps=1)
+    assert float(opt.param_groups[0]["lr"]) == 0.0  # overwritten, as the warning says
+    sched.lr_scales[0] = 0.5
+    train_steps(model, opt, sched, x, y, steps=3)
+    assert float(opt.param_groups[0]["lr"]) == pytest.approx(0.5 * float(opt.param_groups[1]["lr"]), rel=1e-6)
+    assert float(opt.param_groups[0]["lr"]) > 0
+
+
+def test_a_torch_scheduler_on_the_optimizer_is_warned_about():
+    opt = torch.optim.SGD(nn.Linear(8, 3).parameters(), lr=0.1)
+    torch.optim.lr_scheduler.StepLR(opt, step_size=1)
+    with pytest.warns(RuntimeWarning, match="a torch.optim.lr_scheduler was built on this optimizer"):
+        AutoLR(opt, MLRSNet(hidden_size=16), gamma=0.1)
+
+
+def test_an_undecided_lr_anchor_state_loads():
+    """A state saved before the first finite loss (the lr anchor's scale is still NaN) is a good state."""
+    opt = torch.optim.SGD(nn.Linear(8, 3).parameters(), lr=0.1)
+    state = AutoLR(opt, MLRSNet(hidden_size=16)).state_dict()
+    assert torch.isnan(state["scale"]["peak"])
+    AutoLR(opt, MLRSNet(hidden_size=16)).load_state_dict(state)
 
 
 @pytest.mark.parametrize("scales", [[float("nan")], [float("inf")], [-1.0], ["a"]])

@@ -26,6 +26,7 @@ from autolr_fast import ActionController
 from autolr_fast.controllers.action import feature_channels, history_features, make_action_model, with_level
 
 from .collect import load_data, merge_data
+from .out_paths import folder_problem
 from .report import markdown_table
 from .training import Schedule, run_steps
 
@@ -200,6 +201,13 @@ def main(argv: list[str] | None = None) -> int:
         a.epochs = min(a.epochs, 10)
     if a.epochs < 1 or not 0 < a.test_frac < 1:
         p.error(f"--epochs must be >= 1 and --test-frac in (0, 1); got {a.epochs} and {a.test_frac}")
+    if a.hidden is not None and a.hidden < 1:
+        p.error(f"--hidden {a.hidden}: must be >= 1")
+    if a.use_val and a.model != "mlp":
+        p.error(f"--use-val works with --model mlp only (the CNN/GRU read the training window), not --model {a.model}")
+    problem = folder_problem(a.out_dir, "--out-dir")
+    if problem:
+        p.error(problem)
     real = [os.path.realpath(f) for f in a.data]
     repeated = sorted({f for f, r in zip(a.data, real) if real.count(r) > 1})
     if repeated:  # its runs would be renumbered as new ones, and test runs would copy training runs
@@ -213,6 +221,9 @@ def main(argv: list[str] | None = None) -> int:
     multipliers = settings[0]["multipliers"]
     if any(s["segment"] // s["window"] != block or s["multipliers"] != multipliers for s in settings):
         raise SystemExit("the data files disagree on --segment/--window or --multipliers; train on matching files")
+    if len(multipliers) < 2 or min(multipliers) <= 0:
+        raise SystemExit(f"train-action: the data were collected with --multipliers {multipliers}; an action "
+                         "controller needs at least two factors, each > 0: collect again")
     enveloped = [f for f, s in zip(a.data, settings, strict=True) if s.get("envelope")]
     if a.relative and len(enveloped) != len(a.data):
         raise SystemExit("--relative trains a controller whose rate follows AutoLR's envelope: every file must "
@@ -230,6 +241,10 @@ def main(argv: list[str] | None = None) -> int:
     if a.keep_margin > 0:
         data = keep_unless_clear(data, multipliers, a.keep_margin)
     kinds = ["mlp", "cnn", "gru"] if a.model == "all" else [a.model]
+    runs = torch.unique(data["run"]).numel()
+    if runs < 2:  # checked here, not after training: the split holds whole runs out for the test
+        raise SystemExit(f"train-action: the data hold {runs} run(s); the comparison holds whole runs out for its "
+                         "test, so it needs 2 or more (collect with --runs 2 or more, or pass more --data files)")
     report, models = train_and_compare(data, kinds, window=window, multipliers=multipliers, epochs=a.epochs,
                                        test_frac=a.test_frac, seed=a.seed, use_val=a.use_val, hidden=a.hidden,
                                        balanced=a.balanced, relative=a.relative, show=not a.no_progress)

@@ -45,6 +45,7 @@ from tqdm.auto import tqdm
 from autolr_fast.controllers.action import DEFAULT_MULTIPLIERS, block_means, history_features
 from autolr_fast.rate_scale import cosine_envelope
 
+from .out_paths import file_problem
 from .tasks import available_tasks, get_task
 from .training import Schedule, load_state, run_steps, save_state
 
@@ -97,6 +98,10 @@ class Collector:
         self.block = settings["segment"] // settings["window"]
         base = get_task(settings["task"], seed=settings["seed"])
         n_val = settings["val_size"] or max(1, min(500, len(base.x_train) // 5))
+        if n_val + settings["batch_size"] > len(base.x_train):
+            raise ValueError(f"{settings['task']} has {len(base.x_train)} training samples: {n_val} for validation "
+                             f"(--val-size) leave fewer than one batch of {settings['batch_size']} (--batch-size) to "
+                             "train on")
         self.task, self.x_val, self.y_val = base.split_validation(n_val, seed=settings["seed"])
         self.rows: list[dict] = []
         self.progress = {"run": 0, "decision": 0, "state": None}
@@ -292,7 +297,8 @@ def load_data(path: str) -> dict:
     try:
         payload = torch.load(path, weights_only=True)
     except Exception as exc:
-        raise ValueError(f"could not read collected data from {path!r}: {exc}") from exc
+        raise ValueError(f"could not read collected data from {path!r} (not a torch.save file, or damaged: "
+                         f"{type(exc).__name__}: {exc})") from exc
     if not isinstance(payload, dict) or payload.get("format") != FORMAT:
         raise ValueError(f"{path!r} is not a file written by `python -m autolr_fast collect`")
     return payload
@@ -361,8 +367,8 @@ def main(argv: list[str] | None = None) -> int:
             setattr(a, key, quick if a.quick else full)
     if a.label_horizon < -1:
         p.error("--label-horizon must be >= -1")
-    small = [f"--{k.replace('_', '-')} {getattr(a, k)}" for k in ("runs", "segment", "window", "val_window")
-             if getattr(a, k) < 1]
+    small = [f"--{k.replace('_', '-')} {getattr(a, k)}" for k in ("runs", "segment", "window", "val_window",
+                                                                  "batch_size") if getattr(a, k) < 1]
     if small:
         p.error(f"{', '.join(small)}: must be >= 1")
     if a.segment % a.window or a.steps < 2 * a.segment:
@@ -370,12 +376,23 @@ def main(argv: list[str] | None = None) -> int:
                 "least two segments (the first fills the history a decision reads)")
     if not (0 < a.lr_min < a.lr_max):
         p.error("need 0 < --lr-min < --lr-max")
+    if len(a.multipliers) < 2 or min(a.multipliers) <= 0:
+        p.error(f"--multipliers {' '.join(f'{m:g}' for m in a.multipliers)}: the actions are factors of the rate, "
+                "at least two, each > 0 (default: 0.9 1.0 1.1)")
+    if a.val_size < 0:
+        p.error(f"--val-size {a.val_size}: must be >= 0")
+    problem = file_problem(a.out, "--out", f"{a.task}.pt")
+    if problem:
+        p.error(problem)
     settings = {"task": a.task, "seed": a.seed, "runs": a.runs, "segment": a.segment, "steps": a.steps,
                 "window": a.window, "val_window": a.val_window, "batch_size": a.batch_size,
                 "optimizer": a.optimizer, "momentum": a.momentum, "lr_min": a.lr_min, "lr_max": a.lr_max,
                 "multipliers": [float(m) for m in a.multipliers], "follow": a.follow, "val_size": a.val_size,
                 "label_horizon": a.label_horizon, "label_continue": a.label_continue, "envelope": a.envelope}
-    collector = Collector(settings)
+    try:
+        collector = Collector(settings)
+    except ValueError as exc:
+        p.error(str(exc))
     partial = a.out + ".partial"
     if a.resume:
         if not os.path.exists(partial):

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 from itertools import islice
 
 import torch
@@ -14,6 +13,7 @@ from autolr_fast import find_lr
 
 from .baselines import make_optimizer as make_task_optimizer
 from .compare import task_settings
+from .out_paths import file_problem
 from .tasks import available_tasks, get_task
 from .training import Schedule, run_steps
 
@@ -68,13 +68,10 @@ def main(argv: list[str] | None = None) -> int:
         bad.append(f"--start-lr {args.start_lr:g} / --end-lr {args.end_lr:g} (needs 0 < start < end)")
     if bad:
         raise SystemExit(f"find-lr: {'; '.join(bad)}")
-    missing = [f for f in (args.out, args.plot) if f and not os.path.isdir(os.path.dirname(os.path.abspath(f)))]
-    if missing:
-        raise SystemExit(f"find-lr: the folder of {', '.join(missing)} does not exist")
-    folders = [f for f in (args.out, args.plot) if f and os.path.isdir(f)]
-    if folders:
-        raise SystemExit(f"find-lr: --out and --plot name files, and {', '.join(folders)} is a folder; e.g. "
-                         f"--out {os.path.join(folders[0], 'lr_finder.json')}")
+    problems = [file_problem(f, flag, name) for f, flag, name in
+                ((args.out, "--out", "lr_finder.json"), (args.plot, "--plot", "lr_finder.png")) if f]
+    if any(problems):
+        raise SystemExit("find-lr: " + "; ".join(q for q in problems if q))
     if args.around_default and args.optimizer != "task":
         raise SystemExit("--around-default needs --optimizer task (the default lr is the task's)")
     torch.manual_seed(args.seed)

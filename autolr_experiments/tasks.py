@@ -92,6 +92,8 @@ class Task:
         """Shuffled training mini-batches (drop_last), reproducible from ``seed``."""
         g = torch.Generator().manual_seed(seed)
         n = len(self.x_train)
+        if not 1 <= batch_size <= n:  # else no batch at all, and an endless loop without epochs
+            raise ValueError(f"{self.name}: batch size {batch_size} for {n} training samples; it must be 1 to {n}")
         epoch = 0
         while epochs is None or epoch < epochs:
             perm = torch.randperm(n, generator=g)

@@ -312,3 +312,44 @@ def test_cli_on_collected_files(tmp_path):
     assert result["files"][files[0]]["rows"] == len(collect.load_data(files[0])["data"]["best"])
     with pytest.raises(SystemExit):
         action_signal.main(["--data", files[0], files[0], "--out", str(out)])
+
+
+@pytest.mark.parametrize("extra,words", [
+    (["--batch-size", "0"], "--batch-size 0: must be >= 1"),
+    (["--multipliers", "1.0"], "at least two, each > 0"),
+    (["--multipliers", "0.9", "-1", "1.1"], "at least two, each > 0"),
+    (["--val-size", "630"], "fewer than one batch of 16"),  # 640 training samples: 10 left, used to loop forever
+    (["--out", "{tmp}"], "is a folder; e.g. --out"),
+    (["--out", "{tmp}/missing/x.pt"], "does not exist"),
+])
+def test_collect_refuses_bad_arguments_before_any_work(tmp_path, capsys, extra, words):
+    extra = [e.replace("{tmp}", str(tmp_path)) for e in extra]
+    out = extra[extra.index("--out") + 1] if "--out" in extra else str(tmp_path / "d.pt")
+    args = ["--task", "test-quadratic", "--momentum", "0", "--segment", "10", "--window", "5", "--steps", "60",
+            "--batch-size", "16", "--runs", "2", "--out", str(tmp_path / "d.pt"), "--no-progress"]
+    with pytest.raises(SystemExit):
+        collect.main(args + extra)
+    assert words in capsys.readouterr().err
+    assert not os.path.exists(out + ".partial") and not os.path.exists(tmp_path / "d.pt.partial")
+
+
+def test_train_action_refuses_bad_arguments_before_training(tmp_path, capsys):
+    two_runs = _collect(tmp_path, "two.pt")
+    one_run = str(tmp_path / "one.pt")
+    assert collect.main(["--task", "test-quadratic", "--momentum", "0", "--segment", "10", "--window", "5", "--steps",
+                         "60", "--batch-size", "16", "--runs", "1", "--out", one_run, "--no-progress"]) == 0
+    a_file = tmp_path / "a_file"
+    a_file.write_text("")
+    for args, words in ((["--data", one_run], "hold 1 run(s)"), (["--data", two_runs, "--use-val"], "--model mlp only"),
+                        (["--data", two_runs, "--out-dir", str(a_file)], "is a file, not a folder"),
+                        (["--data", two_runs, "--hidden", "0"], "--hidden 0")):
+        args = args if "--out-dir" in args else args + ["--out-dir", str(tmp_path / "models")]
+        with pytest.raises(SystemExit) as exc:
+            action_training.main(args + ["--quick", "--no-progress"])
+        assert words in str(exc.value.code) + capsys.readouterr().err
+        assert not os.path.exists(tmp_path / "models")
+
+
+def test_task_batches_refuse_a_batch_larger_than_the_data():
+    with pytest.raises(ValueError, match="batch size 641 for 640 training samples"):
+        next(_quadratic().batches(641, seed=0))

@@ -38,7 +38,7 @@ from torch import Tensor, nn
 
 from .controllers.files import read_file
 from .controllers.mlrsnet import MLRSNet
-from .controllers.pretrained import load_pretrained
+from .controllers.pretrained import _from_blob, load_pretrained
 from .ops import reference
 from .rate_scale import envelope
 from .scheduler import AutoLR
@@ -259,9 +259,9 @@ def _resolve(obj, gamma: float | None) -> tuple[MLRSNet, float, Tensor, Tensor, 
                 "runtime's rate by the envelope in your trainer", RuntimeWarning, stacklevel=3)
         if any(scale != 1.0 for scale in obj.lr_scales):
             scales = [float(f"{scale:.6g}") for scale in obj.lr_scales]
-            warnings.warn(f"export: the runtime returns one rate, the first group's; this AutoLR scales its param "
-                          f"groups by {scales}: multiply the runtime's rate by each group's scale in your trainer",
-                          RuntimeWarning, stacklevel=3)
+            warnings.warn(f"export: the runtime returns one rate, that of a group at scale 1 (the first group with a "
+                          f"positive lr); this AutoLR scales its param groups by {scales}: multiply the runtime's "
+                          "rate by each group's scale in your trainer", RuntimeWarning, stacklevel=3)
         return net, g, net.h, net.c, float(obj.rate)
     if isinstance(obj, MLRSNet):
         if gamma is None:
@@ -303,6 +303,9 @@ def export(controller_or_scheduler, path: str | os.PathLike, gamma: float | None
     path = os.fspath(path)
     if os.path.isdir(path):
         raise ValueError(f"{path} is a folder: give the file to write, e.g. {os.path.join(path, 'controller.pt')}")
+    if not os.path.isdir(os.path.dirname(os.path.abspath(path))):
+        raise FileNotFoundError(f"cannot write {path}: the folder {os.path.dirname(os.path.abspath(path))} does not "
+                                "exist")
     # written beside the target, then renamed into place: a reader never sees half a file
     fd, tmp = tempfile.mkstemp(prefix=os.path.basename(path) + ".", suffix=".tmp",
                                dir=os.path.dirname(os.path.abspath(path)))
@@ -344,6 +347,10 @@ def _read_weights_entry(path: str) -> bytes:
     except zipfile.BadZipFile as exc:
         if "CRC" in str(exc):  # a zip whose entry's checksum fails: damaged, not foreign
             raise ValueError(f"{path!r} is corrupted: {exc}") from exc
+        with open(path, "rb") as f:
+            if f.read(4) == b"PK\x03\x04":  # a zip's first header, and no end record: cut short
+                raise ValueError(f"{path!r} is truncated or damaged: a zip archive without its end record "
+                                 f"({exc})") from exc
         raise ValueError(f"{path!r} is not an exported controller (not a zip/TorchScript archive: {exc})") from exc
     except (IsADirectoryError, PermissionError, FileNotFoundError):
         raise
@@ -443,10 +450,11 @@ def _parser() -> argparse.ArgumentParser:
     )
     src = p.add_mutually_exclusive_group()
     src.add_argument("--official", metavar="PATH", help="a published MLR-SNet checkpoint (mlr_snet_*.pth)")
-    src.add_argument("--checkpoint", metavar="PATH", help="a torch.save'd MLRSNet state_dict")
+    src.add_argument("--checkpoint", metavar="PATH", help="a controller file (save_controller, meta-training "
+                     "snapshots) or a torch.save'd MLRSNet state_dict")
     src.add_argument("--pretrained", metavar="NAME", help="a pretrained controller shipped with autolr_fast")
     p.add_argument("--gamma", type=float, help="the rate scale (largest rate); required unless the "
-                   "pretrained controller carries one")
+                   "controller (pretrained, or a controller file) carries one")
     p.add_argument("-o", "--output", metavar="OUT", help="output file, e.g. controller.pt")
     p.add_argument("--cmake-dir", action="store_true", help="print the folder with autolrConfig.cmake and exit")
     p.add_argument("--include-dir", action="store_true", help="print the folder with autolr.h and exit")
@@ -454,9 +462,17 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def _load_checkpoint(path: str) -> MLRSNet:
-    state = read_file(path, "an MLRSNet state_dict")
+    """An MLRSNet from a controller file (``save_controller``: meta-training snapshots, ``meta-train
+    --ship``; its gamma in ``default_gamma``) or from a bare ``state_dict``."""
+    state = read_file(path, "an MLRSNet controller file or state_dict")
+    if isinstance(state, dict) and "format" in state:
+        net = _from_blob(state, path)
+        if not isinstance(net, MLRSNet):
+            raise ValueError(f"{path!r} holds a {type(net).__name__}; the runtime runs MLR-SNet controllers only")
+        return net
     if not isinstance(state, dict) or "head.weight" not in state or "h" not in state:
-        raise ValueError(f"{path!r} is not an MLRSNet state_dict (expected keys 'cells.0...', 'head.weight', 'h', 'c')")
+        raise ValueError(f"{path!r} is neither an autolr_fast controller file nor an MLRSNet state_dict (expected "
+                         "keys 'cells.0...', 'head.weight', 'h', 'c')")
     layers, hidden = state["h"].shape
     net = MLRSNet(hidden_size=int(hidden), num_layers=int(layers))
     try:
@@ -480,6 +496,8 @@ def main(argv: list[str] | None = None) -> int:
             net = MLRSNet.from_official(args.official, gate_order="train")
         elif args.checkpoint:
             net = _load_checkpoint(args.checkpoint)
+            if gamma is None:
+                gamma = net.default_gamma  # a controller file's; None for a bare state_dict
         elif args.pretrained:
             net = load_pretrained(args.pretrained)
             if not isinstance(net, MLRSNet):

@@ -392,3 +392,41 @@ def test_a_compressed_weights_entry_is_refused_before_it_is_inflated(tmp_path):
         zf.writestr("c/extra/" + WEIGHTS_ENTRY, blob)
     with pytest.raises(ValueError, match="compressed"):
         load(bad)
+
+
+def test_cli_exports_a_saved_controller_file_with_its_gamma(tmp_path, capsys):
+    """A file of save_controller (meta-training snapshots, meta-train --ship) exports from the command
+    line, at the gamma it carries unless --gamma is given; an action controller is refused."""
+    from autolr_fast import load_pretrained, save_controller
+
+    net = _net(6, 1, seed=3)
+    save_controller(net, tmp_path / "ctrl.pt", gamma=0.3)
+    assert ex.main(["--checkpoint", str(tmp_path / "ctrl.pt"), "-o", str(tmp_path / "a.pt")]) == 0
+    back = ex.load(tmp_path / "a.pt")
+    assert back.gamma == pytest.approx(0.3) and back.controller.hidden_size == 6
+    assert ex.main(["--checkpoint", str(tmp_path / "ctrl.pt"), "--gamma", "0.1", "-o", str(tmp_path / "b.pt")]) == 0
+    assert ex.load(tmp_path / "b.pt").gamma == pytest.approx(0.1)
+    load_pretrained("action-mlp").save(str(tmp_path / "action.pt"), "mlp")
+    capsys.readouterr()
+    assert ex.main(["--checkpoint", str(tmp_path / "action.pt"), "--gamma", "0.1", "-o", str(tmp_path / "c.pt")]) == 2
+    assert "MLR-SNet controllers only" in capsys.readouterr().err
+
+
+def test_a_cut_file_is_called_truncated_and_a_missing_folder_is_named(tmp_path):
+    good = tmp_path / "good.pt"
+    ex.export(_net(6, 1, seed=4), good, gamma=0.1)
+    data = good.read_bytes()
+    for n in (100, len(data) // 2, len(data) - 1):
+        (tmp_path / "cut.pt").write_bytes(data[:n])
+        with pytest.raises(ValueError, match="truncated or damaged"):
+            ex.load(tmp_path / "cut.pt")
+    with pytest.raises(FileNotFoundError, match="the folder .*missing does not exist"):
+        ex.export(_net(6, 1, seed=4), tmp_path / "missing" / "x.pt", gamma=0.1)
+
+
+def test_a_text_file_is_named_as_no_torch_file():
+    from autolr_fast import load_controller
+
+    path = os.path.join(os.path.dirname(__file__), "..", "README.md")
+    with pytest.raises(ValueError, match="not a torch.save file, or damaged"):
+        load_controller(path)

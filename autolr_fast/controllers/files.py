@@ -21,7 +21,9 @@ def read_file(path: str | os.PathLike, what: str, map_location: str = "cpu") -> 
     except FileNotFoundError:
         raise
     except Exception as exc:  # corrupted, truncated, not a torch file
-        raise ValueError(f"could not read {what} from {path!r}: {exc}") from exc
+        # the type too: torch.load's KeyError on a text file reads as a bare number
+        raise ValueError(f"could not read {what} from {path!r} (not a torch.save file, or damaged: "
+                         f"{type(exc).__name__}: {exc})") from exc
 
 
 def write_file(blob: Any, path: str | os.PathLike) -> None:

@@ -66,7 +66,14 @@ struct Bytes {
 // ---- zip: find the stored ALRW entry via the central directory ------------------------------------
 // Local headers may use data descriptors (general-purpose bit 3, as torch writes them), so sizes
 // and CRC come from the central directory; zip64 records are honoured when present.
+// A zip archive's first bytes (a local file header): a file that has them and no end record was cut.
+bool starts_like_zip(const uint8_t* p, size_t n) {
+  return n >= 4 && p[0] == 0x50 && p[1] == 0x4b && p[2] == 0x03 && p[3] == 0x04;
+}
+
 int find_weights_entry(const Bytes& z, size_t* data_off, size_t* data_len) {
+  if (z.n < 22 && starts_like_zip(z.p, z.n))
+    return fail(AUTOLR_E_CORRUPT, "a zip archive cut short (" + std::to_string(z.n) + " bytes): truncated");
   if (z.n < 22) return fail(AUTOLR_E_FORMAT, "not a zip/TorchScript archive (file too short: " + std::to_string(z.n) + " bytes)");
   // End of central directory: scan back over a possible comment (<= 65535 bytes).
   size_t eocd = SIZE_MAX;
@@ -74,7 +81,9 @@ int find_weights_entry(const Bytes& z, size_t* data_off, size_t* data_len) {
   for (size_t i = z.n - 22 + 1; i-- > lowest;) {
     if (z.u32(i) == 0x06054b50u && i + 22 + size_t(z.u16(i + 20)) == z.n) { eocd = i; break; }
   }
-  if (eocd == SIZE_MAX) return fail(AUTOLR_E_FORMAT, "not a zip/TorchScript archive (no end-of-central-directory record; truncated?)");
+  if (eocd == SIZE_MAX && starts_like_zip(z.p, z.n))
+    return fail(AUTOLR_E_CORRUPT, "a zip archive without its end-of-central-directory record: truncated or damaged");
+  if (eocd == SIZE_MAX) return fail(AUTOLR_E_FORMAT, "not a zip/TorchScript archive (no end-of-central-directory record)");
   uint64_t entries = z.u16(eocd + 10);
   uint64_t cd_size = z.u32(eocd + 12);
   uint64_t cd_off = z.u32(eocd + 16);
@@ -413,9 +422,15 @@ int autolr_open_file(const char* path, autolr_runtime** out) {
       for (size_t i = 0; !found && i + 4 <= end.size(); ++i)
         found = end[i] == 0x50 && end[i + 1] == 0x4b && end[i + 2] == 0x05 && end[i + 3] == 0x06;
       if (!found) {
+        uint8_t head[4] = {0, 0, 0, 0};
+        std::rewind(f);
+        const bool zip = std::fread(head, 1, 4, f) == 4 && starts_like_zip(head, 4);
         std::fclose(f);
+        if (zip)
+          return fail(AUTOLR_E_CORRUPT, std::string(path) + ": a zip archive without its end-of-central-directory "
+                                        "record: truncated or damaged");
         return fail(AUTOLR_E_FORMAT, std::string(path) + ": not a zip/TorchScript archive (no end-of-central-directory "
-                                     "record; truncated?)");
+                                     "record)");
       }
     }
     std::rewind(f);

@@ -230,7 +230,8 @@ static void test_bad_files(const std::string& dir) {
   // every truncation length (step 1 near the end and through the blob, coarser elsewhere)
   for (size_t n = 0; n < good.size(); n += (n >= off && n <= off + len) || n + 200 > good.size() ? 1 : 97) {
     std::vector<uint8_t> t(good.begin(), good.begin() + long(n));
-    expect_error(t, "truncated");
+    // once the zip's first header is there, a cut file is damaged, not foreign
+    expect_error(t, "truncated", n >= 4 ? AUTOLR_E_CORRUPT : AUTOLR_E_FORMAT);
   }
   // a flipped bit anywhere in the weights entry -> CRC error
   for (size_t i = off; i < off + len; i += 3) {

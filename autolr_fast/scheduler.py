@@ -345,19 +345,13 @@ class AutoLR:
         if not self.counters.idle_tick():  # a copy of the counters is due or in flight
             self._after_step_host_checks()
 
-    def _warn_if_lrs_were_set(self, lr_list: list[Tensor] | None) -> None:
-        """Warn (once) when a group's lr was set since the last step by someone else (the user, a
-        torch.optim.lr_scheduler): AutoLR writes every group's lr at each step, so the value would
-        be lost silently. On the float path the value is compared; on the tensor path a replaced
-        tensor is seen (an in-place fill_ of AutoLR's tensor cannot be, without a sync)."""
-        groups = self.optimizer.param_groups
-        if self.tensor_lr:
-            if lr_list is not None:
-                return
-            last = self._lr_tensors.last
-            changed = [(i, g["lr"]) for i, (g, lr) in enumerate(zip(groups, last)) if g["lr"] is not lr]
-        else:
-            changed = [(i, g["lr"]) for i, (g, w) in enumerate(zip(groups, self._written_lrs)) if g["lr"] != w]
+    def _warn_if_lrs_were_set(self) -> None:
+        """On the float path, warn (once) when a group's lr was set since the last step by someone
+        else (the user, a torch.optim.lr_scheduler): AutoLR writes every group's lr at each step, so
+        the value would be lost silently. (On the tensor path the value cannot be read without a
+        sync, and optimizer.load_state_dict replaces the tensors in a normal resume.)"""
+        changed = [(i, g["lr"]) for i, (g, w) in enumerate(zip(self.optimizer.param_groups, self._written_lrs))
+                   if g["lr"] != w]
         if changed:
             i, value = changed[0]
             optim_support.warn_once(
@@ -422,8 +416,8 @@ class AutoLR:
             self._check_capturable()
         if len(self.optimizer.param_groups) != len(self.lr_scales):
             self._adopt_added_groups()
-        if "lr_set_outside" not in self._warned:
-            self._warn_if_lrs_were_set(lr_list)
+        if not self.tensor_lr and "lr_set_outside" not in self._warned:
+            self._warn_if_lrs_were_set()
         if self.step_count == 0 and all(p.grad is None for g in self.optimizer.param_groups for p in g["params"]):
             raise RuntimeError(
                 "AutoLR.step(loss) was called before loss.backward(): no parameter has a gradient. "

@@ -259,9 +259,9 @@ def _resolve(obj, gamma: float | None) -> tuple[MLRSNet, float, Tensor, Tensor, 
                 "runtime's rate by the envelope in your trainer", RuntimeWarning, stacklevel=3)
         if any(scale != 1.0 for scale in obj.lr_scales):
             scales = [float(f"{scale:.6g}") for scale in obj.lr_scales]
-            warnings.warn(f"export: the runtime returns one rate, that of a group at scale 1 (the first group with a "
-                          f"positive lr); this AutoLR scales its param groups by {scales}: multiply the runtime's "
-                          "rate by each group's scale in your trainer", RuntimeWarning, stacklevel=3)
+            warnings.warn(f"export: the runtime returns AutoLR's rate (scale 1); this AutoLR gives its param groups "
+                          f"that rate times {scales}: multiply the runtime's rate by each group's scale in your "
+                          "trainer", RuntimeWarning, stacklevel=3)
         return net, g, net.h, net.c, float(obj.rate)
     if isinstance(obj, MLRSNet):
         if gamma is None:

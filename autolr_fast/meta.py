@@ -172,6 +172,11 @@ class MetaTrainer:
             config.optimizer(params) if config.optimizer is not None
             else torch.optim.Adam(params, lr=config.lr, weight_decay=config.weight_decay, fused=True)
         )
+        val = config.val_data
+        if isinstance(val, Sequence) and not isinstance(val, (str, bytes)) and len(val) > 0:
+            # a list of batches is read here, not 300 steps into training (an iterator or a
+            # DataLoader is not: reading it would use up or reshuffle a batch)
+            self.unpack(val[0])
         self._val_iter = None
         self._val_used = 0  # batches taken from the current pass over val_data
         self.meta_steps = 0

@@ -95,6 +95,10 @@ class RateScale:
                  warned: set, warmup_steps: int | None = 0) -> None:
         self.device = device
         self.base_lr = float(base_lr)
+        whole = is_whole_number(num_classes, 1) or (isinstance(num_classes, float) and num_classes.is_integer()
+                                                     and num_classes >= 1)
+        if num_classes is not None and not whole:
+            raise ValueError(f"num_classes must be a whole number >= 1 (the number of classes), got {num_classes!r}")
         self.num_classes = None if num_classes is None else int(num_classes)
         if total_steps is not None and not is_whole_number(total_steps, 1):
             raise ValueError(f"total_steps must be a positive whole number of optimizer steps, got {total_steps!r}")

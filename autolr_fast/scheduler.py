@@ -145,14 +145,12 @@ class AutoLR:
         # everything that can refuse the arguments comes before the optimizer is touched: a failed
         # AutoLR(...) must leave the optimizer as it was (no hook, float lrs)
         self.meta = None if meta is None else MetaTrainer(self, meta)
+        # the warnings first: one turned into an error (python -W error) must leave the optimizer as it was
         if previous is not None:
-            previous.close()
-            if from_initial:
-                for g in optimizer.param_groups:
-                    g["lr"] = g.get("initial_lr", g["lr"])
-            lrs = [float(g["lr"]) for g in optimizer.param_groups]
+            groups = optimizer.param_groups
+            lrs = [float(g.get("initial_lr", g["lr"]) if from_initial else g["lr"]) for g in groups]
             warnings.warn(
-                f"AutoLR: this optimizer was still driven by an earlier AutoLR ({previous!r}); it was closed "
+                f"AutoLR: this optimizer was still driven by an earlier AutoLR ({previous!r}); it is closed "
                 "(AutoLR.close()) and this one takes over, from "
                 + (f"the lr the groups had before it, {lrs}" if from_initial else f"the lr you set since, {lrs}")
                 + ". Close an AutoLR yourself before building another on its optimizer to silence this",
@@ -164,6 +162,11 @@ class AutoLR:
                 "each step, so that scheduler's step() has no effect (or, called between sched.step and "
                 "optimizer.step, replaces AutoLR's rate): use one of the two",
             )
+        if previous is not None:
+            previous.close()
+            if from_initial:
+                for g in optimizer.param_groups:
+                    g["lr"] = g.get("initial_lr", g["lr"])
         for g in optimizer.param_groups:
             g.setdefault("initial_lr", float(g["lr"]))
         if self.distributed:
@@ -173,6 +176,8 @@ class AutoLR:
             self._write_rate_to_groups()
         self._written_lrs: list = [g["lr"] for g in optimizer.param_groups]  # the float path's last write
         self._hook = optimizer.register_step_pre_hook(self._before_optimizer_step)
+        # optimizer.load_state_dict writes the saved lrs: a resume, not an lr set outside AutoLR
+        self._load_hook = optimizer.register_load_state_dict_post_hook(self._after_optimizer_load)
         self._closed = False
         self._paused = False  # during an optimizer step's second and later closure evaluations
         self._steady_step = None  # see _steady_step_fn
@@ -345,6 +350,9 @@ class AutoLR:
         if not self.counters.idle_tick():  # a copy of the counters is due or in flight
             self._after_step_host_checks()
 
+    def _after_optimizer_load(self, optimizer) -> None:
+        self._written_lrs = [g["lr"] for g in optimizer.param_groups]
+
     def _warn_if_lrs_were_set(self) -> None:
         """On the float path, warn (once) when a group's lr was set since the last step by someone
         else (the user, a torch.optim.lr_scheduler): AutoLR writes every group's lr at each step, so
@@ -365,7 +373,8 @@ class AutoLR:
     def _groups_hold_its_rates(self) -> bool:
         """Whether every param group still holds the rate this AutoLR wrote (its lr tensor, or on
         the float path its last value), i.e. nobody set an lr since."""
-        groups = self.optimizer.param_groups
+        # groups added since its last step were never written by it: they keep their own lr
+        groups = self.optimizer.param_groups[:len(self.lr_scales)]
         if len(groups) != len(self.lr_scales):
             return False
         if self.tensor_lr:
@@ -381,6 +390,7 @@ class AutoLR:
         first); the groups keep the rate written last, a float or a tensor. A later
         :meth:`step` raises. Calling it again does nothing."""
         self._hook.remove()
+        self._load_hook.remove()
         self._closed = True
         self._steady_step = None
 

@@ -375,7 +375,7 @@ def test_export_warns_that_group_scales_stay_with_the_trainer(tmp_path):
     with w.catch_warnings(record=True) as caught:
         w.simplefilter("always")
         export(sched, tmp_path / "c.pt")
-    assert any("scales its param groups by [1.0, 0.1]" in str(x.message) for x in caught)
+    assert any("that rate times [1.0, 0.1]" in str(x.message) for x in caught)
 
 
 def test_a_compressed_weights_entry_is_refused_before_it_is_inflated(tmp_path):

@@ -596,20 +596,25 @@ def test_a_one_shot_val_data_iterator_is_named_when_it_runs_out():
 
 def test_validation_batches_unpack_as_the_range_finders_do():
     """A dict with the range finders' key names works; a batch with a third item (sample weights)
-    is refused, naming MetaConfig(unpack=...), rather than cut to its first two."""
+    is refused, naming MetaConfig(unpack=...), rather than cut to its first two: when AutoLR is
+    built for a list of batches, at the first meta-step for an iterable read only then."""
     torch.manual_seed(0)
     model = nn.Linear(8, 3)
     x, y = torch.randn(16, 8), torch.randint(0, 3, (16,))
-    for batch, error in (({"x": x, "y": y}, None), ((x, y, torch.ones(16)), r"of length 3.*MetaConfig\(unpack=fn\)")):
-        opt = torch.optim.SGD(model.parameters(), lr=0.1)
-        sched = AutoLR(opt, MLRSNet(hidden_size=8), gamma=0.5,
-                       meta=MetaConfig(model, [batch], nn.functional.cross_entropy, interval=1))
-        if error is None:
-            train_steps(model, opt, sched, x, y, 2)
-            assert sched.meta.meta_steps == 2
-        else:
-            with pytest.raises(ValueError, match=error):
-                train_steps(model, opt, sched, x, y, 1)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    sched = AutoLR(opt, MLRSNet(hidden_size=8), gamma=0.5,
+                   meta=MetaConfig(model, [{"x": x, "y": y}], nn.functional.cross_entropy, interval=1))
+    train_steps(model, opt, sched, x, y, 2)
+    assert sched.meta.meta_steps == 2
+    sched.close()
+    error = r"of length 3.*MetaConfig\(unpack=fn\)"
+    with pytest.raises(ValueError, match=error):
+        AutoLR(opt, MLRSNet(hidden_size=8), gamma=0.5,
+               meta=MetaConfig(model, [(x, y, torch.ones(16))], nn.functional.cross_entropy, interval=1))
+    sched = AutoLR(opt, MLRSNet(hidden_size=8), gamma=0.5,
+                   meta=MetaConfig(model, iter([(x, y, torch.ones(16))]), nn.functional.cross_entropy, interval=1))
+    with pytest.raises(ValueError, match=error):
+        train_steps(model, opt, sched, x, y, 1)
 
 
 def test_an_added_param_group_outside_the_model_is_refused_before_a_validation_batch_is_used():

@@ -641,12 +641,50 @@ def test_a_torch_scheduler_on_the_optimizer_is_warned_about():
         AutoLR(opt, MLRSNet(hidden_size=16), gamma=0.1)
 
 
+def test_taking_over_keeps_added_groups_and_a_refused_takeover_changes_nothing():
+    """A group added after the first AutoLR (never written by it) does not stop the second from
+    starting at the first group's initial_lr; with warnings as errors, the takeover's warning is
+    raised before the earlier AutoLR is closed or an lr restored."""
+    torch.manual_seed(0)
+    a, b = nn.Linear(8, 3), nn.Linear(8, 3)
+    opt = torch.optim.SGD(a.parameters(), lr=0.1)
+    x, y = make_problem()
+    first = AutoLR(opt, MLRSNet(hidden_size=16), total_steps=12)
+    train_steps(a, opt, first, x, y, steps=10)
+    opt.add_param_group({"params": b.parameters(), "lr": 0.1})
+    decayed = opt.param_groups[0]["lr"]
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        with pytest.raises(RuntimeWarning, match="takes over"):
+            AutoLR(opt, MLRSNet(hidden_size=16), total_steps=12)
+    assert opt.param_groups[0]["lr"] == decayed and not first._closed
+    with pytest.warns(RuntimeWarning, match=r"the lr the groups had before it, \[0.1, 0.1\]"):
+        second = AutoLR(opt, MLRSNet(hidden_size=16), total_steps=12)
+    assert second.scale.base_lr == 0.1 and second.lr_scales == [1.0, 1.0]
+
+
+def test_a_fresh_autolr_then_an_optimizer_state_warns_about_nothing():
+    """optimizer.load_state_dict without a scheduler state (switching to AutoLR on a resumed run):
+    the loaded lrs are not an lr set outside AutoLR."""
+    x, y = make_problem()
+    torch.manual_seed(0)
+    model = nn.Linear(8, 3)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    train_steps(model, opt, AutoLR(opt, MLRSNet(hidden_size=8), total_steps=20), x, y, steps=3)
+    saved = copy.deepcopy(opt.state_dict())
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    sched = AutoLR(opt, MLRSNet(hidden_size=8), total_steps=20)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        opt.load_state_dict(saved)
+        train_steps(model, opt, sched, x, y, steps=2)
+
+
 def test_an_undecided_lr_anchor_state_loads():
     """A state saved before the first finite loss (the lr anchor's scale is still NaN) is a good state."""
-    opt = torch.optim.SGD(nn.Linear(8, 3).parameters(), lr=0.1)
-    state = AutoLR(opt, MLRSNet(hidden_size=16)).state_dict()
+    state = AutoLR(torch.optim.SGD(nn.Linear(8, 3).parameters(), lr=0.1), MLRSNet(hidden_size=16)).state_dict()
     assert torch.isnan(state["scale"]["peak"])
-    AutoLR(opt, MLRSNet(hidden_size=16)).load_state_dict(state)
+    AutoLR(torch.optim.SGD(nn.Linear(8, 3).parameters(), lr=0.1), MLRSNet(hidden_size=16)).load_state_dict(state)
 
 
 @pytest.mark.parametrize("scales", [[float("nan")], [float("inf")], [-1.0], ["a"]])

@@ -328,8 +328,9 @@ def check_trial_setup(name: str, model: nn.Module, optimizer: torch.optim.Optimi
                       "statistics frozen; call model.train() first if your run trains in train mode",
                       RuntimeWarning, stacklevel=optim_support.user_stacklevel())
     if getattr(optimizer.step, "_wrapped_by_lr_sched", False):
-        warnings.warn(f"{name}: a torch.optim.lr_scheduler was built on this optimizer; its next step() sets the lr "
-                      f"from its own schedule and undoes what {name} chose. Build the scheduler after this call",
+        warnings.warn(f"{name}: a torch.optim.lr_scheduler was built on this optimizer at some point; if it is "
+                      f"still stepped, its next step() sets the lr from its own schedule and undoes what {name} "
+                      "chose: build the scheduler after this call. If not, ignore this",
                       RuntimeWarning, stacklevel=optim_support.user_stacklevel())
 
 

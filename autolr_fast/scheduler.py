@@ -158,9 +158,10 @@ class AutoLR:
         if getattr(optimizer.step, "_wrapped_by_lr_sched", False):
             optim_support.warn_once(
                 self._warned, "torch_scheduler",
-                "AutoLR: a torch.optim.lr_scheduler was built on this optimizer. AutoLR sets every group's lr at "
-                "each step, so that scheduler's step() has no effect (or, called between sched.step and "
-                "optimizer.step, replaces AutoLR's rate): use one of the two",
+                "AutoLR: a torch.optim.lr_scheduler was built on this optimizer at some point (torch leaves its mark "
+                "on optimizer.step for good). If it is still stepped: AutoLR sets every group's lr at each step, so "
+                "its step() has no effect (or, called between sched.step and optimizer.step, replaces AutoLR's "
+                "rate); use one of the two. If not, ignore this",
             )
         if previous is not None:
             previous.close()

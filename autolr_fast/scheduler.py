@@ -124,6 +124,11 @@ class AutoLR:
         # hold the earlier one's last rate, and the peak the user meant is the recorded initial_lr
         from_initial = previous is not None and previous._groups_hold_its_rates()
         reference_lr = self._init_param_groups(lr_scales, lr_as_tensor, from_initial)
+        # an lr other than the recorded initial_lr: a torch scheduler or a checkpoint moved it (warned
+        # at the first step, unless load_state_dict replaces the anchor before then)
+        moved = [(float(g["lr"]), float(g["initial_lr"])) for g in optimizer.param_groups
+                 if "initial_lr" in g and previous is None and float(g["lr"]) != float(g["initial_lr"])]
+        self._moved_lr = moved[0] if moved else None
         self.scale = RateScale(gamma, controller, optimizer, self.device, reference_lr, num_classes=num_classes,
                                total_steps=total_steps, warmup_steps=warmup_steps, warned=self._warned)
         start = controller.initial_rate(reference_lr)
@@ -155,7 +160,8 @@ class AutoLR:
                 + (f"the lr the groups had before it, {lrs}" if from_initial else f"the lr you set since, {lrs}")
                 + ". Close an AutoLR yourself before building another on its optimizer to silence this",
                 RuntimeWarning, stacklevel=optim_support.user_stacklevel())
-        if getattr(optimizer.step, "_wrapped_by_lr_sched", False):
+        # on the float path an lr another scheduler sets is seen at the next step (and warned about then)
+        if self.tensor_lr and getattr(optimizer.step, "_wrapped_by_lr_sched", False):
             optim_support.warn_once(
                 self._warned, "torch_scheduler",
                 "AutoLR: a torch.optim.lr_scheduler was built on this optimizer at some point (torch leaves its mark "
@@ -372,16 +378,16 @@ class AutoLR:
             )
 
     def _groups_hold_its_rates(self) -> bool:
-        """Whether every param group still holds the rate this AutoLR wrote (its lr tensor, or on
-        the float path its last value), i.e. nobody set an lr since."""
+        """Whether every param group still holds the rate this AutoLR wrote last (compared by
+        value), i.e. nobody set an lr since."""
         # groups added since its last step were never written by it: they keep their own lr
         groups = self.optimizer.param_groups[:len(self.lr_scales)]
         if len(groups) != len(self.lr_scales):
             return False
-        if self.tensor_lr:
-            return all(isinstance(g["lr"], Tensor) for g in groups)
+        # values, also of lr tensors (a range finder fills them in place): a sync on a GPU, once
         r = float(self.rate if self._rate_view is None else self._rate_view)
-        return all(g["lr"] == r * s or (self.step_count == 0 and g["lr"] == g.get("initial_lr"))
+        return all(math.isclose(float(g["lr"]), r * s, rel_tol=1e-6, abs_tol=1e-12)
+                   or (self.step_count == 0 and float(g["lr"]) == g.get("initial_lr"))
                    for g, s in zip(groups, self.lr_scales))
 
     def close(self) -> None:
@@ -429,6 +435,15 @@ class AutoLR:
             self._adopt_added_groups()
         if not self.tensor_lr and "lr_set_outside" not in self._warned:
             self._warn_if_lrs_were_set()
+        if self._moved_lr is not None:
+            (lr, initial), self._moved_lr = self._moved_lr, None
+            optim_support.warn_once(
+                self._warned, "moved_lr",
+                f"AutoLR: the optimizer's lr ({lr:g}) is not its initial_lr ({initial:g}): an earlier schedule on it "
+                "(a torch scheduler, an AutoLR) or a checkpoint of such a run moved it. AutoLR takes the lr as the "
+                "rate you mean; if you meant the initial_lr, set each group's 'lr' to its 'initial_lr' before "
+                "building AutoLR",
+            )
         if self.step_count == 0 and all(p.grad is None for g in self.optimizer.param_groups for p in g["params"]):
             raise RuntimeError(
                 "AutoLR.step(loss) was called before loss.backward(): no parameter has a gradient. "
@@ -623,8 +638,7 @@ class AutoLR:
             raise ValueError(
                 "AutoLR.load_state_dict: this is the state of another scheduler (a torch.optim.lr_scheduler: it has "
                 "'base_lrs'/'last_epoch'), which AutoLR cannot continue. To switch a run to AutoLR, load the model "
-                "and optimizer and start AutoLR fresh (with Hugging Face Trainer, remove the checkpoint's "
-                "scheduler.pt)"
+                "and optimizer and start AutoLR fresh (AutoLRTrainer does this with a Trainer checkpoint)"
             )
         if not isinstance(state, dict) or state.get("version") != STATE_VERSION:
             raise ValueError(
@@ -695,6 +709,7 @@ class AutoLR:
         with torch.no_grad():
             self.rate.copy_(state["rate"])
             self.counters.values.copy_(state["counters"])
+        self._moved_lr = None  # the loaded scale replaces the anchor taken from the lr
         self.step_count = int(step_count)  # a NumPy integer from a checkpoint too
         self.counters.refresh(self.step_count)  # the host's view of the loaded counters, not the old ones
         self.lr_scales = lr_scales

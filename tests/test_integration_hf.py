@@ -254,6 +254,44 @@ def test_a_second_train_starts_a_new_autolr_from_the_peak(tmp_path):
     assert first[0] > 0 and first[-1] < 0.1 * max(first)
 
 
+def test_a_second_train_starts_from_an_lr_set_in_between(tmp_path):
+    """An lr set between two train() calls (by hand, by find_anchor_lr) is the new run's peak, not
+    replaced by the first run's initial_lr."""
+    rates = []
+    trainer = _linear_trainer(tmp_path, 8, rates)
+    trainer.train()
+    for g in trainer.autolr.optimizer.param_groups:
+        g["lr"] = 3e-3
+    rates.clear()
+    trainer.train()
+    assert rates[0] == pytest.approx(3e-3, rel=1e-3)  # the warm-up of 8 steps has one step: factor 1
+
+
+def test_a_checkpoint_of_a_run_without_autolr_switches_to_autolr(tmp_path):
+    """A plain Trainer's checkpoint (a torch scheduler's scheduler.pt): AutoLRTrainer says so, keeps
+    the file so that Trainer loads optimizer.pt, and continues its envelope from the step reached."""
+    torch.manual_seed(0)
+    data = [{"x": torch.randn(4), "labels": torch.randn(1)} for _ in range(32)]
+    args = transformers.TrainingArguments(output_dir=str(tmp_path), per_device_train_batch_size=4, learning_rate=1e-2,
+                                          report_to="none", use_cpu=True, disable_tqdm=True, num_train_epochs=2,
+                                          save_strategy="epoch")
+    transformers.Trainer(model=_LinearTask(), args=args, train_dataset=data).train()
+    moments = []
+
+    class Moments(transformers.TrainerCallback):
+        def on_train_begin(self, args, state, control, optimizer=None, **kwargs):
+            moments.append(len(trainer.autolr.optimizer.state))
+
+    rates = []
+    trainer = _linear_trainer(tmp_path, 16, rates, num_train_epochs=2)
+    trainer.add_callback(Moments())
+    with pytest.warns(RuntimeWarning, match=r"a torch scheduler's state \(a run without AutoLR, at step 8\)"):
+        trainer.train(resume_from_checkpoint=str(tmp_path / "checkpoint-8"))
+    assert moments == [2]  # the Adam state of the weight and the bias, from optimizer.pt
+    assert len(rates) == 8 and trainer.autolr.step_count == 16
+    assert 0.3e-2 < rates[0] < 0.8e-2 and rates[-1] < 0.1e-2  # the second half of the cosine
+
+
 def test_total_steps_that_differ_from_the_trainers_are_warned_about(tmp_path):
     with pytest.warns(RuntimeWarning, match=r"total_steps=4\), but this train\(\) takes 8 optimizer steps"):
         _linear_trainer(tmp_path, 4, []).train()

@@ -322,3 +322,36 @@ def test_autolr_warnings_raised_inside_a_fit_point_at_the_callers_line():
         _fit(module, AutoLRCallback(lambda opt: AutoLR(opt)), max_steps=2)
     told = [w for w in caught if "AutoLR" in str(w.message) and "finite" in str(w.message)]
     assert told and all(w.filename == __file__ for w in told), [(w.filename, str(w.message)[:60]) for w in told]
+
+
+def test_a_continued_fit_with_a_new_autolr_for_its_steps_is_not_warned_about():
+    """fit, raise max_epochs, fit again: the second fit's new AutoLR runs the 6 steps left, and an
+    AutoLR of that length is what the check expects (it used to ask for all 12 steps, whose
+    envelope would then stop at its middle)."""
+    module = _Tiny(lambda p: torch.optim.SGD(p, lr=0.1))
+    callback = AutoLRCallback(lambda opt: AutoLR(opt, total_steps=6))
+    trainer = pl.Trainer(max_epochs=1, callbacks=[callback], accelerator="cpu", devices=1, logger=False,
+                         enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", RuntimeWarning)
+        trainer.fit(module, _tiny_loader())
+        trainer.fit_loop.max_epochs = 2
+        trainer.fit(module, _tiny_loader())
+    assert trainer.global_step == 12 and callback.scheduler.step_count == 6
+    callback = AutoLRCallback(lambda opt: AutoLR(opt, total_steps=12))
+    trainer.callbacks = [callback]
+    trainer.fit_loop.max_epochs = 3
+    with pytest.warns(RuntimeWarning, match=r"takes 6 optimizer steps .*total_steps=trainer.estimated_stepping_batches "
+                                            r"- trainer.global_step"):
+        trainer.fit(module, _tiny_loader())
+
+
+def test_a_scheduler_added_during_the_fit_is_warned_about():
+    """StochasticWeightAveraging adds SWALR at its start epoch; AutoLR would override its rates."""
+    module = _Tiny(lambda p: torch.optim.SGD(p, lr=0.1))
+    callback = AutoLRCallback(lambda opt: AutoLR(opt))
+    swa = pl.callbacks.StochasticWeightAveraging(swa_lrs=0.01, swa_epoch_start=1)
+    trainer = pl.Trainer(max_epochs=3, callbacks=[callback, swa], accelerator="cpu", devices=1, logger=False,
+                         enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False)
+    with pytest.warns(RuntimeWarning, match=r"a learning-rate scheduler was added during the fit \(SWALR"):
+        trainer.fit(module, _tiny_loader())

@@ -635,10 +635,22 @@ def test_a_resume_in_either_order_warns_about_nothing(lr_as_tensor, optimizer_fi
 
 
 def test_a_torch_scheduler_on_the_optimizer_is_warned_about():
-    opt = torch.optim.SGD(nn.Linear(8, 3).parameters(), lr=0.1)
+    """On the tensor path, where a scheduler's in-place writes cannot be seen later, when AutoLR is
+    built; on the float path at the step after the scheduler sets an lr."""
+    model = nn.Linear(8, 3)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
     torch.optim.lr_scheduler.StepLR(opt, step_size=1)
     with pytest.warns(RuntimeWarning, match="a torch.optim.lr_scheduler was built on this optimizer"):
-        AutoLR(opt, MLRSNet(hidden_size=16), gamma=0.1)
+        AutoLR(opt, MLRSNet(hidden_size=16), gamma=0.1, lr_as_tensor=True)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    other = torch.optim.lr_scheduler.StepLR(opt, step_size=1, gamma=0.5)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        sched = AutoLR(opt, MLRSNet(hidden_size=16), gamma=0.1)
+        train_steps(model, opt, sched, *make_problem(), steps=2)
+    other.step()
+    with pytest.warns(RuntimeWarning, match="set to 0.0.* outside AutoLR"):
+        train_steps(model, opt, sched, *make_problem(), steps=1)
 
 
 def test_taking_over_keeps_added_groups_and_a_refused_takeover_changes_nothing():

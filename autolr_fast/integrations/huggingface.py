@@ -82,12 +82,30 @@ class AutoLRSchedulerAdapter:
         # warning was caught: AutoLR's own (e.g. a resumed run with another length) are held and
         # issued when training begins instead
         if not self.hold_warnings:
-            self.autolr.load_state_dict(state)
+            self._load(state)
             return
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
-            self.autolr.load_state_dict(state)
+            self._load(state)
         self._held_warnings = list(caught)
+
+    def _load(self, state: dict) -> None:
+        torch_state = (isinstance(state, dict) and "version" not in state and "last_epoch" in state
+                       and "base_lrs" in state)
+        if not torch_state:
+            self.autolr.load_state_dict(state)
+            return
+        # A checkpoint of a run with a torch scheduler, switched to AutoLR. Trainer loads
+        # optimizer.pt only when scheduler.pt exists, so the file must stay and be read here:
+        # AutoLR starts afresh at the step the run had reached, its envelope continuing from there.
+        steps = state["last_epoch"]
+        if isinstance(steps, int) and steps >= 0:
+            self.autolr.step_count = steps
+        warnings.warn(
+            f"AutoLRTrainer: the checkpoint's scheduler.pt is a torch scheduler's state (a run without AutoLR, at "
+            f"step {steps}); AutoLR starts afresh from the lr the optimizer was built with, its envelope "
+            "continuing from that step, and the optimizer's state is loaded as usual",
+            RuntimeWarning, stacklevel=optim_support.user_stacklevel())
 
     def issue_held_warnings(self) -> None:
         held, self._held_warnings = self._held_warnings, []
@@ -180,10 +198,14 @@ class AutoLRTrainerMixin:
             if old is not None:
                 # a later train() on the same optimizer: its groups hold the last run's final rate.
                 # Start again from the peak the first AutoLR recorded, as Trainer's own schedulers
-                # (which read initial_lr) do, with the old AutoLR off the optimizer.
+                # (which read initial_lr) do, with the old AutoLR off the optimizer; an lr the user
+                # set since (by hand, find_anchor_lr) is the new run's peak instead.
+                user_set = not old._groups_hold_its_rates()
                 old.close()
                 for g in opt.param_groups:
-                    if "initial_lr" in g:
+                    if user_set:
+                        g["initial_lr"] = float(g["lr"])
+                    elif "initial_lr" in g:
                         g["lr"] = g["initial_lr"]
             sched = self._make_autolr(opt)
             if sched is old:

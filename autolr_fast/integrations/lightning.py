@@ -33,6 +33,7 @@ How it maps onto Lightning's hooks:
 from __future__ import annotations
 
 import math
+import warnings
 from collections.abc import Callable
 from typing import Any
 
@@ -48,7 +49,7 @@ except ImportError as exc:  # pragma: no cover - exercised only without the extr
         'pip install lightning (or pip install "autolr_fast[integrations]")'
     ) from exc
 
-from autolr_fast import AutoLR
+from autolr_fast import AutoLR, optim_support
 from autolr_fast.integrations import warn_if_envelope_misfits
 from autolr_fast.integrations.amp import scaler_skips
 
@@ -113,6 +114,18 @@ class AutoLRCallback(Callback):
         self.scheduler = None
         self._read_at_step = None
         self._reset_window()
+        self._scheduler_added_warned = False
+
+    def on_train_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if trainer.lr_scheduler_configs and not getattr(self, "_scheduler_added_warned", False):
+            # a callback added one during the fit (StochasticWeightAveraging adds SWALR at swa_epoch_start)
+            self._scheduler_added_warned = True
+            names = ", ".join(type(c.scheduler).__name__ for c in trainer.lr_scheduler_configs)
+            warnings.warn(
+                f"AutoLRCallback: a learning-rate scheduler was added during the fit ({names}, e.g. by "
+                "StochasticWeightAveraging); AutoLR keeps setting the lr at every step, so its rates are not "
+                "applied: use one of the two",
+                RuntimeWarning, stacklevel=optim_support.user_stacklevel())
 
     # -- the loss of each micro-batch, and the step ---------------------------------------------
     def on_train_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any,
@@ -183,10 +196,10 @@ class AutoLRCallback(Callback):
                 raise ValueError(
                     "make_scheduler built an AutoLR for another optimizer; build it for the optimizer it is given"
                 )
-            _check_total_steps(sched, trainer)
             if self._pending_state is not None:
                 sched.load_state_dict(self._pending_state)
                 self._pending_state = None
+            _check_total_steps(sched, trainer)  # after the load: a resumed AutoLR counts its steps so far
             self.scheduler = sched
         return self.scheduler
 
@@ -209,13 +222,23 @@ class AutoLRCallback(Callback):
 
 
 def _check_total_steps(sched: AutoLR, trainer: pl.Trainer) -> None:
-    """Warn when AutoLR's envelope is not as long as the fit (e.g. ``epochs * len(loader)`` with
-    ``accumulate_grad_batches > 1``): it would end before the fit does, or never reach 0."""
+    """Warn when AutoLR's envelope is not as long as its part of the fit (e.g. ``epochs *
+    len(loader)`` with ``accumulate_grad_batches > 1``): it would end before the fit does, or never
+    reach 0. AutoLR's part: the steps left in this fit plus those AutoLR has taken (a resumed
+    AutoLR counts the run's earlier steps; a new one on a continued fit, none)."""
     try:
         fit_steps = trainer.estimated_stepping_batches
     except Exception:  # noqa: BLE001 - Lightning cannot always tell (e.g. no length); nothing to compare
         return
     if not math.isfinite(fit_steps) or fit_steps < 1:
         return  # -1: Lightning cannot tell (an iterable dataset without a length, no max_steps)
-    warn_if_envelope_misfits(sched, int(fit_steps), "AutoLRCallback", "fit", "trainer.estimated_stepping_batches",
-                             "build AutoLR(opt, total_steps=trainer.estimated_stepping_batches) in make_scheduler")
+    steps = int(fit_steps) - trainer.global_step + sched.step_count
+    if steps < 1:
+        return
+    if steps == int(fit_steps):
+        counted_by, total = "trainer.estimated_stepping_batches", "trainer.estimated_stepping_batches"
+    else:  # a fit continued without AutoLR's state: the new AutoLR runs the rest of it
+        counted_by = f"trainer.estimated_stepping_batches less the {trainer.global_step - sched.step_count} before it"
+        total = "trainer.estimated_stepping_batches - trainer.global_step"
+    warn_if_envelope_misfits(sched, steps, "AutoLRCallback", "fit", counted_by,
+                             f"build AutoLR(opt, total_steps={total}) in make_scheduler")

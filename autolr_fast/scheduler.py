@@ -120,17 +120,21 @@ class AutoLR:
         self.controller = controller.to(self.device)
         self._warned: set[str] = set()
         previous = _autolr_driving(optimizer)
-        # a notebook cell run again builds a second AutoLR on the same optimizer: the groups then
-        # hold the earlier one's last rate, and the peak the user meant is the recorded initial_lr
-        from_initial = previous is not None and previous._groups_hold_its_rates()
+        # a notebook cell run again builds a second AutoLR on the same optimizer: a group that still
+        # holds the earlier one's last rate starts again from its recorded initial_lr (the peak the
+        # user meant); a group whose lr the user set since, from that lr
+        from_initial = previous.groups_holding_its_rates() if previous is not None else None
         reference_lr = self._init_param_groups(lr_scales, lr_as_tensor, from_initial)
-        # an lr other than the recorded initial_lr: a torch scheduler or a checkpoint moved it (warned
-        # at the first step, unless load_state_dict replaces the anchor before then)
-        moved = [(float(g["lr"]), float(g["initial_lr"])) for g in optimizer.param_groups
-                 if "initial_lr" in g and previous is None and float(g["lr"]) != float(g["initial_lr"])]
-        self._moved_lr = moved[0] if moved else None
         self.scale = RateScale(gamma, controller, optimizer, self.device, reference_lr, num_classes=num_classes,
                                total_steps=total_steps, warmup_steps=warmup_steps, warned=self._warned)
+        # an lr other than the recorded initial_lr, where the lr anchors the rate: a torch scheduler
+        # or a checkpoint moved it (warned at the first step, unless load_state_dict replaces the
+        # anchor before then)
+        groups = optimizer.param_groups
+        moved = [(float(g["lr"]), float(g["initial_lr"])) for g in groups
+                 if "initial_lr" in g and float(g["lr"]) != float(g["initial_lr"])]
+        anchored_on_lr = self.scale.mode == "lr" and previous is None and any(float(g["lr"]) > 0 for g in groups)
+        self._moved_lr = moved[0] if moved and anchored_on_lr else None
         start = controller.initial_rate(reference_lr)
         if getattr(controller, "relative", False) and not self.scale.pending:
             start = self.scale.initial_peak  # rate = gamma x level, level 1
@@ -152,13 +156,13 @@ class AutoLR:
         self.meta = None if meta is None else MetaTrainer(self, meta)
         # the warnings first: one turned into an error (python -W error) must leave the optimizer as it was
         if previous is not None:
-            groups = optimizer.param_groups
-            lrs = [float(g.get("initial_lr", g["lr"]) if from_initial else g["lr"]) for g in groups]
+            lrs = [float(g.get("initial_lr", g["lr"]) if held else g["lr"]) for g, held in zip(groups, from_initial)]
+            origin = ("the lr the groups had before it" if all(from_initial) else "the lr you set since" if
+                      not any(from_initial) else "the lr you set since, or the one before it where you set none")
             warnings.warn(
                 f"AutoLR: this optimizer was still driven by an earlier AutoLR ({previous!r}); it is closed "
-                "(AutoLR.close()) and this one takes over, from "
-                + (f"the lr the groups had before it, {lrs}" if from_initial else f"the lr you set since, {lrs}")
-                + ". Close an AutoLR yourself before building another on its optimizer to silence this",
+                f"(AutoLR.close()) and this one takes over, from {origin}, {lrs}. Close an AutoLR yourself before "
+                "building another on its optimizer to silence this",
                 RuntimeWarning, stacklevel=optim_support.user_stacklevel())
         # on the float path an lr another scheduler sets is seen at the next step (and warned about then)
         if self.tensor_lr and getattr(optimizer.step, "_wrapped_by_lr_sched", False):
@@ -171,9 +175,11 @@ class AutoLR:
             )
         if previous is not None:
             previous.close()
-            if from_initial:
-                for g in optimizer.param_groups:
+            for g, held in zip(optimizer.param_groups, from_initial):
+                if held:
                     g["lr"] = g.get("initial_lr", g["lr"])
+                else:  # the lr the user set is this run's peak
+                    g["initial_lr"] = float(g["lr"])
         for g in optimizer.param_groups:
             g.setdefault("initial_lr", float(g["lr"]))
         if self.distributed:
@@ -182,6 +188,7 @@ class AutoLR:
             optim_support.lr_tensors(optimizer, self.device)
             self._write_rate_to_groups()
         self._written_lrs: list = [g["lr"] for g in optimizer.param_groups]  # the float path's last write
+        self._first_step = 0  # the step this AutoLR started at (see _start_at_step)
         self._hook = optimizer.register_step_pre_hook(self._before_optimizer_step)
         # optimizer.load_state_dict writes the saved lrs: a resume, not an lr set outside AutoLR
         self._load_hook = optimizer.register_load_state_dict_post_hook(self._after_optimizer_load)
@@ -190,15 +197,17 @@ class AutoLR:
         self._steady_step = None  # see _steady_step_fn
 
     def _init_param_groups(self, lr_scales: list[float] | None, lr_as_tensor: bool | None,
-                           from_initial: bool = False) -> float:
+                           from_initial: list[bool] | None = None) -> float:
         """Record each group's scale; decide tensor or float rates. Returns the rate the scales
-        are relative to: the first positive group lr (the first group's when none is), or the
-        groups' ``initial_lr`` with ``from_initial``."""
+        are relative to: the first positive group lr (the first group's when none is); a group
+        marked in ``from_initial`` counts with its ``initial_lr``."""
         groups = self.optimizer.param_groups
         if any("lr" not in g for g in groups):
             raise TypeError(f"AutoLR sets each param group's 'lr', and {type(self.optimizer).__name__}'s param groups "
                             "have none: use an optimizer with a learning rate")
-        lrs = [float(g["initial_lr"] if from_initial and "initial_lr" in g else g["lr"]) for g in groups]
+        from_initial = from_initial or [False] * len(groups)
+        lrs = [float(g["initial_lr"] if held and "initial_lr" in g else g["lr"])
+               for g, held in zip(groups, from_initial)]
         if not any(r > 0 for r in lrs):
             # an optimizer state loaded before AutoLR(...) holds the last rate, 0 before a first step
             # that wrote tensor rates: the peak an earlier AutoLR recorded is what this run meant
@@ -377,18 +386,22 @@ class AutoLR:
                 "AutoLR's rate; 0 freezes it); to hand the rate to another schedule, call sched.close() first",
             )
 
-    def _groups_hold_its_rates(self) -> bool:
-        """Whether every param group still holds the rate this AutoLR wrote last (compared by
-        value), i.e. nobody set an lr since."""
-        # groups added since its last step were never written by it: they keep their own lr
-        groups = self.optimizer.param_groups[:len(self.lr_scales)]
-        if len(groups) != len(self.lr_scales):
-            return False
-        # values, also of lr tensors (a range finder fills them in place): a sync on a GPU, once
+    def _start_at_step(self, step: int) -> None:
+        """A fresh AutoLR continuing a run that reached ``step`` under another schedule: the
+        envelope goes on from there (the Hugging Face integration switching a checkpoint)."""
+        self.step_count = self._first_step = int(step)
+        self._steady_step = None
+
+    def groups_holding_its_rates(self) -> list[bool]:
+        """For each param group, whether it still holds the rate this AutoLR wrote last (compared
+        by value: a range finder fills lr tensors in place), i.e. nobody set its lr since. A
+        group added since the last step was never written: False. Reads the rate on the host (a
+        sync on a GPU: for a takeover, not for a training step)."""
         r = float(self.rate if self._rate_view is None else self._rate_view)
-        return all(math.isclose(float(g["lr"]), r * s, rel_tol=1e-6, abs_tol=1e-12)
-                   or (self.step_count == 0 and float(g["lr"]) == g.get("initial_lr"))
-                   for g, s in zip(groups, self.lr_scales))
+        held = [math.isclose(float(g["lr"]), r * s, rel_tol=1e-6, abs_tol=1e-12)
+                or (self.step_count == 0 and float(g["lr"]) == g.get("initial_lr"))
+                for g, s in zip(self.optimizer.param_groups, self.lr_scales)]
+        return held + [False] * (len(self.optimizer.param_groups) - len(held))
 
     def close(self) -> None:
         """Take this AutoLR off its optimizer, e.g. before another schedule drives it.
@@ -557,7 +570,7 @@ class AutoLR:
 
     def _after_step_host_checks(self) -> None:
         seen = self.counters.poll(self.step_count, eager=self.scale.pending)
-        if self.scale.pending and seen["steps"] > seen["skipped"]:
+        if self.scale.pending and seen["steps"] - self._first_step > seen["skipped"]:
             usable = self.scale.found()
             if usable is None:  # on a GPU: the verdict comes back like the counters, a few steps later
                 self._scale_check = DeviceCounters(("unusable",), self.device)
@@ -710,6 +723,7 @@ class AutoLR:
             self.rate.copy_(state["rate"])
             self.counters.values.copy_(state["counters"])
         self._moved_lr = None  # the loaded scale replaces the anchor taken from the lr
+        self._first_step = 0  # the loaded counters count from the run's first step
         self.step_count = int(step_count)  # a NumPy integer from a checkpoint too
         self.counters.refresh(self.step_count)  # the host's view of the loaded counters, not the old ones
         self.lr_scales = lr_scales

@@ -670,7 +670,7 @@ def test_taking_over_keeps_added_groups_and_a_refused_takeover_changes_nothing()
         with pytest.raises(RuntimeWarning, match="takes over"):
             AutoLR(opt, MLRSNet(hidden_size=16), total_steps=12)
     assert opt.param_groups[0]["lr"] == decayed and not first._closed
-    with pytest.warns(RuntimeWarning, match=r"the lr the groups had before it, \[0.1, 0.1\]"):
+    with pytest.warns(RuntimeWarning, match=r"or the one before it where you set none, \[0.1, 0.1\]"):
         second = AutoLR(opt, MLRSNet(hidden_size=16), total_steps=12)
     assert second.scale.base_lr == 0.1 and second.lr_scales == [1.0, 1.0]
 
@@ -690,6 +690,40 @@ def test_a_fresh_autolr_then_an_optimizer_state_warns_about_nothing():
         warnings.simplefilter("error")
         opt.load_state_dict(saved)
         train_steps(model, opt, sched, x, y, steps=2)
+
+
+def test_taking_over_decides_group_by_group():
+    """One group's lr set by hand before the takeover: that group starts from it, the other from its
+    initial_lr, not from the decayed rate it still holds (the ratio of the groups is kept)."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(8, 8), nn.ReLU(), nn.Linear(8, 3))
+    opt = torch.optim.SGD([{"params": model[0].parameters()}, {"params": model[2].parameters()}], lr=0.1)
+    x, y = make_problem()
+    first = AutoLR(opt, MLRSNet(hidden_size=16), total_steps=12)
+    train_steps(model, opt, first, x, y, steps=10)
+    opt.param_groups[1]["lr"] = 0.05
+    with pytest.warns(RuntimeWarning, match=r"or the one before it where you set none, \[0.1, 0.05\]"):
+        second = AutoLR(opt, MLRSNet(hidden_size=16), total_steps=12)
+    assert second.scale.base_lr == 0.1 and second.lr_scales == [1.0, 0.5]
+    assert [g["initial_lr"] for g in opt.param_groups] == [0.1, 0.05]
+
+
+def test_a_run_continued_at_a_later_step_waits_for_a_finite_loss():
+    """_start_at_step (a checkpoint of another schedule switched to AutoLR): a first step that is
+    skipped (NaN loss, GradScaler) does not end the wait for the first finite loss, which the lr
+    anchor needs (before, the scale was decided from no loss and the rate stayed 0)."""
+    torch.manual_seed(0)
+    model = nn.Linear(8, 3)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    sched = AutoLR(opt, MLRSNet(hidden_size=8), total_steps=40)
+    sched._start_at_step(10)
+    x, y = make_problem()
+    model(x).sum().backward()
+    with pytest.warns(RuntimeWarning, match="non-finite"):
+        sched.step(torch.tensor(float("nan")))
+    opt.step()
+    train_steps(model, opt, sched, x, y, steps=3)
+    assert sched.step_count == 14 and 0.05 < float(opt.param_groups[0]["lr"]) < 0.1  # past the middle of the cosine
 
 
 def test_an_undecided_lr_anchor_state_loads():

@@ -66,6 +66,7 @@ class AutoLRSchedulerAdapter:
         self.autolr = autolr
         self.hold_warnings = hold_warnings  # set by AutoLRTrainer, which issues them (see load_state_dict)
         self._held_warnings: list[warnings.WarningMessage] = []
+        self.foreign_state: list | str | None = None  # what scheduler.pt held when it was not AutoLR's
 
     def step(self, *args: Any, **kwargs: Any) -> None:
         pass  # Trainer calls this after optimizer.step(); AutoLR set this step's rate before it
@@ -90,21 +91,27 @@ class AutoLRSchedulerAdapter:
         self._held_warnings = list(caught)
 
     def _load(self, state: dict) -> None:
-        torch_state = (isinstance(state, dict) and "version" not in state and "last_epoch" in state
-                       and "base_lrs" in state)
-        if not torch_state:
+        if isinstance(state, dict) and "version" in state:
             self.autolr.load_state_dict(state)
             return
-        # A checkpoint of a run with a torch scheduler, switched to AutoLR. Trainer loads
-        # optimizer.pt only when scheduler.pt exists, so the file must stay and be read here:
-        # AutoLR starts afresh at the step the run had reached, its envelope continuing from there.
-        steps = state["last_epoch"]
-        if isinstance(steps, int) and steps >= 0:
-            self.autolr.step_count = steps
+        # A checkpoint of a run with another scheduler (a torch one: LambdaLR, ReduceLROnPlateau,
+        # SequentialLR...), switched to AutoLR. Trainer loads optimizer.pt only when scheduler.pt
+        # exists, so the file stays and is read here; AutoLR starts afresh, its envelope continuing
+        # from the step the run reached, which Trainer knows only once it has read its own state
+        # (after this): see start_after_foreign_state.
+        self.foreign_state = sorted(state)[:4] if isinstance(state, dict) else type(state).__name__
+
+    def start_after_foreign_state(self, global_step: int) -> None:
+        """At the start of training: continue AutoLR's envelope from ``global_step`` when the
+        checkpoint's scheduler.pt was another scheduler's (see ``_load``)."""
+        if self.foreign_state is None:
+            return
+        keys, self.foreign_state = self.foreign_state, None
+        self.autolr._start_at_step(int(global_step))
         warnings.warn(
-            f"AutoLRTrainer: the checkpoint's scheduler.pt is a torch scheduler's state (a run without AutoLR, at "
-            f"step {steps}); AutoLR starts afresh from the lr the optimizer was built with, its envelope "
-            "continuing from that step, and the optimizer's state is loaded as usual",
+            f"AutoLRTrainer: the checkpoint's scheduler.pt is not AutoLR's state (another scheduler's: {keys}), so "
+            f"the run did not use AutoLR. AutoLR starts afresh from the lr the optimizer was built with, its envelope "
+            f"continuing from step {global_step}; the optimizer's state is loaded as usual",
             RuntimeWarning, stacklevel=optim_support.user_stacklevel())
 
     def issue_held_warnings(self) -> None:
@@ -121,6 +128,7 @@ class _StepBeforeOptimizer(TrainerCallback):
         # after Trainer has loaded scheduler.pt, outside its catch_warnings
         if isinstance(self.trainer.lr_scheduler, AutoLRSchedulerAdapter):
             self.trainer.lr_scheduler.issue_held_warnings()
+            self.trainer.lr_scheduler.start_after_foreign_state(state.global_step)
 
     def on_pre_optimizer_step(self, args, state, control, **kwargs):
         self.trainer._autolr_step()
@@ -200,10 +208,10 @@ class AutoLRTrainerMixin:
                 # Start again from the peak the first AutoLR recorded, as Trainer's own schedulers
                 # (which read initial_lr) do, with the old AutoLR off the optimizer; an lr the user
                 # set since (by hand, find_anchor_lr) is the new run's peak instead.
-                user_set = not old._groups_hold_its_rates()
+                held = old.groups_holding_its_rates()
                 old.close()
-                for g in opt.param_groups:
-                    if user_set:
+                for g, untouched in zip(opt.param_groups, held):
+                    if not untouched:
                         g["initial_lr"] = float(g["lr"])
                     elif "initial_lr" in g:
                         g["lr"] = g["initial_lr"]

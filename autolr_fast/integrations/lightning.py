@@ -116,6 +116,10 @@ class AutoLRCallback(Callback):
         self._reset_window()
         self._scheduler_added_warned = False
 
+    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        # the fit's first step: after a checkpoint's training state is restored, before any batch
+        self._train_start_step = trainer.global_step
+
     def on_train_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if trainer.lr_scheduler_configs and not getattr(self, "_scheduler_added_warned", False):
             # a callback added one during the fit (StochasticWeightAveraging adds SWALR at swa_epoch_start)
@@ -196,10 +200,12 @@ class AutoLRCallback(Callback):
                 raise ValueError(
                     "make_scheduler built an AutoLR for another optimizer; build it for the optimizer it is given"
                 )
-            if self._pending_state is not None:
+            resumed = self._pending_state is not None
+            if resumed:
                 sched.load_state_dict(self._pending_state)
                 self._pending_state = None
-            _check_total_steps(sched, trainer)  # after the load: a resumed AutoLR counts its steps so far
+            # a resumed AutoLR's envelope spans the whole run; a new one on a continued fit, the rest
+            _check_total_steps(sched, trainer, 0 if resumed else getattr(self, "_train_start_step", 0))
             self.scheduler = sched
         return self.scheduler
 
@@ -221,24 +227,24 @@ class AutoLRCallback(Callback):
         self._pending_state = state_dict.get("autolr")
 
 
-def _check_total_steps(sched: AutoLR, trainer: pl.Trainer) -> None:
+def _check_total_steps(sched: AutoLR, trainer: pl.Trainer, start_step: int) -> None:
     """Warn when AutoLR's envelope is not as long as its part of the fit (e.g. ``epochs *
     len(loader)`` with ``accumulate_grad_batches > 1``): it would end before the fit does, or never
-    reach 0. AutoLR's part: the steps left in this fit plus those AutoLR has taken (a resumed
-    AutoLR counts the run's earlier steps; a new one on a continued fit, none)."""
+    reach 0. Its part: the fit's steps from ``start_step`` (0 for an AutoLR resumed with the run; the
+    step the fit started at for a new AutoLR on a continued fit)."""
     try:
         fit_steps = trainer.estimated_stepping_batches
     except Exception:  # noqa: BLE001 - Lightning cannot always tell (e.g. no length); nothing to compare
         return
     if not math.isfinite(fit_steps) or fit_steps < 1:
         return  # -1: Lightning cannot tell (an iterable dataset without a length, no max_steps)
-    steps = int(fit_steps) - trainer.global_step + sched.step_count
+    steps = int(fit_steps) - start_step
     if steps < 1:
         return
-    if steps == int(fit_steps):
+    if start_step == 0:
         counted_by, total = "trainer.estimated_stepping_batches", "trainer.estimated_stepping_batches"
     else:  # a fit continued without AutoLR's state: the new AutoLR runs the rest of it
-        counted_by = f"trainer.estimated_stepping_batches less the {trainer.global_step - sched.step_count} before it"
+        counted_by = f"trainer.estimated_stepping_batches less the {start_step} before this fit"
         total = "trainer.estimated_stepping_batches - trainer.global_step"
     warn_if_envelope_misfits(sched, steps, "AutoLRCallback", "fit", counted_by,
                              f"build AutoLR(opt, total_steps={total}) in make_scheduler")

@@ -133,9 +133,11 @@ class AutoLR:
         groups = optimizer.param_groups
         moved = [(float(g["lr"]), float(g["initial_lr"])) for g in groups
                  if "initial_lr" in g and float(g["lr"]) != float(g["initial_lr"])]
-        anchored_on_lr = self.scale.mode == "lr" and previous is None and any(float(g["lr"]) > 0 for g in groups)
-        self._moved_lr = moved[0] if moved and anchored_on_lr else None
         start = controller.initial_rate(reference_lr)
+        # the lr anchor, or a controller that starts at the lr (a non-relative action controller)
+        anchored_on_lr = ((self.scale.mode == "lr" or (start == reference_lr and start > 0)) and previous is None
+                          and any(float(g["lr"]) > 0 for g in groups))
+        self._moved_lr = moved[0] if moved and anchored_on_lr else None
         if getattr(controller, "relative", False) and not self.scale.pending:
             start = self.scale.initial_peak  # rate = gamma x level, level 1
         self.rate = torch.full((), float(start), device=self.device)
@@ -188,6 +190,7 @@ class AutoLR:
             optim_support.lr_tensors(optimizer, self.device)
             self._write_rate_to_groups()
         self._written_lrs: list = [g["lr"] for g in optimizer.param_groups]  # the float path's last write
+        self._initial_lrs = [g["initial_lr"] for g in optimizer.param_groups]
         self._first_step = 0  # the step this AutoLR started at (see _start_at_step)
         self._hook = optimizer.register_step_pre_hook(self._before_optimizer_step)
         # optimizer.load_state_dict writes the saved lrs: a resume, not an lr set outside AutoLR
@@ -368,6 +371,10 @@ class AutoLR:
 
     def _after_optimizer_load(self, optimizer) -> None:
         self._written_lrs = [g["lr"] for g in optimizer.param_groups]
+        # a state saved under a scheduler that keeps no initial_lr (ReduceLROnPlateau) would drop
+        # the peak AutoLR recorded: a later AutoLR on this optimizer starts from it
+        for g, initial in zip(optimizer.param_groups, self._initial_lrs):
+            g.setdefault("initial_lr", initial)
 
     def _warn_if_lrs_were_set(self) -> None:
         """On the float path, warn (once) when a group's lr was set since the last step by someone
@@ -639,6 +646,7 @@ class AutoLR:
             # so the checkpoint matches the optimizer's
             "lr_scales": self.lr_scales + self._added_group_scales(check=False),
             "warned": sorted(self._warned),
+            "first_step": self._first_step,
         }
         if self.meta is not None:
             state["meta"] = self.meta.state_dict()
@@ -706,6 +714,10 @@ class AutoLR:
         step_count = state["step_count"]
         if not is_whole_number(step_count, 0):
             raise ValueError(f"the state_dict's 'step_count' is {step_count!r}, not a whole number >= 0")
+        first_step = state.get("first_step", 0)
+        if not (is_whole_number(first_step, 0) and first_step <= step_count):
+            raise ValueError(f"the state_dict's 'first_step' is {first_step!r}, not a whole number from 0 to the "
+                             f"step_count {step_count}")
         lr_scales = check_lr_scales(state["lr_scales"], "the state_dict's 'lr_scales'")
         if (self.meta is None) != ("meta" not in state):
             raise ValueError("the state_dict and this AutoLR disagree on meta-training (meta=...)")
@@ -723,7 +735,7 @@ class AutoLR:
             self.rate.copy_(state["rate"])
             self.counters.values.copy_(state["counters"])
         self._moved_lr = None  # the loaded scale replaces the anchor taken from the lr
-        self._first_step = 0  # the loaded counters count from the run's first step
+        self._first_step = int(state.get("first_step", 0))  # where the loaded run's AutoLR started
         self.step_count = int(step_count)  # a NumPy integer from a checkpoint too
         self.counters.refresh(self.step_count)  # the host's view of the loaded counters, not the old ones
         self.lr_scales = lr_scales

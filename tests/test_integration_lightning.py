@@ -355,3 +355,28 @@ def test_a_scheduler_added_during_the_fit_is_warned_about():
                          enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False)
     with pytest.warns(RuntimeWarning, match=r"a learning-rate scheduler was added during the fit \(SWALR"):
         trainer.fit(module, _tiny_loader())
+
+
+def test_resuming_a_continued_fit_compares_its_autolr_with_the_steps_it_drives(tmp_path):
+    """A checkpoint taken in a continued fit (a new AutoLR for the 6 steps left after 6) resumes
+    without a total_steps warning: the step that AutoLR started at is kept in the checkpoint."""
+    module = _Tiny(lambda p: torch.optim.SGD(p, lr=0.1))
+    saver = pl.callbacks.ModelCheckpoint(dirpath=str(tmp_path), every_n_train_steps=3, save_top_k=-1)
+
+    def trainer(epochs, callback, **kwargs):
+        return pl.Trainer(max_epochs=epochs, callbacks=[callback, *kwargs.pop("extra", [])], accelerator="cpu",
+                          devices=1, logger=False, enable_progress_bar=False, enable_model_summary=False, **kwargs)
+
+    first = trainer(1, AutoLRCallback(lambda opt: AutoLR(opt, total_steps=6)), enable_checkpointing=False)
+    first.fit(module, _tiny_loader())
+    callback = AutoLRCallback(lambda opt: AutoLR(opt, total_steps=6))
+    first.callbacks = [callback, saver]
+    first.fit_loop.max_epochs = 2
+    first.fit(module, _tiny_loader())
+    checkpoint = str(next(tmp_path.glob("*step=9*.ckpt")))
+    resumed = AutoLRCallback(lambda opt: AutoLR(opt, total_steps=6))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", RuntimeWarning)
+        trainer(2, resumed, enable_checkpointing=False).fit(_Tiny(lambda p: torch.optim.SGD(p, lr=0.1)),
+                                                            _tiny_loader(), ckpt_path=checkpoint)
+    assert resumed.scheduler.step_count == 6

@@ -726,6 +726,47 @@ def test_a_run_continued_at_a_later_step_waits_for_a_finite_loss():
     assert sched.step_count == 14 and 0.05 < float(opt.param_groups[0]["lr"]) < 0.1  # past the middle of the cosine
 
 
+def test_a_continued_run_saved_before_its_first_finite_loss_resumes_the_same_wait():
+    """The step a continued run started at (_start_at_step) is saved: resumed before the first
+    finite loss, a skipped first step still does not end the wait."""
+    torch.manual_seed(0)
+    model = nn.Linear(8, 3)
+    x, y = make_problem()
+
+    def build():
+        opt = torch.optim.SGD(model.parameters(), lr=0.1)
+        return opt, AutoLR(opt, MLRSNet(hidden_size=8), total_steps=40)
+
+    opt, sched = build()
+    sched._start_at_step(10)
+    saved = sched.state_dict()
+    assert saved["first_step"] == 10
+    opt, sched = build()
+    sched.load_state_dict(saved)
+    model(x).sum().backward()
+    with pytest.warns(RuntimeWarning, match="non-finite"):
+        sched.step(torch.tensor(float("nan")))
+    opt.step()
+    train_steps(model, opt, sched, x, y, steps=3)
+    assert 0.05 < float(opt.param_groups[0]["lr"]) < 0.1
+    with pytest.raises(ValueError, match="'first_step'"):
+        sched.load_state_dict({**saved, "first_step": 11})  # after its step_count
+
+
+def test_an_optimizer_state_without_initial_lr_keeps_the_recorded_one():
+    """A state saved under a scheduler that keeps no initial_lr (ReduceLROnPlateau): the peak AutoLR
+    recorded survives the load, so a later AutoLR starts from it."""
+    model = nn.Linear(8, 3)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    AutoLR(opt, MLRSNet(hidden_size=8))
+    state = copy.deepcopy(opt.state_dict())
+    for g in state["param_groups"]:
+        g.pop("initial_lr")
+        g["lr"] = 1e-4
+    opt.load_state_dict(state)
+    assert opt.param_groups[0]["initial_lr"] == 0.1 and opt.param_groups[0]["lr"] == 1e-4
+
+
 def test_an_undecided_lr_anchor_state_loads():
     """A state saved before the first finite loss (the lr anchor's scale is still NaN) is a good state."""
     state = AutoLR(torch.optim.SGD(nn.Linear(8, 3).parameters(), lr=0.1), MLRSNet(hidden_size=16)).state_dict()

@@ -85,6 +85,8 @@ class AutoLRCallback(Callback):
         self.scheduler: AutoLR | None = None
         self.last_loss: Tensor | None = None
         self._pending_state: dict | None = None
+        self._train_start_step = 0  # trainer.global_step at this fit's first step (on_train_start)
+        self._autolr_start_step = 0  # ... at the first step of the AutoLR it drives (kept in checkpoints)
         self._window_sum: Tensor | None = None
         self._window_count = 0
         self._backward_in_batch = False  # whether this batch's training_step gave a loss to backward
@@ -200,12 +202,12 @@ class AutoLRCallback(Callback):
                 raise ValueError(
                     "make_scheduler built an AutoLR for another optimizer; build it for the optimizer it is given"
                 )
-            resumed = self._pending_state is not None
-            if resumed:
+            if self._pending_state is not None:  # resumed: the step its AutoLR started at was saved with it
                 sched.load_state_dict(self._pending_state)
                 self._pending_state = None
-            # a resumed AutoLR's envelope spans the whole run; a new one on a continued fit, the rest
-            _check_total_steps(sched, trainer, 0 if resumed else getattr(self, "_train_start_step", 0))
+            else:  # a new AutoLR: from this fit's first step (after a continued fit's earlier ones)
+                self._autolr_start_step = self._train_start_step
+            _check_total_steps(sched, trainer, self._autolr_start_step)
             self.scheduler = sched
         return self.scheduler
 
@@ -215,16 +217,18 @@ class AutoLRCallback(Callback):
 
     # -- checkpoints ----------------------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:
+        start = {"autolr_start_step": self._autolr_start_step}
         if self.scheduler is not None:
-            return {"autolr": self.scheduler.state_dict()}
+            return {"autolr": self.scheduler.state_dict(), **start}
         if self._pending_state is not None:  # restored, not stepped yet: keep it in the next checkpoint
-            return {"autolr": self._pending_state}
+            return {"autolr": self._pending_state, **start}
         return {}
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         # Applied when the AutoLR is built at the next optimizer step, after Lightning has
         # restored the optimizer (whose param groups hold the rate as a tensor lr).
         self._pending_state = state_dict.get("autolr")
+        self._autolr_start_step = int(state_dict.get("autolr_start_step", 0))
 
 
 def _check_total_steps(sched: AutoLR, trainer: pl.Trainer, start_step: int) -> None:

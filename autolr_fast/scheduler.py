@@ -216,11 +216,13 @@ class AutoLR:
             # that wrote tensor rates: the peak an earlier AutoLR recorded is what this run meant
             lrs = [float(g.get("initial_lr", r)) for g, r in zip(groups, lrs)]
         reference, ratios = optim_support.group_lr_scales(lrs)
+        explicit = lr_scales is not None
         if lr_scales is None:
             lr_scales = ratios
         if len(lr_scales) != len(groups):
             raise ValueError(f"lr_scales has {len(lr_scales)} entries for {len(groups)} param groups")
         self.lr_scales = check_lr_scales(lr_scales, "lr_scales")
+        self._explicit_lr_scales = explicit
         takes_tensor = optim_support.takes_tensor_lr(self.optimizer)
         if lr_as_tensor is None:
             # On the CPU reading the rate stalls nothing, while a tensor lr slows
@@ -738,7 +740,7 @@ class AutoLR:
         self._first_step = int(state.get("first_step", 0))  # where the loaded run's AutoLR started
         self.step_count = int(step_count)  # a NumPy integer from a checkpoint too
         self.counters.refresh(self.step_count)  # the host's view of the loaded counters, not the old ones
-        self.lr_scales = lr_scales
+        built_scales, self.lr_scales = self.lr_scales, lr_scales
         self._warned = set(state.get("warned", []))
         if saved_envelope is not None:
             (saved_total, saved_warmup), (total, warmup) = saved_envelope, self.scale.built_envelope
@@ -749,6 +751,11 @@ class AutoLR:
                 f"shortened). To resume the saved envelope unchanged, build AutoLR with total_steps={saved_total}, "
                 f"warmup_steps={saved_warmup}",
                 RuntimeWarning, stacklevel=optim_support.user_stacklevel())
+        if self._explicit_lr_scales and lr_scales != built_scales[:len(lr_scales)]:
+            warnings.warn(
+                f"AutoLR.load_state_dict: the state's lr_scales {lr_scales} replace the lr_scales={built_scales} this "
+                "AutoLR was built with (a resume continues the saved run); set sched.lr_scales after loading to "
+                "change them", RuntimeWarning, stacklevel=optim_support.user_stacklevel())
         if built_peak is not None:
             saved_peak = float(self.scale.peak)  # the loaded one
             if saved_mode != built_mode or (built_mode == "fixed" and saved_peak != built_peak):

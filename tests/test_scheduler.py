@@ -767,6 +767,21 @@ def test_an_optimizer_state_without_initial_lr_keeps_the_recorded_one():
     assert opt.param_groups[0]["initial_lr"] == 0.1 and opt.param_groups[0]["lr"] == 1e-4
 
 
+def test_a_loaded_state_replacing_explicit_lr_scales_says_so():
+    model = nn.Sequential(nn.Linear(8, 8), nn.Linear(8, 3))
+    groups = [{"params": model[0].parameters()}, {"params": model[1].parameters()}]
+    saved = AutoLR(torch.optim.SGD(groups, lr=0.1), MLRSNet(hidden_size=8), lr_scales=[1.0, 0.5]).state_dict()
+    groups = [{"params": model[0].parameters()}, {"params": model[1].parameters()}]
+    sched = AutoLR(torch.optim.SGD(groups, lr=0.1), MLRSNet(hidden_size=8), lr_scales=[1.0, 0.1])
+    with pytest.warns(RuntimeWarning, match=r"lr_scales \[1.0, 0.5\] replace the lr_scales=\[1.0, 0.1\]"):
+        sched.load_state_dict(saved)
+    assert sched.lr_scales == [1.0, 0.5]
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        groups = [{"params": model[0].parameters()}, {"params": model[1].parameters()}]
+        AutoLR(torch.optim.SGD(groups, lr=0.1), MLRSNet(hidden_size=8)).load_state_dict(saved)  # none given
+
+
 def test_an_undecided_lr_anchor_state_loads():
     """A state saved before the first finite loss (the lr anchor's scale is still NaN) is a good state."""
     state = AutoLR(torch.optim.SGD(nn.Linear(8, 3).parameters(), lr=0.1), MLRSNet(hidden_size=16)).state_dict()

@@ -135,7 +135,8 @@ class AutoLR:
                  if "initial_lr" in g and float(g["lr"]) != float(g["initial_lr"])]
         start = controller.initial_rate(reference_lr)
         # the lr anchor, or a controller that starts at the lr (a non-relative action controller)
-        anchored_on_lr = ((self.scale.mode == "lr" or (start == reference_lr and start > 0)) and previous is None
+        starts_at_lr = start == reference_lr and start > 0 and not getattr(controller, "relative", False)
+        anchored_on_lr = ((self.scale.mode == "lr" or starts_at_lr) and previous is None
                           and any(float(g["lr"]) > 0 for g in groups))
         self._moved_lr = moved[0] if moved and anchored_on_lr else None
         if getattr(controller, "relative", False) and not self.scale.pending:
@@ -547,6 +548,7 @@ class AutoLR:
         scales = self._added_group_scales()
         for group in self.optimizer.param_groups[len(self.lr_scales):]:
             group.setdefault("initial_lr", float(group["lr"]))
+            self._initial_lrs.append(group["initial_lr"])  # what the load hook keeps (see _after_optimizer_load)
         self.lr_scales += scales
         if not self.tensor_lr:
             self._write_rate_to_groups()
@@ -741,6 +743,8 @@ class AutoLR:
         self.step_count = int(step_count)  # a NumPy integer from a checkpoint too
         self.counters.refresh(self.step_count)  # the host's view of the loaded counters, not the old ones
         built_scales, self.lr_scales = self.lr_scales, lr_scales
+        if self._explicit_lr_scales:  # groups the state does not cover keep the scales given for them
+            self.lr_scales = lr_scales + built_scales[len(lr_scales):]
         self._warned = set(state.get("warned", []))
         if saved_envelope is not None:
             (saved_total, saved_warmup), (total, warmup) = saved_envelope, self.scale.built_envelope
@@ -751,7 +755,8 @@ class AutoLR:
                 f"shortened). To resume the saved envelope unchanged, build AutoLR with total_steps={saved_total}, "
                 f"warmup_steps={saved_warmup}",
                 RuntimeWarning, stacklevel=optim_support.user_stacklevel())
-        if self._explicit_lr_scales and lr_scales != built_scales[:len(lr_scales)]:
+        common = min(len(lr_scales), len(built_scales))
+        if self._explicit_lr_scales and lr_scales[:common] != built_scales[:common]:
             warnings.warn(
                 f"AutoLR.load_state_dict: the state's lr_scales {lr_scales} replace the lr_scales={built_scales} this "
                 "AutoLR was built with (a resume continues the saved run); set sched.lr_scales after loading to "

@@ -753,6 +753,20 @@ def test_a_continued_run_saved_before_its_first_finite_loss_resumes_the_same_wai
         sched.load_state_dict({**saved, "first_step": 11})  # after its step_count
 
 
+def test_the_moved_lr_warning_only_where_the_lr_sets_the_rate():
+    """A relative action controller with a float gamma runs at gamma: a decayed lr is no matter."""
+    from autolr_fast import ActionController
+
+    model = nn.Sequential(nn.Flatten(), nn.Linear(16, 3))  # a relative controller reads 4 channels
+    for controller, gamma, warns in ((ActionController(model, window=4, block=2, interval=8, relative=True), 0.05,
+                                      False),
+                                     (MLRSNet(hidden_size=8), 0.05, False), (MLRSNet(hidden_size=8), None, True)):
+        opt = torch.optim.SGD(nn.Linear(8, 3).parameters(), lr=0.1)
+        opt.param_groups[0]["initial_lr"] = 0.3  # as a torch scheduler that decayed it leaves it
+        sched = AutoLR(opt, controller, gamma=gamma)
+        assert (sched._moved_lr is not None) == warns, (type(controller).__name__, gamma)
+
+
 def test_an_optimizer_state_without_initial_lr_keeps_the_recorded_one():
     """A state saved under a scheduler that keeps no initial_lr (ReduceLROnPlateau): the peak AutoLR
     recorded survives the load, so a later AutoLR starts from it."""
@@ -765,6 +779,18 @@ def test_an_optimizer_state_without_initial_lr_keeps_the_recorded_one():
         g["lr"] = 1e-4
     opt.load_state_dict(state)
     assert opt.param_groups[0]["initial_lr"] == 0.1 and opt.param_groups[0]["lr"] == 1e-4
+    # a group added later (adopted at a step) is kept the same way
+    extra = nn.Linear(3, 3)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    sched = AutoLR(opt, MLRSNet(hidden_size=8))
+    opt.add_param_group({"params": extra.parameters(), "lr": 0.05})
+    x, y = make_problem()
+    train_steps(model, opt, sched, x, y, steps=1)
+    state = copy.deepcopy(opt.state_dict())
+    for g in state["param_groups"]:
+        g.pop("initial_lr")
+    opt.load_state_dict(state)
+    assert [g["initial_lr"] for g in opt.param_groups] == [0.1, 0.05]
 
 
 def test_a_loaded_state_replacing_explicit_lr_scales_says_so():
@@ -780,6 +806,22 @@ def test_a_loaded_state_replacing_explicit_lr_scales_says_so():
         warnings.simplefilter("error")
         groups = [{"params": model[0].parameters()}, {"params": model[1].parameters()}]
         AutoLR(torch.optim.SGD(groups, lr=0.1), MLRSNet(hidden_size=8)).load_state_dict(saved)  # none given
+        # a state covering fewer groups: the others keep the scales given for them
+        short = AutoLR(torch.optim.SGD(model[0].parameters(), lr=0.1), MLRSNet(hidden_size=8)).state_dict()
+        groups = [{"params": model[0].parameters()}, {"params": model[1].parameters()}]
+        sched = AutoLR(torch.optim.SGD(groups, lr=0.1), MLRSNet(hidden_size=8), lr_scales=[1.0, 0.1])
+        sched.load_state_dict(short)
+        assert sched.lr_scales == [1.0, 0.1]
+        # a state saved after a group was added, loaded where that group was added again first
+        opt = torch.optim.SGD(model[0].parameters(), lr=0.1)
+        sched = AutoLR(opt, MLRSNet(hidden_size=8), lr_scales=[1.0])
+        opt.add_param_group({"params": model[1].parameters(), "lr": 0.05})
+        longer = sched.state_dict()
+        opt = torch.optim.SGD(model[0].parameters(), lr=0.1)
+        sched = AutoLR(opt, MLRSNet(hidden_size=8), lr_scales=[1.0])
+        opt.add_param_group({"params": model[1].parameters(), "lr": 0.05})
+        sched.load_state_dict(longer)
+        assert sched.lr_scales == [1.0, 0.5]
 
 
 def test_an_undecided_lr_anchor_state_loads():

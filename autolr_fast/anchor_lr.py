@@ -48,7 +48,6 @@ from .lr_finder import (
     _model_device,
     _set_rate,
     _Trial,
-    autolrs_driving,
     check_trial_setup,
     default_unpack,
 )
@@ -586,6 +585,8 @@ def _t_quantile(p: float, dof: int) -> float:
 def _refuse_autolr(optimizer: torch.optim.Optimizer) -> None:
     """An ``AutoLR`` on the optimizer read its peak when it was built (and a fresh one would
     refuse the trials' steps): the rate chosen here would not be the one it uses."""
+    from .scheduler import autolrs_driving  # the scheduler imports this package's modules
+
     if autolrs_driving(optimizer):
         raise RuntimeError("find_anchor_lr: an AutoLR already drives this optimizer. Call find_anchor_lr "
                            "first, then build AutoLR: it reads the optimizer's lr as its peak when it is built")

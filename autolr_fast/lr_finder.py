@@ -307,14 +307,6 @@ class _Trial:
             yield h, self.eval_loss()
 
 
-def autolrs_driving(optimizer: torch.optim.Optimizer) -> list:
-    r"""The ``AutoLR``\ s whose step hook is on ``optimizer``."""
-    from .scheduler import AutoLR  # the scheduler imports this package's modules
-
-    owners = (getattr(hook, "__self__", None) for hook in getattr(optimizer, "_optimizer_step_pre_hooks", {}).values())
-    return [owner for owner in owners if isinstance(owner, AutoLR)]
-
-
 def check_trial_setup(name: str, model: nn.Module, optimizer: torch.optim.Optimizer,
                       max_grad_norm: float | None) -> None:
     """Refuse or warn about what would make the trials differ from the run, before any work."""
@@ -327,7 +319,7 @@ def check_trial_setup(name: str, model: nn.Module, optimizer: torch.optim.Optimi
         warnings.warn(f"{name}: the model is in eval mode, so the trials train with dropout off and BatchNorm "
                       "statistics frozen; call model.train() first if your run trains in train mode",
                       RuntimeWarning, stacklevel=optim_support.user_stacklevel())
-    if getattr(optimizer.step, "_wrapped_by_lr_sched", False):
+    if optim_support.torch_scheduler_built(optimizer):
         warnings.warn(f"{name}: a torch.optim.lr_scheduler was built on this optimizer at some point; if it is "
                       f"still stepped, its next step() sets the lr from its own schedule and undoes what {name} "
                       "chose: build the scheduler after this call. If not, ignore this",
@@ -337,6 +329,8 @@ def check_trial_setup(name: str, model: nn.Module, optimizer: torch.optim.Optimi
 def _check_no_fresh_autolr(optimizer: torch.optim.Optimizer) -> None:
     """Refuse an optimizer that an ``AutoLR`` drives and that has not stepped yet: its hook would
     refuse the trials' ``optimizer.step()`` as a loop in the wrong order."""
+    from .scheduler import autolrs_driving  # the scheduler imports this package's modules
+
     if any(owner.step_count == 0 for owner in autolrs_driving(optimizer)):
         raise RuntimeError(
             "find_lr: an AutoLR was built on this optimizer and has not stepped yet. Run find_lr first, "

@@ -41,7 +41,7 @@ except ImportError:
 
 from . import optim_support
 from .batches import default_unpack, to_device
-from .checks import is_whole_number
+from .checks import is_whole_number, is_whole_value
 from .controllers.mlrsnet import MLRSNet
 from .controllers.pretrained import save_controller
 from .distributed import mean_across_ranks
@@ -104,21 +104,14 @@ def _is_dtensor(t: Tensor) -> bool:
     return DTensor is not None and isinstance(t, DTensor)
 
 
-def _whole(value: Any, minimum: int) -> bool:
-    """A whole number >= ``minimum``, also as a float (``interval=2.0``); not a bool."""
-    if isinstance(value, float):
-        return value.is_integer() and value >= minimum
-    return is_whole_number(value, minimum)
-
-
 class MetaTrainer:
     """The meta-step machinery of one ``AutoLR`` (created by it from a :class:`MetaConfig`)."""
 
     def __init__(self, sched, config: MetaConfig) -> None:
         if not isinstance(sched.controller, MLRSNet) or sched.controller.gate_order != "train":
             raise TypeError("online meta-training needs an MLRSNet controller (gate_order='train')")
-        bad = [] if _whole(config.interval, 1) else [f"interval={config.interval!r} (a whole number >= 1)"]
-        if config.snapshot_every is not None and not _whole(config.snapshot_every, 0):
+        bad = [] if is_whole_value(config.interval, 1) else [f"interval={config.interval!r} (a whole number >= 1)"]
+        if config.snapshot_every is not None and not is_whole_value(config.snapshot_every, 0):
             bad.append(f"snapshot_every={config.snapshot_every!r} (a whole number; 0 or None: no snapshots)")
         if not (isinstance(config.fold_bytes, numbers.Real) and not isinstance(config.fold_bytes, bool)
                 and config.fold_bytes >= 0):

@@ -133,6 +133,12 @@ def group_lr_scales(lrs: list[float]) -> tuple[float, list[float]]:
     return reference, ([1.0] * len(lrs) if reference <= 0 else [r / reference for r in lrs])
 
 
+def torch_scheduler_built(optimizer: torch.optim.Optimizer) -> bool:
+    """Whether a ``torch.optim.lr_scheduler`` was ever built on ``optimizer``: torch wraps its
+    ``step`` then and leaves the wrapper when the scheduler is gone, so "ever", not "still"."""
+    return bool(getattr(optimizer.step, "_wrapped_by_lr_sched", False))
+
+
 def warn_once(flags: set, key: str, message: str) -> None:
     if key not in flags:
         flags.add(key)

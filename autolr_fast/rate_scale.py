@@ -36,7 +36,7 @@ import torch
 from torch import Tensor, nn
 
 from . import optim_support
-from .checks import is_whole_number
+from .checks import is_whole_number, is_whole_value
 from .controllers.mlrsnet import MLRSNet
 from .ops import reference
 
@@ -95,9 +95,7 @@ class RateScale:
                  warned: set, warmup_steps: int | None = 0) -> None:
         self.device = device
         self.base_lr = float(base_lr)
-        whole = is_whole_number(num_classes, 1) or (isinstance(num_classes, float) and num_classes.is_integer()
-                                                     and num_classes >= 1)
-        if num_classes is not None and not whole:
+        if num_classes is not None and not is_whole_value(num_classes, 1):
             raise ValueError(f"num_classes must be a whole number >= 1 (the number of classes), got {num_classes!r}")
         self.num_classes = None if num_classes is None else int(num_classes)
         if total_steps is not None and not is_whole_number(total_steps, 1):

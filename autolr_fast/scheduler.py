@@ -119,7 +119,7 @@ class AutoLR:
         self.device = optim_support.params_device(optimizer)
         self.controller = controller.to(self.device)
         self._warned: set[str] = set()
-        previous = _autolr_driving(optimizer)
+        previous = next(iter(autolrs_driving(optimizer)), None)
         # a notebook cell run again builds a second AutoLR on the same optimizer: a group that still
         # holds the earlier one's last rate starts again from its recorded initial_lr (the peak the
         # user meant); a group whose lr the user set since, from that lr
@@ -168,7 +168,7 @@ class AutoLR:
                 "building another on its optimizer to silence this",
                 RuntimeWarning, stacklevel=optim_support.user_stacklevel())
         # on the float path an lr another scheduler sets is seen at the next step (and warned about then)
-        if self.tensor_lr and getattr(optimizer.step, "_wrapped_by_lr_sched", False):
+        if self.tensor_lr and optim_support.torch_scheduler_built(optimizer):
             optim_support.warn_once(
                 self._warned, "torch_scheduler",
                 "AutoLR: a torch.optim.lr_scheduler was built on this optimizer at some point (torch leaves its mark "
@@ -177,12 +177,7 @@ class AutoLR:
                 "rate); use one of the two. If not, ignore this",
             )
         if previous is not None:
-            previous.close()
-            for g, held in zip(optimizer.param_groups, from_initial):
-                if held:
-                    g["lr"] = g.get("initial_lr", g["lr"])
-                else:  # the lr the user set is this run's peak
-                    g["initial_lr"] = float(g["lr"])
+            previous._hand_over(from_initial)
         for g in optimizer.param_groups:
             g.setdefault("initial_lr", float(g["lr"]))
         if self.distributed:
@@ -412,6 +407,18 @@ class AutoLR:
                 or (self.step_count == 0 and float(g["lr"]) == g.get("initial_lr"))
                 for g, s in zip(self.optimizer.param_groups, self.lr_scales)]
         return held + [False] * (len(self.optimizer.param_groups) - len(held))
+
+    def _hand_over(self, held: list[bool]) -> None:
+        """Close, and give each param group the peak a new run on this optimizer starts from: its
+        ``initial_lr`` where it still holds this AutoLR's rate (``held``, from
+        :meth:`groups_holding_its_rates`), else the lr the user set since, which becomes its
+        ``initial_lr``."""
+        self.close()
+        for g, untouched in zip(self.optimizer.param_groups, held):
+            if untouched:
+                g["lr"] = g.get("initial_lr", g["lr"])
+            else:
+                g["initial_lr"] = float(g["lr"])
 
     def close(self) -> None:
         """Take this AutoLR off its optimizer, e.g. before another schedule drives it.
@@ -739,13 +746,13 @@ class AutoLR:
             self.rate.copy_(state["rate"])
             self.counters.values.copy_(state["counters"])
         self._moved_lr = None  # the loaded scale replaces the anchor taken from the lr
-        self._first_step = int(state.get("first_step", 0))  # where the loaded run's AutoLR started
+        self._first_step = int(first_step)  # where the loaded run's AutoLR started
         self.step_count = int(step_count)  # a NumPy integer from a checkpoint too
         self.counters.refresh(self.step_count)  # the host's view of the loaded counters, not the old ones
         built_scales, self.lr_scales = self.lr_scales, lr_scales
         if self._explicit_lr_scales:  # groups the state does not cover keep the scales given for them
             self.lr_scales = lr_scales + built_scales[len(lr_scales):]
-        self._warned = set(state.get("warned", []))
+        self._warned = set(warned)
         if saved_envelope is not None:
             (saved_total, saved_warmup), (total, warmup) = saved_envelope, self.scale.built_envelope
             warnings.warn(
@@ -793,13 +800,10 @@ class AutoLR:
 DEFAULT_CONTROLLER = "default"
 
 
-def _autolr_driving(optimizer: torch.optim.Optimizer) -> AutoLR | None:
-    """The AutoLR whose step hook is on ``optimizer`` (none once it is closed)."""
-    for hook in optimizer._optimizer_step_pre_hooks.values():
-        owner = getattr(hook, "__self__", None)
-        if isinstance(owner, AutoLR) and not owner._closed:
-            return owner
-    return None
+def autolrs_driving(optimizer: torch.optim.Optimizer) -> list[AutoLR]:
+    r"""The ``AutoLR``\ s whose step hook is on ``optimizer`` (:meth:`AutoLR.close` removes it)."""
+    owners = (getattr(hook, "__self__", None) for hook in getattr(optimizer, "_optimizer_step_pre_hooks", {}).values())
+    return [owner for owner in owners if isinstance(owner, AutoLR)]
 
 
 def check_lr_scales(scales: Any, what: str) -> list[float]:

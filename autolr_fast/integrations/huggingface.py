@@ -208,13 +208,7 @@ class AutoLRTrainerMixin:
                 # Start again from the peak the first AutoLR recorded, as Trainer's own schedulers
                 # (which read initial_lr) do, with the old AutoLR off the optimizer; an lr the user
                 # set since (by hand, find_anchor_lr) is the new run's peak instead.
-                held = old.groups_holding_its_rates()
-                old.close()
-                for g, untouched in zip(opt.param_groups, held):
-                    if not untouched:
-                        g["initial_lr"] = float(g["lr"])
-                    elif "initial_lr" in g:
-                        g["lr"] = g["initial_lr"]
+                old._hand_over(old.groups_holding_its_rates())
             sched = self._make_autolr(opt)
             if sched is old:
                 raise ValueError(

@@ -93,14 +93,19 @@ TASK_SETTINGS: dict[str, tuple[int, int]] = {
     "logreg-convex": (20, 64),
     "spirals-deep-mlp": (30, 64),
     "waves-cnn1d": (15, 64),
+    "gratings-vit": (15, 64),
+    "poisson-counts": (30, 32),
+    "reverse-bigru": (20, 64),
+    "categorical-embed": (20, 64),
 }
 REGRESSION_SETTINGS = (40, 32)
 #: Tasks meant for held-out evaluation (whether a controller was trained on one is read from its info, per run).
 NEW_TASKS = ["markov-gru", "digits-bncnn", "diabetes-mlp", "friedman-mlp"]
-#: The second and third held-out sets: for evaluation only, no controller or rule is trained or
-#: chosen on them (meta-train --family refuses them)
+#: The second, third and fourth held-out sets: for evaluation only, no controller or rule is trained
+#: or chosen on them (meta-train --family refuses them)
 HELD_OUT_TASKS = ["grammar-lm", "shapes-gncnn", "clusters-resmlp", "manifold-ae",
-                  "adding-lstm", "logreg-convex", "spirals-deep-mlp", "waves-cnn1d"]
+                  "adding-lstm", "logreg-convex", "spirals-deep-mlp", "waves-cnn1d",
+                  "gratings-vit", "poisson-counts", "reverse-bigru", "categorical-embed"]
 DEFAULT_TASKS = ["mnist1d-cnn", "mnist1d-mlp", "digits-mlp", "regress-sin", *NEW_TASKS]
 QUICK_TASKS = ["digits-mlp", "regress-sin", "diabetes-mlp"]
 QUICK_EPOCHS = 10

@@ -844,3 +844,131 @@ def waves_cnn1d(seed: int = 0) -> Task:
     x, y = waveforms(4000, 64, g)
     return Task("waves-cnn1d", x[:3000], y[:3000], x[3000:], y[3000:], lambda: WaveCNN(),
                 nn.functional.cross_entropy, 4)
+
+
+# ------------------------------------------------------------------------------------------------
+# The fourth held-out set: four more kinds of task, registered before any run on them, after
+# AutoLR's wsd envelope was measured on the 37 tasks above (compare.HELD_OUT_TASKS)
+# ------------------------------------------------------------------------------------------------
+def gratings(n: int, size: int, g: torch.Generator) -> tuple[Tensor, Tensor]:
+    """``n`` noisy ``size`` x ``size`` sine gratings at one of four orientations (0, 45, 90, 135
+    degrees), 1.5-4 cycles across the image, a random phase and contrast, plus noise 0.8; the label
+    is the orientation."""
+    y = torch.randint(4, (n,), generator=g)
+    angle = y.float() * math.pi / 4
+    cycles = 1.5 + 2.5 * torch.rand(n, generator=g)
+    phase = 2 * math.pi * torch.rand(n, generator=g)
+    contrast = 0.5 + 0.5 * torch.rand(n, generator=g)
+    grid = torch.arange(size, dtype=torch.float32) / size
+    rows, cols = grid.view(1, size, 1), grid.view(1, 1, size)
+    along = cols * torch.cos(angle).view(n, 1, 1) + rows * torch.sin(angle).view(n, 1, 1)
+    images = contrast.view(n, 1, 1) * torch.sin(2 * math.pi * cycles.view(n, 1, 1) * along + phase.view(n, 1, 1))
+    images = images + 0.8 * torch.randn(n, size, size, generator=g)
+    return images.unsqueeze(1), y
+
+
+class TinyViT(nn.Module):
+    """A vision transformer: 4x4 patches, a learned position embedding, ``depth`` pre-LayerNorm
+    encoder blocks of width ``width``, mean pooling, a linear head."""
+
+    def __init__(self, size: int = 16, patch: int = 4, width: int = 32, depth: int = 2, heads: int = 4,
+                 num_classes: int = 4) -> None:
+        super().__init__()
+        self.patch = nn.Conv2d(1, width, patch, stride=patch)  # (B, width, size/patch, size/patch)
+        self.position = nn.Parameter(0.02 * torch.randn(1, (size // patch) ** 2, width))
+        layer = nn.TransformerEncoderLayer(width, heads, 2 * width, dropout=0.0, batch_first=True, norm_first=True)
+        self.encoder = nn.TransformerEncoder(layer, depth, enable_nested_tensor=False)
+        self.head = nn.Sequential(nn.LayerNorm(width), nn.Linear(width, num_classes))
+
+    def forward(self, x: Tensor) -> Tensor:
+        tokens = self.patch(x).flatten(2).transpose(1, 2) + self.position  # (B, patches, width)
+        return self.head(self.encoder(tokens).mean(1))
+
+
+@register_task("gratings-vit", optimizer=OptimSpec("adamw", 1e-3, 0.05))
+def gratings_vit(seed: int = 0) -> Task:
+    """Noisy 16x16 sine gratings at four orientations (3,000 training, 1,000 test), a two-block
+    vision transformer on 4x4 patches, AdamW at 1e-3 with weight decay 0.05."""
+    g = torch.Generator().manual_seed(1515)
+    x, y = gratings(4000, 16, g)
+    return Task("gratings-vit", x[:3000], y[:3000], x[3000:], y[3000:], lambda: TinyViT(),
+                nn.functional.cross_entropy, 4)
+
+
+def poisson_nll(log_rate: Tensor, counts: Tensor) -> Tensor:
+    """The Poisson negative log-likelihood of ``counts`` under the rates ``exp(log_rate)`` (with
+    Stirling's term for ``log(y!)``, so it is about ``-log P(y)`` and not negative)."""
+    return nn.functional.poisson_nll_loss(log_rate, counts, log_input=True, full=True)
+
+
+@register_task("poisson-counts", optimizer=OptimSpec("sgd", 0.01, 5e-4))
+def poisson_counts(seed: int = 0) -> Task:
+    """Count regression: 8 standardised features, counts drawn from a Poisson distribution whose log
+    rate is a fixed random two-layer tanh network of them (mean count about 3, some in the tens;
+    2,000 training, 1,000 test); an MLP 8-64-64-1 predicts the log rate, the loss is the Poisson
+    negative log-likelihood; SGD with momentum at 0.01."""
+    g = torch.Generator().manual_seed(1616)
+    x = torch.randn(3000, 8, generator=g)
+    w1, w2 = torch.randn(8, 16, generator=g) / 8 ** 0.5, torch.randn(16, 1, generator=g) / 16 ** 0.5
+    log_rate = 1.0 + 1.2 * torch.tanh(x @ w1) @ w2
+    y = torch.poisson(log_rate.exp(), generator=g)
+    return Task("poisson-counts", x[:2000], y[:2000], x[2000:], y[2000:], lambda: _mlp([8, 64, 64, 1]),
+                poisson_nll, None)
+
+
+class ReverseBiGRU(nn.Module):
+    """An embedding, a two-layer bidirectional GRU and a per-position linear head: class scores
+    ``(batch, vocab, length)``."""
+
+    def __init__(self, vocab: int, width: int = 32) -> None:
+        super().__init__()
+        self.embed = nn.Embedding(vocab, width)
+        self.gru = nn.GRU(width, width, num_layers=2, batch_first=True, bidirectional=True)
+        self.head = nn.Linear(2 * width, vocab)
+
+    def forward(self, x: Tensor) -> Tensor:
+        h, _ = self.gru(self.embed(x))  # (batch, length, 2 * width)
+        return self.head(h).transpose(1, 2)
+
+
+@register_task("reverse-bigru", optimizer=OptimSpec("adam", 1e-3, 0.0))
+def reverse_bigru(seed: int = 0, vocab: int = 10, length: int = 12) -> Task:
+    """Sequence to sequence: output the input sequence of ``length`` tokens (vocabulary 10) reversed,
+    position by position (4,000 training, 1,000 test); a bidirectional GRU tagger; accuracy per
+    token; Adam at 1e-3."""
+    g = torch.Generator().manual_seed(1717)
+    x = torch.randint(vocab, (5000, length), generator=g)
+    y = x.flip(1)
+    return Task("reverse-bigru", x[:4000], y[:4000], x[4000:], y[4000:], lambda: ReverseBiGRU(vocab),
+                nn.functional.cross_entropy, vocab)
+
+
+class EmbeddingMLP(nn.Module):
+    """One embedding table per categorical column, concatenated, then an MLP."""
+
+    def __init__(self, columns: int, levels: int, classes: int, dim: int = 8, hidden: int = 64) -> None:
+        super().__init__()
+        self.tables = nn.ModuleList(nn.Embedding(levels, dim) for _ in range(columns))
+        self.mlp = _mlp([columns * dim, hidden, hidden, classes])
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.mlp(torch.cat([table(x[:, i]) for i, table in enumerate(self.tables)], 1))
+
+
+@register_task("categorical-embed")
+def categorical_embed(seed: int = 0, columns: int = 6, levels: int = 20) -> Task:
+    """Tabular data with only categorical columns (6 of 20 levels each), the binary label decided by
+    pairwise interactions of the columns (a fixed random score per pair of levels of three column
+    pairs) with 10 % of the labels flipped (4,000 training, 1,000 test); one embedding table per
+    column and an MLP; SGD with momentum at 0.1."""
+    g = torch.Generator().manual_seed(1818)
+    x = torch.randint(levels, (5000, columns), generator=g)
+    score = torch.zeros(5000)
+    for a, b in ((0, 1), (2, 3), (4, 5)):
+        table = torch.randn(levels, levels, generator=g)
+        score += table[x[:, a], x[:, b]]
+    y = (score > score.median()).long()
+    flip = torch.rand(5000, generator=g) < 0.1
+    y = torch.where(flip, 1 - y, y)
+    return Task("categorical-embed", x[:4000], y[:4000], x[4000:], y[4000:],
+                lambda: EmbeddingMLP(columns, levels, 2), nn.functional.cross_entropy, 2)

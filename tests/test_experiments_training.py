@@ -118,7 +118,9 @@ def test_train_records_epochs_and_rates():
 
 @pytest.mark.parametrize("name,kind", [("markov-gru", "adamw"), ("digits-bncnn", "sgd"), ("diabetes-mlp", "adam"),
                                        ("friedman-mlp", "sgd"), ("adding-lstm", "adam"), ("logreg-convex", "sgd"),
-                                       ("spirals-deep-mlp", "adamw"), ("waves-cnn1d", "sgd")])
+                                       ("spirals-deep-mlp", "adamw"), ("waves-cnn1d", "sgd"), ("gratings-vit", "adamw"),
+                                       ("poisson-counts", "sgd"), ("reverse-bigru", "adam"),
+                                       ("categorical-embed", "sgd")])
 def test_new_tasks_train_with_their_default_optimizer(name, kind):
     task = get_task(name)
     again = get_task(name)

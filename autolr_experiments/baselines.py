@@ -244,9 +244,16 @@ def cosine(spec: RunSpec) -> Schedule:
 
 
 @register_method("cosine-warmup", "hand", None, "the task's default optimizer, 5% linear warm-up, then cosine to 0 "
-                 "(AutoLR's envelope with total_steps, alone)", task_lr=True)
+                 "(AutoLR's envelope='cosine' with total_steps, alone)", task_lr=True)
 def cosine_warmup(spec: RunSpec) -> Schedule:
     return envelope_schedule(make_optimizer(spec.model, spec.task.optim, spec.lr), spec.total_steps)
+
+
+@register_method("wsd", "hand", None, "the task's default optimizer, 5% linear warm-up, constant, then linear "
+                 "decay to 0 over the last 20% of the steps (warmup-stable-decay: AutoLR's default envelope, alone)",
+                 task_lr=True, revision=2)  # 2: every step of the decay falls below the peak
+def wsd(spec: RunSpec) -> Schedule:
+    return envelope_schedule(make_optimizer(spec.model, spec.task.optim, spec.lr), spec.total_steps, "wsd")
 
 
 class SpikeGuard:
@@ -557,7 +564,8 @@ def _autolr_controller(spec: RunSpec) -> tuple[nn.Module, dict]:
                  "AutoLR with its defaults: AutoLR(opt, load_pretrained(<controller>), total_steps=<steps>) on the "
                  "task's default optimizer at its default rate; one run, nothing tuned (on a task the controller "
                  "was trained on, compare sets a leave-one-task-out controller)", available=_autolr_missing,
-                 revision=2)  # 2: AutoLR's envelope warms up over 5 % of the run
+                 revision=4)  # 2: AutoLR's envelope warms up over 5 % of the run; 3: its default envelope is
+#                                 wsd; 4: every step of its decay falls below the peak
 def autolr(spec: RunSpec) -> Schedule:
     controller, info = _autolr_controller(spec)
     opt = make_optimizer(spec.model, spec.task.optim)
@@ -575,9 +583,10 @@ def autolr(spec: RunSpec) -> Schedule:
                  "AutoLR(opt, load_pretrained(<controller>), total_steps=<steps>) trains on all the training data "
                  "from the same weights. The trials' CPU time is in the run's",
                  available=_autolr_missing,
-                 revision=5)  # 2: records the trials run; 3: annealed trials, nearest within noise, step-down;
+                 revision=7)  # 2: records the trials run; 3: annealed trials, nearest within noise, step-down;
 #                                 5: AutoLR's envelope warms up over 5 % of the run (4 is taken: the records
-#                                 of an extend=2 experiment of find_anchor_lr carry it)
+#                                 of an extend=2 experiment of find_anchor_lr carry it); 6: the wsd envelope;
+#                                 7: every step of its decay falls below the peak
 def autolr_find(spec: RunSpec) -> Schedule:
     controller, info = _autolr_controller(spec)
     opt = make_optimizer(spec.model, spec.task.optim)
@@ -703,7 +712,7 @@ def meta_online(spec: RunSpec) -> Schedule:
 @register_method("action", "learned", None,
                  f"this project's action controller load_pretrained({SHIPPED_ACTION_CONTROLLER!r}) on the task's "
                  "default optimizer from its default rate; a relative controller also gets total_steps (its rate "
-                 "is lr x the envelope (5 % warm-up, cosine) x its level)",
+                 "is lr x the envelope it was trained under (5 % warm-up, cosine) x its level)",
                  available=_shipped_missing(SHIPPED_ACTION_CONTROLLER), revision=4)  # 3: the task's optimizer;
 #                                                                   4: AutoLR's envelope warms up over 5 % of the run
 def action(spec: RunSpec) -> Schedule:

@@ -352,7 +352,8 @@ def main(argv: list[str] | None = None) -> int:
                    help="rate of the H label steps: the action's (it persists) or the rate before it")
     p.add_argument("--envelope", action="store_true",
                    help="train every step at rate x the cosine envelope over --steps (AutoLR(total_steps=..., "
-                        "warmup_steps=0) applied to a relative action controller; AutoLR's default adds a warm-up)")
+                        "warmup_steps=0, envelope='cosine') applied to a relative action controller; AutoLR's "
+                        "default envelope warms up, holds the peak and decays over the last 20 %%)")
     p.add_argument("--val-size", type=int, default=0, help="validation samples (0: 20%% of train, at most 500)")
     p.add_argument("--out", required=True)
     p.add_argument("--resume", action="store_true", help="continue from OUT.partial")

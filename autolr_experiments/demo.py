@@ -4,7 +4,7 @@ Both runs use the same model, data order and optimizer: SGD, lr 0.1, momentum 0.
 5e-4. The AutoLR run is what the README recommends, ``AutoLR(opt, load_pretrained("default"),
 total_steps=T)``: no gamma, so the scale is anchored on the optimizer's lr (0.1) and the
 controller moves the rate relative to it under the envelope over the run (a warm-up over its
-first 5 %, then cosine).
+first 5 %, the peak held, then a linear decay to 0 over the last 20 %).
 Cosine annealing goes from the same 0.1 to 0 over the same steps. Several seeds (3 by default);
 prints a table (final test accuracy, mean ± std) and writes ``demo.png`` (rates, test accuracy,
 training loss) and ``demo.json`` under ``--out``.

@@ -190,7 +190,7 @@ FAMILY = (
 FAMILY_DOC = """Meta-train ONE MLR-SNet online across a family of tasks, optimizers and run lengths.
 
 Every run of ``FAMILY`` (twice by default, in order) trains a fresh model with
-``AutoLR(opt, controller, total_steps=T, warmup_steps=0, meta=MetaConfig(...))``: the default scale
+``AutoLR(opt, controller, total_steps=T, warmup_steps=0, envelope="cosine", meta=MetaConfig(...))``: the default scale
 (no gamma, anchored on the optimizer's lr) as users run it, under the plain cosine envelope (the
 one the shipped ``default.pt`` was trained under), while the library's exact one-step
 look-ahead hypergradient moves theta (``--horizon k``: the validation loss k steps later
@@ -245,7 +245,7 @@ def cosine_method(run: FamilyRun) -> Method:
 
 
 def cosine_warmup_method(run: FamilyRun) -> Method:
-    """AutoLR's default envelope alone (a 5 % linear warm-up, then cosine to 0) at the run's rate."""
+    """AutoLR's cosine envelope alone (a 5 % linear warm-up, then cosine to 0) at the run's rate."""
     return Method("cosine-warmup", lambda spec: envelope_schedule(make_optimizer(run, spec.model), spec.total_steps))
 
 
@@ -266,15 +266,17 @@ def normalised_by_first_loss(step: Callable[[Tensor], None]) -> Callable[[Tensor
 def autolr_method(name: str, run: FamilyRun, controller: MLRSNet, meta: Callable | None = None,
                   normalise_loss: bool = False, warmup_steps: int | None = 0) -> Method:
     """AutoLR as a user runs it (no gamma: the lr anchor; the envelope over the run), except that
-    the envelope is by default the plain cosine (``warmup_steps=0``), the one the shipped
-    ``default.pt`` was meta-trained under, so that the recipe reproduces it (``None``: AutoLR's
-    default warm-up); ``meta(spec) -> MetaConfig`` meta-trains ``controller`` during the run;
+    the envelope is the cosine one (``envelope="cosine"``), by default without a warm-up
+    (``warmup_steps=0``): the one the shipped ``default.pt`` was meta-trained under, so that the
+    recipe reproduces it (``None``: AutoLR's default warm-up before the cosine);
+    ``meta(spec) -> MetaConfig`` meta-trains ``controller`` during the run;
     ``normalise_loss``: the controller reads the loss divided by the run's first loss."""
     def build(spec: RunSpec) -> Schedule:
         controller.reset()  # a new run: theta carries over, the recurrent state does not
         opt = make_optimizer(run, spec.model)
         cfg = None if meta is None else meta(spec)
-        schedule = autolr_schedule(opt, controller, total_steps=spec.total_steps, warmup_steps=warmup_steps, meta=cfg)
+        schedule = autolr_schedule(opt, controller, total_steps=spec.total_steps, warmup_steps=warmup_steps,
+                                   envelope="cosine", meta=cfg)
         if normalise_loss:
             schedule.before_step = normalised_by_first_loss(schedule.before_step)
         return schedule
@@ -740,9 +742,10 @@ def ablation_main(argv: list[str]) -> int:
     table, scores = score_table(rows)
     md = (f"# Ablation on held-out tasks ({len(seeds)} seeds)\n\n"
           f"`python -m autolr_fast meta-train {' '.join(argv or [])}`. Every AutoLR row: "
-          + ("`AutoLR(opt, controller, total_steps=T)` (lr anchor, a 5 % warm-up then cosine), frozen; "
-             "cosine-warmup: that envelope alone; " if args.warmup else
-             "`AutoLR(opt, controller, total_steps=T, warmup_steps=0)` (lr anchor, cosine envelope), frozen; ")
+          + ("`AutoLR(opt, controller, total_steps=T, envelope='cosine')` (lr anchor, a 5 % warm-up then cosine), "
+             "frozen; cosine-warmup: that envelope alone; " if args.warmup else
+             "`AutoLR(opt, controller, total_steps=T, warmup_steps=0, envelope='cosine')` (lr anchor, cosine "
+             "envelope), frozen; ")
           + "cosine: CosineAnnealingLR to 0 at the same optimizer and lr. `default`: the family-trained controller "
           f"({args.controller}); `mnist1d-cnn`: the controller shipped before it; `fresh`: an untrained "
           "MLR-SNet. Final test accuracy % (mean ± std over seeds) or test MSE (median over seeds, mean "

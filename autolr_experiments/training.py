@@ -30,7 +30,7 @@ import torch
 from torch import Tensor, nn
 
 from autolr_fast import AutoLR
-from autolr_fast.rate_scale import envelope, resolve_warmup
+from autolr_fast.rate_scale import envelope, resolve_decay, resolve_warmup
 
 from .tasks import OptimSpec, Task
 
@@ -143,12 +143,14 @@ def torch_schedule(optimizer: torch.optim.Optimizer, scheduler: Any, per: str = 
     return Schedule(optimizer, after_epoch=scheduler.step)
 
 
-def envelope_schedule(optimizer: torch.optim.Optimizer, total_steps: int) -> Schedule:
-    """AutoLR's default envelope alone over ``total_steps`` (a 5 % linear warm-up, then cosine to
-    0), stepped after every optimizer step."""
+def envelope_schedule(optimizer: torch.optim.Optimizer, total_steps: int, shape: str = "cosine") -> Schedule:
+    """One of AutoLR's envelopes alone over ``total_steps`` (a 5 % linear warm-up, then ``"cosine"``
+    to 0, or ``"wsd"``: the peak held, then linear to 0 over the last 20 %; AutoLR's default),
+    stepped after every optimizer step."""
     warmup = resolve_warmup(None, total_steps)
+    decay = resolve_decay(None, total_steps, warmup, shape)
     return torch_schedule(optimizer, torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lambda t: envelope(t, total_steps, warmup)))
+        optimizer, lambda t: envelope(t, total_steps, warmup, shape, decay)))
 
 
 def autolr_schedule(optimizer: torch.optim.Optimizer, controller: nn.Module, **autolr_kwargs: Any) -> Schedule:

@@ -8,10 +8,10 @@ best as the optimizer's ``lr`` (the param groups keep their ratios). Everything 
 buffers, optimizer state, RNG) is restored bit for bit, so training then starts from the
 weights it would have started from.
 
-A trial is the run in miniature: its rate anneals from the trial rate to 0 along a cosine, the
-shape ``AutoLR(total_steps=T)`` gives the run after its warm-up (the trials have none), so a large
-rate is judged after its noise has been annealed away (a constant-rate trial judges it at its
-noisiest and favours small rates). The
+A trial is a run in miniature: its rate anneals from the trial rate to 0 along a cosine (the
+trials have no warm-up; AutoLR's own default envelope holds the rate until its last 20 %, and
+trials that hold, then anneal, chose worse), so a large rate is judged after its noise has been
+annealed away (a constant-rate trial judges it at its noisiest and favours small rates). The
 trials are long (15 % of the run by default: five of them cost 75 % of one run, and each trial
 ``extend`` adds 15 % more) and scored on
 data they did not train on. The given ``lr`` is the prior: of the rates the held-out batches cannot
@@ -279,8 +279,9 @@ def find_anchor_lr(
             rate that only fits the training batches faster does not win. At most
             ``max_eval_batches`` are used; the test below needs at least 2.
         trial_schedule: ``"cosine"``: a trial's rate anneals from its rate to 0 over the trial, as
-            ``AutoLR(total_steps=T)`` anneals the run after its warm-up; ``"warmup-cosine"``:
-            AutoLR's whole envelope over the trial (a warm-up over its first 5 %, then the cosine);
+            ``AutoLR(total_steps=T, envelope="cosine")`` anneals a run after its warm-up;
+            ``"warmup-cosine"``: that whole envelope over the trial (a warm-up over its first 5 %,
+            then the cosine);
             ``"constant"``: the rate is held (for a run whose rate does not decay).
         confidence: the rates whose held-out loss a one-sided paired t-test over the evaluation
             batches cannot tell from the lowest at this confidence are within noise of it; the
@@ -432,8 +433,8 @@ def _trial_factor(schedule: str, step: int, steps: int) -> float:
     """The trial rate's multiplier at ``step`` of ``steps``."""
     if schedule == "constant":
         return 1.0
-    # "cosine": CosineAnnealingLR(T_max=steps) from 1 towards 0; "warmup-cosine": AutoLR(total_steps=steps)'s
-    # whole envelope, the run in miniature
+    # "cosine": CosineAnnealingLR(T_max=steps) from 1 towards 0; "warmup-cosine": a 5 % warm-up, then
+    # that cosine (AutoLR's cosine envelope in miniature)
     return envelope(step, steps, resolve_warmup(None, steps) if schedule == "warmup-cosine" else 0)
 
 

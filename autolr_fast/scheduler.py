@@ -19,7 +19,7 @@ from .distributed import broadcast_from_rank0_, is_distributed, mean_across_rank
 from .host_flags import DeviceCounters
 from .meta import MetaConfig, MetaTrainer
 from .ops import dispatch, reference
-from .rate_scale import RateScale
+from .rate_scale import RateScale, envelope_args
 
 STATE_VERSION = 2
 
@@ -61,14 +61,22 @@ class AutoLR:
             first finite loss ``L0`` and ``num_classes`` ``C`` (cross-entropy with plain SGD only).
             A float: fixed.
         total_steps: the number of optimizer steps of the run. When given, the scale follows an
-            envelope over them: a linear warm-up, then a cosine from 1 to 0 (the controller cannot
-            know the run length). The envelope counts ``step`` calls, skipped ones (``skip=``, a
-            NaN loss) included: where they are is known only on the device.
+            envelope over them (the controller cannot know the run length): by default a linear
+            warm-up, the peak held, then a linear decay to 0 over the last ``decay_steps``. The
+            envelope counts ``step`` calls, skipped ones (``skip=``, a NaN loss) included: where
+            they are is known only on the device.
         warmup_steps: the warm-up's length in optimizer steps: the scale rises linearly,
             ``(t + 1) / warmup_steps`` at step ``t``, to the peak. Default (``None``): 5 % of
-            ``total_steps``, none without it. ``0``: no warm-up (a plain cosine envelope). Without
-            ``total_steps`` the scale stays at the peak after the warm-up. Only for controllers
-            whose rate ``gamma`` scales (MLR-SNet, relative action controllers).
+            ``total_steps``, none without it. ``0``: no warm-up. Without ``total_steps`` the scale
+            stays at the peak after the warm-up. Only for controllers whose rate ``gamma`` scales
+            (MLR-SNet, relative action controllers).
+        envelope: the shape after the warm-up, with ``total_steps``. ``"wsd"`` (the default,
+            ``None``, unless the controller has a ``trained_envelope``: the action controller's is
+            ``"cosine"``): warm-up, stable, decay: the peak until the last ``decay_steps``, then
+            linearly to 0. ``"cosine"``: a cosine from 1 to 0 over every step after the warm-up (as
+            ``CosineAnnealingLR``).
+        decay_steps: the length of the ``"wsd"`` envelope's final decay. Default (``None``): 20 %
+            of ``total_steps``.
         num_classes: ``C`` for ``gamma="auto"``.
         lr_scales: per-param-group multipliers of the rate. Default: each group keeps its
             ratio to the first group's initial ``lr`` (as ``LambdaLR`` keeps ``base_lrs``); the first
@@ -106,6 +114,8 @@ class AutoLR:
         *,
         total_steps: int | None = None,
         warmup_steps: int | None = None,
+        envelope: str | None = None,
+        decay_steps: int | None = None,
         num_classes: int | None = None,
         lr_scales: list[float] | None = None,
         distributed: bool | str = "auto",
@@ -126,7 +136,8 @@ class AutoLR:
         from_initial = previous.groups_holding_its_rates() if previous is not None else None
         reference_lr = self._init_param_groups(lr_scales, lr_as_tensor, from_initial)
         self.scale = RateScale(gamma, controller, optimizer, self.device, reference_lr, num_classes=num_classes,
-                               total_steps=total_steps, warmup_steps=warmup_steps, warned=self._warned)
+                               total_steps=total_steps, warmup_steps=warmup_steps, envelope_shape=envelope,
+                               decay_steps=decay_steps, warned=self._warned)
         # an lr other than the recorded initial_lr, where the lr anchors the rate: a torch scheduler
         # or a checkpoint moved it (warned at the first step, unless load_state_dict replaces the
         # anchor before then)
@@ -754,13 +765,11 @@ class AutoLR:
             self.lr_scales = lr_scales + built_scales[len(lr_scales):]
         self._warned = set(warned)
         if saved_envelope is not None:
-            (saved_total, saved_warmup), (total, warmup) = saved_envelope, self.scale.built_envelope
+            saved, built = (envelope_args(*e) for e in (saved_envelope, self.scale.built_envelope))
             warnings.warn(
-                f"AutoLR.load_state_dict: the state was saved with total_steps={saved_total} (warm-up "
-                f"{saved_warmup}); this AutoLR was built with total_steps={total} (warm-up {warmup}) and keeps "
-                f"them, so from step {step_count} the envelope follows the new length (a resumed run extended or "
-                f"shortened). To resume the saved envelope unchanged, build AutoLR with total_steps={saved_total}, "
-                f"warmup_steps={saved_warmup}",
+                f"AutoLR.load_state_dict: the state was saved with {saved}; this AutoLR was built with {built} "
+                f"and keeps that envelope from step {step_count} on (a resumed run extended or shortened follows "
+                f"its new length). To resume the saved envelope unchanged, build AutoLR with {saved}",
                 RuntimeWarning, stacklevel=optim_support.user_stacklevel())
         common = min(len(lr_scales), len(built_scales))
         if self._explicit_lr_scales and lr_scales[:common] != built_scales[:common]:
@@ -789,8 +798,8 @@ class AutoLR:
 
     def __repr__(self) -> str:
         scale = self.scale
-        envelope = (f", total_steps={scale.total_steps}, warmup_steps={scale.warmup_steps}" if scale.has_envelope
-                    else "")
+        envelope = (f", {envelope_args(scale.total_steps, scale.warmup_steps, scale.shape, scale.decay_steps)}"
+                    if scale.has_envelope else "")
         return (
             f"AutoLR(controller={type(self.controller).__name__}, scale={scale.mode}{envelope}, "
             f"steps={self.step_count}, device={self.device}{', closed' if self._closed else ''})"

@@ -5,6 +5,7 @@ import math
 
 import pytest
 import torch
+from envelope_reference import written_out_envelope
 from torch import nn
 
 from autolr_fast import ActionController, AutoLR
@@ -236,23 +237,25 @@ def _relative(action: int, **kw):
                             default_gamma=None, **kw)
 
 
+@pytest.mark.parametrize("envelope, shape", [(None, "cosine"), ("wsd", "wsd")])
 @pytest.mark.parametrize("make_opt", [lambda p: torch.optim.SGD(p, lr=0.05, momentum=0.9),
                                       lambda p: torch.optim.AdamW(p, lr=3e-4)])
-def test_relative_rate_is_lr_times_envelope_times_level(make_opt):
-    from autolr_fast.rate_scale import envelope
-
+def test_relative_rate_is_lr_times_envelope_times_level(make_opt, envelope, shape):
+    """By default under the envelope its data were collected under (cosine), not AutoLR's wsd."""
     ctrl = _relative(2)
     torch.manual_seed(0)
     model = nn.Linear(3, 1)
     opt = make_opt(model.parameters())
     lr = opt.param_groups[0]["lr"]
-    sched = AutoLR(opt, ctrl, total_steps=40)  # no gamma: the optimizer's lr is the scale
+    sched = AutoLR(opt, ctrl, total_steps=40, envelope=envelope)  # no gamma: the optimizer's lr is the scale
+    assert sched.scale.shape == shape
     rates = []
     for _ in range(40):
         _steps(model, opt, sched, 1)
         rates.append(opt.param_groups[0]["lr"])
     for t, r in enumerate(rates):  # acts (x1.1) after steps 8, 16, 24, 32, 40
-        assert r == pytest.approx(lr * envelope(t, 40, 2) * 1.1 ** ((t + 1) // 8), rel=1e-5, abs=1e-12)
+        expected = lr * written_out_envelope(t, 40, 2, shape) * 1.1 ** ((t + 1) // 8)
+        assert r == pytest.approx(expected, rel=1e-5, abs=1e-12)
     assert float(ctrl.level) == pytest.approx(1.1 ** 5) and ctrl.actions_taken.tolist() == [0, 0, 5]
 
 

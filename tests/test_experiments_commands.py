@@ -36,11 +36,14 @@ def test_demo_quick(tmp_path):
     assert [len(r["epochs"]) for r in runs] == [3, 3]
     assert [r["name"] for r in runs] == [demo.AUTOLR_NAME, demo.COSINE_NAME]
     assert set(record["summary"]) == {demo.AUTOLR_NAME, demo.COSINE_NAME}
-    # the default scale: a warm-up over 5 % of the run to the optimizer's lr, then cosine to ~0
+    # the default scale: a warm-up over 5 % of the run to the optimizer's lr, the peak (times the
+    # controller's near-flat factor), then linear to 1 / (decay + 1) of it over the last 20 %
     rates = runs[0]["rates"]
-    warmup = round(0.05 * len(rates))
+    warmup, decay = round(0.05 * len(rates)), round(0.2 * len(rates))
     assert abs(rates[0] - demo.DEMO_LR / warmup) < 1e-6 and abs(rates[warmup - 1] - demo.DEMO_LR) < 1e-3 * demo.DEMO_LR
-    assert rates[-1] < 0.01 * demo.DEMO_LR
+    middle = rates[len(rates) // 2]
+    assert 0.9 * demo.DEMO_LR < middle < 1.1 * demo.DEMO_LR
+    assert rates[-1] == pytest.approx(middle / (decay + 1), rel=0.1)
     assert (tmp_path / "demo.png").is_file()
 
 

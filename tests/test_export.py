@@ -347,7 +347,8 @@ def test_exporting_an_autolr_with_an_envelope_warns_and_the_file_is_readable_by_
     sched = _autolr_after_three_steps(total_steps=20)
     old = os.umask(0o022)
     try:
-        with pytest.warns(RuntimeWarning, match=r"envelope \(total_steps=20, warmup_steps=1\) is not exported"):
+        with pytest.warns(RuntimeWarning, match=r"envelope \(total_steps=20, warmup_steps=1, envelope='wsd', "
+                                                     r"decay_steps=4\) is not exported"):
             path = ex.export(sched, tmp_path / "c.pt")
     finally:
         os.umask(old)

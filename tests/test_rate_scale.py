@@ -89,22 +89,28 @@ def test_anchor_is_set_by_the_first_finite_loss():
 
 @pytest.mark.filterwarnings("ignore:AutoLR.step was called twice")
 @pytest.mark.parametrize("as_tensor", [False, True])  # a tensor lr takes the steady path where it may
+@pytest.mark.parametrize("shape, decay", [(None, None), ("wsd", 5), ("cosine", None)])
 @pytest.mark.parametrize("total, warmup, used", [(20, 0, 0), (40, None, 2), (40, 7, 7), (None, 6, 6), (None, None, 0)])
-def test_envelope_over_total_steps(total, warmup, used, as_tensor):
-    """Warm-up (5 % of the run by default), then cosine to 0; the controller's rate times it."""
+def test_envelope_over_total_steps(total, warmup, used, as_tensor, shape, decay):
+    """Warm-up (5 % of the run by default), then (default) the peak held and a linear decay to 0
+    over the last 20 %, or cosine to 0; the controller's rate times it."""
+    if decay is not None and total is None:
+        pytest.skip("decay_steps needs total_steps (tested below)")
     model, other = nn.Linear(4, 2), nn.Linear(4, 2)
     opt = torch.optim.SGD(model.parameters(), lr=0.1)
     ctrl = MLRSNet(hidden_size=8)
     free = AutoLR(torch.optim.SGD(other.parameters(), lr=0.1), copy.deepcopy(ctrl), lr_as_tensor=as_tensor)
-    sched = AutoLR(opt, ctrl, total_steps=total, warmup_steps=warmup, lr_as_tensor=as_tensor)
+    sched = AutoLR(opt, ctrl, total_steps=total, warmup_steps=warmup, envelope=shape, decay_steps=decay,
+                   lr_as_tensor=as_tensor)
     assert sched.scale.warmup_steps == used
+    shape = shape or "wsd"
     model(torch.randn(3, 4)).sum().backward()
     other(torch.randn(3, 4)).sum().backward()
     for t in range(44):
         loss = torch.tensor(2.0 / (1 + t))
         free.step(loss)
         sched.step(loss)
-        expected = float(free.last_rate) * written_out_envelope(t, total, used)
+        expected = float(free.last_rate) * written_out_envelope(t, total, used, shape, decay)
         assert float(sched.last_rate) == pytest.approx(expected, rel=1e-5, abs=1e-9), t
         assert float(opt.param_groups[0]["lr"]) == pytest.approx(expected, rel=1e-5, abs=1e-9), t
     if total is not None:
@@ -123,6 +129,46 @@ def test_bad_warmup_steps_raise_before_anything_changes(warmup, total, match):
     assert opt.param_groups[0]["lr"] == 0.1 and not isinstance(opt.param_groups[0]["lr"], torch.Tensor)
 
 
+@pytest.mark.parametrize("kwargs, match", [
+    (dict(envelope="linear"), "envelope must be one of"),
+    (dict(envelope=1), "envelope must be one of"),
+    (dict(decay_steps=0), "from 1 to"),
+    (dict(decay_steps=19), r"from 1 to total_steps - warmup_steps \(18\)"),
+    (dict(decay_steps=2.5), "whole number"),
+    (dict(envelope="cosine", decay_steps=4), "pass envelope='wsd' with decay_steps, or leave decay_steps unset"),
+    (dict(envelope=""), "envelope must be one of"),
+    (dict(envelope=False), "envelope must be one of"),
+    (dict(total_steps=None, decay_steps=4), "needs total_steps"),
+])
+def test_bad_envelope_arguments_raise_before_anything_changes(kwargs, match):
+    opt = torch.optim.SGD(nn.Linear(4, 2).parameters(), lr=0.1)
+    kwargs = {"total_steps": 20, "warmup_steps": 2, **kwargs}
+    with pytest.raises(ValueError, match=match):
+        AutoLR(opt, MLRSNet(hidden_size=8), **kwargs)
+    assert opt.param_groups[0]["lr"] == 0.1 and not isinstance(opt.param_groups[0]["lr"], torch.Tensor)
+
+
+def test_the_default_decay_never_reaches_into_the_warmup():
+    """On a very short run 20 % of the steps would overlap the warm-up: the decay starts after it."""
+    opt = torch.optim.SGD(nn.Linear(4, 2).parameters(), lr=0.1)
+    sched = AutoLR(opt, MLRSNet(hidden_size=8), total_steps=10, warmup_steps=9)
+    assert (sched.scale.shape, sched.scale.decay_steps) == ("wsd", 1)
+    assert [sched.scale.factor(t) for t in (8, 9, 10)] == [1.0, 0.5, 0.0]
+
+
+@pytest.mark.parametrize("total, decay", [(2, 1), (3, 2), (5, None), (8, None), (20, 19)])
+def test_every_decay_step_falls_below_the_peak(total, decay):
+    """The last decay_steps steps all fall, linearly, to 1 / (D + 1) at the last step; even a run of
+    a few steps decays (20 % of it rounds to at least 1 step)."""
+    opt = torch.optim.SGD(nn.Linear(4, 2).parameters(), lr=0.1)
+    sched = AutoLR(opt, MLRSNet(hidden_size=8), total_steps=total, warmup_steps=0, decay_steps=decay)
+    d = sched.scale.decay_steps
+    factors = [sched.scale.factor(t) for t in range(total)]
+    assert factors[: total - d] == [1.0] * (total - d)
+    assert factors[total - d:] == pytest.approx([(total - t) / (d + 1) for t in range(total - d, total)])
+    assert factors[-1] == pytest.approx(1 / (d + 1)) and sched.scale.factor(total) == 0.0
+
+
 @pytest.mark.filterwarnings("ignore:AutoLR.step was called twice")
 def test_state_without_warmup_loads_as_zero_and_bad_warmup_is_refused():
     model = nn.Linear(4, 2)
@@ -135,7 +181,8 @@ def test_state_without_warmup_loads_as_zero_and_bad_warmup_is_refused():
     twin = AutoLR(torch.optim.SGD(other.parameters(), lr=0.1), copy.deepcopy(ctrl), total_steps=30)
     before = copy.deepcopy(twin.state_dict())
     for key, value in (("warmup_steps", -3), ("warmup_steps", 30), ("warmup_steps", 2.0), ("warmup_steps", None),
-                       ("total_steps", 0)):
+                       ("total_steps", 0), ("envelope", "linear"), ("envelope", None), ("decay_steps", None),
+                       ("decay_steps", 0), ("decay_steps", 31)):
         bad = copy.deepcopy(state)
         bad["scale"][key] = value
         with pytest.raises(ValueError, match="state_dict's rate scale has a bad"):
@@ -148,11 +195,42 @@ def test_state_without_warmup_loads_as_zero_and_bad_warmup_is_refused():
     twin.load_state_dict(state)
     assert twin.scale.warmup_steps == 0
     other(torch.randn(3, 4)).sum().backward()
-    for t in range(1, 30):  # and goes on along the plain cosine, as the run it came from
+    for t in range(1, 30):  # and goes on along the envelope without a warm-up, as the run it came from
         loss = torch.tensor(1.0 / t)
         sched.step(loss)
         twin.step(loss)
         assert torch.equal(sched.last_rate, twin.last_rate), t
+
+
+@pytest.mark.filterwarnings("ignore:AutoLR.step was called twice")
+def test_a_state_saved_before_the_envelope_had_a_shape_resumes_its_cosine():
+    """A checkpoint without 'envelope' and 'decay_steps' ran the cosine envelope: a resume with the
+    defaults goes on along it; one built with an explicit envelope keeps that one, and says so."""
+    model = nn.Linear(4, 2)
+    ctrl = MLRSNet(hidden_size=8)
+    sched = AutoLR(torch.optim.SGD(model.parameters(), lr=0.1), copy.deepcopy(ctrl), total_steps=30,
+                   envelope="cosine")
+    model(torch.randn(3, 4)).sum().backward()
+    sched.step(torch.tensor(1.0))
+    state = copy.deepcopy(sched.state_dict())
+    assert (state["scale"]["envelope"], state["scale"]["decay_steps"]) == ("cosine", None)
+    del state["scale"]["envelope"], state["scale"]["decay_steps"]
+    other = nn.Linear(4, 2)
+    twin = AutoLR(torch.optim.SGD(other.parameters(), lr=0.1), copy.deepcopy(ctrl), total_steps=30)
+    twin.load_state_dict(state)
+    assert (twin.scale.shape, twin.scale.decay_steps) == ("cosine", None)
+    other(torch.randn(3, 4)).sum().backward()
+    for t in range(1, 30):
+        loss = torch.tensor(1.0 / t)
+        sched.step(loss)
+        twin.step(loss)
+        assert torch.equal(sched.last_rate, twin.last_rate), t
+    explicit = AutoLR(torch.optim.SGD(nn.Linear(4, 2).parameters(), lr=0.1), copy.deepcopy(ctrl), total_steps=30,
+                      envelope="wsd", decay_steps=6)
+    with pytest.warns(RuntimeWarning, match="saved with total_steps=30, warmup_steps=2, envelope='cosine'; this "
+                                            "AutoLR was built with .*envelope='wsd', decay_steps=6 and keeps"):
+        explicit.load_state_dict(state)
+    assert (explicit.scale.shape, explicit.scale.decay_steps) == ("wsd", 6)
 
 
 def test_a_cap_controller_gets_no_warmup():
@@ -389,3 +467,45 @@ def test_a_saved_gamma_replacing_an_explicit_other_gamma_is_said():
     saved.close()
     with pytest.warns(RuntimeWarning, match=r"state's scale is 'fixed' \(peak 0.1\); it replaces .*gamma=0.05"):
         AutoLR(opt, MLRSNet(hidden_size=8), gamma=0.05).load_state_dict(state)
+
+
+def test_a_controllers_trained_envelope_is_the_default_and_decay_steps_means_wsd():
+    class Cosine(MLRSNet):
+        trained_envelope = "cosine"
+
+    class Broken(MLRSNet):
+        trained_envelope = "linear"
+
+    def build(ctrl, **kwargs):
+        return AutoLR(torch.optim.SGD(nn.Linear(4, 2).parameters(), lr=0.1), ctrl, total_steps=20, **kwargs)
+
+    assert build(MLRSNet(hidden_size=8)).scale.shape == "wsd"
+    assert build(Cosine(hidden_size=8)).scale.shape == "cosine"
+    assert build(Cosine(hidden_size=8), envelope="wsd").scale.shape == "wsd"
+    assert (build(Cosine(hidden_size=8), decay_steps=5).scale.shape, build(Cosine(hidden_size=8), decay_steps=5)
+            .scale.decay_steps) == ("wsd", 5)  # only the wsd envelope has a decay length
+    with pytest.raises(ValueError, match="Broken.trained_envelope is 'linear'.*pass envelope= to AutoLR"):
+        build(Broken(hidden_size=8))
+
+
+@pytest.mark.filterwarnings("ignore:AutoLR.step was called twice")
+@pytest.mark.parametrize("kwargs, kept", [
+    ({}, (10, "saved")), ({"envelope": "wsd"}, (10, "saved")), ({"decay_steps": 10}, (10, "saved")),
+    ({"decay_steps": 30}, (30, "built")), ({"envelope": "cosine"}, (None, "built"))])
+def test_a_resume_keeps_the_saved_decay_unless_another_is_asked_for(kwargs, kept):
+    model = nn.Linear(4, 2)
+    sched = AutoLR(torch.optim.SGD(model.parameters(), lr=0.1), MLRSNet(hidden_size=8), total_steps=100,
+                   decay_steps=10)
+    model(torch.randn(3, 4)).sum().backward()
+    sched.step(torch.tensor(1.0))
+    state = copy.deepcopy(sched.state_dict())
+    resumed = AutoLR(torch.optim.SGD(nn.Linear(4, 2).parameters(), lr=0.1), MLRSNet(hidden_size=8),
+                     total_steps=100, **kwargs)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        resumed.load_state_dict(state)
+    told = [str(w.message) for w in caught if "AutoLR.load_state_dict" in str(w.message)]
+    assert resumed.scale.decay_steps == kept[0]
+    assert len(told) == (kept[1] == "built")
+    if told:
+        assert "keeps that envelope from step 1 on" in told[0]

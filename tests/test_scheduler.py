@@ -560,7 +560,7 @@ def test_a_second_autolr_on_the_same_optimizer_takes_over(lr_as_tensor, user_set
     model = nn.Linear(8, 3)
     opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
     x, y = make_problem()
-    first = AutoLR(opt, MLRSNet(hidden_size=16), total_steps=12, lr_as_tensor=lr_as_tensor)
+    first = AutoLR(opt, MLRSNet(hidden_size=16), total_steps=12, envelope="cosine", lr_as_tensor=lr_as_tensor)
     train_steps(model, opt, first, x, y, steps=10)  # near the end of its cosine
     assert float(opt.param_groups[0]["lr"]) < 0.03
     if user_sets_lr:
@@ -715,7 +715,7 @@ def test_a_run_continued_at_a_later_step_waits_for_a_finite_loss():
     torch.manual_seed(0)
     model = nn.Linear(8, 3)
     opt = torch.optim.SGD(model.parameters(), lr=0.1)
-    sched = AutoLR(opt, MLRSNet(hidden_size=8), total_steps=40)
+    sched = AutoLR(opt, MLRSNet(hidden_size=8), total_steps=40, envelope="cosine")
     sched._start_at_step(10)
     x, y = make_problem()
     model(x).sum().backward()
@@ -735,7 +735,7 @@ def test_a_continued_run_saved_before_its_first_finite_loss_resumes_the_same_wai
 
     def build():
         opt = torch.optim.SGD(model.parameters(), lr=0.1)
-        return opt, AutoLR(opt, MLRSNet(hidden_size=8), total_steps=40)
+        return opt, AutoLR(opt, MLRSNet(hidden_size=8), total_steps=40, envelope="cosine")
 
     opt, sched = build()
     sched._start_at_step(10)
@@ -1173,7 +1173,8 @@ def test_a_resume_keeps_the_envelope_it_was_built_with(built_with):
     train_steps(model, opt, resumed, x, y, steps=3)
     assert len(told) == 1
     if built_with == 20:
-        assert "saved with total_steps=10" in told[0] and "built with total_steps=20 (warm-up 1)" in told[0]
+        assert "saved with total_steps=10, warmup_steps=0, envelope='wsd', decay_steps=2;" in told[0]
+        assert "built with total_steps=20, warmup_steps=1, envelope='wsd', decay_steps=4 and keeps" in told[0]
         assert resumed.scale.total_steps == 20 and float(opt.param_groups[0]["lr"]) > 0.01
         assert resumed.state_dict()["scale"]["total_steps"] == 20
     else:  # the saved envelope, which has ended: said so
@@ -1194,7 +1195,7 @@ def test_an_explicit_warmup_at_the_same_length_is_kept_and_the_default_resumes_t
             warnings.simplefilter("always")
             resumed.load_state_dict(saved)
         assert resumed.scale.warmup_steps == kept
-        told = [w for w in caught if "saved with total_steps=40 (warm-up 0)" in str(w.message)]
+        told = [w for w in caught if "saved with total_steps=40, warmup_steps=0," in str(w.message)]
         assert len(told) == (1 if warmup else 0)
 
 

@@ -28,7 +28,7 @@ task) leaves the features unchanged; the log makes "halved" and "doubled" symmet
 clamped to ``[-CLAMP, CLAMP]`` and a loss of 0 is treated as ``1e-12 * m_0``.
 A *relative* controller (``ActionController(..., relative=True)``) keeps a level ``l`` (the
 product of its actions, 1 at the start) and sets the rate to ``gamma * l``, where ``gamma`` is the
-scale AutoLR passes: the optimizer's ``lr`` times the envelope (warm-up, then cosine) when
+scale AutoLR passes: the optimizer's ``lr`` times the envelope (warm-up, the peak, a final decay) when
 ``total_steps`` is given. Its features have a fourth channel, ``log(l)`` at every position: how
 far it has already moved the rate from the user's.
 
@@ -184,6 +184,10 @@ class ActionController(nn.Module):
             kept in ``[min_level, max_level]``. The model reads a fourth feature channel,
             ``log(level)``. ``start_rate`` must then be ``None`` and ``default_gamma`` unset or ``None``.
     """
+
+    # the envelope its decisions were learned under (collect --envelope runs the cosine one): the
+    # level corrects that schedule, so AutoLR keeps it unless told otherwise
+    trained_envelope = "cosine"
 
     def __init__(
         self,

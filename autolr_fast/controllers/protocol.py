@@ -20,6 +20,8 @@ class Controller(Protocol):
       device) and update the 0-dim ``rate`` in place, without host syncs; a non-finite loss
       must leave ``rate`` and the state unchanged.
     * ``reset()``: forget the run (a new training run starts).
+    * optionally ``trained_envelope``: the envelope shape (``"wsd"``, ``"cosine"``) the controller
+      learned its response under; ``AutoLR`` uses it when not given ``envelope=``.
     """
 
     default_gamma: float | None

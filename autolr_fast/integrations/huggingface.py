@@ -149,8 +149,10 @@ def _warn_about_unused_arguments(args: Any) -> None:
         warnings.warn(
             f"AutoLRTrainer: AutoLR sets the learning rate, so {', '.join(unused)} "
             f"{'has' if len(unused) == 1 else 'have'} no effect. For a warm-up and a decay to 0 over the run, "
-            "build AutoLR with total_steps (autolr=lambda opt: AutoLR(opt, total_steps=N)): it warms up over "
-            "5 % of the run, or over W steps with AutoLR(opt, total_steps=N, warmup_steps=W)",
+            "build AutoLR with total_steps (autolr=lambda opt: AutoLR(opt, total_steps=N)): with its default "
+            "controller it warms up over 5 % of the run (warmup_steps=W: over W steps), holds the peak and "
+            "decays linearly to 0 over the last 20 % (decay_steps=D: the last D steps; envelope='cosine': a "
+            "cosine after the warm-up)",
             UserWarning, stacklevel=3)
     if getattr(args, "save_only_model", False):
         warnings.warn(

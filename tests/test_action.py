@@ -292,6 +292,10 @@ def test_relative_round_trips_and_scripts(tmp_path):
         ctrl.scheduler_step_(torch.tensor(v), torch.tensor(0.3), r1)
         scripted.scheduler_step_(torch.tensor(v), torch.tensor(0.3), r2)
     assert torch.equal(r1, r2) and torch.equal(ctrl.level, scripted.level)
+    # the scripted copy keeps the envelope it was trained under
+    assert scripted.trained_envelope == "cosine"
+    opt = torch.optim.SGD(nn.Linear(3, 1).parameters(), lr=0.1)
+    assert AutoLR(opt, scripted, total_steps=50).scale.shape == "cosine"
     # a state saved before the level buffer existed still loads (level 1), directly and through AutoLR
     old = {k: v for k, v in ActionController(_fixed(1), window=4, block=2).state_dict().items() if k != "level"}
     fresh = ActionController(_fixed(1), window=4, block=2)

@@ -186,7 +186,9 @@ class ActionController(nn.Module):
     """
 
     # the envelope its decisions were learned under (collect --envelope runs the cosine one): the
-    # level corrects that schedule, so AutoLR keeps it unless told otherwise
+    # level corrects that schedule, so AutoLR keeps it unless told otherwise; a constant, so that a
+    # TorchScript copy keeps it too
+    __constants__ = ["trained_envelope"]
     trained_envelope = "cosine"
 
     def __init__(

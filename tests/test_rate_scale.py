@@ -68,6 +68,32 @@ def test_default_scale_starts_at_lr_and_never_diverges(opt_kind, task):
     assert sum(losses[-10:]) / 10 < 0.5 * sum(losses[:10]) / 10, "the short run must learn"
 
 
+@pytest.mark.parametrize("task", ["classification", "regression"])
+@pytest.mark.parametrize("opt_kind", sorted(OPTIMIZERS))
+def test_the_default_envelope_never_diverges(opt_kind, task):
+    """AutoLR(opt, total_steps=T), everything else at its default (warm-up, the lr held, the final
+    decay): a short real run lowers the loss on every optimizer and loss kind."""
+    x, y, loss_fn, out = _problem(task)
+    model = _model(out, x.shape[1])
+    opt = OPTIMIZERS[opt_kind](model.parameters())
+    lr = opt.param_groups[0]["lr"]
+    sched = AutoLR(opt, total_steps=150)
+    losses, rates = [], []
+    for i in range(150):
+        xb, yb = x[(i * 32) % 256:(i * 32) % 256 + 32], y[(i * 32) % 256:(i * 32) % 256 + 32]
+        opt.zero_grad()
+        loss = loss_fn(model(xb), yb)
+        loss.backward()
+        sched.step(loss)
+        opt.step()
+        losses.append(float(loss.detach()))
+        rates.append(float(sched.last_rate))
+    assert sched.scale.shape == "wsd" and (sched.scale.warmup_steps, sched.scale.decay_steps) == (8, 30)
+    assert all(math.isfinite(v) for v in losses)
+    assert max(rates) <= 3.0 * lr and rates[60] >= 0.1 * lr and rates[-1] < 0.05 * lr
+    assert sum(losses[-10:]) / 10 < 0.5 * sum(losses[:10]) / 10, "the short run must learn"
+
+
 @pytest.mark.filterwarnings("ignore:AutoLR.step was called twice")
 def test_anchor_is_set_by_the_first_finite_loss():
     model = nn.Linear(4, 2)

@@ -21,9 +21,9 @@ is, and a rate that does not decay ends training at a higher loss). The default,
 of ``T``), the peak held, then a linear decay to 0 over the last ``decay_steps`` ``D`` (default 20 %
 of ``T``, the cooldown of Hagele et al. 2024). ``envelope="cosine"``: the warm-up, then a cosine
 from 1 to 0 over the other ``T - W`` steps. In the comparison (docs/compare.md) the warm-up made
-cosine at the user's rate better where that rate was at the edge of stability, and the stable
-phase made the envelope at the user's rate better than cosine on 32 of 37 tasks, by the most
-where that rate was below the best one. ``warmup_steps`` alone (without ``T``) warms up, then
+cosine at the user's rate better where that rate was at the edge of stability, and this envelope
+alone (``wsd``) at the user's rate was at least as good as cosine at it on 32 of 37 tasks, ahead by
+the most where that rate was below the best one. ``warmup_steps`` alone (without ``T``) warms up, then
 holds the peak. The envelope scales a rate: it applies to MLR-SNet and to relative action
 controllers, not to a controller for which ``gamma`` is only a cap (no warm-up there by default;
 one asked for is refused). Everything is computed on the device; the

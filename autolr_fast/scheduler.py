@@ -72,9 +72,9 @@ class AutoLR:
             (MLR-SNet, relative action controllers).
         envelope: the shape after the warm-up, with ``total_steps``. ``"wsd"`` (the default,
             ``None``, unless the controller has a ``trained_envelope``: the action controller's is
-            ``"cosine"``): warm-up, stable, decay: the peak until the last ``decay_steps``, then
-            linearly to 0. ``"cosine"``: a cosine from 1 to 0 over every step after the warm-up (as
-            ``CosineAnnealingLR``).
+            ``"cosine"``; an explicit ``decay_steps`` selects ``"wsd"`` too): warm-up, stable,
+            decay: the peak until the last ``decay_steps``, then linearly to 0. ``"cosine"``: a
+            cosine from 1 to 0 over every step after the warm-up (as ``CosineAnnealingLR``).
         decay_steps: the length of the ``"wsd"`` envelope's final decay. Default (``None``): 20 %
             of ``total_steps``.
         num_classes: ``C`` for ``gamma="auto"``.

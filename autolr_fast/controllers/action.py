@@ -28,8 +28,9 @@ task) leaves the features unchanged; the log makes "halved" and "doubled" symmet
 clamped to ``[-CLAMP, CLAMP]`` and a loss of 0 is treated as ``1e-12 * m_0``.
 A *relative* controller (``ActionController(..., relative=True)``) keeps a level ``l`` (the
 product of its actions, 1 at the start) and sets the rate to ``gamma * l``, where ``gamma`` is the
-scale AutoLR passes: the optimizer's ``lr`` times the envelope (warm-up, the peak, a final decay) when
-``total_steps`` is given. Its features have a fourth channel, ``log(l)`` at every position: how
+scale AutoLR passes: the optimizer's ``lr`` times, when ``total_steps`` is given, the envelope its
+labels were made under (its ``trained_envelope``: a warm-up, then cosine; not AutoLR's
+warm-up-stable-decay default). Its features have a fourth channel, ``log(l)`` at every position: how
 far it has already moved the rate from the user's.
 
 Optional validation history (offline models only: AutoLR sees training losses only): the last

@@ -21,7 +21,8 @@ class Controller(Protocol):
       must leave ``rate`` and the state unchanged.
     * ``reset()``: forget the run (a new training run starts).
     * optionally ``trained_envelope``: the envelope shape (``"wsd"``, ``"cosine"``) the controller
-      learned its response under; ``AutoLR`` uses it when not given ``envelope=``.
+      learned its response under; ``AutoLR`` uses it when given neither ``envelope=`` nor
+      ``decay_steps=`` (which selects ``"wsd"``).
     """
 
     default_gamma: float | None

@@ -256,6 +256,18 @@ def wsd(spec: RunSpec) -> Schedule:
     return envelope_schedule(make_optimizer(spec.model, spec.task.optim, spec.lr), spec.total_steps, "wsd")
 
 
+@register_method("wsd-decay10", "hand", None, "ablation of `wsd`: the decay over the last 10% of the steps",
+                 task_lr=True)
+def wsd_decay10(spec: RunSpec) -> Schedule:
+    return envelope_schedule(make_optimizer(spec.model, spec.task.optim, spec.lr), spec.total_steps, "wsd", 0.1)
+
+
+@register_method("wsd-decay40", "hand", None, "ablation of `wsd`: the decay over the last 40% of the steps",
+                 task_lr=True)
+def wsd_decay40(spec: RunSpec) -> Schedule:
+    return envelope_schedule(make_optimizer(spec.model, spec.task.optim, spec.lr), spec.total_steps, "wsd", 0.4)
+
+
 class SpikeGuard:
     """Halves a factor on the rate when the training loss says the rate is too high.
 

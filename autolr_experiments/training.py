@@ -143,12 +143,14 @@ def torch_schedule(optimizer: torch.optim.Optimizer, scheduler: Any, per: str = 
     return Schedule(optimizer, after_epoch=scheduler.step)
 
 
-def envelope_schedule(optimizer: torch.optim.Optimizer, total_steps: int, shape: str = "cosine") -> Schedule:
+def envelope_schedule(optimizer: torch.optim.Optimizer, total_steps: int, shape: str = "cosine",
+                      decay_fraction: float | None = None) -> Schedule:
     """One of AutoLR's envelopes alone over ``total_steps`` (a 5 % linear warm-up, then ``"cosine"``
-    to 0, or ``"wsd"``: the peak held, then linear to 0 over the last 20 %; AutoLR's default),
-    stepped after every optimizer step."""
+    to 0, or ``"wsd"``: the peak held, then linear to 0 over the last 20 %, or ``decay_fraction``
+    of the steps; AutoLR's default), stepped after every optimizer step."""
     warmup = resolve_warmup(None, total_steps)
-    decay = resolve_decay(None, total_steps, warmup, shape)
+    decay = resolve_decay(None if decay_fraction is None else max(1, round(decay_fraction * total_steps)),
+                          total_steps, warmup, shape)
     return torch_schedule(optimizer, torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda t: envelope(t, total_steps, warmup, shape, decay)))
 

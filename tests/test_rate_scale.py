@@ -41,16 +41,14 @@ def _model(outputs: int, inputs: int) -> nn.Module:
     return nn.Sequential(nn.Linear(inputs, 32), nn.Tanh(), nn.Linear(32, outputs))
 
 
-@pytest.mark.parametrize("task", ["classification", "regression"])
-@pytest.mark.parametrize("opt_kind", sorted(OPTIMIZERS))
-def test_default_scale_starts_at_lr_and_never_diverges(opt_kind, task):
-    """AutoLR(opt) with no gamma: the first rate is the optimizer's lr, the rate stays near it, and
-    a short real run lowers the loss on every optimizer and loss kind."""
+def _short_run(opt_kind: str, task: str, **autolr_kwargs) -> tuple[AutoLR, float, list[float], list[float]]:
+    """150 steps of ``_problem(task)`` with ``AutoLR(opt, **autolr_kwargs)``: the scheduler, the
+    optimizer's lr, and every step's loss and rate."""
     x, y, loss_fn, out = _problem(task)
     model = _model(out, x.shape[1])
     opt = OPTIMIZERS[opt_kind](model.parameters())
     lr = opt.param_groups[0]["lr"]
-    sched = AutoLR(opt)  # everything at its default: the shipped "default" controller, the lr anchor
+    sched = AutoLR(opt, **autolr_kwargs)
     losses, rates = [], []
     for i in range(150):
         xb, yb = x[(i * 32) % 256:(i * 32) % 256 + 32], y[(i * 32) % 256:(i * 32) % 256 + 32]
@@ -61,6 +59,16 @@ def test_default_scale_starts_at_lr_and_never_diverges(opt_kind, task):
         opt.step()
         losses.append(float(loss.detach()))
         rates.append(float(sched.last_rate))
+    return sched, lr, losses, rates
+
+
+@pytest.mark.parametrize("task", ["classification", "regression"])
+@pytest.mark.parametrize("opt_kind", sorted(OPTIMIZERS))
+def test_default_scale_starts_at_lr_and_never_diverges(opt_kind, task):
+    """AutoLR(opt) with no gamma: the first rate is the optimizer's lr, the rate stays near it, and
+    a short real run lowers the loss on every optimizer and loss kind."""
+    # everything at its default: the shipped "default" controller, the lr anchor
+    sched, lr, losses, rates = _short_run(opt_kind, task)
     assert sched.gamma_mode == "lr" and sched.controller.info.get("name") == "default"
     assert rates[0] == pytest.approx(lr, rel=1e-4)
     assert all(math.isfinite(v) for v in losses)
@@ -73,21 +81,7 @@ def test_default_scale_starts_at_lr_and_never_diverges(opt_kind, task):
 def test_the_default_envelope_never_diverges(opt_kind, task):
     """AutoLR(opt, total_steps=T), everything else at its default (warm-up, the lr held, the final
     decay): a short real run lowers the loss on every optimizer and loss kind."""
-    x, y, loss_fn, out = _problem(task)
-    model = _model(out, x.shape[1])
-    opt = OPTIMIZERS[opt_kind](model.parameters())
-    lr = opt.param_groups[0]["lr"]
-    sched = AutoLR(opt, total_steps=150)
-    losses, rates = [], []
-    for i in range(150):
-        xb, yb = x[(i * 32) % 256:(i * 32) % 256 + 32], y[(i * 32) % 256:(i * 32) % 256 + 32]
-        opt.zero_grad()
-        loss = loss_fn(model(xb), yb)
-        loss.backward()
-        sched.step(loss)
-        opt.step()
-        losses.append(float(loss.detach()))
-        rates.append(float(sched.last_rate))
+    sched, lr, losses, rates = _short_run(opt_kind, task, total_steps=150)
     assert sched.scale.shape == "wsd" and (sched.scale.warmup_steps, sched.scale.decay_steps) == (8, 30)
     assert all(math.isfinite(v) for v in losses)
     assert max(rates) <= 3.0 * lr and rates[60] >= 0.1 * lr and rates[-1] < 0.05 * lr

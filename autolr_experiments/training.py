@@ -30,7 +30,7 @@ import torch
 from torch import Tensor, nn
 
 from autolr_fast import AutoLR
-from autolr_fast.rate_scale import envelope, resolve_decay, resolve_warmup
+from autolr_fast.rate_scale import DEFAULT_DECAY_FRACTION, envelope, resolve_decay, resolve_warmup
 
 from .tasks import OptimSpec, Task
 
@@ -149,8 +149,8 @@ def envelope_schedule(optimizer: torch.optim.Optimizer, total_steps: int, shape:
     to 0, or ``"wsd"``: the peak held, then linear to 0 over the last 20 %, or ``decay_fraction``
     of the steps; AutoLR's default), stepped after every optimizer step."""
     warmup = resolve_warmup(None, total_steps)
-    decay = resolve_decay(None if decay_fraction is None else max(1, round(decay_fraction * total_steps)),
-                          total_steps, warmup, shape)
+    decay = resolve_decay(None, total_steps, warmup, shape,
+                          DEFAULT_DECAY_FRACTION if decay_fraction is None else decay_fraction)
     return torch_schedule(optimizer, torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda t: envelope(t, total_steps, warmup, shape, decay)))
 

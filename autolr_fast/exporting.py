@@ -40,7 +40,6 @@ from .controllers.files import read_file
 from .controllers.mlrsnet import MLRSNet
 from .controllers.pretrained import _from_blob, load_pretrained
 from .ops import reference
-from .rate_scale import envelope_args
 from .scheduler import AutoLR
 
 __all__ = [
@@ -251,12 +250,10 @@ def _resolve(obj, gamma: float | None) -> tuple[MLRSNet, float, Tensor, Tensor, 
                 "usable anchor); run at least one step first, or export the controller with an explicit gamma="
             )
         if obj.scale.varies_at(obj.step_count):  # a finished warm-up without total_steps loses nothing
-            scale = obj.scale
-            built = envelope_args(scale.total_steps, scale.warmup_steps, scale.shape, scale.decay_steps)
             warnings.warn(
-                f"export: this AutoLR's envelope ({built}) is not exported: the runtime sets rates at the peak "
-                f"scale {g:.4g}, without a warm-up or decay; at step {obj.step_count} the run's factor is "
-                f"{scale.factor(obj.step_count):.4g}. Multiply the "
+                f"export: this AutoLR's envelope ({obj.scale.describe_envelope()}) is not exported: the runtime "
+                f"sets rates at the peak scale {g:.4g}, without a warm-up or decay; at step {obj.step_count} the "
+                f"run's factor is {obj.scale.factor(obj.step_count):.4g}. Multiply the "
                 "runtime's rate by the envelope in your trainer", RuntimeWarning, stacklevel=3)
         if any(scale != 1.0 for scale in obj.lr_scales):
             scales = [float(f"{scale:.6g}") for scale in obj.lr_scales]

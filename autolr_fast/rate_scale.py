@@ -120,10 +120,12 @@ def resolve_shape(shape: str | None) -> str:
     return shape
 
 
-def resolve_decay(decay_steps: int | None, total_steps: int | None, warmup_steps: int, shape: str) -> int | None:
-    """The length of the final decay of a ``"wsd"`` envelope: ``decay_steps``, or by default 20 % of
-    ``total_steps`` (at least 1, and never into the warm-up). ``None`` for a cosine envelope or
-    without ``total_steps``. Raises ``ValueError`` for a value that does not fit the run."""
+def resolve_decay(decay_steps: int | None, total_steps: int | None, warmup_steps: int, shape: str,
+                  fraction: float = DEFAULT_DECAY_FRACTION) -> int | None:
+    """The length of the final decay of a ``"wsd"`` envelope: ``decay_steps``, or by default
+    ``fraction`` (20 %) of ``total_steps`` (at least 1, and never into the warm-up). ``None`` for a
+    cosine envelope or without ``total_steps``. Raises ``ValueError`` for a value that does not fit
+    the run."""
     if decay_steps is not None:
         if shape != "wsd":
             raise ValueError(f"decay_steps={decay_steps!r} sets the final decay of envelope='wsd'; the cosine "
@@ -137,7 +139,7 @@ def resolve_decay(decay_steps: int | None, total_steps: int | None, warmup_steps
         return int(decay_steps)
     if shape != "wsd" or total_steps is None:
         return None
-    return max(1, min(round(DEFAULT_DECAY_FRACTION * total_steps), total_steps - warmup_steps))
+    return max(1, min(round(fraction * total_steps), total_steps - warmup_steps))
 
 
 class RateScale:
@@ -306,6 +308,10 @@ class RateScale:
     def factor(self, step: int) -> float:
         """The envelope's factor at ``step`` (0-based)."""
         return envelope(step, self.total_steps, self.warmup_steps, self.shape, self.decay_steps)
+
+    def describe_envelope(self) -> str:
+        """The ``AutoLR`` arguments of the envelope in use, as text for messages."""
+        return envelope_args(self.total_steps, self.warmup_steps, self.shape, self.decay_steps)
 
     def _anchor(self, loss: Tensor, controller: MLRSNet, unset: Tensor) -> Tensor:
         """``lr / p*``; settles the controller's state on ``loss`` where ``unset`` (kept elsewhere)."""

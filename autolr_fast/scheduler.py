@@ -798,8 +798,7 @@ class AutoLR:
 
     def __repr__(self) -> str:
         scale = self.scale
-        envelope = (f", {envelope_args(scale.total_steps, scale.warmup_steps, scale.shape, scale.decay_steps)}"
-                    if scale.has_envelope else "")
+        envelope = f", {scale.describe_envelope()}" if scale.has_envelope else ""
         return (
             f"AutoLR(controller={type(self.controller).__name__}, scale={scale.mode}{envelope}, "
             f"steps={self.step_count}, device={self.device}{', closed' if self._closed else ''})"

@@ -21,8 +21,27 @@ constexpr const char* kEntrySuffix = "extra/autolr/weights.bin";
 
 thread_local std::string g_error;
 
-int fail(int code, const std::string& msg) {
-  g_error = msg;
+// No exception may cross the C ABI: a message that cannot be stored (out of memory) leaves the
+// error text empty, the code still says what failed.
+int fail(int code, const char* msg) noexcept {
+  try {
+    g_error = msg;
+  } catch (...) {
+    g_error.clear();
+  }
+  return code;
+}
+
+int fail(int code, const std::string& msg) noexcept { return fail(code, msg.c_str()); }
+
+// ``build()`` makes the message (it may allocate): for messages built where nothing catches.
+template <class Build>
+int fail_with(int code, Build&& build) noexcept {
+  try {
+    g_error = build();
+  } catch (...) {
+    g_error.clear();
+  }
   return code;
 }
 
@@ -399,11 +418,11 @@ int autolr_open_file(const char* path, autolr_runtime** out) {
   *out = nullptr;
   if (!path) return fail(AUTOLR_E_ARGUMENT, "autolr_open_file: path is NULL");
   std::FILE* f = std::fopen(path, "rb");
-  if (!f) return fail(AUTOLR_E_IO, std::string("cannot open '") + path + "': " + std::strerror(errno));
+  if (!f) return fail_with(AUTOLR_E_IO, [&] { return std::string("cannot open '") + path + "': " + std::strerror(errno); });
   if (std::fgetc(f) == EOF && std::ferror(f)) {  // a folder opens on some systems, then fails to read
     const int e = errno;
     std::fclose(f);
-    return fail(AUTOLR_E_IO, std::string("read error on '") + path + "': " + std::strerror(e));
+    return fail_with(AUTOLR_E_IO, [&] { return std::string("read error on '") + path + "': " + std::strerror(e); });
   }
   // Before reading a large file whole: its size, and the zip's end record in its tail (a file that
   // is no zip is refused in a single read of at most 64 KiB). Skipped where the file cannot seek.
@@ -411,12 +430,18 @@ int autolr_open_file(const char* path, autolr_runtime** out) {
     const long size = std::ftell(f);
     if (size >= 0 && uint64_t(size) > max_file_bytes()) {
       std::fclose(f);
-      return fail(AUTOLR_E_FORMAT, std::string("'") + path + "' is larger than any exported controller (" +
-                                       std::to_string(max_file_bytes()) + " bytes at hidden=4096, layers=16)");
+      return fail_with(AUTOLR_E_FORMAT, [&] { return std::string("'") + path + "' is larger than any exported controller (" +
+                                       std::to_string(max_file_bytes()) + " bytes at hidden=4096, layers=16)"; });
     }
     const long tail = size < 65557 ? size : 65557;  // the end record: 22 bytes plus a comment of < 64 KiB
     if (size >= 22 && std::fseek(f, size - tail, SEEK_SET) == 0) {
-      std::vector<uint8_t> end(size_t(tail), 0);
+      std::vector<uint8_t> end;
+      try {
+        end.assign(size_t(tail), 0);
+      } catch (...) {
+        std::fclose(f);
+        return fail(AUTOLR_E_MEMORY, "out of memory while reading the file");
+      }
       // a short read leaves the decision to the full read below
       bool found = std::fread(end.data(), 1, end.size(), f) != end.size();
       for (size_t i = 0; !found && i + 4 <= end.size(); ++i)
@@ -427,10 +452,10 @@ int autolr_open_file(const char* path, autolr_runtime** out) {
         const bool zip = std::fread(head, 1, 4, f) == 4 && starts_like_zip(head, 4);
         std::fclose(f);
         if (zip)
-          return fail(AUTOLR_E_CORRUPT, std::string(path) + ": a zip archive without its end-of-central-directory "
-                                        "record: truncated or damaged");
-        return fail(AUTOLR_E_FORMAT, std::string(path) + ": not a zip/TorchScript archive (no end-of-central-directory "
-                                     "record)");
+          return fail_with(AUTOLR_E_CORRUPT, [&] { return std::string(path) + ": a zip archive without its end-of-central-directory "
+                                        "record: truncated or damaged"; });
+        return fail_with(AUTOLR_E_FORMAT, [&] { return std::string(path) + ": not a zip/TorchScript archive (no end-of-central-directory "
+                                     "record)"; });
       }
     }
     std::rewind(f);
@@ -444,8 +469,8 @@ int autolr_open_file(const char* path, autolr_runtime** out) {
     while ((got = std::fread(chunk, 1, sizeof chunk, f)) > 0) {
       if (uint64_t(buf.size()) > max_file_bytes()) {
         std::fclose(f);
-        return fail(AUTOLR_E_FORMAT, std::string("'") + path + "' is larger than any exported controller (" +
-                                         std::to_string(max_file_bytes()) + " bytes at hidden=4096, layers=16)");
+        return fail_with(AUTOLR_E_FORMAT, [&] { return std::string("'") + path + "' is larger than any exported controller (" +
+                                         std::to_string(max_file_bytes()) + " bytes at hidden=4096, layers=16)"; });
       }
       buf.insert(buf.end(), chunk, chunk + got);
     }
@@ -455,9 +480,9 @@ int autolr_open_file(const char* path, autolr_runtime** out) {
   }
   bool err = std::ferror(f) != 0;
   std::fclose(f);
-  if (err) return fail(AUTOLR_E_IO, std::string("read error on '") + path + "'");
+  if (err) return fail_with(AUTOLR_E_IO, [&] { return std::string("read error on '") + path + "'"; });
   int st = autolr_open_memory(buf.data(), buf.size(), out);
-  if (st != AUTOLR_OK) g_error = std::string(path) + ": " + g_error;
+  if (st != AUTOLR_OK) fail_with(st, [&] { return std::string(path) + ": " + g_error; });
   return st;
 }
 
@@ -465,7 +490,7 @@ void autolr_free(autolr_runtime* rt) { delete rt; }
 
 float autolr_step(autolr_runtime* rt, float loss) {
   if (!rt) {
-    g_error = "autolr_step: handle is NULL";
+    fail(AUTOLR_E_ARGUMENT, "autolr_step: handle is NULL");
     return NAN;
   }
   if (!std::isfinite(loss)) {
@@ -589,7 +614,7 @@ size_t autolr_state_size(const autolr_runtime* rt) { return rt ? 2 * rt->h.size(
 int autolr_get_state(const autolr_runtime* rt, float* buf, size_t n) {
   if (!rt || !buf) return fail(AUTOLR_E_ARGUMENT, "autolr_get_state: NULL handle or buffer");
   const size_t want = autolr_state_size(rt);
-  if (n != want) return fail(AUTOLR_E_ARGUMENT, "autolr_get_state: buffer has " + std::to_string(n) + " floats, the state has " + std::to_string(want));
+  if (n != want) return fail_with(AUTOLR_E_ARGUMENT, [&] { return "autolr_get_state: buffer has " + std::to_string(n) + " floats, the state has " + std::to_string(want); });
   std::memcpy(buf, rt->h.data(), sizeof(float) * rt->h.size());
   std::memcpy(buf + rt->h.size(), rt->c.data(), sizeof(float) * rt->c.size());
   buf[want - 1] = rt->rate;
@@ -599,9 +624,9 @@ int autolr_get_state(const autolr_runtime* rt, float* buf, size_t n) {
 int autolr_set_state(autolr_runtime* rt, const float* buf, size_t n) {
   if (!rt || !buf) return fail(AUTOLR_E_ARGUMENT, "autolr_set_state: NULL handle or buffer");
   const size_t want = autolr_state_size(rt);
-  if (n != want) return fail(AUTOLR_E_ARGUMENT, "autolr_set_state: buffer has " + std::to_string(n) + " floats, the state needs " + std::to_string(want));
+  if (n != want) return fail_with(AUTOLR_E_ARGUMENT, [&] { return "autolr_set_state: buffer has " + std::to_string(n) + " floats, the state needs " + std::to_string(want); });
   for (size_t i = 0; i < n; ++i)
-    if (!std::isfinite(buf[i])) return fail(AUTOLR_E_ARGUMENT, "autolr_set_state: value " + std::to_string(i) + " is not finite");
+    if (!std::isfinite(buf[i])) return fail_with(AUTOLR_E_ARGUMENT, [&] { return "autolr_set_state: value " + std::to_string(i) + " is not finite"; });
   if (buf[n - 1] < 0.f || buf[n - 1] > rt->gamma) return fail(AUTOLR_E_ARGUMENT, "autolr_set_state: rate is outside [0, gamma]");
   std::memcpy(rt->h.data(), buf, sizeof(float) * rt->h.size());
   std::memcpy(rt->c.data(), buf + rt->h.size(), sizeof(float) * rt->c.size());

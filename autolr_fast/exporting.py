@@ -38,7 +38,7 @@ from torch import Tensor, nn
 
 from .controllers.files import read_file
 from .controllers.mlrsnet import MLRSNet
-from .controllers.pretrained import _from_blob, load_pretrained
+from .controllers.pretrained import controller_from_blob, load_pretrained
 from .ops import reference
 from .scheduler import AutoLR
 
@@ -464,7 +464,7 @@ def _load_checkpoint(path: str) -> MLRSNet:
     --ship``; its gamma in ``default_gamma``) or from a bare ``state_dict``."""
     state = read_file(path, "an MLRSNet controller file or state_dict")
     if isinstance(state, dict) and "format" in state:
-        net = _from_blob(state, path)
+        net = controller_from_blob(state, path)
         if not isinstance(net, MLRSNet):
             raise ValueError(f"{path!r} holds a {type(net).__name__}; the runtime runs MLR-SNet controllers only")
         return net

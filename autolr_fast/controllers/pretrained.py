@@ -87,7 +87,9 @@ LOADERS: dict[str, Callable[[Any, str], nn.Module]] = {
 }
 
 
-def _from_blob(blob: Any, path: str) -> nn.Module:
+def controller_from_blob(blob: Any, path: str) -> nn.Module:
+    """The controller a file's loaded contents describe (``path`` names the file in errors): what
+    :func:`load_controller` does after reading, for callers that read the file themselves."""
     loader = LOADERS.get(blob.get("format")) if isinstance(blob, dict) else None
     if loader is None:
         raise ValueError(
@@ -100,7 +102,7 @@ def _from_blob(blob: Any, path: str) -> nn.Module:
 def load_controller(path: str | os.PathLike, map_location: str = "cpu") -> nn.Module:
     """Read a controller file (:func:`save_controller` or ``ActionController.save``); clear errors
     for anything else. A loaded controller starts from a zero state (a new run)."""
-    return _from_blob(read_file(path, "an autolr_fast controller file", map_location), os.fspath(path))
+    return controller_from_blob(read_file(path, "an autolr_fast controller file", map_location), os.fspath(path))
 
 
 def available_pretrained() -> list[str]:

@@ -51,7 +51,7 @@ from .lr_finder import (
     check_trial_setup,
     default_unpack,
 )
-from .rate_scale import envelope, resolve_warmup
+from .rate_scale import envelope, resolve_decay, resolve_warmup
 from .training_snapshot import TrainingSnapshot
 
 #: the trial's length as a fraction of the run (``total_steps``)
@@ -73,7 +73,7 @@ MAX_CONFIDENCE = 0.9999
 #: held-out loss at call time (a network stuck at chance, a loss that went nowhere)
 FAILED_PROGRESS = 0.1
 #: how a trial's rate moves over its steps
-TRIAL_SCHEDULES = ("cosine", "warmup-cosine", "constant")
+TRIAL_SCHEDULES = ("cosine", "warmup-cosine", "wsd", "constant")
 
 
 @dataclass
@@ -281,7 +281,8 @@ def find_anchor_lr(
         trial_schedule: ``"cosine"``: a trial's rate anneals from its rate to 0 over the trial, as
             ``AutoLR(total_steps=T, envelope="cosine")`` anneals a run after its warm-up;
             ``"warmup-cosine"``: that whole envelope over the trial (a warm-up over its first 5 %,
-            then the cosine);
+            then the cosine); ``"wsd"``: AutoLR's default envelope without its warm-up, the rate
+            held, then a linear decay over the last 20 % of the trial;
             ``"constant"``: the rate is held (for a run whose rate does not decay).
         confidence: the rates whose held-out loss a one-sided paired t-test over the evaluation
             batches cannot tell from the lowest at this confidence are within noise of it; the
@@ -433,6 +434,8 @@ def _trial_factor(schedule: str, step: int, steps: int) -> float:
     """The trial rate's multiplier at ``step`` of ``steps``."""
     if schedule == "constant":
         return 1.0
+    if schedule == "wsd":  # held, then the last 20 % of the trial decays (AutoLR's default, no warm-up)
+        return envelope(step, steps, 0, "wsd", resolve_decay(None, steps, 0, "wsd"))
     # "cosine": CosineAnnealingLR(T_max=steps) from 1 towards 0; "warmup-cosine": a 5 % warm-up, then
     # that cosine (AutoLR's cosine envelope in miniature)
     return envelope(step, steps, resolve_warmup(None, steps) if schedule == "warmup-cosine" else 0)

@@ -308,10 +308,11 @@ def _recording(opt):
     return seen
 
 
-@pytest.mark.parametrize("schedule", ["cosine", "warmup-cosine", "constant"])
+@pytest.mark.parametrize("schedule", ["cosine", "warmup-cosine", "wsd", "constant"])
 def test_each_trial_follows_its_schedule(schedule):
     """A cosine trial anneals each rate from itself towards 0 as CosineAnnealingLR(T_max=steps)
-    would; a warm-up-cosine one first warms up over 5 % of the trial, as AutoLR's envelope does;
+    would; a warm-up-cosine one first warms up over 5 % of the trial, as AutoLR's cosine envelope
+    does; a wsd one holds it, then falls linearly over the last 20 % (8 of 40 steps: 8/9 ... 1/9);
     a constant one holds it."""
     train, val = _regression()
     model = nn.Sequential(nn.Linear(10, 1))
@@ -327,6 +328,8 @@ def test_each_trial_follows_its_schedule(schedule):
         for t in range(steps):
             if schedule == "warmup-cosine":
                 expected.append(rate * written_out_envelope(t, steps, warm))
+            elif schedule == "wsd":
+                expected.append(rate * (1.0 if t < steps - 8 else (steps - t) / 9))
             else:
                 expected.append(reference.param_groups[0]["lr"] if schedule == "cosine" else rate)
             reference.step()

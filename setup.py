@@ -38,6 +38,7 @@ setup(
     package_dir={"autolr_fast.runtime": "csrc/runtime"},
     package_data={
         "autolr_fast.controllers": ["weights/*.pt", "weights/*.json"],
+        "autolr_experiments": ["weights/*.pt", "weights/*.json"],  # the harness's ablation controllers
         # the C runtime's sources, headers and CMake config: C/C++ trainers build it from here
         "autolr_fast.runtime": ["CMakeLists.txt", "include/*.h", "src/*.cpp", "cmake/*", "examples/*.c",
                                 "examples/*.cpp", "bench/*.cpp", "fuzz/*.cpp", "tests/*.cmake", "tests/*.cpp",

@@ -609,6 +609,81 @@ def autolr_find(spec: RunSpec) -> Schedule:
     return schedule
 
 
+@register_method("autolr-find-wsd", "learned", None,
+                 "ablation of `autolr-find`: its trials follow AutoLR's default envelope without the warm-up (the "
+                 "rate held, then a linear decay over the last 20 % of the trial; find_anchor_lr("
+                 "trial_schedule='wsd')) instead of a cosine; everything else as `autolr-find`",
+                 available=_autolr_missing)
+def autolr_find_wsd(spec: RunSpec) -> Schedule:
+    controller, info = _autolr_controller(spec)
+    opt = make_optimizer(spec.model, spec.task.optim)
+    found = anchor_trials(spec, opt, trial_schedule="wsd")
+    schedule = autolr_schedule(opt, controller, total_steps=spec.total_steps)
+    schedule.info.update(info)
+    schedule.info["anchor"] = found.to_dict()
+    return schedule
+
+
+#: The ProgressMLRSNet of ``meta-train --family --progress-input`` (the shipped recipe, plus the
+#: fraction of the run done as a second input): the ablation ``autolr-progress`` runs.
+PROGRESS_CONTROLLER = Path(__file__).resolve().parent / "weights" / "progress.pt"
+#: The controller file ``autolr-file`` runs (how other variants of the recipe fare, e.g. other seeds).
+CONTROLLER_FILE_ENV = "AUTOLR_EXPERIMENTS_CONTROLLER_FILE"
+
+
+def _progress_missing() -> str | None:
+    if not PROGRESS_CONTROLLER.is_file():
+        return (f"no progress-input controller at {PROGRESS_CONTROLLER}: `python -m autolr_fast meta-train --family "
+                "--progress-input` writes one (progress.pt in its --out); copy it there")
+    return None
+
+
+def _controller_file_missing() -> str | None:
+    path = os.environ.get(CONTROLLER_FILE_ENV)
+    if not path:
+        return f"set {CONTROLLER_FILE_ENV} to a controller file (meta-train --family writes default.pt or progress.pt)"
+    if not os.path.isfile(path):
+        return f"{CONTROLLER_FILE_ENV}={path!r} is not a file"
+    return None
+
+
+def _autolr_with_file(spec: RunSpec, path: Path) -> Schedule:
+    """AutoLR's defaults with the controller in ``path`` (a ``save_controller`` file or a
+    progress-input one), refused on the data it was trained on."""
+    from .progress_input import ProgressMLRSNet, is_progress_file, load_progress_controller
+
+    controller = load_progress_controller(path) if is_progress_file(path) else load_controller(path)
+    trained_on = controller_training_tasks(getattr(controller, "info", {}) or {})
+    if shares_data(spec.task.name, trained_on):
+        raise MethodUnavailable(f"{path.name} was trained on {spec.task.name}'s data (its tasks: "
+                                f"{', '.join(trained_on)}); it is evaluated only on other data")
+    if isinstance(controller, ProgressMLRSNet):
+        controller.start_run(spec.total_steps)
+    opt = make_optimizer(spec.model, spec.task.optim)
+    schedule = autolr_schedule(opt, controller, total_steps=spec.total_steps)
+    schedule.info.update(controller=str(path), controller_tasks=trained_on, trained_on_task=False,
+                         controller_sha256=hashlib.sha256(path.read_bytes()).hexdigest(),
+                         optimizer=spec.task.optim.describe())
+    return schedule
+
+
+@register_method("autolr-progress", "learned", None,
+                 "ablation of `autolr`: AutoLR's defaults with a controller that also reads the fraction of the run "
+                 "done (ProgressMLRSNet, meta-trained by the shipped recipe: meta-train --family --progress-input); "
+                 "refused on the data it was trained on", available=_progress_missing)
+def autolr_progress(spec: RunSpec) -> Schedule:
+    return _autolr_with_file(spec, PROGRESS_CONTROLLER)
+
+
+@register_method("autolr-file", "learned", None,
+                 f"AutoLR's defaults with the controller file ${CONTROLLER_FILE_ENV} names (meta-train --family's "
+                 "default.pt or progress.pt): variants of the recipe, e.g. other controller seeds; refused on the "
+                 "data it was trained on. Its runs record the file's sha256: one output folder per file",
+                 available=_controller_file_missing)
+def autolr_file(spec: RunSpec) -> Schedule:
+    return _autolr_with_file(spec, Path(os.environ[CONTROLLER_FILE_ENV]))
+
+
 def anchor_trials(spec: RunSpec, opt: torch.optim.Optimizer, fraction: float = ANCHOR_FRACTION,
                   batch_seed_offset: int = 0, **kwargs: Any) -> AnchorResult:
     """``find_anchor_lr`` as ``autolr-find`` runs it: trials of ``fraction`` of the run on the

@@ -57,8 +57,8 @@ SCHEMA = "autolr_fast.compare/1"
 LOTO_DIR = "leave_one_out"
 LOTO_VARIANT = "leave-one-dataset-out"
 LOTO_EPOCHS: int | None = None
-#: the methods that run the shipped controller (leave-one-task-out and controller variants apply to both)
-AUTOLR_METHODS = ("autolr", "autolr-find")
+#: the methods that run the shipped controller (leave-one-task-out and controller variants apply to each)
+AUTOLR_METHODS = ("autolr", "autolr-find", "autolr-find-wsd")
 
 #: Per task: (epochs, batch size) of a full comparison.
 TASK_SETTINGS: dict[str, tuple[int, int]] = {

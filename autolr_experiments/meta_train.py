@@ -43,6 +43,13 @@ from autolr_fast.ops import dispatch
 from autolr_fast.rate_scale import SETTLE_STEPS, envelope
 
 from .baselines import SGD_DEFAULT_LR, get_method
+from .progress_input import (
+    ProgressMLRSNet,
+    is_progress_file,
+    load_progress_controller,
+    progress_response,
+    save_progress_controller,
+)
 from .report import mean_std, plot_runs, save_figure, summarize, summary_table
 from .tasks import available_tasks, dataset_of, get_task, shares_data, task_optimizer
 from .training import Method, RunSpec, Schedule, autolr_schedule, envelope_schedule, sgd, torch_schedule, train
@@ -256,8 +263,9 @@ def normalised_by_first_loss(step: Callable[[Tensor], None]) -> Callable[[Tensor
     first: list[Tensor] = []
 
     def call(loss: Tensor) -> None:
-        if not first and bool(torch.isfinite(loss)) and float(loss) > 0:
-            first.append(loss.detach().clone())
+        value = loss.detach()
+        if not first and bool(torch.isfinite(value)) and float(value) > 0:
+            first.append(value.clone())
         step(loss / first[0] if first else loss)
 
     return call
@@ -272,7 +280,11 @@ def autolr_method(name: str, run: FamilyRun, controller: MLRSNet, meta: Callable
     ``meta(spec) -> MetaConfig`` meta-trains ``controller`` during the run;
     ``normalise_loss``: the controller reads the loss divided by the run's first loss."""
     def build(spec: RunSpec) -> Schedule:
-        controller.reset()  # a new run: theta carries over, the recurrent state does not
+        # a new run: theta carries over, the recurrent state does not
+        if isinstance(controller, ProgressMLRSNet):
+            controller.start_run(spec.total_steps)
+        else:
+            controller.reset()
         opt = make_optimizer(run, spec.model)
         cfg = None if meta is None else meta(spec)
         schedule = autolr_schedule(opt, controller, total_steps=spec.total_steps, warmup_steps=warmup_steps,
@@ -307,7 +319,10 @@ class DelayedMeta:
         ctrl = self.sched.controller
         record = self.pending is None and self.sched.step_count % self.interval == 0 and self.sched.step_count > 0
         if record:
-            self.pending = {"x": loss.detach().clamp_min(0.0), "h": ctrl.h.clone(), "c": ctrl.c.clone(),
+            x = loss.detach().clamp_min(0.0)
+            if isinstance(ctrl, ProgressMLRSNet):
+                x = ctrl.input_of(x)  # before the step: the progress it reads at this step
+            self.pending = {"x": x, "h": ctrl.h.clone(), "c": ctrl.c.clone(),
                             "w": [q.detach().clone() for q in self.model.parameters()], "age": 0}
         self.sched.step(loss)
         if record:
@@ -343,8 +358,15 @@ class DelayedMeta:
         if not bool(torch.isfinite(grad_p)):
             return
         ctrl = self.sched.controller
-        weights = ctrl.flat_weights()
-        theta_grads = dispatch.mlrsnet_param_grads(p["x"], p["h"], p["c"], [w.detach() for w in weights], grad_p)
+        if isinstance(ctrl, ProgressMLRSNet):
+            # rate = gamma * p / p*: d rate / d p = rate / p, with the anchor p* held fixed
+            weights = ctrl.weights()
+            with torch.enable_grad():
+                out = ctrl.output(p["x"], p["h"], p["c"])[0]
+            theta_grads = torch.autograd.grad(out, weights, grad_outputs=-dot.detach() * p["alpha"] / out.detach())
+        else:
+            weights = ctrl.flat_weights()
+            theta_grads = dispatch.mlrsnet_param_grads(p["x"], p["h"], p["c"], [w.detach() for w in weights], grad_p)
         for q, g in zip(weights, theta_grads):
             q.grad = g.to(q.dtype)
         self.meta_opt.step()
@@ -382,17 +404,23 @@ def family_record(run: FamilyRun, pass_index: int, result) -> dict:
         env = envelope(t, total, warmup)
         rel.append(r / (run.lr * env) if env > 1e-3 else None)
     return {**asdict(run), "label": run.label, "pass": pass_index, "seed": result.seed, "status": result.status,
-            "p_star": run.lr / float(autolr.scale.peak), "meta_steps": meta_steps,
+            "p_star": (float(autolr.controller.p_star) if isinstance(autolr.controller, ProgressMLRSNet)
+                       else run.lr / float(autolr.scale.peak)), "meta_steps": meta_steps,
             "final_metric": result.metrics()["final_metric"], "p_rel": rel}
 
 
 def meta_train_family(family: Sequence[FamilyRun], *, interval: int, horizon: int, meta_lr: float, passes: int,
                       progress: Callable[[], None] | None = None, normalise_loss: bool = False,
-                      warmup_steps: int | None = 0) -> tuple[MLRSNet, list[dict]]:
+                      warmup_steps: int | None = 0,
+                      progress_input: bool = False,
+                      controller_seed: int = CONTROLLER_SEED) -> tuple[MLRSNet | ProgressMLRSNet, list[dict]]:
     """One MLR-SNet meta-trained online through ``passes`` passes over ``family``, in order: theta
-    and the meta-optimizer's state carry over from run to run, the recurrent state is reset."""
-    torch.manual_seed(CONTROLLER_SEED)
-    ctrl = MLRSNet()
+    and the meta-optimizer's state carry over from run to run, the recurrent state is reset.
+    ``progress_input``: a :class:`ProgressMLRSNet` (it also reads the fraction of the run done;
+    needs ``horizon > 0``); ``controller_seed``: the initial weights' seed."""
+    if progress_input and not horizon:
+        raise ValueError("progress_input needs horizon > 0: the library's one-step look-ahead meta-trains an MLRSNet")
+    ctrl = fresh_controller(progress_input, controller_seed)
     # one meta-optimizer for all runs: its moment estimates carry the hypergradient's scale along
     meta_opt = torch.optim.Adam(ctrl.parameters(), lr=meta_lr, weight_decay=1e-4)
 
@@ -447,9 +475,10 @@ def reads_normalised_loss(controller: MLRSNet) -> bool:
     return bool(getattr(controller, "info", {}).get("settings", {}).get("normalise_loss", False))
 
 
-def fresh_controller() -> MLRSNet:
-    torch.manual_seed(CONTROLLER_SEED)
-    return MLRSNet()
+def fresh_controller(progress_input: bool = False, seed: int = CONTROLLER_SEED) -> MLRSNet | ProgressMLRSNet:
+    """The untrained controller every recipe starts from (seed ``CONTROLLER_SEED`` unless given)."""
+    torch.manual_seed(seed)
+    return ProgressMLRSNet() if progress_input else MLRSNet()
 
 
 def score_table(rows: list[dict], reference: str = "cosine") -> tuple[str, dict]:
@@ -558,6 +587,12 @@ def _family_parse(argv: list[str] | None) -> argparse.Namespace:
     ap.add_argument("--warmup", action="store_true",
                     help="train and check under AutoLR's default envelope (a 5 %% warm-up, then cosine) instead "
                          "of the plain cosine the shipped default.pt was trained under")
+    ap.add_argument("--progress-input", action="store_true",
+                    help="meta-train a ProgressMLRSNet (autolr_experiments.progress_input): the controller also "
+                         "reads the fraction of the run done; written as OUT/progress.pt (not shippable)")
+    ap.add_argument("--controller-seed", type=int, default=CONTROLLER_SEED,
+                    help=f"the seed of the controller's initial weights (default {CONTROLLER_SEED}, the shipped "
+                         "one's): other seeds measure how much a variant's result owes to its start")
     ap.add_argument("--out", default=FAMILY_OUT)
     ap.add_argument("--quick", action="store_true", help=f"a short run: {FAMILY_QUICK}")
     ap.add_argument("--ship", nargs="?", const=str(WEIGHTS_DIR), default=None, metavar="DIR",
@@ -569,6 +604,8 @@ def _family_parse(argv: list[str] | None) -> argparse.Namespace:
             setattr(args, k, base.get(k))
     if args.horizon and args.horizon > args.interval:
         ap.error("--horizon must be <= --interval (one pending meta-step at a time)")
+    if args.progress_input and (args.ship is not None or not args.horizon):
+        ap.error("--progress-input trains a harness controller with --horizon > 0; it cannot be shipped (drop --ship)")
     return args
 
 
@@ -582,6 +619,9 @@ def family_main(argv: list[str] | None) -> int:
     unknown = sorted(set(args.exclude_task) - {r.task for r in FAMILY})
     if unknown:
         raise SystemExit(f"--exclude-task {unknown}: not in the training family ({sorted({r.task for r in FAMILY})})")
+    if args.controller_seed != CONTROLLER_SEED and args.ship is not None:
+        raise SystemExit(f"--ship writes the shipped recipe, which starts from seed {CONTROLLER_SEED}: drop "
+                         "--controller-seed or --ship")
     if args.exclude_task and args.ship is not None:
         raise SystemExit("--exclude-task trains a leave-one-task-out controller, not the shipped one: drop --ship")
     family = [replace(r, epochs=args.epochs or r.epochs) for r in (FAMILY[:4] if args.quick else FAMILY)
@@ -597,24 +637,29 @@ def family_main(argv: list[str] | None) -> int:
         norm, warmup = args.normalise_loss, (None if args.warmup else 0)
         ctrl, records = meta_train_family(family, interval=args.interval, horizon=args.horizon, meta_lr=args.meta_lr,
                                           passes=args.passes, progress=bar.update, normalise_loss=norm,
-                                          warmup_steps=warmup)
+                                          warmup_steps=warmup, progress_input=args.progress_input,
+                                          controller_seed=args.controller_seed)
         train_s = time.perf_counter() - start
         methods = {"cosine": cosine_method, **({"cosine-warmup": cosine_warmup_method} if args.warmup else {}),
                    "default": frozen("default", ctrl, norm, warmup),
-                   "fresh": frozen("fresh", fresh_controller(), norm, warmup)}
+                   "fresh": frozen("fresh", fresh_controller(args.progress_input, args.controller_seed), norm,
+                                   warmup)}
         check = evaluate(family, methods, seeds, progress=bar.update)
     table, scores = score_table(check)
     settings = {k: getattr(args, k) for k in ("interval", "horizon", "meta_lr", "passes", "check_seeds", "epochs",
-                                               "lr_spread", "normalise_loss", "exclude_task", "warmup")}
+                                               "lr_spread", "normalise_loss", "exclude_task", "warmup",
+                                               "progress_input")}
     command = "python -m autolr_fast meta-train " + " ".join(argv)
-    name = "default" + "".join(f" without {t}" for t in args.exclude_task)
+    stem = "progress" if args.progress_input else "default"
+    name = ("default with a progress input" if args.progress_input else "default") + "".join(
+        f" without {t}" for t in args.exclude_task)
     info = {"name": name, "command": command, "tasks": sorted({r.task for r in family}),
-            "family": [asdict(r) for r in family], "settings": settings, "controller_seed": CONTROLLER_SEED,
+            "family": [asdict(r) for r in family], "settings": settings, "controller_seed": args.controller_seed,
             "scale": "AutoLR default: lr anchor (no gamma) and total_steps", "train_wall_s": round(train_s, 1),
             "in_family_check": scores}
-    path = os.path.join(args.out, "default.pt")
+    path = os.path.join(args.out, f"{stem}.pt")
     save_family_controller(ctrl, path, info)
-    with open(os.path.join(args.out, "default.json"), "w") as f:
+    with open(os.path.join(args.out, f"{stem}.json"), "w") as f:
         json.dump(info, f, indent=1)
     with open(os.path.join(args.out, "record.json"), "w") as f:
         json.dump({"info": info, "family_runs": records, "check": check}, f)
@@ -627,6 +672,18 @@ def family_main(argv: list[str] | None) -> int:
             f"defaults vs cosine at the same lr):\n\n{table}")
     with open(os.path.join(args.out, "summary.md"), "w") as f:
         f.write(md)
+    if args.progress_input:
+        response = {f"{loss:g}": progress_response(ctrl, loss) for loss in (2.3, 0.5, 0.05)}
+        info["progress_response"] = response
+        md += ("\nWhat the progress input does alone: the level p_t / p* on a constant loss, at progress "
+               "0, 0.25, 0.5, 0.75 and 1 of a 200-step run (1 everywhere: progress is ignored):\n\n"
+               + "\n".join(f"- loss {k}: " + ", ".join(f"{v:.3f}" for v in vals) for k, vals in response.items())
+               + "\n")
+        save_family_controller(ctrl, path, info)
+        with open(os.path.join(args.out, f"{stem}.json"), "w") as f:
+            json.dump(info, f, indent=1)
+        with open(os.path.join(args.out, "summary.md"), "w") as f:
+            f.write(md)
     plot_family(records, os.path.join(args.out, "family_p.png"))
     print(md)
     if args.ship is not None:
@@ -637,7 +694,10 @@ def family_main(argv: list[str] | None) -> int:
     return 0
 
 
-def save_family_controller(ctrl: MLRSNet, path: str | os.PathLike, info: dict) -> None:
+def save_family_controller(ctrl: MLRSNet | ProgressMLRSNet, path: str | os.PathLike, info: dict) -> None:
+    if isinstance(ctrl, ProgressMLRSNet):
+        save_progress_controller(ctrl, path, info)  # no gamma: it runs on the lr anchor only
+        return
     # gamma only serves gamma="controller": the scale that starts SGD-momentum at 0.1 on a loss of ln(10)
     save_controller(ctrl, path, gamma=SGD_DEFAULT_LR / settled_p(ctrl, math.log(10.0)), info=info)
 
@@ -725,17 +785,18 @@ def ablation_main(argv: list[str]) -> int:
     torch.set_num_threads(1)
     os.makedirs(args.out, exist_ok=True)
     settings = [replace(r, epochs=args.epochs or r.epochs) for r in ablation_settings()]
-    trained_on = set(load_controller(args.controller).info.get("tasks", []))
+    with_progress = is_progress_file(args.controller)
+    controller = load_progress_controller(args.controller) if with_progress else load_controller(args.controller)
+    trained_on = set(controller.info.get("tasks", []))
     leaked = trained_on & {r.task for r in settings}
     if leaked:
         raise SystemExit(f"{args.controller} was trained on {sorted(leaked)}: not held out")
-    controller = load_controller(args.controller)
     norm = reads_normalised_loss(controller)  # the fresh net reads the loss the same way
     warmup = None if args.warmup else 0
     methods = {"cosine": cosine_method, **({"cosine-warmup": cosine_warmup_method} if args.warmup else {}),
                "default": frozen("default", controller, norm, warmup),
                "mnist1d-cnn": frozen("mnist1d-cnn", load_pretrained("mnist1d-cnn"), warmup_steps=warmup),
-               "fresh": frozen("fresh", fresh_controller(), norm, warmup)}
+               "fresh": frozen("fresh", fresh_controller(with_progress), norm, warmup)}
     seeds = list(range(args.seeds))
     with tqdm(total=sum(r.epochs for r in settings) * len(methods) * len(seeds), desc="ablation", unit="epoch") as bar:
         rows = evaluate(settings, methods, seeds, progress=bar.update)
@@ -754,8 +815,9 @@ def ablation_main(argv: list[str]) -> int:
         f.write(md)
     with open(os.path.join(args.out, "ablation.json"), "w") as f:
         json.dump({"rows": rows, "scores": scores}, f)
-    card = os.path.join(args.out, "default.json")
-    trained_here = os.path.abspath(args.controller) == os.path.abspath(os.path.join(args.out, "default.pt"))
+    stem = "progress" if with_progress else "default"
+    card = os.path.join(args.out, f"{stem}.json")
+    trained_here = os.path.abspath(args.controller) == os.path.abspath(os.path.join(args.out, f"{stem}.pt"))
     if trained_here and os.path.isfile(card):
         # the card of a controller trained into --out carries its held-out scores too (copied along
         # when shipping); a controller elsewhere, e.g. the shipped one, keeps its card untouched

@@ -418,7 +418,10 @@ int autolr_open_file(const char* path, autolr_runtime** out) {
   *out = nullptr;
   if (!path) return fail(AUTOLR_E_ARGUMENT, "autolr_open_file: path is NULL");
   std::FILE* f = std::fopen(path, "rb");
-  if (!f) return fail_with(AUTOLR_E_IO, [&] { return std::string("cannot open '") + path + "': " + std::strerror(errno); });
+  if (!f) {
+    const int e = errno;  // before anything that allocates can change it
+    return fail_with(AUTOLR_E_IO, [&] { return std::string("cannot open '") + path + "': " + std::strerror(e); });
+  }
   if (std::fgetc(f) == EOF && std::ferror(f)) {  // a folder opens on some systems, then fails to read
     const int e = errno;
     std::fclose(f);
@@ -482,7 +485,12 @@ int autolr_open_file(const char* path, autolr_runtime** out) {
   std::fclose(f);
   if (err) return fail_with(AUTOLR_E_IO, [&] { return std::string("read error on '") + path + "'"; });
   int st = autolr_open_memory(buf.data(), buf.size(), out);
-  if (st != AUTOLR_OK) fail_with(st, [&] { return std::string(path) + ": " + g_error; });
+  if (st != AUTOLR_OK) {
+    try {
+      g_error.insert(0, std::string(path) + ": ");
+    } catch (...) {  // out of memory: the message stays without the path (insert changes nothing then)
+    }
+  }
   return st;
 }
 
@@ -555,7 +563,7 @@ int autolr_anchor(autolr_runtime* rt, float loss, float lr) {
   if (!(std::isfinite(lr) && lr > 0.f)) return fail(AUTOLR_E_ARGUMENT, "autolr_anchor: lr must be a positive finite number");
   if (!std::isfinite(loss)) return fail(AUTOLR_E_ARGUMENT, "autolr_anchor: the loss is not finite; anchor on the first finite loss");
   try {
-    const std::vector<float> h = rt->h, c = rt->c;
+    std::vector<float> h = rt->h, c = rt->c;  // restored by swap (noexcept) if the anchor is refused
     const float gamma = rt->gamma, rate = rt->rate;
     const uint64_t skipped = rt->skipped;
     rt->gamma = 1.f;
@@ -563,20 +571,22 @@ int autolr_anchor(autolr_runtime* rt, float loss, float lr) {
     float p = 0.f;
     for (int i = 0; i < kSettleSteps; ++i) p = autolr_step(rt, loss);
     const float anchored = lr / p;
-    std::string why;
+    // the message goes into a fixed buffer: nothing allocates between the settle and the restore
+    char why[160] = "";
     if (rt->skipped != skipped)
-      why = "the controller's output is not finite on this loss";
+      std::snprintf(why, sizeof why, "the controller's output is not finite on this loss");
     else if (!(p >= kMinSettledP))
-      why = "the controller settles at p = " + std::to_string(p) + " on this loss (a usable anchor needs p >= 1e-3)";
+      std::snprintf(why, sizeof why, "the controller settles at p = %g on this loss (a usable anchor needs p >= 1e-3)",
+                    double(p));
     else if (!std::isfinite(anchored))
-      why = "lr / p overflows a float (lr is too large)";
-    if (!why.empty()) {
-      rt->h = h;
-      rt->c = c;
+      std::snprintf(why, sizeof why, "lr / p overflows a float (lr is too large)");
+    if (why[0] != '\0') {
+      rt->h.swap(h);
+      rt->c.swap(c);
       rt->gamma = gamma;
       rt->rate = rate;
       rt->skipped = skipped;
-      return fail(AUTOLR_E_ARGUMENT, "autolr_anchor: " + why + "; state unchanged");
+      return fail_with(AUTOLR_E_ARGUMENT, [&] { return std::string("autolr_anchor: ") + why + "; state unchanged"; });
     }
     rt->gamma = anchored;
     rt->rate = lr < anchored ? lr : anchored;

@@ -1154,14 +1154,19 @@ def _leave_one_task_out(jobs: list[Job], controller: str, out: Path, args) -> tu
 
 def _with_controller_variant(jobs: list[Job], controller: str) -> list[Job]:
     """The other ``autolr`` jobs, and the jobs of the other methods that run a shipped controller
-    file (``baselines.SHIPPED_FILES``), marked with the file's name and digest, so that records
-    made with another file are not reused."""
+    file (``baselines.SHIPPED_FILES``) or one of the harness's (``autolr-progress``,
+    ``autolr-file``), marked with the file's name and digest, so that records made with another
+    file are not reused."""
     files = {**{m: controller for m in AUTOLR_METHODS}, **baselines.SHIPPED_FILES}
+    paths = {method: PRETRAINED_DIR / f"{name}.pt" for method, name in files.items()}
+    # the harness's controller files: the committed progress-input one, and the one autolr-file names
+    paths["autolr-progress"] = baselines.PROGRESS_CONTROLLER
+    if os.environ.get(baselines.CONTROLLER_FILE_ENV):
+        paths["autolr-file"] = Path(os.environ[baselines.CONTROLLER_FILE_ENV])
     variants = {}
-    for method, name in files.items():
-        path = PRETRAINED_DIR / f"{name}.pt"
+    for method, path in paths.items():
         if path.is_file():
-            variants[method] = f"{name}@{hashlib.sha256(path.read_bytes()).hexdigest()[:12]}"
+            variants[method] = f"{path.stem}@{hashlib.sha256(path.read_bytes()).hexdigest()[:12]}"
     return [replace(j, variant=variants[j.method]) if j.method in variants and not j.variant else j for j in jobs]
 
 

@@ -359,11 +359,14 @@ class DelayedMeta:
             return
         ctrl = self.sched.controller
         if isinstance(ctrl, ProgressMLRSNet):
-            # rate = gamma * p / p*: d rate / d p = rate / p, with the anchor p* held fixed
+            # rate = gamma * p / p*: d rate / d p = gamma / p*, with the anchor p* held fixed
+            per_p = p["gamma"] / ctrl.p_star
+            if not (bool(torch.isfinite(p["x"]).all()) and bool(torch.isfinite(per_p)) and float(ctrl.p_star) > 0):
+                return
             weights = ctrl.weights()
             with torch.enable_grad():
                 out = ctrl.output(p["x"], p["h"], p["c"])[0]
-            theta_grads = torch.autograd.grad(out, weights, grad_outputs=-dot.detach() * p["alpha"] / out.detach())
+            theta_grads = torch.autograd.grad(out, weights, grad_outputs=-dot.detach() * per_p)
         else:
             weights = ctrl.flat_weights()
             theta_grads = dispatch.mlrsnet_param_grads(p["x"], p["h"], p["c"], [w.detach() for w in weights], grad_p)
@@ -604,8 +607,10 @@ def _family_parse(argv: list[str] | None) -> argparse.Namespace:
             setattr(args, k, base.get(k))
     if args.horizon and args.horizon > args.interval:
         ap.error("--horizon must be <= --interval (one pending meta-step at a time)")
-    if args.progress_input and (args.ship is not None or not args.horizon):
-        ap.error("--progress-input trains a harness controller with --horizon > 0; it cannot be shipped (drop --ship)")
+    if args.progress_input and not args.horizon:
+        ap.error("--progress-input meta-trains with the validation loss k steps later: it needs --horizon > 0")
+    if args.progress_input and args.ship is not None:
+        ap.error("--progress-input trains a harness controller, which cannot be shipped: drop --ship")
     return args
 
 
@@ -796,7 +801,9 @@ def ablation_main(argv: list[str]) -> int:
     methods = {"cosine": cosine_method, **({"cosine-warmup": cosine_warmup_method} if args.warmup else {}),
                "default": frozen("default", controller, norm, warmup),
                "mnist1d-cnn": frozen("mnist1d-cnn", load_pretrained("mnist1d-cnn"), warmup_steps=warmup),
-               "fresh": frozen("fresh", fresh_controller(with_progress), norm, warmup)}
+               "fresh": frozen("fresh", fresh_controller(with_progress, controller.info.get("controller_seed",
+                                                                                           CONTROLLER_SEED)),
+                               norm, warmup)}
     seeds = list(range(args.seeds))
     with tqdm(total=sum(r.epochs for r in settings) * len(methods) * len(seeds), desc="ablation", unit="epoch") as bar:
         rows = evaluate(settings, methods, seeds, progress=bar.update)

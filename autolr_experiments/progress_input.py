@@ -8,12 +8,13 @@ the rate is ``gamma * p_t / p*``, where ``gamma`` is AutoLR's scale (the optimiz
 the envelope) and ``p*`` the output it settles at on the first finite loss at progress 0, the
 same anchor AutoLR takes for an MLR-SNet (``lr / p*``). It runs on the plain PyTorch path only:
 the fused kernels, the C runtime and the export read one input. It lives in the harness until
-it is shown to help (``docs/compare.md``, "Training progress as a second input").
+it is shown to help (``docs/compare.md``, "Training progress as a second controller input").
 """
 
 from __future__ import annotations
 
 import os
+import warnings
 
 import torch
 from torch import Tensor, nn
@@ -24,13 +25,16 @@ from autolr_fast.rate_scale import MIN_SETTLED_P, SETTLE_STEPS
 
 FILE_FORMAT = "autolr-experiments/progress-mlrsnet/1"
 INPUTS = 2  # the loss, the fraction of the run done
+UNSET = -1.0  # p_star before the first finite loss (a finite marker: AutoLR refuses non-finite saved state)
 
 
 class ProgressMLRSNet(nn.Module):
     """One MLR-SNet cell on ``[loss, progress]``; ``start_run(T)`` before each run.
 
     Buffers: the recurrent state ``h``, ``c`` (``(1, H)``), the step ``t``, the run length
-    ``total`` and the anchor ``p_star`` (NaN until the first finite loss).
+    ``total`` and the anchor ``p_star`` (``UNSET`` until the first finite loss; 0 when the settled
+    output was below ``MIN_SETTLED_P``: no usable scale, the rate is then 0, as AutoLR's for an
+    MLR-SNet).
     """
 
     relative = True  # AutoLR: rate = gamma * level, level 1 at the start (here p_t / p*)
@@ -45,7 +49,7 @@ class ProgressMLRSNet(nn.Module):
         self.register_buffer("c", torch.zeros(1, hidden_size))
         self.register_buffer("t", torch.zeros(()))
         self.register_buffer("total", torch.ones(()))
-        self.register_buffer("p_star", torch.full((), float("nan")))
+        self.register_buffer("p_star", torch.full((), UNSET))
 
     def weights(self) -> list[Tensor]:
         """The cell's eight tensors and the head's two (``reference``'s layout, one cell)."""
@@ -63,7 +67,7 @@ class ProgressMLRSNet(nn.Module):
             self.h.zero_()
             self.c.zero_()
             self.t.zero_()
-            self.p_star.fill_(float("nan"))
+            self.p_star.fill_(UNSET)
 
     def initial_rate(self, base_lr: float) -> float:
         return base_lr  # AutoLR starts a relative controller at gamma (level 1)
@@ -91,16 +95,24 @@ class ProgressMLRSNet(nn.Module):
             p, h, c = self.output(x, self.h, self.c)
             self.h.copy_(h)
             self.c.copy_(c)
-        self.p_star.copy_(p if float(p) >= MIN_SETTLED_P else torch.ones(()))
+        if float(p) < MIN_SETTLED_P:
+            warnings.warn(f"ProgressMLRSNet settles at p = {float(p):.3g} on the first loss ({float(loss):.4g}), below "
+                          f"{MIN_SETTLED_P}: no usable anchor, the rate stays 0 for this run", RuntimeWarning,
+                          stacklevel=3)
+            self.p_star.zero_()
+        else:
+            self.p_star.copy_(p)
 
     @torch.no_grad()
     def scheduler_step_(self, loss: Tensor, gamma: Tensor, rate: Tensor) -> None:
         """``rate <- gamma * p_t / p*``; a non-finite loss leaves the rate and the state as they
         were (the step still counts towards the progress)."""
-        finite = torch.isfinite(loss)
-        if bool(finite) and bool(torch.isnan(self.p_star)):  # a harness controller: host reads are fine
+        finite = bool(torch.isfinite(loss))  # a harness controller: host reads are fine
+        if finite and float(self.p_star) == UNSET:
             self._settle(loss)
-        if bool(finite):
+        if finite and float(self.p_star) == 0.0:
+            rate.zero_()  # no usable anchor (warned when settling)
+        elif finite:
             p, h, c = self.output(self.input_of(loss), self.h, self.c)
             level = p / self.p_star
             if bool(torch.isfinite(level)):
@@ -139,7 +151,8 @@ def load_progress_controller(path: str | os.PathLike) -> ProgressMLRSNet:
 def progress_response(ctrl: ProgressMLRSNet, loss: float, steps: int = 200) -> list[float]:
     """What the progress input does alone: the level ``p_t / p*`` over a run of ``steps`` steps on
     a constant ``loss`` (a copy of ``ctrl``; 1 everywhere = progress is ignored). Returns the
-    level at progress 0, 0.25, 0.5, 0.75 and at the last step."""
+    level at steps 0, 1/4, 1/2 and 3/4 of the way and at the last step (step ``k`` reads
+    progress ``k / steps``)."""
     probe = ProgressMLRSNet(ctrl.hidden_size)
     probe.load_state_dict(ctrl.state_dict())
     probe.start_run(steps)

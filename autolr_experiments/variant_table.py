@@ -23,9 +23,12 @@ from dataclasses import dataclass
 
 import matplotlib.pyplot as plt
 
-from .compare import _at_least, _better, _close
+from autolr_fast.rate_scale import envelope, resolve_decay, resolve_warmup
+
+from .compare import TUNING_FREE, _at_least, _better, _close, _score
 from .json_files import read_json
 from .report import save_figure
+from .tasks import task_optimizer
 
 
 @dataclass
@@ -54,19 +57,61 @@ def summary_rows(report: dict) -> dict[tuple[str, str], dict]:
 
 
 def references(reports: list[dict]) -> dict[str, dict]:
-    """Per task: tuned cosine's final metric and the best other tuning-free method's (name, metric)."""
+    """Per task: tuned cosine's final metric and the best other tuning-free method's (name, metric).
+    A task in two reports is refused: which one is meant would be a guess."""
     out: dict[str, dict] = {}
     for report in reports:
         for b in report.get("equal_budget", []):
+            if b["task"] in out:
+                raise SystemExit(f"--reference: task {b['task']!r} is in more than one report; pass each task once")
             cls = b["classification"]
             tuned = next((r for r in b["rows"] if r["label"].startswith("cosine tuned")), None)
-            others = [r for r in b["rows"] if r["setting"] == "as shipped"
-                      and not r["method"].startswith(("autolr", "action"))]
-            best = max(others, key=lambda r: r["final_metric"] if cls else -r["final_metric"], default=None)
+            free = {(method, setting) for method, setting, _ in TUNING_FREE}  # compare's own competitors
+            others = [r for r in b["rows"] if (r["method"], r["setting"]) in free]
+            best = max(others, key=lambda r: _score(r["final_metric"], cls), default=None)
             out[b["task"]] = {"classification": cls, "tuned": tuned and tuned["final_metric"],
                               "best_tuning_free": best and best["final_metric"],
                               "best_tuning_free_label": best and best["label"]}
     return out
+
+
+def check_comparable(base: dict, variants: list[tuple[Variant, dict]]) -> None:
+    """The variants' runs must have the seeds and, per task, the epochs and batch size of the base's."""
+    def settings(report: dict) -> tuple:
+        config = report.get("config", {})
+        tasks = config.get("task_settings", {})
+        return config.get("seeds"), {t: tuple(v) for t, v in (tasks.items() if isinstance(tasks, dict) else [])}
+
+    seeds, tasks = settings(base)
+    for v, report in variants:
+        v_seeds, v_tasks = settings(report)
+        clash = sorted(t for t in set(tasks) & set(v_tasks) if tasks[t] != v_tasks[t])
+        if v_seeds != seeds or clash:
+            raise SystemExit(f"--variant {v.label}: {v.path} ran {v_seeds} seeds and other epochs/batch sizes on "
+                             f"{clash} than --base ({seeds} seeds): its runs do not compare")
+
+
+def factor_range(report: dict, method: str, tasks: list[str]) -> list[float] | None:
+    """The lowest and highest learned factor ``rate / (lr x envelope)`` of ``method``'s runs on
+    ``tasks``, over the steps where AutoLR's default envelope is above 5 % of the peak. ``lr`` is the
+    task's default rate, or the one ``find_anchor_lr`` chose (the run's ``info.anchor``). None
+    without full-length rate curves."""
+    lo, hi = math.inf, -math.inf
+    for r in report.get("runs", []):
+        rate = (r.get("curves") or {}).get("rate")
+        if r["method"] != method or r["task"] not in tasks or r["status"] != "ok" or not rate:
+            continue
+        steps = r.get("steps") or len(rate)
+        if len(rate) != steps:
+            continue  # a thinned curve (a committed report)
+        lr = ((r.get("info") or {}).get("anchor") or {}).get("lr") or task_optimizer(r["task"]).lr
+        warmup = resolve_warmup(None, steps)
+        decay = resolve_decay(None, steps, warmup, "wsd")
+        for t, value in enumerate(rate):
+            e = envelope(t, steps, warmup, "wsd", decay)
+            if e > 0.05 and value is not None and math.isfinite(value):
+                lo, hi = min(lo, value / (lr * e)), max(hi, value / (lr * e))
+    return None if lo > hi else [lo, hi]
 
 
 def build(base: dict, variants: list[tuple[Variant, dict]], refs: dict[str, dict], against: str = "autolr") -> dict:
@@ -99,6 +144,9 @@ def build(base: dict, variants: list[tuple[Variant, dict]], refs: dict[str, dict
                 c["better_than_reference"] += _better(m, reference["final_metric"], cls)
                 c["worse_than_reference"] += _better(reference["final_metric"], m, cls)
         table.append(entry)
+    counts[against]["factor"] = factor_range(base, against, tasks)
+    for v, report in variants:
+        counts[v.label]["factor"] = factor_range(report, v.method, tasks)
     return {"against": against, "tasks": table, "counts": counts}
 
 
@@ -133,6 +181,9 @@ def render(result: dict, command: str) -> str:
         cells = ["-" if key.endswith("_reference") and label == against else str(result["counts"][label][key])
                  for label in labels]
         lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    factors = [result["counts"][label].get("factor") for label in labels]
+    lines.append("| learned factor, lowest-highest (rate / (lr x envelope) where the envelope > 5 %) | "
+                 + " | ".join("-" if f is None else f"{f[0]:.2f}-{f[1]:.2f}x" for f in factors) + " |")
     lines += ["", "| task | cosine @ default | " + " | ".join(labels) + " | tuned cosine | best other tuning-free |",
               "| :--- |" + " ---: |" * (len(labels) + 3)]
     for e in result["tasks"]:
@@ -186,9 +237,11 @@ def main(argv: list[str] | None = None) -> int:
         if not any(s["method"] == v.method for s in report["summary"]):
             raise SystemExit(f"--variant {v.label}: {v.path} has no runs of method {v.method!r}")
     refs = references([read_json(p, what, ("equal_budget",)) for p in args.reference])
+    check_comparable(base, variants)
     result = build(base, variants, refs, args.against)
     if not result["tasks"]:
-        raise SystemExit("no task has autolr and cosine runs in --base and a reference row: nothing to compare")
+        raise SystemExit(f"no task has {args.against} and cosine runs in --base, a run of every variant and a "
+                         "reference row: nothing to compare")
     os.makedirs(args.out, exist_ok=True)
     command = "python -m autolr_fast variant-table " + " ".join(argv if argv is not None else [])
     with open(os.path.join(args.out, "variant_table.json"), "w") as f:

@@ -2,6 +2,7 @@
 
 import json
 import math
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -9,7 +10,6 @@ import torch
 from autolr_experiments import meta_train
 from autolr_experiments.progress_input import ProgressMLRSNet, load_progress_controller, save_progress_controller
 from autolr_fast import AutoLR, MLRSNet
-from autolr_fast.ops import dispatch, reference
 from autolr_fast.rate_scale import SETTLE_STEPS, envelope
 
 
@@ -83,26 +83,54 @@ def test_its_rate_is_the_envelope_times_p_over_the_settled_p():
         prog.start_run(0)
 
 
-def test_delayed_meta_gradient_matches_the_mlrsnet_one():
-    """The theta gradient of the progress path equals the fused MLR-SNet one on the shared weights
-    (progress column zero), and has a progress column of its own."""
+def _meta_step_update(ctrl, x, h, c, gamma, alpha):
+    """The change ``DelayedMeta._meta_step`` makes to ``ctrl``'s weights (meta-optimizer: SGD at 1,
+    so the change is minus the theta gradient) for a recorded step and a fixed model."""
+    torch.manual_seed(0)
+    model = torch.nn.Linear(3, 1)
+    val = [(torch.randn(8, 3), torch.randn(8, 1))]
+    spec = SimpleNamespace(model=model, task=SimpleNamespace(loss_fn=torch.nn.functional.mse_loss), val_data=val)
+    meta_opt = torch.optim.SGD(ctrl.parameters(), lr=1.0)
+    delayed = meta_train.DelayedMeta(SimpleNamespace(controller=ctrl), spec, interval=1, horizon=1, meta_opt=meta_opt)
+    before = [w.detach().clone() for w in ctrl.parameters()]
+    d = [torch.full_like(q, 0.1) for q in model.parameters()]
+    delayed._meta_step({"x": x, "h": h, "c": c, "gamma": gamma, "alpha": alpha, "d": d})
+    assert delayed.meta_steps == 1
+    return [w.detach() - b for w, b in zip(ctrl.parameters(), before)]
+
+
+def test_delayed_meta_step_moves_the_shared_weights_as_for_the_mlrsnet():
+    """DelayedMeta's progress branch (rate = gamma * p / p*) against its MLR-SNet branch (rate =
+    gamma' * p with gamma' = gamma / p*) on twins: the same change to every shared weight, and a
+    change to the progress column of its own."""
     plain, prog = _twin(5)
-    x, h, c = torch.tensor(0.7), torch.randn(1, 50) * 0.1, torch.randn(1, 50) * 0.1
-    gamma, dot = torch.tensor(0.2), torch.tensor(0.3)
-    grads_plain = dispatch.mlrsnet_param_grads(x.reshape(1), h, c, [w.detach() for w in plain.flat_weights()],
-                                               -gamma * dot)
-    xp = torch.stack([x, torch.tensor(0.4)])
-    with torch.enable_grad():
-        out = prog.output(xp, h, c)[0]
-    alpha = gamma * out.detach()  # the rate at the recorded step: gamma * p
-    grads_prog = torch.autograd.grad(out, prog.weights(), grad_outputs=-dot * alpha / out.detach())
-    assert torch.allclose(grads_prog[0][:, :1], grads_plain[0], rtol=1e-4, atol=1e-7)
-    for a, b in zip(grads_prog[1:], grads_plain[1:]):
-        assert torch.allclose(a, b, rtol=1e-4, atol=1e-7)
-    assert grads_prog[0][:, 1].abs().sum() > 0
-    with torch.no_grad():
-        assert float(reference.mlrsnet_forward(x.reshape(1), h, c, plain.flat_weights())[0]) == pytest.approx(
-            float(out))
+    h, c = torch.randn(1, 50) * 0.1, torch.randn(1, 50) * 0.1
+    p_star, gamma = 0.4, torch.tensor(0.2)
+    prog.p_star.fill_(p_star)
+    loss = torch.tensor(0.7)
+    moved_plain = _meta_step_update(plain, loss, h, c, gamma / p_star, torch.tensor(0.1))
+    moved_prog = _meta_step_update(prog, torch.stack([loss, torch.tensor(0.4)]), h, c, gamma, torch.tensor(0.1))
+    names_plain = [n for n, _ in plain.named_parameters()]
+    names_prog = [n for n, _ in prog.named_parameters()]
+    by_name = dict(zip(names_prog, moved_prog))
+    for name, change in zip(names_plain, moved_plain):
+        other = by_name[name.replace("cells.0.", "cell.")]
+        if name == "cells.0.fc_i2h.0.weight":
+            assert other[:, 1].abs().sum() > 0  # the progress column learns too
+            other = other[:, :1]
+        assert change.abs().sum() > 0
+        assert torch.allclose(other, change, rtol=1e-4, atol=1e-8), name
+    # a non-finite input or no usable anchor: no meta-step
+    prog.p_star.zero_()
+    torch.manual_seed(0)
+    model = torch.nn.Linear(3, 1)
+    spec = SimpleNamespace(model=model, task=SimpleNamespace(loss_fn=torch.nn.functional.mse_loss),
+                           val_data=[(torch.randn(8, 3), torch.randn(8, 1))])
+    meta_opt = torch.optim.SGD(prog.parameters(), 1.0)
+    delayed = meta_train.DelayedMeta(SimpleNamespace(controller=prog), spec, 1, 1, meta_opt)
+    delayed._meta_step({"x": torch.tensor([0.7, 0.4]), "h": h, "c": c, "gamma": gamma, "alpha": gamma,
+                        "d": [torch.ones_like(q) for q in model.parameters()]})
+    assert delayed.meta_steps == 0
 
 
 def test_file_round_trip_and_refusal(tmp_path):
@@ -154,3 +182,22 @@ def test_autolr_file_runs_either_kind_of_file_and_refuses_its_training_data(tmp_
         assert run.status == "ok" and run.schedule.info["controller_tasks"]
         with pytest.raises(MethodUnavailable, match="trained on regress-exp's data"):
             train(get_task("regress-exp"), method, epochs=1, batch_size=64, seed=0)
+
+
+def test_no_usable_anchor_means_rate_zero_and_an_early_state_loads():
+    torch.manual_seed(4)
+    prog = ProgressMLRSNet()
+    with torch.no_grad():
+        prog.head.bias.fill_(-20.0)  # p ~ 2e-9 whatever the input: below MIN_SETTLED_P
+    model = torch.nn.Linear(2, 1)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    prog.start_run(10)
+    sched = AutoLR(opt, prog, total_steps=10)
+    early = sched.state_dict()  # before the first loss: the anchor is still unset
+    other = ProgressMLRSNet()
+    other.start_run(10)
+    AutoLR(torch.optim.SGD(torch.nn.Linear(2, 1).parameters(), lr=0.1), other, total_steps=10).load_state_dict(early)
+    model(torch.ones(1, 2)).sum().backward()
+    with pytest.warns(RuntimeWarning, match="no usable anchor"):
+        sched.step(torch.tensor(1.0))
+    assert float(sched.rate) == 0.0 and float(prog.p_star) == 0.0

@@ -18,7 +18,7 @@ COMMANDS = {
     "find-lr": ("autolr_experiments.find_lr", "learning-rate range test"),
     "anchor-ablation": ("autolr_experiments.anchor_ablation", "which of find_anchor_lr's rules choose well"),
     "update-size": ("autolr_experiments.update_size", "does the relative update size locate the good rate"),
-    "variant-table": ("autolr_experiments.variant_table", "controller variants against autolr, per task"),
+    "variant-table": ("autolr_experiments.variant_table", "variants of an AutoLR method against it, per task"),
     "collect": ("autolr_experiments.collect", "branching data collection for the action controller"),
     "train-action": ("autolr_experiments.action_training", "train action-controller models on collected data"),
     "action-signal": ("autolr_experiments.action_signal", "which loss-history signals predict the best action"),

@@ -600,9 +600,15 @@ def autolr(spec: RunSpec) -> Schedule:
 #                                 of an extend=2 experiment of find_anchor_lr carry it); 6: the wsd envelope;
 #                                 7: every step of its decay falls below the peak
 def autolr_find(spec: RunSpec) -> Schedule:
+    return _autolr_after_trials(spec)
+
+
+def _autolr_after_trials(spec: RunSpec, **trial_kwargs: Any) -> Schedule:
+    """``anchor_trials`` (``trial_kwargs`` to ``find_anchor_lr``), then AutoLR with its defaults on
+    the shipped controller; the trials' decision in ``info.anchor``."""
     controller, info = _autolr_controller(spec)
     opt = make_optimizer(spec.model, spec.task.optim)
-    found = anchor_trials(spec, opt)
+    found = anchor_trials(spec, opt, **trial_kwargs)
     schedule = autolr_schedule(opt, controller, total_steps=spec.total_steps)
     schedule.info.update(info)
     schedule.info["anchor"] = found.to_dict()
@@ -615,13 +621,7 @@ def autolr_find(spec: RunSpec) -> Schedule:
                  "trial_schedule='wsd')) instead of a cosine; everything else as `autolr-find`",
                  available=_autolr_missing)
 def autolr_find_wsd(spec: RunSpec) -> Schedule:
-    controller, info = _autolr_controller(spec)
-    opt = make_optimizer(spec.model, spec.task.optim)
-    found = anchor_trials(spec, opt, trial_schedule="wsd")
-    schedule = autolr_schedule(opt, controller, total_steps=spec.total_steps)
-    schedule.info.update(info)
-    schedule.info["anchor"] = found.to_dict()
-    return schedule
+    return _autolr_after_trials(spec, trial_schedule="wsd")
 
 
 #: The ProgressMLRSNet of ``meta-train --family --progress-input`` (the shipped recipe, plus the

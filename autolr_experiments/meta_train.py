@@ -662,6 +662,8 @@ def family_main(argv: list[str] | None) -> int:
             "family": [asdict(r) for r in family], "settings": settings, "controller_seed": args.controller_seed,
             "scale": "AutoLR default: lr anchor (no gamma) and total_steps", "train_wall_s": round(train_s, 1),
             "in_family_check": scores}
+    if args.progress_input:
+        info["progress_response"] = {f"{loss:g}": progress_response(ctrl, loss) for loss in (2.3, 0.5, 0.05)}
     path = os.path.join(args.out, f"{stem}.pt")
     save_family_controller(ctrl, path, info)
     with open(os.path.join(args.out, f"{stem}.json"), "w") as f:
@@ -675,20 +677,14 @@ def family_main(argv: list[str] | None) -> int:
                       f"{r['meta_steps']} meta-steps" for r in records)
           + f"\n\nIn-family check (the family's settings, new seeds {seeds}; frozen controllers with AutoLR's "
             f"defaults vs cosine at the same lr):\n\n{table}")
-    with open(os.path.join(args.out, "summary.md"), "w") as f:
-        f.write(md)
     if args.progress_input:
-        response = {f"{loss:g}": progress_response(ctrl, loss) for loss in (2.3, 0.5, 0.05)}
-        info["progress_response"] = response
         md += ("\nWhat the progress input does alone: the level p_t / p* on a constant loss, at progress "
                "0, 0.25, 0.5, 0.75 and 1 of a 200-step run (1 everywhere: progress is ignored):\n\n"
-               + "\n".join(f"- loss {k}: " + ", ".join(f"{v:.3f}" for v in vals) for k, vals in response.items())
+               + "\n".join(f"- loss {k}: " + ", ".join(f"{v:.3f}" for v in vals)
+                            for k, vals in info["progress_response"].items())
                + "\n")
-        save_family_controller(ctrl, path, info)
-        with open(os.path.join(args.out, f"{stem}.json"), "w") as f:
-            json.dump(info, f, indent=1)
-        with open(os.path.join(args.out, "summary.md"), "w") as f:
-            f.write(md)
+    with open(os.path.join(args.out, "summary.md"), "w") as f:
+        f.write(md)
     plot_family(records, os.path.join(args.out, "family_p.png"))
     print(md)
     if args.ship is not None:

@@ -51,7 +51,7 @@ from .lr_finder import (
     check_trial_setup,
     default_unpack,
 )
-from .rate_scale import envelope, resolve_decay, resolve_warmup
+from .rate_scale import envelope, resolve_warmup
 from .training_snapshot import TrainingSnapshot
 
 #: the trial's length as a fraction of the run (``total_steps``)
@@ -435,7 +435,7 @@ def _trial_factor(schedule: str, step: int, steps: int) -> float:
     if schedule == "constant":
         return 1.0
     if schedule == "wsd":  # held, then the last 20 % of the trial decays (AutoLR's default, no warm-up)
-        return envelope(step, steps, 0, "wsd", resolve_decay(None, steps, 0, "wsd"))
+        return envelope(step, steps, 0, "wsd")
     # "cosine": CosineAnnealingLR(T_max=steps) from 1 towards 0; "warmup-cosine": a 5 % warm-up, then
     # that cosine (AutoLR's cosine envelope in miniature)
     return envelope(step, steps, resolve_warmup(None, steps) if schedule == "warmup-cosine" else 0)

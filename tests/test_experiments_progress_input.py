@@ -84,8 +84,9 @@ def test_its_rate_is_the_envelope_times_p_over_the_settled_p():
 
 
 def _meta_step_update(ctrl, x, h, c, gamma, alpha):
-    """The change ``DelayedMeta._meta_step`` makes to ``ctrl``'s weights (meta-optimizer: SGD at 1,
-    so the change is minus the theta gradient) for a recorded step and a fixed model."""
+    """The meta-steps ``DelayedMeta._meta_step`` took (0 or 1) and the change it made to ``ctrl``'s
+    weights (meta-optimizer: SGD at 1, so the change is minus the theta gradient) for a recorded
+    step and a fixed model."""
     torch.manual_seed(0)
     model = torch.nn.Linear(3, 1)
     val = [(torch.randn(8, 3), torch.randn(8, 1))]
@@ -95,8 +96,7 @@ def _meta_step_update(ctrl, x, h, c, gamma, alpha):
     before = [w.detach().clone() for w in ctrl.parameters()]
     d = [torch.full_like(q, 0.1) for q in model.parameters()]
     delayed._meta_step({"x": x, "h": h, "c": c, "gamma": gamma, "alpha": alpha, "d": d})
-    assert delayed.meta_steps == 1
-    return [w.detach() - b for w, b in zip(ctrl.parameters(), before)]
+    return delayed.meta_steps, [w.detach() - b for w, b in zip(ctrl.parameters(), before)]
 
 
 def test_delayed_meta_step_moves_the_shared_weights_as_for_the_mlrsnet():
@@ -108,8 +108,10 @@ def test_delayed_meta_step_moves_the_shared_weights_as_for_the_mlrsnet():
     p_star, gamma = 0.4, torch.tensor(0.2)
     prog.p_star.fill_(p_star)
     loss = torch.tensor(0.7)
-    moved_plain = _meta_step_update(plain, loss, h, c, gamma / p_star, torch.tensor(0.1))
-    moved_prog = _meta_step_update(prog, torch.stack([loss, torch.tensor(0.4)]), h, c, gamma, torch.tensor(0.1))
+    x_prog = torch.stack([loss, torch.tensor(0.4)])
+    steps_plain, moved_plain = _meta_step_update(plain, loss, h, c, gamma / p_star, torch.tensor(0.1))
+    steps_prog, moved_prog = _meta_step_update(prog, x_prog, h, c, gamma, torch.tensor(0.1))
+    assert steps_plain == steps_prog == 1
     names_plain = [n for n, _ in plain.named_parameters()]
     names_prog = [n for n, _ in prog.named_parameters()]
     by_name = dict(zip(names_prog, moved_prog))
@@ -120,17 +122,10 @@ def test_delayed_meta_step_moves_the_shared_weights_as_for_the_mlrsnet():
             other = other[:, :1]
         assert change.abs().sum() > 0
         assert torch.allclose(other, change, rtol=1e-4, atol=1e-8), name
-    # a non-finite input or no usable anchor: no meta-step
+    # no usable anchor (p* = 0): no meta-step
     prog.p_star.zero_()
-    torch.manual_seed(0)
-    model = torch.nn.Linear(3, 1)
-    spec = SimpleNamespace(model=model, task=SimpleNamespace(loss_fn=torch.nn.functional.mse_loss),
-                           val_data=[(torch.randn(8, 3), torch.randn(8, 1))])
-    meta_opt = torch.optim.SGD(prog.parameters(), 1.0)
-    delayed = meta_train.DelayedMeta(SimpleNamespace(controller=prog), spec, 1, 1, meta_opt)
-    delayed._meta_step({"x": torch.tensor([0.7, 0.4]), "h": h, "c": c, "gamma": gamma, "alpha": gamma,
-                        "d": [torch.ones_like(q) for q in model.parameters()]})
-    assert delayed.meta_steps == 0
+    steps, _ = _meta_step_update(prog, x_prog, h, c, gamma, gamma)
+    assert steps == 0
 
 
 def test_file_round_trip_and_refusal(tmp_path):
